@@ -1,0 +1,69 @@
+"""The client side of a round, shared by every transport:
+task -> params -> Learner.fit -> delta -> uplink codec chain -> Update.
+
+Per-client state that must survive between rounds (error-feedback residuals,
+control variates) lives in a `ClientStateStore`, loaded only for the cohort.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..compression import CodecChain
+from ..learners.base import FitConfig, FitResult
+from ..messages import ClientMetrics, Task, Update
+
+
+class ClientStateStore:
+    """Per-client tensors keyed by client id; only clients that have state cost memory."""
+
+    def __init__(self) -> None:
+        self._state: dict[int, dict[str, torch.Tensor]] = {}
+
+    def get(self, client: int) -> dict[str, torch.Tensor] | None:
+        return self._state.get(client)
+
+    def put(self, client: int, state: dict[str, torch.Tensor] | None) -> None:
+        if state:
+            self._state[client] = state
+        else:
+            self._state.pop(client, None)
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for s in self._state.values() for t in s.values())
+
+
+class ClientRuntime:
+    """Turns a Task into params and a FitResult into an Update."""
+
+    def __init__(self, uplink: CodecChain, downlink: CodecChain, states: ClientStateStore | None = None):
+        self.uplink = uplink
+        self.downlink = downlink
+        self.states = states if states is not None else ClientStateStore()
+
+    def receive(self, task: Task) -> tuple[torch.Tensor, FitConfig]:
+        return self.downlink.decode(task.payload), FitConfig.from_dict(task.config)
+
+    def reply(self, client: int, task: Task, result: FitResult) -> Update:
+        payload, state = self.uplink.encode(result.delta, self.states.get(client))
+        self.states.put(client, state)
+        return Update(
+            client_id=client,
+            round=task.round,
+            base_version=task.version,
+            payload=payload,
+            codec=self.uplink.spec,
+            num_examples=result.num_examples,
+            metrics=ClientMetrics(
+                loss_before=result.loss_before,
+                loss_after=result.loss_after,
+                accuracy=result.accuracy,
+                compute_seconds=result.compute_seconds,
+                steps=result.steps,
+                samples=result.samples,
+            ),
+            downlink_bytes=task.nbytes,
+        )

@@ -1,0 +1,267 @@
+"""Typed run configuration: TOML <-> pydantic models.
+
+One section per concern, unknown keys are errors, and every error names the key,
+the bad value and what is allowed.  Other parts add sections in the same style.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run.  The message names the key and what is allowed."""
+
+
+BUILTIN_DATASETS = ("digits", "synthetic", "fashion_mnist")
+# Population size when `data.clients` is not given: FedProx's Synthetic uses 30 devices.
+DEFAULT_CLIENTS = {"digits": 100, "synthetic": 30, "fashion_mnist": 100}
+PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "feature", "natural")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _is_import_path(value: str) -> bool:
+    mod, _, fn = value.partition(":")
+    return bool(mod) and bool(fn) and all(p.isidentifier() for p in mod.split(".")) and fn.isidentifier()
+
+
+class DataConfig(Section):
+    dataset: str = "digits"
+    clients: int | None = Field(default=None, ge=1)
+    partition: Literal["iid", "dirichlet", "shards", "quantity", "feature", "natural"] = "dirichlet"
+    alpha: float = Field(default=0.5, gt=0)  # Dirichlet concentration (label skew)
+    shards_per_client: int = Field(default=2, ge=1)  # classes per client for `shards`
+    quantity: Literal["lognormal", "powerlaw"] = "lognormal"  # size law for `quantity`
+    quantity_sigma: float = Field(default=1.0, gt=0)  # log-normal sigma, or power-law exponent
+    feature_shift: float = Field(default=1.0, ge=0)  # strength of the per-client transform for `feature`
+    min_examples: int = Field(default=2, ge=1)  # every client gets at least this many train examples
+    test_fraction: float = Field(default=0.2, gt=0, lt=1)  # held-out central test set
+    local_test_fraction: float = Field(default=0.2, ge=0, lt=1)  # each client's local test split
+    path: str | None = None  # directory with the dataset's files (fashion_mnist)
+    synthetic_alpha: float = Field(default=0.0, ge=0)  # Synthetic(alpha, beta): model skew
+    synthetic_beta: float = Field(default=0.0, ge=0)  # Synthetic(alpha, beta): feature skew
+    synthetic_iid: bool = False
+    synthetic_dim: int = Field(default=60, ge=1)
+    synthetic_classes: int = Field(default=10, ge=2)
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        if v in BUILTIN_DATASETS or _is_import_path(v):
+            return v
+        raise ValueError(f"unknown dataset {v!r}; allowed: {', '.join(BUILTIN_DATASETS)} or an import path 'pkg.module:function'")
+
+    @property
+    def num_clients(self) -> int:
+        if self.clients is not None:
+            return self.clients
+        return DEFAULT_CLIENTS.get(self.dataset, 100)
+
+
+class ModelConfig(Section):
+    # A built-in ("mlp", "logistic") or an import path "pkg.module:make_model" to a
+    # function (num_features, num_classes, **kwargs) -> torch.nn.Module.
+    name: str = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [128])
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if v in ("mlp", "logistic") or _is_import_path(v):
+            return v
+        raise ValueError(f"unknown model {v!r}; allowed: mlp, logistic or an import path 'pkg.module:function'")
+
+    @field_validator("hidden")
+    @classmethod
+    def _hidden(cls, v: list[int]) -> list[int]:
+        if any(h < 1 for h in v):
+            raise ValueError(f"hidden layer sizes must be >= 1, got {v}")
+        return v
+
+
+class ClientConfig(Section):
+    # Defaults are the embedded default job's: tiny non-IID digits clients (~11
+    # examples each) learn most from several small-batch momentum epochs.
+    local_epochs: int = Field(default=10, ge=1)
+    local_steps: int | None = Field(default=None, ge=1)  # if set, overrides local_epochs
+    batch_size: int = Field(default=8, ge=1)
+    lr: float = Field(default=0.05, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    objective: Literal["plain"] = "plain"  # the local objective part; more arrive with the non-IID work
+
+
+class ServerConfig(Section):
+    rounds: int = Field(default=20, ge=1)
+    cohort: int = Field(default=20, ge=1)
+    selector: Literal["random"] = "random"
+    aggregator: Literal["mean"] = "mean"
+    optimizer: Literal["sgd"] = "sgd"
+    server_lr: float = Field(default=1.0, gt=0)
+    # A client cannot buy itself more weight: its claimed example count is capped at
+    # `max_examples` (absolute) and at `max_examples_ratio` x the cohort's median claim.
+    max_examples: int | None = Field(default=None, ge=1)
+    max_examples_ratio: float = Field(default=10.0, ge=1)
+    eval_every: int = Field(default=1, ge=1)
+    # Federated evaluation of the global model on clients' local test splits: at most
+    # this many clients (a seeded sample; 0 = every client).
+    eval_clients: int = Field(default=1000, ge=0)
+
+
+class DevicesConfig(Section):
+    profile: Literal["uniform", "mixed_fleet"] = "uniform"
+    # The `uniform` device (and the median device of `mixed_fleet`).
+    compute_sps: float = Field(default=2000.0, gt=0)  # training samples per second
+    uplink_mbps: float = Field(default=10.0, gt=0)
+    downlink_mbps: float = Field(default=50.0, gt=0)
+    latency_s: float = Field(default=0.05, ge=0)  # one-way, paid on download and on upload
+    spread: float = Field(default=1.0, ge=0)  # log-normal sigma of `mixed_fleet`
+
+
+class CompressionConfig(Section):
+    # Codec chains in one syntax everywhere, e.g. "topk:0.01 | q8"; "none" sends float32.
+    uplink: str = "none"
+    downlink: str = "none"
+
+
+class EngineConfig(Section):
+    backend: Literal["simulation"] = "simulation"
+    # Train the cohort as one batched (vmapped) computation when the model allows it.
+    vectorize: bool = True
+
+
+class StoreConfig(Section):
+    root: str = "runs"  # run directories are created under this folder
+    url: str | None = None  # SQLAlchemy URL; default: sqlite file inside the run directory
+    checkpoint_every: int = Field(default=1, ge=0)  # 0: only the final model
+
+
+class RunConfig(Section):
+    seed: int = 0
+    name: str | None = None
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    client: ClientConfig = Field(default_factory=ClientConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    devices: DevicesConfig = Field(default_factory=DevicesConfig)
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "RunConfig":
+        n = self.data.num_clients
+        if self.server.cohort > n:
+            raise ValueError(f"server.cohort = {self.server.cohort} exceeds the number of clients (data.clients = {n})")
+        if self.data.partition == "natural" and self.data.dataset not in ("synthetic",) and ":" not in self.data.dataset:
+            raise ValueError(f"data.partition = 'natural' needs a dataset with its own devices (synthetic or a custom one), not {self.data.dataset!r}")
+        return self
+
+    # -- serialisation -------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(_drop_none(self.to_dict()))
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _drop_none(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _drop_none(v) for k, v in obj.items() if v is not None}
+    return obj
+
+
+def _format_error(err: ValidationError, data: dict[str, Any]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            section = _section_model(e["loc"][:-1])
+            allowed = ", ".join(section.model_fields) if section else ""
+            lines.append(f"{loc}: unknown key (allowed: {allowed})")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["loc"]:
+            lines.append(f"{loc} = {e.get('input')!r}: {msg}")
+        else:
+            lines.append(msg)
+    return "invalid config: " + "; ".join(lines)
+
+
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (["section", "key"], value); the value is read as TOML."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # a bare word such as mixed_fleet is a string
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = json.loads(json.dumps(data))  # deep copy of plain data
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for part in path[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def load_config(source: "RunConfig | dict[str, Any] | str | Path | None" = None, overrides: list[str] | None = None) -> RunConfig:
+    """A `RunConfig` from a TOML path, a dict, or an existing config (None: the default)."""
+    if isinstance(source, RunConfig) and not overrides:
+        return source
+    if source is None:
+        data: dict[str, Any] = {}
+    elif isinstance(source, RunConfig):
+        data = source.to_dict()
+    elif isinstance(source, dict):
+        data = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: malformed TOML: {exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file") from None
+    if overrides:
+        data = apply_overrides(data, overrides)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, data)) from None

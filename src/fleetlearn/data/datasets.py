@@ -1,0 +1,117 @@
+"""Datasets that load without internet: bundled (digits), procedural (synthetic), local files
+(fashion_mnist) and user functions named by import path."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fleetlearn.data.errors import DataError
+from fleetlearn.data.fashion_mnist import NUM_CLASSES as FASHION_MNIST_CLASSES
+from fleetlearn.data.fashion_mnist import load_fashion_mnist
+from fleetlearn.data.synthetic import generate_synthetic
+
+if TYPE_CHECKING:
+    from fleetlearn.config import DataConfig
+
+# FedProx splits each Synthetic device 90/10 into local train/test.
+SYNTHETIC_DEVICE_TEST_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A whole dataset before partitioning.
+
+    `devices` (natural device id per example) enables partition "natural"; `test_x`/`test_y`
+    is the dataset's own central test set (else one is held out of `x`);
+    `device_test_fraction` overrides `data.local_test_fraction` for the natural partition.
+    """
+
+    name: str
+    x: np.ndarray  # (N, F) float32
+    y: np.ndarray  # (N,) int64
+    num_classes: int
+    devices: np.ndarray | None = None
+    test_x: np.ndarray | None = None
+    test_y: np.ndarray | None = None
+    device_test_fraction: float | None = None
+
+
+def load_dataset(cfg: "DataConfig", seed: int) -> Dataset:
+    if cfg.dataset == "digits":
+        return load_digits()
+    if cfg.dataset == "synthetic":
+        x, y, devices = generate_synthetic(
+            cfg.num_clients,
+            cfg.synthetic_alpha,
+            cfg.synthetic_beta,
+            cfg.synthetic_iid,
+            cfg.synthetic_dim,
+            cfg.synthetic_classes,
+            np.random.default_rng(seed),
+        )
+        return Dataset("synthetic", x, y, cfg.synthetic_classes, devices=devices, device_test_fraction=SYNTHETIC_DEVICE_TEST_FRACTION)
+    if cfg.dataset == "fashion_mnist":
+        x, y, test_x, test_y = load_fashion_mnist(cfg.path)
+        return Dataset("fashion_mnist", x, y, FASHION_MNIST_CLASSES, test_x=test_x, test_y=test_y)
+    return load_custom(cfg.dataset, seed)
+
+
+def load_digits() -> Dataset:
+    """scikit-learn's bundled UCI handwritten digits (1797 x 64, pixel values 0..16), scaled to [0, 1]."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    x, y = sklearn_digits(return_X_y=True)
+    return Dataset("digits", (x / 16.0).astype(np.float32), y.astype(np.int64), 10)
+
+
+_CUSTOM_KEYS = ("x", "y", "client")
+
+
+def load_custom(import_path: str, seed: int) -> Dataset:
+    """Call `pkg.module:function(seed)`; it returns {"x": (N, F) floats, "y": (N,) ints >= 0,
+    optionally "client": (N,) ints, the natural device of each example}."""
+    module_name, _, function_name = import_path.partition(":")
+    where = f"data.dataset = {import_path!r}"
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise DataError(f"{where}: cannot import module {module_name!r} ({exc})") from exc
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise DataError(f"{where}: module {module_name!r} has no function {function_name!r}")
+    out: Any = function(seed)
+    if not isinstance(out, Mapping):
+        raise DataError(f"{where}: must return a dict with keys 'x', 'y' and optionally 'client', got {type(out).__name__}")
+    missing = [k for k in ("x", "y") if k not in out]
+    unknown = [str(k) for k in out if k not in _CUSTOM_KEYS]
+    if missing or unknown:
+        raise DataError(
+            f"{where}: returned keys {sorted(map(str, out))}; missing {missing}, unknown {unknown} "
+            f"(allowed: {', '.join(_CUSTOM_KEYS)})"
+        )
+    x = np.asarray(out["x"])
+    y = np.asarray(out["y"])
+    if x.ndim != 2 or len(x) == 0 or x.shape[1] == 0:
+        raise DataError(f"{where}: 'x' must be a non-empty 2-D (examples, features) array, got shape {x.shape}")
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise DataError(f"{where}: 'x' must hold real numbers, got dtype {x.dtype}")
+    if not np.isfinite(x).all():
+        raise DataError(f"{where}: 'x' has NaN or infinite values")
+    y = _integer_vector(y, "y", len(x), where)
+    if y.min() < 0:
+        raise DataError(f"{where}: labels 'y' must be >= 0 (class indices), found {y.min()}")
+    devices = _integer_vector(np.asarray(out["client"]), "client", len(x), where) if "client" in out else None
+    return Dataset(import_path, x.astype(np.float32), y, int(y.max()) + 1, devices=devices)
+
+
+def _integer_vector(values: np.ndarray, key: str, length: int, where: str) -> np.ndarray:
+    if values.ndim != 1 or len(values) != length:
+        raise DataError(f"{where}: {key!r} must be a 1-D array with one entry per row of 'x' ({length}), got shape {values.shape}")
+    if not np.issubdtype(values.dtype, np.integer):
+        raise DataError(f"{where}: {key!r} must have an integer dtype, got {values.dtype} (use .astype(int))")
+    return values.astype(np.int64)

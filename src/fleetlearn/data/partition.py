@@ -1,0 +1,214 @@
+"""Partitioners: which client holds which example.
+
+A partition is `(order, offsets)`: client c holds `order[offsets[c]:offsets[c+1]]`
+(positions into the labels array), in random order within the client.  Storage is
+O(examples + clients) and every step is vectorised numpy (loops run over classes or over
+fixed-size blocks of clients, never over single clients), so 100,000 clients are cheap.
+
+Every partitioner covers each example exactly once and gives each client at least
+`cfg.min_examples` examples, or raises `DataError` when the data are too few for that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from fleetlearn.data.errors import DataError
+
+if TYPE_CHECKING:
+    from fleetlearn.config import DataConfig
+
+Partition = tuple[np.ndarray, np.ndarray]  # (order, offsets), both int64
+
+
+# -- segment helpers -------------------------------------------------------------------------
+
+
+def offsets_from_sizes(sizes: np.ndarray) -> np.ndarray:
+    offsets = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    return offsets
+
+
+def segment_ids(offsets: np.ndarray) -> np.ndarray:
+    """The segment (client) of each position of `order`."""
+    return np.repeat(np.arange(len(offsets) - 1, dtype=np.int64), np.diff(offsets))
+
+
+def positions_in_segment(offsets: np.ndarray) -> np.ndarray:
+    """0, 1, ... restarting at each segment."""
+    return np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], np.diff(offsets))
+
+
+def group(ids: np.ndarray, num_groups: int, rng: np.random.Generator) -> Partition:
+    """Positions grouped by `ids` (segment g holds the positions with id g), shuffled within each group."""
+    shuffled = rng.permutation(len(ids))
+    order = shuffled[np.argsort(ids[shuffled], kind="stable")]
+    return order.astype(np.int64), offsets_from_sizes(np.bincount(ids, minlength=num_groups))
+
+
+def split_segments(order: np.ndarray, offsets: np.ndarray, head_sizes: np.ndarray) -> tuple[Partition, Partition]:
+    """Cut each segment into its first `head_sizes[c]` entries and the rest."""
+    sizes = np.diff(offsets)
+    in_head = positions_in_segment(offsets) < np.repeat(head_sizes, sizes)
+    return (order[in_head], offsets_from_sizes(head_sizes)), (order[~in_head], offsets_from_sizes(sizes - head_sizes))
+
+
+def require_enough(num_examples: int, num_clients: int, min_examples: int, partition: str) -> None:
+    if num_examples < num_clients * min_examples:
+        raise DataError(
+            f"partition {partition!r}: {num_examples} examples cannot give {num_clients} clients at least "
+            f"data.min_examples = {min_examples} each (needs {num_clients * min_examples}); "
+            "lower data.clients or data.min_examples, or use more data"
+        )
+
+
+def top_up(owner: np.ndarray, num_clients: int, min_examples: int, rng: np.random.Generator) -> np.ndarray:
+    """Give every client at least `min_examples` examples by moving examples to it.
+
+    The moved examples are drawn uniformly from all clients' surplus (each client's examples
+    beyond its own first `min_examples`), so donors, mostly the largest clients, keep at least
+    `min_examples`; only the topped-up clients' label mix changes.  Needs N >= clients * min.
+    """
+    deficit = np.maximum(min_examples - np.bincount(owner, minlength=num_clients), 0)
+    if not deficit.any():
+        return owner
+    order, offsets = group(owner, num_clients, rng)
+    surplus = order[positions_in_segment(offsets) >= min_examples]
+    moved = rng.choice(surplus, size=int(deficit.sum()), replace=False)
+    owner = owner.copy()
+    owner[moved] = np.repeat(np.arange(num_clients, dtype=np.int64), deficit)
+    return owner
+
+
+def apportion(total: int, log_weights: np.ndarray) -> np.ndarray:
+    """Integers proportional to exp(log_weights) summing to `total` (largest remainder method)."""
+    weights = np.exp(log_weights - log_weights.max())  # log space: heavy tails cannot overflow
+    exact = total * weights / weights.sum()
+    sizes = np.floor(exact).astype(np.int64)
+    remainder = total - int(sizes.sum())
+    sizes[np.argsort(sizes - exact, kind="stable")[:remainder]] += 1
+    return sizes
+
+
+# -- partitioners ----------------------------------------------------------------------------
+
+
+def iid(labels: np.ndarray, num_clients: int, rng: np.random.Generator, cfg: "DataConfig") -> Partition:
+    """IID: shuffle, then equal parts (sizes differ by at most one); McMahan et al., AISTATS 2017."""
+    n = len(labels)
+    require_enough(n, num_clients, cfg.min_examples, "iid")
+    return rng.permutation(n).astype(np.int64), (np.arange(num_clients + 1, dtype=np.int64) * n) // num_clients
+
+
+def dirichlet(labels: np.ndarray, num_clients: int, rng: np.random.Generator, cfg: "DataConfig") -> Partition:
+    """Label skew: for each class, client shares p ~ Dir(alpha * 1_clients) and the class's
+    examples are cut in those proportions (Yurochkin et al., ICML 2019; Hsu et al. 2019,
+    arXiv:1909.06335; as in Li et al., NIID-Bench, ICDE 2022).  Small alpha: each class sits
+    on few clients.  Clients left below min_examples are topped up (see `top_up`)."""
+    n = len(labels)
+    require_enough(n, num_clients, cfg.min_examples, "dirichlet")
+    num_classes = int(labels.max()) + 1
+    by_class, class_offsets = group(labels, num_classes, rng)
+    owner = np.empty(n, dtype=np.int64)
+    concentration = np.full(num_clients, cfg.alpha)
+    for k in range(num_classes):
+        members = by_class[class_offsets[k] : class_offsets[k + 1]]
+        if len(members) == 0:
+            continue
+        shares = rng.dirichlet(concentration)
+        if not np.isfinite(shares).all():  # every gamma draw underflowed (tiny alpha): one client takes the class
+            shares = np.zeros(num_clients)
+            shares[rng.integers(num_clients)] = 1.0
+        cuts = np.minimum((np.cumsum(shares[:-1]) * len(members)).astype(np.int64), len(members))
+        counts = np.diff(np.concatenate([[0], cuts, [len(members)]]))
+        owner[members] = np.repeat(np.arange(num_clients, dtype=np.int64), counts)
+    return group(top_up(owner, num_clients, cfg.min_examples, rng), num_clients, rng)
+
+
+def shards(labels: np.ndarray, num_clients: int, rng: np.random.Generator, cfg: "DataConfig") -> Partition:
+    """Pathological non-IID of McMahan et al., AISTATS 2017 (Sec. 3): sort by label, cut into
+    clients * shards_per_client equal shards, give each client shards_per_client random shards.
+    When class sizes are multiples of the shard size a client sees at most shards_per_client
+    classes.  Clients left below min_examples (tiny data) are topped up (see `top_up`)."""
+    n = len(labels)
+    require_enough(n, num_clients, cfg.min_examples, "shards")
+    num_shards = num_clients * cfg.shards_per_client
+    by_label, _ = group(labels, int(labels.max()) + 1, rng)
+    shard_of_position = (np.arange(n, dtype=np.int64) * num_shards) // n
+    client_of_shard = np.empty(num_shards, dtype=np.int64)
+    client_of_shard[rng.permutation(num_shards)] = np.arange(num_shards) // cfg.shards_per_client
+    owner = np.empty(n, dtype=np.int64)
+    owner[by_label] = client_of_shard[shard_of_position]
+    return group(top_up(owner, num_clients, cfg.min_examples, rng), num_clients, rng)
+
+
+def quantity(labels: np.ndarray, num_clients: int, rng: np.random.Generator, cfg: "DataConfig") -> Partition:
+    """Quantity skew, labels IID: client sizes = min_examples + a share of the rest proportional
+    to w_c, with w_c ~ LogNormal(0, quantity_sigma) (Li et al., FedProx, MLSys 2020 use
+    log-normal sizes) or, for quantity = "powerlaw", Pareto w_c with tail index quantity_sigma,
+    P(w > t) = t^-sigma (sizes follow a power law, as in LEAF, Caldas et al. 2018)."""
+    n = len(labels)
+    require_enough(n, num_clients, cfg.min_examples, "quantity")
+    if cfg.quantity == "lognormal":
+        log_weights = rng.normal(0.0, cfg.quantity_sigma, num_clients)
+    else:  # Pareto(x_m = 1, sigma): log w = E / sigma with E ~ Exp(1)
+        log_weights = rng.standard_exponential(num_clients) / cfg.quantity_sigma
+    sizes = cfg.min_examples + apportion(n - num_clients * cfg.min_examples, log_weights)
+    return rng.permutation(n).astype(np.int64), offsets_from_sizes(sizes)
+
+
+def feature(labels: np.ndarray, num_clients: int, rng: np.random.Generator, cfg: "DataConfig") -> Partition:
+    """Feature skew (Kairouz et al. 2021, "Advances and Open Problems in FL", Sec. 3.1): an IID
+    split of the examples; `feature_shift` then transforms each client's inputs."""
+    n = len(labels)
+    require_enough(n, num_clients, cfg.min_examples, "feature")
+    return rng.permutation(n).astype(np.int64), (np.arange(num_clients + 1, dtype=np.int64) * n) // num_clients
+
+
+def natural(devices: np.ndarray, rng: np.random.Generator) -> tuple[Partition, np.ndarray]:
+    """The dataset's own devices (FedProx's Synthetic; LEAF-style data, Caldas et al. 2018).
+
+    Returns the partition and the device id of each client (clients are the sorted unique ids)."""
+    device_ids, client_of_example = np.unique(devices, return_inverse=True)
+    return group(client_of_example.astype(np.int64), len(device_ids), rng), device_ids
+
+
+PARTITIONERS: dict[str, Callable[[np.ndarray, int, np.random.Generator, "DataConfig"], Partition]] = {
+    "iid": iid,
+    "dirichlet": dirichlet,
+    "shards": shards,
+    "quantity": quantity,
+    "feature": feature,
+}
+
+# Per-client affine transforms are drawn for this many clients at a time: memory stays
+# O(block * features) even for 100,000 clients.
+_FEATURE_SHIFT_BLOCK = 4096
+FEATURE_SHIFT_STD = 0.5
+
+
+def feature_shift(x: np.ndarray, client_parts: list[Partition], strength: float, rng: np.random.Generator) -> None:
+    """Transform each client's inputs in place: x' = x * (1 + s a_c) + s b_c, with per-client,
+    per-feature a_c, b_c ~ N(0, 0.5^2) and s = strength (a random affine feature skew in the
+    spirit of FedBN, Li et al., ICLR 2021).  `client_parts` are the (order, offsets) partitions
+    of one population (e.g. local train and local test); a client's examples share its transform.
+    """
+    if strength == 0:
+        return
+    num_clients = len(client_parts[0][1]) - 1
+    rows = np.concatenate([order for order, _ in client_parts])
+    owner = np.concatenate([segment_ids(offsets) for _, offsets in client_parts])
+    by_owner = np.argsort(owner, kind="stable")
+    rows, owner = rows[by_owner], owner[by_owner]
+    num_features = x.shape[1]
+    for start in range(0, num_clients, _FEATURE_SHIFT_BLOCK):
+        stop = min(start + _FEATURE_SHIFT_BLOCK, num_clients)
+        scale = rng.normal(0.0, FEATURE_SHIFT_STD, (stop - start, num_features)).astype(x.dtype)
+        shift = rng.normal(0.0, FEATURE_SHIFT_STD, (stop - start, num_features)).astype(x.dtype)
+        lo, hi = np.searchsorted(owner, [start, stop])
+        block_rows, local = rows[lo:hi], owner[lo:hi] - start
+        x[block_rows] = x[block_rows] * (1 + strength * scale[local]) + strength * shift[local]

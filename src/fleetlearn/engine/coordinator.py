@@ -1,0 +1,281 @@
+"""The Coordinator: the one round engine.
+
+select -> dispatch(task, deadline) -> collect -> validate -> aggregate ->
+server optimizer -> evaluate -> hooks (monitors, guardrails) -> store.
+
+It never knows whether a client is a Python object, a Ray actor or a phone on
+gRPC: it sees a `Transport` that yields replies as they arrive.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from ..compression import CodecChain
+from ..config import RunConfig
+from ..learners.base import FitConfig
+from ..messages import Dropout, Task, Update
+from ..ops import RunStore
+from ..params import PayloadError
+from ..records import ClientRecord, RoundRecord, RunSummary
+from ..validation import ValidationContext
+from .clock import VirtualClock
+from .evaluation import Evaluator
+
+
+class RoundHook(Protocol):
+    """Called after each round with its record, before the store commits it.
+
+    Monitors add measurements to ``record.extra``; guardrails may set
+    ``record.status = "failed"`` and call ``coordinator.restore(version)``.
+    """
+
+    def after_round(self, record: RoundRecord, coordinator: "Coordinator") -> None: ...
+
+
+@dataclass
+class Collected:
+    """What a round gathered from its replies."""
+
+    vecs: list[torch.Tensor] = field(default_factory=list)
+    claims: list[int] = field(default_factory=list)
+    clients: list[ClientRecord] = field(default_factory=list)
+    accepted: list[ClientRecord] = field(default_factory=list)
+    elapsed: list[float] = field(default_factory=list)
+
+
+class Coordinator:
+    def __init__(
+        self,
+        *,
+        config: RunConfig,
+        learner,
+        transport,
+        selector,
+        aggregator,
+        server_optimizer,
+        validators: Sequence,
+        downlink: CodecChain,
+        uplink: CodecChain,
+        evaluator: Evaluator,
+        store: RunStore | None = None,
+        hooks: Sequence[RoundHook] = (),
+    ):
+        self.config = config
+        self.learner = learner
+        self.transport = transport
+        self.selector = selector
+        self.aggregator = aggregator
+        self.server_optimizer = server_optimizer
+        self.validators = list(validators)
+        self.downlink = downlink
+        self.uplink = uplink
+        self.evaluator = evaluator
+        self.store = store
+        self.hooks = list(hooks)
+        self.clock = VirtualClock()
+        self.rng = np.random.default_rng([config.seed, 0x5E1EC7])
+        self.params = learner.init_params(config.seed)
+        self.server_state = server_optimizer.init(self.params)
+        self.version = 0
+        self.round = 0
+        self.records: list[RoundRecord] = []
+        self._task_cache: tuple[int, bytes] | None = None
+
+    # -- state -------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self.learner.spec.dim
+
+    def fit_config(self) -> FitConfig:
+        c = self.config.client
+        return FitConfig(c.local_epochs, c.local_steps, c.batch_size, c.lr, c.momentum, c.weight_decay)
+
+    def _encoded_params(self) -> bytes:
+        # The broadcast payload is encoded once per model version.
+        if self._task_cache is None or self._task_cache[0] != self.version:
+            payload, _ = self.downlink.encode(self.params)
+            self._task_cache = (self.version, payload)
+        return self._task_cache[1]
+
+    # -- one round -----------------------------------------------------------------
+    def run_round(self) -> RoundRecord:
+        t_wall = time.perf_counter()
+        self.round += 1
+        r = self.round
+        srv = self.config.server
+        cohort = self.selector.select(self.transport.available(r), srv.cohort, r, self.rng)
+        task = Task(
+            round=r,
+            version=self.version,
+            payload=self._encoded_params(),
+            codec=self.downlink.spec,
+            config=self.fit_config().to_dict(),
+            deadline_s=None,
+        )
+        got = self._collect(task, cohort)
+        record = RoundRecord(round=r, version=self.version, selected=len(cohort), sim_start_s=self.clock.now)
+        record.clients = got.clients
+        record.accepted = len(got.accepted)
+        record.dropped = sum(c.status == "dropped" for c in got.clients)
+        record.rejected = sum(c.status == "rejected" for c in got.clients)
+        record.late = sum(c.status == "late" for c in got.clients)
+        record.uplink_bytes = sum(c.uplink_bytes for c in got.clients)
+        record.downlink_bytes = sum(c.downlink_bytes for c in got.clients)
+        record.sim_seconds = max(got.elapsed) if got.elapsed else 0.0
+        record.train_wall_seconds = float(getattr(self.transport, "train_wall_seconds", 0.0))
+
+        if not got.vecs:
+            record.status, record.reason = "failed", "no update was accepted"
+        else:
+            self._aggregate(record, got)
+
+        last = r == self.config.server.rounds
+        if r % srv.eval_every == 0 or last:
+            record.loss, record.accuracy = self.evaluator.central(self.params)
+            record.fed_accuracy, record.fed_accuracy_p10 = self.evaluator.federated(self.params)
+        self.clock.advance(record.sim_seconds)
+        for hook in self.hooks:
+            hook.after_round(record, self)
+        record.wall_seconds = time.perf_counter() - t_wall
+        if self.store is not None:
+            every = self.config.store.checkpoint_every
+            save = (every and r % every == 0) or last
+            self.store.commit_round(record, self.params if save else None, self.server_state if save else None)
+        self.records.append(record)
+        return record
+
+    def _collect(self, task: Task, cohort: list[int]) -> Collected:
+        got = Collected()
+        ctx = ValidationContext(round=task.round, version=task.version, dim=self.dim)
+        for reply in self.transport.dispatch(task, cohort):
+            msg = reply.message
+            if isinstance(msg, Dropout):
+                got.clients.append(ClientRecord(msg.client_id, "dropped", msg.reason, downlink_bytes=msg.downlink_bytes))
+                continue
+            rec = self._client_record(msg, reply.elapsed_s)
+            got.clients.append(rec)
+            if task.deadline_s is not None and reply.elapsed_s > task.deadline_s:
+                rec.status, rec.reason = "late", f"arrived {reply.elapsed_s:.3f}s after dispatch, deadline {task.deadline_s:.3f}s"
+                continue
+            got.elapsed.append(reply.elapsed_s)
+            vec, reason = self._decode(msg)
+            if reason is None:
+                for v in self.validators:
+                    reason = v.check(msg, vec, ctx)
+                    if reason:
+                        reason = f"{v.name}: {reason}"
+                        break
+            if reason is not None:
+                rec.status, rec.reason = "rejected", reason
+                continue
+            ctx.seen.add(msg.client_id)
+            rec.update_norm = float(torch.linalg.vector_norm(vec))
+            got.vecs.append(vec)
+            got.claims.append(int(msg.num_examples))
+            got.accepted.append(rec)
+        return got
+
+    def _decode(self, update: Update) -> tuple[torch.Tensor | None, str | None]:
+        try:
+            return self.uplink.decode(update.payload), None
+        except PayloadError as exc:
+            return None, f"payload: {exc}"
+        except Exception as exc:  # a corrupted payload must never stop the round
+            return None, f"payload: cannot decode ({type(exc).__name__}: {exc})"
+
+    @staticmethod
+    def _client_record(u: Update, elapsed: float) -> ClientRecord:
+        m = u.metrics
+        return ClientRecord(
+            client_id=u.client_id,
+            status="accepted",
+            num_examples=u.num_examples if isinstance(u.num_examples, int) else 0,
+            uplink_bytes=u.uplink_bytes,
+            downlink_bytes=u.downlink_bytes,
+            arrival_s=elapsed,
+            loss_before=m.loss_before,
+            loss_after=m.loss_after,
+            accuracy=m.accuracy,
+            steps=m.steps,
+        )
+
+    def example_weights(self, claims: Sequence[int]) -> np.ndarray:
+        """Claimed example counts, capped so no client can buy itself more weight:
+        at ``server.max_examples`` and at ``max_examples_ratio`` x the cohort median."""
+        c = np.asarray(claims, dtype=np.float64)
+        cap = self.config.server.max_examples_ratio * float(np.median(c))
+        if self.config.server.max_examples is not None:
+            cap = min(cap, float(self.config.server.max_examples))
+        return np.minimum(c, cap)
+
+    def _aggregate(self, record: RoundRecord, got: Collected) -> None:
+        matrix = torch.stack(got.vecs)
+        weights = self.example_weights(got.claims)
+        norm_w = weights / weights.sum()
+        for rec, w in zip(got.accepted, norm_w):
+            rec.weight = float(w)
+        pseudo_gradient = self.aggregator.aggregate(matrix, torch.from_numpy(weights).to(torch.float32))
+        new_params, new_state = self.server_optimizer.step(self.params, pseudo_gradient, self.server_state)
+        if not bool(torch.isfinite(new_params).all()):
+            record.status, record.reason = "failed", "the aggregate produced non-finite parameters; model unchanged"
+            return
+        self.params, self.server_state = new_params, new_state
+        self.version += 1
+        record.version = self.version
+        norms = np.array([c.update_norm for c in got.accepted])
+        record.update_norm_mean = float(norms.mean())
+        record.update_norm_max = float(norms.max())
+        loss_b = np.array([c.loss_before for c in got.accepted])
+        loss_a = np.array([c.loss_after for c in got.accepted])
+        acc = np.array([c.accuracy for c in got.accepted])
+        record.train_loss_before = _nanmean(loss_b)
+        record.train_loss_after = _nanmean(loss_a)
+        record.local_accuracy = _nanmean(acc)
+        p50, p90, p99 = np.percentile(np.asarray(got.elapsed), [50, 90, 99])
+        record.completion_p50_s, record.completion_p90_s, record.completion_p99_s = float(p50), float(p90), float(p99)
+
+    # -- the run -------------------------------------------------------------------
+    def run(self, on_round: Callable[[RoundRecord], Any] | None = None) -> RunSummary:
+        t0 = time.perf_counter()
+        while self.round < self.config.server.rounds:
+            record = self.run_round()
+            if on_round is not None:
+                on_round(record)
+        return self.summary(time.perf_counter() - t0)
+
+    def summary(self, wall_seconds: float) -> RunSummary:
+        recs = self.records
+        accs = [r.accuracy for r in recs if not math.isnan(r.accuracy)]
+        up = sum(r.uplink_bytes for r in recs)
+        accepted = sum(r.accepted + r.rejected + r.late for r in recs)
+        raw = accepted * 4 * self.dim
+        s = RunSummary(
+            run_id=self.store.run_id if self.store else "",
+            run_dir=str(self.store.run_dir) if self.store else "",
+            rounds=len(recs),
+            final_accuracy=accs[-1] if accs else math.nan,
+            best_accuracy=max(accs) if accs else math.nan,
+            final_loss=next((r.loss for r in reversed(recs) if not math.isnan(r.loss)), math.nan),
+            uplink_bytes=up,
+            downlink_bytes=sum(r.downlink_bytes for r in recs),
+            compression_ratio=(raw / up) if up else math.nan,
+            sim_seconds=self.clock.now,
+            wall_seconds=wall_seconds,
+            failed_rounds=sum(r.status == "failed" for r in recs),
+            records=list(recs),
+        )
+        if self.store is not None:
+            self.store.finish(s.to_json_dict())
+        return s
+
+
+def _nanmean(a: np.ndarray) -> float:
+    a = a[~np.isnan(a)]
+    return float(a.mean()) if a.size else math.nan

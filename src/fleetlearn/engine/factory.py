@@ -1,0 +1,63 @@
+"""Assemble a Coordinator from a RunConfig: the registry of parts, in one place."""
+
+from __future__ import annotations
+
+from ..aggregation import AGGREGATORS, SERVER_OPTIMIZERS
+from ..client import ClientRuntime
+from ..compression import parse_chain
+from ..config import ConfigError, RunConfig
+from ..data import FederatedData, load_federated
+from ..devices import make_fleet
+from ..learners import TorchLearner, model_factory
+from ..ops import RunStore
+from ..selection import SELECTORS
+from ..transport import SimulationTransport
+from ..validation import default_validators
+from .coordinator import Coordinator, RoundHook
+from .evaluation import Evaluator
+
+
+def build_learner(config: RunConfig, data: FederatedData) -> TorchLearner:
+    m = config.model
+    try:
+        make = model_factory(m.name, data.num_features, data.num_classes, m.hidden, m.kwargs)
+        return TorchLearner(make, vectorize=config.engine.vectorize)
+    except (ImportError, TypeError) as exc:
+        raise ConfigError(f"model.name = {m.name!r}: {exc}") from None
+
+
+def build_coordinator(config: RunConfig, store: bool = True, hooks: list[RoundHook] | None = None, data: FederatedData | None = None) -> Coordinator:
+    """Everything a run needs, chosen by configuration.  `store=False` keeps it in memory."""
+    if data is None:
+        data = load_federated(config.data, config.seed)
+    if config.server.cohort > data.num_clients:
+        raise ConfigError(f"server.cohort = {config.server.cohort} exceeds the {data.num_clients} clients the data has")
+    learner = build_learner(config, data)
+    try:
+        uplink = parse_chain(config.compression.uplink)
+    except ValueError as exc:
+        raise ConfigError(f"compression.uplink = {config.compression.uplink!r}: {exc}") from None
+    try:
+        downlink = parse_chain(config.compression.downlink)
+    except ValueError as exc:
+        raise ConfigError(f"compression.downlink = {config.compression.downlink!r}: {exc}") from None
+    fleet = make_fleet(config.devices, data.num_clients, config.seed)
+    transport = SimulationTransport(data, learner, fleet, ClientRuntime(uplink, downlink), config.seed)
+    run_store = None
+    if store:
+        run_store = RunStore.create(config.store.root, config.to_toml(), config.digest(), name=config.name, url=config.store.url)
+        run_store.write_json("data_stats.json", data.stats)
+    return Coordinator(
+        config=config,
+        learner=learner,
+        transport=transport,
+        selector=SELECTORS[config.server.selector](),
+        aggregator=AGGREGATORS[config.server.aggregator](),
+        server_optimizer=SERVER_OPTIMIZERS[config.server.optimizer](config.server.server_lr),
+        validators=default_validators(),
+        downlink=downlink,
+        uplink=uplink,
+        evaluator=Evaluator(learner, data, config.server.eval_clients, config.seed),
+        store=run_store,
+        hooks=hooks or [],
+    )

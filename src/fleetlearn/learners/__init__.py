@@ -1,0 +1,18 @@
+"""Learners: the code a client runs.  `TorchLearner` wraps any `torch.nn.Module`."""
+
+from .base import ClientData, FitConfig, FitResult, Learner
+from .models import import_object, logistic, mlp, model_factory
+from .torch_learner import TorchLearner, batch_schedule
+
+__all__ = [
+    "ClientData",
+    "FitConfig",
+    "FitResult",
+    "Learner",
+    "TorchLearner",
+    "batch_schedule",
+    "import_object",
+    "logistic",
+    "mlp",
+    "model_factory",
+]

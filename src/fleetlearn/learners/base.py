@@ -1,0 +1,81 @@
+"""The `Learner` protocol: what a client runs, in simulation, on Ray or on a phone.
+
+A learner turns (global params, local data, hyper-parameters) into a delta and the
+client's own measurements.  It sees flat float32 vectors at its boundary; how it
+maps them onto a model is its own business.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from ..params import ParamSpec
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Local-training hyper-parameters for one round (sent inside the Task)."""
+
+    local_epochs: int = 1
+    local_steps: int | None = None  # if set, overrides local_epochs
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FitConfig":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's local data: training examples and a local test split."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.y.shape[0])
+
+
+@dataclass
+class FitResult:
+    delta: torch.Tensor  # (d,) local params minus the params received
+    num_examples: int
+    loss_before: float
+    loss_after: float
+    accuracy: float  # local model on the local test split (nan if empty)
+    steps: int
+    samples: int  # examples processed, what the virtual clock charges compute for
+    compute_seconds: float
+
+
+@runtime_checkable
+class Learner(Protocol):
+    spec: ParamSpec
+
+    def init_params(self, seed: int) -> torch.Tensor:
+        """A fresh flat parameter vector, deterministic in `seed`."""
+        ...
+
+    def fit(self, params: torch.Tensor, data: ClientData, hp: FitConfig, seed: int) -> FitResult:
+        """Train locally from `params`; deterministic in `seed`."""
+        ...
+
+    def fit_cohort(self, params: torch.Tensor, cohort: list[ClientData], hp: FitConfig, seeds: list[int]) -> list[FitResult]:
+        """Train every client of a cohort from the same `params` (may be batched)."""
+        ...
+
+    def per_example(self, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example loss and correctness (float 0/1) of `params` on (x, y)."""
+        ...

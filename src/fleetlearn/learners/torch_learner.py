@@ -1,0 +1,239 @@
+"""A `Learner` for any `torch.nn.Module`.
+
+The module is used as a template through `torch.func.functional_call`: the
+parameters live in one flat float32 vector, so a local SGD step is a single
+vector operation and a whole cohort can be trained as one batched computation
+(`torch.func.vmap` over stacked parameter vectors, with per-client masks for
+unequal data sizes).  Both paths draw the same mini-batches from the same
+per-client seed, so they agree to float tolerance.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad_and_value, vmap
+
+from ..params import ParamSpec
+from .base import ClientData, FitConfig, FitResult
+
+log = logging.getLogger(__name__)
+
+EVAL_CHUNK = 8192  # examples per forward pass when evaluating
+
+
+def batch_schedule(n: int, hp: FitConfig, gen: torch.Generator) -> list[torch.Tensor]:
+    """The mini-batches (index tensors) a client trains on, in order.
+
+    Each epoch is a fresh permutation cut into batches of `batch_size` (the last
+    one may be short).  With `local_steps`, epochs repeat until that many batches.
+    """
+    if n == 0:
+        return []
+    b = hp.batch_size
+    out: list[torch.Tensor] = []
+    epochs = hp.local_epochs if hp.local_steps is None else math.ceil(hp.local_steps / math.ceil(n / b))
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=gen)
+        out.extend(perm.split(b))
+    if hp.local_steps is not None:
+        out = out[: hp.local_steps]
+    return out
+
+
+class TorchLearner:
+    """Trains a copy of `module` per client with (momentum) SGD on a flat vector."""
+
+    def __init__(self, make_module: Callable[[], torch.nn.Module], vectorize: bool = True, max_group: int = 1024):
+        self.make_module = make_module
+        self.module = make_module()
+        self.spec = ParamSpec.from_module(self.module)
+        self.vectorize = vectorize
+        self.max_group = max_group
+        self._vmap_failed = False
+
+    # -- parameters ------------------------------------------------------------
+    def init_params(self, seed: int) -> torch.Tensor:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module = self.make_module()
+        return self.spec.flatten(dict(module.named_parameters()))
+
+    def _logits(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.module, self.spec.split(flat), (x,))
+
+    # -- evaluation ------------------------------------------------------------
+    @torch.no_grad()
+    def per_example(self, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.module.eval()
+        losses, correct = [], []
+        for xs, ys in zip(x.split(EVAL_CHUNK), y.split(EVAL_CHUNK)):
+            logits = self._logits(params, xs)
+            losses.append(F.cross_entropy(logits, ys, reduction="none"))
+            correct.append((logits.argmax(-1) == ys).float())
+        if not losses:
+            return torch.zeros(0), torch.zeros(0)
+        return torch.cat(losses), torch.cat(correct)
+
+    def _mean_loss(self, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
+        if y.numel() == 0:
+            return math.nan
+        return float(self.per_example(params, x, y)[0].mean())
+
+    def _accuracy(self, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
+        if y.numel() == 0:
+            return math.nan
+        return float(self.per_example(params, x, y)[1].mean())
+
+    # -- one client ------------------------------------------------------------
+    def fit(self, params: torch.Tensor, data: ClientData, hp: FitConfig, seed: int) -> FitResult:
+        t0 = time.perf_counter()
+        start = params.detach().to(torch.float32)
+        loss_before = self._mean_loss(start, data.x, data.y)
+        gen = torch.Generator().manual_seed(seed)
+        p = start.clone()
+        buf: torch.Tensor | None = None
+        samples = 0
+        batches = batch_schedule(data.num_examples, hp, gen)
+        self.module.train()
+        for idx in batches:
+            p.requires_grad_(True)
+            loss = F.cross_entropy(self._logits(p, data.x[idx]), data.y[idx])
+            (g,) = torch.autograd.grad(loss, p)
+            p = p.detach()
+            with torch.no_grad():
+                if hp.weight_decay:
+                    g = g.add(p, alpha=hp.weight_decay)
+                if hp.momentum:
+                    buf = g.clone() if buf is None else buf.mul_(hp.momentum).add_(g)
+                    g = buf
+                p.sub_(g, alpha=hp.lr)
+            samples += int(idx.numel())
+        p = p.detach()
+        return FitResult(
+            delta=p - start,
+            num_examples=data.num_examples,
+            loss_before=loss_before,
+            loss_after=self._mean_loss(p, data.x, data.y),
+            accuracy=self._accuracy(p, data.x_test, data.y_test),
+            steps=len(batches),
+            samples=samples,
+            compute_seconds=time.perf_counter() - t0,
+        )
+
+    # -- a cohort ----------------------------------------------------------------
+    def fit_cohort(self, params: torch.Tensor, cohort: list[ClientData], hp: FitConfig, seeds: list[int]) -> list[FitResult]:
+        if not cohort:
+            return []
+        if self.vectorize and not self._vmap_failed and len(cohort) > 1:
+            try:
+                out: list[FitResult] = []
+                for lo in range(0, len(cohort), self.max_group):
+                    out.extend(self._fit_vectorized(params, cohort[lo : lo + self.max_group], hp, seeds[lo : lo + self.max_group]))
+                return out
+            except (RuntimeError, NotImplementedError, ValueError) as exc:  # a module vmap cannot batch
+                self._vmap_failed = True
+                log.warning("batched training does not apply to this model (%s); training clients one by one", exc)
+        return [self.fit(params, c, hp, s) for c, s in zip(cohort, seeds)]
+
+    def _masked_loss(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        losses = F.cross_entropy(self._logits(flat, x), y, reduction="none")
+        return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+
+    def _fit_vectorized(self, params: torch.Tensor, cohort: list[ClientData], hp: FitConfig, seeds: list[int]) -> list[FitResult]:
+        t0 = time.perf_counter()
+        n = len(cohort)
+        b = hp.batch_size
+        start = params.detach().to(torch.float32)
+        sizes = [c.num_examples for c in cohort]
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        x_all = torch.cat([c.x for c in cohort])
+        y_all = torch.cat([c.y for c in cohort])
+        schedules = [batch_schedule(nc, hp, torch.Generator().manual_seed(s)) for nc, s in zip(sizes, seeds)]
+        steps = max(len(s) for s in schedules)
+        # (n, steps, b) global row indices and masks; padding points at row 0, masked out.
+        index = np.zeros((n, steps, b), dtype=np.int64)
+        mask = np.zeros((n, steps, b), dtype=np.float32)
+        for c, sched in enumerate(schedules):
+            for s, idx in enumerate(sched):
+                k = idx.numel()
+                index[c, s, :k] = idx.numpy() + offsets[c]
+                mask[c, s, :k] = 1.0
+        index_t = torch.from_numpy(index)
+        mask_t = torch.from_numpy(mask)
+        active = mask_t.sum(-1) > 0  # (n, steps)
+
+        loss_before = self._cohort_mean_loss(start.expand(n, -1), x_all, y_all, sizes)
+        p = start.expand(n, -1).clone()
+        buf: torch.Tensor | None = None
+        step_fn = vmap(grad_and_value(self._masked_loss))
+        self.module.train()
+        for s in range(steps):
+            xb = x_all[index_t[:, s]]
+            yb = y_all[index_t[:, s]]
+            g, _ = step_fn(p, xb, yb, mask_t[:, s])
+            act = active[:, s].unsqueeze(1).to(p.dtype)
+            if hp.weight_decay:
+                g = g + hp.weight_decay * p
+            if hp.momentum:
+                # torch.optim.SGD semantics: the buffer starts as the first gradient.
+                buf = g.clone() if buf is None else torch.where(act.bool(), hp.momentum * buf + g, buf)
+                g = buf
+            p = p - hp.lr * act * g
+        loss_after = self._cohort_mean_loss(p, x_all, y_all, sizes)
+        xt_sizes = [int(c.y_test.shape[0]) for c in cohort]
+        acc = self._cohort_accuracy(p, torch.cat([c.x_test for c in cohort]), torch.cat([c.y_test for c in cohort]), xt_sizes)
+        elapsed = (time.perf_counter() - t0) / n
+        deltas = p - start
+        return [
+            FitResult(
+                delta=deltas[c],
+                num_examples=sizes[c],
+                loss_before=loss_before[c],
+                loss_after=loss_after[c],
+                accuracy=acc[c],
+                steps=len(schedules[c]),
+                samples=int(mask[c].sum()),
+                compute_seconds=elapsed,
+            )
+            for c in range(n)
+        ]
+
+    @torch.no_grad()
+    def _cohort_per_example(self, p: torch.Tensor, x: torch.Tensor, y: torch.Tensor, sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Per-client (sum of losses, number correct) of each client's own params on its own rows."""
+        n = len(sizes)
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        width = max(sizes) if sizes else 0
+        loss_sum = np.zeros(n)
+        correct = np.zeros(n)
+        if width == 0:
+            return loss_sum, correct
+        self.module.eval()
+        logits_fn = vmap(self._logits)
+        for lo in range(0, width, 256):
+            cols = np.arange(lo, min(lo + 256, width))
+            valid = cols[None, :] < np.asarray(sizes)[:, None]
+            rows = np.where(valid, offsets[:-1, None] + cols[None, :], 0)
+            rows_t = torch.from_numpy(rows)
+            logits = logits_fn(p, x[rows_t])
+            yb = y[rows_t]
+            v = torch.from_numpy(valid.astype(np.float32))
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1), reduction="none").reshape(yb.shape)
+            loss_sum += (loss * v).sum(1).double().numpy()
+            correct += ((logits.argmax(-1) == yb).float() * v).sum(1).double().numpy()
+        return loss_sum, correct
+
+    def _cohort_mean_loss(self, p: torch.Tensor, x: torch.Tensor, y: torch.Tensor, sizes: list[int]) -> list[float]:
+        loss_sum, _ = self._cohort_per_example(p, x, y, sizes)
+        return [float(l / s) if s else math.nan for l, s in zip(loss_sum, sizes)]
+
+    def _cohort_accuracy(self, p: torch.Tensor, x: torch.Tensor, y: torch.Tensor, sizes: list[int]) -> list[float]:
+        _, correct = self._cohort_per_example(p, x, y, sizes)
+        return [float(c / s) if s else math.nan for c, s in zip(correct, sizes)]

@@ -1,0 +1,258 @@
+"""The run store: a run directory with a database (SQLite by default, any
+SQLAlchemy URL such as PostgreSQL) and model checkpoints as safetensors.
+
+Crash safety: a checkpoint file is written to a temporary name, fsynced and
+renamed before the database row that names it is committed; the round record,
+the checkpoint row and the run's progress are one transaction.  A crash leaves
+either the whole round or none of it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+
+from ..records import RoundRecord
+
+DB_NAME = "run.db"
+metadata = MetaData()
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("name", String(200)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("status", String(20), nullable=False),  # running | finished | failed
+    Column("config_toml", Text, nullable=False),
+    Column("config_hash", String(32), nullable=False),
+    Column("rounds_done", Integer, nullable=False, default=0),
+    Column("summary", JSON),
+)
+
+rounds = Table(
+    "rounds",
+    metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("round", Integer, primary_key=True),
+    Column("version", Integer, nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("accuracy", Float),
+    Column("loss", Float),
+    Column("uplink_bytes", Integer),
+    Column("downlink_bytes", Integer),
+    Column("sim_seconds", Float),
+    Column("wall_seconds", Float),
+    Column("record", JSON, nullable=False),
+)
+
+checkpoints = Table(
+    "checkpoints",
+    metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("round", Integer, nullable=False),
+    Column("path", String(500), nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+def _now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def _finite(x: float) -> float | None:
+    return None if x != x or x in (float("inf"), float("-inf")) else float(x)
+
+
+def new_run_id() -> str:
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+class RunStore:
+    """One run: its directory, its database rows and its checkpoints."""
+
+    def __init__(self, run_dir: Path, run_id: str, engine: Engine):
+        self.run_dir = run_dir
+        self.run_id = run_id
+        self.engine = engine
+
+    # -- opening -----------------------------------------------------------------
+    @staticmethod
+    def _engine(run_dir: Path, url: str | None) -> Engine:
+        url = url or f"sqlite:///{(run_dir / DB_NAME).resolve()}"
+        engine = create_engine(url, future=True)
+        metadata.create_all(engine)
+        return engine
+
+    @classmethod
+    def create(cls, root: str | Path, config_toml: str, config_hash: str, name: str | None = None, url: str | None = None, run_id: str | None = None) -> "RunStore":
+        run_id = run_id or new_run_id()
+        run_dir = Path(root) / run_id
+        if run_dir.exists():
+            raise StoreError(f"run directory already exists: {run_dir}")
+        (run_dir / "checkpoints").mkdir(parents=True)
+        (run_dir / "config.toml").write_text(config_toml)
+        if url:
+            (run_dir / "store_url").write_text(url)
+        store = cls(run_dir, run_id, cls._engine(run_dir, url))
+        with store.engine.begin() as conn:
+            conn.execute(
+                runs.insert().values(
+                    run_id=run_id, name=name, created_at=_now(), status="running",
+                    config_toml=config_toml, config_hash=config_hash, rounds_done=0,
+                )
+            )
+        return store
+
+    @classmethod
+    def open(cls, run: str | Path, root: str | Path = "runs") -> "RunStore":
+        """Open a run by directory path or by id under `root`."""
+        run_dir = Path(run)
+        if not (run_dir / "config.toml").is_file():
+            run_dir = Path(root) / str(run)
+        if not (run_dir / "config.toml").is_file():
+            raise StoreError(f"no run found at {run!r} (looked for {run_dir}/config.toml)")
+        url_file = run_dir / "store_url"
+        url = url_file.read_text().strip() if url_file.is_file() else None
+        if url is None and not (run_dir / DB_NAME).is_file():
+            raise StoreError(f"{run_dir} has no {DB_NAME}")
+        return cls(run_dir, run_dir.name, cls._engine(run_dir, url))
+
+    # -- writing -----------------------------------------------------------------
+    def _write_checkpoint(self, version: int, params: torch.Tensor, state: dict[str, torch.Tensor] | None, meta: dict[str, str] | None) -> tuple[str, str]:
+        tensors = {"params": params.detach().to("cpu").contiguous()}
+        for k, v in (state or {}).items():
+            tensors[f"state/{k}"] = v.detach().to("cpu").contiguous()
+        rel = f"checkpoints/v{version:06d}.safetensors"
+        path = self.run_dir / rel
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (meta or {}).items()})
+        with open(tmp, "rb") as fh:
+            digest = hashlib.sha256(fh.read()).hexdigest()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        return rel, digest
+
+    def commit_round(self, record: RoundRecord, params: torch.Tensor | None = None, state: dict[str, torch.Tensor] | None = None, meta: dict[str, str] | None = None) -> None:
+        """Record a round (and, if `params` is given, its checkpoint) atomically."""
+        ckpt = self._write_checkpoint(record.version, params, state, meta) if params is not None else None
+        row = record.to_dict()
+        with self.engine.begin() as conn:
+            conn.execute(
+                rounds.insert().values(
+                    run_id=self.run_id, round=record.round, version=record.version, status=record.status,
+                    accuracy=_finite(record.accuracy), loss=_finite(record.loss),
+                    uplink_bytes=record.uplink_bytes, downlink_bytes=record.downlink_bytes,
+                    sim_seconds=record.sim_seconds, wall_seconds=record.wall_seconds, record=row,
+                )
+            )
+            if ckpt is not None:
+                conn.execute(checkpoints.delete().where(checkpoints.c.run_id == self.run_id, checkpoints.c.version == record.version))
+                conn.execute(
+                    checkpoints.insert().values(
+                        run_id=self.run_id, version=record.version, round=record.round,
+                        path=ckpt[0], sha256=ckpt[1], created_at=_now(),
+                    )
+                )
+            conn.execute(update(runs).where(runs.c.run_id == self.run_id).values(rounds_done=record.round))
+
+    def save_checkpoint(self, version: int, round: int, params: torch.Tensor, state: dict[str, torch.Tensor] | None = None) -> None:
+        rel, digest = self._write_checkpoint(version, params, state, None)
+        with self.engine.begin() as conn:
+            conn.execute(checkpoints.delete().where(checkpoints.c.run_id == self.run_id, checkpoints.c.version == version))
+            conn.execute(checkpoints.insert().values(run_id=self.run_id, version=version, round=round, path=rel, sha256=digest, created_at=_now()))
+
+    def finish(self, summary: dict[str, Any], status: str = "finished") -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(runs).where(runs.c.run_id == self.run_id).values(status=status, summary=json.loads(json.dumps(summary, default=str))))
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+
+    def write_json(self, name: str, obj: Any) -> None:
+        """A JSON side file in the run directory (e.g. the data's heterogeneity statistics)."""
+        (self.run_dir / name).write_text(json.dumps(obj, indent=1, default=str))
+
+    # -- reading -----------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(runs).where(runs.c.run_id == self.run_id)).mappings().first()
+        if row is None:
+            raise StoreError(f"run {self.run_id} has no row in its store")
+        return dict(row)
+
+    def records(self) -> list[RoundRecord]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(rounds.c.record).where(rounds.c.run_id == self.run_id).order_by(rounds.c.round)).all()
+        return [RoundRecord.from_dict(r[0]) for r in rows]
+
+    def checkpoint_rows(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(checkpoints).where(checkpoints.c.run_id == self.run_id).order_by(checkpoints.c.version)).mappings().all()
+        return [dict(r) for r in rows]
+
+    def load_checkpoint(self, version: int | None = None) -> tuple[int, torch.Tensor, dict[str, torch.Tensor]]:
+        """(version, params, state) of a checkpoint (default: the latest), checked against its hash."""
+        rows = self.checkpoint_rows()
+        if version is not None:
+            rows = [r for r in rows if r["version"] == version]
+        if not rows:
+            raise StoreError(f"run {self.run_id} has no checkpoint" + (f" for version {version}" if version is not None else ""))
+        row = rows[-1]
+        path = self.run_dir / row["path"]
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != row["sha256"]:
+            raise StoreError(f"checkpoint {path} does not match its recorded sha256 (corrupted)")
+        tensors = load_file(str(path))
+        state = {k.removeprefix("state/"): v for k, v in tensors.items() if k.startswith("state/")}
+        return row["version"], tensors["params"], state
+
+
+def list_runs(root: str | Path = "runs") -> list[dict[str, Any]]:
+    """Every run under `root`, newest first, with its status and headline numbers."""
+    out = []
+    root = Path(root)
+    if not root.is_dir():
+        return out
+    for d in sorted(root.iterdir(), reverse=True):
+        if not (d / "config.toml").is_file():
+            continue
+        try:
+            info = RunStore.open(d).info()
+        except Exception as exc:  # a broken run directory is listed, not fatal
+            out.append({"run_id": d.name, "status": f"unreadable ({exc})", "run_dir": str(d)})
+            continue
+        summary = info.get("summary") or {}
+        out.append({
+            "run_id": info["run_id"], "name": info.get("name"), "status": info["status"],
+            "created_at": info["created_at"], "rounds_done": info["rounds_done"],
+            "final_accuracy": summary.get("final_accuracy"), "run_dir": str(d),
+        })
+    return out

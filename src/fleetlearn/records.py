@@ -1,0 +1,122 @@
+"""`RoundRecord`: everything one round measured.  One record type, many readers
+(the run store, the CLI, monitors, the exporter and reports)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class ClientRecord:
+    """One selected client's part in a round."""
+
+    client_id: int
+    status: str  # "accepted" | "dropped" | "rejected" | "late"
+    reason: str = ""
+    num_examples: int = 0  # as claimed
+    weight: float = 0.0  # aggregation weight after the cap, normalised over the accepted
+    uplink_bytes: int = 0
+    downlink_bytes: int = 0
+    arrival_s: float = math.nan  # simulated seconds after dispatch
+    loss_before: float = math.nan
+    loss_after: float = math.nan
+    accuracy: float = math.nan  # local model on its local test split
+    steps: int = 0
+    update_norm: float = math.nan
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    version: int  # model version after this round (unchanged if the round failed)
+    status: str = "ok"  # "ok" | "failed"
+    reason: str = ""
+    selected: int = 0
+    accepted: int = 0
+    dropped: int = 0
+    rejected: int = 0
+    late: int = 0
+    uplink_bytes: int = 0
+    downlink_bytes: int = 0
+    sim_start_s: float = 0.0  # virtual clock when the round was dispatched
+    sim_seconds: float = 0.0  # simulated duration of the round
+    wall_seconds: float = 0.0
+    train_wall_seconds: float = 0.0  # wall time spent in local training (the rest is engine cost)
+    # Central evaluation of the new global model on the held-out test set.
+    accuracy: float = math.nan
+    loss: float = math.nan
+    # Federated evaluation of the new global model on clients' local test splits.
+    fed_accuracy: float = math.nan  # mean over clients of per-client accuracy
+    fed_accuracy_p10: float = math.nan
+    # Client-reported, averaged over accepted clients.
+    train_loss_before: float = math.nan
+    train_loss_after: float = math.nan
+    local_accuracy: float = math.nan  # local models on their own test splits
+    update_norm_mean: float = math.nan
+    update_norm_max: float = math.nan
+    completion_p50_s: float = math.nan
+    completion_p90_s: float = math.nan
+    completion_p99_s: float = math.nan
+    clients: list[ClientRecord] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # parts add their measurements here
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return _json_safe(d)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RoundRecord":
+        known = {f.name for f in fields(cls)}
+        kw = {k: _from_json(v) for k, v in d.items() if k in known and k != "clients"}
+        kw["clients"] = [ClientRecord(**{k: _from_json(v) for k, v in c.items()}) for c in d.get("clients", [])]
+        return cls(**kw)
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN and inf are not JSON: store them as None / strings and read them back."""
+    if isinstance(obj, float):
+        if math.isnan(obj):
+            return None
+        if math.isinf(obj):
+            return "inf" if obj > 0 else "-inf"
+        return obj
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _from_json(v: Any) -> Any:
+    if v is None:
+        return math.nan
+    if v == "inf":
+        return math.inf
+    if v == "-inf":
+        return -math.inf
+    return v
+
+
+@dataclass
+class RunSummary:
+    """What `fleetlearn.run` returns and `fleetlearn run --json` prints (less the records)."""
+
+    run_id: str
+    run_dir: str
+    rounds: int
+    final_accuracy: float
+    best_accuracy: float
+    final_loss: float
+    uplink_bytes: int
+    downlink_bytes: int
+    compression_ratio: float  # uncompressed float32 uplink bytes / bytes actually sent
+    sim_seconds: float
+    wall_seconds: float
+    failed_rounds: int = 0
+    records: list[RoundRecord] = field(default_factory=list)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "records"}
+        return _json_safe(d)
