@@ -42,10 +42,12 @@ class DataConfig(Section):
     alpha: float = Field(default=0.5, gt=0)  # Dirichlet concentration (label skew)
     shards_per_client: int = Field(default=2, ge=1)  # classes per client for `shards`
     quantity: Literal["lognormal", "powerlaw"] = "lognormal"  # size law for `quantity`
-    quantity_sigma: float = Field(default=1.0, gt=0)  # log-normal sigma, or power-law exponent
+    quantity_sigma: float = Field(default=1.0, gt=0)  # log-normal sigma, or Pareto tail index (P(w > t) = t^-sigma)
     feature_shift: float = Field(default=1.0, ge=0)  # strength of the per-client transform for `feature`
     min_examples: int = Field(default=2, ge=1)  # every client gets at least this many train examples
-    test_fraction: float = Field(default=0.2, gt=0, lt=1)  # held-out central test set
+    # Held-out central test set (unused where the data brings its own: fashion_mnist's
+    # t10k, and the `natural` partition, whose central set is the union of the devices' test splits).
+    test_fraction: float = Field(default=0.2, gt=0, lt=1)
     local_test_fraction: float = Field(default=0.2, ge=0, lt=1)  # each client's local test split
     path: str | None = None  # directory with the dataset's files (fashion_mnist)
     synthetic_alpha: float = Field(default=0.0, ge=0)  # Synthetic(alpha, beta): model skew
@@ -148,7 +150,7 @@ class StoreConfig(Section):
 
 
 class RunConfig(Section):
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     name: str | None = None
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)

@@ -19,7 +19,7 @@ def test_default_population_follows_fedprox():
     assert sizes.min() >= 50
     np.testing.assert_array_equal(data.train_sizes(), (0.9 * sizes).astype(int))  # FedProx's 90/10 split
     y = data.y.numpy()
-    assert y.min() >= 0 and y.max() < 10 and data.x.dtype == np.float32 if False else True
+    assert y.min() >= 0 and y.max() < 10
     assert str(data.x.dtype) == "torch.float32" and str(data.y.dtype) == "torch.int64"
     # Central test set = the union of the devices' local test splits.
     np.testing.assert_array_equal(data.central_x, data.x[data.test_order])
@@ -38,6 +38,11 @@ def test_beta_makes_devices_label_mixes_differ_more():
         return np.mean([load(seed, clients=200, **kw).stats["label_skew"] for seed in range(3)])
 
     assert mean_skew(synthetic_alpha=1.0, synthetic_beta=1.0) > mean_skew(synthetic_alpha=0.0, synthetic_beta=0.0)
+
+
+def test_alpha_shifts_every_logit_alike_so_labels_do_not_change():
+    # A property of FedProx's generator (u_k is the mean of all of W_k and b_k), kept faithfully.
+    np.testing.assert_array_equal(load(synthetic_alpha=0.0).y, load(synthetic_alpha=3.0).y)
 
 
 def test_iid_variant_shares_one_model_and_zero_input_means():
@@ -62,8 +67,9 @@ def test_device_size_is_capped(monkeypatch):
 
 
 def test_pooled_with_another_partition():
+    """The same 12 devices' data, pooled: a stratified 20% is central, the rest is re-partitioned."""
     data = load_federated(DataConfig(dataset="synthetic", partition="dirichlet", clients=12, alpha=0.3), 0)
-    native = load()
+    native = load(clients=12)
     assert data.num_clients == 12
     assert len(data.x) + len(data.central_x) == len(native.x)
     assert len(data.central_x) == pytest.approx(0.2 * len(native.x), abs=10)
@@ -71,4 +77,5 @@ def test_pooled_with_another_partition():
 
 def test_seeded():
     np.testing.assert_array_equal(load(seed=1).x, load(seed=1).x)
-    assert load(seed=1).x.shape != load(seed=2).x.shape or not np.array_equal(load(seed=1).x, load(seed=2).x)
+    one, two = load(seed=1).x, load(seed=2).x
+    assert one.shape != two.shape or not np.array_equal(one, two)

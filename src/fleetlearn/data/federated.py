@@ -85,8 +85,9 @@ def load_federated(cfg: "DataConfig", seed: int) -> FederatedData:
             raise DataError(f"{dataset.name}: {exc}") from None
         train, test = local_split(clients, cfg.local_test_fraction, cfg.min_examples)
         if cfg.partition == "feature":
-            x = x.copy() if x is dataset.x else x  # never transform the caller's arrays
-            feature_shift(x, [train, test], cfg.feature_shift, np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_FEATURE_STREAM,))))
+            # In place: x is this call's own array, and the central set is a separate one.
+            feature_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_FEATURE_STREAM,)))
+            feature_shift(x, [train, test], cfg.feature_shift, feature_rng)
 
     (train_order, train_offsets), (test_order, test_offsets) = train, test
     stats = heterogeneity_stats(y[train_order], train_offsets, dataset.num_classes)

@@ -5,6 +5,10 @@ and b_k ~ N(u_k, 1); B_k ~ N(0, beta); v_k[j] ~ N(B_k, 1); x ~ N(v_k, Sigma) wit
 Sigma_jj = (j+1)^-1.2; y = argmax(softmax(x W_k + b_k)).  alpha controls how much the local
 models differ, beta how much the local inputs differ.  The IID variant shares one W, b ~ N(0, 1)
 and sets v_k = 0 for every device.  (alpha, beta are standard deviations, as in numpy.random.normal.)
+
+Note, true of the original too: u_k is the mean of every entry of W_k and b_k, so it adds
+u_k * (sum_j x_j + 1) to all logits of an example alike and never changes its label; with the
+same seed, alpha alone leaves the data unchanged.  beta (through v_k) is what skews labels.
 """
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ class FitConfig:
     lr: float = 0.05
     momentum: float = 0.0
     weight_decay: float = 0.0
+    # Local objective terms (DESIGN.md section 4: the local objective modifies the step).
+    prox_mu: float = 0.0  # FedProx proximal term mu/2 ||w - w_global||^2 (Li et al., MLSys 2020)
 
     @classmethod
     def from_dict(cls, d: dict) -> "FitConfig":
@@ -68,12 +70,16 @@ class Learner(Protocol):
         """A fresh flat parameter vector, deterministic in `seed`."""
         ...
 
-    def fit(self, params: torch.Tensor, data: ClientData, hp: FitConfig, seed: int) -> FitResult:
-        """Train locally from `params`; deterministic in `seed`."""
+    def fit(self, params: torch.Tensor, data: ClientData, hp: FitConfig, seed: int, correction: torch.Tensor | None = None) -> FitResult:
+        """Train locally from `params`; deterministic in `seed`.  `correction` is a
+        constant added to every gradient (SCAFFOLD's c - c_i)."""
         ...
 
-    def fit_cohort(self, params: torch.Tensor, cohort: list[ClientData], hp: FitConfig, seeds: list[int]) -> list[FitResult]:
-        """Train every client of a cohort from the same `params` (may be batched)."""
+    def fit_cohort(
+        self, params: torch.Tensor, cohort: list[ClientData], hp: FitConfig, seeds: list[int], corrections: torch.Tensor | None = None
+    ) -> list[FitResult]:
+        """Train every client of a cohort from the same `params` (may be batched);
+        `corrections` is an optional (n, d) matrix, one gradient correction per client."""
         ...
 
     def per_example(self, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

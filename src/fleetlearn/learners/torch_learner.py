@@ -92,7 +92,7 @@ class TorchLearner:
         return float(self.per_example(params, x, y)[1].mean())
 
     # -- one client ------------------------------------------------------------
-    def fit(self, params: torch.Tensor, data: ClientData, hp: FitConfig, seed: int) -> FitResult:
+    def fit(self, params: torch.Tensor, data: ClientData, hp: FitConfig, seed: int, correction: torch.Tensor | None = None) -> FitResult:
         t0 = time.perf_counter()
         start = params.detach().to(torch.float32)
         loss_before = self._mean_loss(start, data.x, data.y)
@@ -108,6 +108,10 @@ class TorchLearner:
             (g,) = torch.autograd.grad(loss, p)
             p = p.detach()
             with torch.no_grad():
+                if hp.prox_mu:
+                    g = g + hp.prox_mu * (p - start)
+                if correction is not None:
+                    g = g + correction
                 if hp.weight_decay:
                     g = g.add(p, alpha=hp.weight_decay)
                 if hp.momentum:
@@ -128,25 +132,36 @@ class TorchLearner:
         )
 
     # -- a cohort ----------------------------------------------------------------
-    def fit_cohort(self, params: torch.Tensor, cohort: list[ClientData], hp: FitConfig, seeds: list[int]) -> list[FitResult]:
+    def fit_cohort(
+        self, params: torch.Tensor, cohort: list[ClientData], hp: FitConfig, seeds: list[int], corrections: torch.Tensor | None = None
+    ) -> list[FitResult]:
         if not cohort:
             return []
+        if corrections is not None and tuple(corrections.shape) != (len(cohort), self.spec.dim):
+            raise ValueError(f"corrections must be ({len(cohort)}, {self.spec.dim}), got {tuple(corrections.shape)}")
         if self.vectorize and not self._vmap_failed and len(cohort) > 1:
             try:
                 out: list[FitResult] = []
                 for lo in range(0, len(cohort), self.max_group):
-                    out.extend(self._fit_vectorized(params, cohort[lo : lo + self.max_group], hp, seeds[lo : lo + self.max_group]))
+                    hi = lo + self.max_group
+                    corr = corrections[lo:hi] if corrections is not None else None
+                    out.extend(self._fit_vectorized(params, cohort[lo:hi], hp, seeds[lo:hi], corr))
                 return out
             except (RuntimeError, NotImplementedError, ValueError) as exc:  # a module vmap cannot batch
                 self._vmap_failed = True
                 log.warning("batched training does not apply to this model (%s); training clients one by one", exc)
-        return [self.fit(params, c, hp, s) for c, s in zip(cohort, seeds)]
+        return [
+            self.fit(params, c, hp, s, corrections[i] if corrections is not None else None)
+            for i, (c, s) in enumerate(zip(cohort, seeds))
+        ]
 
     def _masked_loss(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         losses = F.cross_entropy(self._logits(flat, x), y, reduction="none")
         return (losses * mask).sum() / mask.sum().clamp(min=1.0)
 
-    def _fit_vectorized(self, params: torch.Tensor, cohort: list[ClientData], hp: FitConfig, seeds: list[int]) -> list[FitResult]:
+    def _fit_vectorized(
+        self, params: torch.Tensor, cohort: list[ClientData], hp: FitConfig, seeds: list[int], corrections: torch.Tensor | None
+    ) -> list[FitResult]:
         t0 = time.perf_counter()
         n = len(cohort)
         b = hp.batch_size
@@ -179,6 +194,10 @@ class TorchLearner:
             yb = y_all[index_t[:, s]]
             g, _ = step_fn(p, xb, yb, mask_t[:, s])
             act = active[:, s].unsqueeze(1).to(p.dtype)
+            if hp.prox_mu:
+                g = g + hp.prox_mu * (p - start)
+            if corrections is not None:
+                g = g + corrections
             if hp.weight_decay:
                 g = g + hp.weight_decay * p
             if hp.momentum:

@@ -1,0 +1,102 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fleetlearn.learners import ClientData, FitConfig, TorchLearner, batch_schedule, mlp
+
+
+def _cohort(n=12, features=10, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        size = 1 + (i * 7) % 23  # unequal sizes, 1..23
+        out.append(ClientData(
+            torch.randn(size, features, generator=g), torch.randint(0, classes, (size,), generator=g),
+            torch.randn(3, features, generator=g), torch.randint(0, classes, (3,), generator=g),
+        ))
+    return out
+
+
+@pytest.mark.parametrize("hp", [
+    FitConfig(local_epochs=2, batch_size=4, lr=0.1),
+    FitConfig(local_epochs=1, batch_size=5, lr=0.05, momentum=0.9, weight_decay=1e-3),
+    FitConfig(local_steps=7, batch_size=3, lr=0.05, prox_mu=0.5),
+])
+def test_vectorised_matches_sequential(hp):
+    learner = TorchLearner(lambda: mlp(10, 4, [16]))
+    params = learner.init_params(1)
+    cohort = _cohort()
+    seeds = list(range(100, 112))
+    corr = 0.01 * torch.randn(len(cohort), learner.spec.dim, generator=torch.Generator().manual_seed(5))
+    batched = learner.fit_cohort(params, cohort, hp, seeds, corr)
+    assert not learner._vmap_failed
+    seq = [learner.fit(params, c, hp, s, corr[i]) for i, (c, s) in enumerate(zip(cohort, seeds))]
+    for b, s in zip(batched, seq):
+        assert torch.allclose(b.delta, s.delta, atol=1e-5), float((b.delta - s.delta).abs().max())
+        assert b.steps == s.steps and b.samples == s.samples and b.num_examples == s.num_examples
+        assert math.isclose(b.loss_before, s.loss_before, rel_tol=1e-4)
+        assert math.isclose(b.loss_after, s.loss_after, rel_tol=1e-4)
+        assert math.isclose(b.accuracy, s.accuracy, rel_tol=1e-6)
+
+
+def test_training_reduces_loss_and_is_deterministic():
+    learner = TorchLearner(lambda: mlp(10, 4, [16]))
+    params = learner.init_params(0)
+    data = _cohort(1)[0]
+    data = ClientData(torch.randn(64, 10), torch.randint(0, 4, (64,)), data.x_test, data.y_test)
+    hp = FitConfig(local_epochs=20, batch_size=16, lr=0.2)
+    a = learner.fit(params, data, hp, seed=3)
+    b = learner.fit(params, data, hp, seed=3)
+    c = learner.fit(params, data, hp, seed=4)
+    assert a.loss_after < a.loss_before
+    assert torch.equal(a.delta, b.delta) and not torch.equal(a.delta, c.delta)
+    assert a.samples == 20 * 64 and a.steps == 20 * 4
+
+
+def test_init_params_is_seeded_and_leaves_global_rng_alone():
+    learner = TorchLearner(lambda: mlp(10, 4, [16]))
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    p1 = learner.init_params(7)
+    after = torch.rand(1)
+    assert torch.equal(before, after)
+    assert torch.equal(p1, learner.init_params(7)) and not torch.equal(p1, learner.init_params(8))
+
+
+def test_batch_schedule_covers_each_epoch_once():
+    g = torch.Generator().manual_seed(0)
+    batches = batch_schedule(10, FitConfig(local_epochs=3, batch_size=4), g)
+    assert [len(b) for b in batches] == [4, 4, 2] * 3
+    for e in range(3):
+        assert sorted(torch.cat(batches[3 * e: 3 * e + 3]).tolist()) == list(range(10))
+    steps = batch_schedule(10, FitConfig(local_steps=5, batch_size=4), torch.Generator().manual_seed(0))
+    assert len(steps) == 5
+
+
+class WithBatchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(10, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.bn(self.fc(x))))
+
+
+def test_models_vmap_cannot_batch_fall_back_to_sequential():
+    learner = TorchLearner(WithBatchNorm)
+    params = learner.init_params(0)
+    cohort = [c for c in _cohort(4) if c.num_examples > 1]
+    res = learner.fit_cohort(params, cohort, FitConfig(batch_size=64), [1] * len(cohort))
+    assert learner._vmap_failed
+    assert len(res) == len(cohort) and all(torch.isfinite(r.delta).all() for r in res)
+
+
+def test_corrections_shape_is_checked():
+    learner = TorchLearner(lambda: mlp(10, 4, [16]))
+    with pytest.raises(ValueError, match="corrections must be"):
+        learner.fit_cohort(learner.init_params(0), _cohort(2), FitConfig(), [0, 1], torch.zeros(3, 5))
