@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-all setup clean
+.PHONY: run test test-fast setup clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,11 +17,13 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/fleetlearn run $(ARGS)
 
+# Every test, the slow end-to-end ones included (what CI runs).
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
 
-test-all: $(STAMP)
-	$(BIN)/python -m pytest -m '' $(ARGS)
+# The quick loop while developing: skips tests marked slow.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m 'not slow' $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

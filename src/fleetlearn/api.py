@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import RunConfig, load_config
+from .config import RunConfig, add_config_dir_to_path, load_config
 from .engine import RoundHook, build_coordinator
 from .records import RoundRecord, RunSummary
 
@@ -24,6 +24,8 @@ def run(
     embedded default (digits, 100 clients, Dirichlet 0.5, 20 rounds, an MLP).
     `overrides` are ``"section.key=value"`` strings, as on the command line.
     """
+    if isinstance(config, (str, Path)):
+        add_config_dir_to_path(config)
     cfg = load_config(config, overrides)
     coordinator = build_coordinator(cfg, store=store, hooks=hooks)
     return coordinator.run(on_round=on_round)

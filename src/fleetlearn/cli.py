@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
-from .config import ConfigError, load_config
+from .config import ConfigError, add_config_dir_to_path, load_config
 from .records import RoundRecord, RunSummary
 
 EXIT_USAGE = 2
@@ -54,6 +54,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.runs_dir:
         overrides.append(f"store.root={json.dumps(args.runs_dir)}")
     try:
+        if args.config:
+            add_config_dir_to_path(args.config)
         cfg = load_config(args.config, overrides)
         console = Console(stderr=args.json)
         with console.status("loading data and building the run..."):

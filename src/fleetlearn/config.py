@@ -241,6 +241,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
+def add_config_dir_to_path(path: str | Path) -> None:
+    """Import paths in a config ("my_model:make_model") resolve next to the config file."""
+    import sys
+
+    folder = str(Path(path).resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+
+
 def load_config(source: "RunConfig | dict[str, Any] | str | Path | None" = None, overrides: list[str] | None = None) -> RunConfig:
     """A `RunConfig` from a TOML path, a dict, or an existing config (None: the default)."""
     if isinstance(source, RunConfig) and not overrides:

@@ -60,3 +60,14 @@ def test_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path, args, files,
 def test_help_everywhere(tmp_path, cmd):
     p = fl(*cmd, "--help", cwd=tmp_path)
     assert p.returncode == 0 and "usage: fleetlearn" in p.stdout
+
+
+def test_examples_parse_and_the_custom_model_example_trains(tmp_path):
+    import fleetlearn
+    from fleetlearn.config import load_config
+
+    root = Path(__file__).resolve().parents[2] / "examples"
+    for toml in root.glob("*.toml"):
+        load_config(toml)
+    s = fleetlearn.run(root / "custom_model.toml", overrides=["server.rounds=3", f"store.root={json.dumps(str(tmp_path))}"])
+    assert s.rounds == 3 and s.final_accuracy > 0.5
