@@ -115,6 +115,17 @@ class ServerConfig(Section):
     # `max_examples` (absolute) and at `max_examples_ratio` x the cohort's median claim.
     max_examples: int | None = Field(default=None, ge=1)
     max_examples_ratio: float = Field(default=10.0, ge=1)
+    # Deadlines and dropouts (Bonawitz et al., SysML 2019: over-select, aggregate whoever reports).
+    deadline_s: float | None = Field(default=None, gt=0)  # simulated s (real s on the network); None waits for all
+    deadline_policy: Literal["fixed", "adaptive"] = "fixed"
+    # adaptive: the deadline of the next round is this quantile of the completion times
+    # seen in the last `deadline_window` rounds, times `deadline_margin`.
+    deadline_quantile: float = Field(default=0.8, gt=0, le=1)
+    deadline_window: int = Field(default=3, ge=1)
+    deadline_margin: float = Field(default=1.0, gt=0)
+    over_selection: float = Field(default=1.0, ge=1)  # select ceil(cohort x factor), keep the first `cohort` replies
+    min_replies: int = Field(default=1, ge=1)  # fewer accepted updates: the round fails, the model is unchanged
+    partial_work: bool = False  # a client that cannot finish in time sends its update after fewer steps
     eval_every: int = Field(default=1, ge=1)
     # Federated evaluation of the global model on clients' local test splits: at most
     # this many clients (a seeded sample; 0 = every client).
@@ -122,13 +133,25 @@ class ServerConfig(Section):
 
 
 class DevicesConfig(Section):
-    profile: Literal["uniform", "mixed_fleet"] = "uniform"
+    # uniform: every device alike; mixed_fleet: log-normal speeds and bandwidths;
+    # flaky: mixed_fleet with diurnal availability and 30% mid-round dropout.
+    profile: Literal["uniform", "mixed_fleet", "flaky"] = "uniform"
     # The `uniform` device (and the median device of `mixed_fleet`).
     compute_sps: float = Field(default=2000.0, gt=0)  # training samples per second
     uplink_mbps: float = Field(default=10.0, gt=0)
     downlink_mbps: float = Field(default=50.0, gt=0)
     latency_s: float = Field(default=0.05, ge=0)  # one-way, paid on download and on upload
-    spread: float = Field(default=1.0, ge=0)  # log-normal sigma of `mixed_fleet`
+    spread: float = Field(default=1.0, ge=0)  # log-normal sigma of `mixed_fleet` and `flaky`
+    # Mid-round dropout: probability that a device abandons a task (flaky: 0.3 unless set).
+    dropout: float | None = Field(default=None, ge=0, le=1)
+    # Availability over time: always online, or a seeded per-device diurnal on/off pattern
+    # with a period of `day_s` simulated seconds and on average `online_fraction` of it online.
+    availability: Literal["always", "diurnal"] | None = None  # flaky: diurnal unless set
+    day_s: float = Field(default=600.0, gt=0)
+    online_fraction: float = Field(default=0.7, gt=0, le=1)
+    # A fraction of devices made `slow_factor` times slower (compute and links) than their profile.
+    slow_fraction: float = Field(default=0.0, ge=0, le=1)
+    slow_factor: float = Field(default=10.0, ge=1)
 
 
 class CompressionConfig(Section):
@@ -166,6 +189,10 @@ class RunConfig(Section):
         n = self.data.num_clients
         if self.server.cohort > n:
             raise ValueError(f"server.cohort = {self.server.cohort} exceeds the number of clients (data.clients = {n})")
+        if self.server.min_replies > self.server.cohort:
+            raise ValueError(f"server.min_replies = {self.server.min_replies} exceeds server.cohort = {self.server.cohort}")
+        if self.server.partial_work and self.server.deadline_s is None:
+            raise ValueError("server.partial_work needs a deadline: set server.deadline_s")
         if self.data.partition == "natural" and self.data.dataset not in ("synthetic",) and ":" not in self.data.dataset:
             raise ValueError(f"data.partition = 'natural' needs a dataset with its own devices (synthetic or a custom one), not {self.data.dataset!r}")
         return self

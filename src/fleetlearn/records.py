@@ -40,6 +40,7 @@ class RoundRecord:
     late: int = 0
     uplink_bytes: int = 0
     downlink_bytes: int = 0
+    deadline_s: float = math.nan  # this round's deadline (nan: none)
     sim_start_s: float = 0.0  # virtual clock when the round was dispatched
     sim_seconds: float = 0.0  # simulated duration of the round
     wall_seconds: float = 0.0

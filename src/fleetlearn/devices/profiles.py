@@ -37,12 +37,46 @@ class DeviceProfile:
 
 @dataclass
 class Fleet:
-    """Profiles of a whole population, one array per attribute."""
+    """Profiles of a whole population, one array per attribute.
+
+    Availability is a per-device diurnal pattern: device c is online while
+    ``(t / day_s + phase[c]) mod 1 < online_frac[c]``; `dropout[c]` is the probability
+    that it abandons a task mid-round.  Defaults: always online, never drops.
+    """
 
     compute_sps: np.ndarray
     uplink_mbps: np.ndarray
     downlink_mbps: np.ndarray
     latency_s: np.ndarray
+    dropout: np.ndarray | None = None
+    phase: np.ndarray | None = None
+    online_frac: np.ndarray | None = None
+    day_s: float = 600.0
+
+    @property
+    def always_online(self) -> bool:
+        return self.phase is None or self.online_frac is None
+
+    def online(self, clients: np.ndarray, t: float) -> np.ndarray:
+        """Which of `clients` are online at simulated time `t`."""
+        c = np.asarray(clients, dtype=np.int64)
+        if self.always_online:
+            return np.ones(c.shape, dtype=bool)
+        u = np.mod(t / self.day_s + self.phase[c], 1.0)
+        return u < self.online_frac[c]
+
+    def offline_after(self, clients: np.ndarray, t: float) -> np.ndarray:
+        """Seconds after `t` until each (online) client goes offline (inf if never)."""
+        c = np.asarray(clients, dtype=np.int64)
+        if self.always_online:
+            return np.full(c.shape, np.inf)
+        u = np.mod(t / self.day_s + self.phase[c], 1.0)
+        left = np.where(u < self.online_frac[c], (self.online_frac[c] - u) * self.day_s, 0.0)
+        return np.where(self.online_frac[c] >= 1.0, np.inf, left)
+
+    def dropout_prob(self, clients: np.ndarray) -> np.ndarray:
+        c = np.asarray(clients, dtype=np.int64)
+        return np.zeros(c.shape) if self.dropout is None else self.dropout[c]
 
     def __len__(self) -> int:
         return int(self.compute_sps.shape[0])
@@ -55,14 +89,24 @@ class Fleet:
             float(self.latency_s[client]),
         )
 
-    def completion_seconds(self, clients: np.ndarray, down_bytes: np.ndarray, samples: np.ndarray, up_bytes: np.ndarray) -> np.ndarray:
-        """Vectorised `DeviceProfile.completion_seconds` for a cohort."""
+    def download_seconds(self, clients: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
         c = np.asarray(clients, dtype=np.int64)
+        return self.latency_s[c] + np.asarray(nbytes, dtype=np.float64) * 8.0 / (self.downlink_mbps[c] * 1e6)
+
+    def upload_seconds(self, clients: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+        c = np.asarray(clients, dtype=np.int64)
+        return self.latency_s[c] + np.asarray(nbytes, dtype=np.float64) * 8.0 / (self.uplink_mbps[c] * 1e6)
+
+    def compute_seconds(self, clients: np.ndarray, samples: np.ndarray) -> np.ndarray:
+        c = np.asarray(clients, dtype=np.int64)
+        return np.asarray(samples, dtype=np.float64) / self.compute_sps[c]
+
+    def completion_seconds(self, clients: np.ndarray, down_bytes: np.ndarray, samples: np.ndarray, up_bytes: np.ndarray) -> np.ndarray:
+        """Vectorised `DeviceProfile.completion_seconds` for a cohort: download + compute + upload."""
         return (
-            2.0 * self.latency_s[c]
-            + np.asarray(down_bytes, dtype=np.float64) * 8.0 / (self.downlink_mbps[c] * 1e6)
-            + np.asarray(samples, dtype=np.float64) / self.compute_sps[c]
-            + np.asarray(up_bytes, dtype=np.float64) * 8.0 / (self.uplink_mbps[c] * 1e6)
+            self.download_seconds(clients, down_bytes)
+            + self.compute_seconds(clients, samples)
+            + self.upload_seconds(clients, up_bytes)
         )
 
     @classmethod
@@ -75,6 +119,9 @@ class Fleet:
         )
 
 
+FLAKY_DROPOUT = 0.3
+
+
 def make_fleet(cfg: DevicesConfig, num_clients: int, seed: int) -> Fleet:
     """The fleet of a preset.
 
@@ -82,20 +129,42 @@ def make_fleet(cfg: DevicesConfig, num_clients: int, seed: int) -> Fleet:
     - ``mixed_fleet``: log-normal compute speed and bandwidths around the configured
       median device (sigma = ``spread``; 1.0 spans roughly 50x between the 5th and
       95th percentiles: flagship phones to IoT sensors), latency log-normal too.
+    - ``flaky``: ``mixed_fleet`` with diurnal availability and 30% mid-round dropout
+      (each overridable with ``availability`` and ``dropout``).
+    Then ``slow_fraction`` of the devices (seeded) are made ``slow_factor`` times slower.
     """
     n = num_clients
+    rng = np.random.default_rng([seed, 0xDE71CE])
     if cfg.profile == "uniform":
-        return Fleet(
+        fleet = Fleet(
             np.full(n, cfg.compute_sps),
             np.full(n, cfg.uplink_mbps),
             np.full(n, cfg.downlink_mbps),
             np.full(n, cfg.latency_s),
         )
-    rng = np.random.default_rng([seed, 0xDE71CE])
-    s = cfg.spread
-    return Fleet(
-        cfg.compute_sps * rng.lognormal(0.0, s, n),
-        cfg.uplink_mbps * rng.lognormal(0.0, s, n),
-        cfg.downlink_mbps * rng.lognormal(0.0, s, n),
-        cfg.latency_s * rng.lognormal(0.0, s / 2, n),
-    )
+    else:
+        s = cfg.spread
+        fleet = Fleet(
+            cfg.compute_sps * rng.lognormal(0.0, s, n),
+            cfg.uplink_mbps * rng.lognormal(0.0, s, n),
+            cfg.downlink_mbps * rng.lognormal(0.0, s, n),
+            cfg.latency_s * rng.lognormal(0.0, s / 2, n),
+        )
+    flaky = cfg.profile == "flaky"
+    dropout = cfg.dropout if cfg.dropout is not None else (FLAKY_DROPOUT if flaky else 0.0)
+    if dropout > 0:
+        fleet.dropout = np.full(n, dropout)
+    availability = cfg.availability or ("diurnal" if flaky else "always")
+    if availability == "diurnal":
+        fleet.phase = rng.random(n)
+        # Per-device online fraction around the mean (Beta with concentration 10).
+        f = cfg.online_fraction
+        fleet.online_frac = np.ones(n) if f >= 1 else rng.beta(10 * f, 10 * (1 - f), n)
+        fleet.day_s = cfg.day_s
+    if cfg.slow_fraction > 0:
+        slow = rng.random(n) < cfg.slow_fraction
+        k = np.where(slow, cfg.slow_factor, 1.0)
+        fleet.compute_sps = fleet.compute_sps / k
+        fleet.uplink_mbps = fleet.uplink_mbps / k
+        fleet.downlink_mbps = fleet.downlink_mbps / k
+    return fleet

@@ -47,7 +47,7 @@ class Collected:
     claims: list[int] = field(default_factory=list)
     clients: list[ClientRecord] = field(default_factory=list)
     accepted: list[ClientRecord] = field(default_factory=list)
-    elapsed: list[float] = field(default_factory=list)
+    end_s: float = 0.0  # when the server stopped waiting (seconds after dispatch)
 
 
 class Coordinator:
@@ -66,6 +66,7 @@ class Coordinator:
         evaluator: Evaluator,
         store: RunStore | None = None,
         hooks: Sequence[RoundHook] = (),
+        clock: VirtualClock | None = None,
     ):
         self.config = config
         self.learner = learner
@@ -79,7 +80,7 @@ class Coordinator:
         self.evaluator = evaluator
         self.store = store
         self.hooks = list(hooks)
-        self.clock = VirtualClock()
+        self.clock = clock if clock is not None else VirtualClock()
         self.rng = np.random.default_rng([config.seed, 0x5E1EC7])
         self.params = learner.init_params(config.seed)
         self.server_state = server_optimizer.init(self.params)
@@ -87,6 +88,7 @@ class Coordinator:
         self.round = 0
         self.records: list[RoundRecord] = []
         self._task_cache: tuple[int, bytes] | None = None
+        self._completions: list[np.ndarray] = []  # arrival times of recent rounds (adaptive deadline)
 
     # -- state -------------------------------------------------------------------
     @property
@@ -105,22 +107,40 @@ class Coordinator:
         return self._task_cache[1]
 
     # -- one round -----------------------------------------------------------------
+    def deadline(self) -> float | None:
+        """This round's deadline: fixed, or a quantile of recent completion times."""
+        srv = self.config.server
+        if srv.deadline_policy == "adaptive" and self._completions:
+            recent = np.concatenate(self._completions[-srv.deadline_window:])
+            if recent.size:
+                return float(np.quantile(recent, srv.deadline_quantile) * srv.deadline_margin)
+        return srv.deadline_s
+
     def run_round(self) -> RoundRecord:
         t_wall = time.perf_counter()
         self.round += 1
         r = self.round
         srv = self.config.server
-        cohort = self.selector.select(self.transport.available(r), srv.cohort, r, self.rng)
+        available = self.transport.available(r)
+        want = min(math.ceil(srv.cohort * srv.over_selection), len(available))
+        record = RoundRecord(round=r, version=self.version, sim_start_s=self.clock.now)
+        if want < srv.min_replies:
+            record.status, record.reason = "failed", f"only {len(available)} clients available, min_replies is {srv.min_replies}"
+            cohort: list[int] = []
+        else:
+            cohort = self.selector.select(available, want, r, self.rng)
+        deadline = self.deadline()
         task = Task(
             round=r,
             version=self.version,
             payload=self._encoded_params(),
             codec=self.downlink.spec,
-            config=self.fit_config().to_dict(),
-            deadline_s=None,
+            config={**self.fit_config().to_dict(), "partial_work": srv.partial_work},
+            deadline_s=deadline,
         )
-        got = self._collect(task, cohort)
-        record = RoundRecord(round=r, version=self.version, selected=len(cohort), sim_start_s=self.clock.now)
+        got = self._collect(task, cohort, srv.cohort) if cohort else Collected()
+        record.selected = len(cohort)
+        record.deadline_s = deadline if deadline is not None else math.nan
         record.clients = got.clients
         record.accepted = len(got.accepted)
         record.dropped = sum(c.status == "dropped" for c in got.clients)
@@ -128,11 +148,19 @@ class Coordinator:
         record.late = sum(c.status == "late" for c in got.clients)
         record.uplink_bytes = sum(c.uplink_bytes for c in got.clients)
         record.downlink_bytes = sum(c.downlink_bytes for c in got.clients)
-        record.sim_seconds = max(got.elapsed) if got.elapsed else 0.0
+        record.sim_seconds = got.end_s
         record.train_wall_seconds = float(getattr(self.transport, "train_wall_seconds", 0.0))
+        arrivals = np.array([c.arrival_s for c in got.clients if c.status in ("accepted", "rejected", "late") and not math.isnan(c.arrival_s)])
+        self._completions.append(arrivals)
+        if arrivals.size:
+            p50, p90, p99 = np.percentile(arrivals, [50, 90, 99])
+            record.completion_p50_s, record.completion_p90_s, record.completion_p99_s = float(p50), float(p90), float(p99)
 
-        if not got.vecs:
-            record.status, record.reason = "failed", "no update was accepted"
+        if record.status == "failed":
+            pass
+        elif len(got.vecs) < srv.min_replies:
+            record.status = "failed"
+            record.reason = f"{len(got.vecs)} accepted updates, fewer than min_replies = {srv.min_replies}; model unchanged"
         else:
             self._aggregate(record, got)
 
@@ -151,20 +179,30 @@ class Coordinator:
         self.records.append(record)
         return record
 
-    def _collect(self, task: Task, cohort: list[int]) -> Collected:
+    def _collect(self, task: Task, cohort: list[int], target: int) -> Collected:
+        """Take replies in arrival order until `target` updates are accepted, everyone
+        has answered, or the deadline passes.  The round ends at that moment."""
         got = Collected()
         ctx = ValidationContext(round=task.round, version=task.version, dim=self.dim)
+        deadline = task.deadline_s
+        filled_at: float | None = None
+        last_event = 0.0
         for reply in self.transport.dispatch(task, cohort):
-            msg = reply.message
+            msg, t = reply.message, reply.elapsed_s
             if isinstance(msg, Dropout):
-                got.clients.append(ClientRecord(msg.client_id, "dropped", msg.reason, downlink_bytes=msg.downlink_bytes))
+                got.clients.append(ClientRecord(msg.client_id, "dropped", msg.reason, downlink_bytes=msg.downlink_bytes, arrival_s=math.nan))
+                if deadline is None or t <= deadline:
+                    last_event = max(last_event, t)
                 continue
-            rec = self._client_record(msg, reply.elapsed_s)
+            rec = self._client_record(msg, t)
             got.clients.append(rec)
-            if task.deadline_s is not None and reply.elapsed_s > task.deadline_s:
-                rec.status, rec.reason = "late", f"arrived {reply.elapsed_s:.3f}s after dispatch, deadline {task.deadline_s:.3f}s"
+            if filled_at is not None:
+                rec.status, rec.reason = "late", f"not needed: the cohort of {target} was filled at {filled_at:.3f}s"
                 continue
-            got.elapsed.append(reply.elapsed_s)
+            if deadline is not None and t > deadline:
+                rec.status, rec.reason = "late", f"arrived {t:.3f}s after dispatch, deadline {deadline:.3f}s"
+                continue
+            last_event = max(last_event, t)
             vec, reason = self._decode(msg)
             if reason is None:
                 for v in self.validators:
@@ -180,6 +218,19 @@ class Coordinator:
             got.vecs.append(vec)
             got.claims.append(int(msg.num_examples))
             got.accepted.append(rec)
+            if len(got.accepted) == target and len(cohort) > target:
+                filled_at = t
+        # The server stops waiting when the cohort is filled, when everyone answered,
+        # or at the deadline if someone is still missing.
+        missing = any(c.status == "late" and not c.reason.startswith("not needed") for c in got.clients) or any(
+            c.status == "dropped" for c in got.clients
+        )
+        if filled_at is not None:
+            got.end_s = filled_at
+        elif deadline is not None and missing:
+            got.end_s = deadline
+        else:
+            got.end_s = last_event
         return got
 
     def _decode(self, update: Update) -> tuple[torch.Tensor | None, str | None]:
@@ -238,8 +289,6 @@ class Coordinator:
         record.train_loss_before = _nanmean(loss_b)
         record.train_loss_after = _nanmean(loss_a)
         record.local_accuracy = _nanmean(acc)
-        p50, p90, p99 = np.percentile(np.asarray(got.elapsed), [50, 90, 99])
-        record.completion_p50_s, record.completion_p90_s, record.completion_p99_s = float(p50), float(p90), float(p99)
 
     # -- the run -------------------------------------------------------------------
     def run(self, on_round: Callable[[RoundRecord], Any] | None = None) -> RunSummary:

@@ -13,6 +13,7 @@ from ..ops import RunStore
 from ..selection import SELECTORS
 from ..transport import SimulationTransport
 from ..validation import default_validators
+from .clock import VirtualClock
 from .coordinator import Coordinator, RoundHook
 from .evaluation import Evaluator
 
@@ -42,7 +43,8 @@ def build_coordinator(config: RunConfig, store: bool = True, hooks: list[RoundHo
     except ValueError as exc:
         raise ConfigError(f"compression.downlink = {config.compression.downlink!r}: {exc}") from None
     fleet = make_fleet(config.devices, data.num_clients, config.seed)
-    transport = SimulationTransport(data, learner, fleet, ClientRuntime(uplink, downlink), config.seed)
+    clock = VirtualClock()
+    transport = SimulationTransport(data, learner, fleet, ClientRuntime(uplink, downlink), config.seed, clock=clock)
     run_store = None
     if store:
         run_store = RunStore.create(config.store.root, config.to_toml(), config.digest(), name=config.name, url=config.store.url)
@@ -60,4 +62,5 @@ def build_coordinator(config: RunConfig, store: bool = True, hooks: list[RoundHo
         evaluator=Evaluator(learner, data, config.server.eval_clients, config.seed),
         store=run_store,
         hooks=hooks or [],
+        clock=clock,
     )

@@ -70,16 +70,22 @@ class Learner(Protocol):
         """A fresh flat parameter vector, deterministic in `seed`."""
         ...
 
-    def fit(self, params: torch.Tensor, data: ClientData, hp: FitConfig, seed: int, correction: torch.Tensor | None = None) -> FitResult:
+    def fit(
+        self, params: torch.Tensor, data: ClientData, hp: FitConfig, seed: int,
+        correction: torch.Tensor | None = None, max_steps: int | None = None,
+    ) -> FitResult:
         """Train locally from `params`; deterministic in `seed`.  `correction` is a
-        constant added to every gradient (SCAFFOLD's c - c_i)."""
+        constant added to every gradient (SCAFFOLD's c - c_i); `max_steps` cuts
+        training short (partial work)."""
         ...
 
     def fit_cohort(
-        self, params: torch.Tensor, cohort: list[ClientData], hp: FitConfig, seeds: list[int], corrections: torch.Tensor | None = None
+        self, params: torch.Tensor, cohort: list[ClientData], hp: FitConfig, seeds: list[int],
+        corrections: torch.Tensor | None = None, step_limits: list[int | None] | None = None,
     ) -> list[FitResult]:
         """Train every client of a cohort from the same `params` (may be batched);
-        `corrections` is an optional (n, d) matrix, one gradient correction per client."""
+        `corrections` is an optional (n, d) matrix, one gradient correction per client;
+        `step_limits` caps each client's steps."""
         ...
 
     def per_example(self, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

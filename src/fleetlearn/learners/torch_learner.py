@@ -28,11 +28,12 @@ log = logging.getLogger(__name__)
 EVAL_CHUNK = 8192  # examples per forward pass when evaluating
 
 
-def batch_schedule(n: int, hp: FitConfig, gen: torch.Generator) -> list[torch.Tensor]:
+def batch_schedule(n: int, hp: FitConfig, gen: torch.Generator, max_steps: int | None = None) -> list[torch.Tensor]:
     """The mini-batches (index tensors) a client trains on, in order.
 
     Each epoch is a fresh permutation cut into batches of `batch_size` (the last
     one may be short).  With `local_steps`, epochs repeat until that many batches.
+    `max_steps` cuts the schedule short (partial work of a client out of time).
     """
     if n == 0:
         return []
@@ -44,6 +45,8 @@ def batch_schedule(n: int, hp: FitConfig, gen: torch.Generator) -> list[torch.Te
         out.extend(perm.split(b))
     if hp.local_steps is not None:
         out = out[: hp.local_steps]
+    if max_steps is not None:
+        out = out[: max(0, max_steps)]
     return out
 
 
@@ -92,7 +95,10 @@ class TorchLearner:
         return float(self.per_example(params, x, y)[1].mean())
 
     # -- one client ------------------------------------------------------------
-    def fit(self, params: torch.Tensor, data: ClientData, hp: FitConfig, seed: int, correction: torch.Tensor | None = None) -> FitResult:
+    def fit(
+        self, params: torch.Tensor, data: ClientData, hp: FitConfig, seed: int,
+        correction: torch.Tensor | None = None, max_steps: int | None = None,
+    ) -> FitResult:
         t0 = time.perf_counter()
         start = params.detach().to(torch.float32)
         loss_before = self._mean_loss(start, data.x, data.y)
@@ -100,7 +106,7 @@ class TorchLearner:
         p = start.clone()
         buf: torch.Tensor | None = None
         samples = 0
-        batches = batch_schedule(data.num_examples, hp, gen)
+        batches = batch_schedule(data.num_examples, hp, gen, max_steps)
         self.module.train()
         for idx in batches:
             p.requires_grad_(True)
@@ -133,10 +139,12 @@ class TorchLearner:
 
     # -- a cohort ----------------------------------------------------------------
     def fit_cohort(
-        self, params: torch.Tensor, cohort: list[ClientData], hp: FitConfig, seeds: list[int], corrections: torch.Tensor | None = None
+        self, params: torch.Tensor, cohort: list[ClientData], hp: FitConfig, seeds: list[int],
+        corrections: torch.Tensor | None = None, step_limits: list[int | None] | None = None,
     ) -> list[FitResult]:
         if not cohort:
             return []
+        limits = step_limits if step_limits is not None else [None] * len(cohort)
         if corrections is not None and tuple(corrections.shape) != (len(cohort), self.spec.dim):
             raise ValueError(f"corrections must be ({len(cohort)}, {self.spec.dim}), got {tuple(corrections.shape)}")
         if self.vectorize and not self._vmap_failed and len(cohort) > 1:
@@ -145,13 +153,13 @@ class TorchLearner:
                 for lo in range(0, len(cohort), self.max_group):
                     hi = lo + self.max_group
                     corr = corrections[lo:hi] if corrections is not None else None
-                    out.extend(self._fit_vectorized(params, cohort[lo:hi], hp, seeds[lo:hi], corr))
+                    out.extend(self._fit_vectorized(params, cohort[lo:hi], hp, seeds[lo:hi], corr, limits[lo:hi]))
                 return out
             except (RuntimeError, NotImplementedError, ValueError) as exc:  # a module vmap cannot batch
                 self._vmap_failed = True
                 log.warning("batched training does not apply to this model (%s); training clients one by one", exc)
         return [
-            self.fit(params, c, hp, s, corrections[i] if corrections is not None else None)
+            self.fit(params, c, hp, s, corrections[i] if corrections is not None else None, limits[i])
             for i, (c, s) in enumerate(zip(cohort, seeds))
         ]
 
@@ -160,7 +168,8 @@ class TorchLearner:
         return (losses * mask).sum() / mask.sum().clamp(min=1.0)
 
     def _fit_vectorized(
-        self, params: torch.Tensor, cohort: list[ClientData], hp: FitConfig, seeds: list[int], corrections: torch.Tensor | None
+        self, params: torch.Tensor, cohort: list[ClientData], hp: FitConfig, seeds: list[int],
+        corrections: torch.Tensor | None, limits: list[int | None],
     ) -> list[FitResult]:
         t0 = time.perf_counter()
         n = len(cohort)
@@ -170,8 +179,8 @@ class TorchLearner:
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         x_all = torch.cat([c.x for c in cohort])
         y_all = torch.cat([c.y for c in cohort])
-        schedules = [batch_schedule(nc, hp, torch.Generator().manual_seed(s)) for nc, s in zip(sizes, seeds)]
-        steps = max(len(s) for s in schedules)
+        schedules = [batch_schedule(nc, hp, torch.Generator().manual_seed(s), m) for nc, s, m in zip(sizes, seeds, limits)]
+        steps = max(1, max(len(s) for s in schedules))
         # (n, steps, b) global row indices and masks; padding points at row 0, masked out.
         index = np.zeros((n, steps, b), dtype=np.int64)
         mask = np.zeros((n, steps, b), dtype=np.float32)

@@ -3,11 +3,15 @@
 Every selected client trains for real (the cohort as one batched computation when
 the learner can), and its reply is stamped with the simulated time it would take
 a device with its profile: download + compute + upload, from the real byte sizes
-of the messages.  Nothing sleeps: replies are yielded sorted by that time.
+of the messages.  Devices may be offline (diurnal availability), abandon a task
+mid-round (dropout) or go offline while training; with partial work, a client
+that cannot finish before the deadline trains fewer steps.  Nothing sleeps:
+replies are yielded sorted by their simulated arrival time.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Iterator, Sequence
 
@@ -17,8 +21,8 @@ import torch
 from ..client import ClientRuntime
 from ..data import FederatedData
 from ..devices import Fleet
-from ..learners.base import ClientData, Learner
-from ..messages import Task
+from ..learners.base import ClientData, FitConfig, Learner
+from ..messages import Dropout, Task
 from .base import Reply
 
 
@@ -30,45 +34,106 @@ def client_seed(seed: int, round: int, client: int) -> int:
 class SimulationTransport:
     name = "simulation"
 
-    def __init__(self, data: FederatedData, learner: Learner, fleet: Fleet, runtime: ClientRuntime, seed: int):
+    def __init__(self, data: FederatedData, learner: Learner, fleet: Fleet, runtime: ClientRuntime, seed: int, clock=None):
         self.data = data
         self.learner = learner
         self.fleet = fleet
         self.runtime = runtime
         self.seed = seed
+        self.clock = clock  # anything with `.now` (the Coordinator's VirtualClock)
         self.train_wall_seconds = 0.0  # wall time spent in local training, last dispatch
+        self._uplink_estimate: int | None = None  # bytes of the last update, for partial-work budgets
+
+    @property
+    def now(self) -> float:
+        return float(self.clock.now) if self.clock is not None else 0.0
 
     @property
     def population(self) -> int:
         return self.data.num_clients
 
     def available(self, round: int) -> Sequence[int]:
-        return range(self.data.num_clients)
+        if self.fleet.always_online:
+            return range(self.data.num_clients)
+        return np.flatnonzero(self.fleet.online(np.arange(self.data.num_clients), self.now))
 
     def client_data(self, client: int) -> ClientData:
         tr = torch.from_numpy(self.data.train_indices(client))
         te = torch.from_numpy(self.data.test_indices(client))
         return ClientData(self.data.x[tr], self.data.y[tr], self.data.x[te], self.data.y[te])
 
+    def planned_samples(self, clients: np.ndarray, hp: FitConfig) -> np.ndarray:
+        """Examples each client would process in a full local run (before any cut)."""
+        n = self.data.train_sizes()[clients].astype(np.float64)
+        if hp.local_steps is None:
+            return hp.local_epochs * n
+        steps_per_epoch = np.maximum(1, np.ceil(n / hp.batch_size))
+        full = np.floor(hp.local_steps / steps_per_epoch) * n
+        rest = np.minimum((hp.local_steps % steps_per_epoch) * hp.batch_size, n)
+        return full + rest
+
     def dispatch(self, task: Task, cohort: Sequence[int]) -> Iterator[Reply]:
-        cohort = [int(c) for c in cohort]
+        ids = np.asarray([int(c) for c in cohort], dtype=np.int64)
         params, hp = self.runtime.receive(task)
+        n = len(ids)
+        down_s = self.fleet.download_seconds(ids, np.full(n, task.nbytes))
+        planned = self.planned_samples(ids, hp)
+
+        # Partial work: cut each client's steps to what fits before the deadline.
+        limits: list[int | None] = [None] * n
+        if task.deadline_s is not None and task.config.get("partial_work"):
+            up_bytes = self._uplink_estimate or task.nbytes
+            budget = task.deadline_s - down_s - self.fleet.upload_seconds(ids, np.full(n, up_bytes))
+            fit_samples = np.maximum(budget, 0.0) * self.fleet.compute_sps[ids]
+            cut = fit_samples < planned
+            limits = [int(math.floor(s / hp.batch_size)) if c else None for s, c in zip(fit_samples, cut)]
+
+        # Who abandons the task, and when (seeded per round, independent of training).
+        rng = np.random.default_rng([self.seed, task.round, 0xD20])
+        u, frac = rng.random(n), rng.random(n)
+        compute_s = self.fleet.compute_seconds(ids, planned)
+        drop_at = np.full(n, np.inf)
+        reasons = [""] * n
+        quits = u < self.fleet.dropout_prob(ids)
+        drop_at[quits] = down_s[quits] + frac[quits] * compute_s[quits]
+        for i in np.flatnonzero(quits):
+            reasons[i] = f"dropout: abandoned the task {drop_at[i]:.3f}s into the round"
+        offline = self.fleet.offline_after(ids, self.now)
+        goes = offline < drop_at
+        # A device that goes offline before its reply would have arrived is lost too.
+        full_s = down_s + compute_s + self.fleet.upload_seconds(ids, np.full(n, self._uplink_estimate or task.nbytes))
+        goes &= offline < full_s
+        drop_at[goes] = offline[goes]
+        for i in np.flatnonzero(goes):
+            reasons[i] = f"offline: device went offline {offline[i]:.3f}s into the round"
+        zero = np.array([lim is not None and lim <= 0 for lim in limits])
+        for i in np.flatnonzero(zero & ~np.isfinite(drop_at)):
+            drop_at[i] = down_s[i]
+            reasons[i] = "no time: the deadline leaves no time for a single step"
+
+        train = np.flatnonzero(~np.isfinite(drop_at))
         t0 = time.perf_counter()
         results = self.learner.fit_cohort(
             params,
-            [self.client_data(c) for c in cohort],
+            [self.client_data(int(ids[i])) for i in train],
             hp,
-            [client_seed(self.seed, task.round, c) for c in cohort],
+            [client_seed(self.seed, task.round, int(ids[i])) for i in train],
+            step_limits=[limits[i] for i in train] if any(limits[i] is not None for i in train) else None,
         )
         self.train_wall_seconds = time.perf_counter() - t0
-        updates = [self.runtime.reply(c, task, r) for c, r in zip(cohort, results)]
-        elapsed = self.fleet.completion_seconds(
-            np.asarray(cohort),
-            np.full(len(cohort), task.nbytes),
-            np.array([u.metrics.samples for u in updates]),
-            np.array([u.uplink_bytes for u in updates]),
-        )
+        updates = [self.runtime.reply(int(ids[i]), task, r) for i, r in zip(train, results)]
+        if updates:
+            self._uplink_estimate = max(u.uplink_bytes for u in updates)
+        elapsed = drop_at.copy()
+        if len(train):
+            elapsed[train] = (
+                down_s[train]
+                + self.fleet.compute_seconds(ids[train], np.array([u.metrics.samples for u in updates]))
+                + self.fleet.upload_seconds(ids[train], np.array([u.uplink_bytes for u in updates]))
+            )
+        by_index = dict(zip(train.tolist(), updates))
         # Late replies are yielded too (they would reach a real server as well);
         # the Coordinator owns the deadline and refuses them.
         for i in np.argsort(elapsed, kind="stable"):
-            yield Reply(updates[i], float(elapsed[i]))
+            msg = by_index.get(int(i)) or Dropout(int(ids[i]), task.round, reasons[i], task.nbytes)
+            yield Reply(msg, float(elapsed[i]))

@@ -1,0 +1,125 @@
+"""The payload format shared by every codec chain.
+
+Every payload is self-describing and checksummed::
+
+    offset  size  field
+    0       2     magic b"FL"
+    2       1     format version (1)
+    3       1     support: 0 dense, 1 topk, 2 randk, 3 sketch
+    4       1     value codec: 0 float32, 1 fp16, 2 bf16, 3 uniform quantizer, 4 sign
+    5       4     dim (uint32): length of the decoded vector
+    9       ...   support section (sparse: k, first index, index coding; sketch: rows, cols, seed, k)
+    ...     ...   value section (its own small header, then the coded values)
+    -4      4     CRC32 (zlib.crc32) of every byte before it
+
+All integers are little-endian.  Decoding checks the magic, the version, the CRC,
+and then that every length announced in the headers matches the bytes present,
+so a truncated, corrupted or inconsistent payload raises `PayloadError` with a
+reason instead of an obscure numpy/struct error or a silently wrong vector.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Iterable
+
+from ..params import PayloadError
+
+MAGIC = b"FL"
+VERSION = 1
+
+HEADER = struct.Struct("<2sBBBI")
+CRC = struct.Struct("<I")
+OVERHEAD = HEADER.size + CRC.size  # 13 bytes: header + trailer of every payload
+
+# Wire ids.  Append, never renumber: old payloads must keep their meaning.
+SUPPORT_DENSE, SUPPORT_TOPK, SUPPORT_RANDK, SUPPORT_SKETCH = 0, 1, 2, 3
+SUPPORT_NAMES = {SUPPORT_DENSE: "dense", SUPPORT_TOPK: "topk", SUPPORT_RANDK: "randk", SUPPORT_SKETCH: "sketch"}
+VALUE_F32, VALUE_F16, VALUE_BF16, VALUE_QUANT, VALUE_SIGN = 0, 1, 2, 3, 4
+VALUE_NAMES = {VALUE_F32: "float32", VALUE_F16: "fp16", VALUE_BF16: "bf16", VALUE_QUANT: "quantized", VALUE_SIGN: "sign"}
+
+MAX_DIM = 2**32 - 1  # dim travels as uint32
+
+
+@dataclass(frozen=True)
+class Header:
+    support: int
+    value: int
+    dim: int
+
+    @property
+    def kind(self) -> str:
+        return SUPPORT_NAMES[self.support]
+
+
+def assemble(support: int, value: int, dim: int, parts: Iterable[bytes | bytearray | memoryview]) -> bytes:
+    """Header + parts + CRC32 as one bytes object; the CRC is computed part by part (no extra copy)."""
+    head = HEADER.pack(MAGIC, VERSION, support, value, dim)
+    chunks: list = [head]
+    crc = zlib.crc32(head)
+    for p in parts:
+        if len(p):
+            crc = zlib.crc32(p, crc)
+            chunks.append(p)
+    chunks.append(CRC.pack(crc))
+    return b"".join(chunks)
+
+
+def as_view(payload: bytes | bytearray | memoryview) -> memoryview:
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise PayloadError(f"a payload is bytes, got {type(payload).__name__}")
+    mv = memoryview(payload)
+    if mv.ndim != 1 or mv.itemsize != 1:
+        mv = mv.cast("B")
+    return mv
+
+
+def read_header(payload: bytes | bytearray | memoryview, *, check_crc: bool = True) -> tuple[Header, "Reader"]:
+    """Checks magic, version and CRC; returns the header and a reader positioned after it."""
+    mv = as_view(payload)
+    n = len(mv)
+    if n < OVERHEAD:
+        raise PayloadError(f"payload of {n} bytes is shorter than the {OVERHEAD}-byte minimum (header + CRC)")
+    magic, version, support, value, dim = HEADER.unpack_from(mv, 0)
+    if magic != MAGIC:
+        raise PayloadError(f"not a fleetlearn codec payload: magic {bytes(magic)!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise PayloadError(f"payload format version {version}; this build reads version {VERSION}")
+    if check_crc:
+        (want,) = CRC.unpack_from(mv, n - CRC.size)
+        got = zlib.crc32(mv[: n - CRC.size])
+        if got != want:
+            raise PayloadError(f"CRC32 mismatch (stored {want:#010x}, computed {got:#010x}): the payload is corrupted")
+    if support not in SUPPORT_NAMES:
+        raise PayloadError(f"unknown support id {support}; known: {SUPPORT_NAMES}")
+    if value not in VALUE_NAMES:
+        raise PayloadError(f"unknown value codec id {value}; known: {VALUE_NAMES}")
+    return Header(support, value, dim), Reader(mv, HEADER.size, n - CRC.size)
+
+
+class Reader:
+    """Bounds-checked sequential reads; every overrun is a PayloadError naming the field."""
+
+    __slots__ = ("buf", "pos", "end")
+
+    def __init__(self, buf: memoryview, pos: int, end: int):
+        self.buf, self.pos, self.end = buf, pos, end
+
+    def take(self, nbytes: int, what: str) -> memoryview:
+        if nbytes < 0 or self.pos + nbytes > self.end:
+            raise PayloadError(
+                f"payload truncated or inconsistent: {what} needs {nbytes} bytes at offset {self.pos}, "
+                f"only {self.end - self.pos} remain before the CRC"
+            )
+        out = self.buf[self.pos : self.pos + nbytes]
+        self.pos += nbytes
+        return out
+
+    def unpack(self, st: struct.Struct, what: str) -> tuple:
+        return st.unpack(self.take(st.size, what))
+
+    def finish(self) -> None:
+        if self.pos != self.end:
+            raise PayloadError(f"payload has {self.end - self.pos} unexpected trailing bytes before the CRC")

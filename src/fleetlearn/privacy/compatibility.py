@@ -1,0 +1,68 @@
+"""Which privacy settings can run together with which aggregators.
+
+Secure aggregation (Bonawitz et al., CCS 2017) gives the server only the sum
+of the cohort's updates, so an aggregator that must see each update (median,
+trimmed mean, Krum, Bulyan, geometric median, ...) cannot run behind it.
+Central DP-FedAvg (McMahan et al., ICLR 2018) calibrates its noise to the
+sensitivity C of a SUM of clipped updates; it replaces the aggregator with
+that noised sum, so an aggregator that needs individual updates would be
+silently dropped -- refused instead.  Local DP noises each update on the
+device, so any aggregator is post-processing and allowed.
+
+SecAgg with central DP works: clients clip, the server securely sums the
+clipped updates (and, for adaptive clipping, the clip indicators as one extra
+coordinate) and adds the Gaussian noise to the unmasked sum.  The server is
+trusted to add the noise (it never sees individual updates); distributed
+noise (each client adding a share of it, Kairouz et al. ICML 2021) is not
+implemented.
+"""
+
+from __future__ import annotations
+
+PRIVACY_MODES = ("none", "central", "local")
+
+
+def parse_privacy_mode(privacy_mode: str, secure_aggregation: bool | None = None) -> tuple[str, bool]:
+    """``"central"``, ``"local+secagg"``, ``"secagg"``, ... -> (mode, secure_aggregation)."""
+    if not isinstance(privacy_mode, str):
+        raise ValueError(f"privacy mode must be a string, got {privacy_mode!r}")
+    tokens = [t.strip() for t in privacy_mode.split("+") if t.strip()]
+    allowed = PRIVACY_MODES + ("secagg",)
+    bad = [t for t in tokens if t not in allowed]
+    if bad or not tokens:
+        raise ValueError(f"unknown privacy mode {privacy_mode!r}; allowed: {', '.join(PRIVACY_MODES)}, optionally joined with '+secagg'")
+    dp = [t for t in tokens if t in ("central", "local")]
+    if len(dp) > 1:
+        raise ValueError(f"privacy mode {privacy_mode!r} combines central and local DP: choose one")
+    secagg = "secagg" in tokens or bool(secure_aggregation)
+    return (dp[0] if dp else "none"), secagg
+
+
+def check_compatible(
+    aggregator_needs_individual_updates: bool,
+    privacy_mode: str,
+    *,
+    secure_aggregation: bool | None = None,
+    aggregator: str = "the aggregator",
+) -> tuple[str, bool]:
+    """Refuse combinations that cannot work, with a ValueError that says why.
+
+    `privacy_mode` is ``none | central | local`` optionally joined with
+    ``+secagg`` (or pass ``secure_aggregation=True``).  Returns the parsed
+    ``(mode, secure_aggregation)``.
+    """
+    mode, secagg = parse_privacy_mode(privacy_mode, secure_aggregation)
+    if secagg and aggregator_needs_individual_updates:
+        raise ValueError(
+            f"secure aggregation cannot be combined with {aggregator}: secure aggregation only ever reveals the SUM of the "
+            f"cohort's updates to the server (Bonawitz et al. 2017), but {aggregator} needs every individual update "
+            "(e.g. median, trimmed mean, Krum). Use the 'mean' aggregator with secure aggregation, or turn secure aggregation off"
+        )
+    if mode == "central" and aggregator_needs_individual_updates:
+        raise ValueError(
+            f"central DP cannot be combined with {aggregator}: DP-FedAvg (McMahan et al. 2018) calibrates its Gaussian noise "
+            f"to a SUM of clipped updates and replaces the aggregator with it, so {aggregator}, which needs individual "
+            "updates, would not run and its robustness would be lost. Use the 'mean' aggregator, or privacy mode 'local' "
+            "(noise added on each device; any aggregator is then post-processing)"
+        )
+    return mode, secagg

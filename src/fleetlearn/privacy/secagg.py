@@ -1,0 +1,714 @@
+"""Secure aggregation with dropout recovery (Bonawitz, Ivanov, Kreuter,
+Marcedone, McMahan, Patel, Ramage, Segal, Seth, "Practical Secure Aggregation
+for Privacy-Preserving Machine Learning", CCS 2017, Fig. 4 -- the
+honest-but-curious server variant without the signature / consistency-check
+round), with the optional sparse neighbour graph of SecAgg+ (Bell, Bonawitz,
+Gascon, Lepoint, Raykova, "Secure Single-Server Aggregation with
+(Poly)Logarithmic Overhead", CCS 2020).
+
+The protocol is four rounds of explicit messages between `SecAggClient`
+objects and a `SecAggServer`, so the same flow runs in the simulation (see
+`secure_sum`) and, later, over a real transport:
+
+    0. AdvertiseKeys   client -> server: two X25519 public keys, c_pk (encrypting
+                       shares) and s_pk (pairwise masks).       -> KeyDirectory
+    1. ShareKeys       client u -> server: for each neighbour v, AES-GCM
+                       encrypted Shamir shares of s_sk_u and of its self-mask
+                       seed b_u, keyed by HKDF(X25519(c_sk_u, c_pk_v)); the
+                       server relays them and cannot read them.  -> ForwardedShares
+    2. MaskedInput     client u -> server:
+                         y_u = x_u + PRG(b_u) + sum_{v in N(u), u < v} PRG(s_uv)
+                                            - sum_{v in N(u), u > v} PRG(s_uv)  (mod 2^k)
+                       with s_uv = HKDF(X25519(s_sk_u, s_pk_v)).   -> UnmaskRequest
+    3. UnmaskShares    every survivor v sends, for each survivor u, its share of
+                       b_u, and for each client u that dropped after round 1,
+                       its share of s_sk_u -- never both for the same u.
+                       The server reconstructs from t shares, removes the
+                       self masks of survivors and the dangling pairwise masks
+                       of dropped clients, and obtains sum_{u survived} x_u.
+
+The server only ever holds masked vectors, ciphertexts it cannot open, the
+shares it is entitled to, and the final sum.  Fewer than t live share holders
+for any client needed for unmasking makes the round fail with
+`SecAggDropoutError`; a share that fails AES-GCM authentication raises
+`SecAggTamperError` on the receiving client; a reconstructed secret that does
+not match what its owner committed to (s_pk, or SHA-256(b_u)) raises
+`SecAggError` on the server.
+
+PRG: AES-256-CTR keystream (`cryptography`), expanded to the whole vector in
+one call -- vectorised and cryptographically sound -- and read as k-bit ring
+elements.  Keys: HKDF-SHA256 with the round's random session id as salt, so
+masks never repeat across rounds.
+
+Threat model and cost.  Security holds against an honest-but-curious server
+and fewer than t colluding clients (t > n/2 by default).  An actively malicious
+server that lies about who dropped needs the signed consistency check of
+Bonawitz et al. (round 3 of Fig. 4), which is not implemented.  Cost per round:
+each client does O(n) key agreements and mask expansions (O(n d) work), the
+server O(n^2) key agreements / Shamir reconstructions in the worst case of
+many dropouts; all-pairs it is O(n^2) key agreements per round overall, which
+SecAgg+'s k-regular graph (`neighbors=k`, k ~ O(log n)) reduces to O(n k).
+
+Randomness: by default everything secret comes from `os.urandom`.  Passing a
+seeded numpy Generator makes a simulation reproducible and is NOT secure.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .quantize import Quantizer, check_field, check_modulus_bits, field_mask
+from .shamir import ShamirError, combine_shares, share_from_bytes, share_nbytes, share_to_bytes, split_secret
+
+SECRET_BYTES = 32
+_SHARE_LEN = share_nbytes(SECRET_BYTES)
+_ID = 8  # client ids travel as 8-byte big-endian integers
+
+
+class SecAggError(RuntimeError):
+    """The secure aggregation round cannot complete; the message says why."""
+
+
+class SecAggDropoutError(SecAggError):
+    """Too many clients dropped: fewer than `threshold` live share holders."""
+
+
+class SecAggTamperError(SecAggError):
+    """A relayed ciphertext failed authentication (modified, swapped or replayed)."""
+
+
+# -- messages ----------------------------------------------------------------------------
+def _pub(key: X25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _priv(key: X25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+
+
+@dataclass(frozen=True)
+class AdvertiseKeys:
+    """Round 0, client -> server (Bonawitz et al. 2017, Fig. 4 'AdvertiseKeys')."""
+
+    client_id: int
+    cipher_public_key: bytes  # c_pk: encrypts the shares sent to this client
+    mask_public_key: bytes  # s_pk: pairwise mask agreement
+
+    @property
+    def nbytes(self) -> int:
+        return _ID + len(self.cipher_public_key) + len(self.mask_public_key)
+
+
+@dataclass(frozen=True)
+class KeyDirectory:
+    """Server -> every client of U1: everyone's public keys, the threshold and
+    who is whose neighbour (all pairs, or the SecAgg+ graph)."""
+
+    session: bytes
+    threshold: int
+    modulus_bits: int
+    dim: int
+    keys: Mapping[int, tuple[bytes, bytes]]  # client -> (c_pk, s_pk)
+    neighbors: Mapping[int, tuple[int, ...]]
+
+    def share_point(self, client_id: int) -> int:
+        """The Shamir evaluation point of a client: its 1-based rank in U1."""
+        return self._points[client_id]
+
+    @functools.cached_property
+    def _points(self) -> dict[int, int]:
+        return {cid: i + 1 for i, cid in enumerate(sorted(self.keys))}
+
+    @property
+    def nbytes(self) -> int:
+        return 16 + 12 + sum(_ID + len(a) + len(b) for a, b in self.keys.values()) + sum(_ID * (1 + len(v)) for v in self.neighbors.values())
+
+
+@dataclass(frozen=True)
+class ShareKeys:
+    """Round 1, client -> server: shares of s_sk_u and b_u for each neighbour,
+    each encrypted to that neighbour (nonce || AES-GCM ciphertext), and a
+    SHA-256 commitment to b_u so a wrong reconstruction is detected."""
+
+    client_id: int
+    encrypted_shares: Mapping[int, bytes]  # recipient -> ciphertext
+    self_mask_commitment: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return _ID + len(self.self_mask_commitment) + sum(_ID + len(c) for c in self.encrypted_shares.values())
+
+
+@dataclass(frozen=True)
+class ForwardedShares:
+    """Server -> client v: the ciphertexts addressed to v, and U2 (the clients
+    that completed round 1: v masks with its neighbours among them)."""
+
+    recipient: int
+    encrypted_shares: Mapping[int, bytes]  # sender -> ciphertext
+    participants: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return _ID + sum(_ID + len(c) for c in self.encrypted_shares.values()) + _ID * len(self.participants)
+
+
+@dataclass(frozen=True)
+class MaskedInput:
+    """Round 2, client -> server: y_u in Z_{2^k}^d (uint64 storage)."""
+
+    client_id: int
+    masked: np.ndarray
+    modulus_bits: int
+
+    @property
+    def nbytes(self) -> int:
+        return _ID + self.masked.size * -(-self.modulus_bits // 8)
+
+
+@dataclass(frozen=True)
+class UnmaskRequest:
+    """Server -> survivors: U3 (sent a masked input) and U2 \\ U3 (dropped)."""
+
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return _ID * (len(self.survivors) + len(self.dropped))
+
+
+@dataclass(frozen=True)
+class UnmaskShares:
+    """Round 3, client -> server: b-shares of survivors, s_sk-shares of dropped."""
+
+    client_id: int
+    self_mask_shares: Mapping[int, bytes]
+    mask_key_shares: Mapping[int, bytes]
+
+    @property
+    def nbytes(self) -> int:
+        return _ID + sum(_ID + len(s) for s in self.self_mask_shares.values()) + sum(_ID + len(s) for s in self.mask_key_shares.values())
+
+
+# -- primitives --------------------------------------------------------------------------
+def _randbytes_from(rng: np.random.Generator | None) -> Callable[[int], bytes]:
+    if rng is None:
+        return os.urandom
+    return lambda n: rng.bytes(n)
+
+
+def _hkdf(secret: bytes, salt: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(secret)
+
+
+def _pair_info(label: bytes, u: int, v: int) -> bytes:
+    a, b = (u, v) if u < v else (v, u)
+    return label + a.to_bytes(_ID, "big", signed=True) + b.to_bytes(_ID, "big", signed=True)
+
+
+def expand_mask(key: bytes, dim: int, modulus_bits: int) -> np.ndarray:
+    """PRG(key): `dim` uniform elements of Z_{2^k} from one AES-256-CTR keystream."""
+    width = 4 if modulus_bits <= 32 else 8
+    enc = Cipher(algorithms.AES(key), modes.CTR(b"\x00" * 16)).encryptor()
+    stream = enc.update(b"\x00" * (dim * width)) + enc.finalize()
+    vals = np.frombuffer(stream, dtype="<u4" if width == 4 else "<u8").astype(np.uint64)
+    return vals & field_mask(modulus_bits)
+
+
+def pairwise_mask_key(private_key: X25519PrivateKey, peer_public: bytes, session: bytes, u: int, v: int) -> bytes:
+    """s_uv = HKDF(X25519(s_sk_u, s_pk_v)); symmetric in (u, v) (Bonawitz et al. 2017, Sec. 4)."""
+    shared = private_key.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    return _hkdf(shared, session, _pair_info(b"fleetlearn/secagg/pairwise-mask/", u, v))
+
+
+def self_mask_key(seed: bytes, session: bytes) -> bytes:
+    return _hkdf(seed, session, b"fleetlearn/secagg/self-mask")
+
+
+def _share_key(private_key: X25519PrivateKey, peer_public: bytes, session: bytes, u: int, v: int) -> bytes:
+    shared = private_key.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    return _hkdf(shared, session, _pair_info(b"fleetlearn/secagg/share-encryption/", u, v))
+
+
+def _aad(session: bytes, sender: int, recipient: int) -> bytes:
+    return b"fleetlearn/secagg/share" + session + sender.to_bytes(_ID, "big", signed=True) + recipient.to_bytes(_ID, "big", signed=True)
+
+
+def neighbor_graph(client_ids: Iterable[int], degree: int | None, session: bytes) -> dict[int, tuple[int, ...]]:
+    """Who masks with and shares to whom.  ``degree=None`` (or >= n - 1): all
+    pairs (Bonawitz et al. 2017).  Otherwise SecAgg+ (Bell et al. 2020,
+    Sec. 4): a Harary graph H_{k,n} (each node joined to its k/2 nearest
+    positions on each side of a ring) over a permutation derived from the
+    public session id, so server and clients compute the same graph."""
+    ids = sorted(int(c) for c in client_ids)
+    n = len(ids)
+    if degree is None or degree >= n - 1:
+        return {c: tuple(x for x in ids if x != c) for c in ids}
+    k = int(degree)
+    if k < 2 or k % 2:
+        raise ValueError(f"secagg neighbors (SecAgg+ degree) must be an even integer >= 2, got {degree!r}")
+    perm = np.random.Generator(np.random.PCG64(int.from_bytes(hashlib.sha256(session).digest(), "big"))).permutation(n)
+    ring = [ids[i] for i in perm]
+    out: dict[int, set[int]] = {c: set() for c in ids}
+    for pos, c in enumerate(ring):
+        for off in range(1, k // 2 + 1):
+            other = ring[(pos + off) % n]
+            out[c].add(other)
+            out[other].add(c)
+    return {c: tuple(sorted(v)) for c, v in out.items()}
+
+
+def default_threshold(holders: int) -> int:
+    """Honest majority of the share holders: t = floor(h / 2) + 1, at least 2."""
+    return max(2, holders // 2 + 1)
+
+
+# -- client ------------------------------------------------------------------------------
+class SecAggClient:
+    """One party of secure aggregation (Bonawitz et al., CCS 2017, Fig. 4).
+
+    Call in order: `advertise_keys()`, `share_keys(directory)`,
+    `masked_input(forwarded, vector)`, `unmask(request)`.  The vector (already
+    quantized into Z_{2^k}) is only needed in round 2, so training may happen
+    between key sharing and masking, as on a real device.
+    """
+
+    def __init__(self, client_id: int, rng: np.random.Generator | None = None):
+        self.client_id = int(client_id)
+        self._randbytes = _randbytes_from(rng)
+        self._c_sk = X25519PrivateKey.from_private_bytes(self._randbytes(32))
+        self._s_sk = X25519PrivateKey.from_private_bytes(self._randbytes(32))
+        self._b_seed = self._randbytes(SECRET_BYTES)
+        self._directory: KeyDirectory | None = None
+        self._received: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # sender -> (s_sk share, b share)
+        self._participants: frozenset[int] = frozenset()
+        self._sent_masked = False
+        self._revealed: dict[int, str] = {}  # u -> "self" | "key": never both
+
+    def advertise_keys(self) -> AdvertiseKeys:
+        return AdvertiseKeys(self.client_id, _pub(self._c_sk.public_key()), _pub(self._s_sk.public_key()))
+
+    def share_keys(self, directory: KeyDirectory) -> ShareKeys:
+        if self.client_id not in directory.keys:
+            raise SecAggError(f"client {self.client_id} is not in the key directory")
+        c_pk, s_pk = directory.keys[self.client_id]
+        if c_pk != _pub(self._c_sk.public_key()) or s_pk != _pub(self._s_sk.public_key()):
+            raise SecAggError(f"the key directory lists different public keys for client {self.client_id}")
+        if len(set(p for pair in directory.keys.values() for p in pair)) != 2 * len(directory.keys):
+            raise SecAggError("the key directory contains repeated public keys")
+        self._directory = directory
+        holders = directory.neighbors[self.client_id]
+        if directory.threshold > len(holders):
+            raise SecAggDropoutError(f"client {self.client_id} has {len(holders)} share holders, fewer than the threshold {directory.threshold}")
+        xs = [directory.share_point(v) for v in holders]
+        sk_shares = split_secret(_priv(self._s_sk), xs, directory.threshold, self._randbytes)
+        b_shares = split_secret(self._b_seed, xs, directory.threshold, self._randbytes)
+        out = {}
+        for i, v in enumerate(holders):
+            key = _share_key(self._c_sk, directory.keys[v][0], directory.session, self.client_id, v)
+            nonce = self._randbytes(12)
+            plain = share_to_bytes(sk_shares[i]) + share_to_bytes(b_shares[i])
+            out[v] = nonce + AESGCM(key).encrypt(nonce, plain, _aad(directory.session, self.client_id, v))
+        return ShareKeys(self.client_id, out, hashlib.sha256(self._b_seed).digest())
+
+    def masked_input(self, forwarded: ForwardedShares, vector) -> MaskedInput:
+        """Decrypt and check the shares received, then mask the input (Fig. 4, round 2)."""
+        d = self._require_directory()
+        if forwarded.recipient != self.client_id:
+            raise SecAggError(f"client {self.client_id} got shares addressed to client {forwarded.recipient}")
+        participants = frozenset(forwarded.participants)
+        if self.client_id not in participants or not participants <= set(d.keys):
+            raise SecAggError("the participant list (U2) is not a subset of the key directory containing this client")
+        mine = set(d.neighbors[self.client_id])
+        expected = {u for u in participants if u != self.client_id and self.client_id in d.neighbors[u]}
+        if set(forwarded.encrypted_shares) != expected:
+            raise SecAggError(f"client {self.client_id} expected shares from {sorted(expected)}, got {sorted(forwarded.encrypted_shares)}")
+        for u, blob in forwarded.encrypted_shares.items():
+            key = _share_key(self._c_sk, d.keys[u][0], d.session, self.client_id, u)
+            try:
+                plain = AESGCM(key).decrypt(blob[:12], blob[12:], _aad(d.session, u, self.client_id))
+            except InvalidTag:
+                raise SecAggTamperError(
+                    f"the key shares from client {u} to client {self.client_id} failed AES-GCM authentication: "
+                    "they were modified, swapped or replayed in transit; aborting this round"
+                ) from None
+            if len(plain) != 2 * _SHARE_LEN:
+                raise SecAggTamperError(f"the key shares from client {u} have the wrong length")
+            self._received[u] = (share_from_bytes(plain[:_SHARE_LEN], SECRET_BYTES), share_from_bytes(plain[_SHARE_LEN:], SECRET_BYTES))
+        self._participants = participants
+        x = check_field(np.asarray(vector).reshape(-1), d.modulus_bits)
+        if x.size != d.dim:
+            raise SecAggError(f"client {self.client_id}: input has {x.size} elements, the round expects {d.dim}")
+        y = x.copy()
+        y += expand_mask(self_mask_key(self._b_seed, d.session), d.dim, d.modulus_bits)
+        for v in sorted(mine & participants):
+            p = expand_mask(pairwise_mask_key(self._s_sk, d.keys[v][1], d.session, self.client_id, v), d.dim, d.modulus_bits)
+            if self.client_id < v:
+                y += p
+            else:
+                y -= p  # uint64 wrap-around is exact mod 2^k
+        self._sent_masked = True
+        return MaskedInput(self.client_id, y & field_mask(d.modulus_bits), d.modulus_bits)
+
+    def unmask(self, request: UnmaskRequest) -> UnmaskShares:
+        """Reveal b-shares of survivors and s_sk-shares of dropped clients
+        (Fig. 4, round 4).  Refuses any request that would reveal both secrets
+        of one client, which would let the server unmask that client's input."""
+        d = self._require_directory()
+        if not self._sent_masked:
+            raise SecAggError(f"client {self.client_id} has not sent its masked input")
+        survivors, dropped = set(request.survivors), set(request.dropped)
+        if survivors & dropped:
+            raise SecAggError(f"unmask request lists clients {sorted(survivors & dropped)} as both survived and dropped")
+        if self.client_id not in survivors:
+            raise SecAggError(f"unmask request does not list client {self.client_id} as a survivor")
+        if not (survivors | dropped) <= self._participants:
+            raise SecAggError("unmask request names clients outside U2")
+        if len(survivors) < d.threshold:
+            raise SecAggDropoutError(f"only {len(survivors)} survivors, fewer than the threshold {d.threshold}")
+        self_shares, key_shares = {}, {}
+        for u in sorted(survivors | dropped):
+            if u not in self._received:
+                continue
+            kind = "self" if u in survivors else "key"
+            if self._revealed.setdefault(u, kind) != kind:
+                raise SecAggError(f"client {self.client_id} already revealed the other secret of client {u}; refusing")
+            sk_share, b_share = self._received[u]
+            if kind == "self":
+                self_shares[u] = share_to_bytes(b_share)
+            else:
+                key_shares[u] = share_to_bytes(sk_share)
+        return UnmaskShares(self.client_id, self_shares, key_shares)
+
+    def _require_directory(self) -> KeyDirectory:
+        if self._directory is None:
+            raise SecAggError(f"client {self.client_id} has not received the key directory")
+        return self._directory
+
+
+# -- server ------------------------------------------------------------------------------
+class SecAggServer:
+    """The aggregating server of Bonawitz et al. (CCS 2017, Fig. 4).
+
+    It keeps every message it receives in `inbox` (for audits and tests) and
+    never holds an unmasked individual input: only masked vectors, the shares
+    the protocol entitles it to, and the final sum.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        modulus_bits: int = 32,
+        threshold: int | None = None,
+        neighbors: int | None = None,
+        rng: np.random.Generator | None = None,
+    ):
+        if int(dim) < 1:
+            raise ValueError(f"dim must be >= 1, got {dim!r}")
+        self.dim = int(dim)
+        self.modulus_bits = check_modulus_bits(modulus_bits)
+        self.threshold = threshold
+        self.neighbors = neighbors
+        self.session = _randbytes_from(rng)(16)
+        self.inbox: list = []
+        self.directory: KeyDirectory | None = None
+        self.commitments: dict[int, bytes] = {}
+        self.participants: tuple[int, ...] = ()
+        self.masked: dict[int, np.ndarray] = {}
+        self.survivors: tuple[int, ...] = ()
+        self.dropped: tuple[int, ...] = ()
+
+    # round 0
+    def advertise(self, messages: Sequence[AdvertiseKeys]) -> KeyDirectory:
+        self.inbox.extend(messages)
+        keys = {}
+        for m in messages:
+            if m.client_id in keys:
+                raise SecAggError(f"client {m.client_id} advertised keys twice")
+            keys[m.client_id] = (m.cipher_public_key, m.mask_public_key)
+        n = len(keys)
+        if n < 3:
+            raise SecAggDropoutError(f"secure aggregation needs at least 3 clients, {n} advertised keys")
+        graph = neighbor_graph(keys, self.neighbors, self.session)
+        holders = min(len(v) for v in graph.values())
+        t = default_threshold(holders) if self.threshold is None else int(self.threshold)
+        if not (2 <= t <= holders):
+            raise SecAggDropoutError(f"threshold {t} must be in [2, {holders}] (the share holders each client has among the {n} clients)")
+        self.threshold = t
+        self.directory = KeyDirectory(self.session, t, self.modulus_bits, self.dim, keys, graph)
+        return self.directory
+
+    # round 1
+    def collect_shares(self, messages: Sequence[ShareKeys]) -> dict[int, ForwardedShares]:
+        d = self._require(self.directory, "advertise")
+        self.inbox.extend(messages)
+        senders = {m.client_id: m for m in messages}
+        if not set(senders) <= set(d.keys):
+            raise SecAggError(f"shares from clients {sorted(set(senders) - set(d.keys))} that did not advertise keys")
+        self._check_alive(set(senders), set(senders), "shared keys")
+        for u, m in senders.items():
+            if set(m.encrypted_shares) != set(d.neighbors[u]):
+                raise SecAggError(f"client {u} sent shares to {sorted(m.encrypted_shares)}, its neighbours are {list(d.neighbors[u])}")
+        self.commitments = {u: m.self_mask_commitment for u, m in senders.items()}
+        self.participants = tuple(sorted(senders))
+        out = {}
+        for v in self.participants:
+            boxes = {u: senders[u].encrypted_shares[v] for u in self.participants if u != v and v in d.neighbors[u]}
+            out[v] = ForwardedShares(v, boxes, self.participants)
+        return out
+
+    # round 2
+    def collect_masked(self, messages: Sequence[MaskedInput]) -> UnmaskRequest:
+        d = self._require(self.directory, "advertise")
+        self.inbox.extend(messages)
+        got = {}
+        for m in messages:
+            if m.client_id not in self.participants:
+                raise SecAggError(f"masked input from client {m.client_id}, which is not in U2")
+            got[m.client_id] = check_field(m.masked, self.modulus_bits)
+            if got[m.client_id].shape != (d.dim,):
+                raise SecAggError(f"masked input from client {m.client_id} has shape {got[m.client_id].shape}, expected ({d.dim},)")
+        survivors = set(got)
+        dropped = set(self.participants) - survivors
+        # Every client whose secret must be rebuilt needs t holders among the survivors.
+        self._check_alive(survivors, set(self.participants), "sent masked inputs")
+        self.masked = got
+        self.survivors, self.dropped = tuple(sorted(survivors)), tuple(sorted(dropped))
+        return UnmaskRequest(self.survivors, self.dropped)
+
+    # round 3
+    def unmask(self, messages: Sequence[UnmaskShares]) -> np.ndarray:
+        """Reconstruct, remove masks, return sum_{u in U3} x_u in Z_{2^k} (uint64)."""
+        d = self._require(self.directory, "advertise")
+        self.inbox.extend(messages)
+        responders = {m.client_id: m for m in messages if m.client_id in self.survivors}
+        self._check_alive(set(responders), set(self.participants), "answered the unmasking request")
+        k = self.modulus_bits
+        total = np.zeros(d.dim, dtype=np.uint64)
+        for u in self.survivors:
+            total += self.masked[u]
+        for u in self.survivors:
+            seed = self._reconstruct(u, responders, "self_mask_shares")
+            if hashlib.sha256(seed).digest() != self.commitments[u]:
+                raise SecAggError(f"the reconstructed self-mask seed of client {u} does not match its commitment: a share holder sent a wrong share")
+            total -= expand_mask(self_mask_key(seed, d.session), d.dim, k)
+        for u in self.dropped:
+            raw = self._reconstruct(u, responders, "mask_key_shares")
+            s_sk = X25519PrivateKey.from_private_bytes(raw)
+            if _pub(s_sk.public_key()) != d.keys[u][1]:
+                raise SecAggError(f"the reconstructed mask key of dropped client {u} does not match its public key: a share holder sent a wrong share")
+            for v in d.neighbors[u]:
+                if v not in self.masked:
+                    continue  # only survivors' inputs carry a mask shared with u
+                p = expand_mask(pairwise_mask_key(s_sk, d.keys[v][1], d.session, u, v), d.dim, k)
+                # y_v holds +p if v < u, -p if v > u: undo it.
+                if v < u:
+                    total -= p
+                else:
+                    total += p
+        return total & field_mask(k)
+
+    def _reconstruct(self, u: int, responders: Mapping[int, UnmaskShares], kind: str) -> bytes:
+        d = self.directory
+        points, rows = [], []
+        for v, m in responders.items():
+            blob = getattr(m, kind).get(u)
+            if blob is None:
+                continue
+            points.append(d.share_point(v))
+            rows.append(share_from_bytes(blob, SECRET_BYTES))
+            if len(points) == d.threshold:
+                break
+        if len(points) < d.threshold:
+            raise SecAggDropoutError(f"only {len(points)} shares for client {u}, threshold {d.threshold}: the round fails")
+        try:
+            return combine_shares(points, np.stack(rows), SECRET_BYTES)
+        except ShamirError as exc:
+            raise SecAggError(f"cannot reconstruct the secret of client {u}: {exc}") from None
+
+    def _check_alive(self, alive: set[int], needed: set[int], stage: str) -> None:
+        d = self.directory
+        t = d.threshold
+        if len(alive) < t:
+            raise SecAggDropoutError(
+                f"only {len(alive)} of {len(d.keys)} clients {stage}, fewer than the threshold t = {t}: "
+                "the masks cannot be removed and this round fails"
+            )
+        for u in sorted(needed):
+            live = sum(1 for v in d.neighbors[u] if v in alive)
+            if live < t:
+                raise SecAggDropoutError(
+                    f"client {u} has only {live} live share holders after clients {stage}, fewer than the threshold t = {t}: "
+                    "its mask cannot be removed and this round fails"
+                )
+
+    @staticmethod
+    def _require(value, stage: str):
+        if value is None:
+            raise SecAggError(f"server round out of order: run {stage} first")
+        return value
+
+
+# -- in-process run for the simulation ------------------------------------------------------
+@dataclass
+class SecAggTranscript:
+    """What an in-process run produced: the sum, who survived, and the server
+    (whose `inbox` holds every message it received)."""
+
+    sum: np.ndarray
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+    server: SecAggServer
+    client_bytes: dict[int, int] = field(default_factory=dict)  # uplink bytes per client
+
+
+def run_secagg(
+    quantized_vectors,
+    dropouts: Iterable[int] = (),
+    threshold: int | None = None,
+    seed: int | np.random.Generator | None = None,
+    *,
+    modulus_bits: int = 32,
+    neighbors: int | None = None,
+    late_dropouts: Iterable[int] = (),
+    client_ids: Sequence[int] | None = None,
+) -> SecAggTranscript:
+    """Run the whole message flow in-process (the simulation transport).
+
+    Row i of `quantized_vectors` ((n, d) elements of Z_{2^k}) belongs to
+    client ``client_ids[i]`` (default: i).  Rows in `dropouts` drop after key
+    sharing (they never send a masked input: their pairwise masks are
+    recovered); rows in `late_dropouts` drop after sending the masked input
+    (their input counts, their self mask is recovered from shares)."""
+    k = check_modulus_bits(modulus_bits)
+    x = check_field(quantized_vectors, k)
+    if x.ndim != 2:
+        raise ValueError(f"quantized_vectors must be (n, d), got shape {x.shape}")
+    n, dim = x.shape
+    ids = list(range(n)) if client_ids is None else [int(c) for c in client_ids]
+    if len(ids) != n or len(set(ids)) != n:
+        raise ValueError("client_ids must be n distinct integers")
+    drop = {int(i) for i in dropouts}
+    late = {int(i) for i in late_dropouts}
+    if not drop | late <= set(range(n)):
+        raise ValueError("dropouts must be row indices in [0, n)")
+    rng = seed if isinstance(seed, np.random.Generator) else (None if seed is None else np.random.default_rng(seed))
+    server = SecAggServer(dim, k, threshold, neighbors, rng)
+    clients = {ids[i]: SecAggClient(ids[i], rng) for i in range(n)}
+    sent: dict[int, int] = {c: 0 for c in ids}
+
+    def track(msgs):
+        for m in msgs:
+            sent[m.client_id] += m.nbytes
+        return msgs
+
+    directory = server.advertise(track([c.advertise_keys() for c in clients.values()]))
+    forwarded = server.collect_shares(track([c.share_keys(directory) for c in clients.values()]))
+    masked = track([clients[ids[i]].masked_input(forwarded[ids[i]], x[i]) for i in range(n) if i not in drop])
+    request = server.collect_masked(masked)
+    answers = track([clients[ids[i]].unmask(request) for i in range(n) if i not in drop and i not in late])
+    total = server.unmask(answers)
+    return SecAggTranscript(total, server.survivors, server.dropped, server, sent)
+
+
+def secure_sum(
+    quantized_vectors,
+    dropouts: Iterable[int] = (),
+    threshold: int | None = None,
+    seed: int | np.random.Generator | None = None,
+    **kwargs,
+) -> np.ndarray:
+    """Sum of the quantized rows of the clients that did not drop, computed by
+    the full secure aggregation message flow (Bonawitz et al., CCS 2017) --
+    exactly equal, in Z_{2^k}, to the plain sum of those rows.  Cost: O(n^2)
+    X25519 agreements and mask expansions per call (O(n k) with
+    ``neighbors=k``).  See `run_secagg` for the arguments."""
+    return run_secagg(quantized_vectors, dropouts, threshold, seed, **kwargs).sum
+
+
+class SecureAggregation:
+    """The `secagg` part: quantize -> secure sum -> dequantize.
+
+    `sum(updates (n, d), dropped)` is what the clients' quantized rows sum to,
+    via `secure_sum`; `aggregate(updates, weights)` keeps the aggregator
+    contract (weighted mean: each client scales its row by its public,
+    normalised weight before quantizing, so the server only learns the sum).
+    The server never needs individual updates, so robust aggregators that do
+    cannot be combined with it (see `check_compatible`).
+    """
+
+    name = "secagg"
+    needs_individual_updates = False
+
+    def __init__(
+        self,
+        clip_range: float = 1.0,
+        max_clients: int = 1000,
+        modulus_bits: int = 32,
+        threshold: int | float | None = None,
+        neighbors: int | None = None,
+        rounding: str = "stochastic",
+        seed: int | None = None,
+    ):
+        self.quantizer = Quantizer(clip_range, max_clients, modulus_bits, rounding)
+        if threshold is not None and not (isinstance(threshold, int) and threshold >= 2 or isinstance(threshold, float) and 0 < threshold <= 1):
+            raise ValueError(f"secagg threshold must be an integer >= 2 or a fraction in (0, 1], got {threshold!r}")
+        self.threshold = threshold
+        self.neighbors = neighbors
+        self.rng = None if seed is None else np.random.default_rng([int(seed), 0x5EC466])
+        self.last: SecAggTranscript | None = None
+
+    def _threshold(self, n: int) -> int | None:
+        if self.threshold is None or isinstance(self.threshold, int):
+            return self.threshold
+        holders = n - 1 if self.neighbors is None or self.neighbors >= n - 1 else self.neighbors
+        return max(2, math.ceil(self.threshold * holders))
+
+    def sum(self, updates, dropped: int = 0) -> torch.Tensor:
+        """Securely summed rows (float64).  `dropped` extra clients took part in
+        key sharing and then dropped: their masks are recovered, as on a fleet."""
+        u = updates.detach().cpu().numpy() if isinstance(updates, torch.Tensor) else np.asarray(updates)
+        if u.ndim != 2 or u.shape[0] == 0:
+            raise ValueError(f"updates must be a non-empty (n, d) matrix, got shape {u.shape}")
+        n = u.shape[0]
+        if n > self.quantizer.max_clients:
+            raise ValueError(f"{n} clients exceed the quantizer's headroom (max_clients = {self.quantizer.max_clients})")
+        q = self.quantizer.quantize(u, self.rng)  # each client quantizes its own row
+        if dropped:
+            q = np.concatenate([q, np.zeros((int(dropped), q.shape[1]), dtype=np.uint64)])
+        self.last = run_secagg(
+            q,
+            dropouts=range(n, n + int(dropped)),
+            threshold=self._threshold(n + int(dropped)),
+            seed=self.rng,
+            modulus_bits=self.quantizer.modulus_bits,
+            neighbors=self.neighbors,
+        )
+        return torch.from_numpy(self.quantizer.dequantize(self.last.sum, count=n))
+
+    def aggregate(self, updates, weights=None, dropped: int = 0) -> torch.Tensor:
+        """Weighted mean through secure aggregation; weights are public claims."""
+        u = torch.as_tensor(updates)
+        if u.ndim != 2 or u.shape[0] == 0:
+            raise ValueError(f"updates must be a non-empty (n, d) matrix, got shape {tuple(u.shape)}")
+        w = torch.ones(u.shape[0], dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        if w.shape != (u.shape[0],) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
+            raise ValueError("weights must be finite, non-negative, not all zero, one per row")
+        rows = u.to(torch.float64) * (w / w.sum()).unsqueeze(1)
+        out_dtype = u.dtype if u.is_floating_point() else torch.float32
+        return self.sum(rows, dropped=dropped).to(out_dtype)

@@ -1,0 +1,493 @@
+"""The gRPC client: register, heartbeat, pull a task, train, push the update; repeat.
+
+It trains with the same code as the simulation: `ClientRuntime.receive` turns
+the task into params and a `FitConfig`, the `Learner` fits on the local data,
+`ClientRuntime.reply` encodes the delta with the run's uplink chain.
+
+Failures are routine on a fleet, so the client treats them as such:
+- the server is down or restarting (UNAVAILABLE, DEADLINE_EXCEEDED): retry with
+  exponential backoff and jitter; the gRPC channel's own reconnect backoff is
+  bounded the same way;
+- the server forgot the client (NOT_FOUND, e.g. after `kill -9` and `--resume`):
+  register again with the same token (same client id) and pull the next task,
+  whatever model version it carries;
+- an update refused (FAILED_PRECONDITION: late, duplicate, stale version): drop
+  it, count it, pull the next task;
+- the token is bad or revoked, or the client is incompatible with the run
+  (UNAUTHENTICATED, PERMISSION_DENIED, FAILED_PRECONDITION at registration):
+  stop with `ClientRefused`, since retrying cannot help;
+- the server says the run finished: stop.
+
+`run_client` is the blocking entry point (one client per call, e.g. per
+process); `FleetClient.run` is the coroutine, so one process can run many
+clients on one event loop (benchmarks/grpc_load.py runs 1000).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import grpc
+
+from ...client import ClientRuntime, ClientStateStore
+from ...compression import CODECS, parse_chain
+from ...learners.base import ClientData, Learner
+from ...messages import Task
+from ..simulation import client_seed
+from . import fleetlearn_pb2 as pb
+from . import fleetlearn_pb2_grpc as pb_grpc
+from .certs import ClientTls
+from .chunks import DEFAULT_CHUNK_BYTES, PayloadAssembler, iter_chunks
+from .refusals import Refusal
+from .server import RETRY_AFTER_HEADER, TOKEN_HEADER, runtime_version
+
+log = logging.getLogger("fleetlearn.transport.grpc.client")
+
+_RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,  # e.g. the server's concurrent-RPC limit
+}
+
+
+class ClientRefused(RuntimeError):
+    """The server refused this client for good (bad or revoked token, incompatible client)."""
+
+    def __init__(self, code: grpc.StatusCode, detail: str):
+        super().__init__(f"{code.name}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with jitter: attempt n waits ``min(max_s, initial_s * multiplier**n)``
+    scaled by a random factor in ``[1 - jitter, 1]`` (so a fleet does not retry in lockstep)."""
+
+    initial_s: float = 0.5
+    max_s: float = 30.0
+    multiplier: float = 2.0
+    jitter: float = 0.5
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        base = min(self.max_s, self.initial_s * self.multiplier ** max(0, attempt))
+        return base * (1.0 - self.jitter * rng.random())
+
+
+@dataclass
+class ClientReport:
+    """What a client did, returned when it stops."""
+
+    client_id: int | None = None
+    rounds: list[int] = field(default_factory=list)  # rounds whose update the server accepted
+    refused: Counter = field(default_factory=Counter)  # refused updates by status code name
+    skipped_late: int = 0  # updates not sent because the deadline had passed
+    registrations: int = 0
+    retries: int = 0
+    stopped: str = ""  # finished | max_rounds | gave_up | stopped | refused: ...
+
+
+def _memory_mb() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _retry_after(err: grpc.aio.AioRpcError) -> float | None:
+    """Seconds the server asked us to wait before polling again, if it did."""
+    for key, value in err.trailing_metadata() or ():
+        if key == RETRY_AFTER_HEADER:
+            try:
+                return max(0.0, float(value) / 1000.0)
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+class _Stop(Exception):
+    def __init__(self, why: str):
+        self.why = why
+
+
+class _BadStream(Exception):
+    """The server sent a task stream we cannot use; retried like a connection fault."""
+
+
+MAX_RECEIVE_BYTES = 64 << 20  # the largest single message the client accepts (servers send 1 MiB chunks)
+
+
+class FleetClient:
+    """One client of a fleetlearn server (a coroutine; see `run_client` for the blocking call).
+
+    `learner` and `data` are what the simulation would use for this client.
+    `device` is the announced device profile (compute_sps, uplink_mbps, downlink_mbps).
+    """
+
+    def __init__(
+        self,
+        server: str,
+        token: str,
+        learner: Learner,
+        data: ClientData,
+        *,
+        tls: ClientTls | None = None,
+        name: str = "",
+        max_rounds: int | None = None,
+        backoff: Backoff = Backoff(),
+        give_up_after_s: float | None = None,
+        device: Mapping[str, float] | None = None,
+        poll_s: float = 30.0,
+        call_timeout_s: float = 30.0,
+        max_task_bytes: int = 1 << 30,
+        train_in_thread: bool = True,
+        channel_options: list[tuple[str, Any]] | None = None,
+        seed: int | None = None,
+    ):
+        self.server = server
+        self.learner = learner
+        self.data = data
+        self.tls = tls
+        self.name = name
+        self.max_rounds = max_rounds
+        self.backoff = backoff
+        self.give_up_after_s = give_up_after_s
+        self.device = dict(device or {})
+        self.poll_s = poll_s
+        self.call_timeout_s = call_timeout_s
+        self.max_task_bytes = max_task_bytes
+        self.train_in_thread = train_in_thread
+        self.channel_options = list(channel_options or [])
+        self.report = ClientReport()
+        self._metadata = ((TOKEN_HEADER, f"Bearer {token}"),)
+        self._rng = random.Random(seed)
+        self._client_id: int | None = None
+        self._session: str | None = None
+        self._heartbeat_s = 5.0
+        self._chunk_bytes = DEFAULT_CHUNK_BYTES
+        self._runtime: ClientRuntime | None = None
+        self._runtime_key: tuple[str, str] | None = None
+        self._states = ClientStateStore()  # error-feedback residuals etc., kept across rounds
+        self._after_round = 0
+        self._finished = False
+        self._fatal: ClientRefused | None = None
+        self._stop_requested = False
+        self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- control -----------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Ask the client to stop soon (thread-safe)."""
+        self._stop_requested = True
+        if self._loop is not None and self._wake is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    # -- channel -------------------------------------------------------------------------
+    def _channel(self) -> grpc.aio.Channel:
+        b = self.backoff
+        options = [
+            ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+            ("grpc.max_send_message_length", MAX_RECEIVE_BYTES),
+            # Reconnect as eagerly as our own backoff allows (gRPC's default max is 120 s).
+            ("grpc.initial_reconnect_backoff_ms", int(b.initial_s * 1000)),
+            ("grpc.min_reconnect_backoff_ms", int(b.initial_s * 1000)),
+            ("grpc.max_reconnect_backoff_ms", int(b.max_s * 1000)),
+            ("grpc.enable_retries", 0),
+            ("grpc.keepalive_time_ms", 60_000),
+            *self.channel_options,
+        ]
+        if self.tls is not None:
+            return grpc.aio.secure_channel(self.server, self.tls.credentials(), options=options + self.tls.channel_options())
+        return grpc.aio.insecure_channel(self.server, options=options)
+
+    # -- the loop --------------------------------------------------------------------------
+    async def run(self) -> ClientReport:
+        """Take part in the run until it finishes, `max_rounds` are done, or a fatal refusal."""
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        channel = self._channel()
+        stub = pb_grpc.FleetLearnStub(channel)
+        heartbeat: asyncio.Task | None = None
+        failures = 0
+        last_ok = time.monotonic()
+        try:
+            while True:
+                try:
+                    self._check_stop()
+                    if self._session is None:
+                        await self._register(stub)
+                    if heartbeat is None or heartbeat.done():
+                        heartbeat = asyncio.create_task(self._heartbeats(stub))
+                    task = await self._pull(stub)
+                    failures, last_ok = 0, time.monotonic()
+                    if task is None:
+                        continue
+                    await self._train_and_push(stub, task)
+                    failures, last_ok = 0, time.monotonic()
+                    if self.max_rounds is not None and len(self.report.rounds) >= self.max_rounds:
+                        raise _Stop("max_rounds")
+                except (grpc.aio.AioRpcError, _BadStream) as exc:
+                    if isinstance(exc, _BadStream):
+                        code, details = grpc.StatusCode.UNKNOWN, str(exc)
+                    else:
+                        code, details = exc.code(), exc.details() or ""
+                    if code == grpc.StatusCode.NOT_FOUND:
+                        log.info("client %s: the server does not know this session (%s); registering again", self._client_id, details)
+                        self._session = None
+                        if failures:  # forgotten again right after registering: do not spin
+                            await self._sleep(self.backoff.delay(failures, self._rng))
+                        failures += 1
+                        continue
+                    if code not in _RETRYABLE:  # UNAUTHENTICATED, PERMISSION_DENIED, ...: retrying cannot help
+                        raise ClientRefused(code, details) from None
+                    if self.give_up_after_s is not None and time.monotonic() - last_ok > self.give_up_after_s:
+                        raise _Stop(f"gave_up: no answer from {self.server} for {self.give_up_after_s:.0f}s ({code.name}: {details})")
+                    delay = self.backoff.delay(failures, self._rng)
+                    failures += 1
+                    self.report.retries += 1
+                    log.debug("client %s: %s (%s); retrying in %.2fs", self._client_id, code.name, details, delay)
+                    await self._sleep(delay)
+        except _Stop as s:
+            self.report.stopped = s.why
+        except ClientRefused as exc:
+            self.report.stopped = f"refused: {exc}"
+            raise
+        finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
+                try:
+                    await heartbeat
+                except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                    pass
+            await channel.close(grace=None)
+        return self.report
+
+    def _check_stop(self) -> None:
+        if self._fatal is not None:
+            raise self._fatal
+        if self._finished:
+            raise _Stop("finished")
+        if self._stop_requested:
+            raise _Stop("stopped")
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, waking early if a stop is requested or the heartbeat saw something."""
+        assert self._wake is not None
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+        self._check_stop()
+
+    # -- calls -------------------------------------------------------------------------------
+    async def _register(self, stub: pb_grpc.FleetLearnStub) -> None:
+        request = pb.RegisterRequest(
+            client_name=self.name,
+            runtime_version=runtime_version(),
+            capabilities=pb.Capabilities(
+                codecs=sorted(CODECS), model_widths=[1.0], memory_mb=_memory_mb(), model_digest=self.learner.spec.digest(),
+            ),
+            device=pb.DeviceProfile(
+                compute_sps=float(self.device.get("compute_sps", 0.0)),
+                uplink_mbps=float(self.device.get("uplink_mbps", 0.0)),
+                downlink_mbps=float(self.device.get("downlink_mbps", 0.0)),
+            ),
+        )
+        try:
+            reply = await stub.Register(request, metadata=self._metadata, timeout=self.call_timeout_s)
+        except grpc.aio.AioRpcError as err:
+            if err.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
+                raise ClientRefused(err.code(), err.details() or "") from None
+            raise
+        self._client_id = int(reply.client_id)
+        self._session = reply.session
+        self._heartbeat_s = reply.heartbeat_interval_s or 5.0
+        self._chunk_bytes = int(reply.chunk_bytes) or DEFAULT_CHUNK_BYTES
+        self._after_round = 0  # a restarted server may re-run the round we last saw
+        self.report.client_id = self._client_id
+        self.report.registrations += 1
+        if reply.run_finished:
+            self._finished = True
+        log.info("client %d registered with %s", self._client_id, self.server)
+
+    async def _heartbeats(self, stub: pb_grpc.FleetLearnStub) -> None:
+        """Heartbeat every interval, also while training (in another thread), until cancelled."""
+        assert self._wake is not None
+        while True:
+            await asyncio.sleep(self._heartbeat_s)
+            if self._session is None or self._client_id is None:
+                continue
+            try:
+                reply = await stub.Heartbeat(
+                    pb.HeartbeatRequest(client_id=self._client_id, session=self._session),
+                    metadata=self._metadata, timeout=max(1.0, self._heartbeat_s * 2),
+                )
+            except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.NOT_FOUND:
+                    self._session = None
+                    self._wake.set()
+                elif err.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    self._fatal = ClientRefused(err.code(), err.details() or "")
+                    self._wake.set()
+                continue  # the main loop deals with connection trouble
+            if reply.run_finished:
+                self._finished = True
+                self._wake.set()
+
+    async def _pull(self, stub: pb_grpc.FleetLearnStub) -> tuple[Task, float, str] | None:
+        """The next task (with its local deadline and uplink chain), or None after an empty long poll."""
+        if self._client_id is None or self._session is None:
+            return None  # the heartbeat saw the server forget us: the loop registers again
+        call = stub.PullTask(
+            pb.PullTaskRequest(client_id=self._client_id, session=self._session, wait_s=self.poll_s, after_round=self._after_round),
+            metadata=self._metadata,
+            timeout=self.poll_s + self.call_timeout_s,
+        )
+        meta = None
+        assembler = None
+        received_at = 0.0
+        try:
+            async for chunk in call:
+                kind = chunk.WhichOneof("kind")
+                if kind == "finished":
+                    self._finished = True
+                    raise _Stop("finished")
+                if kind == "meta" and meta is None:
+                    meta = chunk.meta
+                    received_at = time.monotonic()
+                    assembler = PayloadAssembler(meta.payload_bytes, self.max_task_bytes, MAX_RECEIVE_BYTES, "task payload")
+                elif kind == "data" and assembler is not None:
+                    assembler.add(chunk.data.offset, chunk.data.data)
+                else:
+                    raise Refusal("malformed", f"unexpected {kind} message in the task stream")
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.UNAVAILABLE and _retry_after(err) is not None:
+                await self._sleep(_retry_after(err) or 0.0)
+                return None
+            raise
+        except Refusal as r:  # the server sent something we cannot use: treat as a transient fault
+            raise _BadStream(f"bad task stream: {r.detail}") from None
+        if meta is None or assembler is None:
+            return None
+        payload = assembler.finish()
+        task = Task(
+            round=int(meta.round), version=int(meta.version), payload=payload, codec=meta.codec,
+            config=json.loads(meta.config_json or "{}"), deadline_s=meta.deadline_s or None,
+        )
+        local_deadline = received_at + meta.remaining_s if meta.remaining_s > 0 else float("inf")
+        return task, local_deadline, meta.uplink_codec or "none"
+
+    def _runtime_for(self, downlink: str, uplink: str) -> ClientRuntime:
+        key = (downlink, uplink)
+        if self._runtime is None or self._runtime_key != key:
+            if self._runtime_key is not None and self._runtime_key[1] != uplink:
+                self._states = ClientStateStore()  # residuals of another chain do not apply
+            self._runtime = ClientRuntime(parse_chain(uplink), parse_chain(downlink), self._states)
+            self._runtime_key = key
+        return self._runtime
+
+    async def _train_and_push(self, stub: pb_grpc.FleetLearnStub, pulled: tuple[Task, float, str]) -> None:
+        task, local_deadline, uplink = pulled
+        assert self._client_id is not None
+        cid = self._client_id
+        runtime = self._runtime_for(task.codec, uplink)
+
+        def train():
+            params, hp = runtime.receive(task)
+            seed = client_seed(int(task.config.get("seed", 0)), task.round, cid)
+            result = self.learner.fit(params, self.data, hp, seed)
+            return runtime.reply(cid, task, result)
+
+        update = await asyncio.to_thread(train) if self.train_in_thread else train()
+        self._after_round = task.round
+        if time.monotonic() > local_deadline:
+            self.report.skipped_late += 1
+            log.info("client %d: round %d deadline passed during training; update not sent", cid, task.round)
+            return
+        chunk = self._chunk_bytes or DEFAULT_CHUNK_BYTES
+        m = update.metrics
+
+        def messages():
+            yield pb.UpdateChunk(meta=pb.UpdateMeta(
+                client_id=cid, session=self._session or "", round=update.round, base_version=update.base_version,
+                codec=update.codec, num_examples=update.num_examples, payload_bytes=len(update.payload),
+                downlink_bytes=update.downlink_bytes,
+                metrics=pb.ClientMetrics(
+                    loss_before=m.loss_before, loss_after=m.loss_after, accuracy=m.accuracy,
+                    compute_seconds=m.compute_seconds, steps=m.steps, samples=m.samples,
+                ),
+            ))
+            for offset, data in iter_chunks(update.payload, chunk):
+                yield pb.UpdateChunk(data=pb.PayloadChunk(offset=offset, data=data))
+
+        try:
+            await stub.PushUpdate(messages(), metadata=self._metadata, timeout=self.call_timeout_s + len(update.payload) / 1e6)
+        except grpc.aio.AioRpcError as err:
+            if err.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                self.report.refused[err.code().name] += 1
+                log.info("client %d: update for round %d refused: %s", cid, task.round, err.details())
+                return
+            raise  # NOT_FOUND -> register again; UNAVAILABLE -> back off and pull again
+        self.report.rounds.append(task.round)
+
+
+def run_client(
+    server: str,
+    token: str,
+    learner: Learner,
+    data: ClientData,
+    *,
+    tls_ca: str | Path | None = None,
+    tls: ClientTls | None = None,
+    name: str = "",
+    max_rounds: int | None = None,
+    backoff: Backoff = Backoff(),
+    give_up_after_s: float | None = None,
+    stop: threading.Event | None = None,
+    **kwargs: Any,
+) -> ClientReport:
+    """Run one client until the run finishes (blocking).  `server` is "HOST:PORT".
+
+    TLS: pass `tls_ca` (the CA that signed the server certificate) or a full
+    `ClientTls` (with a client certificate for mutual TLS).  `stop`, if given, is
+    a threading.Event another thread may set to end the client early.  Raises
+    `ClientRefused` when the server refuses this client for good.
+    """
+    if tls is None and tls_ca is not None:
+        tls = ClientTls(Path(tls_ca))
+    client = FleetClient(server, token, learner, data, tls=tls, name=name, max_rounds=max_rounds, backoff=backoff,
+                         give_up_after_s=give_up_after_s, **kwargs)
+
+    async def main() -> ClientReport:
+        watcher = None
+        if stop is not None:
+            async def watch() -> None:
+                while not stop.is_set():
+                    await asyncio.sleep(0.05)
+                client.request_stop()
+
+            watcher = asyncio.create_task(watch())
+        try:
+            return await client.run()
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+
+    return asyncio.run(main())

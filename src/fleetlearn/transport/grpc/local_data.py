@@ -1,0 +1,104 @@
+"""A client's own data and model, for `fleetlearn client`.
+
+Two ways to get a client's local data:
+- by run config: the dataset and partition of `[data]`, and this client's index
+  in that partition (`load_federated` is deterministic in the run seed, so every
+  client process computes the same partition and takes its own part);
+- by import path ``pkg.module:function`` returning ``(x, y, x_test, y_test)``
+  (arrays or tensors): data that lives only on the device.
+
+The model is the run config's `[model]`, built exactly as the server builds it,
+so the model digests match at registration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...config import RunConfig, load_config
+from ...data import load_federated
+from ...learners import ClientData, TorchLearner, import_object, model_factory
+
+
+def _config(config: RunConfig | dict | str | Path) -> RunConfig:
+    return config if isinstance(config, RunConfig) else load_config(config)
+
+
+def client_data_from_config(config: RunConfig | dict | str | Path, client_index: int) -> tuple[ClientData, int, int]:
+    """Client `client_index`'s local train/test split of the run's partition,
+    with the dataset's (num_features, num_classes)."""
+    cfg = _config(config)
+    data = load_federated(cfg.data, cfg.seed)
+    if not 0 <= client_index < data.num_clients:
+        raise ValueError(f"client index {client_index} is out of range: the partition has {data.num_clients} clients (0..{data.num_clients - 1})")
+    tr = torch.from_numpy(data.train_indices(client_index))
+    te = torch.from_numpy(data.test_indices(client_index))
+    return ClientData(data.x[tr], data.y[tr], data.x[te], data.y[te]), data.num_features, data.num_classes
+
+
+def _tensor(a: Any, dtype: torch.dtype, what: str) -> torch.Tensor:
+    try:
+        t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+    except TypeError as exc:
+        raise ValueError(f"{what}: cannot convert {type(a).__name__} to a tensor ({exc})") from None
+    return t.to(dtype)
+
+
+def client_data_from_import(path: str, **kwargs: Any) -> ClientData:
+    """Call ``pkg.module:function(**kwargs)``; it returns ``(x, y, x_test, y_test)``."""
+    fn = import_object(path)
+    if not callable(fn):
+        raise ValueError(f"{path!r} is not callable")
+    out = fn(**kwargs)
+    if not (isinstance(out, (tuple, list)) and len(out) == 4):
+        raise ValueError(f"{path!r} must return (x, y, x_test, y_test), got {type(out).__name__}")
+    x, y, xt, yt = (_tensor(a, d, f"{path} -> {n}") for a, d, n in zip(out, (torch.float32, torch.int64) * 2, ("x", "y", "x_test", "y_test")))
+    if x.ndim != 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"{path!r}: x must be (n, features) and y (n,), got {tuple(x.shape)} and {tuple(y.shape)}")
+    if xt.shape[0] != yt.shape[0] or (xt.numel() and xt.shape[1:] != x.shape[1:]):
+        raise ValueError(f"{path!r}: x_test {tuple(xt.shape)} and y_test {tuple(yt.shape)} do not match x {tuple(x.shape)}")
+    return ClientData(x, y, xt.reshape(-1, x.shape[1]), yt)
+
+
+def learner_from_config(config: RunConfig | dict | str | Path, num_features: int, num_classes: int) -> TorchLearner:
+    """The run's model as a TorchLearner (one client: no batched cohort training)."""
+    cfg = _config(config)
+    m = cfg.model
+    return TorchLearner(model_factory(m.name, num_features, num_classes, m.hidden, m.kwargs), vectorize=False)
+
+
+def client_from_config(
+    config: RunConfig | dict | str | Path,
+    *,
+    client_index: int | None = None,
+    data_fn: str | None = None,
+    num_classes: int | None = None,
+) -> tuple[TorchLearner, ClientData]:
+    """(learner, local data) for `fleetlearn client`: data by partition index or by import path.
+
+    With `data_fn`, the number of classes comes from `num_classes`, else from the
+    run's dataset when it is a built-in one, else from the labels seen locally
+    (which a non-IID client may not cover: the server then refuses the model
+    digest at registration, with both digests in the reason).
+    """
+    cfg = _config(config)
+    if (client_index is None) == (data_fn is None):
+        raise ValueError("give exactly one of client_index (a partition of the run's dataset) or data_fn ('pkg.module:function')")
+    if data_fn is None:
+        assert client_index is not None
+        data, nf, nc = client_data_from_config(cfg, client_index)
+        return learner_from_config(cfg, nf, nc), data
+    data = client_data_from_import(data_fn)
+    if num_classes is None:
+        builtin = {"digits": 10, "fashion_mnist": 10}
+        if cfg.data.dataset in builtin:
+            num_classes = builtin[cfg.data.dataset]
+        elif cfg.data.dataset == "synthetic":
+            num_classes = cfg.data.synthetic_classes
+        else:
+            num_classes = int(max(int(data.y.max()) if data.y.numel() else 0, int(data.y_test.max()) if data.y_test.numel() else 0)) + 1
+    return learner_from_config(cfg, int(data.x.shape[1]), num_classes), data

@@ -1,0 +1,699 @@
+"""The `FleetLearn` gRPC service: registration, heartbeats, task streaming, update intake.
+
+`FleetServer` is the server half of the protocol in `fleetlearn.proto`.  It runs
+on one asyncio event loop (grpc.aio) and all its state (registrations, the open
+round, refusal counts) is touched only from that loop, so it needs no locks;
+`GrpcTransport` runs that loop on its own thread and talks to it with
+`asyncio.run_coroutine_threadsafe`, and replies leave through a thread-safe
+`queue.Queue` per round.
+
+Why asyncio: a round holds one long-polling `PullTask` and one `PushUpdate`
+stream per selected client, plus heartbeats.  With the thread-pool server each
+open stream pins a thread; with grpc.aio an idle stream is a parked coroutine,
+so 1000 connected clients cost memory per connection, not threads.
+
+Nothing a client sends can crash the server: requests are parsed by a
+deserializer that turns a parse error into a `malformed` refusal, every
+handler turns a `Refusal` into its status code, and any other exception into
+INTERNAL (counted as `internal` and logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import importlib.metadata
+import json
+import logging
+import math
+import queue
+import re
+import secrets
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from ...messages import ClientMetrics, Dropout, Task, Update
+from ...params import ParamSpec
+from ..base import Reply
+from . import fleetlearn_pb2 as pb
+from .auth import TokenCheck, TokenStore
+from .chunks import DEFAULT_CHUNK_BYTES, PayloadAssembler, iter_chunks
+from .refusals import Refusal
+
+log = logging.getLogger("fleetlearn.transport.grpc")
+
+SERVICE = "fleetlearn.v1.FleetLearn"
+TOKEN_HEADER = "authorization"  # value: "Bearer <token>"
+RETRY_AFTER_HEADER = "retry-after-ms"
+END = object()  # the last item of a round's reply queue
+
+
+def runtime_version() -> str:
+    """This installation's fleetlearn version (what a client announces at registration)."""
+    try:
+        return importlib.metadata.version("fleetlearn")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree
+        from ... import __version__
+
+        return __version__
+
+
+def codec_names(chain_spec: str) -> list[str]:
+    """The codec names of a chain in the `[compression]` syntax ("topk:0.01 | q8" -> [topk, q8])."""
+    return [p.split(":", 1)[0].strip() for p in chain_spec.split("|") if p.strip() and p.split(":", 1)[0].strip() != "none"]
+
+
+def _major(version: str) -> int | None:
+    m = re.match(r"^\s*(\d+)\.\d+", version)
+    return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Server-side bounds on what a client may send or hold open."""
+
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES  # payload chunk size sent, and the largest accepted
+    max_update_bytes: int = 256 << 20  # total bytes of one update payload
+    max_wait_s: float = 30.0  # the longest a PullTask long poll is held
+    max_text_chars: int = 200  # client name, runtime version, codec names
+    max_list_items: int = 64  # capabilities lists
+
+    @property
+    def max_message_bytes(self) -> int:
+        """gRPC's per-message cap: one chunk plus room for the envelope."""
+        return self.chunk_bytes + (64 << 10)
+
+
+@dataclass(frozen=True)
+class RunRequirements:
+    """What a client must support to join this run; checked once, at registration.
+
+    `update_bytes` is the exact size of an update when the uplink chain is the
+    lossless identity (then a payload of any other size cannot be the model's).
+    """
+
+    uplink: str = "none"
+    downlink: str = "none"
+    model_digest: str | None = None
+    update_bytes: int | None = None
+    runtime: str = field(default_factory=runtime_version)
+    model_width: float = 1.0
+    min_memory_mb: int = 0
+
+    @classmethod
+    def for_run(cls, spec: ParamSpec | None, uplink: str = "none", downlink: str = "none", **kw: Any) -> "RunRequirements":
+        exact = None
+        if spec is not None and not codec_names(uplink):
+            from ...compression import parse_chain  # the identity codec says how big its payload is
+            import torch
+
+            exact = len(parse_chain(uplink).encode(torch.zeros(spec.dim))[0])
+        if spec is not None and "min_memory_mb" not in kw:
+            # global params, local params, delta and an optimizer buffer
+            kw["min_memory_mb"] = math.ceil(4 * spec.nbytes / (1 << 20))
+        return cls(uplink=uplink, downlink=downlink, model_digest=spec.digest() if spec else None, update_bytes=exact, **kw)
+
+    def refusal(self, request: pb.RegisterRequest) -> str | None:
+        """Why a client cannot take part in this run, or None if it can."""
+        theirs, ours = _major(request.runtime_version), _major(self.runtime)
+        if theirs is None:
+            return f"runtime version {request.runtime_version!r} is not MAJOR.MINOR[.PATCH]"
+        if theirs != ours:
+            return f"client runtime {request.runtime_version} is incompatible with server runtime {self.runtime} (major versions differ)"
+        cap = request.capabilities
+        needed = set(codec_names(self.uplink)) | set(codec_names(self.downlink))
+        missing = sorted(needed - set(cap.codecs))
+        if missing:
+            return (f"client lacks codec(s) {', '.join(missing)} needed by the run "
+                    f"(uplink {self.uplink!r}, downlink {self.downlink!r}); it announced {sorted(cap.codecs)}")
+        if self.model_digest:
+            if not cap.model_digest:
+                return f"client did not announce its model digest; the run trains model {self.model_digest}"
+            if cap.model_digest != self.model_digest:
+                return f"client model {cap.model_digest} differs from the run's model {self.model_digest} (architecture and sizes must match)"
+        if len(cap.model_widths) and not any(abs(w - self.model_width) < 1e-9 for w in cap.model_widths):
+            return f"client trains model widths {list(cap.model_widths)}; the run needs width {self.model_width}"
+        if cap.memory_mb and cap.memory_mb < self.min_memory_mb:
+            return f"client announces {cap.memory_mb} MiB of memory; the run needs at least {self.min_memory_mb} MiB"
+        return None
+
+
+@dataclass
+class ClientSession:
+    """A registered client as the server knows it (in memory: lost on restart, by design)."""
+
+    client_id: int
+    name: str
+    session: str
+    last_seen: float  # time.monotonic() of its last call
+    runtime_version: str
+    peer: str
+    device: dict[str, float]
+    capabilities: dict[str, Any]
+
+
+@dataclass
+class RoundState:
+    """One dispatched round, from publication until it is closed."""
+
+    round: int
+    version: int
+    task: Task | None  # released when the round closes
+    cohort: frozenset[int]
+    t0: float
+    deadline_s: float
+    out: "queue.Queue[Any]"
+    pending: set[int] = field(default_factory=set)
+    replied: set[int] = field(default_factory=set)
+    dropped: set[int] = field(default_factory=set)
+    uploading: set[int] = field(default_factory=set)
+    downlink_bytes: dict[int, int] = field(default_factory=dict)
+    open: bool = True
+    closed_by: str = ""  # "deadline" | "complete" | "stopped" | "superseded" | "finished"
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+
+class RefusalCounter:
+    """Refusals by reason, per round, readable from any thread."""
+
+    def __init__(self, keep_log: int = 256):
+        self._lock = threading.Lock()
+        self._by_round: dict[int, Counter[str]] = {}
+        self._untaken: Counter[str] = Counter()
+        self.log: deque[tuple[float, int, int | None, str, str]] = deque(maxlen=keep_log)
+
+    def add(self, round: int, reason: str, client: int | None, detail: str) -> None:
+        with self._lock:
+            self._by_round.setdefault(round, Counter())[reason] += 1
+            self._untaken[reason] += 1
+            self.log.append((time.time(), round, client, reason, detail))
+
+    def take(self) -> dict[str, int]:
+        """Counts since the previous `take` (each refusal is taken exactly once)."""
+        with self._lock:
+            out, self._untaken = dict(self._untaken), Counter()
+            return out
+
+    def since(self, round: int) -> dict[str, int]:
+        """Counts of refusals made while round >= `round` was the latest published."""
+        with self._lock:
+            total: Counter[str] = Counter()
+            for r, c in self._by_round.items():
+                if r >= round:
+                    total.update(c)
+            return dict(total)
+
+    def total(self) -> dict[str, int]:
+        return self.since(0)
+
+
+class _Unparsable:
+    """What the request deserializer returns for bytes that are not the expected message."""
+
+    def __init__(self, what: str, error: str):
+        self.what, self.error = what, error
+
+
+def _safe_parser(cls: type[Message]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except (DecodeError, ValueError, RuntimeError) as exc:
+            return _Unparsable(cls.DESCRIPTOR.name, str(exc))
+
+    return parse
+
+
+def _parsed(msg: Any) -> Any:
+    if isinstance(msg, _Unparsable):
+        raise Refusal("malformed", f"cannot parse {msg.what}: {msg.error}")
+    return msg
+
+
+def _finite(name: str, x: float, *, nonneg: bool = False, allow_nan: bool = False) -> None:
+    if math.isnan(x) and allow_nan:
+        return
+    if not math.isfinite(x) or (nonneg and x < 0):
+        raise Refusal("malformed", f"{name} = {x!r} must be a finite{' non-negative' if nonneg else ''} number")
+
+
+class FleetServer:
+    """The service and the state behind it; lives on one asyncio loop."""
+
+    def __init__(
+        self,
+        tokens: TokenStore,
+        requirements: RunRequirements,
+        limits: Limits = Limits(),
+        heartbeat_interval_s: float = 5.0,
+        heartbeat_timeout_s: float | None = None,
+        keep_rounds: int = 16,
+    ):
+        self.tokens = tokens
+        self.requirements = requirements
+        self.limits = limits
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s if heartbeat_timeout_s is not None else 3.0 * heartbeat_interval_s
+        self.clients: dict[int, ClientSession] = {}
+        self.round: RoundState | None = None
+        self.history: deque[RoundState] = deque(maxlen=keep_rounds)  # recent closed rounds, for precise refusals
+        self.refusals = RefusalCounter()
+        self.finished = False
+        self.finished_reason = ""
+        self._changed: asyncio.Event | None = None
+        self._watcher: asyncio.Task | None = None
+        self._deadline_timer: asyncio.TimerHandle | None = None
+
+    # -- lifecycle (on the loop) ------------------------------------------------------
+    def start(self) -> None:
+        self._changed = asyncio.Event()
+        self._watcher = asyncio.get_running_loop().create_task(self._watch_liveness())
+
+    def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if self.round is not None and self.round.open:
+            self._end_round(self.round, "stopped", "the server stopped")
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The service's method handlers, with failure-proof request parsing."""
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Register": grpc.unary_unary_rpc_method_handler(
+                    self.Register, request_deserializer=_safe_parser(pb.RegisterRequest), response_serializer=pb.RegisterReply.SerializeToString
+                ),
+                "Heartbeat": grpc.unary_unary_rpc_method_handler(
+                    self.Heartbeat, request_deserializer=_safe_parser(pb.HeartbeatRequest), response_serializer=pb.HeartbeatReply.SerializeToString
+                ),
+                "PullTask": grpc.unary_stream_rpc_method_handler(
+                    self.PullTask, request_deserializer=_safe_parser(pb.PullTaskRequest), response_serializer=pb.TaskChunk.SerializeToString
+                ),
+                "PushUpdate": grpc.stream_unary_rpc_method_handler(
+                    self.PushUpdate, request_deserializer=_safe_parser(pb.UpdateChunk), response_serializer=pb.PushReply.SerializeToString
+                ),
+            },
+        )
+
+    def _notify(self) -> None:
+        """Wake every long poll: something they wait for may have changed."""
+        assert self._changed is not None
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # -- refusals --------------------------------------------------------------------
+    async def _refuse(self, context: grpc.aio.ServicerContext, r: Refusal, client: int | None) -> None:
+        self.refusals.add(self.round.round if self.round else 0, r.reason, client, r.detail)
+        log.debug("refused %s (client %s, peer %s): %s", r.reason, client, context.peer(), r.detail)
+        await context.abort(r.code, r.detail)
+
+    async def _internal(self, context: grpc.aio.ServicerContext, exc: Exception, client: int | None) -> None:
+        log.exception("internal error while serving %s", context.peer())
+        await self._refuse(context, Refusal("internal", f"server error ({type(exc).__name__}); the request was not processed"), client)
+
+    # -- identity --------------------------------------------------------------------
+    def _authenticate(self, context: grpc.aio.ServicerContext) -> TokenCheck:
+        token = None
+        for key, value in context.invocation_metadata() or ():
+            if key == TOKEN_HEADER:
+                if isinstance(value, bytes):
+                    value = value.decode("latin-1")
+                token = value[7:].strip() if value.startswith("Bearer ") else None
+                break
+        if token is None:
+            raise Refusal("bad_token", f"no token: send metadata '{TOKEN_HEADER}: Bearer <token>'")
+        check = self.tokens.check(token)
+        if check.status == "revoked":
+            raise Refusal("revoked_token", f"the token of client {check.name!r} was revoked")
+        if check.status != "ok":
+            raise Refusal("bad_token", "unknown token")
+        return check
+
+    def _session(self, context: grpc.aio.ServicerContext, client_id: int, session: str) -> ClientSession:
+        """The caller's registration, after checking its token, client id and session."""
+        check = self._authenticate(context)
+        if client_id != check.client_id:
+            raise Refusal("wrong_client", f"the token belongs to client {check.client_id}, not to client {client_id}")
+        cs = self.clients.get(client_id)
+        if cs is None:
+            raise Refusal("unknown_client", f"client {client_id} is not registered (the server may have restarted): register again")
+        if not hmac.compare_digest(cs.session.encode(), session.encode()):
+            raise Refusal("unknown_client", f"session of client {client_id} is not current (it registered again since): register again")
+        cs.last_seen = time.monotonic()
+        return cs
+
+    # -- Register --------------------------------------------------------------------
+    async def Register(self, request: Any, context: grpc.aio.ServicerContext) -> pb.RegisterReply:
+        client = None
+        try:
+            request = _parsed(request)
+            check = self._authenticate(context)
+            client = check.client_id
+            self._validate_register(request)
+            why = self.requirements.refusal(request)
+            if why:
+                raise Refusal("incompatible", why)
+            assert check.client_id is not None and check.name is not None
+            cs = ClientSession(
+                client_id=check.client_id,
+                name=check.name,
+                session=secrets.token_urlsafe(16),
+                last_seen=time.monotonic(),
+                runtime_version=request.runtime_version,
+                peer=context.peer() or "",
+                device={"compute_sps": request.device.compute_sps, "uplink_mbps": request.device.uplink_mbps, "downlink_mbps": request.device.downlink_mbps},
+                capabilities={
+                    "codecs": list(request.capabilities.codecs),
+                    "model_widths": list(request.capabilities.model_widths),
+                    "memory_mb": int(request.capabilities.memory_mb),
+                },
+            )
+            self.clients[cs.client_id] = cs  # replaces an older session of the same client
+            self._notify()
+            log.info("client %d (%s) registered from %s", cs.client_id, cs.name, cs.peer)
+            req = self.requirements
+            return pb.RegisterReply(
+                client_id=cs.client_id, session=cs.session, accepted=True, reason="",
+                heartbeat_interval_s=self.heartbeat_interval_s, downlink_codec=req.downlink, uplink_codec=req.uplink,
+                model_digest=req.model_digest or "", run_finished=self.finished, chunk_bytes=self.limits.chunk_bytes,
+            )
+        except Refusal as r:
+            await self._refuse(context, r, client)
+        except Exception as exc:  # noqa: BLE001 - a bug must not take the server down
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await self._internal(context, exc, client)
+        raise AssertionError("unreachable")  # abort() raises
+
+    def _validate_register(self, r: pb.RegisterRequest) -> None:
+        lim = self.limits
+        for name, text in (("client_name", r.client_name), ("runtime_version", r.runtime_version)):
+            if len(text) > lim.max_text_chars:
+                raise Refusal("malformed", f"{name} has {len(text)} characters; at most {lim.max_text_chars}")
+        cap = r.capabilities
+        for name, items in (("capabilities.codecs", cap.codecs), ("capabilities.model_widths", cap.model_widths)):
+            if len(items) > lim.max_list_items:
+                raise Refusal("malformed", f"{name} has {len(items)} entries; at most {lim.max_list_items}")
+        for c in cap.codecs:
+            if not c or len(c) > lim.max_text_chars:
+                raise Refusal("malformed", f"capabilities.codecs has an empty or overlong name ({len(c)} characters)")
+        if len(cap.model_digest) > lim.max_text_chars:
+            raise Refusal("malformed", f"capabilities.model_digest has {len(cap.model_digest)} characters")
+        for w in cap.model_widths:
+            _finite("capabilities.model_widths[]", w, nonneg=True)
+        for name in ("compute_sps", "uplink_mbps", "downlink_mbps"):
+            _finite(f"device.{name}", getattr(r.device, name), nonneg=True)
+
+    # -- Heartbeat -------------------------------------------------------------------
+    async def Heartbeat(self, request: Any, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
+        client = None
+        try:
+            request = _parsed(request)
+            client = int(request.client_id)
+            cs = self._session(context, request.client_id, request.session)
+            rs = self.round
+            return pb.HeartbeatReply(
+                run_finished=self.finished,
+                current_round=rs.round if rs else 0,
+                has_task=bool(rs and rs.open and cs.client_id in rs.pending),
+                heartbeat_interval_s=self.heartbeat_interval_s,
+            )
+        except Refusal as r:
+            await self._refuse(context, r, client)
+        except Exception as exc:  # noqa: BLE001
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await self._internal(context, exc, client)
+        raise AssertionError("unreachable")
+
+    # -- PullTask --------------------------------------------------------------------
+    async def PullTask(self, request: Any, context: grpc.aio.ServicerContext):
+        client = None
+        try:
+            request = _parsed(request)
+            client = int(request.client_id)
+            cs = self._session(context, request.client_id, request.session)
+            _finite("wait_s", request.wait_s, nonneg=True)
+            give_up = time.monotonic() + min(request.wait_s, self.limits.max_wait_s)
+            while True:
+                if self.finished:
+                    yield pb.TaskChunk(finished=pb.RunFinished(reason=self.finished_reason or "the run finished"))
+                    return
+                rs = self.round
+                if rs is not None and rs.open and client in rs.pending and rs.round > request.after_round:
+                    break
+                left = give_up - time.monotonic()
+                if left <= 0:
+                    # Not a refusal: the normal answer of a long poll that found nothing.
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"no task for client {client} yet; poll again",
+                        trailing_metadata=((RETRY_AFTER_HEADER, "0"),),
+                    )
+                changed = self._changed
+                assert changed is not None
+                try:
+                    await asyncio.wait_for(changed.wait(), left)
+                except asyncio.TimeoutError:
+                    pass
+                if self.clients.get(client) is not cs:
+                    raise Refusal("unknown_client", f"client {client} registered again while polling: use the new session")
+            task = rs.task
+            assert task is not None
+            meta = pb.TaskMeta(
+                round=task.round, version=task.version, codec=task.codec, config_json=json.dumps(task.config),
+                deadline_s=task.deadline_s or 0.0, remaining_s=max(rs.deadline_s - rs.elapsed(), 1e-6) if task.deadline_s else 0.0,
+                payload_bytes=len(task.payload), uplink_codec=self.requirements.uplink,
+            )
+            yield pb.TaskChunk(meta=meta)
+            sent = 0
+            for offset, data in iter_chunks(task.payload, self.limits.chunk_bytes):
+                if not rs.open:
+                    raise Refusal("after_deadline", f"round {rs.round} closed ({rs.closed_by}) while its task was being sent")
+                yield pb.TaskChunk(data=pb.PayloadChunk(offset=offset, data=data))
+                sent += len(data)
+                rs.downlink_bytes[client] = sent
+            rs.downlink_bytes[client] = sent
+            cs.last_seen = time.monotonic()
+        except Refusal as r:
+            await self._refuse(context, r, client)
+        except Exception as exc:  # noqa: BLE001
+            if isinstance(exc, (grpc.aio.AbortError, asyncio.CancelledError)):
+                raise
+            await self._internal(context, exc, client)
+
+    # -- PushUpdate ------------------------------------------------------------------
+    async def PushUpdate(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> pb.PushReply:
+        client = None
+        rs: RoundState | None = None
+        try:
+            try:
+                first = _parsed(await request_iterator.__anext__())
+            except StopAsyncIteration:
+                raise Refusal("malformed", "empty PushUpdate stream: send UpdateMeta, then the payload chunks") from None
+            if first.WhichOneof("kind") != "meta":
+                raise Refusal("malformed", f"the first message of PushUpdate must be UpdateMeta, got {first.WhichOneof('kind') or 'an empty chunk'}")
+            m = first.meta
+            client = int(m.client_id)
+            cs = self._session(context, m.client_id, m.session)
+            rs = self._admit(client, m, starting=True)
+            self._validate_update_meta(m)
+            assembler = PayloadAssembler(m.payload_bytes, self.limits.max_update_bytes, self.limits.chunk_bytes, "update payload")
+            rs.uploading.add(client)
+            try:
+                async for chunk in request_iterator:
+                    chunk = _parsed(chunk)
+                    kind = chunk.WhichOneof("kind")
+                    if kind != "data":
+                        raise Refusal("malformed", "UpdateMeta sent twice in one PushUpdate" if kind == "meta" else "empty UpdateChunk")
+                    assembler.add(chunk.data.offset, chunk.data.data)
+                payload = assembler.finish()
+            finally:
+                rs.uploading.discard(client)
+            cs.last_seen = time.monotonic()
+            rs = self._admit(client, m, starting=False)  # the round may have closed during the upload
+            mt = m.metrics
+            update = Update(
+                client_id=client,
+                round=int(m.round),
+                base_version=int(m.base_version),
+                payload=payload,
+                codec=m.codec,
+                num_examples=int(m.num_examples),
+                metrics=ClientMetrics(
+                    loss_before=mt.loss_before, loss_after=mt.loss_after, accuracy=mt.accuracy,
+                    compute_seconds=mt.compute_seconds, steps=int(mt.steps), samples=int(mt.samples),
+                ),
+                downlink_bytes=rs.downlink_bytes.get(client, int(m.downlink_bytes)),
+                extra={"transport": "grpc", "peer": context.peer() or ""},
+            )
+            rs.pending.discard(client)
+            rs.replied.add(client)
+            rs.out.put(Reply(update, rs.elapsed()))
+            if not rs.pending:
+                self._end_round(rs, "complete", "")
+            return pb.PushReply(accepted=True, reason="")
+        except Refusal as r:
+            await self._refuse(context, r, client)
+        except Exception as exc:  # noqa: BLE001
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await self._internal(context, exc, client)
+        raise AssertionError("unreachable")
+
+    def _admit(self, client: int, m: pb.UpdateMeta, starting: bool) -> RoundState:
+        """The open round this update belongs to, or the precise reason it belongs to none."""
+        rs = self.round
+        if rs is None or m.round > rs.round:
+            raise Refusal("wrong_round", f"there is no round {m.round} (latest round: {rs.round if rs else 'none yet'})")
+        if m.round < rs.round:
+            past = next((h for h in self.history if h.round == m.round), None)
+            if past is not None and client in past.dropped and past.closed_by == "deadline":
+                raise Refusal("after_deadline", f"round {m.round} ended at its deadline of {past.deadline_s:.3g}s; latest round is {rs.round}")
+            raise Refusal("replay", f"round {m.round} is over (latest round: {rs.round}); updates are accepted only for the open round")
+        if client not in rs.cohort:
+            raise Refusal("not_selected", f"client {client} is not in the cohort of round {rs.round}")
+        if client in rs.replied:
+            raise Refusal("duplicate", f"client {client} already sent its update for round {rs.round}")
+        if not rs.open or client in rs.dropped:
+            if rs.closed_by == "deadline" or (not rs.open and rs.elapsed() >= rs.deadline_s):
+                raise Refusal("after_deadline", f"round {rs.round} ended at its deadline of {rs.deadline_s:.3g}s")
+            if client in rs.dropped and rs.open:
+                raise Refusal("dropped", f"client {client} was reported dropped from round {rs.round} (missed heartbeats)")
+            raise Refusal("after_deadline", f"round {rs.round} stopped collecting updates ({rs.closed_by})")
+        if m.base_version != rs.version:
+            raise Refusal("wrong_version", f"update computed from model version {m.base_version}; round {rs.round} trains version {rs.version}")
+        if starting and client in rs.uploading:
+            raise Refusal("duplicate", f"an update of client {client} for round {rs.round} is already being uploaded")
+        return rs
+
+    def _validate_update_meta(self, m: pb.UpdateMeta) -> None:
+        req = self.requirements
+        if m.codec.strip() != req.uplink.strip():
+            raise Refusal("wrong_codec", f"update encoded with {m.codec!r}; the run's uplink chain is {req.uplink!r}")
+        if m.num_examples < 0:
+            raise Refusal("malformed", f"num_examples = {m.num_examples} is negative")
+        mt = m.metrics
+        for name in ("loss_before", "loss_after", "accuracy"):
+            v = getattr(mt, name)
+            if math.isinf(v):
+                raise Refusal("malformed", f"metrics.{name} = {v} is infinite")
+        _finite("metrics.compute_seconds", mt.compute_seconds, nonneg=True, allow_nan=True)
+        if mt.steps < 0 or mt.samples < 0:
+            raise Refusal("malformed", f"metrics.steps = {mt.steps} and metrics.samples = {mt.samples} must be non-negative")
+        if m.payload_bytes > self.limits.max_update_bytes:
+            raise Refusal("oversized", f"update payload of {m.payload_bytes} bytes exceeds the limit of {self.limits.max_update_bytes} bytes")
+        if req.update_bytes is not None and m.payload_bytes != req.update_bytes:
+            raise Refusal("wrong_shape", f"update payload of {m.payload_bytes} bytes cannot be the model's: uplink {req.uplink!r} sends exactly {req.update_bytes} bytes")
+
+    # -- rounds (called on the loop by GrpcTransport) ----------------------------------
+    def open_round(self, task: Task, cohort: Iterable[int], deadline_s: float) -> RoundState:
+        """Publish `task` to `cohort`; replies and dropouts go to the returned round's queue."""
+        if self.round is not None and self.round.open:
+            self._end_round(self.round, "superseded", f"round {task.round} started before this one ended")
+        rs = RoundState(
+            round=task.round, version=task.version, task=task, cohort=frozenset(int(c) for c in cohort),
+            t0=time.monotonic(), deadline_s=deadline_s, out=queue.Queue(),
+        )
+        rs.pending = set(rs.cohort)
+        self.round = rs
+        self.history.append(rs)
+        now = time.monotonic()
+        active = self.tokens.active_ids()
+        for cid in sorted(rs.cohort):
+            cs = self.clients.get(cid)
+            if cs is None or cid not in active:
+                self._drop(rs, cid, "not connected when the round was dispatched")
+            elif now - cs.last_seen > self.heartbeat_timeout_s:
+                self._drop(rs, cid, f"no heartbeat for {now - cs.last_seen:.1f}s when the round was dispatched")
+        if rs.open and not rs.pending:
+            self._end_round(rs, "complete", "")
+        if rs.open:
+            loop = asyncio.get_running_loop()
+            if self._deadline_timer is not None:
+                self._deadline_timer.cancel()
+            self._deadline_timer = loop.call_later(
+                deadline_s, self._end_round, rs, "deadline", f"no update before the deadline of {deadline_s:.3g}s"
+            )
+        self._notify()
+        return rs
+
+    def end_round(self, rs: RoundState, closed_by: str, reason: str) -> None:
+        self._end_round(rs, closed_by, reason)
+
+    def _drop(self, rs: RoundState, client: int, reason: str) -> None:
+        if client not in rs.pending:
+            return
+        rs.pending.discard(client)
+        rs.dropped.add(client)
+        rs.out.put(Reply(Dropout(client, rs.round, reason, downlink_bytes=rs.downlink_bytes.get(client, 0)), rs.elapsed()))
+        if rs.open and not rs.pending:
+            self._end_round(rs, "complete", "")
+
+    def _end_round(self, rs: RoundState, closed_by: str, reason: str) -> None:
+        if not rs.open:
+            return
+        rs.open = False
+        rs.closed_by = closed_by
+        for cid in sorted(rs.pending):
+            self._drop(rs, cid, reason)
+        rs.task = None  # the payload is no longer needed: let it go
+        rs.out.put(END)
+        if self._deadline_timer is not None and self.round is rs:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+        self._notify()
+
+    def finish(self, reason: str) -> None:
+        """The run is over: tell every client (they stop), close any open round."""
+        self.finished = True
+        self.finished_reason = reason
+        if self.round is not None and self.round.open:
+            self._end_round(self.round, "finished", "the run finished")
+        self._notify()
+
+    def available(self) -> list[int]:
+        """Registered clients with a valid token that heartbeated recently."""
+        now = time.monotonic()
+        active = self.tokens.active_ids()
+        return sorted(cid for cid, cs in self.clients.items() if cid in active and now - cs.last_seen <= self.heartbeat_timeout_s)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [
+            {**dataclasses.asdict(cs), "seen_s_ago": now - cs.last_seen, "session": None}
+            for cs in sorted(self.clients.values(), key=lambda c: c.client_id)
+        ]
+
+    async def _watch_liveness(self) -> None:
+        """Drop selected clients of the open round that stopped heartbeating or lost their token."""
+        tick = max(0.02, min(1.0, self.heartbeat_interval_s / 2))
+        while True:
+            await asyncio.sleep(tick)
+            try:
+                rs = self.round
+                if rs is None or not rs.open:
+                    continue
+                now = time.monotonic()
+                active = self.tokens.active_ids()
+                for cid in sorted(rs.pending):
+                    if cid in rs.uploading:
+                        continue  # busy sending its update: alive
+                    cs = self.clients.get(cid)
+                    if cid not in active:
+                        self._drop(rs, cid, "its token was revoked")
+                        continue
+                    last = cs.last_seen if cs is not None else rs.t0
+                    if now - last > self.heartbeat_timeout_s:
+                        self._drop(rs, cid, f"no heartbeat for {now - last:.1f}s (timeout {self.heartbeat_timeout_s:.3g}s)")
+            except Exception:  # noqa: BLE001 - the watcher must survive anything
+                log.exception("liveness watcher")

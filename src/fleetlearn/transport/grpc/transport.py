@@ -1,0 +1,231 @@
+"""`GrpcTransport`: the Transport protocol over a real network.
+
+The Coordinator calls `dispatch(task, cohort)` and iterates replies exactly as
+with the simulation; here the clients are processes that registered with a
+token, and time is wall-clock time.
+
+Threading: the gRPC server is a grpc.aio server on an asyncio event loop that
+runs on its own daemon thread (see `server.py` for why asyncio).  The
+Coordinator's thread never touches server state directly: it schedules work on
+the loop (`asyncio.run_coroutine_threadsafe`) and drains the round's
+`queue.Queue` with timeouts, so `dispatch` stays an ordinary generator, replies
+come out in arrival order, and a client that never replies cannot hang it: the
+loop closes the round at its deadline (or `max_round_s` when the task has
+none) and reports every silent client as a `Dropout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterator, Sequence
+
+import grpc
+
+from ...messages import Dropout, Task
+from ...params import ParamSpec
+from ..base import Reply
+from .auth import TokenStore
+from .certs import ServerTls
+from .server import END, FleetServer, Limits, RunRequirements
+
+log = logging.getLogger("fleetlearn.transport.grpc")
+
+
+class GrpcTransport:
+    """Serve a run over gRPC and deliver its rounds to connected clients.
+
+        tokens = TokenStore.open(state_dir)
+        transport = GrpcTransport("0.0.0.0:7777", tokens=tokens, spec=learner.spec,
+                                  uplink="none", downlink="none", tls=ServerTls.from_dir(certs))
+        transport.wait_available(3, timeout_s=60)
+        ... Coordinator(transport=transport, ...).run() ...
+        transport.finish(); transport.close()
+
+    `available(round)` is the registered clients with a valid token that
+    heartbeated within `heartbeat_timeout_s`; client ids are the token store's
+    stable ids.  Refusals are counted by reason: `take_refusals()` returns the
+    counts since its previous call (one call per round puts each refusal in
+    exactly one round record); `refusals_since(round)` and `refusals_total()`
+    read without resetting.
+    """
+
+    name = "grpc"
+
+    def __init__(
+        self,
+        address: str = "127.0.0.1:0",
+        *,
+        tokens: TokenStore,
+        spec: ParamSpec | None = None,
+        uplink: str = "none",
+        downlink: str = "none",
+        requirements: RunRequirements | None = None,
+        tls: ServerTls | None = None,
+        limits: Limits = Limits(),
+        heartbeat_interval_s: float = 5.0,
+        heartbeat_timeout_s: float | None = None,
+        max_round_s: float = 600.0,
+        grace_s: float = 10.0,
+        maximum_concurrent_rpcs: int | None = None,
+    ):
+        self.tokens = tokens
+        self.requirements = requirements or RunRequirements.for_run(spec, uplink, downlink)
+        self.limits = limits
+        self.max_round_s = max_round_s
+        self.grace_s = grace_s
+        self.server = FleetServer(tokens, self.requirements, limits, heartbeat_interval_s, heartbeat_timeout_s)
+        self._tls = tls
+        self._max_rpcs = maximum_concurrent_rpcs
+        self._grpc_server: grpc.aio.Server | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="fleetlearn-grpc-server", daemon=True)
+        self._thread.start()
+        self.port = self._call(self._start(address))
+        host = address.rsplit(":", 1)[0]
+        self.address = f"{host}:{self.port}"
+        self._closed = False
+        log.info("fleetlearn gRPC server listening on %s (%s)", self.address, "TLS" if tls else "plaintext")
+
+    # -- the loop thread -------------------------------------------------------------
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+
+    def _call(self, coro: Awaitable[Any], timeout: float = 30.0) -> Any:
+        """Run `coro` on the server loop and wait for its result."""
+        fut: Future = asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
+        return fut.result(timeout)
+
+    def _on_loop(self, fn: Callable[..., Any], *args: Any, timeout: float = 30.0) -> Any:
+        async def run() -> Any:
+            return fn(*args)
+
+        return self._call(run(), timeout)
+
+    async def _start(self, address: str) -> int:
+        options = [
+            ("grpc.max_receive_message_length", self.limits.max_message_bytes),
+            ("grpc.max_send_message_length", self.limits.max_message_bytes),
+            # Two servers must never share a port silently (one would get half the clients).
+            ("grpc.so_reuseport", 0),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ]
+        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=self._max_rpcs)
+        server.add_generic_rpc_handlers((self.server.handler(),))
+        if self._tls is not None:
+            port = server.add_secure_port(address, self._tls.credentials())
+        else:
+            port = server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"cannot listen on {address}")
+        await server.start()
+        self.server.start()
+        self._grpc_server = server
+        return port
+
+    # -- Transport protocol ------------------------------------------------------------
+    @property
+    def population(self) -> int:
+        """Clients that hold a valid token (whether connected or not)."""
+        return len(self.tokens.active_ids())
+
+    def available(self, round: int) -> Sequence[int]:
+        return self._on_loop(self.server.available)
+
+    def dispatch(self, task: Task, cohort: Sequence[int]) -> Iterator[Reply]:
+        """Publish `task` to `cohort`; yield each `Update` as it arrives and a `Dropout`
+        for each client that disconnects, stops heartbeating or misses the deadline."""
+        cohort = sorted({int(c) for c in cohort})
+        deadline = task.deadline_s if task.deadline_s is not None else self.max_round_s
+        t0 = time.monotonic()
+        rs = self._on_loop(self.server.open_round, task, cohort, deadline)
+        seen: set[int] = set()
+        hard_stop = t0 + deadline + self.grace_s
+        try:
+            while True:
+                left = hard_stop - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    item = rs.out.get(timeout=min(left, 1.0))
+                except queue.Empty:
+                    continue
+                if item is END:
+                    return
+                seen.add(item.message.client_id)
+                yield item
+            # The loop did not close the round in time (it should never happen): report the rest.
+            log.error("round %d: the server loop did not close the round within %.1fs", task.round, deadline + self.grace_s)
+            for cid in cohort:
+                if cid not in seen:
+                    yield Reply(Dropout(cid, task.round, "the transport did not hear back before its hard stop"), time.monotonic() - t0)
+        finally:
+            # Also when the Coordinator stops iterating early (e.g. a quorum): later pushes are refused.
+            if not self._closed:
+                self._loop.call_soon_threadsafe(self.server.end_round, rs, "stopped", "the coordinator stopped collecting")
+
+    # -- run control ----------------------------------------------------------------------
+    def wait_available(self, min_clients: int, timeout_s: float, poll_s: float = 0.1) -> list[int]:
+        """Block until at least `min_clients` are available or `timeout_s` passes; returns them."""
+        end = time.monotonic() + timeout_s
+        while True:
+            ids = list(self.available(0))
+            if len(ids) >= min_clients or time.monotonic() >= end:
+                return ids
+            time.sleep(poll_s)
+
+    def clients(self) -> list[dict[str, Any]]:
+        """Registered clients: id, name, device profile, capabilities, seconds since last seen."""
+        return self._on_loop(self.server.snapshot)
+
+    def finish(self, reason: str = "the run finished") -> None:
+        """Tell every client the run is over (they stop); the server keeps answering until `close`."""
+        self._on_loop(self.server.finish, reason)
+
+    def take_refusals(self) -> dict[str, int]:
+        """Refusals by reason since the previous call (for the current round's record)."""
+        return self.server.refusals.take()
+
+    def refusals_since(self, round: int) -> dict[str, int]:
+        return self.server.refusals.since(round)
+
+    def refusals_total(self) -> dict[str, int]:
+        return self.server.refusals.total()
+
+    def close(self, grace_s: float = 1.0) -> None:
+        """Stop serving (in-flight calls get `grace_s`), then stop the loop thread."""
+        if self._closed:
+            return
+        self._closed = True
+
+        async def stop() -> None:
+            self.server.stop()
+            if self._grpc_server is not None:
+                await self._grpc_server.stop(grace_s)
+
+        try:
+            self._call(stop(), timeout=grace_s + 10)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            if not self._thread.is_alive():
+                self._loop.close()
+
+    def __enter__(self) -> "GrpcTransport":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @classmethod
+    def from_state_dir(cls, state_dir: str | Path, address: str, **kwargs: Any) -> "GrpcTransport":
+        """A transport whose token store is `<state_dir>/tokens.db` (shared with `fleetlearn token`)."""
+        return cls(address, tokens=TokenStore.open(state_dir), **kwargs)
