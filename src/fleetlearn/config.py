@@ -126,6 +126,14 @@ class ServerConfig(Section):
     over_selection: float = Field(default=1.0, ge=1)  # select ceil(cohort x factor), keep the first `cohort` replies
     min_replies: int = Field(default=1, ge=1)  # fewer accepted updates: the round fails, the model is unchanged
     partial_work: bool = False  # a client that cannot finish in time sends its update after fewer steps
+    # Asynchronous buffered aggregation (FedBuff, Nguyen et al., AISTATS 2022): `concurrency`
+    # clients train at once, the server steps after every `buffer_size` updates; in async
+    # mode `rounds` counts server steps.  Defaults for both: the cohort.
+    mode: Literal["sync", "async"] = "sync"
+    concurrency: int | None = Field(default=None, ge=1)
+    buffer_size: int | None = Field(default=None, ge=1)
+    staleness_weight: Literal["constant", "sqrt", "inverse"] = "sqrt"  # 1, 1/sqrt(1+s), 1/(1+s)
+    max_staleness: int | None = Field(default=None, ge=0)  # older updates are refused
     eval_every: int = Field(default=1, ge=1)
     # Federated evaluation of the global model on clients' local test splits: at most
     # this many clients (a seeded sample; 0 = every client).
@@ -191,6 +199,10 @@ class RunConfig(Section):
             raise ValueError(f"server.cohort = {self.server.cohort} exceeds the number of clients (data.clients = {n})")
         if self.server.min_replies > self.server.cohort:
             raise ValueError(f"server.min_replies = {self.server.min_replies} exceeds server.cohort = {self.server.cohort}")
+        if self.server.mode == "async":
+            conc = self.server.concurrency or self.server.cohort
+            if conc > n:
+                raise ValueError(f"server.concurrency = {conc} exceeds the number of clients ({n})")
         if self.server.partial_work and self.server.deadline_s is None:
             raise ValueError("server.partial_work needs a deadline: set server.deadline_s")
         if self.data.partition == "natural" and self.data.dataset not in ("synthetic",) and ":" not in self.data.dataset:

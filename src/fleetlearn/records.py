@@ -25,6 +25,7 @@ class ClientRecord:
     accuracy: float = math.nan  # local model on its local test split
     steps: int = 0
     update_norm: float = math.nan
+    staleness: int = 0  # server versions between the model it trained on and the one it updates
 
 
 @dataclass

@@ -1,5 +1,56 @@
-"""Codecs and codec chains; byte-exact payloads."""
+"""Codecs and codec chains; byte-exact, self-describing, checksummed payloads.
 
-from .codec import CODECS, Codec, CodecChain, IdentityCodec, parse_chain
+See `codec` for the chain syntax, `wire` for the payload format, `sketch` for
+server-side aggregation of count sketches and `adaptive` for the per-client
+level policy.
+"""
 
-__all__ = ["CODECS", "Codec", "CodecChain", "IdentityCodec", "parse_chain"]
+from .adaptive import AdaptiveCompression, Plan, choose_levels
+from .codec import (
+    CODECS,
+    RESIDUAL,
+    RNG_SEED,
+    Codec,
+    CodecChain,
+    ErrorFeedback,
+    IdentityCodec,
+    decode_payload,
+    estimate_bytes,
+    parse_chain,
+    seed_state,
+)
+from .sketch import CountSketch, SketchPayload, clear_sketch_cache, read_sketch, sum_sketches, unsketch
+from .sparsify import RandK, TopK
+from .values import BFloat16Codec, Float16Codec, Float32Codec, SignCodec, UniformQuantizer
+from .wire import read_header
+
+__all__ = [
+    "AdaptiveCompression",
+    "BFloat16Codec",
+    "CODECS",
+    "Codec",
+    "CodecChain",
+    "CountSketch",
+    "ErrorFeedback",
+    "Float16Codec",
+    "Float32Codec",
+    "IdentityCodec",
+    "Plan",
+    "RESIDUAL",
+    "RNG_SEED",
+    "RandK",
+    "SignCodec",
+    "SketchPayload",
+    "TopK",
+    "UniformQuantizer",
+    "choose_levels",
+    "clear_sketch_cache",
+    "decode_payload",
+    "estimate_bytes",
+    "parse_chain",
+    "read_header",
+    "read_sketch",
+    "seed_state",
+    "sum_sketches",
+    "unsketch",
+]

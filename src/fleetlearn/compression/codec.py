@@ -1,24 +1,79 @@
 """Codecs: how a vector becomes bytes on the wire, and back.
 
 Contract (DESIGN.md section 4): ``encode(vec, state) -> (payload, state)`` and
-``decode(payload) -> vec``.  A payload is self-describing, so ``decode`` needs no
-side information, and ``len(payload)`` is exactly what travels.  Codecs compose
-into chains written in one syntax everywhere: ``"topk:0.01 | q8"``.  State
-(for example error-feedback residuals) is explicit so it can be checkpointed.
+``decode(payload) -> vec``.  A payload is self-describing (see `wire`), so
+``decode`` needs no side information, and ``len(payload)`` is exactly what travels.
+State (error-feedback residuals, random seeds) is explicit so it can be
+checkpointed.
+
+Chain syntax (one syntax everywhere: configs, CLI, records)
+-----------------------------------------------------------
+``"[ef |] [sparsifier | sketch] [| value codec]"``, elements separated by ``|``,
+whitespace ignored; ``"none"`` or ``""`` is plain float32.  An element is
+``name`` or ``name:arg,arg`` where an arg is ``key=value`` or a bare word.
+
+=========  ================================  ============================================
+role       elements                          meaning
+=========  ================================  ============================================
+wrapper    ``ef``                            error feedback around the rest of the chain
+sparsify   ``topk:F``, ``randk:F[,unbiased]`` keep k coordinates; F a fraction with a
+                                             decimal point (0.01) or an integer count (100)
+sketch     ``sketch:K[,cols=C,rows=R,seed=S]`` count sketch; must be last
+value      ``none`` ``fp16`` ``bf16``         how the (kept) values are coded
+           ``q8`` ``q4`` ``q2``              ``qB[:block=N][,stochastic]`` (block 256)
+           ``sign[:block=N]``                1 bit + mean-|x| scale per block (0 = all)
+=========  ================================  ============================================
+
+Composition: a sparsifier picks indices and hands the kept values, in index
+order, to the value codec (``topk:0.01 | q8`` = top 1 %, values 8-bit
+quantized; ``topk:0.01 | fp16``).  Without a sparsifier the value codec codes
+the whole vector.  ``ef`` first wraps everything after it.  Refused with a
+ValueError: two sparsifiers (or a sparsifier and a sketch), two value codecs, a
+value codec before the sparsifier, anything after ``sketch`` (tables stay
+float32 so they add up), ``ef`` anywhere but first, and ``ef`` before a
+lossless chain.
+
+Examples: ``"q8"``, ``"q4:stochastic"``, ``"q8:block=128"``, ``"topk:0.01 | q8"``,
+``"ef | topk:0.001 | q4"``, ``"ef | sign"``, ``"randk:0.1,unbiased | q8:stochastic"``,
+``"sketch:0.01,cols=0.05,rows=5"``.
+
+Decoding reads the structure from the payload, so *any* chain decodes *any*
+valid payload: the server can accept clients that use different chains
+(adaptive compression) with one ``uplink.decode``.
+
+Randomness (``randk``, ``stochastic``): if the state holds ``"rng.seed"`` (an
+int64 scalar tensor, see `seed_state`), that client's stream is seeded from it
+and the next seed is returned in the state, so encodings are reproducible
+whatever the order in which clients run; otherwise the chain's own generator
+(seeded by ``parse_chain(spec, seed=...)``) is used.
 """
 
 from __future__ import annotations
 
-import struct
-from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+import math
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
 
 from ..params import PayloadError
+from . import wire
+from .base import Stage, new_rng
+from .sketch import CountSketch, read_sketch_section, unsketch
+from .sparsify import RandK, Sparsifier, TopK, read_indices, write_indices
+from .values import (
+    BFloat16Codec,
+    Float16Codec,
+    Float32Codec,
+    SignCodec,
+    UniformQuantizer,
+    ValueCodec,
+    read_values,
+)
 
 State = dict[str, torch.Tensor]
+RESIDUAL = "ef.residual"
+RNG_SEED = "rng.seed"
 
 
 class Codec(Protocol):
@@ -30,62 +85,267 @@ class Codec(Protocol):
     def decode(self, payload: bytes) -> torch.Tensor: ...
 
 
-class IdentityCodec:
-    """Plain float32: a 4-byte length header, then little-endian values."""
+IdentityCodec = Float32Codec  # the name the seam started with
 
-    name = "none"
+
+class ErrorFeedback(Stage):
+    """Error feedback around the rest of the chain C: e <- v + e - C(v + e).
+
+    Seide et al. 2014 (1-bit SGD); Stich et al. 2018 and Karimireddy et al. 2019
+    (EF-SGD, Alg. 2): the client sends C(v + e) and keeps what was lost as the
+    residual e for the next round.  The residual lives in the state under
+    ``"ef.residual"`` (float32, shape (d,)); it equals exactly
+    (v + e_old) - decode(payload).
+    """
+
+    name = "ef"
     lossy = False
-    _HEADER = struct.Struct("<I")
-
-    def encode(self, vec: torch.Tensor, state: State | None = None) -> tuple[bytes, State | None]:
-        arr = vec.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False)
-        return self._HEADER.pack(arr.shape[0]) + arr.tobytes(), state
-
-    def decode(self, payload: bytes) -> torch.Tensor:
-        h = self._HEADER.size
-        if len(payload) < h:
-            raise PayloadError(f"payload of {len(payload)} bytes is shorter than its {h}-byte header")
-        (n,) = self._HEADER.unpack_from(payload)
-        if len(payload) != h + 4 * n:
-            raise PayloadError(f"payload announces {n} float32 values ({h + 4 * n} bytes) but has {len(payload)} bytes")
-        return torch.from_numpy(np.frombuffer(payload, dtype="<f4", offset=h).copy())
+    role = "ef"
 
 
-@dataclass
+CODECS: dict[str, Callable[[list[str], dict[str, str]], Stage]] = {
+    "none": Float32Codec.from_args,
+    "fp16": Float16Codec.from_args,
+    "bf16": BFloat16Codec.from_args,
+    "q8": UniformQuantizer.factory(8),
+    "q4": UniformQuantizer.factory(4),
+    "q2": UniformQuantizer.factory(2),
+    "sign": SignCodec.from_args,
+    "topk": TopK.from_args,
+    "randk": RandK.from_args,
+    "sketch": CountSketch.from_args,
+    "ef": ErrorFeedback.from_args,
+}
+
+
+def seed_state(seed: int) -> State:
+    """Initial state that gives a client its own reproducible random stream."""
+    return {RNG_SEED: torch.tensor(int(seed), dtype=torch.int64)}
+
+
+def _as_vector(vec: torch.Tensor) -> torch.Tensor:
+    if not isinstance(vec, torch.Tensor):
+        raise ValueError(f"encode takes a torch.Tensor, got {type(vec).__name__}")
+    if vec.dim() != 1:
+        raise ValueError(f"encode takes a flat (d,) vector, got shape {tuple(vec.shape)}")
+    if vec.numel() > wire.MAX_DIM:
+        raise ValueError(f"vector of {vec.numel()} entries; a payload holds at most {wire.MAX_DIM}")
+    x = vec.detach().to("cpu", torch.float32).contiguous()
+    if x.numel():
+        lo, hi = torch.aminmax(x)  # NaN propagates through min/max, so this one pass sees NaN and inf
+        if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
+            raise ValueError("cannot encode a vector with NaN or inf entries")
+    return x
+
+
 class CodecChain:
-    """Codecs applied left to right on encode and right to left on decode."""
+    """A validated chain ``[ef] [sparsifier | sketch] [value codec]``; see the module docstring."""
 
-    codecs: list[Codec] = field(default_factory=list)
-    spec: str = "none"
+    def __init__(self, codecs: list[Stage] | tuple[Stage, ...] = (), seed: int = 0):
+        stages = [c for c in codecs if not isinstance(c, Float32Codec)]
+        _validate(stages)
+        self.codecs = stages
+        self.ef = bool(stages) and stages[0].role == "ef"
+        body = stages[1:] if self.ef else stages
+        self.support: Sparsifier | CountSketch | None = next((c for c in body if c.role in ("sparsifier", "sketch")), None)
+        self.value: ValueCodec = next((c for c in body if c.role == "value"), Float32Codec())  # type: ignore[assignment]
+        self.stochastic = any(c.stochastic for c in stages)
+        self.spec = " | ".join(c.spec for c in stages) or "none"
+        self._rng = new_rng(seed)
+
+    def __repr__(self) -> str:
+        return f"CodecChain({self.spec!r})"
 
     @property
     def lossy(self) -> bool:
         return any(c.lossy for c in self.codecs)
 
+    @property
+    def exact_size(self) -> bool:
+        """True when `estimate_bytes` is exact (no sparsifier: no zstd-coded indices)."""
+        return not isinstance(self.support, Sparsifier)
+
+    def estimate_bytes(self, dim: int) -> int:
+        """Payload bytes for a vector of `dim` entries: exact when `exact_size`, else an upper bound."""
+        if dim < 0 or dim > wire.MAX_DIM:
+            raise ValueError(f"dim must be in [0, {wire.MAX_DIM}], got {dim}")
+        n = wire.OVERHEAD
+        if isinstance(self.support, CountSketch):
+            return n + self.support.nbytes(dim)
+        if isinstance(self.support, Sparsifier):
+            k = self.support.k(dim)
+            from .sparsify import SPARSE_HEAD
+
+            return n + SPARSE_HEAD.size + 4 * max(k - 1, 0) + self.value.nbytes(k)
+        return n + self.value.nbytes(dim)
+
+    # -- encode / decode -------------------------------------------------------------
     def encode(self, vec: torch.Tensor, state: State | None = None) -> tuple[bytes, State | None]:
-        if not self.codecs:
-            return IdentityCodec().encode(vec, state)
-        # The codecs that land with the communication work define how payloads nest;
-        # today the only codec is the identity.
-        payload, state = self.codecs[-1].encode(vec, state)
+        x = _as_vector(vec)
+        u = x
+        if self.ef and state is not None and RESIDUAL in state:
+            e = state[RESIDUAL]
+            if not isinstance(e, torch.Tensor) or e.shape != x.shape:
+                got = tuple(e.shape) if isinstance(e, torch.Tensor) else type(e).__name__
+                raise ValueError(f"state[{RESIDUAL!r}] has shape {got}, the vector has shape {tuple(x.shape)}")
+            u = _as_vector(x + e.to(torch.float32))
+        rng, next_seed = self._rng_for(state)
+        payload = self._encode_plain(u, rng)
+        if self.ef or next_seed is not None:
+            state = dict(state) if state else {}
+            if self.ef:
+                dec = decode_payload(payload)
+                state[RESIDUAL] = torch.sub(u, dec, out=dec)  # reuse the decoded buffer
+            if next_seed is not None:
+                state[RNG_SEED] = torch.tensor(next_seed, dtype=torch.int64)
         return payload, state
 
-    def decode(self, payload: bytes) -> torch.Tensor:
-        if not self.codecs:
-            return IdentityCodec().decode(payload)
-        return self.codecs[-1].decode(payload)
+    def decode(self, payload: bytes, dim: int | None = None) -> torch.Tensor:
+        """Any valid payload (whatever chain made it) -> (d,) float32; `PayloadError` otherwise."""
+        return decode_payload(payload, dim=dim)
+
+    def _rng_for(self, state: State | None) -> tuple[np.random.Generator | None, int | None]:
+        if not self.stochastic:
+            return None, None
+        if state is not None and RNG_SEED in state:
+            seed = int(state[RNG_SEED]) & (2**63 - 1)
+            rng = new_rng(seed)
+            return rng, int(rng.integers(0, 2**63 - 1))
+        return self._rng, None
+
+    def _encode_plain(self, x: torch.Tensor, rng) -> bytes:
+        d = x.numel()
+        sup = self.support
+        if isinstance(sup, CountSketch):
+            return wire.assemble(sup.wire_id, wire.VALUE_F32, d, sup.write(x))
+        if isinstance(sup, Sparsifier):
+            idx = sup.select(x, rng)
+            vals = torch.from_numpy(x.numpy()[idx])
+            scale = sup.scale(d, idx.shape[0])
+            if scale != 1.0:
+                vals.mul_(scale)
+                _as_vector(vals)
+            return wire.assemble(sup.wire_id, self.value.wire_id, d, write_indices(idx) + self.value.write(vals, rng))
+        return wire.assemble(wire.SUPPORT_DENSE, self.value.wire_id, d, self.value.write(x, rng))
 
 
-CODECS: dict[str, Callable[..., Codec]] = {"none": IdentityCodec}
+def _validate(stages: list[Stage]) -> None:
+    spec = " | ".join(c.spec for c in stages)
+    for i, c in enumerate(stages):
+        if c.role == "ef" and i > 0:
+            raise ValueError(f"'ef' must be the first element of a chain (it wraps what follows), found at position {i + 1} in {spec!r}")
+    body = stages[1:] if stages and stages[0].role == "ef" else stages
+    supports = [c for c in body if c.role in ("sparsifier", "sketch")]
+    values = [c for c in body if c.role == "value"]
+    if len(supports) > 1:
+        raise ValueError(
+            f"{spec!r} has {len(supports)} sparsifiers/sketches ({', '.join(repr(c.spec) for c in supports)}); a chain has at most one"
+        )
+    if len(values) > 1:
+        raise ValueError(
+            f"{spec!r} has {len(values)} value codecs ({', '.join(repr(c.spec) for c in values)}); a chain has at most one of "
+            "none, fp16, bf16, q8, q4, q2, sign"
+        )
+    if supports and values:
+        s, v = body.index(supports[0]), body.index(values[0])
+        if supports[0].role == "sketch":
+            raise ValueError(
+                f"nothing may follow 'sketch' in {spec!r} (found {values[0].spec!r}): sketch tables are sent as float32 "
+                "so that the server can add them up"
+            )
+        if v < s:
+            raise ValueError(
+                f"{values[0].spec!r} comes before {supports[0].spec!r} in {spec!r}; the sparsifier goes first and the "
+                f"value codec codes the kept values, e.g. '{supports[0].spec} | {values[0].spec}'"
+            )
+    if stages and stages[0].role == "ef" and not any(c.lossy for c in body):
+        raise ValueError(
+            f"'ef' needs a lossy codec after it (e.g. 'ef | topk:0.01 | q8'); in {spec!r} the rest is lossless, "
+            "so the residual would always be zero"
+        )
 
 
-def parse_chain(spec: str) -> CodecChain:
-    """``"name[:arg] | name[:arg]"`` -> a CodecChain; unknown names are a ValueError."""
-    parts = [p.strip() for p in spec.split("|") if p.strip()]
-    codecs: list[Codec] = []
-    for part in parts:
-        name, _, arg = part.partition(":")
-        if name not in CODECS:
-            raise ValueError(f"unknown codec {name!r} in {spec!r}; allowed: {', '.join(sorted(CODECS))}")
-        codecs.append(CODECS[name](arg) if arg else CODECS[name]())
-    return CodecChain([c for c in codecs if c.name != "none"], spec.strip() or "none")
+def _parse_stage(part: str, spec: str) -> Stage:
+    name, colon, argtext = part.partition(":")
+    name = name.strip().lower()
+    if name not in CODECS:
+        raise ValueError(f"unknown codec {name!r} in {spec!r}; allowed: {', '.join(sorted(CODECS))}")
+    positional: list[str] = []
+    options: dict[str, str] = {}
+    if colon:
+        if not argtext.strip():
+            raise ValueError(f"codec {name!r} in {spec!r}: ':' must be followed by arguments")
+        for tok in argtext.split(","):
+            tok = tok.strip()
+            if not tok:
+                raise ValueError(f"codec {name!r} in {spec!r}: empty argument between commas")
+            key, eq, val = tok.partition("=")
+            if eq:
+                key, val = key.strip().lower(), val.strip()
+                if not key or not val:
+                    raise ValueError(f"codec {name!r} in {spec!r}: argument {tok!r} must be key=value")
+                if key in options:
+                    raise ValueError(f"codec {name!r} in {spec!r}: option {key!r} given twice")
+                options[key] = val
+            else:
+                positional.append(tok.lower() if tok.isalpha() else tok)
+    return CODECS[name](positional, options)
+
+
+def parse_chain(spec: str, seed: int = 0) -> CodecChain:
+    """``"name[:args] | name[:args]"`` -> a CodecChain.
+
+    Unknown codecs, bad arguments and nonsensical chains are a ValueError that
+    names the codec, the argument and what is allowed.  `seed` seeds the chain's
+    own generator (used by stochastic codecs when the state brings no seed).
+    """
+    if not isinstance(spec, str):
+        raise ValueError(f"a codec chain is a string like 'topk:0.01 | q8', got {type(spec).__name__}")
+    if not spec.strip():
+        return CodecChain([], seed=seed)
+    parts = spec.split("|")
+    if any(not p.strip() for p in parts):
+        raise ValueError(f"empty element in codec chain {spec!r}; elements are separated by single '|'")
+    return CodecChain([_parse_stage(p, spec) for p in parts], seed=seed)
+
+
+def estimate_bytes(spec: str, dim: int) -> int:
+    """Payload bytes of `spec` for a `dim`-vector.
+
+    Exact for chains without a sparsifier (none, fp16, bf16, q8/q4/q2, sign,
+    sketch, with or without ef).  For topk/randk it is an upper bound: the
+    indices are counted at 4 bytes each, while the real payload uses 1- or 2-byte
+    gaps and zstd whenever they are smaller.
+    """
+    return parse_chain(spec).estimate_bytes(dim)
+
+
+def decode_payload(payload: bytes, dim: int | None = None) -> torch.Tensor:
+    """Decodes any payload a CodecChain produced; `PayloadError` with the reason otherwise.
+
+    Pass `dim` (the model's dimension) when it is known: a payload for another
+    dimension is then refused before anything of that size is allocated.
+    """
+    h, r = wire.read_header(payload)
+    if dim is not None and h.dim != dim:
+        raise PayloadError(f"payload is for a vector of dim {h.dim}, expected {dim}")
+    try:
+        if h.support == wire.SUPPORT_DENSE:
+            out = read_values(h.value, r, h.dim)
+            r.finish()
+            return out
+        if h.support == wire.SUPPORT_SKETCH:
+            if h.value != wire.VALUE_F32:
+                raise PayloadError(f"sketch tables are float32; payload announces value codec {h.value}")
+            rows, cols, seed, k = read_sketch_section(r, h.dim)
+            table = read_values(wire.VALUE_F32, r, rows * cols).view(rows, cols)
+            r.finish()
+            return unsketch(table, h.dim, k, seed)
+        idx = read_indices(r, h.dim)
+        vals = read_values(h.value, r, idx.shape[0])
+        r.finish()
+        out = torch.zeros(h.dim, dtype=torch.float32)
+        out[torch.from_numpy(idx)] = vals
+        return out
+    except MemoryError:
+        raise PayloadError(f"payload announces dim {h.dim}, too large to allocate") from None

@@ -11,6 +11,7 @@ no Python loop over elements, and no vector-sized temporaries.
 from __future__ import annotations
 
 import math
+import struct
 import sys
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 
 from ..params import PayloadError
 from . import wire
-from .base import CHUNK, Stage, no_args, parse_int, unknown_options
+from .base import CHUNK, Stage, parse_int, unknown_options
 from .wire import Reader
 
 _LITTLE = sys.byteorder == "little"
@@ -173,7 +174,7 @@ def _read_bf16(r: Reader, n: int) -> torch.Tensor:
 
 
 # -- uniform quantizer -----------------------------------------------------------------
-_QHEAD = __import__("struct").Struct("<BBI")  # bits, flags (bit 0: stochastic), block
+_QHEAD = struct.Struct("<BBI")  # bits, flags (bit 0: stochastic), block
 
 
 class UniformQuantizer(ValueCodec):
@@ -263,7 +264,7 @@ class UniformQuantizer(ValueCodec):
         clen = bpc * B
         codes = np.empty((nb * B * bits + 7) // 8 + clen, dtype=np.uint8)  # slack for the padded last chunk
         codes_t = torch.from_numpy(codes)
-        y = torch.empty(min(clen, nb * B), dtype=torch.float32)
+        y = torch.empty(min(clen, nb * B) + 8, dtype=torch.float32)  # + 8: room to pad the last byte
         q = torch.empty(y.numel(), dtype=torch.uint8)
         u = np.empty(y.numel(), dtype=np.float32) if self.stochastic else None
         c, levels = self.levels / 2.0, float(self.levels)
@@ -331,7 +332,7 @@ def _read_quant(r: Reader, n: int) -> torch.Tensor:
     bpc = -(-bpc // 8) * 8
     clen = bpc * B
     pbuf = np.empty(clen // per_byte + 1, dtype=np.uint8)
-    q = torch.empty(min(clen, nb * B), dtype=torch.uint8)
+    q = torch.empty(min(clen, nb * B) + 8, dtype=torch.uint8)  # + 8: room to unpack a partial last byte
     y = torch.empty(q.numel(), dtype=torch.float32)
     for b0 in range(0, nb, bpc):
         b1 = min(nb, b0 + bpc)
@@ -348,8 +349,7 @@ def _read_quant(r: Reader, n: int) -> torch.Tensor:
             qq = qv.view(-1, per_byte)
             for j in range(per_byte):
                 torch.bitwise_right_shift(p, 8 - bits * (j + 1), out=qq[:, j])
-            if bits != 8:
-                qv.bitwise_and_(mask)
+            qv.bitwise_and_(mask)
         full = e - s == cnt
         yv = out[s:e] if full else y[:cnt]
         if not full:
@@ -362,10 +362,10 @@ def _read_quant(r: Reader, n: int) -> torch.Tensor:
 
 
 # -- sign ------------------------------------------------------------------------------
-_SHEAD = __import__("struct").Struct("<I")
+_SHEAD = struct.Struct("<I")
 
 
-class SignCodec(Stage if False else ValueCodec):
+class SignCodec(ValueCodec):
     """1-bit sign with a mean-magnitude scale: x^ = s * sign(x), s = ||x||_1 / n.
 
     signSGD with the scaled sign of EF-signSGD (Karimireddy et al. 2019, Alg. 1,
@@ -410,26 +410,33 @@ class SignCodec(Stage if False else ValueCodec):
         _, nb = self._blocks(n, self.block)
         return _SHEAD.size + 4 * nb + (n + 7) // 8
 
+    def _chunk(self, n: int) -> int:
+        """Elements per chunk: whole blocks and whole bytes of sign bits."""
+        if self.block == 0:
+            return CHUNK
+        return -(-max(1, CHUNK // self.block) // 8) * 8 * self.block
+
     def scales(self, x: torch.Tensor) -> torch.Tensor:
         """Per-block mean |x| (float64 accumulation, stored as float32)."""
         n = x.numel()
         B, nb = self._blocks(n, self.block)
         sums = torch.zeros(nb, dtype=torch.float64)
-        a = torch.empty(min(n, CHUNK) if self.block == 0 else 0)
-        if self.block == 0:
-            for s in range(0, n, CHUNK):
-                e = min(n, s + CHUNK)
-                sums += torch.abs(x[s:e], out=a[: e - s]).sum(dtype=torch.float64)
-            counts = torch.tensor([float(n)] * nb, dtype=torch.float64)
-        else:
-            full = n // B
+        step = self._chunk(n)
+        a = torch.empty(min(n, step))
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            av = torch.abs(x[s:e], out=a[: e - s])
+            if self.block == 0:
+                sums += av.sum(dtype=torch.float64)
+                continue
+            b0, full = s // B, (e - s) // B
             if full:
-                sums[:full] = x[: full * B].view(full, B).abs().sum(1, dtype=torch.float64)
-            if full < nb:
-                sums[full] = x[full * B :].abs().sum(dtype=torch.float64)
-            counts = torch.full((nb,), float(B), dtype=torch.float64)
-            if full < nb:
-                counts[-1] = n - full * B
+                sums[b0 : b0 + full] = av[: full * B].view(full, B).sum(1, dtype=torch.float64)
+            if full * B < e - s:
+                sums[b0 + full] = av[full * B :].sum(dtype=torch.float64)
+        counts = torch.full((nb,), float(B), dtype=torch.float64)
+        if nb and n % B:
+            counts[-1] = n % B
         return (sums / counts).to(torch.float32)
 
     def max_abs_error(self, x):
@@ -462,8 +469,7 @@ def _read_sign(r: Reader, n: int) -> torch.Tensor:
     bits = np.frombuffer(r.take((n + 7) // 8, f"{n} sign bits"), dtype=np.uint8)
     out = torch.empty(n, dtype=torch.float32)
     # Chunks of whole blocks (and whole bytes), so each chunk multiplies by its own scales.
-    step = CHUNK if block == 0 else max(1, CHUNK // B) * B
-    step = -(-step // 8) * 8 if block == 0 else step
+    step = SignCodec(block)._chunk(n)
     for s in range(0, n, step):
         e = min(n, s + step)
         o = out[s:e]

@@ -163,12 +163,16 @@ class Coordinator:
             record.reason = f"{len(got.vecs)} accepted updates, fewer than min_replies = {srv.min_replies}; model unchanged"
         else:
             self._aggregate(record, got)
+        self.clock.advance(record.sim_seconds)
+        return self.finish_record(record, t_wall)
 
+    def finish_record(self, record: RoundRecord, t_wall: float) -> RoundRecord:
+        """Evaluate, run the hooks, commit to the store: the end of every round (sync or async)."""
+        r = record.round
         last = r == self.config.server.rounds
-        if r % srv.eval_every == 0 or last:
+        if r % self.config.server.eval_every == 0 or last:
             record.loss, record.accuracy = self.evaluator.central(self.params)
             record.fed_accuracy, record.fed_accuracy_p10 = self.evaluator.federated(self.params)
-        self.clock.advance(record.sim_seconds)
         for hook in self.hooks:
             hook.after_round(record, self)
         record.wall_seconds = time.perf_counter() - t_wall
@@ -203,18 +207,9 @@ class Coordinator:
                 rec.status, rec.reason = "late", f"arrived {t:.3f}s after dispatch, deadline {deadline:.3f}s"
                 continue
             last_event = max(last_event, t)
-            vec, reason = self._decode(msg)
-            if reason is None:
-                for v in self.validators:
-                    reason = v.check(msg, vec, ctx)
-                    if reason:
-                        reason = f"{v.name}: {reason}"
-                        break
-            if reason is not None:
-                rec.status, rec.reason = "rejected", reason
+            vec = self.accept(msg, rec, ctx)
+            if vec is None:
                 continue
-            ctx.seen.add(msg.client_id)
-            rec.update_norm = float(torch.linalg.vector_norm(vec))
             got.vecs.append(vec)
             got.claims.append(int(msg.num_examples))
             got.accepted.append(rec)
@@ -232,6 +227,22 @@ class Coordinator:
         else:
             got.end_s = last_event
         return got
+
+    def accept(self, msg: Update, rec: ClientRecord, ctx: ValidationContext) -> torch.Tensor | None:
+        """Decode and validate one update; on refusal mark `rec` rejected with the reason."""
+        vec, reason = self._decode(msg)
+        if reason is None:
+            for v in self.validators:
+                reason = v.check(msg, vec, ctx)
+                if reason:
+                    reason = f"{v.name}: {reason}"
+                    break
+        if reason is not None:
+            rec.status, rec.reason = "rejected", reason
+            return None
+        ctx.seen.add(msg.client_id)
+        rec.update_norm = float(torch.linalg.vector_norm(vec))
+        return vec
 
     def _decode(self, update: Update) -> tuple[torch.Tensor | None, str | None]:
         try:
@@ -266,13 +277,20 @@ class Coordinator:
             cap = min(cap, float(self.config.server.max_examples))
         return np.minimum(c, cap)
 
-    def _aggregate(self, record: RoundRecord, got: Collected) -> None:
+    def _aggregate(self, record: RoundRecord, got: Collected, scale: np.ndarray | None = None) -> None:
+        """Aggregate the accepted updates and step the server optimizer.
+
+        `scale` multiplies each update's weight without renormalising (FedBuff's
+        staleness weights: a stale update moves the model less)."""
         matrix = torch.stack(got.vecs)
         weights = self.example_weights(got.claims)
-        norm_w = weights / weights.sum()
+        scaled = weights if scale is None else weights * scale
+        norm_w = scaled / scaled.sum()
         for rec, w in zip(got.accepted, norm_w):
             rec.weight = float(w)
-        pseudo_gradient = self.aggregator.aggregate(matrix, torch.from_numpy(weights).to(torch.float32))
+        pseudo_gradient = self.aggregator.aggregate(matrix, torch.from_numpy(scaled).to(torch.float32))
+        if scale is not None:
+            pseudo_gradient = pseudo_gradient * float(scaled.sum() / weights.sum())
         new_params, new_state = self.server_optimizer.step(self.params, pseudo_gradient, self.server_state)
         if not bool(torch.isfinite(new_params).all()):
             record.status, record.reason = "failed", "the aggregate produced non-finite parameters; model unchanged"
@@ -293,10 +311,15 @@ class Coordinator:
     # -- the run -------------------------------------------------------------------
     def run(self, on_round: Callable[[RoundRecord], Any] | None = None) -> RunSummary:
         t0 = time.perf_counter()
-        while self.round < self.config.server.rounds:
-            record = self.run_round()
-            if on_round is not None:
-                on_round(record)
+        if self.config.server.mode == "async":
+            from .fedbuff import FedBuffLoop
+
+            FedBuffLoop(self).run(on_round)
+        else:
+            while self.round < self.config.server.rounds:
+                record = self.run_round()
+                if on_round is not None:
+                    on_round(record)
         return self.summary(time.perf_counter() - t0)
 
     def summary(self, wall_seconds: float) -> RunSummary:

@@ -126,7 +126,8 @@ class PrivacyParts:
         """Call AFTER every round whose (noised) aggregate was computed."""
         if self.accountant is None:
             return None
-        return self.accountant.record_round(sampling_rate, self.noise_multiplier)
+        self.accountant.record_round(sampling_rate, self.noise_multiplier)
+        return self.accountant.spent()
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-safe state for checkpoints: accountant ledger, adaptive C, noise RNG."""

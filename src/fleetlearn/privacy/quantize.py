@@ -93,7 +93,8 @@ class Quantizer:
             ints = np.floor(scaled + rng.random(scaled.shape))
         else:
             ints = np.rint(scaled)
-        ints = np.clip(ints, -self.levels, self.levels).astype(np.int64)
+        # Clip in the integer domain: above 2^53 levels, float64 cannot hold L exactly.
+        ints = np.clip(ints.astype(np.int64), -self.levels, self.levels)
         return ints.astype(np.uint64) & self.mask  # two's complement mod 2^k
 
     def to_signed(self, field_vec) -> np.ndarray:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import random
 import threading
 import time
@@ -403,6 +404,18 @@ class FleetClient:
             self._runtime_key = key
         return self._runtime
 
+    def _step_budget(self, task: Task, local_deadline: float, batch_size: int) -> int | None:
+        """Partial work (task config `partial_work`): the local steps that fit before the
+        deadline, from the announced device profile, as the simulation computes them;
+        None for no cut."""
+        sps = float(self.device.get("compute_sps", 0.0))
+        if not task.config.get("partial_work") or not math.isfinite(local_deadline) or sps <= 0:
+            return None
+        mbps = float(self.device.get("uplink_mbps", 0.0))
+        upload_s = task.nbytes * 8.0 / (mbps * 1e6) if mbps > 0 else 0.0  # the update is at most about the model's size
+        budget = local_deadline - time.monotonic() - upload_s
+        return max(0, math.floor(max(budget, 0.0) * sps / max(batch_size, 1)))
+
     async def _train_and_push(self, stub: pb_grpc.FleetLearnStub, pulled: tuple[Task, float, str]) -> None:
         task, local_deadline, uplink = pulled
         assert self._client_id is not None
@@ -412,12 +425,15 @@ class FleetClient:
         def train():
             params, hp = runtime.receive(task)
             seed = client_seed(int(task.config.get("seed", 0)), task.round, cid)
-            result = self.learner.fit(params, self.data, hp, seed)
+            steps = self._step_budget(task, local_deadline, hp.batch_size)
+            if steps == 0:
+                return None
+            result = self.learner.fit(params, self.data, hp, seed) if steps is None else self.learner.fit(params, self.data, hp, seed, max_steps=steps)
             return runtime.reply(cid, task, result)
 
         update = await asyncio.to_thread(train) if self.train_in_thread else train()
         self._after_round = task.round
-        if time.monotonic() > local_deadline:
+        if update is None or time.monotonic() > local_deadline:
             self.report.skipped_late += 1
             log.info("client %d: round %d deadline passed during training; update not sent", cid, task.round)
             return

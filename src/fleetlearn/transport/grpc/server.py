@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable
 import grpc
 from google.protobuf.message import DecodeError, Message
 
+from ...compression import parse_chain
 from ...messages import ClientMetrics, Dropout, Task, Update
 from ...params import ParamSpec
 from ..base import Reply
@@ -70,6 +71,14 @@ def codec_names(chain_spec: str) -> list[str]:
     return [p.split(":", 1)[0].strip() for p in chain_spec.split("|") if p.strip() and p.split(":", 1)[0].strip() != "none"]
 
 
+def _normalise_chain(spec: str) -> str | None:
+    """A chain spec in canonical form ("topk:0.01|q8" -> "topk:0.01 | q8"), None if invalid."""
+    try:
+        return parse_chain(spec).spec
+    except ValueError:
+        return None
+
+
 def _major(version: str) -> int | None:
     m = re.match(r"^\s*(\d+)\.\d+", version)
     return int(m.group(1)) if m else None
@@ -87,38 +96,43 @@ class Limits:
 
     @property
     def max_message_bytes(self) -> int:
-        """gRPC's per-message cap: one chunk plus room for the envelope."""
-        return self.chunk_bytes + (64 << 10)
+        """gRPC's own per-message cap.  It is looser than `chunk_bytes` on purpose: a
+        chunk a little too large reaches the handler and is refused (and counted) as
+        `oversized`; only absurd messages are cut off by gRPC itself (RESOURCE_EXHAUSTED,
+        not counted)."""
+        return 4 * self.chunk_bytes + (64 << 10)
 
 
 @dataclass(frozen=True)
 class RunRequirements:
     """What a client must support to join this run; checked once, at registration.
 
-    `update_bytes` is the exact size of an update when the uplink chain is the
-    lossless identity (then a payload of any other size cannot be the model's).
+    `update_bytes` is the exact size of an update when the uplink chain has a
+    fixed size for the model (no sparsifier), `update_bytes_max` an upper bound
+    otherwise: a payload outside them cannot be the model's (`wrong_shape`).
     """
 
     uplink: str = "none"
     downlink: str = "none"
     model_digest: str | None = None
     update_bytes: int | None = None
+    update_bytes_max: int | None = None
     runtime: str = field(default_factory=runtime_version)
     model_width: float = 1.0
     min_memory_mb: int = 0
 
     @classmethod
     def for_run(cls, spec: ParamSpec | None, uplink: str = "none", downlink: str = "none", **kw: Any) -> "RunRequirements":
-        exact = None
-        if spec is not None and not codec_names(uplink):
-            from ...compression import parse_chain  # the identity codec says how big its payload is
-            import torch
-
-            exact = len(parse_chain(uplink).encode(torch.zeros(spec.dim))[0])
-        if spec is not None and "min_memory_mb" not in kw:
+        """Requirements of a run training `spec` with these codec chains (validated and
+        normalised: a bad chain is a ValueError here, not a refusal of every client)."""
+        up, down = parse_chain(uplink), parse_chain(downlink)
+        if spec is not None:
+            size = up.estimate_bytes(spec.dim)  # exact for fixed-size chains, an upper bound otherwise
+            kw.setdefault("update_bytes", size if up.exact_size else None)
+            kw.setdefault("update_bytes_max", size)
             # global params, local params, delta and an optimizer buffer
-            kw["min_memory_mb"] = math.ceil(4 * spec.nbytes / (1 << 20))
-        return cls(uplink=uplink, downlink=downlink, model_digest=spec.digest() if spec else None, update_bytes=exact, **kw)
+            kw.setdefault("min_memory_mb", math.ceil(4 * spec.nbytes / (1 << 20)))
+        return cls(uplink=up.spec, downlink=down.spec, model_digest=spec.digest() if spec else None, **kw)
 
     def refusal(self, request: pb.RegisterRequest) -> str | None:
         """Why a client cannot take part in this run, or None if it can."""
@@ -578,7 +592,7 @@ class FleetServer:
 
     def _validate_update_meta(self, m: pb.UpdateMeta) -> None:
         req = self.requirements
-        if m.codec.strip() != req.uplink.strip():
+        if _normalise_chain(m.codec) != req.uplink:
             raise Refusal("wrong_codec", f"update encoded with {m.codec!r}; the run's uplink chain is {req.uplink!r}")
         if m.num_examples < 0:
             raise Refusal("malformed", f"num_examples = {m.num_examples} is negative")
@@ -594,6 +608,8 @@ class FleetServer:
             raise Refusal("oversized", f"update payload of {m.payload_bytes} bytes exceeds the limit of {self.limits.max_update_bytes} bytes")
         if req.update_bytes is not None and m.payload_bytes != req.update_bytes:
             raise Refusal("wrong_shape", f"update payload of {m.payload_bytes} bytes cannot be the model's: uplink {req.uplink!r} sends exactly {req.update_bytes} bytes")
+        if req.update_bytes_max is not None and m.payload_bytes > req.update_bytes_max:
+            raise Refusal("wrong_shape", f"update payload of {m.payload_bytes} bytes cannot be the model's: uplink {req.uplink!r} sends at most {req.update_bytes_max} bytes")
 
     # -- rounds (called on the loop by GrpcTransport) ----------------------------------
     def open_round(self, task: Task, cohort: Iterable[int], deadline_s: float) -> RoundState:

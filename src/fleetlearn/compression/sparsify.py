@@ -1,0 +1,277 @@
+"""Sparsifiers: keep k of d coordinates, send their indices and (value-coded) values.
+
+Indices travel sorted, as the first index plus the gaps minus one (so adjacent
+indices cost a zero), in the narrowest of 1, 2 or 4 bytes that holds the largest
+gap, then zstd-compressed when that is smaller (a flag in the section header
+says which).  The values of the kept coordinates, in index order, then go
+through the chain's value codec (float32 unless the chain says otherwise).
+
+Section header ``<IIBBI``: k, first index, gap width (1, 2, 4), index coding
+(0 raw, 1 zstd), index bytes.  Index bytes are at most 4 (k - 1): that is the
+upper bound ``estimate_bytes`` uses.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+import torch
+import zstandard
+
+from ..params import PayloadError
+from . import wire
+from .base import CHUNK, Stage, format_amount, parse_amount, resolve_amount
+from .wire import Reader
+
+SPARSE_HEAD = struct.Struct("<IIBBI")
+_RAW, _ZSTD = 0, 1
+_ZSTD_LEVEL = 3
+_WIDTH_DTYPE = {1: "<u1", 2: "<u2", 4: "<u4"}
+
+
+# -- selection -------------------------------------------------------------------------
+def _above(xn: np.ndarray, t: float) -> np.ndarray:
+    """Sorted indices i with |x_i| >= t, chunk by chunk."""
+    d = xn.shape[0]
+    a = np.empty(min(d, CHUNK), dtype=np.float32)
+    m = np.empty(min(d, CHUNK), dtype=bool)
+    parts = []
+    for s in range(0, d, CHUNK):
+        e = min(d, s + CHUNK)
+        np.abs(xn[s:e], out=a[: e - s])
+        np.greater_equal(a[: e - s], t, out=m[: e - s])
+        nz = np.flatnonzero(m[: e - s])
+        if nz.size:
+            parts.append(nz + s)
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+
+def topk_indices(x: torch.Tensor, k: int) -> np.ndarray:
+    """Sorted int64 indices of k entries of largest |x| (ties broken by lower index).
+
+    Exact, but faster than ``torch.topk`` on large vectors: a threshold estimated
+    from a strided sample of |x| finds a candidate set slightly larger than k in
+    one pass, and the exact k-th largest magnitude is then found among the
+    candidates only.  If the estimate was too high (fewer than k candidates) it
+    retries with a lower threshold, and finally falls back to ``torch.topk``.
+    """
+    d = x.numel()
+    if k >= d:
+        return np.arange(d, dtype=np.int64)
+    if k <= 0:
+        return np.empty(0, dtype=np.int64)
+    xn = x.numpy()
+    cand = None
+    if d > 4 * CHUNK:
+        stride = max(1, d // 65536)
+        sample = np.abs(xn[::stride])
+        m = sample.shape[0]
+        p = k / d
+        for attempt in range(3):
+            r = int(p * m * 1.25 * 4**attempt + 4.0 * math.sqrt(p * m) + 8)
+            if r >= m:
+                break
+            t = float(np.partition(sample, m - r)[m - r])
+            c = _above(xn, t)
+            if c.size >= k:
+                cand = c
+                break
+    if cand is None:  # small vector or a sample that misled us
+        idx = torch.topk(x.abs(), k, sorted=False).indices.numpy()
+        return np.sort(idx)
+    if cand.size == k:
+        return cand
+    vals = np.abs(xn[cand])
+    kth = np.partition(vals, cand.size - k)[cand.size - k]  # the k-th largest magnitude
+    keep = vals > kth
+    need = k - int(np.count_nonzero(keep))
+    keep[np.flatnonzero(vals == kth)[:need]] = True
+    return cand[keep]
+
+
+def randk_indices(d: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted int64 indices of a uniformly random k-subset of range(d).
+
+    Draws i.i.d. uniform indices until at least k are distinct, then removes a
+    uniform random subset of the surplus.  Conditional on its size, the set of
+    distinct draws is a uniform subset (by symmetry), so the result is a uniform
+    k-subset; the cost is O(k log k) (O(d) with a mask when k is a large fraction
+    of d) instead of the O(d) of a full permutation.
+    """
+    if k >= d:
+        return np.arange(d, dtype=np.int64)
+    if k <= 0:
+        return np.empty(0, dtype=np.int64)
+    if 2 * k > d:  # pick the coordinates to leave out instead
+        keep = np.ones(d, dtype=bool)
+        keep[randk_indices(d, d - k, rng)] = False
+        return np.flatnonzero(keep)
+    use_mask = 64 * k >= d
+    mask = np.zeros(d, dtype=bool) if use_mask else None
+    sel = np.empty(0, dtype=np.int64)
+    have = 0
+    while have < k:
+        # Draws whose expected number of new distinct values is a little over what is missing.
+        target = min(d - 1, have + (k - have) + 3.0 * math.sqrt(k - have) + 8)
+        m = max(1, int(math.ceil(-d * (math.log1p(-target / d) - math.log1p(-have / d)))))
+        draws = rng.integers(0, d, size=m, dtype=np.int64)
+        if use_mask:
+            mask[draws] = True
+            have = int(np.count_nonzero(mask))
+        else:
+            s = np.sort(np.concatenate([sel, draws]))
+            sel = s[np.concatenate(([True], s[1:] != s[:-1]))] if s.size else s
+            have = sel.size
+    if use_mask:
+        sel = np.flatnonzero(mask)
+    if sel.size > k:
+        drop = rng.choice(sel.size, sel.size - k, replace=False)
+        keep = np.ones(sel.size, dtype=bool)
+        keep[drop] = False
+        sel = sel[keep]
+    return sel
+
+
+# -- index coding ------------------------------------------------------------------------
+def write_indices(idx: np.ndarray) -> list:
+    k = int(idx.shape[0])
+    if k == 0:
+        return [SPARSE_HEAD.pack(0, 0, 1, _RAW, 0)]
+    gaps = np.diff(idx) - 1  # >= 0 for strictly increasing indices
+    top = int(gaps.max()) if gaps.size else 0
+    width = 1 if top < 1 << 8 else 2 if top < 1 << 16 else 4
+    raw = gaps.astype(_WIDTH_DTYPE[width])
+    body: bytes | memoryview = memoryview(raw).cast("B")
+    coding = _RAW
+    if raw.nbytes >= 64:
+        z = zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(body)
+        if len(z) < raw.nbytes:
+            body, coding = z, _ZSTD
+    return [SPARSE_HEAD.pack(k, int(idx[0]), width, coding, len(body)), body]
+
+
+def read_indices(r: Reader, dim: int) -> np.ndarray:
+    k, first, width, coding, nbytes = r.unpack(SPARSE_HEAD, "sparse header")
+    if k > dim:
+        raise PayloadError(f"sparse section keeps k={k} entries of a vector of dim {dim}")
+    if width not in _WIDTH_DTYPE:
+        raise PayloadError(f"sparse section announces index width {width}; allowed 1, 2, 4")
+    body = r.take(nbytes, "index bytes")
+    if k == 0:
+        if nbytes or first:
+            raise PayloadError("sparse section with k=0 carries index data")
+        return np.empty(0, dtype=np.int64)
+    want = (k - 1) * width
+    if coding == _RAW:
+        if nbytes != want:
+            raise PayloadError(f"raw index block of {nbytes} bytes; k={k} gaps of width {width} need {want}")
+        raw = body
+    elif coding == _ZSTD:
+        try:
+            size = zstandard.frame_content_size(body)
+            if size != want:
+                raise PayloadError(f"zstd index block announces {size} bytes; k={k} gaps of width {width} need {want}")
+            raw = zstandard.ZstdDecompressor().decompress(body, max_output_size=want)
+        except zstandard.ZstdError as exc:
+            raise PayloadError(f"zstd index block does not decompress: {exc}") from None
+        if len(raw) != want:
+            raise PayloadError(f"zstd index block decompressed to {len(raw)} bytes, expected {want}")
+    else:
+        raise PayloadError(f"unknown index coding {coding}; allowed 0 (raw), 1 (zstd)")
+    idx = np.empty(k, dtype=np.int64)
+    idx[0] = first
+    idx[1:] = np.frombuffer(raw, dtype=_WIDTH_DTYPE[width])
+    idx[1:] += 1
+    np.cumsum(idx, out=idx)
+    if idx[-1] >= dim:
+        raise PayloadError(f"sparse index {int(idx[-1])} is out of range for dim {dim}")
+    return idx
+
+
+# -- stages --------------------------------------------------------------------------------
+class Sparsifier(Stage):
+    role = "sparsifier"
+    wire_id: int
+
+    def __init__(self, amount: float | int):
+        self.amount = amount
+
+    def k(self, dim: int) -> int:
+        return resolve_amount(self.amount, dim)
+
+    def scale(self, dim: int, k: int) -> float:
+        return 1.0
+
+    def select(self, x: torch.Tensor, rng: np.random.Generator | None) -> np.ndarray:
+        raise NotImplementedError
+
+    def args(self):
+        return [format_amount(self.amount)]
+
+    @classmethod
+    def _amount(cls, positional, options, flags=()):
+        help_ = f"'{cls.name}:F' with a fraction 0 < F <= 1 written with a decimal point, or '{cls.name}:K' with an integer count K >= 1"
+        if options:
+            raise ValueError(f"codec {cls.name!r}: unknown option {next(iter(options))!r}; allowed: {help_}" + (f", flags {', '.join(flags)}" if flags else ""))
+        amounts = [p for p in positional if p not in flags]
+        if len(amounts) != 1:
+            raise ValueError(f"codec {cls.name!r} needs exactly one amount, got {amounts or 'none'}; write {help_}" + (f"; flags: {', '.join(flags)}" if flags else ""))
+        return parse_amount(cls.name, "the amount", amounts[0]), {f for f in positional if f in flags}
+
+
+class TopK(Sparsifier):
+    """Top-k sparsification: keep the k entries of largest magnitude, exactly.
+
+    Aji & Heafield 2017 (sparse communication), Stich et al. 2018 (top-k with
+    memory, i.e. error feedback).  ``topk:0.01`` keeps round(0.01 d) entries (at
+    least 1), ``topk:100`` keeps 100.  Kept entries are decoded as the value codec
+    decodes them (exact with float32); every other entry decodes to 0.
+    """
+
+    name = "topk"
+    lossy = True
+    wire_id = wire.SUPPORT_TOPK
+
+    @classmethod
+    def from_args(cls, positional, options):
+        amount, _ = cls._amount(positional, options)
+        return cls(amount)
+
+    def select(self, x, rng):
+        return topk_indices(x, self.k(x.numel()))
+
+
+class RandK(Sparsifier):
+    """Random-k sparsification: keep a uniformly random k-subset of the coordinates.
+
+    Stich et al. 2018 (rand-k with memory); Wangni et al. 2018.  By default the
+    kept values are sent as they are (meant to be used with error feedback,
+    ``ef | randk:0.01``); with the ``unbiased`` flag they are scaled by d/k so
+    that E[decode(encode(x))] = x.  The indices are sent (not a seed), so decoding
+    never depends on a random number generator's algorithm.
+    """
+
+    name = "randk"
+    lossy = True
+    stochastic = True
+    wire_id = wire.SUPPORT_RANDK
+
+    def __init__(self, amount: float | int, unbiased: bool = False):
+        super().__init__(amount)
+        self.unbiased = unbiased
+
+    def args(self):
+        return super().args() + (["unbiased"] if self.unbiased else [])
+
+    @classmethod
+    def from_args(cls, positional, options):
+        amount, flags = cls._amount(positional, options, flags=("unbiased",))
+        return cls(amount, "unbiased" in flags)
+
+    def scale(self, dim, k):
+        return dim / k if (self.unbiased and k) else 1.0
+
+    def select(self, x, rng):
+        return randk_indices(x.numel(), self.k(x.numel()), rng)

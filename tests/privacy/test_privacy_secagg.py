@@ -1,0 +1,200 @@
+"""Secure aggregation: exact sums under dropouts, what the server sees, failures."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from fleetlearn.privacy import (
+    MaskedInput,
+    Quantizer,
+    SecAggClient,
+    SecAggDropoutError,
+    SecAggError,
+    SecAggServer,
+    SecAggTamperError,
+    SecureAggregation,
+    UnmaskRequest,
+    UnmaskShares,
+    run_secagg,
+    secure_sum,
+)
+
+N, D, BITS = 20, 1000, 32
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    rng = np.random.default_rng(0)
+    q = Quantizer(clip_range=1.0, max_clients=N, modulus_bits=BITS)
+    return q, q.quantize(rng.normal(0, 0.3, (N, D)), rng)
+
+
+def _plain_sum(x, keep):
+    return Quantizer.field_sum(x[sorted(keep)], BITS)
+
+
+@pytest.mark.parametrize("dropouts", [(), (7,), tuple(range(0, N, 3))[:6]], ids=["none", "one", "30pct"])
+def test_unmasked_sum_equals_plain_sum_exactly(quantized, dropouts):
+    q, x = quantized
+    assert len(dropouts) in (0, 1, int(0.3 * N))
+    t = run_secagg(x, dropouts=dropouts, seed=1)
+    keep = set(range(N)) - set(dropouts)
+    assert t.sum.dtype == np.uint64
+    assert np.array_equal(t.sum, _plain_sum(x, keep))  # integer equality in Z_{2^32}
+    assert set(t.survivors) == keep and set(t.dropped) == set(dropouts)
+    # and it dequantizes to the float sum up to rounding
+    assert np.abs(q.dequantize(t.sum, len(keep)) - q.dequantize(_plain_sum(x, keep))).max() == 0
+
+
+def test_secure_sum_with_os_randomness_and_late_dropouts(quantized):
+    _, x = quantized
+    # unseeded (the secure default); clients 2 and 11 drop after masking: their inputs still count
+    s = secure_sum(x, dropouts=(4, 5), late_dropouts=(2, 11))
+    assert np.array_equal(s, _plain_sum(x, set(range(N)) - {4, 5}))
+
+
+@pytest.mark.parametrize("bits", [16, 40, 62])
+def test_other_moduli(bits):
+    rng = np.random.default_rng(bits)
+    x = rng.integers(0, 2**bits, size=(6, 300), dtype=np.uint64)
+    assert np.array_equal(secure_sum(x, dropouts=(1,), seed=0, modulus_bits=bits), Quantizer.field_sum(x[[0, 2, 3, 4, 5]], bits))
+
+
+def test_secagg_plus_neighbour_graph(quantized):
+    _, x = quantized
+    t = run_secagg(x, dropouts=(0, 9, 13), seed=2, neighbors=8)
+    assert np.array_equal(t.sum, _plain_sum(x, set(range(N)) - {0, 9, 13}))
+    graph = t.server.directory.neighbors
+    assert all(len(v) == 8 for v in graph.values())
+    assert all(u in graph[v] for u in graph for v in graph[u])  # symmetric
+    assert t.server.directory.threshold == 5
+    # sparse graph: far fewer pairwise ciphertexts than all pairs
+    assert sum(len(m.encrypted_shares) for m in t.server.inbox if hasattr(m, "encrypted_shares")) == N * 8
+
+
+def test_server_never_sees_an_unmasked_update(quantized):
+    _, x = quantized
+    dropouts = (3, 8, 15)
+    t = run_secagg(x, dropouts=dropouts, seed=3)
+    inbox = t.server.inbox
+    masked = [m for m in inbox if isinstance(m, MaskedInput)]
+    assert {m.client_id for m in masked} == set(range(N)) - set(dropouts)
+    for m in masked:
+        plain = x[m.client_id]
+        assert np.mean(m.masked == plain) < 0.01  # not the input, not even coordinate-wise
+        # the plain quantized updates are tiny signed numbers (near 0 or near 2^32);
+        # masked ones are uniform on [0, 2^32): mean ~ 1/2, each quarter ~ 1/4 of the mass
+        u = m.masked.astype(np.float64) / 2**BITS
+        assert abs(u.mean() - 0.5) < 0.05
+        assert np.allclose(np.histogram(u, bins=4, range=(0, 1))[0] / D, 0.25, atol=0.06)
+    # no proper subset of masked inputs sums to the subset's plain sum
+    ids = [m.client_id for m in masked]
+    ys = np.stack([m.masked for m in masked])
+    for k in (1, 2, len(ids) - 1):
+        part = Quantizer.field_sum(ys[:k], BITS)
+        assert np.mean(part == _plain_sum(x, ids[:k])) < 0.01
+    # only those two kinds of arrays reach the server: no message carries a vector besides MaskedInput
+    for m in inbox:
+        if not isinstance(m, MaskedInput):
+            assert not any(isinstance(v, np.ndarray) for v in dataclasses.asdict(m).values())
+    # for no client did the server get both its self-mask share and its mask-key share
+    unmask = [m for m in inbox if isinstance(m, UnmaskShares)]
+    self_revealed = {u for m in unmask for u in m.self_mask_shares}
+    key_revealed = {u for m in unmask for u in m.mask_key_shares}
+    assert self_revealed == set(ids) and key_revealed == set(dropouts)
+    assert not self_revealed & key_revealed
+
+
+def test_too_many_dropouts_fail_the_round_clearly(quantized):
+    _, x = quantized
+    with pytest.raises(SecAggDropoutError, match=r"only 9 of 20 clients sent masked inputs, fewer than the threshold t = 10"):
+        run_secagg(x, dropouts=range(11), seed=4)
+    with pytest.raises(SecAggDropoutError, match="threshold"):
+        run_secagg(x, dropouts=range(3), threshold=18, seed=4)
+    with pytest.raises(SecAggDropoutError, match="at least 3 clients"):
+        run_secagg(x[:2], seed=4)
+
+
+def _flow(x, seed=5):
+    rng = np.random.default_rng(seed)
+    server = SecAggServer(dim=x.shape[1], modulus_bits=BITS, rng=rng)
+    clients = [SecAggClient(i, rng) for i in range(len(x))]
+    directory = server.advertise([c.advertise_keys() for c in clients])
+    forwarded = server.collect_shares([c.share_keys(directory) for c in clients])
+    return server, clients, forwarded
+
+
+def test_tampered_share_is_detected(quantized):
+    _, x = quantized
+    x = x[:6]
+    server, clients, forwarded = _flow(x)
+    box = forwarded[2]
+    blob = bytearray(box.encrypted_shares[4])
+    blob[20] ^= 0x01  # one flipped bit in the relayed ciphertext
+    bad = dataclasses.replace(box, encrypted_shares={**box.encrypted_shares, 4: bytes(blob)})
+    with pytest.raises(SecAggTamperError, match="from client 4 to client 2 failed AES-GCM authentication"):
+        clients[2].masked_input(bad, x[2])
+    # a ciphertext re-labelled as coming from another sender fails too (sender ids are authenticated)
+    swapped = dataclasses.replace(box, encrypted_shares={**box.encrypted_shares, 4: box.encrypted_shares[5], 5: box.encrypted_shares[4]})
+    with pytest.raises(SecAggTamperError, match="failed AES-GCM authentication"):
+        clients[2].masked_input(swapped, x[2])
+    # the untouched message still works
+    assert clients[2].masked_input(box, x[2]).client_id == 2
+
+
+def test_wrong_share_at_unmasking_is_detected(quantized):
+    _, x = quantized
+    x = x[:6]
+    server, clients, forwarded = _flow(x, seed=6)
+    request = server.collect_masked([clients[i].masked_input(forwarded[i], x[i]) for i in range(6) if i != 1])
+    answers = [clients[i].unmask(request) for i in range(6) if i != 1]
+    first = answers[0]
+    u = next(iter(first.self_mask_shares))
+    blob = bytearray(first.self_mask_shares[u])
+    blob[-1] ^= 0x01
+    answers[0] = dataclasses.replace(first, self_mask_shares={**first.self_mask_shares, u: bytes(blob)})
+    with pytest.raises(SecAggError, match="wrong share|cannot reconstruct"):
+        server.unmask(answers)
+
+
+def test_client_refuses_to_reveal_both_secrets(quantized):
+    _, x = quantized
+    x = x[:6]
+    server, clients, forwarded = _flow(x, seed=7)
+    request = server.collect_masked([clients[i].masked_input(forwarded[i], x[i]) for i in range(6)])
+    with pytest.raises(SecAggError, match="both survived and dropped"):
+        clients[0].unmask(UnmaskRequest(survivors=request.survivors, dropped=(3,)))
+    clients[0].unmask(request)  # reveals b-shares of everyone
+    # a later request claiming client 3 dropped would reveal its mask key too
+    with pytest.raises(SecAggError, match="already revealed"):
+        clients[0].unmask(UnmaskRequest(survivors=(0, 1, 2, 4, 5), dropped=(3,)))
+
+
+def test_protocol_order_and_input_checks(quantized):
+    _, x = quantized
+    server, clients, forwarded = _flow(x[:5], seed=8)
+    with pytest.raises(SecAggError, match="addressed to client 1"):
+        clients[0].masked_input(forwarded[1], x[0])
+    with pytest.raises(SecAggError, match="expects 1000"):
+        clients[0].masked_input(forwarded[0], x[0][:10])
+    with pytest.raises(ValueError, match=">= 2\\^32"):
+        clients[0].masked_input(forwarded[0], np.full(D, 2**33, dtype=np.uint64))
+    with pytest.raises(SecAggError, match="has not sent its masked input"):
+        clients[1].unmask(UnmaskRequest((0, 1, 2), ()))
+
+
+def test_secure_aggregation_part_weighted_mean_with_dropouts():
+    torch.manual_seed(9)
+    u = torch.randn(10, 400) * 0.2
+    w = torch.rand(10) + 0.5
+    sa = SecureAggregation(clip_range=1.0, max_clients=12, seed=0)
+    got = sa.aggregate(u, w, dropped=2)
+    want = (w / w.sum()) @ u
+    assert got.dtype == torch.float32 and got.shape == (400,)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert len(sa.last.dropped) == 2 and len(sa.last.survivors) == 10
+    assert sa.needs_individual_updates is False
+    with pytest.raises(ValueError, match="headroom"):
+        sa.sum(torch.zeros(13, 4))
