@@ -187,3 +187,23 @@ def test_synthetic_11_is_harder_than_synthetic_00():
         return float(np.mean(vals))
     easy, hard = acc(0.0, 0.0), acc(1.0, 1.0)
     assert hard < easy - 0.03, (easy, hard)
+
+
+class RollbackEverySecondRound:
+    def after_round(self, record, coordinator):
+        assert coordinator.last_updates is not None and coordinator.last_updates.shape[0] == record.accepted
+        assert torch.allclose(coordinator.prev_params + coordinator.last_aggregate, coordinator.params, atol=1e-6)
+        if record.round % 2 == 0:
+            coordinator.restore(reason="test guardrail")
+
+
+def test_a_hook_can_roll_back_a_round(tmp_path):
+    c = build_coordinator(load_config({**SMALL, "server": {"rounds": 4, "cohort": 5}, "store": {"root": str(tmp_path)}}), hooks=[RollbackEverySecondRound()])
+    c.run()
+    statuses = [(r.round, r.status, r.version) for r in c.records]
+    assert statuses == [(1, "ok", 1), (2, "rolled_back", 1), (3, "ok", 2), (4, "rolled_back", 2)]
+    assert c.version == 2
+    stored = c.store.records()
+    assert [r.status for r in stored] == ["ok", "rolled_back", "ok", "rolled_back"]
+    v, params, _ = c.store.load_checkpoint()
+    assert v == 2 and torch.equal(params, c.params)

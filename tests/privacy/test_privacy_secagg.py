@@ -144,18 +144,21 @@ def test_tampered_share_is_detected(quantized):
     assert clients[2].masked_input(box, x[2]).client_id == 2
 
 
-def test_wrong_share_at_unmasking_is_detected(quantized):
+@pytest.mark.parametrize("kind", ["self_mask_shares", "mask_key_shares"])
+def test_wrong_share_at_unmasking_is_detected(quantized, kind):
     _, x = quantized
     x = x[:6]
     server, clients, forwarded = _flow(x, seed=6)
     request = server.collect_masked([clients[i].masked_input(forwarded[i], x[i]) for i in range(6) if i != 1])
     answers = [clients[i].unmask(request) for i in range(6) if i != 1]
     first = answers[0]
-    u = next(iter(first.self_mask_shares))
-    blob = bytearray(first.self_mask_shares[u])
+    shares = getattr(first, kind)
+    u = next(iter(shares))
+    blob = bytearray(shares[u])
     blob[-1] ^= 0x01
-    answers[0] = dataclasses.replace(first, self_mask_shares={**first.self_mask_shares, u: bytes(blob)})
-    with pytest.raises(SecAggError, match="wrong share|cannot reconstruct"):
+    answers[0] = dataclasses.replace(first, **{kind: {**shares, u: bytes(blob)}})
+    # checked against the owner's commitment (SHA-256 of b_u, or the advertised s_pk)
+    with pytest.raises(SecAggError, match=rf"client {u}\b.*(wrong share|inconsistent)"):
         server.unmask(answers)
 
 

@@ -22,6 +22,7 @@ parameters, or a violated precondition such as
 from __future__ import annotations
 
 import math
+import warnings
 from numbers import Integral, Real
 
 import numpy as np
@@ -57,7 +58,10 @@ def _prepare(updates, fn: str) -> tuple[torch.Tensor, bool]:
             a = a.astype(np.float64)
         elif a.dtype.kind != "f":
             raise ValueError(f"{fn}: updates must be a real numeric (n, d) array, got dtype {a.dtype}")
-        t = torch.from_numpy(np.ascontiguousarray(a))
+        a = np.ascontiguousarray(a)
+        with warnings.catch_warnings():  # read-only arrays are fine: nothing here writes to them
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(a)
     if t.ndim != 2:
         raise ValueError(f"{fn}: updates must be an (n, d) matrix, got shape {tuple(t.shape)}")
     if t.shape[0] == 0:

@@ -55,7 +55,7 @@ def topk_indices(x: torch.Tensor, k: int) -> np.ndarray:
     from a strided sample of |x| finds a candidate set slightly larger than k in
     one pass, and the exact k-th largest magnitude is then found among the
     candidates only.  If the estimate was too high (fewer than k candidates) it
-    retries with a lower threshold, and finally falls back to ``torch.topk``.
+    retries with a lower threshold, and finally takes every entry as a candidate.
     """
     d = x.numel()
     if k >= d:
@@ -78,12 +78,13 @@ def topk_indices(x: torch.Tensor, k: int) -> np.ndarray:
             if c.size >= k:
                 cand = c
                 break
-    if cand is None:  # small vector or a sample that misled us
-        idx = torch.topk(x.abs(), k, sorted=False).indices.numpy()
-        return np.sort(idx)
-    if cand.size == k:
+    if cand is None:  # small vector, or a sample that misled us: every entry is a candidate
+        cand = np.arange(d, dtype=np.int64)
+        vals = np.abs(xn)
+    elif cand.size == k:
         return cand
-    vals = np.abs(xn[cand])
+    else:
+        vals = np.abs(xn[cand])
     kth = np.partition(vals, cand.size - k)[cand.size - k]  # the k-th largest magnitude
     keep = vals > kth
     need = k - int(np.count_nonzero(keep))

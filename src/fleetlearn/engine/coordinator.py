@@ -32,8 +32,12 @@ from .evaluation import Evaluator
 class RoundHook(Protocol):
     """Called after each round with its record, before the store commits it.
 
-    Monitors add measurements to ``record.extra``; guardrails may set
-    ``record.status = "failed"`` and call ``coordinator.restore(version)``.
+    Monitors add measurements to ``record.extra`` and may read the round's raw
+    material on the coordinator: ``last_updates`` (the accepted (n, d) matrix),
+    ``last_weights`` (n,), ``last_aggregate`` (d,) and ``prev_params`` (d,), all
+    None after a failed round.  Guardrails may reject the round: call
+    ``coordinator.restore(version, reason)``, which puts back that model version
+    and marks the record ``rolled_back``.
     """
 
     def after_round(self, record: RoundRecord, coordinator: "Coordinator") -> None: ...
@@ -89,6 +93,16 @@ class Coordinator:
         self.records: list[RoundRecord] = []
         self._task_cache: tuple[int, bytes] | None = None
         self._completions: list[np.ndarray] = []  # arrival times of recent rounds (adaptive deadline)
+        # The last round's raw material, for monitors (see RoundHook).
+        self.last_updates: torch.Tensor | None = None
+        self.last_weights: torch.Tensor | None = None
+        self.last_aggregate: torch.Tensor | None = None
+        self.prev_params: torch.Tensor | None = None
+        # Recent good versions kept in memory so a guardrail can roll back without the store.
+        self._versions: dict[int, tuple[torch.Tensor, dict]] = {0: (self.params, self.server_state)}
+        self._current_record: RoundRecord | None = None
+
+    KEEP_VERSIONS = 5  # good versions kept in memory for rollback
 
     # -- state -------------------------------------------------------------------
     @property
@@ -118,6 +132,7 @@ class Coordinator:
 
     def run_round(self) -> RoundRecord:
         t_wall = time.perf_counter()
+        self.last_updates = self.last_weights = self.last_aggregate = self.prev_params = None
         self.round += 1
         r = self.round
         srv = self.config.server
@@ -173,8 +188,14 @@ class Coordinator:
         if r % self.config.server.eval_every == 0 or last:
             record.loss, record.accuracy = self.evaluator.central(self.params)
             record.fed_accuracy, record.fed_accuracy_p10 = self.evaluator.federated(self.params)
+        self._current_record = record
         for hook in self.hooks:
             hook.after_round(record, self)
+        self._current_record = None
+        if record.status == "ok":
+            self._versions[self.version] = (self.params, self.server_state)
+            for v in sorted(self._versions)[: -self.KEEP_VERSIONS]:
+                del self._versions[v]
         record.wall_seconds = time.perf_counter() - t_wall
         if self.store is not None:
             every = self.config.store.checkpoint_every
@@ -227,6 +248,31 @@ class Coordinator:
         else:
             got.end_s = last_event
         return got
+
+    def restore(self, version: int | None = None, reason: str = "") -> int:
+        """Put back a good model version (default: the last good one before the
+        current) and its server-optimizer state; the round being finished is
+        recorded as ``rolled_back``.  Versions come from memory, else from the store."""
+        if version is None:
+            older = [v for v in self._versions if v < self.version]
+            if not older:
+                raise ValueError("no earlier good version to restore")
+            version = max(older)
+        if version in self._versions:
+            params, state = self._versions[version]
+        elif self.store is not None:
+            _, params, state = self.store.load_checkpoint(version)
+        else:
+            raise ValueError(f"model version {version} is not available for restore")
+        self.params, self.server_state, self.version = params, dict(state), version
+        rec = self._current_record
+        if rec is not None:
+            rec.status = "rolled_back"
+            rec.reason = reason or f"rolled back to version {version}"
+            rec.version = version
+            rec.extra["restored_version"] = version
+            rec.loss, rec.accuracy = self.evaluator.central(self.params)
+        return version
 
     def accept(self, msg: Update, rec: ClientRecord, ctx: ValidationContext) -> torch.Tensor | None:
         """Decode and validate one update; on refusal mark `rec` rejected with the reason."""
@@ -295,6 +341,9 @@ class Coordinator:
         if not bool(torch.isfinite(new_params).all()):
             record.status, record.reason = "failed", "the aggregate produced non-finite parameters; model unchanged"
             return
+        self.prev_params = self.params
+        self.last_updates, self.last_aggregate = matrix, pseudo_gradient
+        self.last_weights = torch.from_numpy(scaled / scaled.sum()).to(torch.float32)
         self.params, self.server_state = new_params, new_state
         self.version += 1
         record.version = self.version

@@ -191,13 +191,20 @@ class FleetClient:
         self._stop_requested = False
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._main: asyncio.Task | None = None
 
     # -- control -----------------------------------------------------------------------
     def request_stop(self) -> None:
-        """Ask the client to stop soon (thread-safe)."""
+        """Ask the client to stop now, even mid-poll or mid-training (thread-safe)."""
         self._stop_requested = True
-        if self._loop is not None and self._wake is not None:
-            self._loop.call_soon_threadsafe(self._wake.set)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._interrupt)
+
+    def _interrupt(self) -> None:
+        """Cancel whatever the main loop awaits (a long poll, a backoff, training):
+        used only when the client is about to stop anyway."""
+        if self._main is not None and not self._main.done():
+            self._main.cancel()
 
     # -- channel -------------------------------------------------------------------------
     def _channel(self) -> grpc.aio.Channel:
@@ -221,6 +228,7 @@ class FleetClient:
     async def run(self) -> ClientReport:
         """Take part in the run until it finishes, `max_rounds` are done, or a fatal refusal."""
         self._loop = asyncio.get_running_loop()
+        self._main = asyncio.current_task()
         self._wake = asyncio.Event()
         channel = self._channel()
         stub = pb_grpc.FleetLearnStub(channel)
@@ -269,6 +277,14 @@ class FleetClient:
         except ClientRefused as exc:
             self.report.stopped = f"refused: {exc}"
             raise
+        except asyncio.CancelledError:
+            if not (self._stop_requested or self._fatal or self._finished):
+                raise  # cancelled from outside: not ours to swallow
+            self._main.uncancel()  # type: ignore[union-attr]
+            if self._fatal is not None:
+                self.report.stopped = f"refused: {self._fatal}"
+                raise self._fatal from None
+            self.report.stopped = "finished" if self._finished else "stopped"
         finally:
             if heartbeat is not None:
                 heartbeat.cancel()
@@ -346,11 +362,13 @@ class FleetClient:
                     self._wake.set()
                 elif err.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                     self._fatal = ClientRefused(err.code(), err.details() or "")
-                    self._wake.set()
+                    self._interrupt()
+                    return
                 continue  # the main loop deals with connection trouble
             if reply.run_finished:
                 self._finished = True
-                self._wake.set()
+                self._interrupt()
+                return
 
     async def _pull(self, stub: pb_grpc.FleetLearnStub) -> tuple[Task, float, str] | None:
         """The next task (with its local deadline and uplink chain), or None after an empty long poll."""

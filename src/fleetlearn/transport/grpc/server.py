@@ -283,6 +283,7 @@ class FleetServer:
         self.refusals = RefusalCounter()
         self.finished = False
         self.finished_reason = ""
+        self.told_finished: set[int] = set()  # clients that have heard the run finished
         self._changed: asyncio.Event | None = None
         self._watcher: asyncio.Task | None = None
         self._deadline_timer: asyncio.TimerHandle | None = None
@@ -392,6 +393,8 @@ class FleetServer:
                 },
             )
             self.clients[cs.client_id] = cs  # replaces an older session of the same client
+            if self.finished:
+                self.told_finished.add(cs.client_id)
             self._notify()
             log.info("client %d (%s) registered from %s", cs.client_id, cs.name, cs.peer)
             req = self.requirements
@@ -435,6 +438,8 @@ class FleetServer:
             client = int(request.client_id)
             cs = self._session(context, request.client_id, request.session)
             rs = self.round
+            if self.finished:
+                self.told_finished.add(cs.client_id)
             return pb.HeartbeatReply(
                 run_finished=self.finished,
                 current_round=rs.round if rs else 0,
@@ -461,6 +466,7 @@ class FleetServer:
             while True:
                 if self.finished:
                     yield pb.TaskChunk(finished=pb.RunFinished(reason=self.finished_reason or "the run finished"))
+                    self.told_finished.add(cs.client_id)
                     return
                 rs = self.round
                 if rs is not None and rs.open and client in rs.pending and rs.round > request.after_round:
@@ -676,6 +682,10 @@ class FleetServer:
         if self.round is not None and self.round.open:
             self._end_round(self.round, "finished", "the run finished")
         self._notify()
+
+    def not_yet_told(self) -> list[int]:
+        """Connected clients that have not heard yet that the run finished."""
+        return [cid for cid in self.available() if cid not in self.told_finished]
 
     def available(self) -> list[int]:
         """Registered clients with a valid token that heartbeated recently."""

@@ -200,10 +200,19 @@ class GrpcTransport:
     def refusals_total(self) -> dict[str, int]:
         return self.server.refusals.total()
 
-    def close(self, grace_s: float = 1.0) -> None:
-        """Stop serving (in-flight calls get `grace_s`), then stop the loop thread."""
+    def close(self, grace_s: float = 1.0, linger_s: float | None = None) -> None:
+        """Stop serving (in-flight calls get `grace_s`), then stop the loop thread.
+
+        After `finish`, first wait (at most `linger_s`, default two heartbeat
+        timeouts) until every connected client has heard that the run finished,
+        so clients stop instead of retrying against a server that is gone.
+        """
         if self._closed:
             return
+        if self.server.finished:
+            end = time.monotonic() + (linger_s if linger_s is not None else 2 * self.server.heartbeat_timeout_s)
+            while time.monotonic() < end and self._on_loop(self.server.not_yet_told):
+                time.sleep(0.05)
         self._closed = True
 
         async def stop() -> None:

@@ -1,0 +1,128 @@
+"""Random, malformed and truncated messages while a run is in progress: every call
+ends with a status, none is an unhandled server error, and the run is unaffected."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import grpc
+import pytest
+from conftest import make_task, tiny_data
+from grpc_raw_client import RawClient
+
+from fleetlearn.messages import Update
+from fleetlearn.transport.grpc import Backoff, GrpcTransport, Limits, run_client
+from fleetlearn.transport.grpc import fleetlearn_pb2 as pb
+
+METHODS = {
+    "Register": ("unary_unary", pb.RegisterRequest),
+    "Heartbeat": ("unary_unary", pb.HeartbeatRequest),
+    "PullTask": ("unary_stream", pb.PullTaskRequest),
+    "PushUpdate": ("stream_unary", pb.UpdateChunk),
+}
+
+
+def valid_message(rng: random.Random, cls, client: RawClient) -> bytes:
+    """A well-formed message with random field values (some plausible, some absurd)."""
+    pick = lambda *xs: rng.choice(xs)  # noqa: E731
+    if cls is pb.RegisterRequest:
+        m = pb.RegisterRequest(client_name="x" * pick(0, 5, 500), runtime_version=pick("0.1.0", "", "9.9", "x" * 300),
+                               capabilities=pb.Capabilities(codecs=pick([], ["none"], ["q8"] * 100), model_widths=[pick(1.0, -1.0, float("nan"))]),
+                               device=pb.DeviceProfile(compute_sps=pick(1.0, float("inf"), -3.0)))
+    elif cls is pb.HeartbeatRequest:
+        m = pb.HeartbeatRequest(client_id=pick(client.client_id, 0, 2**63), session=pick(client.session, "", "zz"))
+    elif cls is pb.PullTaskRequest:
+        m = pb.PullTaskRequest(client_id=pick(client.client_id, 7), session=pick(client.session, "x"), wait_s=pick(0.0, 1e9, float("nan"), -1.0))
+    else:
+        if rng.random() < 0.5:
+            m = client.meta(pick(0, 1, 2, 99), pick(0, 1, 2**40), pick(0, 64, 2**40, rng.randrange(1000)),
+                            codec=pick("none", "q8", "|||"), num_examples=pick(1, -1, 2**62)).meta
+            m = pb.UpdateChunk(meta=m)
+        else:
+            m = pb.UpdateChunk(data=pb.PayloadChunk(offset=pick(0, 5, 2**63), data=rng.randbytes(rng.randrange(0, 300))))
+    return m.SerializeToString()
+
+
+def mutate(rng: random.Random, data: bytes) -> bytes:
+    kind = rng.randrange(4)
+    if kind == 0 or not data:
+        return rng.randbytes(rng.randrange(0, 400))  # noise
+    if kind == 1:
+        return data[: rng.randrange(len(data))]  # truncated
+    if kind == 2:
+        b = bytearray(data)
+        for _ in range(rng.randrange(1, 4)):
+            b[rng.randrange(len(b))] = rng.randrange(256)  # bit rot
+        return bytes(b)
+    return data  # well-formed, random values
+
+
+def fuzz(address: str, token: str, digest: str, n: int, seed: int, codes: list) -> None:
+    rng = random.Random(seed)
+    c = RawClient(address, token)
+    c.register(digest)
+    calls = {name: getattr(c.channel, kind)(f"/fleetlearn.v1.FleetLearn/{name}") for name, (kind, _) in METHODS.items()}
+    for _ in range(n):
+        name = rng.choice(list(METHODS))
+        kind, cls = METHODS[name]
+        md = c.metadata if rng.random() < 0.9 else (("authorization", rng.choice(["", "Bearer ", "Basic x", "Bearer " + "a" * 600])),)
+        try:
+            if kind == "stream_unary":
+                frames = [mutate(rng, valid_message(rng, cls, c)) for _ in range(rng.randrange(0, 5))]
+                calls[name](iter(frames), metadata=md, timeout=5)
+            elif kind == "unary_stream":
+                for _ in calls[name](mutate(rng, valid_message(rng, cls, c)), metadata=md, timeout=5):
+                    pass
+            else:
+                calls[name](mutate(rng, valid_message(rng, cls, c)), metadata=md, timeout=5)
+            codes.append((name, grpc.StatusCode.OK))
+        except grpc.RpcError as err:
+            codes.append((name, err.code()))
+    c.close()
+
+
+def run_fuzz(tokens, learner, n: int, threads: int) -> None:
+    limits = Limits(max_wait_s=0.02)  # long polls of the fuzzer return at once
+    with GrpcTransport(tokens=tokens, spec=learner.spec, heartbeat_interval_s=0.2, limits=limits) as t:
+        good = tokens.add("honest")
+        honest = threading.Thread(target=run_client, args=(t.address, good, learner, tiny_data(0)),
+                                  kwargs=dict(max_rounds=3, backoff=Backoff(0.05, 0.3), give_up_after_s=30), daemon=True)
+        honest.start()
+        fuzz_tokens = tokens.add_many([f"fuzz{i}" for i in range(threads)])
+        codes: list = []
+        fuzzers = [threading.Thread(target=fuzz, args=(t.address, fuzz_tokens[f"fuzz{i}"], learner.spec.digest(), n // threads, i, codes), daemon=True)
+                   for i in range(threads)]
+        for f in fuzzers:
+            f.start()
+        honest_id = tokens.client_id("honest")
+        assert honest_id in t.wait_available(1, timeout_s=10) or t.wait_available(threads + 1, timeout_s=10)
+        params = learner.init_params(0)
+        for r in (1, 2, 3):  # the run in progress, during the fuzzing
+            replies = list(t.dispatch(make_task(r, r - 1, params, deadline_s=15.0), [honest_id]))
+            assert len(replies) == 1 and isinstance(replies[0].message, Update), replies
+        for f in fuzzers:
+            f.join(120)
+            assert not f.is_alive()
+        honest.join(10)
+        assert len(codes) == n - n % threads
+        seen = {code for _, code in codes}
+        assert grpc.StatusCode.UNKNOWN not in seen and grpc.StatusCode.INTERNAL not in seen, seen
+        refusals = t.refusals_total()
+        assert "internal" not in refusals
+        assert refusals.get("malformed", 0) > n // 10  # most noise is caught as malformed...
+        refused = sum(code != grpc.StatusCode.OK for _, code in codes)
+        assert refused > 0.8 * len(codes)
+        # ... and every refusal the handlers made was counted (long-poll timeouts are not refusals)
+        counted = sum(refusals.values())
+        unavailable = sum(code == grpc.StatusCode.UNAVAILABLE for _, code in codes)
+        assert counted == refused - unavailable
+
+
+def test_fuzz_1000_messages_during_a_run(tokens, learner):
+    run_fuzz(tokens, learner, n=1000, threads=2)
+
+
+@pytest.mark.slow
+def test_fuzz_10000_messages_during_a_run(tokens, learner):
+    run_fuzz(tokens, learner, n=10_000, threads=4)
