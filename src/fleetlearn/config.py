@@ -45,6 +45,8 @@ class DataConfig(Section):
     quantity_sigma: float = Field(default=1.0, gt=0)  # log-normal sigma, or Pareto tail index (P(w > t) = t^-sigma)
     feature_shift: float = Field(default=1.0, ge=0)  # strength of the per-client transform for `feature`
     min_examples: int = Field(default=2, ge=1)  # every client gets at least this many train examples
+    # iid only: each client draws this many examples with replacement (populations larger than the data).
+    examples_per_client: int | None = Field(default=None, ge=1)
     # Held-out central test set (unused where the data brings its own: fashion_mnist's
     # t10k, and the `natural` partition, whose central set is the union of the devices' test splits).
     test_fraction: float = Field(default=0.2, gt=0, lt=1)
@@ -107,7 +109,9 @@ class ClientConfig(Section):
 class ServerConfig(Section):
     rounds: int = Field(default=20, ge=1)
     cohort: int = Field(default=20, ge=1)
-    selector: Literal["random"] = "random"
+    selector: Literal["random", "oort"] = "random"
+    oort_epsilon: float = Field(default=0.2, ge=0, le=1)  # fraction of each cohort that explores untried clients
+    oort_alpha: float = Field(default=2.0, ge=0)  # strength of the penalty on clients slower than preferred
     aggregator: Literal["mean"] = "mean"
     optimizer: Literal["sgd"] = "sgd"
     server_lr: float = Field(default=1.0, gt=0)
@@ -126,6 +130,9 @@ class ServerConfig(Section):
     over_selection: float = Field(default=1.0, ge=1)  # select ceil(cohort x factor), keep the first `cohort` replies
     min_replies: int = Field(default=1, ge=1)  # fewer accepted updates: the round fails, the model is unchanged
     partial_work: bool = False  # a client that cannot finish in time sends its update after fewer steps
+    # A device that goes silent is noticed this long after (a missed heartbeat); without
+    # a deadline the round waits that long for it.
+    heartbeat_timeout_s: float = Field(default=10.0, ge=0)
     # Asynchronous buffered aggregation (FedBuff, Nguyen et al., AISTATS 2022): `concurrency`
     # clients train at once, the server steps after every `buffer_size` updates; in async
     # mode `rounds` counts server steps.  Defaults for both: the cohort.
@@ -205,6 +212,8 @@ class RunConfig(Section):
                 raise ValueError(f"server.concurrency = {conc} exceeds the number of clients ({n})")
         if self.server.partial_work and self.server.deadline_s is None:
             raise ValueError("server.partial_work needs a deadline: set server.deadline_s")
+        if self.data.examples_per_client is not None and self.data.partition != "iid":
+            raise ValueError(f"data.examples_per_client needs data.partition = 'iid', not {self.data.partition!r}")
         if self.data.partition == "natural" and self.data.dataset not in ("synthetic",) and ":" not in self.data.dataset:
             raise ValueError(f"data.partition = 'natural' needs a dataset with its own devices (synthetic or a custom one), not {self.data.dataset!r}")
         return self

@@ -1,5 +1,7 @@
 """Robustness, invariances, input kinds and devices of the robust aggregators."""
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ from fleetlearn.aggregation import (
     AGGREGATORS,
     bulyan,
     centered_clipping,
+    default_f,
     geometric_median,
     krum,
     mean,
@@ -161,8 +164,6 @@ def test_registry_parts_are_robust_and_need_individual_updates():
         out = part.aggregate(x, w)
         assert isinstance(out, torch.Tensor) and out.shape == (9,) and torch.isfinite(out).all()
         # every config key maps to a constructor keyword
-        import inspect
-
         params = inspect.signature(cls).parameters
         assert all(arg in params for arg in cls.config_keys.values())
 
@@ -182,8 +183,6 @@ def test_registry_parts_use_their_parameters():
 
 @pytest.mark.parametrize("n, krum_f, bulyan_f", [(3, 0, 0), (5, 1, 0), (7, 1, 1), (10, 2, 1), (20, 4, 4), (100, 20, 20), (11, 2, 2)])
 def test_default_f_is_a_fifth_of_the_cohort_clamped_to_the_precondition(n, krum_f, bulyan_f):
-    from fleetlearn.aggregation import default_f
-
     assert default_f(n, "krum") == krum_f and n > 2 * krum_f + 2
     assert default_f(n, "bulyan") == bulyan_f and n >= 4 * bulyan_f + 3
     x = torch.from_numpy(RNG.normal(size=(n, 4)))

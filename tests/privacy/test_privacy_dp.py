@@ -218,3 +218,11 @@ def test_central_dp_refuses_secure_range_below_one():
     dp = CentralDP(1.0, 1.0, 4, seed=0)
     with pytest.raises(ValueError, match="clip_range must be >= 1"):
         dp.aggregate(torch.ones(4, 3), secure=SecureAggregation(clip_range=0.5, max_clients=4, seed=0))
+
+
+@pytest.mark.parametrize("c", [227.0, 3.0, 0.1])
+def test_clip_small_row_factor_is_exactly_one(c):
+    # regression: C / max(norm, C) computed as C * (1 / C) is not always 1.0 in float32
+    for m in (np.ones((1, 1), dtype=np.float32), np.full((2, 3), c / 3, dtype=np.float32)):
+        if np.linalg.norm(m[0]) <= c:
+            assert np.array_equal(clip_updates(m, c)[0], m)

@@ -39,6 +39,13 @@ def test_combinations_that_work(needs, mode, kw, want):
     assert check_compatible(needs, mode, **kw) == want
 
 
+@pytest.mark.parametrize("mode,match", [("central+secagg", "secure aggregation cannot run with asynchronous"), ("central", "central DP accounting assumes synchronous")])
+def test_asynchronous_aggregation_refuses_secagg_and_central_dp(mode, match):
+    with pytest.raises(ValueError, match=match):
+        check_compatible(False, mode, asynchronous=True)
+    assert check_compatible(False, "local", asynchronous=True) == ("local", False)
+
+
 @pytest.mark.parametrize("mode", ["central+local", "bogus", "", "central+sa"])
 def test_bad_modes(mode):
     with pytest.raises(ValueError, match="choose one|unknown privacy mode"):

@@ -186,6 +186,9 @@ def test_protocol_order_and_input_checks(quantized):
         clients[0].masked_input(forwarded[0], np.full(D, 2**33, dtype=np.uint64))
     with pytest.raises(SecAggError, match="has not sent its masked input"):
         clients[1].unmask(UnmaskRequest((0, 1, 2), ()))
+    clients[0].masked_input(forwarded[0], x[0])
+    with pytest.raises(SecAggError, match="refusing to mask again"):
+        clients[0].masked_input(forwarded[0], x[1])
 
 
 def test_secure_aggregation_part_weighted_mean_with_dropouts():

@@ -26,14 +26,32 @@ from .robust import (
     pairwise_sq_distances,
     trimmed_mean,
 )
-from .server_opt import ServerSGD
+from .schedules import SCHEDULES, schedule_from_config
+from .server_opt import ServerAdagrad, ServerAdam, ServerMomentum, ServerSGD, ServerYogi
+from .weighting import WEIGHTINGS, CohortInfo, make_weighting, weighting_from_config
 
 AGGREGATORS = {"mean": MeanAggregator, **ROBUST_AGGREGATORS}
-SERVER_OPTIMIZERS = {"sgd": ServerSGD}
+SERVER_OPTIMIZERS = {
+    "sgd": ServerSGD,
+    "momentum": ServerMomentum,
+    "adam": ServerAdam,
+    "yogi": ServerYogi,
+    "adagrad": ServerAdagrad,
+}
 
 __all__ = [
     "AGGREGATORS",
     "SERVER_OPTIMIZERS",
+    "SCHEDULES",
+    "WEIGHTINGS",
+    "CohortInfo",
+    "ServerAdagrad",
+    "ServerAdam",
+    "ServerMomentum",
+    "ServerYogi",
+    "make_weighting",
+    "schedule_from_config",
+    "weighting_from_config",
     "BulyanAggregator",
     "CenteredClippingAggregator",
     "GeometricMedianAggregator",

@@ -1,19 +1,71 @@
 """Server optimizers: ``step(params, pseudo_gradient, state) -> (params, state)``.
 
-The pseudo-gradient is the aggregated client delta (local minus global), so a
-step *adds* it.  FedAvg is `sgd` with ``server_lr = 1`` (Reddi et al., ICLR 2021,
-Alg. 1 with SERVEROPT = SGD).  State is a dict of tensors so it can be
-checkpointed; adaptive optimizers arrive with the non-IID work.
+The pseudo-gradient ``Delta`` is the aggregated client delta (local minus global), so a
+step *adds* it (Reddi et al., "Adaptive Federated Optimization", ICLR 2021, Alg. 1/2 write
+``Delta_t = mean_i (x_i - x_t)`` and ``x_{t+1} = x_t + eta * ...``).
+
+- ``sgd``: ``w <- w + lr Delta``.  FedAvg is ``sgd`` with ``server_lr = 1``.
+- ``momentum`` (FedAvgM, Hsu, Qi & Brown 2019, arXiv:1909.06335):
+  ``v <- beta v + Delta; w <- w + lr v``.
+- ``adam``, ``yogi``, ``adagrad`` (FedAdam / FedYogi / FedAdagrad, Reddi et al. 2021,
+  Algorithm 2): ``m <- b1 m + (1 - b1) Delta`` and ``w <- w + lr m / (sqrt(v) + tau)`` with
+
+  - adam:    ``v <- b2 v + (1 - b2) Delta^2``
+  - yogi:    ``v <- v - (1 - b2) Delta^2 sign(v - Delta^2)``
+  - adagrad: ``v <- v + Delta^2``
+
+  As in the paper there is **no bias correction** (no ``1 - b^t`` divisors, unlike
+  Kingma & Ba's Adam), ``m`` starts at 0 and ``v`` at ``tau^2`` (Alg. 2: "v_{-1} >= tau^2").
+  Algorithm 2 keeps the first moment ``m`` for all three; ``beta1 = 0`` gives the classic
+  (momentum-free) Adagrad update.  Defaults: ``tau = 1e-3, b1 = 0.9, b2 = 0.99``.
+
+All arithmetic is element-wise on the flat ``(d,)`` vector.  A step never writes into its
+inputs: the coordinator keeps earlier ``(params, state)`` pairs for rollback.  State is a
+``dict[str, Tensor]`` so it goes into checkpoints as is; restoring it and stepping on gives
+the same numbers as never having stopped.
+
+The server learning rate is the plain attribute ``server_lr``: a learning-rate schedule
+(``aggregation.schedules``) may set it before each step.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 State = dict[str, torch.Tensor]
 
 
+def _check(pseudo_gradient: torch.Tensor, params: torch.Tensor) -> None:
+    if pseudo_gradient.shape != params.shape:
+        raise ValueError(f"pseudo_gradient has shape {tuple(pseudo_gradient.shape)}, params {tuple(params.shape)}")
+
+
+def _require_state(state: State, keys: tuple[str, ...], name: str, params: torch.Tensor) -> None:
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise ValueError(f"server optimizer {name!r}: state lacks {missing} (got keys {sorted(state)}); build it with init(params)")
+    for k in keys:
+        if state[k].shape != params.shape:
+            raise ValueError(f"server optimizer {name!r}: state[{k!r}] has shape {tuple(state[k].shape)}, params {tuple(params.shape)}")
+
+
+def _beta(value: float, what: str) -> float:
+    if not (0.0 <= value < 1.0) or math.isnan(value):
+        raise ValueError(f"{what} must be in [0, 1), got {value}")
+    return float(value)
+
+
+def _positive(value: float, what: str) -> float:
+    if not value > 0 or math.isinf(value):
+        raise ValueError(f"{what} must be a positive finite number, got {value}")
+    return float(value)
+
+
 class ServerSGD:
+    """``w <- w + server_lr * Delta``; FedAvg when ``server_lr = 1`` (Reddi et al. 2021, Alg. 1)."""
+
     name = "sgd"
 
     def __init__(self, server_lr: float = 1.0):
@@ -24,3 +76,119 @@ class ServerSGD:
 
     def step(self, params: torch.Tensor, pseudo_gradient: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         return params + self.server_lr * pseudo_gradient, state
+
+
+class ServerMomentum:
+    """FedAvgM (Hsu, Qi & Brown 2019, "Measuring the effects of non-identical data
+    distribution", Sec. 3): heavy-ball momentum on the pseudo-gradient,
+    ``v <- momentum * v + Delta;  w <- w + server_lr * v``, with ``v`` starting at 0.
+
+    With ``momentum = 0`` it is ``ServerSGD(server_lr)``.  Hsu et al. pair ``momentum = 0.9``
+    with ``server_lr = 1 - momentum`` so that the steady-state step size matches FedAvg.
+    """
+
+    name = "momentum"
+
+    def __init__(self, server_lr: float = 1.0, momentum: float = 0.9):
+        self.server_lr = server_lr
+        self.momentum = _beta(momentum, "server momentum")
+
+    def init(self, params: torch.Tensor) -> State:
+        return {"v": torch.zeros_like(params)}
+
+    def step(self, params: torch.Tensor, pseudo_gradient: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        _check(pseudo_gradient, params)
+        _require_state(state, ("v",), self.name, params)
+        v = self.momentum * state["v"] + pseudo_gradient
+        return params + self.server_lr * v, {"v": v}
+
+
+class _ServerAdaptive:
+    """Reddi et al. 2021, Algorithm 2 (FedAdagrad / FedYogi / FedAdam); subclasses give the
+    second-moment update ``_second_moment(v, Delta^2)``.
+
+    ``initial_accumulator`` is ``v_{-1}``; None means ``tau^2`` as in the paper.
+    """
+
+    name = "adaptive"
+
+    def __init__(
+        self,
+        server_lr: float = 1e-2,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        tau: float = 1e-3,
+        initial_accumulator: float | None = None,
+    ):
+        self.server_lr = server_lr
+        self.beta1 = _beta(beta1, "server beta1")
+        self.beta2 = _beta(beta2, "server beta2")
+        self.tau = _positive(tau, "server tau")
+        init_v = self.tau**2 if initial_accumulator is None else float(initial_accumulator)
+        if not init_v >= 0 or math.isinf(init_v):
+            raise ValueError(f"initial_accumulator (v at round 0) must be a finite number >= 0, got {initial_accumulator}")
+        self.initial_accumulator = init_v
+
+    def init(self, params: torch.Tensor) -> State:
+        return {"m": torch.zeros_like(params), "v": torch.full_like(params, self.initial_accumulator)}
+
+    def _second_moment(self, v: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def step(self, params: torch.Tensor, pseudo_gradient: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        _check(pseudo_gradient, params)
+        _require_state(state, ("m", "v"), self.name, params)
+        m = self.beta1 * state["m"] + (1.0 - self.beta1) * pseudo_gradient
+        v = self._second_moment(state["v"], pseudo_gradient * pseudo_gradient)
+        new_params = params + self.server_lr * m / (v.sqrt() + self.tau)
+        return new_params, {"m": m, "v": v}
+
+
+class ServerAdam(_ServerAdaptive):
+    """FedAdam (Reddi et al. 2021, Alg. 2, no bias correction):
+    ``m <- b1 m + (1-b1) Delta;  v <- b2 v + (1-b2) Delta^2;  w <- w + lr m / (sqrt(v) + tau)``.
+
+    **What it reduces to with ``beta1 = 0`` and a large ``tau``.**  With ``b1 = 0``, ``m_t = Delta_t``.
+    Unrolled, ``v_t = b2^t v_0 + (1-b2) sum_{s=1..t} b2^(t-s) Delta_s^2`` (round ``t = 1, 2, ...``),
+    so ``w_t = w_{t-1} + lr Delta_t / (sqrt(v_t) + tau)``: SGD on the pseudo-gradient with an
+    element-wise learning rate ``lr / (sqrt(v_t) + tau)``.  When ``tau >> |Delta|``:
+
+    - with ``initial_accumulator = 0`` (or ``beta2 = 0``, which forgets ``v_0`` at once),
+      ``sqrt(v_t) <= max_s |Delta_s| << tau`` and the step is ``lr Delta_t / tau`` up to a relative
+      error ``max|Delta| / tau``: exactly FedAvg with ``server_lr_eff = lr / tau``
+      (``ServerSGD(server_lr=lr / tau)``);
+    - with the paper's default ``v_0 = tau^2``, ``sqrt(v_t) ~= b2^(t/2) tau``, so the step is
+      ``lr Delta_t / (tau (1 + b2^(t/2)))``: FedAvg whose server learning rate warms up from
+      ``lr / (tau (1 + sqrt(b2)))`` (about ``lr / (2 tau)`` in round 1) to ``lr / tau`` as
+      ``b2^t -> 0``; again up to a relative error of order ``max|Delta| / tau``.
+
+    Both statements are tested numerically (tests/noniid/test_server_opt.py).
+    """
+
+    name = "adam"
+
+    def _second_moment(self, v: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
+        return self.beta2 * v + (1.0 - self.beta2) * sq
+
+
+class ServerYogi(_ServerAdaptive):
+    """FedYogi (Reddi et al. 2021, Alg. 2; Zaheer et al., NeurIPS 2018):
+    ``v <- v - (1-b2) Delta^2 sign(v - Delta^2)`` — ``v`` moves towards ``Delta^2`` by an additive
+    step, so it grows or shrinks more slowly than Adam's, with no bias correction."""
+
+    name = "yogi"
+
+    def _second_moment(self, v: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
+        return v - (1.0 - self.beta2) * sq * torch.sign(v - sq)
+
+
+class ServerAdagrad(_ServerAdaptive):
+    """FedAdagrad (Reddi et al. 2021, Alg. 2): ``v <- v + Delta^2`` (``beta2`` is unused);
+    ``beta1 = 0`` gives classic Adagrad on the pseudo-gradient."""
+
+    name = "adagrad"
+
+    def _second_moment(self, v: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:
+        return v + sq
+
+

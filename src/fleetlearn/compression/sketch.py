@@ -217,7 +217,12 @@ class CountSketch(Stage):
     def shape(self, dim: int) -> tuple[int, int, int]:
         """(k, rows, cols) for a dimension."""
         k = resolve_amount(self.k_amount, dim)
-        cols = resolve_amount(self.cols_amount, dim) if self.cols_amount is not None else max(1, DEFAULT_COLS_PER_K * k)
+        if self.cols_amount is None:
+            cols = max(1, DEFAULT_COLS_PER_K * k)
+        elif isinstance(self.cols_amount, int):
+            cols = self.cols_amount  # a count of columns is not capped by the dimension
+        else:
+            cols = max(1, int(round(self.cols_amount * dim)))
         if 2 * self.rows * cols > _MAX_CELLS:
             raise ValueError(f"codec 'sketch': {self.rows} rows x {cols} cols is too large (2 * rows * cols must be < 2^31)")
         return k, self.rows, cols

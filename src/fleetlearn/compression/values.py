@@ -25,6 +25,7 @@ from .wire import Reader
 _LITTLE = sys.byteorder == "little"
 _F16_LIMIT = 65520.0  # values at or above round to inf in fp16
 _BF16_LIMIT = float.fromhex("0x1.ff8p127")  # values at or above round to inf in bf16
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -321,10 +322,11 @@ def _read_quant(r: Reader, n: int) -> torch.Tensor:
     steps_np = np.frombuffer(r.take(4 * nb, f"{nb} quantizer scales"), dtype="<f4")
     codes = np.frombuffer(r.take((n * bits + 7) // 8, f"{n} {bits}-bit codes"), dtype=np.uint8)
     steps = torch.from_numpy(steps_np.astype(np.float32))  # a writable copy (small)
-    if nb and not (bool(torch.isfinite(steps).all()) and float(steps.min()) >= 0.0):
-        raise PayloadError("quantizer scales must be finite and >= 0")
     levels = (1 << bits) - 1
     c = levels / 2.0
+    # x^ = (j - c) * step with |j - c| <= c: an encoder's steps keep every value finite.
+    if nb and not (bool(torch.isfinite(steps).all()) and float(steps.min()) >= 0.0 and float(steps.max()) * c <= _F32_MAX):
+        raise PayloadError("quantizer scales must be finite, >= 0 and small enough that every level is finite")
     per_byte = 8 // bits
     mask = (1 << bits) - 1
     out = torch.empty(n, dtype=torch.float32)

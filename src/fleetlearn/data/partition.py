@@ -98,8 +98,18 @@ def apportion(total: int, log_weights: np.ndarray) -> np.ndarray:
 
 
 def iid(labels: np.ndarray, num_clients: int, rng: np.random.Generator, cfg: "DataConfig") -> Partition:
-    """IID: shuffle, then equal parts (sizes differ by at most one); McMahan et al., AISTATS 2017."""
+    """IID: shuffle, then equal parts (sizes differ by at most one); McMahan et al., AISTATS 2017.
+
+    With ``cfg.examples_per_client`` set, each client instead draws that many examples
+    from the pool with replacement, so a population may be far larger than the dataset
+    (scale simulations: 100,000 clients of a few examples); memory stays one index per
+    example held."""
     n = len(labels)
+    k = getattr(cfg, "examples_per_client", None)
+    if k is not None:
+        if n == 0:
+            raise DataError("iid with examples_per_client: the pool is empty")
+        return rng.integers(0, n, size=num_clients * k, dtype=np.int64), np.arange(num_clients + 1, dtype=np.int64) * k
     require_enough(n, num_clients, cfg.min_examples, "iid")
     return rng.permutation(n).astype(np.int64), (np.arange(num_clients + 1, dtype=np.int64) * n) // num_clients
 

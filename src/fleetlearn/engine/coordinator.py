@@ -192,6 +192,9 @@ class Coordinator:
         for hook in self.hooks:
             hook.after_round(record, self)
         self._current_record = None
+        observe = getattr(self.selector, "observe", None)
+        if observe is not None:
+            observe(record)
         if record.status == "ok":
             self._versions[self.version] = (self.params, self.server_state)
             for v in sorted(self._versions)[: -self.KEEP_VERSIONS]:

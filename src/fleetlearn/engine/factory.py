@@ -27,6 +27,13 @@ def build_learner(config: RunConfig, data: FederatedData) -> TorchLearner:
         raise ConfigError(f"model.name = {m.name!r}: {exc}") from None
 
 
+def build_selector(config: RunConfig, population: int):
+    srv = config.server
+    if srv.selector == "oort":
+        return SELECTORS["oort"](population, epsilon=srv.oort_epsilon, alpha=srv.oort_alpha, quantile=srv.deadline_quantile)
+    return SELECTORS[srv.selector]()
+
+
 def build_coordinator(config: RunConfig, store: bool = True, hooks: list[RoundHook] | None = None, data: FederatedData | None = None) -> Coordinator:
     """Everything a run needs, chosen by configuration.  `store=False` keeps it in memory."""
     if data is None:
@@ -44,7 +51,10 @@ def build_coordinator(config: RunConfig, store: bool = True, hooks: list[RoundHo
         raise ConfigError(f"compression.downlink = {config.compression.downlink!r}: {exc}") from None
     fleet = make_fleet(config.devices, data.num_clients, config.seed)
     clock = VirtualClock()
-    transport = SimulationTransport(data, learner, fleet, ClientRuntime(uplink, downlink), config.seed, clock=clock)
+    transport = SimulationTransport(
+        data, learner, fleet, ClientRuntime(uplink, downlink), config.seed,
+        clock=clock, heartbeat_timeout_s=config.server.heartbeat_timeout_s,
+    )
     run_store = None
     if store:
         run_store = RunStore.create(config.store.root, config.to_toml(), config.digest(), name=config.name, url=config.store.url)
@@ -53,7 +63,7 @@ def build_coordinator(config: RunConfig, store: bool = True, hooks: list[RoundHo
         config=config,
         learner=learner,
         transport=transport,
-        selector=SELECTORS[config.server.selector](),
+        selector=build_selector(config, data.num_clients),
         aggregator=AGGREGATORS[config.server.aggregator](),
         server_optimizer=SERVER_OPTIMIZERS[config.server.optimizer](config.server.server_lr),
         validators=default_validators(),

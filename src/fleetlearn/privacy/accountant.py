@@ -72,6 +72,7 @@ class PrivacySpent:
     rounds: int
 
     def to_metrics(self) -> dict[str, float]:
+        """For ``RoundRecord.extra``."""
         return {"dp_epsilon": self.epsilon, "dp_delta": self.delta, "dp_rounds": float(self.rounds)}
 
 
@@ -214,6 +215,7 @@ class PrivacyAccountant:
         return self._epsilon(tuple(self.runs))
 
     def spent(self) -> PrivacySpent:
+        """(epsilon, delta, rounds) so far: what a RoundRecord reports."""
         return PrivacySpent(self.epsilon(), self.delta, self.rounds)
 
     def epsilon_after(self, rounds: int, sampling_rate: float | None = None, noise_multiplier: float | None = None) -> float:

@@ -44,14 +44,28 @@ def check_compatible(
     *,
     secure_aggregation: bool | None = None,
     aggregator: str = "the aggregator",
+    asynchronous: bool = False,
 ) -> tuple[str, bool]:
     """Refuse combinations that cannot work, with a ValueError that says why.
 
     `privacy_mode` is ``none | central | local`` optionally joined with
-    ``+secagg`` (or pass ``secure_aggregation=True``).  Returns the parsed
-    ``(mode, secure_aggregation)``.
+    ``+secagg`` (or pass ``secure_aggregation=True``).  `asynchronous`: the
+    engine runs buffered asynchronous aggregation (FedBuff) instead of rounds.
+    Returns the parsed ``(mode, secure_aggregation)``.
     """
     mode, secagg = parse_privacy_mode(privacy_mode, secure_aggregation)
+    if asynchronous and secagg:
+        raise ValueError(
+            "secure aggregation cannot run with asynchronous (buffered) aggregation: its key agreement, masking and "
+            "unmasking are rounds over a fixed cohort, and a buffer of updates computed at different times has no such "
+            "cohort. Use server.mode = 'sync' with secure aggregation"
+        )
+    if asynchronous and mode == "central":
+        raise ValueError(
+            "central DP accounting assumes synchronous rounds, each a Poisson-subsampled Gaussian mechanism over a sampled "
+            "cohort (McMahan et al. 2018); buffered asynchronous aggregation samples clients differently and weights "
+            "stale updates, which this accountant does not model. Use server.mode = 'sync', or privacy mode 'local'"
+        )
     if secagg and aggregator_needs_individual_updates:
         raise ValueError(
             f"secure aggregation cannot be combined with {aggregator}: secure aggregation only ever reveals the SUM of the "

@@ -3,7 +3,7 @@ adaptive quantile clipping, and local DP.
 
 Central DP-FedAvg (McMahan, Ramage, Talwar, Zhang, "Learning Differentially
 Private Recurrent Language Models", ICLR 2018, Alg. 1 with the fixed-denominator
-estimator f~_f, Eq. 3 and Thm. 1):
+estimator f~_f):
 
     each client update  D_k  is clipped to L2 norm C:  D_k <- D_k * min(1, C / ||D_k||)
     the server computes  S = sum_k D_k  (every client has weight 1)
@@ -19,7 +19,8 @@ Example-count weights are NOT applied under DP: a weight > 1 would raise the
 sensitivity above C.
 
 Adaptive clipping (Andrew, Thakkar, McMahan, Ramaswamy, "Differentially Private
-Learning with Adaptive Clipping", NeurIPS 2021, Alg. 1 and Sec. 3.1): C tracks
+Learning with Adaptive Clipping", NeurIPS 2021, Alg. 1 and its privacy
+analysis): C tracks
 the gamma-quantile of the update norms by the geometric rule
 
     b~ = (sum_k (1[||D_k|| <= C] - 1/2) + N(0, sigma_b^2)) / m + 1/2
@@ -102,8 +103,9 @@ def clip_updates(updates, clip_norm: float):
     if not bool(torch.isfinite(u).all()):
         raise ValueError("cannot clip non-finite updates (NaN or inf): validate before clipping")
     norms = torch.linalg.vector_norm(u, dim=1)
-    # C / max(norm, C) is exactly 1.0 for rows within the bound, and 1 for all-zero rows.
-    factor = c / torch.clamp(norms, min=c)
+    # Rows within the bound get a factor of exactly 1 (torch evaluates `scalar / tensor`
+    # as scalar * reciprocal(tensor), which is not exact, so do not compute C / C).
+    factor = torch.where(norms > c, torch.full_like(norms, c) / norms, torch.ones_like(norms))
     clipped = u * factor.unsqueeze(1).to(u.dtype)
     if was_numpy:
         return clipped.numpy(), norms.numpy()
@@ -178,7 +180,7 @@ class AdaptiveClipping:
     geometrically: ``C <- C exp(-eta_C (b~ - gamma))``.
 
     The update noise must then use `update_noise_multiplier(z)`:
-    ``z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)`` (Sec. 3.1), which needs
+    ``z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)`` (the paper's privacy analysis), which needs
     ``2 sigma_b > z``.
     """
 
@@ -206,7 +208,7 @@ class AdaptiveClipping:
         self.count_stddev = sb
 
     def update_noise_multiplier(self, noise_multiplier: float) -> float:
-        """``z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)`` (Andrew et al. 2021, Sec. 3.1)."""
+        """``z_Delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)`` (Andrew et al. 2021)."""
         z = _check_noise_multiplier(noise_multiplier)
         if z == 0:
             return 0.0
@@ -262,6 +264,7 @@ class DPAggregate:
     noised_below_fraction: float = math.nan
 
     def to_metrics(self) -> dict[str, float]:
+        """The DP-safe numbers for ``RoundRecord.extra`` (not `clipped_fraction`)."""
         return {
             "dp_clip_norm": self.clip_norm,
             "dp_next_clip_norm": self.next_clip_norm,
@@ -315,6 +318,7 @@ class CentralDP:
         return self.adaptive.clip_norm if self.adaptive is not None else self._clip_norm
 
     def update_noise_multiplier(self) -> float:
+        """The z_Delta put on the update sum (= z for fixed clipping)."""
         z = self.noise_multiplier
         return self.adaptive.update_noise_multiplier(z) if self.adaptive is not None else z
 
@@ -394,6 +398,7 @@ class LocalDP:
         self.noise_multiplier = _check_noise_multiplier(noise_multiplier)
 
     def apply(self, vec, generator: torch.Generator | None = None):
+        """`local_noise` with this part's C and z: clip to C, add N(0, (z C)^2 I)."""
         return local_noise(vec, self.clip_norm, self.noise_multiplier, generator)
 
     @staticmethod

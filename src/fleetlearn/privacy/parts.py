@@ -41,6 +41,7 @@ class PrivacySettings:
     secagg_rounding: str = "stochastic"  # stochastic | deterministic
 
     def validate(self) -> "PrivacySettings":
+        """Raise ValueError naming the key, the bad value and what is allowed."""
         def bad(key: str, msg: str) -> ValueError:
             return ValueError(f"privacy.{key} = {getattr(self, key)!r}: {msg}")
 
@@ -153,16 +154,19 @@ def build_privacy(
     seed: int | None = None,
     aggregator_needs_individual_updates: bool = False,
     aggregator: str = "the aggregator",
+    asynchronous: bool = False,
 ) -> PrivacyParts:
     """Build the privacy parts for a run.  `cohort` is the expected number of
-    clients per round (DP-FedAvg's fixed denominator and the SecAgg headroom),
-    `population` the number of clients.  Raises ValueError for settings that
-    cannot work (see `check_compatible`)."""
+    accepted updates per round (DP-FedAvg's fixed denominator and the SecAgg
+    quantizer's headroom), `population` the number of clients.  Raises
+    ValueError for settings that cannot work (see `check_compatible`)."""
     s = PrivacySettings() if settings is None else (PrivacySettings(**settings) if isinstance(settings, dict) else settings)
     s.validate()
     if not (1 <= cohort <= population):
         raise ValueError(f"need 1 <= cohort ({cohort}) <= population ({population})")
-    check_compatible(aggregator_needs_individual_updates, s.mode, secure_aggregation=s.secure_aggregation, aggregator=aggregator)
+    check_compatible(
+        aggregator_needs_individual_updates, s.mode, secure_aggregation=s.secure_aggregation, aggregator=aggregator, asynchronous=asynchronous
+    )
     if s.mode != "none" and s.delta >= 1.0 / population:
         raise ValueError(
             f"privacy.delta = {s.delta:g} is not below 1 / population = {1.0 / population:g}: a mechanism that publishes one "

@@ -1,5 +1,5 @@
 """Quantization of float updates into the ring Z_{2^k} for secure aggregation
-(Bonawitz et al., CCS 2017, Sec. 3: inputs are vectors in Z_R; here R = 2^k).
+(Bonawitz et al., CCS 2017: inputs are vectors in Z_R; here R = 2^k).
 
 A value x is clipped to [-c, c], scaled by ``s = L / c`` and rounded to an
 integer in [-L, L] (stochastic rounding ``floor(x s + U[0, 1))`` is unbiased;
@@ -26,10 +26,12 @@ ROUNDING = ("stochastic", "deterministic")
 
 
 def field_mask(modulus_bits: int) -> np.uint64:
+    """2^k - 1: ``v & mask`` reduces a uint64 value mod 2^k."""
     return np.uint64((1 << modulus_bits) - 1)
 
 
 def check_modulus_bits(modulus_bits: int) -> int:
+    """k for the ring Z_{2^k}: an integer in [8, 62] (uint64 arithmetic with headroom)."""
     k = int(modulus_bits)
     if k != modulus_bits or not (8 <= k <= 62):
         raise ValueError(f"modulus_bits must be an integer in [8, 62], got {modulus_bits!r}")

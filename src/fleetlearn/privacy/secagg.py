@@ -1,7 +1,8 @@
 """Secure aggregation with dropout recovery (Bonawitz, Ivanov, Kreuter,
 Marcedone, McMahan, Patel, Ramage, Segal, Seth, "Practical Secure Aggregation
-for Privacy-Preserving Machine Learning", CCS 2017, Fig. 4 -- the
-honest-but-curious server variant without the signature / consistency-check
+for Privacy-Preserving Machine Learning", CCS 2017: its rounds
+AdvertiseKeys, ShareKeys, MaskedInputCollection and Unmasking -- the
+honest-but-curious server variant, without signatures and the ConsistencyCheck
 round), with the optional sparse neighbour graph of SecAgg+ (Bell, Bonawitz,
 Gascon, Lepoint, Raykova, "Secure Single-Server Aggregation with
 (Poly)Logarithmic Overhead", CCS 2020).
@@ -43,7 +44,7 @@ masks never repeat across rounds.
 Threat model and cost.  Security holds against an honest-but-curious server
 and fewer than t colluding clients (t > n/2 by default).  An actively malicious
 server that lies about who dropped needs the signed consistency check of
-Bonawitz et al. (round 3 of Fig. 4), which is not implemented.  Cost per round:
+Bonawitz et al. (the ConsistencyCheck round), which is not implemented.  Cost per round:
 each client does O(n) key agreements and mask expansions (O(n d) work), the
 server O(n^2) key agreements / Shamir reconstructions in the worst case of
 many dropouts; all-pairs it is O(n^2) key agreements per round overall, which
@@ -102,7 +103,7 @@ def _priv(key: X25519PrivateKey) -> bytes:
 
 @dataclass(frozen=True)
 class AdvertiseKeys:
-    """Round 0, client -> server (Bonawitz et al. 2017, Fig. 4 'AdvertiseKeys')."""
+    """Round 0, client -> server (Bonawitz et al. 2017, round 'AdvertiseKeys')."""
 
     client_id: int
     cipher_public_key: bytes  # c_pk: encrypts the shares sent to this client
@@ -231,12 +232,13 @@ def expand_mask(key: bytes, dim: int, modulus_bits: int) -> np.ndarray:
 
 
 def pairwise_mask_key(private_key: X25519PrivateKey, peer_public: bytes, session: bytes, u: int, v: int) -> bytes:
-    """s_uv = HKDF(X25519(s_sk_u, s_pk_v)); symmetric in (u, v) (Bonawitz et al. 2017, Sec. 4)."""
+    """s_uv = HKDF(X25519(s_sk_u, s_pk_v)); symmetric in (u, v) (Bonawitz et al. 2017, round 'MaskedInputCollection')."""
     shared = private_key.exchange(X25519PublicKey.from_public_bytes(peer_public))
     return _hkdf(shared, session, _pair_info(b"fleetlearn/secagg/pairwise-mask/", u, v))
 
 
 def self_mask_key(seed: bytes, session: bytes) -> bytes:
+    """PRG key of the self mask b_u (Bonawitz et al. 2017, round 'MaskedInputCollection')."""
     return _hkdf(seed, session, b"fleetlearn/secagg/self-mask")
 
 
@@ -251,8 +253,8 @@ def _aad(session: bytes, sender: int, recipient: int) -> bytes:
 
 def neighbor_graph(client_ids: Iterable[int], degree: int | None, session: bytes) -> dict[int, tuple[int, ...]]:
     """Who masks with and shares to whom.  ``degree=None`` (or >= n - 1): all
-    pairs (Bonawitz et al. 2017).  Otherwise SecAgg+ (Bell et al. 2020,
-    Sec. 4): a Harary graph H_{k,n} (each node joined to its k/2 nearest
+    pairs (Bonawitz et al. 2017).  Otherwise SecAgg+ (Bell et al. 2020):
+    a Harary graph H_{k,n} (each node joined to its k/2 nearest
     positions on each side of a ring) over a permutation derived from the
     public session id, so server and clients compute the same graph."""
     ids = sorted(int(c) for c in client_ids)
@@ -280,7 +282,7 @@ def default_threshold(holders: int) -> int:
 
 # -- client ------------------------------------------------------------------------------
 class SecAggClient:
-    """One party of secure aggregation (Bonawitz et al., CCS 2017, Fig. 4).
+    """One party of secure aggregation (Bonawitz et al., CCS 2017).
 
     Call in order: `advertise_keys()`, `share_keys(directory)`,
     `masked_input(forwarded, vector)`, `unmask(request)`.  The vector (already
@@ -301,9 +303,12 @@ class SecAggClient:
         self._revealed: dict[int, str] = {}  # u -> "self" | "key": never both
 
     def advertise_keys(self) -> AdvertiseKeys:
+        """Round 'AdvertiseKeys': the two fresh X25519 public keys (c_pk, s_pk)."""
         return AdvertiseKeys(self.client_id, _pub(self._c_sk.public_key()), _pub(self._s_sk.public_key()))
 
     def share_keys(self, directory: KeyDirectory) -> ShareKeys:
+        """Round 'ShareKeys': t-out-of-n Shamir shares of s_sk_u and b_u for
+        each neighbour, AES-GCM encrypted to it, plus SHA-256(b_u)."""
         if self.client_id not in directory.keys:
             raise SecAggError(f"client {self.client_id} is not in the key directory")
         c_pk, s_pk = directory.keys[self.client_id]
@@ -327,8 +332,11 @@ class SecAggClient:
         return ShareKeys(self.client_id, out, hashlib.sha256(self._b_seed).digest())
 
     def masked_input(self, forwarded: ForwardedShares, vector) -> MaskedInput:
-        """Decrypt and check the shares received, then mask the input (Fig. 4, round 2)."""
+        """Decrypt and check the shares received, then mask the input (round 'MaskedInputCollection')."""
         d = self._require_directory()
+        if self._sent_masked:
+            # Two differently masked inputs under the same masks would reveal their difference.
+            raise SecAggError(f"client {self.client_id} already sent its masked input this round; refusing to mask again")
         if forwarded.recipient != self.client_id:
             raise SecAggError(f"client {self.client_id} got shares addressed to client {forwarded.recipient}")
         participants = frozenset(forwarded.participants)
@@ -367,7 +375,7 @@ class SecAggClient:
 
     def unmask(self, request: UnmaskRequest) -> UnmaskShares:
         """Reveal b-shares of survivors and s_sk-shares of dropped clients
-        (Fig. 4, round 4).  Refuses any request that would reveal both secrets
+        (round 'Unmasking').  Refuses any request that would reveal both secrets
         of one client, which would let the server unmask that client's input."""
         d = self._require_directory()
         if not self._sent_masked:
@@ -403,7 +411,7 @@ class SecAggClient:
 
 # -- server ------------------------------------------------------------------------------
 class SecAggServer:
-    """The aggregating server of Bonawitz et al. (CCS 2017, Fig. 4).
+    """The aggregating server of Bonawitz et al. (CCS 2017).
 
     It keeps every message it receives in `inbox` (for audits and tests) and
     never holds an unmasked individual input: only masked vectors, the shares
@@ -435,6 +443,7 @@ class SecAggServer:
 
     # round 0
     def advertise(self, messages: Sequence[AdvertiseKeys]) -> KeyDirectory:
+        """Collect public keys (U1), fix the threshold and the neighbour graph, broadcast them."""
         self.inbox.extend(messages)
         keys = {}
         for m in messages:
@@ -455,6 +464,7 @@ class SecAggServer:
 
     # round 1
     def collect_shares(self, messages: Sequence[ShareKeys]) -> dict[int, ForwardedShares]:
+        """Collect encrypted shares (U2) and route each ciphertext to its recipient, unread."""
         d = self._require(self.directory, "advertise")
         self.inbox.extend(messages)
         senders = {m.client_id: m for m in messages}
@@ -474,6 +484,7 @@ class SecAggServer:
 
     # round 2
     def collect_masked(self, messages: Sequence[MaskedInput]) -> UnmaskRequest:
+        """Collect masked inputs (U3); fail early if some needed secret cannot be rebuilt."""
         d = self._require(self.directory, "advertise")
         self.inbox.extend(messages)
         got = {}

@@ -1,6 +1,6 @@
 """t-out-of-n Shamir secret sharing over the prime field GF(2^127 - 1)
 (Shamir, "How to share a secret", CACM 1979), as used by secure aggregation
-(Bonawitz et al., CCS 2017, Sec. 3) to share mask seeds and mask keys.
+(Bonawitz et al., CCS 2017) to share mask seeds and mask keys.
 
 A byte secret is cut into 15-byte chunks (120 bits < 127, so every chunk is a
 field element); each chunk gets its own random polynomial of degree t - 1 with
@@ -27,6 +27,7 @@ class ShamirError(ValueError):
 
 
 def n_chunks(secret_len: int) -> int:
+    """Field elements per share of a `secret_len`-byte secret (15 bytes each)."""
     return -(-secret_len // CHUNK_BYTES)
 
 
@@ -97,10 +98,12 @@ def combine_shares(xs: Sequence[int], shares: np.ndarray, secret_len: int) -> by
 
 
 def share_to_bytes(row: np.ndarray) -> bytes:
+    """One share (a row of field elements) as 16 big-endian bytes per element."""
     return b"".join(int(v).to_bytes(SHARE_ELEMENT_BYTES, "big") for v in row)
 
 
 def share_from_bytes(data: bytes, secret_len: int) -> np.ndarray:
+    """Inverse of `share_to_bytes`, checking the length and that elements are < p."""
     m = n_chunks(secret_len)
     if len(data) != m * SHARE_ELEMENT_BYTES:
         raise ShamirError(f"a share of a {secret_len}-byte secret has {m * SHARE_ELEMENT_BYTES} bytes, got {len(data)}")

@@ -34,13 +34,17 @@ def client_seed(seed: int, round: int, client: int) -> int:
 class SimulationTransport:
     name = "simulation"
 
-    def __init__(self, data: FederatedData, learner: Learner, fleet: Fleet, runtime: ClientRuntime, seed: int, clock=None):
+    def __init__(
+        self, data: FederatedData, learner: Learner, fleet: Fleet, runtime: ClientRuntime, seed: int,
+        clock=None, heartbeat_timeout_s: float = 0.0,
+    ):
         self.data = data
         self.learner = learner
         self.fleet = fleet
         self.runtime = runtime
         self.seed = seed
         self.clock = clock  # anything with `.now` (the Coordinator's VirtualClock)
+        self.heartbeat_timeout_s = heartbeat_timeout_s  # a silent device is noticed this long after
         self.train_wall_seconds = 0.0  # wall time spent in local training, last dispatch
         self._uplink_estimate: int | None = None  # bytes of the last update, for partial-work budgets
 
@@ -124,7 +128,7 @@ class SimulationTransport:
         updates = [self.runtime.reply(int(ids[i]), task, r) for i, r in zip(train, results)]
         if updates:
             self._uplink_estimate = max(u.uplink_bytes for u in updates)
-        elapsed = drop_at.copy()
+        elapsed = drop_at + self.heartbeat_timeout_s  # when the server notices the silence
         if len(train):
             elapsed[train] = (
                 down_s[train]

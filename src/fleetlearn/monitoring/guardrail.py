@@ -1,0 +1,170 @@
+"""Guardrail: automatic rollback when a chosen detector fires.
+
+After `MonitorHook` has recorded this round's alerts, the guardrail looks for
+alerts of its ``trigger`` detectors.  If one fired it
+
+1. rejects the round: ``coordinator.restore(version, reason)`` puts back the last
+   version the guardrail saw committed without a trigger alert (and its
+   server-optimizer state); the coordinator marks the record ``rolled_back``;
+2. applies the configured responses, which persist after the rollback:
+   - ``lr_factor``: multiplies the server optimizer's ``server_lr`` (not below ``min_lr``);
+   - ``clip_factor``: multiplies ``clip_norm`` (or ``max_norm``) of the aggregator and
+     of the privacy parts that have a settable one;
+   - ``exclude_rounds``: the clients named by the alerts (outlier updates) are
+     excluded from selection for that many rounds; ``excluded(round)`` answers
+     and ``coordinator.excluded_clients`` is kept up to date for the selector.
+
+Everything is recorded in ``record.extra["guardrail"]`` and in ``events``.  A
+round that did not commit (``status != "ok"``) changed no model, so it is not
+rolled back, but the responses still apply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from ..records import RoundRecord
+from .detectors import alerts_of
+
+GUARDRAIL_KEY = "guardrail"
+
+
+@dataclass
+class GuardrailEvent:
+    round: int
+    detectors: list[str]
+    rolled_back: bool
+    restored_version: int | None
+    actions: dict[str, Any] = field(default_factory=dict)
+
+
+class Guardrail:
+    name = "guardrail"
+
+    def __init__(
+        self,
+        trigger: Sequence[str] = ("divergence",),
+        lr_factor: float | None = None,
+        min_lr: float = 0.0,
+        clip_factor: float | None = None,
+        exclude_rounds: int = 0,
+        rollback: bool = True,
+    ):
+        if lr_factor is not None and not 0 < lr_factor:
+            raise ValueError(f"guardrail: lr_factor must be > 0, got {lr_factor}")
+        if clip_factor is not None and not 0 < clip_factor:
+            raise ValueError(f"guardrail: clip_factor must be > 0, got {clip_factor}")
+        if exclude_rounds < 0:
+            raise ValueError(f"guardrail: exclude_rounds must be >= 0, got {exclude_rounds}")
+        self.trigger = set(trigger)
+        self.lr_factor, self.min_lr, self.clip_factor = lr_factor, float(min_lr), clip_factor
+        self.exclude_rounds, self.rollback = int(exclude_rounds), bool(rollback)
+        self._exclusions: dict[int, int] = {}  # client id -> last round it is excluded from
+        self._good: list[int] = [0]  # versions committed without a trigger alert
+        self.events: list[GuardrailEvent] = []
+
+    # -- exclusions ----------------------------------------------------------------
+    def excluded(self, round: int) -> set[int]:
+        """Clients excluded from selection in `round`."""
+        return {c for c, until in self._exclusions.items() if until >= round}
+
+    def exclude(self, clients: Sequence[int], from_round: int) -> None:
+        until = from_round + self.exclude_rounds - 1
+        for c in clients:
+            self._exclusions[int(c)] = max(until, self._exclusions.get(int(c), 0))
+
+    def _expire(self, round: int) -> None:
+        self._exclusions = {c: u for c, u in self._exclusions.items() if u >= round}
+
+    # -- the hook --------------------------------------------------------------------
+    def after_round(self, record: RoundRecord, coordinator: Any) -> None:
+        r = record.round
+        fired = [a for a in alerts_of(record) if a.get("detector") in self.trigger and a.get("round") == r]
+        if not fired:
+            if record.status == "ok":
+                self._good.append(int(coordinator.version))
+                self._good = self._good[-64:]
+            self._expire(r + 1)
+            self._publish(record, coordinator, None)
+            return
+        names = sorted({a["detector"] for a in fired})
+        reason = "guardrail: " + "; ".join(f"{a['detector']}: {a.get('message', '')}" for a in fired)
+        rolled_back, restored = False, None
+        actions: dict[str, Any] = {}
+        if self.rollback and record.status == "ok":
+            restored = self._restore(coordinator, reason, actions)
+            rolled_back = restored is not None
+        if self.lr_factor is not None:
+            actions["server_lr"] = self._scale_lr(coordinator)
+        if self.clip_factor is not None:
+            actions["clip_norm"] = self._scale_clip(coordinator)
+        if self.exclude_rounds > 0:
+            flagged = sorted({int(c) for a in fired for c in (a.get("clients") or [])})
+            if flagged:
+                self.exclude(flagged, r + 1)
+                actions["excluded_now"] = flagged
+        self._expire(r + 1)
+        event = GuardrailEvent(r, names, rolled_back, restored, actions)
+        self.events.append(event)
+        self._publish(record, coordinator, event)
+
+    def _restore(self, coordinator: Any, reason: str, actions: dict[str, Any]) -> int | None:
+        current = int(coordinator.version)
+        candidates = [v for v in self._good if v < current]
+        target = max(candidates) if candidates else None
+        try:
+            return int(coordinator.restore(target, reason))
+        except Exception as exc:  # that version is gone (memory and store): the last kept one
+            actions["restore_error"] = f"version {target}: {exc}"
+            try:
+                return int(coordinator.restore(None, reason))
+            except Exception as exc2:
+                actions["restore_error"] += f"; last good version: {exc2}"
+                return None
+
+    def _scale_lr(self, coordinator: Any) -> list[float] | str:
+        opt = getattr(coordinator, "server_optimizer", None)
+        if opt is None or not hasattr(opt, "server_lr"):
+            return "the server optimizer has no server_lr"
+        old = float(opt.server_lr)
+        new = max(old * float(self.lr_factor), self.min_lr)
+        opt.server_lr = new
+        return [old, new]
+
+    def _scale_clip(self, coordinator: Any) -> dict[str, list[float]] | str:
+        out: dict[str, list[float]] = {}
+        privacy = getattr(coordinator, "privacy", None)
+        parts = {
+            "aggregator": getattr(coordinator, "aggregator", None),
+            "privacy": privacy,
+            "privacy.central": getattr(privacy, "central", None),
+            "privacy.central.adaptive": getattr(getattr(privacy, "central", None), "adaptive", None),
+            "privacy.local": getattr(privacy, "local", None),
+        }
+        for where, obj in parts.items():
+            if obj is None:
+                continue
+            for attr in ("clip_norm", "max_norm"):
+                old = getattr(obj, attr, None)
+                if not isinstance(old, (int, float)) or isinstance(old, bool):
+                    continue
+                try:
+                    setattr(obj, attr, float(old) * float(self.clip_factor))
+                except AttributeError:  # a read-only property (e.g. derived from an adaptive clip)
+                    continue
+                out[f"{where}.{attr}"] = [float(old), float(getattr(obj, attr))]
+        return out or "no part with a settable clip_norm"
+
+    def _publish(self, record: RoundRecord, coordinator: Any, event: GuardrailEvent | None) -> None:
+        nxt = self.excluded(record.round + 1)
+        try:
+            coordinator.excluded_clients = nxt
+        except AttributeError:
+            pass
+        if event is None and not nxt:
+            return
+        info: dict[str, Any] = {"excluded": sorted(nxt)}
+        if event is not None:
+            info.update(fired=event.detectors, rolled_back=event.rolled_back, restored_version=event.restored_version, **event.actions)
+        record.extra[GUARDRAIL_KEY] = info

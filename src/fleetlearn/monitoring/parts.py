@@ -1,0 +1,108 @@
+"""The ``[monitoring]`` settings and `build_monitoring`, which turns them into
+the round hooks in the order they must run:
+
+    DebugMeasurements -> MonitorHook(detectors) -> Guardrail -> PrometheusExporter
+
+(measurements feed the detectors, the guardrail acts on their alerts, and the
+exporter publishes the round as finally recorded, rollback included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .detectors import DETECTORS, MonitorHook, make_detector
+from .guardrail import Guardrail
+from .measurements import DebugMeasurements
+from .prometheus import PrometheusExporter
+
+
+@dataclass
+class MonitoringSettings:
+    debug: bool = True  # DebugMeasurements into record.extra["debug"]
+    detectors: list[str] = field(default_factory=lambda: list(DETECTORS))
+    # Detector thresholds (see each detector's docstring in detectors.py).
+    divergence_patience: int = 3
+    divergence_min_rise: float = 0.0
+    divergence_max_ratio: float | None = 1.5
+    divergence_param_growth: float | None = 10.0
+    oscillation_window: int = 8
+    oscillation_amplitude: float = 0.02
+    oscillation_min_flips: int = 4
+    stagnation_window: int = 10
+    stagnation_eps: float = 0.005
+    outlier_threshold: float = 3.5
+    outlier_min_clients: int = 10
+    participation_min_fraction: float = 0.5
+    participation_drop_fraction: float = 0.5
+    participation_window: int = 5
+    drift_threshold: float = 0.1
+    drift_patience: int = 1
+    drift_metric: str = "accuracy"
+    # Guardrail: the detectors whose alerts roll a round back ([] = no guardrail) and the responses.
+    guardrail: list[str] = field(default_factory=lambda: ["divergence"])
+    guardrail_lr_factor: float | None = None
+    guardrail_min_lr: float = 0.0
+    guardrail_clip_factor: float | None = None
+    guardrail_exclude_rounds: int = 0
+    # Prometheus /metrics on prometheus_host:prometheus_port (None: no endpoint; 0: a free port).
+    prometheus_port: int | None = None
+    prometheus_host: str = "127.0.0.1"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "MonitoringSettings":
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown monitoring settings: {', '.join(unknown)}")
+        return cls(**d)
+
+    def validate(self) -> None:
+        for name in list(self.detectors) + list(self.guardrail):
+            if name not in DETECTORS:
+                raise ValueError(f"monitoring: unknown detector {name!r}; allowed: {', '.join(DETECTORS)}")
+        missing = sorted(set(self.guardrail) - set(self.detectors))
+        if missing:
+            raise ValueError(f"monitoring.guardrail names detectors that are not in monitoring.detectors: {', '.join(missing)}")
+
+
+@dataclass
+class MonitoringParts:
+    debug: DebugMeasurements | None
+    monitor: MonitorHook | None
+    guardrail: Guardrail | None
+    exporter: PrometheusExporter | None
+    settings: MonitoringSettings
+
+    @property
+    def hooks(self) -> list:
+        """The round hooks, in the order they must run."""
+        return [h for h in (self.debug, self.monitor, self.guardrail, self.exporter) if h is not None]
+
+    def start(self) -> int | None:
+        """Start the Prometheus endpoint if configured; returns its port."""
+        if self.exporter is None or self.settings.prometheus_port is None:
+            return None
+        return self.exporter.start(self.settings.prometheus_port, self.settings.prometheus_host)
+
+    def stop(self) -> None:
+        if self.exporter is not None:
+            self.exporter.stop()
+
+
+def build_monitoring(settings: MonitoringSettings | dict[str, Any] | None = None) -> MonitoringParts:
+    s = settings if isinstance(settings, MonitoringSettings) else MonitoringSettings.from_dict(settings)
+    s.validate()
+    flat = {f.name: getattr(s, f.name) for f in fields(s)}
+    detectors = [make_detector(n, flat) for n in s.detectors]
+    monitor = MonitorHook(detectors) if detectors else None
+    guardrail = None
+    if s.guardrail:
+        guardrail = Guardrail(
+            s.guardrail, lr_factor=s.guardrail_lr_factor, min_lr=s.guardrail_min_lr,
+            clip_factor=s.guardrail_clip_factor, exclude_rounds=s.guardrail_exclude_rounds,
+        )
+    exporter = PrometheusExporter() if s.prometheus_port is not None else None
+    return MonitoringParts(DebugMeasurements() if s.debug else None, monitor, guardrail, exporter, s)

@@ -1,0 +1,146 @@
+"""Corrupted, truncated, random and inconsistent payloads: PayloadError, never anything else."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import pytest
+import torch
+from compression_helpers import heavy_tailed
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fleetlearn.compression import decode_payload, parse_chain, read_sketch, sum_sketches
+from fleetlearn.params import PayloadError
+
+CHAINS = ["none", "fp16", "bf16", "q8", "q4", "q2:block=5", "sign", "sign:block=7", "topk:0.1", "topk:0.3 | q4", "randk:0.2 | fp16", "topk:0.05 | sign", "sketch:5,cols=40,rows=3"]
+_payloads: dict[tuple[str, int], bytes] = {}
+
+
+def valid_payload(spec: str, d: int) -> bytes:
+    key = (spec, d)
+    if key not in _payloads:
+        _payloads[key] = parse_chain(spec).encode(heavy_tailed(d, seed=d), None)[0]
+    return _payloads[key]
+
+
+payloads = st.builds(valid_payload, st.sampled_from(CHAINS), st.sampled_from([0, 1, 13, 200, 2500]))
+
+
+def decodes_or_refuses(payload: bytes, dim: int | None = None) -> None:
+    try:
+        out = decode_payload(payload, dim=dim)
+    except PayloadError as exc:
+        assert str(exc)  # a reason, not an empty message
+        return
+    assert out.dtype == torch.float32 and out.dim() == 1 and torch.isfinite(out).all()
+
+
+def with_crc(body: bytes) -> bytes:
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+@given(st.binary(max_size=300))
+@settings(max_examples=300, deadline=None)
+def test_random_bytes_are_refused(data):
+    with pytest.raises(PayloadError):
+        decode_payload(data)
+
+
+@given(st.binary(min_size=0, max_size=120))
+@settings(max_examples=300, deadline=None)
+def test_random_bodies_behind_a_valid_header_and_crc_never_crash(data):
+    # Random content that passes the magic, version and CRC checks exercises every structural check.
+    for support in range(4):
+        for value in range(5):
+            decodes_or_refuses(with_crc(b"FL\x01" + bytes([support, value]) + data))
+
+
+@given(p=payloads, cut=st.integers(0, 10**6))
+@settings(max_examples=300, deadline=None)
+def test_truncated_payloads_are_refused(p, cut):
+    with pytest.raises(PayloadError):
+        decode_payload(p[: cut % len(p)])
+
+
+@given(p=payloads, pos=st.integers(0, 10**6), bit=st.integers(0, 7))
+@settings(max_examples=300, deadline=None)
+def test_any_single_bit_flip_is_detected(p, pos, bit):
+    b = bytearray(p)
+    b[pos % len(b)] ^= 1 << bit
+    with pytest.raises(PayloadError):
+        decode_payload(bytes(b))
+
+
+@given(p=payloads, edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4), extra=st.binary(max_size=6), cut=st.integers(0, 8))
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_consistent_looking_forgeries_never_crash(p, edits, extra, cut):
+    # Edits with a recomputed CRC: only the structural checks stand between them and a crash.
+    b = bytearray(p[:-4])
+    for pos, val in edits:
+        b[pos % len(b)] = val
+    body = bytes(b[: len(b) - cut]) + extra
+    h_dim = struct.unpack_from("<I", p, 5)[0]
+    decodes_or_refuses(with_crc(body), dim=h_dim)
+
+
+@pytest.mark.parametrize(
+    "payload, reason",
+    [
+        (b"", "shorter than the 13-byte minimum"),
+        (b"XX" + bytes(20), "not a fleetlearn codec payload"),
+        (b"FL\x02" + bytes(20), "format version 2"),
+    ],
+)
+def test_reasons_are_clear(payload, reason):
+    with pytest.raises(PayloadError, match=reason):
+        decode_payload(payload)
+
+
+def test_crc_mismatch_reason():
+    p = bytearray(valid_payload("q8", 200))
+    p[40] ^= 0xFF
+    with pytest.raises(PayloadError, match="CRC32 mismatch"):
+        decode_payload(bytes(p))
+
+
+def _reframe(p: bytes, offset: int, fmt: str, value) -> bytes:
+    b = bytearray(p[:-4])
+    struct.pack_into(fmt, b, offset, value)
+    return with_crc(bytes(b))
+
+
+def test_structural_reasons_are_clear():
+    q = valid_payload("q8", 200)
+    with pytest.raises(PayloadError, match="announces 3 bits"):
+        decode_payload(_reframe(q, 9, "<B", 3))
+    with pytest.raises(PayloadError, match="scales must be finite"):
+        decode_payload(_reframe(q, 15, "<f", 3e38))  # a step whose top level overflows float32
+    with pytest.raises(PayloadError, match="truncated or inconsistent"):
+        decode_payload(_reframe(q, 5, "<I", 100_000))  # a larger dim than the bytes present
+    with pytest.raises(PayloadError, match="trailing bytes"):
+        decode_payload(_reframe(q, 5, "<I", 100))
+    t = valid_payload("topk:0.1", 2500)
+    with pytest.raises(PayloadError, match="k=3000 entries of a vector of dim 2500"):
+        decode_payload(_reframe(t, 9, "<I", 3000))
+    with pytest.raises(PayloadError, match="out of range"):
+        decode_payload(_reframe(t, 13, "<I", 2400))  # first index shifted: the last falls off the end
+    f = bytearray(valid_payload("none", 13)[:-4])
+    f[9:13] = struct.pack("<f", float("nan"))
+    with pytest.raises(PayloadError, match="non-finite"):
+        decode_payload(with_crc(bytes(f)))
+    s = valid_payload("sketch:5,cols=40,rows=3", 200)
+    with pytest.raises(PayloadError, match="rows"):
+        decode_payload(_reframe(s, 9, "<H", 99))
+    with pytest.raises(PayloadError, match="dim 200, expected 201"):
+        read_sketch(s, dim=201)
+    with pytest.raises(PayloadError, match="not a sketch"):
+        sum_sketches([q])
+
+
+def test_payload_must_be_bytes():
+    with pytest.raises(PayloadError, match="bytes"):
+        decode_payload("FL")  # type: ignore[arg-type]
+    assert torch.equal(decode_payload(bytearray(valid_payload("q8", 13))), decode_payload(valid_payload("q8", 13)))
+    assert torch.equal(decode_payload(memoryview(valid_payload("q8", 13))), decode_payload(valid_payload("q8", 13)))
