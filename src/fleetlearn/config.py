@@ -175,6 +175,27 @@ class CompressionConfig(Section):
     downlink: str = "none"
 
 
+class PrivacyConfig(Section):
+    """Differential privacy and secure aggregation (see fleetlearn.privacy)."""
+
+    mode: Literal["none", "central", "local"] = "none"  # central: DP-FedAvg; local: noise on each device
+    noise_multiplier: float = Field(default=1.0, ge=0)  # z; with adaptive clipping, the combined z
+    clip_norm: float = Field(default=1.0, gt=0)  # C (the initial C when adaptive)
+    adaptive_clipping: bool = False  # Andrew et al. 2021 quantile clipping (central only)
+    target_quantile: float = Field(default=0.5, gt=0, lt=1)
+    clip_learning_rate: float = Field(default=0.2, gt=0)
+    clip_count_stddev: float | None = Field(default=None, ge=0)  # None: expected cohort / 20
+    accounting: Literal["pld", "rdp"] = "pld"
+    delta: float = Field(default=1e-5, gt=0, lt=1)  # must be below 1 / population
+    budget_epsilon: float | None = Field(default=None, gt=0)  # stop before a round would exceed it
+    secure_aggregation: bool = False
+    secagg_threshold: float | None = Field(default=None, gt=0)  # int >= 2 or a fraction; None: honest majority
+    secagg_modulus_bits: int = Field(default=32, ge=8, le=62)
+    secagg_clip_range: float = Field(default=1.0, gt=0)
+    secagg_neighbors: int | None = Field(default=None, ge=2)  # SecAgg+ graph degree; None: all pairs
+    secagg_rounding: Literal["stochastic", "deterministic"] = "stochastic"
+
+
 class EngineConfig(Section):
     backend: Literal["simulation"] = "simulation"
     # Train the cohort as one batched (vmapped) computation when the model allows it.
@@ -196,6 +217,7 @@ class RunConfig(Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     devices: DevicesConfig = Field(default_factory=DevicesConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
 

@@ -117,6 +117,7 @@ class RunSummary:
     sim_seconds: float
     wall_seconds: float
     failed_rounds: int = 0
+    stopped_reason: str = ""  # why the run ended before `server.rounds` (e.g. the privacy budget)
     records: list[RoundRecord] = field(default_factory=list)
 
     def to_json_dict(self) -> dict[str, Any]:

@@ -160,7 +160,7 @@ CALLS = {
 
 
 @pytest.mark.parametrize("name", sorted(CALLS))
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), updates=MATRIX, weights=WEIGHTS, as_torch=st.booleans())
 def test_fuzz_only_value_errors(name, data, updates, weights, as_torch):
     call, valid_p, valid_q = CALLS[name]

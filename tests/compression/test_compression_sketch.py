@@ -126,3 +126,15 @@ def test_sum_refuses_sketches_of_different_shapes():
         sum_sketches([a, parse_chain("q8").encode(heavy_tailed(1000), None)[0]])
     with pytest.raises(ValueError, match="weights"):
         sum_sketches([a, a], weights=[1.0])
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7])
+def test_median_network_matches_sorting(rows):
+    from fleetlearn.compression.sketch import _median_
+
+    rng = np.random.default_rng(rows)
+    m = torch.from_numpy(rng.integers(-3, 4, (rows, 4000)).astype(np.float32))  # many ties
+    got = _median_([r.clone() for r in m])
+    s = m.sort(0).values
+    want = s[rows // 2] if rows % 2 else (s[rows // 2 - 1] + s[rows // 2]) / 2
+    assert torch.equal(got, want)

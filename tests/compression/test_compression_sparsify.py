@@ -59,10 +59,7 @@ def test_fast_topk_on_large_vectors_is_exact(frac):
     d = 1_100_003  # above the size where the sampled threshold kicks in
     for name, v in _adversarial(d).items():
         k = max(1, round(frac * d))
-        idx = topk_indices(v, k)
-        assert_is_topk(v, idx, k)
-        ref = torch.topk(v.abs(), k).values
-        assert torch.equal(torch.sort(v.abs()[torch.from_numpy(idx)]).values, torch.sort(ref).values), name
+        assert_is_topk(v, topk_indices(v, k), k)  # exactly k, none smaller than any left out
 
 
 def test_topk_ties_are_broken_by_lower_index():

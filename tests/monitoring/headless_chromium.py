@@ -115,7 +115,10 @@ class HeadlessChromium:
     def wait_for(self, expression: str, timeout: float = 20.0) -> Any:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            value = self.evaluate(expression)
+            try:
+                value = self.evaluate(expression)
+            except CDPError:  # e.g. no document.body yet while the page loads
+                value = None
             if value:
                 return value
             time.sleep(0.1)

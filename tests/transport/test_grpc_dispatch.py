@@ -167,6 +167,7 @@ def test_coordinator_stopping_early_closes_the_round(transport, tokens, learner)
     with pytest.raises(grpc.RpcError) as err:
         clients[1].push(1, 0, payload)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "stopped collecting" in err.value.details()
+    assert transport.refusals_total() == {"round_closed": 1}
     for c in clients:
         c.close()
 

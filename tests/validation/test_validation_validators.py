@@ -184,7 +184,7 @@ VECS = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     client_id=st.integers(0, 5),
     round=st.one_of(st.integers(0, 10), ODD),

@@ -422,6 +422,12 @@ def centered_clipping(updates, tau: float | None, iters: int = 3, center=None):
 
 
 # -- aggregator parts for the engine registry ---------------------------------------
+#
+# Each part: `name` (the `server.aggregator` value), `needs_individual_updates = True`
+# (secure aggregation, which only reveals the sum, cannot feed them), and
+# `config_keys`: `[server]` key -> constructor keyword, so the factory can build one with
+#     cls(**{arg: getattr(srv, key) for key, arg in cls.config_keys.items() if getattr(srv, key) is not None})
+# A precondition that the round's cohort violates raises ValueError at aggregate time.
 
 
 def default_f(n: int, rule: str) -> int:
@@ -537,7 +543,7 @@ class NormBoundedMeanAggregator:
 
     name = "norm_bounded_mean"
     needs_individual_updates = True
-    config_keys = {"clip_norm": "max_norm"}
+    config_keys = {"norm_bound": "max_norm"}  # not `clip_norm`: that is privacy.clip_norm, the DP clip
 
     def __init__(self, max_norm: float | None = None):
         self.max_norm = None if max_norm is None else _check_positive(max_norm, self.name, "max_norm")

@@ -98,9 +98,10 @@ def uniform(n: int) -> np.ndarray:
 
 def loss_improvement(loss_before: ArrayLike, loss_after: ArrayLike, floor: float = 0.1) -> np.ndarray:
     """``w_i = max(before_i - after_i, floor * max_j (before_j - after_j)^+)`` with
-    ``(.)^+ = max(., 0)``: clients whose local training lowered their loss more count more
-    (a loss-based client weighting in the spirit of q-FFL / FedFa-style heuristics, but
-    rewarding progress rather than high loss).
+    ``(.)^+ = max(., 0)``: clients whose local training lowered their own loss more count more.
+    A heuristic, not one paper's rule (q-FFL, Li et al., ICLR 2020, weights by the loss
+    itself, favouring high-loss clients; this rewards progress instead).  Losses are
+    self-reported, like example counts.
 
     The floor (a fraction in [0, 1]) keeps every client above zero while anyone improved;
     ``floor = 0`` lets non-improving clients drop out.  If no client improved (every
@@ -135,8 +136,9 @@ def distance(
       every ``d_i`` is 0 all weights are 1; if only the median is 0 the mean distance is
       the unit instead.
     - ``mode="cosine"``: ``w_i = (1 + cos(u_i, g)) / 2`` in [0, 1] — 1 along ``g``, 1/2
-      orthogonal, 0 only exactly opposite (the cosine-similarity screening of FoolsGold /
-      Zeno-style defences, made smooth); ``temperature`` raises it to the power
+      orthogonal, 0 only exactly opposite.  A smooth form of FLTrust's trust score
+      ``ReLU(cos(u_i, g_0))`` (Cao et al., NDSS 2021), with the previous aggregate in place
+      of a server-side reference update; ``temperature`` raises it to the power
       ``1 / temperature``.  A zero vector (update or ``g``) has cosine 0.
 
     ``previous_aggregate = None`` (the first round) gives all ones.
@@ -206,9 +208,10 @@ def label_importance(
     With ``P`` the ``(n, C)`` matrix of client label distributions (rows of ``label_counts``
     normalised) and ``t`` the target distribution — ``"uniform"`` (1/C each), ``"global"``
     (the cohort's pooled histogram, ``sum_i counts_i / sum counts``) or a given vector —
-    find mixture weights ``w >= 0`` with ``P^T w ~= t`` (the label distribution of the
-    weighted mixture of clients equals the target; importance weighting under label shift,
-    cf. Lipton et al., ICML 2018, applied per client).
+    find mixture weights ``w >= 0`` with ``P^T w ~= t``: the label distribution of the
+    weighted mixture of clients equals the target (importance weighting for label shift,
+    cf. Lipton et al., ICML 2018, here with one weight per client rather than per class).
+    The histograms are the clients' own estimates (self-reported, as example counts are).
 
     - ``method="nnls"``: ``min_w ||P^T w - t||_2^2 + lambda^2 (sum w - 1)^2``, ``w >= 0``, solved
       by Lawson-Hanson non-negative least squares (``scipy.optimize.nnls``) on the system

@@ -39,16 +39,25 @@ class ClientStateStore:
 class ClientRuntime:
     """Turns a Task into params and a FitResult into an Update."""
 
-    def __init__(self, uplink: CodecChain, downlink: CodecChain, states: ClientStateStore | None = None):
+    def __init__(self, uplink: CodecChain, downlink: CodecChain, states: ClientStateStore | None = None, seed: int = 0):
         self.uplink = uplink
         self.downlink = downlink
         self.states = states if states is not None else ClientStateStore()
+        self.seed = seed  # the device's own randomness (local DP noise)
 
     def receive(self, task: Task) -> tuple[torch.Tensor, FitConfig]:
         return self.downlink.decode(task.payload), FitConfig.from_dict(task.config)
 
     def reply(self, client: int, task: Task, result: FitResult) -> Update:
-        payload, state = self.uplink.encode(result.delta, self.states.get(client))
+        delta = result.delta
+        ldp = task.config.get("local_dp")
+        if ldp:
+            # Local DP: the device clips and noises its own update before it leaves.
+            from ..privacy import LocalDP
+
+            part = LocalDP(ldp["clip_norm"], ldp["noise_multiplier"])
+            delta = part.apply(delta, LocalDP.client_generator(self.seed, task.round, client))
+        payload, state = self.uplink.encode(delta, self.states.get(client))
         self.states.put(client, state)
         return Update(
             client_id=client,

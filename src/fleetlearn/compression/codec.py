@@ -347,5 +347,7 @@ def decode_payload(payload: bytes, dim: int | None = None) -> torch.Tensor:
         out = torch.zeros(h.dim, dtype=torch.float32)
         out[torch.from_numpy(idx)] = vals
         return out
-    except MemoryError:
-        raise PayloadError(f"payload announces dim {h.dim}, too large to allocate") from None
+    except (MemoryError, RuntimeError) as exc:  # torch reports a failed allocation as RuntimeError
+        if isinstance(exc, RuntimeError) and "alloc" not in str(exc):
+            raise
+        raise PayloadError(f"payload announces dim {h.dim}, too large to allocate; pass dim= to decode") from None

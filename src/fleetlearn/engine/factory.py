@@ -10,6 +10,7 @@ from ..data import FederatedData, load_federated
 from ..devices import make_fleet
 from ..learners import TorchLearner, model_factory
 from ..ops import RunStore
+from ..privacy import PrivacyParts, build_privacy
 from ..selection import SELECTORS
 from ..transport import SimulationTransport
 from ..validation import default_validators
@@ -25,6 +26,27 @@ def build_learner(config: RunConfig, data: FederatedData) -> TorchLearner:
         return TorchLearner(make, vectorize=config.engine.vectorize)
     except (ImportError, TypeError) as exc:
         raise ConfigError(f"model.name = {m.name!r}: {exc}") from None
+
+
+def build_privacy_parts(config: RunConfig, population: int, aggregator) -> PrivacyParts | None:
+    p = config.privacy
+    if p.mode == "none" and not p.secure_aggregation:
+        return None
+    settings = p.model_dump()
+    if settings["secagg_threshold"] is not None and float(settings["secagg_threshold"]).is_integer() and settings["secagg_threshold"] >= 2:
+        settings["secagg_threshold"] = int(settings["secagg_threshold"])
+    try:
+        return build_privacy(
+            settings,
+            cohort=config.server.cohort,
+            population=population,
+            seed=config.seed,
+            aggregator_needs_individual_updates=getattr(aggregator, "needs_individual_updates", False),
+            aggregator=f"server.aggregator = {config.server.aggregator!r}",
+            asynchronous=config.server.mode == "async",
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def build_selector(config: RunConfig, population: int):
@@ -52,9 +74,11 @@ def build_coordinator(config: RunConfig, store: bool = True, hooks: list[RoundHo
     fleet = make_fleet(config.devices, data.num_clients, config.seed)
     clock = VirtualClock()
     transport = SimulationTransport(
-        data, learner, fleet, ClientRuntime(uplink, downlink), config.seed,
+        data, learner, fleet, ClientRuntime(uplink, downlink, seed=config.seed), config.seed,
         clock=clock, heartbeat_timeout_s=config.server.heartbeat_timeout_s,
     )
+    aggregator = AGGREGATORS[config.server.aggregator]()
+    privacy = build_privacy_parts(config, data.num_clients, aggregator)
     run_store = None
     if store:
         run_store = RunStore.create(config.store.root, config.to_toml(), config.digest(), name=config.name, url=config.store.url)
@@ -64,7 +88,8 @@ def build_coordinator(config: RunConfig, store: bool = True, hooks: list[RoundHo
         learner=learner,
         transport=transport,
         selector=build_selector(config, data.num_clients),
-        aggregator=AGGREGATORS[config.server.aggregator](),
+        aggregator=aggregator,
+        privacy=privacy,
         server_optimizer=SERVER_OPTIMIZERS[config.server.optimizer](config.server.server_lr),
         validators=default_validators(),
         downlink=downlink,

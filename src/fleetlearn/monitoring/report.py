@@ -268,6 +268,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     records = store.records()
     info = store.info()
     out = Path(out_dir) if out_dir is not None else store.run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
     pngs = render_plots(records, out)
     ev = events(records)
     summary = info.get("summary") or {}

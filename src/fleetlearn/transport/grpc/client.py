@@ -157,6 +157,7 @@ class FleetClient:
         poll_s: float = 30.0,
         call_timeout_s: float = 30.0,
         max_task_bytes: int = 1 << 30,
+        max_push_attempts: int = 5,
         train_in_thread: bool = True,
         channel_options: list[tuple[str, Any]] | None = None,
         seed: int | None = None,
@@ -173,6 +174,7 @@ class FleetClient:
         self.poll_s = poll_s
         self.call_timeout_s = call_timeout_s
         self.max_task_bytes = max_task_bytes
+        self.max_push_attempts = max_push_attempts
         self.train_in_thread = train_in_thread
         self.channel_options = list(channel_options or [])
         self.report = ClientReport()
@@ -471,14 +473,27 @@ class FleetClient:
             for offset, data in iter_chunks(update.payload, chunk):
                 yield pb.UpdateChunk(data=pb.PayloadChunk(offset=offset, data=data))
 
-        try:
-            await stub.PushUpdate(messages(), metadata=self._metadata, timeout=self.call_timeout_s + len(update.payload) / 1e6)
-        except grpc.aio.AioRpcError as err:
-            if err.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
-                self.report.refused[err.code().name] += 1
-                log.info("client %d: update for round %d refused: %s", cid, task.round, err.details())
-                return
-            raise  # NOT_FOUND -> register again; UNAVAILABLE -> back off and pull again
+        attempt = 0
+        while True:
+            try:
+                await stub.PushUpdate(messages(), metadata=self._metadata, timeout=self.call_timeout_s + len(update.payload) / 1e6)
+                break
+            except grpc.aio.AioRpcError as err:
+                code = err.code()
+                if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                    self.report.refused[code.name] += 1
+                    log.info("client %d: update for round %d refused: %s", cid, task.round, err.details())
+                    return
+                # A transient fault (connection reset, overloaded server): the update is still
+                # good until the round's deadline, so send it again rather than lose the round.
+                # If the server restarted meanwhile, the retry gets NOT_FOUND and we re-register.
+                delay = self.backoff.delay(attempt, self._rng)
+                if code not in _RETRYABLE or attempt >= self.max_push_attempts - 1 or time.monotonic() + delay > local_deadline:
+                    raise
+                attempt += 1
+                self.report.retries += 1
+                log.debug("client %d: push for round %d failed (%s); retrying in %.2fs", cid, task.round, code.name, delay)
+                await self._sleep(delay)
         self.report.rounds.append(task.round)
 
 

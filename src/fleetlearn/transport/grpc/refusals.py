@@ -25,6 +25,7 @@ REASONS: dict[str, grpc.StatusCode] = {
     "wrong_version": grpc.StatusCode.FAILED_PRECONDITION,  # base model version is not the task's
     "duplicate": grpc.StatusCode.FAILED_PRECONDITION,  # this client already replied this round
     "after_deadline": grpc.StatusCode.FAILED_PRECONDITION,
+    "round_closed": grpc.StatusCode.FAILED_PRECONDITION,  # the coordinator stopped collecting (cohort filled)
     "not_selected": grpc.StatusCode.FAILED_PRECONDITION,  # the client is not in this round's cohort
     "dropped": grpc.StatusCode.FAILED_PRECONDITION,  # already reported to the Coordinator as dropped
     "internal": grpc.StatusCode.INTERNAL,  # a bug on the server; counted, never fatal

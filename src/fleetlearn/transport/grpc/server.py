@@ -93,6 +93,11 @@ class Limits:
     max_wait_s: float = 30.0  # the longest a PullTask long poll is held
     max_text_chars: int = 200  # client name, runtime version, codec names
     max_list_items: int = 64  # capabilities lists
+    # Calls accepted by gRPC but not yet picked up by a handler.  gRPC's default (1000,
+    # with random early drop above it) cancels calls when a 1000-client fleet wakes up
+    # at once (every long poll answers, then every client pushes): measured in
+    # benchmarks/grpc_load.py.  A burst costs a few KiB per queued call.
+    max_pending_requests: int = 1 << 16
 
     @property
     def max_message_bytes(self) -> int:
@@ -189,6 +194,7 @@ class RoundState:
     dropped: set[int] = field(default_factory=set)
     uploading: set[int] = field(default_factory=set)
     downlink_bytes: dict[int, int] = field(default_factory=dict)
+    frames: list[tuple[int, bytes]] | None = None  # serialized payload chunks, shared by all streams
     open: bool = True
     closed_by: str = ""  # "deadline" | "complete" | "stopped" | "superseded" | "finished"
 
@@ -245,6 +251,11 @@ def _safe_parser(cls: type[Message]) -> Callable[[bytes], Any]:
             return _Unparsable(cls.DESCRIPTOR.name, str(exc))
 
     return parse
+
+
+def _serialize_or_pass(msg: Any) -> bytes:
+    """Response serializer that lets already-serialized frames through unchanged."""
+    return msg if isinstance(msg, bytes) else msg.SerializeToString()
 
 
 def _parsed(msg: Any) -> Any:
@@ -311,7 +322,7 @@ class FleetServer:
                     self.Heartbeat, request_deserializer=_safe_parser(pb.HeartbeatRequest), response_serializer=pb.HeartbeatReply.SerializeToString
                 ),
                 "PullTask": grpc.unary_stream_rpc_method_handler(
-                    self.PullTask, request_deserializer=_safe_parser(pb.PullTaskRequest), response_serializer=pb.TaskChunk.SerializeToString
+                    self.PullTask, request_deserializer=_safe_parser(pb.PullTaskRequest), response_serializer=_serialize_or_pass
                 ),
                 "PushUpdate": grpc.stream_unary_rpc_method_handler(
                     self.PushUpdate, request_deserializer=_safe_parser(pb.UpdateChunk), response_serializer=pb.PushReply.SerializeToString
@@ -496,13 +507,13 @@ class FleetServer:
             )
             yield pb.TaskChunk(meta=meta)
             sent = 0
-            for offset, data in iter_chunks(task.payload, self.limits.chunk_bytes):
+            for size, frame in self._task_frames(rs):
                 if not rs.open:
-                    raise Refusal("after_deadline", f"round {rs.round} closed ({rs.closed_by}) while its task was being sent")
-                yield pb.TaskChunk(data=pb.PayloadChunk(offset=offset, data=data))
-                sent += len(data)
+                    raise Refusal("after_deadline" if rs.closed_by == "deadline" else "round_closed",
+                                  f"round {rs.round} closed ({rs.closed_by}) while its task was being sent")
+                yield frame
+                sent += size
                 rs.downlink_bytes[client] = sent
-            rs.downlink_bytes[client] = sent
             cs.last_seen = time.monotonic()
         except Refusal as r:
             await self._refuse(context, r, client)
@@ -510,6 +521,18 @@ class FleetServer:
             if isinstance(exc, (grpc.aio.AbortError, asyncio.CancelledError)):
                 raise
             await self._internal(context, exc, client)
+
+    def _task_frames(self, rs: RoundState) -> list[tuple[int, bytes]]:
+        """The round's payload chunks as serialized `TaskChunk` messages, built once per
+        round and shared by every client's stream: the downlink costs one extra copy of
+        the model, not one per selected client."""
+        if rs.frames is None:
+            assert rs.task is not None
+            rs.frames = [
+                (len(data), pb.TaskChunk(data=pb.PayloadChunk(offset=offset, data=data)).SerializeToString())
+                for offset, data in iter_chunks(rs.task.payload, self.limits.chunk_bytes)
+            ]
+        return rs.frames
 
     # -- PushUpdate ------------------------------------------------------------------
     async def PushUpdate(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> pb.PushReply:
@@ -585,11 +608,11 @@ class FleetServer:
         if client in rs.replied:
             raise Refusal("duplicate", f"client {client} already sent its update for round {rs.round}")
         if not rs.open or client in rs.dropped:
-            if rs.closed_by == "deadline" or (not rs.open and rs.elapsed() >= rs.deadline_s):
+            if rs.closed_by == "deadline":
                 raise Refusal("after_deadline", f"round {rs.round} ended at its deadline of {rs.deadline_s:.3g}s")
             if client in rs.dropped and rs.open:
                 raise Refusal("dropped", f"client {client} was reported dropped from round {rs.round} (missed heartbeats)")
-            raise Refusal("after_deadline", f"round {rs.round} stopped collecting updates ({rs.closed_by})")
+            raise Refusal("round_closed", f"round {rs.round} stopped collecting updates ({rs.closed_by})")
         if m.base_version != rs.version:
             raise Refusal("wrong_version", f"update computed from model version {m.base_version}; round {rs.round} trains version {rs.version}")
         if starting and client in rs.uploading:
@@ -669,6 +692,7 @@ class FleetServer:
         for cid in sorted(rs.pending):
             self._drop(rs, cid, reason)
         rs.task = None  # the payload is no longer needed: let it go
+        rs.frames = None
         rs.out.put(END)
         if self._deadline_timer is not None and self.round is rs:
             self._deadline_timer.cancel()

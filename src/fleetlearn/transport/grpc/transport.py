@@ -56,6 +56,7 @@ class GrpcTransport:
     """
 
     name = "grpc"
+    realtime = True  # replies arrive in wall-clock time: stop iterating once the cohort is filled
 
     def __init__(
         self,
@@ -73,6 +74,7 @@ class GrpcTransport:
         max_round_s: float = 600.0,
         grace_s: float = 10.0,
         maximum_concurrent_rpcs: int | None = None,
+        server_options: Sequence[tuple[str, Any]] = (),
     ):
         self.tokens = tokens
         self.requirements = requirements or RunRequirements.for_run(spec, uplink, downlink)
@@ -82,6 +84,7 @@ class GrpcTransport:
         self.server = FleetServer(tokens, self.requirements, limits, heartbeat_interval_s, heartbeat_timeout_s)
         self._tls = tls
         self._max_rpcs = maximum_concurrent_rpcs
+        self._extra_options = list(server_options)
         self._grpc_server: grpc.aio.Server | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="fleetlearn-grpc-server", daemon=True)
@@ -117,6 +120,9 @@ class GrpcTransport:
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.server.max_pending_requests", self.limits.max_pending_requests),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * self.limits.max_pending_requests),
+            *self._extra_options,
         ]
         server = grpc.aio.server(options=options, maximum_concurrent_rpcs=self._max_rpcs)
         server.add_generic_rpc_handlers((self.server.handler(),))

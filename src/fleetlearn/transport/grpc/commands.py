@@ -1,0 +1,111 @@
+"""The functions behind `fleetlearn certs`, `fleetlearn token ...` and `fleetlearn client`,
+and the server-side transport for `fleetlearn server`.
+
+Each takes plain values (what argparse gives) and returns plain results, so
+the CLI stays a thin layer: it prints, and it maps `UsageError`-like failures
+(ValueError, FileExistsError, TokenError, ClientRefused) to one line and exit
+status 2.  The server command itself lives with the engine (it assembles the
+Coordinator); it gets its transport from `server_transport`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from ...config import RunConfig
+from .auth import TokenInfo, TokenStore
+from .certs import CertPaths, ClientTls, ServerTls, make_certs
+from .client import Backoff, ClientReport, run_client
+from .local_data import client_from_config
+from .server import Limits
+from .transport import GrpcTransport
+
+
+def certs(out_dir: str | Path, hosts: Sequence[str] = ("127.0.0.1", "localhost"), clients: Sequence[str] = ("client",),
+          days: int = 365, overwrite: bool = False) -> CertPaths:
+    """`fleetlearn certs [--out DIR] [--host H ...] [--client NAME ...] [--days N] [--force]`."""
+    return make_certs(out_dir, hosts=tuple(hosts), client_names=tuple(clients), days=days, overwrite=overwrite)
+
+
+def token_add(state_dir: str | Path, name: str, rotate: bool = False) -> str:
+    """`fleetlearn token add NAME [--state DIR] [--rotate]`: print the returned token once."""
+    with TokenStore.open(state_dir) as store:
+        return store.add(name, rotate=rotate)
+
+
+def token_revoke(state_dir: str | Path, name: str) -> bool:
+    """`fleetlearn token revoke NAME`: False if NAME had no active token."""
+    with TokenStore.open(state_dir) as store:
+        return store.revoke(name)
+
+
+def token_list(state_dir: str | Path) -> list[TokenInfo]:
+    """`fleetlearn token list`: names, client ids, created / revoked (never tokens: they are not stored)."""
+    with TokenStore.open(state_dir) as store:
+        return store.list()
+
+
+def server_transport(
+    config: RunConfig,
+    spec: Any,
+    address: str = "0.0.0.0:7777",
+    state_dir: str | Path = "fleetlearn-state",
+    cert_dir: str | Path | None = None,
+    mutual_tls: bool = False,
+    heartbeat_interval_s: float = 5.0,
+    max_round_s: float = 600.0,
+    limits: Limits = Limits(),
+) -> GrpcTransport:
+    """The transport `fleetlearn server CONFIG` hands to the Coordinator.
+
+    `spec` is the learner's ParamSpec (clients must build the same model); the
+    codec chains come from `config.compression`; tokens from `<state_dir>/tokens.db`
+    (the file `fleetlearn token add` writes); TLS from `cert_dir` (server.pem,
+    server.key, and ca.pem when `mutual_tls`).  Without `cert_dir` the server is
+    plaintext: fine on loopback, not on a network.
+    """
+    return GrpcTransport(
+        address,
+        tokens=TokenStore.open(state_dir),
+        spec=spec,
+        uplink=config.compression.uplink,
+        downlink=config.compression.downlink,
+        tls=ServerTls.from_dir(cert_dir, mutual=mutual_tls) if cert_dir else None,
+        heartbeat_interval_s=heartbeat_interval_s,
+        max_round_s=max_round_s,
+        limits=limits,
+    )
+
+
+def client(
+    server: str,
+    token: str,
+    config: RunConfig | str | Path,
+    *,
+    client_index: int | None = None,
+    data_fn: str | None = None,
+    num_classes: int | None = None,
+    tls_ca: str | Path | None = None,
+    tls_cert: str | Path | None = None,
+    tls_key: str | Path | None = None,
+    tls_server_name: str | None = None,
+    name: str = "",
+    max_rounds: int | None = None,
+    give_up_after_s: float | None = None,
+    device: dict[str, float] | None = None,
+) -> ClientReport:
+    """`fleetlearn client --server HOST:PORT --token TOKEN --config RUN.toml (--client-index I | --data pkg.mod:fn)
+    [--tls-ca ca.pem [--tls-cert c.pem --tls-key c.key]] [--name N] [--max-rounds N]`.
+
+    Builds the run's model and this client's local data, then runs until the
+    server says the run finished.  Raises `ClientRefused` (bad or revoked token,
+    incompatible client).
+    """
+    learner, data = client_from_config(config, client_index=client_index, data_fn=data_fn, num_classes=num_classes)
+    tls = None
+    if tls_ca is not None or tls_cert is not None:
+        tls = ClientTls(Path(tls_ca) if tls_ca else None, Path(tls_cert) if tls_cert else None,
+                        Path(tls_key) if tls_key else None, tls_server_name)
+    return run_client(server, token, learner, data, tls=tls, name=name, max_rounds=max_rounds,
+                      backoff=Backoff(), give_up_after_s=give_up_after_s, device=device)

@@ -1,0 +1,56 @@
+"""The functions the CLI calls: certs, tokens, and a client built from a run config."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from fleetlearn.compression import parse_chain
+from fleetlearn.config import load_config
+from fleetlearn.messages import Task, Update
+from fleetlearn.transport.grpc import commands
+from fleetlearn.transport.grpc.local_data import client_from_config
+
+CFG = {"data": {"dataset": "digits", "clients": 10}, "server": {"cohort": 2}, "model": {"hidden": [16]}}
+
+
+def test_token_commands(tmp_path):
+    tok = commands.token_add(tmp_path, "phone")
+    infos = commands.token_list(tmp_path)
+    assert [(i.name, i.active) for i in infos] == [("phone", True)]
+    assert tok not in repr(infos)
+    assert commands.token_revoke(tmp_path, "phone") is True
+    assert [i.active for i in commands.token_list(tmp_path)] == [False]
+
+
+def test_server_and_clients_from_a_run_config_with_tls(tmp_path):
+    cfg = load_config(CFG)
+    paths = commands.certs(tmp_path / "certs")
+    learner, _ = client_from_config(cfg, client_index=0)
+    t = commands.server_transport(cfg, learner.spec, "127.0.0.1:0", tmp_path / "state", cert_dir=tmp_path / "certs", heartbeat_interval_s=0.2)
+    try:
+        toks = {i: commands.token_add(tmp_path / "state", f"device-{i}") for i in (3, 7)}
+        reports = {}
+        threads = [
+            threading.Thread(target=lambda i=i: reports.__setitem__(i, commands.client(
+                t.address, toks[i], cfg, client_index=i, tls_ca=paths.ca_cert, name=f"device-{i}", give_up_after_s=20)), daemon=True)
+            for i in toks
+        ]
+        for th in threads:
+            th.start()
+        ids = t.wait_available(2, timeout_s=20)
+        assert len(ids) == 2
+        params = learner.init_params(0)
+        task = Task(1, 0, parse_chain("none").encode(params)[0], "none", {"lr": 0.05, "local_epochs": 1, "batch_size": 8}, deadline_s=20.0)
+        replies = list(t.dispatch(task, ids))
+        assert len(replies) == 2 and all(isinstance(r.message, Update) for r in replies)
+        for r in replies:
+            delta = parse_chain("none").decode(r.message.payload)
+            assert delta.shape == params.shape and torch.isfinite(delta).all() and delta.abs().sum() > 0
+        t.finish()
+        for th in threads:
+            th.join(15)
+        assert {i: r.stopped for i, r in reports.items()} == {3: "finished", 7: "finished"}
+    finally:
+        t.close(grace_s=0.2)
