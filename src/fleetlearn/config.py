@@ -103,7 +103,18 @@ class ClientConfig(Section):
     lr: float = Field(default=0.05, gt=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
-    objective: Literal["plain"] = "plain"  # the local objective part; more arrive with the non-IID work
+    objective: Literal["plain", "prox", "scaffold"] = "plain"  # the local objective part
+    prox_mu: float = Field(default=0.01, ge=0)  # FedProx's mu (objective = "prox")
+    # Learning-rate schedule over rounds: constant | step | cosine | plateau (on the central loss).
+    lr_schedule: Literal["constant", "step", "cosine", "plateau"] = "constant"
+    lr_step_size: int = Field(default=10, ge=1)  # step: multiply by lr_gamma every lr_step_size rounds
+    lr_gamma: float = Field(default=0.5, gt=0)
+    lr_min: float = Field(default=0.0, ge=0)  # cosine / plateau floor
+    lr_factor: float = Field(default=0.5, gt=0, lt=1)  # plateau: multiply when no improvement
+    lr_patience: int = Field(default=3, ge=1)
+    # Label-skew helper: duplicate examples of under-represented local classes (opt-in).
+    oversample: bool = False
+    oversample_noise_std: float = Field(default=0.0, ge=0)
 
 
 class ServerConfig(Section):
@@ -112,9 +123,43 @@ class ServerConfig(Section):
     selector: Literal["random", "oort"] = "random"
     oort_epsilon: float = Field(default=0.2, ge=0, le=1)  # fraction of each cohort that explores untried clients
     oort_alpha: float = Field(default=2.0, ge=0)  # strength of the penalty on clients slower than preferred
-    aggregator: Literal["mean"] = "mean"
-    optimizer: Literal["sgd"] = "sgd"
-    server_lr: float = Field(default=1.0, gt=0)
+    # The aggregator part: mean (FedAvg) or a robust rule (see fleetlearn.aggregation).
+    aggregator: Literal[
+        "mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan",
+        "geometric_median", "norm_bounded_mean", "centered_clipping",
+    ] = "mean"
+    trim_beta: float = Field(default=0.1, ge=0, lt=0.5)  # trimmed_mean: fraction cut per side
+    byzantine_f: int | None = Field(default=None, ge=0)  # krum/bulyan: assumed attackers (None: n // 5, capped)
+    krum_m: int | None = Field(default=None, ge=1)  # multi_krum: rows averaged (None: n - f)
+    norm_bound: float | None = Field(default=None, gt=0)  # norm_bounded_mean (None: cohort median norm)
+    cc_tau: float | None = Field(default=None, gt=0)  # centered_clipping radius (None: median norm)
+    cc_iters: int = Field(default=3, ge=1)
+    gm_eps: float = Field(default=1e-6, gt=0)  # geometric_median smoothing
+    gm_max_iter: int = Field(default=100, ge=1)
+    # Validation before aggregation (None: round, duplicate, examples, shape, finite, plus the
+    # checks whose bound is set below).
+    validators: list[str] | None = None
+    max_update_norm: float | None = Field(default=None, gt=0)  # refuse updates above this L2 norm
+    max_norm_ratio: float | None = Field(default=None, gt=1)  # refuse updates above ratio x cohort median norm
+    max_claimed_examples: int | None = Field(default=None, ge=1)  # refuse claims above this count
+    # How accepted updates are weighted: examples (capped claims) | uniform | loss_improvement | distance.
+    weighting: Literal["examples", "uniform", "loss_improvement", "distance"] = "examples"
+    weighting_floor: float = Field(default=0.1, ge=0, le=1)  # loss_improvement
+    weighting_mode: Literal["exp", "cosine"] = "exp"  # distance
+    weighting_temperature: float = Field(default=1.0, gt=0)  # distance
+    # Server optimizer (Reddi et al., ICLR 2021): sgd (FedAvg) | momentum (FedAvgM) | adam | yogi | adagrad.
+    optimizer: Literal["sgd", "momentum", "adam", "yogi", "adagrad"] = "sgd"
+    server_lr: float = Field(default=1.0, gt=0)  # adam/yogi/adagrad want about 1e-2 to 1e-1
+    server_momentum: float = Field(default=0.9, ge=0, lt=1)
+    server_beta1: float = Field(default=0.9, ge=0, lt=1)
+    server_beta2: float = Field(default=0.99, ge=0, lt=1)
+    server_tau: float = Field(default=1e-3, gt=0)
+    server_lr_schedule: Literal["constant", "step", "cosine", "plateau"] = "constant"
+    server_lr_step_size: int = Field(default=10, ge=1)
+    server_lr_gamma: float = Field(default=0.5, gt=0)
+    server_lr_min: float = Field(default=0.0, ge=0)
+    server_lr_factor: float = Field(default=0.5, gt=0, lt=1)
+    server_lr_patience: int = Field(default=3, ge=1)
     # A client cannot buy itself more weight: its claimed example count is capped at
     # `max_examples` (absolute) and at `max_examples_ratio` x the cohort's median claim.
     max_examples: int | None = Field(default=None, ge=1)

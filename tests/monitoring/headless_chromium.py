@@ -36,6 +36,8 @@ class HeadlessChromium:
 
     def __init__(self, binary: str, width: int = 1200, height: int = 900):
         self.profile = tempfile.mkdtemp(prefix="fleetlearn-chromium-")
+        # stderr to a file: a pipe nobody reads would fill up and stall the browser.
+        self._stderr = open(os.path.join(self.profile, "stderr.log"), "w+b")
         to_chrome_r, self._to_chrome = os.pipe()
         self._from_chrome, from_chrome_w = os.pipe()
         # The child must see our pipe ends as its fds 3 (commands in) and 4 (replies out).
@@ -54,7 +56,7 @@ class HeadlessChromium:
                 "--remote-debugging-pipe", f"--user-data-dir={self.profile}", f"--window-size={width},{height}",
                 "about:blank",
             ],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr,
             preexec_fn=child_fds, close_fds=False,
         )
         os.close(to_chrome_r)
@@ -76,8 +78,7 @@ class HeadlessChromium:
                 continue
             chunk = os.read(self._from_chrome, 1 << 20)
             if not chunk:
-                err = self.proc.stderr.read().decode(errors="replace")[-2000:] if self.proc.poll() is not None else ""
-                raise CDPError(f"chromium closed the pipe (exit {self.proc.poll()}): {err}")
+                raise CDPError(f"chromium closed the pipe (exit {self.proc.poll()}): {self.stderr_tail()}")
             self._buf += chunk
         raw, _, self._buf = self._buf.partition(b"\0")
         return json.loads(raw)
@@ -96,6 +97,11 @@ class HeadlessChromium:
                     raise CDPError(f"{method}: {reply['error']}")
                 return reply.get("result", {})
             self.events.append(reply)
+
+    def stderr_tail(self, n: int = 2000) -> str:
+        self._stderr.flush()
+        self._stderr.seek(0)
+        return self._stderr.read().decode(errors="replace")[-n:]
 
     # -- a page --------------------------------------------------------------------
     def open(self, url: str) -> None:
@@ -160,6 +166,7 @@ class HeadlessChromium:
                 os.close(fd)
             except OSError:
                 pass
+        self._stderr.close()
         shutil.rmtree(self.profile, ignore_errors=True)
 
     def __enter__(self) -> "HeadlessChromium":

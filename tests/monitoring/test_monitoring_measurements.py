@@ -7,6 +7,7 @@ import torch
 from fleetlearn.config import load_config
 from fleetlearn.engine import build_coordinator
 from fleetlearn.monitoring import DebugMeasurements, update_statistics
+from fleetlearn.records import RoundRecord
 
 SMALL = {"data": {"clients": 20}, "server": {"rounds": 2, "cohort": 6}, "client": {"local_epochs": 1}}
 
@@ -114,3 +115,16 @@ def test_a_failed_round_is_measured_without_updates():
     dbg = rec.extra["debug"]
     assert "update_norm_p50" not in dbg and "clients" not in dbg
     assert dbg["model_norm"] == pytest.approx(float(torch.linalg.vector_norm(c.params.double())))
+
+
+def test_per_update_statistics_are_withheld_under_secure_aggregation_or_central_dp():
+    c = build_coordinator(load_config(SMALL), store=False)
+    c.run_round()
+    hook = DebugMeasurements()
+    for parts, word in ((type("P", (), {"secure": object(), "central": None})(), "secure aggregation"), (type("P", (), {"secure": None, "central": object()})(), "central DP")):
+        c.privacy = parts
+        rec = RoundRecord(round=1, version=1)
+        hook.after_round(rec, c)
+        dbg = rec.extra["debug"]
+        assert word in dbg["updates_hidden"] and "update_norm_p50" not in dbg and "clients" not in dbg
+        assert "model_norm" in dbg and "step_norm" in dbg

@@ -18,7 +18,7 @@ def test_report_of_a_real_run_has_every_plot_non_blank(guarded_run):
     for name in referenced:
         img = imread(html_path.parent / name)
         h, w = img.shape[:2]
-        assert w == 900 and h >= 360, (name, img.shape)
+        assert w == 1100 and h >= 360, (name, img.shape)
         assert float(np.var(img[..., :3])) > 1e-3, f"{name} is blank"
         # Rollbacks are drawn as red bands: some pixels are that pinkish red.
         rgb = img[..., :3]

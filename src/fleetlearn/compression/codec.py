@@ -12,17 +12,15 @@ Chain syntax (one syntax everywhere: configs, CLI, records)
 whitespace ignored; ``"none"`` or ``""`` is plain float32.  An element is
 ``name`` or ``name:arg,arg`` where an arg is ``key=value`` or a bare word.
 
-=========  ================================  ============================================
-role       elements                          meaning
-=========  ================================  ============================================
-wrapper    ``ef``                            error feedback around the rest of the chain
-sparsify   ``topk:F``, ``randk:F[,unbiased]`` keep k coordinates; F a fraction with a
-                                             decimal point (0.01) or an integer count (100)
-sketch     ``sketch:K[,cols=C,rows=R,seed=S]`` count sketch; must be last
-value      ``none`` ``fp16`` ``bf16``         how the (kept) values are coded
-           ``q8`` ``q4`` ``q2``              ``qB[:block=N][,stochastic]`` (block 256)
-           ``sign[:block=N]``                1 bit + mean-|x| scale per block (0 = all)
-=========  ================================  ============================================
+- wrapper: ``ef`` -- error feedback around the rest of the chain.
+- sparsifier: ``topk:F``, ``randk:F[,unbiased]`` -- keep k coordinates; F is a
+  fraction written with a decimal point (``0.01``, ``1.0``) or an integer count
+  (``100``).
+- sketch: ``sketch:K[,cols=C][,rows=R][,seed=S]`` -- count sketch, K heavy hitters
+  recovered on decode, C columns (default 4 K), R rows (default 5); must be last.
+- value codec: ``none``, ``fp16``, ``bf16``; ``q8``/``q4``/``q2`` as
+  ``qB[:block=N][,stochastic]`` (block default 256); ``sign[:block=N]`` (1 bit and
+  a mean-|x| scale per block, 0 = one scale for the whole vector).
 
 Composition: a sparsifier picks indices and hands the kept values, in index
 order, to the value codec (``topk:0.01 | q8`` = top 1 %, values 8-bit
@@ -45,7 +43,8 @@ Randomness (``randk``, ``stochastic``): if the state holds ``"rng.seed"`` (an
 int64 scalar tensor, see `seed_state`), that client's stream is seeded from it
 and the next seed is returned in the state, so encodings are reproducible
 whatever the order in which clients run; otherwise the chain's own generator
-(seeded by ``parse_chain(spec, seed=...)``) is used.
+(seeded by ``parse_chain(spec, seed=...)``) is used; that generator is not
+thread-safe, so clients encoding in parallel threads should bring a seed.
 """
 
 from __future__ import annotations

@@ -72,6 +72,8 @@ class Coordinator:
         hooks: Sequence[RoundHook] = (),
         clock: VirtualClock | None = None,
         privacy=None,
+        weighting=None,
+        schedules: dict | None = None,
     ):
         self.config = config
         self.learner = learner
@@ -87,6 +89,21 @@ class Coordinator:
         self.hooks = list(hooks)
         self.clock = clock if clock is not None else VirtualClock()
         self.privacy = privacy  # fleetlearn.privacy.PrivacyParts or None
+        if weighting is None:
+            from ..aggregation.weighting import ExampleWeighting
+
+            weighting = ExampleWeighting(config.server.max_examples, config.server.max_examples_ratio)
+        self.weighting = weighting
+        self.schedules = schedules or {}
+        self.base_server_lr = getattr(server_optimizer, "server_lr", None)
+        self.client_lr = config.client.lr
+        self._previous_aggregate: torch.Tensor | None = None
+        if config.server.max_norm_ratio is not None:
+            from ..validation import RelativeNormFilter
+
+            self.norm_filter = RelativeNormFilter(config.server.max_norm_ratio)
+        else:
+            self.norm_filter = None
         self.stopped_reason: str | None = None  # set when the run stops early (privacy budget)
         self._sampling_rate = 0.0
         self.rng = np.random.default_rng([config.seed, 0x5E1EC7])
@@ -115,7 +132,16 @@ class Coordinator:
 
     def fit_config(self) -> FitConfig:
         c = self.config.client
-        return FitConfig(c.local_epochs, c.local_steps, c.batch_size, c.lr, c.momentum, c.weight_decay)
+        mu = c.prox_mu if c.objective == "prox" else 0.0
+        return FitConfig(c.local_epochs, c.local_steps, c.batch_size, self.client_lr, c.momentum, c.weight_decay, mu)
+
+    def _apply_schedules(self, r: int) -> None:
+        """This round's client and server learning rates (plateau watches the central loss)."""
+        last_loss = next((x.loss for x in reversed(self.records) if not math.isnan(x.loss)), None)
+        if "client" in self.schedules:
+            self.client_lr = float(self.schedules["client"].lr_at(r, self.config.client.lr, last_loss))
+        if "server" in self.schedules and self.base_server_lr is not None:
+            self.server_optimizer.server_lr = float(self.schedules["server"].lr_at(r, self.base_server_lr, last_loss))
 
     def task_config(self) -> dict[str, Any]:
         """What every client is told to do this round (travels inside the Task)."""
@@ -151,6 +177,7 @@ class Coordinator:
         self.last_updates = self.last_weights = self.last_aggregate = self.prev_params = None
         self.round += 1
         r = self.round
+        self._apply_schedules(r)
         srv = self.config.server
         available = self.transport.available(r)
         want = min(math.ceil(srv.cohort * srv.over_selection), len(available))
@@ -188,6 +215,9 @@ class Coordinator:
             p50, p90, p99 = np.percentile(arrivals, [50, 90, 99])
             record.completion_p50_s, record.completion_p90_s, record.completion_p99_s = float(p50), float(p90), float(p99)
 
+        self._filter_relative_norms(got)
+        record.accepted = len(got.accepted)
+        record.rejected = sum(c.status == "rejected" for c in got.clients)
         if record.status == "failed":
             pass
         elif len(got.vecs) < srv.min_replies:
@@ -340,11 +370,36 @@ class Coordinator:
     def example_weights(self, claims: Sequence[int]) -> np.ndarray:
         """Claimed example counts, capped so no client can buy itself more weight:
         at ``server.max_examples`` and at ``max_examples_ratio`` x the cohort median."""
-        c = np.asarray(claims, dtype=np.float64)
-        cap = self.config.server.max_examples_ratio * float(np.median(c))
-        if self.config.server.max_examples is not None:
-            cap = min(cap, float(self.config.server.max_examples))
-        return np.minimum(c, cap)
+        from ..aggregation.weighting import examples
+
+        return examples(np.asarray(claims, dtype=np.float64), self.config.server.max_examples, self.config.server.max_examples_ratio)
+
+    def cohort_weights(self, got: Collected, matrix: torch.Tensor) -> np.ndarray:
+        """The weighting part's weights for the accepted updates."""
+        from ..aggregation.weighting import CohortInfo
+
+        info = CohortInfo(
+            num_examples=np.asarray(got.claims, dtype=np.float64),
+            loss_before=np.array([c.loss_before for c in got.accepted]),
+            loss_after=np.array([c.loss_after for c in got.accepted]),
+            updates=matrix,
+            previous_aggregate=self._previous_aggregate,
+        )
+        return np.asarray(self.weighting(info), dtype=np.float64)
+
+    def _filter_relative_norms(self, got: Collected) -> None:
+        """Refuse updates whose norm is beyond `max_norm_ratio` x the cohort's median."""
+        if self.norm_filter is None or not got.vecs:
+            return
+        norms = np.array([c.update_norm for c in got.accepted])
+        reasons = self.norm_filter.reasons(norms)
+        keep = [i for i, why in enumerate(reasons) if why is None]
+        for i, why in enumerate(reasons):
+            if why is not None:
+                got.accepted[i].status, got.accepted[i].reason = "rejected", f"norm_ratio: {why}"
+        got.vecs = [got.vecs[i] for i in keep]
+        got.claims = [got.claims[i] for i in keep]
+        got.accepted = [got.accepted[i] for i in keep]
 
     def _aggregate(self, record: RoundRecord, got: Collected, scale: np.ndarray | None = None) -> None:
         """Aggregate the accepted updates and step the server optimizer.
@@ -352,7 +407,11 @@ class Coordinator:
         `scale` multiplies each update's weight without renormalising (FedBuff's
         staleness weights: a stale update moves the model less)."""
         matrix = torch.stack(got.vecs)
-        weights = self.example_weights(got.claims)
+        try:
+            weights = self.cohort_weights(got, matrix)
+        except ValueError as exc:
+            record.status, record.reason = "failed", f"weighting: {exc}; model unchanged"
+            return
         scaled = weights if scale is None else weights * scale
         norm_w = scaled / scaled.sum()
         for rec, w in zip(got.accepted, norm_w):
@@ -367,7 +426,11 @@ class Coordinator:
         elif priv is not None and priv.secure is not None:
             pseudo_gradient = priv.secure.aggregate(matrix, torch.from_numpy(scaled), dropped=dropped_after_keys).to(torch.float32)
         else:
-            pseudo_gradient = self.aggregator.aggregate(matrix, torch.from_numpy(scaled).to(torch.float32))
+            try:
+                pseudo_gradient = self.aggregator.aggregate(matrix, torch.from_numpy(scaled).to(torch.float32))
+            except ValueError as exc:  # e.g. a cohort too small for the rule's precondition
+                record.status, record.reason = "failed", f"aggregator {self.aggregator.name}: {exc}; model unchanged"
+                return
         if priv is not None and priv.accountant is not None:
             # Privacy spent on this aggregate stays spent, whatever happens to the round next.
             spent = priv.record_round(self._sampling_rate)
@@ -380,6 +443,7 @@ class Coordinator:
             return
         self.prev_params = self.params
         self.last_updates, self.last_aggregate = matrix, pseudo_gradient
+        self._previous_aggregate = pseudo_gradient
         self.last_weights = torch.from_numpy(scaled / scaled.sum()).to(torch.float32)
         self.params, self.server_state = new_params, new_state
         self.version += 1

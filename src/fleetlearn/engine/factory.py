@@ -13,7 +13,9 @@ from ..ops import RunStore
 from ..privacy import PrivacyParts, build_privacy
 from ..selection import SELECTORS
 from ..transport import SimulationTransport
-from ..validation import default_validators
+from ..aggregation.schedules import schedule_from_config
+from ..aggregation.weighting import make_weighting
+from ..validation import build_validators
 from .clock import VirtualClock
 from .coordinator import Coordinator, RoundHook
 from .evaluation import Evaluator
@@ -26,6 +28,64 @@ def build_learner(config: RunConfig, data: FederatedData) -> TorchLearner:
         return TorchLearner(make, vectorize=config.engine.vectorize)
     except (ImportError, TypeError) as exc:
         raise ConfigError(f"model.name = {m.name!r}: {exc}") from None
+
+
+def _part(kind: str, key: str, value, build):
+    try:
+        return build()
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{kind} = {value!r}: {exc}") from None
+
+
+def build_aggregator(config: RunConfig):
+    srv = config.server
+    cls = AGGREGATORS[srv.aggregator]
+    keys = getattr(cls, "config_keys", {})
+    kwargs = {arg: getattr(srv, key) for key, arg in keys.items() if getattr(srv, key) is not None}
+    return _part("server.aggregator", "aggregator", srv.aggregator, lambda: cls(**kwargs))
+
+
+def build_server_optimizer(config: RunConfig):
+    srv = config.server
+    cls = SERVER_OPTIMIZERS[srv.optimizer]
+    if srv.optimizer == "sgd":
+        return cls(srv.server_lr)
+    if srv.optimizer == "momentum":
+        return cls(srv.server_lr, momentum=srv.server_momentum)
+    return cls(srv.server_lr, beta1=srv.server_beta1, beta2=srv.server_beta2, tau=srv.server_tau)
+
+
+def build_run_validators(config: RunConfig) -> list:
+    srv = config.server
+    return _part(
+        "server.validators", "validators", srv.validators,
+        lambda: build_validators(srv.validators, max_norm=srv.max_update_norm, max_staleness=None if srv.mode == "async" else srv.max_staleness, max_examples=srv.max_claimed_examples),
+    )
+
+
+def build_weighting(config: RunConfig):
+    srv = config.server
+    params: dict = {}
+    if srv.weighting == "examples":
+        params = {"max_examples": srv.max_examples, "max_examples_ratio": srv.max_examples_ratio}
+    elif srv.weighting == "loss_improvement":
+        params = {"floor": srv.weighting_floor}
+    elif srv.weighting == "distance":
+        params = {"mode": srv.weighting_mode, "temperature": srv.weighting_temperature}
+    return _part("server.weighting", "weighting", srv.weighting, lambda: make_weighting(srv.weighting, **params))
+
+
+_SCHEDULE_KEYS = {"step": ("step_size", "gamma"), "cosine": ("min",), "plateau": ("factor", "patience", "min")}
+
+
+def build_schedules(config: RunConfig) -> dict:
+    """The client and server learning-rate schedules, from `lr_*` / `server_lr_*` keys."""
+    out = {}
+    for name, section, prefix in (("client", config.client, "lr_"), ("server", config.server, "server_lr_")):
+        kind = getattr(section, prefix + "schedule")
+        cfg = {prefix + "schedule": kind, **{prefix + k: getattr(section, prefix + k) for k in _SCHEDULE_KEYS.get(kind, ())}}
+        out[name] = _part(f"{'client' if name == 'client' else 'server'}.{prefix}schedule", prefix, kind, lambda cfg=cfg, prefix=prefix: schedule_from_config(cfg, prefix, total_rounds=config.server.rounds))
+    return out
 
 
 def build_privacy_parts(config: RunConfig, population: int, aggregator) -> PrivacyParts | None:
@@ -77,7 +137,7 @@ def build_coordinator(config: RunConfig, store: bool = True, hooks: list[RoundHo
         data, learner, fleet, ClientRuntime(uplink, downlink, seed=config.seed), config.seed,
         clock=clock, heartbeat_timeout_s=config.server.heartbeat_timeout_s,
     )
-    aggregator = AGGREGATORS[config.server.aggregator]()
+    aggregator = build_aggregator(config)
     privacy = build_privacy_parts(config, data.num_clients, aggregator)
     run_store = None
     if store:
@@ -90,8 +150,10 @@ def build_coordinator(config: RunConfig, store: bool = True, hooks: list[RoundHo
         selector=build_selector(config, data.num_clients),
         aggregator=aggregator,
         privacy=privacy,
-        server_optimizer=SERVER_OPTIMIZERS[config.server.optimizer](config.server.server_lr),
-        validators=default_validators(),
+        server_optimizer=build_server_optimizer(config),
+        validators=build_run_validators(config),
+        weighting=build_weighting(config),
+        schedules=build_schedules(config),
         downlink=downlink,
         uplink=uplink,
         evaluator=Evaluator(learner, data, config.server.eval_clients, config.seed),

@@ -308,6 +308,7 @@ class MonitorHook:
         self.detectors = list(detectors)
         self.on_alert = on_alert
         self.alerts: list[Alert] = []
+        self._history: list[RoundRecord] = []  # used when the coordinator keeps no records
 
     def check(self, history: Sequence[RoundRecord]) -> list[Alert]:
         out = []
@@ -318,7 +319,13 @@ class MonitorHook:
         return out
 
     def after_round(self, record: RoundRecord, coordinator: Any) -> None:
-        history = list(getattr(coordinator, "records", [])) + [record]
+        past = getattr(coordinator, "records", None)
+        if past is None:
+            past = self._history
+            self._history.append(record)
+            history = list(past)
+        else:
+            history = list(past) + [record]
         new = self.check(history)
         record.extra.setdefault(ALERTS_KEY, []).extend(a.to_dict() for a in new)
         for a in new:

@@ -7,7 +7,8 @@ alerts of its ``trigger`` detectors.  If one fired it
    version the guardrail saw committed without a trigger alert (and its
    server-optimizer state); the coordinator marks the record ``rolled_back``;
 2. applies the configured responses, which persist after the rollback:
-   - ``lr_factor``: multiplies the server optimizer's ``server_lr`` (not below ``min_lr``);
+   - ``lr_factor``: multiplies the server optimizer's ``server_lr`` (not below ``min_lr``),
+     and ``coordinator.base_server_lr`` if a learning-rate schedule derives it from that;
    - ``clip_factor``: multiplies ``clip_norm`` (or ``max_norm``) of the aggregator and
      of the privacy parts that have a settable one;
    - ``exclude_rounds``: the clients named by the alerts (outlier updates) are
@@ -96,7 +97,7 @@ class Guardrail:
             restored = self._restore(coordinator, reason, actions)
             rolled_back = restored is not None
         if self.lr_factor is not None:
-            actions["server_lr"] = self._scale_lr(coordinator)
+            self._scale_lr(coordinator, actions)
         if self.clip_factor is not None:
             actions["clip_norm"] = self._scale_clip(coordinator)
         if self.exclude_rounds > 0:
@@ -123,14 +124,22 @@ class Guardrail:
                 actions["restore_error"] += f"; last good version: {exc2}"
                 return None
 
-    def _scale_lr(self, coordinator: Any) -> list[float] | str:
+    def _scale_lr(self, coordinator: Any, actions: dict[str, Any]) -> None:
+        """Multiply the server learning rate now, and the base rate a learning-rate
+        schedule recomputes it from each round (``coordinator.base_server_lr``), so
+        the lower rate persists under a schedule."""
         opt = getattr(coordinator, "server_optimizer", None)
         if opt is None or not hasattr(opt, "server_lr"):
-            return "the server optimizer has no server_lr"
+            actions["server_lr"] = "the server optimizer has no server_lr"
+            return
+        f = float(self.lr_factor)
         old = float(opt.server_lr)
-        new = max(old * float(self.lr_factor), self.min_lr)
-        opt.server_lr = new
-        return [old, new]
+        opt.server_lr = max(old * f, self.min_lr)
+        actions["server_lr"] = [old, float(opt.server_lr)]
+        base = getattr(coordinator, "base_server_lr", None)
+        if isinstance(base, (int, float)) and not isinstance(base, bool):
+            coordinator.base_server_lr = max(float(base) * f, self.min_lr)
+            actions["base_server_lr"] = [float(base), float(coordinator.base_server_lr)]
 
     def _scale_clip(self, coordinator: Any) -> dict[str, list[float]] | str:
         out: dict[str, list[float]] = {}

@@ -123,12 +123,28 @@ class DebugMeasurements:
     Per-client values are stored in row order of the accepted updates under
     ``clients`` = {"id": [...], "norm": [...], "cosine": [...], "divergence": [...]}
     so detectors can name clients.  Place it before `MonitorHook`.
+
+    Under secure aggregation or central DP the per-update statistics are not
+    computed (``updates_hidden`` says why): the server is not meant to see
+    individual updates (SecAgg), and figures derived from un-noised individual
+    updates are not covered by the DP guarantee once exported.
     """
 
     name = "debug_measurements"
 
     def __init__(self, per_client: bool = True):
         self.per_client = per_client
+
+    @staticmethod
+    def hidden_reason(coordinator: Any) -> str | None:
+        privacy = getattr(coordinator, "privacy", None)
+        if privacy is None:
+            return None
+        if getattr(privacy, "secure", None) is not None:
+            return "secure aggregation: individual updates are not visible to the server"
+        if getattr(privacy, "central", None) is not None:
+            return "central DP: statistics of un-noised individual updates would escape the privacy accounting"
+        return None
 
     def after_round(self, record: RoundRecord, coordinator: Any) -> None:
         out: dict[str, Any] = participation_statistics(record)
@@ -140,7 +156,10 @@ class DebugMeasurements:
         prev = getattr(coordinator, "prev_params", None)
         if prev is not None and params is not None:
             out["step_norm"] = _f(torch.linalg.vector_norm((params.detach().to(torch.float64) - prev.detach().to(torch.float64))))
-        if updates is not None and updates.shape[0] > 0:
+        hidden = self.hidden_reason(coordinator)
+        if hidden is not None:
+            out["updates_hidden"] = hidden
+        elif updates is not None and updates.shape[0] > 0:
             step = (params - prev) if (prev is not None and params is not None) else None
             stats = update_statistics(updates, getattr(coordinator, "last_weights", None), getattr(coordinator, "last_aggregate", None), step)
             norms, cosines, divergences = stats.pop("norms"), stats.pop("cosines"), stats.pop("divergences")

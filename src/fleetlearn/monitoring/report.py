@@ -63,22 +63,27 @@ def _mark(ax, ev: dict[str, list[dict[str, Any]]]) -> list:
     Returns legend handles for what was drawn."""
     handles = []
     for rb in ev["rollbacks"]:
-        ax.axvspan(rb["round"] - 0.5, rb["round"] + 0.5, color=ROLLBACK_COLOUR, alpha=0.18, lw=0)
+        ax.axvspan(rb["round"] - 0.5, rb["round"] + 0.5, color=ROLLBACK_COLOUR, alpha=0.18, lw=0, zorder=0)
     if ev["rollbacks"]:
         handles.append(Patch(color=ROLLBACK_COLOUR, alpha=0.3, label="rollback"))
     for f in ev["failed"]:
-        ax.axvspan(f["round"] - 0.5, f["round"] + 0.5, color=FAILED_COLOUR, alpha=0.12, lw=0)
+        ax.axvspan(f["round"] - 0.5, f["round"] + 0.5, color=FAILED_COLOUR, alpha=0.12, lw=0, zorder=0)
     if ev["failed"]:
         handles.append(Patch(color=FAILED_COLOUR, alpha=0.25, label="failed round"))
     seen = set()
     for a in ev["alerts"]:
         sev = a.get("severity") or "warning"
         colour = SEVERITY_COLOURS.get(sev, "#ff7f0e")
-        ax.axvline(a["round"], color=colour, ls="--", lw=1.0, alpha=0.8)
+        ax.axvline(a["round"], color=colour, ls="--", lw=1.0, alpha=0.8, zorder=3)
         if sev not in seen:
             seen.add(sev)
             handles.append(Line2D([], [], color=colour, ls="--", label=f"alert ({sev})"))
     return handles
+
+
+def _legend(ax, handles: list, labels: list) -> None:
+    # Outside the axes, on the right: curves are never hidden behind it.
+    ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 def _finish(ax, handles: list, ylabel: str) -> None:
@@ -87,11 +92,11 @@ def _finish(ax, handles: list, ylabel: str) -> None:
     ax.grid(alpha=0.3)
     h, l = ax.get_legend_handles_labels()
     if h or handles:
-        ax.legend(h + handles, l + [x.get_label() for x in handles], fontsize=8, loc="best")
+        _legend(ax, h + handles, l + [x.get_label() for x in handles])
 
 
 def _figure(rows: int = 1) -> tuple[Figure, list]:
-    fig = Figure(figsize=(9, 3.6 * rows), dpi=100, layout="constrained")
+    fig = Figure(figsize=(11, 3.6 * rows), dpi=100, layout="constrained")
     axes = fig.subplots(rows, 1, squeeze=False)[:, 0]
     return fig, list(axes)
 
@@ -109,7 +114,9 @@ def plot_accuracy_loss(c: dict, ev: dict) -> Figure:
     handles = _mark(ax, ev)
     h2, l2 = ax2.get_legend_handles_labels()
     h1, l1 = ax.get_legend_handles_labels()
-    ax.legend(h1 + h2 + handles, l1 + l2 + [x.get_label() for x in handles], fontsize=8, loc="best")
+    # Below the axes: the right-hand side holds the loss axis.
+    ax.legend(h1 + h2 + handles, l1 + l2 + [x.get_label() for x in handles], fontsize=8, loc="upper center",
+              bbox_to_anchor=(0.5, -0.16), ncol=4, borderaxespad=0.0)
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy")
     ax.grid(alpha=0.3)
@@ -177,8 +184,8 @@ def plot_bytes(c: dict, ev: dict) -> Figure:
     fig, (ax,) = _figure()
     x = _arr(c["round"])
     up, down = _arr(c["uplink_bytes"]), _arr(c["downlink_bytes"])
-    ax.bar(x - 0.2, up, width=0.4, label="uplink (clients -> server)")
-    ax.bar(x + 0.2, down, width=0.4, label="downlink (server -> clients)")
+    ax.bar(x - 0.15, up, width=0.3, label="uplink (clients -> server)")
+    ax.bar(x + 0.15, down, width=0.3, label="downlink (server -> clients)")
     if not np.nansum(up) and not np.nansum(down):
         _no_data(ax, "traffic")
     _finish(ax, _mark(ax, ev), "bytes per round")
@@ -192,9 +199,11 @@ def plot_participation(c: dict, ev: dict) -> Figure:
     bottom = np.zeros_like(x)
     for key, colour in (("accepted", "#2ca02c"), ("rejected", "#d62728"), ("late", "#ff7f0e"), ("dropped", "#7f7f7f")):
         v = np.nan_to_num(_arr(c[key]))
-        ax.bar(x, v, bottom=bottom, label=key, color=colour, width=0.8)
+        ax.bar(x, v, bottom=bottom, label=key, color=colour, width=0.6)
         bottom = bottom + v
     _plot(ax, x, c["selected"], "selected", color="black", ls="--")
+    top = np.nanmax(np.concatenate([bottom, _arr(c["selected"])])) if len(x) else 0
+    ax.set_ylim(0, max(float(top), 1.0) * 1.15)
     _finish(ax, _mark(ax, ev), "clients")
     ax.set_title("Participation and dropouts")
     return fig

@@ -98,6 +98,8 @@ class Limits:
     # at once (every long poll answers, then every client pushes): measured in
     # benchmarks/grpc_load.py.  A burst costs a few KiB per queued call.
     max_pending_requests: int = 1 << 16
+    max_concurrent_uploads: int = 64  # updates being received at the same time (bounds transient memory)
+    max_concurrent_downloads: int = 64  # tasks being sent at the same time (likewise)
 
     @property
     def max_message_bytes(self) -> int:
@@ -296,12 +298,16 @@ class FleetServer:
         self.finished_reason = ""
         self.told_finished: set[int] = set()  # clients that have heard the run finished
         self._changed: asyncio.Event | None = None
+        self._upload_slots: asyncio.Semaphore | None = None
+        self._download_slots: asyncio.Semaphore | None = None
         self._watcher: asyncio.Task | None = None
         self._deadline_timer: asyncio.TimerHandle | None = None
 
     # -- lifecycle (on the loop) ------------------------------------------------------
     def start(self) -> None:
         self._changed = asyncio.Event()
+        self._upload_slots = asyncio.Semaphore(self.limits.max_concurrent_uploads)
+        self._download_slots = asyncio.Semaphore(self.limits.max_concurrent_downloads)
         self._watcher = asyncio.get_running_loop().create_task(self._watch_liveness())
 
     def stop(self) -> None:
@@ -507,13 +513,14 @@ class FleetServer:
             )
             yield pb.TaskChunk(meta=meta)
             sent = 0
-            for size, frame in self._task_frames(rs):
-                if not rs.open:
-                    raise Refusal("after_deadline" if rs.closed_by == "deadline" else "round_closed",
-                                  f"round {rs.round} closed ({rs.closed_by}) while its task was being sent")
-                yield frame
-                sent += size
-                rs.downlink_bytes[client] = sent
+            async with self._download_slots:  # bounds gRPC's per-stream send buffers
+                for size, frame in self._task_frames(rs):
+                    if not rs.open:
+                        raise Refusal("after_deadline" if rs.closed_by == "deadline" else "round_closed",
+                                      f"round {rs.round} closed ({rs.closed_by}) while its task was being sent")
+                    yield frame
+                    sent += size
+                    rs.downlink_bytes[client] = sent
             cs.last_seen = time.monotonic()
         except Refusal as r:
             await self._refuse(context, r, client)
@@ -550,16 +557,20 @@ class FleetServer:
             cs = self._session(context, m.client_id, m.session)
             rs = self._admit(client, m, starting=True)
             self._validate_update_meta(m)
-            assembler = PayloadAssembler(m.payload_bytes, self.limits.max_update_bytes, self.limits.chunk_bytes, "update payload")
             rs.uploading.add(client)
             try:
-                async for chunk in request_iterator:
-                    chunk = _parsed(chunk)
-                    kind = chunk.WhichOneof("kind")
-                    if kind != "data":
-                        raise Refusal("malformed", "UpdateMeta sent twice in one PushUpdate" if kind == "meta" else "empty UpdateChunk")
-                    assembler.add(chunk.data.offset, chunk.data.data)
-                payload = assembler.finish()
+                # Bounded concurrency: the buffers of an upload in progress (gRPC's, the
+                # parsed chunk, the assembly buffer) exist for at most this many clients at
+                # once; the others wait, throttled by HTTP/2 flow control.
+                async with self._upload_slots:
+                    assembler = PayloadAssembler(m.payload_bytes, self.limits.max_update_bytes, self.limits.chunk_bytes, "update payload")
+                    async for chunk in request_iterator:
+                        chunk = _parsed(chunk)
+                        kind = chunk.WhichOneof("kind")
+                        if kind != "data":
+                            raise Refusal("malformed", "UpdateMeta sent twice in one PushUpdate" if kind == "meta" else "empty UpdateChunk")
+                        assembler.add(chunk.data.offset, chunk.data.data)
+                    payload = assembler.finish()
             finally:
                 rs.uploading.discard(client)
             cs.last_seen = time.monotonic()
