@@ -218,6 +218,12 @@ class CompressionConfig(Section):
     # Codec chains in one syntax everywhere, e.g. "topk:0.01 | q8"; "none" sends float32.
     uplink: str = "none"
     downlink: str = "none"
+    # Adaptive compression: each client uses the least lossy rung of `ladder` whose upload
+    # fits its budget: `upload_budget_s`, or else the round's deadline minus its download
+    # and compute time.  Recorded per client per round (ClientRecord.codec).
+    adaptive: bool = False
+    ladder: list[str] = Field(default_factory=lambda: ["none", "q8", "q4", "topk:0.1 | q8", "topk:0.01 | q8"])
+    upload_budget_s: float | None = Field(default=None, gt=0)
 
 
 class PrivacyConfig(Section):
@@ -277,6 +283,14 @@ class RunConfig(Section):
             conc = self.server.concurrency or self.server.cohort
             if conc > n:
                 raise ValueError(f"server.concurrency = {conc} exceeds the number of clients ({n})")
+        comp = self.compression
+        if comp.adaptive:
+            if comp.upload_budget_s is None and self.server.deadline_s is None and self.server.deadline_policy != "adaptive":
+                raise ValueError("compression.adaptive needs a time budget: set compression.upload_budget_s or server.deadline_s")
+            if comp.uplink.strip() not in ("", "none"):
+                raise ValueError(f"compression.adaptive chooses the uplink chain from compression.ladder; leave compression.uplink = 'none' (got {comp.uplink!r})")
+            if not comp.ladder:
+                raise ValueError("compression.ladder must list at least one chain")
         if self.server.partial_work and self.server.deadline_s is None:
             raise ValueError("server.partial_work needs a deadline: set server.deadline_s")
         if self.data.examples_per_client is not None and self.data.partition != "iid":

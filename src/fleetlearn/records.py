@@ -26,6 +26,7 @@ class ClientRecord:
     steps: int = 0
     update_norm: float = math.nan
     staleness: int = 0  # server versions between the model it trained on and the one it updates
+    codec: str = ""  # the uplink chain this client used (adaptive compression picks it per client)
 
 
 @dataclass

@@ -234,3 +234,11 @@ def test_settings_defaults_are_the_detectors_defaults():
         params = inspect.signature(cls).parameters
         for key, arg in cls.config_keys.items():
             assert getattr(s, key) == params[arg].default, key
+
+
+def test_monitor_hook_keeps_its_own_history_when_the_coordinator_has_none():
+    hook = MonitorHook([DriftDetector(threshold=0.1)])
+    recs = history(accuracy=[0.5, 0.9, 0.7])
+    for r in recs:
+        hook.after_round(r, object())
+    assert [a.round for a in hook.alerts] == [3]

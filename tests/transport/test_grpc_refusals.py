@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
@@ -122,3 +123,28 @@ def test_after_deadline_and_oversized_chunks(tokens, learner):
         refused(lambda: c.push(1, 0, payload, chunk_bytes=64), FP, "deadline")
         assert t.refusals_total() == {"oversized": 1, "after_deadline": 1}
         c.close()
+
+
+def test_a_stalled_upload_is_cut_when_the_round_closes(transport, tokens, learner):
+    c = RawClient(transport.address, tokens.add("staller"))
+    c.register(learner.spec.digest())
+    c.start_heartbeats(0.05)
+    params = learner.init_params(0)
+    payload = parse_chain("none").encode(params)[0]
+    d = DispatchThread(transport, make_task(1, 0, params, deadline_s=0.5), [c.client_id])
+    c.pull()
+    release = threading.Event()
+
+    def frames():
+        yield c.meta(1, 0, len(payload))
+        release.wait(10)  # never sends the payload (until the test ends)
+
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        c.stub.PushUpdate(frames(), metadata=c.metadata, timeout=10)
+    release.set()
+    assert err.value.code() == grpc.StatusCode.CANCELLED
+    assert time.monotonic() - t0 < 3  # cut at the 0.5 s deadline, not at the 10 s call timeout
+    (drop,) = d.join()
+    assert "deadline" in drop.message.reason
+    c.close()

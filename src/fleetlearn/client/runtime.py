@@ -7,6 +7,7 @@ control variates) lives in a `ClientStateStore`, loaded only for the cohort.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..compression import CodecChain
@@ -39,16 +40,27 @@ class ClientStateStore:
 class ClientRuntime:
     """Turns a Task into params and a FitResult into an Update."""
 
-    def __init__(self, uplink: CodecChain, downlink: CodecChain, states: ClientStateStore | None = None, seed: int = 0):
+    def __init__(
+        self, uplink: CodecChain, downlink: CodecChain, states: ClientStateStore | None = None, seed: int = 0,
+        dim: int | None = None, adaptive=None,
+    ):
         self.uplink = uplink
         self.downlink = downlink
         self.states = states if states is not None else ClientStateStore()
-        self.seed = seed  # the device's own randomness (local DP noise)
+        self.seed = seed  # the device's own randomness (local DP noise, stochastic codecs)
+        self.dim = dim  # the model dimension: a payload claiming another is refused before allocation
+        self.adaptive = adaptive  # fleetlearn.compression.AdaptiveCompression or None
 
     def receive(self, task: Task) -> tuple[torch.Tensor, FitConfig]:
-        return self.downlink.decode(task.payload), FitConfig.from_dict(task.config)
+        return self.downlink.decode(task.payload, dim=self.dim), FitConfig.from_dict(task.config)
 
-    def reply(self, client: int, task: Task, result: FitResult) -> Update:
+    def chain_for(self, level: int | None) -> CodecChain:
+        if level is None or self.adaptive is None:
+            return self.uplink
+        return self.adaptive.chains[int(level)]
+
+    def reply(self, client: int, task: Task, result: FitResult, level: int | None = None) -> Update:
+        """The client's Update; `level` picks a rung of the adaptive ladder."""
         delta = result.delta
         ldp = task.config.get("local_dp")
         if ldp:
@@ -57,14 +69,21 @@ class ClientRuntime:
 
             part = LocalDP(ldp["clip_norm"], ldp["noise_multiplier"])
             delta = part.apply(delta, LocalDP.client_generator(self.seed, task.round, client))
-        payload, state = self.uplink.encode(delta, self.states.get(client))
+        chain = self.chain_for(level)
+        state = self.states.get(client)
+        if state is None and getattr(chain, "stochastic", False):
+            # Each client its own reproducible stream, whatever order clients run in.
+            from ..compression import seed_state
+
+            state = seed_state(int(np.random.SeedSequence([self.seed, client, 0xC0DEC]).generate_state(1, dtype=np.uint64)[0] >> 1))
+        payload, state = chain.encode(delta, state)
         self.states.put(client, state)
         return Update(
             client_id=client,
             round=task.round,
             base_version=task.version,
             payload=payload,
-            codec=self.uplink.spec,
+            codec=chain.spec,
             num_examples=result.num_examples,
             metrics=ClientMetrics(
                 loss_before=result.loss_before,

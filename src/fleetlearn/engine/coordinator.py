@@ -51,6 +51,7 @@ class Collected:
     claims: list[int] = field(default_factory=list)
     clients: list[ClientRecord] = field(default_factory=list)
     accepted: list[ClientRecord] = field(default_factory=list)
+    payloads: list[bytes] = field(default_factory=list)  # kept for sketch-space aggregation
     end_s: float = 0.0  # when the server stopped waiting (seconds after dispatch)
 
 
@@ -96,6 +97,10 @@ class Coordinator:
         self.weighting = weighting
         self.schedules = schedules or {}
         self.base_server_lr = getattr(server_optimizer, "server_lr", None)
+        from ..compression import CountSketch
+
+        # Count-sketch uplinks are summed in sketch space and unsketched once (FetchSGD).
+        self.sketch_mode = isinstance(getattr(uplink, "support", None), CountSketch)
         self.client_lr = config.client.lr
         self._previous_aggregate: torch.Tensor | None = None
         if config.server.max_norm_ratio is not None:
@@ -143,9 +148,15 @@ class Coordinator:
         if "server" in self.schedules and self.base_server_lr is not None:
             self.server_optimizer.server_lr = float(self.schedules["server"].lr_at(r, self.base_server_lr, last_loss))
 
-    def task_config(self) -> dict[str, Any]:
+    def task_config(self, deadline: float | None = None) -> dict[str, Any]:
         """What every client is told to do this round (travels inside the Task)."""
         cfg: dict[str, Any] = {**self.fit_config().to_dict(), "partial_work": self.config.server.partial_work}
+        comp = self.config.compression
+        if comp.adaptive:
+            if comp.upload_budget_s is not None:
+                cfg["upload_budget_s"] = comp.upload_budget_s
+            elif deadline is not None:
+                cfg["upload_budget_s"], cfg["budget_is_deadline"] = deadline, True
         if self.privacy is not None and self.privacy.local is not None:
             cfg["local_dp"] = {"clip_norm": self.privacy.local.clip_norm, "noise_multiplier": self.privacy.local.noise_multiplier}
         return cfg
@@ -194,7 +205,7 @@ class Coordinator:
             version=self.version,
             payload=self._encoded_params(),
             codec=self.downlink.spec,
-            config=self.task_config(),
+            config=self.task_config(deadline),
             deadline_s=deadline,
         )
         got = self._collect(task, cohort, srv.cohort) if cohort else Collected()
@@ -285,6 +296,7 @@ class Coordinator:
             if vec is None:
                 continue
             got.vecs.append(vec)
+            got.payloads.append(msg.payload)
             got.claims.append(int(msg.num_examples))
             got.accepted.append(rec)
             if len(got.accepted) == target and len(cohort) > target:
@@ -340,12 +352,17 @@ class Coordinator:
             rec.status, rec.reason = "rejected", reason
             return None
         ctx.seen.add(msg.client_id)
-        rec.update_norm = float(torch.linalg.vector_norm(vec))
+        rec.update_norm = math.nan if self.sketch_mode else float(torch.linalg.vector_norm(vec))
         return vec
 
     def _decode(self, update: Update) -> tuple[torch.Tensor | None, str | None]:
         try:
-            return self.uplink.decode(update.payload), None
+            if self.sketch_mode:
+                from ..compression import read_sketch
+
+                read_sketch(update.payload, dim=self.dim)  # checked now, summed in sketch space later
+                return torch.zeros(self.dim), None
+            return self.uplink.decode(update.payload, dim=self.dim), None
         except PayloadError as exc:
             return None, f"payload: {exc}"
         except Exception as exc:  # a corrupted payload must never stop the round
@@ -365,6 +382,7 @@ class Coordinator:
             loss_after=m.loss_after,
             accuracy=m.accuracy,
             steps=m.steps,
+            codec=u.codec,
         )
 
     def example_weights(self, claims: Sequence[int]) -> np.ndarray:
@@ -398,6 +416,7 @@ class Coordinator:
             if why is not None:
                 got.accepted[i].status, got.accepted[i].reason = "rejected", f"norm_ratio: {why}"
         got.vecs = [got.vecs[i] for i in keep]
+        got.payloads = [got.payloads[i] for i in keep]
         got.claims = [got.claims[i] for i in keep]
         got.accepted = [got.accepted[i] for i in keep]
 
@@ -423,6 +442,15 @@ class Coordinator:
             res = priv.central.aggregate(matrix, secure=priv.secure, dropped=dropped_after_keys)
             pseudo_gradient = res.mean.to(torch.float32)
             record.extra.update(res.to_metrics())
+        elif self.sketch_mode:
+            from ..compression import decode_payload, sum_sketches
+
+            try:
+                summed = sum_sketches(got.payloads, scaled / scaled.sum())
+                pseudo_gradient = decode_payload(summed, dim=self.dim)
+            except (ValueError, PayloadError) as exc:
+                record.status, record.reason = "failed", f"sketch aggregation: {exc}; model unchanged"
+                return
         elif priv is not None and priv.secure is not None:
             pseudo_gradient = priv.secure.aggregate(matrix, torch.from_numpy(scaled), dropped=dropped_after_keys).to(torch.float32)
         else:

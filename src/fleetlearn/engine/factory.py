@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..aggregation import AGGREGATORS, SERVER_OPTIMIZERS
 from ..client import ClientRuntime
-from ..compression import parse_chain
+from ..compression import AdaptiveCompression, CountSketch, parse_chain
 from ..config import ConfigError, RunConfig
 from ..data import FederatedData, load_federated
 from ..devices import make_fleet
@@ -28,6 +28,10 @@ def build_learner(config: RunConfig, data: FederatedData) -> TorchLearner:
         return TorchLearner(make, vectorize=config.engine.vectorize)
     except (ImportError, TypeError) as exc:
         raise ConfigError(f"model.name = {m.name!r}: {exc}") from None
+
+
+def _is_sketch(chain) -> bool:
+    return isinstance(getattr(chain, "support", None), CountSketch)
 
 
 def _part(kind: str, key: str, value, build):
@@ -133,8 +137,14 @@ def build_coordinator(config: RunConfig, store: bool = True, hooks: list[RoundHo
         raise ConfigError(f"compression.downlink = {config.compression.downlink!r}: {exc}") from None
     fleet = make_fleet(config.devices, data.num_clients, config.seed)
     clock = VirtualClock()
+    adaptive = None
+    if config.compression.adaptive:
+        adaptive = _part("compression.ladder", "ladder", config.compression.ladder, lambda: AdaptiveCompression(config.compression.ladder, learner.spec.dim, seed=config.seed))
+    if _is_sketch(uplink) and config.server.aggregator != "mean":
+        raise ConfigError(f"compression.uplink = {config.compression.uplink!r} aggregates in sketch space, which only the mean can do; server.aggregator = {config.server.aggregator!r} needs individual updates")
+    runtime = ClientRuntime(uplink, downlink, seed=config.seed, dim=learner.spec.dim, adaptive=adaptive)
     transport = SimulationTransport(
-        data, learner, fleet, ClientRuntime(uplink, downlink, seed=config.seed), config.seed,
+        data, learner, fleet, runtime, config.seed,
         clock=clock, heartbeat_timeout_s=config.server.heartbeat_timeout_s,
     )
     aggregator = build_aggregator(config)

@@ -132,6 +132,7 @@ class FedBuffLoop:
             self.others.append(rec)
             return
         self.buffer.vecs.append(vec)
+        self.buffer.payloads.append(msg.payload)
         self.buffer.claims.append(int(msg.num_examples))
         self.buffer.accepted.append(rec)
         self.buffer.clients.append(rec)

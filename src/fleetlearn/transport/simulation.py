@@ -76,6 +76,19 @@ class SimulationTransport:
         rest = np.minimum((hp.local_steps % steps_per_epoch) * hp.batch_size, n)
         return full + rest
 
+    def _levels(self, task: Task, ids: np.ndarray, train: np.ndarray, down_s: np.ndarray, results) -> list[int | None]:
+        """Adaptive compression: each client's ladder rung from its uplink and the time
+        left for the upload (the round's budget minus its download and compute)."""
+        budget = task.config.get("upload_budget_s")
+        policy = self.runtime.adaptive
+        if policy is None or budget is None or not len(train):
+            return [None] * len(train)
+        c = ids[train]
+        if task.config.get("budget_is_deadline"):
+            compute = self.fleet.compute_seconds(c, np.array([r.samples for r in results]))
+            budget = budget - down_s[train] - compute
+        return [int(v) for v in policy.choose(self.fleet.uplink_mbps[c], self.fleet.latency_s[c], np.broadcast_to(budget, c.shape))]
+
     def dispatch(self, task: Task, cohort: Sequence[int]) -> Iterator[Reply]:
         ids = np.asarray([int(c) for c in cohort], dtype=np.int64)
         params, hp = self.runtime.receive(task)
@@ -125,7 +138,8 @@ class SimulationTransport:
             step_limits=[limits[i] for i in train] if any(limits[i] is not None for i in train) else None,
         )
         self.train_wall_seconds = time.perf_counter() - t0
-        updates = [self.runtime.reply(int(ids[i]), task, r) for i, r in zip(train, results)]
+        levels = self._levels(task, ids, train, down_s, results)
+        updates = [self.runtime.reply(int(ids[i]), task, r, lv) for i, r, lv in zip(train, results, levels)]
         if updates:
             self._uplink_estimate = max(u.uplink_bytes for u in updates)
         elapsed = drop_at + self.heartbeat_timeout_s  # when the server notices the silence

@@ -98,8 +98,6 @@ class Limits:
     # at once (every long poll answers, then every client pushes): measured in
     # benchmarks/grpc_load.py.  A burst costs a few KiB per queued call.
     max_pending_requests: int = 1 << 16
-    max_concurrent_uploads: int = 64  # updates being received at the same time (bounds transient memory)
-    max_concurrent_downloads: int = 64  # tasks being sent at the same time (likewise)
 
     @property
     def max_message_bytes(self) -> int:
@@ -194,7 +192,7 @@ class RoundState:
     pending: set[int] = field(default_factory=set)
     replied: set[int] = field(default_factory=set)
     dropped: set[int] = field(default_factory=set)
-    uploading: set[int] = field(default_factory=set)
+    uploading: dict[int, asyncio.Task] = field(default_factory=dict)  # client -> its PushUpdate handler
     downlink_bytes: dict[int, int] = field(default_factory=dict)
     frames: list[tuple[int, bytes]] | None = None  # serialized payload chunks, shared by all streams
     open: bool = True
@@ -298,16 +296,12 @@ class FleetServer:
         self.finished_reason = ""
         self.told_finished: set[int] = set()  # clients that have heard the run finished
         self._changed: asyncio.Event | None = None
-        self._upload_slots: asyncio.Semaphore | None = None
-        self._download_slots: asyncio.Semaphore | None = None
         self._watcher: asyncio.Task | None = None
         self._deadline_timer: asyncio.TimerHandle | None = None
 
     # -- lifecycle (on the loop) ------------------------------------------------------
     def start(self) -> None:
         self._changed = asyncio.Event()
-        self._upload_slots = asyncio.Semaphore(self.limits.max_concurrent_uploads)
-        self._download_slots = asyncio.Semaphore(self.limits.max_concurrent_downloads)
         self._watcher = asyncio.get_running_loop().create_task(self._watch_liveness())
 
     def stop(self) -> None:
@@ -513,14 +507,13 @@ class FleetServer:
             )
             yield pb.TaskChunk(meta=meta)
             sent = 0
-            async with self._download_slots:  # bounds gRPC's per-stream send buffers
-                for size, frame in self._task_frames(rs):
-                    if not rs.open:
-                        raise Refusal("after_deadline" if rs.closed_by == "deadline" else "round_closed",
-                                      f"round {rs.round} closed ({rs.closed_by}) while its task was being sent")
-                    yield frame
-                    sent += size
-                    rs.downlink_bytes[client] = sent
+            for size, frame in self._task_frames(rs):
+                if not rs.open:
+                    raise Refusal("after_deadline" if rs.closed_by == "deadline" else "round_closed",
+                                  f"round {rs.round} closed ({rs.closed_by}) while its task was being sent")
+                yield frame
+                sent += size
+                rs.downlink_bytes[client] = sent
             cs.last_seen = time.monotonic()
         except Refusal as r:
             await self._refuse(context, r, client)
@@ -557,22 +550,23 @@ class FleetServer:
             cs = self._session(context, m.client_id, m.session)
             rs = self._admit(client, m, starting=True)
             self._validate_update_meta(m)
-            rs.uploading.add(client)
+            task = asyncio.current_task()
+            assert task is not None
+            rs.uploading[client] = task
             try:
-                # Bounded concurrency: the buffers of an upload in progress (gRPC's, the
-                # parsed chunk, the assembly buffer) exist for at most this many clients at
-                # once; the others wait, throttled by HTTP/2 flow control.
-                async with self._upload_slots:
-                    assembler = PayloadAssembler(m.payload_bytes, self.limits.max_update_bytes, self.limits.chunk_bytes, "update payload")
-                    async for chunk in request_iterator:
-                        chunk = _parsed(chunk)
-                        kind = chunk.WhichOneof("kind")
-                        if kind != "data":
-                            raise Refusal("malformed", "UpdateMeta sent twice in one PushUpdate" if kind == "meta" else "empty UpdateChunk")
-                        assembler.add(chunk.data.offset, chunk.data.data)
-                    payload = assembler.finish()
+                # No cap on concurrent uploads on purpose: a semaphore would serialise slow
+                # links (1000 phones at 1 Mbit/s) and let a few stalled clients block the
+                # rest; memory is bounded by cohort x update size instead.
+                assembler = PayloadAssembler(m.payload_bytes, self.limits.max_update_bytes, self.limits.chunk_bytes, "update payload")
+                async for chunk in request_iterator:
+                    chunk = _parsed(chunk)
+                    kind = chunk.WhichOneof("kind")
+                    if kind != "data":
+                        raise Refusal("malformed", "UpdateMeta sent twice in one PushUpdate" if kind == "meta" else "empty UpdateChunk")
+                    assembler.add(chunk.data.offset, chunk.data.data)
+                payload = assembler.finish()
             finally:
-                rs.uploading.discard(client)
+                rs.uploading.pop(client, None)
             cs.last_seen = time.monotonic()
             rs = self._admit(client, m, starting=False)  # the round may have closed during the upload
             mt = m.metrics
@@ -704,6 +698,8 @@ class FleetServer:
             self._drop(rs, cid, reason)
         rs.task = None  # the payload is no longer needed: let it go
         rs.frames = None
+        for handler in list(rs.uploading.values()):
+            handler.cancel()  # an upload still in progress can no longer count: free its buffer now
         rs.out.put(END)
         if self._deadline_timer is not None and self.round is rs:
             self._deadline_timer.cancel()
