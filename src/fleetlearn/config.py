@@ -247,6 +247,50 @@ class PrivacyConfig(Section):
     secagg_rounding: Literal["stochastic", "deterministic"] = "stochastic"
 
 
+DETECTOR_NAMES = ("divergence", "oscillation", "stagnation", "outlier_updates", "participation_collapse", "drift")
+
+
+class MonitoringConfig(Section):
+    """Debug measurements, detectors, guardrails and the Prometheus endpoint (fleetlearn.monitoring)."""
+
+    debug: bool = True  # per-round update statistics into the record
+    detectors: list[str] = Field(default_factory=lambda: list(DETECTOR_NAMES))
+    divergence_patience: int = Field(default=3, ge=1)
+    divergence_min_rise: float = Field(default=0.0, ge=0)
+    divergence_max_ratio: float | None = Field(default=1.5, gt=1)
+    divergence_param_growth: float | None = Field(default=10.0, gt=1)
+    oscillation_window: int = Field(default=8, ge=3)
+    oscillation_amplitude: float = Field(default=0.02, ge=0)
+    oscillation_min_flips: int = Field(default=4, ge=1)
+    stagnation_window: int = Field(default=10, ge=2)
+    stagnation_eps: float = Field(default=0.005, ge=0)
+    outlier_threshold: float = Field(default=3.5, gt=0)
+    outlier_min_clients: int = Field(default=10, ge=3)
+    participation_min_fraction: float = Field(default=0.5, ge=0, le=1)
+    participation_drop_fraction: float = Field(default=0.5, ge=0, le=1)
+    participation_window: int = Field(default=5, ge=1)
+    drift_threshold: float = Field(default=0.1, gt=0)
+    drift_patience: int = Field(default=1, ge=1)
+    drift_metric: Literal["accuracy", "fed_accuracy"] = "accuracy"
+    # Guardrail: detectors whose alert rejects the round and restores the last good model
+    # (empty: alerts only), and the optional responses.
+    guardrail: list[str] = Field(default_factory=list)
+    guardrail_lr_factor: float | None = Field(default=None, gt=0, lt=1)  # multiply the server lr
+    guardrail_min_lr: float = Field(default=0.0, ge=0)
+    guardrail_clip_factor: float | None = Field(default=None, gt=0, lt=1)  # tighten clipping
+    guardrail_exclude_rounds: int = Field(default=0, ge=0)  # exclude flagged clients for N rounds
+    prometheus_port: int | None = Field(default=None, ge=0, le=65535)  # 0: a free port
+    prometheus_host: str = "127.0.0.1"
+
+    @field_validator("detectors", "guardrail")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        bad = [d for d in v if d not in DETECTOR_NAMES]
+        if bad:
+            raise ValueError(f"unknown detector(s) {bad}; allowed: {', '.join(DETECTOR_NAMES)}")
+        return v
+
+
 class EngineConfig(Section):
     backend: Literal["simulation"] = "simulation"
     # Train the cohort as one batched (vmapped) computation when the model allows it.
@@ -269,6 +313,7 @@ class RunConfig(Section):
     devices: DevicesConfig = Field(default_factory=DevicesConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
 
@@ -283,6 +328,9 @@ class RunConfig(Section):
             conc = self.server.concurrency or self.server.cohort
             if conc > n:
                 raise ValueError(f"server.concurrency = {conc} exceeds the number of clients ({n})")
+        missing = [d for d in self.monitoring.guardrail if d not in self.monitoring.detectors]
+        if missing:
+            raise ValueError(f"monitoring.guardrail names {missing}, which are not in monitoring.detectors")
         comp = self.compression
         if comp.adaptive:
             if comp.upload_budget_s is None and self.server.deadline_s is None and self.server.deadline_policy != "adaptive":

@@ -33,6 +33,7 @@ class ClientRecord:
 class RoundRecord:
     round: int
     version: int  # model version after this round (unchanged if the round failed)
+    parent_version: int = -1  # the version this round's model was computed from (-1: no new model)
     status: str = "ok"  # "ok" | "failed"
     reason: str = ""
     selected: int = 0

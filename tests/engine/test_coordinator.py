@@ -201,9 +201,10 @@ def test_a_hook_can_roll_back_a_round(tmp_path):
     c = build_coordinator(load_config({**SMALL, "server": {"rounds": 4, "cohort": 5}, "store": {"root": str(tmp_path)}}), hooks=[RollbackEverySecondRound()])
     c.run()
     statuses = [(r.round, r.status, r.version) for r in c.records]
-    assert statuses == [(1, "ok", 1), (2, "rolled_back", 1), (3, "ok", 2), (4, "rolled_back", 2)]
-    assert c.version == 2
+    # Versions only go up: the rolled-back version 2 is never reused; round 3 builds on 1.
+    assert statuses == [(1, "ok", 1), (2, "rolled_back", 1), (3, "ok", 3), (4, "rolled_back", 3)]
+    assert c.version == 3 and c.records[2].parent_version == 1
     stored = c.store.records()
     assert [r.status for r in stored] == ["ok", "rolled_back", "ok", "rolled_back"]
     v, params, _ = c.store.load_checkpoint()
-    assert v == 2 and torch.equal(params, c.params)
+    assert v == 3 and torch.equal(params, c.params)

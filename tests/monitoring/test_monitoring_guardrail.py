@@ -147,7 +147,9 @@ def test_injected_faults_are_rolled_back_in_the_round_they_happen(guarded_run, c
         assert rec.extra["guardrail"]["rolled_back"] and rec.extra["guardrail"]["restored_version"] == first_fault - 1
         assert rec.version == first_fault - 1 and math.isfinite(rec.loss)
     assert all(r.status == "ok" for r in s.records if r.round not in FAULT_ROUNDS)
-    assert recs[SMALL["server"]["rounds"]].version == SMALL["server"]["rounds"] - len(FAULT_ROUNDS)
+    # Versions only go up: the final model is the 12th built, of which two were rolled back.
+    assert recs[SMALL["server"]["rounds"]].version == SMALL["server"]["rounds"]
+    assert len({r.version for r in s.records if r.status == "ok"}) == SMALL["server"]["rounds"] - len(FAULT_ROUNDS)
     # Two rounds lost out of twelve: the final model is close to the clean run's.
     assert s.final_accuracy >= clean_run.final_accuracy - 0.08, (s.final_accuracy, clean_run.final_accuracy)
     assert s.final_accuracy > 0.6

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import DispatchThread, make_task, tiny_data
+from grpc_test_support import DispatchThread, make_task, tiny_data
 
 from fleetlearn.compression import parse_chain
 from fleetlearn.learners.base import FitResult

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_task, tiny_data
+from grpc_test_support import make_task, tiny_data
 
 from fleetlearn.messages import Update
 from fleetlearn.transport.grpc import (

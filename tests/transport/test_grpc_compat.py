@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
-from conftest import tiny_data
+from grpc_test_support import tiny_data
 from grpc_raw_client import RawClient
 
 from fleetlearn.learners import TorchLearner, logistic

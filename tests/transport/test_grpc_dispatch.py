@@ -9,7 +9,7 @@ import time
 import grpc
 import pytest
 import torch
-from conftest import DispatchThread, make_task, tiny_data
+from grpc_test_support import DispatchThread, make_task, tiny_data
 from grpc_raw_client import RawClient
 
 from fleetlearn.compression import parse_chain

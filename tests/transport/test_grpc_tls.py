@@ -8,7 +8,7 @@ import threading
 
 import grpc
 import pytest
-from conftest import make_task, tiny_data
+from grpc_test_support import make_task, tiny_data
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_raw_client import RawClient

@@ -115,7 +115,10 @@ class Coordinator:
         self.params = learner.init_params(config.seed)
         self.server_state = server_optimizer.init(self.params)
         self.version = 0
+        self.max_version = 0  # versions only go up, also after a rollback (the registry's lineage)
         self.round = 0
+        self.excluded_clients: set[int] = set()  # a guardrail may exclude flagged clients for a while
+        self.monitoring = None  # fleetlearn.monitoring.MonitoringParts (set by the factory)
         self.records: list[RoundRecord] = []
         self._task_cache: tuple[int, bytes] | None = None
         self._completions: list[np.ndarray] = []  # arrival times of recent rounds (adaptive deadline)
@@ -174,6 +177,13 @@ class Coordinator:
         return self._task_cache[1]
 
     # -- one round -----------------------------------------------------------------
+    def available(self, r: int):
+        """The transport's available clients, less any a guardrail excluded."""
+        available = self.transport.available(r)
+        if self.excluded_clients:
+            available = np.setdiff1d(np.asarray(available, dtype=np.int64), np.fromiter(self.excluded_clients, dtype=np.int64))
+        return available
+
     def deadline(self) -> float | None:
         """This round's deadline: fixed, or a quantile of recent completion times."""
         srv = self.config.server
@@ -190,7 +200,7 @@ class Coordinator:
         r = self.round
         self._apply_schedules(r)
         srv = self.config.server
-        available = self.transport.available(r)
+        available = self.available(r)
         want = min(math.ceil(srv.cohort * srv.over_selection), len(available))
         self._sampling_rate = want / max(self.transport.population, 1)
         record = RoundRecord(round=r, version=self.version, sim_start_s=self.clock.now)
@@ -247,6 +257,7 @@ class Coordinator:
             record.loss, record.accuracy = self.evaluator.central(self.params)
             record.fed_accuracy, record.fed_accuracy_p10 = self.evaluator.federated(self.params)
         self._current_record = record
+        record.wall_seconds = time.perf_counter() - t_wall
         for hook in self.hooks:
             hook.after_round(record, self)
         self._current_record = None
@@ -337,6 +348,7 @@ class Coordinator:
             rec.version = version
             rec.extra["restored_version"] = version
             rec.loss, rec.accuracy = self.evaluator.central(self.params)
+            rec.fed_accuracy, rec.fed_accuracy_p10 = self.evaluator.federated(self.params)
         return version
 
     def accept(self, msg: Update, rec: ClientRecord, ctx: ValidationContext) -> torch.Tensor | None:
@@ -474,7 +486,9 @@ class Coordinator:
         self._previous_aggregate = pseudo_gradient
         self.last_weights = torch.from_numpy(scaled / scaled.sum()).to(torch.float32)
         self.params, self.server_state = new_params, new_state
-        self.version += 1
+        record.parent_version = self.version
+        self.max_version += 1
+        self.version = self.max_version
         record.version = self.version
         norms = np.array([c.update_norm for c in got.accepted])
         record.update_norm_mean = float(norms.mean())
@@ -488,6 +502,15 @@ class Coordinator:
 
     # -- the run -------------------------------------------------------------------
     def run(self, on_round: Callable[[RoundRecord], Any] | None = None) -> RunSummary:
+        if self.monitoring is not None:
+            self.monitoring.start()
+        try:
+            return self._run(on_round)
+        finally:
+            if self.monitoring is not None:
+                self.monitoring.stop()
+
+    def _run(self, on_round: Callable[[RoundRecord], Any] | None) -> RunSummary:
         t0 = time.perf_counter()
         if self.config.server.mode == "async":
             from .fedbuff import FedBuffLoop

@@ -9,6 +9,7 @@ from ..config import ConfigError, RunConfig
 from ..data import FederatedData, load_federated
 from ..devices import make_fleet
 from ..learners import TorchLearner, model_factory
+from ..monitoring import build_monitoring
 from ..ops import RunStore
 from ..privacy import PrivacyParts, build_privacy
 from ..selection import SELECTORS
@@ -153,7 +154,8 @@ def build_coordinator(config: RunConfig, store: bool = True, hooks: list[RoundHo
     if store:
         run_store = RunStore.create(config.store.root, config.to_toml(), config.digest(), name=config.name, url=config.store.url)
         run_store.write_json("data_stats.json", data.stats)
-    return Coordinator(
+    monitoring = _part("monitoring", "monitoring", "section", lambda: build_monitoring(config.monitoring.model_dump()))
+    coordinator = Coordinator(
         config=config,
         learner=learner,
         transport=transport,
@@ -168,6 +170,8 @@ def build_coordinator(config: RunConfig, store: bool = True, hooks: list[RoundHo
         uplink=uplink,
         evaluator=Evaluator(learner, data, config.server.eval_clients, config.seed),
         store=run_store,
-        hooks=hooks or [],
+        hooks=list(hooks or []) + monitoring.hooks,
         clock=clock,
     )
+    coordinator.monitoring = monitoring
+    return coordinator

@@ -56,7 +56,7 @@ class FedBuffLoop:
 
     def dispatch(self, k: int) -> None:
         c = self.c
-        free = c.transport.available(self.dispatches + 1)
+        free = c.available(self.dispatches + 1)
         free = [int(i) for i in free if int(i) not in self.in_flight]
         k = min(k, len(free))
         if k <= 0:

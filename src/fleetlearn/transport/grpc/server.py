@@ -192,7 +192,8 @@ class RoundState:
     pending: set[int] = field(default_factory=set)
     replied: set[int] = field(default_factory=set)
     dropped: set[int] = field(default_factory=set)
-    uploading: dict[int, asyncio.Task] = field(default_factory=dict)  # client -> its PushUpdate handler
+    uploading: set[int] = field(default_factory=set)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)  # set when the round closes
     downlink_bytes: dict[int, int] = field(default_factory=dict)
     frames: list[tuple[int, bytes]] | None = None  # serialized payload chunks, shared by all streams
     open: bool = True
@@ -550,15 +551,13 @@ class FleetServer:
             cs = self._session(context, m.client_id, m.session)
             rs = self._admit(client, m, starting=True)
             self._validate_update_meta(m)
-            task = asyncio.current_task()
-            assert task is not None
-            rs.uploading[client] = task
+            rs.uploading.add(client)
             try:
                 # No cap on concurrent uploads on purpose: a semaphore would serialise slow
                 # links (1000 phones at 1 Mbit/s) and let a few stalled clients block the
                 # rest; memory is bounded by cohort x update size instead.
                 assembler = PayloadAssembler(m.payload_bytes, self.limits.max_update_bytes, self.limits.chunk_bytes, "update payload")
-                async for chunk in request_iterator:
+                while (chunk := await self._next_chunk(request_iterator, rs)) is not None:
                     chunk = _parsed(chunk)
                     kind = chunk.WhichOneof("kind")
                     if kind != "data":
@@ -566,7 +565,7 @@ class FleetServer:
                     assembler.add(chunk.data.offset, chunk.data.data)
                 payload = assembler.finish()
             finally:
-                rs.uploading.pop(client, None)
+                rs.uploading.discard(client)
             cs.last_seen = time.monotonic()
             rs = self._admit(client, m, starting=False)  # the round may have closed during the upload
             mt = m.metrics
@@ -597,6 +596,24 @@ class FleetServer:
                 raise
             await self._internal(context, exc, client)
         raise AssertionError("unreachable")
+
+    async def _next_chunk(self, request_iterator: Any, rs: RoundState) -> Any:
+        """The next message of an upload, or None at its end; refused as soon as the round
+        closes, so a stalled upload cannot hold its buffer past the deadline."""
+        nxt = asyncio.ensure_future(request_iterator.__anext__())
+        closed = asyncio.ensure_future(rs.closed.wait())
+        try:
+            await asyncio.wait((nxt, closed), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+        if not nxt.done():
+            nxt.cancel()
+            reason = "after_deadline" if rs.closed_by == "deadline" else "round_closed"
+            raise Refusal(reason, f"round {rs.round} closed ({rs.closed_by}) before the update was complete")
+        try:
+            return nxt.result()
+        except StopAsyncIteration:
+            return None
 
     def _admit(self, client: int, m: pb.UpdateMeta, starting: bool) -> RoundState:
         """The open round this update belongs to, or the precise reason it belongs to none."""
@@ -698,8 +715,7 @@ class FleetServer:
             self._drop(rs, cid, reason)
         rs.task = None  # the payload is no longer needed: let it go
         rs.frames = None
-        for handler in list(rs.uploading.values()):
-            handler.cancel()  # an upload still in progress can no longer count: free its buffer now
+        rs.closed.set()  # uploads in progress are refused now (see _next_chunk)
         rs.out.put(END)
         if self._deadline_timer is not None and self.round is rs:
             self._deadline_timer.cancel()
