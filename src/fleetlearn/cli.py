@@ -175,6 +175,159 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- fleetlearn server / client / certs / token ----------------------------------------
+def cmd_server(args: argparse.Namespace) -> int:
+    """Drive a real fleet over gRPC with the same Coordinator as the simulation."""
+    from .data import DataError
+    from .engine import build_coordinator
+    from .ops import RunStore, StoreError
+    from .transport.grpc.commands import server_transport
+
+    try:
+        if args.resume:
+            store = RunStore.open(args.resume, args.runs_dir or "runs")
+            cfg = load_config(store.run_dir / "config.toml", list(args.set or []))
+        else:
+            if not args.config:
+                raise UsageError("give a CONFIG, or --resume RUN")
+            add_config_dir_to_path(args.config)
+            overrides = list(args.set or []) + ["store.checkpoint_every=1"]  # every round is resumable
+            if args.runs_dir:
+                overrides.append(f"store.root={json.dumps(args.runs_dir)}")
+            cfg = load_config(args.config, overrides)
+            store = True
+
+        holder: dict = {}
+
+        def make_transport(learner, runtime):
+            t = server_transport(cfg, learner.spec, address=args.listen, state_dir=args.state, cert_dir=args.certs,
+                                 mutual_tls=args.mtls, max_round_s=args.max_round_s)
+            holder["t"] = t
+            return t
+
+        coordinator = build_coordinator(cfg, store=store, transport_factory=make_transport)
+    except (ConfigError, DataError, StoreError, OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    transport = holder["t"]
+    console = Console(stderr=True)
+    try:
+        done = coordinator.resume() if args.resume else 0
+    except (StoreError, ValueError) as exc:
+        transport.close()
+        raise UsageError(str(exc)) from None
+    coordinator.wait_for_clients = (args.min_clients, args.wait_s)
+    run = coordinator.store.run_id if coordinator.store else ""
+    console.print(f"fleetlearn server on {args.listen} ({'TLS' if args.certs else 'plaintext'}), run {run}"
+                  + (f", resuming after round {done}" if done else ""))
+
+    def on_round(rec: RoundRecord) -> None:
+        console.print(f"round {rec.round}: {rec.status} acc {_fmt(rec.accuracy)} accepted {rec.accepted}/{rec.selected}"
+                      f" refused {sum((rec.extra.get('refusals') or {}).values())} wall {rec.wall_seconds:.2f}s")
+
+    try:
+        summary = coordinator.run(on_round=on_round)
+        transport.finish()
+    finally:
+        transport.close()
+    if args.json:
+        print(json.dumps(summary.to_json_dict()), flush=True)
+    else:
+        _print_summary(console, summary)
+    return 0
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    import os
+
+    from .transport.grpc.client import ClientRefused
+    from .transport.grpc.commands import client
+
+    token = args.token or os.environ.get("FLEETLEARN_TOKEN")
+    if not token:
+        raise UsageError("give --token TOKEN or set FLEETLEARN_TOKEN")
+    if (args.client_index is None) == (args.data is None):
+        raise UsageError("give exactly one of --client-index I or --data pkg.module:function")
+    try:
+        if args.config:
+            add_config_dir_to_path(args.config)
+        report = client(args.server, token, args.config, client_index=args.client_index, data_fn=args.data,
+                        num_classes=args.num_classes, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                        tls_server_name=args.tls_server_name, name=args.name or "", max_rounds=args.max_rounds,
+                        give_up_after_s=args.give_up_after)
+    except (ClientRefused, ConfigError, ValueError, OSError) as exc:
+        raise UsageError(str(exc)) from None
+    print(json.dumps({k: v for k, v in vars(report).items() if isinstance(v, (int, float, str, bool, type(None), list))}, default=str))
+    if report.stopped.startswith("gave_up"):
+        print(f"fleetlearn: error: gave up: the server at {args.server} could not be reached", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from .transport.grpc.commands import certs
+
+    try:
+        paths = certs(args.out, args.host or ("127.0.0.1", "localhost"), args.client or ("client",), args.days, args.force)
+    except FileExistsError as exc:
+        raise UsageError(f"{exc}; use --force to overwrite") from None
+    print(f"certificates written to {args.out}: " + ", ".join(str(p) for p in vars(paths).values() if p))
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from .transport.grpc.auth import TokenError
+    from .transport.grpc.commands import token_add, token_list, token_revoke
+
+    try:
+        if args.action == "add":
+            if not args.name:
+                raise UsageError("token add needs a NAME")
+            print(token_add(args.state, args.name, args.rotate))
+        elif args.action == "revoke":
+            if not args.name:
+                raise UsageError("token revoke needs a NAME")
+            if not token_revoke(args.state, args.name):
+                raise UsageError(f"no token named {args.name!r}")
+            print(f"revoked {args.name}")
+        else:
+            for info in token_list(args.state):
+                print(json.dumps({k: v for k, v in vars(info).items()}, default=str))
+    except TokenError as exc:
+        raise UsageError(str(exc)) from None
+    return 0
+
+
+# -- fleetlearn report / dashboard ----------------------------------------------------
+def _run_dir(run: str, runs_dir: str) -> Path:
+    from .ops import RunStore, StoreError
+
+    try:
+        return RunStore.open(run, runs_dir).run_dir
+    except StoreError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .monitoring import write_report
+
+    path = write_report(_run_dir(args.run, args.runs_dir))
+    print(path)
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from .monitoring import serve_dashboard
+
+    srv = serve_dashboard(_run_dir(args.run, args.runs_dir), host=args.host, port=args.port)
+    print(f"dashboard at {srv.url} (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        srv.stop()
+    return 0
+
+
 # -- parser -------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fleetlearn", description="Federated learning that survives production.")
@@ -201,6 +354,66 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--runs-dir", default="runs", help="folder holding run directories (default: runs)")
     sh.add_argument("--json", action="store_true", help="print JSON")
     sh.set_defaults(func=cmd_show)
+    sv = sub.add_parser("server", help="serve a run to real clients over gRPC",
+                        description="Run the Coordinator against real clients over gRPC (TLS and per-client tokens). "
+                                    "Every round is committed before the next starts; --resume continues after a crash.")
+    sv.add_argument("config", nargs="?", help="the run's TOML config")
+    sv.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
+    sv.add_argument("--listen", default="127.0.0.1:7777", help="address to listen on (default 127.0.0.1:7777)")
+    sv.add_argument("--state", default="fleetlearn-state", help="folder with the token store (default fleetlearn-state)")
+    sv.add_argument("--certs", help="folder with server.pem/server.key (and ca.pem for --mtls) from `fleetlearn certs`")
+    sv.add_argument("--mtls", action="store_true", help="require client certificates too")
+    sv.add_argument("--min-clients", type=int, default=1, help="wait for this many connected clients before each round")
+    sv.add_argument("--wait-s", type=float, default=60.0, help="how long to wait for them (default 60)")
+    sv.add_argument("--max-round-s", type=float, default=600.0, help="a round without deadline ends after this (default 600)")
+    sv.add_argument("--resume", metavar="RUN", help="continue a run (id or directory) from its last committed round")
+    sv.add_argument("--runs-dir", help="folder for run directories (default: store.root)")
+    sv.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    sv.set_defaults(func=cmd_server)
+
+    cl = sub.add_parser("client", help="join a run as a client", description="Join a fleetlearn server as a client: "
+                        "register, pull tasks, train locally with the run's model, push updates; reconnects with backoff.")
+    cl.add_argument("--server", required=True, help="HOST:PORT of the server")
+    cl.add_argument("--token", help="this client's token (or set FLEETLEARN_TOKEN)")
+    cl.add_argument("--config", required=True, help="the run's TOML config (model and, with --client-index, data)")
+    cl.add_argument("--client-index", type=int, help="use partition slot I of the config's dataset as local data")
+    cl.add_argument("--data", help="local data from an import path pkg.module:function -> (x, y, x_test, y_test)")
+    cl.add_argument("--num-classes", type=int, help="number of classes (with --data)")
+    cl.add_argument("--tls-ca", help="CA certificate to trust (TLS)")
+    cl.add_argument("--tls-cert", help="client certificate (mutual TLS)")
+    cl.add_argument("--tls-key", help="client key (mutual TLS)")
+    cl.add_argument("--tls-server-name", help="expected server name in its certificate")
+    cl.add_argument("--name", help="a display name")
+    cl.add_argument("--max-rounds", type=int, help="stop after this many rounds")
+    cl.add_argument("--give-up-after", type=float, help="stop if the server is unreachable this long (seconds)")
+    cl.set_defaults(func=cmd_client)
+
+    ce = sub.add_parser("certs", help="create a CA and TLS certificates", description="Create a CA and server/client certificates for TLS.")
+    ce.add_argument("--out", default="certs", help="output folder (default certs)")
+    ce.add_argument("--host", action="append", help="server host name or IP (repeatable; default 127.0.0.1 and localhost)")
+    ce.add_argument("--client", action="append", help="client certificate name (repeatable; default client)")
+    ce.add_argument("--days", type=int, default=365, help="validity in days")
+    ce.add_argument("--force", action="store_true", help="overwrite existing files")
+    ce.set_defaults(func=cmd_certs)
+
+    tk = sub.add_parser("token", help="issue, revoke and list client tokens", description="Per-client tokens, stored hashed.")
+    tk.add_argument("action", choices=["add", "revoke", "list"])
+    tk.add_argument("name", nargs="?", help="the client's name")
+    tk.add_argument("--state", default="fleetlearn-state", help="folder with the token store (default fleetlearn-state)")
+    tk.add_argument("--rotate", action="store_true", help="replace an existing token of that name")
+    tk.set_defaults(func=cmd_token)
+
+    rp = sub.add_parser("report", help="write an HTML report with PNG plots", description="Write RUN_DIR/report/report.html with PNG plots.")
+    rp.add_argument("run", help="a run id (under --runs-dir) or a run directory")
+    rp.add_argument("--runs-dir", default="runs")
+    rp.set_defaults(func=cmd_report)
+
+    db = sub.add_parser("dashboard", help="serve a run's dashboard", description="Serve a web dashboard of a run on 127.0.0.1.")
+    db.add_argument("run", help="a run id (under --runs-dir) or a run directory")
+    db.add_argument("--runs-dir", default="runs")
+    db.add_argument("--host", default="127.0.0.1")
+    db.add_argument("--port", type=int, default=8050)
+    db.set_defaults(func=cmd_dashboard)
     return p
 
 

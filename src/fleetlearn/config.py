@@ -247,6 +247,22 @@ class PrivacyConfig(Section):
     secagg_rounding: Literal["stochastic", "deterministic"] = "stochastic"
 
 
+# -- [attack] (fleetlearn.attacks) ------------------------------------------------------
+class AttackConfig(Section):
+    """Attack simulation: a seeded fixed `fraction` of the population is malicious
+    from `start_round` on (see fleetlearn.attacks; `kind` values: its ATTACK_KINDS)."""
+
+    kind: Literal["none", "sign_flip", "scaling", "gaussian", "label_flip", "alie", "same_value", "model_replacement"] = "none"
+    fraction: float = Field(default=0.2, ge=0, le=1)  # of the population; round(fraction x clients) attackers
+    start_round: int = Field(default=1, ge=1)
+    scale: float = Field(default=10.0, gt=0, allow_inf_nan=False)  # scaling: boost factor
+    noise_std: float = Field(default=1.0, gt=0, allow_inf_nan=False)  # gaussian: std of the noise sent instead
+    alie_z: float | None = Field(default=None, gt=0, allow_inf_nan=False)  # alie: None = Baruch et al.'s z_max(n, f)
+    value: float = Field(default=100.0, allow_inf_nan=False)  # same_value: every coordinate
+    collude: bool = True  # attackers share their honest updates' statistics (alie, sign_flip, scaling, model_replacement)
+# -- end [attack] ------------------------------------------------------------------------
+
+
 DETECTOR_NAMES = ("divergence", "oscillation", "stagnation", "outlier_updates", "participation_collapse", "drift")
 
 
@@ -292,9 +308,33 @@ class MonitoringConfig(Section):
 
 
 class EngineConfig(Section):
-    backend: Literal["simulation"] = "simulation"
+    # simulation: in-process; ray: the same simulation with local training on Ray workers
+    # (needs the optional extra: pip install "fleetlearn[ray]").
+    backend: Literal["simulation", "ray"] = "simulation"
     # Train the cohort as one batched (vmapped) computation when the model allows it.
     vectorize: bool = True
+    # ray: None starts a local Ray; "auto" joins this machine's cluster; "ray://host:port" connects to one.
+    address: str | None = None
+    ray_workers: int | None = Field(default=None, ge=1)  # training actors (None: the cluster's CPUs)
+    # Hierarchical aggregation (simulated, mean aggregator only): clients are grouped into
+    # `regions` by id; each region forwards one pre-aggregated update to the root, which
+    # needs `min_regions` of them; a region's aggregator fails with `region_failure` per round.
+    regions: int = Field(default=1, ge=1)
+    min_regions: int = Field(default=1, ge=1)
+    region_failure: float = Field(default=0.0, ge=0, le=1)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is None or v == "auto" or v.startswith("ray://") or (":" in v and "/" not in v):
+            return v
+        raise ValueError(f"expected 'auto', 'ray://host:port' or 'host:port', got {v!r}")
+
+    @model_validator(mode="after")
+    def _regions(self) -> "EngineConfig":
+        if self.min_regions > self.regions:
+            raise ValueError(f"engine.min_regions = {self.min_regions} exceeds engine.regions = {self.regions}")
+        return self
 
 
 class StoreConfig(Section):
@@ -313,6 +353,7 @@ class RunConfig(Section):
     devices: DevicesConfig = Field(default_factory=DevicesConfig)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    attack: AttackConfig = Field(default_factory=AttackConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)

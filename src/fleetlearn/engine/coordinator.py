@@ -111,7 +111,7 @@ class Coordinator:
             self.norm_filter = None
         self.stopped_reason: str | None = None  # set when the run stops early (privacy budget)
         self._sampling_rate = 0.0
-        self.rng = np.random.default_rng([config.seed, 0x5E1EC7])
+        self.wait_for_clients: tuple[int, float] | None = None  # (min clients, timeout s) before each round
         self.params = learner.init_params(config.seed)
         self.server_state = server_optimizer.init(self.params)
         self.version = 0
@@ -153,7 +153,7 @@ class Coordinator:
 
     def task_config(self, deadline: float | None = None) -> dict[str, Any]:
         """What every client is told to do this round (travels inside the Task)."""
-        cfg: dict[str, Any] = {**self.fit_config().to_dict(), "partial_work": self.config.server.partial_work}
+        cfg: dict[str, Any] = {**self.fit_config().to_dict(), "partial_work": self.config.server.partial_work, "seed": self.config.seed}
         comp = self.config.compression
         if comp.adaptive:
             if comp.upload_budget_s is not None:
@@ -177,6 +177,11 @@ class Coordinator:
         return self._task_cache[1]
 
     # -- one round -----------------------------------------------------------------
+    def selection_rng(self, r: int) -> np.random.Generator:
+        """Selection randomness derived from (seed, round): a resumed run selects as an
+        uninterrupted one would."""
+        return np.random.default_rng([self.config.seed, 0x5E1EC7, r])
+
     def available(self, r: int):
         """The transport's available clients, less any a guardrail excluded."""
         available = self.transport.available(r)
@@ -196,6 +201,8 @@ class Coordinator:
     def run_round(self) -> RoundRecord:
         t_wall = time.perf_counter()
         self.last_updates = self.last_weights = self.last_aggregate = self.prev_params = None
+        if self.wait_for_clients is not None and hasattr(self.transport, "wait_available"):
+            self.transport.wait_available(*self.wait_for_clients)
         self.round += 1
         r = self.round
         self._apply_schedules(r)
@@ -208,7 +215,7 @@ class Coordinator:
             record.status, record.reason = "failed", f"only {len(available)} clients available, min_replies is {srv.min_replies}"
             cohort: list[int] = []
         else:
-            cohort = self.selector.select(available, want, r, self.rng)
+            cohort = self.selector.select(available, want, r, self.selection_rng(r))
         deadline = self.deadline()
         task = Task(
             round=r,
@@ -230,6 +237,9 @@ class Coordinator:
         record.downlink_bytes = sum(c.downlink_bytes for c in got.clients)
         record.sim_seconds = got.end_s
         record.train_wall_seconds = float(getattr(self.transport, "train_wall_seconds", 0.0))
+        take = getattr(self.transport, "take_refusals", None)
+        if take is not None:
+            record.extra["refusals"] = take()  # refused messages by reason (network transports)
         arrivals = np.array([c.arrival_s for c in got.clients if c.status in ("accepted", "rejected", "late") and not math.isnan(c.arrival_s)])
         self._completions.append(arrivals)
         if arrivals.size:
@@ -312,6 +322,8 @@ class Coordinator:
             got.accepted.append(rec)
             if len(got.accepted) == target and len(cohort) > target:
                 filled_at = t
+                if getattr(self.transport, "realtime", False):
+                    break  # in wall-clock time, waiting longer only costs time
         # The server stops waiting when the cohort is filled, when everyone answered,
         # or at the deadline if someone is still missing.
         missing = any(c.status == "late" and not c.reason.startswith("not needed") for c in got.clients) or any(
@@ -499,6 +511,36 @@ class Coordinator:
         record.train_loss_before = _nanmean(loss_b)
         record.train_loss_after = _nanmean(loss_a)
         record.local_accuracy = _nanmean(acc)
+
+    # -- resume ----------------------------------------------------------------------
+    def resume(self) -> int:
+        """Continue a stored run from its last committed round: model, server-optimizer
+        state, version lineage, virtual clock and privacy ledger.  Returns that round."""
+        if self.store is None:
+            raise ValueError("resume needs a run store")
+        records = self.store.records()
+        if not records:
+            return 0
+        last = records[-1]
+        version, params, state = self.store.load_checkpoint()
+        if version != last.version:
+            raise ValueError(
+                f"run {self.store.run_id}: the last checkpoint is version {version} but round {last.round} committed "
+                f"version {last.version}; resume needs store.checkpoint_every = 1"
+            )
+        self.records = records
+        self.round = last.round
+        self.version = version
+        self.max_version = max(max(r.version for r in records), version)
+        self.params, self.server_state = params, dict(state)
+        self._versions = {version: (self.params, self.server_state)}
+        self.clock.now = last.sim_start_s + last.sim_seconds
+        privacy_file = self.store.run_dir / "privacy.json"
+        if self.privacy is not None and privacy_file.is_file():
+            import json
+
+            self.privacy.load_state_dict(json.loads(privacy_file.read_text()))
+        return last.round
 
     # -- the run -------------------------------------------------------------------
     def run(self, on_round: Callable[[RoundRecord], Any] | None = None) -> RunSummary:

@@ -14,9 +14,10 @@ from ..learners.base import Learner
 
 
 class Evaluator:
-    def __init__(self, learner: Learner, data: FederatedData, eval_clients: int, seed: int):
+    def __init__(self, learner: Learner, data: FederatedData, eval_clients: int, seed: int, federated: bool = True):
         self.learner = learner
         self.data = data
+        self.enabled_federated = federated
         n = data.num_clients
         sizes = data.test_sizes()
         candidates = np.flatnonzero(sizes > 0)
@@ -39,7 +40,7 @@ class Evaluator:
 
     def federated(self, params: torch.Tensor) -> tuple[float, float]:
         """(mean, 10th percentile) over clients of the global model's local test accuracy."""
-        if self.rows.numel() == 0:
+        if self.rows.numel() == 0 or not self.enabled_federated:
             return math.nan, math.nan
         _, correct = self.learner.per_example(params, self.data.x[self.rows], self.data.y[self.rows])
         per_client = np.bincount(self.owner, weights=correct.numpy(), minlength=len(self.clients)) / self.counts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..aggregation import AGGREGATORS, SERVER_OPTIMIZERS
+from ..attacks import build_attack
 from ..client import ClientRuntime
 from ..compression import AdaptiveCompression, CountSketch, parse_chain
 from ..config import ConfigError, RunConfig
@@ -121,8 +122,44 @@ def build_selector(config: RunConfig, population: int):
     return SELECTORS[srv.selector]()
 
 
-def build_coordinator(config: RunConfig, store: bool = True, hooks: list[RoundHook] | None = None, data: FederatedData | None = None) -> Coordinator:
-    """Everything a run needs, chosen by configuration.  `store=False` keeps it in memory."""
+def build_attack_part(config: RunConfig, data: FederatedData):
+    """The `[attack]` part (simulated malicious clients), or None."""
+    a = config.attack
+    return _part("attack.kind", "kind", a.kind, lambda: build_attack(a.model_dump(), population=data.num_clients, num_classes=data.num_classes, seed=config.seed))
+
+
+def build_transport(config: RunConfig, data: FederatedData, learner, fleet, runtime: ClientRuntime, clock):
+    """The transport of `[engine] backend`: in-process simulation, or the same on Ray workers."""
+    eng = config.engine
+    attack = build_attack_part(config, data)
+    if eng.backend == "ray":
+        if attack is not None:
+            raise ConfigError(f"attack.kind = {config.attack.kind!r}: attack simulation runs in the in-process simulation only; set engine.backend = 'simulation'")
+        try:
+            from ..transport.ray_backend import RayTransport
+
+            return RayTransport(
+                data, learner, fleet, runtime, config.seed, clock=clock, heartbeat_timeout_s=config.server.heartbeat_timeout_s,
+                address=eng.address, num_workers=eng.ray_workers,
+            )
+        except ImportError as exc:
+            raise ConfigError(f"engine.backend = 'ray': {exc}") from None
+    return SimulationTransport(data, learner, fleet, runtime, config.seed, clock=clock, heartbeat_timeout_s=config.server.heartbeat_timeout_s, attack=attack)
+
+
+def build_coordinator(
+    config: RunConfig,
+    store: bool | RunStore = True,
+    hooks: list[RoundHook] | None = None,
+    data: FederatedData | None = None,
+    transport_factory=None,
+) -> Coordinator:
+    """Everything a run needs, chosen by configuration.
+
+    `store`: True creates a run directory, False keeps everything in memory, a
+    `RunStore` continues that run (resume).  `transport_factory(learner, runtime)`
+    replaces the simulation (e.g. the gRPC server); the simulation's data then only
+    serves the server's central evaluation."""
     if data is None:
         data = load_federated(config.data, config.seed)
     if config.server.cohort > data.num_clients:
@@ -144,14 +181,14 @@ def build_coordinator(config: RunConfig, store: bool = True, hooks: list[RoundHo
     if _is_sketch(uplink) and config.server.aggregator != "mean":
         raise ConfigError(f"compression.uplink = {config.compression.uplink!r} aggregates in sketch space, which only the mean can do; server.aggregator = {config.server.aggregator!r} needs individual updates")
     runtime = ClientRuntime(uplink, downlink, seed=config.seed, dim=learner.spec.dim, adaptive=adaptive)
-    transport = SimulationTransport(
-        data, learner, fleet, runtime, config.seed,
-        clock=clock, heartbeat_timeout_s=config.server.heartbeat_timeout_s,
-    )
+    if transport_factory is not None:
+        transport = transport_factory(learner, runtime)
+    else:
+        transport = build_transport(config, data, learner, fleet, runtime, clock)
     aggregator = build_aggregator(config)
     privacy = build_privacy_parts(config, data.num_clients, aggregator)
-    run_store = None
-    if store:
+    run_store = store if isinstance(store, RunStore) else None
+    if store is True:
         run_store = RunStore.create(config.store.root, config.to_toml(), config.digest(), name=config.name, url=config.store.url)
         run_store.write_json("data_stats.json", data.stats)
     monitoring = _part("monitoring", "monitoring", "section", lambda: build_monitoring(config.monitoring.model_dump()))
@@ -168,7 +205,8 @@ def build_coordinator(config: RunConfig, store: bool = True, hooks: list[RoundHo
         schedules=build_schedules(config),
         downlink=downlink,
         uplink=uplink,
-        evaluator=Evaluator(learner, data, config.server.eval_clients, config.seed),
+        # On a real network the server cannot see clients' data: central evaluation only.
+        evaluator=Evaluator(learner, data, config.server.eval_clients, config.seed, federated=transport_factory is None),
         store=run_store,
         hooks=list(hooks or []) + monitoring.hooks,
         clock=clock,

@@ -62,7 +62,7 @@ class FedBuffLoop:
         if k <= 0:
             return
         self.dispatches += 1
-        cohort = c.selector.select(free, k, self.dispatches, c.rng)
+        cohort = c.selector.select(free, k, self.dispatches, c.selection_rng(self.dispatches))
         task = Task(
             round=self.dispatches,
             version=c.version,

@@ -36,7 +36,7 @@ class SimulationTransport:
 
     def __init__(
         self, data: FederatedData, learner: Learner, fleet: Fleet, runtime: ClientRuntime, seed: int,
-        clock=None, heartbeat_timeout_s: float = 0.0,
+        clock=None, heartbeat_timeout_s: float = 0.0, attack=None,
     ):
         self.data = data
         self.learner = learner
@@ -47,6 +47,9 @@ class SimulationTransport:
         self.heartbeat_timeout_s = heartbeat_timeout_s  # a silent device is noticed this long after
         self.train_wall_seconds = 0.0  # wall time spent in local training, last dispatch
         self._uplink_estimate: int | None = None  # bytes of the last update, for partial-work budgets
+        # -- attack simulation (fleetlearn.attacks.Attack or None) --
+        self.attack = attack
+        self.last_malicious: list[int] = []  # clients that attacked in the last dispatch
 
     @property
     def now(self) -> float:
@@ -65,6 +68,11 @@ class SimulationTransport:
         tr = torch.from_numpy(self.data.train_indices(client))
         te = torch.from_numpy(self.data.test_indices(client))
         return ClientData(self.data.x[tr], self.data.y[tr], self.data.x[te], self.data.y[te])
+
+    def _client_data_for(self, client: int, round: int) -> ClientData:
+        """The data `client` trains on: its own, or poisoned by a simulated attack (label_flip)."""
+        data = self.client_data(client)
+        return data if self.attack is None else self.attack.poison_data(client, data, round)
 
     def planned_samples(self, clients: np.ndarray, hp: FitConfig) -> np.ndarray:
         """Examples each client would process in a full local run (before any cut)."""
@@ -132,12 +140,15 @@ class SimulationTransport:
         t0 = time.perf_counter()
         results = self.learner.fit_cohort(
             params,
-            [self.client_data(int(ids[i])) for i in train],
+            [self._client_data_for(int(ids[i]), task.round) for i in train],
             hp,
             [client_seed(self.seed, task.round, int(ids[i])) for i in train],
             step_limits=[limits[i] for i in train] if any(limits[i] is not None for i in train) else None,
         )
         self.train_wall_seconds = time.perf_counter() - t0
+        self.last_malicious = []
+        if self.attack is not None:  # attackers replace their deltas after training, before encoding
+            results, self.last_malicious = self.attack.apply_results(ids[train], results, task.round)
         levels = self._levels(task, ids, train, down_s, results)
         updates = [self.runtime.reply(int(ids[i]), task, r, lv) for i, r, lv in zip(train, results, levels)]
         if updates:

@@ -1,0 +1,374 @@
+"""fleetlearn vs Flower on the same workload, side by side in one run.
+
+    .venv/bin/python benchmarks/vs_flower.py                      # N = 100 and 1000, 10 rounds
+    .venv/bin/python benchmarks/vs_flower.py --clients 100 --rounds 5
+
+Workload (both frameworks): digits (scikit-learn), a 64-128-10 ReLU MLP, 1 local
+epoch, batch 32, plain SGD lr 0.05 (no momentum), FedAvg weighted by example
+counts with every client every round, 10 rounds, N = 100 and 1000 clients.  The
+IID split is built once, by fleetlearn's partitioner (`data.partition = "iid"`,
+no local test split; N = 1000 uses `data.examples_per_client = 2`), and both
+frameworks get the same client index lists, the same central test set and the
+same initial model.  Accuracy is the global model's on that central test set
+after the last round.
+
+Flower runs in its own virtual environment (created on first use, no system site
+packages): the same CPU torch from the local wheel directory, then
+`pip install "flwr[simulation]"`.  Its side is the idiomatic one: a `NumPyClient`
+holding a torch model (DataLoader, torch.optim.SGD), `ClientApp(client_fn)`,
+`ServerApp(server_fn)` with the `FedAvg` strategy (fraction_fit = 1.0, no
+federated evaluation, a central `evaluate_fn`) and `flwr.simulation.run_simulation`
+with one CPU per client actor.  fleetlearn runs its default engine (in-process
+simulation, batched local training, run store and monitors on).
+
+Time per round: fleetlearn's `RoundRecord.wall_seconds`; Flower's is the interval
+between consecutive calls of its `evaluate_fn` (called after every round's
+aggregation).  Both include the central evaluation.  Round 1 (actor start-up,
+first batched-gradient warm-up) is excluded from the mean; each side also reports
+its whole-process wall time.  Each side runs in its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# `.venv/` is ignored by the repository's .gitignore at any depth.
+DEFAULT_VENV = HERE / ".flower" / ".venv"
+DEFAULT_WHEELS = "/opt/wheels"
+DEFAULT_FLWR = "flwr[simulation]"
+HIDDEN = 128
+LOCAL_EPOCHS, BATCH, LR = 1, 32, 0.05
+# fleetlearn settings compared (Flower has no equivalent of the debug monitor, which
+# computes an (n, n) Gram matrix of the cohort's updates every round).
+VARIANTS = {"default": {}, "lean": {"monitoring": {"debug": False}}}
+
+
+# -- the workload, built once by fleetlearn ---------------------------------------------------
+def workload_config(n: int, rounds: int, seed: int, store_root: str | None = None) -> dict:
+    data = {"dataset": "digits", "clients": n, "partition": "iid", "local_test_fraction": 0.0, "min_examples": 1}
+    if n > 500:  # the digits pool has ~1400 training examples: ~2 per client at N = 1000
+        data["examples_per_client"] = 2
+    cfg = {
+        "seed": seed,
+        "data": data,
+        "model": {"name": "mlp", "hidden": [HIDDEN]},
+        "client": {"local_epochs": LOCAL_EPOCHS, "batch_size": BATCH, "lr": LR, "momentum": 0.0},
+        "server": {"rounds": rounds, "cohort": n, "aggregator": "mean", "optimizer": "sgd", "server_lr": 1.0},
+    }
+    if store_root is not None:
+        cfg["store"] = {"root": store_root}
+    return cfg
+
+
+def export_workload(n: int, rounds: int, seed: int, path: Path) -> str:
+    """The data, the split and the initial model, as arrays for the Flower side; returns a digest."""
+    import hashlib
+
+    import numpy as np
+
+    from fleetlearn.config import load_config
+    from fleetlearn.data import load_federated
+    from fleetlearn.engine.factory import build_learner
+
+    cfg = load_config(workload_config(n, rounds, seed))
+    data = load_federated(cfg.data, cfg.seed)
+    learner = build_learner(cfg, data)
+    init = learner.spec.split(learner.init_params(cfg.seed))
+    arrays = {
+        "x": data.x.numpy(), "y": data.y.numpy(),
+        "train_order": data.train_order, "train_offsets": data.train_offsets,
+        "central_x": data.central_x.numpy(), "central_y": data.central_y.numpy(),
+        "param_names": np.array(list(init)),
+    }
+    arrays.update({f"init_{i}": t.detach().numpy() for i, t in enumerate(init.values())})
+    np.savez(path, **arrays)
+    return hashlib.sha256(data.train_order.tobytes() + data.train_offsets.tobytes()).hexdigest()[:12]
+
+
+# -- fleetlearn side ------------------------------------------------------------------------
+def fleetlearn_side(n: int, rounds: int, seed: int, threads: int | None = None, variant: str = "default") -> dict:
+    import hashlib
+    import resource
+
+    t0 = time.perf_counter()
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    from fleetlearn.config import load_config
+    from fleetlearn.data import load_federated
+    from fleetlearn.engine.factory import build_coordinator
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = workload_config(n, rounds, seed, tmp)
+        for section, values in VARIANTS[variant].items():
+            raw.setdefault(section, {}).update(values)
+        cfg = load_config(raw)
+        data = load_federated(cfg.data, cfg.seed)
+        coord = build_coordinator(cfg, data=data)
+        summary = coord.run()
+    recs = summary.records
+    return {
+        "round_s": [r.wall_seconds for r in recs],
+        "train_s": [r.train_wall_seconds for r in recs],
+        "accuracy": summary.final_accuracy,
+        "process_s": time.perf_counter() - t0,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "split": hashlib.sha256(data.train_order.tobytes() + data.train_offsets.tobytes()).hexdigest()[:12],
+        "threads": torch.get_num_threads(),
+    }
+
+
+# -- Flower side (runs in the Flower venv; imports nothing from fleetlearn) --------------------
+_CACHE: dict = {}
+
+
+def _workload(npz: str) -> dict:
+    if npz not in _CACHE:
+        import numpy as np
+
+        _CACHE[npz] = dict(np.load(npz))
+    return _CACHE[npz]
+
+
+def _net(num_features: int, num_classes: int):
+    from torch import nn
+
+    return nn.Sequential(nn.Linear(num_features, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, num_classes))
+
+
+def _set_weights(net, parameters) -> None:
+    from collections import OrderedDict
+
+    import torch
+
+    net.load_state_dict(OrderedDict((k, torch.from_numpy(v.copy())) for k, v in zip(net.state_dict(), parameters)), strict=True)
+
+
+def _get_weights(net) -> list:
+    return [v.detach().cpu().numpy() for v in net.state_dict().values()]
+
+
+def flower_side(npz: str, rounds: int, seed: int, out: str) -> None:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from flwr.client import ClientApp, NumPyClient
+    from flwr.common import Context, ndarrays_to_parameters
+    from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+    from flwr.server.strategy import FedAvg
+    from flwr.simulation import run_simulation
+    from torch.utils.data import DataLoader, TensorDataset
+
+    t_process = time.perf_counter()
+    w = _workload(npz)
+    n = len(w["train_offsets"]) - 1
+    num_features, num_classes = w["x"].shape[1], int(w["y"].max()) + 1
+
+    class DigitsClient(NumPyClient):
+        def __init__(self, x, y, partition: int):
+            self.net = _net(num_features, num_classes)
+            self.x, self.y, self.partition = x, y, partition
+
+        def fit(self, parameters, config):
+            _set_weights(self.net, parameters)
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + int(config["server_round"]) * 10_007 + self.partition)
+            loader = DataLoader(TensorDataset(self.x, self.y), batch_size=BATCH, shuffle=True, generator=gen)
+            opt = torch.optim.SGD(self.net.parameters(), lr=LR)
+            self.net.train()
+            for _ in range(LOCAL_EPOCHS):
+                for xb, yb in loader:
+                    opt.zero_grad()
+                    F.cross_entropy(self.net(xb), yb).backward()
+                    opt.step()
+            return _get_weights(self.net), len(self.y), {}
+
+    def client_fn(context: Context):
+        pid = int(context.node_config["partition-id"])
+        d = _workload(npz)
+        rows = d["train_order"][d["train_offsets"][pid] : d["train_offsets"][pid + 1]]
+        return DigitsClient(torch.from_numpy(d["x"][rows]), torch.from_numpy(d["y"][rows]), pid).to_client()
+
+    stamps: list[tuple[int, float, float]] = []
+    central_x, central_y = torch.from_numpy(w["central_x"]), torch.from_numpy(w["central_y"])
+
+    def evaluate_fn(server_round, parameters, config):
+        net = _net(num_features, num_classes)
+        _set_weights(net, parameters)
+        net.eval()
+        with torch.no_grad():
+            logits = net(central_x)
+            loss = float(F.cross_entropy(logits, central_y))
+            acc = float((logits.argmax(-1) == central_y).float().mean())
+        stamps.append((int(server_round), time.perf_counter(), acc))
+        with open(out, "w") as f:
+            json.dump({"stamps": stamps}, f)
+        return loss, {"accuracy": acc}
+
+    init = [w[f"init_{i}"] for i in range(len(w["param_names"]))]
+    fit_results: list[int] = []  # results aggregated per round (a failed client is dropped silently by FedAvg)
+
+    def count_fit_results(metrics):
+        fit_results.append(len(metrics))
+        return {}
+
+    def server_fn(context: Context):
+        strategy = FedAvg(
+            fraction_fit=1.0, fraction_evaluate=0.0,
+            min_fit_clients=n, min_evaluate_clients=0, min_available_clients=n,
+            evaluate_fn=evaluate_fn, initial_parameters=ndarrays_to_parameters(init),
+            on_fit_config_fn=lambda server_round: {"server_round": server_round},
+            fit_metrics_aggregation_fn=count_fit_results,
+        )
+        return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=rounds))
+
+    t_sim = time.perf_counter()
+    run_simulation(
+        server_app=ServerApp(server_fn=server_fn),
+        client_app=ClientApp(client_fn=client_fn),
+        num_supernodes=n,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"include_dashboard": False}},
+    )
+    import flwr
+
+    stamps.sort()
+    times = [t for _, t, _ in stamps]
+    result = {
+        "round_s": [b - a for a, b in zip(times, times[1:])],
+        "accuracy": stamps[-1][2] if stamps else float("nan"),
+        "rounds_done": stamps[-1][0] if stamps else 0,
+        "fit_results": fit_results,
+        "simulation_s": time.perf_counter() - t_sim,
+        "process_s": time.perf_counter() - t_process,
+        "flwr": flwr.__version__,
+        "torch": torch.__version__,
+    }
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+# -- the Flower environment -------------------------------------------------------------------
+def flower_python(venv: Path, wheels: str, flwr_spec: str) -> tuple[Path, float]:
+    """The Flower venv's python, created and installed on first use; returns (python, install seconds)."""
+    py = venv / "bin" / "python"
+    import torch
+
+    want_torch = torch.__version__.split("+")[0]
+    check = "import flwr, ray, torch; assert torch.__version__.split('+')[0] == %r" % want_torch
+    if py.exists() and subprocess.run([str(py), "-c", check], capture_output=True).returncode == 0:
+        return py, 0.0
+    t0 = time.perf_counter()
+    print(f"creating the Flower environment in {venv} (no system site packages) ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    pip = [str(py), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, "--upgrade", "pip"], check=True)
+    # The same CPU torch as fleetlearn's, from the local wheel directory when there is one.
+    links = ["--find-links", wheels] if wheels and Path(wheels).is_dir() else []
+    subprocess.run([*pip, *links, f"torch=={want_torch}"], check=True)
+    subprocess.run([*pip, flwr_spec], check=True)
+    subprocess.run([str(py), "-c", check], check=True)
+    return py, time.perf_counter() - t0
+
+
+# -- the side-by-side run ---------------------------------------------------------------------
+def _mean_after_warmup(xs: list[float]) -> float:
+    tail = xs[1:] if len(xs) > 1 else xs
+    return sum(tail) / len(tail)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, nargs="+", default=[100, 1000])
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--venv", type=Path, default=Path(os.environ.get("FLOWER_VENV", DEFAULT_VENV)))
+    ap.add_argument("--wheels", default=DEFAULT_WHEELS, help="local wheel directory for torch (--find-links)")
+    ap.add_argument("--flwr", default=DEFAULT_FLWR, help="pip requirement for Flower")
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--fleetlearn-threads", type=int, nargs="+", default=[0],
+                    help="torch intra-op threads for fleetlearn, one row each (0: torch's default); Flower's actors get 1 each")
+    ap.add_argument("--fleetlearn-variants", nargs="+", choices=list(VARIANTS), default=["default"],
+                    help="default: the engine as shipped; lean: monitoring.debug = false")
+    ap.add_argument("--side", choices=["fleetlearn", "flower"], help=argparse.SUPPRESS)
+    ap.add_argument("--npz", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.side == "flower":
+        flower_side(args.npz, args.rounds, args.seed, args.out)
+        return
+    if args.side == "fleetlearn":
+        print(json.dumps(fleetlearn_side(args.clients[0], args.rounds, args.seed, args.fleetlearn_threads[0] or None, args.fleetlearn_variants[0])))
+        return
+
+    t_all = time.perf_counter()
+    load0 = os.getloadavg()
+    py, install_s = flower_python(args.venv, args.wheels, args.flwr)
+    if install_s:
+        print(f"Flower environment installed in {install_s:.0f} s")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.clients:
+            npz = Path(tmp) / f"workload_{n}.npz"
+            digest = export_workload(n, args.rounds, args.seed, npz)
+            out = Path(tmp) / f"flower_{n}.json"
+            log = Path(tmp) / f"flower_{n}.log"
+            print(f"N = {n}: Flower ...", flush=True)
+            with open(log, "w") as f:
+                proc = subprocess.run(
+                    [str(py), __file__, "--side", "flower", "--npz", str(npz), "--rounds", str(args.rounds), "--seed", str(args.seed), "--out", str(out)],
+                    stdout=f, stderr=subprocess.STDOUT,
+                )
+            if proc.returncode != 0:
+                sys.exit(f"the Flower run failed (exit {proc.returncode}); its log:\n{log.read_text()[-4000:]}")
+            flower = json.loads(out.read_text())
+            if flower["rounds_done"] != args.rounds or flower["fit_results"] != [n] * args.rounds:
+                sys.exit(f"Flower completed {flower['rounds_done']} of {args.rounds} rounds with {flower['fit_results']} "
+                         f"fit results (want {n} each); log:\n{log.read_text()[-4000:]}")
+            for variant, threads in [(v, t) for v in args.fleetlearn_variants for t in args.fleetlearn_threads]:
+                print(f"N = {n}: fleetlearn ({variant}, threads {threads or 'default'}) ...", flush=True)
+                res = subprocess.run(
+                    [sys.executable, __file__, "--side", "fleetlearn", "--clients", str(n), "--rounds", str(args.rounds),
+                     "--seed", str(args.seed), "--fleetlearn-threads", str(threads), "--fleetlearn-variants", variant],
+                    capture_output=True, text=True, check=True,
+                )
+                fleet = json.loads(res.stdout.strip().splitlines()[-1])
+                if fleet["split"] != digest:
+                    sys.exit(f"the two sides trained on different splits ({fleet['split']} != {digest})")
+                fl_round, fw_round = _mean_after_warmup(fleet["round_s"]), _mean_after_warmup(flower["round_s"])
+                rows.append({
+                    "clients": n, "rounds": args.rounds, "fleetlearn_threads": fleet["threads"], "variant": variant,
+                    "flower_round_s": fw_round, "fleetlearn_round_s": fl_round, "speedup": fw_round / fl_round,
+                    "flower_accuracy": flower["accuracy"], "fleetlearn_accuracy": fleet["accuracy"],
+                    "accuracy_gap_pp": 100 * (fleet["accuracy"] - flower["accuracy"]),
+                    "flower_process_s": flower["process_s"], "fleetlearn_process_s": fleet["process_s"],
+                    "flower_round1_s": flower["round_s"][0], "fleetlearn_round1_s": fleet["round_s"][0],
+                    "fleetlearn_train_s": _mean_after_warmup(fleet["train_s"]),
+                    "flwr": flower["flwr"], "torch": flower["torch"],
+                })
+    target = {100: 20, 1000: 50}
+    print()
+    print(f"Flower {rows[0]['flwr']} (torch {rows[0]['torch']}) vs fleetlearn, {args.rounds} rounds, seed {args.seed}; s/round = mean of rounds 2..{args.rounds}")
+    print(f"{'clients':>7} {'fleetlearn':>10} {'threads':>7} {'Flower s/round':>15} {'fleetlearn s/round':>19} {'speedup':>8} {'target':>10} "
+          f"{'Flower acc':>11} {'fleetlearn acc':>15} {'gap pp':>7} {'Flower total s':>15} {'fleetlearn total s':>19}")
+    for r in rows:
+        t = target.get(r["clients"])
+        ok = "" if t is None else (f">={t}x " + ("ok" if r["speedup"] >= t else "MISS"))
+        print(f"{r['clients']:>7} {r['variant']:>10} {r['fleetlearn_threads']:>7} {r['flower_round_s']:>15.3f} {r['fleetlearn_round_s']:>19.4f} {r['speedup']:>7.1f}x {ok:>10} "
+              f"{r['flower_accuracy']:>11.4f} {r['fleetlearn_accuracy']:>15.4f} {r['accuracy_gap_pp']:>+7.2f} "
+              f"{r['flower_process_s']:>15.1f} {r['fleetlearn_process_s']:>19.1f}")
+    print(f"(whole benchmark: {time.perf_counter() - t_all:.0f} s on {os.cpu_count()} CPUs; 1-min load average "
+          f"{load0[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end)")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,545 @@
+"""HeteroFL: width-reduced sub-models for clients with less memory.
+
+Diao, Ding & Tarokh, "HeteroFL: Computation and Communication Efficient Federated Learning
+for Heterogeneous Clients", ICLR 2021.
+
+A client of width ``r`` in (0, 1] trains the sub-model that keeps, in every hidden layer
+``l``, the first ``k_l = ceil(r * h_l)`` units (Sec. 3, "static" allocation: the sub-model's
+parameters are the upper-left block ``W_l[:k_l, :k_{l-1}]`` of every weight, eq. (1)); input
+and output dimensions stay full.  Sub-models of smaller widths are nested inside those of
+larger widths, so the server sends each client ``global[index_r]`` and receives a delta of
+the sub-model's size.
+
+Aggregation of overlapping parameters (Sec. 3, eq. (2)): each coordinate of the global model
+is the weighted average over exactly the clients whose sub-model contains it,
+
+    Delta[j] = sum_i w_i m_ij delta_ij / sum_i w_i m_ij,     m_ij = 1 if client i covers j,
+
+and 0 where no client of the round covers ``j`` (those parameters stay unchanged).  With
+every client at width 1 this is weighted FedAvg (McMahan et al., AISTATS 2017).
+
+What this module does *not* do (HeteroFL's optional extras, not needed for MLPs): the
+"scaler" that divides a sub-model's activations by ``r`` during training, static batch
+norm, and the "masking trick" for label-skewed data.  A sub-model here computes exactly
+the full model restricted to its units, which the tests check.
+
+The slicing works on any `ParamSpec` that is a chain of Linear layers (a 2-D ``weight``
+``(out, in)`` optionally followed by a 1-D ``bias`` ``(out,)``), which is what
+`fleetlearn.learners.models.mlp` builds.  Everything is index tensors into the flat vector,
+so slicing is one gather and aggregation is ``index_add_`` (no ``(n, d)`` boolean masks).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..params import ParamSpec
+from .base import ClientData, FitConfig, FitResult
+from .models import mlp
+from .torch_learner import TorchLearner
+
+__all__ = [
+    "HeteroFLPlan",
+    "HeteroFLRun",
+    "LinearLayer",
+    "coverage_mask",
+    "embed",
+    "heterofl_aggregate",
+    "kept_units",
+    "linear_layers",
+    "mlp_width_factory",
+    "run_heterofl",
+    "sub_spec",
+    "width_slices",
+]
+
+
+# -- the layer chain of a spec ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinearLayer:
+    """One Linear layer of a spec: positions of its tensors in the spec and its shape."""
+
+    weight: int  # position of the (out, in) weight in spec.names
+    bias: int | None  # position of the (out,) bias, or None
+    out_features: int
+    in_features: int
+
+
+def linear_layers(spec: ParamSpec) -> list[LinearLayer]:
+    """The spec as a chain of Linear layers, or ValueError naming the tensor that is not."""
+    layers: list[LinearLayer] = []
+    i = 0
+    while i < len(spec.shapes):
+        shape = spec.shapes[i]
+        if len(shape) != 2:
+            raise ValueError(
+                f"HeteroFL width slicing needs a chain of Linear layers (2-D weight, optional 1-D bias); "
+                f"tensor {spec.names[i]!r} has shape {shape}"
+            )
+        out_f, in_f = shape
+        bias = None
+        if i + 1 < len(spec.shapes) and spec.shapes[i + 1] == (out_f,):
+            bias = i + 1
+        if layers and layers[-1].out_features != in_f:
+            raise ValueError(
+                f"HeteroFL width slicing: {spec.names[i]!r} takes {in_f} inputs but the layer before "
+                f"has {layers[-1].out_features} outputs; the spec is not a chain of Linear layers"
+            )
+        layers.append(LinearLayer(i, bias, out_f, in_f))
+        i += 2 if bias is not None else 1
+    if not layers:
+        raise ValueError("HeteroFL width slicing: the spec has no tensors")
+    return layers
+
+
+def _check_width(width: float) -> float:
+    w = float(width)
+    if not (0.0 < w <= 1.0) or math.isnan(w):
+        raise ValueError(f"HeteroFL width must be in (0, 1], got {width}")
+    return w
+
+
+def kept_units(hidden: int, width: float) -> int:
+    """``ceil(width * hidden)``, at least 1 (HeteroFL's ``int(np.ceil(rate * size))``).
+
+    The product is rounded to 9 decimals first so that e.g. 0.3 * 10 keeps 3 units, not 4."""
+    return max(1, math.ceil(round(_check_width(width) * hidden, 9)))
+
+
+def _kept(layers: list[LinearLayer], width: float) -> list[tuple[int, int]]:
+    """(out kept, in kept) per layer: hidden units shrink, input and output stay full."""
+    hidden = [kept_units(l.out_features, width) for l in layers[:-1]]
+    outs = hidden + [layers[-1].out_features]
+    ins = [layers[0].in_features] + hidden
+    return list(zip(outs, ins))
+
+
+# -- slicing, embedding, coverage ------------------------------------------------------------
+
+
+def width_slices(spec: ParamSpec, width: float) -> torch.Tensor:
+    """Indices into the flat global vector of the width-``width`` sub-model, in the sub-model's
+    own flat order (so ``global[index]`` *is* the sub-model's parameter vector).
+
+    For each layer the kept block is ``W[:k_out, :k_in]`` (row-major, as torch flattens it)
+    and ``b[:k_out]``: rows of ``W_l`` and ``b_l`` for the kept units of hidden layer ``l``,
+    columns of ``W_{l+1}`` for the same units."""
+    layers = linear_layers(spec)
+    offsets = spec.offsets
+    parts: list[torch.Tensor] = []
+    for layer, (k_out, k_in) in zip(layers, _kept(layers, width)):
+        rows = torch.arange(k_out, dtype=torch.int64)
+        cols = torch.arange(k_in, dtype=torch.int64)
+        parts.append(offsets[layer.weight] + (rows[:, None] * layer.in_features + cols[None, :]).reshape(-1))
+        if layer.bias is not None:
+            parts.append(offsets[layer.bias] + rows)
+    return torch.cat(parts)
+
+
+def sub_spec(spec: ParamSpec, width: float) -> ParamSpec:
+    """The ParamSpec of the width-``width`` sub-model (same names, reduced shapes)."""
+    layers = linear_layers(spec)
+    shapes = list(spec.shapes)
+    for layer, (k_out, k_in) in zip(layers, _kept(layers, width)):
+        shapes[layer.weight] = (k_out, k_in)
+        if layer.bias is not None:
+            shapes[layer.bias] = (k_out,)
+    return ParamSpec(spec.names, tuple(shapes))
+
+
+def embed(sub: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """A sub-model vector ``(d_r,)`` (or batch ``(n, d_r)``) placed into zeros of size ``dim``."""
+    if sub.shape[-1] != index.numel():
+        raise ValueError(f"embed: sub-vector has {sub.shape[-1]} entries, the index {index.numel()}")
+    out = sub.new_zeros(tuple(sub.shape[:-1]) + (dim,))
+    out[..., index] = sub
+    return out
+
+
+def coverage_mask(index: torch.Tensor, dim: int) -> torch.Tensor:
+    """``(dim,)`` bool: which global coordinates the sub-model with this index contains."""
+    m = torch.zeros(dim, dtype=torch.bool)
+    m[index] = True
+    return m
+
+
+def _check_weights(weights, n: int) -> torch.Tensor:
+    w = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
+    if w.shape != (n,):
+        raise ValueError(f"heterofl_aggregate: weights must have shape ({n},), got {tuple(w.shape)}")
+    if not torch.isfinite(w).all() or (w < 0).any():
+        raise ValueError("heterofl_aggregate: weights must be finite and non-negative")
+    if n and float(w.sum()) <= 0:
+        raise ValueError("heterofl_aggregate: weights sum to zero")
+    return w
+
+
+def _full_mean(matrix: torch.Tensor, weights) -> torch.Tensor:
+    # The same operations as aggregation.mean (weights cast to the matrix dtype, normalised,
+    # one matmul), so full coverage gives FedAvg bit for bit.
+    w = torch.as_tensor(weights, dtype=matrix.dtype)
+    return (w / w.sum()) @ matrix
+
+
+def heterofl_aggregate(updates, coverage, weights, dim: int | None = None) -> torch.Tensor:
+    """HeteroFL's per-coordinate weighted mean over the clients that cover each coordinate.
+
+    ``Delta[j] = sum_i w_i m_ij u_ij / sum_i w_i m_ij`` (Diao et al. 2021, eq. (2)), 0 where
+    ``sum_i w_i m_ij = 0``.  Accepted forms:
+
+    - ``updates`` ``(n, d)`` full-size deltas and ``coverage`` an ``(n, d)`` bool mask;
+    - ``updates`` ``(n, d)`` and ``coverage`` a list of n index tensors (entries off the
+      index are ignored);
+    - ``updates`` a list of n sub-model deltas ``(d_i,)`` and ``coverage`` their n index
+      tensors (`width_slices`), with ``dim`` the global size.  This is the cheap form: one
+      ``index_add_`` over the concatenated sub-vectors, memory O(sum_i d_i).
+
+    Sums are accumulated in float64 and returned as float32.  When every client covers every
+    coordinate the result is computed exactly as `fleetlearn.aggregation.mean` does, so
+    HeteroFL with all widths 1 is FedAvg bit for bit.
+    """
+    if isinstance(coverage, torch.Tensor) and coverage.dtype == torch.bool:
+        u = torch.as_tensor(updates)
+        if u.ndim != 2 or coverage.shape != u.shape:
+            raise ValueError(f"heterofl_aggregate: updates {tuple(u.shape)} and mask {tuple(coverage.shape)} must both be (n, d)")
+        n = u.shape[0]
+        if n == 0:
+            raise ValueError("heterofl_aggregate: cannot aggregate an empty cohort (n = 0)")
+        w = _check_weights(weights, n)
+        if bool(coverage.all()):
+            return _full_mean(u.to(torch.float32), weights)
+        m = coverage.to(torch.float64) * w[:, None]
+        num = (m * u.to(torch.float64)).sum(0)
+        den = m.sum(0)
+        return torch.where(den > 0, num / den.clamp(min=torch.finfo(torch.float64).tiny), 0.0).to(torch.float32)
+
+    indices = [torch.as_tensor(i, dtype=torch.int64).reshape(-1) for i in coverage]
+    n = len(indices)
+    if n == 0:
+        raise ValueError("heterofl_aggregate: cannot aggregate an empty cohort (n = 0)")
+    if isinstance(updates, torch.Tensor) and updates.ndim == 2:
+        if updates.shape[0] != n:
+            raise ValueError(f"heterofl_aggregate: {updates.shape[0]} updates but {n} index tensors")
+        d = updates.shape[1] if dim is None else int(dim)
+        if d != updates.shape[1]:
+            raise ValueError(f"heterofl_aggregate: dim = {dim} but the updates have {updates.shape[1]} columns")
+        subs = [updates[i, idx] for i, idx in enumerate(indices)]
+    else:
+        subs = [torch.as_tensor(s).reshape(-1) for s in updates]
+        if len(subs) != n:
+            raise ValueError(f"heterofl_aggregate: {len(subs)} updates but {n} index tensors")
+        if dim is None:
+            raise ValueError("heterofl_aggregate: pass dim (the global model's size) with sub-model deltas")
+        d = int(dim)
+    for i, (s, idx) in enumerate(zip(subs, indices)):
+        if s.numel() != idx.numel():
+            raise ValueError(f"heterofl_aggregate: update {i} has {s.numel()} entries, its index {idx.numel()}")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= d):
+            raise ValueError(f"heterofl_aggregate: index {i} points outside 0..{d - 1}")
+    w = _check_weights(weights, n)
+    if all(idx.numel() == d for idx in indices) and all(bool(coverage_mask(idx, d).all()) for idx in indices):
+        return _full_mean(torch.stack([embed(s.to(torch.float32), idx, d) for s, idx in zip(subs, indices)]), weights)
+    lens = torch.tensor([idx.numel() for idx in indices])
+    flat_idx = torch.cat(indices)
+    w_rep = torch.repeat_interleave(w, lens)
+    num = torch.zeros(d, dtype=torch.float64).index_add_(0, flat_idx, torch.cat(subs).to(torch.float64) * w_rep)
+    den = torch.zeros(d, dtype=torch.float64).index_add_(0, flat_idx, w_rep)
+    return torch.where(den > 0, num / den.clamp(min=torch.finfo(torch.float64).tiny), 0.0).to(torch.float32)
+
+
+# -- a plan: widths, their learners, assignment, batched training ----------------------------
+
+
+def mlp_width_factory(num_features: int, num_classes: int, hidden: Sequence[int]) -> Callable[[float], nn.Module]:
+    """``width -> mlp(F, C, [ceil(width * h) for h in hidden])``: the sub-model constructor
+    matching `width_slices` of ``mlp(F, C, hidden)``."""
+    hidden = list(hidden)
+    return lambda width: mlp(num_features, num_classes, [kept_units(h, width) for h in hidden])
+
+
+class HeteroFLPlan:
+    """The widths of a HeteroFL run, one `TorchLearner` per width and the slicing between them.
+
+    - ``widths``: the model rates, e.g. ``(1.0, 0.5, 0.25)``, kept in descending order.  The
+      global model is the width-1 model; include 1.0 so that its outer units are trained.
+    - ``make_module_for_width(width) -> nn.Module``: builds a sub-model; its ParamSpec must
+      equal ``sub_spec(spec, width)`` (checked).  `for_mlp` builds one for `models.mlp`.
+    - ``full_width_memory_mb``: memory a device needs to train the full model.  A width-``r``
+      sub-model is charged ``full_width_memory_mb * d_r / d`` (parameters, gradients and
+      optimizer state all scale with the parameter count; MLP activations scale with the
+      hidden width too, so this slightly over-charges small widths).  `width_for_memory`
+      gives a device the largest width that fits, and the smallest width if none does.
+
+    Each width's cohort trains as one batched computation (`TorchLearner.fit_cohort`).
+    """
+
+    name = "heterofl"
+
+    def __init__(
+        self,
+        spec: ParamSpec,
+        widths: Sequence[float] = (1.0, 0.5, 0.25),
+        make_module_for_width: Callable[[float], nn.Module] | None = None,
+        *,
+        full_width_memory_mb: float | None = None,
+        vectorize: bool = True,
+    ):
+        if not widths:
+            raise ValueError("HeteroFL needs at least one width")
+        ws = sorted({_check_width(w) for w in widths}, reverse=True)
+        if len(ws) != len(list(widths)):
+            raise ValueError(f"HeteroFL widths must be distinct, got {list(widths)}")
+        if make_module_for_width is None:
+            raise ValueError("HeteroFLPlan needs make_module_for_width (see HeteroFLPlan.for_mlp)")
+        if full_width_memory_mb is not None and not full_width_memory_mb > 0:
+            raise ValueError(f"full_width_memory_mb must be > 0, got {full_width_memory_mb}")
+        self.spec = spec
+        self.widths: tuple[float, ...] = tuple(ws)
+        self.full_width_memory_mb = full_width_memory_mb
+        self.index = {w: width_slices(spec, w) for w in self.widths}
+        self.specs = {w: sub_spec(spec, w) for w in self.widths}
+        self.learners: dict[float, TorchLearner] = {}
+        for w in self.widths:
+            learner = TorchLearner(lambda w=w: make_module_for_width(w), vectorize=vectorize)
+            if learner.spec != self.specs[w]:
+                raise ValueError(
+                    f"make_module_for_width({w}) builds a model with shapes {learner.spec.shapes}, "
+                    f"but width slicing of the global model gives {self.specs[w].shapes}"
+                )
+            self.learners[w] = learner
+
+    @classmethod
+    def for_mlp(cls, num_features: int, num_classes: int, hidden: Sequence[int], widths: Sequence[float] = (1.0, 0.5, 0.25), **kwargs) -> "HeteroFLPlan":
+        spec = ParamSpec.from_module(mlp(num_features, num_classes, list(hidden)))
+        return cls(spec, widths, mlp_width_factory(num_features, num_classes, hidden), **kwargs)
+
+    # -- sizes and assignment ---------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self.spec.dim
+
+    def sub_dim(self, width: float) -> int:
+        return int(self.index[self._known(width)].numel())
+
+    def relative_size(self, width: float) -> float:
+        """``d_r / d``: the share of the global model's parameters (and of its bytes on the wire)."""
+        return self.sub_dim(width) / self.dim
+
+    def memory_required_mb(self, width: float) -> float:
+        if self.full_width_memory_mb is None:
+            raise ValueError("HeteroFLPlan: memory-based assignment needs full_width_memory_mb")
+        return self.full_width_memory_mb * self.relative_size(width)
+
+    def width_for_memory(self, memory_mb) -> np.ndarray:
+        """Per device: the largest width whose `memory_required_mb` fits in ``memory_mb``
+        (the smallest width where none fits).  Vectorised over an array of devices."""
+        mem = np.asarray(memory_mb, dtype=np.float64)
+        need = np.array([self.memory_required_mb(w) for w in self.widths])  # descending
+        fits = mem[..., None] >= need  # (..., widths)
+        first = np.where(fits.any(-1), fits.argmax(-1), len(self.widths) - 1)
+        return np.asarray(self.widths)[first]
+
+    def width_for_tier(self, tier) -> np.ndarray:
+        """Tier 0 = the largest width, 1 the next, ...; tiers past the last get the smallest."""
+        t = np.clip(np.asarray(tier, dtype=np.int64), 0, len(self.widths) - 1)
+        return np.asarray(self.widths)[t]
+
+    def round_robin(self, num_clients: int) -> np.ndarray:
+        """Client c gets ``widths[c % len(widths)]`` (HeteroFL's fixed, equal proportions)."""
+        return self.width_for_tier(np.arange(num_clients) % len(self.widths))
+
+    def _known(self, width: float) -> float:
+        w = float(width)
+        if w not in self.index:
+            raise ValueError(f"width {width} is not one of this plan's widths {list(self.widths)}")
+        return w
+
+    # -- parameters ---------------------------------------------------------------------
+    def init_params(self, seed: int) -> torch.Tensor:
+        """The global (width-1 shaped) model, initialised like the full model."""
+        full = self.learners.get(1.0)
+        if full is not None:
+            return full.init_params(seed)
+        raise ValueError("HeteroFLPlan.init_params needs width 1.0 among the widths; initialise the global model yourself")
+
+    def slice(self, params: torch.Tensor, width: float) -> torch.Tensor:
+        """The width-``width`` sub-model's flat vector: ``params[index]``."""
+        return params[..., self.index[self._known(width)]]
+
+    def embed(self, sub: torch.Tensor, width: float) -> torch.Tensor:
+        return embed(sub, self.index[self._known(width)], self.dim)
+
+    # -- training, aggregation, evaluation -----------------------------------------------
+    def _groups(self, widths: Sequence[float]) -> dict[float, list[int]]:
+        groups: dict[float, list[int]] = {}
+        for i, w in enumerate(widths):
+            groups.setdefault(self._known(w), []).append(i)
+        return groups
+
+    def fit_cohort(
+        self, params: torch.Tensor, cohort: list[ClientData], widths: Sequence[float], hp: FitConfig, seeds: list[int],
+        step_limits: list[int | None] | None = None,
+    ) -> list[FitResult]:
+        """Train every client at its width from the sliced global model; one batched
+        `fit_cohort` per width.  Results are in cohort order; ``delta`` is the sub-model's."""
+        if len(widths) != len(cohort) or len(seeds) != len(cohort):
+            raise ValueError(f"fit_cohort: {len(cohort)} clients, {len(widths)} widths, {len(seeds)} seeds")
+        limits = step_limits if step_limits is not None else [None] * len(cohort)
+        out: list[FitResult | None] = [None] * len(cohort)
+        for w, members in self._groups(widths).items():
+            res = self.learners[w].fit_cohort(
+                self.slice(params, w), [cohort[i] for i in members], hp, [seeds[i] for i in members],
+                step_limits=[limits[i] for i in members],
+            )
+            for i, r in zip(members, res):
+                out[i] = r
+        return out  # type: ignore[return-value]
+
+    def aggregate(self, widths: Sequence[float], sub_deltas: Sequence[torch.Tensor], weights) -> torch.Tensor:
+        """`heterofl_aggregate` of sub-model deltas, summed per width group: one ``(n_r, d_r)``
+        matrix-vector product and one ``index_add_`` per width."""
+        n = len(sub_deltas)
+        if len(widths) != n:
+            raise ValueError(f"aggregate: {n} deltas but {len(widths)} widths")
+        if n == 0:
+            raise ValueError("heterofl_aggregate: cannot aggregate an empty cohort (n = 0)")
+        w = _check_weights(weights, n)
+        groups = self._groups(widths)
+        for wid, members in groups.items():
+            for i in members:
+                if sub_deltas[i].numel() != self.sub_dim(wid):
+                    raise ValueError(f"aggregate: delta {i} has {sub_deltas[i].numel()} entries, width {wid} needs {self.sub_dim(wid)}")
+        if list(groups) == [1.0] and self.sub_dim(1.0) == self.dim:
+            return _full_mean(torch.stack([d.to(torch.float32) for d in sub_deltas]), weights)
+        num = torch.zeros(self.dim, dtype=torch.float64)
+        den = torch.zeros(self.dim, dtype=torch.float64)
+        for wid, members in groups.items():
+            idx = self.index[wid]
+            wg = w[members]
+            mat = torch.stack([sub_deltas[i] for i in members]).to(torch.float64)
+            num.index_add_(0, idx, wg @ mat)
+            den.index_add_(0, idx, wg.sum().expand(idx.numel()))
+        return torch.where(den > 0, num / den.clamp(min=torch.finfo(torch.float64).tiny), 0.0).to(torch.float32)
+
+    def per_example(self, params: torch.Tensor, width: float, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example loss and correctness of the global model evaluated at ``width``."""
+        w = self._known(width)
+        return self.learners[w].per_example(self.slice(params, w), x, y)
+
+    def accuracy(self, params: torch.Tensor, width: float, x: torch.Tensor, y: torch.Tensor) -> float:
+        if y.numel() == 0:
+            return math.nan
+        return float(self.per_example(params, width, x, y)[1].mean())
+
+    def client_accuracy(self, params: torch.Tensor, clients: list[ClientData], widths: Sequence[float]) -> np.ndarray:
+        """Each client's local-test accuracy of the global model at the client's own width
+        (HeteroFL evaluates every client with the sub-model it would run)."""
+        out = np.full(len(clients), np.nan)
+        for w, members in self._groups(widths).items():
+            xs = [clients[i].x_test for i in members]
+            ys = [clients[i].y_test for i in members]
+            if not any(y.numel() for y in ys):
+                continue
+            _, correct = self.per_example(params, w, torch.cat(xs), torch.cat(ys))
+            sizes = [int(y.numel()) for y in ys]
+            for i, c, s in zip(members, correct.split(sizes), sizes):
+                out[i] = float(c.mean()) if s else math.nan
+        return out
+
+    def ensemble_logits(self, params: torch.Tensor, widths: Sequence[float], sub_deltas: Sequence[torch.Tensor], x: torch.Tensor, weights=None) -> torch.Tensor:
+        """FedDF's teacher for a heterogeneous cohort: the weighted mean of the client models'
+        logits, each client model being ``slice(params, width) + delta`` at its own width
+        (output dimensions are full at every width, so logits average directly)."""
+        from .distill import ensemble_logits
+
+        n = len(sub_deltas)
+        w = _check_weights(torch.ones(n) if weights is None else weights, n)
+        total = None
+        for wid, members in self._groups(widths).items():
+            learner = self.learners[wid]
+            models = self.slice(params, wid)[None, :] + torch.stack([sub_deltas[i] for i in members]).to(torch.float32)
+            wg = w[members]
+            part = ensemble_logits(learner.module, learner.spec, models, x, wg) * float(wg.sum())
+            total = part if total is None else total + part
+        return total / float(w.sum())
+
+
+# -- a compact round loop (the engine wires the same pieces into the Coordinator) ----------
+
+
+def _client_data(data, c: int) -> ClientData:
+    tr = torch.from_numpy(data.train_indices(int(c)))
+    te = torch.from_numpy(data.test_indices(int(c)))
+    return ClientData(data.x[tr], data.y[tr], data.x[te], data.y[te])
+
+
+def _client_seed(seed: int, r: int, c: int) -> int:
+    return int(np.random.SeedSequence([seed, r, int(c)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+@dataclass
+class HeteroFLRun:
+    """What `run_heterofl` measured."""
+
+    params: torch.Tensor  # the final global (width-1) model
+    central_accuracy: dict[float, list[float]]  # width -> central-test accuracy per evaluated round
+    client_accuracy: list[float]  # mean local-test accuracy, each client at its own width, per evaluated round
+    rounds: list[int]  # the evaluated rounds
+
+
+def run_heterofl(
+    data,
+    plan: HeteroFLPlan,
+    client_widths,
+    *,
+    rounds: int,
+    cohort: int,
+    hp: FitConfig,
+    seed: int,
+    server_lr: float = 1.0,
+    eval_every: int = 0,
+    clients: Sequence[int] | None = None,
+) -> HeteroFLRun:
+    """Synchronous HeteroFL rounds on a `FederatedData`: select a random cohort (seeded, the
+    same sequence whatever the widths), train each client at ``client_widths[c]``, aggregate
+    with `HeteroFLPlan.aggregate` weighted by example counts, ``w <- w + server_lr * Delta``.
+
+    With every width 1 this is FedAvg with the same cohorts and client seeds, which is the
+    baseline of the HeteroFL acceptance test.  ``clients`` restricts who can be selected
+    (default: everyone).  ``eval_every = 0`` evaluates only after the last round."""
+    widths_of = np.asarray(client_widths, dtype=np.float64)
+    pool = np.arange(data.num_clients) if clients is None else np.asarray(clients, dtype=np.int64)
+    if widths_of.shape != (data.num_clients,):
+        raise ValueError(f"client_widths must have one width per client ({data.num_clients}), got shape {widths_of.shape}")
+    if cohort > len(pool):
+        raise ValueError(f"cohort = {cohort} exceeds the {len(pool)} selectable clients")
+    rng = np.random.default_rng([seed, 0x4E7E0F1])
+    params = plan.init_params(seed)
+    out = HeteroFLRun(params, {w: [] for w in plan.widths}, [], [])
+    everyone = [_client_data(data, c) for c in pool]
+    for r in range(1, rounds + 1):
+        chosen = np.sort(rng.choice(len(pool), size=cohort, replace=False))
+        batch = [everyone[i] for i in chosen]
+        ids = pool[chosen]
+        ws = [float(widths_of[c]) for c in ids]
+        seeds = [_client_seed(seed, r, c) for c in ids]
+        results = plan.fit_cohort(params, batch, ws, hp, seeds)
+        weights = [float(res.num_examples) for res in results]
+        delta = plan.aggregate(ws, [res.delta for res in results], weights)
+        params = params + server_lr * delta
+        if r == rounds or (eval_every and r % eval_every == 0):
+            out.rounds.append(r)
+            for w in plan.widths:
+                out.central_accuracy[w].append(plan.accuracy(params, w, data.central_x, data.central_y))
+            accs = plan.client_accuracy(params, everyone, [float(widths_of[c]) for c in pool])
+            out.client_accuracy.append(float(np.nanmean(accs)) if np.isfinite(accs).any() else math.nan)
+    out.params = params
+    return out
