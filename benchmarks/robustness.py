@@ -74,8 +74,12 @@ def run_one(cfg: dict, data) -> dict:
     try:
         summary = build_coordinator(config, store=False, data=data).run()
     except Exception as exc:  # one broken run must not lose the other cells of the table
-        print(f"  error: {cfg['attack']} x {cfg['server']['aggregator']}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        return {"final": math.nan, "last": math.nan, "failed_rounds": 0, "seconds": time.perf_counter() - t0, "error": f"{type(exc).__name__}: {exc}"}
+        why = f"{type(exc).__name__}: {exc}"
+        print(f"  error: {cfg['attack']} x {cfg['server']['aggregator']}: {why}", file=sys.stderr, flush=True)
+        # A model blown up to huge (finite) weights makes the clients' own training overflow;
+        # the simulation cannot encode their NaN updates and the run stops: a collapse.
+        diverged = "NaN or inf" in str(exc)
+        return {"final": math.nan, "last": math.nan, "failed_rounds": 0, "seconds": time.perf_counter() - t0, "error": why, "diverged": diverged}
     accs = [r.accuracy for r in summary.records if not math.isnan(r.accuracy)]
     return {
         "final": float(np.mean(accs[-LAST:])) if accs else math.nan,
@@ -89,6 +93,7 @@ def average(runs: list[dict]) -> dict:
     """Seeds averaged; `failed_rounds` summed."""
     return {
         "error": "; ".join(r["error"] for r in runs if "error" in r),
+        "diverged": any(r.get("diverged", False) for r in runs),
         "final": float(np.mean([r["final"] for r in runs])),
         "last": float(np.mean([r["last"] for r in runs])),
         "failed_rounds": int(sum(r["failed_rounds"] for r in runs)),
@@ -105,6 +110,8 @@ def table(results: dict, attacks: Sequence[str], aggregators: Sequence[str], key
             r = results.get((a, agg))
             if r is None:
                 cells.append("-")
+            elif r.get("diverged"):
+                cells.append("diverged")
             elif r.get("error"):
                 cells.append("error")
             else:
@@ -118,7 +125,7 @@ def acceptance(results: dict, attacks: Sequence[str], aggregators: Sequence[str]
     clean = results.get(("clean", "mean"))
     if clean is None:
         return ["(acceptance needs the clean mean run)"]
-    collapsed = [a for a in attacks if "mean" in aggregators and results[(a, "mean")]["final"] < COLLAPSE]  # nan (error) is not a collapse
+    collapsed = [a for a in attacks if "mean" in aggregators and (results[(a, "mean")]["final"] < COLLAPSE or results[(a, "mean")]["diverged"])]
     out.append(f"{'PASS' if collapsed else 'FAIL'}: plain mean collapses (final < {COLLAPSE}) under {', '.join(collapsed) or 'no attack'}")
     robust = [g for g in aggregators if g != "mean"]
     for a in ("sign_flip", "sign_flip:ind", "scaling", "scaling:ind"):
@@ -173,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             r = results[(attack, agg)] = average(runs)
             print(f"  {attack:>17} x {agg:<18} final {r['final']:.3f}  last {r['last']:.3f}  ({r['seconds']:.1f}s)", file=sys.stderr, flush=True)
     wall = time.perf_counter() - t0
-    print(f"Final accuracy (mean of the last {LAST} rounds; * = some rounds failed: non-finite aggregate, model unchanged; error = the run raised)\n")
+    print(f"Final accuracy (mean of the last {LAST} rounds; * = some rounds failed: non-finite aggregate, model unchanged; diverged = the model blew up until the clients' own training returned NaN and the run stopped; error = the run raised)\n")
     print(table(results, attacks, a.aggregators, "final"))
     print("\nLast-round accuracy\n")
     print(table(results, attacks, a.aggregators, "last"))
@@ -182,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(line)
     for k, r in results.items():
         if r.get("error"):
-            print(f"error in {k[0]} x {k[1]}: {r['error']}")
+            print(f"{'diverged' if r['diverged'] else 'error'} in {k[0]} x {k[1]}: {r['error']}")
     print(f"\n{len(results) * len(a.seeds)} runs in {wall:.0f} s wall")
     if a.json:
         with open(a.json, "w") as fh:

@@ -118,8 +118,11 @@ def _rounds_committed(run_root: Path) -> int:
     dbs = list(run_root.glob("*/run.db"))
     if not dbs:
         return 0
-    with sqlite3.connect(dbs[0]) as conn:
-        return conn.execute("select count(*) from rounds").fetchone()[0]
+    try:
+        with sqlite3.connect(dbs[0]) as conn:
+            return conn.execute("select count(*) from rounds").fetchone()[0]
+    except sqlite3.OperationalError:  # the store is being created
+        return 0
 
 
 def test_kill_9_mid_run_then_resume_loses_no_committed_round(tmp_path):
