@@ -2,6 +2,12 @@
 
     .venv/bin/python benchmarks/vs_flower.py                      # N = 100 and 1000, 10 rounds
     .venv/bin/python benchmarks/vs_flower.py --clients 100 --rounds 5
+    .venv/bin/python benchmarks/vs_flower.py --fleetlearn-variants default lean --fleetlearn-threads 0 1
+
+`--fleetlearn-threads 1` runs fleetlearn with one torch thread (Flower's actors
+get one CPU each, and Ray gives them one thread); on a small or shared machine
+torch's default intra-op threading can cost far more than it gains on this tiny
+model.  `--fleetlearn-variants lean` turns off the debug monitor.
 
 Workload (both frameworks): digits (scikit-learn), a 64-128-10 ReLU MLP, 1 local
 epoch, batch 32, plain SGD lr 0.05 (no momentum), FedAvg weighted by example

@@ -50,18 +50,18 @@ def _client(data, c):
 def test_feddf_reduces_kl_to_the_ensemble_and_does_not_lower_accuracy():
     """Label-skewed digits (Dirichlet 0.1), 24 training clients; the unlabeled server set is
     the examples of 6 other clients (disjoint from training and from the central test set).
-    FedAvg and FedAvg+FedDF run from the same start with the same cohorts and seeds.
-    Measured: FedDF 0.699 vs FedAvg 0.636 central accuracy after 8 rounds."""
-    torch.manual_seed(0)
+    FedAvg and FedAvg+FedDF run from the same start with the same cohorts and client seeds.
+    Measured (seed 0, 6 rounds): FedDF 53.2% vs FedAvg 51.0% central accuracy."""
     data = load_federated(DataConfig(dataset="digits", clients=30, alpha=0.1), 0)
-    learner = TorchLearner(lambda: mlp(64, 10, [128]))
+    learner = TorchLearner(lambda: mlp(64, 10, [32]))
     clients = [_client(data, c) for c in range(24)]
-    x_unlabeled = torch.cat([data.x[torch.from_numpy(np.concatenate([data.train_indices(c), data.test_indices(c)]))] for c in range(24, 30)])
-    hp = FitConfig(local_epochs=5, batch_size=10, lr=0.05)
+    server = np.concatenate([np.concatenate([data.train_indices(c), data.test_indices(c)]) for c in range(24, 30)])
+    x_unlabeled = data.x[torch.from_numpy(server)]
+    hp = FitConfig(local_epochs=2, batch_size=10, lr=0.1)
     rng = np.random.default_rng(0)
     plain = fused = learner.init_params(0)
-    for r in range(8):
-        cohort = rng.choice(24, 8, replace=False)
+    for r in range(6):
+        cohort = rng.choice(24, 6, replace=False)
         seeds = [int(1000 * r + c) for c in cohort]
         new = []
         for p in (plain, fused):
@@ -69,16 +69,13 @@ def test_feddf_reduces_kl_to_the_ensemble_and_does_not_lower_accuracy():
             deltas = torch.stack([x.delta for x in res])
             w = torch.tensor([float(x.num_examples) for x in res])
             new.append(p + (w / w.sum()) @ deltas)
-            if p is fused:
-                teacher = ensemble_logits(learner.module, learner.spec, p + deltas, x_unlabeled, w)
-                out = feddf(learner.module, learner.spec, new[-1], p + deltas, x_unlabeled, weights=w, steps=100, lr=3e-3, seed=r)
-                # The KL to the ensemble falls, on the held-out slice and on all the unlabeled data.
-                assert out.kl_after < out.kl_before
-                kl_avg = kl_to_teacher(learner.module, learner.spec, new[-1], x_unlabeled, teacher)
-                kl_df = kl_to_teacher(learner.module, learner.spec, out.params, x_unlabeled, teacher)
-                assert kl_df < kl_avg
-                new[-1] = out.params
-        plain, fused = new
+        out = feddf(learner.module, learner.spec, new[1], fused + deltas, x_unlabeled, weights=w, steps=50, lr=3e-3, seed=r)
+        # The KL to the ensemble falls, on the held-out slice and on all the unlabeled data.
+        assert out.kl_after < out.kl_before
+        teacher = ensemble_logits(learner.module, learner.spec, fused + deltas, x_unlabeled, w)
+        kl_avg = kl_to_teacher(learner.module, learner.spec, new[1], x_unlabeled, teacher)
+        assert kl_to_teacher(learner.module, learner.spec, out.params, x_unlabeled, teacher) < kl_avg
+        plain, fused = new[0], out.params
     acc = lambda p: float(learner.per_example(p, data.central_x, data.central_y)[1].mean())
     assert acc(fused) >= acc(plain) - 0.01, (acc(fused), acc(plain))
 
