@@ -11,7 +11,7 @@ Dirichlet(0.5), cohort 20.  Policies:
 - deadline + over-selection 1.3: select 26, keep the first 20 replies, fixed deadline;
 - adaptive deadline: over-selection 1.3, deadline = 0.8-quantile of the last 3 rounds'
   completion times;
-- FedBuff: 26 clients in flight, server step every 10 updates, 1/sqrt(1+s) staleness weights;
+- FedBuff: 60 clients in flight, server step every 10 updates, 1/sqrt(1+s) staleness weights;
   twice the server steps of the synchronous policies, so it consumes a similar number of
   client updates;
 - availability-aware (Oort) selection with the fixed deadline and over-selection 1.3.
@@ -41,7 +41,7 @@ def policies(rounds: int, deadline: float) -> dict[str, dict]:
         "wait-for-all": {"server": dict(sync)},
         "deadline + over-selection 1.3": {"server": {**sync, "deadline_s": deadline, "over_selection": 1.3}},
         "adaptive deadline": {"server": {**sync, "deadline_policy": "adaptive", "deadline_quantile": 0.8, "over_selection": 1.3}},
-        "FedBuff": {"server": {**sync, "rounds": 2 * rounds, "mode": "async", "concurrency": 26, "buffer_size": 10, "staleness_weight": "sqrt"}},
+        "FedBuff": {"server": {**sync, "rounds": 2 * rounds, "mode": "async", "concurrency": 60, "buffer_size": 10, "staleness_weight": "sqrt"}},
         "Oort + deadline": {"server": {**sync, "selector": "oort", "deadline_s": deadline, "over_selection": 1.3}},
     }
 
