@@ -126,8 +126,11 @@ class ServerConfig(Section):
     # The aggregator part: mean (FedAvg) or a robust rule (see fleetlearn.aggregation).
     aggregator: Literal[
         "mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan",
-        "geometric_median", "norm_bounded_mean", "centered_clipping",
+        "geometric_median", "norm_bounded_mean", "centered_clipping", "mifa",
     ] = "mean"
+    # mifa (Gu et al., NeurIPS 2021): average over the latest stored update of every client seen;
+    # memory ~ mifa_max_clients x 4d bytes (None: the population).
+    mifa_max_clients: int | None = Field(default=None, ge=1)
     trim_beta: float = Field(default=0.1, ge=0, lt=0.5)  # trimmed_mean: fraction cut per side
     byzantine_f: int | None = Field(default=None, ge=0)  # krum/bulyan: assumed attackers (None: n // 5, capped)
     krum_m: int | None = Field(default=None, ge=1)  # multi_krum: rows averaged (None: n - f)
@@ -365,6 +368,8 @@ class RunConfig(Section):
             raise ValueError(f"server.cohort = {self.server.cohort} exceeds the number of clients (data.clients = {n})")
         if self.server.min_replies > self.server.cohort:
             raise ValueError(f"server.min_replies = {self.server.min_replies} exceeds server.cohort = {self.server.cohort}")
+        if self.server.mode == "async" and self.server.aggregator == "mifa":
+            raise ValueError("server.aggregator = 'mifa' keeps one update per client for synchronous rounds; it cannot run with server.mode = 'async'")
         if self.server.mode == "async":
             conc = self.server.concurrency or self.server.cohort
             if conc > n:

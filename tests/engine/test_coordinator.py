@@ -191,3 +191,13 @@ def test_synthetic_11_is_harder_than_synthetic_00():
         return float(np.mean(accs)), float(np.mean(losses))
     (easy_acc, easy_loss), (hard_acc, hard_loss) = run(0.0, 0.0), run(1.0, 1.0)
     assert hard_acc < easy_acc - 0.01 and hard_loss > easy_loss + 0.05, (easy_acc, hard_acc, easy_loss, hard_loss)
+
+
+def test_mifa_averages_the_latest_update_of_every_client_seen():
+    c = build_coordinator(load_config({**SMALL, "server": {"rounds": 3, "cohort": 5, "aggregator": "mifa"}}), store=False)
+    c.run_round()
+    first = set(c.aggregator.stored_clients())
+    c.run_round()
+    seen = {cr.client_id for r in c.records for cr in r.clients if cr.status == "accepted"}
+    assert set(c.aggregator.stored_clients()) == seen and first <= seen
+    assert c.records[-1].status == "ok" and torch.isfinite(c.params).all()

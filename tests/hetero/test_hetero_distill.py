@@ -51,7 +51,7 @@ def test_feddf_reduces_kl_to_the_ensemble_and_does_not_lower_accuracy():
     """Label-skewed digits (Dirichlet 0.1), 24 training clients; the unlabeled server set is
     the examples of 6 other clients (disjoint from training and from the central test set).
     FedAvg and FedAvg+FedDF run from the same start with the same cohorts and client seeds.
-    Measured (seed 0, 6 rounds): FedDF 53.2% vs FedAvg 51.0% central accuracy."""
+    Measured (seed 0, 6 rounds): FedDF 53.2% vs FedAvg 50.4% central accuracy."""
     data = load_federated(DataConfig(dataset="digits", clients=30, alpha=0.1), 0)
     learner = TorchLearner(lambda: mlp(64, 10, [32]))
     clients = [_client(data, c) for c in range(24)]
@@ -77,12 +77,13 @@ def test_feddf_reduces_kl_to_the_ensemble_and_does_not_lower_accuracy():
         assert kl_to_teacher(learner.module, learner.spec, out.params, x_unlabeled, teacher) < kl_avg
         plain, fused = new[0], out.params
     acc = lambda p: float(learner.per_example(p, data.central_x, data.central_y)[1].mean())
+    print(f"FedDF {acc(fused):.4f} vs FedAvg {acc(plain):.4f}")
     assert acc(fused) >= acc(plain) - 0.01, (acc(fused), acc(plain))
 
 
 def test_student_agrees_with_teacher_on_most_unlabeled_digits():
     """A 64-32-10 student distilled from a 64-128-10 teacher on unlabeled digits agrees with the
-    teacher's predictions on > 80% of them (measured: ~97% after 300 steps)."""
+    teacher's predictions on > 80% of them (measured: 98.7% after 300 steps)."""
     data = load_federated(DataConfig(dataset="digits"), 0)
     make_teacher = lambda: mlp(64, 10, [128])
     make_student = lambda: mlp(64, 10, [32])
@@ -98,6 +99,7 @@ def test_student_agrees_with_teacher_on_most_unlabeled_digits():
     t_pred = logits(learner.module, learner.spec, teacher, data.x).argmax(-1)
     s_pred = logits(s_module, s_spec, out.params, data.x).argmax(-1)
     agreement = float((t_pred == s_pred).float().mean())
+    print(f"student agreement {agreement:.4f} (teacher test accuracy {res.accuracy:.4f})")
     assert agreement > 0.8, agreement
     # It generalises: agreement on the central test set (never seen in distillation) is high too.
     t_c = logits(learner.module, learner.spec, teacher, data.central_x).argmax(-1)

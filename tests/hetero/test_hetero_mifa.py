@@ -154,6 +154,15 @@ def test_max_age_drops_stale_updates():
     assert agg.stored_clients() == [1, 2] and torch.allclose(out, torch.tensor([3.0]))
 
 
+def test_forget_drops_a_clients_stored_update():
+    agg = MIFA(2, max_clients=4)
+    agg.aggregate_round([0, 1, 2], torch.tensor([[1.0, 0], [0, 1.0], [100.0, 100.0]]), [1, 1, 1])
+    assert agg.forget([2, 7]) == 1  # 7 was never stored
+    assert agg.stored_clients() == [0, 1] and torch.allclose(agg.current(), torch.tensor([0.5, 0.5]))
+    out = agg.aggregate_round([3], torch.tensor([[2.0, 2.0]]), [2])
+    assert torch.allclose(out, torch.tensor([5.0, 5.0]) / 4)
+
+
 def test_contract_errors():
     agg = MIFA(4, max_clients=5)
     with pytest.raises(TypeError, match="aggregate_round"):

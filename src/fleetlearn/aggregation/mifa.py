@@ -159,6 +159,16 @@ class MIFA:
             self._expire()
         return self.current()
 
+    def forget(self, client_ids: Sequence[int]) -> int:
+        """Drop the stored updates of these clients (those not stored are ignored); returns how
+        many were dropped.  For a client a guardrail excluded or flagged as malicious (its
+        stored update would otherwise keep being applied every round), and for undoing a round
+        that was rolled back."""
+        slots = [self._slot[int(c)] for c in client_ids if int(c) in self._slot]
+        if slots:
+            self._clear(torch.tensor(slots, dtype=torch.int64))
+        return len(slots)
+
     def current(self) -> torch.Tensor:
         """The weighted mean over the stored updates (what the last round returned)."""
         if not self._slot:

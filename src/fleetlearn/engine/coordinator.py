@@ -479,7 +479,12 @@ class Coordinator:
             pseudo_gradient = priv.secure.aggregate(matrix, torch.from_numpy(scaled), dropped=dropped_after_keys).to(torch.float32)
         else:
             try:
-                pseudo_gradient = self.aggregator.aggregate(matrix, torch.from_numpy(scaled).to(torch.float32))
+                if getattr(self.aggregator, "needs_client_ids", False):  # MIFA keeps per-client memory
+                    pseudo_gradient = self.aggregator.aggregate_round(
+                        [c.client_id for c in got.accepted], matrix, torch.from_numpy(scaled).to(torch.float32)
+                    )
+                else:
+                    pseudo_gradient = self.aggregator.aggregate(matrix, torch.from_numpy(scaled).to(torch.float32))
             except ValueError as exc:  # e.g. a cohort too small for the rule's precondition
                 record.status, record.reason = "failed", f"aggregator {self.aggregator.name}: {exc}; model unchanged"
                 return

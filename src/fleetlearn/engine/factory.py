@@ -43,8 +43,12 @@ def _part(kind: str, key: str, value, build):
         raise ConfigError(f"{kind} = {value!r}: {exc}") from None
 
 
-def build_aggregator(config: RunConfig):
+def build_aggregator(config: RunConfig, dim: int | None = None, population: int | None = None):
     srv = config.server
+    if srv.aggregator == "mifa":
+        from ..aggregation.mifa import MIFA
+
+        return _part("server.aggregator", "aggregator", "mifa", lambda: MIFA(dim, max_clients=srv.mifa_max_clients or population))
     cls = AGGREGATORS[srv.aggregator]
     keys = getattr(cls, "config_keys", {})
     kwargs = {arg: getattr(srv, key) for key, arg in keys.items() if getattr(srv, key) is not None}
@@ -185,7 +189,7 @@ def build_coordinator(
         transport = transport_factory(learner, runtime)
     else:
         transport = build_transport(config, data, learner, fleet, runtime, clock)
-    aggregator = build_aggregator(config)
+    aggregator = build_aggregator(config, learner.spec.dim, data.num_clients)
     privacy = build_privacy_parts(config, data.num_clients, aggregator)
     run_store = store if isinstance(store, RunStore) else None
     if store is True:
