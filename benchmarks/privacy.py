@@ -1,6 +1,6 @@
 """Central DP-FedAvg on digits: epsilon and accuracy for noise multipliers 0.5 to 2.0.
 
-    python benchmarks/privacy.py              # 30 rounds, z in 0.5 0.75 1 1.5 2, plus the non-private run (~2-4 min)
+    python benchmarks/privacy.py              # 30 rounds, z in 0.5 0.75 1 1.5 2, plus the non-private run (~1-2 min on 2 cores)
     python benchmarks/privacy.py --quick      # 15 rounds
     python benchmarks/privacy.py --clip-norm 2.0 --noise-multipliers 1.0
 

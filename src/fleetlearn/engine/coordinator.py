@@ -237,6 +237,9 @@ class Coordinator:
         record.downlink_bytes = sum(c.downlink_bytes for c in got.clients)
         record.sim_seconds = got.end_s
         record.train_wall_seconds = float(getattr(self.transport, "train_wall_seconds", 0.0))
+        malicious = getattr(self.transport, "last_malicious", None)
+        if malicious:
+            record.extra["malicious"] = [int(c) for c in malicious]  # simulated attackers in this cohort
         take = getattr(self.transport, "take_refusals", None)
         if take is not None:
             record.extra["refusals"] = take()  # refused messages by reason (network transports)

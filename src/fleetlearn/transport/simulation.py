@@ -150,15 +150,21 @@ class SimulationTransport:
         if self.attack is not None:  # attackers replace their deltas after training, before encoding
             results, self.last_malicious = self.attack.apply_results(ids[train], results, task.round)
         levels = self._levels(task, ids, train, down_s, results)
-        updates = [self.runtime.reply(int(ids[i]), task, r, lv) for i, r, lv in zip(train, results, levels)]
-        if updates:
-            self._uplink_estimate = max(u.uplink_bytes for u in updates)
+        updates = []
+        for i, r, lv in zip(train, results, levels):
+            try:
+                updates.append(self.runtime.reply(int(ids[i]), task, r, lv))
+            except ValueError as exc:  # e.g. local training diverged to NaN: the device cannot send
+                updates.append(Dropout(int(ids[i]), task.round, f"client error: {exc}", task.nbytes))
+        sent = [u for u in updates if not isinstance(u, Dropout)]
+        if sent:
+            self._uplink_estimate = max(u.uplink_bytes for u in sent)
         elapsed = drop_at + self.heartbeat_timeout_s  # when the server notices the silence
         if len(train):
             elapsed[train] = (
                 down_s[train]
-                + self.fleet.compute_seconds(ids[train], np.array([u.metrics.samples for u in updates]))
-                + self.fleet.upload_seconds(ids[train], np.array([u.uplink_bytes for u in updates]))
+                + self.fleet.compute_seconds(ids[train], np.array([r.samples for r in results]))
+                + self.fleet.upload_seconds(ids[train], np.array([0 if isinstance(u, Dropout) else u.uplink_bytes for u in updates]))
             )
         by_index = dict(zip(train.tolist(), updates))
         # Late replies are yielded too (they would reach a real server as well);
