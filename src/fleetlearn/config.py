@@ -119,7 +119,7 @@ class ClientConfig(Section):
 
 class ServerConfig(Section):
     rounds: int = Field(default=20, ge=1)
-    cohort: int = Field(default=20, ge=1)
+    cohort: int = Field(default=30, ge=1)
     selector: Literal["random", "oort"] = "random"
     oort_epsilon: float = Field(default=0.2, ge=0, le=1)  # fraction of each cohort that explores untried clients
     oort_alpha: float = Field(default=2.0, ge=0)  # strength of the penalty on clients slower than preferred
