@@ -62,7 +62,7 @@ def setup(tmp: Path, rounds: int) -> list[str]:
 
 def start_server(tmp: Path, port: int, *extra: str):
     return fl("server", *extra, "--listen", f"127.0.0.1:{port}", "--state", str(tmp / "state"), "--certs", str(tmp / "certs"),
-              "--min-clients", "3", "--wait-s", "120", "--runs-dir", str(tmp / "runs"), "--json", cwd=tmp)
+              "--min-clients", "3", "--wait-s", "300", "--runs-dir", str(tmp / "runs"), "--json", cwd=tmp)
 
 
 def wait_listening(port: int, timeout: float = 120) -> None:
@@ -78,12 +78,12 @@ def wait_listening(port: int, timeout: float = 120) -> None:
 def start_clients(tmp: Path, port: int, tokens: list[str]):
     return [
         fl("client", "--server", f"127.0.0.1:{port}", "--token", tok, "--config", str(tmp / "run.toml"),
-           "--client-index", str(i), "--tls-ca", str(tmp / "certs" / "ca.pem"), "--give-up-after", "120", cwd=tmp)
+           "--client-index", str(i), "--tls-ca", str(tmp / "certs" / "ca.pem"), "--give-up-after", "300", cwd=tmp)
         for i, tok in enumerate(tokens)
     ]
 
 
-def finish(server, clients, timeout=300):
+def finish(server, clients, timeout=900):
     out, err = server.communicate(timeout=timeout)
     for c in clients:
         try:
@@ -141,7 +141,7 @@ def test_kill_9_mid_run_then_resume_loses_no_committed_round(tmp_path):
     port = free_port()
     server = start_server(crash, port, str(crash / "run.toml"))
     clients = start_clients(crash, port, tokens)
-    deadline = time.time() + 240
+    deadline = time.time() + 600
     while _rounds_committed(crash / "runs") < 3 and time.time() < deadline:
         time.sleep(0.05)
     server.send_signal(signal.SIGKILL)
