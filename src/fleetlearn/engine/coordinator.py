@@ -229,6 +229,7 @@ class Coordinator:
         record.selected = len(cohort)
         record.deadline_s = deadline if deadline is not None else math.nan
         record.clients = got.clients
+        self._filter_relative_norms(got)  # may turn accepted updates into rejected ones: count after it
         record.accepted = len(got.accepted)
         record.dropped = sum(c.status == "dropped" for c in got.clients)
         record.rejected = sum(c.status == "rejected" for c in got.clients)
@@ -249,9 +250,6 @@ class Coordinator:
             p50, p90, p99 = np.percentile(arrivals, [50, 90, 99])
             record.completion_p50_s, record.completion_p90_s, record.completion_p99_s = float(p50), float(p90), float(p99)
 
-        self._filter_relative_norms(got)
-        record.accepted = len(got.accepted)
-        record.rejected = sum(c.status == "rejected" for c in got.clients)
         if record.status == "failed":
             pass
         elif len(got.vecs) < srv.min_replies:
