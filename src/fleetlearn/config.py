@@ -316,6 +316,10 @@ class EngineConfig(Section):
     backend: Literal["simulation", "ray"] = "simulation"
     # Train the cohort as one batched (vmapped) computation when the model allows it.
     vectorize: bool = True
+    # torch intra-op threads while a run executes (restored afterwards). "auto": one thread
+    # for models up to 100,000 parameters, whose small kernels lose more to thread
+    # synchronisation than they gain; torch's own default for larger models. 0: torch's default.
+    threads: int | Literal["auto"] = "auto"
     # ray: None starts a local Ray; "auto" joins this machine's cluster; "ray://host:port" connects to one.
     address: str | None = None
     ray_workers: int | None = Field(default=None, ge=1)  # training actors (None: the cluster's CPUs)
@@ -325,6 +329,13 @@ class EngineConfig(Section):
     regions: int = Field(default=1, ge=1)
     min_regions: int = Field(default=1, ge=1)
     region_failure: float = Field(default=0.0, ge=0, le=1)
+
+    @field_validator("threads")
+    @classmethod
+    def _threads(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError(f"expected 'auto', 0 (torch's default) or a positive number of threads, got {v}")
+        return v
 
     @field_validator("address")
     @classmethod

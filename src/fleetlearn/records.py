@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -27,6 +27,9 @@ class ClientRecord:
     update_norm: float = math.nan
     staleness: int = 0  # server versions between the model it trained on and the one it updates
     codec: str = ""  # the uplink chain this client used (adaptive compression picks it per client)
+
+
+_CLIENT_FIELDS = fields(ClientRecord)
 
 
 @dataclass
@@ -67,7 +70,10 @@ class RoundRecord:
     extra: dict[str, Any] = field(default_factory=dict)  # parts add their measurements here
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        # Field by field rather than dataclasses.asdict, whose deep copies cost ~60 ms a
+        # round at 1,000 clients; _json_safe rebuilds every dict and list anyway.
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["clients"] = [{f.name: getattr(c, f.name) for f in _CLIENT_FIELDS} for c in self.clients]
         return _json_safe(d)
 
     @classmethod

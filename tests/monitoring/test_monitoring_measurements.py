@@ -128,3 +128,15 @@ def test_per_update_statistics_are_withheld_under_secure_aggregation_or_central_
         dbg = rec.extra["debug"]
         assert word in dbg["updates_hidden"] and "update_norm_p50" not in dbg and "clients" not in dbg
         assert "model_norm" in dbg and "step_norm" in dbg
+
+
+def test_pairwise_distance_is_sampled_beyond_256_rows_and_stays_close():
+    rng = np.random.default_rng(5)
+    u = rng.normal(size=(600, 16))
+    got = update_statistics(u)
+    assert got["pairwise_sample"] == 256
+    dist = np.linalg.norm(u[:, None, :] - u[None, :, :], axis=2)
+    exact = dist[np.triu_indices(600, 1)].mean()
+    assert got["pairwise_distance_mean"] == pytest.approx(exact, rel=0.03)
+    small = update_statistics(u[:50])
+    assert small["pairwise_sample"] == 50

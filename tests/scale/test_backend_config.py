@@ -31,3 +31,30 @@ def test_engine_address_forms(address):
 def test_engine_address_is_checked():
     with pytest.raises(ConfigError, match="engine.address"):
         load_config({"engine": {"address": "http://head"}})
+
+
+class _ThreadProbe:
+    def __init__(self):
+        self.seen: list[int] = []
+
+    def after_round(self, record, coordinator):
+        import torch
+
+        self.seen.append(torch.get_num_threads())
+
+
+@pytest.mark.parametrize("setting, expected", [("auto", 1), (2, 2)])
+def test_engine_threads_apply_during_the_run_and_are_restored(setting, expected):
+    import torch
+
+    before = torch.get_num_threads()
+    probe = _ThreadProbe()
+    cfg = load_config({"data": {"clients": 6}, "server": {"cohort": 3, "rounds": 2}, "client": {"local_epochs": 1}, "engine": {"threads": setting}})
+    build_coordinator(cfg, store=False, hooks=[probe]).run()
+    assert probe.seen == [expected, expected]  # the small default MLP (9,610 parameters) runs on one thread under "auto"
+    assert torch.get_num_threads() == before
+
+
+def test_engine_threads_refuses_a_negative_count():
+    with pytest.raises(ConfigError, match="engine.threads = -1"):
+        load_config({"engine": {"threads": -1}})

@@ -106,3 +106,53 @@ def test_build_hierarchy_from_the_engine_section():
     h = build_hierarchy(cfg.engine, 100, 0)
     assert (h.regions.regions, h.min_regions, h.region_failure) == (5, 3, 0.1)
     np.testing.assert_array_equal(h.regions(np.arange(10)), np.arange(10) % 5)
+
+
+def _engine_cfg(**engine):
+    return load_config({
+        "data": {"clients": 40}, "server": {"rounds": 3, "cohort": 20, "eval_clients": 5},
+        "client": {"local_epochs": 1}, "engine": engine,
+    })
+
+
+def test_engine_regions_give_the_flat_model_and_record_the_forwarded_bytes():
+    flat = build_coordinator(_engine_cfg(), store=False)
+    flat.run()
+    tree = build_coordinator(_engine_cfg(regions=4), store=False)
+    summary = tree.run()
+    torch.testing.assert_close(tree.params, flat.params, rtol=0, atol=1e-5)
+    rec = summary.records[-1]
+    assert rec.extra["hierarchy_regions"] == 4 and rec.extra["hierarchy_regions_reporting"] == 4
+    assert rec.extra["hierarchy_bytes_forwarded"] == 4 * (4 * tree.dim + 8)
+
+
+def test_a_failed_region_loses_exactly_its_clients_and_the_run_goes_on():
+    coord = build_coordinator(_engine_cfg(regions=4, region_failure=0.5), store=False)
+    summary = coord.run()
+    lost_any = False
+    for rec in summary.records:
+        failed = rec.extra.get("hierarchy_failed_regions", [])
+        lost = [c for c in rec.clients if c.reason.startswith("region ")]
+        assert all(c.status == "dropped" and c.client_id % 4 in failed for c in lost)
+        assert rec.accepted == sum(c.status == "accepted" for c in rec.clients)
+        if rec.status == "ok":
+            assert all(c.client_id % 4 not in failed for c in rec.clients if c.status == "accepted")
+            assert sum(c.weight for c in rec.clients) == pytest.approx(1.0)
+        lost_any |= bool(lost)
+    assert lost_any  # with p = 0.5 per region and 3 rounds, seed 0 loses some region
+
+
+def test_too_few_regions_fail_the_round_and_leave_the_model():
+    coord = build_coordinator(_engine_cfg(regions=4, min_regions=4, region_failure=1.0), store=False)
+    before = coord.params.clone()
+    summary = coord.run()
+    assert all(r.status == "failed" and r.reason.startswith("hierarchy: 0 of 4 regions reported") for r in summary.records)
+    torch.testing.assert_close(coord.params, before)
+
+
+def test_regions_refuse_a_robust_aggregator():
+    from fleetlearn.config import ConfigError
+
+    cfg = load_config({"data": {"clients": 40}, "server": {"cohort": 20, "aggregator": "median"}, "engine": {"regions": 4}})
+    with pytest.raises(ConfigError, match="engine.regions = 4: server.aggregator = 'median'"):
+        build_coordinator(cfg, store=False)

@@ -119,6 +119,7 @@ class Coordinator:
         self.round = 0
         self.excluded_clients: set[int] = set()  # a guardrail may exclude flagged clients for a while
         self.monitoring = None  # fleetlearn.monitoring.MonitoringParts (set by the factory)
+        self.hierarchy = None  # engine.hierarchy.Hierarchy: regional pre-aggregation (set by the factory)
         self.records: list[RoundRecord] = []
         self._task_cache: tuple[int, bytes] | None = None
         self._completions: list[np.ndarray] = []  # arrival times of recent rounds (adaptive deadline)
@@ -484,10 +485,13 @@ class Coordinator:
                     pseudo_gradient = self.aggregator.aggregate_round(
                         [c.client_id for c in got.accepted], matrix, torch.from_numpy(scaled).to(torch.float32)
                     )
+                elif self.hierarchy is not None:
+                    pseudo_gradient, matrix, scaled, weights = self._aggregate_regions(record, got, matrix, scaled, weights)
                 else:
                     pseudo_gradient = self.aggregator.aggregate(matrix, torch.from_numpy(scaled).to(torch.float32))
             except ValueError as exc:  # e.g. a cohort too small for the rule's precondition
-                record.status, record.reason = "failed", f"aggregator {self.aggregator.name}: {exc}; model unchanged"
+                part = "hierarchy" if self.hierarchy is not None else f"aggregator {self.aggregator.name}"
+                record.status, record.reason = "failed", f"{part}: {exc}; model unchanged"
                 return
         if priv is not None and priv.accountant is not None:
             # Privacy spent on this aggregate stays spent, whatever happens to the round next.
@@ -517,6 +521,32 @@ class Coordinator:
         record.train_loss_before = _nanmean(loss_b)
         record.train_loss_after = _nanmean(loss_a)
         record.local_accuracy = _nanmean(acc)
+
+    def _aggregate_regions(self, record: RoundRecord, got: Collected, matrix: torch.Tensor, scaled: np.ndarray, weights: np.ndarray):
+        """The weighted mean through regional aggregators (engine.regions > 1): each region
+        forwards one pre-aggregated sum; the updates of a region whose aggregator failed
+        are lost (their clients are recorded as dropped).  Returns the aggregate and the
+        matrix/weights of the updates that reached the root.  Raises ValueError when
+        fewer than `min_regions` regions report."""
+        res = self.hierarchy.aggregate(matrix, scaled, [c.client_id for c in got.accepted], record.round)
+        record.extra.update(res.to_metrics())
+        if res.kept.all():
+            return res.mean, matrix, scaled, weights
+        ids = self.hierarchy.regions([c.client_id for c in got.accepted])
+        for rec, kept, region in zip(got.accepted, res.kept, ids):
+            if not kept:
+                rec.status, rec.reason, rec.weight = "dropped", f"region {int(region)}: its aggregator failed; update lost", 0.0
+        keep = np.flatnonzero(res.kept)
+        got.accepted = [got.accepted[i] for i in keep]
+        got.vecs = [got.vecs[i] for i in keep]
+        got.claims = [got.claims[i] for i in keep]
+        lost = len(res.kept) - len(keep)
+        record.accepted -= lost
+        record.dropped += lost
+        scaled, weights = scaled[keep], weights[keep]
+        for rec, w in zip(got.accepted, scaled / scaled.sum()):
+            rec.weight = float(w)
+        return res.mean, matrix[torch.from_numpy(keep)], scaled, weights
 
     # -- resume ----------------------------------------------------------------------
     def resume(self) -> int:
@@ -550,6 +580,10 @@ class Coordinator:
 
     # -- the run -------------------------------------------------------------------
     def run(self, on_round: Callable[[RoundRecord], Any] | None = None) -> RunSummary:
+        threads_before = torch.get_num_threads()
+        threads = run_threads(self.config.engine.threads, self.dim)
+        if threads:
+            torch.set_num_threads(threads)
         if self.monitoring is not None:
             self.monitoring.start()
         try:
@@ -557,6 +591,7 @@ class Coordinator:
         finally:
             if self.monitoring is not None:
                 self.monitoring.stop()
+            torch.set_num_threads(threads_before)
 
     def _run(self, on_round: Callable[[RoundRecord], Any] | None) -> RunSummary:
         t0 = time.perf_counter()
@@ -602,6 +637,16 @@ class Coordinator:
         if self.store is not None:
             self.store.finish(s.to_json_dict())
         return s
+
+
+AUTO_THREADS_MAX_DIM = 100_000  # engine.threads = "auto": one thread up to this many parameters
+
+
+def run_threads(setting: int | str, dim: int) -> int:
+    """The torch intra-op threads for a run (0: leave torch's setting alone)."""
+    if setting == "auto":
+        return 1 if dim <= AUTO_THREADS_MAX_DIM else 0
+    return int(setting)
 
 
 def _nanmean(a: np.ndarray) -> float:

@@ -216,4 +216,23 @@ def build_coordinator(
         clock=clock,
     )
     coordinator.monitoring = monitoring
+    coordinator.hierarchy = _hierarchy(config, data.num_clients, uplink, privacy)
     return coordinator
+
+
+def _hierarchy(config: RunConfig, population: int, uplink, privacy):
+    """`[engine] regions > 1`: regional pre-aggregation of the weighted mean."""
+    from .hierarchy import build_hierarchy
+
+    if config.engine.regions <= 1:
+        return None
+    why = None
+    if config.server.aggregator != "mean":
+        why = f"server.aggregator = {config.server.aggregator!r} does not decompose into regional sums (only the mean does)"
+    elif _is_sketch(uplink):
+        why = "count-sketch uplinks are already summed in sketch space"
+    elif privacy is not None and (privacy.central is not None or privacy.secure is not None):
+        why = "central DP and secure aggregation are applied at the root over individual updates in this simulation"
+    if why:
+        raise ConfigError(f"engine.regions = {config.engine.regions}: {why}")
+    return build_hierarchy(config.engine, population, config.seed)

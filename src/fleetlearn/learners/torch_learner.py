@@ -219,6 +219,7 @@ class TorchLearner:
         acc = self._cohort_accuracy(p, torch.cat([c.x_test for c in cohort]), torch.cat([c.y_test for c in cohort]), xt_sizes)
         elapsed = (time.perf_counter() - t0) / n
         deltas = p - start
+        samples = mask.sum(axis=(1, 2)).astype(np.int64).tolist()
         return [
             FitResult(
                 delta=deltas[c],
@@ -227,7 +228,7 @@ class TorchLearner:
                 loss_after=loss_after[c],
                 accuracy=acc[c],
                 steps=len(schedules[c]),
-                samples=int(mask[c].sum()),
+                samples=samples[c],
                 compute_seconds=elapsed,
             )
             for c in range(n)

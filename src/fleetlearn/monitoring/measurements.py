@@ -1,25 +1,28 @@
 """Debug measurements of one round, from the coordinator's raw material.
 
-Everything is computed from one (n, n) Gram matrix G = U U^T of the accepted
-updates (rows of U) plus two matrix-vector products, so the cost is O(n^2 d)
-with no Python loop over clients or parameters:
+Every statistic is O(n d) over the (n, d) matrix U of accepted updates (rows
+u_k), computed on blocks of rows with no Python loop over clients or
+parameters, and without forming the (n, n) Gram matrix:
 
-- update norms ||u_k|| = sqrt(G_kk)  (= the weight divergence of the local model
-  from the model it started from, ||w_k - w_old||, since updates are deltas);
-- spread around the weighted mean m = sum_k p_k u_k (p: the aggregation weights):
-  ||u_k - m||^2 = G_kk - 2 (G p)_k + p^T G p, and
-  ``update_variance`` = sum_k p_k ||u_k - m||^2 / d, the trace of the weighted
-  covariance divided by d (the mean per-coordinate variance); the un-normalised
-  trace is ``update_sq_dist_to_mean``;
-- cosine of each update to the aggregate a: (U a)_k / (||u_k|| ||a||);
+- update norms ||u_k|| (= the weight divergence of the local model from the
+  model it started from, ||w_k - w_old||, since updates are deltas);
+- spread around the weighted mean m = sum_k p_k u_k (p: the aggregation
+  weights): ``update_variance`` = sum_k p_k ||u_k - m||^2 / d, the trace of the
+  weighted covariance divided by d (the mean per-coordinate variance); the
+  un-normalised trace is ``update_sq_dist_to_mean``;
+- cosine of each update to the aggregate a: <u_k, a> / (||u_k|| ||a||);
 - distance of each local model to the *new* global model,
-  ||w_k - w_new|| = ||u_k - s|| with s = w_new - w_old the server step:
-  sqrt(G_kk - 2 (U s)_k + ||s||^2)  (``weight_divergence``, the quantity of
-  Zhao et al., "Federated Learning with Non-IID Data", 2018, measured per client);
-- mean pairwise distance between updates, sqrt(G_ii + G_jj - 2 G_ij) over i < j;
+  ||w_k - w_new|| = ||u_k - s|| with s = w_new - w_old the server step
+  (``weight_divergence``, the quantity of Zhao et al., "Federated Learning with
+  Non-IID Data", 2018, measured per client);
+- mean pairwise distance between updates over i < j: exact for n <= 256,
+  otherwise estimated on 256 rows drawn without replacement with a fixed seed
+  (``pairwise_sample`` says how many rows were used) — the only quantity that
+  would otherwise cost O(n^2 d);
 - global model norm ||w_new|| and step size ||w_new - w_old||.
 
-Sums are taken in float64: the Gram identities subtract nearly equal numbers.
+Distances are taken directly (||u_k - m||, not through Gram identities that
+subtract nearly equal numbers), in float64 on blocks of rows.
 """
 
 from __future__ import annotations
@@ -52,35 +55,48 @@ def update_statistics(
     w_new - w_old (default: the aggregate).  Returns scalars plus per-client
     lists ``norms``, ``cosines`` and ``divergences`` in row order.
     """
-    u = torch.as_tensor(updates).detach().to(torch.float64)
+    u = torch.as_tensor(updates).detach()
     if u.ndim != 2 or u.shape[0] == 0:
         raise ValueError(f"updates must be a non-empty (n, d) matrix, got shape {tuple(u.shape)}")
+    if not u.is_floating_point() or u.dtype in (torch.float16, torch.bfloat16):
+        u = u.to(torch.float32)
     n, d = u.shape
     p = torch.full((n,), 1.0 / n, dtype=torch.float64) if weights is None else torch.as_tensor(weights).detach().to(torch.float64)
     p = p / p.sum()
-    gram = u @ u.T  # (n, n)
-    sq = torch.diagonal(gram).clamp_min(0.0)
-    norms = sq.sqrt()
-    gp = gram @ p
-    pgp = p @ gp
-    sq_to_mean = (sq - 2.0 * gp + pgp).clamp_min(0.0)  # ||u_k - m||^2
-    a = (p @ u) if aggregate is None else torch.as_tensor(aggregate).detach().to(torch.float64)
-    a_norm = torch.linalg.vector_norm(a)
-    ua = u @ a
+    mean = torch.zeros(d, dtype=torch.float64)  # the weighted mean, accumulated in float64
+    for lo in range(0, n, _ROWS):
+        mean += p[lo : lo + _ROWS] @ u[lo : lo + _ROWS].double()
+    a = mean.to(u.dtype) if aggregate is None else torch.as_tensor(aggregate).detach().to(u.dtype)
+    s = a if step is None else torch.as_tensor(step).detach().to(u.dtype)
+    norms = torch.empty(n, dtype=torch.float64)
+    to_mean = torch.empty(n, dtype=torch.float64)
+    diverg = torch.empty(n, dtype=torch.float64)
+    ua = torch.empty(n, dtype=torch.float64)
+    a64, s64 = a.double(), s.double()
+    for lo in range(0, n, _ROWS):  # float64 blocks of rows bound the temporaries to _ROWS x d
+        blk = u[lo : lo + _ROWS].double()
+        norms[lo : lo + _ROWS] = torch.linalg.vector_norm(blk, dim=1)
+        to_mean[lo : lo + _ROWS] = torch.linalg.vector_norm(blk - mean, dim=1)
+        diverg[lo : lo + _ROWS] = torch.linalg.vector_norm(blk - s64, dim=1)
+        ua[lo : lo + _ROWS] = blk @ a64
+    a_norm = torch.linalg.vector_norm(a.double())
     denom = norms * a_norm
     cos = torch.where(denom > 0, ua / torch.where(denom > 0, denom, 1.0), torch.full_like(ua, math.nan))
-    s = a if step is None else torch.as_tensor(step).detach().to(torch.float64)
-    s_sq = s @ s
-    diverg = (sq - 2.0 * (u @ s) + s_sq).clamp_min(0.0).sqrt()
     if n > 1:
-        iu = torch.triu_indices(n, n, offset=1)
-        pair_sq = (sq[:, None] + sq[None, :] - 2.0 * gram)[iu[0], iu[1]].clamp_min(0.0)
-        pairwise = _f(pair_sq.sqrt().mean())
+        rows = u
+        if n > _PAIRWISE_ROWS:
+            pick = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:_PAIRWISE_ROWS]
+            rows = u[pick]
+        m = rows.shape[0]
+        dist = torch.cdist(rows.double().unsqueeze(0), rows.double().unsqueeze(0)).squeeze(0) if d * m <= 1 << 24 else _cdist_blocks(rows)
+        iu = torch.triu_indices(m, m, offset=1)
+        pairwise = _f(dist[iu[0], iu[1]].mean())
+        sample = int(m)
     else:
-        pairwise = math.nan
+        pairwise, sample = math.nan, 1
     q = torch.quantile(norms, torch.tensor([0.5, 0.9], dtype=torch.float64))
     cos_finite = cos[torch.isfinite(cos)]
-    trace = _f(p @ sq_to_mean)
+    trace = _f(p @ to_mean.square())
     return {
         "n": int(n),
         "dim": int(d),
@@ -96,11 +112,26 @@ def update_statistics(
         "weight_divergence_mean": _f(p @ diverg),
         "weight_divergence_max": _f(diverg.max()),
         "pairwise_distance_mean": pairwise,
+        "pairwise_sample": sample,
         "aggregate_norm": _f(a_norm),
         "norms": norms.tolist(),
         "cosines": cos.tolist(),
         "divergences": diverg.tolist(),
     }
+
+
+_ROWS = 256  # rows per block in update_statistics
+_PAIRWISE_ROWS = 256  # rows used for the mean pairwise distance (all of them when n <= this)
+
+
+def _cdist_blocks(rows: torch.Tensor) -> torch.Tensor:
+    """Pairwise distances of a large (m, d) matrix, one block of rows at a time (float32 rows, float64 result)."""
+    m = rows.shape[0]
+    out = torch.empty(m, m, dtype=torch.float64)
+    for lo in range(0, m, 32):
+        blk = rows[lo : lo + 32]
+        out[lo : lo + 32] = torch.linalg.vector_norm(blk[:, None, :] - rows[None, :, :], dim=2).double()
+    return out
 
 
 def participation_statistics(record: RoundRecord) -> dict[str, Any]:
