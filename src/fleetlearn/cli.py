@@ -53,6 +53,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = list(args.set or [])
     if args.runs_dir:
         overrides.append(f"store.root={json.dumps(args.runs_dir)}")
+    if args.store:
+        overrides.append(f"store.url={json.dumps(args.store)}")
     try:
         if args.config:
             add_config_dir_to_path(args.config)
@@ -185,7 +187,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     try:
         if args.resume:
-            store = RunStore.open(args.resume, args.runs_dir or "runs")
+            store = RunStore.open(args.resume, args.runs_dir or "runs", url=args.store)
             cfg = load_config(store.run_dir / "config.toml", list(args.set or []))
         else:
             if not args.config:
@@ -194,6 +196,8 @@ def cmd_server(args: argparse.Namespace) -> int:
             overrides = list(args.set or []) + ["store.checkpoint_every=1"]  # every round is resumable
             if args.runs_dir:
                 overrides.append(f"store.root={json.dumps(args.runs_dir)}")
+            if args.store:
+                overrides.append(f"store.url={json.dumps(args.store)}")
             cfg = load_config(args.config, overrides)
             store = True
 
@@ -342,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line of stdout")
     r.add_argument("--runs-dir", help="folder for run directories (default: store.root, 'runs')")
     r.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
+    r.add_argument("--store", metavar="URL", help="the run store's database as an SQLAlchemy URL, e.g. postgresql://user@host/db (default: SQLite in the run directory)")
     r.set_defaults(func=cmd_run)
 
     ls = sub.add_parser("runs", help="list runs", description="List the runs under a runs folder, newest first.")
@@ -369,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--resume", metavar="RUN", help="continue a run (id or directory) from its last committed round")
     sv.add_argument("--runs-dir", help="folder for run directories (default: store.root)")
     sv.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    sv.add_argument("--store", metavar="URL", help="the run store's database as an SQLAlchemy URL, e.g. postgresql://user@host/db (default: SQLite in the run directory); with --resume it overrides the URL the run recorded)")
     sv.set_defaults(func=cmd_server)
 
     cl = sub.add_parser("client", help="join a run as a client", description="Join a fleetlearn server as a client: "

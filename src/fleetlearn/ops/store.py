@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -109,8 +110,24 @@ class RunStore:
     @staticmethod
     def _engine(run_dir: Path, url: str | None) -> Engine:
         url = url or f"sqlite:///{(run_dir / DB_NAME).resolve()}"
-        engine = create_engine(url, future=True)
-        metadata.create_all(engine)
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+
+        try:
+            shown = make_url(url).render_as_string(hide_password=True)
+        except ArgumentError:
+            raise StoreError(f"store URL {url!r} is not an SQLAlchemy URL (e.g. postgresql://user@host:5432/db)") from None
+        try:
+            engine = create_engine(url, future=True)
+            metadata.create_all(engine)
+        except NoSuchModuleError as exc:
+            raise StoreError(f"store URL {shown}: {exc}") from None
+        except ImportError as exc:
+            hint = " (pip install 'fleetlearn[postgres]')" if shown.startswith("postgresql") else ""
+            raise StoreError(f"store URL {shown}: its database driver is not installed: {exc}{hint}") from None
+        except SQLAlchemyError as exc:
+            first = str(getattr(exc, "orig", exc) or exc).strip().splitlines()[0]
+            raise StoreError(f"cannot open the run store at {shown}: {first}") from None
         return engine
 
     @classmethod
@@ -122,8 +139,20 @@ class RunStore:
         (run_dir / "checkpoints").mkdir(parents=True)
         (run_dir / "config.toml").write_text(config_toml)
         if url:
-            (run_dir / "store_url").write_text(url)
-        store = cls(run_dir, run_id, cls._engine(run_dir, url))
+            # Never a password on disk: resume supplies it again (--store, PGPASSWORD or ~/.pgpass).
+            from sqlalchemy.engine import make_url
+            from sqlalchemy.exc import ArgumentError
+
+            try:
+                kept = make_url(url).set(password=None).render_as_string(hide_password=False)
+            except ArgumentError:
+                kept = url  # refused with a clear error just below
+            (run_dir / "store_url").write_text(kept)
+        try:
+            store = cls(run_dir, run_id, cls._engine(run_dir, url))
+        except StoreError:
+            shutil.rmtree(run_dir, ignore_errors=True)  # a run that never started leaves nothing behind
+            raise
         with store.engine.begin() as conn:
             conn.execute(
                 runs.insert().values(
@@ -134,15 +163,17 @@ class RunStore:
         return store
 
     @classmethod
-    def open(cls, run: str | Path, root: str | Path = "runs") -> "RunStore":
-        """Open a run by directory path or by id under `root`."""
+    def open(cls, run: str | Path, root: str | Path = "runs", url: str | None = None) -> "RunStore":
+        """Open a run by directory path or by id under `root`.  Its database is the URL
+        the run recorded in `store_url` (or `url` if given), else its SQLite file."""
         run_dir = Path(run)
         if not (run_dir / "config.toml").is_file():
             run_dir = Path(root) / str(run)
         if not (run_dir / "config.toml").is_file():
             raise StoreError(f"no run found at {run!r} (looked for {run_dir}/config.toml)")
         url_file = run_dir / "store_url"
-        url = url_file.read_text().strip() if url_file.is_file() else None
+        if url is None and url_file.is_file():
+            url = url_file.read_text().strip()
         if url is None and not (run_dir / DB_NAME).is_file():
             raise StoreError(f"{run_dir} has no {DB_NAME}")
         return cls(run_dir, run_dir.name, cls._engine(run_dir, url))
