@@ -111,6 +111,7 @@ def fleetlearn_side(n: int, rounds: int, seed: int, threads: int | None = None, 
         torch.set_num_threads(threads)
     from fleetlearn.config import load_config
     from fleetlearn.data import load_federated
+    from fleetlearn.engine.coordinator import run_threads
     from fleetlearn.engine.factory import build_coordinator
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,7 +130,8 @@ def fleetlearn_side(n: int, rounds: int, seed: int, threads: int | None = None, 
         "process_s": time.perf_counter() - t0,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "split": hashlib.sha256(data.train_order.tobytes() + data.train_offsets.tobytes()).hexdigest()[:12],
-        "threads": torch.get_num_threads(),
+        # The torch threads the run trained with (engine.threads = "auto" picks them unless overridden).
+        "threads": threads or run_threads(cfg.engine.threads, coord.dim) or torch.get_num_threads(),
     }
 
 
