@@ -91,7 +91,7 @@ def test_feddf_in_the_engine_improves_or_matches_the_fused_model():
     runs have the same cohorts and client seeds, so after round 1 the plain run's model *is* the
     fused model FedDF starts from.  FedDF moves it to the ensemble (the held-out KL falls) and
     is at least as accurate; after 5 rounds it stays within 1 pp of FedAvg or above.
-    Measured (seed 0): round 1 fused 56.4% -> distilled 60.9%; round 5: see the print."""
+    Measured (seed 0): round 1 fused 56.4% -> distilled 60.9%; round 5 FedAvg 91.6%, FedDF 92.2%."""
     plain = build_coordinator(_cfg({"method": "none"}), store=False)
     fed = build_coordinator(_cfg({"method": "feddf"}), store=False)
     cx, cy = fed.evaluator.data.central_x, fed.evaluator.data.central_y
