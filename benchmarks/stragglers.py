@@ -26,6 +26,7 @@ import argparse
 import math
 
 import numpy as np
+import torch
 
 import fleetlearn
 
@@ -70,6 +71,7 @@ def run(rounds: int, target: float, seeds: int, deadline: float) -> list[dict]:
 
 
 def main() -> None:
+    torch.set_num_threads(1)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--target", type=float, default=0.85)

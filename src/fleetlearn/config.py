@@ -86,12 +86,36 @@ class ModelConfig(Section):
             return v
         raise ValueError(f"unknown model {v!r}; allowed: mlp, logistic or an import path 'pkg.module:function'")
 
+    # HeteroFL (Diao et al., ICLR 2021): the widths clients train at (1.0 = the full model;
+    # [1.0] alone is ordinary training), and the rule giving each device its width:
+    # "memory" (the largest width whose share of `full_width_memory_mb` fits in the device's
+    # `devices.memory_mb`) or "round_robin" (client c gets widths[c % len(widths)]).
+    widths: list[float] = Field(default_factory=lambda: [1.0])
+    width_rule: Literal["memory", "round_robin"] = "memory"
+    full_width_memory_mb: float = Field(default=512.0, gt=0)  # memory a device needs to train the full model
+
     @field_validator("hidden")
     @classmethod
     def _hidden(cls, v: list[int]) -> list[int]:
         if any(h < 1 for h in v):
             raise ValueError(f"hidden layer sizes must be >= 1, got {v}")
         return v
+
+    @field_validator("widths")
+    @classmethod
+    def _widths(cls, v: list[float]) -> list[float]:
+        bad = [w for w in v if not (0.0 < w <= 1.0)]
+        if not v or bad:
+            raise ValueError(f"every width must be in (0, 1] and at least one given; got {v}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"widths must be distinct, got {v}")
+        if 1.0 not in v:
+            raise ValueError(f"widths must include 1.0 (the global model is the full-width model), got {v}")
+        return sorted(v, reverse=True)
+
+    @property
+    def heterofl(self) -> bool:
+        return len(self.widths) > 1
 
 
 class ClientConfig(Section):
@@ -215,6 +239,9 @@ class DevicesConfig(Section):
     # A fraction of devices made `slow_factor` times slower (compute and links) than their profile.
     slow_fraction: float = Field(default=0.0, ge=0, le=1)
     slow_factor: float = Field(default=10.0, ge=1)
+    # Device memory (MB) for training: the `uniform` device's, and the median of `mixed_fleet`
+    # and `flaky` (log-normal with sigma = `spread`).  HeteroFL's "memory" width rule reads it.
+    memory_mb: float = Field(default=512.0, gt=0)
 
 
 class CompressionConfig(Section):
@@ -310,6 +337,36 @@ class MonitoringConfig(Section):
         return v
 
 
+class DistillConfig(Section):
+    # Server-side ensemble distillation after aggregation (FedDF, Lin et al., NeurIPS 2020):
+    # "none" or "feddf".  The unlabeled server data is a seeded `server_fraction` of the held-out
+    # central set, inputs only; the rest stays the central test set.
+    method: Literal["none", "feddf"] = "none"
+    server_fraction: float = Field(default=0.5, gt=0, lt=1)
+    steps: int = Field(default=100, ge=0)  # Adam steps per round
+    lr: float = Field(default=1e-3, gt=0)
+    temperature: float = Field(default=1.0, gt=0)
+    batch_size: int = Field(default=64, ge=1)
+    val_fraction: float = Field(default=0.2, ge=0, lt=1)  # held-out unlabeled slice for early stopping
+    # On-device student for the weakest devices: the global model distilled into an MLP with
+    # these hidden sizes (empty: off) on the same unlabeled data, every `student_every` rounds.
+    student_hidden: list[int] = Field(default_factory=list)
+    student_steps: int = Field(default=300, ge=1)
+    student_every: int = Field(default=10, ge=1)
+    student_temperature: float = Field(default=2.0, gt=0)
+
+    @field_validator("student_hidden")
+    @classmethod
+    def _student_hidden(cls, v: list[int]) -> list[int]:
+        if any(h < 1 for h in v):
+            raise ValueError(f"student layer sizes must be >= 1, got {v}")
+        return v
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none" or bool(self.student_hidden)
+
+
 class EngineConfig(Section):
     # simulation: in-process; ray: the same simulation with local training on Ray workers
     # (needs the optional extra: pip install "fleetlearn[ray]").
@@ -369,6 +426,7 @@ class RunConfig(Section):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
 
@@ -402,7 +460,31 @@ class RunConfig(Section):
             raise ValueError(f"data.examples_per_client needs data.partition = 'iid', not {self.data.partition!r}")
         if self.data.partition == "natural" and self.data.dataset not in ("synthetic",) and ":" not in self.data.dataset:
             raise ValueError(f"data.partition = 'natural' needs a dataset with its own devices (synthetic or a custom one), not {self.data.dataset!r}")
+        self._heterofl_checks()
         return self
+
+    def _heterofl_checks(self) -> None:
+        m, srv = self.model, self.server
+        if m.heterofl:
+            if m.name != "mlp":
+                raise ValueError(f"model.widths = {m.widths}: HeteroFL width slicing needs model.name = 'mlp' (a chain of Linear layers), not {m.name!r}")
+            if srv.aggregator != "mean":
+                raise ValueError(f"model.widths = {m.widths}: HeteroFL aggregates each coordinate over the clients that cover it (a weighted mean); server.aggregator = {srv.aggregator!r} is not supported with it")
+            if self.client.objective == "scaffold":
+                raise ValueError(f"model.widths = {m.widths}: client.objective = 'scaffold' keeps full-size control variates; not supported with HeteroFL")
+            if self.privacy.mode == "central" or self.privacy.secure_aggregation:
+                raise ValueError(f"model.widths = {m.widths}: central DP and secure aggregation aggregate outside the HeteroFL aggregator; not supported together")
+            if "sketch" in self.compression.uplink:
+                raise ValueError(f"model.widths = {m.widths}: compression.uplink = {self.compression.uplink!r} sums in sketch space, which cannot align sub-models of different widths")
+        if self.distill.method == "feddf":
+            if srv.mode == "async":
+                raise ValueError("distill.method = 'feddf' distils the cohort of a synchronous round; it cannot run with server.mode = 'async'")
+            if self.privacy.mode == "central" or self.privacy.secure_aggregation:
+                raise ValueError("distill.method = 'feddf' needs each client's model on the server; it cannot run with central DP or secure aggregation")
+            if "sketch" in self.compression.uplink:
+                raise ValueError(f"distill.method = 'feddf' needs each client's update; compression.uplink = {self.compression.uplink!r} only gives their sum")
+        if self.distill.student_hidden and m.name != "mlp":
+            raise ValueError(f"distill.student_hidden = {self.distill.student_hidden}: the student is an MLP distilled from model.name = 'mlp', not {m.name!r}")
 
     # -- serialisation -------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -27,6 +27,7 @@ class ClientRecord:
     update_norm: float = math.nan
     staleness: int = 0  # server versions between the model it trained on and the one it updates
     codec: str = ""  # the uplink chain this client used (adaptive compression picks it per client)
+    width: float = 1.0  # HeteroFL: the width of the sub-model this client trained (1.0 = the full model)
 
 
 _CLIENT_FIELDS = fields(ClientRecord)

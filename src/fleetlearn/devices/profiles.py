@@ -52,6 +52,7 @@ class Fleet:
     phase: np.ndarray | None = None
     online_frac: np.ndarray | None = None
     day_s: float = 600.0
+    memory_mb: np.ndarray | None = None  # training memory per device (None: unknown)
 
     @property
     def always_online(self) -> bool:
@@ -132,6 +133,8 @@ def make_fleet(cfg: DevicesConfig, num_clients: int, seed: int) -> Fleet:
     - ``flaky``: ``mixed_fleet`` with diurnal availability and 30% mid-round dropout
       (each overridable with ``availability`` and ``dropout``).
     Then ``slow_fraction`` of the devices (seeded) are made ``slow_factor`` times slower.
+    Memory (``memory_mb``): the configured value on ``uniform``, log-normal around it
+    (sigma = ``spread``) otherwise, drawn from a stream of its own.
     """
     n = num_clients
     rng = np.random.default_rng([seed, 0xDE71CE])
@@ -161,6 +164,12 @@ def make_fleet(cfg: DevicesConfig, num_clients: int, seed: int) -> Fleet:
         f = cfg.online_fraction
         fleet.online_frac = np.ones(n) if f >= 1 else rng.beta(10 * f, 10 * (1 - f), n)
         fleet.day_s = cfg.day_s
+    # Memory from its own stream, so the presets' other draws are unchanged by it.
+    mem_rng = np.random.default_rng([seed, 0x3E3041])
+    if cfg.profile == "uniform":
+        fleet.memory_mb = np.full(n, cfg.memory_mb)
+    else:
+        fleet.memory_mb = cfg.memory_mb * mem_rng.lognormal(0.0, cfg.spread, n)
     if cfg.slow_fraction > 0:
         slow = rng.random(n) < cfg.slow_fraction
         k = np.where(slow, cfg.slow_factor, 1.0)

@@ -112,6 +112,10 @@ class Coordinator:
         self.stopped_reason: str | None = None  # set when the run stops early (privacy budget)
         self._sampling_rate = 0.0
         self.wait_for_clients: tuple[int, float] | None = None  # (min clients, timeout s) before each round
+        # HeteroFL: a learner that trains sub-models says each client's payload size (sub_dim_of)
+        # and where its entries sit in the global vector (embed_of).
+        self.submodels = learner if hasattr(learner, "embed_of") else None
+        self.server_steps: list = []  # parts that move the model after the server optimizer (FedDF)
         self.params = learner.init_params(config.seed)
         self.server_state = server_optimizer.init(self.params)
         self.version = 0
@@ -388,6 +392,9 @@ class Coordinator:
 
                 read_sketch(update.payload, dim=self.dim)  # checked now, summed in sketch space later
                 return torch.zeros(self.dim), None
+            if self.submodels is not None:
+                sub = self.uplink.decode(update.payload, dim=self.submodels.sub_dim_of(update.client_id))
+                return self.submodels.embed_of(update.client_id, sub), None
             return self.uplink.decode(update.payload, dim=self.dim), None
         except PayloadError as exc:
             return None, f"payload: {exc}"
@@ -500,6 +507,8 @@ class Coordinator:
         if scale is not None:
             pseudo_gradient = pseudo_gradient * float(scaled.sum() / weights.sum())
         new_params, new_state = self.server_optimizer.step(self.params, pseudo_gradient, self.server_state)
+        for part in self.server_steps:  # e.g. FedDF: distil the cohort's models into new_params
+            new_params = part.apply(self, record, got, matrix, new_params)
         if not bool(torch.isfinite(new_params).all()):
             record.status, record.reason = "failed", "the aggregate produced non-finite parameters; model unchanged"
             return

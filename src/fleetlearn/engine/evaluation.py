@@ -42,6 +42,11 @@ class Evaluator:
         """(mean, 10th percentile) over clients of the global model's local test accuracy."""
         if self.rows.numel() == 0 or not self.enabled_federated:
             return math.nan, math.nan
-        _, correct = self.learner.per_example(params, self.data.x[self.rows], self.data.y[self.rows])
+        x, y = self.data.x[self.rows], self.data.y[self.rows]
+        at_own_width = getattr(self.learner, "per_example_of_clients", None)
+        if at_own_width is not None:  # HeteroFL: each client evaluates the sub-model it would run
+            _, correct = at_own_width(params, x, y, self.clients[self.owner])
+        else:
+            _, correct = self.learner.per_example(params, x, y)
         per_client = np.bincount(self.owner, weights=correct.numpy(), minlength=len(self.clients)) / self.counts
         return float(per_client.mean()), float(np.percentile(per_client, 10))

@@ -23,13 +23,40 @@ from .coordinator import Coordinator, RoundHook
 from .evaluation import Evaluator
 
 
-def build_learner(config: RunConfig, data: FederatedData) -> TorchLearner:
+def build_learner(config: RunConfig, data: FederatedData, fleet=None):
+    """The model's learner; with several `model.widths`, the HeteroFL wrapper that trains
+    each device at the width its memory allows (`model.width_rule`)."""
     m = config.model
+    if m.heterofl:
+        from ..learners.heterofl import heterofl_parts
+
+        return _part("model.widths", "widths", m.widths, lambda: heterofl_parts(
+            m, data.num_features, data.num_classes, None if fleet is None else fleet.memory_mb, data.num_clients, config.engine.vectorize))
     try:
         make = model_factory(m.name, data.num_features, data.num_classes, m.hidden, m.kwargs)
         return TorchLearner(make, vectorize=config.engine.vectorize)
     except (ImportError, TypeError) as exc:
         raise ConfigError(f"model.name = {m.name!r}: {exc}") from None
+
+
+def build_model_hooks(config: RunConfig, data: FederatedData, learner, x_unlabeled) -> list:
+    """Round hooks of the model parts: HeteroFL's per-client widths and per-width accuracy
+    (first, so monitors see them), and the on-device student of `distill.student_hidden`."""
+    out: list = []
+    if config.model.heterofl:
+        from ..learners.heterofl import HeteroFLRecorder
+
+        out.append(HeteroFLRecorder(learner, data.central_x, data.central_y))
+    d = config.distill
+    if d.student_hidden:
+        from ..learners import mlp
+        from ..learners.distill import StudentDistiller
+
+        f, c, hidden = data.num_features, data.num_classes, config.model.hidden
+        out.append(StudentDistiller(
+            lambda: mlp(f, c, hidden), lambda: mlp(f, c, d.student_hidden), x_unlabeled, data.central_x, data.central_y,
+            steps=d.student_steps, every=d.student_every, temperature=d.student_temperature, seed=config.seed, rounds=config.server.rounds))
+    return out
 
 
 def _is_sketch(chain) -> bool:
@@ -43,8 +70,12 @@ def _part(kind: str, key: str, value, build):
         raise ConfigError(f"{kind} = {value!r}: {exc}") from None
 
 
-def build_aggregator(config: RunConfig, dim: int | None = None, population: int | None = None):
+def build_aggregator(config: RunConfig, dim: int | None = None, population: int | None = None, learner=None):
     srv = config.server
+    if getattr(learner, "name", None) == "heterofl":
+        from ..learners.heterofl import HeteroFLAggregator
+
+        return HeteroFLAggregator(learner)  # server.aggregator = "mean", per coordinate over its covering clients
     if srv.aggregator == "mifa":
         from ..aggregation.mifa import MIFA
 
@@ -168,7 +199,20 @@ def build_coordinator(
         data = load_federated(config.data, config.seed)
     if config.server.cohort > data.num_clients:
         raise ConfigError(f"server.cohort = {config.server.cohort} exceeds the {data.num_clients} clients the data has")
-    learner = build_learner(config, data)
+    fleet = make_fleet(config.devices, data.num_clients, config.seed)
+    learner = build_learner(config, data, fleet)
+    if config.model.heterofl and (transport_factory is not None or config.engine.backend != "simulation"):
+        raise ConfigError(f"model.widths = {config.model.widths}: HeteroFL runs in the in-process simulation (engine.backend = 'simulation'); "
+                          "the network and Ray transports send the full model")
+    x_unlabeled = None
+    if config.distill.enabled:
+        from dataclasses import replace
+
+        from ..learners.distill import split_unlabeled
+
+        x_unlabeled, cx, cy = _part("distill.server_fraction", "server_fraction", config.distill.server_fraction,
+                                    lambda: split_unlabeled(data.central_x, data.central_y, config.distill.server_fraction, config.seed))
+        data = replace(data, central_x=cx, central_y=cy)
     try:
         uplink = parse_chain(config.compression.uplink)
     except ValueError as exc:
@@ -177,7 +221,6 @@ def build_coordinator(
         downlink = parse_chain(config.compression.downlink)
     except ValueError as exc:
         raise ConfigError(f"compression.downlink = {config.compression.downlink!r}: {exc}") from None
-    fleet = make_fleet(config.devices, data.num_clients, config.seed)
     clock = VirtualClock()
     adaptive = None
     if config.compression.adaptive:
@@ -189,7 +232,7 @@ def build_coordinator(
         transport = transport_factory(learner, runtime)
     else:
         transport = build_transport(config, data, learner, fleet, runtime, clock)
-    aggregator = build_aggregator(config, learner.spec.dim, data.num_clients)
+    aggregator = build_aggregator(config, learner.spec.dim, data.num_clients, learner)
     privacy = build_privacy_parts(config, data.num_clients, aggregator)
     run_store = store if isinstance(store, RunStore) else None
     if store is True:
@@ -212,11 +255,18 @@ def build_coordinator(
         # On a real network the server cannot see clients' data: central evaluation only.
         evaluator=Evaluator(learner, data, config.server.eval_clients, config.seed, federated=transport_factory is None),
         store=run_store,
-        hooks=list(hooks or []) + monitoring.hooks,
+        hooks=build_model_hooks(config, data, learner, x_unlabeled) + list(hooks or []) + monitoring.hooks,
         clock=clock,
     )
     coordinator.monitoring = monitoring
     coordinator.hierarchy = _hierarchy(config, data.num_clients, uplink, privacy)
+    if config.distill.method == "feddf":
+        from ..learners.distill import FedDFStep
+
+        d = config.distill
+        coordinator.server_steps.append(FedDFStep(
+            learner.module, learner.spec, x_unlabeled, steps=d.steps, lr=d.lr, temperature=d.temperature, batch_size=d.batch_size,
+            val_fraction=d.val_fraction, seed=config.seed, heterofl=learner if config.model.heterofl else None))
     return coordinator
 
 
@@ -229,6 +279,8 @@ def _hierarchy(config: RunConfig, population: int, uplink, privacy):
     why = None
     if config.server.aggregator != "mean":
         why = f"server.aggregator = {config.server.aggregator!r} does not decompose into regional sums (only the mean does)"
+    elif config.model.heterofl:
+        why = "HeteroFL averages each coordinate over the clients whose width covers it, not through regional sums"
     elif _is_sketch(uplink):
         why = "count-sketch uplinks are already summed in sketch space"
     elif privacy is not None and (privacy.central is not None or privacy.secure is not None):

@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,7 +38,7 @@ from torch.func import functional_call, vmap
 
 from ..params import ParamSpec
 
-__all__ = ["DistillResult", "distill", "distill_student", "ensemble_logits", "feddf", "kl_to_teacher", "logits"]
+__all__ = ["DistillResult", "FedDFStep", "StudentDistiller", "split_unlabeled", "distill", "distill_student", "ensemble_logits", "feddf", "kl_to_teacher", "logits"]
 
 EVAL_CHUNK = 8192  # examples per forward pass outside training
 
@@ -236,3 +237,107 @@ def distill_student(
         s_module, s_spec, start, x_unlabeled, teacher, steps=steps, lr=lr, temperature=temperature,
         batch_size=batch_size, val_fraction=val_fraction, check_every=check_every, seed=seed,
     )
+
+
+# -- the engine's parts ------------------------------------------------------------------------
+
+
+def split_unlabeled(central_x: torch.Tensor, central_y: torch.Tensor, fraction: float, seed: int):
+    """A seeded ``fraction`` of the held-out central set becomes the server's unlabeled data
+    (inputs only); the rest stays the central test set.  Returns ``(x_unlabeled, x_test, y_test)``;
+    the two parts are disjoint, so distillation never sees an evaluation input."""
+    n = int(central_y.numel())
+    if not (0.0 < fraction < 1.0):
+        raise ValueError(f"distill.server_fraction must be in (0, 1), got {fraction}")
+    k = int(round(fraction * n))
+    if k < 1 or k >= n:
+        raise ValueError(f"distill.server_fraction = {fraction} of the {n} held-out examples leaves no unlabeled or no test data")
+    order = torch.from_numpy(np.random.default_rng([seed, 0xD157]).permutation(n))
+    server, test = order[:k], order[k:]
+    return central_x[server], central_x[test], central_y[test]
+
+
+def _round_seed(seed: int, round: int, stream: int) -> int:
+    return int(np.random.SeedSequence([seed, round, stream]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class FedDFStep:
+    """FedDF as a server step after aggregation (Lin et al. 2020, Alg. 1, lines 6-10).
+
+    The teacher is the cohort's ensemble: each accepted client's model ``x_t + delta_k`` (at
+    its own width under HeteroFL: the sub-model ``x_t[index_r] + delta_k``; outputs are full at
+    every width, so the logits average directly), weighted by its aggregation weight.  The
+    model after the server optimizer is distilled towards it on the unlabeled server data;
+    the held-out KL picks the step (the fused model itself if no step improves it).
+    Records ``feddf_kl_before``, ``feddf_kl_after``, ``feddf_best_step`` in ``record.extra``."""
+
+    name = "feddf"
+
+    def __init__(self, module: nn.Module, spec: ParamSpec, x_unlabeled: torch.Tensor, *, steps: int, lr: float,
+                 temperature: float, batch_size: int, val_fraction: float, seed: int, heterofl=None):
+        self.module, self.spec, self.x = module, spec, x_unlabeled
+        self.kw = dict(steps=steps, lr=lr, temperature=temperature, batch_size=batch_size, val_fraction=val_fraction)
+        self.seed = seed
+        self.heterofl = heterofl  # fleetlearn.learners.heterofl.HeteroFLLearner or None
+
+    def teacher(self, base: torch.Tensor, client_ids, matrix: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.heterofl is None:
+            return ensemble_logits(self.module, self.spec, base[None, :] + matrix, self.x, weights)
+        plan = self.heterofl.plan
+        widths = self.heterofl.widths_of(client_ids)
+        total = None
+        for w in np.unique(widths):
+            rows = torch.from_numpy(np.flatnonzero(widths == w))
+            idx, learner = plan.index[float(w)], plan.learners[float(w)]
+            models = base[idx][None, :] + matrix[rows][:, idx]
+            part = ensemble_logits(learner.module, learner.spec, models, self.x, weights[rows]) * float(weights[rows].sum())
+            total = part if total is None else total + part
+        return total / float(weights.sum())
+
+    def apply(self, coordinator, record, got, matrix: torch.Tensor, new_params: torch.Tensor) -> torch.Tensor:
+        weights = torch.tensor([c.weight for c in got.accepted], dtype=torch.float32)
+        if float(weights.sum()) <= 0:
+            return new_params
+        teacher = self.teacher(coordinator.params, [c.client_id for c in got.accepted], matrix, weights)
+        out = distill(self.module, self.spec, new_params, self.x, teacher, seed=_round_seed(self.seed, record.round, 0xFEDDF), **self.kw)
+        record.extra.update(out.to_metrics("feddf"))
+        return out.params
+
+
+class StudentDistiller:
+    """Round hook: distils the global model into a small on-device student (Hinton et al.
+    2015) for the weakest devices, every ``every`` rounds and after the last, warm-starting
+    from the previous student.  Records ``student_accuracy`` (central test set),
+    ``student_agreement`` with the global model there, ``student_dim`` and ``student_kl``;
+    the final student is saved as ``student.safetensors`` in the run directory."""
+
+    def __init__(self, teacher_fn: Callable[[], nn.Module], student_fn: Callable[[], nn.Module], x_unlabeled: torch.Tensor,
+                 central_x: torch.Tensor, central_y: torch.Tensor, *, steps: int, every: int, temperature: float, seed: int, rounds: int):
+        self.teacher_fn, self.student_fn, self.x = teacher_fn, student_fn, x_unlabeled
+        self.cx, self.cy = central_x, central_y
+        self.steps, self.every, self.temperature, self.seed, self.rounds = steps, every, temperature, seed, rounds
+        self.t_module = teacher_fn()
+        self.t_spec = ParamSpec.from_module(self.t_module)
+        self.s_module = student_fn()
+        self.s_spec = ParamSpec.from_module(self.s_module)
+        self.params: torch.Tensor | None = None
+
+    def after_round(self, record, coordinator) -> None:
+        if not (record.round % self.every == 0 or record.round == self.rounds):
+            return
+        out = distill_student(coordinator.params, self.teacher_fn, self.student_fn, self.x, steps=self.steps, temperature=self.temperature,
+                              student_params=self.params, seed=_round_seed(self.seed, record.round, 0x57D))
+        self.params = out.params
+        s_pred = logits(self.s_module, self.s_spec, out.params, self.cx).argmax(-1)
+        t_pred = logits(self.t_module, self.t_spec, coordinator.params, self.cx).argmax(-1)
+        record.extra.update(
+            student_accuracy=float((s_pred == self.cy).float().mean()) if self.cy.numel() else math.nan,
+            student_agreement=float((s_pred == t_pred).float().mean()) if self.cy.numel() else math.nan,
+            student_dim=self.s_spec.dim,
+            student_kl=out.kl_after,
+        )
+        store = getattr(coordinator, "store", None)
+        if store is not None and record.round == self.rounds:
+            from safetensors.torch import save_file
+
+            save_file({"params": out.params.contiguous()}, str(store.run_dir / "student.safetensors"))

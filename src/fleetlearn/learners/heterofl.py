@@ -45,7 +45,11 @@ from .models import mlp
 from .torch_learner import TorchLearner
 
 __all__ = [
+    "HeteroFLAggregator",
+    "HeteroFLLearner",
     "HeteroFLPlan",
+    "HeteroFLRecorder",
+    "heterofl_parts",
     "HeteroFLRun",
     "LinearLayer",
     "coverage_mask",
@@ -470,6 +474,177 @@ class HeteroFLPlan:
             part = ensemble_logits(learner.module, learner.spec, models, x, wg) * float(wg.sum())
             total = part if total is None else total + part
         return total / float(w.sum())
+
+
+    def aggregate_embedded(self, widths: Sequence[float], matrix: torch.Tensor, weights) -> torch.Tensor:
+        """`aggregate` for deltas already embedded in the global vector: ``matrix`` ``(n, d)``
+        with row i the width-``widths[i]`` delta (entries off its sub-model are ignored).  One
+        ``(n_r, d_r)`` gather, matrix-vector product and ``index_add_`` per width group."""
+        n = matrix.shape[0]
+        if len(widths) != n:
+            raise ValueError(f"aggregate: {n} deltas but {len(widths)} widths")
+        if n == 0:
+            raise ValueError("heterofl_aggregate: cannot aggregate an empty cohort (n = 0)")
+        if matrix.shape[1] != self.dim:
+            raise ValueError(f"aggregate: deltas have {matrix.shape[1]} columns, the global model {self.dim}")
+        w = _check_weights(weights, n)
+        groups = self._groups(widths)
+        if list(groups) == [1.0] and self.sub_dim(1.0) == self.dim:
+            return _full_mean(matrix.to(torch.float32), weights)
+        num = torch.zeros(self.dim, dtype=torch.float64)
+        den = torch.zeros(self.dim, dtype=torch.float64)
+        for wid, members in groups.items():
+            idx = self.index[wid]
+            rows = torch.as_tensor(members, dtype=torch.int64)
+            wg = w[rows]
+            num.index_add_(0, idx, wg @ matrix[rows][:, idx].to(torch.float64))
+            den.index_add_(0, idx, wg.sum().expand(idx.numel()))
+        return torch.where(den > 0, num / den.clamp(min=torch.finfo(torch.float64).tiny), 0.0).to(torch.float32)
+
+
+# -- the engine's parts: learner wrapper, aggregator, round hook -------------------------------
+
+
+class HeteroFLLearner:
+    """A `Learner` wrapper that trains each client at its width (HeteroFL in the engine).
+
+    The Coordinator sees the global (width-1) model: ``spec``, ``init_params`` and
+    ``per_example`` are the full model's.  The transport passes the cohort's client ids to
+    `fit_cohort` (``needs_client_ids``); each client trains ``params[index_r]`` and returns a
+    delta of the sub-model's size, which its uplink encodes, so upload bytes are the
+    sub-model's.  `downlink_nbytes` gives each client's real download size (the sub-model
+    encoded with the downlink chain) and `relative_cost` its compute relative to the full
+    model (parameters ~ FLOPs for an MLP).  The server decodes a client's payload with
+    `sub_dim_of` and places it with `embed_of`.  ``client_widths`` holds one width per device
+    of the population: a static device property, like the fleet's arrays.
+    """
+
+    name = "heterofl"
+    needs_client_ids = True
+
+    def __init__(self, plan: HeteroFLPlan, client_widths):
+        if 1.0 not in plan.widths:
+            raise ValueError(f"HeteroFLLearner needs width 1.0 among the widths {list(plan.widths)}")
+        ws = np.asarray(client_widths, dtype=np.float64).reshape(-1)
+        unknown = sorted(set(ws.tolist()) - set(plan.widths))
+        if unknown:
+            raise ValueError(f"client widths {unknown} are not among the plan's widths {list(plan.widths)}")
+        self.plan = plan
+        self.spec = plan.spec
+        self.client_widths = ws
+        full = plan.learners[1.0]
+        self.module, self.make_module = full.module, full.make_module
+        self._rel = {w: plan.relative_size(w) for w in plan.widths}
+        self._down_cache: tuple[object, dict[float, int]] | None = None
+
+    # -- who is at which width ---------------------------------------------------------
+    def widths_of(self, clients) -> np.ndarray:
+        return self.client_widths[np.asarray(clients, dtype=np.int64)]
+
+    def relative_cost(self, clients) -> np.ndarray:
+        """Compute and bytes of each client's sub-model relative to the full model (``d_r / d``)."""
+        ws = self.widths_of(clients)
+        return np.array([self._rel[float(w)] for w in ws.reshape(-1)]).reshape(ws.shape)
+
+    def sub_dim_of(self, client: int) -> int:
+        return self.plan.sub_dim(float(self.client_widths[int(client)]))
+
+    def embed_of(self, client: int, vec: torch.Tensor) -> torch.Tensor:
+        return self.plan.embed(vec, float(self.client_widths[int(client)]))
+
+    def downlink_nbytes(self, clients, params: torch.Tensor, chain, key) -> np.ndarray:
+        """Bytes each client downloads: its sub-model encoded with the downlink chain,
+        encoded once per width and model version (``key``)."""
+        if self._down_cache is None or self._down_cache[0] != key:
+            self._down_cache = (key, {})
+        cache = self._down_cache[1]
+        ws = self.widths_of(clients)
+        for w in set(ws.tolist()):
+            if w not in cache:
+                cache[w] = len(chain.encode(self.plan.slice(params, w))[0])
+        return np.array([cache[float(w)] for w in ws], dtype=np.int64)
+
+    # -- the Learner protocol, on the global model ----------------------------------------
+    def init_params(self, seed: int) -> torch.Tensor:
+        return self.plan.init_params(seed)
+
+    def per_example(self, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.plan.per_example(params, 1.0, x, y)
+
+    def fit(self, params, data, hp, seed, correction=None, max_steps=None) -> FitResult:
+        """A client of unknown width trains the full model."""
+        return self.plan.learners[1.0].fit(params, data, hp, seed, correction=correction, max_steps=max_steps)
+
+    def fit_cohort(self, params, cohort, hp, seeds, corrections=None, step_limits=None, clients=None) -> list[FitResult]:
+        if corrections is not None:
+            raise ValueError("HeteroFL sub-models do not take full-size gradient corrections (SCAFFOLD)")
+        widths = [1.0] * len(cohort) if clients is None else [float(w) for w in self.widths_of(clients)]
+        return self.plan.fit_cohort(params, cohort, widths, hp, seeds, step_limits=step_limits)
+
+    def per_example_of_clients(self, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor, owners) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example loss and correctness, each row evaluated at the width of the client
+        that owns it (``owners``: a client id per row): one forward pass per width."""
+        row_w = self.widths_of(owners)
+        loss, correct = torch.zeros(len(y)), torch.zeros(len(y))
+        for w in np.unique(row_w):
+            rows = torch.from_numpy(np.flatnonzero(row_w == w))
+            l, c = self.plan.per_example(params, float(w), x[rows], y[rows])
+            loss[rows], correct[rows] = l, c
+        return loss, correct
+
+
+class HeteroFLAggregator:
+    """HeteroFL's server aggregation (Diao et al. 2021, eq. (2)) as an aggregator part: the
+    per-coordinate weighted mean over the clients whose sub-model covers the coordinate,
+    0 where none does.  Rows arrive embedded in the global vector (zeros off the sub-model);
+    the widths come from the client ids."""
+
+    name = "heterofl"
+    needs_client_ids = True
+
+    def __init__(self, learner: HeteroFLLearner):
+        self.learner = learner
+
+    def aggregate_round(self, client_ids: Sequence[int], updates: torch.Tensor, weights) -> torch.Tensor:
+        widths = [float(w) for w in self.learner.widths_of(list(client_ids))]
+        return self.learner.plan.aggregate_embedded(widths, updates, weights)
+
+    def aggregate(self, updates: torch.Tensor, weights) -> torch.Tensor:
+        raise ValueError("the HeteroFL aggregator needs the clients' ids (their widths): use aggregate_round")
+
+
+class HeteroFLRecorder:
+    """Round hook: each client's width into its `ClientRecord`, and on evaluated rounds the
+    central accuracy of the global model at every width (``record.extra["width_accuracy"]``)
+    and the accepted clients per width (``record.extra["accepted_by_width"]``)."""
+
+    def __init__(self, learner: HeteroFLLearner, central_x: torch.Tensor, central_y: torch.Tensor):
+        self.learner, self.x, self.y = learner, central_x, central_y
+
+    def after_round(self, record, coordinator) -> None:
+        if record.clients:
+            ws = self.learner.widths_of([c.client_id for c in record.clients])
+            for c, w in zip(record.clients, ws):
+                c.width = float(w)
+            acc = [c.width for c in record.clients if c.status == "accepted"]
+            record.extra["accepted_by_width"] = {str(w): acc.count(w) for w in self.learner.plan.widths}
+        if not math.isnan(record.accuracy) and self.y.numel():
+            params = coordinator.params
+            record.extra["width_accuracy"] = {str(w): self.learner.plan.accuracy(params, w, self.x, self.y) for w in self.learner.plan.widths}
+
+
+def heterofl_parts(model_cfg, num_features: int, num_classes: int, memory_mb, num_clients: int, vectorize: bool = True) -> HeteroFLLearner:
+    """The `HeteroFLLearner` of a `[model]` section: an MLP plan with ``model.widths`` and each
+    device's width by ``model.width_rule`` (from the fleet's ``memory_mb`` for "memory")."""
+    plan = HeteroFLPlan.for_mlp(num_features, num_classes, model_cfg.hidden, model_cfg.widths,
+                                full_width_memory_mb=model_cfg.full_width_memory_mb, vectorize=vectorize)
+    if model_cfg.width_rule == "round_robin":
+        widths = plan.round_robin(num_clients)
+    else:
+        if memory_mb is None:
+            raise ValueError("model.width_rule = 'memory' needs device memory (devices.memory_mb)")
+        widths = plan.width_for_memory(memory_mb)
+    return HeteroFLLearner(plan, widths)
 
 
 # -- a compact round loop (the engine wires the same pieces into the Coordinator) ----------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -84,7 +85,7 @@ class SimulationTransport:
         rest = np.minimum((hp.local_steps % steps_per_epoch) * hp.batch_size, n)
         return full + rest
 
-    def _levels(self, task: Task, ids: np.ndarray, train: np.ndarray, down_s: np.ndarray, results) -> list[int | None]:
+    def _levels(self, task: Task, ids: np.ndarray, train: np.ndarray, down_s: np.ndarray, results, cost: np.ndarray) -> list[int | None]:
         """Adaptive compression: each client's ladder rung from its uplink and the time
         left for the upload (the round's budget minus its download and compute)."""
         budget = task.config.get("upload_budget_s")
@@ -93,7 +94,7 @@ class SimulationTransport:
             return [None] * len(train)
         c = ids[train]
         if task.config.get("budget_is_deadline"):
-            compute = self.fleet.compute_seconds(c, np.array([r.samples for r in results]))
+            compute = self.fleet.compute_seconds(c, np.array([r.samples for r in results]) * cost[train])
             budget = budget - down_s[train] - compute
         return [int(v) for v in policy.choose(self.fleet.uplink_mbps[c], self.fleet.latency_s[c], np.broadcast_to(budget, c.shape))]
 
@@ -101,22 +102,26 @@ class SimulationTransport:
         ids = np.asarray([int(c) for c in cohort], dtype=np.int64)
         params, hp = self.runtime.receive(task)
         n = len(ids)
-        down_s = self.fleet.download_seconds(ids, np.full(n, task.nbytes))
+        # HeteroFL: a client of a sub-model downloads, computes and uploads its share only.
+        sub_cost = getattr(self.learner, "relative_cost", None)
+        cost = sub_cost(ids) if sub_cost is not None else np.ones(n)
+        down_bytes = self.learner.downlink_nbytes(ids, params, self.runtime.downlink, task.version) if sub_cost is not None else np.full(n, task.nbytes)
+        down_s = self.fleet.download_seconds(ids, down_bytes)
         planned = self.planned_samples(ids, hp)
+        up_guess = np.ceil((self._uplink_estimate or task.nbytes) * cost)  # before anyone replied
 
         # Partial work: cut each client's steps to what fits before the deadline.
         limits: list[int | None] = [None] * n
         if task.deadline_s is not None and task.config.get("partial_work"):
-            up_bytes = self._uplink_estimate or task.nbytes
-            budget = task.deadline_s - down_s - self.fleet.upload_seconds(ids, np.full(n, up_bytes))
-            fit_samples = np.maximum(budget, 0.0) * self.fleet.compute_sps[ids]
+            budget = task.deadline_s - down_s - self.fleet.upload_seconds(ids, up_guess)
+            fit_samples = np.maximum(budget, 0.0) * self.fleet.compute_sps[ids] / cost
             cut = fit_samples < planned
             limits = [int(math.floor(s / hp.batch_size)) if c else None for s, c in zip(fit_samples, cut)]
 
         # Who abandons the task, and when (seeded per round, independent of training).
         rng = np.random.default_rng([self.seed, task.round, 0xD20])
         u, frac = rng.random(n), rng.random(n)
-        compute_s = self.fleet.compute_seconds(ids, planned)
+        compute_s = self.fleet.compute_seconds(ids, planned * cost)
         drop_at = np.full(n, np.inf)
         reasons = [""] * n
         quits = u < self.fleet.dropout_prob(ids)
@@ -126,7 +131,7 @@ class SimulationTransport:
         offline = self.fleet.offline_after(ids, self.now)
         goes = offline < drop_at
         # A device that goes offline before its reply would have arrived is lost too.
-        full_s = down_s + compute_s + self.fleet.upload_seconds(ids, np.full(n, self._uplink_estimate or task.nbytes))
+        full_s = down_s + compute_s + self.fleet.upload_seconds(ids, up_guess)
         goes &= offline < full_s
         drop_at[goes] = offline[goes]
         for i in np.flatnonzero(goes):
@@ -138,37 +143,40 @@ class SimulationTransport:
 
         train = np.flatnonzero(~np.isfinite(drop_at))
         t0 = time.perf_counter()
+        by_id = {"clients": ids[train].tolist()} if getattr(self.learner, "needs_client_ids", False) else {}
         results = self.learner.fit_cohort(
             params,
             [self._client_data_for(int(ids[i]), task.round) for i in train],
             hp,
             [client_seed(self.seed, task.round, int(ids[i])) for i in train],
             step_limits=[limits[i] for i in train] if any(limits[i] is not None for i in train) else None,
+            **by_id,
         )
         self.train_wall_seconds = time.perf_counter() - t0
         self.last_malicious = []
         if self.attack is not None:  # attackers replace their deltas after training, before encoding
             results, self.last_malicious = self.attack.apply_results(ids[train], results, task.round)
-        levels = self._levels(task, ids, train, down_s, results)
+        levels = self._levels(task, ids, train, down_s, results, cost)
         updates = []
         for i, r, lv in zip(train, results, levels):
             try:
-                updates.append(self.runtime.reply(int(ids[i]), task, r, lv))
+                u = self.runtime.reply(int(ids[i]), task, r, lv)
+                updates.append(u if sub_cost is None else replace(u, downlink_bytes=int(down_bytes[i])))
             except ValueError as exc:  # e.g. local training diverged to NaN: the device cannot send
-                updates.append(Dropout(int(ids[i]), task.round, f"client error: {exc}", task.nbytes))
-        sent = [u for u in updates if not isinstance(u, Dropout)]
+                updates.append(Dropout(int(ids[i]), task.round, f"client error: {exc}", int(down_bytes[i])))
+        sent = [(i, u) for i, u in zip(train, updates) if not isinstance(u, Dropout)]
         if sent:
-            self._uplink_estimate = max(u.uplink_bytes for u in sent)
+            self._uplink_estimate = int(max(u.uplink_bytes / cost[i] for i, u in sent))  # full-model equivalent
         elapsed = drop_at + self.heartbeat_timeout_s  # when the server notices the silence
         if len(train):
             elapsed[train] = (
                 down_s[train]
-                + self.fleet.compute_seconds(ids[train], np.array([r.samples for r in results]))
+                + self.fleet.compute_seconds(ids[train], np.array([r.samples for r in results]) * cost[train])
                 + self.fleet.upload_seconds(ids[train], np.array([0 if isinstance(u, Dropout) else u.uplink_bytes for u in updates]))
             )
         by_index = dict(zip(train.tolist(), updates))
         # Late replies are yielded too (they would reach a real server as well);
         # the Coordinator owns the deadline and refuses them.
         for i in np.argsort(elapsed, kind="stable"):
-            msg = by_index.get(int(i)) or Dropout(int(ids[i]), task.round, reasons[i], task.nbytes)
+            msg = by_index.get(int(i)) or Dropout(int(ids[i]), task.round, reasons[i], int(down_bytes[i]))
             yield Reply(msg, float(elapsed[i]))
