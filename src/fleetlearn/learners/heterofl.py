@@ -50,7 +50,6 @@ __all__ = [
     "HeteroFLPlan",
     "HeteroFLRecorder",
     "heterofl_parts",
-    "HeteroFLRun",
     "LinearLayer",
     "coverage_mask",
     "embed",
@@ -58,7 +57,6 @@ __all__ = [
     "kept_units",
     "linear_layers",
     "mlp_width_factory",
-    "run_heterofl",
     "sub_spec",
     "width_slices",
 ]
@@ -645,76 +643,3 @@ def heterofl_parts(model_cfg, num_features: int, num_classes: int, memory_mb, nu
             raise ValueError("model.width_rule = 'memory' needs device memory (devices.memory_mb)")
         widths = plan.width_for_memory(memory_mb)
     return HeteroFLLearner(plan, widths)
-
-
-# -- a compact round loop (the engine wires the same pieces into the Coordinator) ----------
-
-
-def _client_data(data, c: int) -> ClientData:
-    tr = torch.from_numpy(data.train_indices(int(c)))
-    te = torch.from_numpy(data.test_indices(int(c)))
-    return ClientData(data.x[tr], data.y[tr], data.x[te], data.y[te])
-
-
-def _client_seed(seed: int, r: int, c: int) -> int:
-    return int(np.random.SeedSequence([seed, r, int(c)]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-@dataclass
-class HeteroFLRun:
-    """What `run_heterofl` measured."""
-
-    params: torch.Tensor  # the final global (width-1) model
-    central_accuracy: dict[float, list[float]]  # width -> central-test accuracy per evaluated round
-    client_accuracy: list[float]  # mean local-test accuracy, each client at its own width, per evaluated round
-    rounds: list[int]  # the evaluated rounds
-
-
-def run_heterofl(
-    data,
-    plan: HeteroFLPlan,
-    client_widths,
-    *,
-    rounds: int,
-    cohort: int,
-    hp: FitConfig,
-    seed: int,
-    server_lr: float = 1.0,
-    eval_every: int = 0,
-    clients: Sequence[int] | None = None,
-) -> HeteroFLRun:
-    """Synchronous HeteroFL rounds on a `FederatedData`: select a random cohort (seeded, the
-    same sequence whatever the widths), train each client at ``client_widths[c]``, aggregate
-    with `HeteroFLPlan.aggregate` weighted by example counts, ``w <- w + server_lr * Delta``.
-
-    With every width 1 this is FedAvg with the same cohorts and client seeds, which is the
-    baseline of the HeteroFL acceptance test.  ``clients`` restricts who can be selected
-    (default: everyone).  ``eval_every = 0`` evaluates only after the last round."""
-    widths_of = np.asarray(client_widths, dtype=np.float64)
-    pool = np.arange(data.num_clients) if clients is None else np.asarray(clients, dtype=np.int64)
-    if widths_of.shape != (data.num_clients,):
-        raise ValueError(f"client_widths must have one width per client ({data.num_clients}), got shape {widths_of.shape}")
-    if cohort > len(pool):
-        raise ValueError(f"cohort = {cohort} exceeds the {len(pool)} selectable clients")
-    rng = np.random.default_rng([seed, 0x4E7E0F1])
-    params = plan.init_params(seed)
-    out = HeteroFLRun(params, {w: [] for w in plan.widths}, [], [])
-    everyone = [_client_data(data, c) for c in pool]
-    for r in range(1, rounds + 1):
-        chosen = np.sort(rng.choice(len(pool), size=cohort, replace=False))
-        batch = [everyone[i] for i in chosen]
-        ids = pool[chosen]
-        ws = [float(widths_of[c]) for c in ids]
-        seeds = [_client_seed(seed, r, c) for c in ids]
-        results = plan.fit_cohort(params, batch, ws, hp, seeds)
-        weights = [float(res.num_examples) for res in results]
-        delta = plan.aggregate(ws, [res.delta for res in results], weights)
-        params = params + server_lr * delta
-        if r == rounds or (eval_every and r % eval_every == 0):
-            out.rounds.append(r)
-            for w in plan.widths:
-                out.central_accuracy[w].append(plan.accuracy(params, w, data.central_x, data.central_y))
-            accs = plan.client_accuracy(params, everyone, [float(widths_of[c]) for c in pool])
-            out.client_accuracy.append(float(np.nanmean(accs)) if np.isfinite(accs).any() else math.nan)
-    out.params = params
-    return out
