@@ -27,6 +27,8 @@ class ClientRecord:
     update_norm: float = math.nan
     staleness: int = 0  # server versions between the model it trained on and the one it updates
     codec: str = ""  # the uplink chain this client used (adaptive compression picks it per client)
+    label_counts: list[int] | None = None  # its label histogram, when weighting = label_importance asked for it
+    oversampled: int = 0  # examples it added by oversampling (client.oversample)
 
 
 @dataclass
