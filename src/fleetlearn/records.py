@@ -30,6 +30,10 @@ class ClientRecord:
     label_counts: list[int] | None = None  # its label histogram, when weighting = label_importance asked for it
     oversampled: int = 0  # examples it added by oversampling (client.oversample)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.label_counts, (list, tuple)):  # the store reads a JSON null back as nan
+            self.label_counts = None
+
 
 @dataclass
 class RoundRecord:

@@ -11,6 +11,7 @@ import torch
 from fleetlearn.aggregation.weighting import label_importance
 from fleetlearn.config import ConfigError, load_config
 from fleetlearn.engine import build_coordinator
+from fleetlearn.records import RoundRecord
 
 torch.set_num_threads(1)
 
@@ -61,6 +62,8 @@ def test_label_importance_weights_come_from_the_clients_histograms():
     hist = np.array([c.label_counts for c in acc])
     for c, h in zip(acc, hist):
         assert h.tolist() == np.bincount(train_labels(coord, c.client_id), minlength=10).tolist()
+    again = RoundRecord.from_dict(rec.to_dict())  # what the run store writes and reads back
+    assert [c.label_counts for c in again.clients] == [c.label_counts for c in rec.clients]
     want = label_importance(hist, "uniform", "multiplicative")
     got = np.array([c.weight for c in acc])
     assert np.allclose(got, want / want.sum(), atol=1e-9)
@@ -78,6 +81,7 @@ def test_histograms_are_only_requested_by_label_importance():
     rec = coord.run_round()
     assert "label_histogram" not in coord.task_config()
     assert all(c.label_counts is None for c in rec.clients)
+    assert all(c.label_counts is None for c in RoundRecord.from_dict(rec.to_dict()).clients)
 
 
 @pytest.mark.parametrize("over", [{"client": {"oversample": True}}, {"server": {"weighting": "label_importance"}}])

@@ -32,6 +32,8 @@ Approximations, stated:
 - **Refused or late updates.**  A client whose update the server refuses or receives after
   the deadline has already moved its ``c_i``; the server does not count it.  Again the
   invariant drifts by that client's ``delta_c_i / N``.
+- **Rollback.**  A guardrail that restores an earlier model version restores ``c`` with it
+  (it is part of the server state); clients keep their ``c_i``, as real devices would.
 """
 
 from __future__ import annotations
