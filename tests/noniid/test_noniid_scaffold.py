@@ -146,3 +146,12 @@ def test_grpc_server_refuses_scaffold(tmp_path):
     cfg = load_config(small())
     with pytest.raises(ConfigError, match="client.objective = 'scaffold': not supported over gRPC"):
         server_transport(cfg, spec=None, state_dir=tmp_path)
+
+
+def test_the_example_config_runs_scaffold():
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).parents[2] / "examples" / "non_iid.toml", ["server.rounds=2"])
+    assert cfg.client.objective == "scaffold" and cfg.data.alpha == 0.1
+    rec = build_coordinator(cfg, store=False).run().records[-1]
+    assert rec.status == "ok" and rec.accepted == 10
