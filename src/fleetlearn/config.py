@@ -127,7 +127,9 @@ class ClientConfig(Section):
     lr: float = Field(default=0.05, gt=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
-    objective: Literal["plain", "prox", "scaffold"] = "plain"  # the local objective part
+    # The local objective part: plain | prox (FedProx) | scaffold (SCAFFOLD, Karimireddy et al. 2020,
+    # option II control variates; the server's c travels in every Task, each client keeps its c_i).
+    objective: Literal["plain", "prox", "scaffold"] = "plain"
     prox_mu: float = Field(default=0.01, ge=0)  # FedProx's mu (objective = "prox")
     # Learning-rate schedule over rounds: constant | step | cosine | plateau (on the central loss).
     lr_schedule: Literal["constant", "step", "cosine", "plateau"] = "constant"
@@ -169,11 +171,16 @@ class ServerConfig(Section):
     max_update_norm: float | None = Field(default=None, gt=0)  # refuse updates above this L2 norm
     max_norm_ratio: float | None = Field(default=None, gt=1)  # refuse updates above ratio x cohort median norm
     max_claimed_examples: int | None = Field(default=None, ge=1)  # refuse claims above this count
-    # How accepted updates are weighted: examples (capped claims) | uniform | loss_improvement | distance.
-    weighting: Literal["examples", "uniform", "loss_improvement", "distance"] = "examples"
+    # How accepted updates are weighted: examples (capped claims) | uniform | loss_improvement | distance
+    # | label_importance (from the label histogram each client sends in its update metrics).
+    weighting: Literal["examples", "uniform", "loss_improvement", "distance", "label_importance"] = "examples"
     weighting_floor: float = Field(default=0.1, ge=0, le=1)  # loss_improvement
     weighting_mode: Literal["exp", "cosine"] = "exp"  # distance
     weighting_temperature: float = Field(default=1.0, gt=0)  # distance
+    # label_importance: the label distribution the weighted mixture of clients should match, and the fit
+    # (multiplicative: EM mixture proportions, dense weights; nnls: least squares, sparse weights).
+    weighting_target: Literal["uniform", "global"] = "uniform"
+    weighting_method: Literal["multiplicative", "nnls"] = "multiplicative"
     # Server optimizer (Reddi et al., ICLR 2021): sgd (FedAvg) | momentum (FedAvgM) | adam | yogi | adagrad.
     optimizer: Literal["sgd", "momentum", "adam", "yogi", "adagrad"] = "sgd"
     server_lr: float = Field(default=1.0, gt=0)  # adam/yogi/adagrad want about 1e-2 to 1e-1
@@ -454,6 +461,9 @@ class RunConfig(Section):
                 raise ValueError(f"compression.adaptive chooses the uplink chain from compression.ladder; leave compression.uplink = 'none' (got {comp.uplink!r})")
             if not comp.ladder:
                 raise ValueError("compression.ladder must list at least one chain")
+        helper = client_side_helper(self)
+        if helper and self.server.mode == "async":
+            raise ValueError(f"{helper} runs in synchronous rounds only; it cannot run with server.mode = 'async'")
         if self.server.partial_work and self.server.deadline_s is None:
             raise ValueError("server.partial_work needs a deadline: set server.deadline_s")
         if self.data.examples_per_client is not None and self.data.partition != "iid":
@@ -495,6 +505,19 @@ class RunConfig(Section):
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def client_side_helper(config: RunConfig) -> str | None:
+    """The first enabled option that needs the simulation's client runtime (SCAFFOLD's
+    control variates, oversampling, label histograms), as "key = value", or None."""
+    for key, on in (
+        ("client.objective = 'scaffold'", config.client.objective == "scaffold"),
+        ("client.oversample = true", config.client.oversample),
+        ("server.weighting = 'label_importance'", config.server.weighting == "label_importance"),
+    ):
+        if on:
+            return key
+    return None
 
 
 def _drop_none(obj: Any) -> Any:

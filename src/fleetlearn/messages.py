@@ -21,10 +21,13 @@ class Task:
     codec: str  # the downlink chain, in the `[compression]` syntax
     config: dict[str, Any]  # client hyper-parameters for this round (lr, local_epochs, ...)
     deadline_s: float | None = None  # seconds after dispatch; None waits for everyone
+    # SCAFFOLD's server control variate c (float32 wire format), b"" without SCAFFOLD.
+    # It travels to every client with the model, so it counts in the downlink bytes.
+    control: bytes = b""
 
     @property
     def nbytes(self) -> int:
-        return len(self.payload)
+        return len(self.payload) + len(self.control)
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,10 @@ class ClientMetrics:
     compute_seconds: float  # wall seconds the learner spent (simulation: real CPU time)
     steps: int  # optimizer steps taken
     samples: int  # examples processed (epochs x examples, or steps x batch)
+    # Label-skew helpers: the client's training label histogram (when the server asks for it,
+    # for `label_importance` weighting) and the examples it added by oversampling.
+    label_counts: tuple[int, ...] | None = None
+    oversampled: int = 0
 
     def to_dict(self) -> dict[str, float]:
         return {

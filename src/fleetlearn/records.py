@@ -28,6 +28,12 @@ class ClientRecord:
     staleness: int = 0  # server versions between the model it trained on and the one it updates
     codec: str = ""  # the uplink chain this client used (adaptive compression picks it per client)
     width: float = 1.0  # HeteroFL: the width of the sub-model this client trained (1.0 = the full model)
+    label_counts: list[int] | None = None  # its label histogram, when weighting = label_importance asked for it
+    oversampled: int = 0  # examples it added by oversampling (client.oversample)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.label_counts, (list, tuple)):  # the store reads a JSON null back as nan
+            self.label_counts = None
 
 
 _CLIENT_FIELDS = fields(ClientRecord)

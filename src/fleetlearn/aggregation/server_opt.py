@@ -162,7 +162,10 @@ class ServerAdam(_ServerAdaptive):
       ``lr / (tau (1 + sqrt(b2)))`` (about ``lr / (2 tau)`` in round 1) to ``lr / tau`` as
       ``b2^t -> 0``; again up to a relative error of order ``max|Delta| / tau``.
 
-    Both statements are tested numerically (tests/noniid/test_server_opt.py).
+    So to recover FedAvg (server learning rate 1) set ``server_lr = tau``.  Both statements are
+    tested numerically (tests/noniid/test_noniid_server_opt.py), and through the engine
+    (tests/noniid/test_noniid_objectives.py: ``beta1 = beta2 = 0``, ``tau = server_lr = 1e4``
+    gives FedAvg's parameters to a relative 1e-3).
     """
 
     name = "adam"

@@ -11,7 +11,9 @@ import numpy as np
 import torch
 
 from ..compression import CodecChain
+from ..compression.codec import RNG_SEED
 from ..learners.base import FitConfig, FitResult
+from ..learners.scaffold import CLIENT_KEY, control_deltas
 from ..messages import ClientMetrics, Task, Update
 
 
@@ -36,6 +38,24 @@ class ClientStateStore:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for s in self._state.values() for t in s.values())
 
+    def clients(self) -> list[int]:
+        return sorted(self._state)
+
+    # -- checkpoints: flat "client/<id>/<key>" tensors, what safetensors stores ------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every client's state as flat tensors named ``client/<id>/<key>`` (for a checkpoint)."""
+        return {f"client/{c}/{k}": t for c, s in self._state.items() for k, t in s.items()}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Replace the whole store with what `state_dict` wrote."""
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for name, t in tensors.items():
+            head, cid, key = (name.split("/", 2) + ["", ""])[:3]
+            if head != "client" or not cid.isdigit() or not key:
+                raise ValueError(f"client state tensor {name!r} is not named client/<id>/<key>")
+            state.setdefault(int(cid), {})[key] = t
+        self._state = state
+
 
 class ClientRuntime:
     """Turns a Task into params and a FitResult into an Update."""
@@ -54,13 +74,48 @@ class ClientRuntime:
     def receive(self, task: Task) -> tuple[torch.Tensor, FitConfig]:
         return self.downlink.decode(task.payload, dim=self.dim), FitConfig.from_dict(task.config)
 
+    # -- SCAFFOLD (fleetlearn.learners.scaffold) -------------------------------------------
+    def receive_control(self, task: Task) -> torch.Tensor | None:
+        """The server control variate c the Task carries (None without SCAFFOLD)."""
+        if not task.control:
+            return None
+        return CodecChain().decode(task.control, dim=self.dim)
+
+    def control_variates(self, clients, dim: int) -> torch.Tensor:
+        """The cohort's c_i as an (n, d) matrix (0 for a client that has none yet)."""
+        out = torch.zeros(len(clients), dim)
+        for row, c in enumerate(clients):
+            s = self.states.get(int(c))
+            if s is not None and CLIENT_KEY in s:
+                out[row] = s[CLIENT_KEY]
+        return out
+
+    def update_controls(self, clients, c: torch.Tensor, c_i: torch.Tensor, results: list[FitResult], hp: FitConfig) -> None:
+        """Option II: each client moves its own c_i by ``-c - delta_i / (K_eff,i lr)``, from its
+        true delta (see fleetlearn.learners.scaffold for what this approximates)."""
+        if not results:
+            return
+        deltas = torch.stack([r.delta for r in results])
+        new = c_i + control_deltas(deltas, [r.steps for r in results], hp.lr, hp.momentum, c)
+        for row, cid in enumerate(clients):
+            if not bool(torch.isfinite(new[row]).all()):
+                continue  # a diverged client sends nothing (see reply) and keeps its old c_i
+            s = dict(self.states.get(int(cid)) or {})
+            s[CLIENT_KEY] = new[row].clone()
+            self.states.put(int(cid), s)
+
     def chain_for(self, level: int | None) -> CodecChain:
         if level is None or self.adaptive is None:
             return self.uplink
         return self.adaptive.chains[int(level)]
 
-    def reply(self, client: int, task: Task, result: FitResult, level: int | None = None) -> Update:
-        """The client's Update; `level` picks a rung of the adaptive ladder."""
+    def reply(
+        self, client: int, task: Task, result: FitResult, level: int | None = None,
+        labels: torch.Tensor | None = None, oversampled: int = 0,
+    ) -> Update:
+        """The client's Update; `level` picks a rung of the adaptive ladder.  `labels`: the
+        client's own training labels, counted into a histogram when the task asks for one
+        (``label_histogram`` = the number of classes, for `label_importance` weighting)."""
         delta = result.delta
         ldp = task.config.get("local_dp")
         if ldp:
@@ -71,13 +126,18 @@ class ClientRuntime:
             delta = part.apply(delta, LocalDP.client_generator(self.seed, task.round, client))
         chain = self.chain_for(level)
         state = self.states.get(client)
-        if state is None and getattr(chain, "stochastic", False):
+        if getattr(chain, "stochastic", False) and (state is None or RNG_SEED not in state):
             # Each client its own reproducible stream, whatever order clients run in.
             from ..compression import seed_state
 
-            state = seed_state(int(np.random.SeedSequence([self.seed, client, 0xC0DEC]).generate_state(1, dtype=np.uint64)[0] >> 1))
+            seeded = seed_state(int(np.random.SeedSequence([self.seed, client, 0xC0DEC]).generate_state(1, dtype=np.uint64)[0] >> 1))
+            state = {**(state or {}), **seeded}
         payload, state = chain.encode(delta, state)
         self.states.put(client, state)
+        counts = None
+        classes = task.config.get("label_histogram")
+        if classes and labels is not None:
+            counts = tuple(int(v) for v in torch.bincount(labels.to(torch.int64), minlength=int(classes))[: int(classes)])
         return Update(
             client_id=client,
             round=task.round,
@@ -92,6 +152,8 @@ class ClientRuntime:
                 compute_seconds=result.compute_seconds,
                 steps=result.steps,
                 samples=result.samples,
+                label_counts=counts,
+                oversampled=int(oversampled),
             ),
             downlink_bytes=task.nbytes,
         )

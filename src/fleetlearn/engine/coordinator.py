@@ -25,6 +25,7 @@ from ..ops import RunStore
 from ..params import PayloadError
 from ..records import ClientRecord, RoundRecord, RunSummary
 from ..validation import ValidationContext
+from ..learners.scaffold import SERVER_KEY as SCAFFOLD_C
 from .clock import VirtualClock
 from .evaluation import Evaluator
 
@@ -118,6 +119,11 @@ class Coordinator:
         self.server_steps: list = []  # parts that move the model after the server optimizer (FedDF)
         self.params = learner.init_params(config.seed)
         self.server_state = server_optimizer.init(self.params)
+        self.scaffold = config.client.objective == "scaffold"
+        if self.scaffold:  # SCAFFOLD's server control variate c rides in the server state (checkpoints, rollback)
+            self.server_state = {**self.server_state, SCAFFOLD_C: torch.zeros_like(self.params)}
+        self.client_states = None  # the simulation's ClientStateStore (set by the factory): checkpointed per round
+        self.num_classes: int | None = None  # set by the factory; clients send label histograms of this length
         self.version = 0
         self.max_version = 0  # versions only go up, also after a rollback (the registry's lineage)
         self.round = 0
@@ -165,6 +171,10 @@ class Coordinator:
                 cfg["upload_budget_s"] = comp.upload_budget_s
             elif deadline is not None:
                 cfg["upload_budget_s"], cfg["budget_is_deadline"] = deadline, True
+        if self.config.client.oversample:
+            cfg["oversample"] = {"noise_std": self.config.client.oversample_noise_std}
+        if self.config.server.weighting == "label_importance" and self.num_classes:
+            cfg["label_histogram"] = self.num_classes
         if self.privacy is not None and self.privacy.local is not None:
             cfg["local_dp"] = {"clip_norm": self.privacy.local.clip_norm, "noise_multiplier": self.privacy.local.noise_multiplier}
         return cfg
@@ -180,6 +190,14 @@ class Coordinator:
             payload, _ = self.downlink.encode(self.params)
             self._task_cache = (self.version, payload)
         return self._task_cache[1]
+
+    def _encoded_control(self) -> bytes:
+        """SCAFFOLD: the server control variate c as float32 (exact: the client's c_i update
+        and the server's c update must use the same c); b"" without SCAFFOLD."""
+        if not self.scaffold:
+            return b""
+        payload, _ = CodecChain().encode(self.server_state[SCAFFOLD_C])
+        return payload
 
     # -- one round -----------------------------------------------------------------
     def selection_rng(self, r: int) -> np.random.Generator:
@@ -229,6 +247,7 @@ class Coordinator:
             codec=self.downlink.spec,
             config=self.task_config(deadline),
             deadline_s=deadline,
+            control=self._encoded_control(),
         )
         got = self._collect(task, cohort, srv.cohort) if cohort else Collected()
         record.selected = len(cohort)
@@ -288,7 +307,14 @@ class Coordinator:
         if self.store is not None:
             every = self.config.store.checkpoint_every
             save = (every and r % every == 0) or last
-            self.store.commit_round(record, self.params if save else None, self.server_state if save else None)
+            meta = None
+            if save and self.client_states is not None and len(self.client_states):
+                # Per-client state (EF residuals, SCAFFOLD c_i) goes with the checkpoint: written
+                # (and fsynced) before the round's transaction, named in the checkpoint's metadata.
+                meta = self.store.write_client_states(r, self.client_states.state_dict())
+            self.store.commit_round(record, self.params if save else None, self.server_state if save else None, meta)
+            if meta is not None:
+                self.store.prune_client_states(keep=meta)
             if self.privacy is not None:
                 # Spent privacy must survive a crash even between checkpoints.
                 self.store.write_json("privacy.json", self.privacy.state_dict())
@@ -404,7 +430,10 @@ class Coordinator:
     @staticmethod
     def _client_record(u: Update, elapsed: float) -> ClientRecord:
         m = u.metrics
+        counts = getattr(m, "label_counts", None)
         return ClientRecord(
+            label_counts=list(counts) if counts is not None else None,
+            oversampled=int(getattr(m, "oversampled", 0) or 0),
             client_id=u.client_id,
             status="accepted",
             num_examples=u.num_examples if isinstance(u.num_examples, int) else 0,
@@ -435,6 +464,7 @@ class Coordinator:
             loss_after=np.array([c.loss_after for c in got.accepted]),
             updates=matrix,
             previous_aggregate=self._previous_aggregate,
+            label_counts=_label_counts(got.accepted),
         )
         return np.asarray(self.weighting(info), dtype=np.float64)
 
@@ -512,6 +542,8 @@ class Coordinator:
         if not bool(torch.isfinite(new_params).all()):
             record.status, record.reason = "failed", "the aggregate produced non-finite parameters; model unchanged"
             return
+        if self.scaffold:
+            new_state = {**new_state, SCAFFOLD_C: self._scaffold_control(matrix, got)}
         self.prev_params = self.params
         self.last_updates, self.last_aggregate = matrix, pseudo_gradient
         self._previous_aggregate = pseudo_gradient
@@ -557,6 +589,16 @@ class Coordinator:
             rec.weight = float(w)
         return res.mean, matrix[torch.from_numpy(keep)], scaled, weights
 
+    def _scaffold_control(self, matrix: torch.Tensor, got: Collected) -> torch.Tensor:
+        """SCAFFOLD option II on the server: c + (|S|/N) mean_i delta_c_i, with each delta_c_i
+        recovered from the accepted (decoded) delta and its reported steps."""
+        from ..learners.scaffold import control_deltas, server_control_step
+
+        c = self.server_state[SCAFFOLD_C]
+        steps = [c_.steps for c_ in got.accepted]
+        dc = control_deltas(matrix, steps, self.client_lr, self.config.client.momentum, c)
+        return server_control_step(c, dc, self.transport.population)
+
     # -- resume ----------------------------------------------------------------------
     def resume(self) -> int:
         """Continue a stored run from its last committed round: model, server-optimizer
@@ -579,6 +621,8 @@ class Coordinator:
         self.max_version = max(max(r.version for r in records), version)
         self.params, self.server_state = params, dict(state)
         self._versions = {version: (self.params, self.server_state)}
+        if self.client_states is not None:
+            self.client_states.load_state_dict(self.store.load_client_states(version))
         self.clock.now = last.sim_start_s + last.sim_seconds
         privacy_file = self.store.run_dir / "privacy.json"
         if self.privacy is not None and privacy_file.is_file():
@@ -656,6 +700,13 @@ def run_threads(setting: int | str, dim: int) -> int:
     if setting == "auto":
         return 1 if dim <= AUTO_THREADS_MAX_DIM else 0
     return int(setting)
+
+def _label_counts(accepted: Sequence[ClientRecord]) -> np.ndarray | None:
+    """The accepted clients' label histograms as (n, C), or None unless every one sent one."""
+    counts = [c.label_counts for c in accepted]
+    if not counts or any(h is None for h in counts) or len({len(h) for h in counts}) != 1:
+        return None
+    return np.asarray(counts, dtype=np.float64)
 
 
 def _nanmean(a: np.ndarray) -> float:

@@ -6,7 +6,7 @@ from ..aggregation import AGGREGATORS, SERVER_OPTIMIZERS
 from ..attacks import build_attack
 from ..client import ClientRuntime
 from ..compression import AdaptiveCompression, CountSketch, parse_chain
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig, client_side_helper
 from ..data import FederatedData, load_federated
 from ..devices import make_fleet
 from ..learners import TorchLearner, model_factory
@@ -113,6 +113,8 @@ def build_weighting(config: RunConfig):
         params = {"floor": srv.weighting_floor}
     elif srv.weighting == "distance":
         params = {"mode": srv.weighting_mode, "temperature": srv.weighting_temperature}
+    elif srv.weighting == "label_importance":
+        params = {"target": srv.weighting_target, "method": srv.weighting_method}
     return _part("server.weighting", "weighting", srv.weighting, lambda: make_weighting(srv.weighting, **params))
 
 
@@ -163,11 +165,24 @@ def build_attack_part(config: RunConfig, data: FederatedData):
     return _part("attack.kind", "kind", a.kind, lambda: build_attack(a.model_dump(), population=data.num_clients, num_classes=data.num_classes, seed=config.seed))
 
 
+def _check_scaffold(config: RunConfig, uplink) -> None:
+    if config.client.objective != "scaffold":
+        return
+    if _is_sketch(uplink):
+        raise ConfigError(f"client.objective = 'scaffold' needs each client's decoded delta; compression.uplink = {config.compression.uplink!r} only gives the server a summed sketch")
+    p = config.privacy
+    if p.mode == "central" or p.secure_aggregation:
+        raise ConfigError("client.objective = 'scaffold' updates the server control variate from individual deltas, which central DP / secure aggregation hide; use privacy.mode = 'none' or 'local'")
+
+
 def build_transport(config: RunConfig, data: FederatedData, learner, fleet, runtime: ClientRuntime, clock):
     """The transport of `[engine] backend`: in-process simulation, or the same on Ray workers."""
     eng = config.engine
     attack = build_attack_part(config, data)
     if eng.backend == "ray":
+        helper = client_side_helper(config)
+        if helper:
+            raise ConfigError(f"{helper}: runs in the in-process simulation only (the Ray workers do not ship it yet); set engine.backend = 'simulation'")
         if attack is not None:
             raise ConfigError(f"attack.kind = {config.attack.kind!r}: attack simulation runs in the in-process simulation only; set engine.backend = 'simulation'")
         try:
@@ -227,6 +242,7 @@ def build_coordinator(
         adaptive = _part("compression.ladder", "ladder", config.compression.ladder, lambda: AdaptiveCompression(config.compression.ladder, learner.spec.dim, seed=config.seed))
     if _is_sketch(uplink) and config.server.aggregator != "mean":
         raise ConfigError(f"compression.uplink = {config.compression.uplink!r} aggregates in sketch space, which only the mean can do; server.aggregator = {config.server.aggregator!r} needs individual updates")
+    _check_scaffold(config, uplink)
     runtime = ClientRuntime(uplink, downlink, seed=config.seed, dim=learner.spec.dim, adaptive=adaptive)
     if transport_factory is not None:
         transport = transport_factory(learner, runtime)
@@ -267,6 +283,9 @@ def build_coordinator(
         coordinator.server_steps.append(FedDFStep(
             learner.module, learner.spec, x_unlabeled, steps=d.steps, lr=d.lr, temperature=d.temperature, batch_size=d.batch_size,
             val_fraction=d.val_fraction, seed=config.seed, heterofl=learner if config.model.heterofl else None))
+    coordinator.num_classes = data.num_classes
+    if transport_factory is None:  # simulated clients keep their state here; real devices keep their own
+        coordinator.client_states = runtime.states
     return coordinator
 
 

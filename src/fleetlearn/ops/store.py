@@ -39,6 +39,8 @@ from sqlalchemy.engine import Engine
 from ..records import RoundRecord
 
 DB_NAME = "run.db"
+CLIENT_STATES = "client_states"  # checkpoint metadata: the client-state file saved with it
+CLIENT_STATES_SHA = "client_states_sha256"
 metadata = MetaData()
 
 runs = Table(
@@ -221,6 +223,50 @@ class RunStore:
         with self.engine.begin() as conn:
             conn.execute(checkpoints.delete().where(checkpoints.c.run_id == self.run_id, checkpoints.c.version == version))
             conn.execute(checkpoints.insert().values(run_id=self.run_id, version=version, round=round, path=rel, sha256=digest, created_at=_now()))
+
+    # -- per-client state (error-feedback residuals, SCAFFOLD c_i) -----------------------
+    def write_client_states(self, round: int, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+        """Write the clients' state tensors crash-safely (temporary name, fsync, rename) to
+        ``checkpoints/clients-r<round>.safetensors``; returns the metadata that the round's
+        model checkpoint carries to name it (path and sha256).  Written before the round's
+        transaction commits, so a committed checkpoint never names a missing file."""
+        rel = f"checkpoints/clients-r{round:06d}.safetensors"
+        path = self.run_dir / rel
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
+        with open(tmp, "rb") as fh:
+            digest = hashlib.sha256(fh.read()).hexdigest()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        return {CLIENT_STATES: rel, CLIENT_STATES_SHA: digest}
+
+    def prune_client_states(self, keep: dict[str, str]) -> None:
+        """Remove client-state files other than `keep` (only the latest is ever resumed from)."""
+        for f in (self.run_dir / "checkpoints").glob("clients-r*.safetensors"):
+            if f"checkpoints/{f.name}" != keep.get(CLIENT_STATES):
+                f.unlink(missing_ok=True)
+
+    def load_client_states(self, version: int | None = None) -> dict[str, torch.Tensor]:
+        """The client states saved with a checkpoint (default: the latest), checked against the
+        sha256 the checkpoint recorded; {} if that checkpoint saved none."""
+        rows = self.checkpoint_rows()
+        if version is not None:
+            rows = [r for r in rows if r["version"] == version]
+        if not rows:
+            raise StoreError(f"run {self.run_id} has no checkpoint" + (f" for version {version}" if version is not None else ""))
+        from safetensors import safe_open
+
+        with safe_open(str(self.run_dir / rows[-1]["path"]), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        rel = meta.get(CLIENT_STATES)
+        if not rel:
+            return {}
+        path = self.run_dir / rel
+        if not path.is_file():
+            raise StoreError(f"checkpoint v{rows[-1]['version']} names client states {path}, which is missing")
+        if hashlib.sha256(path.read_bytes()).hexdigest() != meta.get(CLIENT_STATES_SHA):
+            raise StoreError(f"client states {path} do not match the sha256 their checkpoint recorded (corrupted)")
+        return load_file(str(path))
 
     def finish(self, summary: dict[str, Any], status: str = "finished") -> None:
         with self.engine.begin() as conn:

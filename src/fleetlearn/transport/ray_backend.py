@@ -129,13 +129,13 @@ class _RemoteRuntime:
     def __getattr__(self, name):  # receive, adaptive, states, ... are the real runtime's
         return getattr(self.runtime, name)
 
-    def reply(self, client: int, task: Task, result: FitResult, level: int | None = None) -> Update:
+    def reply(self, client: int, task: Task, result: FitResult, level: int | None = None, **client_side) -> Update:
         done = self.owner._encoded.pop(client, None)
         if done is not None and level is None:
             update, state = done
             self.runtime.states.put(client, state)
             return update
-        return self.runtime.reply(client, task, result, level)
+        return self.runtime.reply(client, task, result, level, **client_side)
 
 
 class _RemoteTrainingSimulation(SimulationTransport):

@@ -11,6 +11,7 @@ replies are yielded sorted by their simulated arrival time.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import replace
@@ -74,6 +75,18 @@ class SimulationTransport:
         """The data `client` trains on: its own, or poisoned by a simulated attack (label_flip)."""
         data = self.client_data(client)
         return data if self.attack is None else self.attack.poison_data(client, data, round)
+
+    def _oversampled(self, client: int, data: ClientData, task: Task) -> ClientData:
+        """Label-skew helper (task config ``oversample``): the client duplicates examples of its
+        under-represented classes (fleetlearn.data.balance), with a fresh seeded draw each round."""
+        opts = task.config.get("oversample")
+        if not opts:
+            return data
+        from ..data.balance import oversample
+
+        rng = np.random.default_rng([self.seed, task.round, client, 0x0E5A])
+        x, y = oversample(data.x.numpy(), data.y.numpy(), self.data.num_classes, rng, float(opts.get("noise_std", 0.0)))
+        return ClientData(torch.from_numpy(x), torch.from_numpy(y), data.x_test, data.y_test)
 
     def planned_samples(self, clients: np.ndarray, hp: FitConfig) -> np.ndarray:
         """Examples each client would process in a full local run (before any cut)."""
@@ -144,23 +157,36 @@ class SimulationTransport:
         train = np.flatnonzero(~np.isfinite(drop_at))
         t0 = time.perf_counter()
         by_id = {"clients": ids[train].tolist()} if getattr(self.learner, "needs_client_ids", False) else {}
+        own = [self._client_data_for(int(ids[i]), task.round) for i in train]
+        cohort_data = [self._oversampled(int(ids[i]), d, task) for i, d in zip(train, own)]
+        # SCAFFOLD: each client corrects its gradients by c - c_i (its c_i loaded for the cohort only).
+        c = self.runtime.receive_control(task)
+        c_i = self.runtime.control_variates(ids[train], c.shape[0]) if c is not None else None
         results = self.learner.fit_cohort(
             params,
-            [self._client_data_for(int(ids[i]), task.round) for i in train],
+            cohort_data,
             hp,
             [client_seed(self.seed, task.round, int(ids[i])) for i in train],
+            corrections=(c.unsqueeze(0) - c_i) if c is not None and len(train) else None,
             step_limits=[limits[i] for i in train] if any(limits[i] is not None for i in train) else None,
             **by_id,
         )
         self.train_wall_seconds = time.perf_counter() - t0
+        # Oversampled copies change what a client trains on, not the count it claims.
+        # (The Ray backend's cohort members are ClientRefs, its workers hold the data.)
+        added = [d.num_examples - o.num_examples if isinstance(o, ClientData) else 0 for d, o in zip(cohort_data, own)]
+        if any(added):
+            results = [dataclasses.replace(r, num_examples=o.num_examples) for r, o in zip(results, own)]
+        if c is not None:
+            self.runtime.update_controls(ids[train], c, c_i, results, hp)
         self.last_malicious = []
         if self.attack is not None:  # attackers replace their deltas after training, before encoding
             results, self.last_malicious = self.attack.apply_results(ids[train], results, task.round)
         levels = self._levels(task, ids, train, down_s, results, cost)
         updates = []
-        for i, r, lv in zip(train, results, levels):
+        for i, r, lv, d, a in zip(train, results, levels, own, added):
             try:
-                u = self.runtime.reply(int(ids[i]), task, r, lv)
+                u = self.runtime.reply(int(ids[i]), task, r, lv, labels=getattr(d, "y", None), oversampled=a)
                 updates.append(u if sub_cost is None else replace(u, downlink_bytes=int(down_bytes[i])))
             except ValueError as exc:  # e.g. local training diverged to NaN: the device cannot send
                 updates.append(Dropout(int(ids[i]), task.round, f"client error: {exc}", int(down_bytes[i])))

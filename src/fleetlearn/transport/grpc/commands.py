@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from ...config import RunConfig
+from ...config import ConfigError, RunConfig, client_side_helper
 from .auth import TokenInfo, TokenStore
 from .certs import CertPaths, ClientTls, ServerTls, make_certs
 from .client import Backoff, ClientReport, run_client
@@ -65,6 +65,10 @@ def server_transport(
     server.key, and ca.pem when `mutual_tls`).  Without `cert_dir` the server is
     plaintext: fine on loopback, not on a network.
     """
+    helper = client_side_helper(config)
+    if helper:
+        # The wire protocol carries neither SCAFFOLD's control variates nor label histograms yet.
+        raise ConfigError(f"{helper}: not supported over gRPC yet (simulation only); leave it at its default for `fleetlearn server`")
     return GrpcTransport(
         address,
         tokens=TokenStore.open(state_dir),
