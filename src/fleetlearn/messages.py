@@ -37,6 +37,9 @@ class ClientMetrics:
     compute_seconds: float  # wall seconds the learner spent (simulation: real CPU time)
     steps: int  # optimizer steps taken
     samples: int  # examples processed (epochs x examples, or steps x batch)
+    # Personalization: personal model and received global model on the local test split.
+    personal_accuracy: float = float("nan")
+    global_accuracy: float = float("nan")
 
     def to_dict(self) -> dict[str, float]:
         return {
@@ -46,6 +49,8 @@ class ClientMetrics:
             "compute_seconds": self.compute_seconds,
             "steps": self.steps,
             "samples": self.samples,
+            "personal_accuracy": self.personal_accuracy,
+            "global_accuracy": self.global_accuracy,
         }
 
 

@@ -27,6 +27,9 @@ class ClientRecord:
     update_norm: float = math.nan
     staleness: int = 0  # server versions between the model it trained on and the one it updates
     codec: str = ""  # the uplink chain this client used (adaptive compression picks it per client)
+    # Personalization: the client's personal model / the global model it received, on its local test split.
+    personal_accuracy: float = math.nan
+    global_accuracy: float = math.nan
 
 
 @dataclass
@@ -58,6 +61,11 @@ class RoundRecord:
     train_loss_before: float = math.nan
     train_loss_after: float = math.nan
     local_accuracy: float = math.nan  # local models on their own test splits
+    # Personalization, averaged over accepted clients: personal model vs the global model
+    # they received, both on the clients' local test splits, and the difference.
+    personal_accuracy: float = math.nan
+    personal_global_accuracy: float = math.nan
+    personal_gain: float = math.nan
     update_norm_mean: float = math.nan
     update_norm_max: float = math.nan
     completion_p50_s: float = math.nan
@@ -120,6 +128,11 @@ class RunSummary:
     wall_seconds: float
     failed_rounds: int = 0
     stopped_reason: str = ""  # why the run ended before `server.rounds` (e.g. the privacy budget)
+    # Personalization, evaluated after the last round on the federated-evaluation clients
+    # (server.eval_clients): mean personal and global accuracy on their local test splits.
+    personal_accuracy: float = math.nan
+    personal_global_accuracy: float = math.nan
+    personal_gain: float = math.nan
     records: list[RoundRecord] = field(default_factory=list)
 
     def to_json_dict(self) -> dict[str, Any]:

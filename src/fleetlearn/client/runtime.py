@@ -42,7 +42,7 @@ class ClientRuntime:
 
     def __init__(
         self, uplink: CodecChain, downlink: CodecChain, states: ClientStateStore | None = None, seed: int = 0,
-        dim: int | None = None, adaptive=None,
+        dim: int | None = None, adaptive=None, personalization=None,
     ):
         self.uplink = uplink
         self.downlink = downlink
@@ -50,6 +50,10 @@ class ClientRuntime:
         self.seed = seed  # the device's own randomness (local DP noise, stochastic codecs)
         self.dim = dim  # the model dimension: a payload claiming another is refused before allocation
         self.adaptive = adaptive  # fleetlearn.compression.AdaptiveCompression or None
+        # fleetlearn.client.personalization part or None; its per-client state (FedPer heads,
+        # Ditto models) in a store of its own, apart from the codec state.
+        self.personalization = personalization
+        self.personal_states = ClientStateStore()
 
     def receive(self, task: Task) -> tuple[torch.Tensor, FitConfig]:
         return self.downlink.decode(task.payload, dim=self.dim), FitConfig.from_dict(task.config)
@@ -62,6 +66,8 @@ class ClientRuntime:
     def reply(self, client: int, task: Task, result: FitResult, level: int | None = None) -> Update:
         """The client's Update; `level` picks a rung of the adaptive ladder."""
         delta = result.delta
+        if self.personalization is not None:
+            delta = self.personalization.outgoing(delta)  # FedPer: the head never leaves the device
         ldp = task.config.get("local_dp")
         if ldp:
             # Local DP: the device clips and noises its own update before it leaves.
@@ -92,6 +98,8 @@ class ClientRuntime:
                 compute_seconds=result.compute_seconds,
                 steps=result.steps,
                 samples=result.samples,
+                personal_accuracy=result.personal_accuracy,
+                global_accuracy=result.global_accuracy,
             ),
             downlink_bytes=task.nbytes,
         )

@@ -138,13 +138,14 @@ class SimulationTransport:
 
         train = np.flatnonzero(~np.isfinite(drop_at))
         t0 = time.perf_counter()
-        results = self.learner.fit_cohort(
-            params,
-            [self._client_data_for(int(ids[i]), task.round) for i in train],
-            hp,
-            [client_seed(self.seed, task.round, int(ids[i])) for i in train],
-            step_limits=[limits[i] for i in train] if any(limits[i] is not None for i in train) else None,
-        )
+        cohort_data = [self._client_data_for(int(ids[i]), task.round) for i in train]
+        seeds = [client_seed(self.seed, task.round, int(ids[i])) for i in train]
+        step_limits = [limits[i] for i in train] if any(limits[i] is not None for i in train) else None
+        pers = self.runtime.personalization
+        if pers is None:
+            results = self.learner.fit_cohort(params, cohort_data, hp, seeds, step_limits=step_limits)
+        else:  # global training plus each client's personal step (its state: runtime.personal_states)
+            results = pers.fit_cohort(self.learner, params, [int(ids[i]) for i in train], cohort_data, hp, seeds, self.runtime.personal_states, step_limits)
         self.train_wall_seconds = time.perf_counter() - t0
         self.last_malicious = []
         if self.attack is not None:  # attackers replace their deltas after training, before encoding
