@@ -235,3 +235,23 @@ def test_acceptance_personalized_beat_global_under_dirichlet_01():
     cfg = {"data": {"alpha": 0.1}, "server": {"rounds": 5}, "personalization": {"method": "finetune"}, "monitoring": {"debug": False}}
     _, s = run(cfg)
     assert s.personal_gain >= 0.05, (s.personal_accuracy, s.personal_global_accuracy)
+
+
+def test_fedper_head_stays_zero_through_local_dp_and_the_codec():
+    from fleetlearn.client.runtime import ClientRuntime
+    from fleetlearn.compression import parse_chain
+    from fleetlearn.learners.base import FitResult
+    from fleetlearn.messages import Task
+
+    spec = ParamSpec.from_module(mlp(6, 3, [8]))
+    part = FedPer(spec, "last")
+    chain = parse_chain("none")
+    runtime = ClientRuntime(chain, chain, dim=spec.dim, personalization=part)
+    task = Task(round=1, version=0, payload=b"", codec="none", config={"local_dp": {"clip_norm": 0.5, "noise_multiplier": 1.0}})
+    delta = torch.randn(spec.dim, generator=torch.Generator().manual_seed(0))
+    result = FitResult(delta=delta, num_examples=5, loss_before=1.0, loss_after=0.5, accuracy=0.5, steps=1, samples=5, compute_seconds=0.0)
+    sent = chain.decode(runtime.reply(3, task, result).payload, dim=spec.dim)
+    assert torch.all(sent[part.index] == 0)
+    body = torch.ones(spec.dim, dtype=torch.bool)
+    body[part.index] = False
+    assert torch.count_nonzero(sent[body]) == int(body.sum())  # the body is sent (clipped and noised)

@@ -75,6 +75,8 @@ class ClientRuntime:
 
             part = LocalDP(ldp["clip_norm"], ldp["noise_multiplier"])
             delta = part.apply(delta, LocalDP.client_generator(self.seed, task.round, client))
+            if self.personalization is not None:  # clipped on the body only; no noise on the head either
+                delta = self.personalization.outgoing(delta)
         chain = self.chain_for(level)
         state = self.states.get(client)
         if state is None and getattr(chain, "stochastic", False):
