@@ -1,6 +1,6 @@
 """Personalization: personal vs global accuracy on the clients' local test splits.
 
-    .venv/bin/python benchmarks/personalization.py [--rounds 5 10 20] [--seeds 3] [--dataset digits|sotu]
+    .venv/bin/python benchmarks/personalization.py [--rounds 5 10 20] [--seeds 3] [--dataset digits|sotu] [--local-epochs N]
 
 Digits, 100 clients, Dirichlet(0.1) label skew, the default job (64-128-10 MLP, 10 local
 epochs, batch 8, lr 0.05, momentum 0.9, cohort 30), `[personalization]` defaults:
@@ -44,10 +44,11 @@ BASES = {
 }
 
 
-def one(method: str, rounds: int, seed: int, dataset: str = "digits") -> dict:
+def one(method: str, rounds: int, seed: int, dataset: str = "digits", local_epochs: int | None = None) -> dict:
     base = BASES[dataset]
     cfg = {
         **base,
+        "client": {**base.get("client", {}), **({"local_epochs": local_epochs} if local_epochs else {})},
         "seed": seed,
         "server": {**base["server"], "rounds": rounds},
         "personalization": {"method": method},
@@ -72,12 +73,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, nargs="+", default=[5, 10, 20])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--dataset", choices=sorted(BASES), default="digits")
+    ap.add_argument("--local-epochs", type=int, default=None, help="override client.local_epochs (default: the job's)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     print("| rounds | method | central acc (global) | global on local tests | FedAvg on local tests | personal | gain vs FedAvg | clients improved (vs own global) | s/run |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for rounds in args.rounds:
-        runs = {m: [one(m, rounds, seed, args.dataset) for seed in range(args.seeds)] for m in METHODS}
+        runs = {m: [one(m, rounds, seed, args.dataset, args.local_epochs) for seed in range(args.seeds)] for m in METHODS}
         fedavg = np.array([r["global"] for r in runs["none"]])
         for m in METHODS:
             rs = runs[m]
