@@ -116,6 +116,8 @@ def _print_summary(console: Console, s: RunSummary) -> None:
         ("simulated time", f"{s.sim_seconds:.1f} s"),
         ("wall time", f"{s.wall_seconds:.2f} s"),
     ]
+    if s.personal_accuracy == s.personal_accuracy:  # personalization on: its end-of-run evaluation
+        rows.append(("personal / global (local tests)", f"{_fmt(s.personal_accuracy)} / {_fmt(s.personal_global_accuracy)} (gain {s.personal_gain:+.4f})"))
     for k, v in rows:
         t.add_row(k, v)
     console.print(t)

@@ -20,9 +20,12 @@ class ConfigError(ValueError):
     """A configuration that cannot run.  The message names the key and what is allowed."""
 
 
-BUILTIN_DATASETS = ("digits", "synthetic", "fashion_mnist")
-# Population size when `data.clients` is not given: FedProx's Synthetic uses 30 devices.
-DEFAULT_CLIENTS = {"digits": 100, "synthetic": 30, "fashion_mnist": 100}
+BUILTIN_DATASETS = ("digits", "synthetic", "fashion_mnist", "sotu")
+# Population size when `data.clients` is not given: FedProx's Synthetic uses 30 devices;
+# sotu has one client per president of the State of the Union corpus (43).
+DEFAULT_CLIENTS = {"digits": 100, "synthetic": 30, "fashion_mnist": 100, "sotu": 43}
+# Datasets that bring their own devices (partition "natural"); sotu defaults to it.
+NATURAL_DATASETS = ("synthetic", "sotu")
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "feature", "natural")
 
 
@@ -51,12 +54,28 @@ class DataConfig(Section):
     # t10k, and the `natural` partition, whose central set is the union of the devices' test splits).
     test_fraction: float = Field(default=0.2, gt=0, lt=1)
     local_test_fraction: float = Field(default=0.2, ge=0, lt=1)  # each client's local test split
-    path: str | None = None  # directory with the dataset's files (fashion_mnist)
+    path: str | None = None  # directory with the dataset's files (fashion_mnist; sotu: the corpus)
     synthetic_alpha: float = Field(default=0.0, ge=0)  # Synthetic(alpha, beta): model skew
     synthetic_beta: float = Field(default=0.0, ge=0)  # Synthetic(alpha, beta): feature skew
     synthetic_iid: bool = False
     synthetic_dim: int = Field(default=60, ge=1)
     synthetic_classes: int = Field(default=10, ge=2)
+    # sotu (fleetlearn.data.text): next-character windows of `text_seq_len` characters taken every
+    # `text_stride` characters from a stretch of `text_max_chars` characters per speaker
+    # (0: all of it); `text_speakers` keeps the speakers with the most text (None: all 43).
+    text_seq_len: int = Field(default=40, ge=1)
+    text_stride: int = Field(default=4, ge=1)
+    text_max_chars: int = Field(default=10_000, ge=0)
+    text_speakers: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _natural_default(self) -> "DataConfig":
+        # sotu's clients are its speakers: partition "natural" unless set otherwise.
+        if self.dataset == "sotu" and "partition" not in self.model_fields_set:
+            self.__dict__["partition"] = "natural"  # not setattr: that would re-run this validator
+        if self.dataset == "sotu" and self.text_max_chars and self.text_max_chars <= self.text_seq_len:
+            raise ValueError(f"data.text_max_chars = {self.text_max_chars} must exceed data.text_seq_len = {self.text_seq_len}")
+        return self
 
     @field_validator("dataset")
     @classmethod
@@ -69,11 +88,17 @@ class DataConfig(Section):
     def num_clients(self) -> int:
         if self.clients is not None:
             return self.clients
+        if self.dataset == "sotu" and self.text_speakers is not None:
+            return self.text_speakers
         return DEFAULT_CLIENTS.get(self.dataset, 100)
 
 
+BUILTIN_MODELS = ("mlp", "logistic", "char_gru", "char_lstm")
+
+
 class ModelConfig(Section):
-    # A built-in ("mlp", "logistic") or an import path "pkg.module:make_model" to a
+    # A built-in ("mlp", "logistic"; "char_gru", "char_lstm" for text: `hidden` is then the one
+    # recurrent width, kwargs may set `embed`) or an import path "pkg.module:make_model" to a
     # function (num_features, num_classes, **kwargs) -> torch.nn.Module.
     name: str = "mlp"
     hidden: list[int] = Field(default_factory=lambda: [128])
@@ -82,9 +107,15 @@ class ModelConfig(Section):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if v in ("mlp", "logistic") or _is_import_path(v):
+        if v in BUILTIN_MODELS or _is_import_path(v):
             return v
-        raise ValueError(f"unknown model {v!r}; allowed: mlp, logistic or an import path 'pkg.module:function'")
+        raise ValueError(f"unknown model {v!r}; allowed: {', '.join(BUILTIN_MODELS)} or an import path 'pkg.module:function'")
+
+    @model_validator(mode="after")
+    def _recurrent_width(self) -> "ModelConfig":
+        if self.name in ("char_gru", "char_lstm") and len(self.hidden) != 1:
+            raise ValueError(f"model.hidden = {self.hidden}: {self.name} has one recurrent layer; give one width, e.g. [64]")
+        return self
 
     # HeteroFL (Diao et al., ICLR 2021): the widths clients train at (1.0 = the full model;
     # [1.0] alone is ordinary training), and the rule giving each device its width:
@@ -284,6 +315,34 @@ class PrivacyConfig(Section):
     secagg_rounding: Literal["stochastic", "deterministic"] = "stochastic"
 
 
+# -- [personalization] (fleetlearn.client.personalization) ------------------------------
+class PersonalizationConfig(Section):
+    """Personalized models next to the global one; global training is unchanged except
+    that FedPer's head never leaves the client.  Personal and global accuracy on each
+    client's local test split are recorded per client and summarised per round and run."""
+
+    method: Literal["none", "finetune", "fedper", "ditto"] = "none"
+    # finetune: each client fine-tunes the global model for `finetune_steps` SGD steps
+    # (lr: `finetune_lr`, None = client.lr; client.batch_size and client.momentum).
+    finetune_steps: int = Field(default=5, ge=1)
+    finetune_lr: float | None = Field(default=None, gt=0)
+    # fedper (Arivazhagan et al. 2019): the personal head = "last" (the tensors of the last
+    # layer) or every tensor whose name starts with this prefix (e.g. "2." or "head.").
+    head: str = "last"
+    # ditto (Li et al., ICML 2021): a personal model trained with lambda/2 ||v - w||^2 around
+    # the received global model, `ditto_epochs` local epochs per round (None = client.local_epochs).
+    ditto_lambda: float = Field(default=0.1, ge=0)
+    ditto_epochs: int | None = Field(default=None, ge=1)
+
+    @field_validator("head")
+    @classmethod
+    def _head(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("expected 'last' or a parameter-name prefix such as '2.' or 'head.'")
+        return v
+# -- end [personalization] ----------------------------------------------------------------
+
+
 # -- [attack] (fleetlearn.attacks) ------------------------------------------------------
 class AttackConfig(Section):
     """Attack simulation: a seeded fixed `fraction` of the population is malicious
@@ -432,6 +491,7 @@ class RunConfig(Section):
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     attack: AttackConfig = Field(default_factory=AttackConfig)
+    personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -468,9 +528,17 @@ class RunConfig(Section):
             raise ValueError("server.partial_work needs a deadline: set server.deadline_s")
         if self.data.examples_per_client is not None and self.data.partition != "iid":
             raise ValueError(f"data.examples_per_client needs data.partition = 'iid', not {self.data.partition!r}")
-        if self.data.partition == "natural" and self.data.dataset not in ("synthetic",) and ":" not in self.data.dataset:
-            raise ValueError(f"data.partition = 'natural' needs a dataset with its own devices (synthetic or a custom one), not {self.data.dataset!r}")
+        if self.data.partition == "natural" and self.data.dataset not in NATURAL_DATASETS and ":" not in self.data.dataset:
+            raise ValueError(f"data.partition = 'natural' needs a dataset with its own devices ({', '.join(NATURAL_DATASETS)} or a custom one), not {self.data.dataset!r}")
         self._heterofl_checks()
+        method = self.personalization.method
+        if method != "none":
+            if self.engine.backend != "simulation":
+                raise ValueError(f"personalization.method = {method!r} keeps personal state in the in-process simulation; engine.backend = {self.engine.backend!r} is not supported")
+            if self.client.objective == "scaffold" or self.model.heterofl:
+                raise ValueError(f"personalization.method = {method!r} cannot be combined with client.objective = 'scaffold' or HeteroFL model widths yet")
+            if self.data.local_test_fraction == 0:
+                raise ValueError(f"personalization.method = {method!r} measures accuracy on each client's local test split; set data.local_test_fraction > 0")
         return self
 
     def _heterofl_checks(self) -> None:

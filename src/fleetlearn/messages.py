@@ -44,6 +44,9 @@ class ClientMetrics:
     # for `label_importance` weighting) and the examples it added by oversampling.
     label_counts: tuple[int, ...] | None = None
     oversampled: int = 0
+    # Personalization: personal model and received global model on the local test split.
+    personal_accuracy: float = float("nan")
+    global_accuracy: float = float("nan")
 
     def to_dict(self) -> dict[str, float]:
         return {
@@ -53,6 +56,8 @@ class ClientMetrics:
             "compute_seconds": self.compute_seconds,
             "steps": self.steps,
             "samples": self.samples,
+            "personal_accuracy": self.personal_accuracy,
+            "global_accuracy": self.global_accuracy,
         }
 
 

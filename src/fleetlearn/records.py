@@ -31,6 +31,10 @@ class ClientRecord:
     label_counts: list[int] | None = None  # its label histogram, when weighting = label_importance asked for it
     oversampled: int = 0  # examples it added by oversampling (client.oversample)
 
+    # Personalization: the client's personal model / the global model it received, on its local test split.
+    personal_accuracy: float = math.nan
+    global_accuracy: float = math.nan
+
     def __post_init__(self) -> None:
         if not isinstance(self.label_counts, (list, tuple)):  # the store reads a JSON null back as nan
             self.label_counts = None
@@ -68,6 +72,11 @@ class RoundRecord:
     train_loss_before: float = math.nan
     train_loss_after: float = math.nan
     local_accuracy: float = math.nan  # local models on their own test splits
+    # Personalization, averaged over accepted clients: personal model vs the global model
+    # they received, both on the clients' local test splits, and the difference.
+    personal_accuracy: float = math.nan
+    personal_global_accuracy: float = math.nan
+    personal_gain: float = math.nan
     update_norm_mean: float = math.nan
     update_norm_max: float = math.nan
     completion_p50_s: float = math.nan
@@ -133,6 +142,11 @@ class RunSummary:
     wall_seconds: float
     failed_rounds: int = 0
     stopped_reason: str = ""  # why the run ended before `server.rounds` (e.g. the privacy budget)
+    # Personalization, evaluated after the last round on the federated-evaluation clients
+    # (server.eval_clients): mean personal and global accuracy on their local test splits.
+    personal_accuracy: float = math.nan
+    personal_global_accuracy: float = math.nan
+    personal_gain: float = math.nan
     records: list[RoundRecord] = field(default_factory=list)
 
     def to_json_dict(self) -> dict[str, Any]:

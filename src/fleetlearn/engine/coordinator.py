@@ -291,6 +291,10 @@ class Coordinator:
         if r % self.config.server.eval_every == 0 or last:
             record.loss, record.accuracy = self.evaluator.central(self.params)
             record.fed_accuracy, record.fed_accuracy_p10 = self.evaluator.federated(self.params)
+        if last and getattr(self.evaluator, "personalization", None) is not None:
+            personal = self.evaluator.personal(self.params, self.fit_config())
+            if personal is not None:
+                record.extra["personalization"] = personal
         self._current_record = record
         record.wall_seconds = time.perf_counter() - t_wall
         for hook in self.hooks:
@@ -445,6 +449,8 @@ class Coordinator:
             accuracy=m.accuracy,
             steps=m.steps,
             codec=u.codec,
+            personal_accuracy=getattr(m, "personal_accuracy", math.nan),
+            global_accuracy=getattr(m, "global_accuracy", math.nan),
         )
 
     def example_weights(self, claims: Sequence[int]) -> np.ndarray:
@@ -562,6 +568,11 @@ class Coordinator:
         record.train_loss_before = _nanmean(loss_b)
         record.train_loss_after = _nanmean(loss_a)
         record.local_accuracy = _nanmean(acc)
+        personal = np.array([c.personal_accuracy for c in got.accepted])
+        if not np.isnan(personal).all():
+            glob = np.array([c.global_accuracy for c in got.accepted])
+            record.personal_accuracy, record.personal_global_accuracy = _nanmean(personal), _nanmean(glob)
+            record.personal_gain = record.personal_accuracy - record.personal_global_accuracy
 
     def _aggregate_regions(self, record: RoundRecord, got: Collected, matrix: torch.Tensor, scaled: np.ndarray, weights: np.ndarray):
         """The weighted mean through regional aggregators (engine.regions > 1): each region
@@ -687,6 +698,10 @@ class Coordinator:
             stopped_reason=self.stopped_reason or "",
             records=list(recs),
         )
+        personal = recs[-1].extra.get("personalization") if recs else None
+        if personal:
+            s.personal_accuracy, s.personal_global_accuracy = personal["personal_accuracy"], personal["global_accuracy"]
+            s.personal_gain = personal["gain"]
         if self.store is not None:
             self.store.finish(s.to_json_dict())
         return s

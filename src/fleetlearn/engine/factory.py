@@ -159,6 +159,20 @@ def build_selector(config: RunConfig, population: int):
     return SELECTORS[srv.selector]()
 
 
+def build_personalization_part(config: RunConfig, learner):
+    """The `[personalization]` part (fleetlearn.client.personalization), or None."""
+    from ..client.personalization import build_personalization
+
+    p = config.personalization
+    if p.method == "none":
+        return None
+    if not hasattr(learner, "cohort_test_accuracy"):
+        raise ConfigError(f"personalization.method = {p.method!r} needs a learner with per-client start points (TorchLearner)")
+    key = "personalization.head" if p.method == "fedper" else "personalization.method"
+    value = p.head if p.method == "fedper" else p.method
+    return _part(key, key, value, lambda: build_personalization(p.model_dump(), learner.spec))
+
+
 def build_attack_part(config: RunConfig, data: FederatedData):
     """The `[attack]` part (simulated malicious clients), or None."""
     a = config.attack
@@ -243,7 +257,10 @@ def build_coordinator(
     if _is_sketch(uplink) and config.server.aggregator != "mean":
         raise ConfigError(f"compression.uplink = {config.compression.uplink!r} aggregates in sketch space, which only the mean can do; server.aggregator = {config.server.aggregator!r} needs individual updates")
     _check_scaffold(config, uplink)
-    runtime = ClientRuntime(uplink, downlink, seed=config.seed, dim=learner.spec.dim, adaptive=adaptive)
+    personalization = build_personalization_part(config, learner)
+    if personalization is not None and transport_factory is not None:
+        raise ConfigError(f"personalization.method = {config.personalization.method!r} runs in the simulation; this transport does not support it")
+    runtime = ClientRuntime(uplink, downlink, seed=config.seed, dim=learner.spec.dim, adaptive=adaptive, personalization=personalization)
     if transport_factory is not None:
         transport = transport_factory(learner, runtime)
     else:
@@ -269,7 +286,10 @@ def build_coordinator(
         downlink=downlink,
         uplink=uplink,
         # On a real network the server cannot see clients' data: central evaluation only.
-        evaluator=Evaluator(learner, data, config.server.eval_clients, config.seed, federated=transport_factory is None),
+        evaluator=Evaluator(
+            learner, data, config.server.eval_clients, config.seed, federated=transport_factory is None,
+            personalization=personalization, personal_states=runtime.personal_states, chunk=config.server.cohort,
+        ),
         store=run_store,
         hooks=build_model_hooks(config, data, learner, x_unlabeled) + list(hooks or []) + monitoring.hooks,
         clock=clock,

@@ -7,6 +7,7 @@ maps them onto a model is its own business.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -60,6 +61,10 @@ class FitResult:
     steps: int
     samples: int  # examples processed, what the virtual clock charges compute for
     compute_seconds: float
+    # Personalization (fleetlearn.client.personalization): the client's personal model and
+    # the global model it received, each on its local test split (nan: not measured).
+    personal_accuracy: float = math.nan
+    global_accuracy: float = math.nan
 
 
 @runtime_checkable
@@ -82,10 +87,12 @@ class Learner(Protocol):
     def fit_cohort(
         self, params: torch.Tensor, cohort: list[ClientData], hp: FitConfig, seeds: list[int],
         corrections: torch.Tensor | None = None, step_limits: list[int | None] | None = None,
+        anchor: torch.Tensor | None = None,
     ) -> list[FitResult]:
-        """Train every client of a cohort from the same `params` (may be batched);
-        `corrections` is an optional (n, d) matrix, one gradient correction per client;
-        `step_limits` caps each client's steps."""
+        """Train every client of a cohort from `params`, the same (d,) vector or one (n, d)
+        row per client (may be batched); `corrections` is an optional (n, d) matrix, one
+        gradient correction per client; `step_limits` caps each client's steps; `anchor`
+        is the centre of the prox term (default: each client's start point)."""
         ...
 
     def per_example(self, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

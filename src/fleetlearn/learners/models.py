@@ -44,6 +44,13 @@ def model_factory(name: str, num_features: int, num_classes: int, hidden: list[i
         return lambda: mlp(num_features, num_classes, hidden)
     if name == "logistic":
         return lambda: logistic(num_features, num_classes)
+    if name in ("char_gru", "char_lstm"):
+        from .text_models import char_gru, char_lstm
+
+        make_rnn = char_gru if name == "char_gru" else char_lstm
+        width = hidden[0] if hidden else 64
+        make_rnn(num_features, num_classes, hidden=width, **kwargs)  # bad kwargs fail here, at build time
+        return lambda: make_rnn(num_features, num_classes, hidden=width, **kwargs)
     fn = import_object(name)
     if not callable(fn):
         raise TypeError(f"model {name!r} is not callable")

@@ -97,10 +97,11 @@ class TorchLearner:
     # -- one client ------------------------------------------------------------
     def fit(
         self, params: torch.Tensor, data: ClientData, hp: FitConfig, seed: int,
-        correction: torch.Tensor | None = None, max_steps: int | None = None,
+        correction: torch.Tensor | None = None, max_steps: int | None = None, anchor: torch.Tensor | None = None,
     ) -> FitResult:
         t0 = time.perf_counter()
         start = params.detach().to(torch.float32)
+        center = start if anchor is None else anchor.detach().to(torch.float32)
         loss_before = self._mean_loss(start, data.x, data.y)
         gen = torch.Generator().manual_seed(seed)
         p = start.clone()
@@ -115,7 +116,7 @@ class TorchLearner:
             p = p.detach()
             with torch.no_grad():
                 if hp.prox_mu:
-                    g = g + hp.prox_mu * (p - start)
+                    g = g + hp.prox_mu * (p - center)
                 if correction is not None:
                     g = g + correction
                 if hp.weight_decay:
@@ -141,25 +142,41 @@ class TorchLearner:
     def fit_cohort(
         self, params: torch.Tensor, cohort: list[ClientData], hp: FitConfig, seeds: list[int],
         corrections: torch.Tensor | None = None, step_limits: list[int | None] | None = None,
+        anchor: torch.Tensor | None = None,
     ) -> list[FitResult]:
+        """`params` is the common start point (d,) or one start point per client (n, d)
+        (personalization: FedPer's personal heads, Ditto's personal models); `anchor`
+        (d,) or (n, d) is the centre of the prox term (default: each client's start)."""
         if not cohort:
             return []
-        limits = step_limits if step_limits is not None else [None] * len(cohort)
-        if corrections is not None and tuple(corrections.shape) != (len(cohort), self.spec.dim):
-            raise ValueError(f"corrections must be ({len(cohort)}, {self.spec.dim}), got {tuple(corrections.shape)}")
-        if self.vectorize and not self._vmap_failed and len(cohort) > 1:
+        n, d = len(cohort), self.spec.dim
+        limits = step_limits if step_limits is not None else [None] * n
+        if corrections is not None and tuple(corrections.shape) != (n, d):
+            raise ValueError(f"corrections must be ({n}, {d}), got {tuple(corrections.shape)}")
+        for what, t in (("params", params), ("anchor", anchor)):
+            if t is not None and t.dim() == 2 and tuple(t.shape) != (n, d):
+                raise ValueError(f"per-client {what} must be ({n}, {d}), got {tuple(t.shape)}")
+
+        def rows(t: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor | None:
+            return t[lo:hi] if t is not None and t.dim() == 2 else t
+
+        if self.vectorize and not self._vmap_failed and n > 1:
             try:
                 out: list[FitResult] = []
-                for lo in range(0, len(cohort), self.max_group):
+                for lo in range(0, n, self.max_group):
                     hi = lo + self.max_group
-                    corr = corrections[lo:hi] if corrections is not None else None
-                    out.extend(self._fit_vectorized(params, cohort[lo:hi], hp, seeds[lo:hi], corr, limits[lo:hi]))
+                    out.extend(self._fit_vectorized(
+                        rows(params, lo, hi), cohort[lo:hi], hp, seeds[lo:hi], rows(corrections, lo, hi), limits[lo:hi], rows(anchor, lo, hi),
+                    ))
                 return out
             except (RuntimeError, NotImplementedError, ValueError) as exc:  # a module vmap cannot batch
                 self._vmap_failed = True
                 log.warning("batched training does not apply to this model (%s); training clients one by one", exc)
         return [
-            self.fit(params, c, hp, s, corrections[i] if corrections is not None else None, limits[i])
+            self.fit(
+                params[i] if params.dim() == 2 else params, c, hp, s, corrections[i] if corrections is not None else None, limits[i],
+                anchor=anchor[i] if anchor is not None and anchor.dim() == 2 else anchor,
+            )
             for i, (c, s) in enumerate(zip(cohort, seeds))
         ]
 
@@ -169,12 +186,14 @@ class TorchLearner:
 
     def _fit_vectorized(
         self, params: torch.Tensor, cohort: list[ClientData], hp: FitConfig, seeds: list[int],
-        corrections: torch.Tensor | None, limits: list[int | None],
+        corrections: torch.Tensor | None, limits: list[int | None], anchor: torch.Tensor | None = None,
     ) -> list[FitResult]:
         t0 = time.perf_counter()
         n = len(cohort)
         b = hp.batch_size
         start = params.detach().to(torch.float32)
+        start = start.expand(n, -1) if start.dim() == 1 else start
+        center = start if anchor is None else anchor.detach().to(torch.float32)
         sizes = [c.num_examples for c in cohort]
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         x_all = torch.cat([c.x for c in cohort])
@@ -193,8 +212,8 @@ class TorchLearner:
         mask_t = torch.from_numpy(mask)
         active = mask_t.sum(-1) > 0  # (n, steps)
 
-        loss_before = self._cohort_mean_loss(start.expand(n, -1), x_all, y_all, sizes)
-        p = start.expand(n, -1).clone()
+        loss_before = self._cohort_mean_loss(start, x_all, y_all, sizes)
+        p = start.clone()
         buf: torch.Tensor | None = None
         step_fn = vmap(grad_and_value(self._masked_loss))
         self.module.train()
@@ -204,7 +223,7 @@ class TorchLearner:
             g, _ = step_fn(p, xb, yb, mask_t[:, s])
             act = active[:, s].unsqueeze(1).to(p.dtype)
             if hp.prox_mu:
-                g = g + hp.prox_mu * (p - start)
+                g = g + hp.prox_mu * (p - center)
             if corrections is not None:
                 g = g + corrections
             if hp.weight_decay:
@@ -233,6 +252,21 @@ class TorchLearner:
             )
             for c in range(n)
         ]
+
+    def cohort_test_accuracy(self, params: torch.Tensor, cohort: list[ClientData]) -> np.ndarray:
+        """Accuracy of each client's model (params (n, d), or one (d,) model for all) on its
+        own local test split, as one batched forward pass (nan for an empty split)."""
+        if not cohort:
+            return np.zeros(0)
+        p = params.detach().to(torch.float32)
+        p = p.expand(len(cohort), -1) if p.dim() == 1 else p
+        sizes = [int(c.y_test.shape[0]) for c in cohort]
+        x = torch.cat([c.x_test for c in cohort])
+        y = torch.cat([c.y_test for c in cohort])
+        try:
+            return np.asarray(self._cohort_accuracy(p, x, y, sizes))
+        except (RuntimeError, NotImplementedError, ValueError):  # a module vmap cannot batch
+            return np.array([self._accuracy(p[i], c.x_test, c.y_test) for i, c in enumerate(cohort)])
 
     @torch.no_grad()
     def _cohort_per_example(self, p: torch.Tensor, x: torch.Tensor, y: torch.Tensor, sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:

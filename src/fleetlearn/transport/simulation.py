@@ -162,15 +162,18 @@ class SimulationTransport:
         # SCAFFOLD: each client corrects its gradients by c - c_i (its c_i loaded for the cohort only).
         c = self.runtime.receive_control(task)
         c_i = self.runtime.control_variates(ids[train], c.shape[0]) if c is not None else None
-        results = self.learner.fit_cohort(
-            params,
-            cohort_data,
-            hp,
-            [client_seed(self.seed, task.round, int(ids[i])) for i in train],
-            corrections=(c.unsqueeze(0) - c_i) if c is not None and len(train) else None,
-            step_limits=[limits[i] for i in train] if any(limits[i] is not None for i in train) else None,
-            **by_id,
-        )
+        seeds = [client_seed(self.seed, task.round, int(ids[i])) for i in train]
+        step_limits = [limits[i] for i in train] if any(limits[i] is not None for i in train) else None
+        pers = self.runtime.personalization
+        if pers is None:
+            results = self.learner.fit_cohort(
+                params, cohort_data, hp, seeds,
+                corrections=(c.unsqueeze(0) - c_i) if c is not None and len(train) else None,
+                step_limits=step_limits,
+                **by_id,
+            )
+        else:  # global training plus each client's personal step (its state: runtime.personal_states)
+            results = pers.fit_cohort(self.learner, params, [int(ids[i]) for i in train], cohort_data, hp, seeds, self.runtime.personal_states, step_limits)
         self.train_wall_seconds = time.perf_counter() - t0
         # Oversampled copies change what a client trains on, not the count it claims.
         # (The Ray backend's cohort members are ClientRefs, its workers hold the data.)
