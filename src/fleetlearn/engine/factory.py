@@ -12,6 +12,7 @@ from ..devices import make_fleet
 from ..learners import TorchLearner, model_factory
 from ..monitoring import build_monitoring
 from ..ops import RunStore
+from ..ops.registry import PARAM_SPEC_FILE
 from ..privacy import PrivacyParts, build_privacy
 from ..selection import SELECTORS
 from ..transport import SimulationTransport
@@ -195,6 +196,8 @@ def build_coordinator(
     if store is True:
         run_store = RunStore.create(config.store.root, config.to_toml(), config.digest(), name=config.name, url=config.store.url)
         run_store.write_json("data_stats.json", data.stats)
+    if run_store is not None and not (run_store.run_dir / PARAM_SPEC_FILE).is_file():
+        (run_store.run_dir / PARAM_SPEC_FILE).write_text(learner.spec.to_json())  # `models export` names the tensors
     monitoring = _part("monitoring", "monitoring", "section", lambda: build_monitoring(config.monitoring.model_dump()))
     coordinator = Coordinator(
         config=config,
