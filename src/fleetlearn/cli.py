@@ -47,7 +47,7 @@ def _bytes(n: float | None) -> str:
 # -- fleetlearn run ---------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     from .data import DataError
-    from .engine import build_coordinator
+    from .engine import build_run
     from .ops import StoreError
 
     overrides = list(args.set or [])
@@ -59,7 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides)
         console = Console(stderr=args.json)
         with console.status("loading data and building the run..."):
-            coordinator = build_coordinator(cfg)
+            coordinator = build_run(cfg)  # a CanaryRollout when [canary] names a candidate
     except (ConfigError, DataError, StoreError) as exc:
         raise UsageError(str(exc)) from None
 
@@ -196,6 +196,8 @@ def cmd_server(args: argparse.Namespace) -> int:
                 overrides.append(f"store.root={json.dumps(args.runs_dir)}")
             cfg = load_config(args.config, overrides)
             store = True
+        if cfg.canary.set:
+            raise UsageError("canary.set: canary rollouts run in the simulation (fleetlearn run), not in the gRPC server")
 
         holder: dict = {}
 

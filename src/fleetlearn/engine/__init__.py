@@ -3,6 +3,6 @@
 from .clock import VirtualClock
 from .coordinator import Coordinator, RoundHook
 from .evaluation import Evaluator
-from .factory import build_coordinator, build_learner
+from .factory import build_coordinator, build_learner, build_run
 
-__all__ = ["Coordinator", "Evaluator", "RoundHook", "VirtualClock", "build_coordinator", "build_learner"]
+__all__ = ["Coordinator", "Evaluator", "RoundHook", "VirtualClock", "build_coordinator", "build_learner", "build_run"]

@@ -123,8 +123,14 @@ def build_privacy_parts(config: RunConfig, population: int, aggregator) -> Priva
 def build_selector(config: RunConfig, population: int):
     srv = config.server
     if srv.selector == "oort":
-        return SELECTORS["oort"](population, epsilon=srv.oort_epsilon, alpha=srv.oort_alpha, quantile=srv.deadline_quantile)
-    return SELECTORS[srv.selector]()
+        selector = SELECTORS["oort"](population, epsilon=srv.oort_epsilon, alpha=srv.oort_alpha, quantile=srv.deadline_quantile)
+    else:
+        selector = SELECTORS[srv.selector]()
+    if srv.max_newcomers is not None:
+        from ..selection import NewcomerCap
+
+        selector = NewcomerCap(selector, srv.max_newcomers, population)
+    return selector
 
 
 def build_attack_part(config: RunConfig, data: FederatedData):
@@ -220,3 +226,14 @@ def build_coordinator(
     )
     coordinator.monitoring = monitoring
     return coordinator
+
+
+def build_run(config: RunConfig, store: bool | RunStore = True, hooks: list[RoundHook] | None = None, data: FederatedData | None = None):
+    """What `fleetlearn run` drives: a `Coordinator`, or a `CanaryRollout` (two of them)
+    when ``[canary] set`` names a candidate configuration.  Both offer ``run(on_round)``,
+    ``store`` and ``summary(wall_seconds)``."""
+    if config.canary.set:
+        from .canary import CanaryRollout
+
+        return CanaryRollout(config, store=store, hooks=hooks, data=data)
+    return build_coordinator(config, store=store, hooks=hooks, data=data)
