@@ -302,6 +302,10 @@ class MonitoringConfig(Section):
     guardrail_exclude_rounds: int = Field(default=0, ge=0)  # exclude flagged clients for N rounds
     prometheus_port: int | None = Field(default=None, ge=0, le=65535)  # 0: a free port
     prometheus_host: str = "127.0.0.1"
+    # Probe updates with a known answer through the live codec, aggregator and server
+    # optimizer every round (0: off; else at least 2); a failed probe rejects the round.
+    probes: int = Field(default=0, ge=0)
+    probe_rollback: bool = True
 
     @field_validator("detectors", "guardrail")
     @classmethod
