@@ -250,6 +250,10 @@ class PrivacyConfig(Section):
     secagg_clip_range: float = Field(default=1.0, gt=0)
     secagg_neighbors: int | None = Field(default=None, ge=2)  # SecAgg+ graph degree; None: all pairs
     secagg_rounding: Literal["stochastic", "deterministic"] = "stochastic"
+    # Private telemetry (central mode): clients' reported loss, accuracy and update norm are
+    # stored only as noised cohort means (Gaussian, this noise multiplier), counted in the budget.
+    telemetry_noise_multiplier: float | None = Field(default=None, gt=0)
+    telemetry_loss_bound: float = Field(default=10.0, gt=0)  # losses are clipped to [0, bound]
 
 
 # -- [attack] (fleetlearn.attacks) ------------------------------------------------------

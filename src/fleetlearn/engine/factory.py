@@ -205,6 +205,10 @@ def build_coordinator(
     if run_store is not None and not (run_store.run_dir / PARAM_SPEC_FILE).is_file():
         (run_store.run_dir / PARAM_SPEC_FILE).write_text(learner.spec.to_json())  # `models export` names the tensors
     monitoring = _part("monitoring", "monitoring", "section", lambda: build_monitoring(config.monitoring.model_dump()))
+    if privacy is not None and privacy.telemetry is not None:
+        from ..privacy.telemetry import PrivateTelemetryHook
+
+        monitoring.telemetry = PrivateTelemetryHook(privacy.telemetry)  # after the guardrail, before the exporter
     coordinator = Coordinator(
         config=config,
         learner=learner,

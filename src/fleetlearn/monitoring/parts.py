@@ -1,7 +1,7 @@
 """The ``[monitoring]`` settings and `build_monitoring`, which turns them into
 the round hooks in the order they must run:
 
-    ProbeHook -> DebugMeasurements -> MonitorHook(detectors) -> Guardrail -> PrometheusExporter
+    ProbeHook -> DebugMeasurements -> MonitorHook(detectors) -> Guardrail -> PrivateTelemetryHook -> PrometheusExporter
 
 (probes reject a round computed by a broken part first, measurements feed the detectors, the guardrail acts on their alerts, and the
 exporter publishes the round as finally recorded, rollback included).
@@ -80,11 +80,12 @@ class MonitoringParts:
     exporter: PrometheusExporter | None
     settings: MonitoringSettings
     probe: ProbeHook | None = None
+    telemetry: Any = None  # fleetlearn.privacy.PrivateTelemetryHook, set by the factory when privacy asks for it
 
     @property
     def hooks(self) -> list:
         """The round hooks, in the order they must run."""
-        return [h for h in (self.probe, self.debug, self.monitor, self.guardrail, self.exporter) if h is not None]
+        return [h for h in (self.probe, self.debug, self.monitor, self.guardrail, self.telemetry, self.exporter) if h is not None]
 
     def start(self) -> int | None:
         """Start the Prometheus endpoint if configured; returns its port."""
