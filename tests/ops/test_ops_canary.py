@@ -8,6 +8,7 @@ import pytest
 
 import fleetlearn
 from fleetlearn.config import ConfigError, load_config
+from fleetlearn.monitoring.series import events
 from fleetlearn.engine.canary import candidate_config, split_population
 from fleetlearn.ops import ModelRegistry, RunStore
 from fleetlearn.selection import NewcomerCap, RandomSelector, RestrictedSelector
@@ -47,6 +48,8 @@ def test_a_worse_candidate_is_rolled_back_and_a_better_one_promoted(tmp_path):
     final = worse.records[-1].version
     assert not set(reg.lineage(final)) & {v.version for v in cand}
     assert json.loads((store.run_dir / "canary.json").read_text())[0]["decision"] == "rollback"
+    # What the report and dashboard show (their `events`) has the decision.
+    assert [e["decision"] for e in events(store.records())["canary"]] == ["rollback"]
 
     # Better: production's client lr is too small; the candidate's (x 10) learns faster.
     better = fleetlearn.run(_canary_config(tmp_path, 0.005, ["client.lr=0.05"]))
