@@ -30,8 +30,8 @@ def _decision(summary):
 
 @pytest.mark.slow
 def test_a_worse_candidate_is_rolled_back_and_a_better_one_promoted(tmp_path):
-    # Worse: production's client lr x 10 (0.05 -> 0.5 with momentum 0.9 overshoots).
-    worse = fleetlearn.run(_canary_config(tmp_path, 0.05, ["client.lr=0.5"]))
+    # Worse: production's client lr x 10 (0.1 -> 1.0 with momentum 0.9 overshoots).
+    worse = fleetlearn.run(_canary_config(tmp_path, 0.1, ["client.lr=1.0"]))
     d = _decision(worse)
     assert d["decision"] == "rollback" and d["round"] == 7 and d["rounds"] == 5
     assert d["candidate"] < d["production"] and "candidate accuracy" in d["reason"]
@@ -130,3 +130,18 @@ def test_max_newcomers_in_a_run_is_recorded_per_round():
     assert not math.isnan(s.final_accuracy)
     with pytest.raises(ConfigError, match="server.max_newcomers"):
         load_config({"server": {"max_newcomers": 0}})
+
+
+def test_fleetlearn_run_drives_a_canary_from_the_command_line(tmp_path, capsys):
+    from fleetlearn.cli import main
+
+    code = main(["run", "--quiet", "--json", "--runs-dir", str(tmp_path), "--set", "data.clients=20", "--set", "server.cohort=4",
+                 "--set", "server.rounds=3", "--set", "client.local_epochs=1", "--set", 'canary.set=["client.lr=1.0"]',
+                 "--set", "canary.rounds=2", "--set", "canary.window=2", "--set", "canary.fraction=0.5"])
+    out = capsys.readouterr().out
+    assert code == 0
+    summary = json.loads(out.strip().splitlines()[-1])
+    decisions = json.loads((tmp_path / summary["run_id"] / "canary.json").read_text())
+    assert len(decisions) == 1 and decisions[0]["round"] == 2 and decisions[0]["overrides"] == ["client.lr=1.0"]
+    assert main(["run", "--quiet", "--set", 'canary.set=["data.alpha=1"]']) == 2
+    assert "canary.set" in capsys.readouterr().err
