@@ -23,7 +23,6 @@ it by 0.4 pp; a tenfold lr is only "worse" when it overshoots.)
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path

@@ -317,3 +317,14 @@ def _none(x: float) -> float | None:
 def _mean(xs: list) -> float:
     vals = [x for x in xs if x is not None and math.isfinite(x)]
     return float(np.mean(vals)) if vals else math.nan
+
+
+def build_run(config: RunConfig, store=True, hooks: list | None = None, data=None):
+    """What `fleetlearn run` drives: a `Coordinator`, or a `CanaryRollout` (two of them)
+    when ``[canary] set`` names a candidate configuration.  Both offer ``run(on_round)``,
+    ``store`` and ``summary(wall_seconds)``."""
+    if config.canary.set:
+        return CanaryRollout(config, store=store, hooks=hooks, data=data)
+    from .factory import build_coordinator
+
+    return build_coordinator(config, store=store, hooks=hooks, data=data)

@@ -230,14 +230,3 @@ def build_coordinator(
     )
     coordinator.monitoring = monitoring
     return coordinator
-
-
-def build_run(config: RunConfig, store: bool | RunStore = True, hooks: list[RoundHook] | None = None, data: FederatedData | None = None):
-    """What `fleetlearn run` drives: a `Coordinator`, or a `CanaryRollout` (two of them)
-    when ``[canary] set`` names a candidate configuration.  Both offer ``run(on_round)``,
-    ``store`` and ``summary(wall_seconds)``."""
-    if config.canary.set:
-        from .canary import CanaryRollout
-
-        return CanaryRollout(config, store=store, hooks=hooks, data=data)
-    return build_coordinator(config, store=store, hooks=hooks, data=data)

@@ -123,8 +123,6 @@ class RunStore:
     def _engine(run_dir: Path, url: str | None) -> Engine:
         url = url or f"sqlite:///{(run_dir / DB_NAME).resolve()}"
         engine = create_engine(url, future=True)
-        from . import registry  # noqa: F401  (its tables join `metadata`; create_all adds them to older stores)
-
         metadata.create_all(engine)
         return engine
 
@@ -275,3 +273,7 @@ def list_runs(root: str | Path = "runs") -> list[dict[str, Any]]:
             "final_accuracy": summary.get("final_accuracy"), "run_dir": str(d),
         })
     return out
+
+
+# The model registry's tables join `metadata`, so `create_all` adds them, also to older stores.
+from . import registry as _registry  # noqa: E402,F401  (registry imports this module: it goes last)
