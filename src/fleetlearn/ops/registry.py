@@ -232,7 +232,7 @@ class ModelRegistry:
 
     def tag(self, version: int, tag: str, reason: str = "") -> None:
         self._known(version)
-        if tag == "production" and "rolled_back" in self.get(version).tags:
+        if tag == "production" and self._has(version, "rolled_back"):
             raise StoreError(f"version {version} was rolled back; remove its rolled_back tag before promoting it")
         with self.store.engine.begin() as conn:
             _set_tag(conn, self.run_id, version, tag, reason)
@@ -314,6 +314,12 @@ class ModelRegistry:
         os.replace(tmp, out)
         return out
 
+    def _has(self, version: int, tag: str) -> bool:
+        with self.store.engine.connect() as conn:
+            return bool(_active(conn, self.run_id, tag, version))
+
     def _known(self, version: int) -> None:
-        if not any(v.version == version for v in self.versions()):
+        with self.store.engine.connect() as conn:  # one indexed lookup; the full scan only for older stores
+            row = conn.execute(select(model_versions.c.version).where(model_versions.c.run_id == self.run_id, model_versions.c.version == version)).first()
+        if row is None and not any(v.version == version for v in self.versions()):
             raise StoreError(f"run {self.run_id} has no model version {version}")
