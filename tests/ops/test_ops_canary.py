@@ -44,6 +44,8 @@ def test_a_worse_candidate_is_rolled_back_and_a_better_one_promoted(tmp_path):
     assert [v.version for v in cand] == d["candidate_versions"] and len(cand) == 5
     assert all(set(v.tags) == {"canary", "rolled_back"} for v in cand)
     assert all(v.config_hash != store.info()["config_hash"] for v in cand)
+    kept = load_config(store.run_dir / "canary" / f"{cand[0].config_hash}.toml")
+    assert kept.client.lr == 1.0 and kept.canary.set == [] and kept.digest() == cand[0].config_hash
     # Production's lineage never goes through a candidate version.
     final = worse.records[-1].version
     assert not set(reg.lineage(final)) & {v.version for v in cand}

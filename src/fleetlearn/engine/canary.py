@@ -28,7 +28,8 @@ One round engine: `CanaryRollout` drives two `Coordinator`s built by
   ``extra["canary"]`` (both arms' metrics); the decision round also the decision.
   Candidate versions are registered (``arm`` canary or shadow, tags ``canary`` or
   ``candidate``, their checkpoints); a promoted candidate's last version is tagged
-  ``production``.  Decisions are also kept in ``canary.json`` in the run directory.
+  ``production``.  Decisions are also kept in ``canary.json`` in the run directory,
+  and the candidate's configuration in ``canary/<config hash>.toml``.
 
 Caveat: with a small ``fraction`` the candidate trains on fewer clients a round
 than production, which the rule does not correct for; use a margin, or a fraction
@@ -125,6 +126,10 @@ class CanaryRollout:
         self.prod_ids, self.cand_ids = split_population(self.data.num_clients, c.fraction, config.seed)
         self.production: Coordinator = build_coordinator(config, store=store, hooks=hooks, data=self.data)
         self._build = build_coordinator
+        if self.production.store is not None:  # the registry names versions by config hash: keep the config it stands for
+            folder = self.production.store.run_dir / "canary"
+            folder.mkdir(exist_ok=True)
+            (folder / f"{self.candidate_hash}.toml").write_text(self.candidate_cfg.to_toml())
         self.candidate: Coordinator | None = None
         self.decisions: list[CanaryDecision] = []
         self._history: list[dict[str, Any]] = []
