@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import RunConfig, add_config_dir_to_path, load_config
-from .engine import RoundHook, build_coordinator
+from .engine import RoundHook, build_run
 from .records import RoundRecord, RunSummary
 
 
@@ -27,5 +27,5 @@ def run(
     if isinstance(config, (str, Path)):
         add_config_dir_to_path(config)
     cfg = load_config(config, overrides)
-    coordinator = build_coordinator(cfg, store=store, hooks=hooks)
-    return coordinator.run(on_round=on_round)
+    runner = build_run(cfg, store=store, hooks=hooks)  # a Coordinator, or a CanaryRollout with [canary]
+    return runner.run(on_round=on_round)

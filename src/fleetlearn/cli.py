@@ -47,7 +47,7 @@ def _bytes(n: float | None) -> str:
 # -- fleetlearn run ---------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     from .data import DataError
-    from .engine import build_coordinator
+    from .engine import build_run
     from .ops import StoreError
 
     overrides = list(args.set or [])
@@ -61,7 +61,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides)
         console = Console(stderr=args.json)
         with console.status("loading data and building the run..."):
-            coordinator = build_coordinator(cfg)
+            coordinator = build_run(cfg)  # a CanaryRollout when [canary] names a candidate
     except (ConfigError, DataError, StoreError) as exc:
         raise UsageError(str(exc)) from None
 
@@ -202,6 +202,8 @@ def cmd_server(args: argparse.Namespace) -> int:
                 overrides.append(f"store.url={json.dumps(args.store)}")
             cfg = load_config(args.config, overrides)
             store = True
+        if cfg.canary.set:
+            raise UsageError("canary.set: canary rollouts run in the simulation (fleetlearn run), not in the gRPC server")
 
         holder: dict = {}
 
@@ -334,6 +336,71 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- fleetlearn models ------------------------------------------------------------------
+def _registry(args: argparse.Namespace):
+    from .ops import ModelRegistry, RunStore, StoreError
+
+    try:
+        return ModelRegistry(RunStore.open(args.run, args.runs_dir))
+    except StoreError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .ops import StoreError
+
+    reg = _registry(args)
+    try:
+        if args.action == "list":
+            versions = reg.versions()
+            if args.json:
+                print(json.dumps([v.to_dict() for v in versions], default=str))
+                return 0
+            t = Table(title=f"model versions of run {reg.run_id}")
+            for col in ("version", "parent", "round", "arm", "status", "config", "accuracy", "loss", "checkpoint", "tags"):
+                t.add_column(col)
+            for v in versions:
+                t.add_row(str(v.version), str(v.parent_version), str(v.round), v.arm, v.status, v.config_hash,
+                          _fmt(v.accuracy), _fmt(v.loss), "yes" if v.has_checkpoint else "-", ", ".join(v.tags))
+            Console().print(t)
+        elif args.action == "show":
+            v = reg.get(_version_arg(args, required=True))
+            d = v.to_dict()
+            d["lineage"] = reg.lineage(v.version)
+            d["tag_history"] = [{k: h[k] for k in ("tag", "reason", "created_at", "removed_at")} for h in reg.tag_history() if h["version"] == v.version]
+            print(json.dumps(d, default=str, indent=None if args.json else 1))
+        elif args.action == "promote":
+            version = _version_arg(args, required=True)
+            before = reg.promote(version, args.reason or "promoted from the command line")
+            print(f"version {version} is production" + (f" (was version {before})" if before is not None and before != version else ""))
+        elif args.action == "rollback":
+            if args.to is not None:
+                args.version = args.to
+            frm, to = reg.rollback(_version_arg(args, required=False), args.reason or "rolled back from the command line")
+            print(f"version {frm} rolled back; version {to} is production")
+        elif args.action == "export":
+            if not args.out:
+                raise UsageError("models export needs --out FILE.safetensors")
+            path = reg.export(_version_arg(args, required=False), args.out)
+            print(path)
+    except StoreError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"{exc.filename or args.out}: {exc.strerror or exc}") from None
+    return 0
+
+
+def _version_arg(args: argparse.Namespace, required: bool) -> int | None:
+    if args.version is None:
+        if required:
+            raise UsageError(f"models {args.action} needs a VERSION")
+        return None
+    try:
+        return int(args.version)
+    except ValueError:
+        raise UsageError(f"VERSION must be an integer, got {args.version!r}") from None
+
+
 # -- parser -------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fleetlearn", description="Federated learning that survives production.")
@@ -415,6 +482,20 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run", help="a run id (under --runs-dir) or a run directory")
     rp.add_argument("--runs-dir", default="runs")
     rp.set_defaults(func=cmd_report)
+
+    md = sub.add_parser("models", help="the model registry: list, show, promote, roll back, export versions",
+                        description="A run's model versions with their lineage and tags (candidate, canary, production, "
+                                    "rolled_back). promote tags a version production; rollback gives production back to the "
+                                    "version that held it before (or --to VERSION); export writes a safetensors file.")
+    md.add_argument("action", choices=["list", "show", "promote", "rollback", "export"])
+    md.add_argument("run", help="a run id (under --runs-dir) or a run directory")
+    md.add_argument("version", nargs="?", help="a model version (show, promote; export: default production, else the latest)")
+    md.add_argument("--to", dest="to", help="rollback: the version to make production (default: the previous production version)")
+    md.add_argument("--out", help="export: the .safetensors file to write")
+    md.add_argument("--reason", help="why (kept in the tag history)")
+    md.add_argument("--runs-dir", default="runs", help="folder holding run directories (default: runs)")
+    md.add_argument("--json", action="store_true", help="print JSON")
+    md.set_defaults(func=cmd_models)
 
     db = sub.add_parser("dashboard", help="serve a run's dashboard", description="Serve a web dashboard of a run on 127.0.0.1.")
     db.add_argument("run", help="a run id (under --runs-dir) or a run directory")

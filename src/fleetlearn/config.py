@@ -252,6 +252,8 @@ class ServerConfig(Section):
     staleness_weight: Literal["constant", "sqrt", "inverse"] = "sqrt"  # 1, 1/sqrt(1+s), 1/(1+s)
     max_staleness: int | None = Field(default=None, ge=0)  # older updates are refused
     eval_every: int = Field(default=1, ge=1)
+    # Gradual onboarding: at most this many clients never selected before join a round (None: no cap).
+    max_newcomers: int | None = Field(default=None, ge=1)
     # Federated evaluation of the global model on clients' local test splits: at most
     # this many clients (a seeded sample; 0 = every client).
     eval_clients: int = Field(default=1000, ge=0)
@@ -313,6 +315,10 @@ class PrivacyConfig(Section):
     secagg_clip_range: float = Field(default=1.0, gt=0)
     secagg_neighbors: int | None = Field(default=None, ge=2)  # SecAgg+ graph degree; None: all pairs
     secagg_rounding: Literal["stochastic", "deterministic"] = "stochastic"
+    # Private telemetry (central mode): clients' reported loss, accuracy and update norm are
+    # stored only as noised cohort means (Gaussian, this noise multiplier), counted in the budget.
+    telemetry_noise_multiplier: float | None = Field(default=None, gt=0)
+    telemetry_loss_bound: float = Field(default=10.0, gt=0)  # losses are clipped to [0, bound]
 
 
 # -- [personalization] (fleetlearn.client.personalization) ------------------------------
@@ -393,6 +399,10 @@ class MonitoringConfig(Section):
     guardrail_exclude_rounds: int = Field(default=0, ge=0)  # exclude flagged clients for N rounds
     prometheus_port: int | None = Field(default=None, ge=0, le=65535)  # 0: a free port
     prometheus_host: str = "127.0.0.1"
+    # Probe updates with a known answer through the live codec, aggregator and server
+    # optimizer every round (0: off; else at least 2); a failed probe rejects the round.
+    probes: int = Field(default=0, ge=0)
+    probe_rollback: bool = True
 
     @field_validator("detectors", "guardrail")
     @classmethod
@@ -474,6 +484,37 @@ class EngineConfig(Section):
         return self
 
 
+# -- [canary] (fleetlearn.engine.canary) ------------------------------------------------
+CANARY_SECTIONS = ("client", "server", "compression", "privacy")  # what a candidate may change
+
+
+class CanaryConfig(Section):
+    """A candidate configuration trained beside production on a disjoint `fraction` of
+    the population (and of the cohort) for `rounds` rounds from `start_round`, then
+    promoted or rolled back by the rule: the candidate's central `metric`, averaged over
+    the last `window` canary rounds, beats production's by at least `margin`.
+    ``mode = "shadow"``: the same, but the candidate never ships."""
+
+    set: list[str] = Field(default_factory=list)  # the candidate's overrides, "section.key=value"; empty: no canary
+    mode: Literal["canary", "shadow"] = "canary"
+    fraction: float = Field(default=0.2, gt=0, lt=1)
+    start_round: int = Field(default=1, ge=1)
+    rounds: int = Field(default=5, ge=1)
+    metric: Literal["accuracy", "loss"] = "accuracy"
+    margin: float = Field(default=0.0, ge=0)
+    window: int = Field(default=3, ge=1)
+
+    @field_validator("set")
+    @classmethod
+    def _overrides(cls, v: list[str]) -> list[str]:
+        for item in v:
+            path, _ = parse_override(item)
+            if len(path) != 2 or path[0] not in CANARY_SECTIONS:
+                raise ValueError(f"{item!r}: a candidate overrides 'section.key=value' in {', '.join(CANARY_SECTIONS)}")
+        return v
+# -- end [canary] ------------------------------------------------------------------------
+
+
 class StoreConfig(Section):
     root: str = "runs"  # run directories are created under this folder
     url: str | None = None  # SQLAlchemy URL; default: sqlite file inside the run directory
@@ -495,6 +536,7 @@ class RunConfig(Section):
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    canary: CanaryConfig = Field(default_factory=CanaryConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
 
     @model_validator(mode="after")
@@ -510,6 +552,11 @@ class RunConfig(Section):
             conc = self.server.concurrency or self.server.cohort
             if conc > n:
                 raise ValueError(f"server.concurrency = {conc} exceeds the number of clients ({n})")
+        if self.canary.set:
+            if self.server.mode != "sync":
+                raise ValueError("canary.set: a canary rollout runs synchronous rounds; server.mode must be 'sync'")
+            if self.canary.window > self.canary.rounds:
+                raise ValueError(f"canary.window = {self.canary.window} exceeds canary.rounds = {self.canary.rounds}")
         missing = [d for d in self.monitoring.guardrail if d not in self.monitoring.detectors]
         if missing:
             raise ValueError(f"monitoring.guardrail names {missing}, which are not in monitoring.detectors")

@@ -391,6 +391,9 @@ class Coordinator:
         self.params, self.server_state, self.version = params, dict(state), version
         rec = self._current_record
         if rec is not None:
+            if rec.status == "ok" and rec.version != version:
+                # The rejected version keeps its number and its metrics in the registry.
+                rec.extra.update(rejected_version=rec.version, rejected_accuracy=rec.accuracy, rejected_loss=rec.loss)
             rec.status = "rolled_back"
             rec.reason = reason or f"rolled back to version {version}"
             rec.version = version

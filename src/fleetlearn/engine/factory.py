@@ -12,6 +12,7 @@ from ..devices import make_fleet
 from ..learners import TorchLearner, model_factory
 from ..monitoring import build_monitoring
 from ..ops import RunStore
+from ..ops.registry import PARAM_SPEC_FILE
 from ..privacy import PrivacyParts, build_privacy
 from ..selection import SELECTORS
 from ..transport import SimulationTransport
@@ -155,8 +156,14 @@ def build_privacy_parts(config: RunConfig, population: int, aggregator) -> Priva
 def build_selector(config: RunConfig, population: int):
     srv = config.server
     if srv.selector == "oort":
-        return SELECTORS["oort"](population, epsilon=srv.oort_epsilon, alpha=srv.oort_alpha, quantile=srv.deadline_quantile)
-    return SELECTORS[srv.selector]()
+        selector = SELECTORS["oort"](population, epsilon=srv.oort_epsilon, alpha=srv.oort_alpha, quantile=srv.deadline_quantile)
+    else:
+        selector = SELECTORS[srv.selector]()
+    if srv.max_newcomers is not None:
+        from ..selection import NewcomerCap
+
+        selector = NewcomerCap(selector, srv.max_newcomers, population)
+    return selector
 
 
 def build_personalization_part(config: RunConfig, learner):
@@ -271,7 +278,13 @@ def build_coordinator(
     if store is True:
         run_store = RunStore.create(config.store.root, config.to_toml(), config.digest(), name=config.name, url=config.store.url)
         run_store.write_json("data_stats.json", data.stats)
+    if run_store is not None and not (run_store.run_dir / PARAM_SPEC_FILE).is_file():
+        (run_store.run_dir / PARAM_SPEC_FILE).write_text(learner.spec.to_json())  # `models export` names the tensors
     monitoring = _part("monitoring", "monitoring", "section", lambda: build_monitoring(config.monitoring.model_dump()))
+    if privacy is not None and privacy.telemetry is not None:
+        from ..privacy.telemetry import PrivateTelemetryHook
+
+        monitoring.telemetry = PrivateTelemetryHook(privacy.telemetry)  # after the guardrail, before the exporter
     coordinator = Coordinator(
         config=config,
         learner=learner,

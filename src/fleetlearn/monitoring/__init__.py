@@ -31,10 +31,11 @@ from .detectors import (
 from .guardrail import GUARDRAIL_KEY, Guardrail, GuardrailEvent
 from .measurements import DEBUG_KEY, DebugMeasurements, debug_of, update_statistics
 from .parts import MonitoringParts, MonitoringSettings, build_monitoring
+from .probes import PROBE_KEY, ProbeHook
 from .prometheus import PrometheusExporter
 
 __all__ = [
-    "ALERTS_KEY", "DEBUG_KEY", "DETECTORS", "GUARDRAIL_KEY",
+    "ALERTS_KEY", "DEBUG_KEY", "PROBE_KEY", "ProbeHook", "DETECTORS", "GUARDRAIL_KEY",
     "Alert", "DashboardServer", "DebugMeasurements", "Detector", "DivergenceDetector", "DriftDetector",
     "Guardrail", "GuardrailEvent", "MonitorHook", "MonitoringParts", "MonitoringSettings",
     "OscillationDetector", "OutlierUpdateDetector", "ParticipationCollapseDetector", "PrometheusExporter",

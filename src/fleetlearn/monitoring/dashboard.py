@@ -66,6 +66,12 @@ class _Feed:
             for r in records
             if r.status in ("ok", "rolled_back")
         ]
+        if self.store is not None:  # the registry's tags (production, canary, rolled_back...)
+            from ..ops import ModelRegistry
+
+            tags = {v.version: v.tags for v in ModelRegistry(self.store).versions()}
+            for v in versions:
+                v["tags"] = ", ".join(tags.get(v["version"], [])) if v["status"] == "ok" else ""
         return json_safe({"run": run, "columns": columns(records), "events": events(records), "versions": versions})
 
 

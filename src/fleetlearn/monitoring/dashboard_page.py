@@ -181,10 +181,10 @@ function draw(data) {
     { name: "step", values: c.debug_step_norm }], ev, { log: true });
   document.getElementById("alerts").innerHTML = table(ev.alerts.slice().reverse(), ["round", "detector", "severity", "message"], (k, r, esc) =>
     k === "severity" ? `<span class="sev-${esc(r.severity)}">${esc(r.severity)}</span>` : esc(r[k] === null ? "-" : r[k]));
-  const rb = ev.rollbacks.map(r => ({ round: r.round, version: r.version, status: "rolled_back", accuracy: null, reason: r.reason }));
-  const vs = data.versions.filter(v => v.status === "ok").map(v => ({ round: v.round, version: v.version, status: "ok", accuracy: v.accuracy, reason: "" }));
+  const rb = ev.rollbacks.map(r => ({ round: r.round, version: r.version, status: "rolled_back", accuracy: null, tags: "", reason: r.reason }));
+  const vs = data.versions.filter(v => v.status === "ok").map(v => ({ round: v.round, version: v.version, status: "ok", accuracy: v.accuracy, tags: v.tags || "", reason: "" }));
   const rows = rb.concat(vs).sort((a, b) => b.round - a.round);
-  document.getElementById("versions").innerHTML = table(rows, ["round", "version", "status", "accuracy", "reason"], (k, r, esc) =>
+  document.getElementById("versions").innerHTML = table(rows, ["round", "version", "status", "accuracy", "tags", "reason"], (k, r, esc) =>
     k === "status" ? `<span class="tag ${esc(r.status)}">${esc(r.status)}</span>` : k === "accuracy" ? esc(finite(r.accuracy) ? r.accuracy.toFixed(4) : "-") : esc(r[k]));
   document.body.dataset.rounds = String(n);
   document.body.dataset.ready = "1";

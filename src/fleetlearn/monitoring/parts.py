@@ -1,9 +1,9 @@
 """The ``[monitoring]`` settings and `build_monitoring`, which turns them into
 the round hooks in the order they must run:
 
-    DebugMeasurements -> MonitorHook(detectors) -> Guardrail -> PrometheusExporter
+    ProbeHook -> DebugMeasurements -> MonitorHook(detectors) -> Guardrail -> PrivateTelemetryHook -> PrometheusExporter
 
-(measurements feed the detectors, the guardrail acts on their alerts, and the
+(probes reject a round computed by a broken part first, measurements feed the detectors, the guardrail acts on their alerts, and the
 exporter publishes the round as finally recorded, rollback included).
 """
 
@@ -15,6 +15,7 @@ from typing import Any
 from .detectors import DETECTORS, MonitorHook, make_detector
 from .guardrail import Guardrail
 from .measurements import DebugMeasurements
+from .probes import ProbeHook
 from .prometheus import PrometheusExporter
 
 
@@ -49,6 +50,9 @@ class MonitoringSettings:
     # Prometheus /metrics on prometheus_host:prometheus_port (None: no endpoint; 0: a free port).
     prometheus_port: int | None = None
     prometheus_host: str = "127.0.0.1"
+    # Probe updates (see probes.py): how many per round (0: off) and whether a failure rejects the round.
+    probes: int = 0
+    probe_rollback: bool = True
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "MonitoringSettings":
@@ -75,11 +79,13 @@ class MonitoringParts:
     guardrail: Guardrail | None
     exporter: PrometheusExporter | None
     settings: MonitoringSettings
+    probe: ProbeHook | None = None
+    telemetry: Any = None  # fleetlearn.privacy.PrivateTelemetryHook, set by the factory when privacy asks for it
 
     @property
     def hooks(self) -> list:
         """The round hooks, in the order they must run."""
-        return [h for h in (self.debug, self.monitor, self.guardrail, self.exporter) if h is not None]
+        return [h for h in (self.probe, self.debug, self.monitor, self.guardrail, self.telemetry, self.exporter) if h is not None]
 
     def start(self) -> int | None:
         """Start the Prometheus endpoint if configured; returns its port."""
@@ -105,4 +111,5 @@ def build_monitoring(settings: MonitoringSettings | dict[str, Any] | None = None
             clip_factor=s.guardrail_clip_factor, exclude_rounds=s.guardrail_exclude_rounds,
         )
     exporter = PrometheusExporter() if s.prometheus_port is not None else None
-    return MonitoringParts(DebugMeasurements() if s.debug else None, monitor, guardrail, exporter, s)
+    probe = ProbeHook(s.probes, rollback=s.probe_rollback) if s.probes else None
+    return MonitoringParts(DebugMeasurements() if s.debug else None, monitor, guardrail, exporter, s, probe)

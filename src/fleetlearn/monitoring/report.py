@@ -280,6 +280,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     out.mkdir(parents=True, exist_ok=True)
     pngs = render_plots(records, out)
     ev = events(records)
+    from ..ops import ModelRegistry
+
+    versions = [v.to_dict() for v in ModelRegistry(store).versions()]
     summary = info.get("summary") or {}
     facts = [
         ("run", info["run_id"]), ("name", info.get("name") or ""), ("status", info["status"]),
@@ -309,7 +312,11 @@ figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }} figcaption {{ color: #5
 <p>Dashed lines mark alerts (orange: warning, red: critical, grey: info); red bands mark rounds that were rolled back.</p>
 {figs}
 <h2>Rollbacks</h2>
-{_table(ev['rollbacks'], ('round', 'version', 'reason'))}
+{_table(ev['rollbacks'], ('round', 'rejected_version', 'version', 'reason'))}
+<h2>Canary decisions</h2>
+{_table(ev['canary'], ('round', 'mode', 'decision', 'metric', 'production', 'candidate', 'margin', 'overrides', 'reason'))}
+<h2>Model versions</h2>
+{_table(versions, ('version', 'parent_version', 'round', 'arm', 'status', 'config_hash', 'accuracy', 'tags'))}
 <h2>Guardrail actions</h2>
 {_table(ev['guardrail'], ('round', 'fired', 'rolled_back', 'restored_version', 'server_lr', 'clip_norm', 'excluded'))}
 <h2>Alerts</h2>

@@ -38,19 +38,22 @@ def columns(records: Sequence[RoundRecord]) -> dict[str, list[float]]:
 
 
 def events(records: Sequence[RoundRecord]) -> dict[str, list[dict[str, Any]]]:
-    """Alerts, rollbacks, failed rounds and guardrail actions, each with its round."""
-    alerts, rollbacks, failed, guard = [], [], [], []
+    """Alerts, rollbacks, failed rounds, guardrail actions and canary decisions, each with its round."""
+    alerts, rollbacks, failed, guard, canary = [], [], [], [], []
     for r in records:
         for a in alerts_of(r):
             alerts.append({"round": r.round, "detector": a.get("detector"), "severity": a.get("severity"), "message": a.get("message", ""), "clients": a.get("clients") or []})
         if r.status == "rolled_back":
-            rollbacks.append({"round": r.round, "version": r.version, "reason": r.reason})
+            rollbacks.append({"round": r.round, "version": r.version, "rejected_version": r.extra.get("rejected_version"), "reason": r.reason})
         elif r.status == "failed":
             failed.append({"round": r.round, "reason": r.reason})
         g = r.extra.get(GUARDRAIL_KEY)
         if isinstance(g, dict) and g.get("fired"):
             guard.append({"round": r.round, **g})
-    return {"alerts": alerts, "rollbacks": rollbacks, "failed": failed, "guardrail": guard}
+        c = r.extra.get("canary")
+        if isinstance(c, dict) and isinstance(c.get("decision"), dict):
+            canary.append(c["decision"])
+    return {"alerts": alerts, "rollbacks": rollbacks, "failed": failed, "guardrail": guard, "canary": canary}
 
 
 def json_safe(obj: Any) -> Any:

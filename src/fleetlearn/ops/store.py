@@ -107,6 +107,19 @@ class RunStore:
         self.run_dir = run_dir
         self.run_id = run_id
         self.engine = engine
+        self._config_hash: str | None = None
+
+    @property
+    def config_hash(self) -> str:
+        """The hash of the configuration training the production model; the registry
+        records it per version (a promoted canary changes it)."""
+        if self._config_hash is None:
+            self._config_hash = str(self.info()["config_hash"])
+        return self._config_hash
+
+    @config_hash.setter
+    def config_hash(self, value: str) -> None:
+        self._config_hash = value
 
     # -- opening -----------------------------------------------------------------
     @staticmethod
@@ -199,6 +212,7 @@ class RunStore:
         """Record a round (and, if `params` is given, its checkpoint) atomically."""
         ckpt = self._write_checkpoint(record.version, params, state, meta) if params is not None else None
         row = record.to_dict()
+        config_hash = self.config_hash  # read before the write transaction
         with self.engine.begin() as conn:
             conn.execute(
                 rounds.insert().values(
@@ -217,6 +231,9 @@ class RunStore:
                     )
                 )
             conn.execute(update(runs).where(runs.c.run_id == self.run_id).values(rounds_done=record.round))
+            from .registry import register_round
+
+            register_round(conn, self.run_id, record, config_hash)
 
     def save_checkpoint(self, version: int, round: int, params: torch.Tensor, state: dict[str, torch.Tensor] | None = None) -> None:
         rel, digest = self._write_checkpoint(version, params, state, None)
@@ -333,3 +350,7 @@ def list_runs(root: str | Path = "runs") -> list[dict[str, Any]]:
             "final_accuracy": summary.get("final_accuracy"), "run_dir": str(d),
         })
     return out
+
+
+# The model registry's tables join `metadata`, so `create_all` adds them, also to older stores.
+from . import registry as _registry  # noqa: E402,F401  (registry imports this module: it goes last)

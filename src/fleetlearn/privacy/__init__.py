@@ -26,6 +26,7 @@ from .dp import (
 )
 from .parts import PrivacyParts, PrivacySettings, build_privacy
 from .quantize import Quantizer
+from .telemetry import PrivateTelemetry, PrivateTelemetryHook
 from .secagg import (
     AdvertiseKeys,
     ForwardedShares,
@@ -47,6 +48,7 @@ from .secagg import (
 from .shamir import ShamirError, combine_shares, split_secret
 
 __all__ = [
+    "PrivateTelemetry", "PrivateTelemetryHook",
     "PRIVACY_MODES",
     "AdaptiveClipping",
     "AdvertiseKeys",

@@ -17,6 +17,7 @@ from .compatibility import PRIVACY_MODES, check_compatible
 from .dp import AdaptiveClipping, CentralDP, LocalDP
 from .quantize import ROUNDING
 from .secagg import SecureAggregation
+from .telemetry import PrivateTelemetry
 
 
 @dataclass
@@ -39,6 +40,8 @@ class PrivacySettings:
     secagg_clip_range: float = 1.0  # quantizer range [-c, c] (central DP always sends D/C in [-1, 1])
     secagg_neighbors: int | None = None  # SecAgg+ graph degree (even); None = all pairs
     secagg_rounding: str = "stochastic"  # stochastic | deterministic
+    telemetry_noise_multiplier: float | None = None  # private telemetry (central mode); None = off
+    telemetry_loss_bound: float = 10.0  # client-reported losses clipped to [0, bound]
 
     def validate(self) -> "PrivacySettings":
         """Raise ValueError naming the key, the bad value and what is allowed."""
@@ -81,6 +84,13 @@ class PrivacySettings:
             raise bad("secagg_neighbors", "must be an even integer >= 2 (SecAgg+ graph degree) or unset for all pairs")
         if self.secagg_rounding not in ROUNDING:
             raise bad("secagg_rounding", f"allowed: {', '.join(ROUNDING)}")
+        if self.telemetry_noise_multiplier is not None:
+            if self.mode != "central":
+                raise bad("telemetry_noise_multiplier", "private telemetry is released by the server: it needs mode = 'central'")
+            if not (math.isfinite(self.telemetry_noise_multiplier) and self.telemetry_noise_multiplier > 0):
+                raise bad("telemetry_noise_multiplier", "must be a finite number > 0")
+        if not (math.isfinite(self.telemetry_loss_bound) and self.telemetry_loss_bound > 0):
+            raise bad("telemetry_loss_bound", "must be a finite number > 0")
         return self
 
 
@@ -99,6 +109,7 @@ class PrivacyParts:
     local: LocalDP | None
     secure: SecureAggregation | None
     accountant: PrivacyAccountant | None
+    telemetry: PrivateTelemetry | None = None  # its releases are composed in `accountant` too
 
     @property
     def noise_multiplier(self) -> float:
@@ -115,9 +126,16 @@ class PrivacyParts:
         budget = self.settings.budget_epsilon
         if budget is None or self.accountant is None:
             return None
-        if not self.accountant.would_exceed(budget, sampling_rate, self.noise_multiplier):
-            return None
-        nxt = self.accountant.epsilon_after(1, sampling_rate, self.noise_multiplier)
+        if self.telemetry is None:
+            if not self.accountant.would_exceed(budget, sampling_rate, self.noise_multiplier):
+                return None
+            nxt = self.accountant.epsilon_after(1, sampling_rate, self.noise_multiplier)
+        else:  # a round is two releases: the model update and the telemetry
+            acc = self.accountant
+            runs = acc._extend(acc._extend(tuple(acc.runs), float(sampling_rate), self.noise_multiplier, 1), float(sampling_rate), self.telemetry.noise_multiplier, 1)
+            nxt = acc._epsilon(runs)
+            if nxt <= budget:
+                return None
         return (
             f"privacy budget: one more round would spend epsilon = {nxt:.4g} > budget_epsilon = {budget:g} "
             f"(delta = {self.accountant.delta:g}, {self.accountant.rounds} rounds spent epsilon = {self.accountant.epsilon():.4g})"
@@ -192,4 +210,8 @@ def build_privacy(
             rounding=s.secagg_rounding,
             seed=seed,
         )
-    return PrivacyParts(s, central, local, secure, accountant)
+    telemetry = None
+    if s.telemetry_noise_multiplier is not None:
+        bounds = {"loss_before": s.telemetry_loss_bound, "loss_after": s.telemetry_loss_bound, "accuracy": 1.0, "update_norm": s.clip_norm}
+        telemetry = PrivateTelemetry(s.telemetry_noise_multiplier, bounds, seed=0 if seed is None else seed)
+    return PrivacyParts(s, central, local, secure, accountant, telemetry)

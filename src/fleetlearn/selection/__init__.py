@@ -2,7 +2,8 @@
 
 from .oort import OortSelector
 from .random import RandomSelector
+from .wrappers import NewcomerCap, RestrictedSelector
 
 SELECTORS = {"random": RandomSelector, "oort": OortSelector}
 
-__all__ = ["SELECTORS", "OortSelector", "RandomSelector"]
+__all__ = ["SELECTORS", "NewcomerCap", "OortSelector", "RandomSelector", "RestrictedSelector"]
