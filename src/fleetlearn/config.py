@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 BUILTIN_DATASETS = ("digits", "synthetic", "fashion_mnist")
 # Population size when `data.clients` is not given: FedProx's Synthetic uses 30 devices.
 DEFAULT_CLIENTS = {"digits": 100, "synthetic": 30, "fashion_mnist": 100}
-PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "feature", "natural")
+PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "feature", "natural", "label_permutation")
 
 
 class Section(BaseModel):
@@ -38,12 +38,15 @@ def _is_import_path(value: str) -> bool:
 class DataConfig(Section):
     dataset: str = "digits"
     clients: int | None = Field(default=None, ge=1)
-    partition: Literal["iid", "dirichlet", "shards", "quantity", "feature", "natural"] = "dirichlet"
+    partition: Literal["iid", "dirichlet", "shards", "quantity", "feature", "natural", "label_permutation"] = "dirichlet"
     alpha: float = Field(default=0.5, gt=0)  # Dirichlet concentration (label skew)
     shards_per_client: int = Field(default=2, ge=1)  # classes per client for `shards`
     quantity: Literal["lognormal", "powerlaw"] = "lognormal"  # size law for `quantity`
     quantity_sigma: float = Field(default=1.0, gt=0)  # log-normal sigma, or Pareto tail index (P(w > t) = t^-sigma)
     feature_shift: float = Field(default=1.0, ge=0)  # strength of the per-client transform for `feature`
+    # label_permutation (planted clusters): an IID split, client c in group c % groups, and each
+    # group but group 0 sees the labels through its own random permutation.
+    groups: int = Field(default=2, ge=1)
     min_examples: int = Field(default=2, ge=1)  # every client gets at least this many train examples
     # iid only: each client draws this many examples with replacement (populations larger than the data).
     examples_per_client: int | None = Field(default=None, ge=1)
@@ -190,6 +193,17 @@ class ServerConfig(Section):
     staleness_weight: Literal["constant", "sqrt", "inverse"] = "sqrt"  # 1, 1/sqrt(1+s), 1/(1+s)
     max_staleness: int | None = Field(default=None, ge=0)  # older updates are refused
     eval_every: int = Field(default=1, ge=1)
+    # Clustered FL (fleetlearn.clustering): none | ifca (Ghosh et al., NeurIPS 2020: `clusters`
+    # models; each client trains the one with the lowest loss on its data) | cfl (Sattler et
+    # al., TNNLS 2020: one model, a cluster is split in two by the cosine similarity of its
+    # clients' updates when its mean update norm < cfl_eps1 and its max update norm > cfl_eps2
+    # and the two halves are separated: min within-half similarity - max cross similarity
+    # >= cfl_min_gap; up to `clusters` models).
+    clustering: Literal["none", "ifca", "cfl"] = "none"
+    clusters: int = Field(default=2, ge=1, le=62)
+    cfl_eps1: float = Field(default=0.7, gt=0)
+    cfl_eps2: float = Field(default=2.0, gt=0)
+    cfl_min_gap: float = Field(default=0.2, ge=-2, le=2)
     # Federated evaluation of the global model on clients' local test splits: at most
     # this many clients (a seeded sample; 0 = every client).
     eval_clients: int = Field(default=1000, ge=0)
@@ -374,6 +388,7 @@ class RunConfig(Section):
             conc = self.server.concurrency or self.server.cohort
             if conc > n:
                 raise ValueError(f"server.concurrency = {conc} exceeds the number of clients ({n})")
+        _check_clustering(self)
         missing = [d for d in self.monitoring.guardrail if d not in self.monitoring.detectors]
         if missing:
             raise ValueError(f"monitoring.guardrail names {missing}, which are not in monitoring.detectors")
@@ -402,6 +417,26 @@ class RunConfig(Section):
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _check_clustering(cfg: "RunConfig") -> None:
+    """Clustered FL runs on the synchronous simulation with a per-update aggregator."""
+    srv = cfg.server
+    if srv.clustering == "none":
+        return
+    what = f"server.clustering = {srv.clustering!r}"
+    if srv.clustering == "cfl" and srv.cfl_eps1 >= srv.cfl_eps2:
+        raise ValueError(f"server.cfl_eps1 = {srv.cfl_eps1} must be below server.cfl_eps2 = {srv.cfl_eps2}")
+    if srv.clustering == "ifca" and srv.clusters < 2:
+        raise ValueError(f"{what} needs server.clusters >= 2, got {srv.clusters}")
+    if srv.mode == "async":
+        raise ValueError(f"{what} runs synchronous rounds; it cannot run with server.mode = 'async'")
+    if srv.aggregator == "mifa":
+        raise ValueError(f"{what} cannot run with server.aggregator = 'mifa'")
+    if cfg.privacy.mode == "central" or cfg.privacy.secure_aggregation:
+        raise ValueError(f"{what} aggregates each cluster's updates apart; central DP and secure aggregation are not supported with it")
+    if cfg.engine.backend != "simulation" or cfg.engine.regions > 1:
+        raise ValueError(f"{what} runs on engine.backend = 'simulation' with engine.regions = 1")
 
 
 def _drop_none(obj: Any) -> Any:

@@ -27,6 +27,7 @@ class ClientRecord:
     update_norm: float = math.nan
     staleness: int = 0  # server versions between the model it trained on and the one it updates
     codec: str = ""  # the uplink chain this client used (adaptive compression picks it per client)
+    cluster: int = -1  # clustered FL: the cluster (model block) the client trained; -1: not clustered
 
 
 @dataclass
@@ -63,6 +64,7 @@ class RoundRecord:
     completion_p50_s: float = math.nan
     completion_p90_s: float = math.nan
     completion_p99_s: float = math.nan
+    clusters: int = 0  # clustered FL: models (clusters) in use after the round; 0: not clustered
     clients: list[ClientRecord] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # parts add their measurements here
 

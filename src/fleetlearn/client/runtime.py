@@ -54,6 +54,17 @@ class ClientRuntime:
     def receive(self, task: Task) -> tuple[torch.Tensor, FitConfig]:
         return self.downlink.decode(task.payload, dim=self.dim), FitConfig.from_dict(task.config)
 
+    @staticmethod
+    def cluster_candidates(task: Task, clients) -> list[list[int]] | None:
+        """Clustered FL: each client's candidate clusters from the task (None: not a clustered
+        task).  A client the task does not list may pick any of its `active` clusters."""
+        entry = task.config.get("clustering")
+        if not entry:
+            return None
+        listed = entry.get("candidates") or {}
+        every = list(range(int(entry["active"])))
+        return [listed.get(str(int(c)), every) for c in clients]
+
     def chain_for(self, level: int | None) -> CodecChain:
         if level is None or self.adaptive is None:
             return self.uplink
@@ -76,7 +87,12 @@ class ClientRuntime:
             from ..compression import seed_state
 
             state = seed_state(int(np.random.SeedSequence([self.seed, client, 0xC0DEC]).generate_state(1, dtype=np.uint64)[0] >> 1))
-        payload, state = chain.encode(delta, state)
+        if result.cluster is None:
+            payload, state = chain.encode(delta, state)
+        else:  # clustered FL: only the trained model's block goes up, tagged with its index
+            from ..compression.blocks import encode_block
+
+            payload, state = encode_block(chain, delta, result.cluster, result.clusters, state)
         self.states.put(client, state)
         return Update(
             client_id=client,

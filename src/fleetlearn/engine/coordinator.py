@@ -119,6 +119,7 @@ class Coordinator:
         self.round = 0
         self.excluded_clients: set[int] = set()  # a guardrail may exclude flagged clients for a while
         self.monitoring = None  # fleetlearn.monitoring.MonitoringParts (set by the factory)
+        self.clustering = None  # fleetlearn.clustering.Clustering (set by the factory) or None
         self.records: list[RoundRecord] = []
         self._task_cache: tuple[int, bytes] | None = None
         self._completions: list[np.ndarray] = []  # arrival times of recent rounds (adaptive deadline)
@@ -217,12 +218,15 @@ class Coordinator:
         else:
             cohort = self.selector.select(available, want, r, self.selection_rng(r))
         deadline = self.deadline()
+        task_cfg = self.task_config(deadline)
+        if self.clustering is not None:  # clustered FL: active clusters, the cohort's candidates
+            task_cfg["clustering"] = self.clustering.task_entry(self.server_state, cohort)
         task = Task(
             round=r,
             version=self.version,
             payload=self._encoded_params(),
             codec=self.downlink.spec,
-            config=self.task_config(deadline),
+            config=task_cfg,
             deadline_s=deadline,
         )
         got = self._collect(task, cohort, srv.cohort) if cohort else Collected()
@@ -377,6 +381,8 @@ class Coordinator:
             rec.status, rec.reason = "rejected", reason
             return None
         ctx.seen.add(msg.client_id)
+        if self.clustering is not None:
+            rec.cluster = self.clustering.accepted(msg.client_id, msg.payload)
         rec.update_norm = math.nan if self.sketch_mode else float(torch.linalg.vector_norm(vec))
         return vec
 
@@ -387,6 +393,8 @@ class Coordinator:
 
                 read_sketch(update.payload, dim=self.dim)  # checked now, summed in sketch space later
                 return torch.zeros(self.dim), None
+            if self.clustering is not None:  # one tagged block of the stacked models
+                return self.clustering.decode(update.payload, self.uplink), None
             return self.uplink.decode(update.payload, dim=self.dim), None
         except PayloadError as exc:
             return None, f"payload: {exc}"

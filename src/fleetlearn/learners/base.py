@@ -60,6 +60,10 @@ class FitResult:
     steps: int
     samples: int  # examples processed, what the virtual clock charges compute for
     compute_seconds: float
+    # Clustered FL (fleetlearn.learners.clustered): the block of the stacked models this
+    # client trained (delta is zero elsewhere), and how many blocks there are.
+    cluster: int | None = None
+    clusters: int = 1
 
 
 @runtime_checkable

@@ -138,12 +138,14 @@ class SimulationTransport:
 
         train = np.flatnonzero(~np.isfinite(drop_at))
         t0 = time.perf_counter()
+        candidates = self.runtime.cluster_candidates(task, ids[train])  # clustered FL only
         results = self.learner.fit_cohort(
             params,
             [self._client_data_for(int(ids[i]), task.round) for i in train],
             hp,
             [client_seed(self.seed, task.round, int(ids[i])) for i in train],
             step_limits=[limits[i] for i in train] if any(limits[i] is not None for i in train) else None,
+            **({"candidates": candidates} if candidates is not None else {}),
         )
         self.train_wall_seconds = time.perf_counter() - t0
         self.last_malicious = []
