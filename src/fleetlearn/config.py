@@ -389,6 +389,8 @@ class RunConfig(Section):
             if conc > n:
                 raise ValueError(f"server.concurrency = {conc} exceeds the number of clients ({n})")
         _check_clustering(self)
+        if self.data.partition == "label_permutation" and self.data.groups > n:
+            raise ValueError(f"data.groups = {self.data.groups} exceeds the number of clients (data.clients = {n})")
         missing = [d for d in self.monitoring.guardrail if d not in self.monitoring.detectors]
         if missing:
             raise ValueError(f"monitoring.guardrail names {missing}, which are not in monitoring.detectors")

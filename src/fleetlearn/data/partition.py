@@ -184,8 +184,6 @@ def label_permutation(labels: np.ndarray, num_clients: int, rng: np.random.Gener
     Sec. 6): an IID split; `permute_labels` then gives each group of clients its own labeling."""
     n = len(labels)
     require_enough(n, num_clients, cfg.min_examples, "label_permutation")
-    if cfg.groups > num_clients:
-        raise DataError(f"partition 'label_permutation': data.groups = {cfg.groups} exceeds the {num_clients} clients")
     return rng.permutation(n).astype(np.int64), (np.arange(num_clients + 1, dtype=np.int64) * n) // num_clients
 
 
