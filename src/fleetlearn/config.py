@@ -197,13 +197,13 @@ class ServerConfig(Section):
     # models; each client trains the one with the lowest loss on its data) | cfl (Sattler et
     # al., TNNLS 2020: one model, a cluster is split in two by the cosine similarity of its
     # clients' updates when its mean update norm < cfl_eps1 and its max update norm > cfl_eps2
-    # and the two halves are separated: min within-half similarity - max cross similarity
-    # >= cfl_min_gap; up to `clusters` models).
+    # and the two halves are separated: mean within-half cosine similarity - mean cross-half
+    # similarity >= cfl_min_gap; up to `clusters` models).
     clustering: Literal["none", "ifca", "cfl"] = "none"
     clusters: int = Field(default=2, ge=1, le=62)
     cfl_eps1: float = Field(default=0.7, gt=0)
     cfl_eps2: float = Field(default=2.0, gt=0)
-    cfl_min_gap: float = Field(default=0.2, ge=-2, le=2)
+    cfl_min_gap: float = Field(default=0.3, ge=-2, le=2)
     # Federated evaluation of the global model on clients' local test splits: at most
     # this many clients (a seeded sample; 0 = every client).
     eval_clients: int = Field(default=1000, ge=0)

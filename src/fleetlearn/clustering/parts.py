@@ -40,7 +40,7 @@ class Clustering:
 
     def __init__(
         self, mode: str, clusters: int, block_dim: int, population: int, eps1: float = 0.7, eps2: float = 2.0,
-        min_gap: float = 0.2, linkage: str = "complete",
+        min_gap: float = 0.3, linkage: str = "complete",
     ):
         if mode not in MODES:
             raise ValueError(f"unknown clustering {mode!r}; allowed: none, {', '.join(MODES)}")
@@ -236,7 +236,7 @@ class ClusteringHook:
             splits.append({"cluster": c, "new": new, "moved": moved.tolist(), "mean_norm": mean_norm, "max_norm": max_norm, "gap": intra - cross})
         state[MASK] = mask
         state[ACTIVE] = torch.tensor([active], dtype=torch.int64)
-        record.extra["cfl_norms"] = norms  # cluster -> [mean norm, max norm(, min intra, max cross similarity of a tried split)]
+        record.extra["cfl_norms"] = norms  # cluster -> [mean norm, max norm(, mean intra-, mean cross-half similarity of a tried split)]
         if splits:
             record.extra["cfl_splits"] = splits
         coordinator.params = params
