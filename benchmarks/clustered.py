@@ -35,7 +35,7 @@ def config(method: str, groups: int, seed: int, args) -> dict:
     if method == "ifca":
         server.update(clustering="ifca", clusters=groups)
     elif method == "cfl":
-        server.update(clustering="cfl", clusters=args.cfl_max_clusters)
+        server.update(clustering="cfl", clusters=args.cfl_max_clusters, cfl_eps1=args.cfl_eps1, cfl_eps2=args.cfl_eps2)
     return {
         "seed": seed,
         "data": {"dataset": "digits", "clients": args.clients, "partition": "label_permutation", "groups": groups},
@@ -76,11 +76,16 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--cfl-max-clusters", type=int, default=4)
+    p.add_argument("--cfl-eps1", type=float, default=0.7)  # the config defaults
+    p.add_argument("--cfl-eps2", type=float, default=2.0)
     p.add_argument("--target", type=float, default=0.85)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"digits, {args.clients} clients, cohort {args.cohort}, {args.rounds} rounds, {args.local_epochs} local epochs, target local acc {args.target}; mean (min-max) over seeds {args.seeds}")
+    print(
+        f"digits, {args.clients} clients, cohort {args.cohort}, {args.rounds} rounds, {args.local_epochs} local epochs, "
+        f"cfl_eps1 {args.cfl_eps1}, cfl_eps2 {args.cfl_eps2}, target local acc {args.target}; mean (min-max) over seeds {args.seeds}"
+    )
     print("| groups | method | ARI | clusters | local acc (last) | local acc (best) | rounds to target | MB up | MB down | wall s |")
     print("|---:|---|---|---|---|---:|---|---:|---:|---:|")
     for g in args.groups:
