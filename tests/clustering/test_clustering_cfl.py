@@ -34,6 +34,12 @@ def test_cfl_splits_two_planted_groups_into_two_matching_clusters():
     clusters = assignment(coord.server_state)
     assert (clusters >= 0).all()
     assert adjusted_rand_index(planted_groups(CLIENTS, 2), clusters) == pytest.approx(1.0)
+    # The downlink carries the models in use: one before the split, two after.
+    d = coord.learner.block_dim
+    per_client = [r.downlink_bytes / r.selected for r in summary.records]
+    first_two = next(i for i, r in enumerate(summary.records) if r.clusters == 2) + 1
+    assert 4 * d <= per_client[0] < 4 * d * 1.01
+    assert 8 * d <= per_client[first_two] < 8 * d * 1.01
     # After the split each cluster's model serves its group far better than one model can.
     last = summary.records[-1]
     assert last.fed_accuracy >= last.extra["single_model_fed_accuracy"] + 0.10
@@ -82,7 +88,7 @@ def test_cfl_candidates_follow_the_masks():
     state[MASK] = torch.tensor([0, 0b001, 0b010, 0b110, 0b100, 0])
     entry = part.task_entry(state, [0, 1, 3, 5])
     # Unknown clients are not listed: they may pick any active cluster.
-    assert entry == {"mode": "cfl", "clusters": 4, "active": 3, "candidates": {"1": [0], "3": [1, 2]}}
+    assert entry == {"mode": "cfl", "clusters": 4, "active": 3, "blocks": 3, "candidates": {"1": [0], "3": [1, 2]}}
     allowed = part.allowed(state, np.array([0, 1, 3]))
     assert allowed.tolist() == [[True, True, True, False], [True, False, False, False], [False, True, True, False]]
 

@@ -52,6 +52,16 @@ class ClientRuntime:
         self.adaptive = adaptive  # fleetlearn.compression.AdaptiveCompression or None
 
     def receive(self, task: Task) -> tuple[torch.Tensor, FitConfig]:
+        entry = task.config.get("clustering")
+        if entry and int(entry["blocks"]) < int(entry["clusters"]):
+            # Clustered FL: the task carries the first `blocks` of the stacked models; the
+            # rest are not in use (no client may pick them) and stay zero here.
+            k, blocks = int(entry["clusters"]), int(entry["blocks"])
+            block_dim = self.dim // k if self.dim is not None else None
+            sent = self.downlink.decode(task.payload, dim=None if block_dim is None else blocks * block_dim)
+            full = torch.zeros(k * (block_dim if block_dim is not None else sent.numel() // blocks))
+            full[: sent.numel()] = sent
+            return full, FitConfig.from_dict(task.config)
         return self.downlink.decode(task.payload, dim=self.dim), FitConfig.from_dict(task.config)
 
     @staticmethod

@@ -78,7 +78,7 @@ class Clustering:
     def task_entry(self, state: dict, cohort) -> dict:
         """The task's `clustering` entry: active clusters and (CFL) each cohort client's
         candidates; only the clients whose cluster the server knows are listed."""
-        entry: dict = {"mode": self.mode, "clusters": self.k, "active": self.active(state)}
+        entry: dict = {"mode": self.mode, "clusters": self.k, "active": self.active(state), "blocks": self.broadcast_blocks(state)}
         if self.mode == "cfl" and len(cohort):
             ids = np.asarray(cohort, dtype=np.int64)
             mask = state[MASK][torch.from_numpy(ids)].numpy()
@@ -86,6 +86,14 @@ class Clustering:
             bits = ((mask[known, None] >> np.arange(self.k)) & 1).astype(bool)
             entry["candidates"] = {str(int(c)): np.flatnonzero(b).tolist() for c, b in zip(ids[known], bits)}
         return entry
+
+    # -- downlink -----------------------------------------------------------------------
+    def broadcast_blocks(self, state: dict) -> int:
+        """Models the broadcast Task carries: IFCA all k, CFL the active ones (blocks 0..active-1)."""
+        return self.k if self.mode == "ifca" else self.active(state)
+
+    def broadcast(self, params: torch.Tensor, state: dict) -> torch.Tensor:
+        return params[: self.broadcast_blocks(state) * self.d]
 
     # -- uplink -------------------------------------------------------------------------
     def decode(self, payload: bytes, chain) -> torch.Tensor:

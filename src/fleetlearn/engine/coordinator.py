@@ -121,7 +121,7 @@ class Coordinator:
         self.monitoring = None  # fleetlearn.monitoring.MonitoringParts (set by the factory)
         self.clustering = None  # fleetlearn.clustering.Clustering (set by the factory) or None
         self.records: list[RoundRecord] = []
-        self._task_cache: tuple[int, bytes] | None = None
+        self._task_cache: tuple[tuple[int, int], bytes] | None = None
         self._completions: list[np.ndarray] = []  # arrival times of recent rounds (adaptive deadline)
         # The last round's raw material, for monitors (see RoundHook).
         self.last_updates: torch.Tensor | None = None
@@ -172,9 +172,12 @@ class Coordinator:
 
     def _encoded_params(self) -> bytes:
         # The broadcast payload is encoded once per model version.
-        if self._task_cache is None or self._task_cache[0] != self.version:
-            payload, _ = self.downlink.encode(self.params)
-            self._task_cache = (self.version, payload)
+        vec = self.params
+        if self.clustering is not None:  # clustered FL: only the models in use (CFL's first blocks)
+            vec = self.clustering.broadcast(self.params, self.server_state)
+        if self._task_cache is None or self._task_cache[0] != (self.version, vec.numel()):
+            payload, _ = self.downlink.encode(vec)
+            self._task_cache = ((self.version, vec.numel()), payload)
         return self._task_cache[1]
 
     # -- one round -----------------------------------------------------------------
