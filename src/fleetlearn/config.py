@@ -435,8 +435,11 @@ def _check_clustering(cfg: "RunConfig") -> None:
         raise ValueError(f"{what} runs synchronous rounds; it cannot run with server.mode = 'async'")
     if srv.aggregator == "mifa":
         raise ValueError(f"{what} cannot run with server.aggregator = 'mifa'")
-    if cfg.privacy.mode == "central" or cfg.privacy.secure_aggregation:
-        raise ValueError(f"{what} aggregates each cluster's updates apart; central DP and secure aggregation are not supported with it")
+    if cfg.privacy.mode != "none" or cfg.privacy.secure_aggregation:
+        raise ValueError(
+            f"{what} cannot run with privacy.mode = {cfg.privacy.mode!r} / privacy.secure_aggregation = {cfg.privacy.secure_aggregation}: "
+            "each cluster is aggregated apart and a client's cluster travels in clear in its uplink tag (not privatised)"
+        )
     if cfg.engine.backend != "simulation" or cfg.engine.regions > 1:
         raise ValueError(f"{what} runs on engine.backend = 'simulation' with engine.regions = 1")
 
