@@ -26,7 +26,7 @@ BUILTIN_DATASETS = ("digits", "synthetic", "fashion_mnist", "sotu")
 DEFAULT_CLIENTS = {"digits": 100, "synthetic": 30, "fashion_mnist": 100, "sotu": 43}
 # Datasets that bring their own devices (partition "natural"); sotu defaults to it.
 NATURAL_DATASETS = ("synthetic", "sotu")
-PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "feature", "natural")
+PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "feature", "natural", "label_permutation")
 
 
 class Section(BaseModel):
@@ -41,12 +41,15 @@ def _is_import_path(value: str) -> bool:
 class DataConfig(Section):
     dataset: str = "digits"
     clients: int | None = Field(default=None, ge=1)
-    partition: Literal["iid", "dirichlet", "shards", "quantity", "feature", "natural"] = "dirichlet"
+    partition: Literal["iid", "dirichlet", "shards", "quantity", "feature", "natural", "label_permutation"] = "dirichlet"
     alpha: float = Field(default=0.5, gt=0)  # Dirichlet concentration (label skew)
     shards_per_client: int = Field(default=2, ge=1)  # classes per client for `shards`
     quantity: Literal["lognormal", "powerlaw"] = "lognormal"  # size law for `quantity`
     quantity_sigma: float = Field(default=1.0, gt=0)  # log-normal sigma, or Pareto tail index (P(w > t) = t^-sigma)
     feature_shift: float = Field(default=1.0, ge=0)  # strength of the per-client transform for `feature`
+    # label_permutation (planted clusters): an IID split, client c in group c % groups, and each
+    # group but group 0 sees the labels through its own random permutation.
+    groups: int = Field(default=2, ge=1)
     min_examples: int = Field(default=2, ge=1)  # every client gets at least this many train examples
     # iid only: each client draws this many examples with replacement (populations larger than the data).
     examples_per_client: int | None = Field(default=None, ge=1)
@@ -254,6 +257,17 @@ class ServerConfig(Section):
     eval_every: int = Field(default=1, ge=1)
     # Gradual onboarding: at most this many clients never selected before join a round (None: no cap).
     max_newcomers: int | None = Field(default=None, ge=1)
+    # Clustered FL (fleetlearn.clustering): none | ifca (Ghosh et al., NeurIPS 2020: `clusters`
+    # models; each client trains the one with the lowest loss on its data) | cfl (Sattler et
+    # al., TNNLS 2020: one model, a cluster is split in two by the cosine similarity of its
+    # clients' updates when its mean update norm < cfl_eps1 and its max update norm > cfl_eps2
+    # and the two halves are separated: mean within-half cosine similarity - mean cross-half
+    # similarity >= cfl_min_gap; up to `clusters` models).
+    clustering: Literal["none", "ifca", "cfl"] = "none"
+    clusters: int = Field(default=2, ge=1, le=62)
+    cfl_eps1: float = Field(default=0.7, gt=0)
+    cfl_eps2: float = Field(default=2.0, gt=0)
+    cfl_min_gap: float = Field(default=0.3, ge=-2, le=2)
     # Federated evaluation of the global model on clients' local test splits: at most
     # this many clients (a seeded sample; 0 = every client).
     eval_clients: int = Field(default=1000, ge=0)
@@ -557,6 +571,9 @@ class RunConfig(Section):
                 raise ValueError("canary.set: a canary rollout runs synchronous rounds; server.mode must be 'sync'")
             if self.canary.window > self.canary.rounds:
                 raise ValueError(f"canary.window = {self.canary.window} exceeds canary.rounds = {self.canary.rounds}")
+        _check_clustering(self)
+        if self.data.partition == "label_permutation" and self.data.groups > n:
+            raise ValueError(f"data.groups = {self.data.groups} exceeds the number of clients (data.clients = {n})")
         missing = [d for d in self.monitoring.guardrail if d not in self.monitoring.detectors]
         if missing:
             raise ValueError(f"monitoring.guardrail names {missing}, which are not in monitoring.detectors")
@@ -633,6 +650,36 @@ def client_side_helper(config: RunConfig) -> str | None:
         if on:
             return key
     return None
+
+def _check_clustering(cfg: "RunConfig") -> None:
+    """Clustered FL runs on the synchronous simulation with a per-update aggregator."""
+    srv = cfg.server
+    if srv.clustering == "none":
+        return
+    what = f"server.clustering = {srv.clustering!r}"
+    if srv.clustering == "cfl" and srv.cfl_eps1 >= srv.cfl_eps2:
+        raise ValueError(f"server.cfl_eps1 = {srv.cfl_eps1} must be below server.cfl_eps2 = {srv.cfl_eps2}")
+    if srv.clustering == "ifca" and srv.clusters < 2:
+        raise ValueError(f"{what} needs server.clusters >= 2, got {srv.clusters}")
+    if srv.mode == "async":
+        raise ValueError(f"{what} runs synchronous rounds; it cannot run with server.mode = 'async'")
+    for key, on in (
+        ("model.widths (HeteroFL)", cfg.model.heterofl),
+        ("client.objective = 'scaffold'", cfg.client.objective == "scaffold"),
+        (f"personalization.method = {cfg.personalization.method!r}", cfg.personalization.method != "none"),
+        (f"distill.method = {cfg.distill.method!r}", cfg.distill.method != "none"),
+    ):
+        if on:
+            raise ValueError(f"{what} cannot be combined with {key} yet: each wraps the model its own way")
+    if srv.aggregator == "mifa":
+        raise ValueError(f"{what} cannot run with server.aggregator = 'mifa'")
+    if cfg.privacy.mode != "none" or cfg.privacy.secure_aggregation:
+        raise ValueError(
+            f"{what} cannot run with privacy.mode = {cfg.privacy.mode!r} / privacy.secure_aggregation = {cfg.privacy.secure_aggregation}: "
+            "each cluster is aggregated apart and a client's cluster travels in clear in its uplink tag (not privatised)"
+        )
+    if cfg.engine.backend != "simulation" or cfg.engine.regions > 1:
+        raise ValueError(f"{what} runs on engine.backend = 'simulation' with engine.regions = 1")
 
 
 def _drop_none(obj: Any) -> Any:

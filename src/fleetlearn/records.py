@@ -35,6 +35,8 @@ class ClientRecord:
     personal_accuracy: float = math.nan
     global_accuracy: float = math.nan
 
+    cluster: int = -1  # clustered FL: the cluster (model block) the client trained; -1: not clustered
+
     def __post_init__(self) -> None:
         if not isinstance(self.label_counts, (list, tuple)):  # the store reads a JSON null back as nan
             self.label_counts = None
@@ -82,6 +84,7 @@ class RoundRecord:
     completion_p50_s: float = math.nan
     completion_p90_s: float = math.nan
     completion_p99_s: float = math.nan
+    clusters: int = 0  # clustered FL: models (clusters) in use after the round; 0: not clustered
     clients: list[ClientRecord] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # parts add their measurements here
 

@@ -76,6 +76,16 @@ class ClientRuntime:
         self.personal_states = ClientStateStore()
 
     def receive(self, task: Task) -> tuple[torch.Tensor, FitConfig]:
+        entry = task.config.get("clustering")
+        if entry and int(entry["blocks"]) < int(entry["clusters"]):
+            # Clustered FL: the task carries the first `blocks` of the stacked models; the
+            # rest are not in use (no client may pick them) and stay zero here.
+            k, blocks = int(entry["clusters"]), int(entry["blocks"])
+            block_dim = self.dim // k if self.dim is not None else None
+            sent = self.downlink.decode(task.payload, dim=None if block_dim is None else blocks * block_dim)
+            full = torch.zeros(k * (block_dim if block_dim is not None else sent.numel() // blocks))
+            full[: sent.numel()] = sent
+            return full, FitConfig.from_dict(task.config)
         return self.downlink.decode(task.payload, dim=self.dim), FitConfig.from_dict(task.config)
 
     # -- SCAFFOLD (fleetlearn.learners.scaffold) -------------------------------------------
@@ -107,6 +117,17 @@ class ClientRuntime:
             s = dict(self.states.get(int(cid)) or {})
             s[CLIENT_KEY] = new[row].clone()
             self.states.put(int(cid), s)
+
+    @staticmethod
+    def cluster_candidates(task: Task, clients) -> list[list[int]] | None:
+        """Clustered FL: each client's candidate clusters from the task (None: not a clustered
+        task).  A client the task does not list may pick any of its `active` clusters."""
+        entry = task.config.get("clustering")
+        if not entry:
+            return None
+        listed = entry.get("candidates") or {}
+        every = list(range(int(entry["active"])))
+        return [listed.get(str(int(c)), every) for c in clients]
 
     def chain_for(self, level: int | None) -> CodecChain:
         if level is None or self.adaptive is None:
@@ -140,7 +161,12 @@ class ClientRuntime:
 
             seeded = seed_state(int(np.random.SeedSequence([self.seed, client, 0xC0DEC]).generate_state(1, dtype=np.uint64)[0] >> 1))
             state = {**(state or {}), **seeded}
-        payload, state = chain.encode(delta, state)
+        if result.cluster is None:
+            payload, state = chain.encode(delta, state)
+        else:  # clustered FL: only the trained model's block goes up, tagged with its index
+            from ..compression.blocks import encode_block
+
+            payload, state = encode_block(chain, delta, result.cluster, result.clusters, state)
         self.states.put(client, state)
         counts = None
         classes = task.config.get("label_histogram")

@@ -11,14 +11,14 @@ import torch
 from fleetlearn.data.datasets import Dataset, load_dataset
 from fleetlearn.data.errors import DataError
 from fleetlearn.data.heterogeneity import heterogeneity_stats
-from fleetlearn.data.partition import PARTITIONERS, Partition, feature_shift, group, natural, split_segments
+from fleetlearn.data.partition import PARTITIONERS, Partition, feature_shift, group, natural, permute_labels, split_segments
 
 if TYPE_CHECKING:
     from fleetlearn.config import DataConfig
 
 # Independent random streams derived from the run seed, so that e.g. changing feature_shift
 # does not change which client holds which example.
-_PARTITION_STREAM, _FEATURE_STREAM = 1, 2
+_PARTITION_STREAM, _FEATURE_STREAM, _PLANTED_STREAM = 1, 2, 3
 
 
 @dataclass
@@ -88,6 +88,10 @@ def load_federated(cfg: "DataConfig", seed: int) -> FederatedData:
             # In place: x is this call's own array, and the central set is a separate one.
             feature_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_FEATURE_STREAM,)))
             feature_shift(x, [train, test], cfg.feature_shift, feature_rng)
+        if cfg.partition == "label_permutation":
+            y = np.array(y, dtype=np.int64)  # relabelled per client: a copy, the central set keeps its labels
+            planted_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_PLANTED_STREAM,)))
+            perms = permute_labels(y, [train, test], cfg.groups, dataset.num_classes, planted_rng)
 
     (train_order, train_offsets), (test_order, test_offsets) = train, test
     stats = heterogeneity_stats(y[train_order], train_offsets, dataset.num_classes)
@@ -99,6 +103,8 @@ def load_federated(cfg: "DataConfig", seed: int) -> FederatedData:
         test_examples=len(test_order),
         central_examples=len(central_y),
     )
+    if cfg.partition == "label_permutation":
+        stats.update(groups=cfg.groups, label_permutations=perms.tolist())  # client c is in group c % groups
     return FederatedData(
         x=torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
         y=torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)),

@@ -179,6 +179,39 @@ def feature(labels: np.ndarray, num_clients: int, rng: np.random.Generator, cfg:
     return rng.permutation(n).astype(np.int64), (np.arange(num_clients + 1, dtype=np.int64) * n) // num_clients
 
 
+def label_permutation(labels: np.ndarray, num_clients: int, rng: np.random.Generator, cfg: "DataConfig") -> Partition:
+    """Planted clusters (the "permuted labels" setting of IFCA, Ghosh et al., NeurIPS 2020,
+    Sec. 6): an IID split; `permute_labels` then gives each group of clients its own labeling."""
+    n = len(labels)
+    require_enough(n, num_clients, cfg.min_examples, "label_permutation")
+    return rng.permutation(n).astype(np.int64), (np.arange(num_clients + 1, dtype=np.int64) * n) // num_clients
+
+
+def planted_groups(num_clients: int, groups: int) -> np.ndarray:
+    """The planted group of each client of `label_permutation`: client c is in group c % groups."""
+    return np.arange(num_clients, dtype=np.int64) % groups
+
+
+def label_permutations(groups: int, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """(groups, classes): group 0 keeps the labels, every other group a distinct random permutation."""
+    perms = [np.arange(num_classes)]
+    while len(perms) < groups:  # a loop over groups; a redraw only on a repeated permutation
+        p = rng.permutation(num_classes)
+        if not any(np.array_equal(p, q) for q in perms):
+            perms.append(p)
+    return np.stack(perms).astype(np.int64)
+
+
+def permute_labels(y: np.ndarray, client_parts: list[Partition], groups: int, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """Relabel each client's examples in place through its group's permutation; returns the
+    (groups, classes) permutations.  The central test set keeps the original labels (group 0's)."""
+    perms = label_permutations(groups, num_classes, rng)
+    rows = np.concatenate([order for order, _ in client_parts])
+    owner = np.concatenate([segment_ids(offsets) for _, offsets in client_parts])
+    y[rows] = perms[owner % groups, y[rows]]
+    return perms
+
+
 def natural(devices: np.ndarray, rng: np.random.Generator) -> tuple[Partition, np.ndarray]:
     """The dataset's own devices (FedProx's Synthetic; LEAF-style data, Caldas et al. 2018).
 
@@ -193,6 +226,7 @@ PARTITIONERS: dict[str, Callable[[np.ndarray, int, np.random.Generator, "DataCon
     "shards": shards,
     "quantity": quantity,
     "feature": feature,
+    "label_permutation": label_permutation,
 }
 
 # Per-client affine transforms are drawn for this many clients at a time: memory stays

@@ -130,8 +130,9 @@ class Coordinator:
         self.excluded_clients: set[int] = set()  # a guardrail may exclude flagged clients for a while
         self.monitoring = None  # fleetlearn.monitoring.MonitoringParts (set by the factory)
         self.hierarchy = None  # engine.hierarchy.Hierarchy: regional pre-aggregation (set by the factory)
+        self.clustering = None  # fleetlearn.clustering.Clustering (set by the factory) or None
         self.records: list[RoundRecord] = []
-        self._task_cache: tuple[int, bytes] | None = None
+        self._task_cache: tuple[tuple[int, int], bytes] | None = None
         self._completions: list[np.ndarray] = []  # arrival times of recent rounds (adaptive deadline)
         # The last round's raw material, for monitors (see RoundHook).
         self.last_updates: torch.Tensor | None = None
@@ -186,9 +187,12 @@ class Coordinator:
 
     def _encoded_params(self) -> bytes:
         # The broadcast payload is encoded once per model version.
-        if self._task_cache is None or self._task_cache[0] != self.version:
-            payload, _ = self.downlink.encode(self.params)
-            self._task_cache = (self.version, payload)
+        vec = self.params
+        if self.clustering is not None:  # clustered FL: only the models in use (CFL's first blocks)
+            vec = self.clustering.broadcast(self.params, self.server_state)
+        if self._task_cache is None or self._task_cache[0] != (self.version, vec.numel()):
+            payload, _ = self.downlink.encode(vec)
+            self._task_cache = ((self.version, vec.numel()), payload)
         return self._task_cache[1]
 
     def _encoded_control(self) -> bytes:
@@ -240,12 +244,15 @@ class Coordinator:
         else:
             cohort = self.selector.select(available, want, r, self.selection_rng(r))
         deadline = self.deadline()
+        task_cfg = self.task_config(deadline)
+        if self.clustering is not None:  # clustered FL: active clusters, the cohort's candidates
+            task_cfg["clustering"] = self.clustering.task_entry(self.server_state, cohort)
         task = Task(
             round=r,
             version=self.version,
             payload=self._encoded_params(),
             codec=self.downlink.spec,
-            config=self.task_config(deadline),
+            config=task_cfg,
             deadline_s=deadline,
             control=self._encoded_control(),
         )
@@ -415,6 +422,8 @@ class Coordinator:
             rec.status, rec.reason = "rejected", reason
             return None
         ctx.seen.add(msg.client_id)
+        if self.clustering is not None:
+            rec.cluster = self.clustering.accepted(msg.client_id, msg.payload)
         rec.update_norm = math.nan if self.sketch_mode else float(torch.linalg.vector_norm(vec))
         return vec
 
@@ -428,6 +437,8 @@ class Coordinator:
             if self.submodels is not None:
                 sub = self.uplink.decode(update.payload, dim=self.submodels.sub_dim_of(update.client_id))
                 return self.submodels.embed_of(update.client_id, sub), None
+            if self.clustering is not None:  # one tagged block of the stacked models
+                return self.clustering.decode(update.payload, self.uplink), None
             return self.uplink.decode(update.payload, dim=self.dim), None
         except PayloadError as exc:
             return None, f"payload: {exc}"
@@ -684,7 +695,8 @@ class Coordinator:
         accs = [r.accuracy for r in recs if not math.isnan(r.accuracy)]
         up = sum(r.uplink_bytes for r in recs)
         accepted = sum(r.accepted + r.rejected + r.late for r in recs)
-        raw = accepted * 4 * self.dim
+        # Uncompressed: one float32 model per update (clustered FL uploads one block of its k models).
+        raw = accepted * 4 * (self.clustering.d if self.clustering is not None else self.dim)
         s = RunSummary(
             run_id=self.store.run_id if self.store else "",
             run_dir=str(self.store.run_dir) if self.store else "",

@@ -93,3 +93,58 @@ class Evaluator:
             "gain": float(np.nanmean(p_all) - np.nanmean(g_all)),
             "clients_improved": float(np.mean(p_all > g_all)),
         }
+
+
+class ClusteredEvaluator(Evaluator):
+    """Evaluation of clustered FL: each client is scored with the model of its cluster.
+
+    Central test accuracy of k models has no single meaning; the central set is scored
+    like a new client would be: by the active model with the lowest loss on it.
+    Federated: each sampled client's cluster is the one it would train (lowest loss on its
+    local *training* split among the clusters the server allows it, `clustering.allowed`),
+    and its accuracy is that model's on its local test split.  `last_extra` holds, per
+    evaluation, the mean accuracy per cluster and the best a single one of the models
+    reaches on every client (`single_model_fed_accuracy`, the "one global model" view);
+    `last_choice` each sampled client's cluster (clients in `self.clients`)."""
+
+    def __init__(self, learner, data: FederatedData, eval_clients: int, seed: int, clustering, state_fn, federated: bool = True):
+        super().__init__(learner, data, eval_clients, seed, federated)
+        self.clustering = clustering
+        self.state_fn = state_fn  # -> the coordinator's current server state
+        train = [data.train_indices(int(c)) for c in self.clients]
+        self.train_rows = torch.from_numpy(np.concatenate(train)) if train else torch.zeros(0, dtype=torch.long)
+        self.train_owner = np.repeat(np.arange(len(self.clients)), data.train_sizes()[self.clients])
+        self.last_extra: dict = {}
+        self.last_choice = np.zeros(0, dtype=np.int64)
+
+    def central(self, params: torch.Tensor) -> tuple[float, float]:
+        if self.data.central_y.numel() == 0:
+            return math.nan, math.nan
+        active = self.clustering.active(self.state_fn())
+        loss, correct = self.learner.per_example(params, self.data.central_x, self.data.central_y, models=range(active))
+        return float(loss.mean()), float(correct.mean())
+
+    def federated(self, params: torch.Tensor) -> tuple[float, float]:
+        if self.rows.numel() == 0 or not self.enabled_federated:
+            return math.nan, math.nan
+        state = self.state_fn()
+        n = len(self.clients)
+        allowed = self.clustering.allowed(state, self.clients)
+        models = np.flatnonzero(allowed.any(0))
+        x, y = self.data.x, self.data.y
+        losses = self.learner.cluster_losses(params, x[self.train_rows], y[self.train_rows], self.train_owner, n, models)
+        choice = self.learner.choose(losses, allowed)
+        blocks = self.learner.blocks(params)
+        acc = np.full((n, self.learner.k), np.nan)
+        for j in models:  # one forward pass per model over the sampled clients' test rows
+            _, correct = self.learner.base.per_example(blocks[j], x[self.rows], y[self.rows])
+            acc[:, j] = np.bincount(self.owner, weights=correct.numpy(), minlength=n) / self.counts
+        per_client = acc[np.arange(n), choice]
+        active = self.clustering.active(state)
+        self.last_choice = choice
+        self.last_extra = {
+            "cluster_fed_accuracy": [float(per_client[choice == j].mean()) if (choice == j).any() else None for j in range(active)],
+            "cluster_eval_clients": np.bincount(choice, minlength=active).tolist(),
+            "single_model_fed_accuracy": float(np.nanmax(np.nanmean(acc[:, models], axis=0))),
+        }
+        return float(per_client.mean()), float(np.percentile(per_client, 10))

@@ -59,6 +59,16 @@ def build_model_hooks(config: RunConfig, data: FederatedData, learner, x_unlabel
             steps=d.student_steps, every=d.student_every, temperature=d.student_temperature, seed=config.seed, rounds=config.server.rounds))
     return out
 
+def build_clustering(config: RunConfig, learner, population: int):
+    """Clustered FL: the server part and the learner wrapped to k stacked models."""
+    from ..clustering import Clustering
+    from ..learners.clustered import ClusteredLearner
+
+    srv = config.server
+    wrapped = ClusteredLearner(learner, srv.clusters, identical_init=srv.clustering == "cfl")
+    part = _part("server.clustering", "clustering", srv.clustering, lambda: Clustering(srv.clustering, srv.clusters, learner.spec.dim, population, srv.cfl_eps1, srv.cfl_eps2, srv.cfl_min_gap))
+    return part, wrapped
+
 
 def _is_sketch(chain) -> bool:
     return isinstance(getattr(chain, "support", None), CountSketch)
@@ -249,6 +259,11 @@ def build_coordinator(
         x_unlabeled, cx, cy = _part("distill.server_fraction", "server_fraction", config.distill.server_fraction,
                                     lambda: split_unlabeled(data.central_x, data.central_y, config.distill.server_fraction, config.seed))
         data = replace(data, central_x=cx, central_y=cy)
+    clustering = None
+    if config.server.clustering != "none":
+        clustering, learner = build_clustering(config, learner, data.num_clients)
+        if transport_factory is not None:
+            raise ConfigError(f"server.clustering = {config.server.clustering!r} runs in the simulation; the network transports do not carry it yet")
     try:
         uplink = parse_chain(config.compression.uplink)
     except ValueError as exc:
@@ -273,6 +288,19 @@ def build_coordinator(
     else:
         transport = build_transport(config, data, learner, fleet, runtime, clock)
     aggregator = build_aggregator(config, learner.spec.dim, data.num_clients, learner)
+    server_optimizer = build_server_optimizer(config)
+    evaluator = Evaluator(
+        learner, data, config.server.eval_clients, config.seed, federated=transport_factory is None,
+        personalization=personalization, personal_states=runtime.personal_states, chunk=config.server.cohort,
+    )
+    if clustering is not None:
+        from ..clustering import ClusteredAggregator, ClusteredServerOptimizer, ClusteringHook
+        from .evaluation import ClusteredEvaluator
+
+        aggregator = ClusteredAggregator(aggregator, clustering)
+        server_optimizer = ClusteredServerOptimizer(server_optimizer, clustering)
+        evaluator = ClusteredEvaluator(learner, data, config.server.eval_clients, config.seed, clustering, state_fn=lambda: coordinator.server_state)
+        hooks = [ClusteringHook(clustering, evaluator), *(hooks or [])]
     privacy = build_privacy_parts(config, data.num_clients, aggregator)
     run_store = store if isinstance(store, RunStore) else None
     if store is True:
@@ -292,17 +320,14 @@ def build_coordinator(
         selector=build_selector(config, data.num_clients),
         aggregator=aggregator,
         privacy=privacy,
-        server_optimizer=build_server_optimizer(config),
+        server_optimizer=server_optimizer,
         validators=build_run_validators(config),
         weighting=build_weighting(config),
         schedules=build_schedules(config),
         downlink=downlink,
         uplink=uplink,
         # On a real network the server cannot see clients' data: central evaluation only.
-        evaluator=Evaluator(
-            learner, data, config.server.eval_clients, config.seed, federated=transport_factory is None,
-            personalization=personalization, personal_states=runtime.personal_states, chunk=config.server.cohort,
-        ),
+        evaluator=evaluator,
         store=run_store,
         hooks=build_model_hooks(config, data, learner, x_unlabeled) + list(hooks or []) + monitoring.hooks,
         clock=clock,
@@ -319,6 +344,7 @@ def build_coordinator(
     coordinator.num_classes = data.num_classes
     if transport_factory is None:  # simulated clients keep their state here; real devices keep their own
         coordinator.client_states = runtime.states
+    coordinator.clustering = clustering
     return coordinator
 
 

@@ -65,6 +65,10 @@ class FitResult:
     # the global model it received, each on its local test split (nan: not measured).
     personal_accuracy: float = math.nan
     global_accuracy: float = math.nan
+    # Clustered FL (fleetlearn.learners.clustered): the block of the stacked models this
+    # client trained (delta is zero elsewhere), and how many blocks there are.
+    cluster: int | None = None
+    clusters: int = 1
 
 
 @runtime_checkable

@@ -156,6 +156,7 @@ class SimulationTransport:
 
         train = np.flatnonzero(~np.isfinite(drop_at))
         t0 = time.perf_counter()
+        candidates = self.runtime.cluster_candidates(task, ids[train])  # clustered FL only
         by_id = {"clients": ids[train].tolist()} if getattr(self.learner, "needs_client_ids", False) else {}
         own = [self._client_data_for(int(ids[i]), task.round) for i in train]
         cohort_data = [self._oversampled(int(ids[i]), d, task) for i, d in zip(train, own)]
@@ -171,6 +172,7 @@ class SimulationTransport:
                 corrections=(c.unsqueeze(0) - c_i) if c is not None and len(train) else None,
                 step_limits=step_limits,
                 **by_id,
+                **({"candidates": candidates} if candidates is not None else {}),
             )
         else:  # global training plus each client's personal step (its state: runtime.personal_states)
             results = pers.fit_cohort(self.learner, params, [int(ids[i]) for i in train], cohort_data, hp, seeds, self.runtime.personal_states, step_limits)
