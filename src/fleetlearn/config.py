@@ -233,7 +233,7 @@ class CompressionConfig(Section):
     adaptive_policy: Literal["pace", "upload_budget"] | None = None
     ladder: list[str] = Field(default_factory=lambda: ["none", "q8", "q4", "topk:0.1 | q8", "topk:0.01 | q8"])
     upload_budget_s: float | None = Field(default=None, gt=0)
-    pace_slack: float = Field(default=0.1, ge=0, le=10)
+    pace_slack: float = Field(default=0.05, ge=0, le=10)
 
     @property
     def policy(self) -> str:
@@ -393,6 +393,9 @@ class RunConfig(Section):
         if comp.adaptive:
             if comp.policy == "upload_budget" and comp.upload_budget_s is None and self.server.deadline_s is None and self.server.deadline_policy != "adaptive":
                 raise ValueError("compression.adaptive_policy = 'upload_budget' needs a time budget: set compression.upload_budget_s or server.deadline_s")
+            if self.server.mode == "async":
+                raise ValueError("compression.adaptive chooses each client's rung per synchronous round; server.mode = 'async' "
+                                 "(FedBuff) sends with compression.uplink: set adaptive = false and pick an uplink chain")
             if comp.policy == "pace" and comp.upload_budget_s is not None:
                 raise ValueError(
                     f"compression.upload_budget_s = {comp.upload_budget_s} applies to adaptive_policy = 'upload_budget'; "

@@ -77,6 +77,8 @@ def test_adaptive_policy_keys_are_checked():
         load_config({**BASE, "compression": {"adaptive": True, "adaptive_policy": "pace", "upload_budget_s": 0.05}})
     with pytest.raises(ConfigError, match="adaptive_policy"):
         load_config({**BASE, "compression": {"adaptive": True, "adaptive_policy": "fastest"}})
+    with pytest.raises(ConfigError, match="server.mode = 'async'"):
+        load_config({**BASE, "server": {"rounds": 3, "cohort": 10, "mode": "async"}, "compression": {"adaptive": True}})
     with pytest.raises(ConfigError, match="pace_slack"):
         load_config({**BASE, "compression": {"adaptive": True, "pace_slack": -0.5}})
     # the policy in force: pace unless an upload budget is given (the keys of earlier configs keep their meaning)

@@ -109,7 +109,7 @@ def pace_levels(
     latency_s: np.ndarray | float,
     before_s: np.ndarray | float,
     wait_for: int,
-    slack: float = 0.1,
+    slack: float = 0.05,
     deadline_s: float | None = None,
 ) -> Plan:
     """The ``pace`` policy (see the module docstring): least lossy rung that finishes by
@@ -167,7 +167,7 @@ class AdaptiveCompression:
     def plan(self, uplink_mbps, latency_s, budget_s) -> Plan:
         return choose_levels(self.level_bytes, uplink_mbps, latency_s, budget_s)
 
-    def pace(self, uplink_mbps, latency_s, before_s, wait_for: int, slack: float = 0.1, deadline_s: float | None = None) -> Plan:
+    def pace(self, uplink_mbps, latency_s, before_s, wait_for: int, slack: float = 0.05, deadline_s: float | None = None) -> Plan:
         """The ``pace`` policy for one round's cohort (see `pace_levels`)."""
         return pace_levels(self.level_bytes, uplink_mbps, latency_s, before_s, wait_for, slack, deadline_s)
 
