@@ -117,15 +117,19 @@ def test_pace_policy_ends_the_round_near_its_earliest_possible_end():
     assert rec.sim_seconds < plain.sim_seconds
 
 
-def test_corrupted_compressed_payload_is_refused_and_the_round_goes_on():
-    c = build_coordinator(conf(uplink="topk:0.1 | q8"), store=False)
+@pytest.mark.parametrize("uplink, damage", [("topk:0.1 | q8", "flip"), ("q8 | zstd", "truncate")])
+def test_corrupted_compressed_payload_is_refused_and_the_round_goes_on(uplink, damage):
+    c = build_coordinator(conf(uplink=uplink), store=False)
     inner = c.transport.dispatch
 
     def damaged(task, cohort):
         for i, reply in enumerate(inner(task, cohort)):
             if i == 0:
                 p = bytearray(reply.message.payload)
-                p[len(p) // 2] ^= 0x5A
+                if damage == "flip":
+                    p[len(p) // 2] ^= 0x5A
+                else:
+                    del p[len(p) // 2 :]
                 reply = dataclasses.replace(reply, message=dataclasses.replace(reply.message, payload=bytes(p)))
             yield reply
 
