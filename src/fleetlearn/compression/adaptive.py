@@ -31,8 +31,9 @@ Two policies use this rule (``[compression] adaptive_policy``):
 - ``pace`` (`pace_levels`): the budget comes from the cohort itself.  A round ends
   when its ``wait_for``-th reply arrives (the cohort size, out of the
   over-selected clients dispatched), so that is the arrival worth speeding up.
-  Each client's earliest finish is ``t_min[i] = before_s[i] + upload_s[i, last]``
-  (``before_s`` = download + compute; ``last`` = the most compressed rung); the
+  Each client's earliest finish is ``t_min[i] = before_s[i] + min_j upload_s[i, j]``
+  (``before_s`` = download + compute; the minimum is at the smallest rung, normally
+  the last); the
   pace of the round is ``T = (1 + slack) * (wait_for-th smallest t_min)``, capped by
   the deadline; each client then gets the least lossy rung with
   ``before_s[i] + upload_s[i, j] <= T``.  So the round ends about as early as if
