@@ -50,6 +50,11 @@ DEFAULT_CHAINS = [
     "ef | q4",
     "ef | topk:0.01 | q8",
     "ef | sign",
+    "zstd",
+    "q8 | zstd",
+    "q4 | zstd",
+    "topk:0.01 | q8 | zstd",
+    "ef | topk:0.01 | q8 | zstd",
 ]
 
 

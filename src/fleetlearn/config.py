@@ -302,12 +302,24 @@ class CompressionConfig(Section):
     # Codec chains in one syntax everywhere, e.g. "topk:0.01 | q8"; "none" sends float32.
     uplink: str = "none"
     downlink: str = "none"
-    # Adaptive compression: each client uses the least lossy rung of `ladder` whose upload
-    # fits its budget: `upload_budget_s`, or else the round's deadline minus its download
-    # and compute time.  Recorded per client per round (ClientRecord.codec).
+    # Adaptive compression: each client uses the least lossy rung of `ladder` (ordered
+    # least to most lossy) that meets its time budget.  Recorded per client per round
+    # (ClientRecord.codec).  adaptive_policy:
+    #   pace: finish by (1 + pace_slack) x the earliest time the round could end (the
+    #     cohort-th earliest finish with the last rung), capped by the deadline;
+    #   upload_budget: upload within `upload_budget_s`, or else within the round's
+    #     deadline minus the client's download and compute time.
+    # Unset: upload_budget when upload_budget_s is set, else pace.
     adaptive: bool = False
+    adaptive_policy: Literal["pace", "upload_budget"] | None = None
     ladder: list[str] = Field(default_factory=lambda: ["none", "q8", "q4", "topk:0.1 | q8", "topk:0.01 | q8"])
     upload_budget_s: float | None = Field(default=None, gt=0)
+    pace_slack: float = Field(default=0.05, ge=0, le=10)
+
+    @property
+    def policy(self) -> str:
+        """The adaptive policy in force (adaptive_policy, or its default)."""
+        return self.adaptive_policy or ("upload_budget" if self.upload_budget_s is not None else "pace")
 
 
 class PrivacyConfig(Section):
@@ -579,8 +591,16 @@ class RunConfig(Section):
             raise ValueError(f"monitoring.guardrail names {missing}, which are not in monitoring.detectors")
         comp = self.compression
         if comp.adaptive:
-            if comp.upload_budget_s is None and self.server.deadline_s is None and self.server.deadline_policy != "adaptive":
-                raise ValueError("compression.adaptive needs a time budget: set compression.upload_budget_s or server.deadline_s")
+            if comp.policy == "upload_budget" and comp.upload_budget_s is None and self.server.deadline_s is None and self.server.deadline_policy != "adaptive":
+                raise ValueError("compression.adaptive_policy = 'upload_budget' needs a time budget: set compression.upload_budget_s or server.deadline_s")
+            if self.server.mode == "async":
+                raise ValueError("compression.adaptive chooses each client's rung per synchronous round; server.mode = 'async' "
+                                 "(FedBuff) sends with compression.uplink: set adaptive = false and pick an uplink chain")
+            if comp.policy == "pace" and comp.upload_budget_s is not None:
+                raise ValueError(
+                    f"compression.upload_budget_s = {comp.upload_budget_s} applies to adaptive_policy = 'upload_budget'; "
+                    "the 'pace' policy takes its budget from the cohort (tune it with compression.pace_slack)"
+                )
             if comp.uplink.strip() not in ("", "none"):
                 raise ValueError(f"compression.adaptive chooses the uplink chain from compression.ladder; leave compression.uplink = 'none' (got {comp.uplink!r})")
             if not comp.ladder:

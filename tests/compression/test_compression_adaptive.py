@@ -103,3 +103,90 @@ def test_empty_ladder_and_bad_chain_are_refused():
 def test_empty_cohort():
     plan = AdaptiveCompression(LADDER, DIM).plan(np.array([]), np.array([]), np.array([]))
     assert plan.levels.shape == (0,) and plan.fits.shape == (0,)
+
+
+# -- the `pace` policy ----------------------------------------------------------------------
+def naive_pace(level_bytes, mbps, lat, before, wait_for, slack, deadline=None):
+    up = lambda i, nb: lat[i] + nb * 8 / (mbps[i] * 1e6)
+    t_min = sorted(before[i] + up(i, min(level_bytes)) for i in range(len(mbps)))
+    T = (1 + slack) * t_min[min(wait_for, len(mbps)) - 1]
+    if deadline is not None:
+        T = min(T, deadline)
+    out = []
+    for i in range(len(mbps)):
+        fit = [j for j, nb in enumerate(level_bytes) if before[i] + up(i, nb) <= T]
+        out.append(fit[0] if fit else len(level_bytes) - 1)
+    return np.array(out), T
+
+
+@given(
+    mbps=hnp.arrays(np.float64, 30, elements=st.floats(0.05, 500)),
+    lat=hnp.arrays(np.float64, 30, elements=st.floats(0, 0.3)),
+    before=hnp.arrays(np.float64, 30, elements=st.floats(0, 5)),
+    wait_for=st.integers(1, 40),
+    slack=st.sampled_from([0.0, 0.1, 0.5]),
+    deadline=st.sampled_from([None, 0.5, 3.0]),
+)
+@settings(max_examples=60, deadline=None)
+def test_pace_equals_its_definition(mbps, lat, before, wait_for, slack, deadline):
+    policy = AdaptiveCompression(LADDER, DIM)
+    plan = policy.pace(mbps, lat, before, wait_for, slack, deadline)
+    want, T = naive_pace(policy.level_bytes, mbps, lat, before, wait_for, slack, deadline)
+    assert np.array_equal(plan.levels, want)
+    finish = before + plan.upload_s
+    assert np.all(finish[plan.fits] <= T * (1 + 1e-12))
+    if deadline is None:
+        # the round's `wait_for`-th reply can arrive by T: at least that many clients fit
+        assert plan.fits.sum() >= min(wait_for, len(mbps))
+
+
+def test_pace_gives_slow_links_the_aggressive_rungs_and_fast_links_precision():
+    policy = AdaptiveCompression(LADDER, DIM)
+    mbps = np.geomspace(0.5, 5000, 200)
+    levels = policy.pace(mbps, 0.05, 0.3, wait_for=100, slack=0.1).levels
+    assert np.all(np.diff(levels) <= 0)  # more bandwidth, never more compression
+    assert levels[0] == len(LADDER) - 1 and levels[-1] == 0
+    # more slack never makes a client more lossy
+    more = policy.pace(mbps, 0.05, 0.3, wait_for=100, slack=0.5).levels
+    assert np.all(more <= levels) and more.sum() < levels.sum()
+
+
+def test_pace_target_is_the_cohort_th_earliest_finish():
+    # Four clients at 1 Mbit/s; the round waits for two.  'none' uploads in 32.1 ms, topk:10 in < 1 ms.
+    policy = AdaptiveCompression(["none", "topk:10"], 1000)
+    assert policy.level_bytes[0] == 4013 and policy.level_bytes[1] == 103
+    before = np.array([0.1, 0.19, 0.3, 1.0])
+    plan = policy.pace(np.full(4, 1.0), 0.0, before, wait_for=2, slack=0.0)
+    # T = 0.19 + topk upload: client 0 still has time for float32, client 1 only for top-k,
+    # clients 2 and 3 cannot make T at all (last rung, not fitting).
+    assert list(plan.levels) == [0, 1, 1, 1] and list(plan.fits) == [True, True, False, False]
+    assert np.allclose(plan.upload_s, policy.level_bytes[plan.levels] * 8 / 1e6)
+    # 20 % slack: T = 0.229 s, enough for client 1 to send float32 (0.19 + 0.032 = 0.222 s)
+    assert list(policy.pace(np.full(4, 1.0), 0.0, before, wait_for=2, slack=0.2).levels) == [0, 0, 1, 1]
+    # the deadline caps T: nobody but client 0 (with top-k) finishes by 0.101 s
+    capped = policy.pace(np.full(4, 1.0), 0.0, before, wait_for=2, slack=0.2, deadline_s=0.101)
+    assert list(capped.levels) == [1, 1, 1, 1] and list(capped.fits) == [True, False, False, False]
+
+
+@pytest.mark.parametrize(
+    "kwargs, msg",
+    [
+        (dict(wait_for=0), "wait_for"),
+        (dict(wait_for=2.5), "wait_for"),
+        (dict(slack=-0.1), "slack"),
+        (dict(slack=float("nan")), "slack"),
+        (dict(deadline_s=0.0), "deadline_s"),
+        (dict(before_s=[np.nan, 0.1]), "before_s"),
+        (dict(before_s=[-1.0, 0.1]), "before_s"),
+    ],
+)
+def test_pace_refuses_bad_inputs(kwargs, msg):
+    args = dict(uplink_mbps=[1.0, 2.0], latency_s=0.0, before_s=[0.1, 0.2], wait_for=1)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=msg):
+        AdaptiveCompression(["none", "q8"], 100).pace(**args)
+
+
+def test_pace_on_an_empty_cohort():
+    plan = AdaptiveCompression(LADDER, DIM).pace(np.array([]), np.array([]), np.array([]), wait_for=3)
+    assert plan.levels.shape == (0,)

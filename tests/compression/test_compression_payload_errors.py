@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from fleetlearn.compression import decode_payload, parse_chain, read_sketch, sum_sketches
 from fleetlearn.params import PayloadError
 
-CHAINS = ["none", "fp16", "bf16", "q8", "q4", "q2:block=5", "sign", "sign:block=7", "topk:0.1", "topk:0.3 | q4", "randk:0.2 | fp16", "topk:0.05 | sign", "sketch:5,cols=40,rows=3"]
+CHAINS = ["none", "fp16", "bf16", "q8", "q4", "q2:block=5", "sign", "sign:block=7", "topk:0.1", "topk:0.3 | q4", "randk:0.2 | fp16", "topk:0.05 | sign", "sketch:5,cols=40,rows=3", "q8 | zstd", "topk:0.3 | q4 | zstd"]
 _payloads: dict[tuple[str, int], bytes] = {}
 
 
@@ -52,7 +52,7 @@ def test_random_bytes_are_refused(data):
 @settings(max_examples=300, deadline=None)
 def test_random_bodies_behind_a_valid_header_and_crc_never_crash(data):
     # Random content that passes the magic, version and CRC checks exercises every structural check.
-    for support in range(4):
+    for support in (0, 1, 2, 3, 0x80, 0x81):  # 0x80: the body is zstd-coded
         for value in range(5):
             decodes_or_refuses(with_crc(b"FL\x01" + bytes([support, value]) + data))
 

@@ -70,20 +70,66 @@ def test_adaptive_compression_picks_the_least_lossy_rung_that_fits():
         assert all(up(j) > 0.05 for j in range(lv))  # every less lossy rung would not fit
 
 
-def test_adaptive_needs_a_budget():
-    with pytest.raises(ConfigError, match="needs a time budget"):
-        load_config({**BASE, "compression": {"adaptive": True}})
+def test_adaptive_policy_keys_are_checked():
+    with pytest.raises(ConfigError, match="'upload_budget' needs a time budget"):
+        load_config({**BASE, "compression": {"adaptive": True, "adaptive_policy": "upload_budget"}})
+    with pytest.raises(ConfigError, match="upload_budget_s = 0.05 applies to adaptive_policy = 'upload_budget'"):
+        load_config({**BASE, "compression": {"adaptive": True, "adaptive_policy": "pace", "upload_budget_s": 0.05}})
+    with pytest.raises(ConfigError, match="adaptive_policy"):
+        load_config({**BASE, "compression": {"adaptive": True, "adaptive_policy": "fastest"}})
+    with pytest.raises(ConfigError, match="server.mode = 'async'"):
+        load_config({**BASE, "server": {"rounds": 3, "cohort": 10, "mode": "async"}, "compression": {"adaptive": True}})
+    with pytest.raises(ConfigError, match="pace_slack"):
+        load_config({**BASE, "compression": {"adaptive": True, "pace_slack": -0.5}})
+    # the policy in force: pace unless an upload budget is given (the keys of earlier configs keep their meaning)
+    assert load_config({**BASE, "compression": {"adaptive": True}}).compression.policy == "pace"
+    assert load_config({**BASE, "compression": {"adaptive": True, "upload_budget_s": 0.05}}).compression.policy == "upload_budget"
 
 
-def test_corrupted_compressed_payload_is_refused_and_the_round_goes_on():
-    c = build_coordinator(conf(uplink="topk:0.1 | q8"), store=False)
+def test_pace_policy_ends_the_round_near_its_earliest_possible_end():
+    slack = 0.1
+    cfg = load_config({**BASE, "server": {"rounds": 3, "cohort": 10, "over_selection": 1.5}, "devices": {"profile": "mixed_fleet", "spread": 1.5},
+                       "compression": {"adaptive": True, "pace_slack": slack}})
+    c = build_coordinator(cfg, store=False)
+    rec = c.run_round()
+    policy, fleet = c.transport.runtime.adaptive, c.transport.fleet
+    ladder, est = policy.ladder, policy.level_bytes
+    replied = [cr for cr in rec.clients if cr.status in ("accepted", "late")]
+    assert len(replied) == 15 and rec.accepted == 10
+    assert len({cr.codec for cr in replied}) > 1  # different clients, different rungs
+    ids = np.array([cr.client_id for cr in replied])
+    mbps, lat = fleet.uplink_mbps[ids], fleet.latency_s[ids]
+    sent = np.array([cr.uplink_bytes for cr in replied])
+    levels = np.array([ladder.index(cr.codec) for cr in replied])
+    # Independent reconstruction from the records: arrival = before + upload of the bytes actually sent.
+    before = np.array([cr.arrival_s for cr in replied]) - (lat + sent * 8 / (mbps * 1e6))
+    finish = before[:, None] + lat[:, None] + est[None, :] * 8 / (mbps[:, None] * 1e6)  # planned, per rung
+    T = (1 + slack) * np.sort(finish.min(axis=1))[10 - 1]
+    for i, lv in enumerate(levels):
+        if lv < len(ladder) - 1:
+            assert finish[i, lv] <= T * (1 + 1e-9)
+        assert np.all(finish[i, :lv] > T * (1 - 1e-9))  # every less lossy rung would finish after T
+    # the round ends by T (real payloads are at most the planned sizes) ...
+    assert rec.sim_seconds <= T * (1 + 1e-9)
+    # ... well before it would with every client sending float32
+    plain = build_coordinator(load_config({**BASE, "server": {"rounds": 3, "cohort": 10, "over_selection": 1.5},
+                                           "devices": {"profile": "mixed_fleet", "spread": 1.5}}), store=False).run_round()
+    assert rec.sim_seconds < plain.sim_seconds
+
+
+@pytest.mark.parametrize("uplink, damage", [("topk:0.1 | q8", "flip"), ("q8 | zstd", "truncate")])
+def test_corrupted_compressed_payload_is_refused_and_the_round_goes_on(uplink, damage):
+    c = build_coordinator(conf(uplink=uplink), store=False)
     inner = c.transport.dispatch
 
     def damaged(task, cohort):
         for i, reply in enumerate(inner(task, cohort)):
             if i == 0:
                 p = bytearray(reply.message.payload)
-                p[len(p) // 2] ^= 0x5A
+                if damage == "flip":
+                    p[len(p) // 2] ^= 0x5A
+                else:
+                    del p[len(p) // 2 :]
                 reply = dataclasses.replace(reply, message=dataclasses.replace(reply.message, payload=bytes(p)))
             yield reply
 

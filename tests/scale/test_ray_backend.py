@@ -39,8 +39,8 @@ def local_ray():
     ray.shutdown()
 
 
-def _run(backend: str):
-    cfg = load_config({**CONFIG, "engine": {"backend": backend, "ray_workers": 2 if backend == "ray" else None}})
+def _run(backend: str, config: dict = CONFIG):
+    cfg = load_config({**config, "engine": {"backend": backend, "ray_workers": 2 if backend == "ray" else None}})
     coord = build_coordinator(cfg, store=False)
     try:
         summary = coord.run()
@@ -76,6 +76,21 @@ def test_ray_backend_same_model_as_in_process(local_ray):
         assert other is not None and other.keys() == state.keys()
         for k in state:
             torch.testing.assert_close(other[k], state[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_ray_backend_adaptive_pace_same_as_in_process(local_ray):
+    # Adaptive rungs are chosen on the driver after training and encoded there.
+    config = {**CONFIG, "server": {**CONFIG["server"], "over_selection": 1.3}, "devices": {"profile": "mixed_fleet"},
+              "compression": {"adaptive": True, "ladder": ["none", "q8", "ef | topk:0.1 | q8:stochastic"]}}
+    ray_coord, ray_sum = _run("ray", config)
+    sim_coord, sim_sum = _run("simulation", config)
+    torch.testing.assert_close(ray_coord.params, sim_coord.params, rtol=0, atol=1e-6)
+    used = set()
+    for a, b in zip(ray_sum.records, sim_sum.records):
+        assert [(c.client_id, c.status, c.codec, c.uplink_bytes) for c in a.clients] == [(c.client_id, c.status, c.codec, c.uplink_bytes) for c in b.clients]
+        used |= {c.codec for c in a.clients}
+    assert len(used) > 1  # the policy did pick different rungs
 
 
 def test_split_chunks_cover_the_cohort_in_order():

@@ -5,7 +5,7 @@ server-side aggregation of count sketches and `adaptive` for the per-client
 level policy.
 """
 
-from .adaptive import AdaptiveCompression, Plan, choose_levels
+from .adaptive import AdaptiveCompression, Plan, choose_levels, pace_levels
 from .codec import (
     CODECS,
     RESIDUAL,
@@ -44,6 +44,7 @@ __all__ = [
     "TopK",
     "UniformQuantizer",
     "choose_levels",
+    "pace_levels",
     "clear_sketch_cache",
     "decode_payload",
     "estimate_bytes",

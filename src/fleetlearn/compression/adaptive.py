@@ -21,10 +21,31 @@ pass measured sizes as ``level_bytes`` to be less conservative.
 Pure and vectorised: numpy arrays in, numpy arrays out, no state, no Python
 loop over clients.  The engine decides what the budget is (e.g. the round
 deadline minus the client's download and compute time).
+
+Two policies use this rule (``[compression] adaptive_policy``):
+
+- ``upload_budget``: the budget is a fixed number of upload seconds
+  (``upload_budget_s``) or the round's deadline minus each client's download and
+  compute time.  When the deadline is generous every upload fits and everybody
+  keeps the least lossy rung: the round is then as slow as without compression.
+- ``pace`` (`pace_levels`): the budget comes from the cohort itself.  A round ends
+  when its ``wait_for``-th reply arrives (the cohort size, out of the
+  over-selected clients dispatched), so that is the arrival worth speeding up.
+  Each client's earliest finish is ``t_min[i] = before_s[i] + min_j upload_s[i, j]``
+  (``before_s`` = download + compute; the minimum is at the smallest rung, normally
+  the last); the
+  pace of the round is ``T = (1 + slack) * (wait_for-th smallest t_min)``, capped by
+  the deadline; each client then gets the least lossy rung with
+  ``before_s[i] + upload_s[i, j] <= T``.  So the round ends about as early as if
+  everybody used the most compressed rung, while every client with time to spare
+  (fast links, fast devices) sends at higher precision: slow links get aggressive
+  codecs, fast links keep precision.  ``slack`` trades round time for precision
+  (0: the earliest possible end; 0.25: rounds up to 25 % longer than that).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -40,6 +61,36 @@ class Plan:
     upload_s: np.ndarray  # float64 (n,): upload seconds at the chosen level
 
 
+def _upload_seconds(level_bytes, uplink_mbps, latency_s, *per_client) -> tuple[np.ndarray, ...]:
+    """Validated inputs -> (upload seconds (n, L), per-client arrays broadcast to (n,)...)."""
+    b = np.asarray(level_bytes, dtype=np.float64)
+    if b.ndim != 1 or b.size == 0:
+        raise ValueError("level_bytes must be a non-empty 1-D sequence (one size per ladder level)")
+    if np.any(b < 0) or not np.all(np.isfinite(b)):
+        raise ValueError("level_bytes must be finite and >= 0")
+    arrays = np.broadcast_arrays(
+        np.atleast_1d(np.asarray(uplink_mbps, dtype=np.float64)),
+        np.atleast_1d(np.asarray(latency_s, dtype=np.float64)),
+        *(np.atleast_1d(np.asarray(a, dtype=np.float64)) for a in per_client),
+    )
+    mbps, lat = arrays[0], arrays[1]
+    if mbps.ndim != 1:
+        raise ValueError("uplink_mbps, latency_s and the per-client times must be scalars or 1-D arrays of one length")
+    if not (np.all(np.isfinite(mbps)) and np.all(mbps > 0)):
+        raise ValueError("uplink_mbps must be finite and > 0")
+    if not (np.all(np.isfinite(lat)) and np.all(lat >= 0)):
+        raise ValueError("latency_s must be finite and >= 0")
+    secs = lat[:, None] + b[None, :] * 8.0 / (mbps[:, None] * 1e6)  # (n, L)
+    return (secs, *arrays[2:])
+
+
+def _least_lossy(finish: np.ndarray, limit: np.ndarray | float, upload: np.ndarray) -> Plan:
+    ok = finish <= np.asarray(limit)[..., None] if np.ndim(limit) else finish <= limit
+    fits = ok.any(axis=1)
+    levels = np.where(fits, ok.argmax(axis=1), finish.shape[1] - 1).astype(np.int64)
+    return Plan(levels, fits, upload[np.arange(upload.shape[0]), levels])
+
+
 def choose_levels(
     level_bytes: Sequence[int] | np.ndarray,
     uplink_mbps: np.ndarray | float,
@@ -47,29 +98,48 @@ def choose_levels(
     budget_s: np.ndarray | float,
 ) -> Plan:
     """The least lossy level whose upload fits each client's budget (see the module docstring)."""
-    b = np.asarray(level_bytes, dtype=np.float64)
-    if b.ndim != 1 or b.size == 0:
-        raise ValueError("level_bytes must be a non-empty 1-D sequence (one size per ladder level)")
-    if np.any(b < 0) or not np.all(np.isfinite(b)):
-        raise ValueError("level_bytes must be finite and >= 0")
-    mbps, lat, bud = np.broadcast_arrays(
-        np.atleast_1d(np.asarray(uplink_mbps, dtype=np.float64)),
-        np.atleast_1d(np.asarray(latency_s, dtype=np.float64)),
-        np.atleast_1d(np.asarray(budget_s, dtype=np.float64)),
-    )
-    if mbps.ndim != 1:
-        raise ValueError("uplink_mbps, latency_s and budget_s must be scalars or 1-D arrays of one length")
-    if not (np.all(np.isfinite(mbps)) and np.all(mbps > 0)):
-        raise ValueError("uplink_mbps must be finite and > 0")
-    if not (np.all(np.isfinite(lat)) and np.all(lat >= 0)):
-        raise ValueError("latency_s must be finite and >= 0")
+    secs, bud = _upload_seconds(level_bytes, uplink_mbps, latency_s, budget_s)
     if np.any(np.isnan(bud)):
         raise ValueError("budget_s must not be NaN")
-    secs = lat[:, None] + b[None, :] * 8.0 / (mbps[:, None] * 1e6)  # (n, L)
-    ok = secs <= bud[:, None]
-    fits = ok.any(axis=1)
-    levels = np.where(fits, ok.argmax(axis=1), b.size - 1).astype(np.int64)
-    return Plan(levels, fits, secs[np.arange(secs.shape[0]), levels])
+    return _least_lossy(secs, bud, secs)
+
+
+def pace_levels(
+    level_bytes: Sequence[int] | np.ndarray,
+    uplink_mbps: np.ndarray | float,
+    latency_s: np.ndarray | float,
+    before_s: np.ndarray | float,
+    wait_for: int,
+    slack: float = 0.05,
+    deadline_s: float | None = None,
+) -> Plan:
+    """The ``pace`` policy (see the module docstring): least lossy rung that finishes by
+    ``T = (1 + slack) * (wait_for-th smallest earliest finish)``, T capped by the deadline.
+
+    ``before_s``: each client's seconds before its upload starts (download + compute).
+    ``Plan.upload_s`` is the upload time at the chosen rung; ``fits`` says whether the
+    client finishes by T.
+    """
+    if not isinstance(wait_for, (int, np.integer)) or isinstance(wait_for, bool) or wait_for < 1:
+        raise ValueError(f"wait_for must be an integer >= 1, got {wait_for!r}")
+    if not (isinstance(slack, (int, float, np.floating)) and math.isfinite(slack) and slack >= 0):
+        raise ValueError(f"slack must be a finite number >= 0, got {slack!r}")
+    if deadline_s is not None and not (deadline_s > 0):
+        raise ValueError(f"deadline_s must be > 0 or None, got {deadline_s!r}")
+    secs, before = _upload_seconds(level_bytes, uplink_mbps, latency_s, before_s)
+    if not (np.all(np.isfinite(before)) and np.all(before >= 0)):
+        raise ValueError("before_s must be finite and >= 0")
+    n = secs.shape[0]
+    finish = before[:, None] + secs  # (n, L): download + compute + upload at each rung
+    if n == 0:
+        return _least_lossy(finish, 0.0, secs)
+    # Earliest finish of each client: its smallest payload.  The round waits for `wait_for` replies.
+    t_min = finish.min(axis=1)
+    k = min(int(wait_for), n)
+    target = (1.0 + float(slack)) * float(np.partition(t_min, k - 1)[k - 1])
+    if deadline_s is not None:
+        target = min(target, float(deadline_s))
+    return _least_lossy(finish, target, secs)
 
 
 class AdaptiveCompression:
@@ -97,6 +167,10 @@ class AdaptiveCompression:
 
     def plan(self, uplink_mbps, latency_s, budget_s) -> Plan:
         return choose_levels(self.level_bytes, uplink_mbps, latency_s, budget_s)
+
+    def pace(self, uplink_mbps, latency_s, before_s, wait_for: int, slack: float = 0.05, deadline_s: float | None = None) -> Plan:
+        """The ``pace`` policy for one round's cohort (see `pace_levels`)."""
+        return pace_levels(self.level_bytes, uplink_mbps, latency_s, before_s, wait_for, slack, deadline_s)
 
     def choose(self, uplink_mbps, latency_s, budget_s) -> np.ndarray:
         """Level index per client (int64 array)."""

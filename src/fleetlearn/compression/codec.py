@@ -8,7 +8,7 @@ checkpointed.
 
 Chain syntax (one syntax everywhere: configs, CLI, records)
 -----------------------------------------------------------
-``"[ef |] [sparsifier | sketch] [| value codec]"``, elements separated by ``|``,
+``"[ef |] [sparsifier | sketch] [| value codec] [| zstd]"``, elements separated by ``|``,
 whitespace ignored; ``"none"`` or ``""`` is plain float32.  An element is
 ``name`` or ``name:arg,arg`` where an arg is ``key=value`` or a bare word.
 
@@ -21,6 +21,8 @@ whitespace ignored; ``"none"`` or ``""`` is plain float32.  An element is
 - value codec: ``none``, ``fp16``, ``bf16``; ``q8``/``q4``/``q2`` as
   ``qB[:block=N][,stochastic]`` (block default 256); ``sign[:block=N]`` (1 bit and
   a mean-|x| scale per block, 0 = one scale for the whole vector).
+- entropy coder: ``zstd[:level=N]`` -- lossless Zstandard coding of the payload
+  body, applied only when it makes the payload smaller (`entropy`); must be last.
 
 Composition: a sparsifier picks indices and hands the kept values, in index
 order, to the value codec (``topk:0.01 | q8`` = top 1 %, values 8-bit
@@ -28,11 +30,12 @@ quantized; ``topk:0.01 | fp16``).  Without a sparsifier the value codec codes
 the whole vector.  ``ef`` first wraps everything after it.  Refused with a
 ValueError: two sparsifiers (or a sparsifier and a sketch), two value codecs, a
 value codec before the sparsifier, anything after ``sketch`` (tables stay
-float32 so they add up), ``ef`` anywhere but first, and ``ef`` before a
-lossless chain.
+float32 so they add up), ``ef`` anywhere but first, ``ef`` before a
+lossless chain, and ``zstd`` anywhere but last.
 
 Examples: ``"q8"``, ``"q4:stochastic"``, ``"q8:block=128"``, ``"topk:0.01 | q8"``,
 ``"ef | topk:0.001 | q4"``, ``"ef | sign"``, ``"randk:0.1,unbiased | q8:stochastic"``,
+``"q8 | zstd"``, ``"ef | topk:0.01 | q8 | zstd"``,
 ``"sketch:0.01,cols=0.05,rows=5"``.
 
 Decoding reads the structure from the payload, so *any* chain decodes *any*
@@ -58,6 +61,7 @@ import torch
 from ..params import PayloadError
 from . import wire
 from .base import Stage, new_rng
+from .entropy import ZstdCoder
 from .sketch import CountSketch, read_sketch_section, unsketch
 from .sparsify import RandK, Sparsifier, TopK, read_indices, write_indices
 from .values import (
@@ -114,6 +118,7 @@ CODECS: dict[str, Callable[[list[str], dict[str, str]], Stage]] = {
     "randk": RandK.from_args,
     "sketch": CountSketch.from_args,
     "ef": ErrorFeedback.from_args,
+    "zstd": ZstdCoder.from_args,
 }
 
 
@@ -145,6 +150,7 @@ class CodecChain:
         _validate(stages)
         self.codecs = stages
         self.ef = bool(stages) and stages[0].role == "ef"
+        self.entropy: ZstdCoder | None = stages[-1] if stages and stages[-1].role == "entropy" else None  # type: ignore[assignment]
         body = stages[1:] if self.ef else stages
         self.support: Sparsifier | CountSketch | None = next((c for c in body if c.role in ("sparsifier", "sketch")), None)
         self.value: ValueCodec = next((c for c in body if c.role == "value"), Float32Codec())  # type: ignore[assignment]
@@ -161,11 +167,12 @@ class CodecChain:
 
     @property
     def exact_size(self) -> bool:
-        """True when `estimate_bytes` is exact (no sparsifier: no zstd-coded indices)."""
-        return not isinstance(self.support, Sparsifier)
+        """True when `estimate_bytes` is exact (no sparsifier: no zstd-coded indices; no zstd stage)."""
+        return not isinstance(self.support, Sparsifier) and self.entropy is None
 
     def estimate_bytes(self, dim: int) -> int:
-        """Payload bytes for a vector of `dim` entries: exact when `exact_size`, else an upper bound."""
+        """Payload bytes for a vector of `dim` entries: exact when `exact_size`, else an upper bound
+        (a ``zstd`` stage is applied only when it pays, so it never adds bytes)."""
         if dim < 0 or dim > wire.MAX_DIM:
             raise ValueError(f"dim must be in [0, {wire.MAX_DIM}], got {dim}")
         n = wire.OVERHEAD
@@ -215,6 +222,7 @@ class CodecChain:
     def _encode_plain(self, x: torch.Tensor, rng) -> bytes:
         d = x.numel()
         sup = self.support
+        z = self.entropy.level if self.entropy is not None else None
         if isinstance(sup, CountSketch):
             return wire.assemble(sup.wire_id, wire.VALUE_F32, d, sup.write(x))
         if isinstance(sup, Sparsifier):
@@ -224,8 +232,8 @@ class CodecChain:
             if scale != 1.0:
                 vals.mul_(scale)
                 _as_vector(vals)
-            return wire.assemble(sup.wire_id, self.value.wire_id, d, write_indices(idx) + self.value.write(vals, rng))
-        return wire.assemble(wire.SUPPORT_DENSE, self.value.wire_id, d, self.value.write(x, rng))
+            return wire.assemble(sup.wire_id, self.value.wire_id, d, write_indices(idx) + self.value.write(vals, rng), zstd_level=z)
+        return wire.assemble(wire.SUPPORT_DENSE, self.value.wire_id, d, self.value.write(x, rng), zstd_level=z)
 
 
 def _validate(stages: list[Stage]) -> None:
@@ -233,7 +241,19 @@ def _validate(stages: list[Stage]) -> None:
     for i, c in enumerate(stages):
         if c.role == "ef" and i > 0:
             raise ValueError(f"'ef' must be the first element of a chain (it wraps what follows), found at position {i + 1} in {spec!r}")
+    for i, c in enumerate(stages):
+        if c.role == "entropy" and i != len(stages) - 1:
+            raise ValueError(
+                f"'zstd' must be the last element of a chain (it codes the finished payload), found at position {i + 1} in {spec!r}"
+            )
     body = stages[1:] if stages and stages[0].role == "ef" else stages
+    if body and body[-1].role == "entropy":
+        body = body[:-1]
+        if any(c.role == "sketch" for c in body):
+            raise ValueError(
+                f"nothing may follow 'sketch' in {spec!r} (found 'zstd'): the server adds sketch tables as sent, "
+                "and float32 tables of hashed sums do not compress"
+            )
     supports = [c for c in body if c.role in ("sparsifier", "sketch")]
     values = [c for c in body if c.role == "value"]
     if len(supports) > 1:

@@ -5,12 +5,17 @@ Every payload is self-describing and checksummed::
     offset  size  field
     0       2     magic b"FL"
     2       1     format version (1)
-    3       1     support: 0 dense, 1 topk, 2 randk, 3 sketch
+    3       1     support: 0 dense, 1 topk, 2 randk, 3 sketch; bit 7 set: the body
+                  (support + value sections) is zstd-coded (see `entropy`)
     4       1     value codec: 0 float32, 1 fp16, 2 bf16, 3 uniform quantizer, 4 sign
     5       4     dim (uint32): length of the decoded vector
     9       ...   support section (sparse: k, first index, index coding; sketch: rows, cols, seed, k)
     ...     ...   value section (its own small header, then the coded values)
     -4      4     CRC32 (zlib.crc32) of every byte before it
+
+A zstd-coded body is: uncompressed length (uint32), then one zstd frame;
+`read_header` decompresses it and hands back a reader over the plain body, so
+the section readers never see the difference.
 
 All integers are little-endian.  Decoding checks the magic, the version, the CRC,
 and then that every length announced in the headers matches the bytes present,
@@ -41,6 +46,15 @@ VALUE_F32, VALUE_F16, VALUE_BF16, VALUE_QUANT, VALUE_SIGN = 0, 1, 2, 3, 4
 VALUE_NAMES = {VALUE_F32: "float32", VALUE_F16: "fp16", VALUE_BF16: "bf16", VALUE_QUANT: "quantized", VALUE_SIGN: "sign"}
 
 MAX_DIM = 2**32 - 1  # dim travels as uint32
+SUPPORT_ZSTD_FLAG = 0x80  # bit 7 of the support byte: the body is zstd-coded
+ZSTD_HEAD = struct.Struct("<I")  # uncompressed body length
+
+
+def max_body_bytes(dim: int) -> int:
+    """Most bytes a plain (non-sketch) body for `dim` values can hold: sparse float32
+    (4-byte index + 4-byte value) or block-1 quantizer scales stay far below this.
+    A zstd-coded body announcing more is refused before it is decompressed."""
+    return 16 * dim + 4096
 
 
 @dataclass(frozen=True)
@@ -54,8 +68,19 @@ class Header:
         return SUPPORT_NAMES[self.support]
 
 
-def assemble(support: int, value: int, dim: int, parts: Iterable[bytes | bytearray | memoryview]) -> bytes:
-    """Header + parts + CRC32 as one bytes object; the CRC is computed part by part (no extra copy)."""
+def assemble(support: int, value: int, dim: int, parts: Iterable[bytes | bytearray | memoryview], zstd_level: int | None = None) -> bytes:
+    """Header + parts + CRC32 as one bytes object; the CRC is computed part by part (no extra copy).
+
+    With `zstd_level`, the parts are zstd-coded when that makes the payload smaller."""
+    if zstd_level is not None:
+        import zstandard
+
+        parts = list(parts)
+        body = b"".join(parts)
+        z = zstandard.ZstdCompressor(level=zstd_level, write_content_size=True).compress(body)
+        if ZSTD_HEAD.size + len(z) < len(body):
+            support |= SUPPORT_ZSTD_FLAG
+            parts = [ZSTD_HEAD.pack(len(body)), z]
     head = HEADER.pack(MAGIC, VERSION, support, value, dim)
     chunks: list = [head]
     crc = zlib.crc32(head)
@@ -92,11 +117,39 @@ def read_header(payload: bytes | bytearray | memoryview, *, check_crc: bool = Tr
         got = zlib.crc32(mv[: n - CRC.size])
         if got != want:
             raise PayloadError(f"CRC32 mismatch (stored {want:#010x}, computed {got:#010x}): the payload is corrupted")
+    zstd = bool(support & SUPPORT_ZSTD_FLAG)
+    support &= ~SUPPORT_ZSTD_FLAG
     if support not in SUPPORT_NAMES:
         raise PayloadError(f"unknown support id {support}; known: {SUPPORT_NAMES}")
     if value not in VALUE_NAMES:
         raise PayloadError(f"unknown value codec id {value}; known: {VALUE_NAMES}")
-    return Header(support, value, dim), Reader(mv, HEADER.size, n - CRC.size)
+    r = Reader(mv, HEADER.size, n - CRC.size)
+    if zstd:
+        if support == SUPPORT_SKETCH:
+            raise PayloadError("a sketch payload cannot be zstd-coded (the server adds sketch tables as sent)")
+        r = _zstd_body(r, dim)
+    return Header(support, value, dim), r
+
+
+def _zstd_body(r: "Reader", dim: int) -> "Reader":
+    """A reader over the decompressed body of a zstd-coded payload."""
+    import zstandard
+
+    (size,) = r.unpack(ZSTD_HEAD, "zstd body length")
+    limit = max_body_bytes(dim)
+    if size > limit:
+        raise PayloadError(f"zstd-coded body announces {size} bytes; a payload of dim {dim} holds at most {limit}")
+    frame = r.take(r.end - r.pos, "zstd frame")
+    try:
+        got = zstandard.frame_content_size(frame)
+        if got != size:
+            raise PayloadError(f"zstd frame holds {got} bytes, the payload announces {size}")
+        body = zstandard.ZstdDecompressor().decompress(frame, max_output_size=size)
+    except zstandard.ZstdError as exc:
+        raise PayloadError(f"zstd-coded body does not decompress: {exc}") from None
+    if len(body) != size:
+        raise PayloadError(f"zstd-coded body decompressed to {len(body)} bytes, expected {size}")
+    return Reader(memoryview(body), 0, len(body))
 
 
 class Reader:

@@ -168,7 +168,12 @@ class Coordinator:
         cfg: dict[str, Any] = {**self.fit_config().to_dict(), "partial_work": self.config.server.partial_work, "seed": self.config.seed}
         comp = self.config.compression
         if comp.adaptive:
-            if comp.upload_budget_s is not None:
+            cfg["adaptive_policy"] = comp.policy
+            if comp.policy == "pace":  # finish near the earliest end of a round that waits for `cohort` replies
+                cfg["pace_wait_for"], cfg["pace_slack"] = self.config.server.cohort, comp.pace_slack
+                if deadline is not None:
+                    cfg["pace_deadline_s"] = deadline
+            elif comp.upload_budget_s is not None:
                 cfg["upload_budget_s"] = comp.upload_budget_s
             elif deadline is not None:
                 cfg["upload_budget_s"], cfg["budget_is_deadline"] = deadline, True

@@ -229,7 +229,7 @@ class RayTransport:
     # -- training on the workers ------------------------------------------------
     def _encode_on_workers(self, task: Task) -> bool:
         # Adaptive rungs depend on each client's processed samples: chosen on the driver after training.
-        return self.runtime.adaptive is None or task.config.get("upload_budget_s") is None
+        return self.runtime.adaptive is None or (task.config.get("adaptive_policy") != "pace" and task.config.get("upload_budget_s") is None)
 
     def _train_remote(self, params: torch.Tensor, clients: list[int], hp: FitConfig, seeds: list[int], step_limits) -> list[FitResult]:
         ray, task = self._ray, self._task

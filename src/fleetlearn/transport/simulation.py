@@ -99,13 +99,22 @@ class SimulationTransport:
         return full + rest
 
     def _levels(self, task: Task, ids: np.ndarray, train: np.ndarray, down_s: np.ndarray, results, cost: np.ndarray) -> list[int | None]:
-        """Adaptive compression: each client's ladder rung from its uplink and the time
-        left for the upload (the round's budget minus its download and compute)."""
-        budget = task.config.get("upload_budget_s")
+        """Adaptive compression: each client's ladder rung from its uplink and its time
+        budget (fleetlearn.compression.adaptive): `pace` (finish near the earliest end
+        of the round) or `upload_budget` (the round's budget minus download and compute).
+        `cost` scales compute for sub-models (HeteroFL)."""
         policy = self.runtime.adaptive
-        if policy is None or budget is None or not len(train):
+        if policy is None or not len(train):
             return [None] * len(train)
         c = ids[train]
+        if task.config.get("adaptive_policy") == "pace":
+            before = down_s[train] + self.fleet.compute_seconds(c, np.array([r.samples for r in results]) * cost[train])
+            plan = policy.pace(self.fleet.uplink_mbps[c], self.fleet.latency_s[c], before,
+                               int(task.config["pace_wait_for"]), float(task.config["pace_slack"]), task.config.get("pace_deadline_s"))
+            return [int(v) for v in plan.levels]
+        budget = task.config.get("upload_budget_s")
+        if budget is None:
+            return [None] * len(train)
         if task.config.get("budget_is_deadline"):
             compute = self.fleet.compute_seconds(c, np.array([r.samples for r in results]) * cost[train])
             budget = budget - down_s[train] - compute
