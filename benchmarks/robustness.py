@@ -1,13 +1,13 @@
 """Robust aggregation under attack: final accuracy for every (attack, aggregator).
 
-    python benchmarks/robustness.py            # 11 aggregators x (clean + 9 attack columns), 30 rounds, seeds 0 1 (~20-25 min on 2 loaded cores)
+    python benchmarks/robustness.py            # 11 aggregators x (clean + 9 attack columns), 30 rounds, seeds 0 1 (~30 min on 2 loaded cores)
     python benchmarks/robustness.py --quick    # sign_flip, scaling, alie; 15 rounds
     python benchmarks/robustness.py --attacks sign_flip sign_flip:ind --aggregators mean dnc+reputation --rounds 20 --seeds 0 1
 
 The embedded default job (digits, 100 clients, Dirichlet(0.5) label skew, cohort
 20, a 64-128-10 MLP, 10 local epochs) with 20% of the population malicious from
 round 1 (`[attack] fraction = 0.2`, the same seeded clients every round, so about
-4 per cohort, between 0 and 8 in practice) and the attacks' default strengths:
+4 per cohort, 2 to 7 in seed 0's rounds) and the attacks' default strengths:
 scaling x10, Gaussian noise std 1, same value 100, ALIE with the paper's z_max,
 model replacement boosted by the cohort size.  Robust aggregators are told the
 expected attacker count: `server.byzantine_f = 4` (krum, multi_krum, bulyan, dnc)
