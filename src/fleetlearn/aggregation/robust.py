@@ -28,6 +28,8 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 
+from .reputation import ClientReputation
+
 # Column-block sizes, in elements of the (n, block) slice.  On the CPU ~1M elements
 # keeps the transposed, sorted copy of a block (values + int64 indices) in cache;
 # a GPU wants big launches, so it gets large blocks.
@@ -706,8 +708,6 @@ class DnCAggregator:
         reputation_min_rounds: int = 2,
         reputation_threshold: float = 0.5,
     ):
-        from .reputation import ClientReputation
-
         self.f = _check_f(f, self.name)
         self.c = _check_positive(c, self.name, "c (the filtering fraction)")
         self.max_norm = None if max_norm is None else _check_positive(max_norm, self.name, "max_norm")
