@@ -186,7 +186,7 @@ class ServerConfig(Section):
     # The aggregator part: mean (FedAvg) or a robust rule (see fleetlearn.aggregation).
     aggregator: Literal[
         "mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan",
-        "geometric_median", "norm_bounded_mean", "centered_clipping", "mifa",
+        "geometric_median", "norm_bounded_mean", "centered_clipping", "dnc", "mifa",
     ] = "mean"
     # mifa (Gu et al., NeurIPS 2021): average over the latest stored update of every client seen;
     # memory ~ mifa_max_clients x 4d bytes (None: the population).
@@ -199,6 +199,15 @@ class ServerConfig(Section):
     cc_iters: int = Field(default=3, ge=1)
     gm_eps: float = Field(default=1e-6, gt=0)  # geometric_median smoothing
     gm_max_iter: int = Field(default=100, ge=1)
+    # dnc (Shejwalkar & Houmansadr, NDSS 2021): drop floor(dnc_c x byzantine_f) rows by their
+    # projection on the top principal direction; rows clipped to norm_bound (None: median) first.
+    dnc_c: float = Field(default=1.0, gt=0)
+    dnc_clip: bool = True
+    # dnc only: per-client flag history; clients flagged in more than reputation_threshold of
+    # at least reputation_min_rounds appearances are dropped (see aggregation/reputation.py).
+    reputation: bool = False
+    reputation_min_rounds: int = Field(default=2, ge=1)
+    reputation_threshold: float = Field(default=0.5, ge=0, lt=1)
     # Validation before aggregation (None: round, duplicate, examples, shape, finite, plus the
     # checks whose bound is set below).
     validators: list[str] | None = None
@@ -572,6 +581,8 @@ class RunConfig(Section):
             raise ValueError(f"server.cohort = {self.server.cohort} exceeds the number of clients (data.clients = {n})")
         if self.server.min_replies > self.server.cohort:
             raise ValueError(f"server.min_replies = {self.server.min_replies} exceeds server.cohort = {self.server.cohort}")
+        if self.server.reputation and self.server.aggregator != "dnc":
+            raise ValueError(f"server.reputation = true needs the flags of server.aggregator = 'dnc'; got server.aggregator = {self.server.aggregator!r}")
         if self.server.mode == "async" and self.server.aggregator == "mifa":
             raise ValueError("server.aggregator = 'mifa' keeps one update per client for synchronous rounds; it cannot run with server.mode = 'async'")
         if self.server.mode == "async":

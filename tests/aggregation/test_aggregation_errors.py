@@ -15,6 +15,7 @@ from fleetlearn.aggregation import (
     AGGREGATORS,
     bulyan,
     centered_clipping,
+    dnc,
     geometric_median,
     krum,
     mean,
@@ -32,6 +33,7 @@ FUNCS = {
     "geometric_median": lambda u: geometric_median(u),
     "norm_bounded_mean": lambda u: norm_bounded_mean(u, 1.0),
     "centered_clipping": lambda u: centered_clipping(u, 1.0),
+    "dnc": lambda u: dnc(u, 0),
 }
 
 
@@ -156,6 +158,7 @@ CALLS = {
     "geometric_median": (lambda u, p, q, w: geometric_median(u, w, eps=p, max_iter=q), st.floats(1e-12, 1.0), st.integers(1, 30)),
     "norm_bounded_mean": (lambda u, p, q, w: norm_bounded_mean(u, p, w), st.one_of(st.none(), st.floats(1e-6, 1e30)), st.none()),
     "centered_clipping": (lambda u, p, q, w: centered_clipping(u, p, q), st.one_of(st.none(), st.floats(1e-6, 1e30)), st.integers(1, 5)),
+    "dnc": (lambda u, p, q, w: dnc(u, p, clip=True, max_norm=q), st.integers(0, 4), st.one_of(st.none(), st.floats(1e-6, 1e30))),
 }
 
 

@@ -11,6 +11,7 @@ from fleetlearn.aggregation import (
     bulyan,
     centered_clipping,
     default_f,
+    dnc,
     geometric_median,
     krum,
     mean,
@@ -31,8 +32,9 @@ RULES = {
     "geometric_median": lambda u, w=None: geometric_median(u, w),
     "norm_bounded_mean": lambda u, w=None: norm_bounded_mean(u, 3.0, w),
     "centered_clipping": lambda u, w=None: centered_clipping(u, 1.0, 5),
+    "dnc": lambda u, w=None: dnc(u, 4),
 }
-TRANSLATION_EQUIVARIANT = ["median", "trimmed_mean", "krum", "multi_krum", "bulyan", "geometric_median"]
+TRANSLATION_EQUIVARIANT = ["median", "trimmed_mean", "krum", "multi_krum", "bulyan", "geometric_median", "dnc"]
 
 
 def honest_and_attacked(n=20, f=4, d=50, scale=1e6):
@@ -78,7 +80,7 @@ def test_translation_equivariance(name):
     np.testing.assert_allclose(RULES[name](x + c), RULES[name](x) + c, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", ["median", "trimmed_mean", "krum", "multi_krum", "bulyan", "geometric_median", "centered_clipping"])
+@pytest.mark.parametrize("name", ["median", "trimmed_mean", "krum", "multi_krum", "bulyan", "geometric_median", "centered_clipping", "dnc"])
 def test_positive_scale_equivariance(name):
     x = RNG.normal(size=(20, 30))
     a = 3.5

@@ -2,7 +2,7 @@
 
 Public functions for users who build their own parts: `mean(updates, weights=None)`,
 `median`, `trimmed_mean`, `krum`, `bulyan`, `geometric_median`, `norm_bounded_mean`,
-`centered_clipping` (robust.py).
+`centered_clipping`, `dnc` (robust.py); `ClientReputation` (reputation.py).
 """
 
 from .mean import MeanAggregator, StreamingMean, mean
@@ -10,6 +10,7 @@ from .robust import (
     ROBUST_AGGREGATORS,
     BulyanAggregator,
     CenteredClippingAggregator,
+    DnCAggregator,
     GeometricMedianAggregator,
     KrumAggregator,
     MedianAggregator,
@@ -19,6 +20,8 @@ from .robust import (
     bulyan,
     centered_clipping,
     default_f,
+    dnc,
+    dnc_scores,
     geometric_median,
     krum,
     median,
@@ -26,6 +29,7 @@ from .robust import (
     pairwise_sq_distances,
     trimmed_mean,
 )
+from .reputation import ClientReputation
 from .schedules import SCHEDULES, schedule_from_config
 from .server_opt import ServerAdagrad, ServerAdam, ServerMomentum, ServerSGD, ServerYogi
 from .weighting import WEIGHTINGS, CohortInfo, make_weighting, weighting_from_config
@@ -54,6 +58,8 @@ __all__ = [
     "weighting_from_config",
     "BulyanAggregator",
     "CenteredClippingAggregator",
+    "ClientReputation",
+    "DnCAggregator",
     "GeometricMedianAggregator",
     "KrumAggregator",
     "MeanAggregator",
@@ -66,6 +72,8 @@ __all__ = [
     "bulyan",
     "centered_clipping",
     "default_f",
+    "dnc",
+    "dnc_scores",
     "geometric_median",
     "krum",
     "mean",

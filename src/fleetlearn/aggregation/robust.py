@@ -28,6 +28,8 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 
+from .reputation import ClientReputation
+
 # Column-block sizes, in elements of the (n, block) slice.  On the CPU ~1M elements
 # keeps the transposed, sorted copy of a block (values + int64 indices) in cache;
 # a GPU wants big launches, so it gets large blocks.
@@ -187,13 +189,26 @@ def pairwise_sq_distances(updates) -> torch.Tensor:
     return _pairwise_sq_distances(x)
 
 
-def _pairwise_sq_distances(x: torch.Tensor) -> torch.Tensor:
+def _centered_gram(x: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The (n, n) float64 Gram matrix ``Y Y^T`` of the rows centered on their mean,
+    ``Y = S X - mean_rows(S X)`` with ``S = diag(row_scale)`` (identity when None).
+
+    Accumulated over column blocks (a BLAS product per block, no (n, d) copy); centering
+    each block first keeps the entries small, so little is lost to cancellation when
+    the rows share a large common offset."""
     n = x.shape[0]
     gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
     for s, e in _blocks(x):
         b = x[:, s:e].to(torch.float64)
+        if row_scale is not None:
+            b = b * row_scale[:, None]
         b = b - b.mean(0, keepdim=True)
         gram.addmm_(b, b.t())
+    return gram
+
+
+def _pairwise_sq_distances(x: torch.Tensor) -> torch.Tensor:
+    gram = _centered_gram(x)
     sq = gram.diagonal()
     dist = sq[:, None] + sq[None, :] - 2.0 * gram
     dist = 0.5 * (dist + dist.t())  # exact symmetry, whatever the BLAS did
@@ -421,6 +436,91 @@ def centered_clipping(updates, tau: float | None, iters: int = 3, center=None):
     return _finish(v.to(x.dtype), to_numpy)
 
 
+def _median_norm_scale(x: torch.Tensor, max_norm: float | None) -> torch.Tensor:
+    """Per-row factors ``min(1, bound / ||x_i||)`` (float64) that clip every row to norm
+    at most ``bound``: ``max_norm``, or the cohort's median row norm when None."""
+    norms = _row_distances(x, None)
+    bound = float(norms.median()) if max_norm is None else max_norm
+    return torch.where(norms > bound, bound / norms, torch.ones_like(norms))
+
+
+def dnc_scores(updates, max_norm: float | None = None, clip: bool = False) -> torch.Tensor:
+    """Divide-and-Conquer outlier scores (Shejwalkar & Houmansadr, NDSS 2021, Alg. 2,
+    lines 4-7): center the rows, take the top right singular vector ``v`` of the
+    centered (n, d) matrix and score row i by ``<x_i - mu, v>^2``.
+
+    Computed from the (n, n) centered Gram matrix ``Y Y^T = U diag(s^2) U^T``: the
+    projection of row i on ``v`` is ``s_1 u_1[i]``, so the score is ``s_1^2 u_1[i]^2``
+    (no SVD of the (n, d) matrix).  With ``clip`` the rows are first clipped to
+    ``max_norm`` (None: the median row norm).  Returns a float64 tensor of shape (n,)."""
+    x, _ = _prepare(updates, "dnc_scores")
+    scale = _median_norm_scale(x, max_norm) if clip else None
+    return _dnc_scores(x, scale)
+
+
+def _dnc_scores(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    gram = _centered_gram(x, scale)
+    gram = 0.5 * (gram + gram.t())
+    if x.shape[0] == 1:
+        return torch.zeros(1, dtype=torch.float64, device=x.device)
+    evals, evecs = torch.linalg.eigh(gram)  # ascending
+    top = evals[-1].clamp(min=0.0)
+    return top * evecs[:, -1].square()
+
+
+def _dnc_removed(n: int, f: int, c: float) -> int:
+    return int(math.floor(c * f + 1e-9))
+
+
+def _check_dnc(n: int, f: int, c: float, fn: str) -> int:
+    if not n > 2 * f:
+        raise ValueError(f"{fn} needs n > 2f (an honest majority): n = {n}, f = {f}")
+    removed = _dnc_removed(n, f, c)
+    if not removed < n:
+        raise ValueError(f"{fn} needs n > floor(c * f) (at least one row kept): n = {n}, f = {f}, c = {c}")
+    return removed
+
+
+def dnc(updates, f: int, c: float = 1.0, max_norm: float | None = None, clip: bool = False):
+    """Divide-and-Conquer (Shejwalkar & Houmansadr, "Manipulating the Byzantine",
+    NDSS 2021, Alg. 2): drop the ``floor(c * f)`` rows with the largest `dnc_scores`
+    (the largest squared projections on the top principal direction of the centered
+    updates) and return the plain mean of the rest.
+
+    Attackers that move the aggregate have to agree on a direction, and that shared
+    direction is where the centered cohort varies most.  The paper samples ``b`` of
+    the d coordinates per iteration and intersects the kept sets of ``niters``
+    iterations; this uses all d coordinates (b = d), for which every iteration is the
+    same, so one suffices and the result is deterministic.
+
+    ``clip`` first clips every row to ``max_norm`` (None: the cohort's median norm),
+    so a boosted update that is not removed weighs no more than a typical one; the
+    kept rows are averaged clipped.  Needs an honest majority (``n > 2f``) and
+    ``floor(c * f) < n``; ``c`` is the paper's filtering fraction (default 1)."""
+    fn = "dnc"
+    f = _check_int(f, fn, "f (the number of Byzantine clients)", 0)
+    c = _check_positive(c, fn, "c (the filtering fraction)")
+    if max_norm is not None:
+        max_norm = _check_positive(max_norm, fn, "max_norm")
+    x, to_numpy = _prepare(updates, fn)
+    n = x.shape[0]
+    removed = _check_dnc(n, f, c, fn)
+    scale = _median_norm_scale(x, max_norm) if clip else None
+    drop = torch.zeros(n, dtype=torch.bool, device=x.device)
+    if removed:
+        drop[torch.topk(_dnc_scores(x, scale), removed).indices] = True
+    return _finish(_kept_mean(x, ~drop, scale), to_numpy)
+
+
+def _kept_mean(x: torch.Tensor, keep: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Unweighted mean of the kept (optionally clipped) rows as one coefficient-vector
+    product: no copy of the rows."""
+    coef = keep.to(torch.float64) / keep.sum()
+    if scale is not None:
+        coef = coef * scale
+    return coef.to(x.dtype) @ x
+
+
 # -- aggregator parts for the engine registry ---------------------------------------
 #
 # Each part: `name` (the `server.aggregator` value), `needs_individual_updates = True`
@@ -433,9 +533,14 @@ def centered_clipping(updates, tau: float | None, iters: int = 3, center=None):
 def default_f(n: int, rule: str) -> int:
     """The number of Byzantine clients assumed when none is configured:
     ``floor(n / 5)`` (20% of the cohort), clamped to the largest f that the rule's
-    precondition allows (krum: n > 2f + 2; bulyan: n >= 4f + 3), and never below 0.
+    precondition allows (krum: n > 2f + 2; bulyan: n >= 4f + 3; dnc: n > 2f), and never below 0.
     A cohort too small even for f = 0 still fails the precondition with a clear error."""
-    bound = (n - 3) // 2 if rule in ("krum", "multi_krum") else (n - 3) // 4
+    if rule in ("krum", "multi_krum"):
+        bound = (n - 3) // 2
+    elif rule == "dnc":  # honest majority: n > 2f
+        bound = (n - 1) // 2
+    else:
+        bound = (n - 3) // 4
     return max(0, min(n // 5, bound))
 
 
@@ -568,6 +673,98 @@ class CenteredClippingAggregator:
         return centered_clipping(updates, self.tau, self.iters)
 
 
+class DnCAggregator:
+    """Divide-and-Conquer (Shejwalkar & Houmansadr, NDSS 2021) on updates clipped to the
+    cohort's median norm, optionally with a client `ClientReputation`.  Unweighted.
+
+    Every round the ``floor(c * f)`` rows with the largest `dnc_scores` are flagged.
+    Without reputation the flagged rows are dropped and the rest averaged (`dnc`).
+    With ``reputation = True`` the flags are also recorded per client, and the rows of
+    clients flagged in more than ``reputation_threshold`` of their (at least
+    ``reputation_min_rounds``) appearances are dropped first; the round then drops only
+    as many of the remaining highest-scored rows as are needed to drop ``floor(c * f)``
+    in total (more when more distrusted clients are present, never every row).  This
+    path needs the client ids: the engine calls `aggregate_round(ids, updates, weights)`.
+
+    ``f = None``: see `default_f`.  ``clip = False`` averages the kept rows unclipped.
+    After each round ``last_removed`` holds the removed row indices and
+    ``last_distrusted`` those removed for their history."""
+
+    name = "dnc"
+    needs_individual_updates = True
+    config_keys = {
+        "byzantine_f": "f", "dnc_c": "c", "norm_bound": "max_norm", "dnc_clip": "clip",
+        "reputation": "reputation", "reputation_min_rounds": "reputation_min_rounds",
+        "reputation_threshold": "reputation_threshold",
+    }
+
+    def __init__(
+        self,
+        f: int | None = None,
+        c: float = 1.0,
+        max_norm: float | None = None,
+        clip: bool = True,
+        reputation: bool = False,
+        reputation_min_rounds: int = 2,
+        reputation_threshold: float = 0.5,
+    ):
+        self.f = _check_f(f, self.name)
+        self.c = _check_positive(c, self.name, "c (the filtering fraction)")
+        self.max_norm = None if max_norm is None else _check_positive(max_norm, self.name, "max_norm")
+        self.clip = bool(clip)
+        self.reputation = ClientReputation(reputation_min_rounds, reputation_threshold) if reputation else None
+        # The engine passes client ids to aggregators that ask for them (as for MIFA).
+        self.needs_client_ids = self.reputation is not None
+        self.last_removed: list[int] = []
+        self.last_distrusted: list[int] = []
+
+    def aggregate(self, updates: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        if self.reputation is not None:
+            raise ValueError("dnc with reputation needs the client ids: call aggregate_round(ids, updates, weights)")
+        return self._round(updates, None)
+
+    def aggregate_round(self, ids, updates: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        if self.reputation is None:
+            return self._round(updates, None)
+        return self._round(updates, list(ids))
+
+    def _round(self, updates, ids: list[int] | None):
+        fn = self.name
+        x, to_numpy = _prepare(updates, fn)
+        n = x.shape[0]
+        if ids is not None and len(ids) != n:
+            raise ValueError(f"{fn}: {len(ids)} client ids for {n} updates")
+        f = self.f if self.f is not None else default_f(n, "dnc")
+        removed = _check_dnc(n, f, self.c, fn)
+        scale = _median_norm_scale(x, self.max_norm) if self.clip else None
+        scores = _dnc_scores(x, scale) if removed else torch.zeros(n, dtype=torch.float64, device=x.device)
+        flagged = torch.zeros(n, dtype=torch.bool, device=x.device)
+        if removed:
+            flagged[torch.topk(scores, removed).indices] = True
+        drop = flagged
+        distrusted = torch.zeros(n, dtype=torch.bool, device=x.device)
+        if ids is not None:
+            distrusted = self.reputation.distrusted(ids).to(x.device)
+            if int(distrusted.sum()) >= n:  # never drop every row: fall back to this round's evidence
+                distrusted.zero_()
+            extra = max(0, removed - int(distrusted.sum()))
+            drop = distrusted.clone()
+            if extra:
+                rest = scores.masked_fill(distrusted, -math.inf)
+                drop[torch.topk(rest, extra).indices] = True
+            self.reputation.record(ids, flagged.cpu())
+        self.last_removed = torch.nonzero(drop).flatten().tolist()
+        self.last_distrusted = torch.nonzero(distrusted).flatten().tolist()
+        return _finish(_kept_mean(x, ~drop, scale), to_numpy)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {} if self.reputation is None else self.reputation.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.reputation is not None:
+            self.reputation.load_state_dict(state)
+
+
 ROBUST_AGGREGATORS = {
     cls.name: cls
     for cls in (
@@ -579,5 +776,6 @@ ROBUST_AGGREGATORS = {
         GeometricMedianAggregator,
         NormBoundedMeanAggregator,
         CenteredClippingAggregator,
+        DnCAggregator,
     )
 }

@@ -50,8 +50,16 @@ def _direction(honest: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
 
 
 def sign_flip(honest: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
-    """Send the negated honest update (the sign-flipping attack of Li et al., RSA,
-    AAAI 2019): ``-g_i``, or ``-mean(g_att)`` when colluding."""
+    """Send the negated honest update.
+
+    Independent (``collude = false``): each attacker sends ``-g_i``, minus its own
+    update: the sign-flipping attack of Li et al. (RSA, AAAI 2019; they also scale it)
+    and the "bit flipping" of Karimireddy et al. (ICML 2021).  Colluding (the
+    ``[attack]`` default): all attackers send ``-mean(g_att)``, minus the mean of their
+    pooled honest updates, the form of Allen-Zhu et al. (ICLR 2021) and Allouah et al.
+    (AISTATS 2023), who negate the honest mean.  The copies are identical, which pulls
+    distance- and median-based rules towards them under label skew (see
+    docs/design-notes.md, "Robust aggregation under label skew")."""
     return (-_direction(honest, ctx)).to(honest.dtype)
 
 
