@@ -36,7 +36,8 @@ class RoundHook(Protocol):
     Monitors add measurements to ``record.extra`` and may read the round's raw
     material on the coordinator: ``last_updates`` (the accepted (n, d) matrix),
     ``last_weights`` (n,), ``last_aggregate`` (d,) and ``prev_params`` (d,), all
-    None after a failed round.  Guardrails may reject the round: call
+    None after a failed round.  Rows follow client ids, as do the accepted clients in
+    ``record.clients`` (aggregation is independent of arrival order).  Guardrails may reject the round: call
     ``coordinator.restore(version, reason)``, which puts back that model version
     and marks the record ``rolled_back``.
     """
@@ -513,6 +514,20 @@ class Coordinator:
 
         `scale` multiplies each update's weight without renormalising (FedBuff's
         staleness weights: a stale update moves the model less)."""
+        # Rows in client-id order, not arrival order: float sums then do not depend on which
+        # reply came first, so a network run reproduces (and a resumed run matches) exactly.
+        order = sorted(range(len(got.accepted)), key=lambda i: got.accepted[i].client_id)
+        if order != list(range(len(order))):
+            got.vecs = [got.vecs[i] for i in order]
+            got.claims = [got.claims[i] for i in order]
+            got.accepted = [got.accepted[i] for i in order]
+            if len(got.payloads) == len(order):
+                got.payloads = [got.payloads[i] for i in order]
+            if scale is not None:
+                scale = np.asarray(scale)[order]
+        # The record lists its clients in the same order, so the accepted ones in
+        # record.clients are the rows of `last_updates` (monitors rely on it).
+        record.clients.sort(key=lambda c: c.client_id)
         matrix = torch.stack(got.vecs)
         try:
             weights = self.cohort_weights(got, matrix)
