@@ -585,6 +585,12 @@ class RunConfig(Section):
             raise ValueError(f"server.reputation = true needs the flags of server.aggregator = 'dnc'; got server.aggregator = {self.server.aggregator!r}")
         if self.server.mode == "async" and self.server.aggregator == "mifa":
             raise ValueError("server.aggregator = 'mifa' keeps one update per client for synchronous rounds; it cannot run with server.mode = 'async'")
+        if self.server.mode == "async" and (self.privacy.mode != "none" or self.privacy.secure_aggregation):
+            raise ValueError(
+                f"privacy.mode = {self.privacy.mode!r} / privacy.secure_aggregation = {self.privacy.secure_aggregation} with server.mode = 'async': "
+                "the accountant and secure aggregation work per synchronous round (a sampled cohort); buffered "
+                "asynchronous aggregation has no sampling rate to account with yet"
+            )
         if self.server.mode == "async":
             conc = self.server.concurrency or self.server.cohort
             if conc > n:

@@ -66,3 +66,28 @@ def test_async_with_all_dropouts_does_not_hang():
     assert s.rounds == 2 and s.failed_rounds == 2
     assert all("did not fill" in r.reason for r in c.records)
     assert torch.equal(c.params, before)
+
+
+def test_fedbuff_refuses_differential_privacy_and_secure_aggregation():
+    """Privacy is accounted per sampled synchronous round; an async run used to crash at its
+    first aggregate (sampling rate 0) and, in local mode, never noised its clients' updates."""
+    for privacy in ({"mode": "local"}, {"mode": "central"}, {"secure_aggregation": True}):
+        raw = conf(mode="async", concurrency=8, buffer_size=8).model_dump()
+        raw["privacy"] = {**raw["privacy"], **privacy}
+        with pytest.raises(ConfigError, match="server.mode = 'async'"):
+            load_config(raw)
+
+
+def test_fedbuff_tasks_carry_the_synchronous_task_config():
+    coord = build_coordinator(conf(mode="async", concurrency=8, buffer_size=8), store=False)
+    seen = []
+    dispatch = coord.transport.dispatch
+
+    def spy(task, cohort):
+        seen.append(task.config)
+        return dispatch(task, cohort)
+
+    coord.transport.dispatch = spy
+    coord.run()
+    assert seen and all(cfg == coord.task_config(None) for cfg in seen)
+    assert seen[0]["seed"] == coord.config.seed and "partial_work" in seen[0]  # async tasks once carried only the fit settings
