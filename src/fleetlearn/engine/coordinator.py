@@ -124,6 +124,7 @@ class Coordinator:
         if self.scaffold:  # SCAFFOLD's server control variate c rides in the server state (checkpoints, rollback)
             self.server_state = {**self.server_state, SCAFFOLD_C: torch.zeros_like(self.params)}
         self.client_states = None  # the simulation's ClientStateStore (set by the factory): checkpointed per round
+        self.personal_states = None  # personal heads / models (personalization), checkpointed likewise
         self.num_classes: int | None = None  # set by the factory; clients send label histograms of this length
         self.version = 0
         self.max_version = 0  # versions only go up, also after a rollback (the registry's lineage)
@@ -325,10 +326,12 @@ class Coordinator:
             every = self.config.store.checkpoint_every
             save = (every and r % every == 0) or last
             meta = None
-            if save and self.client_states is not None and len(self.client_states):
-                # Per-client state (EF residuals, SCAFFOLD c_i) goes with the checkpoint: written
-                # (and fsynced) before the round's transaction, named in the checkpoint's metadata.
-                meta = self.store.write_client_states(r, self.client_states.state_dict())
+            side = self.side_state() if save else {}
+            if side:
+                # Per-client state (EF residuals, SCAFFOLD c_i, personal heads/models) and the
+                # stateful parts' state (aggregator memory, lr schedules) go with the checkpoint:
+                # written (and fsynced) before the round's transaction, named in its metadata.
+                meta = self.store.write_client_states(r, side)
             self.store.commit_round(record, self.params if save else None, self.server_state if save else None, meta)
             if meta is not None:
                 self.store.prune_client_states(keep=meta)
@@ -645,9 +648,47 @@ class Coordinator:
         return server_control_step(c, dc, self.transport.population)
 
     # -- resume ----------------------------------------------------------------------
+    def side_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint needs besides the model and server state, as named tensors:
+        ``client/<id>/<key>`` (codec residuals, SCAFFOLD c_i), ``personal/<id>/<key>``
+        (personal heads and models), ``aggregator/<key>`` (e.g. MIFA's memory, DnC's client
+        reputation) and ``schedule/<which>/<key>`` (e.g. reduce-on-plateau)."""
+        out: dict[str, torch.Tensor] = {}
+        if self.client_states is not None:
+            out.update(self.client_states.state_dict())
+        if self.personal_states is not None:
+            out.update({"personal/" + k.split("/", 1)[1]: v for k, v in self.personal_states.state_dict().items()})
+        agg = getattr(self.aggregator, "state_dict", None)
+        if agg is not None:
+            out.update({f"aggregator/{k}": v for k, v in agg().items()})
+        for which, sched in self.schedules.items():
+            out.update({f"schedule/{which}/{k}": torch.tensor(float(v), dtype=torch.float64) for k, v in sched.state_dict().items()})
+        return out
+
+    def load_side_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Put back what `side_state` saved (a part absent from the checkpoint starts empty)."""
+        parts: dict[str, dict[str, torch.Tensor]] = {"client": {}, "personal": {}, "aggregator": {}, "schedule": {}}
+        for name, t in tensors.items():
+            head, _, rest = name.partition("/")
+            if head not in parts or not rest:
+                raise ValueError(f"checkpoint side-state tensor {name!r} has no known part (client, personal, aggregator, schedule)")
+            parts[head][rest] = t
+        if self.client_states is not None:
+            self.client_states.load_state_dict({f"client/{k}": v for k, v in parts["client"].items()})
+        if self.personal_states is not None:
+            self.personal_states.load_state_dict({f"client/{k}": v for k, v in parts["personal"].items()})
+        load = getattr(self.aggregator, "load_state_dict", None)
+        if load is not None and parts["aggregator"]:
+            load(parts["aggregator"])
+        for which, sched in self.schedules.items():
+            state = {k.split("/", 1)[1]: float(v) for k, v in parts["schedule"].items() if k.split("/", 1)[0] == which}
+            if state:
+                sched.load_state_dict(state)
+
     def resume(self) -> int:
         """Continue a stored run from its last committed round: model, server-optimizer
-        state, version lineage, virtual clock and privacy ledger.  Returns that round."""
+        state, version lineage, per-client and parts' state (`side_state`), what the
+        selector learned, virtual clock and privacy ledger.  Returns that round."""
         if self.store is None:
             raise ValueError("resume needs a run store")
         records = self.store.records()
@@ -666,8 +707,10 @@ class Coordinator:
         self.max_version = max(max(r.version for r in records), version)
         self.params, self.server_state = params, dict(state)
         self._versions = {version: (self.params, self.server_state)}
-        if self.client_states is not None:
-            self.client_states.load_state_dict(self.store.load_client_states(version))
+        self.load_side_state(self.store.load_client_states(version))
+        restore = getattr(self.selector, "restore", None)
+        if restore is not None:  # selectors that learn from rounds (Oort, the newcomer cap) relearn them
+            restore(records)
         self.clock.now = last.sim_start_s + last.sim_seconds
         privacy_file = self.store.run_dir / "privacy.json"
         if self.privacy is not None and privacy_file.is_file():

@@ -344,6 +344,7 @@ def build_coordinator(
     coordinator.num_classes = data.num_classes
     if transport_factory is None:  # simulated clients keep their state here; real devices keep their own
         coordinator.client_states = runtime.states
+        coordinator.personal_states = runtime.personal_states
     coordinator.clustering = clustering
     return coordinator
 

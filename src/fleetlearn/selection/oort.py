@@ -60,6 +60,11 @@ class OortSelector:
             elif c.status == "dropped":
                 self.failures[cid] += 1
 
+    def restore(self, records) -> None:
+        """Relearn from a resumed run's committed rounds (the state is what `observe` built)."""
+        for record in records:
+            self.observe(record)
+
     def scores(self, ids: np.ndarray) -> np.ndarray:
         known = ~np.isnan(self.duration[ids])
         t_pref = np.nanquantile(self.duration[self.tried & ~np.isnan(self.duration)], self.quantile) if known.any() else 1.0

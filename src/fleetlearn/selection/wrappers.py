@@ -26,6 +26,11 @@ class RestrictedSelector:
         if observe is not None:
             observe(record)
 
+    def restore(self, records) -> None:
+        restore = getattr(self.inner, "restore", None)
+        if restore is not None:
+            restore(records)
+
 
 class NewcomerCap:
     """Gradual onboarding: at most `max_newcomers` clients never selected before take
@@ -59,3 +64,12 @@ class NewcomerCap:
         observe = getattr(self.inner, "observe", None)
         if observe is not None:
             observe(record)
+
+    def restore(self, records) -> None:
+        """A resumed run: every client a committed round selected has been seen."""
+        for record in records:
+            ids = np.fromiter((c.client_id for c in record.clients), dtype=np.int64)
+            self.seen[ids] = True
+        restore = getattr(self.inner, "restore", None)
+        if restore is not None:
+            restore(records)
