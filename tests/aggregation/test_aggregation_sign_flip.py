@@ -39,3 +39,23 @@ def test_dnc_with_reputation_stays_near_the_clean_run_under_sign_flip():
     assert undefended < clean - 0.05, (clean, undefended)
     # ... and DnC + reputation keeps within a few points of the clean run.
     assert defended >= clean - 0.03, (clean, defended)
+
+
+def test_the_round_record_names_the_clients_dnc_left_out():
+    config = load_config({
+        "seed": 0,
+        "data": {"dataset": "digits", "clients": 30},
+        "client": {"local_epochs": 1},
+        "server": {"rounds": 3, "cohort": 10, "aggregator": "dnc", "byzantine_f": 2, "reputation": True},
+        "attack": {"kind": "sign_flip", "fraction": 0.2, "collude": True},
+        "monitoring": {"debug": False, "detectors": []},
+    })
+    summary = build_coordinator(config, store=False).run()
+    for rec in summary.records:
+        accepted = {c.client_id for c in rec.clients if c.status == "accepted"}
+        removed = rec.extra["aggregator_removed"]
+        assert len(removed) >= 2 and set(removed) <= accepted  # floor(dnc_c x f) rows at least, by client id
+        assert set(rec.extra["aggregator_distrusted"]) <= set(removed)
+    # Colluding attackers send identical copies: DnC removes the attackers it saw.
+    caught = [set(r.extra.get("malicious", [])) <= set(r.extra["aggregator_removed"]) for r in summary.records]
+    assert any(caught)

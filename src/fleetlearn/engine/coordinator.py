@@ -569,6 +569,10 @@ class Coordinator:
                     pseudo_gradient, matrix, scaled, weights = self._aggregate_regions(record, got, matrix, scaled, weights)
                 else:
                     pseudo_gradient = self.aggregator.aggregate(matrix, torch.from_numpy(scaled).to(torch.float32))
+                for key in ("removed", "distrusted"):  # rows a filtering rule (DnC) left out, as client ids
+                    rows = getattr(self.aggregator, f"last_{key}", None)
+                    if rows is not None:
+                        record.extra[f"aggregator_{key}"] = [got.accepted[i].client_id for i in rows]
             except ValueError as exc:  # e.g. a cohort too small for the rule's precondition
                 part = "hierarchy" if self.hierarchy is not None else f"aggregator {self.aggregator.name}"
                 record.status, record.reason = "failed", f"{part}: {exc}; model unchanged"
