@@ -84,3 +84,23 @@ def test_a_side_state_tensor_of_an_unknown_part_is_refused(tmp_path):
     coord = build_coordinator(config(tmp_path), store=False)
     with pytest.raises(ValueError, match="'bogus/x' has no known part"):
         coord.load_side_state({"bogus/x": torch.zeros(1)})
+
+
+def test_guardrail_responses_survive_a_resume(tmp_path):
+    """Scaling attackers from round 3 trip the outlier guardrail: the round is rolled back,
+    the flagged clients are excluded and the server lr is halved.  A run interrupted after
+    that and resumed keeps all three and ends where the uninterrupted run ends."""
+    cfg = config(
+        tmp_path,
+        data={"clients": 30},
+        server={"rounds": 8, "cohort": 10},
+        attack={"kind": "scaling", "fraction": 0.3, "start_round": 3, "scale": 10.0, "collude": False},
+        monitoring={"detectors": ["outlier_updates"], "guardrail": ["outlier_updates"], "outlier_threshold": 5.0,
+                    "guardrail_exclude_rounds": 100, "guardrail_lr_factor": 0.5},
+    )
+    whole, resumed = whole_and_resumed(cfg, k=5)
+    fired = [r.round for r in whole.records if (r.extra.get("guardrail") or {}).get("fired")]
+    assert fired and min(fired) <= 5  # the responses happened before the interruption
+    assert whole.excluded_clients and resumed.excluded_clients == whole.excluded_clients
+    assert resumed.server_optimizer.server_lr == whole.server_optimizer.server_lr < 1.0
+    assert torch.equal(resumed.params, whole.params)

@@ -715,6 +715,10 @@ class Coordinator:
         restore = getattr(self.selector, "restore", None)
         if restore is not None:  # selectors that learn from rounds (Oort, the newcomer cap) relearn them
             restore(records)
+        for hook in self.hooks:  # so do hooks whose responses outlive a round (the guardrail)
+            relearn = getattr(hook, "restore", None)
+            if relearn is not None:
+                relearn(records, self)
         self.clock.now = last.sim_start_s + last.sim_seconds
         privacy_file = self.store.run_dir / "privacy.json"
         if self.privacy is not None and privacy_file.is_file():

@@ -78,6 +78,44 @@ class Guardrail:
     def _expire(self, round: int) -> None:
         self._exclusions = {c: u for c, u in self._exclusions.items() if u >= round}
 
+    # -- resume ------------------------------------------------------------------------
+    def restore(self, records: Sequence[RoundRecord], coordinator: Any) -> None:
+        """Relearn from a resumed run's committed rounds what the responses changed: the
+        good versions, the exclusions still running, and the last server learning rate
+        and clip norms a response set (all recorded in ``record.extra["guardrail"]``)."""
+        self._good, self._exclusions = [0], {}
+        for rec in records:
+            info = rec.extra.get(GUARDRAIL_KEY) or {}
+            if rec.status == "ok" and not info.get("fired"):
+                self._good.append(int(rec.version))
+            if info.get("excluded_now"):
+                self.exclude([int(c) for c in info["excluded_now"]], rec.round + 1)
+            opt = getattr(coordinator, "server_optimizer", None)
+            if isinstance(info.get("server_lr"), list) and opt is not None and hasattr(opt, "server_lr"):
+                opt.server_lr = float(info["server_lr"][1])
+            if isinstance(info.get("base_server_lr"), list):
+                coordinator.base_server_lr = float(info["base_server_lr"][1])
+            for where, (_, new) in (info.get("clip_norm") or {}).items() if isinstance(info.get("clip_norm"), dict) else ():
+                self._set_clip(coordinator, where, float(new))
+        self._good = self._good[-64:]
+        if records:
+            self._expire(records[-1].round + 1)
+            coordinator.excluded_clients = self.excluded(records[-1].round + 1)
+
+    @staticmethod
+    def _set_clip(coordinator: Any, where: str, value: float) -> None:
+        """Set the clip recorded as ``"privacy.central.clip_norm"`` (a dotted path from the coordinator)."""
+        *path, attr = where.split(".")
+        obj = coordinator
+        for name in path:
+            obj = getattr(obj, name, None)
+            if obj is None:
+                return
+        try:
+            setattr(obj, attr, value)
+        except AttributeError:
+            pass
+
     # -- the hook --------------------------------------------------------------------
     def after_round(self, record: RoundRecord, coordinator: Any) -> None:
         r = record.round
