@@ -55,14 +55,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"store.root={json.dumps(args.runs_dir)}")
     if args.store:
         overrides.append(f"store.url={json.dumps(args.store)}")
+    done = 0
     try:
-        if args.config:
-            add_config_dir_to_path(args.config)
-        cfg = load_config(args.config, overrides)
         console = Console(stderr=args.json)
-        with console.status("loading data and building the run..."):
-            coordinator = build_run(cfg)  # a CanaryRollout when [canary] names a candidate
-    except (ConfigError, DataError, StoreError) as exc:
+        if args.resume:
+            from .ops import RunStore
+
+            if args.config:
+                raise UsageError("give a CONFIG or --resume RUN, not both (a resumed run keeps its own config)")
+            store = RunStore.open(args.resume, args.runs_dir or "runs", url=args.store)
+            cfg = load_config(store.run_dir / "config.toml", list(args.set or []))
+            if cfg.canary.set:
+                raise UsageError(f"run {store.run_id} is a canary rollout; resuming one is not supported")
+            with console.status("loading data and the last committed round..."):
+                coordinator = build_run(cfg, store=store)
+                done = coordinator.resume()
+        else:
+            if args.config:
+                add_config_dir_to_path(args.config)
+            cfg = load_config(args.config, overrides)
+            with console.status("loading data and building the run..."):
+                coordinator = build_run(cfg)  # a CanaryRollout when [canary] names a candidate
+    except (ConfigError, DataError, StoreError, ValueError) as exc:
         raise UsageError(str(exc)) from None
 
     total = cfg.server.rounds
@@ -78,7 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     t0 = time.perf_counter()
     with progress:
-        task = progress.add_task("train", total=total, status="")
+        task = progress.add_task("train", total=total, completed=done, status=f"resumed after round {done}" if done else "")
 
         def on_round(rec: RoundRecord) -> None:
             status = f"acc {_fmt(rec.accuracy)}  loss {_fmt(rec.loss)}  up {_bytes(rec.uplink_bytes)}  sim {rec.sim_seconds:.1f}s"
@@ -415,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line of stdout")
     r.add_argument("--runs-dir", help="folder for run directories (default: store.root, 'runs')")
     r.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
+    r.add_argument("--resume", metavar="RUN", help="continue a run (id under --runs-dir, or its directory) from its last committed round")
     r.add_argument("--store", metavar="URL", help="the run store's database as an SQLAlchemy URL, e.g. postgresql://user@host/db (default: SQLite in the run directory)")
     r.set_defaults(func=cmd_run)
 

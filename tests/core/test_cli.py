@@ -71,3 +71,31 @@ def test_examples_parse_and_the_custom_model_example_trains(tmp_path):
         load_config(toml)
     s = fleetlearn.run(root / "custom_model.toml", overrides=["server.rounds=3", f"store.root={json.dumps(str(tmp_path))}"])
     assert s.rounds == 3 and s.final_accuracy > 0.5
+
+
+def test_run_resume_continues_an_interrupted_simulation_to_the_same_model(tmp_path):
+    import torch
+
+    from fleetlearn.config import load_config
+    from fleetlearn.engine import build_coordinator
+    from fleetlearn.ops import RunStore
+
+    cfg = load_config({
+        "data": {"clients": 20}, "server": {"rounds": 5, "cohort": 6}, "client": {"local_epochs": 1},
+        "compression": {"uplink": "ef | topk:0.1"}, "store": {"root": str(tmp_path / "runs")},
+    })
+    whole = build_coordinator(cfg, store=True)
+    whole.run()
+    cut = build_coordinator(cfg, store=True)
+    for _ in range(2):
+        cut.run_round()  # ... and the process dies here
+    run_dir = cut.store.run_dir
+    p = fl("run", "--resume", str(run_dir), "--json", "--quiet", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    assert summary["rounds"] == 5 and summary["run_id"] == run_dir.name
+    assert [r.round for r in RunStore.open(run_dir).records()] == [1, 2, 3, 4, 5]
+    _, resumed, _ = RunStore.open(run_dir).load_checkpoint()
+    assert torch.equal(resumed, whole.params)
+    both = fl("run", "x.toml", "--resume", str(run_dir), cwd=tmp_path)
+    assert both.returncode == 2 and "not both" in both.stderr
