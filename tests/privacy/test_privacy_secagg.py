@@ -204,3 +204,16 @@ def test_secure_aggregation_part_weighted_mean_with_dropouts():
     assert sa.needs_individual_updates is False
     with pytest.raises(ValueError, match="headroom"):
         sa.sum(torch.zeros(13, 4))
+
+
+def test_grpc_server_refuses_secure_aggregation_it_cannot_honour(tmp_path):
+    """Over gRPC the masking protocol is not on the wire: the server would see individual
+    updates, so `fleetlearn server` refuses SecAgg rather than pretend."""
+    import pytest
+
+    from fleetlearn.config import ConfigError, load_config
+    from fleetlearn.transport.grpc.commands import server_transport
+
+    cfg = load_config({"privacy": {"secure_aggregation": True}})
+    with pytest.raises(ConfigError, match="secure_aggregation = true: the SecAgg message flow runs in the simulation only"):
+        server_transport(cfg, spec=None, state_dir=tmp_path)

@@ -69,6 +69,11 @@ def server_transport(
     if helper:
         # The wire protocol carries neither SCAFFOLD's control variates nor label histograms yet.
         raise ConfigError(f"{helper}: not supported over gRPC yet (simulation only); leave it at its default for `fleetlearn server`")
+    if config.privacy.secure_aggregation:
+        # The masking rounds (key exchange, masked upload, unmasking) are not on the wire yet:
+        # the server would receive individual updates, which is what SecAgg promises it never does.
+        raise ConfigError("privacy.secure_aggregation = true: the SecAgg message flow runs in the simulation only; "
+                          "over gRPC the server would see individual updates, so `fleetlearn server` refuses it")
     return GrpcTransport(
         address,
         tokens=TokenStore.open(state_dir),
