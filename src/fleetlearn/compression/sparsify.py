@@ -170,15 +170,10 @@ def read_indices(r: Reader, dim: int) -> np.ndarray:
             raise PayloadError(f"raw index block of {nbytes} bytes; k={k} gaps of width {width} need {want}")
         raw = body
     elif coding == _ZSTD:
-        try:
-            size = zstandard.frame_content_size(body)
-            if size != want:
-                raise PayloadError(f"zstd index block announces {size} bytes; k={k} gaps of width {width} need {want}")
-            raw = zstandard.ZstdDecompressor().decompress(body, max_output_size=want)
-        except zstandard.ZstdError as exc:
-            raise PayloadError(f"zstd index block does not decompress: {exc}") from None
-        if len(raw) != want:
-            raise PayloadError(f"zstd index block decompressed to {len(raw)} bytes, expected {want}")
+        raw = wire.zstd_exact(
+            body, want, "zstd index block",
+            lambda size: f"zstd index block announces {size} bytes; k={k} gaps of width {width} need {want}",
+        )
     else:
         raise PayloadError(f"unknown index coding {coding}; allowed 0 (raw), 1 (zstd)")
     idx = np.empty(k, dtype=np.int64)

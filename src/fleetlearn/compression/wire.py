@@ -133,23 +133,31 @@ def read_header(payload: bytes | bytearray | memoryview, *, check_crc: bool = Tr
 
 def _zstd_body(r: "Reader", dim: int) -> "Reader":
     """A reader over the decompressed body of a zstd-coded payload."""
-    import zstandard
-
     (size,) = r.unpack(ZSTD_HEAD, "zstd body length")
     limit = max_body_bytes(dim)
     if size > limit:
         raise PayloadError(f"zstd-coded body announces {size} bytes; a payload of dim {dim} holds at most {limit}")
     frame = r.take(r.end - r.pos, "zstd frame")
+    body = zstd_exact(frame, size, "zstd-coded body", lambda got: f"zstd frame holds {got} bytes, the payload announces {size}")
+    return Reader(memoryview(body), 0, len(body))
+
+
+def zstd_exact(frame, size: int, what: str, mismatch) -> bytes:
+    """Decompress a zstd frame that must hold exactly `size` bytes, never allocating more:
+    the frame's own content size is checked first (`mismatch(got)` words that refusal),
+    then decompression is capped at `size`.  Every failure is a PayloadError naming `what`."""
+    import zstandard
+
     try:
         got = zstandard.frame_content_size(frame)
         if got != size:
-            raise PayloadError(f"zstd frame holds {got} bytes, the payload announces {size}")
-        body = zstandard.ZstdDecompressor().decompress(frame, max_output_size=size)
+            raise PayloadError(mismatch(got))
+        out = zstandard.ZstdDecompressor().decompress(frame, max_output_size=size)
     except zstandard.ZstdError as exc:
-        raise PayloadError(f"zstd-coded body does not decompress: {exc}") from None
-    if len(body) != size:
-        raise PayloadError(f"zstd-coded body decompressed to {len(body)} bytes, expected {size}")
-    return Reader(memoryview(body), 0, len(body))
+        raise PayloadError(f"{what} does not decompress: {exc}") from None
+    if len(out) != size:
+        raise PayloadError(f"{what} decompressed to {len(out)} bytes, expected {size}")
+    return out
 
 
 class Reader:
