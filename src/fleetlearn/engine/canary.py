@@ -151,25 +151,17 @@ class CanaryRollout:
         return self.production.summary(wall_seconds)
 
     def run(self, on_round: Callable[[RoundRecord], Any] | None = None) -> RunSummary:
-        monitoring = self.production.monitoring
-        if monitoring is not None:
-            monitoring.start()
-        try:
+        # Production's threads and monitoring for the whole rollout.  A promotion makes the
+        # candidate production, so `self.production` is read afresh every round.
+        with self.production.running():
             t0 = time.perf_counter()
             while self.production.round < self.config.server.rounds:
-                prod = self.production
-                want = min(prod.config.server.cohort, prod.transport.population)
-                reason = prod.privacy_stop_reason(want / max(prod.transport.population, 1))
-                if reason is not None:
-                    prod.stopped_reason = reason
+                if self.production.budget_exhausted():
                     break
                 record = self.step()
                 if on_round is not None:
                     on_round(record)
             return self.production.summary(time.perf_counter() - t0)
-        finally:
-            if monitoring is not None:
-                monitoring.stop()
 
     # -- one round ------------------------------------------------------------------------
     def step(self) -> RoundRecord:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -55,6 +56,13 @@ class Collected:
     accepted: list[ClientRecord] = field(default_factory=list)
     payloads: list[bytes] = field(default_factory=list)  # kept for sketch-space aggregation
     end_s: float = 0.0  # when the server stopped waiting (seconds after dispatch)
+
+    def take(self, rows: Sequence[int]) -> None:
+        """Keep only these accepted updates, in this order (the four per-update lists together)."""
+        self.vecs = [self.vecs[i] for i in rows]
+        self.payloads = [self.payloads[i] for i in rows]
+        self.claims = [self.claims[i] for i in rows]
+        self.accepted = [self.accepted[i] for i in rows]
 
 
 class Coordinator:
@@ -507,10 +515,7 @@ class Coordinator:
         for i, why in enumerate(reasons):
             if why is not None:
                 got.accepted[i].status, got.accepted[i].reason = "rejected", f"norm_ratio: {why}"
-        got.vecs = [got.vecs[i] for i in keep]
-        got.payloads = [got.payloads[i] for i in keep]
-        got.claims = [got.claims[i] for i in keep]
-        got.accepted = [got.accepted[i] for i in keep]
+        got.take(keep)
 
     def _aggregate(self, record: RoundRecord, got: Collected, scale: np.ndarray | None = None) -> None:
         """Aggregate the accepted updates and step the server optimizer.
@@ -521,11 +526,7 @@ class Coordinator:
         # reply came first, so a network run reproduces (and a resumed run matches) exactly.
         order = sorted(range(len(got.accepted)), key=lambda i: got.accepted[i].client_id)
         if order != list(range(len(order))):
-            got.vecs = [got.vecs[i] for i in order]
-            got.claims = [got.claims[i] for i in order]
-            got.accepted = [got.accepted[i] for i in order]
-            if len(got.payloads) == len(order):
-                got.payloads = [got.payloads[i] for i in order]
+            got.take(order)
             if scale is not None:
                 scale = np.asarray(scale)[order]
         # The record lists its clients in the same order, so the accepted ones in
@@ -630,9 +631,7 @@ class Coordinator:
             if not kept:
                 rec.status, rec.reason, rec.weight = "dropped", f"region {int(region)}: its aggregator failed; update lost", 0.0
         keep = np.flatnonzero(res.kept)
-        got.accepted = [got.accepted[i] for i in keep]
-        got.vecs = [got.vecs[i] for i in keep]
-        got.claims = [got.claims[i] for i in keep]
+        got.take(keep)
         lost = len(res.kept) - len(keep)
         record.accepted -= lost
         record.dropped += lost
@@ -728,7 +727,10 @@ class Coordinator:
         return last.round
 
     # -- the run -------------------------------------------------------------------
-    def run(self, on_round: Callable[[RoundRecord], Any] | None = None) -> RunSummary:
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """While a run executes: its torch threads (`engine.threads`) and its monitoring
+        (Prometheus endpoint); both are put back afterwards."""
         threads_before = torch.get_num_threads()
         threads = run_threads(self.config.engine.threads, self.dim)
         if threads:
@@ -736,11 +738,25 @@ class Coordinator:
         if self.monitoring is not None:
             self.monitoring.start()
         try:
-            return self._run(on_round)
+            yield
         finally:
             if self.monitoring is not None:
                 self.monitoring.stop()
             torch.set_num_threads(threads_before)
+
+    def budget_exhausted(self) -> bool:
+        """True (and `stopped_reason` set) when the next round's sampling rate would take the
+        privacy spent past its budget: the run stops cleanly before that round."""
+        srv = self.config.server
+        want = min(math.ceil(srv.cohort * srv.over_selection), self.transport.population)
+        reason = self.privacy_stop_reason(want / max(self.transport.population, 1))
+        if reason is not None:
+            self.stopped_reason = reason
+        return reason is not None
+
+    def run(self, on_round: Callable[[RoundRecord], Any] | None = None) -> RunSummary:
+        with self.running():
+            return self._run(on_round)
 
     def _run(self, on_round: Callable[[RoundRecord], Any] | None) -> RunSummary:
         t0 = time.perf_counter()
@@ -750,11 +766,7 @@ class Coordinator:
             FedBuffLoop(self).run(on_round)
         else:
             while self.round < self.config.server.rounds:
-                srv = self.config.server
-                want = min(math.ceil(srv.cohort * srv.over_selection), self.transport.population)
-                reason = self.privacy_stop_reason(want / max(self.transport.population, 1))
-                if reason is not None:
-                    self.stopped_reason = reason
+                if self.budget_exhausted():
                     break
                 record = self.run_round()
                 if on_round is not None:
