@@ -47,15 +47,6 @@ def policies(rounds: int, deadline: float) -> dict[str, dict]:
     }
 
 
-def time_to(records, target: float) -> float:
-    t = 0.0
-    for r in records:
-        t += r.sim_seconds
-        if not math.isnan(r.accuracy) and r.accuracy >= target:
-            return t
-    return math.inf
-
-
 def run(rounds: int, target: float, seeds: int, deadline: float) -> list[dict]:
     rows = []
     for name, over in policies(rounds, deadline).items():
@@ -63,7 +54,7 @@ def run(rounds: int, target: float, seeds: int, deadline: float) -> list[dict]:
         for seed in range(seeds):
             cfg = {**BASE, **over, "seed": seed}
             s = fleetlearn.run(cfg, store=False)
-            times.append(time_to(s.records, target))
+            times.append(s.seconds_to(target))
             finals.append(s.final_accuracy)
             sims.append(s.sim_seconds)
         rows.append({"policy": name, "time_to_target_s": float(np.mean(times)), "final_accuracy": float(np.mean(finals)), "sim_seconds": float(np.mean(sims))})

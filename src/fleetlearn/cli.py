@@ -275,7 +275,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         report = client(args.server, token, args.config, client_index=args.client_index, data_fn=args.data,
                         num_classes=args.num_classes, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
                         tls_server_name=args.tls_server_name, name=args.name or "", max_rounds=args.max_rounds,
-                        give_up_after_s=args.give_up_after)
+                        give_up_after_s=args.give_up_after, uplink_limit_mbps=args.uplink_limit_mbps)
     except (ClientRefused, ConfigError, ValueError, OSError) as exc:
         raise UsageError(str(exc)) from None
     print(json.dumps({k: v for k, v in vars(report).items() if isinstance(v, (int, float, str, bool, type(None), list))}, default=str))
@@ -476,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--name", help="a display name")
     cl.add_argument("--max-rounds", type=int, help="stop after this many rounds")
     cl.add_argument("--give-up-after", type=float, help="stop if the server is unreachable this long (seconds)")
+    cl.add_argument("--uplink-limit-mbps", type=float, help="send updates no faster than this (Mbit/s); "
+                    "the server measures each client's rate and picks adaptive-compression rungs from it")
     cl.set_defaults(func=cmd_client)
 
     ce = sub.add_parser("certs", help="create a CA and TLS certificates", description="Create a CA and server/client certificates for TLS.")

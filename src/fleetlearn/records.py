@@ -152,6 +152,19 @@ class RunSummary:
     personal_gain: float = math.nan
     records: list[RoundRecord] = field(default_factory=list)
 
+    def seconds_to(self, accuracy: float) -> float:
+        """Simulated seconds until the global accuracy first reaches `accuracy` (inf if it never does).
+
+        Sums `RoundRecord.sim_seconds` up to and including that round; rounds with no
+        evaluation (NaN accuracy) count their time but cannot reach the target.
+        """
+        t = 0.0
+        for r in self.records:
+            t += r.sim_seconds
+            if not math.isnan(r.accuracy) and r.accuracy >= accuracy:
+                return t
+        return math.inf
+
     def to_json_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "records"}
         return _json_safe(d)

@@ -107,18 +107,9 @@ class SimulationTransport:
         if policy is None or not len(train):
             return [None] * len(train)
         c = ids[train]
-        if task.config.get("adaptive_policy") == "pace":
-            before = down_s[train] + self.fleet.compute_seconds(c, np.array([r.samples for r in results]) * cost[train])
-            plan = policy.pace(self.fleet.uplink_mbps[c], self.fleet.latency_s[c], before,
-                               int(task.config["pace_wait_for"]), float(task.config["pace_slack"]), task.config.get("pace_deadline_s"))
-            return [int(v) for v in plan.levels]
-        budget = task.config.get("upload_budget_s")
-        if budget is None:
-            return [None] * len(train)
-        if task.config.get("budget_is_deadline"):
-            compute = self.fleet.compute_seconds(c, np.array([r.samples for r in results]) * cost[train])
-            budget = budget - down_s[train] - compute
-        return [int(v) for v in policy.choose(self.fleet.uplink_mbps[c], self.fleet.latency_s[c], np.broadcast_to(budget, c.shape))]
+        before = down_s[train] + self.fleet.compute_seconds(c, np.array([r.samples for r in results]) * cost[train])
+        plan = policy.plan_task(task.config, self.fleet.uplink_mbps[c], self.fleet.latency_s[c], before)
+        return [None] * len(train) if plan is None else [int(v) for v in plan.levels]
 
     def dispatch(self, task: Task, cohort: Sequence[int]) -> Iterator[Reply]:
         ids = np.asarray([int(c) for c in cohort], dtype=np.int64)

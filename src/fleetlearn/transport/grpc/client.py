@@ -139,6 +139,9 @@ class FleetClient:
 
     `learner` and `data` are what the simulation would use for this client.
     `device` is the announced device profile (compute_sps, uplink_mbps, downlink_mbps).
+    `uplink_limit_mbps` caps the rate at which updates are sent (paced chunk by chunk), as
+    a device on a metered or shared link would; the server measures the rate it receives
+    and picks adaptive-compression rungs from it.
     """
 
     def __init__(
@@ -161,7 +164,11 @@ class FleetClient:
         train_in_thread: bool = True,
         channel_options: list[tuple[str, Any]] | None = None,
         seed: int | None = None,
+        uplink_limit_mbps: float | None = None,
     ):
+        if uplink_limit_mbps is not None and not (math.isfinite(uplink_limit_mbps) and uplink_limit_mbps > 0):
+            raise ValueError(f"uplink_limit_mbps must be a finite number > 0 (or None for no limit), got {uplink_limit_mbps!r}")
+        self.uplink_limit_mbps = uplink_limit_mbps
         self.server = server
         self.learner = learner
         self.data = data
@@ -415,11 +422,13 @@ class FleetClient:
         local_deadline = received_at + meta.remaining_s if meta.remaining_s > 0 else float("inf")
         return task, local_deadline, meta.uplink_codec or "none"
 
-    def _runtime_for(self, downlink: str, uplink: str) -> ClientRuntime:
+    def _runtime_for(self, downlink: str, uplink: str, adaptive: bool = False) -> ClientRuntime:
         key = (downlink, uplink)
         if self._runtime is None or self._runtime_key != key:
-            if self._runtime_key is not None and self._runtime_key[1] != uplink:
-                self._states = ClientStateStore()  # residuals of another chain do not apply
+            if self._runtime_key is not None and self._runtime_key[1] != uplink and not adaptive:
+                # Residuals of another run's chain do not apply; the rungs of one adaptive
+                # ladder share them (as in the simulation: an EF residual waits for its rung).
+                self._states = ClientStateStore()
             self._runtime = ClientRuntime(parse_chain(uplink), parse_chain(downlink), self._states)
             self._runtime_key = key
         return self._runtime
@@ -440,7 +449,7 @@ class FleetClient:
         task, local_deadline, uplink = pulled
         assert self._client_id is not None
         cid = self._client_id
-        runtime = self._runtime_for(task.codec, uplink)
+        runtime = self._runtime_for(task.codec, uplink, adaptive=bool(task.config.get("adaptive_policy")))
 
         def train():
             params, hp = runtime.receive(task)
@@ -458,9 +467,12 @@ class FleetClient:
             log.info("client %d: round %d deadline passed during training; update not sent", cid, task.round)
             return
         chunk = self._chunk_bytes or DEFAULT_CHUNK_BYTES
+        rate = self.uplink_limit_mbps
+        if rate is not None:  # pace in chunks of about 50 ms of the link
+            chunk = max(1024, min(chunk, int(rate * 1e6 / 8 * 0.05)))
         m = update.metrics
 
-        def messages():
+        async def messages():
             yield pb.UpdateChunk(meta=pb.UpdateMeta(
                 client_id=cid, session=self._session or "", round=update.round, base_version=update.base_version,
                 codec=update.codec, num_examples=update.num_examples, payload_bytes=len(update.payload),
@@ -470,13 +482,19 @@ class FleetClient:
                     compute_seconds=m.compute_seconds, steps=m.steps, samples=m.samples,
                 ),
             ))
+            start = time.monotonic()
             for offset, data in iter_chunks(update.payload, chunk):
+                if rate is not None:  # a chunk leaves no sooner than the link would have carried it
+                    wait = start + (offset + len(data)) * 8.0 / (rate * 1e6) - time.monotonic()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
                 yield pb.UpdateChunk(data=pb.PayloadChunk(offset=offset, data=data))
 
         attempt = 0
         while True:
             try:
-                await stub.PushUpdate(messages(), metadata=self._metadata, timeout=self.call_timeout_s + len(update.payload) / 1e6)
+                await stub.PushUpdate(messages(), metadata=self._metadata, timeout=self.call_timeout_s + len(update.payload) / 1e6
+                                       + (len(update.payload) * 8.0 / (rate * 1e6) if rate is not None else 0.0))
                 break
             except grpc.aio.AioRpcError as err:
                 code = err.code()

@@ -60,8 +60,9 @@ def server_transport(
     """The transport `fleetlearn server CONFIG` hands to the Coordinator.
 
     `spec` is the learner's ParamSpec (clients must build the same model); the
-    codec chains come from `config.compression`; tokens from `<state_dir>/tokens.db`
-    (the file `fleetlearn token add` writes); TLS from `cert_dir` (server.pem,
+    codec chains come from `config.compression` (with `adaptive = true`, each client's
+    rung of `ladder` per round, from its link as the server measures it); tokens from
+    `<state_dir>/tokens.db` (the file `fleetlearn token add` writes); TLS from `cert_dir` (server.pem,
     server.key, and ca.pem when `mutual_tls`).  Without `cert_dir` the server is
     plaintext: fine on loopback, not on a network.
     """
@@ -80,6 +81,7 @@ def server_transport(
         spec=spec,
         uplink=config.compression.uplink,
         downlink=config.compression.downlink,
+        ladder=config.compression.ladder if config.compression.adaptive else None,
         tls=ServerTls.from_dir(cert_dir, mutual=mutual_tls) if cert_dir else None,
         heartbeat_interval_s=heartbeat_interval_s,
         max_round_s=max_round_s,
@@ -103,9 +105,10 @@ def client(
     max_rounds: int | None = None,
     give_up_after_s: float | None = None,
     device: dict[str, float] | None = None,
+    uplink_limit_mbps: float | None = None,
 ) -> ClientReport:
     """`fleetlearn client --server HOST:PORT --token TOKEN --config RUN.toml (--client-index I | --data pkg.mod:fn)
-    [--tls-ca ca.pem [--tls-cert c.pem --tls-key c.key]] [--name N] [--max-rounds N]`.
+    [--tls-ca ca.pem [--tls-cert c.pem --tls-key c.key]] [--name N] [--max-rounds N] [--uplink-limit-mbps R]`.
 
     Builds the run's model and this client's local data, then runs until the
     server says the run finished.  Raises `ClientRefused` (bad or revoked token,
@@ -117,4 +120,5 @@ def client(
         tls = ClientTls(Path(tls_ca) if tls_ca else None, Path(tls_cert) if tls_cert else None,
                         Path(tls_key) if tls_key else None, tls_server_name)
     return run_client(server, token, learner, data, tls=tls, name=name, max_rounds=max_rounds,
-                      backoff=Backoff(), give_up_after_s=give_up_after_s, device=device)
+                      backoff=Backoff(), give_up_after_s=give_up_after_s, device=device,
+                      uplink_limit_mbps=uplink_limit_mbps)

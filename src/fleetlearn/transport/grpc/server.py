@@ -34,12 +34,14 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from ...compression import parse_chain
+import numpy as np
+
+from ...compression import AdaptiveCompression, parse_chain
 from ...messages import ClientMetrics, Dropout, Task, Update
 from ...params import ParamSpec
 from ..base import Reply
@@ -115,6 +117,11 @@ class RunRequirements:
     `update_bytes` is the exact size of an update when the uplink chain has a
     fixed size for the model (no sparsifier), `update_bytes_max` an upper bound
     otherwise: a payload outside them cannot be the model's (`wrong_shape`).
+
+    Adaptive compression (`ladder`, its rungs from least to most lossy): the server
+    picks each client's rung per round and names it in the task (TaskMeta.uplink_codec);
+    an update must come in that rung.  `uplink` is then the first rung, and
+    `rung_bytes` holds each rung's (exact size or None, upper bound).
     """
 
     uplink: str = "none"
@@ -125,19 +132,31 @@ class RunRequirements:
     runtime: str = field(default_factory=runtime_version)
     model_width: float = 1.0
     min_memory_mb: int = 0
+    ladder: tuple[str, ...] = ()
+    rung_bytes: tuple[tuple[int | None, int], ...] = ()
 
     @classmethod
-    def for_run(cls, spec: ParamSpec | None, uplink: str = "none", downlink: str = "none", **kw: Any) -> "RunRequirements":
+    def for_run(
+        cls, spec: ParamSpec | None, uplink: str = "none", downlink: str = "none", ladder: Sequence[str] | None = None, **kw: Any,
+    ) -> "RunRequirements":
         """Requirements of a run training `spec` with these codec chains (validated and
-        normalised: a bad chain is a ValueError here, not a refusal of every client)."""
-        up, down = parse_chain(uplink), parse_chain(downlink)
+        normalised: a bad chain is a ValueError here, not a refusal of every client).
+        With a `ladder` (adaptive compression) `uplink` is ignored: the rungs are the chains."""
+        rungs = [parse_chain(c) for c in ladder] if ladder else []
+        up, down = (rungs[0] if rungs else parse_chain(uplink)), parse_chain(downlink)
         if spec is not None:
             size = up.estimate_bytes(spec.dim)  # exact for fixed-size chains, an upper bound otherwise
-            kw.setdefault("update_bytes", size if up.exact_size else None)
-            kw.setdefault("update_bytes_max", size)
+            kw.setdefault("update_bytes", size if up.exact_size and not rungs else None)
+            kw.setdefault("update_bytes_max", max([size, *(r.estimate_bytes(spec.dim) for r in rungs)]))
+            kw.setdefault("rung_bytes", tuple((r.estimate_bytes(spec.dim) if r.exact_size else None, r.estimate_bytes(spec.dim)) for r in rungs))
             # global params, local params, delta and an optimizer buffer
             kw.setdefault("min_memory_mb", math.ceil(4 * spec.nbytes / (1 << 20)))
-        return cls(uplink=up.spec, downlink=down.spec, model_digest=spec.digest() if spec else None, **kw)
+        return cls(uplink=up.spec, downlink=down.spec, model_digest=spec.digest() if spec else None,
+                   ladder=tuple(r.spec for r in rungs), **kw)
+
+    def chains(self) -> list[str]:
+        """Every uplink chain a client may be asked to send with (the ladder, or the one chain)."""
+        return list(self.ladder) or [self.uplink]
 
     def refusal(self, request: pb.RegisterRequest) -> str | None:
         """Why a client cannot take part in this run, or None if it can."""
@@ -147,11 +166,12 @@ class RunRequirements:
         if theirs != ours:
             return f"client runtime {request.runtime_version} is incompatible with server runtime {self.runtime} (major versions differ)"
         cap = request.capabilities
-        needed = set(codec_names(self.uplink)) | set(codec_names(self.downlink))
+        needed = set(codec_names(self.downlink)).union(*(codec_names(c) for c in self.chains()))
         missing = sorted(needed - set(cap.codecs))
         if missing:
+            up = f"adaptive ladder {' ; '.join(self.ladder)!r}" if self.ladder else f"uplink {self.uplink!r}"
             return (f"client lacks codec(s) {', '.join(missing)} needed by the run "
-                    f"(uplink {self.uplink!r}, downlink {self.downlink!r}); it announced {sorted(cap.codecs)}")
+                    f"({up}, downlink {self.downlink!r}); it announced {sorted(cap.codecs)}")
         if self.model_digest:
             if not cap.model_digest:
                 return f"client did not announce its model digest; the run trains model {self.model_digest}"
@@ -179,6 +199,20 @@ class ClientSession:
 
 
 @dataclass
+class LinkEstimate:
+    """What the server measured of one client's link and pace, for adaptive compression:
+    smoothed over its updates (each new measurement weighs `LINK_SMOOTHING`)."""
+
+    uplink_mbps: float  # payload bits over the seconds from the update's first message to its last chunk
+    ready_s: float  # seconds from the round's start to the update's first message (download + compute)
+    updates: int = 1
+
+
+LINK_SMOOTHING = 0.5
+UNMEASURED_MBPS = 1e4  # a client never measured and announcing no uplink: assume a fast link (least lossy rung)
+
+
+@dataclass
 class RoundState:
     """One dispatched round, from publication until it is closed."""
 
@@ -196,6 +230,7 @@ class RoundState:
     closed: asyncio.Event = field(default_factory=asyncio.Event)  # set when the round closes
     downlink_bytes: dict[int, int] = field(default_factory=dict)
     frames: list[tuple[int, bytes]] | None = None  # serialized payload chunks, shared by all streams
+    codecs: dict[int, str] = field(default_factory=dict)  # adaptive compression: each client's rung this round
     open: bool = True
     closed_by: str = ""  # "deadline" | "complete" | "stopped" | "superseded" | "finished"
 
@@ -299,6 +334,13 @@ class FleetServer:
         self._changed: asyncio.Event | None = None
         self._watcher: asyncio.Task | None = None
         self._deadline_timer: asyncio.TimerHandle | None = None
+        # Adaptive compression: the ladder's upper-bound sizes, and each client's measured link.
+        self.adaptive: AdaptiveCompression | None = None
+        if requirements.ladder:
+            if len(requirements.rung_bytes) != len(requirements.ladder):
+                raise ValueError("adaptive compression over gRPC needs the model's ParamSpec (the rungs' sizes): use RunRequirements.for_run(spec, ladder=...)")
+            self.adaptive = AdaptiveCompression(requirements.ladder, 0, level_bytes=[hi for _, hi in requirements.rung_bytes])
+        self.links: dict[int, LinkEstimate] = {}
 
     # -- lifecycle (on the loop) ------------------------------------------------------
     def start(self) -> None:
@@ -504,7 +546,7 @@ class FleetServer:
             meta = pb.TaskMeta(
                 round=task.round, version=task.version, codec=task.codec, config_json=json.dumps(task.config),
                 deadline_s=task.deadline_s or 0.0, remaining_s=max(rs.deadline_s - rs.elapsed(), 1e-6) if task.deadline_s else 0.0,
-                payload_bytes=len(task.payload), uplink_codec=self.requirements.uplink,
+                payload_bytes=len(task.payload), uplink_codec=rs.codecs.get(client, self.requirements.uplink),
             )
             yield pb.TaskChunk(meta=meta)
             sent = 0
@@ -550,7 +592,8 @@ class FleetServer:
             client = int(m.client_id)
             cs = self._session(context, m.client_id, m.session)
             rs = self._admit(client, m, starting=True)
-            self._validate_update_meta(m)
+            self._validate_update_meta(m, rs)
+            first_at, ready_s = time.monotonic(), rs.elapsed()
             rs.uploading.add(client)
             try:
                 # No cap on concurrent uploads on purpose: a semaphore would serialise slow
@@ -567,6 +610,7 @@ class FleetServer:
             finally:
                 rs.uploading.discard(client)
             cs.last_seen = time.monotonic()
+            link = self._measure(client, len(payload), cs.last_seen - first_at, ready_s)
             rs = self._admit(client, m, starting=False)  # the round may have closed during the upload
             mt = m.metrics
             update = Update(
@@ -581,7 +625,7 @@ class FleetServer:
                     compute_seconds=mt.compute_seconds, steps=int(mt.steps), samples=int(mt.samples),
                 ),
                 downlink_bytes=rs.downlink_bytes.get(client, int(m.downlink_bytes)),
-                extra={"transport": "grpc", "peer": context.peer() or ""},
+                extra={"transport": "grpc", "peer": context.peer() or "", "uplink_mbps": link.uplink_mbps, "ready_s": link.ready_s},
             )
             rs.pending.discard(client)
             rs.replied.add(client)
@@ -641,9 +685,44 @@ class FleetServer:
             raise Refusal("duplicate", f"an update of client {client} for round {rs.round} is already being uploaded")
         return rs
 
-    def _validate_update_meta(self, m: pb.UpdateMeta) -> None:
+    def _measure(self, client: int, nbytes: int, seconds: float, ready_s: float) -> LinkEstimate:
+        """Fold one upload's measured throughput and readiness into the client's estimate."""
+        mbps = nbytes * 8.0 / max(seconds, 1e-4) / 1e6
+        old = self.links.get(client)
+        if old is None:
+            est = LinkEstimate(mbps, ready_s)
+        else:
+            a = LINK_SMOOTHING
+            est = LinkEstimate(a * mbps + (1 - a) * old.uplink_mbps, a * ready_s + (1 - a) * old.ready_s, old.updates + 1)
+        self.links[client] = est
+        return est
+
+    def _plan_rungs(self, task: Task, clients: list[int]) -> dict[int, str]:
+        """Adaptive compression: each client's rung for this task, by the rule the simulation
+        uses (`AdaptiveCompression.plan_task`), from measured links: a client's uplink and
+        readiness as measured on its earlier updates; until then its announced uplink
+        (else a fast link) and the cohort's median readiness (else 0)."""
+        if self.adaptive is None or not clients or not task.config.get("adaptive_policy"):
+            return {}
+        known = [self.links[c].ready_s for c in clients if c in self.links]
+        typical = float(np.median(known)) if known else 0.0
+        mbps, before = [], []
+        for c in clients:
+            est, cs = self.links.get(c), self.clients.get(c)
+            announced = float(cs.device.get("uplink_mbps", 0.0)) if cs is not None else 0.0
+            mbps.append(est.uplink_mbps if est is not None else (announced if announced > 0 else UNMEASURED_MBPS))
+            before.append(est.ready_s if est is not None else typical)
+        plan = self.adaptive.plan_task(task.config, np.array(mbps), 0.0, np.array(before))
+        if plan is None:
+            return {}
+        return {c: self.adaptive.ladder[int(lv)] for c, lv in zip(clients, plan.levels)}
+
+    def _validate_update_meta(self, m: pb.UpdateMeta, rs: RoundState) -> None:
         req = self.requirements
-        if _normalise_chain(m.codec) != req.uplink:
+        chain = rs.codecs.get(int(m.client_id), req.uplink)
+        if _normalise_chain(m.codec) != chain:
+            if req.ladder:
+                raise Refusal("wrong_codec", f"update encoded with {m.codec!r}; round {rs.round} asked client {m.client_id} for rung {chain!r} of the adaptive ladder")
             raise Refusal("wrong_codec", f"update encoded with {m.codec!r}; the run's uplink chain is {req.uplink!r}")
         if m.num_examples < 0:
             raise Refusal("malformed", f"num_examples = {m.num_examples} is negative")
@@ -657,10 +736,11 @@ class FleetServer:
             raise Refusal("malformed", f"metrics.steps = {mt.steps} and metrics.samples = {mt.samples} must be non-negative")
         if m.payload_bytes > self.limits.max_update_bytes:
             raise Refusal("oversized", f"update payload of {m.payload_bytes} bytes exceeds the limit of {self.limits.max_update_bytes} bytes")
-        if req.update_bytes is not None and m.payload_bytes != req.update_bytes:
-            raise Refusal("wrong_shape", f"update payload of {m.payload_bytes} bytes cannot be the model's: uplink {req.uplink!r} sends exactly {req.update_bytes} bytes")
-        if req.update_bytes_max is not None and m.payload_bytes > req.update_bytes_max:
-            raise Refusal("wrong_shape", f"update payload of {m.payload_bytes} bytes cannot be the model's: uplink {req.uplink!r} sends at most {req.update_bytes_max} bytes")
+        exact, most = req.rung_bytes[req.ladder.index(chain)] if req.ladder and req.rung_bytes else (req.update_bytes, req.update_bytes_max)
+        if exact is not None and m.payload_bytes != exact:
+            raise Refusal("wrong_shape", f"update payload of {m.payload_bytes} bytes cannot be the model's: uplink {chain!r} sends exactly {exact} bytes")
+        if most is not None and m.payload_bytes > most:
+            raise Refusal("wrong_shape", f"update payload of {m.payload_bytes} bytes cannot be the model's: uplink {chain!r} sends at most {most} bytes")
 
     # -- rounds (called on the loop by GrpcTransport) ----------------------------------
     def open_round(self, task: Task, cohort: Iterable[int], deadline_s: float) -> RoundState:
@@ -672,6 +752,7 @@ class FleetServer:
             t0=time.monotonic(), deadline_s=deadline_s, out=queue.Queue(),
         )
         rs.pending = set(rs.cohort)
+        rs.codecs = self._plan_rungs(task, sorted(rs.cohort))
         self.round = rs
         self.history.append(rs)
         now = time.monotonic()
@@ -743,7 +824,8 @@ class FleetServer:
     def snapshot(self) -> list[dict[str, Any]]:
         now = time.monotonic()
         return [
-            {**dataclasses.asdict(cs), "seen_s_ago": now - cs.last_seen, "session": None}
+            {**dataclasses.asdict(cs), "seen_s_ago": now - cs.last_seen, "session": None,
+             "link": dataclasses.asdict(self.links[cs.client_id]) if cs.client_id in self.links else None}
             for cs in sorted(self.clients.values(), key=lambda c: c.client_id)
         ]
 

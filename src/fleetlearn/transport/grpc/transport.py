@@ -66,6 +66,7 @@ class GrpcTransport:
         spec: ParamSpec | None = None,
         uplink: str = "none",
         downlink: str = "none",
+        ladder: Sequence[str] | None = None,
         requirements: RunRequirements | None = None,
         tls: ServerTls | None = None,
         limits: Limits = Limits(),
@@ -77,7 +78,8 @@ class GrpcTransport:
         server_options: Sequence[tuple[str, Any]] = (),
     ):
         self.tokens = tokens
-        self.requirements = requirements or RunRequirements.for_run(spec, uplink, downlink)
+        # `ladder`: adaptive compression (each client's rung per round, from its measured link).
+        self.requirements = requirements or RunRequirements.for_run(spec, uplink, downlink, ladder=ladder)
         self.limits = limits
         self.max_round_s = max_round_s
         self.grace_s = grace_s
