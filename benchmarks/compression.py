@@ -10,8 +10,9 @@ per dataset (PRESETS): digits keeps the default client settings and target 0.85;
 Fashion-MNIST (600 samples a client) trains 1 local epoch with batch 32, lr 0.05,
 target 0.75 — both fixed from uncompressed FedAvg's curve before any compressed run.
 
-First block, one seed: for each chain, uplink bytes, ratio to uncompressed FedAvg
-(its uplink bytes in the same block), final accuracy and its difference, and
+First block, ``--fixed-seeds`` seeds (default 1): for each chain, uplink bytes, ratio
+to uncompressed FedAvg (its uplink bytes in the same block), final accuracy and its
+difference (means over the seeds; with several seeds also each seed's difference), and
 simulated time to the target accuracy, on the `uniform` fleet (10 Mbit/s uplinks).
 
 Second block, per uplink median in ``--uplink-mbps`` (Fashion-MNIST: 10, the
@@ -42,7 +43,7 @@ import torch
 import fleetlearn
 
 CHAINS = ["none", "fp16", "q8", "q8 | zstd", "q4:stochastic", "ef | sign", "ef | topk:0.01 | q8", "ef | topk:0.01 | q8 | zstd",
-          "ef | topk:0.001 | q8", "ef | sketch:0.01,cols=0.1"]
+          "ef | topk:0.015 | q8 | zstd", "ef | topk:0.02 | q4 | zstd", "ef | topk:0.001 | q8", "ef | sketch:0.01,cols=0.1"]
 LADDER = ["none", "q8", "q4:stochastic", "q2:stochastic", "ef | topk:0.01 | q8"]
 
 
@@ -79,6 +80,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--target", type=float, default=None, help="accuracy to reach (default: the dataset's preset)")
     ap.add_argument("--seeds", type=int, default=10, help="seeds per policy in the mixed_fleet block")
+    ap.add_argument("--fixed-seeds", type=int, default=1, help="seeds per chain in the first (uniform fleet) block")
     ap.add_argument("--uplink-mbps", type=float, nargs="+", default=None, help="median uplinks of the mixed_fleet blocks")
     ap.add_argument("--skip-fixed", action="store_true", help="only the mixed_fleet blocks")
     ap.add_argument("--pace-slack", type=float, nargs="+", default=[0.05], help="one 'adaptive pace' row per value")
@@ -93,11 +95,19 @@ def main() -> None:
     common = {"data": data, "client": preset["client"], "target": target}
     print(f"dataset {name}, {args.rounds} rounds, target {target}, client {preset['client'] or 'defaults'}")
     if not args.skip_fixed:
-        print(f"{'uplink chain':<28} {'uplink bytes':>13} {'ratio':>8} {'final acc':>10} {'diff pp':>8} {'sim s to target':>16}")
-        rows = run_all([{**common, "server": {"rounds": args.rounds, "cohort": 20}, "compression": {"uplink": c}} for c in CHAINS], args.jobs)
-        base_acc, base_up = rows[0][0], rows[0][1]
-        for chain, (acc, up, _, tt) in zip(CHAINS, rows):
-            print(f"{chain:<28} {up:>13,} {base_up / up:>7.2f}x {acc:>10.4f} {100 * (acc - base_acc):>+8.2f} {tt:>16.2f}", flush=True)
+        fs = list(range(args.fixed_seeds))
+        print(f"uniform fleet, seeds {fs}; uplink bytes, final acc and time to target are means over the seeds")
+        print(f"{'uplink chain':<28} {'uplink bytes':>13} {'ratio':>8} {'final acc':>10} {'diff pp':>8} {'sim s to target':>16}"
+              + ("  diff pp per seed" if len(fs) > 1 else ""))
+        rows = run_all([{**common, "seed": sd, "server": {"rounds": args.rounds, "cohort": 20}, "compression": {"uplink": c}}
+                        for c in CHAINS for sd in fs], args.jobs)
+        cols = [np.array(col, dtype=np.float64) for col in zip(*rows)]
+        acc, up, _, tt = (c.reshape(len(CHAINS), len(fs)) for c in cols)
+        for i, chain in enumerate(CHAINS):
+            diffs = 100 * (acc[i] - acc[0])
+            per = "  " + " ".join(f"{d:+.2f}" for d in diffs) if len(fs) > 1 else ""
+            print(f"{chain:<28} {up[i].mean():>13,.0f} {up[0].mean() / up[i].mean():>7.2f}x {acc[i].mean():>10.4f} "
+                  f"{diffs.mean():>+8.2f} {tt[i].mean():>16.2f}{per}", flush=True)
     policies: dict[str, dict] = {} if args.adaptive_only else {c: {"uplink": c} for c in LADDER}
     for slack in args.pace_slack:
         label = "adaptive pace" if args.pace_slack == [0.05] else f"adaptive pace slack={slack:g}"

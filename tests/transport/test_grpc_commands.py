@@ -54,3 +54,17 @@ def test_server_and_clients_from_a_run_config_with_tls(tmp_path):
         assert {i: r.stopped for i, r in reports.items()} == {3: "finished", 7: "finished"}
     finally:
         t.close(grace_s=0.2)
+
+
+def test_server_transport_serves_the_adaptive_ladder(tmp_path):
+    ladder = ["none", "q8", "ef | topk:0.01 | q8"]
+    cfg = load_config({**CFG, "compression": {"adaptive": True, "ladder": ladder}, "server": {"cohort": 2, "deadline_s": 5.0}})
+    learner, _ = client_from_config(cfg, client_index=0)
+    t = commands.server_transport(cfg, learner.spec, "127.0.0.1:0", tmp_path / "state")
+    try:
+        req = t.requirements
+        assert req.ladder == tuple(parse_chain(c).spec for c in ladder) and req.uplink == "none"
+        assert req.update_bytes is None  # rungs differ in size: bounded per rung instead
+        assert [hi for _, hi in req.rung_bytes] == [parse_chain(c).estimate_bytes(learner.spec.dim) for c in ladder]
+    finally:
+        t.close(grace_s=0.2)
