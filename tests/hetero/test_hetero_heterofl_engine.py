@@ -109,6 +109,8 @@ def test_one_round_equals_an_independent_per_width_computation():
     assert torch.allclose(c.params, start + ref, atol=1e-5)
     # Coordinates only full-width clients cover moved by the full-width clients' mean alone.
     assert rec.uplink_bytes == sum(x.uplink_bytes for x in rec.clients)
+    # Smaller sub-models are not compression: with no codec the ratio stays ~1 (float32 + headers).
+    assert 0.99 < c.summary(0.0).compression_ratio <= 1.0
     assert rec.extra["accepted_by_width"] == {str(w): sum(x.width == w for x in rec.clients) for w in (1.0, 0.5, 0.25)}
     # Evaluation: central at every width, federated with each client at its own width.
     for w in (1.0, 0.5, 0.25):

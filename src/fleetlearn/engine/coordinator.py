@@ -778,8 +778,12 @@ class Coordinator:
         accs = [r.accuracy for r in recs if not math.isnan(r.accuracy)]
         up = sum(r.uplink_bytes for r in recs)
         accepted = sum(r.accepted + r.rejected + r.late for r in recs)
-        # Uncompressed: one float32 model per update (clustered FL uploads one block of its k models).
-        raw = accepted * 4 * (self.clustering.d if self.clustering is not None else self.dim)
+        # Uncompressed: one float32 model per update (clustered FL uploads one block of its k
+        # models; a HeteroFL client its own sub-model, so the ratio is the codec's alone).
+        if self.submodels is not None:
+            raw = sum(4 * self.submodels.sub_dim_of(c.client_id) for r in recs for c in r.clients if c.uplink_bytes > 0)
+        else:
+            raw = accepted * 4 * (self.clustering.d if self.clustering is not None else self.dim)
         s = RunSummary(
             run_id=self.store.run_id if self.store else "",
             run_dir=str(self.store.run_dir) if self.store else "",
