@@ -46,7 +46,7 @@ def test_server_measures_uplinks_and_gives_slow_links_a_lossier_rung(tokens, wid
 
         def client(name: str) -> None:
             try:
-                # each device its own learner (a TorchLearner is not shared between threads)
+                # each device its own learner, as separate processes would have
                 run_client(t.address, toks[name], make_learner(), tiny_data(len(name)), name=name, backoff=Backoff(0.05, 0.5),
                            give_up_after_s=20, uplink_limit_mbps=limits[name])
             except BaseException as exc:  # noqa: BLE001

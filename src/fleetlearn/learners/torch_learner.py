@@ -10,8 +10,10 @@ per-client seed, so they agree to float tolerance.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import threading
 import time
 from typing import Callable
 
@@ -55,11 +57,35 @@ class TorchLearner:
 
     def __init__(self, make_module: Callable[[], torch.nn.Module], vectorize: bool = True, max_group: int = 1024):
         self.make_module = make_module
-        self.module = make_module()
-        self.spec = ParamSpec.from_module(self.module)
+        self._module = make_module()
+        self._owner = threading.get_ident()
+        self._thread_modules: dict[int, torch.nn.Module] = {}
+        self.spec = ParamSpec.from_module(self._module)
         self.vectorize = vectorize
         self.max_group = max_group
         self._vmap_failed = False
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The module functional calls run through, one per thread: `functional_call` swaps
+        the parameters into it for the duration of a call, so two threads (several gRPC
+        clients in one process, say) sharing a learner must not share its module."""
+        tid = threading.get_ident()
+        if tid == self._owner:
+            return self._module
+        m = self._thread_modules.get(tid)
+        if m is None:
+            m = self._thread_modules[tid] = copy.deepcopy(self._module)
+        return m
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_thread_modules"], state["_owner"] = {}, None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._owner = threading.get_ident()  # the unpickling thread (e.g. a Ray worker's) owns the main module
 
     # -- parameters ------------------------------------------------------------
     def init_params(self, seed: int) -> torch.Tensor:
