@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--dataset", choices=["auto", *PRESETS], default="auto")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--target", type=float, default=None, help="accuracy to reach (default: the dataset's preset)")
-    ap.add_argument("--seeds", type=int, default=10, help="seeds per policy in the mixed_fleet block")
+    ap.add_argument("--seeds", type=int, default=10, help="seeds per policy in the mixed_fleet blocks (0: skip them)")
     ap.add_argument("--fixed-seeds", type=int, default=1, help="seeds per chain in the first (uniform fleet) block")
     ap.add_argument("--uplink-mbps", type=float, nargs="+", default=None, help="median uplinks of the mixed_fleet blocks")
     ap.add_argument("--skip-fixed", action="store_true", help="only the mixed_fleet blocks")
@@ -115,7 +115,7 @@ def main() -> None:
     if not args.adaptive_only:
         policies["adaptive upload_budget"] = {"adaptive": True, "adaptive_policy": "upload_budget", "ladder": LADDER}
     seeds = list(range(args.seeds))
-    for mbps in uplinks:
+    for mbps in uplinks if seeds else []:  # --seeds 0: the first block only
         print()
         print(f"mixed_fleet, uplink median {mbps:g} Mbit/s, deadline 2 s, over-selection 1.3, seeds {seeds}; ladder {' ; '.join(LADDER)}")
         print(f"{'policy':<24} {'uplink MB':>10} {'final acc':>10} {'mean round s':>13} {'s to target, per seed':>32} {'mean':>7}")
