@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=None, help="accuracy to reach (default: the dataset's preset)")
     ap.add_argument("--seeds", type=int, default=10, help="seeds per policy in the mixed_fleet blocks (0: skip them)")
     ap.add_argument("--fixed-seeds", type=int, default=1, help="seeds per chain in the first (uniform fleet) block")
+    ap.add_argument("--chains", nargs="+", default=CHAINS, help="first block: these chains (the first is the baseline)")
     ap.add_argument("--uplink-mbps", type=float, nargs="+", default=None, help="median uplinks of the mixed_fleet blocks")
     ap.add_argument("--skip-fixed", action="store_true", help="only the mixed_fleet blocks")
     ap.add_argument("--pace-slack", type=float, nargs="+", default=[0.05], help="one 'adaptive pace' row per value")
@@ -100,10 +101,10 @@ def main() -> None:
         print(f"{'uplink chain':<28} {'uplink bytes':>13} {'ratio':>8} {'final acc':>10} {'diff pp':>8} {'sim s to target':>16}"
               + ("  diff pp per seed" if len(fs) > 1 else ""))
         rows = run_all([{**common, "seed": sd, "server": {"rounds": args.rounds, "cohort": 20}, "compression": {"uplink": c}}
-                        for c in CHAINS for sd in fs], args.jobs)
+                        for c in args.chains for sd in fs], args.jobs)
         cols = [np.array(col, dtype=np.float64) for col in zip(*rows)]
-        acc, up, _, tt = (c.reshape(len(CHAINS), len(fs)) for c in cols)
-        for i, chain in enumerate(CHAINS):
+        acc, up, _, tt = (c.reshape(len(args.chains), len(fs)) for c in cols)
+        for i, chain in enumerate(args.chains):
             diffs = 100 * (acc[i] - acc[0])
             per = "  " + " ".join(f"{d:+.2f}" for d in diffs) if len(fs) > 1 else ""
             print(f"{chain:<28} {up[i].mean():>13,.0f} {up[0].mean() / up[i].mean():>7.2f}x {acc[i].mean():>10.4f} "

@@ -47,6 +47,10 @@ class GrpcTransport:
         ... Coordinator(transport=transport, ...).run() ...
         transport.finish(); transport.close()
 
+    With `ladder` (adaptive compression) the server names each client's rung in its
+    task, from the uplink rate and readiness it measured on that client's earlier
+    updates (`clients()` shows them under "link"); see `FleetServer._plan_rungs`.
+
     `available(round)` is the registered clients with a valid token that
     heartbeated within `heartbeat_timeout_s`; client ids are the token store's
     stable ids.  Refusals are counted by reason: `take_refusals()` returns the
