@@ -131,6 +131,9 @@ class _BadStream(Exception):
     """The server sent a task stream we cannot use; retried like a connection fault."""
 
 
+# Protocol features this runtime supports (Capabilities.features): "scaffold" = it reads
+# SCAFFOLD's control variate after the model payload and keeps its own c_i.
+FEATURES = ("scaffold",)
 MAX_RECEIVE_BYTES = 64 << 20  # the largest single message the client accepts (servers send 1 MiB chunks)
 
 
@@ -329,6 +332,7 @@ class FleetClient:
             runtime_version=runtime_version(),
             capabilities=pb.Capabilities(
                 codecs=sorted(CODECS), model_widths=[1.0], memory_mb=_memory_mb(), model_digest=self.learner.spec.digest(),
+                features=list(FEATURES),
             ),
             device=pb.DeviceProfile(
                 compute_sps=float(self.device.get("compute_sps", 0.0)),
@@ -400,7 +404,7 @@ class FleetClient:
                 if kind == "meta" and meta is None:
                     meta = chunk.meta
                     received_at = time.monotonic()
-                    assembler = PayloadAssembler(meta.payload_bytes, self.max_task_bytes, MAX_RECEIVE_BYTES, "task payload")
+                    assembler = PayloadAssembler(meta.payload_bytes + meta.control_bytes, self.max_task_bytes, MAX_RECEIVE_BYTES, "task payload")
                 elif kind == "data" and assembler is not None:
                     assembler.add(chunk.data.offset, chunk.data.data)
                 else:
@@ -414,10 +418,11 @@ class FleetClient:
             raise _BadStream(f"bad task stream: {r.detail}") from None
         if meta is None or assembler is None:
             return None
-        payload = assembler.finish()
+        body = assembler.finish()
+        split = int(meta.payload_bytes)  # the model, then SCAFFOLD's control variate (control_bytes)
         task = Task(
-            round=int(meta.round), version=int(meta.version), payload=payload, codec=meta.codec,
-            config=json.loads(meta.config_json or "{}"), deadline_s=meta.deadline_s or None,
+            round=int(meta.round), version=int(meta.version), payload=body[:split], codec=meta.codec,
+            config=json.loads(meta.config_json or "{}"), deadline_s=meta.deadline_s or None, control=body[split:],
         )
         local_deadline = received_at + meta.remaining_s if meta.remaining_s > 0 else float("inf")
         return task, local_deadline, meta.uplink_codec or "none"
@@ -457,7 +462,15 @@ class FleetClient:
             steps = self._step_budget(task, local_deadline, hp.batch_size)
             if steps == 0:
                 return None
-            result = self.learner.fit(params, self.data, hp, seed) if steps is None else self.learner.fit(params, self.data, hp, seed, max_steps=steps)
+            # SCAFFOLD: correct every gradient by c - c_i; this device keeps its own c_i.
+            c = runtime.receive_control(task)
+            c_i = runtime.control_variates([cid], c.numel()) if c is not None else None
+            extra = {} if c is None else {"correction": c - c_i[0]}
+            if steps is not None:
+                extra["max_steps"] = steps
+            result = self.learner.fit(params, self.data, hp, seed, **extra)
+            if c is not None:
+                runtime.update_controls([cid], c, c_i, [result], hp)
             return runtime.reply(cid, task, result)
 
         update = await asyncio.to_thread(train) if self.train_in_thread else train()

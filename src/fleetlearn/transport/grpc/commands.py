@@ -66,9 +66,9 @@ def server_transport(
     server.key, and ca.pem when `mutual_tls`).  Without `cert_dir` the server is
     plaintext: fine on loopback, not on a network.
     """
-    helper = client_side_helper(config)
+    helper = client_side_helper(config, over_grpc=True)
     if helper:
-        # The wire protocol carries neither SCAFFOLD's control variates nor label histograms yet.
+        # The wire protocol carries SCAFFOLD's control variates, not yet label histograms or oversampling.
         raise ConfigError(f"{helper}: not supported over gRPC yet (simulation only); leave it at its default for `fleetlearn server`")
     if config.privacy.secure_aggregation:
         # The masking rounds (key exchange, masked upload, unmasking) are not on the wire yet:
@@ -82,6 +82,7 @@ def server_transport(
         uplink=config.compression.uplink,
         downlink=config.compression.downlink,
         ladder=config.compression.ladder if config.compression.adaptive else None,
+        features=("scaffold",) if config.client.objective == "scaffold" else (),
         tls=ServerTls.from_dir(cert_dir, mutual=mutual_tls) if cert_dir else None,
         heartbeat_interval_s=heartbeat_interval_s,
         max_round_s=max_round_s,

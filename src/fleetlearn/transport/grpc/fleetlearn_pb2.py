@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x66leetlearn.proto\x12\rfleetlearn.v1\"]\n\x0c\x43\x61pabilities\x12\x0e\n\x06\x63odecs\x18\x01 \x03(\t\x12\x14\n\x0cmodel_widths\x18\x02 \x03(\x01\x12\x11\n\tmemory_mb\x18\x03 \x01(\x04\x12\x14\n\x0cmodel_digest\x18\x04 \x01(\t\"P\n\rDeviceProfile\x12\x13\n\x0b\x63ompute_sps\x18\x01 \x01(\x01\x12\x13\n\x0buplink_mbps\x18\x02 \x01(\x01\x12\x15\n\rdownlink_mbps\x18\x03 \x01(\x01\"\xad\x01\n\x0fRegisterRequest\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\x12\x17\n\x0fruntime_version\x18\x03 \x01(\t\x12\x31\n\x0c\x63\x61pabilities\x18\x04 \x01(\x0b\x32\x1b.fleetlearn.v1.Capabilities\x12,\n\x06\x64\x65vice\x18\x05 \x01(\x0b\x32\x1c.fleetlearn.v1.DeviceProfileJ\x04\x08\x02\x10\x03R\x05token\"\xe2\x01\n\rRegisterReply\x12\x11\n\tclient_id\x18\x01 \x01(\x04\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x05 \x01(\x01\x12\x16\n\x0e\x64ownlink_codec\x18\x06 \x01(\t\x12\x14\n\x0cuplink_codec\x18\x07 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x08 \x01(\t\x12\x14\n\x0crun_finished\x18\t \x01(\x08\x12\x13\n\x0b\x63hunk_bytes\x18\n \x01(\r\"6\n\x10HeartbeatRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x04\x12\x0f\n\x07session\x18\x02 \x01(\t\"m\n\x0eHeartbeatReply\x12\x14\n\x0crun_finished\x18\x01 \x01(\x08\x12\x15\n\rcurrent_round\x18\x02 \x01(\x04\x12\x10\n\x08has_task\x18\x03 \x01(\x08\x12\x1c\n\x14heartbeat_interval_s\x18\x04 \x01(\x01\"Z\n\x0fPullTaskRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x04\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0e\n\x06wait_s\x18\x03 \x01(\x01\x12\x13\n\x0b\x61\x66ter_round\x18\x04 \x01(\x04\"\xa4\x01\n\x08TaskMeta\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x12\n\ndeadline_s\x18\x05 \x01(\x01\x12\x13\n\x0bremaining_s\x18\x06 \x01(\x01\x12\x15\n\rpayload_bytes\x18\x07 \x01(\x04\x12\x14\n\x0cuplink_codec\x18\x08 \x01(\t\",\n\x0cPayloadChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x1d\n\x0bRunFinished\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x99\x01\n\tTaskChunk\x12\'\n\x04meta\x18\x01 \x01(\x0b\x32\x17.fleetlearn.v1.TaskMetaH\x00\x12+\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x1b.fleetlearn.v1.PayloadChunkH\x00\x12.\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1a.fleetlearn.v1.RunFinishedH\x00\x42\x06\n\x04kind\"\x83\x01\n\rClientMetrics\x12\x13\n\x0bloss_before\x18\x01 \x01(\x01\x12\x12\n\nloss_after\x18\x02 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x03 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x04 \x01(\x01\x12\r\n\x05steps\x18\x05 \x01(\x03\x12\x0f\n\x07samples\x18\x06 \x01(\x03\"\xd8\x01\n\nUpdateMeta\x12\x11\n\tclient_id\x18\x01 \x01(\x04\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x04\x12\r\n\x05\x63odec\x18\x05 \x01(\t\x12\x14\n\x0cnum_examples\x18\x06 \x01(\x03\x12-\n\x07metrics\x18\x07 \x01(\x0b\x32\x1c.fleetlearn.v1.ClientMetrics\x12\x15\n\rpayload_bytes\x18\x08 \x01(\x04\x12\x16\n\x0e\x64ownlink_bytes\x18\t \x01(\x04\"m\n\x0bUpdateChunk\x12)\n\x04meta\x18\x01 \x01(\x0b\x32\x19.fleetlearn.v1.UpdateMetaH\x00\x12+\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x1b.fleetlearn.v1.PayloadChunkH\x00\x42\x06\n\x04kind\"-\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t2\xb1\x02\n\nFleetLearn\x12H\n\x08Register\x12\x1e.fleetlearn.v1.RegisterRequest\x1a\x1c.fleetlearn.v1.RegisterReply\x12K\n\tHeartbeat\x12\x1f.fleetlearn.v1.HeartbeatRequest\x1a\x1d.fleetlearn.v1.HeartbeatReply\x12\x46\n\x08PullTask\x12\x1e.fleetlearn.v1.PullTaskRequest\x1a\x18.fleetlearn.v1.TaskChunk0\x01\x12\x44\n\nPushUpdate\x12\x1a.fleetlearn.v1.UpdateChunk\x1a\x18.fleetlearn.v1.PushReply(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x66leetlearn.proto\x12\rfleetlearn.v1\"o\n\x0c\x43\x61pabilities\x12\x0e\n\x06\x63odecs\x18\x01 \x03(\t\x12\x14\n\x0cmodel_widths\x18\x02 \x03(\x01\x12\x11\n\tmemory_mb\x18\x03 \x01(\x04\x12\x14\n\x0cmodel_digest\x18\x04 \x01(\t\x12\x10\n\x08\x66\x65\x61tures\x18\x05 \x03(\t\"P\n\rDeviceProfile\x12\x13\n\x0b\x63ompute_sps\x18\x01 \x01(\x01\x12\x13\n\x0buplink_mbps\x18\x02 \x01(\x01\x12\x15\n\rdownlink_mbps\x18\x03 \x01(\x01\"\xad\x01\n\x0fRegisterRequest\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\x12\x17\n\x0fruntime_version\x18\x03 \x01(\t\x12\x31\n\x0c\x63\x61pabilities\x18\x04 \x01(\x0b\x32\x1b.fleetlearn.v1.Capabilities\x12,\n\x06\x64\x65vice\x18\x05 \x01(\x0b\x32\x1c.fleetlearn.v1.DeviceProfileJ\x04\x08\x02\x10\x03R\x05token\"\xe2\x01\n\rRegisterReply\x12\x11\n\tclient_id\x18\x01 \x01(\x04\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x05 \x01(\x01\x12\x16\n\x0e\x64ownlink_codec\x18\x06 \x01(\t\x12\x14\n\x0cuplink_codec\x18\x07 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x08 \x01(\t\x12\x14\n\x0crun_finished\x18\t \x01(\x08\x12\x13\n\x0b\x63hunk_bytes\x18\n \x01(\r\"6\n\x10HeartbeatRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x04\x12\x0f\n\x07session\x18\x02 \x01(\t\"m\n\x0eHeartbeatReply\x12\x14\n\x0crun_finished\x18\x01 \x01(\x08\x12\x15\n\rcurrent_round\x18\x02 \x01(\x04\x12\x10\n\x08has_task\x18\x03 \x01(\x08\x12\x1c\n\x14heartbeat_interval_s\x18\x04 \x01(\x01\"Z\n\x0fPullTaskRequest\x12\x11\n\tclient_id\x18\x01 \x01(\x04\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x0e\n\x06wait_s\x18\x03 \x01(\x01\x12\x13\n\x0b\x61\x66ter_round\x18\x04 \x01(\x04\"\xbb\x01\n\x08TaskMeta\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\x12\n\ndeadline_s\x18\x05 \x01(\x01\x12\x13\n\x0bremaining_s\x18\x06 \x01(\x01\x12\x15\n\rpayload_bytes\x18\x07 \x01(\x04\x12\x14\n\x0cuplink_codec\x18\x08 \x01(\t\x12\x15\n\rcontrol_bytes\x18\t \x01(\x04\",\n\x0cPayloadChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x1d\n\x0bRunFinished\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x99\x01\n\tTaskChunk\x12\'\n\x04meta\x18\x01 \x01(\x0b\x32\x17.fleetlearn.v1.TaskMetaH\x00\x12+\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x1b.fleetlearn.v1.PayloadChunkH\x00\x12.\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1a.fleetlearn.v1.RunFinishedH\x00\x42\x06\n\x04kind\"\x83\x01\n\rClientMetrics\x12\x13\n\x0bloss_before\x18\x01 \x01(\x01\x12\x12\n\nloss_after\x18\x02 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x03 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x04 \x01(\x01\x12\r\n\x05steps\x18\x05 \x01(\x03\x12\x0f\n\x07samples\x18\x06 \x01(\x03\"\xd8\x01\n\nUpdateMeta\x12\x11\n\tclient_id\x18\x01 \x01(\x04\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x14\n\x0c\x62\x61se_version\x18\x04 \x01(\x04\x12\r\n\x05\x63odec\x18\x05 \x01(\t\x12\x14\n\x0cnum_examples\x18\x06 \x01(\x03\x12-\n\x07metrics\x18\x07 \x01(\x0b\x32\x1c.fleetlearn.v1.ClientMetrics\x12\x15\n\rpayload_bytes\x18\x08 \x01(\x04\x12\x16\n\x0e\x64ownlink_bytes\x18\t \x01(\x04\"m\n\x0bUpdateChunk\x12)\n\x04meta\x18\x01 \x01(\x0b\x32\x19.fleetlearn.v1.UpdateMetaH\x00\x12+\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x1b.fleetlearn.v1.PayloadChunkH\x00\x42\x06\n\x04kind\"-\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t2\xb1\x02\n\nFleetLearn\x12H\n\x08Register\x12\x1e.fleetlearn.v1.RegisterRequest\x1a\x1c.fleetlearn.v1.RegisterReply\x12K\n\tHeartbeat\x12\x1f.fleetlearn.v1.HeartbeatRequest\x1a\x1d.fleetlearn.v1.HeartbeatReply\x12\x46\n\x08PullTask\x12\x1e.fleetlearn.v1.PullTaskRequest\x1a\x18.fleetlearn.v1.TaskChunk0\x01\x12\x44\n\nPushUpdate\x12\x1a.fleetlearn.v1.UpdateChunk\x1a\x18.fleetlearn.v1.PushReply(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,35 +32,35 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fleetlearn_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CAPABILITIES']._serialized_start=35
-  _globals['_CAPABILITIES']._serialized_end=128
-  _globals['_DEVICEPROFILE']._serialized_start=130
-  _globals['_DEVICEPROFILE']._serialized_end=210
-  _globals['_REGISTERREQUEST']._serialized_start=213
-  _globals['_REGISTERREQUEST']._serialized_end=386
-  _globals['_REGISTERREPLY']._serialized_start=389
-  _globals['_REGISTERREPLY']._serialized_end=615
-  _globals['_HEARTBEATREQUEST']._serialized_start=617
-  _globals['_HEARTBEATREQUEST']._serialized_end=671
-  _globals['_HEARTBEATREPLY']._serialized_start=673
-  _globals['_HEARTBEATREPLY']._serialized_end=782
-  _globals['_PULLTASKREQUEST']._serialized_start=784
-  _globals['_PULLTASKREQUEST']._serialized_end=874
-  _globals['_TASKMETA']._serialized_start=877
-  _globals['_TASKMETA']._serialized_end=1041
-  _globals['_PAYLOADCHUNK']._serialized_start=1043
-  _globals['_PAYLOADCHUNK']._serialized_end=1087
-  _globals['_RUNFINISHED']._serialized_start=1089
-  _globals['_RUNFINISHED']._serialized_end=1118
-  _globals['_TASKCHUNK']._serialized_start=1121
-  _globals['_TASKCHUNK']._serialized_end=1274
-  _globals['_CLIENTMETRICS']._serialized_start=1277
-  _globals['_CLIENTMETRICS']._serialized_end=1408
-  _globals['_UPDATEMETA']._serialized_start=1411
-  _globals['_UPDATEMETA']._serialized_end=1627
-  _globals['_UPDATECHUNK']._serialized_start=1629
-  _globals['_UPDATECHUNK']._serialized_end=1738
-  _globals['_PUSHREPLY']._serialized_start=1740
-  _globals['_PUSHREPLY']._serialized_end=1785
-  _globals['_FLEETLEARN']._serialized_start=1788
-  _globals['_FLEETLEARN']._serialized_end=2093
+  _globals['_CAPABILITIES']._serialized_end=146
+  _globals['_DEVICEPROFILE']._serialized_start=148
+  _globals['_DEVICEPROFILE']._serialized_end=228
+  _globals['_REGISTERREQUEST']._serialized_start=231
+  _globals['_REGISTERREQUEST']._serialized_end=404
+  _globals['_REGISTERREPLY']._serialized_start=407
+  _globals['_REGISTERREPLY']._serialized_end=633
+  _globals['_HEARTBEATREQUEST']._serialized_start=635
+  _globals['_HEARTBEATREQUEST']._serialized_end=689
+  _globals['_HEARTBEATREPLY']._serialized_start=691
+  _globals['_HEARTBEATREPLY']._serialized_end=800
+  _globals['_PULLTASKREQUEST']._serialized_start=802
+  _globals['_PULLTASKREQUEST']._serialized_end=892
+  _globals['_TASKMETA']._serialized_start=895
+  _globals['_TASKMETA']._serialized_end=1082
+  _globals['_PAYLOADCHUNK']._serialized_start=1084
+  _globals['_PAYLOADCHUNK']._serialized_end=1128
+  _globals['_RUNFINISHED']._serialized_start=1130
+  _globals['_RUNFINISHED']._serialized_end=1159
+  _globals['_TASKCHUNK']._serialized_start=1162
+  _globals['_TASKCHUNK']._serialized_end=1315
+  _globals['_CLIENTMETRICS']._serialized_start=1318
+  _globals['_CLIENTMETRICS']._serialized_end=1449
+  _globals['_UPDATEMETA']._serialized_start=1452
+  _globals['_UPDATEMETA']._serialized_end=1668
+  _globals['_UPDATECHUNK']._serialized_start=1670
+  _globals['_UPDATECHUNK']._serialized_end=1779
+  _globals['_PUSHREPLY']._serialized_start=1781
+  _globals['_PUSHREPLY']._serialized_end=1826
+  _globals['_FLEETLEARN']._serialized_start=1829
+  _globals['_FLEETLEARN']._serialized_end=2134
 # @@protoc_insertion_point(module_scope)

@@ -7,16 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Capabilities(_message.Message):
-    __slots__ = ("codecs", "model_widths", "memory_mb", "model_digest")
+    __slots__ = ("codecs", "model_widths", "memory_mb", "model_digest", "features")
     CODECS_FIELD_NUMBER: _ClassVar[int]
     MODEL_WIDTHS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_MB_FIELD_NUMBER: _ClassVar[int]
     MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     codecs: _containers.RepeatedScalarFieldContainer[str]
     model_widths: _containers.RepeatedScalarFieldContainer[float]
     memory_mb: int
     model_digest: str
-    def __init__(self, codecs: _Optional[_Iterable[str]] = ..., model_widths: _Optional[_Iterable[float]] = ..., memory_mb: _Optional[int] = ..., model_digest: _Optional[str] = ...) -> None: ...
+    features: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, codecs: _Optional[_Iterable[str]] = ..., model_widths: _Optional[_Iterable[float]] = ..., memory_mb: _Optional[int] = ..., model_digest: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DeviceProfile(_message.Message):
     __slots__ = ("compute_sps", "uplink_mbps", "downlink_mbps")
@@ -97,7 +99,7 @@ class PullTaskRequest(_message.Message):
     def __init__(self, client_id: _Optional[int] = ..., session: _Optional[str] = ..., wait_s: _Optional[float] = ..., after_round: _Optional[int] = ...) -> None: ...
 
 class TaskMeta(_message.Message):
-    __slots__ = ("round", "version", "codec", "config_json", "deadline_s", "remaining_s", "payload_bytes", "uplink_codec")
+    __slots__ = ("round", "version", "codec", "config_json", "deadline_s", "remaining_s", "payload_bytes", "uplink_codec", "control_bytes")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +108,7 @@ class TaskMeta(_message.Message):
     REMAINING_S_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     UPLINK_CODEC_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_BYTES_FIELD_NUMBER: _ClassVar[int]
     round: int
     version: int
     codec: str
@@ -114,7 +117,8 @@ class TaskMeta(_message.Message):
     remaining_s: float
     payload_bytes: int
     uplink_codec: str
-    def __init__(self, round: _Optional[int] = ..., version: _Optional[int] = ..., codec: _Optional[str] = ..., config_json: _Optional[str] = ..., deadline_s: _Optional[float] = ..., remaining_s: _Optional[float] = ..., payload_bytes: _Optional[int] = ..., uplink_codec: _Optional[str] = ...) -> None: ...
+    control_bytes: int
+    def __init__(self, round: _Optional[int] = ..., version: _Optional[int] = ..., codec: _Optional[str] = ..., config_json: _Optional[str] = ..., deadline_s: _Optional[float] = ..., remaining_s: _Optional[float] = ..., payload_bytes: _Optional[int] = ..., uplink_codec: _Optional[str] = ..., control_bytes: _Optional[int] = ...) -> None: ...
 
 class PayloadChunk(_message.Message):
     __slots__ = ("offset", "data")

@@ -134,6 +134,9 @@ class RunRequirements:
     min_memory_mb: int = 0
     ladder: tuple[str, ...] = ()
     rung_bytes: tuple[tuple[int | None, int], ...] = ()
+    # Protocol features a client must announce (Capabilities.features): "scaffold" when
+    # tasks carry SCAFFOLD's control variate after the model payload.
+    features: tuple[str, ...] = ()
 
     @classmethod
     def for_run(
@@ -172,6 +175,10 @@ class RunRequirements:
             up = f"adaptive ladder {' ; '.join(self.ladder)!r}" if self.ladder else f"uplink {self.uplink!r}"
             return (f"client lacks codec(s) {', '.join(missing)} needed by the run "
                     f"({up}, downlink {self.downlink!r}); it announced {sorted(cap.codecs)}")
+        lacking = sorted(set(self.features) - set(cap.features))
+        if lacking:
+            return (f"client lacks protocol feature(s) {', '.join(lacking)} the run needs "
+                    f"(\"scaffold\": client.objective = 'scaffold'); it announced {sorted(cap.features)}: upgrade the client")
         if self.model_digest:
             if not cap.model_digest:
                 return f"client did not announce its model digest; the run trains model {self.model_digest}"
@@ -444,6 +451,7 @@ class FleetServer:
                     "codecs": list(request.capabilities.codecs),
                     "model_widths": list(request.capabilities.model_widths),
                     "memory_mb": int(request.capabilities.memory_mb),
+                    "features": list(request.capabilities.features),
                 },
             )
             self.clients[cs.client_id] = cs  # replaces an older session of the same client
@@ -471,12 +479,14 @@ class FleetServer:
             if len(text) > lim.max_text_chars:
                 raise Refusal("malformed", f"{name} has {len(text)} characters; at most {lim.max_text_chars}")
         cap = r.capabilities
-        for name, items in (("capabilities.codecs", cap.codecs), ("capabilities.model_widths", cap.model_widths)):
+        for name, items in (("capabilities.codecs", cap.codecs), ("capabilities.model_widths", cap.model_widths),
+                            ("capabilities.features", cap.features)):
             if len(items) > lim.max_list_items:
                 raise Refusal("malformed", f"{name} has {len(items)} entries; at most {lim.max_list_items}")
-        for c in cap.codecs:
-            if not c or len(c) > lim.max_text_chars:
-                raise Refusal("malformed", f"capabilities.codecs has an empty or overlong name ({len(c)} characters)")
+        for what, names in (("codecs", cap.codecs), ("features", cap.features)):
+            for c in names:
+                if not c or len(c) > lim.max_text_chars:
+                    raise Refusal("malformed", f"capabilities.{what} has an empty or overlong name ({len(c)} characters)")
         if len(cap.model_digest) > lim.max_text_chars:
             raise Refusal("malformed", f"capabilities.model_digest has {len(cap.model_digest)} characters")
         for w in cap.model_widths:
@@ -547,6 +557,7 @@ class FleetServer:
                 round=task.round, version=task.version, codec=task.codec, config_json=json.dumps(task.config),
                 deadline_s=task.deadline_s or 0.0, remaining_s=max(rs.deadline_s - rs.elapsed(), 1e-6) if task.deadline_s else 0.0,
                 payload_bytes=len(task.payload), uplink_codec=rs.codecs.get(client, self.requirements.uplink),
+                control_bytes=len(task.control),
             )
             yield pb.TaskChunk(meta=meta)
             sent = 0
@@ -566,14 +577,16 @@ class FleetServer:
             await self._internal(context, exc, client)
 
     def _task_frames(self, rs: RoundState) -> list[tuple[int, bytes]]:
-        """The round's payload chunks as serialized `TaskChunk` messages, built once per
-        round and shared by every client's stream: the downlink costs one extra copy of
-        the model, not one per selected client."""
+        """The round's payload chunks (the model, then SCAFFOLD's control variate if any)
+        as serialized `TaskChunk` messages, built once per round and shared by every
+        client's stream: the downlink costs one extra copy of the model, not one per
+        selected client."""
         if rs.frames is None:
             assert rs.task is not None
+            body = rs.task.payload + rs.task.control if rs.task.control else rs.task.payload
             rs.frames = [
                 (len(data), pb.TaskChunk(data=pb.PayloadChunk(offset=offset, data=data)).SerializeToString())
-                for offset, data in iter_chunks(rs.task.payload, self.limits.chunk_bytes)
+                for offset, data in iter_chunks(body, self.limits.chunk_bytes)
             ]
         return rs.frames
 

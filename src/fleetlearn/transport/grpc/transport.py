@@ -71,6 +71,7 @@ class GrpcTransport:
         uplink: str = "none",
         downlink: str = "none",
         ladder: Sequence[str] | None = None,
+        features: Sequence[str] = (),
         requirements: RunRequirements | None = None,
         tls: ServerTls | None = None,
         limits: Limits = Limits(),
@@ -83,7 +84,8 @@ class GrpcTransport:
     ):
         self.tokens = tokens
         # `ladder`: adaptive compression (each client's rung per round, from its measured link).
-        self.requirements = requirements or RunRequirements.for_run(spec, uplink, downlink, ladder=ladder)
+        # `features`: protocol features clients must announce ("scaffold").
+        self.requirements = requirements or RunRequirements.for_run(spec, uplink, downlink, ladder=ladder, features=tuple(features))
         self.limits = limits
         self.max_round_s = max_round_s
         self.grace_s = grace_s
