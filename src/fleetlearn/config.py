@@ -676,12 +676,12 @@ class RunConfig(Section):
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def client_side_helper(config: RunConfig, over_grpc: bool = False) -> str | None:
-    """The first enabled option that needs the simulation's client runtime (SCAFFOLD's
-    control variates, oversampling, label histograms), as "key = value", or None.
-    `over_grpc`: only those the gRPC protocol does not carry yet (SCAFFOLD travels)."""
+def client_side_helper(config: RunConfig) -> str | None:
+    """The first enabled option that needs the client runtime's extra messages (SCAFFOLD's
+    control variates, oversampling, label histograms), as "key = value", or None.  The
+    simulation and the gRPC protocol carry them all; the Ray backend does not yet."""
     for key, on in (
-        ("client.objective = 'scaffold'", config.client.objective == "scaffold" and not over_grpc),
+        ("client.objective = 'scaffold'", config.client.objective == "scaffold"),
         ("client.oversample = true", config.client.oversample),
         ("server.weighting = 'label_importance'", config.server.weighting == "label_importance"),
     ):

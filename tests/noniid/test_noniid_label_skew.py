@@ -85,7 +85,7 @@ def test_histograms_are_only_requested_by_label_importance():
 
 
 @pytest.mark.parametrize("over", [{"client": {"oversample": True}}, {"server": {"weighting": "label_importance"}}])
-def test_helpers_refuse_async_mode_and_grpc(over, tmp_path):
+def test_helpers_refuse_async_mode_and_run_over_grpc(over, tmp_path):
     base = {"data": {"clients": 15}, "server": {"cohort": 5}}
     for k, v in over.items():
         base[k] = {**base.get(k, {}), **v}
@@ -94,5 +94,5 @@ def test_helpers_refuse_async_mode_and_grpc(over, tmp_path):
     pytest.importorskip("grpc")
     from fleetlearn.transport.grpc.commands import server_transport
 
-    with pytest.raises(ConfigError, match="not supported over gRPC"):
-        server_transport(load_config(base), spec=None, state_dir=tmp_path)
+    # Over gRPC the helpers travel (tests/transport/test_grpc_label_skew.py): the server starts.
+    server_transport(load_config(base), spec=None, address="127.0.0.1:0", state_dir=tmp_path).close(grace_s=0.1)

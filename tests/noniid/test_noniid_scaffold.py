@@ -139,13 +139,15 @@ def test_refused_configurations_name_the_key(over, match):
     assert "client.objective" in str(err.value)
 
 
-def test_grpc_server_refuses_scaffold(tmp_path):
+def test_grpc_server_asks_clients_for_scaffold(tmp_path):
     pytest.importorskip("grpc")
     from fleetlearn.transport.grpc.commands import server_transport
 
-    cfg = load_config(small())
-    with pytest.raises(ConfigError, match="client.objective = 'scaffold': not supported over gRPC"):
-        server_transport(cfg, spec=None, state_dir=tmp_path)
+    t = server_transport(load_config(small()), spec=None, address="127.0.0.1:0", state_dir=tmp_path)
+    try:
+        assert t.requirements.features == ("scaffold",)  # clients without it are refused at registration
+    finally:
+        t.close(grace_s=0.1)
 
 
 def test_the_example_config_runs_scaffold():

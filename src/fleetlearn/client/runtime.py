@@ -12,7 +12,7 @@ import torch
 
 from ..compression import CodecChain
 from ..compression.codec import RNG_SEED
-from ..learners.base import FitConfig, FitResult
+from ..learners.base import ClientData, FitConfig, FitResult
 from ..learners.scaffold import CLIENT_KEY, control_deltas
 from ..messages import ClientMetrics, Task, Update
 
@@ -128,6 +128,23 @@ class ClientRuntime:
         listed = entry.get("candidates") or {}
         every = list(range(int(entry["active"])))
         return [listed.get(str(int(c)), every) for c in clients]
+
+    @staticmethod
+    def oversampled(data: ClientData, task: Task, seed: int, client: int, num_classes: int | None = None) -> ClientData:
+        """Label-skew helper (task config ``oversample``): the client duplicates examples of its
+        under-represented classes (fleetlearn.data.balance), with a fresh draw seeded by
+        (run seed, round, client) each round; `data` itself when the task does not ask.
+        `num_classes` only bounds the labels (default: the largest label + 1; classes the
+        client lacks add nothing, so the draw is the same)."""
+        opts = task.config.get("oversample")
+        if not opts or data.y.numel() == 0:
+            return data
+        from ..data.balance import oversample
+
+        rng = np.random.default_rng([seed, task.round, client, 0x0E5A])
+        classes = num_classes if num_classes is not None else int(data.y.max()) + 1
+        x, y = oversample(data.x.numpy(), data.y.numpy(), classes, rng, float(opts.get("noise_std", 0.0)))
+        return ClientData(torch.from_numpy(x), torch.from_numpy(y), data.x_test, data.y_test)
 
     def chain_for(self, level: int | None) -> CodecChain:
         if level is None or self.adaptive is None:

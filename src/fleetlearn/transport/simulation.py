@@ -77,16 +77,8 @@ class SimulationTransport:
         return data if self.attack is None else self.attack.poison_data(client, data, round)
 
     def _oversampled(self, client: int, data: ClientData, task: Task) -> ClientData:
-        """Label-skew helper (task config ``oversample``): the client duplicates examples of its
-        under-represented classes (fleetlearn.data.balance), with a fresh seeded draw each round."""
-        opts = task.config.get("oversample")
-        if not opts:
-            return data
-        from ..data.balance import oversample
-
-        rng = np.random.default_rng([self.seed, task.round, client, 0x0E5A])
-        x, y = oversample(data.x.numpy(), data.y.numpy(), self.data.num_classes, rng, float(opts.get("noise_std", 0.0)))
-        return ClientData(torch.from_numpy(x), torch.from_numpy(y), data.x_test, data.y_test)
+        """Label-skew helper (task config ``oversample``): `ClientRuntime.oversampled`."""
+        return self.runtime.oversampled(data, task, self.seed, client, self.data.num_classes)
 
     def planned_samples(self, clients: np.ndarray, hp: FitConfig) -> np.ndarray:
         """Examples each client would process in a full local run (before any cut)."""

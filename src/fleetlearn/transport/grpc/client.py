@@ -26,6 +26,7 @@ clients on one event loop (benchmarks/grpc_load.py runs 1000).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -468,10 +469,15 @@ class FleetClient:
             extra = {} if c is None else {"correction": c - c_i[0]}
             if steps is not None:
                 extra["max_steps"] = steps
-            result = self.learner.fit(params, self.data, hp, seed, **extra)
+            # Label-skew helper: train on a rebalanced copy, still claim the original count.
+            data = runtime.oversampled(self.data, task, int(task.config.get("seed", 0)), cid)
+            result = self.learner.fit(params, data, hp, seed, **extra)
+            added = data.num_examples - self.data.num_examples
+            if added:
+                result = dataclasses.replace(result, num_examples=self.data.num_examples)
             if c is not None:
                 runtime.update_controls([cid], c, c_i, [result], hp)
-            return runtime.reply(cid, task, result)
+            return runtime.reply(cid, task, result, labels=self.data.y, oversampled=added)
 
         update = await asyncio.to_thread(train) if self.train_in_thread else train()
         self._after_round = task.round
@@ -493,6 +499,7 @@ class FleetClient:
                 metrics=pb.ClientMetrics(
                     loss_before=m.loss_before, loss_after=m.loss_after, accuracy=m.accuracy,
                     compute_seconds=m.compute_seconds, steps=m.steps, samples=m.samples,
+                    label_counts=list(m.label_counts or ()), oversampled=m.oversampled,
                 ),
             ))
             start = time.monotonic()

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from ...config import ConfigError, RunConfig, client_side_helper
+from ...config import ConfigError, RunConfig
 from .auth import TokenInfo, TokenStore
 from .certs import CertPaths, ClientTls, ServerTls, make_certs
 from .client import Backoff, ClientReport, run_client
@@ -66,10 +66,6 @@ def server_transport(
     server.key, and ca.pem when `mutual_tls`).  Without `cert_dir` the server is
     plaintext: fine on loopback, not on a network.
     """
-    helper = client_side_helper(config, over_grpc=True)
-    if helper:
-        # The wire protocol carries SCAFFOLD's control variates, not yet label histograms or oversampling.
-        raise ConfigError(f"{helper}: not supported over gRPC yet (simulation only); leave it at its default for `fleetlearn server`")
     if config.privacy.secure_aggregation:
         # The masking rounds (key exchange, masked upload, unmasking) are not on the wire yet:
         # the server would receive individual updates, which is what SecAgg promises it never does.

@@ -145,20 +145,24 @@ class TaskChunk(_message.Message):
     def __init__(self, meta: _Optional[_Union[TaskMeta, _Mapping]] = ..., data: _Optional[_Union[PayloadChunk, _Mapping]] = ..., finished: _Optional[_Union[RunFinished, _Mapping]] = ...) -> None: ...
 
 class ClientMetrics(_message.Message):
-    __slots__ = ("loss_before", "loss_after", "accuracy", "compute_seconds", "steps", "samples")
+    __slots__ = ("loss_before", "loss_after", "accuracy", "compute_seconds", "steps", "samples", "label_counts", "oversampled")
     LOSS_BEFORE_FIELD_NUMBER: _ClassVar[int]
     LOSS_AFTER_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LABEL_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    OVERSAMPLED_FIELD_NUMBER: _ClassVar[int]
     loss_before: float
     loss_after: float
     accuracy: float
     compute_seconds: float
     steps: int
     samples: int
-    def __init__(self, loss_before: _Optional[float] = ..., loss_after: _Optional[float] = ..., accuracy: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., steps: _Optional[int] = ..., samples: _Optional[int] = ...) -> None: ...
+    label_counts: _containers.RepeatedScalarFieldContainer[int]
+    oversampled: int
+    def __init__(self, loss_before: _Optional[float] = ..., loss_after: _Optional[float] = ..., accuracy: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., steps: _Optional[int] = ..., samples: _Optional[int] = ..., label_counts: _Optional[_Iterable[int]] = ..., oversampled: _Optional[int] = ...) -> None: ...
 
 class UpdateMeta(_message.Message):
     __slots__ = ("client_id", "session", "round", "base_version", "codec", "num_examples", "metrics", "payload_bytes", "downlink_bytes")

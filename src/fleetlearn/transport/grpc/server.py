@@ -238,6 +238,7 @@ class RoundState:
     downlink_bytes: dict[int, int] = field(default_factory=dict)
     frames: list[tuple[int, bytes]] | None = None  # serialized payload chunks, shared by all streams
     codecs: dict[int, str] = field(default_factory=dict)  # adaptive compression: each client's rung this round
+    label_classes: int = 0  # label_importance: the histogram length the task asks for (0 = none)
     open: bool = True
     closed_by: str = ""  # "deadline" | "complete" | "stopped" | "superseded" | "finished"
 
@@ -636,6 +637,8 @@ class FleetServer:
                 metrics=ClientMetrics(
                     loss_before=mt.loss_before, loss_after=mt.loss_after, accuracy=mt.accuracy,
                     compute_seconds=mt.compute_seconds, steps=int(mt.steps), samples=int(mt.samples),
+                    label_counts=tuple(int(v) for v in mt.label_counts) if len(mt.label_counts) else None,
+                    oversampled=int(mt.oversampled),
                 ),
                 downlink_bytes=rs.downlink_bytes.get(client, int(m.downlink_bytes)),
                 extra={"transport": "grpc", "peer": context.peer() or "", "uplink_mbps": link.uplink_mbps, "ready_s": link.ready_s},
@@ -747,6 +750,14 @@ class FleetServer:
         _finite("metrics.compute_seconds", mt.compute_seconds, nonneg=True, allow_nan=True)
         if mt.steps < 0 or mt.samples < 0:
             raise Refusal("malformed", f"metrics.steps = {mt.steps} and metrics.samples = {mt.samples} must be non-negative")
+        # label_importance weighting: the task asked for a histogram of `classes` classes of
+        # the client's own training labels, which must add up to the examples it claims.
+        classes = rs.label_classes
+        if classes and (len(mt.label_counts) != classes or sum(mt.label_counts) != m.num_examples):
+            raise Refusal("malformed", f"metrics.label_counts has {len(mt.label_counts)} classes summing to {sum(mt.label_counts)}; "
+                                       f"round {rs.round} asked for {classes} classes summing to num_examples = {m.num_examples}")
+        if not classes and len(mt.label_counts):
+            raise Refusal("malformed", f"metrics.label_counts sent, but round {rs.round} did not ask for a label histogram")
         if m.payload_bytes > self.limits.max_update_bytes:
             raise Refusal("oversized", f"update payload of {m.payload_bytes} bytes exceeds the limit of {self.limits.max_update_bytes} bytes")
         exact, most = req.rung_bytes[req.ladder.index(chain)] if req.ladder and req.rung_bytes else (req.update_bytes, req.update_bytes_max)
@@ -766,6 +777,7 @@ class FleetServer:
         )
         rs.pending = set(rs.cohort)
         rs.codecs = self._plan_rungs(task, sorted(rs.cohort))
+        rs.label_classes = int(task.config.get("label_histogram") or 0)
         self.round = rs
         self.history.append(rs)
         now = time.monotonic()
