@@ -133,3 +133,27 @@ def test_a_scaffold_run_over_grpc_updates_the_server_control_variate(tmp_path):
         assert all(r.downlink_bytes == 3 * 2 * (len(parse_chain("none").encode(coord.params)[0])) for r in summary.records)
     finally:
         t.close(grace_s=0.2)
+
+
+def test_a_task_the_client_cannot_use_is_skipped_and_the_client_carries_on(tokens, learner):
+    t = GrpcTransport("127.0.0.1:0", tokens=tokens, spec=learner.spec, features=("scaffold",), heartbeat_interval_s=0.5, max_round_s=20.0)
+    try:
+        tok = tokens.add("a")
+        cid = tokens.client_id("a")
+        reports = {}
+        th = threading.Thread(target=lambda: reports.__setitem__("a", run_client(
+            t.address, tok, learner, tiny_data(0), name="a", backoff=Backoff(0.05, 0.5), give_up_after_s=20)), daemon=True)
+        th.start()
+        assert t.wait_available(1, timeout_s=10) == [cid]
+        params = learner.init_params(0)
+        bad = _task(1, params, torch.zeros(params.numel() + 1))  # c of the wrong size
+        bad = Task(bad.round, bad.version, bad.payload, bad.codec, bad.config, deadline_s=1.5, control=bad.control)
+        (reply,) = list(t.dispatch(bad, [cid]))
+        assert not isinstance(reply.message, Update)  # nothing came back before the deadline
+        (reply,) = list(t.dispatch(_task(2, params, torch.zeros(params.numel())), [cid]))
+        assert isinstance(reply.message, Update) and reply.message.round == 2
+        t.finish()
+        th.join(10)
+        assert reports["a"].skipped_bad_task == 1 and reports["a"].stopped == "finished"
+    finally:
+        t.close(grace_s=0.2)

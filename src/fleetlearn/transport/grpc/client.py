@@ -97,6 +97,7 @@ class ClientReport:
     rounds: list[int] = field(default_factory=list)  # rounds whose update the server accepted
     refused: Counter = field(default_factory=Counter)  # refused updates by status code name
     skipped_late: int = 0  # updates not sent because the deadline had passed
+    skipped_bad_task: int = 0  # tasks this client could not use (undecodable payload, wrong sizes)
     registrations: int = 0
     retries: int = 0
     stopped: str = ""  # finished | max_rounds | gave_up | stopped | refused: ...
@@ -465,6 +466,8 @@ class FleetClient:
                 return None
             # SCAFFOLD: correct every gradient by c - c_i; this device keeps its own c_i.
             c = runtime.receive_control(task)
+            if c is not None and c.numel() != params.numel():
+                raise ValueError(f"the task's control variate has {c.numel()} values; the model has {params.numel()}")
             c_i = runtime.control_variates([cid], c.numel()) if c is not None else None
             extra = {} if c is None else {"correction": c - c_i[0]}
             if steps is not None:
@@ -479,7 +482,13 @@ class FleetClient:
                 runtime.update_controls([cid], c, c_i, [result], hp)
             return runtime.reply(cid, task, result, labels=self.data.y, oversampled=added)
 
-        update = await asyncio.to_thread(train) if self.train_in_thread else train()
+        try:
+            update = await asyncio.to_thread(train) if self.train_in_thread else train()
+        except ValueError as exc:  # a task this client cannot use: skip its round, keep going
+            self._after_round = task.round
+            self.report.skipped_bad_task += 1
+            log.warning("client %d: round %d task unusable (%s); skipped", cid, task.round, exc)
+            return
         self._after_round = task.round
         if update is None or time.monotonic() > local_deadline:
             self.report.skipped_late += 1
