@@ -147,6 +147,7 @@ class RunSummary:
     stopped_reason: str = ""  # why the run ended before `server.rounds` (e.g. the privacy budget)
     # Personalization, evaluated after the last round on the federated-evaluation clients
     # (server.eval_clients): mean personal and global accuracy on their local test splits.
+    # Over gRPC the server sees no client data: the means its last round's clients reported.
     personal_accuracy: float = math.nan
     personal_global_accuracy: float = math.nan
     personal_gain: float = math.nan

@@ -804,6 +804,10 @@ class Coordinator:
         if personal:
             s.personal_accuracy, s.personal_global_accuracy = personal["personal_accuracy"], personal["global_accuracy"]
             s.personal_gain = personal["gain"]
+        else:  # the server cannot evaluate on clients' data (gRPC): what the last such round's clients reported
+            last = next((r for r in reversed(recs) if not math.isnan(r.personal_accuracy)), None)
+            if last is not None:
+                s.personal_accuracy, s.personal_global_accuracy, s.personal_gain = last.personal_accuracy, last.personal_global_accuracy, last.personal_gain
         if self.store is not None:
             self.store.finish(s.to_json_dict())
         return s

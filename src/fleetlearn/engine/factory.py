@@ -279,9 +279,7 @@ def build_coordinator(
     if _is_sketch(uplink) and config.server.aggregator != "mean":
         raise ConfigError(f"compression.uplink = {config.compression.uplink!r} aggregates in sketch space, which only the mean can do; server.aggregator = {config.server.aggregator!r} needs individual updates")
     _check_scaffold(config, uplink)
-    personalization = build_personalization_part(config, learner)
-    if personalization is not None and transport_factory is not None:
-        raise ConfigError(f"personalization.method = {config.personalization.method!r} runs in the simulation; this transport does not support it")
+    personalization = build_personalization_part(config, learner)  # over gRPC the clients run it (commands.client)
     runtime = ClientRuntime(uplink, downlink, seed=config.seed, dim=learner.spec.dim, adaptive=adaptive, personalization=personalization)
     if transport_factory is not None:
         transport = transport_factory(learner, runtime)

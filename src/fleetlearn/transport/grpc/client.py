@@ -170,10 +170,14 @@ class FleetClient:
         channel_options: list[tuple[str, Any]] | None = None,
         seed: int | None = None,
         uplink_limit_mbps: float | None = None,
+        personalization=None,
     ):
         if uplink_limit_mbps is not None and not (math.isfinite(uplink_limit_mbps) and uplink_limit_mbps > 0):
             raise ValueError(f"uplink_limit_mbps must be a finite number > 0 (or None for no limit), got {uplink_limit_mbps!r}")
         self.uplink_limit_mbps = uplink_limit_mbps
+        # fleetlearn.client.personalization part (the run's `[personalization]`) or None: the
+        # personal state (FedPer heads, Ditto models) stays on this device.
+        self.personalization = personalization
         self.server = server
         self.learner = learner
         self.data = data
@@ -436,7 +440,10 @@ class FleetClient:
                 # Residuals of another run's chain do not apply; the rungs of one adaptive
                 # ladder share them (as in the simulation: an EF residual waits for its rung).
                 self._states = ClientStateStore()
-            self._runtime = ClientRuntime(parse_chain(uplink), parse_chain(downlink), self._states)
+            runtime = ClientRuntime(parse_chain(uplink), parse_chain(downlink), self._states, personalization=self.personalization)
+            if self._runtime is not None:
+                runtime.personal_states = self._runtime.personal_states  # a new chain keeps the personal state
+            self._runtime = runtime
             self._runtime_key = key
         return self._runtime
 
@@ -474,7 +481,11 @@ class FleetClient:
                 extra["max_steps"] = steps
             # Label-skew helper: train on a rebalanced copy, still claim the original count.
             data = runtime.oversampled(self.data, task, int(task.config.get("seed", 0)), cid)
-            result = self.learner.fit(params, data, hp, seed, **extra)
+            if self.personalization is not None:  # global training plus the device's personal step
+                (result,) = self.personalization.fit_cohort(self.learner, params, [cid], [data], hp, [seed], runtime.personal_states,
+                                                           [steps] if steps is not None else None)
+            else:
+                result = self.learner.fit(params, data, hp, seed, **extra)
             added = data.num_examples - self.data.num_examples
             if added:
                 result = dataclasses.replace(result, num_examples=self.data.num_examples)
@@ -509,6 +520,7 @@ class FleetClient:
                     loss_before=m.loss_before, loss_after=m.loss_after, accuracy=m.accuracy,
                     compute_seconds=m.compute_seconds, steps=m.steps, samples=m.samples,
                     label_counts=list(m.label_counts or ()), oversampled=m.oversampled,
+                    **{k: v for k in ("personal_accuracy", "global_accuracy") if not math.isnan(v := getattr(m, k))},
                 ),
             ))
             start = time.monotonic()

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from ...config import ConfigError, RunConfig
+from ...config import ConfigError, RunConfig, load_config
 from .auth import TokenInfo, TokenStore
 from .certs import CertPaths, ClientTls, ServerTls, make_certs
 from .client import Backoff, ClientReport, run_client
@@ -112,10 +112,16 @@ def client(
     incompatible client).
     """
     learner, data = client_from_config(config, client_index=client_index, data_fn=data_fn, num_classes=num_classes)
+    cfg = config if isinstance(config, RunConfig) else load_config(config)
+    personalization = None
+    if cfg.personalization.method != "none":  # the personal step runs here, its state stays on this device
+        from ...client.personalization import build_personalization
+
+        personalization = build_personalization(cfg.personalization.model_dump(), learner.spec)
     tls = None
     if tls_ca is not None or tls_cert is not None:
         tls = ClientTls(Path(tls_ca) if tls_ca else None, Path(tls_cert) if tls_cert else None,
                         Path(tls_key) if tls_key else None, tls_server_name)
     return run_client(server, token, learner, data, tls=tls, name=name, max_rounds=max_rounds,
                       backoff=Backoff(), give_up_after_s=give_up_after_s, device=device,
-                      uplink_limit_mbps=uplink_limit_mbps)
+                      uplink_limit_mbps=uplink_limit_mbps, personalization=personalization)

@@ -145,7 +145,7 @@ class TaskChunk(_message.Message):
     def __init__(self, meta: _Optional[_Union[TaskMeta, _Mapping]] = ..., data: _Optional[_Union[PayloadChunk, _Mapping]] = ..., finished: _Optional[_Union[RunFinished, _Mapping]] = ...) -> None: ...
 
 class ClientMetrics(_message.Message):
-    __slots__ = ("loss_before", "loss_after", "accuracy", "compute_seconds", "steps", "samples", "label_counts", "oversampled")
+    __slots__ = ("loss_before", "loss_after", "accuracy", "compute_seconds", "steps", "samples", "label_counts", "oversampled", "personal_accuracy", "global_accuracy")
     LOSS_BEFORE_FIELD_NUMBER: _ClassVar[int]
     LOSS_AFTER_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +154,8 @@ class ClientMetrics(_message.Message):
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     LABEL_COUNTS_FIELD_NUMBER: _ClassVar[int]
     OVERSAMPLED_FIELD_NUMBER: _ClassVar[int]
+    PERSONAL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     loss_before: float
     loss_after: float
     accuracy: float
@@ -162,7 +164,9 @@ class ClientMetrics(_message.Message):
     samples: int
     label_counts: _containers.RepeatedScalarFieldContainer[int]
     oversampled: int
-    def __init__(self, loss_before: _Optional[float] = ..., loss_after: _Optional[float] = ..., accuracy: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., steps: _Optional[int] = ..., samples: _Optional[int] = ..., label_counts: _Optional[_Iterable[int]] = ..., oversampled: _Optional[int] = ...) -> None: ...
+    personal_accuracy: float
+    global_accuracy: float
+    def __init__(self, loss_before: _Optional[float] = ..., loss_after: _Optional[float] = ..., accuracy: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., steps: _Optional[int] = ..., samples: _Optional[int] = ..., label_counts: _Optional[_Iterable[int]] = ..., oversampled: _Optional[int] = ..., personal_accuracy: _Optional[float] = ..., global_accuracy: _Optional[float] = ...) -> None: ...
 
 class UpdateMeta(_message.Message):
     __slots__ = ("client_id", "session", "round", "base_version", "codec", "num_examples", "metrics", "payload_bytes", "downlink_bytes")

@@ -639,6 +639,8 @@ class FleetServer:
                     compute_seconds=mt.compute_seconds, steps=int(mt.steps), samples=int(mt.samples),
                     label_counts=tuple(int(v) for v in mt.label_counts) if len(mt.label_counts) else None,
                     oversampled=int(mt.oversampled),
+                    personal_accuracy=mt.personal_accuracy if mt.HasField("personal_accuracy") else math.nan,
+                    global_accuracy=mt.global_accuracy if mt.HasField("global_accuracy") else math.nan,
                 ),
                 downlink_bytes=rs.downlink_bytes.get(client, int(m.downlink_bytes)),
                 extra={"transport": "grpc", "peer": context.peer() or "", "uplink_mbps": link.uplink_mbps, "ready_s": link.ready_s},
@@ -747,6 +749,10 @@ class FleetServer:
             v = getattr(mt, name)
             if math.isinf(v):
                 raise Refusal("malformed", f"metrics.{name} = {v} is infinite")
+        for name in ("accuracy", "personal_accuracy", "global_accuracy"):
+            v = getattr(mt, name)
+            if not (math.isnan(v) or 0.0 <= v <= 1.0):
+                raise Refusal("malformed", f"metrics.{name} = {v} is not an accuracy in [0, 1]")
         _finite("metrics.compute_seconds", mt.compute_seconds, nonneg=True, allow_nan=True)
         if mt.steps < 0 or mt.samples < 0:
             raise Refusal("malformed", f"metrics.steps = {mt.steps} and metrics.samples = {mt.samples} must be non-negative")
