@@ -113,3 +113,17 @@ def test_token_of_another_client_and_revocation_while_connected(transport, token
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "revoked" in err.value.details()
     assert transport.population == 1
     a.close(), b.close()
+
+
+def test_no_token_starts_with_a_dash(tmp_path):
+    # `fleetlearn client --token -x...` would read such a token as an option; with plain
+    # token_urlsafe about 1 token in 64 did (the end-to-end tests failed that way at random).
+    from fleetlearn.transport.grpc.auth import new_token
+
+    assert not any(new_token().startswith("-") for _ in range(3000))  # P(miss | bug) = (63/64)^3000 < 1e-20
+    store = TokenStore.open(tmp_path / "state")
+    try:
+        toks = store.add_many([f"d{i}" for i in range(300)])
+        assert not any(t.startswith("-") for t in toks.values())
+    finally:
+        store.close()
