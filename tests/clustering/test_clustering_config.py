@@ -81,11 +81,3 @@ def test_block_error_feedback_residual_does_not_cross_models():
     # Model 0's residual is not added into model 1's update.
     assert float(vec[50:].max()) <= 1.0 + 1e-6
     assert int(state2["block_index"]) == 1
-
-
-def test_clustering_over_a_network_transport_is_a_config_error():
-    from fleetlearn.engine import build_coordinator
-
-    cfg = load_config({"data": {"clients": 10}, "server": {"cohort": 3, "clustering": "ifca"}})
-    with pytest.raises(ConfigError, match="server.clustering = 'ifca' runs in the simulation"):
-        build_coordinator(cfg, store=False, transport_factory=lambda learner, runtime: None)

@@ -261,9 +261,7 @@ def build_coordinator(
         data = replace(data, central_x=cx, central_y=cy)
     clustering = None
     if config.server.clustering != "none":
-        clustering, learner = build_clustering(config, learner, data.num_clients)
-        if transport_factory is not None:
-            raise ConfigError(f"server.clustering = {config.server.clustering!r} runs in the simulation; the network transports do not carry it yet")
+        clustering, learner = build_clustering(config, learner, data.num_clients)  # over gRPC: commands.client wraps likewise
     try:
         uplink = parse_chain(config.compression.uplink)
     except ValueError as exc:

@@ -481,6 +481,9 @@ class FleetClient:
                 extra["max_steps"] = steps
             # Label-skew helper: train on a rebalanced copy, still claim the original count.
             data = runtime.oversampled(self.data, task, int(task.config.get("seed", 0)), cid)
+            candidates = runtime.cluster_candidates(task, [cid])  # clustered FL: the models it may pick
+            if candidates is not None:
+                extra["candidates"] = candidates[0]
             if self.personalization is not None:  # global training plus the device's personal step
                 (result,) = self.personalization.fit_cohort(self.learner, params, [cid], [data], hp, [seed], runtime.personal_states,
                                                            [steps] if steps is not None else None)

@@ -79,6 +79,7 @@ def server_transport(
         downlink=config.compression.downlink,
         ladder=config.compression.ladder if config.compression.adaptive else None,
         features=("scaffold",) if config.client.objective == "scaffold" else (),
+        clusters=config.server.clusters if config.server.clustering != "none" else 1,
         tls=ServerTls.from_dir(cert_dir, mutual=mutual_tls) if cert_dir else None,
         heartbeat_interval_s=heartbeat_interval_s,
         max_round_s=max_round_s,

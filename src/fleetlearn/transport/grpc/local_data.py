@@ -22,6 +22,7 @@ import torch
 from ...config import RunConfig, load_config
 from ...data import load_federated
 from ...learners import ClientData, TorchLearner, import_object, model_factory
+from ...learners.base import Learner
 
 
 def _config(config: RunConfig | dict | str | Path) -> RunConfig:
@@ -77,8 +78,9 @@ def client_from_config(
     client_index: int | None = None,
     data_fn: str | None = None,
     num_classes: int | None = None,
-) -> tuple[TorchLearner, ClientData]:
+) -> tuple[Learner, ClientData]:
     """(learner, local data) for `fleetlearn client`: data by partition index or by import path.
+    With clustered FL the learner is the run's k stacked models (`ClusteredLearner`).
 
     With `data_fn`, the number of classes comes from `num_classes`, else from the
     run's dataset when it is a built-in one, else from the labels seen locally
@@ -86,6 +88,15 @@ def client_from_config(
     digest at registration, with both digests in the reason).
     """
     cfg = _config(config)
+    learner, data = _learner_and_data(cfg, client_index, data_fn, num_classes)
+    if cfg.server.clustering != "none":  # the run's model is k stacked models; the client picks one
+        from ...learners.clustered import ClusteredLearner
+
+        learner = ClusteredLearner(learner, cfg.server.clusters, identical_init=cfg.server.clustering == "cfl")
+    return learner, data
+
+
+def _learner_and_data(cfg: RunConfig, client_index: int | None, data_fn: str | None, num_classes: int | None):
     if (client_index is None) == (data_fn is None):
         raise ValueError("give exactly one of client_index (a partition of the run's dataset) or data_fn ('pkg.module:function')")
     if data_fn is None:

@@ -42,6 +42,7 @@ from google.protobuf.message import DecodeError, Message
 import numpy as np
 
 from ...compression import AdaptiveCompression, parse_chain
+from ...compression.blocks import HEADER_BYTES as BLOCK_HEADER_BYTES
 from ...messages import ClientMetrics, Dropout, Task, Update
 from ...params import ParamSpec
 from ..base import Reply
@@ -140,18 +141,27 @@ class RunRequirements:
 
     @classmethod
     def for_run(
-        cls, spec: ParamSpec | None, uplink: str = "none", downlink: str = "none", ladder: Sequence[str] | None = None, **kw: Any,
+        cls, spec: ParamSpec | None, uplink: str = "none", downlink: str = "none", ladder: Sequence[str] | None = None,
+        clusters: int = 1, **kw: Any,
     ) -> "RunRequirements":
         """Requirements of a run training `spec` with these codec chains (validated and
         normalised: a bad chain is a ValueError here, not a refusal of every client).
-        With a `ladder` (adaptive compression) `uplink` is ignored: the rungs are the chains."""
+        With a `ladder` (adaptive compression) `uplink` is ignored: the rungs are the chains.
+        `clusters` > 1 (clustered FL): `spec` is the k stacked models and an update is one
+        tagged block of them (fleetlearn.compression.blocks)."""
         rungs = [parse_chain(c) for c in ladder] if ladder else []
         up, down = (rungs[0] if rungs else parse_chain(uplink)), parse_chain(downlink)
         if spec is not None:
-            size = up.estimate_bytes(spec.dim)  # exact for fixed-size chains, an upper bound otherwise
-            kw.setdefault("update_bytes", size if up.exact_size and not rungs else None)
-            kw.setdefault("update_bytes_max", max([size, *(r.estimate_bytes(spec.dim) for r in rungs)]))
-            kw.setdefault("rung_bytes", tuple((r.estimate_bytes(spec.dim) if r.exact_size else None, r.estimate_bytes(spec.dim)) for r in rungs))
+            if clusters > 1 and spec.dim % clusters:
+                raise ValueError(f"a model of {spec.dim} parameters does not split into {clusters} stacked models")
+            dim, extra = (spec.dim // clusters, BLOCK_HEADER_BYTES) if clusters > 1 else (spec.dim, 0)
+
+            def size(chain) -> int:  # exact for fixed-size chains, an upper bound otherwise
+                return chain.estimate_bytes(dim) + extra
+
+            kw.setdefault("update_bytes", size(up) if up.exact_size and not rungs else None)
+            kw.setdefault("update_bytes_max", max([size(up), *(size(r) for r in rungs)]))
+            kw.setdefault("rung_bytes", tuple((size(r) if r.exact_size else None, size(r)) for r in rungs))
             # global params, local params, delta and an optimizer buffer
             kw.setdefault("min_memory_mb", math.ceil(4 * spec.nbytes / (1 << 20)))
         return cls(uplink=up.spec, downlink=down.spec, model_digest=spec.digest() if spec else None,
@@ -555,7 +565,7 @@ class FleetServer:
             task = rs.task
             assert task is not None
             meta = pb.TaskMeta(
-                round=task.round, version=task.version, codec=task.codec, config_json=json.dumps(task.config),
+                round=task.round, version=task.version, codec=task.codec, config_json=self._config_json(task, client),
                 deadline_s=task.deadline_s or 0.0, remaining_s=max(rs.deadline_s - rs.elapsed(), 1e-6) if task.deadline_s else 0.0,
                 payload_bytes=len(task.payload), uplink_codec=rs.codecs.get(client, self.requirements.uplink),
                 control_bytes=len(task.control),
@@ -576,6 +586,18 @@ class FleetServer:
             if isinstance(exc, (grpc.aio.AbortError, asyncio.CancelledError)):
                 raise
             await self._internal(context, exc, client)
+
+    @staticmethod
+    def _config_json(task: Task, client: int) -> str:
+        """The task config as this client may see it.  Clustered FL's entry lists the
+        candidate clusters of the whole cohort (CFL: who is in which cluster); a client is
+        sent only its own line."""
+        entry = task.config.get("clustering")
+        if not entry or not entry.get("candidates"):
+            return json.dumps(task.config)
+        own = entry["candidates"].get(str(client))
+        mine = {**entry, "candidates": {str(client): own} if own is not None else {}}
+        return json.dumps({**task.config, "clustering": mine})
 
     def _task_frames(self, rs: RoundState) -> list[tuple[int, bytes]]:
         """The round's payload chunks (the model, then SCAFFOLD's control variate if any)

@@ -72,6 +72,7 @@ class GrpcTransport:
         downlink: str = "none",
         ladder: Sequence[str] | None = None,
         features: Sequence[str] = (),
+        clusters: int = 1,
         requirements: RunRequirements | None = None,
         tls: ServerTls | None = None,
         limits: Limits = Limits(),
@@ -85,7 +86,9 @@ class GrpcTransport:
         self.tokens = tokens
         # `ladder`: adaptive compression (each client's rung per round, from its measured link).
         # `features`: protocol features clients must announce ("scaffold").
-        self.requirements = requirements or RunRequirements.for_run(spec, uplink, downlink, ladder=ladder, features=tuple(features))
+        # `clusters`: clustered FL (`spec` is the k stacked models; updates are one block).
+        self.requirements = requirements or RunRequirements.for_run(spec, uplink, downlink, ladder=ladder, clusters=clusters,
+                                                                    features=tuple(features))
         self.limits = limits
         self.max_round_s = max_round_s
         self.grace_s = grace_s
