@@ -50,3 +50,72 @@ class DispatchThread:
         if self.error is not None:
             raise self.error
         return self.replies
+
+
+class NetworkRun:
+    """A whole run over gRPC in one process: the Coordinator `fleetlearn server` builds, and
+    `clients` real `fleetlearn client`s (threads, partition slots 0..clients-1), as the CLI
+    would run them.  `run()` returns the summary after every client heard the run finished."""
+
+    def __init__(self, cfg, tmp_path, clients: int):
+        from fleetlearn.engine import build_coordinator
+        from fleetlearn.transport.grpc import commands
+
+        self.cfg, self.state, self.clients = cfg, tmp_path / "state", clients
+        holder = {}
+
+        def make_transport(learner, runtime):
+            holder["t"] = commands.server_transport(cfg, learner.spec, "127.0.0.1:0", self.state, heartbeat_interval_s=1.0)
+            return holder["t"]
+
+        self.coordinator = build_coordinator(cfg, store=False, transport_factory=make_transport)
+        self.transport = holder["t"]
+        self.start = self.coordinator.params.clone()
+        self.reports: dict = {}
+
+    def run(self):
+        from fleetlearn.transport.grpc import commands
+
+        t = self.transport
+        try:
+            toks = {i: commands.token_add(self.state, f"site-{i}") for i in range(self.clients)}
+            threads = [threading.Thread(target=lambda i=i: self.reports.__setitem__(i, commands.client(
+                t.address, toks[i], self.cfg, client_index=i, give_up_after_s=30)), daemon=True) for i in toks]
+            for th in threads:
+                th.start()
+            self.coordinator.wait_for_clients = (self.clients, 20.0)
+            summary = self.coordinator.run()
+            t.finish()
+            for th in threads:
+                th.join(15)
+        finally:
+            t.close(grace_s=0.2)
+        assert {i: r.stopped for i, r in self.reports.items()} == {i: "finished" for i in range(self.clients)}
+        return summary
+
+
+class ClientThreads:
+    """Real clients (`run_client`) on threads, one per token name, each on `data[client id]`;
+    `join()` waits for them and re-raises the first error."""
+
+    def __init__(self, address: str, toks: dict, tokens, learner, data: dict):
+        from fleetlearn.transport.grpc import Backoff, run_client
+
+        self.errors: list[BaseException] = []
+
+        def client(name: str) -> None:
+            try:
+                run_client(address, toks[name], learner, data[tokens.client_id(name)], name=name,
+                           backoff=Backoff(0.05, 0.5), give_up_after_s=20)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in join
+                self.errors.append(exc)
+
+        self.threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in toks]
+        for th in self.threads:
+            th.start()
+
+    def join(self, timeout: float = 10.0) -> None:
+        for th in self.threads:
+            th.join(timeout)
+        if self.errors:
+            raise self.errors[0]

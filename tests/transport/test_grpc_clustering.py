@@ -3,15 +3,12 @@ picks the lowest-loss one it may pick, trains it, and sends that one tagged bloc
 
 from __future__ import annotations
 
-import threading
-
 import torch
+from grpc_test_support import NetworkRun
 
 from fleetlearn.compression import parse_chain
 from fleetlearn.compression.blocks import HEADER_BYTES
 from fleetlearn.config import load_config
-from fleetlearn.engine import build_coordinator
-from fleetlearn.transport.grpc import commands
 
 
 def test_ifca_over_grpc_trains_the_block_each_client_picked(tmp_path):
@@ -19,30 +16,8 @@ def test_ifca_over_grpc_trains_the_block_each_client_picked(tmp_path):
                        "client": {"local_epochs": 1, "batch_size": 16}, "model": {"hidden": [16]},
                        "server": {"rounds": 3, "cohort": 4, "deadline_s": 30.0, "clustering": "ifca", "clusters": 2},
                        "monitoring": {"detectors": []}})
-    holder = {}
-
-    def make_transport(learner, runtime):
-        holder["t"] = commands.server_transport(cfg, learner.spec, "127.0.0.1:0", tmp_path / "state", heartbeat_interval_s=1.0)
-        return holder["t"]
-
-    coord = build_coordinator(cfg, store=False, transport_factory=make_transport)
-    start = coord.params.clone()
-    t = holder["t"]
-    try:
-        toks = {i: commands.token_add(tmp_path / "state", f"site-{i}") for i in range(4)}
-        reports = {}
-        threads = [threading.Thread(target=lambda i=i: reports.__setitem__(i, commands.client(
-            t.address, toks[i], cfg, client_index=i, give_up_after_s=30)), daemon=True) for i in toks]
-        for th in threads:
-            th.start()
-        coord.wait_for_clients = (4, 20.0)
-        summary = coord.run()
-        t.finish()
-        for th in threads:
-            th.join(15)
-    finally:
-        t.close(grace_s=0.2)
-    assert {i: r.stopped for i, r in reports.items()} == {i: "finished" for i in toks}
+    net = NetworkRun(cfg, tmp_path, clients=4)
+    summary, coord, start = net.run(), net.coordinator, net.start
     assert [r.accepted for r in summary.records] == [4, 4, 4]
     block_dim = coord.params.numel() // 2
     block_bytes = HEADER_BYTES + len(parse_chain("none").encode(torch.zeros(block_dim))[0])

@@ -3,36 +3,23 @@ and label histograms for `label_importance` weighting (checked by the server).""
 
 from __future__ import annotations
 
-import threading
-
 import grpc
 import pytest
 import torch
 from grpc_raw_client import RawClient
-from grpc_test_support import CLASSES, DispatchThread, make_task, tiny_data
+from grpc_test_support import CLASSES, ClientThreads, DispatchThread, make_task, tiny_data
 
 from fleetlearn.client import ClientRuntime
 from fleetlearn.compression import parse_chain
 from fleetlearn.learners import FitConfig
 from fleetlearn.messages import Update
 from fleetlearn.transport import client_seed
-from fleetlearn.transport.grpc import Backoff, run_client
 
 
 def test_clients_oversample_and_report_their_label_histogram(transport, tokens, learner):
     toks = tokens.add_many(["a", "b"])
     data = {tokens.client_id(n): tiny_data(10 + i, n=40) for i, n in enumerate(toks)}
-    errors: list[BaseException] = []
-
-    def client(name: str) -> None:
-        try:
-            run_client(transport.address, toks[name], learner, data[tokens.client_id(name)], name=name, backoff=Backoff(0.05, 0.5), give_up_after_s=20)
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
-
-    threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in toks]
-    for th in threads:
-        th.start()
+    clients = ClientThreads(transport.address, toks, tokens, learner, data)
     assert sorted(transport.wait_available(2, timeout_s=10)) == sorted(data)
     params = learner.init_params(0)
     task = make_task(1, 0, params, deadline_s=10.0, oversample={"noise_std": 0.0}, label_histogram=CLASSES)
@@ -51,9 +38,8 @@ def test_clients_oversample_and_report_their_label_histogram(transport, tokens, 
         expect = learner.fit(params, rebalanced, hp, client_seed(7, 1, u.client_id))
         assert torch.equal(parse_chain("none").decode(u.payload), expect.delta)
     transport.finish()
-    for th in threads:
-        th.join(10)
-    assert not errors and transport.refusals_total() == {}
+    clients.join()
+    assert transport.refusals_total() == {}
 
 
 @pytest.mark.parametrize("counts, why", [([5, 5], "has 2 classes"), ([3, 3, 3], "summing to 9"), (None, "has 0 classes")])

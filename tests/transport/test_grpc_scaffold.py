@@ -9,7 +9,7 @@ import grpc
 import pytest
 import torch
 from grpc_raw_client import RawClient
-from grpc_test_support import tiny_data
+from grpc_test_support import ClientThreads, NetworkRun, tiny_data
 
 from fleetlearn.compression import CodecChain, parse_chain
 from fleetlearn.config import load_config
@@ -33,17 +33,7 @@ def test_clients_train_with_the_tasks_control_variate_and_keep_their_own(tokens,
     try:
         toks = tokens.add_many(["a", "b"])
         data = {tokens.client_id(n): tiny_data(i) for i, n in enumerate(toks)}
-        errors: list[BaseException] = []
-
-        def client(name: str) -> None:
-            try:
-                run_client(t.address, toks[name], learner, data[tokens.client_id(name)], name=name, backoff=Backoff(0.05, 0.5), give_up_after_s=20)
-            except BaseException as exc:  # noqa: BLE001
-                errors.append(exc)
-
-        threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in toks]
-        for th in threads:
-            th.start()
+        clients = ClientThreads(t.address, toks, tokens, learner, data)
         assert sorted(t.wait_available(2, timeout_s=10)) == sorted(data)
         g = torch.Generator().manual_seed(0)
         params = learner.init_params(0)
@@ -67,9 +57,8 @@ def test_clients_train_with_the_tasks_control_variate_and_keep_their_own(tokens,
                 deltas.append(got)
             params = params + torch.stack(deltas).mean(0)
         t.finish()
-        for th in threads:
-            th.join(10)
-        assert not errors and t.refusals_total() == {}
+        clients.join()
+        assert t.refusals_total() == {}
     finally:
         t.close(grace_s=0.2)
 
@@ -99,40 +88,18 @@ def test_fleetlearn_server_accepts_scaffold_and_asks_clients_for_it(tmp_path):
 
 
 def test_a_scaffold_run_over_grpc_updates_the_server_control_variate(tmp_path):
-    from fleetlearn.engine import build_coordinator
     from fleetlearn.learners.scaffold import SERVER_KEY
 
     cfg = load_config({"seed": 1, "data": {"dataset": "digits", "clients": 6, "partition": "dirichlet", "alpha": 0.3},
                        "server": {"cohort": 3, "rounds": 3, "deadline_s": 30.0}, "model": {"hidden": [16]},
                        "client": {"objective": "scaffold", "local_epochs": 1, "batch_size": 16}, "monitoring": {"detectors": []}})
-    holder = {}
-
-    def make_transport(learner, runtime):
-        holder["t"] = commands.server_transport(cfg, learner.spec, "127.0.0.1:0", tmp_path / "state", heartbeat_interval_s=1.0)
-        return holder["t"]
-
-    coord = build_coordinator(cfg, store=False, transport_factory=make_transport)
-    t = holder["t"]
-    try:
-        toks = {i: commands.token_add(tmp_path / "state", f"site-{i}") for i in range(3)}
-        reports = {}
-        threads = [threading.Thread(target=lambda i=i: reports.__setitem__(i, commands.client(
-            t.address, toks[i], cfg, client_index=i, give_up_after_s=30)), daemon=True) for i in toks]
-        for th in threads:
-            th.start()
-        coord.wait_for_clients = (3, 20.0)
-        summary = coord.run()
-        t.finish()
-        for th in threads:
-            th.join(15)
-        assert [r.accepted for r in summary.records] == [3, 3, 3] and summary.failed_rounds == 0
-        c = coord.server_state[SERVER_KEY]
-        assert torch.isfinite(c).all() and c.abs().sum() > 0  # moved from 0 by the clients' deltas
-        assert {i: r.stopped for i, r in reports.items()} == {i: "finished" for i in toks}
-        # The downlink carries c as well as the model: twice the float32 model per client.
-        assert all(r.downlink_bytes == 3 * 2 * (len(parse_chain("none").encode(coord.params)[0])) for r in summary.records)
-    finally:
-        t.close(grace_s=0.2)
+    net = NetworkRun(cfg, tmp_path, clients=3)
+    summary, coord = net.run(), net.coordinator
+    assert [r.accepted for r in summary.records] == [3, 3, 3] and summary.failed_rounds == 0
+    c = coord.server_state[SERVER_KEY]
+    assert torch.isfinite(c).all() and c.abs().sum() > 0  # moved from 0 by the clients' deltas
+    # The downlink carries c as well as the model: twice the float32 model per client.
+    assert all(r.downlink_bytes == 3 * 2 * (len(parse_chain("none").encode(coord.params)[0])) for r in summary.records)
 
 
 def test_a_task_the_client_cannot_use_is_skipped_and_the_client_carries_on(tokens, learner):
