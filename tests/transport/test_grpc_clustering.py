@@ -3,6 +3,8 @@ picks the lowest-loss one it may pick, trains it, and sends that one tagged bloc
 
 from __future__ import annotations
 
+import math
+
 import torch
 from grpc_test_support import NetworkRun
 
@@ -19,6 +21,8 @@ def test_ifca_over_grpc_trains_the_block_each_client_picked(tmp_path):
     net = NetworkRun(cfg, tmp_path, clients=4)
     summary, coord, start = net.run(), net.coordinator, net.start
     assert [r.accepted for r in summary.records] == [4, 4, 4]
+    # The server sees no client data over gRPC: no federated evaluation, central only.
+    assert all(math.isnan(r.fed_accuracy) and not math.isnan(r.accuracy) for r in summary.records)
     block_dim = coord.params.numel() // 2
     block_bytes = HEADER_BYTES + len(parse_chain("none").encode(torch.zeros(block_dim))[0])
     picked = set()

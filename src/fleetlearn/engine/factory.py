@@ -295,7 +295,8 @@ def build_coordinator(
 
         aggregator = ClusteredAggregator(aggregator, clustering)
         server_optimizer = ClusteredServerOptimizer(server_optimizer, clustering)
-        evaluator = ClusteredEvaluator(learner, data, config.server.eval_clients, config.seed, clustering, state_fn=lambda: coordinator.server_state)
+        evaluator = ClusteredEvaluator(learner, data, config.server.eval_clients, config.seed, clustering,
+                                       state_fn=lambda: coordinator.server_state, federated=transport_factory is None)
         hooks = [ClusteringHook(clustering, evaluator), *(hooks or [])]
     privacy = build_privacy_parts(config, data.num_clients, aggregator)
     run_store = store if isinstance(store, RunStore) else None
