@@ -65,7 +65,7 @@ def build_clustering(config: RunConfig, learner, population: int):
     from ..learners.clustered import ClusteredLearner
 
     srv = config.server
-    wrapped = ClusteredLearner(learner, srv.clusters, identical_init=srv.clustering == "cfl")
+    wrapped = ClusteredLearner.for_run(learner, srv.clustering, srv.clusters)
     part = _part("server.clustering", "clustering", srv.clustering, lambda: Clustering(srv.clustering, srv.clusters, learner.spec.dim, population, srv.cfl_eps1, srv.cfl_eps2, srv.cfl_min_gap))
     return part, wrapped
 

@@ -51,6 +51,13 @@ class ClusteredLearner:
         # IFCA starts from k different random models; CFL from one model (its splits copy it).
         self.identical_init = identical_init
 
+    @classmethod
+    def for_run(cls, base, clustering: str, clusters: int) -> "ClusteredLearner":
+        """The run's model for `server.clustering` / `server.clusters`: the same on the
+        server (engine.factory) and on a gRPC client (transport.grpc.local_data), so both
+        build one stacked spec (one model digest)."""
+        return cls(base, clusters, identical_init=clustering == "cfl")
+
     def blocks(self, params: torch.Tensor) -> torch.Tensor:
         """The (k, d) view of a stacked vector."""
         if params.numel() != self.k * self.block_dim:

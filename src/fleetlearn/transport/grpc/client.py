@@ -467,7 +467,8 @@ class FleetClient:
 
         def train():
             params, hp = runtime.receive(task)
-            seed = client_seed(int(task.config.get("seed", 0)), task.round, cid)
+            run_seed = int(task.config.get("seed", 0))
+            seed = client_seed(run_seed, task.round, cid)
             steps = self._step_budget(task, local_deadline, hp.batch_size)
             if steps == 0:
                 return None
@@ -480,7 +481,7 @@ class FleetClient:
             if steps is not None:
                 extra["max_steps"] = steps
             # Label-skew helper: train on a rebalanced copy, still claim the original count.
-            data = runtime.oversampled(self.data, task, int(task.config.get("seed", 0)), cid)
+            data = runtime.oversampled(self.data, task, run_seed, cid)
             candidates = runtime.cluster_candidates(task, [cid])  # clustered FL: the models it may pick
             if candidates is not None:
                 extra["candidates"] = candidates[0]

@@ -13,11 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from ...config import ConfigError, RunConfig, load_config
+from ...config import ConfigError, RunConfig
 from .auth import TokenInfo, TokenStore
 from .certs import CertPaths, ClientTls, ServerTls, make_certs
 from .client import Backoff, ClientReport, run_client
-from .local_data import client_from_config
+from .local_data import client_from_config, run_config
 from .server import Limits
 from .transport import GrpcTransport
 
@@ -112,13 +112,12 @@ def client(
     server says the run finished.  Raises `ClientRefused` (bad or revoked token,
     incompatible client).
     """
-    learner, data = client_from_config(config, client_index=client_index, data_fn=data_fn, num_classes=num_classes)
-    cfg = config if isinstance(config, RunConfig) else load_config(config)
-    personalization = None
-    if cfg.personalization.method != "none":  # the personal step runs here, its state stays on this device
-        from ...client.personalization import build_personalization
+    from ...engine.factory import build_personalization_part
 
-        personalization = build_personalization(cfg.personalization.model_dump(), learner.spec)
+    cfg = run_config(config)
+    learner, data = client_from_config(cfg, client_index=client_index, data_fn=data_fn, num_classes=num_classes)
+    # The personal step runs here, its state stays on this device (built as the server builds it).
+    personalization = build_personalization_part(cfg, learner)
     tls = None
     if tls_ca is not None or tls_cert is not None:
         tls = ClientTls(Path(tls_ca) if tls_ca else None, Path(tls_cert) if tls_cert else None,

@@ -25,14 +25,15 @@ from ...learners import ClientData, TorchLearner, import_object, model_factory
 from ...learners.base import Learner
 
 
-def _config(config: RunConfig | dict | str | Path) -> RunConfig:
+def run_config(config: RunConfig | dict | str | Path) -> RunConfig:
+    """`config` as a RunConfig (a TOML path or a dict is loaded and validated; a RunConfig passes)."""
     return config if isinstance(config, RunConfig) else load_config(config)
 
 
 def client_data_from_config(config: RunConfig | dict | str | Path, client_index: int) -> tuple[ClientData, int, int]:
     """Client `client_index`'s local train/test split of the run's partition,
     with the dataset's (num_features, num_classes)."""
-    cfg = _config(config)
+    cfg = run_config(config)
     data = load_federated(cfg.data, cfg.seed)
     if not 0 <= client_index < data.num_clients:
         raise ValueError(f"client index {client_index} is out of range: the partition has {data.num_clients} clients (0..{data.num_clients - 1})")
@@ -67,7 +68,7 @@ def client_data_from_import(path: str, **kwargs: Any) -> ClientData:
 
 def learner_from_config(config: RunConfig | dict | str | Path, num_features: int, num_classes: int) -> TorchLearner:
     """The run's model as a TorchLearner (one client: no batched cohort training)."""
-    cfg = _config(config)
+    cfg = run_config(config)
     m = cfg.model
     return TorchLearner(model_factory(m.name, num_features, num_classes, m.hidden, m.kwargs), vectorize=False)
 
@@ -87,12 +88,12 @@ def client_from_config(
     (which a non-IID client may not cover: the server then refuses the model
     digest at registration, with both digests in the reason).
     """
-    cfg = _config(config)
+    cfg = run_config(config)
     learner, data = _learner_and_data(cfg, client_index, data_fn, num_classes)
     if cfg.server.clustering != "none":  # the run's model is k stacked models; the client picks one
         from ...learners.clustered import ClusteredLearner
 
-        learner = ClusteredLearner(learner, cfg.server.clusters, identical_init=cfg.server.clustering == "cfl")
+        learner = ClusteredLearner.for_run(learner, cfg.server.clustering, cfg.server.clusters)
     return learner, data
 
 
