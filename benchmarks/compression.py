@@ -1,7 +1,7 @@
 """Compression: what each uplink codec chain buys in bytes, accuracy and simulated time.
 
     .venv/bin/python benchmarks/compression.py [--dataset auto|digits|fashion_mnist] [--rounds 30]
-        [--target T] [--seeds 10] [--uplink-mbps ...] [--pace-slack 0.05] [--skip-fixed]
+        [--target T] [--fixed-seeds 1] [--first-seed 0] [--chains ...] [--seeds 10] [--uplink-mbps ...] [--pace-slack 0.05] [--skip-fixed]
         [--adaptive-only] [--jobs 2]
 
 Fashion-MNIST when its files are installed (Debian's dataset-fashion-mnist), else
@@ -43,7 +43,8 @@ import torch
 import fleetlearn
 
 CHAINS = ["none", "fp16", "q8", "q8 | zstd", "q4:stochastic", "ef | sign", "ef | topk:0.01 | q8", "ef | topk:0.01 | q8 | zstd",
-          "ef | topk:0.015 | q8 | zstd", "ef | topk:0.02 | q4 | zstd", "ef | topk:0.001 | q8", "ef | sketch:0.01,cols=0.1"]
+          "ef | topk:0.015 | q8 | zstd", "ef | topk:0.02 | q4 | zstd", "ef | topk:0.16,block=16 | q2 | zstd", "ef | topk:0.001 | q8",
+          "ef | sketch:0.01,cols=0.1"]
 LADDER = ["none", "q8", "q4:stochastic", "q2:stochastic", "ef | topk:0.01 | q8"]
 
 
@@ -81,6 +82,7 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=None, help="accuracy to reach (default: the dataset's preset)")
     ap.add_argument("--seeds", type=int, default=10, help="seeds per policy in the mixed_fleet blocks (0: skip them)")
     ap.add_argument("--fixed-seeds", type=int, default=1, help="seeds per chain in the first (uniform fleet) block")
+    ap.add_argument("--first-seed", type=int, default=0, help="the first block's seeds start here (held-out seeds for a confirmation run)")
     ap.add_argument("--chains", nargs="+", default=CHAINS, help="first block: these chains (the first is the baseline)")
     ap.add_argument("--uplink-mbps", type=float, nargs="+", default=None, help="median uplinks of the mixed_fleet blocks")
     ap.add_argument("--skip-fixed", action="store_true", help="only the mixed_fleet blocks")
@@ -96,7 +98,7 @@ def main() -> None:
     common = {"data": data, "client": preset["client"], "target": target}
     print(f"dataset {name}, {args.rounds} rounds, target {target}, client {preset['client'] or 'defaults'}")
     if not args.skip_fixed:
-        fs = list(range(args.fixed_seeds))
+        fs = list(range(args.first_seed, args.first_seed + args.fixed_seeds))
         print(f"uniform fleet, seeds {fs}; uplink bytes, final acc and time to target are means over the seeds")
         print(f"{'uplink chain':<28} {'uplink bytes':>13} {'ratio':>8} {'final acc':>10} {'diff pp':>8} {'sim s to target':>16}"
               + ("  diff pp per seed" if len(fs) > 1 else ""))

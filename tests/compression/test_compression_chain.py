@@ -23,7 +23,7 @@ from fleetlearn.compression import (
 from fleetlearn.params import PayloadError
 
 FIXED = ["none", "fp16", "bf16", "q8", "q4", "q2", "q4:block=7", "q8:stochastic", "sign", "sign:block=10"]
-SPARSE = ["topk:0.1", "topk:5", "randk:0.2", "topk:0.05 | q8", "topk:0.2 | fp16", "randk:0.3,unbiased | q4:stochastic", "topk:0.1 | sign"]
+SPARSE = ["topk:0.1", "topk:5", "topk:0.2,block=8", "randk:0.2", "topk:0.05 | q8", "topk:0.2 | fp16", "randk:0.3,unbiased | q4:stochastic", "topk:0.1 | sign"]
 ALL = FIXED + SPARSE + ["sketch:0.05", "ef | q4", "ef | topk:0.1 | q8", "ef | sketch:0.1,rows=3", "zstd", "q8 | zstd", "ef | topk:0.1 | q4 | zstd"]
 
 
@@ -61,6 +61,8 @@ def size_formula(spec: str, d: int) -> int:
         ("sketch:50,cols=0.1,rows=3,seed=7", "sketch:50,cols=0.1,rows=3,seed=7"),
         ("randk:0.5,unbiased|q8", "randk:0.5,unbiased | q8"),
         ("sign:block=0", "sign"),
+        ("topk:0.16, BLOCK=16 | q2", "topk:0.16,block=16 | q2"),
+        ("topk:0.1,block=1", "topk:0.1"),
     ],
 )
 def test_spec_is_normalised_and_round_trips(spec, normal):
@@ -79,7 +81,10 @@ def test_spec_is_normalised_and_round_trips(spec, normal):
         ("topk:-3", ["'topk'", "'-3'"]),
         ("topk:abc", ["'topk'", "'abc'", "not a number"]),
         ("topk:nan", ["'topk'", "'nan'"]),
-        ("topk:0.1,k=3", ["'topk'", "'k'", "allowed"]),
+        ("topk:0.1,k=3", ["'topk'", "'k'", "allowed", "block=B"]),
+        ("topk:0.1,block=0", ["'topk'", "block='0'", "[1, 65536]"]),
+        ("topk:0.1,block=2.5", ["'topk'", "block='2.5'", "integer"]),
+        ("randk:0.1,block=4", ["'randk'", "'block'", "allowed"]),
         ("q8:block=0", ["'q8'", "block", "[1, 65536]"]),
         ("q8:block=abc", ["'q8'", "block='abc'", "integer"]),
         ("q8:fast", ["'q8'", "'fast'", "stochastic", "block=N"]),

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from fleetlearn.compression import RESIDUAL, parse_chain, seed_state
 
-EF_CHAINS = ["ef | topk:0.05", "ef | topk:0.1 | q8", "ef | q2", "ef | sign", "ef | randk:0.2 | q4:stochastic", "ef | fp16", "ef | sketch:0.1,rows=3"]
+EF_CHAINS = ["ef | topk:0.05", "ef | topk:0.2,block=16 | q2", "ef | topk:0.1 | q8", "ef | q2", "ef | sign", "ef | randk:0.2 | q4:stochastic", "ef | fp16", "ef | sketch:0.1,rows=3"]
 
 
 @given(spec=st.sampled_from(EF_CHAINS), d=st.integers(1, 400), seed=st.integers(0, 1000))

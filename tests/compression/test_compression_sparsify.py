@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fleetlearn.compression import parse_chain
-from fleetlearn.compression.sparsify import randk_indices, topk_indices
+from fleetlearn.compression.sparsify import randk_indices, topk_block_indices, topk_indices
 
 
 def assert_is_topk(v: torch.Tensor, idx: np.ndarray, k: int) -> None:
@@ -37,6 +37,54 @@ def test_topk_keeps_exactly_k_largest_and_they_decode_exactly(v, amount):
     rest = np.ones(v.numel(), dtype=bool)
     rest[idx] = False
     assert torch.all(out[torch.from_numpy(rest)] == 0)
+
+
+@given(v=vectors(max_dim=800, min_dim=1), frac=st.floats(0.001, 1.0), block=st.integers(1, 40))
+@settings(max_examples=120, deadline=None)
+def test_block_topk_keeps_the_whole_blocks_of_largest_norm(v, frac, block):
+    chain = parse_chain(f"topk:{frac!r},block={block}")
+    d = v.numel()
+    nb = -(-d // block)
+    kb = chain.support.blocks(d)
+    assert kb == min(nb, max(1, round(max(1, round(frac * d)) / block)))
+    payload, _ = chain.encode(v, None)
+    idx = kept_indices(payload)
+    assert idx.size <= chain.support.k(d)  # the bound estimate_bytes relies on
+    assert len(payload) <= chain.estimate_bytes(d)
+    kept_blocks = np.unique(idx // block)
+    assert kept_blocks.size == kb
+    # whole blocks: every entry of a kept block is kept
+    want = np.concatenate([np.arange(b * block, min(d, (b + 1) * block)) for b in kept_blocks])
+    assert np.array_equal(idx, want)
+    # and no block left out has a larger L2 norm than a kept one
+    pad = np.zeros(nb * block, dtype=np.float64)
+    pad[:d] = v.double().numpy()
+    norms = np.sqrt((pad.reshape(nb, block) ** 2).sum(1))
+    rest = np.ones(nb, dtype=bool)
+    rest[kept_blocks] = False
+    if rest.any():
+        assert norms[kept_blocks].min() >= norms[rest].max() * (1 - 1e-6)
+    out = chain.decode(payload)
+    assert torch.equal(out[idx], v[idx])
+    assert np.count_nonzero(out.numpy()) <= idx.size
+
+
+def test_block_topk_partial_last_block_and_ties():
+    v = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 5.0])  # d = 13, blocks of 4: the last holds one entry
+    assert topk_block_indices(v, 1, 4).tolist() == [12]  # norm 5 beats norm 2
+    assert topk_block_indices(v, 2, 4).tolist() == [4, 5, 6, 7, 12]
+    assert topk_block_indices(v, 9, 4).tolist() == list(range(13))
+    assert topk_block_indices(torch.ones(8), 1, 4).tolist() == [0, 1, 2, 3]  # equal norms: the lower block
+
+
+def test_block_topk_indices_cost_almost_nothing():
+    # Same payload budget, about five times the coordinates: a kept block's gaps are zeros, which zstd removes.
+    v = heavy_tailed(100_000, seed=3)
+    flat = len(parse_chain("topk:0.03 | q2 | zstd").encode(v, None)[0])
+    blocked = parse_chain("topk:0.15,block=16 | q2 | zstd")
+    payload = blocked.encode(v, None)[0]
+    assert kept_indices(payload).size == 15_008  # 938 blocks of 16
+    assert len(payload) < 1.6 * flat
 
 
 def _adversarial(d: int) -> dict[str, torch.Tensor]:
