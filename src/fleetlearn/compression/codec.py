@@ -13,9 +13,10 @@ whitespace ignored; ``"none"`` or ``""`` is plain float32.  An element is
 ``name`` or ``name:arg,arg`` where an arg is ``key=value`` or a bare word.
 
 - wrapper: ``ef`` -- error feedback around the rest of the chain.
-- sparsifier: ``topk:F``, ``randk:F[,unbiased]`` -- keep k coordinates; F is a
+- sparsifier: ``topk:F[,block=B]``, ``randk:F[,unbiased]`` -- keep k coordinates; F is a
   fraction written with a decimal point (``0.01``, ``1.0``) or an integer count
-  (``100``).
+  (``100``); ``block=B`` keeps whole blocks of B consecutive coordinates (the
+  round(k/B) of largest L2 norm).
 - sketch: ``sketch:K[,cols=C][,rows=R][,seed=S]`` -- count sketch, K heavy hitters
   recovered on decode, C columns (default 4 K), R rows (default 5); must be last.
 - value codec: ``none``, ``fp16``, ``bf16``; ``q8``/``q4``/``q2`` as
@@ -34,7 +35,7 @@ float32 so they add up), ``ef`` anywhere but first, ``ef`` before a
 lossless chain, and ``zstd`` anywhere but last.
 
 Examples: ``"q8"``, ``"q4:stochastic"``, ``"q8:block=128"``, ``"topk:0.01 | q8"``,
-``"ef | topk:0.001 | q4"``, ``"ef | sign"``, ``"randk:0.1,unbiased | q8:stochastic"``,
+``"ef | topk:0.001 | q4"``, ``"ef | topk:0.16,block=16 | q2 | zstd"``, ``"ef | sign"``, ``"randk:0.1,unbiased | q8:stochastic"``,
 ``"q8 | zstd"``, ``"ef | topk:0.01 | q8 | zstd"``,
 ``"sketch:0.01,cols=0.05,rows=5"``.
 
