@@ -85,6 +85,7 @@ def main() -> None:
     ap.add_argument("--first-seed", type=int, default=0, help="the first block's seeds start here (held-out seeds for a confirmation run)")
     ap.add_argument("--chains", nargs="+", default=CHAINS, help="first block: these chains (the first is the baseline)")
     ap.add_argument("--uplink-mbps", type=float, nargs="+", default=None, help="median uplinks of the mixed_fleet blocks")
+    ap.add_argument("--ladder", nargs="+", default=LADDER, help="mixed_fleet blocks: the adaptive ladder, least to most lossy (each rung also runs alone)")
     ap.add_argument("--skip-fixed", action="store_true", help="only the mixed_fleet blocks")
     ap.add_argument("--pace-slack", type=float, nargs="+", default=[0.05], help="one 'adaptive pace' row per value")
     ap.add_argument("--adaptive-only", action="store_true", help="mixed_fleet blocks: only the 'adaptive pace' rows")
@@ -111,16 +112,17 @@ def main() -> None:
             per = "  " + " ".join(f"{d:+.2f}" for d in diffs) if len(fs) > 1 else ""
             print(f"{chain:<28} {up[i].mean():>13,.0f} {up[0].mean() / up[i].mean():>7.2f}x {acc[i].mean():>10.4f} "
                   f"{diffs.mean():>+8.2f} {tt[i].mean():>16.2f}{per}", flush=True)
-    policies: dict[str, dict] = {} if args.adaptive_only else {c: {"uplink": c} for c in LADDER}
+    ladder = args.ladder
+    policies: dict[str, dict] = {} if args.adaptive_only else {c: {"uplink": c} for c in ladder}
     for slack in args.pace_slack:
         label = "adaptive pace" if args.pace_slack == [0.05] else f"adaptive pace slack={slack:g}"
-        policies[label] = {"adaptive": True, "adaptive_policy": "pace", "pace_slack": slack, "ladder": LADDER}
+        policies[label] = {"adaptive": True, "adaptive_policy": "pace", "pace_slack": slack, "ladder": ladder}
     if not args.adaptive_only:
-        policies["adaptive upload_budget"] = {"adaptive": True, "adaptive_policy": "upload_budget", "ladder": LADDER}
+        policies["adaptive upload_budget"] = {"adaptive": True, "adaptive_policy": "upload_budget", "ladder": ladder}
     seeds = list(range(args.seeds))
     for mbps in uplinks if seeds else []:  # --seeds 0: the first block only
         print()
-        print(f"mixed_fleet, uplink median {mbps:g} Mbit/s, deadline 2 s, over-selection 1.3, seeds {seeds}; ladder {' ; '.join(LADDER)}")
+        print(f"mixed_fleet, uplink median {mbps:g} Mbit/s, deadline 2 s, over-selection 1.3, seeds {seeds}; ladder {' ; '.join(ladder)}")
         print(f"{'policy':<24} {'uplink MB':>10} {'final acc':>10} {'mean round s':>13} {'s to target, per seed':>32} {'mean':>7}")
         fleet = {"profile": "mixed_fleet", "spread": 1.0, "uplink_mbps": mbps}
         server = {"rounds": args.rounds, "cohort": 20, "deadline_s": 2.0, "over_selection": 1.3}
