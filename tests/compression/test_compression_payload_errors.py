@@ -126,6 +126,17 @@ def test_structural_reasons_are_clear():
         decode_payload(_reframe(t, 9, "<I", 3000))
     with pytest.raises(PayloadError, match="out of range"):
         decode_payload(_reframe(t, 13, "<I", 2400))  # first index shifted: the last falls off the end
+    b = valid_payload("topk:0.2,block=4", 2502)  # 626 blocks, the last holds 2 entries
+    with pytest.raises(PayloadError, match="block size 0; allowed 1 to 65536"):
+        decode_payload(_reframe(b, 9, "<I", 0))
+    with pytest.raises(PayloadError, match="block size 70000"):
+        decode_payload(_reframe(b, 9, "<I", 70_000))
+    with pytest.raises(PayloadError, match="k=700 entries of a vector of dim 626"):  # more blocks than there are
+        decode_payload(_reframe(b, 13, "<I", 700))
+    with pytest.raises(PayloadError, match="out of range for dim 626"):
+        decode_payload(_reframe(b, 17, "<I", 600))  # first block shifted: the last falls off the end
+    with pytest.raises(PayloadError, match="truncated or inconsistent|trailing bytes"):
+        decode_payload(_reframe(b, 9, "<I", 2))  # other block size: other entry count than the values sent
     f = bytearray(valid_payload("none", 13)[:-4])
     f[9:13] = struct.pack("<f", float("nan"))
     with pytest.raises(PayloadError, match="non-finite"):

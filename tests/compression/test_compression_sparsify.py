@@ -85,6 +85,9 @@ def test_block_topk_indices_cost_almost_nothing():
     payload = blocked.encode(v, None)[0]
     assert kept_indices(payload).size == 15_008  # 938 blocks of 16
     assert len(payload) < 1.6 * flat
+    # only block numbers travel, so the upper bound stays close to the real size (adaptive ladders plan with it)
+    assert len(payload) <= blocked.estimate_bytes(100_000) < 2.5 * len(payload)
+    assert blocked.estimate_bytes(100_000) < parse_chain("q2").estimate_bytes(100_000) / 3
 
 
 def _adversarial(d: int) -> dict[str, torch.Tensor]:

@@ -64,7 +64,7 @@ from . import wire
 from .base import Stage, new_rng
 from .entropy import ZstdCoder
 from .sketch import CountSketch, read_sketch_section, unsketch
-from .sparsify import RandK, Sparsifier, TopK, read_indices, write_indices
+from .sparsify import RandK, Sparsifier, TopK, read_block_indices, read_indices
 from .values import (
     BFloat16Codec,
     Float16Codec,
@@ -180,10 +180,7 @@ class CodecChain:
         if isinstance(self.support, CountSketch):
             return n + self.support.nbytes(dim)
         if isinstance(self.support, Sparsifier):
-            k = self.support.k(dim)
-            from .sparsify import SPARSE_HEAD
-
-            return n + SPARSE_HEAD.size + 4 * max(k - 1, 0) + self.value.nbytes(k)
+            return n + self.support.support_bytes(dim) + self.value.nbytes(self.support.k(dim))
         return n + self.value.nbytes(dim)
 
     # -- encode / decode -------------------------------------------------------------
@@ -233,7 +230,7 @@ class CodecChain:
             if scale != 1.0:
                 vals.mul_(scale)
                 _as_vector(vals)
-            return wire.assemble(sup.wire_id, self.value.wire_id, d, write_indices(idx) + self.value.write(vals, rng), zstd_level=z)
+            return wire.assemble(sup.wire_id, self.value.wire_id, d, sup.write_support(idx) + self.value.write(vals, rng), zstd_level=z)
         return wire.assemble(wire.SUPPORT_DENSE, self.value.wire_id, d, self.value.write(x, rng), zstd_level=z)
 
 
@@ -361,7 +358,7 @@ def decode_payload(payload: bytes, dim: int | None = None) -> torch.Tensor:
             table = read_values(wire.VALUE_F32, r, rows * cols).view(rows, cols)
             r.finish()
             return unsketch(table, h.dim, k, seed)
-        idx = read_indices(r, h.dim)
+        idx = read_block_indices(r, h.dim) if h.support == wire.SUPPORT_TOPK_BLOCKS else read_indices(r, h.dim)
         vals = read_values(h.value, r, idx.shape[0])
         r.finish()
         out = torch.zeros(h.dim, dtype=torch.float32)

@@ -9,6 +9,11 @@ through the chain's value codec (float32 unless the chain says otherwise).
 Section header ``<IIBBI``: k, first index, gap width (1, 2, 4), index coding
 (0 raw, 1 zstd), index bytes.  Index bytes are at most 4 (k - 1): that is the
 upper bound ``estimate_bytes`` uses.
+
+Block top-k (``topk:F,block=B``, support id 4) sends the block size (``<I``) and
+then the same section over *block numbers* (one index per kept block, out of
+ceil(d / B)); the decoder expands block b to entries bB .. bB + B - 1 (fewer for
+a partial last block), and the values follow for every expanded entry.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from .base import CHUNK, Stage, format_amount, parse_amount, parse_int, resolve_
 from .wire import Reader
 
 SPARSE_HEAD = struct.Struct("<IIBBI")
+BLOCK_HEAD = struct.Struct("<I")
 _RAW, _ZSTD = 0, 1
 _ZSTD_LEVEL = 3
 _WIDTH_DTYPE = {1: "<u1", 2: "<u2", 4: "<u4"}
@@ -186,6 +192,24 @@ def read_indices(r: Reader, dim: int) -> np.ndarray:
     return idx
 
 
+def block_entries(blocks: np.ndarray, block: int, dim: int) -> np.ndarray:
+    """Sorted block numbers -> the sorted entry indices they cover (a partial last block is cut at dim)."""
+    idx = (blocks[:, None] * block + np.arange(block, dtype=np.int64)[None, :]).reshape(-1)
+    return idx[idx < dim] if idx.size and idx[-1] >= dim else idx
+
+
+def write_block_indices(idx: np.ndarray, block: int) -> list:
+    """The support section of block top-k for entry indices made of whole blocks (see the module docstring)."""
+    return [BLOCK_HEAD.pack(block)] + write_indices(idx[::block] // block)
+
+
+def read_block_indices(r: Reader, dim: int) -> np.ndarray:
+    (block,) = r.unpack(BLOCK_HEAD, "block size")
+    if not 1 <= block <= TopK.MAX_BLOCK:
+        raise PayloadError(f"block top-k section announces block size {block}; allowed 1 to {TopK.MAX_BLOCK}")
+    return block_entries(read_indices(r, -(-dim // block)), block, dim)
+
+
 # -- stages --------------------------------------------------------------------------------
 class Sparsifier(Stage):
     role = "sparsifier"
@@ -202,6 +226,14 @@ class Sparsifier(Stage):
 
     def select(self, x: torch.Tensor, rng: np.random.Generator | None) -> np.ndarray:
         raise NotImplementedError
+
+    def write_support(self, idx: np.ndarray) -> list:
+        """The support section for the entry indices `select` returned."""
+        return write_indices(idx)
+
+    def support_bytes(self, dim: int) -> int:
+        """Upper bound of the support section's bytes for a vector of `dim` entries."""
+        return SPARSE_HEAD.size + 4 * max(self.k(dim) - 1, 0)
 
     def args(self):
         return [format_amount(self.amount)]
@@ -234,9 +266,7 @@ def topk_block_indices(x: torch.Tensor, blocks: int, block: int) -> np.ndarray:
     torch.linalg.vector_norm(x[: full * block].view(full, block), dim=1, dtype=torch.float64, out=norms[:full])
     if nb > full:
         norms[full] = torch.linalg.vector_norm(x[full * block:], dtype=torch.float64)
-    chosen = topk_indices(norms, blocks)
-    idx = (chosen[:, None] * block + np.arange(block, dtype=np.int64)[None, :]).reshape(-1)
-    return idx[idx < d] if nb > full and chosen[-1] == full else idx
+    return block_entries(topk_indices(norms, blocks), block, d)
 
 
 class TopK(Sparsifier):
@@ -249,23 +279,31 @@ class TopK(Sparsifier):
 
     ``topk:F,block=B`` (block top-k) keeps whole blocks of B consecutive
     coordinates instead: the round(k / B) blocks (at least 1) of largest L2 norm,
-    so about k entries.  Within a kept block the index gaps are all zero, which
-    the zstd-coded index section reduces to almost nothing: a block costs about
-    one index, so the same bytes carry several times more coordinates.  Which
-    pays off depends on the model: where neighbouring coordinates move together
-    (a dense layer's weights for neighbouring inputs), block top-k at 16 % keeps
-    more of the update than flat top-k at 3 % for the same payload (BENCHMARKS.md,
-    "Compression").
+    so about k entries.  Only the block numbers travel (support id 4), so an
+    entry costs its value bits plus 1/B of an index, and the same bytes carry
+    several times more coordinates.  Whether that pays depends on the model:
+    where neighbouring coordinates move together (a dense layer's weights for
+    neighbouring inputs), on Fashion-MNIST ``topk:0.16,block=16 | q2 | zstd`` ends
+    closer to float32 FedAvg than flat ``topk:0.04 | q2 | zstd`` at about the same
+    payload size (BENCHMARKS.md, "Block top-k").
     """
 
     name = "topk"
     lossy = True
-    wire_id = wire.SUPPORT_TOPK
     MAX_BLOCK = 1 << 16
 
     def __init__(self, amount: float | int, block: int = 1):
         super().__init__(amount)
         self.block = block
+        self.wire_id = wire.SUPPORT_TOPK if block == 1 else wire.SUPPORT_TOPK_BLOCKS
+
+    def write_support(self, idx):
+        return write_indices(idx) if self.block == 1 else write_block_indices(idx, self.block)
+
+    def support_bytes(self, dim):
+        if self.block == 1:
+            return super().support_bytes(dim)
+        return BLOCK_HEAD.size + SPARSE_HEAD.size + 4 * max(self.blocks(dim) - 1, 0)
 
     def args(self):
         return super().args() + ([f"block={self.block}"] if self.block != 1 else [])

@@ -5,11 +5,12 @@ Every payload is self-describing and checksummed::
     offset  size  field
     0       2     magic b"FL"
     2       1     format version (1)
-    3       1     support: 0 dense, 1 topk, 2 randk, 3 sketch; bit 7 set: the body
+    3       1     support: 0 dense, 1 topk, 2 randk, 3 sketch, 4 topk blocks; bit 7 set: the body
                   (support + value sections) is zstd-coded (see `entropy`)
     4       1     value codec: 0 float32, 1 fp16, 2 bf16, 3 uniform quantizer, 4 sign
     5       4     dim (uint32): length of the decoded vector
-    9       ...   support section (sparse: k, first index, index coding; sketch: rows, cols, seed, k)
+    9       ...   support section (sparse: k, first index, index coding; topk blocks: block
+                  size, then a sparse section over block numbers; sketch: rows, cols, seed, k)
     ...     ...   value section (its own small header, then the coded values)
     -4      4     CRC32 (zlib.crc32) of every byte before it
 
@@ -40,8 +41,9 @@ CRC = struct.Struct("<I")
 OVERHEAD = HEADER.size + CRC.size  # 13 bytes: header + trailer of every payload
 
 # Wire ids.  Append, never renumber: old payloads must keep their meaning.
-SUPPORT_DENSE, SUPPORT_TOPK, SUPPORT_RANDK, SUPPORT_SKETCH = 0, 1, 2, 3
-SUPPORT_NAMES = {SUPPORT_DENSE: "dense", SUPPORT_TOPK: "topk", SUPPORT_RANDK: "randk", SUPPORT_SKETCH: "sketch"}
+SUPPORT_DENSE, SUPPORT_TOPK, SUPPORT_RANDK, SUPPORT_SKETCH, SUPPORT_TOPK_BLOCKS = 0, 1, 2, 3, 4
+SUPPORT_NAMES = {SUPPORT_DENSE: "dense", SUPPORT_TOPK: "topk", SUPPORT_RANDK: "randk", SUPPORT_SKETCH: "sketch",
+                 SUPPORT_TOPK_BLOCKS: "topk_blocks"}
 VALUE_F32, VALUE_F16, VALUE_BF16, VALUE_QUANT, VALUE_SIGN = 0, 1, 2, 3, 4
 VALUE_NAMES = {VALUE_F32: "float32", VALUE_F16: "fp16", VALUE_BF16: "bf16", VALUE_QUANT: "quantized", VALUE_SIGN: "sign"}
 
