@@ -68,3 +68,22 @@ def test_server_transport_serves_the_adaptive_ladder(tmp_path):
         assert [hi for _, hi in req.rung_bytes] == [parse_chain(c).estimate_bytes(learner.spec.dim) for c in ladder]
     finally:
         t.close(grace_s=0.2)
+
+
+def test_a_block_topk_uplink_over_grpc(tmp_path):
+    # Block top-k payloads (support id 4) pass the server's size bound and decode on the far side.
+    from grpc_test_support import NetworkRun
+
+    chain = "ef | topk:0.2,block=8 | q2 | zstd"
+    cfg = load_config({**CFG, "seed": 2, "compression": {"uplink": chain}, "monitoring": {"detectors": []},
+                       "server": {"cohort": 3, "rounds": 2, "deadline_s": 30.0}, "client": {"local_epochs": 1}})
+    net = NetworkRun(cfg, tmp_path, clients=3)
+    summary = net.run()
+    assert [r.accepted for r in summary.records] == [3, 3] and summary.failed_rounds == 0
+    dim = net.coordinator.params.numel()
+    bound = parse_chain(chain).estimate_bytes(dim)
+    for rec in summary.records:
+        assert len(rec.clients) == 3
+        for c in rec.clients:
+            assert c.codec == chain and 0 < c.uplink_bytes <= bound < 4 * dim / 8  # far below float32's 4 bytes an entry
+    assert not torch.equal(net.coordinator.params, net.start)
