@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=None, help="accuracy to reach (default: the dataset's preset)")
     ap.add_argument("--seeds", type=int, default=10, help="seeds per policy in the mixed_fleet blocks (0: skip them)")
     ap.add_argument("--fixed-seeds", type=int, default=1, help="seeds per chain in the first (uniform fleet) block")
-    ap.add_argument("--first-seed", type=int, default=0, help="the first block's seeds start here (held-out seeds for a confirmation run)")
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds of both blocks start here (held-out seeds for a confirmation run)")
     ap.add_argument("--chains", nargs="+", default=CHAINS, help="first block: these chains (the first is the baseline)")
     ap.add_argument("--uplink-mbps", type=float, nargs="+", default=None, help="median uplinks of the mixed_fleet blocks")
     ap.add_argument("--ladder", nargs="+", default=LADDER, help="mixed_fleet blocks: the adaptive ladder, least to most lossy (each rung also runs alone)")
@@ -119,7 +119,7 @@ def main() -> None:
         policies[label] = {"adaptive": True, "adaptive_policy": "pace", "pace_slack": slack, "ladder": ladder}
     if not args.adaptive_only:
         policies["adaptive upload_budget"] = {"adaptive": True, "adaptive_policy": "upload_budget", "ladder": ladder}
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     for mbps in uplinks if seeds else []:  # --seeds 0: the first block only
         print()
         print(f"mixed_fleet, uplink median {mbps:g} Mbit/s, deadline 2 s, over-selection 1.3, seeds {seeds}; ladder {' ; '.join(ladder)}")
