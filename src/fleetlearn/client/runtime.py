@@ -7,6 +7,8 @@ control variates) lives in a `ClientStateStore`, loaded only for the cohort.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -145,6 +147,18 @@ class ClientRuntime:
         classes = num_classes if num_classes is not None else int(data.y.max()) + 1
         x, y = oversample(data.x.numpy(), data.y.numpy(), classes, rng, float(opts.get("noise_std", 0.0)))
         return ClientData(torch.from_numpy(x), torch.from_numpy(y), data.x_test, data.y_test)
+
+    @staticmethod
+    def claimed_counts(results: list[FitResult], trained: list, own: list) -> tuple[list[FitResult], list[int]]:
+        """Oversampled copies change what a client trains on, not the count it claims: each
+        result's ``num_examples`` goes back to the client's own data (`own`, what `oversampled`
+        was given; `trained`, what it returned).  Returns the results and the examples each
+        client added.  Members that are not ClientData (the Ray backend's ClientRefs, whose
+        workers hold the data) added nothing here."""
+        added = [t.num_examples - o.num_examples if isinstance(o, ClientData) else 0 for t, o in zip(trained, own)]
+        if any(added):
+            results = [dataclasses.replace(r, num_examples=o.num_examples) if a else r for r, o, a in zip(results, own, added)]
+        return results, added
 
     def chain_for(self, level: int | None) -> CodecChain:
         if level is None or self.adaptive is None:

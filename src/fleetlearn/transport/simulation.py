@@ -11,7 +11,6 @@ replies are yielded sorted by their simulated arrival time.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import replace
@@ -169,11 +168,7 @@ class SimulationTransport:
         else:  # global training plus each client's personal step (its state: runtime.personal_states)
             results = pers.fit_cohort(self.learner, params, [int(ids[i]) for i in train], cohort_data, hp, seeds, self.runtime.personal_states, step_limits)
         self.train_wall_seconds = time.perf_counter() - t0
-        # Oversampled copies change what a client trains on, not the count it claims.
-        # (The Ray backend's cohort members are ClientRefs, its workers hold the data.)
-        added = [d.num_examples - o.num_examples if isinstance(o, ClientData) else 0 for d, o in zip(cohort_data, own)]
-        if any(added):
-            results = [dataclasses.replace(r, num_examples=o.num_examples) for r, o in zip(results, own)]
+        results, added = self.runtime.claimed_counts(results, cohort_data, own)
         if c is not None:
             self.runtime.update_controls(ids[train], c, c_i, results, hp)
         self.last_malicious = []

@@ -26,7 +26,6 @@ clients on one event loop (benchmarks/grpc_load.py runs 1000).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import math
@@ -490,9 +489,7 @@ class FleetClient:
                                                            [steps] if steps is not None else None)
             else:
                 result = self.learner.fit(params, data, hp, seed, **extra)
-            added = data.num_examples - self.data.num_examples
-            if added:
-                result = dataclasses.replace(result, num_examples=self.data.num_examples)
+            (result,), (added,) = runtime.claimed_counts([result], [data], [self.data])
             if c is not None:
                 runtime.update_controls([cid], c, c_i, [result], hp)
             return runtime.reply(cid, task, result, labels=self.data.y, oversampled=added)
