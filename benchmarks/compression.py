@@ -1,8 +1,8 @@
 """Compression: what each uplink codec chain buys in bytes, accuracy and simulated time.
 
     .venv/bin/python benchmarks/compression.py [--dataset auto|digits|fashion_mnist] [--rounds 30]
-        [--target T] [--fixed-seeds 1] [--first-seed 0] [--chains ...] [--seeds 10] [--uplink-mbps ...] [--pace-slack 0.05] [--skip-fixed]
-        [--adaptive-only] [--jobs 2]
+        [--target T] [--fixed-seeds 1] [--first-seed 0] [--chains ...] [--seeds 10] [--uplink-mbps ...]
+        [--ladder ...] [--pace-slack 0.05] [--skip-fixed] [--adaptive-only] [--jobs 2]
 
 Fashion-MNIST when its files are installed (Debian's dataset-fashion-mnist), else
 digits; 100 clients, Dirichlet(0.5), cohort 20.  Client settings and target accuracy
