@@ -321,7 +321,8 @@ class CompressionConfig(Section):
     # Unset: upload_budget when upload_budget_s is set, else pace.
     adaptive: bool = False
     adaptive_policy: Literal["pace", "upload_budget"] | None = None
-    ladder: list[str] = Field(default_factory=lambda: ["none", "q8", "q4", "topk:0.1 | q8", "topk:0.01 | q8"])
+    # The default ladder is the one benchmarks/compression.py measured (BENCHMARKS.md).
+    ladder: list[str] = Field(default_factory=lambda: ["none", "q8", "q4:stochastic", "q2:stochastic", "ef | topk:0.16,block=16 | q2 | zstd"])
     upload_budget_s: float | None = Field(default=None, gt=0)
     pace_slack: float = Field(default=0.05, ge=0, le=10)
 

@@ -203,3 +203,12 @@ def test_plan_task_reads_the_policy_from_the_task_config():
     deadline = {"adaptive_policy": "upload_budget", "upload_budget_s": 0.6, "budget_is_deadline": True}
     assert np.array_equal(policy.plan_task(deadline, mbps, lat, before).levels, policy.choose(mbps, lat, 0.6 - before))
     assert policy.plan_task({"adaptive_policy": "upload_budget"}, mbps, lat, before) is None  # no budget: the run's chain
+
+
+def test_the_default_ladder_parses_and_shrinks_rung_by_rung():
+    from fleetlearn.config import CompressionConfig
+
+    ladder = CompressionConfig().ladder
+    sizes = [parse_chain(c).estimate_bytes(101_770) for c in ladder]  # the Fashion-MNIST MLP it was measured on
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)
+    assert ladder[0] == "none" and parse_chain(ladder[-1]).ef  # the sparse last rung keeps what it drops

@@ -3,7 +3,8 @@
 Contract
 --------
 The policy is configured with a *ladder* of chains ordered from least to most
-lossy (e.g. ``["none", "q8", "q4", "topk:0.1 | q8", "topk:0.01 | q8"]``) and the
+lossy (e.g. ``["none", "q8", "q4:stochastic", "q2:stochastic", "ef | topk:0.16,block=16 | q2 | zstd"]``,
+the default of ``[compression] ladder``) and the
 model dimension.  For a cohort it takes per-client uplink bandwidth (Mbit/s),
 one-way latency (s) and the seconds the upload may take, and returns for each
 client the index of the **least lossy level whose upload fits**:
