@@ -42,6 +42,21 @@ def test_incompatible_clients_are_refused_with_reasons(tokens, learner):
         c.close()
 
 
+def test_a_client_without_block_topk_is_refused_for_a_block_chain(tokens, learner):
+    # A build from before topk's block option knows the name "topk" but not the block format:
+    # it must be refused at registration, not handed a chain it cannot encode.
+    from fleetlearn.compression import CODECS, capabilities
+
+    req = RunRequirements.for_run(learner.spec, uplink="ef | topk:0.2,block=8 | q2")
+    with GrpcTransport(tokens=tokens, requirements=req) as t:
+        c = RawClient(t.address, tokens.add("older"))
+        ok = dict(digest=learner.spec.digest(), codecs=tuple(capabilities()))
+        register_refused(c, "lacks codec(s) topk_blocks", **{**ok, "codecs": tuple(sorted(CODECS))})
+        reply = c.register(**ok)
+        assert reply.accepted and reply.uplink_codec == "ef | topk:0.2,block=8 | q2"
+        c.close()
+
+
 def test_run_client_with_another_model_stops_with_client_refused(transport, tokens):
     other = TorchLearner(lambda: torch.nn.Sequential(logistic(4, 3), torch.nn.ReLU(), logistic(3, 3)), vectorize=False)
     with pytest.raises(ClientRefused) as err:

@@ -123,6 +123,26 @@ CODECS: dict[str, Callable[[list[str], dict[str, str]], Stage]] = {
 }
 
 
+# Wire formats added after their codec's name first shipped: a client announces them
+# next to the names, so a server never hands an older client a chain it cannot encode.
+LATER_FORMATS = (wire.SUPPORT_NAMES[wire.SUPPORT_TOPK_BLOCKS],)  # "topk_blocks": topk's block option
+
+
+def capabilities() -> list[str]:
+    """What this build encodes and decodes, as a client announces it: every codec name plus `LATER_FORMATS`."""
+    return sorted([*CODECS, *LATER_FORMATS])
+
+
+def needed_capabilities(spec: str) -> list[str]:
+    """What a client must announce to use chain `spec` ("ef | topk:0.1,block=8 | q2" ->
+    [ef, topk, q2, topk_blocks]); ValueError for an invalid chain."""
+    chain = parse_chain(spec)
+    names = [c.name for c in chain.codecs]
+    if isinstance(chain.support, TopK) and chain.support.block > 1:
+        names.append(wire.SUPPORT_NAMES[wire.SUPPORT_TOPK_BLOCKS])
+    return names
+
+
 def seed_state(seed: int) -> State:
     """Initial state that gives a client its own reproducible random stream."""
     return {RNG_SEED: torch.tensor(int(seed), dtype=torch.int64)}

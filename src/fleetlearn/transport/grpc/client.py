@@ -40,7 +40,7 @@ from typing import Any, Mapping
 import grpc
 
 from ...client import ClientRuntime, ClientStateStore
-from ...compression import CODECS, parse_chain
+from ...compression import capabilities, parse_chain
 from ...learners.base import ClientData, Learner
 from ...messages import Task
 from ..simulation import client_seed
@@ -336,7 +336,7 @@ class FleetClient:
             client_name=self.name,
             runtime_version=runtime_version(),
             capabilities=pb.Capabilities(
-                codecs=sorted(CODECS), model_widths=[1.0], memory_mb=_memory_mb(), model_digest=self.learner.spec.digest(),
+                codecs=capabilities(), model_widths=[1.0], memory_mb=_memory_mb(), model_digest=self.learner.spec.digest(),
                 features=list(FEATURES),
             ),
             device=pb.DeviceProfile(

@@ -41,7 +41,7 @@ from google.protobuf.message import DecodeError, Message
 
 import numpy as np
 
-from ...compression import AdaptiveCompression, parse_chain
+from ...compression import AdaptiveCompression, needed_capabilities, parse_chain
 from ...compression.blocks import HEADER_BYTES as BLOCK_HEADER_BYTES
 from ...messages import ClientMetrics, Dropout, Task, Update
 from ...params import ParamSpec
@@ -70,8 +70,13 @@ def runtime_version() -> str:
 
 
 def codec_names(chain_spec: str) -> list[str]:
-    """The codec names of a chain in the `[compression]` syntax ("topk:0.01 | q8" -> [topk, q8])."""
-    return [p.split(":", 1)[0].strip() for p in chain_spec.split("|") if p.strip() and p.split(":", 1)[0].strip() != "none"]
+    """What a client must announce for a chain in the `[compression]` syntax: its codec names
+    and any later wire format it uses ("topk:0.01 | q8" -> [topk, q8];
+    "topk:0.1,block=8" -> [topk, topk_blocks]); for an invalid chain, the names as written."""
+    try:
+        return needed_capabilities(chain_spec)
+    except ValueError:
+        return [p.split(":", 1)[0].strip() for p in chain_spec.split("|") if p.strip() and p.split(":", 1)[0].strip() != "none"]
 
 
 def _normalise_chain(spec: str) -> str | None:
