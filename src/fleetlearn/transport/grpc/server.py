@@ -69,16 +69,6 @@ def runtime_version() -> str:
         return __version__
 
 
-def codec_names(chain_spec: str) -> list[str]:
-    """What a client must announce for a chain in the `[compression]` syntax: its codec names
-    and any later wire format it uses ("topk:0.01 | q8" -> [topk, q8];
-    "topk:0.1,block=8" -> [topk, topk_blocks]); for an invalid chain, the names as written."""
-    try:
-        return needed_capabilities(chain_spec)
-    except ValueError:
-        return [p.split(":", 1)[0].strip() for p in chain_spec.split("|") if p.strip() and p.split(":", 1)[0].strip() != "none"]
-
-
 def _normalise_chain(spec: str) -> str | None:
     """A chain spec in canonical form ("topk:0.01|q8" -> "topk:0.01 | q8"), None if invalid."""
     try:
@@ -184,7 +174,7 @@ class RunRequirements:
         if theirs != ours:
             return f"client runtime {request.runtime_version} is incompatible with server runtime {self.runtime} (major versions differ)"
         cap = request.capabilities
-        needed = set(codec_names(self.downlink)).union(*(codec_names(c) for c in self.chains()))
+        needed = set(needed_capabilities(self.downlink)).union(*(needed_capabilities(c) for c in self.chains()))  # chains validated by for_run
         missing = sorted(needed - set(cap.codecs))
         if missing:
             up = f"adaptive ladder {' ; '.join(self.ladder)!r}" if self.ladder else f"uplink {self.uplink!r}"
