@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from fleetlearn.compression import wire
-from fleetlearn.compression.sparsify import read_block_indices, read_indices
+from fleetlearn.compression.sparsify import read_support
 
 
 def vectors(max_dim: int = 700, bound: float = 1e4, min_dim: int = 0, subnormal: bool = True):
@@ -24,7 +24,7 @@ def kept_indices(payload: bytes) -> np.ndarray:
     """The sorted indices a sparse payload carries, read from the wire."""
     h, r = wire.read_header(payload)
     assert h.support in (wire.SUPPORT_TOPK, wire.SUPPORT_RANDK, wire.SUPPORT_TOPK_BLOCKS)
-    return read_block_indices(r, h.dim) if h.support == wire.SUPPORT_TOPK_BLOCKS else read_indices(r, h.dim)
+    return read_support(r, h.support, h.dim)
 
 
 def heavy_tailed(d: int, seed: int = 0) -> torch.Tensor:

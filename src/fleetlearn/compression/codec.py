@@ -64,7 +64,7 @@ from . import wire
 from .base import Stage, new_rng
 from .entropy import ZstdCoder
 from .sketch import CountSketch, read_sketch_section, unsketch
-from .sparsify import RandK, Sparsifier, TopK, read_block_indices, read_indices
+from .sparsify import RandK, Sparsifier, TopK, read_support
 from .values import (
     BFloat16Codec,
     Float16Codec,
@@ -378,7 +378,7 @@ def decode_payload(payload: bytes, dim: int | None = None) -> torch.Tensor:
             table = read_values(wire.VALUE_F32, r, rows * cols).view(rows, cols)
             r.finish()
             return unsketch(table, h.dim, k, seed)
-        idx = read_block_indices(r, h.dim) if h.support == wire.SUPPORT_TOPK_BLOCKS else read_indices(r, h.dim)
+        idx = read_support(r, h.support, h.dim)
         vals = read_values(h.value, r, idx.shape[0])
         r.finish()
         out = torch.zeros(h.dim, dtype=torch.float32)

@@ -203,6 +203,11 @@ def write_block_indices(idx: np.ndarray, block: int) -> list:
     return [BLOCK_HEAD.pack(block)] + write_indices(idx[::block] // block)
 
 
+def read_support(r: Reader, support: int, dim: int) -> np.ndarray:
+    """The sorted entry indices of a sparse payload's support section (topk, randk or topk blocks)."""
+    return read_block_indices(r, dim) if support == wire.SUPPORT_TOPK_BLOCKS else read_indices(r, dim)
+
+
 def read_block_indices(r: Reader, dim: int) -> np.ndarray:
     (block,) = r.unpack(BLOCK_HEAD, "block size")
     if not 1 <= block <= TopK.MAX_BLOCK:
