@@ -132,9 +132,18 @@ def _print_summary(console: Console, s: RunSummary) -> None:
     ]
     if s.personal_accuracy == s.personal_accuracy:  # personalization on: its end-of-run evaluation
         rows.append(("personal / global (local tests)", f"{_fmt(s.personal_accuracy)} / {_fmt(s.personal_global_accuracy)} (gain {s.personal_gain:+.4f})"))
+    if s.dp_epsilon == s.dp_epsilon:  # differential privacy: what the run spent
+        rows.append(("privacy spent", _privacy(s.dp_epsilon, s.dp_delta, s.dp_accounting, s.dp_sampling)))
     for k, v in rows:
         t.add_row(k, v)
     console.print(t)
+
+
+def _privacy(epsilon, delta, accounting: str, sampling: str) -> str:
+    """epsilon = 3.61 at delta = 1e-05 (pld, poisson sampling)"""
+    eps = "inf" if epsilon in ("inf", float("inf")) else f"{float(epsilon):.4g}"
+    how = ", ".join(x for x in (accounting, f"{sampling} sampling" if sampling else "") if x)
+    return f"epsilon = {eps} at delta = {float(delta):g}" + (f" ({how})" if how else "")
 
 
 # -- fleetlearn runs / show ---------------------------------------------------------
@@ -177,19 +186,28 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 0
     console = Console()
     t = Table(title=f"run {info['run_id']} ({info['status']})")
-    for col in ("round", "version", "status", "accuracy", "loss", "fed acc", "local acc", "accepted", "dropped", "rejected", "uplink", "downlink", "sim s"):
+    private = any("dp_epsilon" in r.extra for r in records)
+    cols = ["round", "version", "status", "accuracy", "loss", "fed acc", "local acc", "accepted", "dropped", "rejected", "uplink", "downlink", "sim s"]
+    for col in cols + (["epsilon"] if private else []):
         t.add_column(col, justify="right")
+    eps = math.nan
     for r in records:
+        eps = float(r.extra.get("dp_epsilon", eps))  # cumulative: a round that spent nothing shows the spend so far
         t.add_row(
             str(r.round), str(r.version), r.status, _fmt(r.accuracy), _fmt(r.loss), _fmt(r.fed_accuracy),
             _fmt(r.local_accuracy), f"{r.accepted}/{r.selected}", str(r.dropped), str(r.rejected),
-            _bytes(r.uplink_bytes), _bytes(r.downlink_bytes), f"{r.sim_seconds:.2f}",
+            _bytes(r.uplink_bytes), _bytes(r.downlink_bytes), f"{r.sim_seconds:.2f}", *([_fmt(eps, ".3g")] if private else []),
         )
     console.print(t)
     summary = info.get("summary")
     if summary:
         console.print(f"final accuracy {_fmt(summary.get('final_accuracy'))}, best {_fmt(summary.get('best_accuracy'))}, "
                       f"uplink {_bytes(summary.get('uplink_bytes'))}, simulated {summary.get('sim_seconds', 0):.1f} s")
+        if summary.get("dp_epsilon") is not None:
+            console.print("privacy spent: " + _privacy(summary["dp_epsilon"], summary.get("dp_delta"), summary.get("dp_accounting", ""), summary.get("dp_sampling", "")))
+    elif private:
+        last = next(r for r in reversed(records) if "dp_epsilon" in r.extra)
+        console.print(f"privacy spent so far: epsilon = {_fmt(float(last.extra['dp_epsilon']), '.4g')} at delta = {last.extra.get('dp_delta')}")
     return 0
 
 

@@ -180,7 +180,8 @@ class ClientConfig(Section):
 class ServerConfig(Section):
     rounds: int = Field(default=20, ge=1)
     cohort: int = Field(default=30, ge=1)
-    selector: Literal["random", "oort"] = "random"
+    # auto: poisson under privacy.mode = 'central' (the sampling DP-FedAvg's accountant assumes), else random
+    selector: Literal["auto", "random", "poisson", "oort"] = "auto"
     oort_epsilon: float = Field(default=0.2, ge=0, le=1)  # fraction of each cohort that explores untried clients
     oort_alpha: float = Field(default=2.0, ge=0)  # strength of the penalty on clients slower than preferred
     # The aggregator part: mean (FedAvg) or a robust rule (see fleetlearn.aggregation).
@@ -601,6 +602,12 @@ class RunConfig(Section):
                 raise ValueError("canary.set: a canary rollout runs synchronous rounds; server.mode must be 'sync'")
             if self.canary.window > self.canary.rounds:
                 raise ValueError(f"canary.window = {self.canary.window} exceeds canary.rounds = {self.canary.rounds}")
+            if self.privacy.mode == "central":
+                raise ValueError(
+                    "canary.set with privacy.mode = 'central': the candidate arm trains a second model on its clients and "
+                    "releases it outside the run's privacy ledger, so the epsilon reported would not cover those clients; "
+                    "run the candidate as its own run, or use privacy.mode = 'local'"
+                )
         _check_clustering(self)
         if self.data.partition == "label_permutation" and self.data.groups > n:
             raise ValueError(f"data.groups = {self.data.groups} exceeds the number of clients (data.clients = {n})")

@@ -151,6 +151,13 @@ class RunSummary:
     personal_accuracy: float = math.nan
     personal_global_accuracy: float = math.nan
     personal_gain: float = math.nan
+    # Differential privacy (privacy.mode != 'none'): (epsilon, delta) spent by the whole run,
+    # the accounting method that gave it (pld | rdp) and the cohort sampling it composed
+    # (poisson | fixed); NaN / "" without DP.
+    dp_epsilon: float = math.nan
+    dp_delta: float = math.nan
+    dp_accounting: str = ""
+    dp_sampling: str = ""
     records: list[RoundRecord] = field(default_factory=list)
 
     def seconds_to(self, accuracy: float) -> float:

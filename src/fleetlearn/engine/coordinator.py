@@ -120,7 +120,8 @@ class Coordinator:
         else:
             self.norm_filter = None
         self.stopped_reason: str | None = None  # set when the run stops early (privacy budget)
-        self._sampling_rate = 0.0
+        self.round_sampling: tuple[str, float] = ("poisson", 1.0)  # this round's (sampling kind, inclusion probability)
+        self._pool: tuple[int, Any] | None = None  # (round, available clients) fixed when the budget was checked
         self.wait_for_clients: tuple[int, float] | None = None  # (min clients, timeout s) before each round
         # HeteroFL: a learner that trains sub-models says each client's payload size (sub_dim_of)
         # and where its entries sit in the global vector (embed_of).
@@ -195,10 +196,19 @@ class Coordinator:
             cfg["local_dp"] = {"clip_norm": self.privacy.local.clip_norm, "noise_multiplier": self.privacy.local.noise_multiplier}
         return cfg
 
-    def privacy_stop_reason(self, sampling_rate: float) -> str | None:
+    def sampling(self, available, want: int) -> tuple[str, float]:
+        """How this round's cohort is drawn from `available`: the selector's (kind,
+        per-client inclusion probability).  The accountant composes exactly this; a
+        selector that is not uniform says None and counts as every client in every
+        round (no amplification; central DP refuses such selectors at build time)."""
+        inc = self.selector.inclusion(available, want) if len(available) and want > 0 else None
+        return inc if inc is not None else ("poisson", 1.0)
+
+    def privacy_stop_reason(self, sampling: tuple[str, float]) -> str | None:
         if self.privacy is None:
             return None
-        return self.privacy.budget_stop_reason(sampling_rate)
+        kind, q = sampling
+        return self.privacy.budget_stop_reason(q, kind)
 
     def _encoded_params(self) -> bytes:
         # The broadcast payload is encoded once per model version.
@@ -231,6 +241,16 @@ class Coordinator:
             available = np.setdiff1d(np.asarray(available, dtype=np.int64), np.fromiter(self.excluded_clients, dtype=np.int64))
         return available
 
+    def round_pool(self, r: int):
+        """The pool round `r` draws its cohort from (`available`, after waiting for
+        `wait_for_clients` when set): the denominator of the round's privacy sampling
+        rate.  Fixed once per round, so the budget check and the round see the same pool."""
+        if self._pool is None or self._pool[0] != r:
+            if self.wait_for_clients is not None and hasattr(self.transport, "wait_available"):
+                self.transport.wait_available(*self.wait_for_clients)
+            self._pool = (r, self.available(r))
+        return self._pool[1]
+
     def deadline(self) -> float | None:
         """This round's deadline: fixed, or a quantile of recent completion times."""
         srv = self.config.server
@@ -243,16 +263,18 @@ class Coordinator:
     def run_round(self) -> RoundRecord:
         t_wall = time.perf_counter()
         self.last_updates = self.last_weights = self.last_aggregate = self.prev_params = None
-        if self.wait_for_clients is not None and hasattr(self.transport, "wait_available"):
-            self.transport.wait_available(*self.wait_for_clients)
         self.round += 1
         r = self.round
         self._apply_schedules(r)
         srv = self.config.server
-        available = self.available(r)
+        available = self.round_pool(r)
         want = min(math.ceil(srv.cohort * srv.over_selection), len(available))
-        self._sampling_rate = want / max(self.transport.population, 1)
+        self.round_sampling = self.sampling(available, want)
+        self._pool = None
         record = RoundRecord(round=r, version=self.version, sim_start_s=self.clock.now)
+        if self.privacy is not None and self.privacy.accountant is not None:
+            record.extra["dp_sampling"], record.extra["dp_sampling_rate"] = self.round_sampling
+            record.extra["dp_pool"] = len(available)
         if want < srv.min_replies:
             record.status, record.reason = "failed", f"only {len(available)} clients available, min_replies is {srv.min_replies}"
             cohort: list[int] = []
@@ -340,12 +362,11 @@ class Coordinator:
                 # stateful parts' state (aggregator memory, lr schedules) go with the checkpoint:
                 # written (and fsynced) before the round's transaction, named in its metadata.
                 meta = self.store.write_client_states(r, side)
-            self.store.commit_round(record, self.params if save else None, self.server_state if save else None, meta)
+            # Spent privacy is committed in the round's own transaction, checkpoint or not.
+            ledger = self.privacy.state_dict() if self.privacy is not None else None
+            self.store.commit_round(record, self.params if save else None, self.server_state if save else None, meta, privacy=ledger)
             if meta is not None:
                 self.store.prune_client_states(keep=meta)
-            if self.privacy is not None:
-                # Spent privacy must survive a crash even between checkpoints.
-                self.store.write_json("privacy.json", self.privacy.state_dict())
         self.records.append(record)
         return record
 
@@ -580,7 +601,8 @@ class Coordinator:
                 return
         if priv is not None and priv.accountant is not None:
             # Privacy spent on this aggregate stays spent, whatever happens to the round next.
-            spent = priv.record_round(self._sampling_rate)
+            kind, q = self.round_sampling
+            spent = priv.record_round(q, kind)
             record.extra.update(spent.to_metrics())
         if scale is not None:
             pseudo_gradient = pseudo_gradient * float(scaled.sum() / weights.sum())
@@ -719,12 +741,40 @@ class Coordinator:
             if relearn is not None:
                 relearn(records, self)
         self.clock.now = last.sim_start_s + last.sim_seconds
-        privacy_file = self.store.run_dir / "privacy.json"
-        if self.privacy is not None and privacy_file.is_file():
+        if self.privacy is not None:
+            self.privacy.load_state_dict(self._committed_privacy(records))
+        return last.round
+
+    def _committed_privacy(self, records: list[RoundRecord]) -> dict[str, Any]:
+        """The privacy state committed with the last round.  Run directories written before
+        the ledger moved into the round's transaction kept it in ``privacy.json``, written
+        after the commit: it is used only when it covers every committed round's spend.
+        Without a ledger that covers them, resuming would restart (or under-count)
+        accounting, so it is refused."""
+        last = records[-1]
+        state = self.store.privacy_state(last.round)
+        if state is not None:
+            return state
+        spent = next((int(r.extra["dp_rounds"]) for r in reversed(records) if "dp_rounds" in r.extra), 0)
+        legacy = self.store.run_dir / "privacy.json"
+        if legacy.is_file():
             import json
 
-            self.privacy.load_state_dict(json.loads(privacy_file.read_text()))
-        return last.round
+            try:
+                state = json.loads(legacy.read_text())
+                ledger = sum(int(e[2]) for e in state["accountant"]["events"]) if "accountant" in state else 0
+            except (ValueError, KeyError, TypeError, IndexError) as exc:
+                raise ValueError(f"run {self.store.run_id}: {legacy} is unreadable ({exc}); cannot resume without the privacy ledger") from None
+            if ledger >= spent:
+                return state
+            raise ValueError(
+                f"run {self.store.run_id}: {legacy} records {ledger} private releases but the committed rounds spent "
+                f"{spent}; resuming would under-report epsilon (the ledger was written after the commit and a crash came between)"
+            )
+        raise ValueError(
+            f"run {self.store.run_id}: round {last.round} is committed but its privacy ledger is missing; resuming would "
+            "restart privacy accounting and under-report epsilon. Refusing to resume"
+        )
 
     # -- the run -------------------------------------------------------------------
     @contextmanager
@@ -745,11 +795,15 @@ class Coordinator:
             torch.set_num_threads(threads_before)
 
     def budget_exhausted(self) -> bool:
-        """True (and `stopped_reason` set) when the next round's sampling rate would take the
-        privacy spent past its budget: the run stops cleanly before that round."""
+        """True (and `stopped_reason` set) when the next round, at the sampling rate of the
+        pool it will draw from, would take the privacy spent past its budget: the run
+        stops cleanly before that round."""
+        if self.privacy is None or self.privacy.settings.budget_epsilon is None:
+            return False
         srv = self.config.server
-        want = min(math.ceil(srv.cohort * srv.over_selection), self.transport.population)
-        reason = self.privacy_stop_reason(want / max(self.transport.population, 1))
+        available = self.round_pool(self.round + 1)
+        want = min(math.ceil(srv.cohort * srv.over_selection), len(available))
+        reason = self.privacy_stop_reason(self.sampling(available, want))
         if reason is not None:
             self.stopped_reason = reason
         return reason is not None
@@ -808,6 +862,9 @@ class Coordinator:
             last = next((r for r in reversed(recs) if not math.isnan(r.personal_accuracy)), None)
             if last is not None:
                 s.personal_accuracy, s.personal_global_accuracy, s.personal_gain = last.personal_accuracy, last.personal_global_accuracy, last.personal_gain
+        if self.privacy is not None and self.privacy.accountant is not None:
+            p = self.privacy.summary()
+            s.dp_epsilon, s.dp_delta, s.dp_accounting, s.dp_sampling = p["dp_epsilon"], p["dp_delta"], p["dp_accounting"], p["dp_sampling"]
         if self.store is not None:
             self.store.finish(s.to_json_dict())
         return s

@@ -163,16 +163,34 @@ def build_privacy_parts(config: RunConfig, population: int, aggregator) -> Priva
         raise ConfigError(str(exc)) from None
 
 
+def selector_name(config: RunConfig) -> str:
+    """The selector a run uses: `server.selector`, with "auto" resolved (Poisson sampling
+    under central DP, the sampling its accountant composes; uniform fixed-size otherwise)."""
+    name = config.server.selector
+    if name == "auto":
+        return "poisson" if config.privacy.mode == "central" else "random"
+    return name
+
+
 def build_selector(config: RunConfig, population: int):
     srv = config.server
-    if srv.selector == "oort":
+    name = selector_name(config)
+    if name == "oort":
         selector = SELECTORS["oort"](population, epsilon=srv.oort_epsilon, alpha=srv.oort_alpha, quantile=srv.deadline_quantile)
     else:
-        selector = SELECTORS[srv.selector]()
+        selector = SELECTORS[name]()
     if srv.max_newcomers is not None:
         from ..selection import NewcomerCap
 
         selector = NewcomerCap(selector, srv.max_newcomers, population)
+    if config.privacy.mode == "central" and selector.inclusion(range(population), min(srv.cohort, population)) is None:
+        what = f"server.selector = {srv.selector!r}" if srv.max_newcomers is None else f"server.max_newcomers = {srv.max_newcomers}"
+        raise ConfigError(
+            f"{what} with privacy.mode = 'central': the accountant composes one subsampled Gaussian per round and needs "
+            "to know each client's chance of taking part; this selector's choice is not uniform (it depends on what "
+            "clients reported or on their history), so no sound epsilon can be given. Use server.selector = 'poisson' "
+            "(the default under central DP) or 'random' (fixed-size, accounted without replacement)"
+        )
     return selector
 
 

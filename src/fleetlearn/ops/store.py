@@ -84,6 +84,17 @@ checkpoints = Table(
 )
 
 
+# The privacy ledger after each round, written in that round's transaction: a crash can
+# never leave a committed round whose privacy spend is missing (see `commit_round`).
+privacy_ledger = Table(
+    "privacy_ledger",
+    metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("round", Integer, primary_key=True),
+    Column("state", JSON, nullable=False),
+)
+
+
 class StoreError(RuntimeError):
     pass
 
@@ -208,8 +219,12 @@ class RunStore:
         os.replace(tmp, path)
         return rel, digest
 
-    def commit_round(self, record: RoundRecord, params: torch.Tensor | None = None, state: dict[str, torch.Tensor] | None = None, meta: dict[str, str] | None = None) -> None:
-        """Record a round (and, if `params` is given, its checkpoint) atomically."""
+    def commit_round(
+        self, record: RoundRecord, params: torch.Tensor | None = None, state: dict[str, torch.Tensor] | None = None,
+        meta: dict[str, str] | None = None, privacy: dict[str, Any] | None = None,
+    ) -> None:
+        """Record a round (and, if `params` is given, its checkpoint; if `privacy` is given,
+        the privacy ledger after it) atomically."""
         ckpt = self._write_checkpoint(record.version, params, state, meta) if params is not None else None
         row = record.to_dict()
         config_hash = self.config_hash  # read before the write transaction
@@ -230,6 +245,9 @@ class RunStore:
                         path=ckpt[0], sha256=ckpt[1], created_at=_now(),
                     )
                 )
+            if privacy is not None:  # only the latest is ever resumed from (the ledger is cumulative)
+                conn.execute(privacy_ledger.delete().where(privacy_ledger.c.run_id == self.run_id))
+                conn.execute(privacy_ledger.insert().values(run_id=self.run_id, round=record.round, state=json.loads(json.dumps(privacy))))
             conn.execute(update(runs).where(runs.c.run_id == self.run_id).values(rounds_done=record.round))
             from .registry import register_round
 
@@ -306,6 +324,14 @@ class RunStore:
         with self.engine.connect() as conn:
             rows = conn.execute(select(rounds.c.record).where(rounds.c.run_id == self.run_id).order_by(rounds.c.round)).all()
         return [RoundRecord.from_dict(r[0]) for r in rows]
+
+    def privacy_state(self, round: int) -> dict[str, Any] | None:
+        """The privacy ledger committed with `round`, or None if that round has none."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(privacy_ledger.c.state).where(privacy_ledger.c.run_id == self.run_id, privacy_ledger.c.round == round)
+            ).first()
+        return None if row is None else row[0]
 
     def checkpoint_rows(self) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:

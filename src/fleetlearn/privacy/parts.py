@@ -120,33 +120,41 @@ class PrivacyParts:
             return self.local.noise_multiplier
         return math.nan
 
-    def budget_stop_reason(self, sampling_rate: float) -> str | None:
+    def budget_stop_reason(self, sampling_rate: float, sampling: str = "poisson") -> str | None:
         """Call BEFORE dispatching a round: a reason to stop the run if one more
         round at this sampling rate would take epsilon above the budget."""
         budget = self.settings.budget_epsilon
         if budget is None or self.accountant is None:
             return None
-        if self.telemetry is None:
-            if not self.accountant.would_exceed(budget, sampling_rate, self.noise_multiplier):
-                return None
-            nxt = self.accountant.epsilon_after(1, sampling_rate, self.noise_multiplier)
-        else:  # a round is two releases: the model update and the telemetry
-            acc = self.accountant
-            runs = acc._extend(acc._extend(tuple(acc.runs), float(sampling_rate), self.noise_multiplier, 1), float(sampling_rate), self.telemetry.noise_multiplier, 1)
-            nxt = acc._epsilon(runs)
-            if nxt <= budget:
-                return None
+        acc = self.accountant
+        runs = acc._extend(tuple(acc.runs), float(sampling_rate), self.noise_multiplier, 1, sampling)
+        if self.telemetry is not None:  # a round is two releases: the model update and the telemetry
+            runs = acc._extend(runs, float(sampling_rate), self.telemetry.noise_multiplier, 1, sampling)
+        nxt = acc._epsilon(runs)
+        if nxt <= budget:
+            return None
         return (
             f"privacy budget: one more round would spend epsilon = {nxt:.4g} > budget_epsilon = {budget:g} "
-            f"(delta = {self.accountant.delta:g}, {self.accountant.rounds} rounds spent epsilon = {self.accountant.epsilon():.4g})"
+            f"(delta = {acc.delta:g}, {acc.rounds} rounds spent epsilon = {acc.epsilon():.4g})"
         )
 
-    def record_round(self, sampling_rate: float) -> PrivacySpent | None:
-        """Call AFTER every round whose (noised) aggregate was computed."""
+    def record_round(self, sampling_rate: float, sampling: str = "poisson") -> PrivacySpent | None:
+        """Call AFTER every round whose (noised) aggregate was computed, with the round's
+        sampling rate (expected cohort / the clients it was drawn from) and sampling kind."""
         if self.accountant is None:
             return None
-        self.accountant.record_round(sampling_rate, self.noise_multiplier)
+        self.accountant.record_round(sampling_rate, self.noise_multiplier, sampling=sampling)
         return self.accountant.spent()
+
+    def summary(self) -> dict[str, Any]:
+        """What the run summary says about privacy: epsilon at delta, and how it was accounted."""
+        acc = self.accountant
+        if acc is None:
+            return {}
+        return {
+            "dp_mode": acc.mode, "dp_epsilon": acc.epsilon(), "dp_delta": acc.delta, "dp_rounds": acc.rounds,
+            "dp_accounting": acc.method, "dp_sampling": acc.sampling or "",
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-safe state for checkpoints: accountant ledger, adaptive C, noise RNG."""

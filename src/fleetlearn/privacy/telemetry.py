@@ -98,6 +98,7 @@ class PrivateTelemetryHook:
         privacy = getattr(coordinator, "privacy", None)
         accountant = getattr(privacy, "accountant", None)
         if accountant is not None:
-            accountant.record_round(float(getattr(coordinator, "_sampling_rate", 0.0)) or len(replied) / max(coordinator.transport.population, 1), t.noise_multiplier)
+            kind, q = coordinator.round_sampling  # the same sampling event as the round's model release
+            accountant.record_round(q, t.noise_multiplier, sampling=kind)
             record.extra.update(accountant.spent().to_metrics())  # the epsilon spent, telemetry included
         record.extra[TELEMETRY_KEY] = info

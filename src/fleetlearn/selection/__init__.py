@@ -1,9 +1,10 @@
-"""Selectors: `select(available, k, round, rng) -> cohort`; optional `observe(record)`."""
+"""Selectors: `select(available, k, round, rng) -> cohort`, `inclusion(available, k)` (how it
+samples, for the privacy accountant; None when not uniform); optional `observe(record)`."""
 
 from .oort import OortSelector
-from .random import RandomSelector
+from .random import PoissonSelector, RandomSelector
 from .wrappers import NewcomerCap, RestrictedSelector
 
-SELECTORS = {"random": RandomSelector, "oort": OortSelector}
+SELECTORS = {"random": RandomSelector, "poisson": PoissonSelector, "oort": OortSelector}
 
-__all__ = ["SELECTORS", "NewcomerCap", "OortSelector", "RandomSelector", "RestrictedSelector"]
+__all__ = ["SELECTORS", "NewcomerCap", "OortSelector", "PoissonSelector", "RandomSelector", "RestrictedSelector"]

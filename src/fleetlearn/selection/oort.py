@@ -75,6 +75,11 @@ class OortSelector:
         reliability = 1.0 / (1.0 + self.failures[ids])
         return (self.utility[ids] + bonus) * penalty * reliability
 
+    def inclusion(self, available: Sequence[int], k: int) -> None:
+        """Not uniform: a client's chance depends on its reported losses and speed, so a
+        sampling-based privacy accountant has nothing sound to compose (refused under DP)."""
+        return None
+
     def select(self, available: Sequence[int], k: int, round: int, rng: np.random.Generator) -> list[int]:
         ids = np.asarray(available, dtype=np.int64)
         if k > len(ids):

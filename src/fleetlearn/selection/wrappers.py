@@ -21,6 +21,11 @@ class RestrictedSelector:
         pool = np.intersect1d(np.asarray(available, dtype=np.int64), self.allowed, assume_unique=False)
         return self.inner.select(pool, min(k, len(pool)), round, rng)
 
+    def inclusion(self, available: Sequence[int], k: int):
+        """The inner selector's sampling over this arm's share of the available clients."""
+        pool = np.intersect1d(np.asarray(available, dtype=np.int64), self.allowed, assume_unique=False)
+        return self.inner.inclusion(pool, min(k, len(pool)))
+
     def observe(self, record) -> None:
         observe = getattr(self.inner, "observe", None)
         if observe is not None:
@@ -58,6 +63,10 @@ class NewcomerCap:
         self._last_newcomers = int((~self.seen[picked]).sum()) if picked.size else 0
         self.seen[picked] = True
         return cohort
+
+    def inclusion(self, available: Sequence[int], k: int) -> None:
+        """Not uniform: a newcomer's chance depends on how many newcomers are available."""
+        return None
 
     def observe(self, record) -> None:
         record.extra["newcomers"] = self._last_newcomers
