@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -9,9 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from fleetlearn.config import load_config
+from fleetlearn.engine import build_coordinator
+
 from fleetlearn.aggregation.weighting import (
     WEIGHTINGS,
     CohortInfo,
+    claim_ratio,
     distance,
     examples,
     label_importance,
@@ -178,7 +183,9 @@ def test_parts_read_cohort_info_and_config():
     for name, cls in WEIGHTINGS.items():
         w = cls()(info)
         assert w.shape == (3,) and (w >= 0).all() and w.sum() > 0, name
-    np.testing.assert_array_equal(make_weighting("examples")(info), [10, 20, 30])
+    # A cohort of 3: the default cap is 1x the lower median (claim_ratio(3) = 1).
+    np.testing.assert_array_equal(make_weighting("examples")(info), [10, 20, 20])
+    np.testing.assert_array_equal(make_weighting("examples", max_examples_ratio=10)(info), [10, 20, 30])
     part = weighting_from_config({"weighting": "distance", "weighting_mode": "cosine", "other": 1})
     np.testing.assert_allclose(part(info), [1.0, 0.5, 0.5])
     assert isinstance(weighting_from_config({}), WEIGHTINGS["examples"])
@@ -192,3 +199,41 @@ def test_parts_read_cohort_info_and_config():
         make_weighting("loss_improvement", flor=0.1)
     with pytest.raises(ValueError, match="3 clients"):
         make_weighting("loss_improvement")(CohortInfo(num_examples=[1, 2, 3], loss_before=[1.0, 2.0], loss_after=[0.5, 1.0]))
+
+
+def test_one_false_claim_cannot_carry_a_small_cohort_by_default():
+    """Hardening 10: 10^12 claimed examples with a zero delta took 71% of a 5-client aggregate
+    under a fixed 10x median cap; the default cap now scales with the cohort."""
+    honest = [60, 55, 70, 65]
+    old = np.minimum(honest + [10**12], 10 * np.median(honest + [10**12]))
+    assert old[-1] / old.sum() > 0.7  # the fixed 10x cap
+    w = examples(honest + [10**12])
+    assert w[-1] / w.sum() < 0.35
+    for n in (2, 3, 5, 8, 21, 40):
+        w = examples([100] * (n - 1) + [10**12])
+        assert w[-1] / w.sum() <= max(1 / 3, 10 / (n + 9)) + 1e-12
+    # A cohort of two: the plain median is the liar's half; the lower median is not.
+    np.testing.assert_array_equal(examples([100, 10**12]), [100, 100])
+    # An explicit ratio is kept as given; large cohorts keep the 10x cap.
+    np.testing.assert_array_equal(examples([10, 10, 10, 10, 1000], max_examples_ratio=10), [10, 10, 10, 10, 100])
+    assert claim_ratio(100) == 10 and claim_ratio(5) == 2 and claim_ratio(2) == 1
+
+
+def test_the_engine_caps_a_false_claim_in_a_small_cohort():
+    from fleetlearn.messages import Update
+
+    c = build_coordinator(load_config({"data": {"clients": 10}, "server": {"rounds": 1, "cohort": 5}}), store=False)
+    original = c.transport.dispatch
+
+    def lying(task, cohort):
+        for reply in original(task, cohort):
+            msg = reply.message
+            if isinstance(msg, Update) and msg.client_id == min(cohort):
+                payload, _ = c.uplink.encode(torch.zeros(c.dim))
+                reply = dataclasses.replace(reply, message=dataclasses.replace(msg, num_examples=10**12, payload=payload))
+            yield reply
+
+    c.transport.dispatch = lying
+    rec = c.run_round()
+    liar = next(cr for cr in rec.clients if cr.num_examples == 10**12)
+    assert liar.status == "accepted" and liar.weight <= 1 / 3 + 1e-9

@@ -6,10 +6,12 @@ client's share (``ClientRecord.weight``) so their effect is visible round by rou
 Functions (vectorised numpy; each raises ``ValueError`` naming the argument on NaN, negative
 counts or wrong shapes):
 
-- ``examples(counts, max_examples=None, max_examples_ratio=10.0)``: the claimed example counts,
-  capped at ``max_examples`` and at ``max_examples_ratio`` x the cohort median, so no client can
+- ``examples(counts, max_examples=None, max_examples_ratio=None)``: the claimed example counts,
+  capped at ``max_examples`` and at a ratio x the cohort's (lower) median, so no client can
   buy itself more weight by claiming more (``Coordinator.example_weights``; McMahan et al.,
-  AISTATS 2017, weight ``n_k / n``).  The default.
+  AISTATS 2017, weight ``n_k / n``).  The default ratio is ``min(10, max(1, (n - 1) / 2))`` for a
+  cohort of n: against n - 1 equal honest claims one false claim then carries at most a third of
+  the round's weight (10 / (n + 9) beyond 21 clients).  The default weighting.
 - ``uniform(n)``: every client 1 (the "equal weighting" of FedAvg variants on unbalanced data).
 - ``loss_improvement(loss_before, loss_after, floor=0.1)``: by how much local training lowered
   the client's own loss, ``max(before - after, 0)``, lifted to at least ``floor x`` the largest
@@ -35,7 +37,17 @@ import torch
 
 ArrayLike = np.ndarray | torch.Tensor | Sequence[float]
 
-DEFAULT_MAX_EXAMPLES_RATIO = 10.0
+DEFAULT_MAX_EXAMPLES_RATIO = 10.0  # the ratio cap of large cohorts (see `claim_ratio`)
+
+
+def claim_ratio(n: int, max_examples_ratio: float | None = None) -> float:
+    """The cap on a claim as a multiple of the cohort's lower median: `max_examples_ratio`
+    when set, else ``min(10, max(1, (n - 1) / 2))``.  A fixed 10x let one false claim take
+    10 / 14 = 71% of a 5-client round; with (n - 1) / 2 it takes at most a third against
+    equal honest claims, whatever the cohort's size."""
+    if max_examples_ratio is not None:
+        return float(max_examples_ratio)
+    return min(DEFAULT_MAX_EXAMPLES_RATIO, max(1.0, (n - 1) / 2.0))
 
 
 # -- input checks ----------------------------------------------------------------------------
@@ -70,18 +82,20 @@ def _nonnegative(arr: np.ndarray, what: str) -> None:
 # -- weights ---------------------------------------------------------------------------------
 
 
-def examples(counts: ArrayLike, max_examples: float | None = None, max_examples_ratio: float = DEFAULT_MAX_EXAMPLES_RATIO) -> np.ndarray:
-    """``min(n_i, cap)`` with ``cap = min(max_examples_ratio * median(n), max_examples)``.
+def examples(counts: ArrayLike, max_examples: float | None = None, max_examples_ratio: float | None = None) -> np.ndarray:
+    """``min(n_i, cap)`` with ``cap = min(ratio * lower_median(n), max_examples)`` and ``ratio =
+    claim_ratio(len(n), max_examples_ratio)``.
 
     The example counts are the clients' own claims; the cap bounds what a false claim can buy
-    (the median moves only if half the cohort lies).  Same numbers as ``Coordinator.example_weights``.
+    (the lower median moves only if half the cohort lies, also in a cohort of two, where the
+    plain median is the liar's own half).  Same numbers as ``Coordinator.example_weights``.
     """
     c = _as_array(counts, "example counts", 1)
     _nonempty(c, "example counts")
     _nonnegative(c, "example counts")
-    if not max_examples_ratio >= 1:
+    if max_examples_ratio is not None and not max_examples_ratio >= 1:
         raise ValueError(f"max_examples_ratio must be >= 1, got {max_examples_ratio}")
-    cap = max_examples_ratio * float(np.median(c))
+    cap = claim_ratio(c.size, max_examples_ratio) * float(np.quantile(c, 0.5, method="lower"))
     if max_examples is not None:
         if not max_examples >= 1:
             raise ValueError(f"max_examples must be >= 1, got {max_examples}")
@@ -298,7 +312,7 @@ def _match(weights: np.ndarray, info: CohortInfo, part: str) -> np.ndarray:
 class ExampleWeighting:
     name = "examples"
 
-    def __init__(self, max_examples: float | None = None, max_examples_ratio: float = DEFAULT_MAX_EXAMPLES_RATIO):
+    def __init__(self, max_examples: float | None = None, max_examples_ratio: float | None = None):
         self.max_examples = max_examples
         self.max_examples_ratio = max_examples_ratio
 
