@@ -241,7 +241,7 @@ class ServerConfig(Section):
     # A client cannot buy itself more weight: its claimed example count is capped at
     # `max_examples` (absolute) and at `max_examples_ratio` x the cohort's median claim.
     max_examples: int | None = Field(default=None, ge=1)
-    max_examples_ratio: float = Field(default=10.0, ge=1)
+    max_examples_ratio: float | None = Field(default=None, ge=1)  # None: min(10, max(1, (cohort - 1) / 2))
     # Deadlines and dropouts (Bonawitz et al., SysML 2019: over-select, aggregate whoever reports).
     deadline_s: float | None = Field(default=None, gt=0)  # simulated s (real s on the network); None waits for all
     deadline_policy: Literal["fixed", "adaptive"] = "fixed"
