@@ -132,6 +132,8 @@ def _print_summary(console: Console, s: RunSummary) -> None:
     ]
     if s.personal_accuracy == s.personal_accuracy:  # personalization on: its end-of-run evaluation
         rows.append(("personal / global (local tests)", f"{_fmt(s.personal_accuracy)} / {_fmt(s.personal_global_accuracy)} (gain {s.personal_gain:+.4f})"))
+    if s.stopped_reason:
+        rows.append(("stopped early", s.stopped_reason))
     if s.dp_epsilon == s.dp_epsilon:  # differential privacy: what the run spent
         rows.append(("privacy spent", _privacy(s.dp_epsilon, s.dp_delta, s.dp_accounting, s.dp_sampling)))
     for k, v in rows:

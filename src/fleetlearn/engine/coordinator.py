@@ -242,14 +242,30 @@ class Coordinator:
         return available
 
     def round_pool(self, r: int):
-        """The pool round `r` draws its cohort from (`available`, after waiting for
-        `wait_for_clients` when set): the denominator of the round's privacy sampling
-        rate.  Fixed once per round, so the budget check and the round see the same pool."""
+        """The pool round `r` draws its cohort from (`available`): the denominator of the
+        round's privacy sampling rate.  Fixed once per round, so the budget check and the
+        round see the same pool."""
         if self._pool is None or self._pool[0] != r:
-            if self.wait_for_clients is not None and hasattr(self.transport, "wait_available"):
-                self.transport.wait_available(*self.wait_for_clients)
             self._pool = (r, self.available(r))
         return self._pool[1]
+
+    def clients_ready(self) -> bool:
+        """Before a round: wait for `wait_for_clients` = (min clients, timeout s) when set.
+        If they do not come, the run stops (`stopped_reason` says why) instead of recording
+        rounds that end with nobody: waiting for clients never uses up rounds, and the run
+        can be resumed."""
+        if self.wait_for_clients is None or not hasattr(self.transport, "wait_available"):
+            return True
+        need, timeout = self.wait_for_clients
+        got = len(self.transport.wait_available(need, timeout))
+        if got >= need:
+            self._pool = None  # the pool is read after the wait
+            return True
+        self.stopped_reason = (
+            f"waited {timeout:g} s for {need} connected clients before round {self.round + 1}, {got} connected; "
+            "no round was run (resume the run when clients are back)"
+        )
+        return False
 
     def deadline(self) -> float | None:
         """This round's deadline: fixed, or a quantile of recent completion times."""
@@ -820,7 +836,7 @@ class Coordinator:
             FedBuffLoop(self).run(on_round)
         else:
             while self.round < self.config.server.rounds:
-                if self.budget_exhausted():
+                if not self.clients_ready() or self.budget_exhausted():
                     break
                 record = self.run_round()
                 if on_round is not None:
