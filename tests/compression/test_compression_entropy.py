@@ -133,3 +133,41 @@ def test_consistent_body_with_a_wrong_inner_length_is_refused():
     frame = zstandard.ZstdCompressor().compress(inner)
     with pytest.raises(PayloadError, match="truncated or inconsistent"):
         decode_payload(forge(wire.SUPPORT_DENSE, wire.VALUE_QUANT, 1000, len(inner), frame))
+
+
+BOMB_PROBE = r"""
+import resource, struct, sys, zlib
+import zstandard
+from fleetlearn.compression import decode_payload, wire
+from fleetlearn.params import PayloadError
+
+size = int(sys.argv[1])
+frame = zstandard.ZstdCompressor().compress(bytes(size))  # zeros: a few KB on the wire
+# The sender's header claims a dimension whose body bound (16 * dim) admits `size` bytes.
+body = wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.SUPPORT_DENSE | wire.SUPPORT_ZSTD_FLAG, wire.VALUE_F32, 2**28 - 1)
+body += struct.pack("<I", size) + frame
+payload = body + struct.pack("<I", zlib.crc32(body))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    decode_payload(payload, dim=1000)
+    print("decoded", file=sys.stderr)
+except PayloadError as exc:
+    print(str(exc), file=sys.stderr)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(len(payload), (after - before) // 1024)
+"""
+
+
+def test_a_bomb_is_bounded_by_the_receivers_dimension_not_the_senders_header():
+    # A ~16 KB payload whose header claims dim 2^28 - 1 announces a 512 MiB zstd body (under
+    # that dimension's bound).  The receiver expects dim 1000: it must refuse before it
+    # decompresses, so the process's peak memory does not move (measured in a fresh process).
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", BOMB_PROBE, str(512 << 20)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    nbytes, grown_mb = map(int, out.stdout.split())
+    assert nbytes < 64 << 10
+    assert "payload is for a vector of dim 268435455, expected 1000" in out.stderr
+    assert grown_mb < 64, f"decoding a {nbytes}-byte payload raised peak memory by {grown_mb} MiB"

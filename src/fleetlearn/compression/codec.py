@@ -363,9 +363,7 @@ def decode_payload(payload: bytes, dim: int | None = None) -> torch.Tensor:
     Pass `dim` (the model's dimension) when it is known: a payload for another
     dimension is then refused before anything of that size is allocated.
     """
-    h, r = wire.read_header(payload)
-    if dim is not None and h.dim != dim:
-        raise PayloadError(f"payload is for a vector of dim {h.dim}, expected {dim}")
+    h, r = wire.read_header(payload, dim=dim)  # checks dim before decompressing a zstd body
     try:
         if h.support == wire.SUPPORT_DENSE:
             out = read_values(h.value, r, h.dim)

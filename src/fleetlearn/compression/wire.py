@@ -16,7 +16,8 @@ Every payload is self-describing and checksummed::
 
 A zstd-coded body is: uncompressed length (uint32), then one zstd frame;
 `read_header` decompresses it and hands back a reader over the plain body, so
-the section readers never see the difference.
+the section readers never see the difference.  Given the dimension it expects,
+`read_header` refuses a payload for another one before decompressing anything.
 
 All integers are little-endian.  Decoding checks the magic, the version, the CRC,
 and then that every length announced in the headers matches the bytes present,
@@ -103,13 +104,17 @@ def as_view(payload: bytes | bytearray | memoryview) -> memoryview:
     return mv
 
 
-def read_header(payload: bytes | bytearray | memoryview, *, check_crc: bool = True) -> tuple[Header, "Reader"]:
-    """Checks magic, version and CRC; returns the header and a reader positioned after it."""
+def read_header(payload: bytes | bytearray | memoryview, *, check_crc: bool = True, dim: int | None = None) -> tuple[Header, "Reader"]:
+    """Checks magic, version and CRC; returns the header and a reader positioned after it.
+
+    `dim`: the dimension the receiver expects (the model's).  A payload announcing another
+    is refused here, before a zstd-coded body is decompressed: the body's bound
+    (`max_body_bytes`) is then the receiver's, not whatever the sender wrote in its header."""
     mv = as_view(payload)
     n = len(mv)
     if n < OVERHEAD:
         raise PayloadError(f"payload of {n} bytes is shorter than the {OVERHEAD}-byte minimum (header + CRC)")
-    magic, version, support, value, dim = HEADER.unpack_from(mv, 0)
+    magic, version, support, value, payload_dim = HEADER.unpack_from(mv, 0)
     if magic != MAGIC:
         raise PayloadError(f"not a fleetlearn codec payload: magic {bytes(magic)!r}, expected {MAGIC!r}")
     if version != VERSION:
@@ -125,12 +130,14 @@ def read_header(payload: bytes | bytearray | memoryview, *, check_crc: bool = Tr
         raise PayloadError(f"unknown support id {support}; known: {SUPPORT_NAMES}")
     if value not in VALUE_NAMES:
         raise PayloadError(f"unknown value codec id {value}; known: {VALUE_NAMES}")
+    if dim is not None and payload_dim != dim:
+        raise PayloadError(f"payload is for a vector of dim {payload_dim}, expected {dim}")
     r = Reader(mv, HEADER.size, n - CRC.size)
     if zstd:
         if support == SUPPORT_SKETCH:
             raise PayloadError("a sketch payload cannot be zstd-coded (the server adds sketch tables as sent)")
-        r = _zstd_body(r, dim)
-    return Header(support, value, dim), r
+        r = _zstd_body(r, payload_dim)
+    return Header(support, value, payload_dim), r
 
 
 def _zstd_body(r: "Reader", dim: int) -> "Reader":
