@@ -89,6 +89,7 @@ def test_run_resume_continues_an_interrupted_simulation_to_the_same_model(tmp_pa
     cut = build_coordinator(cfg, store=True)
     for _ in range(2):
         cut.run_round()  # ... and the process dies here
+    cut.store.close()  # (its death releases the run's lock)
     run_dir = cut.store.run_dir
     p = fl("run", "--resume", str(run_dir), "--json", "--quiet", cwd=tmp_path)
     assert p.returncode == 0, p.stderr

@@ -322,7 +322,7 @@ def build_coordinator(
         run_store = RunStore.create(config.store.root, config.to_toml(), config.digest(), name=config.name, url=config.store.url)
         run_store.write_json("data_stats.json", data.stats)
     if run_store is not None and not (run_store.run_dir / PARAM_SPEC_FILE).is_file():
-        (run_store.run_dir / PARAM_SPEC_FILE).write_text(learner.spec.to_json())  # `models export` names the tensors
+        run_store.write_text(PARAM_SPEC_FILE, learner.spec.to_json())  # atomically; `models export` names the tensors
     monitoring = _part("monitoring", "monitoring", "section", lambda: build_monitoring(config.monitoring.model_dump()))
     if privacy is not None and privacy.telemetry is not None:
         from ..privacy.telemetry import PrivateTelemetryHook

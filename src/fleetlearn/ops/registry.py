@@ -35,7 +35,7 @@ from sqlalchemy import JSON, Column, DateTime, Float, Integer, String, Text, and
 from sqlalchemy.engine import Connection
 
 from ..records import RoundRecord
-from .store import RunStore, StoreError, Table, _finite, _now, metadata
+from .store import RunStore, StoreError, Table, _finite, _now, _tmp_path, metadata
 
 TAGS = ("candidate", "canary", "production", "rolled_back")
 EXCLUSIVE_TAGS = ("production",)  # held by one version at a time
@@ -162,10 +162,18 @@ class ModelRegistry:
         self.run_id = store.run_id
 
     # -- reading --------------------------------------------------------------------
+    def _legacy_read_only(self) -> bool:
+        """A store written before the registry, opened read-only: its tables could not be
+        added, so it has no registry rows (versions are derived, there are no tags)."""
+        return self.store._missing(model_versions) or self.store._missing(model_tags)
+
     def versions(self) -> list[ModelVersion]:
-        with self.store.engine.connect() as conn:
-            rows = conn.execute(select(model_versions).where(model_versions.c.run_id == self.run_id).order_by(model_versions.c.version)).mappings().all()
-            tags = _active(conn, self.run_id)
+        if self._legacy_read_only():
+            rows, tags = [], []
+        else:
+            with self.store.engine.connect() as conn:
+                rows = conn.execute(select(model_versions).where(model_versions.c.run_id == self.run_id).order_by(model_versions.c.version)).mappings().all()
+                tags = _active(conn, self.run_id)
         by_version: dict[int, ModelVersion] = {}
         if not rows:
             by_version = self._derived()
@@ -210,11 +218,15 @@ class ModelRegistry:
         return chain
 
     def tag_history(self) -> list[dict[str, Any]]:
+        if self._legacy_read_only():
+            return []
         with self.store.engine.connect() as conn:
             rows = conn.execute(select(model_tags).where(model_tags.c.run_id == self.run_id).order_by(model_tags.c.id)).mappings().all()
         return [dict(r) for r in rows]
 
     def production(self) -> int | None:
+        if self._legacy_read_only():
+            return None
         with self.store.engine.connect() as conn:
             rows = _active(conn, self.run_id, "production")
         return rows[-1]["version"] if rows else None
@@ -309,17 +321,25 @@ class ModelRegistry:
         }
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, out)
+        tmp = _tmp_path(out)  # unique: two exports to one file never share a temporary
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return out
 
     def _has(self, version: int, tag: str) -> bool:
+        if self._legacy_read_only():
+            return False
         with self.store.engine.connect() as conn:
             return bool(_active(conn, self.run_id, tag, version))
 
     def _known(self, version: int) -> None:
-        with self.store.engine.connect() as conn:  # one indexed lookup; the full scan only for older stores
-            row = conn.execute(select(model_versions.c.version).where(model_versions.c.run_id == self.run_id, model_versions.c.version == version)).first()
+        row = None
+        if not self._legacy_read_only():
+            with self.store.engine.connect() as conn:  # one indexed lookup; the full scan only for older stores
+                row = conn.execute(select(model_versions.c.version).where(model_versions.c.run_id == self.run_id, model_versions.c.version == version)).first()
         if row is None and not any(v.version == version for v in self.versions()):
             raise StoreError(f"run {self.run_id} has no model version {version}")

@@ -1,10 +1,20 @@
 """The run store: a run directory with a database (SQLite by default, any
 SQLAlchemy URL such as PostgreSQL) and model checkpoints as safetensors.
 
-Crash safety: a checkpoint file is written to a temporary name, fsynced and
-renamed before the database row that names it is committed; the round record,
-the checkpoint row and the run's progress are one transaction.  A crash leaves
-either the whole round or none of it.
+Crash safety: a checkpoint file is written to a unique temporary name, fsynced
+and renamed (and its folder fsynced) before the database row that names it is
+committed; the round record, the checkpoint row and the run's progress are one
+transaction.  A crash leaves either the whole round or none of it.  A file that a
+committed row names is never overwritten: a checkpoint for a version that already
+has one goes to a new name, and the old file is removed only after the new row
+committed.  The side files (``config.toml``, ``summary.json``, ``param_spec.json``,
+...) are written the same way (`atomic_write`), so a reader or a crash never sees
+half of one.
+
+One process at a time: a process that trains a run (a new run, ``--resume``)
+holds an exclusive lock on ``RUN_DIR/.lock`` (``flock``) for as long as its store
+is open, and a second one is refused with the holder's pid.  Readers (``show``,
+``report``, ``models list``) take no lock and work on a read-only run directory.
 """
 
 from __future__ import annotations
@@ -31,14 +41,18 @@ from sqlalchemy import (
     Table,
     Text,
     create_engine,
+    event,
+    inspect,
     select,
     update,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from ..records import RoundRecord
 
 DB_NAME = "run.db"
+LOCK_NAME = ".lock"  # flock'ed by the process training the run; holds its pid
 CLIENT_STATES = "client_states"  # checkpoint metadata: the client-state file saved with it
 CLIENT_STATES_SHA = "client_states_sha256"
 metadata = MetaData()
@@ -95,8 +109,98 @@ privacy_ledger = Table(
 )
 
 
+# Configuration changes a `--resume` accepted (`RunStore.record_resume_overrides`): one row
+# per key, with the first round trained under the new value.
+resume_overrides = Table(
+    "resume_overrides",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String(64), nullable=False, index=True),
+    Column("round", Integer, nullable=False),
+    Column("key", String(200), nullable=False),
+    Column("old", JSON),
+    Column("new", JSON),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+
 class StoreError(RuntimeError):
     pass
+
+
+# -- files ------------------------------------------------------------------------------
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames in `folder` durable (a no-op where folders cannot be fsynced)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tmp_path(path: Path) -> Path:
+    """A temporary name beside `path`, unique per process and call (two writers never share one)."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> None:
+    """Replace `path` with `data` crash-safely: a unique temporary file in the same folder,
+    fsynced, renamed over `path`, and the folder fsynced.  A reader sees the old file or
+    the new one, never a truncated or half-written one."""
+    path = Path(path)
+    tmp = _tmp_path(path)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    try:
+        with open(tmp, "xb") as fh:
+            fh.write(raw)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+# -- database errors ----------------------------------------------------------------------
+def _where(engine: Engine) -> str:
+    """The store as a user names it: the SQLite file, else the URL without its password."""
+    url = engine.url
+    if url.get_backend_name() == "sqlite" and url.database:
+        return url.database
+    return url.render_as_string(hide_password=True)
+
+
+def _db_message(where: str, exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+    low = first.lower()
+    if "malformed" in low or "not a database" in low or "corrupt" in low:
+        hint = " (the database file is damaged; restore it from a backup)"
+    elif "readonly" in low or "read-only" in low or "unable to open database file" in low:
+        hint = " (the run directory or its database is read-only; show, models list and report --out DIR work on a read-only run)"
+    elif "locked" in low:
+        hint = " (another process is writing to it)"
+    else:
+        hint = ""
+    return f"run store {where}: {first}{hint}"
+
+
+def _translate_db_errors(engine: Engine) -> None:
+    """A database error (damaged file, read-only, unreachable) becomes a StoreError naming
+    the store; an integrity error (a programming error) stays what it is."""
+
+    @event.listens_for(engine, "handle_error")
+    def _handle(ctx):  # noqa: ANN001
+        exc = ctx.sqlalchemy_exception
+        if isinstance(exc, IntegrityError) or not isinstance(exc, DBAPIError):
+            return None
+        return StoreError(_db_message(_where(ctx.engine) if ctx.engine is not None else "?", exc))
 
 
 def _now() -> _dt.datetime:
@@ -119,6 +223,7 @@ class RunStore:
         self.run_id = run_id
         self.engine = engine
         self._config_hash: str | None = None
+        self._lock_fh = None
 
     @property
     def config_hash(self) -> str:
@@ -134,10 +239,13 @@ class RunStore:
 
     # -- opening -----------------------------------------------------------------
     @staticmethod
-    def _engine(run_dir: Path, url: str | None) -> Engine:
+    def _engine(run_dir: Path, url: str | None, existing: bool = False) -> Engine:
+        """The store's engine, with any table this version adds created.  `existing`: the
+        store must already hold a run (its ``runs`` table); an empty or foreign database is
+        refused, not silently initialised."""
         url = url or f"sqlite:///{(run_dir / DB_NAME).resolve()}"
         from sqlalchemy.engine import make_url
-        from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+        from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
 
         try:
             shown = make_url(url).render_as_string(hide_password=True)
@@ -145,16 +253,89 @@ class RunStore:
             raise StoreError(f"store URL {url!r} is not an SQLAlchemy URL (e.g. postgresql://user@host:5432/db)") from None
         try:
             engine = create_engine(url, future=True)
-            metadata.create_all(engine)
+            engine.missing_tables = set()  # type: ignore[attr-defined]
+            if existing:
+                where = _where(engine)
+                present = set(inspect(engine).get_table_names())
+                if "runs" not in present:
+                    empty = engine.url.get_backend_name() == "sqlite" and Path(where).is_file() and Path(where).stat().st_size == 0
+                    raise StoreError(
+                        f"{where} is {'an empty file' if empty else 'a database without a runs table'}: the run's database "
+                        f"was lost or replaced, so the run directory {run_dir} cannot be resumed or read (its checkpoints "
+                        f"are kept in {run_dir / 'checkpoints'})"
+                    )
+                missing = {t for t in metadata.tables if t not in present}
+                if missing:  # tables a newer version added: create them, or read without them
+                    try:
+                        metadata.create_all(engine)
+                    except OperationalError:  # a read-only store: readers treat them as empty
+                        engine.missing_tables = missing  # type: ignore[attr-defined]
+            else:
+                metadata.create_all(engine)
+        except StoreError:
+            raise
         except NoSuchModuleError as exc:
             raise StoreError(f"store URL {shown}: {exc}") from None
         except ImportError as exc:
             hint = " (pip install 'fleetlearn[postgres]')" if shown.startswith("postgresql") else ""
             raise StoreError(f"store URL {shown}: its database driver is not installed: {exc}{hint}") from None
         except SQLAlchemyError as exc:
-            first = str(getattr(exc, "orig", exc) or exc).strip().splitlines()[0]
-            raise StoreError(f"cannot open the run store at {shown}: {first}") from None
+            msg = _db_message(shown, exc).removeprefix(f"run store {shown}: ")
+            raise StoreError(f"cannot open the run store at {shown}: {msg}") from None
+        _translate_db_errors(engine)
         return engine
+
+    def _missing(self, table: Table) -> bool:
+        return table.name in getattr(self.engine, "missing_tables", ())
+
+    # -- the lock ----------------------------------------------------------------------
+    def lock(self) -> None:
+        """Hold an exclusive lock on ``RUN_DIR/.lock`` until `close` (or the process ends):
+        only one process trains a run at a time.  Refused, naming the holder's pid, when
+        another process holds it; refused when the run directory is not writable."""
+        if self._lock_fh is not None:
+            return
+        path = self.run_dir / LOCK_NAME
+        try:
+            fh = open(path, "a+b")
+        except OSError as exc:
+            raise StoreError(
+                f"run directory {self.run_dir} is not writable ({exc.strerror}: {path}): a run can only be trained or "
+                "resumed where it can write; show, models list and report --out DIR work on a read-only run"
+            ) from None
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: no lock
+            self._lock_fh = fh
+            return
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().decode("ascii", "replace").strip() or "unknown"
+            fh.close()
+            raise StoreError(
+                f"run {self.run_id} is in use by another process (pid {holder}, which holds {path}); "
+                "wait for it to end or stop it before resuming this run"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n".encode())
+        fh.flush()
+        self._lock_fh = fh
+
+    def close(self) -> None:
+        """Release the run's lock (if held) and the database connections."""
+        fh, self._lock_fh = self._lock_fh, None
+        if fh is not None:
+            fh.close()  # closing the file releases the flock
+        self.engine.dispose()
+
+    def check_writable(self) -> None:
+        """Refuse, before any work, a store that cannot take a write (read-only file or
+        folder, damaged database): a write transaction that changes nothing."""
+        with self.engine.begin() as conn:
+            conn.execute(update(runs).where(runs.c.run_id == self.run_id).values(rounds_done=runs.c.rounds_done))
 
     @classmethod
     def create(cls, root: str | Path, config_toml: str, config_hash: str, name: str | None = None, url: str | None = None, run_id: str | None = None) -> "RunStore":
@@ -162,8 +343,15 @@ class RunStore:
         run_dir = Path(root) / run_id
         if run_dir.exists():
             raise StoreError(f"run directory already exists: {run_dir}")
-        (run_dir / "checkpoints").mkdir(parents=True)
-        (run_dir / "config.toml").write_text(config_toml)
+        try:
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            run_dir.mkdir()
+        except FileExistsError:
+            raise StoreError(f"run directory already exists: {run_dir}") from None
+        except OSError as exc:
+            raise StoreError(f"cannot create the run directory {run_dir}: {exc.strerror}") from None
+        (run_dir / "checkpoints").mkdir()
+        atomic_write(run_dir / "config.toml", config_toml)
         if url:
             # Never a password on disk: resume supplies it again (--store, PGPASSWORD or ~/.pgpass).
             from sqlalchemy.engine import make_url
@@ -173,9 +361,10 @@ class RunStore:
                 kept = make_url(url).set(password=None).render_as_string(hide_password=False)
             except ArgumentError:
                 kept = url  # refused with a clear error just below
-            (run_dir / "store_url").write_text(kept)
+            atomic_write(run_dir / "store_url", kept)
         try:
             store = cls(run_dir, run_id, cls._engine(run_dir, url))
+            store.lock()  # this process trains the run: a concurrent --resume of it is refused
         except StoreError:
             shutil.rmtree(run_dir, ignore_errors=True)  # a run that never started leaves nothing behind
             raise
@@ -189,9 +378,13 @@ class RunStore:
         return store
 
     @classmethod
-    def open(cls, run: str | Path, root: str | Path = "runs", url: str | None = None) -> "RunStore":
+    def open(cls, run: str | Path, root: str | Path = "runs", url: str | None = None, lock: bool = False) -> "RunStore":
         """Open a run by directory path or by id under `root`.  Its database is the URL
-        the run recorded in `store_url` (or `url` if given), else its SQLite file."""
+        the run recorded in `store_url` (or `url` if given), else its SQLite file.  The
+        database must hold the run's row (an emptied or replaced ``run.db`` is refused).
+        `lock`: this process will train the run (``--resume``): take the run's lock (see
+        `lock`), check that the store takes writes and remove what a crashed writer left
+        (`sweep`)."""
         run_dir = Path(run)
         if not (run_dir / "config.toml").is_file():
             run_dir = Path(root) / str(run)
@@ -202,22 +395,69 @@ class RunStore:
             url = url_file.read_text().strip()
         if url is None and not (run_dir / DB_NAME).is_file():
             raise StoreError(f"{run_dir} has no {DB_NAME}")
-        return cls(run_dir, run_dir.name, cls._engine(run_dir, url))
+        store = cls(run_dir, run_dir.name, cls._engine(run_dir, url, existing=True))
+        try:
+            with store.engine.connect() as conn:
+                row = conn.execute(select(runs.c.run_id).where(runs.c.run_id == store.run_id)).first()
+            if row is None:
+                raise StoreError(
+                    f"{_where(store.engine)} has no row for run {store.run_id}: the run's database lost its record, so "
+                    f"the run directory {run_dir} cannot be resumed or read (its checkpoints are kept in {run_dir / 'checkpoints'})"
+                )
+            if lock:
+                store.lock()
+                store.check_writable()
+                store.sweep()  # what a crashed writer left: no other process writes now
+        except BaseException:
+            store.close()
+            raise
+        return store
 
     # -- writing -----------------------------------------------------------------
     def _write_checkpoint(self, version: int, params: torch.Tensor, state: dict[str, torch.Tensor] | None, meta: dict[str, str] | None) -> tuple[str, str]:
+        """Write a checkpoint file and return (its path in the run directory, sha256).  It is
+        a new file (see `_save_new`): a committed checkpoint's file is never replaced, also
+        when a version is checkpointed again (the version a rollback restored)."""
         tensors = {"params": params.detach().to("cpu").contiguous()}
         for k, v in (state or {}).items():
             tensors[f"state/{k}"] = v.detach().to("cpu").contiguous()
-        rel = f"checkpoints/v{version:06d}.safetensors"
+        return self._save_new(f"checkpoints/v{version:06d}", tensors, {k: str(v) for k, v in (meta or {}).items()})
+
+    def _save_new(self, stem: str, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> tuple[str, str]:
+        """Write tensors crash-safely to a file no one else has: ``STEM.safetensors`` if that
+        name is free (taken exclusively, by a hard link from the fsynced temporary file), else
+        ``STEM-<random>.safetensors``.  Returns (path relative to the run directory, sha256)."""
+        rel = f"{stem}.safetensors"
         path = self.run_dir / rel
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (meta or {}).items()})
-        with open(tmp, "rb") as fh:
-            digest = hashlib.sha256(fh.read()).hexdigest()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        tmp = _tmp_path(path)
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+            with open(tmp, "rb") as fh:
+                digest = hashlib.sha256(fh.read()).hexdigest()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)  # fails if the name exists: never over another file
+                tmp.unlink()
+            except OSError:
+                rel = f"{stem}-{secrets.token_hex(4)}.safetensors"
+                os.replace(tmp, self.run_dir / rel)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
         return rel, digest
+
+    def _drop_file(self, rel: str | None) -> None:
+        if rel:
+            (self.run_dir / rel).unlink(missing_ok=True)
+
+    def _put_checkpoint_row(self, conn, version: int, round: int, rel: str, digest: str) -> str | None:  # noqa: ANN001
+        """Inside a write transaction: the checkpoint row of `version`; returns the file the
+        row it replaces named (to remove once the transaction committed), if another."""
+        old = conn.execute(select(checkpoints.c.path).where(checkpoints.c.run_id == self.run_id, checkpoints.c.version == version)).first()
+        conn.execute(checkpoints.delete().where(checkpoints.c.run_id == self.run_id, checkpoints.c.version == version))
+        conn.execute(checkpoints.insert().values(run_id=self.run_id, version=version, round=round, path=rel, sha256=digest, created_at=_now()))
+        return old[0] if old is not None and old[0] != rel else None
 
     def commit_round(
         self, record: RoundRecord, params: torch.Tensor | None = None, state: dict[str, torch.Tensor] | None = None,
@@ -225,54 +465,69 @@ class RunStore:
     ) -> None:
         """Record a round (and, if `params` is given, its checkpoint; if `privacy` is given,
         the privacy ledger after it) atomically."""
+        config_hash = self.config_hash  # read before the write transaction (and before any file is written)
         ckpt = self._write_checkpoint(record.version, params, state, meta) if params is not None else None
         row = record.to_dict()
-        config_hash = self.config_hash  # read before the write transaction
-        with self.engine.begin() as conn:
-            conn.execute(
-                rounds.insert().values(
-                    run_id=self.run_id, round=record.round, version=record.version, status=record.status,
-                    accuracy=_finite(record.accuracy), loss=_finite(record.loss),
-                    uplink_bytes=record.uplink_bytes, downlink_bytes=record.downlink_bytes,
-                    sim_seconds=record.sim_seconds, wall_seconds=record.wall_seconds, record=row,
-                )
-            )
-            if ckpt is not None:
-                conn.execute(checkpoints.delete().where(checkpoints.c.run_id == self.run_id, checkpoints.c.version == record.version))
+        replaced = None
+        try:
+            with self.engine.begin() as conn:
                 conn.execute(
-                    checkpoints.insert().values(
-                        run_id=self.run_id, version=record.version, round=record.round,
-                        path=ckpt[0], sha256=ckpt[1], created_at=_now(),
+                    rounds.insert().values(
+                        run_id=self.run_id, round=record.round, version=record.version, status=record.status,
+                        accuracy=_finite(record.accuracy), loss=_finite(record.loss),
+                        uplink_bytes=record.uplink_bytes, downlink_bytes=record.downlink_bytes,
+                        sim_seconds=record.sim_seconds, wall_seconds=record.wall_seconds, record=row,
                     )
                 )
-            if privacy is not None:  # only the latest is ever resumed from (the ledger is cumulative)
-                conn.execute(privacy_ledger.delete().where(privacy_ledger.c.run_id == self.run_id))
-                conn.execute(privacy_ledger.insert().values(run_id=self.run_id, round=record.round, state=json.loads(json.dumps(privacy))))
-            conn.execute(update(runs).where(runs.c.run_id == self.run_id).values(rounds_done=record.round))
-            from .registry import register_round
+                if ckpt is not None:
+                    replaced = self._put_checkpoint_row(conn, record.version, record.round, *ckpt)
+                if privacy is not None:  # only the latest is ever resumed from (the ledger is cumulative)
+                    conn.execute(privacy_ledger.delete().where(privacy_ledger.c.run_id == self.run_id))
+                    conn.execute(privacy_ledger.insert().values(run_id=self.run_id, round=record.round, state=json.loads(json.dumps(privacy))))
+                conn.execute(update(runs).where(runs.c.run_id == self.run_id).values(rounds_done=record.round))
+                from .registry import register_round
 
-            register_round(conn, self.run_id, record, config_hash)
+                register_round(conn, self.run_id, record, config_hash)
+        except BaseException:
+            if ckpt is not None:
+                self._drop_file(ckpt[0])  # this call's own new file, which no committed row names
+            raise
+        self._drop_file(replaced)  # the previous file of a version checkpointed again
 
     def save_checkpoint(self, version: int, round: int, params: torch.Tensor, state: dict[str, torch.Tensor] | None = None) -> None:
         rel, digest = self._write_checkpoint(version, params, state, None)
-        with self.engine.begin() as conn:
-            conn.execute(checkpoints.delete().where(checkpoints.c.run_id == self.run_id, checkpoints.c.version == version))
-            conn.execute(checkpoints.insert().values(run_id=self.run_id, version=version, round=round, path=rel, sha256=digest, created_at=_now()))
+        try:
+            with self.engine.begin() as conn:
+                replaced = self._put_checkpoint_row(conn, version, round, rel, digest)
+        except BaseException:
+            self._drop_file(rel)
+            raise
+        self._drop_file(replaced)
+
+    def sweep(self) -> list[str]:
+        """Remove what a crashed writer left in ``checkpoints/``: temporary files and model
+        checkpoints no committed row names.  Only under the run's lock (`lock`): no other
+        process is writing then.  Returns the removed paths (relative to the run directory)."""
+        if self._lock_fh is None:
+            raise StoreError("sweep needs the run's lock")
+        named = {r["path"] for r in self.checkpoint_rows()}
+        gone = []
+        folder = self.run_dir / "checkpoints"
+        for f in sorted(folder.glob(".*.tmp")) + sorted(folder.glob("v*.safetensors")):
+            rel = f"checkpoints/{f.name}"
+            if rel not in named:
+                f.unlink(missing_ok=True)
+                gone.append(rel)
+        return gone
 
     # -- per-client state (error-feedback residuals, SCAFFOLD c_i) -----------------------
     def write_client_states(self, round: int, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
         """Write the clients' state tensors crash-safely (temporary name, fsync, rename) to
         ``checkpoints/clients-r<round>.safetensors``; returns the metadata that the round's
         model checkpoint carries to name it (path and sha256).  Written before the round's
-        transaction commits, so a committed checkpoint never names a missing file."""
-        rel = f"checkpoints/clients-r{round:06d}.safetensors"
-        path = self.run_dir / rel
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
-        with open(tmp, "rb") as fh:
-            digest = hashlib.sha256(fh.read()).hexdigest()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        transaction commits, so a committed checkpoint never names a missing file; a new file
+        (`_save_new`), so never the one an earlier committed checkpoint names."""
+        rel, digest = self._save_new(f"checkpoints/clients-r{round:06d}", {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
         return {CLIENT_STATES: rel, CLIENT_STATES_SHA: digest}
 
     def prune_client_states(self, keep: dict[str, str]) -> None:
@@ -291,7 +546,10 @@ class RunStore:
             raise StoreError(f"run {self.run_id} has no checkpoint" + (f" for version {version}" if version is not None else ""))
         from safetensors import safe_open
 
-        with safe_open(str(self.run_dir / rows[-1]["path"]), framework="pt") as fh:
+        ckpt = self.run_dir / rows[-1]["path"]
+        if not ckpt.is_file():
+            raise StoreError(f"checkpoint v{rows[-1]['version']} of run {self.run_id} is missing: {ckpt} (the run store records it)")
+        with safe_open(str(ckpt), framework="pt") as fh:
             meta = fh.metadata() or {}
         rel = meta.get(CLIENT_STATES)
         if not rel:
@@ -306,11 +564,35 @@ class RunStore:
     def finish(self, summary: dict[str, Any], status: str = "finished") -> None:
         with self.engine.begin() as conn:
             conn.execute(update(runs).where(runs.c.run_id == self.run_id).values(status=status, summary=json.loads(json.dumps(summary, default=str))))
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
 
     def write_json(self, name: str, obj: Any) -> None:
         """A JSON side file in the run directory (e.g. the data's heterogeneity statistics)."""
-        (self.run_dir / name).write_text(json.dumps(obj, indent=1, default=str))
+        self.write_text(name, json.dumps(obj, indent=1, default=str))
+
+    def write_text(self, name: str, text: str) -> None:
+        """A side file in the run directory (``param_spec.json``, ...), written atomically."""
+        atomic_write(self.run_dir / name, text)
+
+    def record_resume_overrides(self, changes: dict[str, tuple[Any, Any]], round: int, config_toml: str) -> None:
+        """Record configuration changes a resume made (`changes`: key -> (old, new)), in
+        effect from `round`: ``config.toml`` is replaced atomically by `config_toml`, the
+        run's row keeps the same text, and each change gets a ``resume_overrides`` row.  The
+        configuration hash stays the run's original (the allowed keys do not change what a
+        round computes from the model it starts with)."""
+        path = self.run_dir / "config.toml"
+        before = path.read_text()
+        atomic_write(path, config_toml)
+        try:
+            with self.engine.begin() as conn:
+                for key, (old, new) in changes.items():
+                    conn.execute(resume_overrides.insert().values(
+                        run_id=self.run_id, round=round, key=key, old=json.loads(json.dumps(old)), new=json.loads(json.dumps(new)), created_at=_now(),
+                    ))
+                conn.execute(update(runs).where(runs.c.run_id == self.run_id).values(config_toml=config_toml))
+        except BaseException:
+            atomic_write(path, before)
+            raise
 
     # -- reading -----------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -325,8 +607,21 @@ class RunStore:
             rows = conn.execute(select(rounds.c.record).where(rounds.c.run_id == self.run_id).order_by(rounds.c.round)).all()
         return [RoundRecord.from_dict(r[0]) for r in rows]
 
+    def resume_overrides(self) -> list[dict[str, Any]]:
+        """The configuration changes resumes made, oldest first: round (the first trained with
+        the new value), key, old, new, created_at."""
+        if self._missing(resume_overrides):
+            return []
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(resume_overrides).where(resume_overrides.c.run_id == self.run_id).order_by(resume_overrides.c.id)
+            ).mappings().all()
+        return [{k: r[k] for k in ("round", "key", "old", "new", "created_at")} for r in rows]
+
     def privacy_state(self, round: int) -> dict[str, Any] | None:
         """The privacy ledger committed with `round`, or None if that round has none."""
+        if self._missing(privacy_ledger):
+            return None
         with self.engine.connect() as conn:
             row = conn.execute(
                 select(privacy_ledger.c.state).where(privacy_ledger.c.run_id == self.run_id, privacy_ledger.c.round == round)
@@ -347,7 +642,15 @@ class RunStore:
             raise StoreError(f"run {self.run_id} has no checkpoint" + (f" for version {version}" if version is not None else ""))
         row = rows[-1]
         path = self.run_dir / row["path"]
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise StoreError(
+                f"checkpoint v{row['version']} of run {self.run_id} is missing: {path} (the run store records it; "
+                "put the file back to resume from it or export it)"
+            ) from None
+        except OSError as exc:
+            raise StoreError(f"checkpoint v{row['version']} of run {self.run_id}: cannot read {path}: {exc.strerror}") from None
         if hashlib.sha256(data).hexdigest() != row["sha256"]:
             raise StoreError(f"checkpoint {path} does not match its recorded sha256 (corrupted)")
         tensors = load_file(str(path))
