@@ -15,9 +15,9 @@ from typing import Any, Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import ConfigError, FleetlearnError
 
-class ConfigError(ValueError):
-    """A configuration that cannot run.  The message names the key and what is allowed."""
+__all__ = ["ConfigError", "FleetlearnError", "RunConfig", "load_config"]
 
 
 BUILTIN_DATASETS = ("digits", "synthetic", "fashion_mnist", "sotu")
@@ -29,8 +29,23 @@ NATURAL_DATASETS = ("synthetic", "sotu")
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "feature", "natural", "label_permutation")
 
 
+INT64_MAX = 2**63 - 1
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Every config section: unknown keys are errors, every float must be finite (a field
+    that means something by inf or nan must say so with ``Field(allow_inf_nan=True)``),
+    and every integer must fit 64 bits (the run store and torch hold them as int64)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _int64(cls, v: Any) -> Any:
+        for x in v if isinstance(v, list) else (v,):
+            if isinstance(x, int) and not isinstance(x, bool) and not -INT64_MAX <= x <= INT64_MAX:
+                raise ValueError(f"integer out of range; allowed: at most {INT64_MAX} (64-bit) in magnitude")
+        return v
 
 
 def _is_import_path(value: str) -> bool:
@@ -118,6 +133,15 @@ class ModelConfig(Section):
     def _recurrent_width(self) -> "ModelConfig":
         if self.name in ("char_gru", "char_lstm") and len(self.hidden) != 1:
             raise ValueError(f"model.hidden = {self.hidden}: {self.name} has one recurrent layer; give one width, e.g. [64]")
+        # A setting the built-in would silently ignore is refused (compared with the default,
+        # so a config written out by to_toml() and read back is still accepted).
+        if self.name in ("mlp", "logistic") and self.kwargs:
+            raise ValueError(
+                f"model.kwargs = {self.kwargs}: model.name = {self.name!r} takes no kwargs (its layers are model.hidden); "
+                "kwargs apply to char_gru / char_lstm (embed) and to import-path models"
+            )
+        if self.name == "logistic" and self.hidden != [128]:
+            raise ValueError(f"model.hidden = {self.hidden}: model.name = 'logistic' has no hidden layers; leave model.hidden unset or use model.name = 'mlp'")
         return self
 
     # HeteroFL (Diao et al., ICLR 2021): the widths clients train at (1.0 = the full model;
@@ -241,7 +265,7 @@ class ServerConfig(Section):
     # A client cannot buy itself more weight: its claimed example count is capped at
     # `max_examples` (absolute) and at `max_examples_ratio` x the cohort's median claim.
     max_examples: int | None = Field(default=None, ge=1)
-    max_examples_ratio: float | None = Field(default=None, ge=1)  # None: min(10, max(1, (cohort - 1) / 2))
+    max_examples_ratio: float | None = Field(default=None, ge=1)  # None: min(10, max(1, accepted - 1))
     # Deadlines and dropouts (Bonawitz et al., SysML 2019: over-select, aggregate whoever reports).
     deadline_s: float | None = Field(default=None, gt=0)  # simulated s (real s on the network); None waits for all
     deadline_policy: Literal["fixed", "adaptive"] = "fixed"
@@ -327,6 +351,15 @@ class CompressionConfig(Section):
     upload_budget_s: float | None = Field(default=None, gt=0)
     pace_slack: float = Field(default=0.05, ge=0, le=10)
 
+    @field_validator("ladder")
+    @classmethod
+    def _distinct_rungs(cls, v: list[str]) -> list[str]:
+        norm = [" | ".join(p.strip() for p in rung.split("|")) for rung in v]
+        dup = sorted({r for r in norm if norm.count(r) > 1})
+        if dup:
+            raise ValueError(f"the ladder lists {dup} more than once; allowed: distinct chains, least to most lossy")
+        return v
+
     @property
     def policy(self) -> str:
         """The adaptive policy in force (adaptive_policy, or its default)."""
@@ -356,6 +389,39 @@ class PrivacyConfig(Section):
     # stored only as noised cohort means (Gaussian, this noise multiplier), counted in the budget.
     telemetry_noise_multiplier: float | None = Field(default=None, gt=0)
     telemetry_loss_bound: float = Field(default=10.0, gt=0)  # losses are clipped to [0, bound]
+
+    @model_validator(mode="after")
+    def _keys_in_force(self) -> "PrivacyConfig":
+        # A key that changes nothing in this mode is refused rather than ignored (compared
+        # with its default, so a config written out by to_toml() and read back still loads).
+        unused = []
+        if self.mode == "none":
+            unused += [k for k in DP_KEYS if getattr(self, k) != PrivacyConfig.model_fields[k].default]
+        if not self.secure_aggregation:
+            unused += [k for k in SECAGG_KEYS if getattr(self, k) != PrivacyConfig.model_fields[k].default]
+        if unused:
+            shown = ", ".join(f"privacy.{k} = {getattr(self, k)!r}" for k in unused)
+            raise ValueError(
+                f"{shown}: not used with privacy.mode = {self.mode!r} / privacy.secure_aggregation = {self.secure_aggregation}; "
+                "set privacy.mode = 'central' or 'local' for the DP keys, privacy.secure_aggregation = true for the secagg_* keys, or remove them"
+            )
+        if self.accounting == "pld":
+            for key in ("noise_multiplier", "telemetry_noise_multiplier"):
+                z = getattr(self, key)
+                if z is not None and 0 < z < PLD_MIN_NOISE and (self.mode != "none" or key == "telemetry_noise_multiplier"):
+                    raise ValueError(
+                        f"privacy.{key} = {z}: with privacy.accounting = 'pld' the noise multiplier must be 0 or >= {PLD_MIN_NOISE} "
+                        "(the privacy-loss grid grows as 1/z^2: z = 0.05 takes a minute per round, z = 0.01 more memory than a machine has); "
+                        "use privacy.accounting = 'rdp' for smaller noise"
+                    )
+        return self
+
+
+# The keys of [privacy] that only differential privacy / only secure aggregation read.
+DP_KEYS = ("noise_multiplier", "clip_norm", "adaptive_clipping", "target_quantile", "clip_learning_rate", "clip_count_stddev",
+           "accounting", "delta", "budget_epsilon", "telemetry_noise_multiplier", "telemetry_loss_bound")
+SECAGG_KEYS = ("secagg_threshold", "secagg_modulus_bits", "secagg_clip_range", "secagg_neighbors", "secagg_rounding")
+PLD_MIN_NOISE = 0.1
 
 
 # -- [personalization] (fleetlearn.client.personalization) ------------------------------
@@ -480,6 +546,9 @@ class DistillConfig(Section):
         return self.method != "none" or bool(self.student_hidden)
 
 
+MAX_THREADS = 512  # engine.threads: more aborts inside the OpenMP runtime long before it could help
+
+
 class EngineConfig(Section):
     # simulation: in-process; ray: the same simulation with local training on Ray workers
     # (needs the optional extra: pip install "fleetlearn[ray]").
@@ -503,8 +572,8 @@ class EngineConfig(Section):
     @field_validator("threads")
     @classmethod
     def _threads(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 0:
-            raise ValueError(f"expected 'auto', 0 (torch's default) or a positive number of threads, got {v}")
+        if isinstance(v, int) and not 0 <= v <= MAX_THREADS:
+            raise ValueError(f"expected 'auto', 0 (torch's default) or a number of threads from 1 to {MAX_THREADS}, got {v}")
         return v
 
     @field_validator("address")
@@ -609,6 +678,8 @@ class RunConfig(Section):
                     "run the candidate as its own run, or use privacy.mode = 'local'"
                 )
         _check_clustering(self)
+        _check_aggregator(self)
+        _check_secure_aggregation(self)
         if self.data.partition == "label_permutation" and self.data.groups > n:
             raise ValueError(f"data.groups = {self.data.groups} exceeds the number of clients (data.clients = {n})")
         missing = [d for d in self.monitoring.guardrail if d not in self.monitoring.detectors]
@@ -728,6 +799,77 @@ def _check_clustering(cfg: "RunConfig") -> None:
         raise ValueError(f"{what} runs on engine.backend = 'simulation' with engine.regions = 1")
 
 
+def aggregator_kwargs(cls: type, srv: "ServerConfig") -> dict[str, Any]:
+    """The constructor keywords of aggregator class `cls` from `[server]` (its `config_keys`)."""
+    keys = getattr(cls, "config_keys", {})
+    return {arg: getattr(srv, key) for key, arg in keys.items() if getattr(srv, key) is not None}
+
+
+# The aggregator is asked to aggregate a cohort of this many 1-coordinate rows (its own
+# preconditions decide); larger cohorts are not probed (the probe would cost a round's n^2).
+PROBE_MAX_ROWS = 4096
+
+
+def _check_aggregator(cfg: "RunConfig") -> None:
+    """A robust aggregator whose preconditions a full cohort violates would fail every round:
+    build it and aggregate a full cohort of 1-coordinate updates, so the aggregator's own
+    checks (krum: n > 2f + 2, multi_krum: m <= n, bulyan: n >= 4f + 3, dnc: n > 2f, ...)
+    refuse the config."""
+    srv = cfg.server
+    if srv.aggregator in ("mean", "mifa") or cfg.model.heterofl:
+        return
+    n = (srv.buffer_size or srv.cohort) if srv.mode == "async" else srv.cohort
+    import torch
+
+    from .aggregation import AGGREGATORS
+
+    cls = AGGREGATORS[srv.aggregator]
+    kwargs = aggregator_kwargs(cls, srv)
+    shown = ", ".join(f"server.{k} = {getattr(srv, k)!r}" for k in getattr(cls, "config_keys", {})
+                      if getattr(srv, k) is not None and getattr(srv, k) != ServerConfig.model_fields[k].default)
+    what = f"server.aggregator = {srv.aggregator!r}" + (f" with {shown}" if shown else "")
+    try:
+        agg = cls(**kwargs)
+        if n > PROBE_MAX_ROWS:
+            return
+        rows = torch.randn(n, 1, generator=torch.Generator().manual_seed(0))
+        if getattr(agg, "needs_client_ids", False):
+            agg.aggregate_round(list(range(n)), rows)
+        else:
+            agg.aggregate(rows)
+    except (ValueError, TypeError) as exc:
+        size = f"server.buffer_size = {n}" if srv.mode == "async" and srv.buffer_size else f"server.cohort = {n}"
+        raise ValueError(f"{what} cannot aggregate a full cohort of {size} updates, so every round would fail: {exc}") from None
+
+
+def _check_secure_aggregation(cfg: "RunConfig") -> None:
+    """Secure aggregation's threshold must fit the share holders a client has in a full
+    cohort (the SecAgg server's own rule, on the neighbour graph it would build)."""
+    p, n = cfg.privacy, cfg.server.cohort
+    if not p.secure_aggregation:
+        return
+    if n < 3:
+        raise ValueError(f"privacy.secure_aggregation = true needs server.cohort >= 3 (pairwise masks between at least 3 clients), got {n}")
+    from .privacy.secagg import neighbor_graph
+
+    try:
+        graph = neighbor_graph(range(min(n, PROBE_MAX_ROWS)), p.secagg_neighbors, b"config")
+    except ValueError as exc:
+        raise ValueError(f"privacy.secagg_neighbors = {p.secagg_neighbors!r}: {exc}") from None
+    holders = min(len(v) for v in graph.values())
+    t = p.secagg_threshold
+    if t is not None and t >= 2:
+        if not float(t).is_integer():
+            raise ValueError(f"privacy.secagg_threshold = {t}: allowed: an integer >= 2 (clients) or a fraction in (0, 1] of the share holders")
+        if t > holders:
+            raise ValueError(
+                f"privacy.secagg_threshold = {t} exceeds the {holders} share holders each client has in a cohort of "
+                f"server.cohort = {n}; allowed: 2 to {holders}, or a fraction in (0, 1]"
+            )
+    elif t is not None and t > 1:
+        raise ValueError(f"privacy.secagg_threshold = {t}: allowed: an integer >= 2 (clients) or a fraction in (0, 1] of the share holders")
+
+
 def _drop_none(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _drop_none(v) for k, v in obj.items() if v is not None}
@@ -744,7 +886,9 @@ def _format_error(err: ValidationError, data: dict[str, Any]) -> str:
             lines.append(f"{loc}: unknown key (allowed: {allowed})")
             continue
         msg = e["msg"].removeprefix("Value error, ")
-        if e["loc"]:
+        if e["type"] == "finite_number":
+            msg = "must be a finite number (inf and nan are not allowed)"
+        if e["loc"] and not (isinstance(e.get("input"), dict) and f"{loc}." in msg):
             lines.append(f"{loc} = {e.get('input')!r}: {msg}")
         else:
             lines.append(msg)
@@ -771,6 +915,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()  # a bare word such as mixed_fleet is a string
+    except RecursionError:
+        raise ConfigError(f"--set {key}: the value is nested too deeply (allowed: at most {MAX_NESTING} levels)") from None
+    _check_nesting(value, f"--set {key}")
     return key.split("."), value
 
 
@@ -788,26 +935,55 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
-def add_config_dir_to_path(path: str | Path) -> None:
-    """Import paths in a config ("my_model:make_model") resolve next to the config file."""
+def import_paths(config: RunConfig) -> list[str]:
+    """The "pkg.module:function" import paths a config names (its dataset and its model)."""
+    return [v for v in (config.data.dataset, config.model.name) if _is_import_path(v)]
+
+
+def add_config_dir_to_path(path: str | Path, config: RunConfig | None = None) -> None:
+    """Import paths in a config ("my_model:make_model") resolve next to the config file.
+
+    The folder is appended to `sys.path`, never put first: a folder next to a config
+    (say a stray ``sklearn/``) cannot shadow an installed package.  Given the loaded
+    `config`, nothing is added unless it names an import path."""
     import sys
 
+    if config is not None and not import_paths(config):
+        return
     folder = str(Path(path).resolve().parent)
     if folder not in sys.path:
-        sys.path.insert(0, folder)
+        sys.path.append(folder)
+
+
+MAX_NESTING = 32  # levels of tables / arrays in a config (its sections are 2 deep)
+
+
+def _check_nesting(value: Any, where: str) -> None:
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise ConfigError(f"{where}: nested too deeply (allowed: at most {MAX_NESTING} levels of tables and arrays)")
+        if isinstance(v, dict):
+            stack.extend((x, depth + 1) for x in v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend((x, depth + 1) for x in v)
 
 
 def load_config(source: "RunConfig | dict[str, Any] | str | Path | None" = None, overrides: list[str] | None = None) -> RunConfig:
-    """A `RunConfig` from a TOML path, a dict, or an existing config (None: the default)."""
-    if isinstance(source, RunConfig) and not overrides:
-        return source
+    """A `RunConfig` from a TOML path, a dict, or an existing config (None: the default).
+
+    An existing `RunConfig` is validated again (``model_copy(update=...)`` and
+    ``model_construct`` skip validation): returned as it is when valid and unchanged.
+    Every refusal is a `ConfigError` naming the key, the value and what is allowed."""
+    given = source if isinstance(source, RunConfig) else None
     if source is None:
         data: dict[str, Any] = {}
     elif isinstance(source, RunConfig):
-        data = source.to_dict()
+        data = _plain(source)
     elif isinstance(source, dict):
         data = source
-    else:
+    elif isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
@@ -817,9 +993,35 @@ def load_config(source: "RunConfig | dict[str, Any] | str | Path | None" = None,
             raise ConfigError(f"{path}: malformed TOML: {exc}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"{path}: not a text file") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: nested too deeply (allowed: at most {MAX_NESTING} levels of tables and arrays)") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the config ({exc.strerror or exc})") from None
+    else:
+        raise ConfigError(f"config: expected a RunConfig, a dict of sections, a TOML path or None, got {type(source).__name__}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a dict of sections, got {type(data).__name__}")
+    _check_nesting(data, "config")
     if overrides:
+        if isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides):
+            raise ConfigError(f"overrides: expected a list of 'section.key=value' strings, got {overrides!r}")
         data = apply_overrides(data, overrides)
     try:
-        return RunConfig.model_validate(data)
+        cfg = RunConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_error(exc, data)) from None
+    except RecursionError:
+        raise ConfigError(f"config: nested too deeply (allowed: at most {MAX_NESTING} levels of tables and arrays)") from None
+    if given is not None and cfg == given:
+        return given
+    return cfg
+
+
+def _plain(config: RunConfig) -> dict[str, Any]:
+    """A config's values as plain data, sections that `model_copy(update=...)` put in as
+    dicts included (validation then judges them)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydantic warns when a field holds the wrong type
+        return config.model_dump(mode="python", warnings=False)

@@ -43,7 +43,7 @@ def test_fedavg_aggregate_equals_independent_weighted_mean():
 def test_example_claims_are_capped():
     c = build_coordinator(small(), store=False)
     w = c.example_weights([10, 12, 11, 10, 10_000_000])
-    assert list(w) == [10, 12, 11, 10, 10 * 11]  # capped at 10 x the cohort median
+    assert list(w) == [10, 12, 11, 10, 4 * 11]  # a cohort of 5: capped at 5 - 1 = 4 x the cohort median
     c.config.server.max_examples = 11
     assert list(c.example_weights([10, 12, 11, 10, 10_000_000])) == [10, 11, 11, 10, 11]
 

@@ -9,9 +9,10 @@ counts or wrong shapes):
 - ``examples(counts, max_examples=None, max_examples_ratio=None)``: the claimed example counts,
   capped at ``max_examples`` and at a ratio x the cohort's (lower) median, so no client can
   buy itself more weight by claiming more (``Coordinator.example_weights``; McMahan et al.,
-  AISTATS 2017, weight ``n_k / n``).  The default ratio is ``min(10, max(1, (n - 1) / 2))`` for a
-  cohort of n: against n - 1 equal honest claims one false claim then carries at most a third of
-  the round's weight (10 / (n + 9) beyond 21 clients).  The default weighting.
+  AISTATS 2017, weight ``n_k / n``).  The default ratio is ``min(10, max(1, n - 1))`` for a
+  cohort of n: against n - 1 equal honest claims one false claim then carries at most half of
+  the round's weight, never more than the rest of the cohort together (10 / (n + 9) beyond 11
+  clients).  The default weighting.
 - ``uniform(n)``: every client 1 (the "equal weighting" of FedAvg variants on unbalanced data).
 - ``loss_improvement(loss_before, loss_after, floor=0.1)``: by how much local training lowered
   the client's own loss, ``max(before - after, 0)``, lifted to at least ``floor x`` the largest
@@ -42,12 +43,13 @@ DEFAULT_MAX_EXAMPLES_RATIO = 10.0  # the ratio cap of large cohorts (see `claim_
 
 def claim_ratio(n: int, max_examples_ratio: float | None = None) -> float:
     """The cap on a claim as a multiple of the cohort's lower median: `max_examples_ratio`
-    when set, else ``min(10, max(1, (n - 1) / 2))``.  A fixed 10x let one false claim take
-    10 / 14 = 71% of a 5-client round; with (n - 1) / 2 it takes at most a third against
-    equal honest claims, whatever the cohort's size."""
+    when set, else ``min(10, max(1, n - 1))``.  A fixed 10x let one false claim take
+    10 / 14 = 71% of a 5-client round; with n - 1 it never outweighs the rest of the cohort
+    (at most half against equal honest claims), whatever the cohort's size, while clients
+    that really hold up to 10x the median keep their weight in cohorts above 10."""
     if max_examples_ratio is not None:
         return float(max_examples_ratio)
-    return min(DEFAULT_MAX_EXAMPLES_RATIO, max(1.0, (n - 1) / 2.0))
+    return min(DEFAULT_MAX_EXAMPLES_RATIO, max(1.0, float(n - 1)))
 
 
 # -- input checks ----------------------------------------------------------------------------
