@@ -44,6 +44,82 @@ def _bytes(n: float | None) -> str:
     return str(n)
 
 
+# -- resuming: what --set may change ----------------------------------------------------
+# The keys `--resume --set` may change.  None changes what a round computes from the model it
+# starts with, nor what the committed rounds were: how long the run goes on, when it is
+# evaluated and checkpointed, how many CPU threads it uses, where its metrics are served.
+# Every other key is refused (the data partition, the model, the seed, the training and
+# aggregation rules, privacy: the resumed run would no longer be the one its checkpoints,
+# records and privacy ledger describe).  An accepted change is written to config.toml and
+# recorded in the run store with the first round it applies to (`fleetlearn show`).
+RESUME_SAFE_KEYS = {
+    "server.rounds": "the rounds the run trains in all (not fewer than it committed; refused under a cosine lr schedule, which spans them)",
+    "server.eval_every": "how often the global model is evaluated (refused under a plateau lr schedule, which reads the evaluated loss)",
+    "store.checkpoint_every": "how often a checkpoint is kept (resuming again needs one at the last committed round)",
+    "engine.threads": "the torch threads of the process",
+    "monitoring.prometheus_port": "where the Prometheus metrics are served",
+    "monitoring.prometheus_host": "where the Prometheus metrics are served",
+}
+
+_RESUME_REFUSED_WHY = {
+    "seed": "the seed fixed the partition, the cohorts and the clients' randomness of the committed rounds",
+    "name": "the run's name is recorded when it is created",
+    "data": "the committed rounds were trained on the partition it defines",
+    "model": "the committed checkpoints hold the parameters of the model it defines",
+    "privacy": "the privacy ledger accounts for the mechanism the committed rounds used",
+    "canary": "canary rollouts cannot be resumed",
+    "store": "the run's directory and database are where it was created",
+    "devices": "the cohorts and the virtual clock of the committed rounds follow the device model",
+}
+
+
+def _lookup(d: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def resume_config(store, sets: list[str] | None):
+    """The configuration a resumed run trains with: its ``config.toml`` with the `sets`
+    (``section.key=value``) that `RESUME_SAFE_KEYS` allows, and the changes they make
+    ({key: (old, new)}, unchanged values left out).  A key that may not change is refused
+    with a UsageError naming it and why."""
+    from .config import parse_override
+
+    path = store.run_dir / "config.toml"
+    base = load_config(path)
+    if not sets:
+        return base, {}
+    keys = list(dict.fromkeys(".".join(parse_override(item)[0]) for item in sets))
+    cfg = load_config(path, list(sets))
+    old, new = base.to_dict(), cfg.to_dict()
+    changes = {}
+    for key in keys:
+        a, b = _lookup(old, key), _lookup(new, key)
+        if a == b:
+            continue  # the value it has: nothing changes
+        if key not in RESUME_SAFE_KEYS:
+            why = _RESUME_REFUSED_WHY.get(key) or _RESUME_REFUSED_WHY.get(key.split(".")[0]) or (
+                "it changes what the rounds compute, so the resumed run would no longer be the one its checkpoints and records describe")
+            raise UsageError(f"--set {key}: cannot change on --resume ({json.dumps(a)} -> {json.dumps(b)}): {why}. "
+                             f"Keys that may change on --resume: {', '.join(RESUME_SAFE_KEYS)}")
+        changes[key] = (a, b)
+    schedules = (cfg.client.lr_schedule, cfg.server.server_lr_schedule)
+    if "server.rounds" in changes:
+        done = int(store.info()["rounds_done"])
+        if cfg.server.rounds < done:
+            raise UsageError(f"--set server.rounds={cfg.server.rounds}: run {store.run_id} already committed {done} rounds")
+        if "cosine" in schedules:
+            raise UsageError("--set server.rounds: cannot change on --resume under a cosine learning-rate schedule "
+                             "(client.lr_schedule or server.server_lr_schedule), which spans server.rounds: the rounds left would train at other rates")
+    if "server.eval_every" in changes and "plateau" in schedules:
+        raise UsageError("--set server.eval_every: cannot change on --resume under a plateau learning-rate schedule, "
+                         "which reads the evaluated loss: the rounds left would train at other rates")
+    return cfg, changes
+
+
 # -- fleetlearn run ---------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     from .data import DataError
@@ -56,6 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.store:
         overrides.append(f"store.url={json.dumps(args.store)}")
     done = 0
+    store = None
     try:
         console = Console(stderr=args.json)
         if args.resume:
@@ -63,21 +140,28 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             if args.config:
                 raise UsageError("give a CONFIG or --resume RUN, not both (a resumed run keeps its own config)")
-            store = RunStore.open(args.resume, args.runs_dir or "runs", url=args.store)
-            cfg = load_config(store.run_dir / "config.toml", list(args.set or []))
+            # The run's lock, held until this process ends: a second resume of it is refused.
+            store = RunStore.open(args.resume, args.runs_dir or "runs", url=args.store, lock=True)
+            cfg, changes = resume_config(store, args.set)
             if cfg.canary.set:
                 raise UsageError(f"run {store.run_id} is a canary rollout; resuming one is not supported")
             with console.status("loading data and the last committed round..."):
                 coordinator = build_run(cfg, store=store)
                 done = coordinator.resume()
+            if changes:
+                store.record_resume_overrides(changes, done + 1, cfg.to_toml())
         else:
             if args.config:
                 add_config_dir_to_path(args.config)
             cfg = load_config(args.config, overrides)
             with console.status("loading data and building the run..."):
                 coordinator = build_run(cfg)  # a CanaryRollout when [canary] names a candidate
-    except (ConfigError, DataError, StoreError, ValueError) as exc:
-        raise UsageError(str(exc)) from None
+    except BaseException as exc:
+        if store is not None:
+            store.close()  # release the run's lock
+        if isinstance(exc, (ConfigError, DataError, StoreError, ValueError)):
+            raise UsageError(str(exc)) from None
+        raise
 
     total = cfg.server.rounds
     progress = Progress(
@@ -102,6 +186,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         try:
             summary = coordinator.run(on_round=on_round)
+        except StoreError as exc:  # the store failed mid-run (disk full, read-only, damaged)
+            where = coordinator.store.run_dir if coordinator.store is not None else ""
+            raise UsageError(f"{exc}; the rounds committed before it are kept (fleetlearn run --resume {where})") from None
         except KeyboardInterrupt:
             if coordinator.store is not None:
                 coordinator.store.finish(coordinator.summary(time.perf_counter() - t0).to_json_dict(), status="interrupted")
@@ -181,10 +268,12 @@ def cmd_show(args: argparse.Namespace) -> int:
         store = RunStore.open(args.run, args.runs_dir)
         info = store.info()
         records = store.records()
+        overrides = store.resume_overrides()
     except StoreError as exc:
         raise UsageError(str(exc)) from None
     if args.json:
-        print(json.dumps({"run": {k: v for k, v in info.items() if k != "config_toml"}, "rounds": [r.to_dict() for r in records]}, default=str))
+        print(json.dumps({"run": {k: v for k, v in info.items() if k != "config_toml"}, "rounds": [r.to_dict() for r in records],
+                          "resume_overrides": overrides}, default=str))
         return 0
     console = Console()
     t = Table(title=f"run {info['run_id']} ({info['status']})")
@@ -210,6 +299,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     elif private:
         last = next(r for r in reversed(records) if "dp_epsilon" in r.extra)
         console.print(f"privacy spent so far: epsilon = {_fmt(float(last.extra['dp_epsilon']), '.4g')} at delta = {last.extra.get('dp_delta')}")
+    for o in overrides:
+        console.print(f"from round {o['round']} (--resume --set): {o['key']} = {json.dumps(o['new'])} (was {json.dumps(o['old'])})")
     return 0
 
 
@@ -222,9 +313,10 @@ def cmd_server(args: argparse.Namespace) -> int:
     from .transport.grpc.commands import server_transport
 
     try:
+        changes: dict = {}
         if args.resume:
-            store = RunStore.open(args.resume, args.runs_dir or "runs", url=args.store)
-            cfg = load_config(store.run_dir / "config.toml", list(args.set or []))
+            store = RunStore.open(args.resume, args.runs_dir or "runs", url=args.store, lock=True)  # held until exit
+            cfg, changes = resume_config(store, args.set)
         else:
             if not args.config:
                 raise UsageError("give a CONFIG, or --resume RUN")
@@ -254,6 +346,8 @@ def cmd_server(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     try:
         done = coordinator.resume() if args.resume else 0
+        if changes:
+            coordinator.store.record_resume_overrides(changes, done + 1, cfg.to_toml())
     except (StoreError, ValueError) as exc:
         transport.close()
         raise UsageError(str(exc)) from None
@@ -351,8 +445,17 @@ def _run_dir(run: str, runs_dir: str) -> Path:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .monitoring import write_report
+    from .ops import StoreError
 
-    path = write_report(_run_dir(args.run, args.runs_dir))
+    run_dir = _run_dir(args.run, args.runs_dir)
+    out = Path(args.out) if args.out else run_dir / "report"
+    try:
+        path = write_report(run_dir, out)
+    except StoreError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        hint = "" if args.out else " (a read-only run: write the report elsewhere with --out DIR)"
+        raise UsageError(f"cannot write the report to {out}: {exc.strerror or exc}: {exc.filename or out}{hint}") from None
     print(path)
     return 0
 
@@ -449,7 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line of stdout")
     r.add_argument("--runs-dir", help="folder for run directories (default: store.root, 'runs')")
     r.add_argument("--quiet", action="store_true", help="no progress bar or summary table")
-    r.add_argument("--resume", metavar="RUN", help="continue a run (id under --runs-dir, or its directory) from its last committed round")
+    r.add_argument("--resume", metavar="RUN", help="continue a run (id under --runs-dir, or its directory) from its last committed round; "
+                   "one process at a time (a second is refused). With --resume, --set may change only " + ", ".join(RESUME_SAFE_KEYS)
+                   + "; each change is recorded in config.toml and the run store (fleetlearn show)")
     r.add_argument("--store", metavar="URL", help="the run store's database as an SQLAlchemy URL, e.g. postgresql://user@host/db (default: SQLite in the run directory)")
     r.set_defaults(func=cmd_run)
 
@@ -475,7 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--min-clients", type=int, default=1, help="wait for this many connected clients before each round")
     sv.add_argument("--wait-s", type=float, default=60.0, help="how long to wait for them (default 60)")
     sv.add_argument("--max-round-s", type=float, default=600.0, help="a round without deadline ends after this (default 600)")
-    sv.add_argument("--resume", metavar="RUN", help="continue a run (id or directory) from its last committed round")
+    sv.add_argument("--resume", metavar="RUN", help="continue a run (id or directory) from its last committed round; --set may then "
+                    "change only " + ", ".join(RESUME_SAFE_KEYS) + " (recorded in config.toml and the run store)")
     sv.add_argument("--runs-dir", help="folder for run directories (default: store.root)")
     sv.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     sv.add_argument("--store", metavar="URL", help="the run store's database as an SQLAlchemy URL, e.g. postgresql://user@host/db (default: SQLite in the run directory); with --resume it overrides the URL the run recorded)")
@@ -518,6 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="write an HTML report with PNG plots", description="Write RUN_DIR/report/report.html with PNG plots.")
     rp.add_argument("run", help="a run id (under --runs-dir) or a run directory")
     rp.add_argument("--runs-dir", default="runs")
+    rp.add_argument("--out", metavar="DIR", help="folder to write the report to (default: RUN_DIR/report; give one for a read-only run)")
     rp.set_defaults(func=cmd_report)
 
     md = sub.add_parser("models", help="the model registry: list, show, promote, roll back, export versions",

@@ -167,6 +167,40 @@ def atomic_write(path: str | Path, data: str | bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def _take_lock(run_dir: Path, run_id: str):
+    """The open, flock'ed ``RUN_DIR/.lock`` (it holds this process's pid); see `RunStore.lock`."""
+    path = run_dir / LOCK_NAME
+    try:
+        fh = open(path, "a+b")
+    except OSError as exc:
+        raise StoreError(
+            f"run directory {run_dir} is not writable ({exc.strerror}: {path}): a run can only be trained or "
+            "resumed where it can write; show, models list and report --out DIR work on a read-only run"
+        ) from None
+    try:
+        import fcntl
+    except ImportError:  # no flock on this platform: no lock
+        return fh
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().decode("ascii", "replace").strip() or "unknown"
+        fh.close()
+        raise StoreError(
+            f"run {run_id} is in use by another process (pid {holder}, which holds {path}); "
+            "wait for it to end or stop it before resuming this run"
+        ) from None
+    except OSError as exc:
+        fh.close()
+        raise StoreError(f"cannot lock run {run_id} ({exc.strerror}: {path})") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n".encode())
+    fh.flush()
+    return fh
+
+
 # -- database errors ----------------------------------------------------------------------
 def _where(engine: Engine) -> str:
     """The store as a user names it: the SQLite file, else the URL without its password."""
@@ -293,36 +327,8 @@ class RunStore:
         """Hold an exclusive lock on ``RUN_DIR/.lock`` until `close` (or the process ends):
         only one process trains a run at a time.  Refused, naming the holder's pid, when
         another process holds it; refused when the run directory is not writable."""
-        if self._lock_fh is not None:
-            return
-        path = self.run_dir / LOCK_NAME
-        try:
-            fh = open(path, "a+b")
-        except OSError as exc:
-            raise StoreError(
-                f"run directory {self.run_dir} is not writable ({exc.strerror}: {path}): a run can only be trained or "
-                "resumed where it can write; show, models list and report --out DIR work on a read-only run"
-            ) from None
-        try:
-            import fcntl
-        except ImportError:  # no flock on this platform: no lock
-            self._lock_fh = fh
-            return
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.seek(0)
-            holder = fh.read().decode("ascii", "replace").strip() or "unknown"
-            fh.close()
-            raise StoreError(
-                f"run {self.run_id} is in use by another process (pid {holder}, which holds {path}); "
-                "wait for it to end or stop it before resuming this run"
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()}\n".encode())
-        fh.flush()
-        self._lock_fh = fh
+        if self._lock_fh is None:
+            self._lock_fh = _take_lock(self.run_dir, self.run_id)
 
     def close(self) -> None:
         """Release the run's lock (if held) and the database connections."""
@@ -395,7 +401,16 @@ class RunStore:
             url = url_file.read_text().strip()
         if url is None and not (run_dir / DB_NAME).is_file():
             raise StoreError(f"{run_dir} has no {DB_NAME}")
-        store = cls(run_dir, run_dir.name, cls._engine(run_dir, url, existing=True))
+        # The lock first: a writer's database transaction never stands between a second
+        # process and the refusal that names it.
+        lock_fh = _take_lock(run_dir, run_dir.name) if lock else None
+        try:
+            store = cls(run_dir, run_dir.name, cls._engine(run_dir, url, existing=True))
+        except BaseException:
+            if lock_fh is not None:
+                lock_fh.close()
+            raise
+        store._lock_fh = lock_fh
         try:
             with store.engine.connect() as conn:
                 row = conn.execute(select(runs.c.run_id).where(runs.c.run_id == store.run_id)).first()
@@ -405,7 +420,6 @@ class RunStore:
                     f"the run directory {run_dir} cannot be resumed or read (its checkpoints are kept in {run_dir / 'checkpoints'})"
                 )
             if lock:
-                store.lock()
                 store.check_writable()
                 store.sweep()  # what a crashed writer left: no other process writes now
         except BaseException:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as _dt
 import ipaddress
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -61,10 +62,21 @@ def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    # Created 0600 from the start, so the key is never readable by others.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    # A new file, created 0600 (O_EXCL: never an existing file, whatever its mode), fsynced and
+    # renamed over `path`: the key ends 0600 also where --force replaces a world-readable one,
+    # and no one ever reads it half-written or with wider permissions.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o600)  # whatever the umask
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _write_cert(path: Path, cert: x509.Certificate) -> None:
