@@ -119,3 +119,52 @@ class ClientThreads:
             th.join(timeout)
         if self.errors:
             raise self.errors[0]
+
+
+def live_rss_mb() -> float:
+    """This process's resident memory (MiB) after handing freed heap back to the system
+    (glibc's malloc_trim), so what is measured is memory still held, not the allocator's
+    cache of memory already freed."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: plain RSS (an upper bound of what is held)
+        pass
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+class IdleStreams:
+    """`grpc_idle_streams.py` in its own process: N calls that never send a message.
+    `result()` is its JSON line (calls still open, status codes of the ended ones)."""
+
+    def __init__(self, address: str, n: int, wait_s: float, token: str | None = None):
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        script = Path(__file__).with_name("grpc_idle_streams.py")
+        self.proc = subprocess.Popen([sys.executable, str(script), address, str(n), str(wait_s), *([token] if token else [])],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def result(self) -> dict:
+        import json
+
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"grpc_idle_streams.py failed: {self.proc.stderr.read()}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(10)
+            except Exception:  # noqa: BLE001
+                self.proc.kill()

@@ -439,7 +439,10 @@ class FleetClient:
                 # Residuals of another run's chain do not apply; the rungs of one adaptive
                 # ladder share them (as in the simulation: an EF residual waits for its rung).
                 self._states = ClientStateStore()
-            runtime = ClientRuntime(parse_chain(uplink), parse_chain(downlink), self._states, personalization=self.personalization)
+            # dim: a task payload for another dimension is refused before anything of its size is
+            # allocated (a zstd body's bound is this model's, not the one the sender's header claims).
+            runtime = ClientRuntime(parse_chain(uplink), parse_chain(downlink), self._states, dim=self.learner.spec.dim,
+                                    personalization=self.personalization)
             if self._runtime is not None:
                 runtime.personal_states = self._runtime.personal_states  # a new chain keeps the personal state
             self._runtime = runtime

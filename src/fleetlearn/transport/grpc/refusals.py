@@ -28,6 +28,10 @@ REASONS: dict[str, grpc.StatusCode] = {
     "round_closed": grpc.StatusCode.FAILED_PRECONDITION,  # the coordinator stopped collecting (cohort filled)
     "not_selected": grpc.StatusCode.FAILED_PRECONDITION,  # the client is not in this round's cohort
     "dropped": grpc.StatusCode.FAILED_PRECONDITION,  # already reported to the Coordinator as dropped
+    "too_many_calls": grpc.StatusCode.RESOURCE_EXHAUSTED,  # this client has Limits.max_calls_per_client calls open
+    "busy": grpc.StatusCode.UNAVAILABLE,  # the server has Limits.max_calls calls open: retry later
+    "timeout": grpc.StatusCode.DEADLINE_EXCEEDED,  # a call sent no message within Limits.first_message_s
+    "stalled": grpc.StatusCode.DEADLINE_EXCEEDED,  # an upload sent no chunk within Limits.upload_idle_s: client dropped
     "internal": grpc.StatusCode.INTERNAL,  # a bug on the server; counted, never fatal
 }
 

@@ -16,6 +16,11 @@ Nothing a client sends can crash the server: requests are parsed by a
 deserializer that turns a parse error into a `malformed` refusal, every
 handler turns a `Refusal` into its status code, and any other exception into
 INTERNAL (counted as `internal` and logged).
+
+Nothing a client holds open can exhaust it either: every call is authenticated from
+its metadata before any message is read (a call without a valid token ends at once),
+takes one of a bounded number of slots, in total and per client, and must send its
+messages in time (`Limits.first_message_s`, `Limits.upload_idle_s`).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from google.protobuf.message import DecodeError, Message
 
 import numpy as np
 
-from ...compression import AdaptiveCompression, needed_capabilities, parse_chain
+from ...compression import AdaptiveCompression, needed_capabilities, parse_chain, wire
 from ...compression.blocks import HEADER_BYTES as BLOCK_HEADER_BYTES
 from ...messages import ClientMetrics, Dropout, Task, Update
 from ...params import ParamSpec
@@ -96,6 +101,30 @@ class Limits:
     # at once (every long poll answers, then every client pushes): measured in
     # benchmarks/grpc_load.py.  A burst costs a few KiB per queued call.
     max_pending_requests: int = 1 << 16
+    # Calls in progress at once.  A call is authenticated from its metadata before any of
+    # its messages is read, so only token holders take a slot; an honest client holds at
+    # most a long poll or an upload, a heartbeat and a registration (a retry may overlap
+    # the call it replaces).  Beyond a client's share: RESOURCE_EXHAUSTED
+    # ("too_many_calls"); beyond the total: UNAVAILABLE ("busy"), which clients retry.
+    max_calls: int = 8192
+    max_calls_per_client: int = 8
+    # A call must send its (first) message within `first_message_s` of opening ("timeout"),
+    # and an upload its next chunk within `upload_idle_s` of the previous one ("stalled":
+    # the upload is refused and the client dropped from the round with that reason).  The
+    # idle bound is per message: a link slower than chunk_bytes / upload_idle_s (1 MiB per
+    # 60 s, about 140 kbit/s) needs smaller chunks or a longer bound.
+    first_message_s: float = 15.0
+    upload_idle_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_bytes", "max_update_bytes", "max_text_chars", "max_list_items", "max_pending_requests",
+                     "max_calls", "max_calls_per_client"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"Limits.{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("max_wait_s", "first_message_s", "upload_idle_s"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"Limits.{name} must be a finite number of seconds > 0, got {v!r}")
 
     @property
     def max_message_bytes(self) -> int:
@@ -133,6 +162,10 @@ class RunRequirements:
     # Protocol features a client must announce (Capabilities.features): "scaffold" when
     # tasks carry SCAFFOLD's control variate after the model payload.
     features: tuple[str, ...] = ()
+    # The dimension of the vector one update encodes (one model of a clustered run's stack),
+    # and the bytes of the block header before its codec payload (clustered runs).
+    dim: int | None = None
+    block_header_bytes: int = 0
 
     @classmethod
     def for_run(
@@ -159,6 +192,8 @@ class RunRequirements:
             kw.setdefault("rung_bytes", tuple((size(r) if r.exact_size else None, size(r)) for r in rungs))
             # global params, local params, delta and an optimizer buffer
             kw.setdefault("min_memory_mb", math.ceil(4 * spec.nbytes / (1 << 20)))
+            kw.setdefault("dim", dim)
+            kw.setdefault("block_header_bytes", extra)
         return cls(uplink=up.spec, downlink=down.spec, model_digest=spec.digest() if spec else None,
                    ladder=tuple(r.spec for r in rungs), **kw)
 
@@ -307,6 +342,12 @@ def _serialize_or_pass(msg: Any) -> bytes:
     return msg if isinstance(msg, bytes) else msg.SerializeToString()
 
 
+def _retrieve(fut: "asyncio.Future[Any]") -> None:
+    """Mark a finished read's outcome as seen (asyncio logs unseen exceptions at error level)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 def _parsed(msg: Any) -> Any:
     if isinstance(msg, _Unparsable):
         raise Refusal("malformed", f"cannot parse {msg.what}: {msg.error}")
@@ -354,6 +395,9 @@ class FleetServer:
                 raise ValueError("adaptive compression over gRPC needs the model's ParamSpec (the rungs' sizes): use RunRequirements.for_run(spec, ladder=...)")
             self.adaptive = AdaptiveCompression(requirements.ladder, 0, level_bytes=[hi for _, hi in requirements.rung_bytes])
         self.links: dict[int, LinkEstimate] = {}
+        # Calls holding a slot (see `_open_call`), in total and by client id.
+        self._calls: dict[int, int] = {}
+        self._calls_total = 0
 
     # -- lifecycle (on the loop) ------------------------------------------------------
     def start(self) -> None:
@@ -367,17 +411,27 @@ class FleetServer:
             self._end_round(self.round, "stopped", "the server stopped")
 
     def handler(self) -> grpc.GenericRpcHandler:
-        """The service's method handlers, with failure-proof request parsing."""
+        """The service's method handlers, with failure-proof request parsing.
+
+        Every method reads its request as a *stream* on this side (clients call Register,
+        Heartbeat and PullTask as unary requests, as before: the wire is the same).  gRPC
+        reads a unary request before the handler runs, with no time limit, so a call that
+        never sends its message would sit in memory unauthenticated; with a request stream
+        the handler runs as soon as the call opens, checks the token in the call metadata,
+        takes a call slot (`Limits.max_calls*`) and only then reads, within
+        `Limits.first_message_s`."""
         return grpc.method_handlers_generic_handler(
             SERVICE,
             {
-                "Register": grpc.unary_unary_rpc_method_handler(
-                    self.Register, request_deserializer=_safe_parser(pb.RegisterRequest), response_serializer=pb.RegisterReply.SerializeToString
+                "Register": grpc.stream_unary_rpc_method_handler(
+                    self._unary(self.Register, "RegisterRequest"), request_deserializer=_safe_parser(pb.RegisterRequest),
+                    response_serializer=pb.RegisterReply.SerializeToString,
                 ),
-                "Heartbeat": grpc.unary_unary_rpc_method_handler(
-                    self.Heartbeat, request_deserializer=_safe_parser(pb.HeartbeatRequest), response_serializer=pb.HeartbeatReply.SerializeToString
+                "Heartbeat": grpc.stream_unary_rpc_method_handler(
+                    self._unary(self.Heartbeat, "HeartbeatRequest"), request_deserializer=_safe_parser(pb.HeartbeatRequest),
+                    response_serializer=pb.HeartbeatReply.SerializeToString,
                 ),
-                "PullTask": grpc.unary_stream_rpc_method_handler(
+                "PullTask": grpc.stream_stream_rpc_method_handler(
                     self.PullTask, request_deserializer=_safe_parser(pb.PullTaskRequest), response_serializer=_serialize_or_pass
                 ),
                 "PushUpdate": grpc.stream_unary_rpc_method_handler(
@@ -420,9 +474,8 @@ class FleetServer:
             raise Refusal("bad_token", "unknown token")
         return check
 
-    def _session(self, context: grpc.aio.ServicerContext, client_id: int, session: str) -> ClientSession:
-        """The caller's registration, after checking its token, client id and session."""
-        check = self._authenticate(context)
+    def _session(self, check: TokenCheck, client_id: int, session: str) -> ClientSession:
+        """The caller's registration, given its checked token: its client id and session."""
         if client_id != check.client_id:
             raise Refusal("wrong_client", f"the token belongs to client {check.client_id}, not to client {client_id}")
         cs = self.clients.get(client_id)
@@ -433,51 +486,112 @@ class FleetServer:
         cs.last_seen = time.monotonic()
         return cs
 
-    # -- Register --------------------------------------------------------------------
-    async def Register(self, request: Any, context: grpc.aio.ServicerContext) -> pb.RegisterReply:
-        client = None
+    # -- calls: authenticated from metadata, slots, bounded reads --------------------------
+    def _open_call(self, context: grpc.aio.ServicerContext) -> TokenCheck:
+        """Authenticate a call from its metadata, before any message is read, and take one
+        of its client's call slots (give it back with `_close_call`)."""
+        check = self._authenticate(context)
+        cid = check.client_id
+        assert cid is not None
+        lim = self.limits
+        if self._calls_total >= lim.max_calls:
+            raise Refusal("busy", f"the server has {self._calls_total} calls in progress, its limit (max_calls = {lim.max_calls}); retry later")
+        held = self._calls.get(cid, 0)
+        if held >= lim.max_calls_per_client:
+            raise Refusal("too_many_calls", f"client {cid} already has {held} calls in progress; "
+                                            f"at most {lim.max_calls_per_client} at once (max_calls_per_client)")
+        self._calls[cid] = held + 1
+        self._calls_total += 1
+        return check
+
+    def _close_call(self, check: TokenCheck) -> None:
+        cid = check.client_id
+        assert cid is not None
+        left = self._calls[cid] - 1
+        if left:
+            self._calls[cid] = left
+        else:
+            del self._calls[cid]
+        self._calls_total -= 1
+
+    def calls_in_progress(self) -> tuple[int, dict[int, int]]:
+        """(calls holding a slot, by client id)."""
+        return self._calls_total, dict(self._calls)
+
+    async def _first_message(self, request_iterator: Any, what: str) -> Any:
+        """The call's first message, parsed; None if the stream ends without one.  A call
+        that sends nothing within `first_message_s` is refused ("timeout")."""
+        t = self.limits.first_message_s
         try:
-            request = _parsed(request)
-            check = self._authenticate(context)
-            client = check.client_id
-            self._validate_register(request)
-            why = self.requirements.refusal(request)
-            if why:
-                raise Refusal("incompatible", why)
-            assert check.client_id is not None and check.name is not None
-            cs = ClientSession(
-                client_id=check.client_id,
-                name=check.name,
-                session=secrets.token_urlsafe(16),
-                last_seen=time.monotonic(),
-                runtime_version=request.runtime_version,
-                peer=context.peer() or "",
-                device={"compute_sps": request.device.compute_sps, "uplink_mbps": request.device.uplink_mbps, "downlink_mbps": request.device.downlink_mbps},
-                capabilities={
-                    "codecs": list(request.capabilities.codecs),
-                    "model_widths": list(request.capabilities.model_widths),
-                    "memory_mb": int(request.capabilities.memory_mb),
-                    "features": list(request.capabilities.features),
-                },
-            )
-            self.clients[cs.client_id] = cs  # replaces an older session of the same client
-            if self.finished:
-                self.told_finished.add(cs.client_id)
-            self._notify()
-            log.info("client %d (%s) registered from %s", cs.client_id, cs.name, cs.peer)
-            req = self.requirements
-            return pb.RegisterReply(
-                client_id=cs.client_id, session=cs.session, accepted=True, reason="",
-                heartbeat_interval_s=self.heartbeat_interval_s, downlink_codec=req.downlink, uplink_codec=req.uplink,
-                model_digest=req.model_digest or "", run_finished=self.finished, chunk_bytes=self.limits.chunk_bytes,
-            )
-        except Refusal as r:
-            await self._refuse(context, r, client)
-        except Exception as exc:  # noqa: BLE001 - a bug must not take the server down
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            await self._internal(context, exc, client)
-        raise AssertionError("unreachable")  # abort() raises
+            async with asyncio.timeout(t):
+                msg = await request_iterator.__anext__()
+        except TimeoutError:
+            raise Refusal("timeout", f"no {what} within {t:.3g}s of the call's start (first_message_s)") from None
+        except StopAsyncIteration:
+            return None
+        return _parsed(msg)
+
+    def _unary(self, method: Callable[[Any, grpc.aio.ServicerContext, TokenCheck], Any], what: str) -> Callable[..., Any]:
+        """A request-stream handler for a unary method: authenticate, take a slot, read the one
+        request in time, call `method(request, context, check)`; every refusal counted."""
+
+        async def call(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+            client = check = None
+            try:
+                check = self._open_call(context)
+                client = check.client_id
+                request = await self._first_message(request_iterator, what)
+                if request is None:
+                    raise Refusal("malformed", f"no {what} in the call")
+                return await method(request, context, check)
+            except Refusal as r:
+                await self._refuse(context, r, client)
+            except Exception as exc:  # noqa: BLE001 - a bug must not take the server down
+                if isinstance(exc, grpc.aio.AbortError):
+                    raise
+                await self._internal(context, exc, client)
+            finally:
+                if check is not None:
+                    self._close_call(check)
+            raise AssertionError("unreachable")  # abort() raises
+
+        call.__name__ = method.__name__
+        return call
+
+    # -- Register --------------------------------------------------------------------
+    async def Register(self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext, check: TokenCheck) -> pb.RegisterReply:
+        """Join the run (refusals and errors are handled by `_unary`)."""
+        self._validate_register(request)
+        why = self.requirements.refusal(request)
+        if why:
+            raise Refusal("incompatible", why)
+        assert check.client_id is not None and check.name is not None
+        cs = ClientSession(
+            client_id=check.client_id,
+            name=check.name,
+            session=secrets.token_urlsafe(16),
+            last_seen=time.monotonic(),
+            runtime_version=request.runtime_version,
+            peer=context.peer() or "",
+            device={"compute_sps": request.device.compute_sps, "uplink_mbps": request.device.uplink_mbps, "downlink_mbps": request.device.downlink_mbps},
+            capabilities={
+                "codecs": list(request.capabilities.codecs),
+                "model_widths": list(request.capabilities.model_widths),
+                "memory_mb": int(request.capabilities.memory_mb),
+                "features": list(request.capabilities.features),
+            },
+        )
+        self.clients[cs.client_id] = cs  # replaces an older session of the same client
+        if self.finished:
+            self.told_finished.add(cs.client_id)
+        self._notify()
+        log.info("client %d (%s) registered from %s", cs.client_id, cs.name, cs.peer)
+        req = self.requirements
+        return pb.RegisterReply(
+            client_id=cs.client_id, session=cs.session, accepted=True, reason="",
+            heartbeat_interval_s=self.heartbeat_interval_s, downlink_codec=req.downlink, uplink_codec=req.uplink,
+            model_digest=req.model_digest or "", run_finished=self.finished, chunk_bytes=self.limits.chunk_bytes,
+        )
 
     def _validate_register(self, r: pb.RegisterRequest) -> None:
         lim = self.limits
@@ -501,36 +615,28 @@ class FleetServer:
             _finite(f"device.{name}", getattr(r.device, name), nonneg=True)
 
     # -- Heartbeat -------------------------------------------------------------------
-    async def Heartbeat(self, request: Any, context: grpc.aio.ServicerContext) -> pb.HeartbeatReply:
-        client = None
-        try:
-            request = _parsed(request)
-            client = int(request.client_id)
-            cs = self._session(context, request.client_id, request.session)
-            rs = self.round
-            if self.finished:
-                self.told_finished.add(cs.client_id)
-            return pb.HeartbeatReply(
-                run_finished=self.finished,
-                current_round=rs.round if rs else 0,
-                has_task=bool(rs and rs.open and cs.client_id in rs.pending),
-                heartbeat_interval_s=self.heartbeat_interval_s,
-            )
-        except Refusal as r:
-            await self._refuse(context, r, client)
-        except Exception as exc:  # noqa: BLE001
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            await self._internal(context, exc, client)
-        raise AssertionError("unreachable")
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext, check: TokenCheck) -> pb.HeartbeatReply:
+        cs = self._session(check, request.client_id, request.session)
+        rs = self.round
+        if self.finished:
+            self.told_finished.add(cs.client_id)
+        return pb.HeartbeatReply(
+            run_finished=self.finished,
+            current_round=rs.round if rs else 0,
+            has_task=bool(rs and rs.open and cs.client_id in rs.pending),
+            heartbeat_interval_s=self.heartbeat_interval_s,
+        )
 
     # -- PullTask --------------------------------------------------------------------
-    async def PullTask(self, request: Any, context: grpc.aio.ServicerContext):
-        client = None
+    async def PullTask(self, request_iterator: Any, context: grpc.aio.ServicerContext):
+        client = check = None
         try:
-            request = _parsed(request)
-            client = int(request.client_id)
-            cs = self._session(context, request.client_id, request.session)
+            check = self._open_call(context)
+            client = check.client_id
+            request = await self._first_message(request_iterator, "PullTaskRequest")
+            if request is None:
+                raise Refusal("malformed", "no PullTaskRequest in the call")
+            cs = self._session(check, request.client_id, request.session)
             _finite("wait_s", request.wait_s, nonneg=True)
             give_up = time.monotonic() + min(request.wait_s, self.limits.max_wait_s)
             while True:
@@ -581,6 +687,9 @@ class FleetServer:
             if isinstance(exc, (grpc.aio.AbortError, asyncio.CancelledError)):
                 raise
             await self._internal(context, exc, client)
+        finally:
+            if check is not None:
+                self._close_call(check)
 
     @staticmethod
     def _config_json(task: Task, client: int) -> str:
@@ -610,18 +719,18 @@ class FleetServer:
 
     # -- PushUpdate ------------------------------------------------------------------
     async def PushUpdate(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> pb.PushReply:
-        client = None
+        client = check = None
         rs: RoundState | None = None
         try:
-            try:
-                first = _parsed(await request_iterator.__anext__())
-            except StopAsyncIteration:
-                raise Refusal("malformed", "empty PushUpdate stream: send UpdateMeta, then the payload chunks") from None
+            check = self._open_call(context)
+            client = check.client_id
+            first = await self._first_message(request_iterator, "UpdateMeta")
+            if first is None:
+                raise Refusal("malformed", "empty PushUpdate stream: send UpdateMeta, then the payload chunks")
             if first.WhichOneof("kind") != "meta":
                 raise Refusal("malformed", f"the first message of PushUpdate must be UpdateMeta, got {first.WhichOneof('kind') or 'an empty chunk'}")
             m = first.meta
-            client = int(m.client_id)
-            cs = self._session(context, m.client_id, m.session)
+            cs = self._session(check, m.client_id, m.session)
             rs = self._admit(client, m, starting=True)
             self._validate_update_meta(m, rs)
             first_at, ready_s = time.monotonic(), rs.elapsed()
@@ -631,7 +740,7 @@ class FleetServer:
                 # links (1000 phones at 1 Mbit/s) and let a few stalled clients block the
                 # rest; memory is bounded by cohort x update size instead.
                 assembler = PayloadAssembler(m.payload_bytes, self.limits.max_update_bytes, self.limits.chunk_bytes, "update payload")
-                while (chunk := await self._next_chunk(request_iterator, rs)) is not None:
+                while (chunk := await self._next_chunk(request_iterator, rs, client)) is not None:
                     chunk = _parsed(chunk)
                     kind = chunk.WhichOneof("kind")
                     if kind != "data":
@@ -640,6 +749,7 @@ class FleetServer:
                 payload = assembler.finish()
             finally:
                 rs.uploading.discard(client)
+            self._check_payload_header(payload, m.codec)
             cs.last_seen = time.monotonic()
             link = self._measure(client, len(payload), cs.last_seen - first_at, ready_s)
             rs = self._admit(client, m, starting=False)  # the round may have closed during the upload
@@ -674,25 +784,63 @@ class FleetServer:
             if isinstance(exc, grpc.aio.AbortError):
                 raise
             await self._internal(context, exc, client)
+        finally:
+            if check is not None:
+                self._close_call(check)
         raise AssertionError("unreachable")
 
-    async def _next_chunk(self, request_iterator: Any, rs: RoundState) -> Any:
-        """The next message of an upload, or None at its end; refused as soon as the round
-        closes, so a stalled upload cannot hold its buffer past the deadline."""
+    async def _next_chunk(self, request_iterator: Any, rs: RoundState, client: int) -> Any:
+        """The next message of an upload, or None at its end.  Refused as soon as the round
+        closes, so a stalled upload cannot hold its buffer past the deadline; and when no
+        message comes within `upload_idle_s` ("stalled"), the client is dropped from the
+        round with that reason (without a deadline the round would wait `max_round_s`).
+
+        The read runs as a task of its own, which must never end with an exception nobody
+        reads: gRPC cuts a call itself (a message over its size limit, a client that goes
+        away) by cancelling this handler, and the read then ends in StopAsyncIteration."""
         nxt = asyncio.ensure_future(request_iterator.__anext__())
+        nxt.add_done_callback(_retrieve)
         closed = asyncio.ensure_future(rs.closed.wait())
+        idle = self.limits.upload_idle_s
         try:
-            await asyncio.wait((nxt, closed), return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait((nxt, closed), timeout=idle, return_when=asyncio.FIRST_COMPLETED)
         finally:
             closed.cancel()
-        if not nxt.done():
-            nxt.cancel()
-            reason = "after_deadline" if rs.closed_by == "deadline" else "round_closed"
-            raise Refusal(reason, f"round {rs.round} closed ({rs.closed_by}) before the update was complete")
+            if not nxt.done():
+                nxt.cancel()
+        if nxt not in done:
+            if rs.closed.is_set():
+                reason = "after_deadline" if rs.closed_by == "deadline" else "round_closed"
+                raise Refusal(reason, f"round {rs.round} closed ({rs.closed_by}) before the update was complete")
+            why = f"its upload stalled: no message for {idle:.3g}s (upload_idle_s)"
+            self._drop(rs, client, why)
+            raise Refusal("stalled", f"client {client}: {why}; dropped from round {rs.round}")
         try:
             return nxt.result()
         except StopAsyncIteration:
             return None
+
+    def _check_payload_header(self, payload: bytes, codec: str) -> None:
+        """Refuse an update whose codec header announces another dimension than the run's
+        model (or a zstd body larger than that dimension allows) before it reaches the
+        Coordinator: cheap (a few header bytes), counted as `wrong_shape`, and it names
+        the numbers.  The decoder checks the same again (`wire.read_header(dim=)`)."""
+        req = self.requirements
+        if req.dim is None:
+            return
+        at = req.block_header_bytes
+        if len(payload) < at + wire.HEADER.size + wire.ZSTD_HEAD.size:
+            return  # too short to carry a body: the decoder refuses it with its own reason
+        magic, _version, support, _value, dim = wire.HEADER.unpack_from(payload, at)
+        if magic != wire.MAGIC:
+            return
+        if dim != req.dim:
+            raise Refusal("wrong_shape", f"update payload ({codec}) is for a vector of dim {dim}; the run's model has {req.dim}")
+        if support & wire.SUPPORT_ZSTD_FLAG:
+            (size,) = wire.ZSTD_HEAD.unpack_from(payload, at + wire.HEADER.size)
+            if size > wire.max_body_bytes(dim):
+                raise Refusal("wrong_shape", f"update payload's zstd body announces {size} bytes; "
+                                             f"a payload of dim {dim} holds at most {wire.max_body_bytes(dim)}")
 
     def _admit(self, client: int, m: pb.UpdateMeta, starting: bool) -> RoundState:
         """The open round this update belongs to, or the precise reason it belongs to none."""
