@@ -166,3 +166,23 @@ def test_resume_overrides_are_recorded_with_the_round_they_apply_from(tmp_path):
     assert got == [{"round": 3, "key": "server.rounds", "old": 2, "new": 5}, {"round": 3, "key": "engine.threads", "old": "auto", "new": 2}]
     assert (s.run_dir / "config.toml").read_text() == again.info()["config_toml"] == "seed = 0\n[server]\nrounds = 5\n"
     assert again.info()["config_hash"] == "abc"  # the configuration that trained the model
+
+
+def test_a_read_only_store_from_before_the_registry_is_read_not_written(tmp_path):
+    """A store that predates some tables, opened read-only (SQLite's own mode=ro, binding
+    whoever runs it): its versions are derived, reading works, tagging is a clear error."""
+    s = _run(tmp_path)
+    s.close()
+    db = s.run_dir / "run.db"
+    with sqlite3.connect(db) as conn:
+        for table in ("model_tags", "model_versions", "privacy_ledger", "resume_overrides"):
+            conn.execute(f"drop table {table}")
+    conn.close()
+    store = RunStore.open(s.run_dir, url=f"sqlite:///file:{db}?mode=ro&uri=true")
+    assert [r.round for r in store.records()] == [1, 2] and store.resume_overrides() == [] and store.privacy_state(2) is None
+    reg = ModelRegistry(store)
+    assert [v.version for v in reg.versions()] == [1, 2] and reg.production() is None and reg.tag_history() == []
+    with pytest.raises(StoreError, match="read-only and predates the model registry"):
+        reg.promote(2)
+    with pytest.raises(StoreError, match=r"attempt to write a readonly database \(the run directory or its database is read-only"):
+        store.check_writable()

@@ -167,6 +167,13 @@ class ModelRegistry:
         added, so it has no registry rows (versions are derived, there are no tags)."""
         return self.store._missing(model_versions) or self.store._missing(model_tags)
 
+    def _writable(self) -> None:
+        if self._legacy_read_only():
+            from .store import _where
+
+            raise StoreError(f"run store {_where(self.store.engine)} is read-only and predates the model registry (its tables "
+                             "could not be added): tagging a version needs write access to it")
+
     def versions(self) -> list[ModelVersion]:
         if self._legacy_read_only():
             rows, tags = [], []
@@ -243,6 +250,7 @@ class ModelRegistry:
             register_round(conn, self.run_id, record, config_hash, arm)
 
     def tag(self, version: int, tag: str, reason: str = "") -> None:
+        self._writable()
         self._known(version)
         if tag == "production" and self._has(version, "rolled_back"):
             raise StoreError(f"version {version} was rolled back; remove its rolled_back tag before promoting it")
@@ -250,6 +258,7 @@ class ModelRegistry:
             _set_tag(conn, self.run_id, version, tag, reason)
 
     def untag(self, version: int, tag: str) -> None:
+        self._writable()
         self._known(version)
         with self.store.engine.begin() as conn:
             if not _active(conn, self.run_id, tag, version):
@@ -265,6 +274,7 @@ class ModelRegistry:
     def rollback(self, to: int | None = None, reason: str = "rolled back") -> tuple[int, int]:
         """Take production away from the current version (tagged rolled_back) and give it
         to `to`, by default the version that held it before.  Returns (from, to)."""
+        self._writable()
         current = self.production()
         if current is None:
             raise StoreError(f"run {self.run_id}: no version is tagged production, nothing to roll back")
