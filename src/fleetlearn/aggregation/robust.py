@@ -656,6 +656,20 @@ class NormBoundedMeanAggregator:
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         return norm_bounded_mean(updates, self.max_norm, weights)
 
+    # -- under central DP (aggregation.pipeline.CentralDPStage) -------------------------------
+    def dp_refusal(self) -> str | None:
+        if self.max_norm is None:
+            return ("norm_bounded_mean's default bound is the cohort's median norm, which moves when one client joins or "
+                    "leaves; set server.norm_bound")
+        return None
+
+    def contributions(self, updates: torch.Tensor, center=None):
+        """Each row clipped to ``max_norm`` (then DP clips to C and counts every client once)."""
+        x = updates.to(torch.float64)
+        norms = torch.linalg.vector_norm(x, dim=1)
+        scale = torch.where(norms > self.max_norm, self.max_norm / norms, torch.ones_like(norms))
+        return (x * scale[:, None]).to(updates.dtype), None
+
 
 class CenteredClippingAggregator:
     """Centered clipping (Karimireddy et al., ICML 2021) from the zero update.
@@ -671,6 +685,27 @@ class CenteredClippingAggregator:
 
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         return centered_clipping(updates, self.tau, self.iters)
+
+    # -- under central DP (aggregation.pipeline.CentralDPStage) -------------------------------
+    def dp_refusal(self) -> str | None:
+        if self.tau is None:
+            return ("centered_clipping's default radius is the cohort's median distance, which moves when one client joins "
+                    "or leaves; set server.cc_tau")
+        if self.iters != 1:
+            return (f"server.cc_iters = {self.iters}: every step after the first re-centres on this round's un-noised "
+                    "iterate, so only one step from a public centre composes; set server.cc_iters = 1")
+        return None
+
+    def contributions(self, updates: torch.Tensor, center=None):
+        """One step of centered clipping from a public centre (the previous round's released
+        aggregate; zero in the first round): rows ``clip_tau(x_i - center)``, result
+        ``center + sum / m`` after DP's clip, sum and noise."""
+        d = updates.shape[1]
+        c = torch.zeros(d, dtype=torch.float64) if center is None else center.to(torch.float64)
+        x = updates.to(torch.float64) - c
+        dist = torch.linalg.vector_norm(x, dim=1)
+        scale = torch.where(dist > self.tau, self.tau / dist, torch.ones_like(dist))
+        return (x * scale[:, None]).to(updates.dtype), c
 
 
 class DnCAggregator:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
+from ..aggregation.pipeline import Batch, RuleStage
 from ..compression import CodecChain
 from ..config import RunConfig
 from ..learners.base import FitConfig
@@ -85,12 +86,15 @@ class Coordinator:
         privacy=None,
         weighting=None,
         schedules: dict | None = None,
+        pipeline=None,
     ):
         self.config = config
         self.learner = learner
         self.transport = transport
         self.selector = selector
         self.aggregator = aggregator
+        # The server's aggregation: one composed stage (aggregation.pipeline.build_pipeline).
+        self.pipeline = pipeline if pipeline is not None else RuleStage(aggregator)
         self.server_optimizer = server_optimizer
         self.validators = list(validators)
         self.downlink = downlink
@@ -140,7 +144,6 @@ class Coordinator:
         self.round = 0
         self.excluded_clients: set[int] = set()  # a guardrail may exclude flagged clients for a while
         self.monitoring = None  # fleetlearn.monitoring.MonitoringParts (set by the factory)
-        self.hierarchy = None  # engine.hierarchy.Hierarchy: regional pre-aggregation (set by the factory)
         self.clustering = None  # fleetlearn.clustering.Clustering (set by the factory) or None
         self.records: list[RoundRecord] = []
         self._task_cache: tuple[tuple[int, int], bytes] | None = None
@@ -579,42 +582,18 @@ class Coordinator:
         norm_w = scaled / scaled.sum()
         for rec, w in zip(got.accepted, norm_w):
             rec.weight = float(w)
-        dropped_after_keys = sum(c.status != "accepted" for c in record.clients)
+        batch = Batch(matrix, scaled, [c.client_id for c in got.accepted], got.payloads, record.round,
+                      dropped=sum(c.status != "accepted" for c in record.clients))  # after SecAgg's key exchange
+        try:
+            res = self.pipeline.next(batch)  # the one call: the run's composed aggregation stages
+        except ValueError as exc:  # e.g. a cohort too small for the rule's precondition
+            record.status, record.reason = "failed", f"{self.pipeline.label}: {exc}; model unchanged"
+            return
+        record.extra.update(res.measurements)
+        pseudo_gradient = res.aggregate
+        if res.kept is not None:
+            matrix, scaled, weights = self._lose_rows(record, got, res, matrix, scaled, weights)
         priv = self.privacy
-        if priv is not None and priv.central is not None:
-            # DP-FedAvg: every client counts once (clip, sum, noise, divide by the expected cohort).
-            res = priv.central.aggregate(matrix, secure=priv.secure, dropped=dropped_after_keys)
-            pseudo_gradient = res.mean.to(torch.float32)
-            record.extra.update(res.to_metrics())
-        elif self.sketch_mode:
-            from ..compression import decode_payload, sum_sketches
-
-            try:
-                summed = sum_sketches(got.payloads, scaled / scaled.sum())
-                pseudo_gradient = decode_payload(summed, dim=self.dim)
-            except (ValueError, PayloadError) as exc:
-                record.status, record.reason = "failed", f"sketch aggregation: {exc}; model unchanged"
-                return
-        elif priv is not None and priv.secure is not None:
-            pseudo_gradient = priv.secure.aggregate(matrix, torch.from_numpy(scaled), dropped=dropped_after_keys).to(torch.float32)
-        else:
-            try:
-                if getattr(self.aggregator, "needs_client_ids", False):  # MIFA keeps per-client memory
-                    pseudo_gradient = self.aggregator.aggregate_round(
-                        [c.client_id for c in got.accepted], matrix, torch.from_numpy(scaled).to(torch.float32)
-                    )
-                elif self.hierarchy is not None:
-                    pseudo_gradient, matrix, scaled, weights = self._aggregate_regions(record, got, matrix, scaled, weights)
-                else:
-                    pseudo_gradient = self.aggregator.aggregate(matrix, torch.from_numpy(scaled).to(torch.float32))
-                for key in ("removed", "distrusted"):  # rows a filtering rule (DnC) left out, as client ids
-                    rows = getattr(self.aggregator, f"last_{key}", None)
-                    if rows is not None:
-                        record.extra[f"aggregator_{key}"] = [got.accepted[i].client_id for i in rows]
-            except ValueError as exc:  # e.g. a cohort too small for the rule's precondition
-                part = "hierarchy" if self.hierarchy is not None else f"aggregator {self.aggregator.name}"
-                record.status, record.reason = "failed", f"{part}: {exc}; model unchanged"
-                return
         if priv is not None and priv.accountant is not None:
             # Privacy spent on this aggregate stays spent, whatever happens to the round next.
             kind, q = self.round_sampling
@@ -654,20 +633,13 @@ class Coordinator:
             record.personal_accuracy, record.personal_global_accuracy = _nanmean(personal), _nanmean(glob)
             record.personal_gain = record.personal_accuracy - record.personal_global_accuracy
 
-    def _aggregate_regions(self, record: RoundRecord, got: Collected, matrix: torch.Tensor, scaled: np.ndarray, weights: np.ndarray):
-        """The weighted mean through regional aggregators (engine.regions > 1): each region
-        forwards one pre-aggregated sum; the updates of a region whose aggregator failed
-        are lost (their clients are recorded as dropped).  Returns the aggregate and the
-        matrix/weights of the updates that reached the root.  Raises ValueError when
-        fewer than `min_regions` regions report."""
-        res = self.hierarchy.aggregate(matrix, scaled, [c.client_id for c in got.accepted], record.round)
-        record.extra.update(res.to_metrics())
-        if res.kept.all():
-            return res.mean, matrix, scaled, weights
-        ids = self.hierarchy.regions([c.client_id for c in got.accepted])
-        for rec, kept, region in zip(got.accepted, res.kept, ids):
+    def _lose_rows(self, record: RoundRecord, got: Collected, res, matrix: torch.Tensor, scaled: np.ndarray, weights: np.ndarray):
+        """Rows a stage could not use (a regional aggregator that failed): their clients are
+        recorded as dropped with the stage's reason, and the rest keep their share.
+        Returns the matrix and weights of the rows that reached the aggregate."""
+        for i, (rec, kept) in enumerate(zip(got.accepted, res.kept)):
             if not kept:
-                rec.status, rec.reason, rec.weight = "dropped", f"region {int(region)}: its aggregator failed; update lost", 0.0
+                rec.status, rec.reason, rec.weight = "dropped", res.lost_reason(i) if res.lost_reason else "update lost", 0.0
         keep = np.flatnonzero(res.kept)
         got.take(keep)
         lost = len(res.kept) - len(keep)
@@ -676,7 +648,7 @@ class Coordinator:
         scaled, weights = scaled[keep], weights[keep]
         for rec, w in zip(got.accepted, scaled / scaled.sum()):
             rec.weight = float(w)
-        return res.mean, matrix[torch.from_numpy(keep)], scaled, weights
+        return matrix[torch.from_numpy(keep)], scaled, weights
 
     def _scaffold_control(self, matrix: torch.Tensor, got: Collected) -> torch.Tensor:
         """SCAFFOLD option II on the server: c + (|S|/N) mean_i delta_c_i, with each delta_c_i
@@ -699,9 +671,7 @@ class Coordinator:
             out.update(self.client_states.state_dict())
         if self.personal_states is not None:
             out.update({"personal/" + k.split("/", 1)[1]: v for k, v in self.personal_states.state_dict().items()})
-        agg = getattr(self.aggregator, "state_dict", None)
-        if agg is not None:
-            out.update({f"aggregator/{k}": v for k, v in agg().items()})
+        out.update({f"aggregator/{k}": v for k, v in self.pipeline.state_dict().items()})
         for which, sched in self.schedules.items():
             out.update({f"schedule/{which}/{k}": torch.tensor(float(v), dtype=torch.float64) for k, v in sched.state_dict().items()})
         return out
@@ -718,9 +688,7 @@ class Coordinator:
             self.client_states.load_state_dict({f"client/{k}": v for k, v in parts["client"].items()})
         if self.personal_states is not None:
             self.personal_states.load_state_dict({f"client/{k}": v for k, v in parts["personal"].items()})
-        load = getattr(self.aggregator, "load_state_dict", None)
-        if load is not None and parts["aggregator"]:
-            load(parts["aggregator"])
+        self.pipeline.load_state_dict(parts["aggregator"])
         for which, sched in self.schedules.items():
             state = {k.split("/", 1)[1]: float(v) for k, v in parts["schedule"].items() if k.split("/", 1)[0] == which}
             if state:

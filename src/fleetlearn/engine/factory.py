@@ -16,6 +16,7 @@ from ..ops.registry import PARAM_SPEC_FILE
 from ..privacy import PrivacyParts, build_privacy
 from ..selection import SELECTORS
 from ..transport import SimulationTransport
+from ..aggregation.pipeline import build_pipeline
 from ..aggregation.schedules import schedule_from_config
 from ..aggregation.weighting import make_weighting
 from ..validation import build_validators
@@ -155,7 +156,10 @@ def build_privacy_parts(config: RunConfig, population: int, aggregator) -> Priva
             cohort=config.server.cohort,
             population=population,
             seed=config.seed,
-            aggregator_needs_individual_updates=getattr(aggregator, "needs_individual_updates", False),
+            # Central DP wraps the rule in the pipeline, which refuses a rule without bounded per-client
+            # contributions (aggregation.pipeline.check_dp_composable); secure aggregation still needs a sum.
+            aggregator_needs_individual_updates=getattr(aggregator, "needs_individual_updates", False)
+            and (p.secure_aggregation or p.mode != "central"),
             aggregator=f"server.aggregator = {config.server.aggregator!r}",
             asynchronous=config.server.mode == "async",
         )
@@ -328,12 +332,19 @@ def build_coordinator(
         from ..privacy.telemetry import PrivateTelemetryHook
 
         monitoring.telemetry = PrivateTelemetryHook(privacy.telemetry)  # after the guardrail, before the exporter
+    hierarchy = _hierarchy(config, data.num_clients, uplink, privacy)
+    try:
+        pipeline = build_pipeline(aggregator, privacy=privacy, sketch_dim=learner.spec.dim if _is_sketch(uplink) else None,
+                                  hierarchy=hierarchy, what=f"server.aggregator = {config.server.aggregator!r}")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     coordinator = Coordinator(
         config=config,
         learner=learner,
         transport=transport,
         selector=build_selector(config, data.num_clients),
         aggregator=aggregator,
+        pipeline=pipeline,
         privacy=privacy,
         server_optimizer=server_optimizer,
         validators=build_run_validators(config),
@@ -348,7 +359,6 @@ def build_coordinator(
         clock=clock,
     )
     coordinator.monitoring = monitoring
-    coordinator.hierarchy = _hierarchy(config, data.num_clients, uplink, privacy)
     if config.distill.method == "feddf":
         from ..learners.distill import FedDFStep
 
