@@ -311,6 +311,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     from .engine import build_coordinator
     from .ops import RunStore, StoreError
     from .transport.grpc.commands import server_transport
+    from .transport.grpc.server import Limits
 
     try:
         changes: dict = {}
@@ -335,7 +336,8 @@ def cmd_server(args: argparse.Namespace) -> int:
 
         def make_transport(learner, runtime):
             t = server_transport(cfg, learner.spec, address=args.listen, state_dir=args.state, cert_dir=args.certs,
-                                 mutual_tls=args.mtls, max_round_s=args.max_round_s)
+                                 mutual_tls=args.mtls, max_round_s=args.max_round_s, insecure=args.insecure,
+                                 limits=Limits(upload_idle_s=args.upload_idle_s))
             holder["t"] = t
             return t
 
@@ -394,7 +396,9 @@ def cmd_client(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     print(json.dumps({k: v for k, v in vars(report).items() if isinstance(v, (int, float, str, bool, type(None), list))}, default=str))
     if report.stopped.startswith("gave_up"):
-        print(f"fleetlearn: error: gave up: the server at {args.server} could not be reached", file=sys.stderr)
+        # the last error says which: refused connections, a name that does not resolve, ...
+        print(f"fleetlearn: error: gave up: the server at {args.server} could not be reached: "
+              f"{report.stopped.removeprefix('gave_up: ')}", file=sys.stderr)
         return 1
     return 0
 
@@ -407,6 +411,9 @@ def cmd_certs(args: argparse.Namespace) -> int:
     except FileExistsError as exc:
         raise UsageError(f"{exc}; use --force to overwrite") from None
     print(f"certificates written to {args.out}: " + ", ".join(str(p) for p in vars(paths).values() if p))
+    hosts = list(args.host or ("127.0.0.1", "localhost"))
+    print(f"the server certificate is valid for {', '.join(hosts)} only: clients must dial one of these"
+          + ("" if args.host else " (this machine); for a server other hosts reach, pass --host NAME (repeatable)"))
     return 0
 
 
@@ -577,6 +584,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--state", default="fleetlearn-state", help="folder with the token store (default fleetlearn-state)")
     sv.add_argument("--certs", help="folder with server.pem/server.key (and ca.pem for --mtls) from `fleetlearn certs`")
     sv.add_argument("--mtls", action="store_true", help="require client certificates too")
+    sv.add_argument("--insecure", action="store_true", help="serve plaintext (no --certs) on a non-loopback address anyway; "
+                    "without it such a server is refused, since tokens and models would cross the network in clear")
+    sv.add_argument("--upload-idle-s", type=float, default=60.0, help="drop a client from its round when its upload sends "
+                    "no chunk for this long (default 60; a chunk is 1 MiB)")
     sv.add_argument("--min-clients", type=int, default=1, help="wait for this many connected clients before each round")
     sv.add_argument("--wait-s", type=float, default=60.0, help="how long to wait for them (default 60)")
     sv.add_argument("--max-round-s", type=float, default=600.0, help="a round without deadline ends after this (default 600)")
@@ -608,7 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ce = sub.add_parser("certs", help="create a CA and TLS certificates", description="Create a CA and server/client certificates for TLS.")
     ce.add_argument("--out", default="certs", help="output folder (default certs)")
-    ce.add_argument("--host", action="append", help="server host name or IP (repeatable; default 127.0.0.1 and localhost)")
+    ce.add_argument("--host", action="append", help="a host name or IP address clients dial the server by (repeatable; "
+                    "default 127.0.0.1 and localhost only, so give the server's name for clients on other hosts)")
     ce.add_argument("--client", action="append", help="client certificate name (repeatable; default client)")
     ce.add_argument("--days", type=int, default=365, help="validity in days")
     ce.add_argument("--force", action="store_true", help="overwrite existing files")

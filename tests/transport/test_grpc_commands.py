@@ -87,3 +87,23 @@ def test_a_block_topk_uplink_over_grpc(tmp_path):
         for c in rec.clients:
             assert c.codec == chain and 0 < c.uplink_bytes <= bound < 4 * dim / 8  # far below float32's 4 bytes an entry
     assert not torch.equal(net.coordinator.params, net.start)
+
+
+def test_the_cli_says_what_certificates_cover_and_refuses_plaintext_off_loopback(tmp_path, capsys):
+    from fleetlearn.cli import main
+
+    assert main(["certs", "--out", str(tmp_path / "local")]) == 0
+    out = capsys.readouterr().out
+    assert "valid for 127.0.0.1, localhost only" in out and "pass --host NAME" in out
+    assert main(["certs", "--out", str(tmp_path / "remote"), "--host", "fleet.example"]) == 0
+    assert "valid for fleet.example only" in capsys.readouterr().out
+
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('[data]\ndataset = "digits"\nclients = 4\n[server]\nrounds = 1\ncohort = 1\n')
+    common = [str(cfg), "--state", str(tmp_path / "state"), "--runs-dir", str(tmp_path / "runs"), "--wait-s", "0.5"]
+    assert main(["server", *common, "--listen", "0.0.0.0:0"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to serve plaintext gRPC on 0.0.0.0:0" in err and "--insecure" in err
+    t = commands.server_transport(load_config(CFG), client_from_config(load_config(CFG), client_index=0)[0].spec,
+                                  "0.0.0.0:0", tmp_path / "state", insecure=True)
+    t.close(grace_s=0.1)

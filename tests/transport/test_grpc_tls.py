@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_raw_client import RawClient
 
 from fleetlearn.messages import Update
-from fleetlearn.transport.grpc import Backoff, ClientTls, GrpcTransport, ServerTls, make_certs, run_client
+from fleetlearn.transport.grpc import Backoff, ClientRefused, ClientTls, GrpcTransport, ServerTls, make_certs, run_client
+from fleetlearn.transport.grpc.transport import is_loopback
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +79,49 @@ def test_mutual_tls_requires_a_client_certificate(certs, tokens, learner):
         assert holder.register(learner.spec.digest()).accepted
         holder.close()
         assert ClientTls.from_dir(certs.ca_cert.parent).cert == certs.client_certs["client"][0]
+
+
+# -- item 11: certificate mistakes are named, plaintext is refused off loopback ---------------
+def refused_client(address: str, tok: str, learner, tls: ClientTls) -> str:
+    """The error of a client that must stop at once (not retry until it gives up)."""
+    with pytest.raises(ClientRefused) as err:
+        run_client(address, tok, learner, tiny_data(0), tls=tls, backoff=Backoff(0.05, 0.2), give_up_after_s=5)
+    return str(err.value)
+
+
+def test_a_certificate_for_another_name_is_named_as_such(certs, tokens, learner):
+    # `fleetlearn certs` without --host covers 127.0.0.1 and localhost only: a server that
+    # clients dial by another address (here 127.0.0.2, still this machine) fails verification.
+    with GrpcTransport("127.0.0.2:0", tokens=tokens, spec=learner.spec, tls=ServerTls.from_dir(certs.ca_cert.parent)) as t:
+        tok = tokens.add("elsewhere")
+        msg = refused_client(t.address, tok, learner, ClientTls(certs.ca_cert))
+        assert "certificate is not valid for '127.0.0.2' (it names 127.0.0.1, localhost)" in msg, msg
+        assert "fleetlearn certs --host 127.0.0.2" in msg
+        msg = refused_client(f"127.0.0.2:{t.port}", tok, learner, ClientTls(certs.ca_cert, server_name="fleet.example"))
+        assert "not valid for 'fleet.example'" in msg, msg
+        # with the name it holds, the same server is fine
+        c = RawClient(t.address, tok, credentials=ClientTls(certs.ca_cert).credentials(),
+                      options=ClientTls(certs.ca_cert, server_name="localhost").channel_options())
+        assert c.register(learner.spec.digest()).accepted
+        c.close()
+
+
+def test_a_certificate_from_another_ca_and_a_plaintext_server_are_named(certs, tokens, learner, tmp_path):
+    other = make_certs(tmp_path / "other")
+    with GrpcTransport("127.0.0.1:0", tokens=tokens, spec=learner.spec, tls=ServerTls.from_dir(certs.ca_cert.parent)) as t:
+        msg = refused_client(t.address, tokens.add("wrong-ca"), learner, ClientTls(other.ca_cert))
+        assert f"does not verify against the CA in {other.ca_cert}" in msg, msg
+    with GrpcTransport("127.0.0.1:0", tokens=tokens, spec=learner.spec) as t:  # no TLS
+        msg = refused_client(t.address, tokens.add("tls-to-plain"), learner, ClientTls(certs.ca_cert))
+        assert "does not answer in TLS" in msg, msg
+
+
+def test_plaintext_off_loopback_needs_insecure(tokens, learner):
+    for address in ("0.0.0.0:0", "[::]:0"):
+        with pytest.raises(ValueError, match="refusing to serve plaintext gRPC on .*--insecure"):
+            GrpcTransport(address, tokens=tokens, spec=learner.spec)
+    with GrpcTransport("0.0.0.0:0", tokens=tokens, spec=learner.spec, insecure=True) as t:
+        assert t.port > 0
+    for address in ("127.0.0.1:0", "localhost:0", "[::1]:0"):
+        assert is_loopback(address)
+    assert not is_loopback("fleet.example:7777") and not is_loopback("10.0.0.5:7777")

@@ -14,8 +14,10 @@ Failures are routine on a fleet, so the client treats them as such:
 - an update refused (FAILED_PRECONDITION: late, duplicate, stale version): drop
   it, count it, pull the next task;
 - the token is bad or revoked, or the client is incompatible with the run
-  (UNAUTHENTICATED, PERMISSION_DENIED, FAILED_PRECONDITION at registration):
-  stop with `ClientRefused`, since retrying cannot help;
+  (UNAUTHENTICATED, PERMISSION_DENIED, FAILED_PRECONDITION at registration), or
+  the server's certificate does not verify (not valid for the name dialled, not
+  signed by the given CA, or the server does not speak TLS): stop with
+  `ClientRefused` naming the problem, since retrying cannot help;
 - the server says the run finished: stop.
 
 `run_client` is the blocking entry point (one client per call, e.g. per
@@ -120,6 +122,61 @@ def _retry_after(err: grpc.aio.AioRpcError) -> float | None:
                 return max(0.0, float(value) / 1000.0)
             except (TypeError, ValueError):
                 return None
+    return None
+
+
+def _split_target(target: str) -> tuple[str, int] | None:
+    """(host, port) of a "HOST:PORT" / "[V6]:PORT" / "dns:///HOST:PORT" target, None otherwise."""
+    target = target.removeprefix("dns:///").removeprefix("ipv4:").removeprefix("ipv6:")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _certificate_names(target: str, timeout_s: float = 5.0) -> list[str]:
+    """The names (SAN) in the certificate the server at `target` presents, fetched without
+    verifying it; [] when that fails (best effort, for error messages only)."""
+    import socket
+    import ssl
+
+    from cryptography import x509
+
+    hp = _split_target(target)
+    if hp is None:
+        return []
+    try:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        with socket.create_connection(hp, timeout=timeout_s) as sock, ctx.wrap_socket(sock, server_hostname=hp[0]) as tls:
+            der = tls.getpeercert(binary_form=True)
+        cert = x509.load_der_x509_certificate(der)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return [str(v) for v in san.get_values_for_type(x509.IPAddress)] + list(san.get_values_for_type(x509.DNSName))
+    except Exception:  # noqa: BLE001 - only used to say more in an error message
+        return []
+
+
+def tls_problem(details: str, target: str, tls: ClientTls | None) -> str | None:
+    """A sentence naming the certificate problem behind a connection failure (gRPC reports
+    it as UNAVAILABLE, like an unreachable server), or None if it is not one."""
+    if tls is None:
+        return None
+    hp = _split_target(target)
+    name = tls.server_name or (hp[0] if hp else target)
+    if "Hostname Verification" in details or "No match found for server name" in details or "Peer name" in details:
+        names = _certificate_names(target)
+        held = f" (it names {', '.join(names)})" if names else ""
+        return (f"TLS: the server's certificate is not valid for {name!r}{held}: make the server's certificate for the "
+                f"name clients dial (fleetlearn certs --host {name}), or pass --tls-server-name with a name it holds")
+    if "CERTIFICATE_VERIFY_FAILED" in details or "certificate verify failed" in details:
+        why = details.rsplit("CERTIFICATE_VERIFY_FAILED", 1)[-1].strip(": ").removesuffix(": OK")
+        ca = f"the CA in {tls.ca}" if tls.ca else "the system's CAs"
+        return (f"TLS: the server's certificate does not verify against {ca} ({why or 'verification failed'}): "
+                "pass the ca.pem from the `fleetlearn certs` folder whose server.pem the server uses")
+    if "WRONG_VERSION_NUMBER" in details:
+        return f"TLS: the server at {target} does not answer in TLS (is it running without --certs?)"
     return None
 
 
@@ -282,6 +339,8 @@ class FleetClient:
                         continue
                     if code not in _RETRYABLE:  # UNAUTHENTICATED, PERMISSION_DENIED, ...: retrying cannot help
                         raise ClientRefused(code, details) from None
+                    if code == grpc.StatusCode.UNAVAILABLE and (problem := tls_problem(details, self.server, self.tls)):
+                        raise ClientRefused(code, problem) from None  # a certificate does not fix itself
                     if self.give_up_after_s is not None and time.monotonic() - last_ok > self.give_up_after_s:
                         raise _Stop(f"gave_up: no answer from {self.server} for {self.give_up_after_s:.0f}s ({code.name}: {details})")
                     delay = self.backoff.delay(failures, self._rng)

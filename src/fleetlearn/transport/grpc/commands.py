@@ -24,7 +24,10 @@ from .transport import GrpcTransport
 
 def certs(out_dir: str | Path, hosts: Sequence[str] = ("127.0.0.1", "localhost"), clients: Sequence[str] = ("client",),
           days: int = 365, overwrite: bool = False) -> CertPaths:
-    """`fleetlearn certs [--out DIR] [--host H ...] [--client NAME ...] [--days N] [--force]`."""
+    """`fleetlearn certs [--out DIR] [--host H ...] [--client NAME ...] [--days N] [--force]`.
+
+    The server certificate is valid for `hosts` only (by default 127.0.0.1 and localhost):
+    clients on other machines dial the server by a name or address that must be among them."""
     return make_certs(out_dir, hosts=tuple(hosts), client_names=tuple(clients), days=days, overwrite=overwrite)
 
 
@@ -56,6 +59,7 @@ def server_transport(
     heartbeat_interval_s: float = 5.0,
     max_round_s: float = 600.0,
     limits: Limits = Limits(),
+    insecure: bool = False,
 ) -> GrpcTransport:
     """The transport `fleetlearn server CONFIG` hands to the Coordinator.
 
@@ -64,7 +68,7 @@ def server_transport(
     rung of `ladder` per round, from its link as the server measures it); tokens from
     `<state_dir>/tokens.db` (the file `fleetlearn token add` writes); TLS from `cert_dir` (server.pem,
     server.key, and ca.pem when `mutual_tls`).  Without `cert_dir` the server is
-    plaintext: fine on loopback, not on a network.
+    plaintext: fine on loopback, refused on any other address unless `insecure`.
     """
     if config.privacy.secure_aggregation:
         # The masking rounds (key exchange, masked upload, unmasking) are not on the wire yet:
@@ -84,6 +88,7 @@ def server_transport(
         heartbeat_interval_s=heartbeat_interval_s,
         max_round_s=max_round_s,
         limits=limits,
+        insecure=insecure,
     )
 
 
@@ -119,7 +124,7 @@ def client(
     # The personal step runs here, its state stays on this device (built as the server builds it).
     personalization = build_personalization_part(cfg, learner)
     tls = None
-    if tls_ca is not None or tls_cert is not None:
+    if tls_ca is not None or tls_cert is not None or tls_server_name is not None:
         tls = ClientTls(Path(tls_ca) if tls_ca else None, Path(tls_cert) if tls_cert else None,
                         Path(tls_key) if tls_key else None, tls_server_name)
     return run_client(server, token, learner, data, tls=tls, name=name, max_rounds=max_rounds,

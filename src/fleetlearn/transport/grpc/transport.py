@@ -17,6 +17,7 @@ none) and reports every silent client as a `Dropout`.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import queue
 import threading
@@ -37,6 +38,21 @@ from .server import END, FleetServer, Limits, RunRequirements
 log = logging.getLogger("fleetlearn.transport.grpc")
 
 
+def is_loopback(address: str) -> bool:
+    """Whether a listen address ("HOST:PORT", "[::1]:PORT", "unix:PATH") is reachable only
+    from this machine.  A host name other than "localhost", and 0.0.0.0 / [::], are not."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = address.rsplit(":", 1)[0] if ":" in address else address
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class GrpcTransport:
     """Serve a run over gRPC and deliver its rounds to connected clients.
 
@@ -50,6 +66,9 @@ class GrpcTransport:
     With `ladder` (adaptive compression) the server names each client's rung in its
     task, from the uplink rate and readiness it measured on that client's earlier
     updates (`clients()` shows them under "link"); see `FleetServer._plan_rungs`.
+
+    Without `tls` the server is plaintext, which it agrees to only on a loopback address
+    unless `insecure=True`.
 
     `available(round)` is the registered clients with a valid token that
     heartbeated within `heartbeat_timeout_s`; client ids are the token store's
@@ -82,7 +101,13 @@ class GrpcTransport:
         grace_s: float = 10.0,
         maximum_concurrent_rpcs: int | None = None,
         server_options: Sequence[tuple[str, Any]] = (),
+        insecure: bool = False,
     ):
+        if tls is None and not insecure and not is_loopback(address):
+            # Tokens, models and updates would cross the network in clear.
+            raise ValueError(f"refusing to serve plaintext gRPC on {address}, which is not a loopback address: tokens and "
+                             "models would cross the network unencrypted. Give TLS certificates (fleetlearn server --certs DIR, "
+                             "from `fleetlearn certs --host HOST`), or ask for plaintext explicitly (--insecure; insecure=True)")
         self.tokens = tokens
         # `ladder`: adaptive compression (each client's rung per round, from its measured link).
         # `features`: protocol features clients must announce ("scaffold").
