@@ -205,11 +205,13 @@ def test_decode_checks_the_expected_dimension():
         parse_chain("q8").decode(p, dim=99)
 
 
-def test_stage_objects_are_codecs_on_their_own():
+def test_a_stage_object_is_a_codec_as_a_one_element_chain():
+    # Stages are chain elements; CodecChain([stage]) is the codec (compression/base.py no longer
+    # imports codec.py back: no import circle).
     v = heavy_tailed(1000)
-    q = UniformQuantizer(8)
+    q = CodecChain([UniformQuantizer(8)])
     payload, state = q.encode(v)
-    assert state is None
+    assert state is None and q.spec == "q8"
     assert torch.equal(q.decode(payload), parse_chain("q8").decode(parse_chain("q8").encode(v)[0]))
 
 

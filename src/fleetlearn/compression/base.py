@@ -44,17 +44,6 @@ class Stage:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec!r})"
 
-    # Every stage also works alone, as a one-element chain (the Codec protocol).
-    def encode(self, vec: torch.Tensor, state: dict | None = None):
-        from .codec import CodecChain
-
-        return CodecChain([self]).encode(vec, state)
-
-    def decode(self, payload: bytes, dim: int | None = None) -> torch.Tensor:
-        from .codec import decode_payload
-
-        return decode_payload(payload, dim=dim)
-
     @classmethod
     def from_args(cls, positional: list[str], options: dict[str, str]) -> "Stage":
         no_args(cls.name, positional, options)
