@@ -5,7 +5,8 @@
 """
 
 from .api import run
-from .config import ConfigError, RunConfig, load_config
+from .config import RunConfig, load_config
+from .errors import ConfigError, DataError, FleetlearnError, RunFailedError
 from .messages import ClientMetrics, Dropout, Task, Update
 from .params import ParamSpec
 from .records import ClientRecord, RoundRecord, RunSummary
@@ -16,10 +17,13 @@ __all__ = [
     "ClientMetrics",
     "ClientRecord",
     "ConfigError",
+    "DataError",
     "Dropout",
+    "FleetlearnError",
     "ParamSpec",
     "RoundRecord",
     "RunConfig",
+    "RunFailedError",
     "RunSummary",
     "Task",
     "Update",

@@ -22,6 +22,7 @@ from .config import ConfigError, add_config_dir_to_path, load_config
 from .records import RoundRecord, RunSummary
 
 EXIT_USAGE = 2
+EXIT_RUN_FAILED = 1  # the run went through and every round failed
 
 
 class UsageError(Exception):
@@ -122,8 +123,9 @@ def resume_config(store, sets: list[str] | None):
 
 # -- fleetlearn run ---------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
+    from .api import build
     from .data import DataError
-    from .engine import build_run
+    from .errors import all_rounds_failed
     from .ops import StoreError
 
     overrides = list(args.set or [])
@@ -146,16 +148,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             if cfg.canary.set:
                 raise UsageError(f"run {store.run_id} is a canary rollout; resuming one is not supported")
             with console.status("loading data and the last committed round..."):
-                coordinator = build_run(cfg, store=store)
+                coordinator = build(cfg, store=store)
                 done = coordinator.resume()
             if changes:
                 store.record_resume_overrides(changes, done + 1, cfg.to_toml())
         else:
-            if args.config:
-                add_config_dir_to_path(args.config)
             cfg = load_config(args.config, overrides)
+            if args.config:
+                add_config_dir_to_path(args.config, cfg)  # appended, and only when the config names an import path
             with console.status("loading data and building the run..."):
-                coordinator = build_run(cfg)  # a CanaryRollout when [canary] names a candidate
+                coordinator = build(cfg)  # a CanaryRollout when [canary] names a candidate
     except BaseException as exc:
         if store is not None:
             store.close()  # release the run's lock
@@ -198,6 +200,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_summary(console, summary)
     if args.json:
         print(json.dumps(summary.to_json_dict()), flush=True)
+    failed = all_rounds_failed(summary)
+    if failed is not None:  # nothing was learned: not a success
+        where = f"; the records are in {summary.run_dir}" if summary.run_dir else ""
+        print(f"fleetlearn: error: {failed}{where}", file=sys.stderr)
+        return EXIT_RUN_FAILED
     return 0
 
 

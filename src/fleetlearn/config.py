@@ -39,6 +39,28 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
+    # Built directly (RunConfig(...), ServerConfig(...)), validated (model_validate) or
+    # assigned to (cfg.server.rounds = 0): a refusal is a ConfigError, never pydantic's
+    # ValidationError, with the same message as from load_config.
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(_format_error(exc, data, type(self))) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:
+            raise ConfigError(_format_error(exc, {name: value}, type(self))) from None
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> Any:
+        try:
+            return super().model_validate(obj, **kwargs)
+        except ValidationError as exc:
+            raise ConfigError(_format_error(exc, obj, cls)) from None
+
     @field_validator("*", mode="after")
     @classmethod
     def _int64(cls, v: Any) -> Any:
@@ -876,12 +898,18 @@ def _drop_none(obj: Any) -> Any:
     return obj
 
 
-def _format_error(err: ValidationError, data: dict[str, Any]) -> str:
+def _format_error(err: ValidationError, data: Any, root: type[BaseModel] | None = None) -> str:
+    root = root or RunConfig
+    prefix = _section_name(root)
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        inner = (e.get("ctx") or {}).get("error")
+        if isinstance(inner, ConfigError):  # a section built inside this one: already formatted, with its path
+            lines.append(str(inner).removeprefix("invalid config: "))
+            continue
+        loc = ".".join(str(p) for p in (*prefix, *e["loc"]))
         if e["type"] == "extra_forbidden":
-            section = _section_model(e["loc"][:-1])
+            section = _section_model(e["loc"][:-1], root)
             allowed = ", ".join(section.model_fields) if section else ""
             lines.append(f"{loc}: unknown key (allowed: {allowed})")
             continue
@@ -895,8 +923,16 @@ def _format_error(err: ValidationError, data: dict[str, Any]) -> str:
     return "invalid config: " + "; ".join(lines)
 
 
-def _section_model(loc: tuple) -> type[BaseModel] | None:
-    model: type[BaseModel] = RunConfig
+def _section_name(cls: type[BaseModel]) -> tuple[str, ...]:
+    """("server",) for ServerConfig: the key of a section class in RunConfig (() for RunConfig)."""
+    for name, field in RunConfig.model_fields.items():
+        if field.annotation is cls:
+            return (name,)
+    return ()
+
+
+def _section_model(loc: tuple, root: type[BaseModel] | None = None) -> type[BaseModel] | None:
+    model: type[BaseModel] = root or RunConfig
     for part in loc:
         field = model.model_fields.get(str(part))
         if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
@@ -1007,9 +1043,7 @@ def load_config(source: "RunConfig | dict[str, Any] | str | Path | None" = None,
             raise ConfigError(f"overrides: expected a list of 'section.key=value' strings, got {overrides!r}")
         data = apply_overrides(data, overrides)
     try:
-        cfg = RunConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_format_error(exc, data)) from None
+        cfg = RunConfig.model_validate(data)  # a refusal is a ConfigError (Section.model_validate)
     except RecursionError:
         raise ConfigError(f"config: nested too deeply (allowed: at most {MAX_NESTING} levels of tables and arrays)") from None
     if given is not None and cfg == given:

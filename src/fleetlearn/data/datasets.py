@@ -102,10 +102,21 @@ def load_custom(import_path: str, seed: int) -> Dataset:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise DataError(f"{where}: cannot import module {module_name!r} ({exc})") from exc
+    except Exception as exc:  # the module itself failed while importing
+        raise DataError(f"{where}: importing module {module_name!r} raised {type(exc).__name__}: {exc}") from exc
+    except SystemExit as exc:
+        raise DataError(f"{where}: importing module {module_name!r} called exit ({exc.code!r})") from None
     function = getattr(module, function_name, None)
     if not callable(function):
         raise DataError(f"{where}: module {module_name!r} has no function {function_name!r}")
-    out: Any = function(seed)
+    try:
+        out: Any = function(seed)
+    except Exception as exc:
+        raise DataError(f"{where}: the dataset function raised {type(exc).__name__}: {exc}; expected it to return "
+                        "{'x': (N, F) floats, 'y': (N,) ints >= 0, optionally 'client': (N,) ints}") from exc
+    except SystemExit as exc:
+        raise DataError(f"{where}: the dataset function called exit ({exc.code!r}); expected it to return "
+                        "{'x': (N, F) floats, 'y': (N,) ints >= 0, optionally 'client': (N,) ints}") from None
     if not isinstance(out, Mapping):
         raise DataError(f"{where}: must return a dict with keys 'x', 'y' and optionally 'client', got {type(out).__name__}")
     missing = [k for k in ("x", "y") if k not in out]
@@ -115,19 +126,44 @@ def load_custom(import_path: str, seed: int) -> Dataset:
             f"{where}: returned keys {sorted(map(str, out))}; missing {missing}, unknown {unknown} "
             f"(allowed: {', '.join(_CUSTOM_KEYS)})"
         )
-    x = np.asarray(out["x"])
-    y = np.asarray(out["y"])
+    x = _array(out["x"], "x", where)
+    y = _array(out["y"], "y", where)
     if x.ndim != 2 or len(x) == 0 or x.shape[1] == 0:
         raise DataError(f"{where}: 'x' must be a non-empty 2-D (examples, features) array, got shape {x.shape}")
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         raise DataError(f"{where}: 'x' must hold real numbers, got dtype {x.dtype}")
     if not np.isfinite(x).all():
         raise DataError(f"{where}: 'x' has NaN or infinite values")
+    if np.issubdtype(x.dtype, np.integer):
+        big = np.abs(x.astype(np.float64)).max()
+    else:
+        big = float(np.abs(x).max())
+    if big > FLOAT32_MAX:
+        raise DataError(f"{where}: 'x' has values up to {big:.3g}, beyond float32 (the models' precision, at most {FLOAT32_MAX:.3g}); "
+                        "scale or standardise the features")
     y = _integer_vector(y, "y", len(x), where)
     if y.min() < 0:
         raise DataError(f"{where}: labels 'y' must be >= 0 (class indices), found {y.min()}")
-    devices = _integer_vector(np.asarray(out["client"]), "client", len(x), where) if "client" in out else None
-    return Dataset(import_path, x.astype(np.float32), y, int(y.max()) + 1, devices=devices)
+    num_classes = int(y.max()) + 1
+    if num_classes > len(y):
+        distinct = len(np.unique(y))
+        raise DataError(
+            f"{where}: the largest label is {num_classes - 1}, which asks for a {num_classes}-class model, but there are "
+            f"only {len(y)} examples ({distinct} distinct labels); labels must be class indices 0..C-1 with C at most the "
+            "number of examples (renumber them, e.g. np.unique(y, return_inverse=True)[1])"
+        )
+    devices = _integer_vector(_array(out["client"], "client", where), "client", len(x), where) if "client" in out else None
+    return Dataset(import_path, x.astype(np.float32), y, num_classes, devices=devices)
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _array(value: Any, key: str, where: str) -> np.ndarray:
+    try:
+        return np.asarray(value)
+    except Exception as exc:  # ragged lists and the like
+        raise DataError(f"{where}: {key!r} is not an array ({type(exc).__name__}: {exc})") from None
 
 
 def _integer_vector(values: np.ndarray, key: str, length: int, where: str) -> np.ndarray:

@@ -1,8 +1,5 @@
-"""The one error type of `fleetlearn.data`."""
+"""The one error type of `fleetlearn.data` (a `ConfigError`, see fleetlearn.errors)."""
 
+from fleetlearn.errors import DataError
 
-class DataError(ValueError):
-    """Data that cannot be loaded or partitioned as configured.
-
-    The message names the dataset or `data.*` key, the numbers involved and what to change.
-    """
+__all__ = ["DataError"]

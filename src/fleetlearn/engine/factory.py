@@ -34,11 +34,74 @@ def build_learner(config: RunConfig, data: FederatedData, fleet=None):
 
         return _part("model.widths", "widths", m.widths, lambda: heterofl_parts(
             m, data.num_features, data.num_classes, None if fleet is None else fleet.memory_mb, data.num_clients, config.engine.vectorize))
+    _check_model_size(config, data)
     try:
         make = model_factory(m.name, data.num_features, data.num_classes, m.hidden, m.kwargs)
-        return TorchLearner(make, vectorize=config.engine.vectorize)
+        learner = TorchLearner(make, vectorize=config.engine.vectorize)
     except (ImportError, TypeError) as exc:
         raise ConfigError(f"model.name = {m.name!r}: {exc}") from None
+    except Exception as exc:  # the user's factory (or a built-in given bad kwargs) raised
+        raise ConfigError(f"model.name = {m.name!r}: building the model raised {type(exc).__name__}: {exc}") from None
+    except SystemExit as exc:
+        raise ConfigError(f"model.name = {m.name!r}: building the model called exit ({exc.code!r}); a model factory must return a torch.nn.Module") from None
+    _check_model_output(m.name, learner, data)
+    return learner
+
+
+# The largest model a run builds (float32 parameters): 2^28 is 1 GiB, and every client of a
+# vectorized cohort holds a copy of it and of its gradient.
+MAX_MODEL_PARAMS = 2**28
+
+
+def _check_model_size(config: RunConfig, data: FederatedData) -> None:
+    """Refuse a built-in model too large to hold, before allocating it (built on the meta device)."""
+    import torch
+
+    m = config.model
+    if m.name not in ("mlp", "logistic", "char_gru", "char_lstm"):
+        return
+    widths = [data.num_features, *(m.hidden if m.name == "mlp" else []), data.num_classes]
+    if m.name in ("mlp", "logistic"):
+        n = sum((a + 1) * b for a, b in zip(widths, widths[1:]))
+    else:
+        try:
+            with torch.device("meta"):
+                n = sum(p.numel() for p in model_factory(m.name, data.num_features, data.num_classes, m.hidden, m.kwargs)().parameters())
+        except Exception as exc:
+            raise ConfigError(f"model.name = {m.name!r} with model.kwargs = {m.kwargs}: building the model raised {type(exc).__name__}: {exc}") from None
+    if n > MAX_MODEL_PARAMS:
+        raise ConfigError(
+            f"model.hidden = {m.hidden}: model.name = {m.name!r} on {data.num_features} features and {data.num_classes} classes "
+            f"has {n:,} parameters ({4 * n / 2**30:.1f} GiB); allowed: at most {MAX_MODEL_PARAMS:,} ({4 * MAX_MODEL_PARAMS / 2**30:.0f} GiB)"
+        )
+
+
+def _check_model_output(name: str, learner, data: FederatedData) -> None:
+    """The model must map a batch of the data's examples to (batch, num_classes) float32 logits."""
+    import torch
+
+    where = f"model.name = {name!r}"
+    params = list(learner.module.parameters())
+    if not params:
+        raise ConfigError(f"{where}: the model has no parameters; expected a torch.nn.Module with float32 parameters to train")
+    bad = sorted({str(p.dtype) for p in params if p.dtype != torch.float32})
+    if bad:
+        raise ConfigError(f"{where}: the model's parameters are {', '.join(bad)}; expected float32 (call .float() on the module)")
+    x = getattr(data, "x", None)
+    if x is None:  # a stand-in for the data that only gives its shape
+        return
+    x = x[:2]
+    try:
+        with torch.no_grad():
+            out = learner.module(x)
+    except Exception as exc:
+        raise ConfigError(f"{where}: the model failed on a batch of the data, shape {tuple(x.shape)} float32 "
+                          f"({data.num_features} features): {type(exc).__name__}: {exc}") from None
+    want = (x.shape[0], data.num_classes)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != want or out.dtype != torch.float32:
+        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"{where}: the model maps a batch of shape {tuple(x.shape)} to {got}; expected float32 logits "
+                          f"of shape {want} (batch, the data's {data.num_classes} classes)")
 
 
 def build_model_hooks(config: RunConfig, data: FederatedData, learner, x_unlabeled) -> list:
@@ -292,6 +355,7 @@ def build_coordinator(
         downlink = parse_chain(config.compression.downlink)
     except ValueError as exc:
         raise ConfigError(f"compression.downlink = {config.compression.downlink!r}: {exc}") from None
+    _check_chains(config, uplink, downlink, learner.spec.dim)
     clock = VirtualClock()
     adaptive = None
     if config.compression.adaptive:
@@ -323,11 +387,15 @@ def build_coordinator(
     privacy = build_privacy_parts(config, data.num_clients, aggregator)
     run_store = store if isinstance(store, RunStore) else None
     if store is True:
-        run_store = RunStore.create(config.store.root, config.to_toml(), config.digest(), name=config.name, url=config.store.url)
+        try:
+            run_store = RunStore.create(config.store.root, config.to_toml(), config.digest(), name=config.name, url=config.store.url)
+        except OSError as exc:
+            raise ConfigError(f"store.root = {config.store.root!r}: cannot create a run directory there ({exc.strerror or exc}); "
+                              "allowed: a writable folder (created if missing)") from None
         run_store.write_json("data_stats.json", data.stats)
     if run_store is not None and not (run_store.run_dir / PARAM_SPEC_FILE).is_file():
         run_store.write_text(PARAM_SPEC_FILE, learner.spec.to_json())  # atomically; `models export` names the tensors
-    monitoring = _part("monitoring", "monitoring", "section", lambda: build_monitoring(config.monitoring.model_dump()))
+    monitoring = _build_monitoring(config)
     if privacy is not None and privacy.telemetry is not None:
         from ..privacy.telemetry import PrivateTelemetryHook
 
@@ -372,6 +440,56 @@ def build_coordinator(
         coordinator.personal_states = runtime.personal_states
     coordinator.clustering = clustering
     return coordinator
+
+
+def _check_endpoint(host: str, port: int) -> None:
+    """Bind (host, port) the way the metrics server will (address reuse on), then let go:
+    an unknown host, a port in use or one this user may not bind is refused before the run."""
+    import socket
+
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(1)
+
+
+def _build_monitoring(config: RunConfig):
+    mon = config.monitoring
+    try:
+        if mon.prometheus_port is not None:
+            _check_endpoint(mon.prometheus_host, mon.prometheus_port)
+        return _part("monitoring", "monitoring", "section", lambda: build_monitoring(mon.model_dump()))
+    except (OSError, OverflowError, UnicodeError) as exc:  # the Prometheus endpoint: unknown host, port in use, no permission
+        raise ConfigError(
+            f"monitoring.prometheus_host = {mon.prometheus_host!r}, monitoring.prometheus_port = {mon.prometheus_port}: "
+            f"cannot serve metrics there ({getattr(exc, 'strerror', None) or exc}); allowed: an address of this machine "
+            "and a free port (0: any free port), or no prometheus_port"
+        ) from None
+
+
+SKETCH_HEADER_SLACK = 64  # bytes: the payload and sketch headers
+
+
+def _check_chains(config: RunConfig, uplink, downlink, dim: int) -> None:
+    """Codec chains that cannot serve this run: a sparsifier or sketch on the downlink (it
+    sends the model itself, not an update: dropping coordinates zeroes weights, and no
+    error feedback restores them: topk:0.1 | q8 takes digits from 0.415 to 0.18), and a
+    sketch larger than the float32 vector it stands for (headers aside)."""
+    comp = config.compression
+    if downlink.support is not None:
+        raise ConfigError(
+            f"compression.downlink = {comp.downlink!r}: the downlink sends the global model itself, and a sparsifier or "
+            "sketch drops most of its weights every round; allowed on the downlink: the dense codecs none, fp16, bf16, q8, q4, q2, sign "
+            "(optionally with an entropy coder such as zstd)"
+        )
+    dense = 4 * dim
+    for key, spec, chain in (("uplink", comp.uplink, uplink),):
+        if _is_sketch(chain) and chain.estimate_bytes(dim) > dense + SKETCH_HEADER_SLACK:
+            raise ConfigError(
+                f"compression.{key} = {spec!r}: the sketch payload ({chain.estimate_bytes(dim):,} bytes) is larger than the "
+                f"model it compresses ({dense:,} bytes of float32 for {dim:,} parameters); allowed: a sketch smaller than that"
+            )
 
 
 def _hierarchy(config: RunConfig, population: int, uplink, privacy):

@@ -226,6 +226,9 @@ class TorchLearner:
         y_all = torch.cat([c.y for c in cohort])
         schedules = [batch_schedule(nc, hp, torch.Generator().manual_seed(s), m) for nc, s, m in zip(sizes, seeds, limits)]
         steps = max(1, max(len(s) for s in schedules))
+        # The padded width is the largest batch any client has: a batch_size above every client's
+        # example count (a full-batch setting) must not allocate (n, steps, batch_size) indices.
+        b = max(1, max((idx.numel() for sched in schedules for idx in sched), default=1))
         # (n, steps, b) global row indices and masks; padding points at row 0, masked out.
         index = np.zeros((n, steps, b), dtype=np.int64)
         mask = np.zeros((n, steps, b), dtype=np.float32)
