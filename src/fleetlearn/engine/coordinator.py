@@ -87,6 +87,7 @@ class Coordinator:
         weighting=None,
         schedules: dict | None = None,
         pipeline=None,
+        driver=None,
     ):
         self.config = config
         self.learner = learner
@@ -95,6 +96,9 @@ class Coordinator:
         self.aggregator = aggregator
         # The server's aggregation: one composed stage (aggregation.pipeline.build_pipeline).
         self.pipeline = pipeline if pipeline is not None else RuleStage(aggregator)
+        # What drives the rounds: synchronous rounds, or FedBuff's buffered asynchronous loop
+        # (engine.fedbuff.FedBuffLoop), chosen by the factory; it uses this class's public API.
+        self.driver = driver if driver is not None else SyncRounds
         self.server_optimizer = server_optimizer
         self.validators = list(validators)
         self.downlink = downlink
@@ -213,7 +217,7 @@ class Coordinator:
         kind, q = sampling
         return self.privacy.budget_stop_reason(q, kind)
 
-    def _encoded_params(self) -> bytes:
+    def encoded_params(self) -> bytes:
         # The broadcast payload is encoded once per model version.
         vec = self.params
         if self.clustering is not None:  # clustered FL: only the models in use (CFL's first blocks)
@@ -306,7 +310,7 @@ class Coordinator:
         task = Task(
             round=r,
             version=self.version,
-            payload=self._encoded_params(),
+            payload=self.encoded_params(),
             codec=self.downlink.spec,
             config=task_cfg,
             deadline_s=deadline,
@@ -343,7 +347,7 @@ class Coordinator:
             record.status = "failed"
             record.reason = f"{len(got.vecs)} accepted updates, fewer than min_replies = {srv.min_replies}; model unchanged"
         else:
-            self._aggregate(record, got)
+            self.aggregate(record, got)
         self.clock.advance(record.sim_seconds)
         return self.finish_record(record, t_wall)
 
@@ -404,7 +408,7 @@ class Coordinator:
                 if deadline is None or t <= deadline:
                     last_event = max(last_event, t)
                 continue
-            rec = self._client_record(msg, t)
+            rec = self.client_record(msg, t)
             got.clients.append(rec)
             if filled_at is not None:
                 rec.status, rec.reason = "late", f"not needed: the cohort of {target} was filled at {filled_at:.3f}s"
@@ -503,7 +507,7 @@ class Coordinator:
             return None, f"payload: cannot decode ({type(exc).__name__}: {exc})"
 
     @staticmethod
-    def _client_record(u: Update, elapsed: float) -> ClientRecord:
+    def client_record(u: Update, elapsed: float) -> ClientRecord:
         m = u.metrics
         counts = getattr(m, "label_counts", None)
         return ClientRecord(
@@ -557,7 +561,7 @@ class Coordinator:
                 got.accepted[i].status, got.accepted[i].reason = "rejected", f"norm_ratio: {why}"
         got.take(keep)
 
-    def _aggregate(self, record: RoundRecord, got: Collected, scale: np.ndarray | None = None) -> None:
+    def aggregate(self, record: RoundRecord, got: Collected, scale: np.ndarray | None = None) -> None:
         """Aggregate the accepted updates and step the server optimizer.
 
         `scale` multiplies each update's weight without renormalising (FedBuff's
@@ -798,17 +802,7 @@ class Coordinator:
 
     def _run(self, on_round: Callable[[RoundRecord], Any] | None) -> RunSummary:
         t0 = time.perf_counter()
-        if self.config.server.mode == "async":
-            from .fedbuff import FedBuffLoop
-
-            FedBuffLoop(self).run(on_round)
-        else:
-            while self.round < self.config.server.rounds:
-                if not self.clients_ready() or self.budget_exhausted():
-                    break
-                record = self.run_round()
-                if on_round is not None:
-                    on_round(record)
+        self.driver(self).run(on_round)
         return self.summary(time.perf_counter() - t0)
 
     def summary(self, wall_seconds: float) -> RunSummary:
@@ -852,6 +846,23 @@ class Coordinator:
         if self.store is not None:
             self.store.finish(s.to_json_dict())
         return s
+
+
+class SyncRounds:
+    """The synchronous driver: one round after another until `server.rounds`, each after
+    the clients are ready (`clients_ready`) and while the privacy budget allows it."""
+
+    def __init__(self, coordinator: Coordinator):
+        self.c = coordinator
+
+    def run(self, on_round: Callable[[RoundRecord], Any] | None = None) -> None:
+        c = self.c
+        while c.round < c.config.server.rounds:
+            if not c.clients_ready() or c.budget_exhausted():
+                break
+            record = c.run_round()
+            if on_round is not None:
+                on_round(record)
 
 
 AUTO_THREADS_MAX_DIM = 100_000  # engine.threads = "auto": one thread up to this many parameters

@@ -22,6 +22,7 @@ from ..aggregation.weighting import make_weighting
 from ..validation import build_validators
 from .clock import VirtualClock
 from .coordinator import Coordinator, RoundHook
+from .fedbuff import FedBuffLoop
 from .evaluation import Evaluator
 
 
@@ -413,6 +414,7 @@ def build_coordinator(
         selector=build_selector(config, data.num_clients),
         aggregator=aggregator,
         pipeline=pipeline,
+        driver=FedBuffLoop if config.server.mode == "async" else None,
         privacy=privacy,
         server_optimizer=server_optimizer,
         validators=build_run_validators(config),

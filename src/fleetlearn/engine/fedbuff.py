@@ -66,7 +66,7 @@ class FedBuffLoop:
         task = Task(
             round=self.dispatches,
             version=c.version,
-            payload=c._encoded_params(),
+            payload=c.encoded_params(),
             codec=c.downlink.spec,
             config=c.task_config(None),  # the same client instructions as a synchronous round (e.g. local DP)
             deadline_s=None,
@@ -114,7 +114,7 @@ class FedBuffLoop:
         if isinstance(msg, Dropout):
             self.others.append(ClientRecord(msg.client_id, "dropped", msg.reason, downlink_bytes=msg.downlink_bytes))
             return
-        rec = c._client_record(msg, reply.elapsed_s)
+        rec = c.client_record(msg, reply.elapsed_s)
         if task is None:
             rec.status, rec.reason = "rejected", f"replay: client {msg.client_id} has no task in flight"
             self.others.append(rec)
@@ -159,7 +159,7 @@ class FedBuffLoop:
         rec.extra["staleness_mean"] = float(s.mean()) if s.size else math.nan
         rec.extra["staleness_max"] = int(s.max()) if s.size else 0
         if failed_reason is None:
-            c._aggregate(rec, got, scale=self.weight_fn(s))
+            c.aggregate(rec, got, scale=self.weight_fn(s))
         else:
             rec.status, rec.reason = "failed", failed_reason + "; model unchanged"
         self.buffer, self.others, self.staleness = Collected(), [], []
