@@ -35,7 +35,7 @@ from sqlalchemy import JSON, Column, DateTime, Float, Integer, String, Text, and
 from sqlalchemy.engine import Connection
 
 from ..records import RoundRecord
-from .store import RunStore, StoreError, Table, _finite, _now, _tmp_path, metadata
+from .store import ROUND_WRITERS, RunStore, StoreError, Table, _finite, _now, _tmp_path, _where, metadata
 
 TAGS = ("candidate", "canary", "production", "rolled_back")
 EXCLUSIVE_TAGS = ("production",)  # held by one version at a time
@@ -126,6 +126,9 @@ def register_round(conn: Connection, run_id: str, record: RoundRecord, config_ha
             _set_tag(conn, run_id, row["version"], "rolled_back", record.reason or "rolled back")
 
 
+ROUND_WRITERS.append(register_round)  # the store calls it inside every round's transaction
+
+
 def _active(conn: Connection, run_id: str, tag: str | None = None, version: int | None = None) -> list[dict[str, Any]]:
     q = select(model_tags).where(model_tags.c.run_id == run_id, model_tags.c.removed_at.is_(None))
     if tag is not None:
@@ -169,8 +172,6 @@ class ModelRegistry:
 
     def _writable(self) -> None:
         if self._legacy_read_only():
-            from .store import _where
-
             raise StoreError(f"run store {_where(self.store.engine)} is read-only and predates the model registry (its tables "
                              "could not be added): tagging a version needs write access to it")
 

@@ -128,6 +128,13 @@ class StoreError(RuntimeError):
     pass
 
 
+# Parts that write rows of their own inside each round's transaction register themselves
+# here: ``write(conn, run_id, record, config_hash)``.  The model registry does (ops/registry.py,
+# imported with the `fleetlearn.ops` package, so its tables join `metadata` before any store
+# opens); the store never imports it back.
+ROUND_WRITERS: list = []
+
+
 # -- files ------------------------------------------------------------------------------
 def _fsync_dir(folder: Path) -> None:
     """Make the renames in `folder` durable (a no-op where folders cannot be fsynced)."""
@@ -499,9 +506,8 @@ class RunStore:
                     conn.execute(privacy_ledger.delete().where(privacy_ledger.c.run_id == self.run_id))
                     conn.execute(privacy_ledger.insert().values(run_id=self.run_id, round=record.round, state=json.loads(json.dumps(privacy))))
                 conn.execute(update(runs).where(runs.c.run_id == self.run_id).values(rounds_done=record.round))
-                from .registry import register_round
-
-                register_round(conn, self.run_id, record, config_hash)
+                for write in ROUND_WRITERS:  # e.g. the model registry's version rows, in this same transaction
+                    write(conn, self.run_id, record, config_hash)
         except BaseException:
             if ckpt is not None:
                 self._drop_file(ckpt[0])  # this call's own new file, which no committed row names
@@ -694,6 +700,3 @@ def list_runs(root: str | Path = "runs") -> list[dict[str, Any]]:
         })
     return out
 
-
-# The model registry's tables join `metadata`, so `create_all` adds them, also to older stores.
-from . import registry as _registry  # noqa: E402,F401  (registry imports this module: it goes last)
