@@ -1046,9 +1046,21 @@ def load_config(source: "RunConfig | dict[str, Any] | str | Path | None" = None,
         cfg = RunConfig.model_validate(data)  # a refusal is a ConfigError (Section.model_validate)
     except RecursionError:
         raise ConfigError(f"config: nested too deeply (allowed: at most {MAX_NESTING} levels of tables and arrays)") from None
-    if given is not None and cfg == given:
-        return given
+    if given is not None and _same(cfg, given):
+        return given  # valid as it was: the caller's object
     return cfg
+
+
+def _same(validated: RunConfig, given: RunConfig) -> bool:
+    """Equal values of equal types (pydantic's == finds 1e6 equal to 1000000)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return json.dumps(validated.to_dict(), sort_keys=True) == json.dumps(given.model_dump(mode="json", warnings=False), sort_keys=True)
+        except (TypeError, ValueError):
+            return False
 
 
 def _plain(config: RunConfig) -> dict[str, Any]:

@@ -51,3 +51,23 @@ def nan_inputs(seed):
 
 def string_inputs(seed):
     return {"x": np.array([["a", "b"], ["c", "d"]]), "y": np.array([0, 1])}
+
+
+def raises(seed):
+    raise RuntimeError("the dataset server is down")
+
+
+def exits(seed):
+    raise SystemExit(0)
+
+
+def beyond_float32(seed):
+    out = no_devices(seed)
+    out["x"] = out["x"] * 1e300  # finite in float64, infinite in float32
+    return out
+
+
+def huge_label(seed):
+    out = no_devices(seed)
+    out["y"][0] = 100_000  # a 100001-class model for 46 examples
+    return out
