@@ -211,3 +211,22 @@ def build_personalization(settings: dict, spec: ParamSpec) -> Personalization | 
     if method == "ditto":
         return Ditto(float(settings["ditto_lambda"]), settings.get("ditto_epochs"))
     raise ValueError(f"unknown method {method!r}; allowed: {', '.join(PERSONALIZATION_METHODS)}")
+
+
+def personalization_for_run(config, learner) -> Personalization | None:
+    """The run's `[personalization]` part for `learner` (None for method "none"), built the
+    same way by the server's factory and by `fleetlearn client`.  Raises `ConfigError`
+    naming the key on a setting that cannot work."""
+    from ..config import ConfigError
+
+    p = config.personalization
+    if p.method == "none":
+        return None
+    if not hasattr(learner, "cohort_test_accuracy"):
+        raise ConfigError(f"personalization.method = {p.method!r} needs a learner with per-client start points (TorchLearner)")
+    key = "personalization.head" if p.method == "fedper" else "personalization.method"
+    value = p.head if p.method == "fedper" else p.method
+    try:
+        return build_personalization(p.model_dump(), learner.spec)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{key} = {value!r}: {exc}") from None

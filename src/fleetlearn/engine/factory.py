@@ -264,16 +264,9 @@ def build_selector(config: RunConfig, population: int):
 
 def build_personalization_part(config: RunConfig, learner):
     """The `[personalization]` part (fleetlearn.client.personalization), or None."""
-    from ..client.personalization import build_personalization
+    from ..client.personalization import personalization_for_run
 
-    p = config.personalization
-    if p.method == "none":
-        return None
-    if not hasattr(learner, "cohort_test_accuracy"):
-        raise ConfigError(f"personalization.method = {p.method!r} needs a learner with per-client start points (TorchLearner)")
-    key = "personalization.head" if p.method == "fedper" else "personalization.method"
-    value = p.head if p.method == "fedper" else p.method
-    return _part(key, key, value, lambda: build_personalization(p.model_dump(), learner.spec))
+    return personalization_for_run(config, learner)
 
 
 def build_attack_part(config: RunConfig, data: FederatedData):

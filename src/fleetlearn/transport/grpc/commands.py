@@ -117,12 +117,12 @@ def client(
     server says the run finished.  Raises `ClientRefused` (bad or revoked token,
     incompatible client).
     """
-    from ...engine.factory import build_personalization_part
+    from ...client.personalization import personalization_for_run
 
     cfg = run_config(config)
     learner, data = client_from_config(cfg, client_index=client_index, data_fn=data_fn, num_classes=num_classes)
     # The personal step runs here, its state stays on this device (built as the server builds it).
-    personalization = build_personalization_part(cfg, learner)
+    personalization = personalization_for_run(cfg, learner)
     tls = None
     if tls_ca is not None or tls_cert is not None or tls_server_name is not None:
         tls = ClientTls(Path(tls_ca) if tls_ca else None, Path(tls_cert) if tls_cert else None,
