@@ -529,6 +529,13 @@ class MonitoringConfig(Section):
     probes: int = Field(default=0, ge=0)
     probe_rollback: bool = True
 
+    @field_validator("probes")
+    @classmethod
+    def _probes(cls, v: int) -> int:
+        if v == 1:
+            raise ValueError("allowed: 0 (off) or at least 2 probe updates")
+        return v
+
     @field_validator("detectors", "guardrail")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:

@@ -59,6 +59,13 @@ def _check_model_size(config: RunConfig, data: FederatedData) -> None:
     import torch
 
     m = config.model
+    student = config.distill.student_hidden
+    if student:
+        widths = [data.num_features, *student, data.num_classes]
+        n = sum((a + 1) * b for a, b in zip(widths, widths[1:]))
+        if n > MAX_MODEL_PARAMS:
+            raise ConfigError(f"distill.student_hidden = {student}: the student MLP on {data.num_features} features and {data.num_classes} classes "
+                              f"has {n:,} parameters; allowed: at most {MAX_MODEL_PARAMS:,} ({4 * MAX_MODEL_PARAMS / 2**30:.0f} GiB)")
     if m.name not in ("mlp", "logistic", "char_gru", "char_lstm"):
         return
     widths = [data.num_features, *(m.hidden if m.name == "mlp" else []), data.num_classes]
@@ -454,7 +461,11 @@ def _build_monitoring(config: RunConfig):
     try:
         if mon.prometheus_port is not None:
             _check_endpoint(mon.prometheus_host, mon.prometheus_port)
-        return _part("monitoring", "monitoring", "section", lambda: build_monitoring(mon.model_dump()))
+        return build_monitoring(mon.model_dump())
+    except (ValueError, TypeError) as exc:  # "probes: need at least 2 ..." -> "monitoring.probes: ..."
+        msg = str(exc)
+        head = msg.split(":", 1)[0]
+        raise ConfigError(f"monitoring.{msg}" if head in type(mon).model_fields else f"monitoring: {msg}") from None
     except (OSError, OverflowError, UnicodeError) as exc:  # the Prometheus endpoint: unknown host, port in use, no permission
         raise ConfigError(
             f"monitoring.prometheus_host = {mon.prometheus_host!r}, monitoring.prometheus_port = {mon.prometheus_port}: "
