@@ -342,6 +342,12 @@ def _serialize_or_pass(msg: Any) -> bytes:
     return msg if isinstance(msg, bytes) else msg.SerializeToString()
 
 
+# A call whose stream ends before its first message: the client sent none, or gRPC cut the
+# call for a message over its size limit (the client then sees RESOURCE_EXHAUSTED, and this
+# refusal is counted as malformed when the handler saw the end before it was cancelled).
+_CUT = " (or its first message was over the size limit)"
+
+
 def _retrieve(fut: "asyncio.Future[Any]") -> None:
     """Mark a finished read's outcome as seen (asyncio logs unseen exceptions at error level)."""
     if not fut.cancelled():
@@ -542,7 +548,7 @@ class FleetServer:
                 client = check.client_id
                 request = await self._first_message(request_iterator, what)
                 if request is None:
-                    raise Refusal("malformed", f"no {what} in the call")
+                    raise Refusal("malformed", f"no {what} in the call{_CUT}")
                 return await method(request, context, check)
             except Refusal as r:
                 await self._refuse(context, r, client)
@@ -635,7 +641,7 @@ class FleetServer:
             client = check.client_id
             request = await self._first_message(request_iterator, "PullTaskRequest")
             if request is None:
-                raise Refusal("malformed", "no PullTaskRequest in the call")
+                raise Refusal("malformed", f"no PullTaskRequest in the call{_CUT}")
             cs = self._session(check, request.client_id, request.session)
             _finite("wait_s", request.wait_s, nonneg=True)
             give_up = time.monotonic() + min(request.wait_s, self.limits.max_wait_s)
@@ -726,7 +732,7 @@ class FleetServer:
             client = check.client_id
             first = await self._first_message(request_iterator, "UpdateMeta")
             if first is None:
-                raise Refusal("malformed", "empty PushUpdate stream: send UpdateMeta, then the payload chunks")
+                raise Refusal("malformed", f"empty PushUpdate stream: send UpdateMeta, then the payload chunks{_CUT}")
             if first.WhichOneof("kind") != "meta":
                 raise Refusal("malformed", f"the first message of PushUpdate must be UpdateMeta, got {first.WhichOneof('kind') or 'an empty chunk'}")
             m = first.meta
