@@ -47,8 +47,12 @@ def import_here(monkeypatch):
 
 
 def run_cli(args, tmp_path, capsys, runs_dir=True):
-    os.chdir(tmp_path)
-    rc = cli.main(["run", "--quiet", *(["--runs-dir", str(tmp_path / "runs")] if runs_dir else []), *B, *args])
+    before = os.getcwd()
+    os.chdir(tmp_path)  # a default store.root ("runs") lands in tmp_path
+    try:
+        rc = cli.main(["run", "--quiet", *(["--runs-dir", str(tmp_path / "runs")] if runs_dir else []), *B, *args])
+    finally:
+        os.chdir(before)
     out = capsys.readouterr()
     return rc, out.out, out.err
 
@@ -281,8 +285,8 @@ def test_item21_a_folder_next_to_the_config_cannot_shadow_a_package(tmp_path):
     env = dict(os.environ, COLUMNS="120")
     p = subprocess.run([sys.executable, "-m", "fleetlearn", "run", "configs/digits.toml", "--quiet", "--json"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=300, env=env)
+    assert not marker.exists(), "the config's folder shadowed the installed sklearn"
     assert p.returncode == 0, p.stderr
-    assert not marker.exists()
 
 
 def test_item21_the_folder_is_appended_and_only_for_import_paths(tmp_path, monkeypatch):
