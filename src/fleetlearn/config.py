@@ -706,6 +706,8 @@ class RunConfig(Section):
                     "releases it outside the run's privacy ledger, so the epsilon reported would not cover those clients; "
                     "run the candidate as its own run, or use privacy.mode = 'local'"
                 )
+        if self.engine.regions > n:
+            raise ValueError(f"engine.regions = {self.engine.regions} exceeds the number of clients ({n}); allowed: 1 to {n}")
         _check_clustering(self)
         _check_aggregator(self)
         _check_secure_aggregation(self)

@@ -179,6 +179,8 @@ def test_item15_sizes_that_cannot_fit(tmp_path, capsys):
         load_config(None, ["engine.threads=1e6"])
     refused(small(model={"hidden": [10**9]}), "model.hidden = [1000000000]", "parameters", "allowed: at most")
     refused(small(distill={"student_hidden": [10**9]}), "distill.student_hidden = [1000000000]", "allowed: at most")
+    with pytest.raises(ConfigError, match=r"engine.regions = 1000000000 exceeds the number of clients \(10\); allowed: 1 to 10"):
+        load_config(small(engine={"regions": 10**9}))
     with pytest.raises(ConfigError, match=r"server.rounds = 1000000000000000000000000000000: integer out of range"):
         load_config(small(server={"rounds": 10**30}))
     # a batch larger than any client's data is full-batch training, not a (cohort, steps, 1e9) index array
