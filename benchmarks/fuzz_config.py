@@ -174,12 +174,13 @@ SPECIAL: dict[str, list] = {
     "model.hidden": [[8], [1e9], [10**6, 10**6], [0], [], [8, 8, 8], [2**63], "x"],
 }
 
-# Keys whose large values are fine but slow: mutated only in build cases, never in runs.
+# Keys whose large values are fine but slow (or that start a Ray cluster): mutated only in build cases, never in runs.
 WORK_KEYS = {"server.rounds", "client.local_epochs", "client.local_steps", "data.clients", "server.cohort", "distill.steps",
              "distill.student_steps", "personalization.finetune_steps", "personalization.ditto_epochs", "server.gm_max_iter",
              "server.cc_iters", "data.examples_per_client", "data.text_max_chars", "server.eval_clients", "data.synthetic_dim",
              "data.synthetic_classes", "server.concurrency", "server.buffer_size", "server.clusters", "data.groups",
-             "server.mifa_max_clients", "monitoring.probes", "data.text_speakers", "server.min_replies", "distill.batch_size"}
+             "server.mifa_max_clients", "monitoring.probes", "data.text_speakers", "server.min_replies", "distill.batch_size",
+             "engine.backend", "engine.address", "engine.ray_workers"}  # and no Ray cluster per one-round run
 
 
 def schema() -> dict[str, object]:
@@ -386,6 +387,12 @@ def _child(case: dict, workdir: str, wfd: int) -> None:
         res = run_case(case, workdir)
     except BaseException as exc:  # noqa: BLE001
         res = {"outcome": "traceback", "message": repr(exc)[:500]}
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():  # engine.backend = "ray" started a local cluster: stop it
+        try:
+            ray.shutdown()
+        except Exception:  # noqa: BLE001
+            pass
     payload = json.dumps(res, default=str).encode()
     with os.fdopen(wfd, "wb") as w:
         w.write(payload)
