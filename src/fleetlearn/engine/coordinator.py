@@ -30,6 +30,9 @@ from ..validation import ValidationContext
 from ..learners.scaffold import SERVER_KEY as SCAFFOLD_C
 from .clock import VirtualClock
 from .evaluation import Evaluator
+from .intake import Collected, Intake, UpdateDecoder, client_record, collect
+from .resume import load_side_state, resume, side_state
+from .summary import summarize
 
 
 class RoundHook(Protocol):
@@ -45,25 +48,6 @@ class RoundHook(Protocol):
     """
 
     def after_round(self, record: RoundRecord, coordinator: "Coordinator") -> None: ...
-
-
-@dataclass
-class Collected:
-    """What a round gathered from its replies."""
-
-    vecs: list[torch.Tensor] = field(default_factory=list)
-    claims: list[int] = field(default_factory=list)
-    clients: list[ClientRecord] = field(default_factory=list)
-    accepted: list[ClientRecord] = field(default_factory=list)
-    payloads: list[bytes] = field(default_factory=list)  # kept for sketch-space aggregation
-    end_s: float = 0.0  # when the server stopped waiting (seconds after dispatch)
-
-    def take(self, rows: Sequence[int]) -> None:
-        """Keep only these accepted updates, in this order (the four per-update lists together)."""
-        self.vecs = [self.vecs[i] for i in rows]
-        self.payloads = [self.payloads[i] for i in rows]
-        self.claims = [self.claims[i] for i in rows]
-        self.accepted = [self.accepted[i] for i in rows]
 
 
 class Coordinator:
@@ -88,6 +72,7 @@ class Coordinator:
         schedules: dict | None = None,
         pipeline=None,
         driver=None,
+        decoder=None,
     ):
         self.config = config
         self.learner = learner
@@ -114,26 +99,20 @@ class Coordinator:
             weighting = ExampleWeighting(config.server.max_examples, config.server.max_examples_ratio)
         self.weighting = weighting
         self.schedules = schedules or {}
-        self.base_server_lr = getattr(server_optimizer, "server_lr", None)
-        from ..compression import CountSketch
-
-        # Count-sketch uplinks are summed in sketch space and unsketched once (FetchSGD).
-        self.sketch_mode = isinstance(getattr(uplink, "support", None), CountSketch)
+        self.base_server_lr = server_optimizer.server_lr  # the schedule scales this
         self.client_lr = config.client.lr
         self._previous_aggregate: torch.Tensor | None = None
+        norm_filter = None
         if config.server.max_norm_ratio is not None:
             from ..validation import RelativeNormFilter
 
-            self.norm_filter = RelativeNormFilter(config.server.max_norm_ratio)
-        else:
-            self.norm_filter = None
+            norm_filter = RelativeNormFilter(config.server.max_norm_ratio)
+        # Decode and validate replies: the decoder is the run's payload shape (intake.py).
+        self.intake = Intake(decoder if decoder is not None else UpdateDecoder(uplink, learner.spec.dim), validators, norm_filter)
         self.stopped_reason: str | None = None  # set when the run stops early (privacy budget)
         self.round_sampling: tuple[str, float] = ("poisson", 1.0)  # this round's (sampling kind, inclusion probability)
         self._pool: tuple[int, Any] | None = None  # (round, available clients) fixed when the budget was checked
         self.wait_for_clients: tuple[int, float] | None = None  # (min clients, timeout s) before each round
-        # HeteroFL: a learner that trains sub-models says each client's payload size (sub_dim_of)
-        # and where its entries sit in the global vector (embed_of).
-        self.submodels = learner if hasattr(learner, "embed_of") else None
         self.server_steps: list = []  # parts that move the model after the server optimizer (FedDF)
         self.params = learner.init_params(config.seed)
         self.server_state = server_optimizer.init(self.params)
@@ -261,7 +240,7 @@ class Coordinator:
         If they do not come, the run stops (`stopped_reason` says why) instead of recording
         rounds that end with nobody: waiting for clients never uses up rounds, and the run
         can be resumed."""
-        if self.wait_for_clients is None or not hasattr(self.transport, "wait_available"):
+        if self.wait_for_clients is None:
             return True
         need, timeout = self.wait_for_clients
         got = len(self.transport.wait_available(need, timeout))
@@ -316,11 +295,11 @@ class Coordinator:
             deadline_s=deadline,
             control=self._encoded_control(),
         )
-        got = self._collect(task, cohort, srv.cohort) if cohort else Collected()
+        got = collect(self.transport, self.intake, task, cohort, srv.cohort, self.dim) if cohort else Collected()
         record.selected = len(cohort)
         record.deadline_s = deadline if deadline is not None else math.nan
         record.clients = got.clients
-        self._filter_relative_norms(got)  # may turn accepted updates into rejected ones: count after it
+        self.intake.filter_relative_norms(got)  # may turn accepted updates into rejected ones: count after it
         record.accepted = len(got.accepted)
         record.dropped = sum(c.status == "dropped" for c in got.clients)
         record.rejected = sum(c.status == "rejected" for c in got.clients)
@@ -328,13 +307,12 @@ class Coordinator:
         record.uplink_bytes = sum(c.uplink_bytes for c in got.clients)
         record.downlink_bytes = sum(c.downlink_bytes for c in got.clients)
         record.sim_seconds = got.end_s
-        record.train_wall_seconds = float(getattr(self.transport, "train_wall_seconds", 0.0))
-        malicious = getattr(self.transport, "last_malicious", None)
-        if malicious:
-            record.extra["malicious"] = [int(c) for c in malicious]  # simulated attackers in this cohort
-        take = getattr(self.transport, "take_refusals", None)
-        if take is not None:
-            record.extra["refusals"] = take()  # refused messages by reason (network transports)
+        record.train_wall_seconds = float(self.transport.train_wall_seconds)
+        if self.transport.last_malicious:
+            record.extra["malicious"] = [int(c) for c in self.transport.last_malicious]  # simulated attackers in this cohort
+        refusals = self.transport.take_refusals()
+        if refusals is not None:
+            record.extra["refusals"] = refusals  # refused messages by reason (network transports)
         arrivals = np.array([c.arrival_s for c in got.clients if c.status in ("accepted", "rejected", "late") and not math.isnan(c.arrival_s)])
         self._completions.append(arrivals)
         if arrivals.size:
@@ -358,7 +336,7 @@ class Coordinator:
         if r % self.config.server.eval_every == 0 or last:
             record.loss, record.accuracy = self.evaluator.central(self.params)
             record.fed_accuracy, record.fed_accuracy_p10 = self.evaluator.federated(self.params)
-        if last and getattr(self.evaluator, "personalization", None) is not None:
+        if last and self.evaluator.personalization is not None:
             personal = self.evaluator.personal(self.params, self.fit_config())
             if personal is not None:
                 record.extra["personalization"] = personal
@@ -367,9 +345,7 @@ class Coordinator:
         for hook in self.hooks:
             hook.after_round(record, self)
         self._current_record = None
-        observe = getattr(self.selector, "observe", None)
-        if observe is not None:
-            observe(record)
+        self.selector.observe(record)
         if record.status == "ok":
             self._versions[self.version] = (self.params, self.server_state)
             for v in sorted(self._versions)[: -self.KEEP_VERSIONS]:
@@ -392,54 +368,6 @@ class Coordinator:
                 self.store.prune_client_states(keep=meta)
         self.records.append(record)
         return record
-
-    def _collect(self, task: Task, cohort: list[int], target: int) -> Collected:
-        """Take replies in arrival order until `target` updates are accepted, everyone
-        has answered, or the deadline passes.  The round ends at that moment."""
-        got = Collected()
-        ctx = ValidationContext(round=task.round, version=task.version, dim=self.dim)
-        deadline = task.deadline_s
-        filled_at: float | None = None
-        last_event = 0.0
-        for reply in self.transport.dispatch(task, cohort):
-            msg, t = reply.message, reply.elapsed_s
-            if isinstance(msg, Dropout):
-                got.clients.append(ClientRecord(msg.client_id, "dropped", msg.reason, downlink_bytes=msg.downlink_bytes, arrival_s=math.nan))
-                if deadline is None or t <= deadline:
-                    last_event = max(last_event, t)
-                continue
-            rec = self.client_record(msg, t)
-            got.clients.append(rec)
-            if filled_at is not None:
-                rec.status, rec.reason = "late", f"not needed: the cohort of {target} was filled at {filled_at:.3f}s"
-                continue
-            if deadline is not None and t > deadline:
-                rec.status, rec.reason = "late", f"arrived {t:.3f}s after dispatch, deadline {deadline:.3f}s"
-                continue
-            last_event = max(last_event, t)
-            vec = self.accept(msg, rec, ctx)
-            if vec is None:
-                continue
-            got.vecs.append(vec)
-            got.payloads.append(msg.payload)
-            got.claims.append(int(msg.num_examples))
-            got.accepted.append(rec)
-            if len(got.accepted) == target and len(cohort) > target:
-                filled_at = t
-                if getattr(self.transport, "realtime", False):
-                    break  # in wall-clock time, waiting longer only costs time
-        # The server stops waiting when the cohort is filled, when everyone answered,
-        # or at the deadline if someone is still missing.
-        missing = any(c.status == "late" and not c.reason.startswith("not needed") for c in got.clients) or any(
-            c.status == "dropped" for c in got.clients
-        )
-        if filled_at is not None:
-            got.end_s = filled_at
-        elif deadline is not None and missing:
-            got.end_s = deadline
-        else:
-            got.end_s = last_event
-        return got
 
     def restore(self, version: int | None = None, reason: str = "") -> int:
         """Put back a good model version (default: the last good one before the
@@ -471,62 +399,10 @@ class Coordinator:
         return version
 
     def accept(self, msg: Update, rec: ClientRecord, ctx: ValidationContext) -> torch.Tensor | None:
-        """Decode and validate one update; on refusal mark `rec` rejected with the reason."""
-        vec, reason = self._decode(msg)
-        if reason is None:
-            for v in self.validators:
-                reason = v.check(msg, vec, ctx)
-                if reason:
-                    reason = f"{v.name}: {reason}"
-                    break
-        if reason is not None:
-            rec.status, rec.reason = "rejected", reason
-            return None
-        ctx.seen.add(msg.client_id)
-        if self.clustering is not None:
-            rec.cluster = self.clustering.accepted(msg.client_id, msg.payload)
-        rec.update_norm = math.nan if self.sketch_mode else float(torch.linalg.vector_norm(vec))
-        return vec
+        """Decode and validate one update (FedBuff's intake, one reply at a time)."""
+        return self.intake.accept(msg, rec, ctx)
 
-    def _decode(self, update: Update) -> tuple[torch.Tensor | None, str | None]:
-        try:
-            if self.sketch_mode:
-                from ..compression import read_sketch
-
-                read_sketch(update.payload, dim=self.dim)  # checked now, summed in sketch space later
-                return torch.zeros(self.dim), None
-            if self.submodels is not None:
-                sub = self.uplink.decode(update.payload, dim=self.submodels.sub_dim_of(update.client_id))
-                return self.submodels.embed_of(update.client_id, sub), None
-            if self.clustering is not None:  # one tagged block of the stacked models
-                return self.clustering.decode(update.payload, self.uplink), None
-            return self.uplink.decode(update.payload, dim=self.dim), None
-        except PayloadError as exc:
-            return None, f"payload: {exc}"
-        except Exception as exc:  # a corrupted payload must never stop the round
-            return None, f"payload: cannot decode ({type(exc).__name__}: {exc})"
-
-    @staticmethod
-    def client_record(u: Update, elapsed: float) -> ClientRecord:
-        m = u.metrics
-        counts = getattr(m, "label_counts", None)
-        return ClientRecord(
-            label_counts=list(counts) if counts is not None else None,
-            oversampled=int(getattr(m, "oversampled", 0) or 0),
-            client_id=u.client_id,
-            status="accepted",
-            num_examples=u.num_examples if isinstance(u.num_examples, int) else 0,
-            uplink_bytes=u.uplink_bytes,
-            downlink_bytes=u.downlink_bytes,
-            arrival_s=elapsed,
-            loss_before=m.loss_before,
-            loss_after=m.loss_after,
-            accuracy=m.accuracy,
-            steps=m.steps,
-            codec=u.codec,
-            personal_accuracy=getattr(m, "personal_accuracy", math.nan),
-            global_accuracy=getattr(m, "global_accuracy", math.nan),
-        )
+    client_record = staticmethod(client_record)
 
     def example_weights(self, claims: Sequence[int]) -> np.ndarray:
         """Claimed example counts, capped so no client can buy itself more weight:
@@ -548,18 +424,6 @@ class Coordinator:
             label_counts=_label_counts(got.accepted),
         )
         return np.asarray(self.weighting(info), dtype=np.float64)
-
-    def _filter_relative_norms(self, got: Collected) -> None:
-        """Refuse updates whose norm is beyond `max_norm_ratio` x the cohort's median."""
-        if self.norm_filter is None or not got.vecs:
-            return
-        norms = np.array([c.update_norm for c in got.accepted])
-        reasons = self.norm_filter.reasons(norms)
-        keep = [i for i, why in enumerate(reasons) if why is None]
-        for i, why in enumerate(reasons):
-            if why is not None:
-                got.accepted[i].status, got.accepted[i].reason = "rejected", f"norm_ratio: {why}"
-        got.take(keep)
 
     def aggregate(self, record: RoundRecord, got: Collected, scale: np.ndarray | None = None) -> None:
         """Aggregate the accepted updates and step the server optimizer.
@@ -664,105 +528,17 @@ class Coordinator:
         dc = control_deltas(matrix, steps, self.client_lr, self.config.client.momentum, c)
         return server_control_step(c, dc, self.transport.population)
 
-    # -- resume ----------------------------------------------------------------------
+    # -- resume (engine/resume.py) ---------------------------------------------------
     def side_state(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint needs besides the model and server state, as named tensors:
-        ``client/<id>/<key>`` (codec residuals, SCAFFOLD c_i), ``personal/<id>/<key>``
-        (personal heads and models), ``aggregator/<key>`` (e.g. MIFA's memory, DnC's client
-        reputation) and ``schedule/<which>/<key>`` (e.g. reduce-on-plateau)."""
-        out: dict[str, torch.Tensor] = {}
-        if self.client_states is not None:
-            out.update(self.client_states.state_dict())
-        if self.personal_states is not None:
-            out.update({"personal/" + k.split("/", 1)[1]: v for k, v in self.personal_states.state_dict().items()})
-        out.update({f"aggregator/{k}": v for k, v in self.pipeline.state_dict().items()})
-        for which, sched in self.schedules.items():
-            out.update({f"schedule/{which}/{k}": torch.tensor(float(v), dtype=torch.float64) for k, v in sched.state_dict().items()})
-        return out
+        """What a checkpoint needs besides the model and server state (`resume.side_state`)."""
+        return side_state(self)
 
     def load_side_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Put back what `side_state` saved (a part absent from the checkpoint starts empty)."""
-        parts: dict[str, dict[str, torch.Tensor]] = {"client": {}, "personal": {}, "aggregator": {}, "schedule": {}}
-        for name, t in tensors.items():
-            head, _, rest = name.partition("/")
-            if head not in parts or not rest:
-                raise ValueError(f"checkpoint side-state tensor {name!r} has no known part (client, personal, aggregator, schedule)")
-            parts[head][rest] = t
-        if self.client_states is not None:
-            self.client_states.load_state_dict({f"client/{k}": v for k, v in parts["client"].items()})
-        if self.personal_states is not None:
-            self.personal_states.load_state_dict({f"client/{k}": v for k, v in parts["personal"].items()})
-        self.pipeline.load_state_dict(parts["aggregator"])
-        for which, sched in self.schedules.items():
-            state = {k.split("/", 1)[1]: float(v) for k, v in parts["schedule"].items() if k.split("/", 1)[0] == which}
-            if state:
-                sched.load_state_dict(state)
+        load_side_state(self, tensors)
 
     def resume(self) -> int:
-        """Continue a stored run from its last committed round: model, server-optimizer
-        state, version lineage, per-client and parts' state (`side_state`), what the
-        selector learned, virtual clock and privacy ledger.  Returns that round."""
-        if self.store is None:
-            raise ValueError("resume needs a run store")
-        records = self.store.records()
-        if not records:
-            return 0
-        last = records[-1]
-        version, params, state = self.store.load_checkpoint()
-        if version != last.version:
-            raise ValueError(
-                f"run {self.store.run_id}: the last checkpoint is version {version} but round {last.round} committed "
-                f"version {last.version}; resume needs store.checkpoint_every = 1"
-            )
-        self.records = records
-        self.round = last.round
-        self.version = version
-        self.max_version = max(max(r.version for r in records), version)
-        self.params, self.server_state = params, dict(state)
-        self._versions = {version: (self.params, self.server_state)}
-        self.load_side_state(self.store.load_client_states(version))
-        restore = getattr(self.selector, "restore", None)
-        if restore is not None:  # selectors that learn from rounds (Oort, the newcomer cap) relearn them
-            restore(records)
-        for hook in self.hooks:  # so do hooks whose responses outlive a round (the guardrail)
-            relearn = getattr(hook, "restore", None)
-            if relearn is not None:
-                relearn(records, self)
-        self.clock.now = last.sim_start_s + last.sim_seconds
-        if self.privacy is not None:
-            self.privacy.load_state_dict(self._committed_privacy(records))
-        return last.round
-
-    def _committed_privacy(self, records: list[RoundRecord]) -> dict[str, Any]:
-        """The privacy state committed with the last round.  Run directories written before
-        the ledger moved into the round's transaction kept it in ``privacy.json``, written
-        after the commit: it is used only when it covers every committed round's spend.
-        Without a ledger that covers them, resuming would restart (or under-count)
-        accounting, so it is refused."""
-        last = records[-1]
-        state = self.store.privacy_state(last.round)
-        if state is not None:
-            return state
-        spent = next((int(r.extra["dp_rounds"]) for r in reversed(records) if "dp_rounds" in r.extra), 0)
-        legacy = self.store.run_dir / "privacy.json"
-        if legacy.is_file():
-            import json
-
-            try:
-                state = json.loads(legacy.read_text())
-                ledger = sum(int(e[2]) for e in state["accountant"]["events"]) if "accountant" in state else 0
-            except (ValueError, KeyError, TypeError, IndexError) as exc:
-                raise ValueError(f"run {self.store.run_id}: {legacy} is unreadable ({exc}); cannot resume without the privacy ledger") from None
-            if ledger >= spent:
-                return state
-            raise ValueError(
-                f"run {self.store.run_id}: {legacy} records {ledger} private releases but the committed rounds spent "
-                f"{spent}; resuming would under-report epsilon (the ledger was written after the commit and a crash came between)"
-            )
-        raise ValueError(
-            f"run {self.store.run_id}: round {last.round} is committed but its privacy ledger is missing; resuming would "
-            "restart privacy accounting and under-report epsilon. Refusing to resume"
-        )
+        """Continue a stored run from its last committed round (`resume.resume`); returns that round."""
+        return resume(self)
 
     # -- the run -------------------------------------------------------------------
     @contextmanager
@@ -806,46 +582,8 @@ class Coordinator:
         return self.summary(time.perf_counter() - t0)
 
     def summary(self, wall_seconds: float) -> RunSummary:
-        recs = self.records
-        accs = [r.accuracy for r in recs if not math.isnan(r.accuracy)]
-        up = sum(r.uplink_bytes for r in recs)
-        accepted = sum(r.accepted + r.rejected + r.late for r in recs)
-        # Uncompressed: one float32 model per update (clustered FL uploads one block of its k
-        # models; a HeteroFL client its own sub-model, so the ratio is the codec's alone).
-        if self.submodels is not None:
-            raw = sum(4 * self.submodels.sub_dim_of(c.client_id) for r in recs for c in r.clients if c.uplink_bytes > 0)
-        else:
-            raw = accepted * 4 * (self.clustering.d if self.clustering is not None else self.dim)
-        s = RunSummary(
-            run_id=self.store.run_id if self.store else "",
-            run_dir=str(self.store.run_dir) if self.store else "",
-            rounds=len(recs),
-            final_accuracy=accs[-1] if accs else math.nan,
-            best_accuracy=max(accs) if accs else math.nan,
-            final_loss=next((r.loss for r in reversed(recs) if not math.isnan(r.loss)), math.nan),
-            uplink_bytes=up,
-            downlink_bytes=sum(r.downlink_bytes for r in recs),
-            compression_ratio=(raw / up) if up else math.nan,
-            sim_seconds=self.clock.now,
-            wall_seconds=wall_seconds,
-            failed_rounds=sum(r.status == "failed" for r in recs),
-            stopped_reason=self.stopped_reason or "",
-            records=list(recs),
-        )
-        personal = recs[-1].extra.get("personalization") if recs else None
-        if personal:
-            s.personal_accuracy, s.personal_global_accuracy = personal["personal_accuracy"], personal["global_accuracy"]
-            s.personal_gain = personal["gain"]
-        else:  # the server cannot evaluate on clients' data (gRPC): what the last such round's clients reported
-            last = next((r for r in reversed(recs) if not math.isnan(r.personal_accuracy)), None)
-            if last is not None:
-                s.personal_accuracy, s.personal_global_accuracy, s.personal_gain = last.personal_accuracy, last.personal_global_accuracy, last.personal_gain
-        if self.privacy is not None and self.privacy.accountant is not None:
-            p = self.privacy.summary()
-            s.dp_epsilon, s.dp_delta, s.dp_accounting, s.dp_sampling = p["dp_epsilon"], p["dp_delta"], p["dp_accounting"], p["dp_sampling"]
-        if self.store is not None:
-            self.store.finish(s.to_json_dict())
-        return s
+        """The run's summary (also written to the store when there is one)."""
+        return summarize(self, wall_seconds)
 
 
 class SyncRounds:

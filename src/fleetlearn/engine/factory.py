@@ -247,6 +247,22 @@ def selector_name(config: RunConfig) -> str:
     return name
 
 
+def build_decoder(uplink, learner, clustering=None):
+    """How the server reads an uplink payload (engine.intake): a summed-in-sketch-space
+    count sketch, a HeteroFL sub-model, one tagged block of clustered FL's models, or the
+    model's full vector."""
+    from .intake import ClusterDecoder, SketchDecoder, SubModelDecoder, UpdateDecoder
+
+    dim = learner.spec.dim
+    if _is_sketch(uplink):
+        return SketchDecoder(uplink, dim)
+    if getattr(learner, "name", None) == "heterofl":
+        return SubModelDecoder(uplink, dim, learner)
+    if clustering is not None:
+        return ClusterDecoder(uplink, dim, clustering)
+    return UpdateDecoder(uplink, dim)
+
+
 def build_selector(config: RunConfig, population: int):
     srv = config.server
     name = selector_name(config)
@@ -415,6 +431,7 @@ def build_coordinator(
         aggregator=aggregator,
         pipeline=pipeline,
         driver=FedBuffLoop if config.server.mode == "async" else None,
+        decoder=build_decoder(uplink, learner, clustering),
         privacy=privacy,
         server_optimizer=server_optimizer,
         validators=build_run_validators(config),

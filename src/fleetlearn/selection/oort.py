@@ -26,9 +26,10 @@ from typing import Sequence
 import numpy as np
 
 from ..records import RoundRecord
+from .base import Selector
 
 
-class OortSelector:
+class OortSelector(Selector):
     name = "oort"
 
     def __init__(self, population: int, epsilon: float = 0.2, alpha: float = 2.0, quantile: float = 0.8, cutoff: float = 0.95):

@@ -14,10 +14,12 @@ from typing import Sequence
 
 import numpy as np
 
+from .base import Selector
+
 Inclusion = tuple[str, float]  # ("fixed" | "poisson", per-client inclusion probability)
 
 
-class RandomSelector:
+class RandomSelector(Selector):
     """A fixed-size cohort, uniform without replacement (McMahan et al., AISTATS 2017,
     FedAvg's C-fraction)."""
 
@@ -40,7 +42,7 @@ class RandomSelector:
         return (self.sampling, min(k, n) / n) if n else None
 
 
-class PoissonSelector:
+class PoissonSelector(Selector):
     """Poisson sampling: each of the n available clients takes part independently with
     probability q = k / n, so the cohort's size varies around k (its expected size).
     This is the sampling DP-FedAvg's accountant assumes (McMahan et al., ICLR 2018:

@@ -6,8 +6,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .base import Selector
 
-class RestrictedSelector:
+
+class RestrictedSelector(Selector):
     """Select only among `allowed` clients (a canary arm's share of the population).
     Asks the inner selector for at most as many clients as remain available."""
 
@@ -27,17 +29,13 @@ class RestrictedSelector:
         return self.inner.inclusion(pool, min(k, len(pool)))
 
     def observe(self, record) -> None:
-        observe = getattr(self.inner, "observe", None)
-        if observe is not None:
-            observe(record)
+        self.inner.observe(record)
 
     def restore(self, records) -> None:
-        restore = getattr(self.inner, "restore", None)
-        if restore is not None:
-            restore(records)
+        self.inner.restore(records)
 
 
-class NewcomerCap:
+class NewcomerCap(Selector):
     """Gradual onboarding: at most `max_newcomers` clients never selected before take
     part in a round (a seeded sample of the available newcomers competes with every
     client seen before).  The round's count is recorded in ``extra["newcomers"]``."""
@@ -70,15 +68,11 @@ class NewcomerCap:
 
     def observe(self, record) -> None:
         record.extra["newcomers"] = self._last_newcomers
-        observe = getattr(self.inner, "observe", None)
-        if observe is not None:
-            observe(record)
+        self.inner.observe(record)
 
     def restore(self, records) -> None:
         """A resumed run: every client a committed round selected has been seen."""
         for record in records:
             ids = np.fromiter((c.client_id for c in record.clients), dtype=np.int64)
             self.seen[ids] = True
-        restore = getattr(self.inner, "restore", None)
-        if restore is not None:
-            restore(records)
+        self.inner.restore(records)

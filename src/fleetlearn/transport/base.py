@@ -32,3 +32,21 @@ class Transport(Protocol):
         """Send `task` to every client of `cohort`; yield replies in arrival order,
         ending when all have replied or dropped, or `task.deadline_s` has passed."""
         ...
+
+
+class TransportBase:
+    """What every transport has besides the `Transport` contract, with the defaults of a
+    transport that has nothing to say (the engine asks every transport the same way)."""
+
+    name = "transport"
+    realtime = False  # replies arrive in wall-clock time (the engine stops waiting once a cohort is filled)
+    train_wall_seconds = 0.0  # wall time spent in local training in the last dispatch (simulations)
+    last_malicious: Sequence[int] = ()  # simulated attackers in the last dispatch
+
+    def take_refusals(self) -> dict[str, int] | None:
+        """Messages refused since the last call, by reason (None: this transport refuses none)."""
+        return None
+
+    def wait_available(self, min_clients: int, timeout_s: float) -> list[int]:
+        """Block until `min_clients` are available or `timeout_s` passes; returns them."""
+        return list(self.available(0))  # type: ignore[attr-defined]

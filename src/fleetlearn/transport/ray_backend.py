@@ -43,7 +43,7 @@ from ..data import FederatedData
 from ..devices import Fleet
 from ..learners.base import FitConfig, FitResult, Learner
 from ..messages import Task, Update
-from .base import Reply
+from .base import Reply, TransportBase
 from .simulation import SimulationTransport
 
 INSTALL_HINT = 'the Ray backend needs Ray: pip install "fleetlearn[ray]" (or pip install "ray[default]>=2.9")'
@@ -145,7 +145,7 @@ class _RemoteTrainingSimulation(SimulationTransport):
         return ClientRef(int(client))
 
 
-class RayTransport:
+class RayTransport(TransportBase):
     """`[engine] backend = "ray"`: SimulationTransport semantics, training on Ray.
 
     `address`: None starts a local Ray cluster with `num_cpus` CPUs (all if None);

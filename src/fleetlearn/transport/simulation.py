@@ -24,7 +24,7 @@ from ..data import FederatedData
 from ..devices import Fleet
 from ..learners.base import ClientData, FitConfig, Learner
 from ..messages import Dropout, Task
-from .base import Reply
+from .base import Reply, TransportBase
 
 
 def client_seed(seed: int, round: int, client: int) -> int:
@@ -32,7 +32,7 @@ def client_seed(seed: int, round: int, client: int) -> int:
     return int(np.random.SeedSequence([seed, round, client]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-class SimulationTransport:
+class SimulationTransport(TransportBase):
     name = "simulation"
 
     def __init__(

@@ -30,7 +30,7 @@ import grpc
 
 from ...messages import Dropout, Task
 from ...params import ParamSpec
-from ..base import Reply
+from ..base import Reply, TransportBase
 from .auth import TokenStore
 from .certs import ServerTls
 from .server import END, FleetServer, Limits, RunRequirements
@@ -53,7 +53,7 @@ def is_loopback(address: str) -> bool:
         return False
 
 
-class GrpcTransport:
+class GrpcTransport(TransportBase):
     """Serve a run over gRPC and deliver its rounds to connected clients.
 
         tokens = TokenStore.open(state_dir)

@@ -1,0 +1,232 @@
+"""A round's intake: replies in arrival order -> accepted, decoded, validated updates.
+
+`collect` takes replies from the transport until the cohort is filled, everyone has
+answered or the deadline passes; `Intake.accept` decodes one update with the run's
+`UpdateDecoder` and runs the validators; `Intake.filter_relative_norms` refuses
+updates far beyond the cohort's median norm.  The decoder is the one place where the
+shape of an uplink payload is a feature's business:
+
+- `UpdateDecoder`: the uplink chain at the model's dimension (the default);
+- `SketchDecoder`: count-sketch payloads are only checked here (they are summed in
+  sketch space by the pipeline's `SketchSumStage`), so they have no norm;
+- `SubModelDecoder`: HeteroFL clients send their own sub-model, embedded here into
+  the global vector (the learner says each client's size and where it sits);
+- `ClusterDecoder`: clustered FL clients send one tagged block of the stacked models,
+  and the tag is the client's cluster for this round.
+
+The factory picks the decoder from the run's parts; the Coordinator never asks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..messages import Dropout, Task, Update
+from ..params import PayloadError
+from ..records import ClientRecord
+from ..validation import ValidationContext
+
+
+@dataclass
+class Collected:
+    """What a round gathered from its replies."""
+
+    vecs: list[torch.Tensor] = field(default_factory=list)
+    claims: list[int] = field(default_factory=list)
+    clients: list[ClientRecord] = field(default_factory=list)
+    accepted: list[ClientRecord] = field(default_factory=list)
+    payloads: list[bytes] = field(default_factory=list)  # kept for sketch-space aggregation
+    end_s: float = 0.0  # when the server stopped waiting (seconds after dispatch)
+
+    def take(self, rows: Sequence[int]) -> None:
+        """Keep only these accepted updates, in this order (the four per-update lists together)."""
+        self.vecs = [self.vecs[i] for i in rows]
+        self.payloads = [self.payloads[i] for i in rows]
+        self.claims = [self.claims[i] for i in rows]
+        self.accepted = [self.accepted[i] for i in rows]
+
+
+# -- decoders -------------------------------------------------------------------------------------
+class UpdateDecoder:
+    """An uplink payload -> the (d,) update, with the run's uplink chain."""
+
+    measures_norm = True  # the decoded vector is the update (its norm is recorded)
+
+    def __init__(self, uplink, dim: int):
+        self.uplink, self.dim = uplink, int(dim)
+
+    def decode(self, update: Update) -> torch.Tensor:
+        return self.uplink.decode(update.payload, dim=self.dim)
+
+    def on_accept(self, update: Update, rec: ClientRecord) -> None:
+        """Called once the update passed every validator."""
+
+    def raw_uplink_bytes(self, records) -> int:
+        """What the uploads of these rounds would have cost as float32 (the compression ratio's
+        numerator): one model per update that arrived."""
+        return sum(r.accepted + r.rejected + r.late for r in records) * 4 * self.dim
+
+
+class SketchDecoder(UpdateDecoder):
+    measures_norm = False
+
+    def decode(self, update: Update) -> torch.Tensor:
+        from ..compression import read_sketch
+
+        read_sketch(update.payload, dim=self.dim)  # checked now, summed in sketch space later
+        return torch.zeros(self.dim)
+
+
+class SubModelDecoder(UpdateDecoder):
+    """HeteroFL: `submodels.sub_dim_of(client)` entries, embedded by `submodels.embed_of`."""
+
+    def __init__(self, uplink, dim: int, submodels):
+        super().__init__(uplink, dim)
+        self.submodels = submodels
+
+    def decode(self, update: Update) -> torch.Tensor:
+        sub = self.uplink.decode(update.payload, dim=self.submodels.sub_dim_of(update.client_id))
+        return self.submodels.embed_of(update.client_id, sub)
+
+    def raw_uplink_bytes(self, records) -> int:
+        """Each client's own sub-model, so the ratio is the codec's alone."""
+        return sum(4 * self.submodels.sub_dim_of(c.client_id) for r in records for c in r.clients if c.uplink_bytes > 0)
+
+
+class ClusterDecoder(UpdateDecoder):
+    """Clustered FL: one tagged block of the k stacked models; the tag is the client's cluster."""
+
+    def __init__(self, uplink, dim: int, clustering):
+        super().__init__(uplink, dim)
+        self.clustering = clustering
+
+    def decode(self, update: Update) -> torch.Tensor:
+        return self.clustering.decode(update.payload, self.uplink)
+
+    def on_accept(self, update: Update, rec: ClientRecord) -> None:
+        rec.cluster = self.clustering.accepted(update.client_id, update.payload)
+
+    def raw_uplink_bytes(self, records) -> int:
+        """One block of the k stacked models per update."""
+        return sum(r.accepted + r.rejected + r.late for r in records) * 4 * self.clustering.d
+
+
+# -- one update -----------------------------------------------------------------------------------
+def client_record(u: Update, elapsed: float) -> ClientRecord:
+    """The record of a reply as it arrived (status "accepted" until intake says otherwise)."""
+    m = u.metrics
+    return ClientRecord(
+        label_counts=list(m.label_counts) if m.label_counts is not None else None,
+        oversampled=int(m.oversampled or 0),
+        client_id=u.client_id,
+        status="accepted",
+        num_examples=u.num_examples if isinstance(u.num_examples, int) else 0,
+        uplink_bytes=u.uplink_bytes,
+        downlink_bytes=u.downlink_bytes,
+        arrival_s=elapsed,
+        loss_before=m.loss_before,
+        loss_after=m.loss_after,
+        accuracy=m.accuracy,
+        steps=m.steps,
+        codec=u.codec,
+        personal_accuracy=m.personal_accuracy,
+        global_accuracy=m.global_accuracy,
+    )
+
+
+class Intake:
+    """Decode and validate updates; refuse the relative-norm outliers of a cohort."""
+
+    def __init__(self, decoder: UpdateDecoder, validators: Sequence, norm_filter=None):
+        self.decoder = decoder
+        self.validators = list(validators)
+        self.norm_filter = norm_filter
+
+    def accept(self, msg: Update, rec: ClientRecord, ctx: ValidationContext) -> torch.Tensor | None:
+        """Decode and validate one update; on refusal mark `rec` rejected with the reason."""
+        vec, reason = None, None
+        try:
+            vec = self.decoder.decode(msg)
+        except PayloadError as exc:
+            reason = f"payload: {exc}"
+        except Exception as exc:  # a corrupted payload must never stop the round
+            reason = f"payload: cannot decode ({type(exc).__name__}: {exc})"
+        if reason is None:
+            for v in self.validators:
+                reason = v.check(msg, vec, ctx)
+                if reason:
+                    reason = f"{v.name}: {reason}"
+                    break
+        if reason is not None:
+            rec.status, rec.reason = "rejected", reason
+            return None
+        ctx.seen.add(msg.client_id)
+        self.decoder.on_accept(msg, rec)
+        rec.update_norm = float(torch.linalg.vector_norm(vec)) if self.decoder.measures_norm else math.nan
+        return vec
+
+    def filter_relative_norms(self, got: Collected) -> None:
+        """Refuse updates whose norm is beyond `max_norm_ratio` x the cohort's median."""
+        if self.norm_filter is None or not got.vecs:
+            return
+        norms = np.array([c.update_norm for c in got.accepted])
+        reasons = self.norm_filter.reasons(norms)
+        keep = [i for i, why in enumerate(reasons) if why is None]
+        for i, why in enumerate(reasons):
+            if why is not None:
+                got.accepted[i].status, got.accepted[i].reason = "rejected", f"norm_ratio: {why}"
+        got.take(keep)
+
+
+def collect(transport, intake: Intake, task: Task, cohort: list[int], target: int, dim: int) -> Collected:
+    """Take replies in arrival order until `target` updates are accepted, everyone
+    has answered, or the deadline passes.  The round ends at that moment."""
+    got = Collected()
+    ctx = ValidationContext(round=task.round, version=task.version, dim=dim)
+    deadline = task.deadline_s
+    filled_at: float | None = None
+    last_event = 0.0
+    for reply in transport.dispatch(task, cohort):
+        msg, t = reply.message, reply.elapsed_s
+        if isinstance(msg, Dropout):
+            got.clients.append(ClientRecord(msg.client_id, "dropped", msg.reason, downlink_bytes=msg.downlink_bytes, arrival_s=math.nan))
+            if deadline is None or t <= deadline:
+                last_event = max(last_event, t)
+            continue
+        rec = client_record(msg, t)
+        got.clients.append(rec)
+        if filled_at is not None:
+            rec.status, rec.reason = "late", f"not needed: the cohort of {target} was filled at {filled_at:.3f}s"
+            continue
+        if deadline is not None and t > deadline:
+            rec.status, rec.reason = "late", f"arrived {t:.3f}s after dispatch, deadline {deadline:.3f}s"
+            continue
+        last_event = max(last_event, t)
+        vec = intake.accept(msg, rec, ctx)
+        if vec is None:
+            continue
+        got.vecs.append(vec)
+        got.payloads.append(msg.payload)
+        got.claims.append(int(msg.num_examples))
+        got.accepted.append(rec)
+        if len(got.accepted) == target and len(cohort) > target:
+            filled_at = t
+            if transport.realtime:
+                break  # in wall-clock time, waiting longer only costs time
+    # The server stops waiting when the cohort is filled, when everyone answered,
+    # or at the deadline if someone is still missing.
+    missing = any(c.status == "late" and not c.reason.startswith("not needed") for c in got.clients) or any(
+        c.status == "dropped" for c in got.clients
+    )
+    if filled_at is not None:
+        got.end_s = filled_at
+    elif deadline is not None and missing:
+        got.end_s = deadline
+    else:
+        got.end_s = last_event
+    return got
