@@ -1,4 +1,4 @@
-"""The import rules of the code's rooms (docs/design-notes.md): no import circles anywhere,
+"""The import rules of the code's rooms (docs/architecture.md): no import circles anywhere,
 `transport/` never imports `engine/`, and every room imports on its own.
 
 Imports are read from the source (module level and inside functions alike: a deferred

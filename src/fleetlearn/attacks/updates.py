@@ -59,7 +59,7 @@ def sign_flip(honest: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
     pooled honest updates, the form of Allen-Zhu et al. (ICLR 2021) and Allouah et al.
     (AISTATS 2023), who negate the honest mean.  The copies are identical, which pulls
     distance- and median-based rules towards them under label skew (see
-    docs/design-notes.md, "Robust aggregation under label skew")."""
+    docs/architecture.md, "Robust aggregation under label skew")."""
     return (-_direction(honest, ctx)).to(honest.dtype)
 
 

@@ -1,6 +1,6 @@
 """Codecs: how a vector becomes bytes on the wire, and back.
 
-Contract (DESIGN.md section 4): ``encode(vec, state) -> (payload, state)`` and
+Contract (docs/architecture.md, section 4.3): ``encode(vec, state) -> (payload, state)`` and
 ``decode(payload) -> vec``.  A payload is self-describing (see `wire`), so
 ``decode`` needs no side information, and ``len(payload)`` is exactly what travels.
 State (error-feedback residuals, random seeds) is explicit so it can be

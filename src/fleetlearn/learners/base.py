@@ -26,7 +26,7 @@ class FitConfig:
     lr: float = 0.05
     momentum: float = 0.0
     weight_decay: float = 0.0
-    # Local objective terms (DESIGN.md section 4: the local objective modifies the step).
+    # Local objective terms (docs/architecture.md, section 4.2: the local objective modifies the step).
     prox_mu: float = 0.0  # FedProx proximal term mu/2 ||w - w_global||^2 (Li et al., MLSys 2020)
 
     @classmethod
