@@ -231,10 +231,20 @@ class ServerConfig(Section):
     oort_epsilon: float = Field(default=0.2, ge=0, le=1)  # fraction of each cohort that explores untried clients
     oort_alpha: float = Field(default=2.0, ge=0)  # strength of the penalty on clients slower than preferred
     # The aggregator part: mean (FedAvg) or a robust rule (see fleetlearn.aggregation).
-    aggregator: Literal[
-        "mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan",
-        "geometric_median", "norm_bounded_mean", "centered_clipping", "dnc", "mifa",
-    ] = "mean"
+    # Any name in the aggregator registry (fleetlearn.aggregation.register_aggregator): mean,
+    # median, trimmed_mean, krum, multi_krum, bulyan, geometric_median, norm_bounded_mean,
+    # centered_clipping, dnc, mifa, and the rules a user registered.
+    aggregator: str = "mean"
+    @field_validator("aggregator")
+    @classmethod
+    def _registered_aggregator(cls, v: str) -> str:
+        from .aggregation import aggregator_names
+
+        names = aggregator_names()
+        if v not in names:
+            raise ValueError(f"unknown aggregator; allowed: {', '.join(names)} (or a rule registered with fleetlearn.aggregation.register_aggregator)")
+        return v
+
     # mifa (Gu et al., NeurIPS 2021): average over the latest stored update of every client seen;
     # memory ~ mifa_max_clients x 4d bytes (None: the population).
     mifa_max_clients: int | None = Field(default=None, ge=1)

@@ -19,10 +19,11 @@ from .codec import (
     estimate_bytes,
     needed_capabilities,
     parse_chain,
+    register_codec,
     seed_state,
 )
 from .sketch import CountSketch, SketchPayload, clear_sketch_cache, read_sketch, sum_sketches, unsketch
-from .sparsify import RandK, TopK
+from .sparsify import RandK, Sparsifier, TopK
 from .values import BFloat16Codec, Float16Codec, Float32Codec, SignCodec, UniformQuantizer
 from .wire import read_header
 
@@ -41,6 +42,8 @@ __all__ = [
     "RESIDUAL",
     "RNG_SEED",
     "RandK",
+    "Sparsifier",
+    "register_codec",
     "SignCodec",
     "SketchPayload",
     "TopK",

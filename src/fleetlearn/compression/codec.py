@@ -123,6 +123,21 @@ CODECS: dict[str, Callable[[list[str], dict[str, str]], Stage]] = {
 }
 
 
+def register_codec(name: str, factory: Callable[[list[str], dict[str, str]], Stage]) -> None:
+    """Register a chain element under `name`, so a chain such as ``"ef | <name>:0.1 | q8"`` runs
+    it in `compression.uplink` (and clients announce it).  `factory(positional, options)`
+    returns a `Stage` (a value codec, a `Sparsifier`, ...) whose payload uses one of the
+    self-describing wire formats, so any build decodes it without knowing the new name.
+    Refuses a name that is taken or not a plain lowercase word."""
+    if not isinstance(name, str) or not name.replace("_", "").isalnum() or name.lower() != name or name[0].isdigit():
+        raise ValueError(f"codec name {name!r} must be a lowercase word (letters, digits, '_')")
+    if name in CODECS and CODECS[name] is not factory:
+        raise ValueError(f"codec name {name!r} is taken")
+    if not callable(factory):
+        raise ValueError(f"codec {name!r}: the factory must be callable (positional, options) -> Stage")
+    CODECS[name] = factory
+
+
 # Wire formats added after their codec's name first shipped: a client announces them
 # next to the names, so a server never hands an older client a chain it cannot encode.
 LATER_FORMATS = (wire.SUPPORT_NAMES[wire.SUPPORT_TOPK_BLOCKS],)  # "topk_blocks": topk's block option
