@@ -50,7 +50,7 @@ class RoundRecord:
     round: int
     version: int  # model version after this round (unchanged if the round failed)
     parent_version: int = -1  # the version this round's model was computed from (-1: no new model)
-    status: str = "ok"  # "ok" | "failed"
+    status: str = "ok"  # "ok" | "failed" | "rolled_back"
     reason: str = ""
     selected: int = 0
     accepted: int = 0

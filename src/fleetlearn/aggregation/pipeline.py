@@ -22,8 +22,9 @@ optax's ``chain`` do:
 
 Which stage a run gets is decided once, by `build_pipeline` from the run's parts, so
 the engine never asks what its parts can do.  Stateful stages (MIFA's memory, DnC's
-reputation, the DP noise generator and clip, centered clipping's centre) checkpoint
-through `state_dict` / `load_state_dict` (the ``aggregator/<key>`` side state).
+reputation, `CentralDPStage`'s public centre) checkpoint through `state_dict` /
+`load_state_dict` (the ``aggregator/<key>`` side state); the DP noise generator and the
+adaptive clip live in the privacy state, committed with every round.
 """
 
 from __future__ import annotations

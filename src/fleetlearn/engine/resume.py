@@ -4,7 +4,7 @@ A checkpoint holds the model and server-optimizer state; `side_state` adds, as n
 tensors in a side file the checkpoint names with its sha256: ``client/<id>/<key>``
 (codec residuals, SCAFFOLD c_i), ``personal/<id>/<key>`` (personal heads and models),
 ``aggregator/<key>`` (the aggregation pipeline's state: MIFA's memory, DnC's
-reputation, the DP noise generator's centre) and ``schedule/<which>/<key>``.
+reputation, the central-DP stage's public centre) and ``schedule/<which>/<key>``.
 `resume` puts back the last committed round: model, lineage, side state, what the
 selector and the hooks learned from the records, the virtual clock, and the privacy
 ledger committed with that round (`committed_privacy` refuses to resume without it).

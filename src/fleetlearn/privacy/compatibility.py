@@ -4,10 +4,13 @@ Secure aggregation (Bonawitz et al., CCS 2017) gives the server only the sum
 of the cohort's updates, so an aggregator that must see each update (median,
 trimmed mean, Krum, Bulyan, geometric median, ...) cannot run behind it.
 Central DP-FedAvg (McMahan et al., ICLR 2018) calibrates its noise to the
-sensitivity C of a SUM of clipped updates; it replaces the aggregator with
-that noised sum, so an aggregator that needs individual updates would be
-silently dropped -- refused instead.  Local DP noises each update on the
-device, so any aggregator is post-processing and allowed.
+sensitivity C of a SUM of clipped updates.  `check_compatible` refuses a rule
+that needs individual updates under central DP as a standalone rule; the
+engine instead wraps the rule in `aggregation.pipeline.CentralDPStage`, which
+composes with rules whose per-client contributions are bounded
+(norm_bounded_mean, centered_clipping) and refuses the others by that
+capability.  Local DP noises each update on the device, so any aggregator is
+post-processing and allowed.
 
 SecAgg with central DP works: clients clip, the server securely sums the
 clipped updates (and, for adaptive clipping, the clip indicators as one extra

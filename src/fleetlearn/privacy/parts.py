@@ -98,7 +98,8 @@ class PrivacySettings:
 class PrivacyParts:
     """What `build_privacy` returns; the engine's privacy calls in one object.
 
-    central: `CentralDP` or None -- replaces the aggregator (clip, sum, noise).
+    central: `CentralDP` or None -- clip, sum, noise around the aggregation rule's per-client
+        contributions (aggregation.pipeline.CentralDPStage).
     local: `LocalDP` or None -- applied by each client before encoding.
     secure: `SecureAggregation` or None -- replaces the plain sum.
     accountant: `PrivacyAccountant` or None (None when mode = 'none').
