@@ -263,3 +263,23 @@ def test_epsilon_is_in_the_summary_and_in_show(tmp_path, capsys):
     # A run without DP says nothing about it.
     plain = fleetlearn.run({"data": {"clients": 20}, "server": {"rounds": 1, "cohort": 5}}, store=False)
     assert math.isnan(plain.dp_epsilon) and plain.dp_sampling == ""
+
+
+def test_a_poisson_round_keeps_every_client_it_drew():
+    """DP-FedAvg's estimate sum / expected cohort is unbiased only if every sampled client
+    counts: a Poisson draw above the cohort is not cut back to it (which shrank every
+    aggregate by about 9% at cohort 20 of 100)."""
+    s = fleetlearn.run(dp_run(rounds=8, accounting="rdp", clients=60), store=False)
+    assert all(r.accepted == r.selected for r in s.records)
+    assert max(r.accepted for r in s.records) > 10  # some draws exceed the expected cohort of 10
+    # With over-selection the draw's share is kept: about drawn / over_selection.
+    over = fleetlearn.run(dp_run(rounds=4, accounting="rdp", clients=60, server__over_selection=1.5), store=False)
+    assert all(r.accepted == max(1, round(r.selected / 1.5)) for r in over.records)
+
+
+def test_secure_aggregation_sums_at_most_its_headroom_of_a_poisson_draw():
+    cfg = dp_run(rounds=6, accounting="rdp", clients=40, cohort=8)
+    cfg["privacy"].update(secure_aggregation=True, secagg_clip_range=1.0)
+    s = fleetlearn.run(cfg, store=False)
+    assert all(r.status == "ok" and r.accepted <= 8 for r in s.records)  # the quantizer's max_clients
+    assert any(r.selected > 8 for r in s.records)

@@ -62,6 +62,7 @@ class Stage:
     unchanged, the reason prefixed with `label`)."""
 
     name = "stage"
+    capacity: int | None = None  # the most rows it can aggregate (secure aggregation's headroom); None: any
 
     @property
     def label(self) -> str:
@@ -148,6 +149,7 @@ class SecureSumStage(Stage):
 
     def __init__(self, secure):
         self.secure = secure
+        self.capacity = secure.quantizer.max_clients
 
     def next(self, batch: Batch) -> StageResult:
         out = self.secure.aggregate(batch.updates, torch.from_numpy(batch.weights), dropped=batch.dropped)
@@ -214,6 +216,7 @@ class CentralDPStage(Stage):
         self.central, self.secure, self.inner, self.inner_name = central, secure, inner, inner_name
         self._contrib = contributions_of(inner) if inner is not None else None
         self.center: torch.Tensor | None = None  # the last released aggregate (public)
+        self.capacity = secure.quantizer.max_clients if secure is not None else None
 
     def next(self, batch: Batch) -> StageResult:
         rows, center = batch.updates, None

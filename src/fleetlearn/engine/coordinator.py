@@ -295,7 +295,12 @@ class Coordinator:
             deadline_s=deadline,
             control=self._encoded_control(),
         )
-        got = collect(self.transport, self.intake, task, cohort, srv.cohort, self.dim) if cohort else Collected()
+        # How many accepted updates end the wait: the cohort (fixed-size), or what the Poisson draw
+        # gave (its size varies around the expected cohort), within what the pipeline can sum.
+        target = self.selector.target(len(cohort), srv.cohort, srv.over_selection)
+        if self.pipeline.capacity is not None:
+            target = min(target, self.pipeline.capacity)
+        got = collect(self.transport, self.intake, task, cohort, target, self.dim) if cohort else Collected()
         record.selected = len(cohort)
         record.deadline_s = deadline if deadline is not None else math.nan
         record.clients = got.clients

@@ -21,6 +21,11 @@ class Selector:
     def inclusion(self, available: Sequence[int], k: int) -> tuple[str, float] | None:
         return None
 
+    def target(self, drawn: int, cohort: int, over_selection: float) -> int:
+        """How many accepted updates end a round that selected `drawn` clients: the
+        configured cohort (the rest of an over-selected draw is not waited for)."""
+        return cohort
+
     def observe(self, record: Any) -> None:
         """After each round, with its record."""
 

@@ -64,3 +64,8 @@ class PoissonSelector(Selector):
     def inclusion(self, available: Sequence[int], k: int) -> Inclusion | None:
         n = len(available)
         return (self.sampling, min(k, n) / n) if n else None
+
+    def target(self, drawn: int, cohort: int, over_selection: float) -> int:
+        """Every client of the draw counts (its size is the random one DP-FedAvg's unbiased
+        estimate divides by the expected cohort); with over-selection, the draw's share."""
+        return max(1, round(drawn / over_selection)) if drawn else 0
