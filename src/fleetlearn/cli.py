@@ -188,6 +188,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         try:
             summary = coordinator.run(on_round=on_round)
+        except ConfigError as exc:  # a resource named in the config failed when the run started (a port taken since)
+            raise UsageError(str(exc)) from None
         except StoreError as exc:  # the store failed mid-run (disk full, read-only, damaged)
             where = coordinator.store.run_dir if coordinator.store is not None else ""
             raise UsageError(f"{exc}; the rounds committed before it are kept (fleetlearn run --resume {where})") from None

@@ -91,7 +91,13 @@ class MonitoringParts:
         """Start the Prometheus endpoint if configured; returns its port."""
         if self.exporter is None or self.settings.prometheus_port is None:
             return None
-        return self.exporter.start(self.settings.prometheus_port, self.settings.prometheus_host)
+        port, host = self.settings.prometheus_port, self.settings.prometheus_host
+        try:
+            return self.exporter.start(port, host)
+        except OSError as exc:  # taken since the config was checked, or the address went away
+            from ..errors import ConfigError
+
+            raise ConfigError(f"monitoring.prometheus_port = {port}: cannot serve /metrics on {host}:{port}: {exc.strerror or exc}") from None
 
     def stop(self) -> None:
         if self.exporter is not None:
