@@ -182,7 +182,7 @@ def test_synthetic_11_is_harder_than_synthetic_00():
                 "seed": seed,
                 "data": {"dataset": "synthetic", "partition": "natural", "synthetic_alpha": a, "synthetic_beta": b},
                 "model": {"name": "logistic"},
-                "server": {"rounds": 20, "cohort": 10},
+                "server": {"rounds": 10, "cohort": 10},  # 10 rounds: the gap is already 4 pp / 0.16 (CI time)
                 "client": {"local_epochs": 1, "batch_size": 10, "lr": 0.01, "momentum": 0.0},
                 "monitoring": {"detectors": []},
             }, store=False)
