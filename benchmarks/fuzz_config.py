@@ -399,6 +399,18 @@ def _child(case: dict, workdir: str, wfd: int) -> None:
     os._exit(0)
 
 
+
+def _drain(rfd: int, buf: bytearray) -> None:
+    """Append what a child wrote to its (non-blocking) pipe so far."""
+    try:
+        while True:
+            chunk = os.read(rfd, 65536)
+            if not chunk:
+                break
+            buf += chunk
+    except BlockingIOError:
+        pass
+
 def run_all(cases: list[dict], timeout: float, workers: int, run_timeout: float) -> list[dict]:
     """Every case in its own forked process, `workers` at a time."""
     import fleetlearn  # noqa: F401 - imported once, before forking
@@ -442,14 +454,7 @@ def run_all(cases: list[dict], timeout: float, workers: int, run_timeout: float)
             live[pid] = (i, rfd, time.monotonic() + limit, workdir, bytearray())
         time.sleep(0.005)
         for pid, (i, rfd, deadline, workdir, buf) in list(live.items()):
-            try:
-                while True:
-                    chunk = os.read(rfd, 65536)
-                    if not chunk:
-                        break
-                    buf += chunk
-            except BlockingIOError:
-                pass
+            _drain(rfd, buf)
             done, status = os.waitpid(pid, os.WNOHANG)
             if done == 0:
                 if time.monotonic() > deadline:
@@ -459,14 +464,7 @@ def run_all(cases: list[dict], timeout: float, workers: int, run_timeout: float)
                     del live[pid]
                     results[i] = {"outcome": "hang", "message": f"still running after {deadline and (run_timeout if cases[i]['channel'] == 'run' else timeout)} s"}
                 continue
-            try:
-                while True:
-                    chunk = os.read(rfd, 65536)
-                    if not chunk:
-                        break
-                    buf += chunk
-            except BlockingIOError:
-                pass
+            _drain(rfd, buf)
             os.close(rfd)
             del live[pid]
             if os.WIFSIGNALED(status):
