@@ -49,6 +49,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from ..files import atomic_write, fsync_dir, tmp_path
 from ..records import RoundRecord
 
 DB_NAME = "run.db"
@@ -135,43 +136,8 @@ class StoreError(RuntimeError):
 ROUND_WRITERS: list = []
 
 
-# -- files ------------------------------------------------------------------------------
-def _fsync_dir(folder: Path) -> None:
-    """Make the renames in `folder` durable (a no-op where folders cannot be fsynced)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _tmp_path(path: Path) -> Path:
-    """A temporary name beside `path`, unique per process and call (two writers never share one)."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-
-
-def atomic_write(path: str | Path, data: str | bytes) -> None:
-    """Replace `path` with `data` crash-safely: a unique temporary file in the same folder,
-    fsynced, renamed over `path`, and the folder fsynced.  A reader sees the old file or
-    the new one, never a truncated or half-written one."""
-    path = Path(path)
-    tmp = _tmp_path(path)
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    try:
-        with open(tmp, "xb") as fh:
-            fh.write(raw)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+# -- files (fleetlearn.files: one crash-safe write for the store and the certificate tool) ----
+_fsync_dir, _tmp_path = fsync_dir, tmp_path
 
 
 def _take_lock(run_dir: Path, run_id: str):

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import ipaddress
-import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -27,6 +25,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from ...files import atomic_write
 
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
 
@@ -65,18 +65,7 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     # A new file, created 0600 (O_EXCL: never an existing file, whatever its mode), fsynced and
     # renamed over `path`: the key ends 0600 also where --force replaces a world-readable one,
     # and no one ever reads it half-written or with wider permissions.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)  # whatever the umask
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, data, mode=0o600)
 
 
 def _write_cert(path: Path, cert: x509.Certificate) -> None:
