@@ -38,7 +38,7 @@ import torch
 
 from fleetlearn.compression import parse_chain
 from fleetlearn.learners import ClientData, TorchLearner, logistic
-from fleetlearn.learners.base import FitResult
+from fleetlearn.learners.base import FitResult, SingleClientLearner
 from fleetlearn.messages import Task, Update
 from fleetlearn.params import ParamSpec
 from fleetlearn.transport.grpc import Backoff, FleetClient, GrpcTransport, TokenStore
@@ -65,7 +65,7 @@ def raise_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-class SyntheticLearner:
+class SyntheticLearner(SingleClientLearner):
     """A learner whose 'training' is a seeded random delta: isolates transport cost."""
 
     def __init__(self, dim: int):

@@ -343,7 +343,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 
         holder: dict = {}
 
-        def make_transport(learner, runtime):
+        def make_transport(learner, device):
             t = server_transport(cfg, learner.spec, address=args.listen, state_dir=args.state, cert_dir=args.certs,
                                  mutual_tls=args.mtls, max_round_s=args.max_round_s, insecure=args.insecure,
                                  limits=Limits(upload_idle_s=args.upload_idle_s))

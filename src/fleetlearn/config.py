@@ -754,8 +754,6 @@ class RunConfig(Section):
         self._heterofl_checks()
         method = self.personalization.method
         if method != "none":
-            if self.engine.backend != "simulation":
-                raise ValueError(f"personalization.method = {method!r} keeps personal state in the in-process simulation; engine.backend = {self.engine.backend!r} is not supported")
             if self.client.objective == "scaffold" or self.model.heterofl:
                 raise ValueError(f"personalization.method = {method!r} cannot be combined with client.objective = 'scaffold' or HeteroFL model widths yet")
             if self.data.local_test_fraction == 0:
@@ -798,8 +796,8 @@ class RunConfig(Section):
 
 def client_side_helper(config: RunConfig) -> str | None:
     """The first enabled option that needs the client runtime's extra messages (SCAFFOLD's
-    control variates, oversampling, label histograms), as "key = value", or None.  The
-    simulation and the gRPC protocol carry them all; the Ray backend does not yet."""
+    control variates, oversampling, label histograms), as "key = value", or None.  Every
+    backend carries them (one client device); FedBuff's asynchronous loop does not."""
     for key, on in (
         ("client.objective = 'scaffold'", config.client.objective == "scaffold"),
         ("client.oversample = true", config.client.oversample),
@@ -836,8 +834,8 @@ def _check_clustering(cfg: "RunConfig") -> None:
             f"{what} cannot run with privacy.mode = {cfg.privacy.mode!r} / privacy.secure_aggregation = {cfg.privacy.secure_aggregation}: "
             "each cluster is aggregated apart and a client's cluster travels in clear in its uplink tag (not privatised)"
         )
-    if cfg.engine.backend != "simulation" or cfg.engine.regions > 1:
-        raise ValueError(f"{what} runs on engine.backend = 'simulation' with engine.regions = 1")
+    if cfg.engine.regions > 1:
+        raise ValueError(f"{what} runs with engine.regions = 1 (each region would cluster apart)")
 
 
 def aggregator_kwargs(cls: type, srv: "ServerConfig") -> dict[str, Any]:

@@ -8,7 +8,9 @@ the payload's length is what the byte accounting and the virtual clock use.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
+
+from .task_spec import TaskSpec
 
 
 @dataclass(frozen=True)
@@ -19,11 +21,19 @@ class Task:
     version: int  # model version the payload encodes; updates must name it back
     payload: bytes  # the global model, encoded by the downlink codec chain
     codec: str  # the downlink chain, in the `[compression]` syntax
-    config: dict[str, Any]  # client hyper-parameters for this round (lr, local_epochs, ...)
+    # What the clients do this round: local-training hyper-parameters and one typed entry
+    # per client-side feature (fleetlearn.task_spec).  A mapping is parsed as its wire form.
+    spec: TaskSpec
     deadline_s: float | None = None  # seconds after dispatch; None waits for everyone
     # SCAFFOLD's server control variate c (float32 wire format), b"" without SCAFFOLD.
     # It travels to every client with the model, so it counts in the downlink bytes.
     control: bytes = b""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.spec, Mapping):
+            object.__setattr__(self, "spec", TaskSpec.from_dict(self.spec))
+        elif not isinstance(self.spec, TaskSpec):
+            raise TypeError(f"Task.spec must be a TaskSpec (or its wire form, a mapping), got {type(self.spec).__name__}")
 
     @property
     def nbytes(self) -> int:

@@ -212,14 +212,6 @@ def test_attack_config_errors_name_the_key(override, message):
         load_config(None, [override])
 
 
-def test_attack_on_ray_backend_is_refused():
-    from fleetlearn.engine import build_coordinator
-
-    cfg = load_config(None, ["data.clients=10", "server.cohort=5", 'attack.kind="sign_flip"', 'engine.backend="ray"'])
-    with pytest.raises(ConfigError, match="in-process simulation only"):
-        build_coordinator(cfg, store=False)
-
-
 # -- through the engine ---------------------------------------------------------------------
 @pytest.fixture
 def one_thread():

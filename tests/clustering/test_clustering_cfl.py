@@ -88,7 +88,7 @@ def test_cfl_candidates_follow_the_masks():
     state[MASK] = torch.tensor([0, 0b001, 0b010, 0b110, 0b100, 0])
     entry = part.task_entry(state, [0, 1, 3, 5])
     # Unknown clients are not listed: they may pick any active cluster.
-    assert entry == {"mode": "cfl", "clusters": 4, "active": 3, "blocks": 3, "candidates": {"1": [0], "3": [1, 2]}}
+    assert entry.model_dump() == {"mode": "cfl", "clusters": 4, "active": 3, "blocks": 3, "candidates": {"1": [0], "3": [1, 2]}}
     allowed = part.allowed(state, np.array([0, 1, 3]))
     assert allowed.tolist() == [[True, True, True, False], [True, False, False, False], [False, True, True, False]]
 

@@ -22,7 +22,7 @@ from fleetlearn.params import PayloadError
         ({"clustering": "ifca", "aggregator": "mifa"}, {}, "server.aggregator = 'mifa'"),
         ({"clustering": "cfl"}, {"privacy": {"mode": "central"}}, "privacy.mode = 'central'"),
         ({"clustering": "ifca"}, {"privacy": {"mode": "local"}}, "privacy.mode = 'local'"),
-        ({"clustering": "ifca"}, {"engine": {"backend": "ray"}}, "engine.backend"),
+        ({"clustering": "ifca"}, {"engine": {"regions": 2}}, "engine.regions"),
         ({}, {"data": {"clients": 3, "partition": "label_permutation", "groups": 4}}, "data.groups = 4"),
     ],
 )

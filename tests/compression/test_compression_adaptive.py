@@ -192,17 +192,20 @@ def test_pace_on_an_empty_cohort():
     assert plan.levels.shape == (0,)
 
 
-def test_plan_task_reads_the_policy_from_the_task_config():
+def test_plan_task_reads_the_policy_from_the_task_spec_entry():
+    from fleetlearn.task_spec import AdaptiveEntry
+
     policy = AdaptiveCompression(["none", "q8", "topk:0.01 | q8"], 10_000)
     mbps, lat, before = np.array([100.0, 1.0, 0.1]), np.array([0.01, 0.01, 0.01]), np.array([0.2, 0.3, 0.5])
-    pace = {"adaptive_policy": "pace", "pace_wait_for": 2, "pace_slack": 0.05}
+    pace = AdaptiveEntry(policy="pace", wait_for=2, slack=0.05)
     assert np.array_equal(policy.plan_task(pace, mbps, lat, before).levels, policy.pace(mbps, lat, before, 2, 0.05).levels)
-    fixed = {"adaptive_policy": "upload_budget", "upload_budget_s": 0.1}
+    fixed = AdaptiveEntry(policy="upload_budget", upload_budget_s=0.1)
     assert np.array_equal(policy.plan_task(fixed, mbps, lat, before).levels, policy.choose(mbps, lat, 0.1))
     # A deadline budget leaves each client the deadline minus its download and compute time.
-    deadline = {"adaptive_policy": "upload_budget", "upload_budget_s": 0.6, "budget_is_deadline": True}
+    deadline = AdaptiveEntry(policy="upload_budget", upload_budget_s=0.6, budget_is_deadline=True)
     assert np.array_equal(policy.plan_task(deadline, mbps, lat, before).levels, policy.choose(mbps, lat, 0.6 - before))
-    assert policy.plan_task({"adaptive_policy": "upload_budget"}, mbps, lat, before) is None  # no budget: the run's chain
+    assert policy.plan_task(AdaptiveEntry(policy="upload_budget"), mbps, lat, before) is None  # no budget: the run's chain
+    assert policy.plan_task(None, mbps, lat, before) is None  # the round has no adaptive entry
 
 
 def test_the_default_ladder_parses_and_shrinks_rung_by_rung():

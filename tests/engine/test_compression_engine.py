@@ -35,7 +35,7 @@ def test_bytes_on_the_wire_are_the_payload_sizes():
 def test_error_feedback_residuals_persist_per_client():
     c = build_coordinator(conf(uplink="ef | topk:0.01 | q8"), store=False)
     rec = c.run_round()
-    states = c.transport.runtime.states
+    states = c.transport.device.states
     ids = [cr.client_id for cr in rec.clients]
     assert len(states) == len(ids)
     res = states.get(ids[0])["ef.residual"]
@@ -57,7 +57,7 @@ def test_adaptive_compression_picks_the_least_lossy_rung_that_fits():
     cfg = load_config({**BASE, "devices": {"profile": "mixed_fleet", "spread": 1.5}, "compression": {"adaptive": True, "upload_budget_s": 0.05}})
     c = build_coordinator(cfg, store=False)
     rec = c.run_round()
-    ladder = c.transport.runtime.adaptive.ladder
+    ladder = c.transport.device.adaptive.ladder
     fleet = c.transport.fleet
     used = {cr.client_id: cr.codec for cr in rec.clients}
     assert len(set(used.values())) > 1  # different clients, different rungs
@@ -92,7 +92,7 @@ def test_pace_policy_ends_the_round_near_its_earliest_possible_end():
                        "compression": {"adaptive": True, "pace_slack": slack}})
     c = build_coordinator(cfg, store=False)
     rec = c.run_round()
-    policy, fleet = c.transport.runtime.adaptive, c.transport.fleet
+    policy, fleet = c.transport.device.adaptive, c.transport.fleet
     ladder, est = policy.ladder, policy.level_bytes
     replied = [cr for cr in rec.clients if cr.status in ("accepted", "late")]
     assert len(replied) == 15 and rec.accepted == 10

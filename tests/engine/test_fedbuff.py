@@ -84,10 +84,10 @@ def test_fedbuff_tasks_carry_the_synchronous_task_config():
     dispatch = coord.transport.dispatch
 
     def spy(task, cohort):
-        seen.append(task.config)
+        seen.append(task.spec)
         return dispatch(task, cohort)
 
     coord.transport.dispatch = spy
     coord.run()
-    assert seen and all(cfg == coord.task_config(None) for cfg in seen)
-    assert seen[0]["seed"] == coord.config.seed and "partial_work" in seen[0]  # async tasks once carried only the fit settings
+    assert seen and all(spec == coord.task_spec((), None) for spec in seen)
+    assert seen[0].seed == coord.config.seed and seen[0].partial_work == coord.config.server.partial_work  # async tasks once carried only the fit settings

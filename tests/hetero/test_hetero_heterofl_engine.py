@@ -50,10 +50,11 @@ def test_bad_heterofl_config_names_the_key(section, key, value, match):
         load_config(data)
 
 
-def test_heterofl_refuses_the_ray_backend():
-    cfg = _cfg(engine={"backend": "ray"})
-    with pytest.raises(ConfigError, match=r"model\.widths.*simulation"):
-        build_coordinator(cfg, store=False)
+def test_heterofl_refuses_the_grpc_server():
+    # The Ray backend runs HeteroFL (tests/scale/test_ray_backend.py); the gRPC server sends the full model.
+    cfg = _cfg()
+    with pytest.raises(ConfigError, match=r"model\.widths.*gRPC server"):
+        build_coordinator(cfg, store=False, transport_factory=lambda learner, device: None)
 
 
 def test_memory_rule_gives_each_device_the_largest_width_that_fits():

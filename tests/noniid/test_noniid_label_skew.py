@@ -50,7 +50,7 @@ def test_oversampling_changes_training_and_is_off_by_default():
     on, off = coordinator(client={"oversample": True}), coordinator()
     r_on, r_off = on.run_round(), off.run_round()
     assert all(c.oversampled == 0 for c in r_off.clients)
-    assert "oversample" not in off.task_config()
+    assert "oversample" not in off.task_spec().entries and "oversample" in on.task_spec().entries
     assert not torch.allclose(on.params, off.params)
 
 
@@ -79,7 +79,7 @@ def test_label_importance_weights_come_from_the_clients_histograms():
 def test_histograms_are_only_requested_by_label_importance():
     coord = coordinator()
     rec = coord.run_round()
-    assert "label_histogram" not in coord.task_config()
+    assert "label_histogram" not in coord.task_spec().entries
     assert all(c.label_counts is None for c in rec.clients)
     assert all(c.label_counts is None for c in RoundRecord.from_dict(rec.to_dict()).clients)
 

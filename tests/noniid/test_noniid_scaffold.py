@@ -128,7 +128,6 @@ def test_scaffold_beats_or_matches_fedavg_on_a_label_skewed_problem():
     "over, match",
     [
         ({"server": {"mode": "async"}}, "synchronous rounds only"),
-        ({"engine": {"backend": "ray"}}, "in-process simulation only"),
         ({"compression": {"uplink": "sketch:0.05"}}, "summed sketch"),
         ({"privacy": {"mode": "central"}}, "central DP"),
     ],

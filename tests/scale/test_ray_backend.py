@@ -69,7 +69,7 @@ def test_ray_backend_same_model_as_in_process(local_ray):
         assert math.isclose(a.sim_seconds, b.sim_seconds, abs_tol=1e-9)
     assert sum(r.dropped for r in sim_sum.records) > 0  # the flaky fleet did drop someone
     # Per-client codec state came back to the driver, equal to the in-process one.
-    ra, sa = ray_coord.transport.runtime.states, sim_coord.transport.runtime.states
+    ra, sa = ray_coord.transport.device.states, sim_coord.transport.device.states
     assert len(ra) == len(sa) > 0
     for c, state in sa._state.items():
         other = ra.get(c)
@@ -99,3 +99,42 @@ def test_split_chunks_cover_the_cohort_in_order():
             chunks = split_chunks(n, parts)
             assert [i for s in chunks for i in range(n)[s]] == list(range(n))
             assert all(s.stop > s.start for s in chunks) and len(chunks) <= max(1, parts)
+
+
+# Every client-side feature runs through the one client device, so the Ray workers run it
+# too: the same model as the in-process simulation, feature by feature.
+PARITY = {
+    "scaffold": {"client": {"local_epochs": 1, "objective": "scaffold"}},
+    "fedper": {"personalization": {"method": "fedper"}},
+    "ifca": {"server": {"clustering": "ifca", "clusters": 2}},
+    "label_skew": {"client": {"local_epochs": 1, "oversample": True}, "server": {"weighting": "label_importance"}},
+    "heterofl": {"model": {"hidden": [32], "widths": [1.0, 0.5], "width_rule": "round_robin"}},
+    "scaling_attack": {"attack": {"kind": "scaling", "fraction": 0.2}, "server": {"aggregator": "median"}},
+    "label_flip": {"attack": {"kind": "label_flip", "fraction": 0.3}},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("feature", sorted(PARITY))
+def test_ray_backend_runs_every_client_feature_like_the_simulation(local_ray, feature):
+    base = {"seed": 3, "data": {"dataset": "digits", "clients": 16, "partition": "dirichlet", "alpha": 0.5},
+            "server": {"rounds": 2, "cohort": 6, "eval_clients": 4}, "client": {"local_epochs": 1},
+            "monitoring": {"detectors": []}}
+    config = {k: {**base.get(k, {}), **PARITY[feature].get(k, {})} if isinstance(base.get(k, {}), dict) else base[k]
+              for k in {*base, *PARITY[feature]}}
+    ray_coord, ray_sum = _run("ray", config)
+    sim_coord, sim_sum = _run("simulation", config)
+    assert isinstance(ray_coord.transport, RayTransport)
+    assert ray_coord.version == sim_coord.version > 0, [r.reason for r in ray_sum.records]
+    torch.testing.assert_close(ray_coord.params, sim_coord.params, rtol=0, atol=1e-5)
+    for a, b in zip(ray_sum.records, sim_sum.records):
+        assert [(c.client_id, c.status, c.uplink_bytes, c.num_examples) for c in a.clients] == \
+               [(c.client_id, c.status, c.uplink_bytes, c.num_examples) for c in b.clients]
+    for store in ("states", "personal_states"):  # per-client state (c_i, heads) came back to the driver
+        ra, sa = getattr(ray_coord.transport.device, store), getattr(sim_coord.transport.device, store)
+        assert ra.clients() == sa.clients()
+        for c in sa.clients():
+            for k, t in sa.get(c).items():
+                torch.testing.assert_close(ra.get(c)[k], t, rtol=0, atol=1e-5)
+    if feature in ("scaffold", "fedper"):
+        assert len(sim_coord.transport.device.states if feature == "scaffold" else sim_coord.transport.device.personal_states) > 0

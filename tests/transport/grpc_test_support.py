@@ -25,7 +25,7 @@ def tiny_data(seed: int, n: int = 24) -> ClientData:
 def make_task(round: int, version: int, params: torch.Tensor, deadline_s: float | None = 5.0, **config) -> Task:
     payload, _ = parse_chain("none").encode(params)
     hp = {"lr": 0.1, "local_epochs": 2, "batch_size": 4, "seed": 7, **config}
-    return Task(round=round, version=version, payload=payload, codec="none", config=hp, deadline_s=deadline_s)
+    return Task(round=round, version=version, payload=payload, codec="none", spec=hp, deadline_s=deadline_s)
 
 
 class DispatchThread:

@@ -30,10 +30,10 @@ def wide_learner() -> TorchLearner:
     return make_learner()
 
 
-def _task(round: int, params: torch.Tensor, **config) -> Task:
+def _task(round: int, params: torch.Tensor, **adaptive) -> Task:
     payload, _ = parse_chain("none").encode(params)
-    hp = {"lr": 0.1, "local_epochs": 1, "batch_size": 6, "seed": 7, "adaptive_policy": "upload_budget", **config}
-    return Task(round=round, version=round - 1, payload=payload, codec="none", config=hp, deadline_s=20.0)
+    hp = {"lr": 0.1, "local_epochs": 1, "batch_size": 6, "seed": 7, "adaptive": {"policy": "upload_budget", **adaptive}}
+    return Task(round=round, version=round - 1, payload=payload, codec="none", spec=hp, deadline_s=20.0)
 
 
 def test_server_measures_uplinks_and_gives_slow_links_a_lossier_rung(tokens, wide_learner):

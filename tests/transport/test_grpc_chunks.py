@@ -10,7 +10,7 @@ import torch
 from grpc_test_support import DispatchThread, make_task, tiny_data
 
 from fleetlearn.compression import parse_chain
-from fleetlearn.learners.base import FitResult
+from fleetlearn.learners.base import FitResult, SingleClientLearner
 from fleetlearn.messages import Update
 from fleetlearn.params import ParamSpec
 from fleetlearn.transport.grpc import Backoff, GrpcTransport, Refusal, run_client
@@ -52,7 +52,7 @@ def test_assembler_refusals(announced, chunks, reason, words):
     assert err.value.reason == reason and words in err.value.detail
 
 
-class EchoLearner:
+class EchoLearner(SingleClientLearner):
     """Returns delta = params + 1: what comes back proves both directions were exact."""
 
     def __init__(self, dim: int):

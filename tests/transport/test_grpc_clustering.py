@@ -40,10 +40,11 @@ def test_each_client_sees_only_its_own_candidate_clusters():
     from fleetlearn.messages import Task
     from fleetlearn.transport.grpc import FleetServer
 
-    entry = {"clusters": 3, "active": 3, "blocks": 3, "candidates": {"1": [0], "2": [2], "5": [0, 1]}}
-    task = Task(round=1, version=0, payload=b"", codec="none", config={"lr": 0.1, "clustering": entry})
-    for client, own in ((1, {"1": [0]}), (5, {"5": [0, 1]}), (9, {})):
+    entry = {"mode": "cfl", "clusters": 3, "active": 3, "blocks": 3, "candidates": {"1": [0], "2": [2], "5": [0, 1]}}
+    task = Task(round=1, version=0, payload=b"", codec="none", spec={"lr": 0.1, "clustering": entry})
+    for client, own in ((1, {"1": [0]}), (5, {"5": [0, 1]}), (9, None)):
         seen = json.loads(FleetServer._config_json(task, client))
-        assert seen["clustering"]["candidates"] == own and seen["lr"] == 0.1
-        assert {k: v for k, v in seen["clustering"].items() if k != "candidates"} == {"clusters": 3, "active": 3, "blocks": 3}
-    assert json.loads(FleetServer._config_json(Task(1, 0, b"", "none", {"lr": 0.1}), 1)) == {"lr": 0.1}
+        assert seen["clustering"].get("candidates") == own and seen["lr"] == 0.1
+        assert {k: v for k, v in seen["clustering"].items() if k != "candidates"} == {"mode": "cfl", "clusters": 3, "active": 3, "blocks": 3}
+    plain = json.loads(FleetServer._config_json(Task(1, 0, b"", "none", {"lr": 0.1}), 1))
+    assert plain["lr"] == 0.1 and "clustering" not in plain

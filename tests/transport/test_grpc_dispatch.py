@@ -48,7 +48,7 @@ def test_three_clients_train_and_reply_exactly_what_the_learner_computes(transpo
         assert sorted(r.message.client_id for r in replies) == sorted(data)
         assert all(isinstance(r.message, Update) for r in replies)
         assert [r.elapsed_s for r in replies] == sorted(r.elapsed_s for r in replies)  # arrival order
-        hp = FitConfig.from_dict(task.config)
+        hp = task.spec.fit
         deltas = []
         for r in replies:
             u = r.message

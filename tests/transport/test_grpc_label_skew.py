@@ -9,9 +9,8 @@ import torch
 from grpc_raw_client import RawClient
 from grpc_test_support import CLASSES, ClientThreads, DispatchThread, make_task, tiny_data
 
-from fleetlearn.client import ClientRuntime
+from fleetlearn.client import Device
 from fleetlearn.compression import parse_chain
-from fleetlearn.learners import FitConfig
 from fleetlearn.messages import Update
 from fleetlearn.transport import client_seed
 
@@ -22,16 +21,16 @@ def test_clients_oversample_and_report_their_label_histogram(transport, tokens, 
     clients = ClientThreads(transport.address, toks, tokens, learner, data)
     assert sorted(transport.wait_available(2, timeout_s=10)) == sorted(data)
     params = learner.init_params(0)
-    task = make_task(1, 0, params, deadline_s=10.0, oversample={"noise_std": 0.0}, label_histogram=CLASSES)
+    task = make_task(1, 0, params, deadline_s=10.0, oversample={"noise_std": 0.0}, label_histogram={"classes": CLASSES})
     replies = list(transport.dispatch(task, sorted(data)))
-    hp = FitConfig.from_dict(task.config)
+    hp = task.spec.fit
     assert len(replies) == 2
     for r in replies:
         u = r.message
         assert isinstance(u, Update)
         own = data[u.client_id]
         assert list(u.metrics.label_counts) == torch.bincount(own.y, minlength=CLASSES).tolist()
-        rebalanced = ClientRuntime.oversampled(own, task, 7, u.client_id)
+        rebalanced = Device(learner, parse_chain("none"), parse_chain("none")).oversampled(own, task, u.client_id)
         assert rebalanced.num_examples > own.num_examples  # tiny_data's classes are unbalanced
         assert u.metrics.oversampled == rebalanced.num_examples - own.num_examples
         assert u.num_examples == own.num_examples  # the original count, not the rebalanced one
@@ -49,7 +48,7 @@ def test_a_bad_label_histogram_is_refused_and_a_good_one_accepted(transport, tok
         c.register(learner.spec.digest())
         c.start_heartbeats()
         params = learner.init_params(0)
-        d = DispatchThread(transport, make_task(1, 0, params, label_histogram=3), [c.client_id])
+        d = DispatchThread(transport, make_task(1, 0, params, label_histogram={"classes": 3}), [c.client_id])
         c.pull()
         payload, _ = parse_chain("none").encode(torch.zeros(params.numel()))
         metrics = dict(loss_before=1.0, loss_after=0.5, accuracy=0.5, compute_seconds=0.01, steps=1, samples=10)

@@ -9,7 +9,7 @@ import grpc
 import pytest
 import torch
 from grpc_raw_client import RawClient
-from grpc_test_support import ClientThreads, NetworkRun, tiny_data
+from grpc_test_support import ClientThreads, NetworkRun, make_task, tiny_data
 
 from fleetlearn.compression import CodecChain, parse_chain
 from fleetlearn.config import load_config
@@ -17,14 +17,14 @@ from fleetlearn.learners import FitConfig
 from fleetlearn.learners.scaffold import control_deltas
 from fleetlearn.messages import Task, Update
 from fleetlearn.transport import client_seed
-from fleetlearn.transport.grpc import Backoff, GrpcTransport, commands, run_client
+from fleetlearn.transport.grpc import Backoff, FleetServer, GrpcTransport, commands, run_client
 from fleetlearn.transport.grpc.local_data import client_from_config
 
 HP = {"lr": 0.1, "local_epochs": 2, "batch_size": 4, "seed": 7, "momentum": 0.5}
 
 
 def _task(round: int, params: torch.Tensor, c: torch.Tensor) -> Task:
-    return Task(round=round, version=round - 1, payload=parse_chain("none").encode(params)[0], codec="none", config=dict(HP),
+    return Task(round=round, version=round - 1, payload=parse_chain("none").encode(params)[0], codec="none", spec=dict(HP),
                 deadline_s=10.0, control=CodecChain().encode(c)[0])
 
 
@@ -114,10 +114,36 @@ def test_a_task_the_client_cannot_use_is_skipped_and_the_client_carries_on(token
         assert t.wait_available(1, timeout_s=10) == [cid]
         params = learner.init_params(0)
         bad = _task(1, params, torch.zeros(params.numel() + 1))  # c of the wrong size
-        bad = Task(bad.round, bad.version, bad.payload, bad.codec, bad.config, deadline_s=1.5, control=bad.control)
+        bad = Task(bad.round, bad.version, bad.payload, bad.codec, bad.spec, deadline_s=1.5, control=bad.control)
         (reply,) = list(t.dispatch(bad, [cid]))
         assert not isinstance(reply.message, Update)  # nothing came back before the deadline
         (reply,) = list(t.dispatch(_task(2, params, torch.zeros(params.numel())), [cid]))
+        assert isinstance(reply.message, Update) and reply.message.round == 2
+        t.finish()
+        th.join(10)
+        assert reports["a"].skipped_bad_task == 1 and reports["a"].stopped == "finished"
+    finally:
+        t.close(grace_s=0.2)
+
+
+@pytest.mark.parametrize("wire", ['{"lr": NaN}', '{"lr": 0.1, "teleport": {}}', '{"lr": 0.1, "local_dp": {"clip_norm": -1}}', "[]"])
+def test_a_task_spec_the_client_cannot_parse_is_skipped_and_the_client_carries_on(tokens, learner, monkeypatch, wire):
+    """A server (or a proxy) that sends a malformed task spec costs the client that round only."""
+    real = FleetServer._config_json
+    monkeypatch.setattr(FleetServer, "_config_json", staticmethod(lambda task, client: wire if task.round == 1 else real(task, client)))
+    t = GrpcTransport("127.0.0.1:0", tokens=tokens, spec=learner.spec, heartbeat_interval_s=0.5, max_round_s=20.0)
+    try:
+        tok = tokens.add("a")
+        cid = tokens.client_id("a")
+        reports = {}
+        th = threading.Thread(target=lambda: reports.__setitem__("a", run_client(
+            t.address, tok, learner, tiny_data(0), name="a", backoff=Backoff(0.05, 0.5), give_up_after_s=20)), daemon=True)
+        th.start()
+        assert t.wait_available(1, timeout_s=10) == [cid]
+        params = learner.init_params(0)
+        (reply,) = list(t.dispatch(make_task(1, 0, params, deadline_s=1.5), [cid]))
+        assert not isinstance(reply.message, Update)
+        (reply,) = list(t.dispatch(make_task(2, 0, params, deadline_s=10.0), [cid]))
         assert isinstance(reply.message, Update) and reply.message.round == 2
         t.finish()
         th.join(10)

@@ -101,6 +101,12 @@ class Attack:
         return mask if self.active(round) else np.zeros_like(mask)
 
     # -- what ---------------------------------------------------------------------
+    @property
+    def replaces_updates(self) -> bool:
+        """True when attackers replace their trained deltas (`apply_results` changes them);
+        label_flip only poisons the data they train on."""
+        return self.kind != "label_flip"
+
     def poison_data(self, client: int, data: ClientData, round: int) -> ClientData:
         """The data `client` trains on in `round` (label_flip flips a malicious client's labels)."""
         if self.kind != "label_flip" or not self.active(round) or not self.malicious([client])[0]:

@@ -1,5 +1,5 @@
-"""The client side of a round, shared by the simulation, Ray and gRPC clients."""
+"""The client side of a round: one `Device` for the simulation, Ray workers and gRPC clients."""
 
-from .runtime import ClientRuntime, ClientStateStore
+from .device import ClientStateStore, Device, Trained
 
-__all__ = ["ClientRuntime", "ClientStateStore"]
+__all__ = ["ClientStateStore", "Device", "Trained"]

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..compression.blocks import decode_block, read_block_header
+from ..task_spec import ClusteringEntry
 from .cfl import bipartition, cosine_similarities, separation_gap, split_criterion
 
 PREFIX = "clustering/"
@@ -75,17 +76,17 @@ class Clustering:
         out[:] = np.where((mask == 0)[:, None], np.arange(self.k) < active, bits)
         return out
 
-    def task_entry(self, state: dict, cohort) -> dict:
+    def task_entry(self, state: dict, cohort) -> ClusteringEntry:
         """The task's `clustering` entry: active clusters and (CFL) each cohort client's
         candidates; only the clients whose cluster the server knows are listed."""
-        entry: dict = {"mode": self.mode, "clusters": self.k, "active": self.active(state), "blocks": self.broadcast_blocks(state)}
+        candidates = None
         if self.mode == "cfl" and len(cohort):
             ids = np.asarray(cohort, dtype=np.int64)
             mask = state[MASK][torch.from_numpy(ids)].numpy()
             known = mask != 0
             bits = ((mask[known, None] >> np.arange(self.k)) & 1).astype(bool)
-            entry["candidates"] = {str(int(c)): np.flatnonzero(b).tolist() for c, b in zip(ids[known], bits)}
-        return entry
+            candidates = {str(int(c)): np.flatnonzero(b).tolist() for c, b in zip(ids[known], bits)}
+        return ClusteringEntry(mode=self.mode, clusters=self.k, active=self.active(state), blocks=self.broadcast_blocks(state), candidates=candidates)
 
     # -- downlink -----------------------------------------------------------------------
     def broadcast_blocks(self, state: dict) -> int:

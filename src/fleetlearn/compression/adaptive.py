@@ -173,24 +173,27 @@ class AdaptiveCompression:
         """The ``pace`` policy for one round's cohort (see `pace_levels`)."""
         return pace_levels(self.level_bytes, uplink_mbps, latency_s, before_s, wait_for, slack, deadline_s)
 
-    def plan_task(self, config: dict, uplink_mbps, latency_s, before_s) -> Plan | None:
-        """The rungs a Task's config asks for, one per client: ``adaptive_policy = "pace"``
-        (``pace_wait_for``, ``pace_slack``, ``pace_deadline_s``) or an upload budget
-        (``upload_budget_s``; minus ``before_s`` when ``budget_is_deadline``).  None when the
-        config sets no budget (every client then sends the run's uplink chain).
+    def plan_task(self, entry, uplink_mbps, latency_s, before_s) -> Plan | None:
+        """The rungs a Task's adaptive entry (`fleetlearn.task_spec.AdaptiveEntry`) asks for,
+        one per client: ``policy = "pace"`` (``wait_for``, ``slack``, ``deadline_s``) or an
+        upload budget (``upload_budget_s``; minus ``before_s`` when ``budget_is_deadline``).
+        None when the entry sets no budget (every client then sends the run's uplink chain).
 
         ``before_s``: each client's seconds before its upload starts (download + compute),
         exact in the simulation, measured on earlier rounds over gRPC.  The one rule both
         transports use (fleetlearn.transport.simulation, fleetlearn.transport.grpc.server).
         """
-        if config.get("adaptive_policy") == "pace":
-            return self.pace(uplink_mbps, latency_s, before_s, int(config["pace_wait_for"]), float(config["pace_slack"]),
-                             config.get("pace_deadline_s"))
-        budget = config.get("upload_budget_s")
+        if entry is None:
+            return None
+        if entry.policy == "pace":
+            if entry.wait_for is None:
+                return None
+            return self.pace(uplink_mbps, latency_s, before_s, int(entry.wait_for), float(entry.slack), entry.deadline_s)
+        budget = entry.upload_budget_s
         if budget is None:
             return None
         before = np.atleast_1d(np.asarray(before_s, dtype=np.float64))
-        budget = budget - before if config.get("budget_is_deadline") else np.broadcast_to(float(budget), before.shape)
+        budget = budget - before if entry.budget_is_deadline else np.broadcast_to(float(budget), before.shape)
         return self.plan(uplink_mbps, latency_s, budget)
 
     def choose(self, uplink_mbps, latency_s, budget_s) -> np.ndarray:

@@ -23,6 +23,7 @@ from ..compression import CodecChain
 from ..config import RunConfig
 from ..learners.base import FitConfig
 from ..messages import Dropout, Task, Update
+from ..task_spec import TaskSpec
 from ..ops import RunStore
 from ..params import PayloadError
 from ..records import ClientRecord, RoundRecord, RunSummary
@@ -73,6 +74,7 @@ class Coordinator:
         pipeline=None,
         driver=None,
         decoder=None,
+        task_writers: Sequence = (),
     ):
         self.config = config
         self.learner = learner
@@ -99,6 +101,7 @@ class Coordinator:
             weighting = ExampleWeighting(config.server.max_examples, config.server.max_examples_ratio)
         self.weighting = weighting
         self.schedules = schedules or {}
+        self.task_writers = list(task_writers)  # the client-side features' server halves (engine.tasks)
         self.base_server_lr = server_optimizer.server_lr  # the schedule scales this
         self.client_lr = config.client.lr
         self._previous_aggregate: torch.Tensor | None = None
@@ -121,7 +124,6 @@ class Coordinator:
             self.server_state = {**self.server_state, SCAFFOLD_C: torch.zeros_like(self.params)}
         self.client_states = None  # the simulation's ClientStateStore (set by the factory): checkpointed per round
         self.personal_states = None  # personal heads / models (personalization), checkpointed likewise
-        self.num_classes: int | None = None  # set by the factory; clients send label histograms of this length
         self.version = 0
         self.max_version = 0  # versions only go up, also after a rollback (the registry's lineage)
         self.round = 0
@@ -160,27 +162,11 @@ class Coordinator:
         if "server" in self.schedules and self.base_server_lr is not None:
             self.server_optimizer.server_lr = float(self.schedules["server"].lr_at(r, self.base_server_lr, last_loss))
 
-    def task_config(self, deadline: float | None = None) -> dict[str, Any]:
-        """What every client is told to do this round (travels inside the Task)."""
-        cfg: dict[str, Any] = {**self.fit_config().to_dict(), "partial_work": self.config.server.partial_work, "seed": self.config.seed}
-        comp = self.config.compression
-        if comp.adaptive:
-            cfg["adaptive_policy"] = comp.policy
-            if comp.policy == "pace":  # finish near the earliest end of a round that waits for `cohort` replies
-                cfg["pace_wait_for"], cfg["pace_slack"] = self.config.server.cohort, comp.pace_slack
-                if deadline is not None:
-                    cfg["pace_deadline_s"] = deadline
-            elif comp.upload_budget_s is not None:
-                cfg["upload_budget_s"] = comp.upload_budget_s
-            elif deadline is not None:
-                cfg["upload_budget_s"], cfg["budget_is_deadline"] = deadline, True
-        if self.config.client.oversample:
-            cfg["oversample"] = {"noise_std": self.config.client.oversample_noise_std}
-        if self.config.server.weighting == "label_importance" and self.num_classes:
-            cfg["label_histogram"] = self.num_classes
-        if self.privacy is not None and self.privacy.local is not None:
-            cfg["local_dp"] = {"clip_norm": self.privacy.local.clip_norm, "noise_multiplier": self.privacy.local.noise_multiplier}
-        return cfg
+    def task_spec(self, cohort: Sequence[int] = (), deadline: float | None = None) -> TaskSpec:
+        """What every client is told to do this round (travels inside the Task): the fit
+        hyper-parameters and each client-side feature's entry (its `task_writers`)."""
+        entries = (w.task_entry(self, cohort, deadline) for w in self.task_writers)
+        return TaskSpec.of(self.fit_config(), *entries, seed=self.config.seed, partial_work=self.config.server.partial_work)
 
     def sampling(self, available, want: int) -> tuple[str, float]:
         """How this round's cohort is drawn from `available`: the selector's (kind,
@@ -283,15 +269,12 @@ class Coordinator:
         else:
             cohort = self.selector.select(available, want, r, self.selection_rng(r))
         deadline = self.deadline()
-        task_cfg = self.task_config(deadline)
-        if self.clustering is not None:  # clustered FL: active clusters, the cohort's candidates
-            task_cfg["clustering"] = self.clustering.task_entry(self.server_state, cohort)
         task = Task(
             round=r,
             version=self.version,
             payload=self.encoded_params(),
             codec=self.downlink.spec,
-            config=task_cfg,
+            spec=self.task_spec(cohort, deadline),
             deadline_s=deadline,
             control=self._encoded_control(),
         )

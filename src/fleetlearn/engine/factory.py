@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from ..aggregation import AGGREGATORS, SERVER_OPTIMIZERS
 from ..attacks import build_attack
-from ..client import ClientRuntime
+from ..client import Device
 from ..compression import AdaptiveCompression, CountSketch, parse_chain
-from ..config import ConfigError, RunConfig, client_side_helper
+from ..config import ConfigError, RunConfig
 from ..data import FederatedData, load_federated
 from ..devices import make_fleet
 from ..learners import TorchLearner, model_factory
@@ -23,6 +23,7 @@ from ..validation import build_validators
 from .clock import VirtualClock
 from .coordinator import Coordinator, RoundHook
 from .fedbuff import FedBuffLoop
+from .tasks import task_writers
 from .evaluation import Evaluator
 
 
@@ -308,26 +309,22 @@ def _check_scaffold(config: RunConfig, uplink) -> None:
         raise ConfigError("client.objective = 'scaffold' updates the server control variate from individual deltas, which central DP / secure aggregation hide; use privacy.mode = 'none' or 'local'")
 
 
-def build_transport(config: RunConfig, data: FederatedData, learner, fleet, runtime: ClientRuntime, clock):
-    """The transport of `[engine] backend`: in-process simulation, or the same on Ray workers."""
+def build_transport(config: RunConfig, data: FederatedData, device: Device, fleet, clock):
+    """The transport of `[engine] backend`: in-process simulation, or the same on Ray workers
+    (the same client device, so every client-side feature runs on both)."""
     eng = config.engine
     attack = build_attack_part(config, data)
     if eng.backend == "ray":
-        helper = client_side_helper(config)
-        if helper:
-            raise ConfigError(f"{helper}: runs in the in-process simulation only (the Ray workers do not ship it yet); set engine.backend = 'simulation'")
-        if attack is not None:
-            raise ConfigError(f"attack.kind = {config.attack.kind!r}: attack simulation runs in the in-process simulation only; set engine.backend = 'simulation'")
         try:
             from ..transport.ray_backend import RayTransport
 
             return RayTransport(
-                data, learner, fleet, runtime, config.seed, clock=clock, heartbeat_timeout_s=config.server.heartbeat_timeout_s,
-                address=eng.address, num_workers=eng.ray_workers,
+                data, device, fleet, config.seed, clock=clock, heartbeat_timeout_s=config.server.heartbeat_timeout_s,
+                attack=attack, address=eng.address, num_workers=eng.ray_workers,
             )
         except ImportError as exc:
             raise ConfigError(f"engine.backend = 'ray': {exc}") from None
-    return SimulationTransport(data, learner, fleet, runtime, config.seed, clock=clock, heartbeat_timeout_s=config.server.heartbeat_timeout_s, attack=attack)
+    return SimulationTransport(data, device, fleet, config.seed, clock=clock, heartbeat_timeout_s=config.server.heartbeat_timeout_s, attack=attack)
 
 
 def build_coordinator(
@@ -340,7 +337,7 @@ def build_coordinator(
     """Everything a run needs, chosen by configuration.
 
     `store`: True creates a run directory, False keeps everything in memory, a
-    `RunStore` continues that run (resume).  `transport_factory(learner, runtime)`
+    `RunStore` continues that run (resume).  `transport_factory(learner, device)`
     replaces the simulation (e.g. the gRPC server); the simulation's data then only
     serves the server's central evaluation."""
     if data is None:
@@ -349,9 +346,9 @@ def build_coordinator(
         raise ConfigError(f"server.cohort = {config.server.cohort} exceeds the {data.num_clients} clients the data has")
     fleet = make_fleet(config.devices, data.num_clients, config.seed)
     learner = build_learner(config, data, fleet)
-    if config.model.heterofl and (transport_factory is not None or config.engine.backend != "simulation"):
-        raise ConfigError(f"model.widths = {config.model.widths}: HeteroFL runs in the in-process simulation (engine.backend = 'simulation'); "
-                          "the network and Ray transports send the full model")
+    if config.model.heterofl and transport_factory is not None:
+        raise ConfigError(f"model.widths = {config.model.widths}: HeteroFL runs in the simulation (engine.backend = 'simulation' or 'ray'); "
+                          "the gRPC server sends the full model")
     x_unlabeled = None
     if config.distill.enabled:
         from dataclasses import replace
@@ -381,16 +378,16 @@ def build_coordinator(
         raise ConfigError(f"compression.uplink = {config.compression.uplink!r} aggregates in sketch space, which only the mean can do; server.aggregator = {config.server.aggregator!r} needs individual updates")
     _check_scaffold(config, uplink)
     personalization = build_personalization_part(config, learner)  # over gRPC the clients run it (commands.client)
-    runtime = ClientRuntime(uplink, downlink, seed=config.seed, dim=learner.spec.dim, adaptive=adaptive, personalization=personalization)
+    device = Device(learner, uplink, downlink, seed=config.seed, adaptive=adaptive, personalization=personalization, num_classes=data.num_classes)
     if transport_factory is not None:
-        transport = transport_factory(learner, runtime)
+        transport = transport_factory(learner, device)
     else:
-        transport = build_transport(config, data, learner, fleet, runtime, clock)
+        transport = build_transport(config, data, device, fleet, clock)
     aggregator = build_aggregator(config, learner.spec.dim, data.num_clients, learner)
     server_optimizer = build_server_optimizer(config)
     evaluator = Evaluator(
         learner, data, config.server.eval_clients, config.seed, federated=transport_factory is None,
-        personalization=personalization, personal_states=runtime.personal_states, chunk=config.server.cohort,
+        personalization=personalization, personal_states=device.personal_states, chunk=config.server.cohort,
     )
     if clustering is not None:
         from ..clustering import ClusteredAggregator, ClusteredServerOptimizer, ClusteringHook
@@ -444,6 +441,7 @@ def build_coordinator(
         store=run_store,
         hooks=build_model_hooks(config, data, learner, x_unlabeled) + list(hooks or []) + monitoring.hooks,
         clock=clock,
+        task_writers=task_writers(config, privacy, clustering, data.num_classes),
     )
     coordinator.monitoring = monitoring
     if config.distill.method == "feddf":
@@ -453,10 +451,9 @@ def build_coordinator(
         coordinator.server_steps.append(FedDFStep(
             learner.module, learner.spec, x_unlabeled, steps=d.steps, lr=d.lr, temperature=d.temperature, batch_size=d.batch_size,
             val_fraction=d.val_fraction, seed=config.seed, heterofl=learner if config.model.heterofl else None))
-    coordinator.num_classes = data.num_classes
     if transport_factory is None:  # simulated clients keep their state here; real devices keep their own
-        coordinator.client_states = runtime.states
-        coordinator.personal_states = runtime.personal_states
+        coordinator.client_states = device.states
+        coordinator.personal_states = device.personal_states
     coordinator.clustering = clustering
     return coordinator
 

@@ -68,7 +68,7 @@ class FedBuffLoop:
             version=c.version,
             payload=c.encoded_params(),
             codec=c.downlink.spec,
-            config=c.task_config(None),  # the same client instructions as a synchronous round (e.g. local DP)
+            spec=c.task_spec(cohort, None),  # the same client instructions as a synchronous round (e.g. local DP)
             deadline_s=None,
         )
         now = c.clock.now

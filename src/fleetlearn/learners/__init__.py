@@ -1,6 +1,6 @@
 """Learners: the code a client runs.  `TorchLearner` wraps any `torch.nn.Module`."""
 
-from .base import ClientData, FitConfig, FitResult, Learner
+from .base import ClientData, FitConfig, FitResult, Learner, SingleClientLearner
 from .models import import_object, logistic, mlp, model_factory
 from .torch_learner import TorchLearner, batch_schedule
 
@@ -9,6 +9,7 @@ __all__ = [
     "FitConfig",
     "FitResult",
     "Learner",
+    "SingleClientLearner",
     "TorchLearner",
     "batch_schedule",
     "import_object",

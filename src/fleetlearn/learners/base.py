@@ -102,3 +102,24 @@ class Learner(Protocol):
     def per_example(self, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-example loss and correctness (float 0/1) of `params` on (x, y)."""
         ...
+
+
+class SingleClientLearner:
+    """Base for a learner that trains one client at a time: implement `fit` (and `spec`);
+    `fit_cohort`, which the client device calls, trains the cohort client by client."""
+
+    needs_client_ids = False
+
+    def fit(self, params: torch.Tensor, data: ClientData, hp: FitConfig, seed: int,
+            correction: torch.Tensor | None = None, max_steps: int | None = None) -> FitResult:
+        raise NotImplementedError
+
+    def fit_cohort(
+        self, params: torch.Tensor, cohort: list[ClientData], hp: FitConfig, seeds: list[int],
+        corrections: torch.Tensor | None = None, step_limits: list[int | None] | None = None,
+    ) -> list[FitResult]:
+        limits = step_limits if step_limits is not None else [None] * len(cohort)
+        return [
+            self.fit(params, data, hp, seed, None if corrections is None else corrections[i], limits[i])
+            for i, (data, seed) in enumerate(zip(cohort, seeds))
+        ]

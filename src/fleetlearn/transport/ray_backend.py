@@ -1,28 +1,30 @@
 """The Ray backend: the simulation transport with local training on a Ray cluster.
 
-Same Transport contract, same virtual clock, same Coordinator.  What runs where:
+Same Transport contract, same virtual clock, same Coordinator, same client device.
+What runs where:
 
 - driver (this process): everything `SimulationTransport.dispatch` does except the
   training -- availability, who drops out and when, partial-work step limits,
   adaptive-compression levels and the virtual-clock arrival times.  It is reused by
-  composition (`_RemoteTrainingSimulation` overrides only `client_data`, so the
-  cohort travels as client ids), so the Ray backend cannot drift from the
-  in-process one.
-- workers (`CohortWorker` actors, one CPU each): the FederatedData, the learner,
-  the fleet and the client runtime are put in the object store once
-  (`ray.put`); each dispatch cuts the cohort into one contiguous chunk per worker
-  and every worker trains its chunk with the same `Learner.fit_cohort` (batched),
-  the same per-client seeds (`client_seed(seed, round, client)`) and encodes the
-  Updates with the same `ClientRuntime` code.
+  composition (`_RaySimulation` overrides only `_train` and `_encode`), so the Ray
+  backend cannot drift from the in-process one.
+- workers (`CohortWorker` actors, one CPU each): the FederatedData, the client
+  `Device` (learner, codec chains, personalization) and the simulated attack are put
+  in the object store once (`ray.put`); each dispatch cuts the cohort into one
+  contiguous chunk per worker and every worker runs its chunk through the same
+  `Device.train` (batched) with the same per-client seeds
+  (`client_seed(seed, round, client)`) and, unless the driver must act between
+  training and encoding, the same `Device.encode`.
 
-Per-client codec state (error-feedback residuals, stochastic-codec streams) stays
-on the driver, in the runtime's `ClientStateStore`: the chunk carries its clients'
-states to the worker and the new states come back with the Updates.  Any worker
-may therefore train any client in any round, and a worker that dies loses no
-state.  (The alternative, actors keyed by client, would save shipping the states
-but pin clients to actors.)  With adaptive compression the rung is chosen on the
-driver after training (it depends on each client's processed samples), so in that
-case workers return the deltas and the driver encodes.
+Per-client state (error-feedback residuals, stochastic-codec streams, SCAFFOLD's c_i,
+personal heads and models) stays on the driver, in the device's two `ClientStateStore`s:
+the chunk carries its clients' states to the worker and the new states come back with
+the results.  Any worker may therefore train any client in any round, and a worker that
+dies loses no state.  (The alternative, actors keyed by client, would save shipping the
+states but pin clients to actors.)  With adaptive compression the rung is chosen on the
+driver after training (it depends on each client's processed samples), and a simulated
+attacker replaces its delta after training, so in those cases workers return the deltas
+and the driver encodes.
 
 Same seed, same model as the in-process backend (tests/scale/test_ray_backend.py).
 """
@@ -38,11 +40,11 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..client import ClientRuntime, ClientStateStore
+from ..client import ClientStateStore, Device, Trained
 from ..data import FederatedData
 from ..devices import Fleet
-from ..learners.base import FitConfig, FitResult, Learner
-from ..messages import Task, Update
+from ..messages import Dropout, Task, Update
+from ..task_spec import AdaptiveEntry
 from .base import Reply, TransportBase
 from .simulation import SimulationTransport
 
@@ -57,14 +59,6 @@ def _import_ray():
     return ray
 
 
-@dataclass(frozen=True)
-class ClientRef:
-    """A client as the driver's simulation hands it to training: its id, not its data
-    (the workers hold the data)."""
-
-    client: int
-
-
 def split_chunks(n: int, parts: int) -> list[slice]:
     """`parts` contiguous, near-equal, non-empty slices of range(n) (fewer if n < parts)."""
     parts = max(1, min(parts, n))
@@ -73,76 +67,57 @@ def split_chunks(n: int, parts: int) -> list[slice]:
 
 
 class CohortWorker:
-    """What runs on a Ray worker: a `SimulationTransport` view of the same data, used
-    for its `client_data`, and the same learner and client runtime as the driver."""
+    """What runs on a Ray worker: a `SimulationTransport` view of the same data (for its
+    `client_data`, with a simulated attack's poisoning) and the same client device."""
 
-    def __init__(self, data: FederatedData, learner: Learner, fleet: Fleet, runtime: ClientRuntime, seed: int, threads: int | None = None):
+    def __init__(self, data: FederatedData, device: Device, fleet: Fleet, attack, seed: int, threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
-        self.sim = SimulationTransport(data, learner, fleet, runtime, seed)
+        self.sim = SimulationTransport(data, device, fleet, seed, attack=attack)
 
     def train(
-        self, params: torch.Tensor, clients: list[int], hp: FitConfig, seeds: list[int], step_limits: list[int | None] | None,
-        task: Task | None, states: dict[int, dict[str, torch.Tensor]],
-    ) -> tuple[list[FitResult], list[Update] | None, dict[int, Any]]:
-        """Train a chunk; with `task`, also encode each client's Update (`states` in, new states out)."""
-        cohort = [self.sim.client_data(c) for c in clients]
-        results = self.sim.learner.fit_cohort(params, cohort, hp, seeds, step_limits=step_limits)
-        if task is None:
-            return results, None, {}
-        runtime = self.sim.runtime
-        runtime.states = ClientStateStore()
-        for c, s in states.items():
-            runtime.states.put(c, s)
-        updates = [runtime.reply(c, task, r) for c, r in zip(clients, results)]
-        new_states = {c: runtime.states.get(c) for c in clients}
-        empty = torch.empty(0)
-        # The encoded Update is what travels back; the dense delta is not needed any more.
-        return [dataclasses.replace(r, delta=empty) for r in results], updates, new_states
+        self, task: Task, clients: list[int], seeds: list[int], limits: list[int | None],
+        states: dict[int, dict[str, torch.Tensor]], personal: dict[int, dict[str, torch.Tensor]], encode: bool,
+    ) -> tuple[Trained, list | None, dict[int, Any], dict[int, Any]]:
+        """Train a chunk (its clients' `states` and `personal` states in, the new ones out);
+        with `encode`, also encode each client's Update (the dense deltas then stay here)."""
+        device = self.sim.device
+        device.states, device.personal_states = ClientStateStore(), ClientStateStore()
+        device.states.merge(clients, states)
+        device.personal_states.merge(clients, personal)
+        data = [self.sim._client_data_for(c, task.round) for c in clients]
+        trained = device.train(task, clients, data, seeds, limits)
+        updates = device.encode(task, trained) if encode else None
+        if encode:  # the encoded Update is what travels back; the dense delta is not needed any more
+            empty = torch.empty(0)
+            trained.results = [dataclasses.replace(r, delta=empty) for r in trained.results]
+        # The examples stay here; the driver gets each client's size and labels (a label histogram).
+        trained.own = [_Own(d.num_examples, d.y) for d in trained.own]
+        return trained, updates, device.states.take(clients), device.personal_states.take(clients)
 
 
-class _RemoteCohortLearner:
-    """Stands in for the learner inside the driver's simulation: `fit_cohort` fans
-    the cohort out to the Ray workers, chunk by chunk, and gathers the results in order."""
+@dataclass(frozen=True)
+class _Own:
+    """A client's own data as the driver sees it: its size and labels, not its examples."""
 
-    def __init__(self, owner: "RayTransport", learner: Learner):
-        self.owner = owner
-        self.spec = learner.spec
-
-    def fit_cohort(self, params, cohort: list[ClientRef], hp, seeds, corrections=None, step_limits=None) -> list[FitResult]:
-        if corrections is not None:
-            raise NotImplementedError("the Ray backend does not ship gradient corrections (SCAFFOLD) yet")
-        if not cohort:
-            return []
-        return self.owner._train_remote(params, [c.client for c in cohort], hp, list(seeds), step_limits)
+    num_examples: int
+    y: Any = None
 
 
-class _RemoteRuntime:
-    """Stands in for the ClientRuntime inside the driver's simulation: an Update the
-    worker already encoded is handed over (and its client's new state kept on the
-    driver); otherwise (an adaptive-compression rung) the driver encodes."""
+class _RaySimulation(SimulationTransport):
+    """The driver's simulation: identical, except that training (and, when the driver
+    has nothing to do between training and encoding, encoding) runs on the workers."""
 
-    def __init__(self, owner: "RayTransport", runtime: ClientRuntime):
-        self.owner = owner
-        self.runtime = runtime
+    owner: "RayTransport"
 
-    def __getattr__(self, name):  # receive, adaptive, states, ... are the real runtime's
-        return getattr(self.runtime, name)
+    def _train(self, task: Task, clients: np.ndarray, seeds: list[int], limits: list[int | None]) -> Trained:
+        return self.owner._train_remote(task, clients.tolist(), seeds, limits)
 
-    def reply(self, client: int, task: Task, result: FitResult, level: int | None = None, **client_side) -> Update:
-        done = self.owner._encoded.pop(client, None)
-        if done is not None and level is None:
-            update, state = done
-            self.runtime.states.put(client, state)
-            return update
-        return self.runtime.reply(client, task, result, level, **client_side)
-
-
-class _RemoteTrainingSimulation(SimulationTransport):
-    """The driver's simulation: identical, except that a cohort member is a `ClientRef`."""
-
-    def client_data(self, client: int) -> ClientRef:  # type: ignore[override]
-        return ClientRef(int(client))
+    def _encode(self, task: Task, trained: Trained, levels: list[int | None]) -> list:
+        done = self.owner._encoded
+        if done is not None and all(lv is None for lv in levels):
+            return done
+        return self.device.encode(task, trained, levels)
 
 
 class RayTransport(TransportBase):
@@ -157,8 +132,8 @@ class RayTransport(TransportBase):
     name = "ray"
 
     def __init__(
-        self, data: FederatedData, learner: Learner, fleet: Fleet, runtime: ClientRuntime, seed: int,
-        clock=None, heartbeat_timeout_s: float = 0.0, *, address: str | None = None, num_workers: int | None = None,
+        self, data: FederatedData, device: Device, fleet: Fleet, seed: int,
+        clock=None, heartbeat_timeout_s: float = 0.0, *, attack=None, address: str | None = None, num_workers: int | None = None,
         num_cpus: int | None = None, runtime_env: dict | None = None,
     ):
         ray = _import_ray()
@@ -173,19 +148,17 @@ class RayTransport(TransportBase):
             else:
                 ray.init(address=address, **kwargs)
             self._owns_ray = True
-        self.runtime = runtime
-        self._encoded: dict[int, tuple[Update, Any]] = {}
-        self._task: Task | None = None
-        self.sim = _RemoteTrainingSimulation(
-            data, _RemoteCohortLearner(self, learner), fleet, _RemoteRuntime(self, runtime), seed,
-            clock=clock, heartbeat_timeout_s=heartbeat_timeout_s,
-        )
+        self.device = device
+        self.attack = attack
+        self._encoded: list | None = None
+        self.sim = _RaySimulation(data, device, fleet, seed, clock=clock, heartbeat_timeout_s=heartbeat_timeout_s, attack=attack)
+        self.sim.owner = self
         cpus = int(ray.cluster_resources().get("CPU", 1))
         n = int(num_workers) if num_workers else max(1, cpus)
-        # The worker's runtime is a copy without the driver's per-client states (they travel with each chunk).
-        worker_runtime = copy.copy(runtime)
-        worker_runtime.states = ClientStateStore()
-        refs = [ray.put(obj) for obj in (data, learner, fleet, worker_runtime)]
+        # The workers' device is a copy without the driver's per-client states (they travel with each chunk).
+        worker_device = copy.copy(device)
+        worker_device.states, worker_device.personal_states = ClientStateStore(), ClientStateStore()
+        refs = [ray.put(obj) for obj in (data, worker_device, fleet, attack)]
         actor = ray.remote(num_cpus=1)(CohortWorker)
         self.workers = [actor.remote(*refs, seed, 1) for _ in range(n)]
         self.data = data
@@ -210,12 +183,16 @@ class RayTransport(TransportBase):
     def available(self, round: int) -> Sequence[int]:
         return self.sim.available(round)
 
+    @property
+    def last_malicious(self) -> list[int]:
+        return self.sim.last_malicious
+
     def dispatch(self, task: Task, cohort: Sequence[int]) -> Iterator[Reply]:
-        self._task, self._encoded = task, {}
+        self._encoded = None
         try:
             yield from self.sim.dispatch(task, cohort)
         finally:
-            self._task, self._encoded = None, {}
+            self._encoded = None
 
     def close(self) -> None:
         """Stop the workers; shut Ray down if this transport started it."""
@@ -228,27 +205,37 @@ class RayTransport(TransportBase):
 
     # -- training on the workers ------------------------------------------------
     def _encode_on_workers(self, task: Task) -> bool:
-        # Adaptive rungs depend on each client's processed samples: chosen on the driver after training.
-        return self.runtime.adaptive is None or (task.config.get("adaptive_policy") != "pace" and task.config.get("upload_budget_s") is None)
+        """Workers encode unless the driver acts between training and encoding: adaptive
+        rungs (chosen from each client's processed samples) or attackers replacing deltas."""
+        adaptive = self.device.adaptive is not None and task.spec.get(AdaptiveEntry) is not None
+        return not adaptive and not (self.attack is not None and self.attack.replaces_updates)
 
-    def _train_remote(self, params: torch.Tensor, clients: list[int], hp: FitConfig, seeds: list[int], step_limits) -> list[FitResult]:
-        ray, task = self._ray, self._task
-        encode = task is not None and self._encode_on_workers(task)
-        params_ref = ray.put(params)
+    def _train_remote(self, task: Task, clients: list[int], seeds: list[int], limits: list[int | None]) -> Trained:
+        if not clients:
+            self._encoded = []
+            return Trained([], [], [], [])
+        ray, device = self._ray, self.device
+        encode = self._encode_on_workers(task)
+        task_ref = ray.put(task)
         calls = []
         for k, sl in enumerate(split_chunks(len(clients), len(self.workers))):
             ids = clients[sl]
-            states = {c: self.runtime.states.get(c) for c in ids} if encode else {}
-            limits = step_limits[sl] if step_limits is not None else None
-            calls.append((ids, self.workers[k].train.remote(params_ref, ids, hp, seeds[sl], limits, task if encode else None, states)))
-        results: list[FitResult] = []
+            calls.append((ids, self.workers[k].train.remote(
+                task_ref, ids, seeds[sl], limits[sl], device.states.take(ids), device.personal_states.take(ids), encode)))
+        out = Trained([], [], [], [])
+        encoded: list = []
         for ids, ref in calls:
-            chunk, updates, states = ray.get(ref)
-            results.extend(chunk)
+            trained, updates, states, personal = ray.get(ref)
+            device.states.merge(ids, states)
+            device.personal_states.merge(ids, personal)
+            out.clients += trained.clients
+            out.results += trained.results
+            out.own += trained.own
+            out.added += trained.added
             if updates is not None:
-                for c, u in zip(ids, updates):
-                    self._encoded[c] = (u, states.get(c))
-        return results
+                encoded += updates
+        self._encoded = encoded if encode else None
+        return out
 
     def __repr__(self) -> str:
         return f"RayTransport(workers={len(self.workers)}, pid={os.getpid()})"

@@ -19,11 +19,12 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from ..client import ClientRuntime
+from ..client import Device, Trained
 from ..data import FederatedData
 from ..devices import Fleet
 from ..learners.base import ClientData, FitConfig, Learner
 from ..messages import Dropout, Task
+from ..task_spec import AdaptiveEntry
 from .base import Reply, TransportBase
 
 
@@ -36,13 +37,13 @@ class SimulationTransport(TransportBase):
     name = "simulation"
 
     def __init__(
-        self, data: FederatedData, learner: Learner, fleet: Fleet, runtime: ClientRuntime, seed: int,
+        self, data: FederatedData, device: Device, fleet: Fleet, seed: int,
         clock=None, heartbeat_timeout_s: float = 0.0, attack=None,
     ):
         self.data = data
-        self.learner = learner
+        self.device = device  # the one client device: trains the cohort and encodes its updates
+        self.learner = device.learner
         self.fleet = fleet
-        self.runtime = runtime
         self.seed = seed
         self.clock = clock  # anything with `.now` (the Coordinator's VirtualClock)
         self.heartbeat_timeout_s = heartbeat_timeout_s  # a silent device is noticed this long after
@@ -75,10 +76,6 @@ class SimulationTransport(TransportBase):
         data = self.client_data(client)
         return data if self.attack is None else self.attack.poison_data(client, data, round)
 
-    def _oversampled(self, client: int, data: ClientData, task: Task) -> ClientData:
-        """Label-skew helper (task config ``oversample``): `ClientRuntime.oversampled`."""
-        return self.runtime.oversampled(data, task, self.seed, client, self.data.num_classes)
-
     def planned_samples(self, clients: np.ndarray, hp: FitConfig) -> np.ndarray:
         """Examples each client would process in a full local run (before any cut)."""
         n = self.data.train_sizes()[clients].astype(np.float64)
@@ -94,29 +91,39 @@ class SimulationTransport(TransportBase):
         budget (fleetlearn.compression.adaptive): `pace` (finish near the earliest end
         of the round) or `upload_budget` (the round's budget minus download and compute).
         `cost` scales compute for sub-models (HeteroFL)."""
-        policy = self.runtime.adaptive
-        if policy is None or not len(train):
+        policy = self.device.adaptive
+        entry = task.spec.get(AdaptiveEntry)
+        if policy is None or entry is None or not len(train):
             return [None] * len(train)
         c = ids[train]
         before = down_s[train] + self.fleet.compute_seconds(c, np.array([r.samples for r in results]) * cost[train])
-        plan = policy.plan_task(task.config, self.fleet.uplink_mbps[c], self.fleet.latency_s[c], before)
+        plan = policy.plan_task(entry, self.fleet.uplink_mbps[c], self.fleet.latency_s[c], before)
         return [None] * len(train) if plan is None else [int(v) for v in plan.levels]
+
+    def _train(self, task: Task, clients: np.ndarray, seeds: list[int], limits: list[int | None]) -> Trained:
+        """The cohort's local training on the device (the Ray backend trains on its workers)."""
+        data = [self._client_data_for(int(c), task.round) for c in clients]
+        return self.device.train(task, clients.tolist(), data, seeds, limits)
+
+    def _encode(self, task: Task, trained: Trained, levels: list[int | None]) -> list:
+        """The cohort's updates, encoded on the device (Ray: already encoded on its workers)."""
+        return self.device.encode(task, trained, levels)
 
     def dispatch(self, task: Task, cohort: Sequence[int]) -> Iterator[Reply]:
         ids = np.asarray([int(c) for c in cohort], dtype=np.int64)
-        params, hp = self.runtime.receive(task)
+        params, hp = self.device.receive(task)
         n = len(ids)
         # HeteroFL: a client of a sub-model downloads, computes and uploads its share only.
         sub_cost = getattr(self.learner, "relative_cost", None)
         cost = sub_cost(ids) if sub_cost is not None else np.ones(n)
-        down_bytes = self.learner.downlink_nbytes(ids, params, self.runtime.downlink, task.version) if sub_cost is not None else np.full(n, task.nbytes)
+        down_bytes = self.learner.downlink_nbytes(ids, params, self.device.downlink, task.version) if sub_cost is not None else np.full(n, task.nbytes)
         down_s = self.fleet.download_seconds(ids, down_bytes)
         planned = self.planned_samples(ids, hp)
         up_guess = np.ceil((self._uplink_estimate or task.nbytes) * cost)  # before anyone replied
 
         # Partial work: cut each client's steps to what fits before the deadline.
         limits: list[int | None] = [None] * n
-        if task.deadline_s is not None and task.config.get("partial_work"):
+        if task.deadline_s is not None and task.spec.partial_work:
             budget = task.deadline_s - down_s - self.fleet.upload_seconds(ids, up_guess)
             fit_samples = np.maximum(budget, 0.0) * self.fleet.compute_sps[ids] / cost
             cut = fit_samples < planned
@@ -147,41 +154,16 @@ class SimulationTransport(TransportBase):
 
         train = np.flatnonzero(~np.isfinite(drop_at))
         t0 = time.perf_counter()
-        candidates = self.runtime.cluster_candidates(task, ids[train])  # clustered FL only
-        by_id = {"clients": ids[train].tolist()} if getattr(self.learner, "needs_client_ids", False) else {}
-        own = [self._client_data_for(int(ids[i]), task.round) for i in train]
-        cohort_data = [self._oversampled(int(ids[i]), d, task) for i, d in zip(train, own)]
-        # SCAFFOLD: each client corrects its gradients by c - c_i (its c_i loaded for the cohort only).
-        c = self.runtime.receive_control(task)
-        c_i = self.runtime.control_variates(ids[train], c.shape[0]) if c is not None else None
         seeds = [client_seed(self.seed, task.round, int(ids[i])) for i in train]
-        step_limits = [limits[i] for i in train] if any(limits[i] is not None for i in train) else None
-        pers = self.runtime.personalization
-        if pers is None:
-            results = self.learner.fit_cohort(
-                params, cohort_data, hp, seeds,
-                corrections=(c.unsqueeze(0) - c_i) if c is not None and len(train) else None,
-                step_limits=step_limits,
-                **by_id,
-                **({"candidates": candidates} if candidates is not None else {}),
-            )
-        else:  # global training plus each client's personal step (its state: runtime.personal_states)
-            results = pers.fit_cohort(self.learner, params, [int(ids[i]) for i in train], cohort_data, hp, seeds, self.runtime.personal_states, step_limits)
+        trained = self._train(task, ids[train], seeds, [limits[i] for i in train])
         self.train_wall_seconds = time.perf_counter() - t0
-        results, added = self.runtime.claimed_counts(results, cohort_data, own)
-        if c is not None:
-            self.runtime.update_controls(ids[train], c, c_i, results, hp)
+        results = trained.results
         self.last_malicious = []
         if self.attack is not None:  # attackers replace their deltas after training, before encoding
-            results, self.last_malicious = self.attack.apply_results(ids[train], results, task.round)
+            trained.results, self.last_malicious = self.attack.apply_results(ids[train], results, task.round)
+            results = trained.results
         levels = self._levels(task, ids, train, down_s, results, cost)
-        updates = []
-        for i, r, lv, d, a in zip(train, results, levels, own, added):
-            try:
-                u = self.runtime.reply(int(ids[i]), task, r, lv, labels=getattr(d, "y", None), oversampled=a)
-                updates.append(u if sub_cost is None else replace(u, downlink_bytes=int(down_bytes[i])))
-            except ValueError as exc:  # e.g. local training diverged to NaN: the device cannot send
-                updates.append(Dropout(int(ids[i]), task.round, f"client error: {exc}", int(down_bytes[i])))
+        updates = [replace(u, downlink_bytes=int(down_bytes[i])) for i, u in zip(train, self._encode(task, trained, levels))]
         sent = [(i, u) for i, u in zip(train, updates) if not isinstance(u, Dropout)]
         if sent:
             self._uplink_estimate = int(max(u.uplink_bytes / cost[i] for i, u in sent))  # full-model equivalent

@@ -1,8 +1,9 @@
 """The gRPC client: register, heartbeat, pull a task, train, push the update; repeat.
 
-It trains with the same code as the simulation: `ClientRuntime.receive` turns
-the task into params and a `FitConfig`, the `Learner` fits on the local data,
-`ClientRuntime.reply` encodes the delta with the run's uplink chain.
+It trains with the same code as the simulation and the Ray workers: one
+`fleetlearn.client.Device` runs the task (a cohort of one) into an Update, reading
+every client-side feature from the task's typed spec; this module only moves
+messages (pull, push, heartbeats, retries).
 
 Failures are routine on a fleet, so the client treats them as such:
 - the server is down or restarting (UNAVAILABLE, DEADLINE_EXCEEDED): retry with
@@ -28,7 +29,6 @@ clients on one event loop (benchmarks/grpc_load.py runs 1000).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import random
@@ -41,10 +41,11 @@ from typing import Any, Mapping
 
 import grpc
 
-from ...client import ClientRuntime, ClientStateStore
+from ...client import ClientStateStore, Device
 from ...compression import capabilities, parse_chain
 from ...learners.base import ClientData, Learner
-from ...messages import Task
+from ...messages import Dropout, Task
+from ...task_spec import AdaptiveEntry, TaskSpec, TaskSpecError
 from ..simulation import client_seed
 from . import fleetlearn_pb2 as pb
 from . import fleetlearn_pb2_grpc as pb_grpc
@@ -256,8 +257,8 @@ class FleetClient:
         self._session: str | None = None
         self._heartbeat_s = 5.0
         self._chunk_bytes = DEFAULT_CHUNK_BYTES
-        self._runtime: ClientRuntime | None = None
-        self._runtime_key: tuple[str, str] | None = None
+        self._device: Device | None = None  # the client device, rebuilt when the run's chains change
+        self._device_key: tuple[str, str] | None = None
         self._states = ClientStateStore()  # error-feedback residuals etc., kept across rounds
         self._after_round = 0
         self._finished = False
@@ -484,36 +485,42 @@ class FleetClient:
             return None
         body = assembler.finish()
         split = int(meta.payload_bytes)  # the model, then SCAFFOLD's control variate (control_bytes)
+        try:
+            spec = TaskSpec.from_json(meta.config_json)
+        except TaskSpecError as exc:  # a task this client cannot use: skip its round, keep going
+            self._after_round = int(meta.round)
+            self.report.skipped_bad_task += 1
+            log.warning("client %d: round %d task unusable (%s); skipped", self._client_id, int(meta.round), exc)
+            return None
         task = Task(
             round=int(meta.round), version=int(meta.version), payload=body[:split], codec=meta.codec,
-            config=json.loads(meta.config_json or "{}"), deadline_s=meta.deadline_s or None, control=body[split:],
+            spec=spec, deadline_s=meta.deadline_s or None, control=body[split:],
         )
         local_deadline = received_at + meta.remaining_s if meta.remaining_s > 0 else float("inf")
         return task, local_deadline, meta.uplink_codec or "none"
 
-    def _runtime_for(self, downlink: str, uplink: str, adaptive: bool = False) -> ClientRuntime:
+    def _device_for(self, downlink: str, uplink: str, adaptive: bool = False) -> Device:
         key = (downlink, uplink)
-        if self._runtime is None or self._runtime_key != key:
-            if self._runtime_key is not None and self._runtime_key[1] != uplink and not adaptive:
+        if self._device is None or self._device_key != key:
+            if self._device_key is not None and self._device_key[1] != uplink and not adaptive:
                 # Residuals of another run's chain do not apply; the rungs of one adaptive
                 # ladder share them (as in the simulation: an EF residual waits for its rung).
                 self._states = ClientStateStore()
-            # dim: a task payload for another dimension is refused before anything of its size is
-            # allocated (a zstd body's bound is this model's, not the one the sender's header claims).
-            runtime = ClientRuntime(parse_chain(uplink), parse_chain(downlink), self._states, dim=self.learner.spec.dim,
-                                    personalization=self.personalization)
-            if self._runtime is not None:
-                runtime.personal_states = self._runtime.personal_states  # a new chain keeps the personal state
-            self._runtime = runtime
-            self._runtime_key = key
-        return self._runtime
+            # The device's dim is the model's: a task payload for another dimension is refused before
+            # anything of its size is allocated (a zstd body's bound is this model's, not the header's).
+            device = Device(self.learner, parse_chain(uplink), parse_chain(downlink), self._states, personalization=self.personalization)
+            if self._device is not None:
+                device.personal_states = self._device.personal_states  # a new chain keeps the personal state
+            self._device = device
+            self._device_key = key
+        return self._device
 
     def _step_budget(self, task: Task, local_deadline: float, batch_size: int) -> int | None:
         """Partial work (task config `partial_work`): the local steps that fit before the
         deadline, from the announced device profile, as the simulation computes them;
         None for no cut."""
         sps = float(self.device.get("compute_sps", 0.0))
-        if not task.config.get("partial_work") or not math.isfinite(local_deadline) or sps <= 0:
+        if not task.spec.partial_work or not math.isfinite(local_deadline) or sps <= 0:
             return None
         mbps = float(self.device.get("uplink_mbps", 0.0))
         upload_s = task.nbytes * 8.0 / (mbps * 1e6) if mbps > 0 else 0.0  # the update is at most about the model's size
@@ -524,37 +531,15 @@ class FleetClient:
         task, local_deadline, uplink = pulled
         assert self._client_id is not None
         cid = self._client_id
-        runtime = self._runtime_for(task.codec, uplink, adaptive=bool(task.config.get("adaptive_policy")))
+        device = self._device_for(task.codec, uplink, adaptive=task.spec.get(AdaptiveEntry) is not None)
 
         def train():
-            params, hp = runtime.receive(task)
-            run_seed = int(task.config.get("seed", 0))
-            seed = client_seed(run_seed, task.round, cid)
-            steps = self._step_budget(task, local_deadline, hp.batch_size)
+            steps = self._step_budget(task, local_deadline, task.spec.fit.batch_size)
             if steps == 0:
                 return None
-            # SCAFFOLD: correct every gradient by c - c_i; this device keeps its own c_i.
-            c = runtime.receive_control(task)
-            if c is not None and c.numel() != params.numel():
-                raise ValueError(f"the task's control variate has {c.numel()} values; the model has {params.numel()}")
-            c_i = runtime.control_variates([cid], c.numel()) if c is not None else None
-            extra = {} if c is None else {"correction": c - c_i[0]}
-            if steps is not None:
-                extra["max_steps"] = steps
-            # Label-skew helper: train on a rebalanced copy, still claim the original count.
-            data = runtime.oversampled(self.data, task, run_seed, cid)
-            candidates = runtime.cluster_candidates(task, [cid])  # clustered FL: the models it may pick
-            if candidates is not None:
-                extra["candidates"] = candidates[0]
-            if self.personalization is not None:  # global training plus the device's personal step
-                (result,) = self.personalization.fit_cohort(self.learner, params, [cid], [data], hp, [seed], runtime.personal_states,
-                                                           [steps] if steps is not None else None)
-            else:
-                result = self.learner.fit(params, data, hp, seed, **extra)
-            (result,), (added,) = runtime.claimed_counts([result], [data], [self.data])
-            if c is not None:
-                runtime.update_controls([cid], c, c_i, [result], hp)
-            return runtime.reply(cid, task, result, labels=self.data.y, oversampled=added)
+            seed = client_seed(task.spec.seed, task.round, cid)
+            (update,) = device.run(task, [cid], [self.data], [seed], [steps])
+            return update
 
         try:
             update = await asyncio.to_thread(train) if self.train_in_thread else train()
@@ -564,6 +549,10 @@ class FleetClient:
             log.warning("client %d: round %d task unusable (%s); skipped", cid, task.round, exc)
             return
         self._after_round = task.round
+        if isinstance(update, Dropout):  # e.g. local training diverged: nothing to send this round
+            self.report.skipped_bad_task += 1
+            log.warning("client %d: round %d: %s; update not sent", cid, task.round, update.reason)
+            return
         if update is None or time.monotonic() > local_deadline:
             self.report.skipped_late += 1
             log.info("client %d: round %d deadline passed during training; update not sent", cid, task.round)

@@ -50,6 +50,7 @@ from ...compression import AdaptiveCompression, needed_capabilities, parse_chain
 from ...compression.blocks import HEADER_BYTES as BLOCK_HEADER_BYTES
 from ...messages import ClientMetrics, Dropout, Task, Update
 from ...params import ParamSpec
+from ...task_spec import AdaptiveEntry, LabelHistogramEntry
 from ..base import Reply
 from . import fleetlearn_pb2 as pb
 from .auth import TokenCheck, TokenStore
@@ -699,15 +700,9 @@ class FleetServer:
 
     @staticmethod
     def _config_json(task: Task, client: int) -> str:
-        """The task config as this client may see it.  Clustered FL's entry lists the
-        candidate clusters of the whole cohort (CFL: who is in which cluster); a client is
-        sent only its own line."""
-        entry = task.config.get("clustering")
-        if not entry or not entry.get("candidates"):
-            return json.dumps(task.config)
-        own = entry["candidates"].get(str(client))
-        mine = {**entry, "candidates": {str(client): own} if own is not None else {}}
-        return json.dumps({**task.config, "clustering": mine})
+        """The task spec as this client may see it (`TaskSpec.for_client`: clustered FL's
+        entry lists only this client's own candidates, not the others' memberships)."""
+        return task.spec.for_client(client).to_json()
 
     def _task_frames(self, rs: RoundState) -> list[tuple[int, bytes]]:
         """The round's payload chunks (the model, then SCAFFOLD's control variate if any)
@@ -891,7 +886,8 @@ class FleetServer:
         uses (`AdaptiveCompression.plan_task`), from measured links: a client's uplink and
         readiness as measured on its earlier updates; until then its announced uplink
         (else a fast link) and the cohort's median readiness (else 0)."""
-        if self.adaptive is None or not clients or not task.config.get("adaptive_policy"):
+        entry = task.spec.get(AdaptiveEntry)
+        if self.adaptive is None or not clients or entry is None:
             return {}
         known = [self.links[c].ready_s for c in clients if c in self.links]
         typical = float(np.median(known)) if known else 0.0
@@ -901,7 +897,7 @@ class FleetServer:
             announced = float(cs.device.get("uplink_mbps", 0.0)) if cs is not None else 0.0
             mbps.append(est.uplink_mbps if est is not None else (announced if announced > 0 else UNMEASURED_MBPS))
             before.append(est.ready_s if est is not None else typical)
-        plan = self.adaptive.plan_task(task.config, np.array(mbps), 0.0, np.array(before))
+        plan = self.adaptive.plan_task(entry, np.array(mbps), 0.0, np.array(before))
         if plan is None:
             return {}
         return {c: self.adaptive.ladder[int(lv)] for c, lv in zip(clients, plan.levels)}
@@ -954,7 +950,8 @@ class FleetServer:
         )
         rs.pending = set(rs.cohort)
         rs.codecs = self._plan_rungs(task, sorted(rs.cohort))
-        rs.label_classes = int(task.config.get("label_histogram") or 0)
+        hist = task.spec.get(LabelHistogramEntry)
+        rs.label_classes = hist.classes if hist is not None else 0
         self.round = rs
         self.history.append(rs)
         now = time.monotonic()

@@ -1,0 +1,317 @@
+"""The client device: the one client side of a round, for every backend.
+
+    Task -> params (downlink codec) -> the task spec's client-side features -> Learner
+    -> delta -> uplink codec chain -> Update
+
+`Device.train` runs a cohort of clients through local training (one batched computation
+when the learner can; a gRPC client is a cohort of one), `Device.encode` turns the
+results into Updates.  The simulation, the Ray workers and `fleetlearn client` all call
+these two methods: no transport keeps its own copy of the client round.  Between the two
+a simulation may act on the results (a simulated attacker replaces its delta) and choose
+each client's adaptive-compression rung (it depends on the client's processed samples).
+
+What the device does for each feature is read from the task's typed spec
+(`fleetlearn.task_spec`): clustered FL's candidates, oversampling, SCAFFOLD's control
+variate, personalization, local DP, label histograms, adaptive rungs.
+
+Per-client state that must survive between rounds (error-feedback residuals, SCAFFOLD's
+c_i, stochastic-codec streams) lives in a `ClientStateStore`, loaded only for the cohort;
+personal heads/models in a second one (`personal_states`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..compression import CodecChain
+from ..compression.codec import RNG_SEED
+from ..learners.base import ClientData, FitConfig, FitResult
+from ..learners.scaffold import CLIENT_KEY, control_deltas
+from ..messages import ClientMetrics, Dropout, Task, Update
+from ..task_spec import ClusteringEntry, LabelHistogramEntry, LocalDPEntry, OversampleEntry
+
+
+class ClientStateStore:
+    """Per-client tensors keyed by client id; only clients that have state cost memory."""
+
+    def __init__(self) -> None:
+        self._state: dict[int, dict[str, torch.Tensor]] = {}
+
+    def get(self, client: int) -> dict[str, torch.Tensor] | None:
+        return self._state.get(client)
+
+    def put(self, client: int, state: dict[str, torch.Tensor] | None) -> None:
+        if state:
+            self._state[client] = state
+        else:
+            self._state.pop(client, None)
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for s in self._state.values() for t in s.values())
+
+    def clients(self) -> list[int]:
+        return sorted(self._state)
+
+    # -- checkpoints: flat "client/<id>/<key>" tensors, what safetensors stores ------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every client's state as flat tensors named ``client/<id>/<key>`` (for a checkpoint)."""
+        return {f"client/{c}/{k}": t for c, s in self._state.items() for k, t in s.items()}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Replace the whole store with what `state_dict` wrote."""
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for name, t in tensors.items():
+            head, cid, key = (name.split("/", 2) + ["", ""])[:3]
+            if head != "client" or not cid.isdigit() or not key:
+                raise ValueError(f"client state tensor {name!r} is not named client/<id>/<key>")
+            state.setdefault(int(cid), {})[key] = t
+        self._state = state
+
+
+
+    def take(self, clients: Sequence[int]) -> dict[int, dict[str, torch.Tensor]]:
+        """The states of `clients` that have one (what a Ray worker needs for its chunk)."""
+        return {int(c): s for c in clients if (s := self._state.get(int(c))) is not None}
+
+    def merge(self, clients: Sequence[int], states: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Put back the states of `clients` after a remote chunk (a client without one is cleared)."""
+        for c in clients:
+            self.put(int(c), states.get(int(c)))
+
+
+@dataclass
+class Trained:
+    """A cohort's local training, before its updates are encoded."""
+
+    clients: list[int]
+    results: list[FitResult]
+    own: list[ClientData]  # each client's own data (its claim and its label histogram)
+    added: list[int]  # examples oversampling added per client (0: none)
+
+
+class Device:
+    """One client device (or a batched cohort of them): runs a Task into Updates.
+
+    `learner` trains; `uplink`/`downlink` are the run's codec chains; `states` holds
+    per-client codec and SCAFFOLD state, `personal_states` personalization's; `seed` is
+    the device's own randomness (local DP noise, stochastic codecs); `adaptive` the
+    adaptive-compression ladder; `personalization` the personalization part;
+    `num_classes` bounds labels for oversampling (default: the largest label + 1)."""
+
+    def __init__(
+        self, learner, uplink: CodecChain, downlink: CodecChain, states: ClientStateStore | None = None, seed: int = 0,
+        adaptive=None, personalization=None, num_classes: int | None = None,
+    ):
+        self.learner = learner
+        self.uplink = uplink
+        self.downlink = downlink
+        self.states = states if states is not None else ClientStateStore()
+        self.seed = seed
+        # The model dimension: a payload claiming another is refused before allocation.
+        self.dim = int(learner.spec.dim)
+        self.adaptive = adaptive  # fleetlearn.compression.AdaptiveCompression or None
+        # fleetlearn.client.personalization part or None; its per-client state (FedPer heads,
+        # Ditto models) in a store of its own, apart from the codec state.
+        self.personalization = personalization
+        self.personal_states = ClientStateStore()
+        self.num_classes = num_classes
+        # The Learner protocol's optional flag: HeteroFL trains each client at its own width.
+        self._by_id = bool(getattr(learner, "needs_client_ids", False))
+
+    # -- the round -------------------------------------------------------------------------
+    def train(
+        self, task: Task, clients: Sequence[int], data: Sequence[ClientData], seeds: Sequence[int],
+        step_limits: Sequence[int | None] | None = None,
+    ) -> Trained:
+        """Local training of `clients` (their `data`, one seed each) on `task`.  Raises
+        ValueError for a task this device cannot use (a payload or control variate of
+        another model, a clustered task for an unclustered model)."""
+        clients = [int(c) for c in clients]
+        params, hp = self.receive(task)
+        spec = task.spec
+        kwargs: dict = {}
+        clustering = spec.get(ClusteringEntry)
+        if clustering is not None:
+            kwargs["candidates"] = [clustering.candidates_of(c) for c in clients]
+        if self._by_id:
+            kwargs["clients"] = clients
+        trained_on = [self.oversampled(d, task, c) for c, d in zip(clients, data)]
+        # SCAFFOLD: each client corrects its gradients by c - c_i (its own c_i, from `states`).
+        c = self.receive_control(task)
+        if c is not None and c.numel() != params.numel():
+            raise ValueError(f"the task's control variate has {c.numel()} values; the model has {params.numel()}")
+        c_i = self.control_variates(clients, c.numel()) if c is not None else None
+        limits = list(step_limits) if step_limits is not None and any(s is not None for s in step_limits) else None
+        if self.personalization is None:
+            corrections = (c.unsqueeze(0) - c_i) if c is not None and clients else None
+            results = self.learner.fit_cohort(params, trained_on, hp, list(seeds), corrections=corrections, step_limits=limits, **kwargs)
+        else:  # global training plus each client's personal step (its state: personal_states)
+            results = self.personalization.fit_cohort(self.learner, params, clients, trained_on, hp, list(seeds), self.personal_states, limits)
+        results, added = self.claimed_counts(results, trained_on, list(data))
+        if c is not None:
+            self.update_controls(clients, c, c_i, results, hp)
+        return Trained(clients, list(results), list(data), added)
+
+    def encode(self, task: Task, trained: Trained, levels: Sequence[int | None] | None = None) -> list[Update | Dropout]:
+        """Each trained client's Update (`levels`: its adaptive rung, None for the run's
+        uplink).  A client whose update cannot be sent (local training diverged to NaN)
+        becomes a Dropout with the reason."""
+        out: list[Update | Dropout] = []
+        for i, (cid, result, own, added) in enumerate(zip(trained.clients, trained.results, trained.own, trained.added)):
+            level = None if levels is None else levels[i]
+            try:
+                out.append(self.reply(cid, task, result, level, labels=own.y, oversampled=added))
+            except ValueError as exc:
+                out.append(Dropout(cid, task.round, f"client error: {exc}", task.nbytes))
+        return out
+
+    def run(self, task: Task, clients: Sequence[int], data: Sequence[ClientData], seeds: Sequence[int],
+            step_limits: Sequence[int | None] | None = None) -> list[Update | Dropout]:
+        """`train` then `encode` with the run's uplink."""
+        return self.encode(task, self.train(task, clients, data, seeds, step_limits))
+
+    # -- downlink ----------------------------------------------------------------------------
+    def receive(self, task: Task) -> tuple[torch.Tensor, FitConfig]:
+        """The model the task carries, and the round's training hyper-parameters."""
+        entry = task.spec.get(ClusteringEntry)
+        if entry is not None and entry.blocks < entry.clusters:
+            # Clustered FL: the task carries the first `blocks` of the stacked models; the
+            # rest are not in use (no client may pick them) and stay zero here.
+            if self.dim % entry.clusters:
+                raise ValueError(f"a clustered task of {entry.clusters} models for a model of {self.dim} parameters")
+            block_dim = self.dim // entry.clusters
+            sent = self.downlink.decode(task.payload, dim=entry.blocks * block_dim)
+            full = torch.zeros(self.dim)
+            full[: sent.numel()] = sent
+            return full, task.spec.fit
+        return self.downlink.decode(task.payload, dim=self.dim), task.spec.fit
+
+    def receive_control(self, task: Task) -> torch.Tensor | None:
+        """SCAFFOLD: the server control variate c the Task carries (None without SCAFFOLD)."""
+        if not task.control:
+            return None
+        return CodecChain().decode(task.control, dim=self.dim)
+
+    # -- SCAFFOLD (fleetlearn.learners.scaffold) ---------------------------------------------
+    def control_variates(self, clients, dim: int) -> torch.Tensor:
+        """The cohort's c_i as an (n, d) matrix (0 for a client that has none yet)."""
+        out = torch.zeros(len(clients), dim)
+        for row, c in enumerate(clients):
+            s = self.states.get(int(c))
+            if s is not None and CLIENT_KEY in s:
+                out[row] = s[CLIENT_KEY]
+        return out
+
+    def update_controls(self, clients, c: torch.Tensor, c_i: torch.Tensor, results: list[FitResult], hp: FitConfig) -> None:
+        """Option II: each client moves its own c_i by ``-c - delta_i / (K_eff,i lr)``, from its
+        true delta (see fleetlearn.learners.scaffold for what this approximates)."""
+        if not results:
+            return
+        deltas = torch.stack([r.delta for r in results])
+        new = c_i + control_deltas(deltas, [r.steps for r in results], hp.lr, hp.momentum, c)
+        for row, cid in enumerate(clients):
+            if not bool(torch.isfinite(new[row]).all()):
+                continue  # a diverged client sends nothing (see reply) and keeps its old c_i
+            s = dict(self.states.get(int(cid)) or {})
+            s[CLIENT_KEY] = new[row].clone()
+            self.states.put(int(cid), s)
+
+    # -- label-skew helpers --------------------------------------------------------------------
+    def oversampled(self, data: ClientData, task: Task, client: int) -> ClientData:
+        """Label-skew helper (the task's `oversample` entry): the client duplicates examples of
+        its under-represented classes (fleetlearn.data.balance), with a fresh draw seeded by
+        (run seed, round, client) each round; `data` itself when the task does not ask.
+        Classes the client lacks add nothing, so the draw does not depend on `num_classes`."""
+        opts = task.spec.get(OversampleEntry)
+        if opts is None or data.y.numel() == 0:
+            return data
+        from ..data.balance import oversample
+
+        rng = np.random.default_rng([task.spec.seed, task.round, client, 0x0E5A])
+        classes = self.num_classes if self.num_classes is not None else int(data.y.max()) + 1
+        x, y = oversample(data.x.numpy(), data.y.numpy(), classes, rng, float(opts.noise_std))
+        return ClientData(torch.from_numpy(x), torch.from_numpy(y), data.x_test, data.y_test)
+
+    @staticmethod
+    def claimed_counts(results: list[FitResult], trained: list, own: list) -> tuple[list[FitResult], list[int]]:
+        """Oversampled copies change what a client trains on, not the count it claims: each
+        result's ``num_examples`` goes back to the client's own data.  Returns the results
+        and the examples each client added."""
+        added = [t.num_examples - o.num_examples for t, o in zip(trained, own)]
+        if any(added):
+            results = [dataclasses.replace(r, num_examples=o.num_examples) if a else r for r, o, a in zip(results, own, added)]
+        return results, added
+
+    # -- uplink ----------------------------------------------------------------------------------
+    def chain_for(self, level: int | None) -> CodecChain:
+        if level is None or self.adaptive is None:
+            return self.uplink
+        return self.adaptive.chains[int(level)]
+
+    def reply(
+        self, client: int, task: Task, result: FitResult, level: int | None = None,
+        labels: torch.Tensor | None = None, oversampled: int = 0,
+    ) -> Update:
+        """The client's Update; `level` picks a rung of the adaptive ladder.  `labels`: the
+        client's own training labels, counted into a histogram when the task has a
+        `label_histogram` entry (for `label_importance` weighting)."""
+        delta = result.delta
+        if self.personalization is not None:
+            delta = self.personalization.outgoing(delta)  # FedPer: the head never leaves the device
+        ldp = task.spec.get(LocalDPEntry)
+        if ldp is not None:
+            # Local DP: the device clips and noises its own update before it leaves.
+            from ..privacy import LocalDP
+
+            part = LocalDP(ldp.clip_norm, ldp.noise_multiplier)
+            delta = part.apply(delta, LocalDP.client_generator(self.seed, task.round, client))
+            if self.personalization is not None:  # clipped on the body only; no noise on the head either
+                delta = self.personalization.outgoing(delta)
+        chain = self.chain_for(level)
+        state = self.states.get(client)
+        if chain.stochastic and (state is None or RNG_SEED not in state):
+            # Each client its own reproducible stream, whatever order clients run in.
+            from ..compression import seed_state
+
+            seeded = seed_state(int(np.random.SeedSequence([self.seed, client, 0xC0DEC]).generate_state(1, dtype=np.uint64)[0] >> 1))
+            state = {**(state or {}), **seeded}
+        if result.cluster is None:
+            payload, state = chain.encode(delta, state)
+        else:  # clustered FL: only the trained model's block goes up, tagged with its index
+            from ..compression.blocks import encode_block
+
+            payload, state = encode_block(chain, delta, result.cluster, result.clusters, state)
+        self.states.put(client, state)
+        counts = None
+        hist = task.spec.get(LabelHistogramEntry)
+        if hist is not None and labels is not None:
+            counts = tuple(int(v) for v in torch.bincount(labels.to(torch.int64), minlength=hist.classes)[: hist.classes])
+        return Update(
+            client_id=client,
+            round=task.round,
+            base_version=task.version,
+            payload=payload,
+            codec=chain.spec,
+            num_examples=result.num_examples,
+            metrics=ClientMetrics(
+                loss_before=result.loss_before,
+                loss_after=result.loss_after,
+                accuracy=result.accuracy,
+                compute_seconds=result.compute_seconds,
+                steps=result.steps,
+                samples=result.samples,
+                label_counts=counts,
+                oversampled=int(oversampled),
+                personal_accuracy=result.personal_accuracy,
+                global_accuracy=result.global_accuracy,
+            ),
+            downlink_bytes=task.nbytes,
+        )
