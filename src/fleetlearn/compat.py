@@ -135,8 +135,8 @@ def check_transport(cfg: Any, backend: str | None = None) -> None:
     backend = backend or cfg.engine.backend
     for cap, key in transport_features(cfg):
         if not has("transport", backend, cap):
-            raise ConfigError(f"{key}: runs on a transport that carries it (engine.backend = 'simulation'); "
-                              f"engine.backend = {backend!r} does not yet" + missing("transport", backend, cap))
+            raise ConfigError(f"{key}: runs in the in-process simulation only (engine.backend = {backend!r} does not carry it "
+                              "yet); set engine.backend = 'simulation'" + missing("transport", backend, cap))
 
 
 # -- the whole config (RunConfig's cross-checks) --------------------------------------------------------
