@@ -39,7 +39,7 @@ __all__ = ["missing", "has", "check_config", "check_transport", "check_linear", 
 
 
 def missing(kind: str, name: str, capability: str) -> str:
-    """" (capability 'linear' missing: server.aggregator = 'median' does not declare it)" text."""
+    """The end of every refusal: " [capability 'linear' missing from aggregator 'median']"."""
     return f" [capability {capability!r} missing from {kind} {name!r}]"
 
 

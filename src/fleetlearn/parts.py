@@ -280,8 +280,12 @@ class Choice(str):
         """The options that differ from the part's defaults (what a config must write down)."""
         if self.options is None:
             return {}
-        defaults = type(self.options)()
-        return {k: v for k, v in self.options.model_dump(mode="json").items() if getattr(defaults, k) != getattr(self.options, k)}
+        dumped = self.options.model_dump(mode="json")
+        out = {}
+        for key, f in type(self.options).model_fields.items():
+            if f.is_required() or getattr(self.options, key) != f.get_default(call_default_factory=True):
+                out[key] = dumped[key]
+        return out
 
     def dump(self) -> Any:
         """The TOML form: the name alone, or ``{name = ..., <non-default keys>}``."""
