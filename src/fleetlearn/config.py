@@ -954,8 +954,9 @@ def _check_aggregator(cfg: "RunConfig") -> None:
     checks (krum: n > 2f + 2, multi_krum: m <= n, bulyan: n >= 4f + 3, dnc: n > 2f, ...)
     refuse the config."""
     srv = cfg.server
-    if srv.aggregator in ("mean", "mifa") or cfg.model.heterofl:
-        return
+    part = find_part("aggregator", srv.aggregator)
+    if srv.aggregator == "mean" or part is None or part.build is not None or cfg.model.heterofl:
+        return  # a rule built from the run's size (mifa) is not probed from [server] keys
     n = (srv.buffer_size or srv.cohort) if srv.mode == "async" else srv.cohort
     import torch
 
