@@ -88,8 +88,8 @@ METHODS = {
         "synthetic": {"server": {"optimizer": "yogi", "server_lr": 0.03}},
     },
     "FedAvgM": {
-        "digits": {"server": {"optimizer": "momentum", "server_momentum": 0.9, "server_lr": 1.0}},
-        "synthetic": {"server": {"optimizer": "momentum", "server_momentum": 0.9, "server_lr": 0.3}},
+        "digits": {"server": {"optimizer": {"name": "momentum", "momentum": 0.9}, "server_lr": 1.0}},
+        "synthetic": {"server": {"optimizer": {"name": "momentum", "momentum": 0.9}, "server_lr": 0.3}},
     },
 }
 

@@ -671,12 +671,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _old_key_notes_on_one_line() -> None:
+    """An old config key read (config.OldKeyNote) is printed as one line naming the new key."""
+    import warnings
+
+    from .config import OldKeyNote
+
+    shown = warnings.showwarning
+    if getattr(shown, "old_key_notes", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, OldKeyNote):
+            print(f"fleetlearn: note: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    show.old_key_notes = True
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
+    _old_key_notes_on_one_line()
     try:
         return int(args.func(args) or 0)
     except UsageError as exc:

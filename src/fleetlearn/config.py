@@ -13,19 +13,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
 from .errors import ConfigError, FleetlearnError
+from .compat import check_config, has
+from .compat import client_side_helper as _client_side_helper
+from .parts import Choice, choose, find_part
+from .parts import names as part_names
 
 __all__ = ["ConfigError", "FleetlearnError", "RunConfig", "load_config"]
 
 
-BUILTIN_DATASETS = ("digits", "synthetic", "fashion_mnist", "sotu")
-# Population size when `data.clients` is not given: FedProx's Synthetic uses 30 devices;
-# sotu has one client per president of the State of the Union corpus (43).
-DEFAULT_CLIENTS = {"digits": 100, "synthetic": 30, "fashion_mnist": 100, "sotu": 43}
-# Datasets that bring their own devices (partition "natural"); sotu defaults to it.
-NATURAL_DATASETS = ("synthetic", "sotu")
+# Datasets are parts (fleetlearn.parts, kind "dataset"; built-ins in data/datasets.py): the
+# allowed names, each one's default population (`default_clients`), default partition and
+# whether it brings its own devices (capability `natural_devices`) come from the registry.
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "feature", "natural", "label_permutation")
 
 
@@ -110,9 +111,11 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _natural_default(self) -> "DataConfig":
-        # sotu's clients are its speakers: partition "natural" unless set otherwise.
-        if self.dataset == "sotu" and "partition" not in self.model_fields_set:
-            self.__dict__["partition"] = "natural"  # not setattr: that would re-run this validator
+        # A dataset's default partition (sotu's clients are its speakers: "natural") unless set otherwise.
+        part = find_part("dataset", self.dataset)
+        default = part.info.get("default_partition") if part is not None else None
+        if default and "partition" not in self.model_fields_set:
+            self.__dict__["partition"] = default  # not setattr: that would re-run this validator
         if self.dataset == "sotu" and self.text_max_chars and self.text_max_chars <= self.text_seq_len:
             raise ValueError(f"data.text_max_chars = {self.text_max_chars} must exceed data.text_seq_len = {self.text_seq_len}")
         return self
@@ -120,9 +123,10 @@ class DataConfig(Section):
     @field_validator("dataset")
     @classmethod
     def _dataset(cls, v: str) -> str:
-        if v in BUILTIN_DATASETS or _is_import_path(v):
+        if _is_import_path(v) or find_part("dataset", v) is not None:
             return v
-        raise ValueError(f"unknown dataset {v!r}; allowed: {', '.join(BUILTIN_DATASETS)} or an import path 'pkg.module:function'")
+        raise ValueError(f"unknown dataset {v!r}; allowed: {', '.join(part_names('dataset'))} or an import path 'pkg.module:function' "
+                         "(or a dataset registered with fleetlearn.parts.register_part('dataset', ...))")
 
     @property
     def num_clients(self) -> int:
@@ -130,7 +134,8 @@ class DataConfig(Section):
             return self.clients
         if self.dataset == "sotu" and self.text_speakers is not None:
             return self.text_speakers
-        return DEFAULT_CLIENTS.get(self.dataset, 100)
+        part = find_part("dataset", self.dataset)
+        return int(part.info.get("default_clients", 100)) if part is not None else 100
 
 
 BUILTIN_MODELS = ("mlp", "logistic", "char_gru", "char_lstm")
@@ -226,10 +231,13 @@ class ClientConfig(Section):
 class ServerConfig(Section):
     rounds: int = Field(default=20, ge=1)
     cohort: int = Field(default=30, ge=1)
-    # auto: poisson under privacy.mode = 'central' (the sampling DP-FedAvg's accountant assumes), else random
-    selector: Literal["auto", "random", "poisson", "oort"] = "auto"
-    oort_epsilon: float = Field(default=0.2, ge=0, le=1)  # fraction of each cohort that explores untried clients
-    oort_alpha: float = Field(default=2.0, ge=0)  # strength of the penalty on clients slower than preferred
+    # Parts chosen by name, each with its own keys (fleetlearn.parts): a name, or a table
+    # ``{name = "oort", epsilon = 0.3}`` ([server.selector] as a sub-table works too).  The
+    # old flat keys (server.oort_epsilon, server.weighting_floor, server.server_beta1, ...) are
+    # still read, with a note naming the new key (LEGACY_KEYS; docs/architecture.md section 6).
+    # selector: any registered selector (random, poisson, oort, ...) or auto: poisson under
+    # privacy.mode = 'central' (the sampling DP-FedAvg's accountant assumes), else random.
+    selector: str = "auto"
     # The aggregator part: mean (FedAvg) or a robust rule (see fleetlearn.aggregation).
     # Any name in the aggregator registry (fleetlearn.aggregation.register_aggregator): mean,
     # median, trimmed_mean, krum, multi_krum, bulyan, geometric_median, norm_bounded_mean,
@@ -267,27 +275,18 @@ class ServerConfig(Section):
     reputation_threshold: float = Field(default=0.5, ge=0, lt=1)
     # Validation before aggregation (None: round, duplicate, examples, shape, finite, plus the
     # checks whose bound is set below).
-    validators: list[str] | None = None
+    validators: list[str] | None = None  # names of registered validators (fleetlearn.parts, kind "validator")
     max_update_norm: float | None = Field(default=None, gt=0)  # refuse updates above this L2 norm
     max_norm_ratio: float | None = Field(default=None, gt=1)  # refuse updates above ratio x cohort median norm
     max_claimed_examples: int | None = Field(default=None, ge=1)  # refuse claims above this count
-    # How accepted updates are weighted: examples (capped claims) | uniform | loss_improvement | distance
-    # | label_importance (from the label histogram each client sends in its update metrics).
-    weighting: Literal["examples", "uniform", "loss_improvement", "distance", "label_importance"] = "examples"
-    weighting_floor: float = Field(default=0.1, ge=0, le=1)  # loss_improvement
-    weighting_mode: Literal["exp", "cosine"] = "exp"  # distance
-    weighting_temperature: float = Field(default=1.0, gt=0)  # distance
-    # label_importance: the label distribution the weighted mixture of clients should match, and the fit
-    # (multiplicative: EM mixture proportions, dense weights; nnls: least squares, sparse weights).
-    weighting_target: Literal["uniform", "global"] = "uniform"
-    weighting_method: Literal["multiplicative", "nnls"] = "multiplicative"
-    # Server optimizer (Reddi et al., ICLR 2021): sgd (FedAvg) | momentum (FedAvgM) | adam | yogi | adagrad.
-    optimizer: Literal["sgd", "momentum", "adam", "yogi", "adagrad"] = "sgd"
+    # How accepted updates are weighted (aggregation/weighting.py): examples (capped claims) | uniform
+    # | loss_improvement {floor} | distance {mode, temperature} | label_importance {target, method}
+    # (from the label histogram each client sends in its update metrics).
+    weighting: str = "examples"
+    # Server optimizer (Reddi et al., ICLR 2021): sgd (FedAvg) | momentum {momentum} (FedAvgM)
+    # | adam {beta1, beta2, tau} | yogi {beta1, beta2, tau} | adagrad {beta1, tau}.
+    optimizer: str = "sgd"
     server_lr: float = Field(default=1.0, gt=0)  # adam/yogi/adagrad want about 1e-2 to 1e-1
-    server_momentum: float = Field(default=0.9, ge=0, lt=1)
-    server_beta1: float = Field(default=0.9, ge=0, lt=1)
-    server_beta2: float = Field(default=0.99, ge=0, lt=1)
-    server_tau: float = Field(default=1e-3, gt=0)
     server_lr_schedule: Literal["constant", "step", "cosine", "plateau"] = "constant"
     server_lr_step_size: int = Field(default=10, ge=1)
     server_lr_gamma: float = Field(default=0.5, gt=0)
@@ -337,6 +336,96 @@ class ServerConfig(Section):
     # Federated evaluation of the global model on clients' local test splits: at most
     # this many clients (a seeded sample; 0 = every client).
     eval_clients: int = Field(default=1000, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_flat_keys(cls, data: Any) -> Any:
+        return read_legacy_keys(data, "server", CHOICES, {f: ServerConfig.model_fields[f].default for f in CHOICES})
+
+    @field_validator("selector", "weighting", "optimizer", mode="plain")
+    @classmethod
+    def _choice(cls, v: Any, info: Any) -> Choice:
+        return choose(CHOICES[info.field_name], v, f"server.{info.field_name}", CHOICE_EXTRA.get(info.field_name, ()))
+
+    @field_serializer("selector", "weighting", "optimizer")
+    def _dump_choice(self, v: Any) -> Any:
+        return v.dump() if isinstance(v, Choice) else v
+
+    @field_validator("validators")
+    @classmethod
+    def _registered_validators(cls, v: list[str] | None) -> list[str] | None:
+        bad = [n for n in v or () if find_part("validator", n) is None]
+        if bad:
+            raise ValueError(f"unknown validator(s) {bad}; allowed: {', '.join(part_names('validator'))} "
+                             "(or a validator registered with fleetlearn.parts.register_part('validator', ...))")
+        return v
+
+    def options(self, field: str) -> Any:
+        """The chosen part's own settings (a pydantic model), e.g. ``options("selector").epsilon``."""
+        return getattr(getattr(self, field), "options", None)
+
+
+# [server] fields that choose a part (field -> registry kind), and names that are not parts.
+CHOICES = {"selector": "selector", "weighting": "weighting", "optimizer": "server_optimizer"}
+CHOICE_EXTRA = {"selector": ("auto",)}
+
+
+def legacy_keys(kind: str) -> dict[str, tuple[str, list[str]]]:
+    """Old flat key -> (the part's key, the parts that read it), from the registry."""
+    out: dict[str, tuple[str, list[str]]] = {}
+    for name in part_names(kind):
+        for old, new in find_part(kind, name).legacy.items():
+            out.setdefault(old, (new, []))[1].append(name)
+    return out
+
+
+class OldKeyNote(FutureWarning):
+    """An old flat config key was read; the message names the new key."""
+
+
+def read_legacy_keys(data: Any, section: str, choices: dict[str, str], defaults: dict[str, Any]) -> Any:
+    """Move old flat keys (``oort_epsilon``) into the table of the part that reads them
+    (``selector = {name = "oort", epsilon = ...}``).  A key of a part that is not chosen is
+    dropped when it has its default value (configs written out by older versions list every
+    key) and refused otherwise.  Non-default values read this way are noted (`OldKeyNote`)."""
+    if not isinstance(data, dict):
+        return data
+    import warnings
+
+    data = dict(data)
+    for field, kind in choices.items():
+        legacy = legacy_keys(kind)
+        present = [k for k in legacy if k in data]
+        if not present:
+            continue
+        chosen = data.get(field, defaults[field])
+        if isinstance(chosen, Choice):
+            chosen = chosen.dump()
+        table = dict(chosen) if isinstance(chosen, dict) else {"name": chosen}
+        moved = dict(table.pop("__legacy__", None) or {})
+        name = table.get("name")
+        for old in present:
+            new, owners = legacy[old]
+            value = data.pop(old)
+            config = find_part(kind, owners[0]).config
+            default = config.model_fields[new].default if config is not None and new in config.model_fields else None
+            if name not in owners:
+                if value == default:
+                    continue
+                raise ValueError(
+                    f"{section}.{old} = {value!r}: read only by {section}.{field} = {' / '.join(map(repr, owners))}, "
+                    f"not by {section}.{field} = {name!r}; remove it (its new form is {section}.{field} = {{name = {owners[0]!r}, {new} = ...}})"
+                )
+            if new in table:
+                raise ValueError(f"{section}.{old} and {section}.{field}.{new} both given: keep {section}.{field}.{new} (the new form) only")
+            table[new] = value
+            moved[new] = old
+            if value != default:
+                warnings.warn(f"{section}.{old} is an old key, read as {section}.{field}.{new}; write "
+                              f"{section}.{field} = {{name = {name!r}, {new} = {value!r}}} instead", OldKeyNote, stacklevel=2)
+        table["__legacy__"] = moved
+        data[field] = table
+    return data
 
 
 class DevicesConfig(Section):
@@ -399,7 +488,8 @@ class CompressionConfig(Section):
 
 
 class PrivacyConfig(Section):
-    """Differential privacy and secure aggregation (see fleetlearn.privacy)."""
+    """Differential privacy and secure aggregation (see fleetlearn.privacy).  The one schema
+    of `[privacy]`: `fleetlearn.privacy.PrivacySettings` is this class."""
 
     mode: Literal["none", "central", "local"] = "none"  # central: DP-FedAvg; local: noise on each device
     noise_multiplier: float = Field(default=1.0, ge=0)  # z; with adaptive clipping, the combined z
@@ -437,6 +527,21 @@ class PrivacyConfig(Section):
                 f"{shown}: not used with privacy.mode = {self.mode!r} / privacy.secure_aggregation = {self.secure_aggregation}; "
                 "set privacy.mode = 'central' or 'local' for the DP keys, privacy.secure_aggregation = true for the secagg_* keys, or remove them"
             )
+        def bad(key: str, msg: str) -> ValueError:
+            return ValueError(f"privacy.{key} = {getattr(self, key)!r}: {msg}")
+
+        if self.adaptive_clipping and self.mode != "central":
+            raise bad("adaptive_clipping", "adaptive clipping needs privacy.mode = 'central'")
+        if self.telemetry_noise_multiplier is not None and self.mode != "central":
+            raise bad("telemetry_noise_multiplier", "private telemetry is released by the server: it needs privacy.mode = 'central'")
+        n = self.secagg_neighbors
+        if n is not None and n % 2:
+            raise bad("secagg_neighbors", "must be an even integer >= 2 (SecAgg+ graph degree) or unset for all pairs")
+        if self.mode == "central" and self.secure_aggregation and self.secagg_clip_range < 1:
+            raise bad("secagg_clip_range", "must be >= 1 with central DP (clients send D/C, coordinates in [-1, 1])")
+        t = self.secagg_threshold
+        if t is not None and t > 1 and not float(t).is_integer():
+            raise bad("secagg_threshold", "allowed: an integer >= 2 (clients) or a fraction in (0, 1] of the share holders")
         if self.accounting == "pld":
             for key in ("noise_multiplier", "telemetry_noise_multiplier"):
                 z = getattr(self, key)
@@ -591,7 +696,7 @@ MAX_THREADS = 512  # engine.threads: more aborts inside the OpenMP runtime long 
 class EngineConfig(Section):
     # simulation: in-process; ray: the same simulation with local training on Ray workers
     # (needs the optional extra: pip install "fleetlearn[ray]").
-    backend: Literal["simulation", "ray"] = "simulation"
+    backend: str = "simulation"  # a registered transport (fleetlearn.parts, kind "transport")
     # Train the cohort as one batched (vmapped) computation when the model allows it.
     vectorize: bool = True
     # torch intra-op threads while a run executes (restored afterwards). "auto": one thread
@@ -607,6 +712,14 @@ class EngineConfig(Section):
     regions: int = Field(default=1, ge=1)
     min_regions: int = Field(default=1, ge=1)
     region_failure: float = Field(default=0.0, ge=0, le=1)
+
+    @field_validator("backend")
+    @classmethod
+    def _registered_backend(cls, v: str) -> str:
+        if find_part("transport", v) is None:
+            raise ValueError(f"unknown backend; allowed: {', '.join(part_names('transport'))} "
+                             "(or a transport registered with fleetlearn.parts.register_part('transport', ...))")
+        return v
 
     @field_validator("threads")
     @classmethod
@@ -691,10 +804,7 @@ class RunConfig(Section):
             raise ValueError(f"server.cohort = {self.server.cohort} exceeds the number of clients (data.clients = {n})")
         if self.server.min_replies > self.server.cohort:
             raise ValueError(f"server.min_replies = {self.server.min_replies} exceeds server.cohort = {self.server.cohort}")
-        if self.server.reputation and self.server.aggregator != "dnc":
-            raise ValueError(f"server.reputation = true needs the flags of server.aggregator = 'dnc'; got server.aggregator = {self.server.aggregator!r}")
-        if self.server.mode == "async" and self.server.aggregator == "mifa":
-            raise ValueError("server.aggregator = 'mifa' keeps one update per client for synchronous rounds; it cannot run with server.mode = 'async'")
+        check_config(self)  # the pair rules between parts, from their capabilities (fleetlearn.compat)
         if self.server.mode == "async" and (self.privacy.mode != "none" or self.privacy.secure_aggregation):
             raise ValueError(
                 f"privacy.mode = {self.privacy.mode!r} / privacy.secure_aggregation = {self.privacy.secure_aggregation} with server.mode = 'async': "
@@ -742,15 +852,10 @@ class RunConfig(Section):
                 raise ValueError(f"compression.adaptive chooses the uplink chain from compression.ladder; leave compression.uplink = 'none' (got {comp.uplink!r})")
             if not comp.ladder:
                 raise ValueError("compression.ladder must list at least one chain")
-        helper = client_side_helper(self)
-        if helper and self.server.mode == "async":
-            raise ValueError(f"{helper} runs in synchronous rounds only; it cannot run with server.mode = 'async'")
         if self.server.partial_work and self.server.deadline_s is None:
             raise ValueError("server.partial_work needs a deadline: set server.deadline_s")
         if self.data.examples_per_client is not None and self.data.partition != "iid":
             raise ValueError(f"data.examples_per_client needs data.partition = 'iid', not {self.data.partition!r}")
-        if self.data.partition == "natural" and self.data.dataset not in NATURAL_DATASETS and ":" not in self.data.dataset:
-            raise ValueError(f"data.partition = 'natural' needs a dataset with its own devices ({', '.join(NATURAL_DATASETS)} or a custom one), not {self.data.dataset!r}")
         self._heterofl_checks()
         method = self.personalization.method
         if method != "none":
@@ -795,17 +900,11 @@ class RunConfig(Section):
 
 
 def client_side_helper(config: RunConfig) -> str | None:
-    """The first enabled option that needs the client runtime's extra messages (SCAFFOLD's
-    control variates, oversampling, label histograms), as "key = value", or None.  Every
-    backend carries them (one client device); FedBuff's asynchronous loop does not."""
-    for key, on in (
-        ("client.objective = 'scaffold'", config.client.objective == "scaffold"),
-        ("client.oversample = true", config.client.oversample),
-        ("server.weighting = 'label_importance'", config.server.weighting == "label_importance"),
-    ):
-        if on:
-            return key
-    return None
+    """The first enabled option that needs the client device's extra messages (SCAFFOLD's
+    control variates, oversampling, a weighting with capability `client_helpers` such as
+    label_importance's histograms), as "key = value", or None.  Every backend carries
+    them (one client device); FedBuff's asynchronous loop does not (fleetlearn.compat)."""
+    return _client_side_helper(config)
 
 def _check_clustering(cfg: "RunConfig") -> None:
     """Clustered FL runs on the synchronous simulation with a per-update aggregator."""
@@ -827,8 +926,8 @@ def _check_clustering(cfg: "RunConfig") -> None:
     ):
         if on:
             raise ValueError(f"{what} cannot be combined with {key} yet: each wraps the model its own way")
-    if srv.aggregator == "mifa":
-        raise ValueError(f"{what} cannot run with server.aggregator = 'mifa'")
+    if has("aggregator", srv.aggregator, "needs_client_ids"):  # mifa: its per-client memory is not per cluster
+        raise ValueError(f"{what} cannot run with server.aggregator = {srv.aggregator!r} [capability 'needs_client_ids' of aggregator {srv.aggregator!r}]")
     if cfg.privacy.mode != "none" or cfg.privacy.secure_aggregation:
         raise ValueError(
             f"{what} cannot run with privacy.mode = {cfg.privacy.mode!r} / privacy.secure_aggregation = {cfg.privacy.secure_aggregation}: "
@@ -855,8 +954,9 @@ def _check_aggregator(cfg: "RunConfig") -> None:
     checks (krum: n > 2f + 2, multi_krum: m <= n, bulyan: n >= 4f + 3, dnc: n > 2f, ...)
     refuse the config."""
     srv = cfg.server
-    if srv.aggregator in ("mean", "mifa") or cfg.model.heterofl:
-        return
+    part = find_part("aggregator", srv.aggregator)
+    if srv.aggregator == "mean" or part is None or part.build is not None or cfg.model.heterofl:
+        return  # a rule built from the run's size (mifa) is not probed from [server] keys
     n = (srv.buffer_size or srv.cohort) if srv.mode == "async" else srv.cohort
     import torch
 

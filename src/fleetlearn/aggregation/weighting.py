@@ -31,10 +31,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
+
+from ..parts import PartConfig, register_part, table
 
 ArrayLike = np.ndarray | torch.Tensor | Sequence[float]
 
@@ -369,10 +372,43 @@ class LabelImportanceWeighting:
         return _match(w, info, self.name)
 
 
-WEIGHTINGS = {
-    cls.name: cls
-    for cls in (ExampleWeighting, UniformWeighting, LossImprovementWeighting, DistanceWeighting, LabelImportanceWeighting)
-}
+# -- registration (fleetlearn.parts): each weighting with its own keys ----------------------
+# ``server.weighting = {name = "distance", mode = "cosine"}``; the old flat keys
+# ``server.weighting_<key>`` are still read (see `legacy`).  "examples" reads the claim caps
+# ``server.max_examples`` / ``server.max_examples_ratio`` (shared with the coordinator's weights).
+
+
+class LossImprovementConfig(PartConfig):
+    floor: float = Field(default=0.1, ge=0, le=1)
+
+
+class DistanceConfig(PartConfig):
+    mode: Literal["exp", "cosine"] = "exp"
+    temperature: float = Field(default=1.0, gt=0)
+
+
+class LabelImportanceConfig(PartConfig):
+    # the label distribution the weighted mixture of clients should match, and the fit
+    # (multiplicative: EM mixture proportions, dense weights; nnls: least squares, sparse weights).
+    target: Literal["uniform", "global"] = "uniform"
+    method: Literal["multiplicative", "nnls"] = "multiplicative"
+
+
+def _build_examples(ctx: Any, options: Any) -> ExampleWeighting:
+    srv = ctx.config.server
+    return ExampleWeighting(max_examples=srv.max_examples, max_examples_ratio=srv.max_examples_ratio)
+
+
+register_part("weighting", "examples", ExampleWeighting, build=_build_examples)
+register_part("weighting", "uniform", UniformWeighting)
+register_part("weighting", "loss_improvement", LossImprovementWeighting, config=LossImprovementConfig,
+              legacy={"weighting_floor": "floor"}, capabilities={"needs_losses"})
+register_part("weighting", "distance", DistanceWeighting, config=DistanceConfig,
+              legacy={"weighting_mode": "mode", "weighting_temperature": "temperature"}, capabilities={"needs_individual_updates"})
+register_part("weighting", "label_importance", LabelImportanceWeighting, config=LabelImportanceConfig,
+              legacy={"weighting_target": "target", "weighting_method": "method"}, capabilities={"client_helpers"})
+
+WEIGHTINGS = table("weighting")  # name -> class: a live view of the registry
 
 
 def make_weighting(name: str, **params: Any):

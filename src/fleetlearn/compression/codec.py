@@ -59,6 +59,7 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
+from ..parts import register_part, table
 from ..params import PayloadError
 from . import wire
 from .base import Stage, new_rng
@@ -107,7 +108,7 @@ class ErrorFeedback(Stage):
     role = "ef"
 
 
-CODECS: dict[str, Callable[[list[str], dict[str, str]], Stage]] = {
+_BUILTIN_CODECS: dict[str, Callable[[list[str], dict[str, str]], Stage]] = {
     "none": Float32Codec.from_args,
     "fp16": Float16Codec.from_args,
     "bf16": BFloat16Codec.from_args,
@@ -128,14 +129,21 @@ def register_codec(name: str, factory: Callable[[list[str], dict[str, str]], Sta
     it in `compression.uplink` (and clients announce it).  `factory(positional, options)`
     returns a `Stage` (a value codec, a `Sparsifier`, ...) whose payload uses one of the
     self-describing wire formats, so any build decodes it without knowing the new name.
-    Refuses a name that is taken or not a plain lowercase word."""
+    Refuses a name that is taken or not a plain lowercase word.  The same as
+    ``fleetlearn.parts.register_part("codec", name, factory)``."""
     if not isinstance(name, str) or not name.replace("_", "").isalnum() or name.lower() != name or name[0].isdigit():
         raise ValueError(f"codec name {name!r} must be a lowercase word (letters, digits, '_')")
     if name in CODECS and CODECS[name] is not factory:
         raise ValueError(f"codec name {name!r} is taken")
     if not callable(factory):
         raise ValueError(f"codec {name!r}: the factory must be callable (positional, options) -> Stage")
-    CODECS[name] = factory
+    register_part("codec", name, factory)
+
+
+for _name, _factory in _BUILTIN_CODECS.items():
+    register_part("codec", _name, _factory)
+# name -> factory(positional, options): a live view of the registry's "codec" kind.
+CODECS = table("codec")
 
 
 # Wire formats added after their codec's name first shipped: a client announces them

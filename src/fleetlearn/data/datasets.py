@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fleetlearn.data.errors import DataError
+from fleetlearn.errors import ConfigError
+from fleetlearn.parts import find_part, register_part
 from fleetlearn.data.fashion_mnist import NUM_CLASSES as FASHION_MNIST_CLASSES
 from fleetlearn.data.fashion_mnist import load_fashion_mnist
 from fleetlearn.data.synthetic import generate_synthetic
@@ -43,25 +45,39 @@ class Dataset:
 
 
 def load_dataset(cfg: "DataConfig", seed: int) -> Dataset:
-    if cfg.dataset == "digits":
-        return load_digits()
-    if cfg.dataset == "synthetic":
-        x, y, devices = generate_synthetic(
-            cfg.num_clients,
-            cfg.synthetic_alpha,
-            cfg.synthetic_beta,
-            cfg.synthetic_iid,
-            cfg.synthetic_dim,
-            cfg.synthetic_classes,
-            np.random.default_rng(seed),
-        )
-        return Dataset("synthetic", x, y, cfg.synthetic_classes, devices=devices, device_test_fraction=SYNTHETIC_DEVICE_TEST_FRACTION)
-    if cfg.dataset == "fashion_mnist":
-        x, y, test_x, test_y = load_fashion_mnist(cfg.path)
-        return Dataset("fashion_mnist", x, y, FASHION_MNIST_CLASSES, test_x=test_x, test_y=test_y)
-    if cfg.dataset == "sotu":
-        return load_sotu(cfg, seed)
-    return load_custom(cfg.dataset, seed)
+    """The dataset `data.dataset` names: a registered one (``fleetlearn.parts``, kind "dataset")
+    or an import path "pkg.module:function"."""
+    part = find_part("dataset", cfg.dataset)
+    if part is None:
+        return load_custom(cfg.dataset, seed)
+    where = f"data.dataset = {cfg.dataset!r}"
+    try:
+        out = part.obj(cfg, seed)
+    except (DataError, ConfigError):
+        raise
+    except Exception as exc:
+        raise DataError(f"{where}: the dataset loader raised {type(exc).__name__}: {exc}") from exc
+    if isinstance(out, Dataset):
+        return out
+    return _from_mapping(out, cfg.dataset, where)
+
+
+def _load_synthetic(cfg: "DataConfig", seed: int) -> Dataset:
+    x, y, devices = generate_synthetic(
+        cfg.num_clients,
+        cfg.synthetic_alpha,
+        cfg.synthetic_beta,
+        cfg.synthetic_iid,
+        cfg.synthetic_dim,
+        cfg.synthetic_classes,
+        np.random.default_rng(seed),
+    )
+    return Dataset("synthetic", x, y, cfg.synthetic_classes, devices=devices, device_test_fraction=SYNTHETIC_DEVICE_TEST_FRACTION)
+
+
+def _load_fashion_mnist(cfg: "DataConfig", seed: int) -> Dataset:
+    x, y, test_x, test_y = load_fashion_mnist(cfg.path)
+    return Dataset("fashion_mnist", x, y, FASHION_MNIST_CLASSES, test_x=test_x, test_y=test_y)
 
 
 def load_sotu(cfg: "DataConfig", seed: int) -> Dataset:
@@ -117,6 +133,11 @@ def load_custom(import_path: str, seed: int) -> Dataset:
     except SystemExit as exc:
         raise DataError(f"{where}: the dataset function called exit ({exc.code!r}); expected it to return "
                         "{'x': (N, F) floats, 'y': (N,) ints >= 0, optionally 'client': (N,) ints}") from None
+    return _from_mapping(out, import_path, where)
+
+
+def _from_mapping(out: Any, name: str, where: str) -> Dataset:
+    """A `Dataset` from a user function's {"x", "y"[, "client"]}, every value checked."""
     if not isinstance(out, Mapping):
         raise DataError(f"{where}: must return a dict with keys 'x', 'y' and optionally 'client', got {type(out).__name__}")
     missing = [k for k in ("x", "y") if k not in out]
@@ -153,10 +174,21 @@ def load_custom(import_path: str, seed: int) -> Dataset:
             "number of examples (renumber them, e.g. np.unique(y, return_inverse=True)[1])"
         )
     devices = _integer_vector(_array(out["client"], "client", where), "client", len(x), where) if "client" in out else None
-    return Dataset(import_path, x.astype(np.float32), y, num_classes, devices=devices)
+    return Dataset(name, x.astype(np.float32), y, num_classes, devices=devices)
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+# -- registration (fleetlearn.parts): the built-in datasets ---------------------------------------
+# A loader is ``loader(data_config, seed) -> Dataset`` (or the dict a custom function returns).
+# Info: `default_clients` (the population when data.clients is unset), `default_partition`;
+# capability `natural_devices`: it brings its own devices (partition "natural").
+register_part("dataset", "digits", lambda cfg, seed: load_digits(), default_clients=100)
+register_part("dataset", "synthetic", _load_synthetic, capabilities={"natural_devices"}, default_clients=30)  # FedProx's 30 devices
+register_part("dataset", "fashion_mnist", _load_fashion_mnist, default_clients=100)
+# one client per president of the State of the Union corpus
+register_part("dataset", "sotu", load_sotu, capabilities={"natural_devices"}, default_clients=43, default_partition="natural")
 
 
 def _array(value: Any, key: str, where: str) -> np.ndarray:

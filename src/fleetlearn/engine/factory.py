@@ -1,12 +1,15 @@
-"""Assemble a Coordinator from a RunConfig: the registry of parts, in one place."""
+"""Assemble a Coordinator from a RunConfig.  Parts are looked up by name in the one registry
+(fleetlearn.parts) and built from their own config (`build_part`); the pair rules between
+them are fleetlearn.compat's."""
 
 from __future__ import annotations
 
-from ..aggregation import AGGREGATORS, SERVER_OPTIMIZERS
+from .. import compat
 from ..attacks import build_attack
 from ..client import Device
 from ..compression import AdaptiveCompression, CountSketch, parse_chain
 from ..config import ConfigError, RunConfig
+from ..parts import BuildContext, build_part, get_part
 from ..data import FederatedData, load_federated
 from ..devices import make_fleet
 from ..learners import TorchLearner, model_factory
@@ -14,11 +17,8 @@ from ..monitoring import build_monitoring
 from ..ops import RunStore
 from ..ops.registry import PARAM_SPEC_FILE
 from ..privacy import PrivacyParts, build_privacy
-from ..selection import SELECTORS
-from ..transport import SimulationTransport
 from ..aggregation.pipeline import build_pipeline
 from ..aggregation.schedules import schedule_from_config
-from ..aggregation.weighting import make_weighting
 from ..validation import build_validators
 from .clock import VirtualClock
 from .coordinator import Coordinator, RoundHook
@@ -160,24 +160,21 @@ def build_aggregator(config: RunConfig, dim: int | None = None, population: int 
         from ..learners.heterofl import HeteroFLAggregator
 
         return HeteroFLAggregator(learner)  # server.aggregator = "mean", per coordinate over its covering clients
-    if srv.aggregator == "mifa":
-        from ..aggregation.mifa import MIFA
-
-        return _part("server.aggregator", "aggregator", "mifa", lambda: MIFA(dim, max_clients=srv.mifa_max_clients or population))
-    cls = AGGREGATORS[srv.aggregator]
+    part = get_part("aggregator", srv.aggregator)
+    if part.build is not None:  # built from the run's size (mifa)
+        ctx = BuildContext(config, population=population, dim=dim)
+        return _part("server.aggregator", "aggregator", srv.aggregator, lambda: build_part("aggregator", srv.aggregator, None, ctx))
+    cls = part.obj
     keys = getattr(cls, "config_keys", {})
     kwargs = {arg: getattr(srv, key) for key, arg in keys.items() if getattr(srv, key) is not None}
     return _part("server.aggregator", "aggregator", srv.aggregator, lambda: cls(**kwargs))
 
 
 def build_server_optimizer(config: RunConfig):
+    """`server.optimizer` with its own keys (beta1, tau, ...) and `server.server_lr`."""
     srv = config.server
-    cls = SERVER_OPTIMIZERS[srv.optimizer]
-    if srv.optimizer == "sgd":
-        return cls(srv.server_lr)
-    if srv.optimizer == "momentum":
-        return cls(srv.server_lr, momentum=srv.server_momentum)
-    return cls(srv.server_lr, beta1=srv.server_beta1, beta2=srv.server_beta2, tau=srv.server_tau)
+    return _part("server.optimizer", "optimizer", str(srv.optimizer),
+                 lambda: build_part("server_optimizer", srv.optimizer, srv.options("optimizer"), BuildContext(config)))
 
 
 def build_run_validators(config: RunConfig) -> list:
@@ -189,17 +186,10 @@ def build_run_validators(config: RunConfig) -> list:
 
 
 def build_weighting(config: RunConfig):
+    """`server.weighting` with its own keys (floor, mode, ...)."""
     srv = config.server
-    params: dict = {}
-    if srv.weighting == "examples":
-        params = {"max_examples": srv.max_examples, "max_examples_ratio": srv.max_examples_ratio}
-    elif srv.weighting == "loss_improvement":
-        params = {"floor": srv.weighting_floor}
-    elif srv.weighting == "distance":
-        params = {"mode": srv.weighting_mode, "temperature": srv.weighting_temperature}
-    elif srv.weighting == "label_importance":
-        params = {"target": srv.weighting_target, "method": srv.weighting_method}
-    return _part("server.weighting", "weighting", srv.weighting, lambda: make_weighting(srv.weighting, **params))
+    return _part("server.weighting", "weighting", str(srv.weighting),
+                 lambda: build_part("weighting", srv.weighting, srv.options("weighting"), BuildContext(config)))
 
 
 _SCHEDULE_KEYS = {"step": ("step_size", "gamma"), "cosine": ("min",), "plateau": ("factor", "patience", "min")}
@@ -219,12 +209,9 @@ def build_privacy_parts(config: RunConfig, population: int, aggregator) -> Priva
     p = config.privacy
     if p.mode == "none" and not p.secure_aggregation:
         return None
-    settings = p.model_dump()
-    if settings["secagg_threshold"] is not None and float(settings["secagg_threshold"]).is_integer() and settings["secagg_threshold"] >= 2:
-        settings["secagg_threshold"] = int(settings["secagg_threshold"])
     try:
         return build_privacy(
-            settings,
+            p,  # the [privacy] section is the privacy settings (one schema, validated once)
             cohort=config.server.cohort,
             population=population,
             seed=config.seed,
@@ -245,7 +232,7 @@ def selector_name(config: RunConfig) -> str:
     name = config.server.selector
     if name == "auto":
         return "poisson" if config.privacy.mode == "central" else "random"
-    return name
+    return str(name)
 
 
 def build_decoder(uplink, learner, clustering=None):
@@ -266,23 +253,20 @@ def build_decoder(uplink, learner, clustering=None):
 
 def build_selector(config: RunConfig, population: int):
     srv = config.server
+    """`server.selector` ("auto" resolved) with its own keys, capped by `server.max_newcomers`;
+    under central DP it must sample uniformly (compat.check_selector)."""
+    srv = config.server
     name = selector_name(config)
-    if name == "oort":
-        selector = SELECTORS["oort"](population, epsilon=srv.oort_epsilon, alpha=srv.oort_alpha, quantile=srv.deadline_quantile)
-    else:
-        selector = SELECTORS[name]()
+    options = srv.options("selector") if name == srv.selector else get_part("selector", name).options()
+    selector = _part("server.selector", "selector", name,
+                     lambda: build_part("selector", name, options, BuildContext(config, population=population)))
     if srv.max_newcomers is not None:
         from ..selection import NewcomerCap
 
         selector = NewcomerCap(selector, srv.max_newcomers, population)
-    if config.privacy.mode == "central" and selector.inclusion(range(population), min(srv.cohort, population)) is None:
-        what = f"server.selector = {srv.selector!r}" if srv.max_newcomers is None else f"server.max_newcomers = {srv.max_newcomers}"
-        raise ConfigError(
-            f"{what} with privacy.mode = 'central': the accountant composes one subsampled Gaussian per round and needs "
-            "to know each client's chance of taking part; this selector's choice is not uniform (it depends on what "
-            "clients reported or on their history), so no sound epsilon can be given. Use server.selector = 'poisson' "
-            "(the default under central DP) or 'random' (fixed-size, accounted without replacement)"
-        )
+    if config.privacy.mode == "central":
+        what = f"server.selector = {str(srv.selector)!r}" if srv.max_newcomers is None else f"server.max_newcomers = {srv.max_newcomers}"
+        compat.check_selector(selector, population, srv.cohort, what)
     return selector
 
 
@@ -312,19 +296,10 @@ def _check_scaffold(config: RunConfig, uplink) -> None:
 def build_transport(config: RunConfig, data: FederatedData, device: Device, fleet, clock):
     """The transport of `[engine] backend`: in-process simulation, or the same on Ray workers
     (the same client device, so every client-side feature runs on both)."""
-    eng = config.engine
+    part = get_part("transport", config.engine.backend)  # registered in fleetlearn.transport
     attack = build_attack_part(config, data)
-    if eng.backend == "ray":
-        try:
-            from ..transport.ray_backend import RayTransport
-
-            return RayTransport(
-                data, device, fleet, config.seed, clock=clock, heartbeat_timeout_s=config.server.heartbeat_timeout_s,
-                attack=attack, address=eng.address, num_workers=eng.ray_workers,
-            )
-        except ImportError as exc:
-            raise ConfigError(f"engine.backend = 'ray': {exc}") from None
-    return SimulationTransport(data, device, fleet, config.seed, clock=clock, heartbeat_timeout_s=config.server.heartbeat_timeout_s, attack=attack)
+    compat.check_transport(config)  # the features on must be ones the backend carries
+    return part.obj(config, data, device, fleet, clock, attack)
 
 
 def build_coordinator(
@@ -346,7 +321,7 @@ def build_coordinator(
         raise ConfigError(f"server.cohort = {config.server.cohort} exceeds the {data.num_clients} clients the data has")
     fleet = make_fleet(config.devices, data.num_clients, config.seed)
     learner = build_learner(config, data, fleet)
-    if config.model.heterofl and transport_factory is not None:
+    if config.model.heterofl and (transport_factory is not None or not compat.has("transport", config.engine.backend, "heterofl")):
         raise ConfigError(f"model.widths = {config.model.widths}: HeteroFL runs in the simulation (engine.backend = 'simulation' or 'ray'); "
                           "the gRPC server sends the full model")
     x_unlabeled = None
@@ -374,8 +349,9 @@ def build_coordinator(
     adaptive = None
     if config.compression.adaptive:
         adaptive = _part("compression.ladder", "ladder", config.compression.ladder, lambda: AdaptiveCompression(config.compression.ladder, learner.spec.dim, seed=config.seed))
-    if _is_sketch(uplink) and config.server.aggregator != "mean":
-        raise ConfigError(f"compression.uplink = {config.compression.uplink!r} aggregates in sketch space, which only the mean can do; server.aggregator = {config.server.aggregator!r} needs individual updates")
+    if _is_sketch(uplink):
+        compat.check_linear(config.server.aggregator, f"compression.uplink = {config.compression.uplink!r}",
+                            "it aggregates in sketch space, which only a linear rule (the mean) can do")
     _check_scaffold(config, uplink)
     personalization = build_personalization_part(config, learner)  # over gRPC the clients run it (commands.client)
     device = Device(learner, uplink, downlink, seed=config.seed, adaptive=adaptive, personalization=personalization, num_classes=data.num_classes)
@@ -519,8 +495,9 @@ def _hierarchy(config: RunConfig, population: int, uplink, privacy):
     if config.engine.regions <= 1:
         return None
     why = None
-    if config.server.aggregator != "mean":
-        why = f"server.aggregator = {config.server.aggregator!r} does not decompose into regional sums (only the mean does)"
+    if not compat.has("aggregator", config.server.aggregator, "linear"):
+        why = (f"server.aggregator = {config.server.aggregator!r} does not decompose into regional sums (only the mean does)"
+               + compat.missing("aggregator", config.server.aggregator, "linear"))
     elif config.model.heterofl:
         why = "HeteroFL averages each coordinate over the clients whose width covers it, not through regional sums"
     elif _is_sketch(uplink):

@@ -1,4 +1,6 @@
-"""Which privacy settings can run together with which aggregators.
+"""Which privacy settings can run together with which aggregators (the rules themselves are
+in fleetlearn.compat, `check_privacy`; this module parses the mode string and keeps the
+older `check_compatible` signature).
 
 Secure aggregation (Bonawitz et al., CCS 2017) gives the server only the sum
 of the cohort's updates, so an aggregator that must see each update (median,
@@ -21,6 +23,8 @@ implemented.
 """
 
 from __future__ import annotations
+
+from ..compat import check_privacy
 
 PRIVACY_MODES = ("none", "central", "local")
 
@@ -57,29 +61,6 @@ def check_compatible(
     Returns the parsed ``(mode, secure_aggregation)``.
     """
     mode, secagg = parse_privacy_mode(privacy_mode, secure_aggregation)
-    if asynchronous and secagg:
-        raise ValueError(
-            "secure aggregation cannot run with asynchronous (buffered) aggregation: its key agreement, masking and "
-            "unmasking are rounds over a fixed cohort, and a buffer of updates computed at different times has no such "
-            "cohort. Use server.mode = 'sync' with secure aggregation"
-        )
-    if asynchronous and mode == "central":
-        raise ValueError(
-            "central DP accounting assumes synchronous rounds, each a Poisson-subsampled Gaussian mechanism over a sampled "
-            "cohort (McMahan et al. 2018); buffered asynchronous aggregation samples clients differently and weights "
-            "stale updates, which this accountant does not model. Use server.mode = 'sync', or privacy mode 'local'"
-        )
-    if secagg and aggregator_needs_individual_updates:
-        raise ValueError(
-            f"secure aggregation cannot be combined with {aggregator}: secure aggregation only ever reveals the SUM of the "
-            f"cohort's updates to the server (Bonawitz et al. 2017), but {aggregator} needs every individual update "
-            "(e.g. median, trimmed mean, Krum). Use the 'mean' aggregator with secure aggregation, or turn secure aggregation off"
-        )
-    if mode == "central" and aggregator_needs_individual_updates:
-        raise ValueError(
-            f"central DP cannot be combined with {aggregator}: DP-FedAvg (McMahan et al. 2018) calibrates its Gaussian noise "
-            f"to a SUM of clipped updates and replaces the aggregator with it, so {aggregator}, which needs individual "
-            "updates, would not run and its robustness would be lost. Use the 'mean' aggregator, or privacy mode 'local' "
-            "(noise added on each device; any aggregator is then post-processing)"
-        )
+    # The rules live with every other pair rule, in fleetlearn.compat.
+    check_privacy(aggregator_needs_individual_updates, mode, secagg, aggregator, asynchronous)
     return mode, secagg

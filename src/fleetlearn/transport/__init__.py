@@ -1,6 +1,39 @@
-"""Transports: how tasks reach clients (simulation now; Ray and gRPC later)."""
+"""Transports: how tasks reach clients (the in-process simulation, Ray workers, gRPC)."""
 
+from ..errors import ConfigError
+from ..parts import register_part
 from .base import Reply, Transport
 from .simulation import SimulationTransport, client_seed
+
+# -- registration (fleetlearn.parts): the backends `engine.backend` chooses ------------------------
+# A backend is ``build(config, data, device, fleet, clock, attack) -> Transport``.  Its
+# capabilities say what it carries (fleetlearn.compat refuses the features it lacks, naming them):
+#   client_helpers: SCAFFOLD control variates, oversampling, label histograms in the task/update;
+#   attack_simulation: simulated malicious clients; personalization: personal state per client;
+#   heterofl: sub-models of several widths; clustering: clustered FL's tagged models.
+# The gRPC server is an application-level transport (`fleetlearn server`): it is passed to
+# build_coordinator as a `transport_factory`, not chosen by engine.backend.
+SIMULATION_CAPABILITIES = frozenset({"client_helpers", "attack_simulation", "personalization", "heterofl", "clustering"})
+
+
+def _simulation(config, data, device, fleet, clock, attack):
+    return SimulationTransport(data, device, fleet, config.seed, clock=clock,
+                               heartbeat_timeout_s=config.server.heartbeat_timeout_s, attack=attack)
+
+
+def _ray(config, data, device, fleet, clock, attack):
+    eng = config.engine
+    try:
+        from .ray_backend import RayTransport
+
+        return RayTransport(data, device, fleet, config.seed, clock=clock, heartbeat_timeout_s=config.server.heartbeat_timeout_s,
+                            attack=attack, address=eng.address, num_workers=eng.ray_workers)
+    except ImportError as exc:
+        raise ConfigError(f"engine.backend = 'ray': {exc}") from None
+
+
+register_part("transport", "simulation", _simulation, capabilities=SIMULATION_CAPABILITIES)
+# Ray runs the same client device as the simulation on its workers: it carries everything.
+register_part("transport", "ray", _ray, capabilities=SIMULATION_CAPABILITIES)
 
 __all__ = ["Reply", "SimulationTransport", "Transport", "client_seed"]

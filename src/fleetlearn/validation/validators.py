@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..messages import Update
+from ..parts import register_part, table
 
 
 @dataclass
@@ -236,22 +237,23 @@ def filter_by_relative_norm(norms, factor: float) -> np.ndarray:
 
 # -- assembly ------------------------------------------------------------------------------
 
-VALIDATORS = {
-    v.name: v
-    for v in (
-        RoundValidator,
-        DuplicateValidator,
-        StalenessValidator,
-        ExampleCountValidator,
-        ExampleCountCapValidator,
-        ShapeValidator,
-        FiniteValidator,
-        NormBoundValidator,
-    )
-}
+# Registered in fleetlearn.parts ("validator" kind); `VALIDATORS` is a live view (name -> class).
+# `parameter`: the build_validators keyword (and [server] bound) a validator needs.
+for _cls, _param in (
+    (RoundValidator, None),
+    (DuplicateValidator, None),
+    (StalenessValidator, "max_staleness"),
+    (ExampleCountValidator, None),
+    (ExampleCountCapValidator, "max_examples"),
+    (ShapeValidator, None),
+    (FiniteValidator, None),
+    (NormBoundValidator, "max_norm"),
+):
+    register_part("validator", _cls.name, _cls, **({"parameter": _param} if _param else {}))
+VALIDATORS = table("validator")
 DEFAULT_VALIDATORS = ("round", "duplicate", "examples", "shape", "finite")
 # validator name -> the build_validators keyword it needs
-_PARAMETERS = {"staleness": "max_staleness", "examples_cap": "max_examples", "norm": "max_norm"}
+_PARAMETERS = {"staleness": "max_staleness", "examples_cap": "max_examples", "norm": "max_norm"}  # = their `parameter` info
 
 
 def default_validators() -> list:
