@@ -102,5 +102,7 @@ def test_guardrail_responses_survive_a_resume(tmp_path):
     fired = [r.round for r in whole.records if (r.extra.get("guardrail") or {}).get("fired")]
     assert fired and min(fired) <= 5  # the responses happened before the interruption
     assert whole.excluded_clients and resumed.excluded_clients == whole.excluded_clients
-    assert resumed.server_optimizer.server_lr == whole.server_optimizer.server_lr < 1.0
+    lr = whole.server_optimizer.lr
+    assert lr.value(resumed.server_state) == lr.value(whole.server_state) < 1.0
+    assert lr.base(resumed.server_state) == lr.base(whole.server_state) < 1.0
     assert torch.equal(resumed.params, whole.params)

@@ -191,10 +191,11 @@ class CanaryRollout:
         cand.params, cand.version, cand.round = prod.params, prod.version, prod.round
         cand.max_version = prod.max_version
         if type(cand.server_optimizer) is type(prod.server_optimizer):
-            cand.server_state = dict(prod.server_state)
+            # Production's moments, the candidate's own learning rate and schedule (its config's).
+            cand.server_state = cand.server_optimizer.lr.carry(dict(prod.server_state), cand.server_state)
         else:
             cand.server_state = cand.server_optimizer.init(prod.params)
-        cand._versions = {cand.version: (cand.params, cand.server_state)}
+        cand.versions.reset(cand.version, cand.params, cand.server_state)
         cand.clock.now = prod.clock.now
         cand.selector = RestrictedSelector(cand.selector, self.cand_ids)
         prod.config.server.cohort = self.prod_cohort

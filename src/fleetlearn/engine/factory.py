@@ -169,14 +169,15 @@ def build_aggregator(config: RunConfig, dim: int | None = None, population: int 
     return _part("server.aggregator", "aggregator", srv.aggregator, lambda: cls(**kwargs))
 
 
-def build_server_optimizer(config: RunConfig):
+def build_server_optimizer(config: RunConfig, schedule=None):
+    """The server optimizer; its learning rate and `schedule` (`server_lr_*`) live in its state."""
     srv = config.server
     cls = SERVER_OPTIMIZERS[srv.optimizer]
     if srv.optimizer == "sgd":
-        return cls(srv.server_lr)
+        return cls(srv.server_lr, schedule=schedule)
     if srv.optimizer == "momentum":
-        return cls(srv.server_lr, momentum=srv.server_momentum)
-    return cls(srv.server_lr, beta1=srv.server_beta1, beta2=srv.server_beta2, tau=srv.server_tau)
+        return cls(srv.server_lr, momentum=srv.server_momentum, schedule=schedule)
+    return cls(srv.server_lr, beta1=srv.server_beta1, beta2=srv.server_beta2, tau=srv.server_tau, schedule=schedule)
 
 
 def build_run_validators(config: RunConfig) -> list:
@@ -205,7 +206,8 @@ _SCHEDULE_KEYS = {"step": ("step_size", "gamma"), "cosine": ("min",), "plateau":
 
 
 def build_schedules(config: RunConfig) -> dict:
-    """The client and server learning-rate schedules, from `lr_*` / `server_lr_*` keys."""
+    """The client and server learning-rate schedules, from `lr_*` / `server_lr_*` keys
+    (the coordinator applies the client's; the server optimizer owns the server's)."""
     out = {}
     for name, section, prefix in (("client", config.client, "lr_"), ("server", config.server, "server_lr_")):
         kind = getattr(section, prefix + "schedule")
@@ -387,7 +389,8 @@ def build_coordinator(
     else:
         transport = build_transport(config, data, learner, fleet, runtime, clock)
     aggregator = build_aggregator(config, learner.spec.dim, data.num_clients, learner)
-    server_optimizer = build_server_optimizer(config)
+    schedules = build_schedules(config)
+    server_optimizer = build_server_optimizer(config, schedules["server"])
     evaluator = Evaluator(
         learner, data, config.server.eval_clients, config.seed, federated=transport_factory is None,
         personalization=personalization, personal_states=runtime.personal_states, chunk=config.server.cohort,
@@ -436,7 +439,7 @@ def build_coordinator(
         server_optimizer=server_optimizer,
         validators=build_run_validators(config),
         weighting=build_weighting(config),
-        schedules=build_schedules(config),
+        client_schedule=schedules["client"],
         downlink=downlink,
         uplink=uplink,
         # On a real network the server cannot see clients' data: central evaluation only.
