@@ -50,6 +50,7 @@ from ..data import load_federated
 from ..records import RoundRecord, RunSummary
 from ..selection import RestrictedSelector
 from .coordinator import Coordinator
+from .running import budget_exhausted
 
 CANARY_KEY = "canary"
 
@@ -156,7 +157,7 @@ class CanaryRollout:
         with self.production.running():
             t0 = time.perf_counter()
             while self.production.round < self.config.server.rounds:
-                if self.production.budget_exhausted():
+                if budget_exhausted(self.production):
                     break
                 record = self.step()
                 if on_round is not None:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..aggregation.pipeline import RuleStage
+from ..aggregation.weighting import ExampleWeighting
 from ..compression import CodecChain
 from ..config import RunConfig
 from ..learners.base import FitConfig
@@ -27,12 +28,12 @@ from ..learners.scaffold import SERVER_KEY as SCAFFOLD_C
 from ..messages import Task, Update
 from ..ops import RunStore
 from ..records import ClientRecord, RoundRecord, RunSummary
-from ..validation import ValidationContext
+from ..validation import RelativeNormFilter, ValidationContext
 from .clock import VirtualClock
 from .evaluation import Evaluator
 from .intake import Collected, Intake, UpdateDecoder, client_record, collect, round_deadline, tally
 from .resume import commit, load_side_state, resume, side_state
-from .running import SyncRounds, running
+from .running import SyncRounds, running, sampling
 from .step import aggregate
 from .summary import summarize
 from .versions import Versions, restore
@@ -97,19 +98,11 @@ class Coordinator:
         self.hooks = list(hooks)
         self.clock = clock if clock is not None else VirtualClock()
         self.privacy = privacy  # fleetlearn.privacy.PrivacyParts or None
-        if weighting is None:
-            from ..aggregation.weighting import ExampleWeighting
-
-            weighting = ExampleWeighting(config.server.max_examples, config.server.max_examples_ratio)
-        self.weighting = weighting
+        self.weighting = weighting if weighting is not None else ExampleWeighting(config.server.max_examples, config.server.max_examples_ratio)
         self.client_schedule = client_schedule  # the client lr's schedule (aggregation.schedules) or None
         self.client_lr = config.client.lr
         self._previous_aggregate: torch.Tensor | None = None
-        norm_filter = None
-        if config.server.max_norm_ratio is not None:
-            from ..validation import RelativeNormFilter
-
-            norm_filter = RelativeNormFilter(config.server.max_norm_ratio)
+        norm_filter = RelativeNormFilter(config.server.max_norm_ratio) if config.server.max_norm_ratio is not None else None
         # Decode and validate replies: the decoder is the run's payload shape (intake.py).
         self.intake = Intake(decoder if decoder is not None else UpdateDecoder(uplink, learner.spec.dim), validators, norm_filter)
         self.stopped_reason: str | None = None  # set when the run stops early (privacy budget)
@@ -183,20 +176,6 @@ class Coordinator:
             cfg["local_dp"] = {"clip_norm": self.privacy.local.clip_norm, "noise_multiplier": self.privacy.local.noise_multiplier}
         return cfg
 
-    def sampling(self, available, want: int) -> tuple[str, float]:
-        """How this round's cohort is drawn from `available`: the selector's (kind,
-        per-client inclusion probability).  The accountant composes exactly this; a
-        selector that is not uniform says None and counts as every client in every
-        round (no amplification; central DP refuses such selectors at build time)."""
-        inc = self.selector.inclusion(available, want) if len(available) and want > 0 else None
-        return inc if inc is not None else ("poisson", 1.0)
-
-    def privacy_stop_reason(self, sampling: tuple[str, float]) -> str | None:
-        if self.privacy is None:
-            return None
-        kind, q = sampling
-        return self.privacy.budget_stop_reason(q, kind)
-
     def encoded_params(self) -> bytes:
         # The broadcast payload is encoded once per model version.
         vec = self.params
@@ -236,24 +215,6 @@ class Coordinator:
             self._pool = (r, self.available(r))
         return self._pool[1]
 
-    def clients_ready(self) -> bool:
-        """Before a round: wait for `wait_for_clients` = (min clients, timeout s) when set.
-        If they do not come, the run stops (`stopped_reason` says why) instead of recording
-        rounds that end with nobody: waiting for clients never uses up rounds, and the run
-        can be resumed."""
-        if self.wait_for_clients is None:
-            return True
-        need, timeout = self.wait_for_clients
-        got = len(self.transport.wait_available(need, timeout))
-        if got >= need:
-            self._pool = None  # the pool is read after the wait
-            return True
-        self.stopped_reason = (
-            f"waited {timeout:g} s for {need} connected clients before round {self.round + 1}, {got} connected; "
-            "no round was run (resume the run when clients are back)"
-        )
-        return False
-
     def run_round(self) -> RoundRecord:
         t_wall = time.perf_counter()
         self.last_updates = self.last_weights = self.last_aggregate = self.prev_params = None
@@ -263,7 +224,7 @@ class Coordinator:
         srv = self.config.server
         available = self.round_pool(r)
         want = min(math.ceil(srv.cohort * srv.over_selection), len(available))
-        self.round_sampling = self.sampling(available, want)
+        self.round_sampling = sampling(self.selector, available, want)
         self._pool = None
         record = RoundRecord(round=r, version=self.version, sim_start_s=self.clock.now)
         if self.privacy is not None and self.privacy.accountant is not None:
@@ -365,20 +326,6 @@ class Coordinator:
     def running(self):
         """While a run executes: its torch threads and monitoring (`running.running`)."""
         return running(self)
-
-    def budget_exhausted(self) -> bool:
-        """True (and `stopped_reason` set) when the next round, at the sampling rate of the
-        pool it will draw from, would take the privacy spent past its budget: the run
-        stops cleanly before that round."""
-        if self.privacy is None or self.privacy.settings.budget_epsilon is None:
-            return False
-        srv = self.config.server
-        available = self.round_pool(self.round + 1)
-        want = min(math.ceil(srv.cohort * srv.over_selection), len(available))
-        reason = self.privacy_stop_reason(self.sampling(available, want))
-        if reason is not None:
-            self.stopped_reason = reason
-        return reason is not None
 
     def run(self, on_round: Callable[[RoundRecord], Any] | None = None) -> RunSummary:
         with self.running():
