@@ -25,7 +25,7 @@ inputs: the coordinator keeps earlier ``(params, state)`` pairs for rollback.  S
 the same numbers as never having stopped.
 
 **The learning rate lives in the state** (an optax-style transform with its hyper-parameter
-injected, Babuschkin et al.'s ``inject_hyperparams``): ``state["lr"]`` is the rate the next
+injected, as optax's ``inject_hyperparams`` does): ``state["lr"]`` is the rate the next
 step uses, ``state["lr/base"]`` the rate the schedule scales, and ``state["lr/schedule/*"]``
 a stateful schedule's memory (reduce-on-plateau).  ``ServerLR`` (``optimizer.lr``) owns them:
 ``at_round(state, round, metric)`` is the schedule's step at the start of a round,
