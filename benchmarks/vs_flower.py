@@ -111,7 +111,7 @@ def fleetlearn_side(n: int, rounds: int, seed: int, threads: int | None = None, 
         torch.set_num_threads(threads)
     from fleetlearn.config import load_config
     from fleetlearn.data import load_federated
-    from fleetlearn.engine.coordinator import run_threads
+    from fleetlearn.engine.running import run_threads
     from fleetlearn.engine.factory import build_coordinator
 
     with tempfile.TemporaryDirectory() as tmp:

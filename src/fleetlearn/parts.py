@@ -205,6 +205,7 @@ class BuildContext:
     population: int | None = None
     dim: int | None = None
     name: str = ""
+    schedule: Any = None  # server optimizers: the server lr schedule their state carries
 
 
 def build_part(kind: str, name: str, options: BaseModel | None = None, ctx: BuildContext | None = None) -> Any:

@@ -90,7 +90,7 @@ def test_validators_robust_rule_central_dp_codec_and_guardrail_in_one_round():
         assert rec.status == "ok" and rec.extra["dp_inner_rule"] == "norm_bounded_mean" and rec.extra["dp_epsilon"] > 0
         assert all(cr.codec == "q8 | zstd" and cr.uplink_bytes < 4 * c.dim for cr in rec.clients if cr.status == "accepted")
     good = c.version
-    c.base_server_lr = 1e4  # a broken server step (the schedule scales this lr): the loss explodes
+    c.server_state = c.server_optimizer.lr.set(c.server_state, base=1e4)  # a broken server step (the schedule scales this lr): the loss explodes
     rec = c.run_round()
     assert rec.status == "rolled_back" and rec.version == good and "guardrail" in rec.extra
     assert rec.extra["dp_epsilon"] > 0  # the rolled-back round's privacy spend stays spent

@@ -102,5 +102,48 @@ def test_guardrail_responses_survive_a_resume(tmp_path):
     fired = [r.round for r in whole.records if (r.extra.get("guardrail") or {}).get("fired")]
     assert fired and min(fired) <= 5  # the responses happened before the interruption
     assert whole.excluded_clients and resumed.excluded_clients == whole.excluded_clients
-    assert resumed.server_optimizer.server_lr == whole.server_optimizer.server_lr < 1.0
+    lr = whole.server_optimizer.lr
+    assert lr.value(resumed.server_state) == lr.value(whole.server_state) < 1.0
+    assert lr.base(resumed.server_state) == lr.base(whole.server_state) < 1.0
     assert torch.equal(resumed.params, whole.params)
+
+
+def test_a_checkpoint_from_before_the_lr_moved_into_the_server_state_resumes(tmp_path, monkeypatch):
+    """Checkpoints written before the server learning rate was optimizer state have no
+    ``lr*`` entries in the server state and keep the server schedule's memory in the side
+    file as ``schedule/server/*``.  Such a run resumes to the uninterrupted run's model:
+    here reduce-on-plateau halves the rate in round 4 only because the memory it had after
+    round 3 (the best loss, seen in round 2) came back."""
+    from fleetlearn.engine import resume as resume_module
+
+    cfg = config(tmp_path, server={"optimizer": "momentum", "server_lr": 4.0, "server_lr_schedule": "plateau",
+                                   "server_lr_patience": 1, "server_lr_factor": 0.5})
+    whole = build_coordinator(cfg, store=True)
+    whole.run()
+    lr = whole.server_optimizer.lr
+    assert lr.value(whole.server_state) < 4.0  # the schedule did reduce the rate
+
+    first = build_coordinator(cfg, store=True)
+    new_side_state, commit_round = resume_module.side_state, first.store.commit_round
+
+    def old_side_state(c):  # the older writer: the server schedule's memory in the side file
+        memory = {f"schedule/server/{k[len('lr/schedule/'):]}": v for k, v in c.server_state.items() if k.startswith("lr/schedule/")}
+        return {**new_side_state(c), **memory}
+
+    def old_commit_round(record, params, state, meta, **kw):  # ... and no lr entries in the server state
+        return commit_round(record, params, None if state is None else {k: v for k, v in state.items() if not k.startswith("lr")}, meta, **kw)
+
+    monkeypatch.setattr(resume_module, "side_state", old_side_state)
+    first.store.commit_round = old_commit_round
+    for _ in range(3):
+        first.run_round()
+    run_dir = first.store.run_dir
+    monkeypatch.undo()
+    _, _, stored = RunStore.open(run_dir).load_checkpoint()
+    assert stored and not any(k.startswith("lr") for k in stored)
+    again = build_coordinator(cfg, store=RunStore.open(run_dir))
+    assert again.resume() == 3
+    assert float(again.server_state["lr/schedule/last_round"]) == 3.0  # the memory came from the side file
+    again.run()
+    assert torch.equal(again.params, whole.params)
+    assert lr.value(again.server_state) == lr.value(whole.server_state)

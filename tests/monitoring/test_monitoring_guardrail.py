@@ -5,14 +5,10 @@ import torch
 from monitoring_runs import FAULT_ROUNDS, SMALL
 
 import fleetlearn
+from fleetlearn.aggregation.server_opt import ServerSGD
 from fleetlearn.monitoring import Guardrail, build_monitoring
 from fleetlearn.ops import RunStore
 from fleetlearn.records import RoundRecord
-
-
-class Opt:
-    def __init__(self, lr):
-        self.server_lr = lr
 
 
 class Agg:
@@ -38,12 +34,16 @@ class FakeCoordinator:
     def __init__(self):
         self.version = 0
         self.records: list[RoundRecord] = []
-        self.server_optimizer = Opt(1.0)
-        self.base_server_lr = 1.0  # what a learning-rate schedule scales each round
+        self.server_optimizer = ServerSGD(1.0)
+        self.server_state = self.server_optimizer.init(torch.zeros(3))  # the rate and its base rate are entries
         self.aggregator = Agg()
         self.privacy = Privacy()
         self.restores: list[tuple[int | None, str]] = []
         self._current: RoundRecord | None = None
+
+    @property
+    def server_lr(self) -> float:
+        return self.server_optimizer.lr.value(self.server_state)
 
     def restore(self, version, reason=""):
         self.restores.append((version, reason))
@@ -70,10 +70,10 @@ def test_a_trigger_alert_restores_the_last_good_version_and_applies_the_response
     c = FakeCoordinator()
     step(g, c)
     step(g, c, alerts=[("stagnation", [])])  # not a trigger: nothing happens
-    assert c.restores == [] and c.server_optimizer.server_lr == 1.0
+    assert c.restores == [] and c.server_lr == 1.0
     r = step(g, c, alerts=[("outlier_updates", [7, 3])])
     assert c.restores == [(2, r.reason)] and r.status == "rolled_back" and "outlier_updates fired" in r.reason
-    assert c.server_optimizer.server_lr == 0.5
+    assert c.server_lr == 0.5
     assert c.aggregator.max_norm == 1.0 and c.privacy.local.clip_norm == 2.0
     info = r.extra["guardrail"]
     assert info["fired"] == ["outlier_updates"] and info["rolled_back"] and info["restored_version"] == 2
@@ -106,9 +106,9 @@ def test_a_round_that_did_not_commit_is_not_rolled_back_but_responses_apply():
     step(g, c)
     r = step(g, c, alerts=[("divergence", [])], status="failed")
     assert c.restores == [] and r.status == "failed"
-    assert r.extra["guardrail"]["rolled_back"] is False and c.server_optimizer.server_lr == pytest.approx(0.1)
+    assert r.extra["guardrail"]["rolled_back"] is False and c.server_lr == pytest.approx(0.1)
     step(g, c, alerts=[("divergence", [])])
-    assert c.server_optimizer.server_lr == 0.05  # floored at min_lr
+    assert c.server_lr == 0.05  # floored at min_lr
 
 
 def test_alerts_of_other_rounds_are_ignored():
@@ -168,10 +168,8 @@ class RaiseServerLr:
         self.at_round, self.lr = at_round, lr
 
     def after_round(self, record, coordinator) -> None:
-        if record.round == self.at_round:
-            coordinator.server_optimizer.server_lr = self.lr
-            if getattr(coordinator, "base_server_lr", None) is not None:  # a schedule recomputes it from the base
-                coordinator.base_server_lr = self.lr
+        if record.round == self.at_round:  # the rate and the base rate a schedule recomputes it from
+            coordinator.server_state = coordinator.server_optimizer.lr.set(coordinator.server_state, self.lr, self.lr)
 
 
 def test_a_diverging_server_lr_is_rolled_back_and_lowered(clean_run):

@@ -62,7 +62,7 @@ def test_a_broken_codec_is_caught():
 
 def test_a_broken_server_optimizer_is_caught_without_rollback_when_told():
     c = _coordinator(monitoring={"probe_rollback": False})
-    c.server_optimizer.server_lr = 1.0
+    assert c.server_optimizer.lr.value(c.server_state) == 1.0
     step = c.server_optimizer.step
     c.server_optimizer.step = lambda p, g, s: step(p, g * 2.0 + 1e-3, s)  # a doubled and biased step
     rec = c.run_round()

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from fleetlearn.aggregation import SERVER_OPTIMIZERS, ServerAdagrad, ServerAdam, ServerMomentum, ServerSGD, ServerYogi
+from fleetlearn.aggregation.schedules import PlateauSchedule, StepSchedule
+from fleetlearn.aggregation.server_opt import ServerLR
 
 
 def reference(kind: str, w0: np.ndarray, deltas: list[np.ndarray], lr: float, b1=0.9, b2=0.99, tau=1e-3, beta=0.9, v0=None):
@@ -77,7 +79,8 @@ def test_float32_params_stay_float32_and_close_to_reference(trajectory):
     w0, deltas = trajectory
     opt = ServerYogi(server_lr=0.03)
     got, params, state = run(opt, w0, deltas, dtype=torch.float32)
-    assert params.dtype == torch.float32 and all(v.dtype == torch.float32 for v in state.values())
+    moments = {k: v for k, v in state.items() if k not in ServerLR.entries(state)}  # the lr entries are float64 scalars
+    assert params.dtype == torch.float32 and moments and all(v.dtype == torch.float32 for v in moments.values())
     want = reference("yogi", w0, deltas, 0.03)
     np.testing.assert_allclose(got[-1], want[-1], rtol=1e-5, atol=1e-5)
 
@@ -221,3 +224,57 @@ def test_bad_arguments_are_named():
         opt.step(torch.zeros(3), torch.zeros(3), {})
     with pytest.raises(ValueError, match="shape"):
         opt.step(torch.zeros(3), torch.zeros(4), opt.init(torch.zeros(3)))
+
+
+# -- the learning rate as state ---------------------------------------------------------------
+
+
+def test_the_step_uses_the_rate_in_its_state_and_keeps_it():
+    opt = ServerMomentum(server_lr=0.5, momentum=0.9)
+    p, g = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    state = opt.init(p)
+    assert opt.lr.value(state) == opt.lr.base(state) == 0.5 and state["lr"].dtype == torch.float64
+    halved = opt.lr.scaled(state, 0.5)
+    assert opt.lr.value(state) == 0.5  # a new state: the input is untouched (kept versions share theirs)
+    new, after = opt.step(p, g, halved)
+    torch.testing.assert_close(new, 0.25 * g, rtol=0, atol=0)
+    assert opt.lr.value(after) == opt.lr.base(after) == 0.25
+    # A state written before the entries existed (an older checkpoint) steps at the configured rate.
+    new, after = opt.step(p, g, {"v": torch.zeros(3, dtype=torch.float64)})
+    torch.testing.assert_close(new, 0.5 * g, rtol=0, atol=0)
+    assert opt.lr.value(opt.lr.filled({"v": torch.zeros(3)})) == 0.5
+
+
+def test_the_schedule_steps_on_the_state_from_the_base_rate():
+    opt = ServerSGD(server_lr=1.0, schedule=StepSchedule(step_size=2, gamma=0.5))
+    state = opt.init(torch.zeros(2))
+    rates = []
+    for r in range(1, 7):
+        state = opt.lr.at_round(state, r)
+        rates.append(opt.lr.value(state))
+        if r == 3:  # a guardrail's response scales the base: the schedule keeps scaling the lower rate
+            state = opt.lr.scaled(state, 0.1, floor=0.0)
+    assert rates == pytest.approx([1.0, 1.0, 0.5, 0.05, 0.025, 0.025])
+    assert opt.lr.value(opt.lr.scaled(state, 1e-9, floor=0.01)) == 0.01  # not below the floor
+    # A rollback puts back the moments, not the rate (the response persists).
+    carried = opt.lr.carry({"lr": torch.tensor(1.0, dtype=torch.float64)}, state)
+    assert opt.lr.value(carried) == opt.lr.value(state)
+
+
+def test_plateau_memory_lives_in_the_state():
+    """Two optimizers with their own plateau schedules give the same rates from the same states:
+    the schedule's memory is read from the state, not kept in the object."""
+    a = ServerSGD(1.0, schedule=PlateauSchedule(factor=0.5, patience=1))
+    b = ServerSGD(1.0, schedule=PlateauSchedule(factor=0.5, patience=1))
+    state = a.lr.init()
+    losses = [1.0, 0.9, 0.95, 0.97, 0.5, 0.6]
+    got = []
+    for r, loss in enumerate(losses, start=1):
+        state = (a if r % 2 else b).lr.at_round(state, r, loss)
+        got.append(a.lr.value(state))
+    assert got == [1.0, 1.0, 0.5, 0.25, 0.25, 0.125]
+    assert float(state["lr/schedule/scale"]) == 0.125
+    # An older side file's `schedule/server/*` fills a state that lacks the memory.
+    old = {k: v for k, v in state.items() if not k.startswith("lr/schedule/")}
+    filled = a.lr.filled(old, {"scale": 0.25, "best": 0.5, "bad_rounds": 0.0, "last_round": 5.0})
+    assert float(filled["lr/schedule/scale"]) == 0.25 and float(filled["lr/schedule/last_round"]) == 5.0

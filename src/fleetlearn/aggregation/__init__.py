@@ -113,7 +113,7 @@ class AdagradConfig(PartConfig):  # FedAdagrad has no beta2
 def _build_optimizer(ctx, options):
     part = find_part("server_optimizer", ctx.name)
     kwargs = options.model_dump() if options is not None else {}
-    return part.obj(ctx.config.server.server_lr, **kwargs)
+    return part.obj(ctx.config.server.server_lr, **kwargs, schedule=ctx.schedule)
 
 
 _ADAPTIVE_LEGACY = {"server_beta1": "beta1", "server_beta2": "beta2", "server_tau": "tau"}

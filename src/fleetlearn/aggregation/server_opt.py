@@ -24,17 +24,127 @@ inputs: the coordinator keeps earlier ``(params, state)`` pairs for rollback.  S
 ``dict[str, Tensor]`` so it goes into checkpoints as is; restoring it and stepping on gives
 the same numbers as never having stopped.
 
-The server learning rate is the plain attribute ``server_lr``: a learning-rate schedule
-(``aggregation.schedules``) may set it before each step.
+**The learning rate lives in the state** (an optax-style transform with its hyper-parameter
+injected, as optax's ``inject_hyperparams`` does): ``state["lr"]`` is the rate the next
+step uses, ``state["lr/base"]`` the rate the schedule scales, and ``state["lr/schedule/*"]``
+a stateful schedule's memory (reduce-on-plateau).  ``ServerLR`` (``optimizer.lr``) owns them:
+``at_round(state, round, metric)`` is the schedule's step at the start of a round,
+``scaled(state, factor, floor)`` the guardrail's response; both return a new state, so
+checkpoints, resume and rollback carry the rate.  Nothing sets an attribute: ``server_lr``
+is only the configured rate that ``init`` starts from.  A state without the entries (a
+checkpoint written before they existed) steps at the configured rate.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 
+from .schedules import LRSchedule
+
 State = dict[str, torch.Tensor]
+
+LR, LR_BASE, LR_MEMORY = "lr", "lr/base", "lr/schedule/"
+
+
+def _scalar(value: float) -> torch.Tensor:
+    return torch.tensor(float(value), dtype=torch.float64)
+
+
+class ServerLR:
+    """The server learning rate and its schedule, as entries of the optimizer's state.
+
+    ``lr`` is the rate of the next step; ``lr/base`` the rate the schedule scales (the
+    configured ``server_lr`` until a guardrail scales it); ``lr/schedule/<key>`` the
+    schedule's memory (``LRSchedule.state_dict``), loaded into the schedule before and read
+    back after each ``at_round``, so the state alone decides the rate.  Every method returns
+    a new dict and leaves its input alone (kept versions share their states).
+    """
+
+    def __init__(self, lr: float, schedule: LRSchedule | None = None):
+        self.initial = float(lr)
+        self.schedule = schedule  # None: the rate changes only through `scaled` / `set`
+
+    @staticmethod
+    def entries(state: Mapping[str, torch.Tensor]) -> State:
+        """The state's learning-rate entries."""
+        return {k: v for k, v in state.items() if k == LR or k == LR_BASE or k.startswith(LR_MEMORY)}
+
+    def init(self) -> State:
+        memory = self.schedule.state_dict() if self.schedule is not None else {}
+        return {LR: _scalar(self.initial), LR_BASE: _scalar(self.initial), **{LR_MEMORY + k: _scalar(v) for k, v in memory.items()}}
+
+    def value(self, state: Mapping[str, torch.Tensor]) -> float:
+        """The rate the next step uses."""
+        return float(state[LR]) if LR in state else self.initial
+
+    def base(self, state: Mapping[str, torch.Tensor]) -> float:
+        return float(state[LR_BASE]) if LR_BASE in state else self.initial
+
+    def filled(self, state: Mapping[str, torch.Tensor], memory: Mapping[str, float] | None = None) -> State:
+        """`state` with the entries it lacks (an older checkpoint): the configured rate, and the
+        schedule's memory from `memory` (older side files kept it as ``schedule/server/*``)."""
+        out = {**self.init(), **state}
+        if memory and not any(k.startswith(LR_MEMORY) for k in state):
+            out.update({LR_MEMORY + k: _scalar(v) for k, v in memory.items()})
+        return out
+
+    def at_round(self, state: Mapping[str, torch.Tensor], round: int, metric: float | None = None) -> State:
+        """The schedule's step: the rate of round `round` (1-based) from the base rate and,
+        for reduce-on-plateau, the newest monitored metric."""
+        if self.schedule is None:
+            return dict(state)
+        state = self.filled(state)
+        self.schedule.load_state_dict({k[len(LR_MEMORY):]: float(v) for k, v in state.items() if k.startswith(LR_MEMORY)})
+        lr = float(self.schedule.lr_at(round, self.base(state), metric))
+        memory = {LR_MEMORY + k: _scalar(v) for k, v in self.schedule.state_dict().items()}
+        return {**state, **memory, LR: _scalar(lr)}
+
+    def scaled(self, state: Mapping[str, torch.Tensor], factor: float, floor: float = 0.0) -> State:
+        """The rate and the base rate times `factor`, not below `floor` (a guardrail's response:
+        it persists, since the schedule scales the base)."""
+        return self.set(state, max(self.value(state) * factor, floor), max(self.base(state) * factor, floor))
+
+    def set(self, state: Mapping[str, torch.Tensor], lr: float | None = None, base: float | None = None) -> State:
+        """The state with this rate and / or base rate (resume relearning a recorded response)."""
+        out = self.filled(state)
+        if lr is not None:
+            out[LR] = _scalar(lr)
+        if base is not None:
+            out[LR_BASE] = _scalar(base)
+        return out
+
+    def carry(self, restored: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor]) -> State:
+        """A rolled-back-to state with the current rate and schedule memory: a rollback puts
+        back the model and the optimizer's moments, not the responses that lowered the rate."""
+        return {**restored, **self.entries(current)}
+
+
+class ServerOptimizer:
+    """The transform's frame: ``init`` adds the learning-rate entries to the rule's state,
+    ``step`` reads the rate from the state and keeps the entries; subclasses give
+    ``_init(params)`` and ``_step(params, pseudo_gradient, state, lr) -> (params, moments)``."""
+
+    name = "server"
+
+    def __init__(self, server_lr: float, schedule: LRSchedule | None = None):
+        self.server_lr = server_lr  # the configured rate; the running one is state["lr"]
+        self.lr = ServerLR(server_lr, schedule)
+
+    def init(self, params: torch.Tensor) -> State:
+        return {**self._init(params), **self.lr.init()}
+
+    def step(self, params: torch.Tensor, pseudo_gradient: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        new_params, moments = self._step(params, pseudo_gradient, state, self.lr.value(state))
+        return new_params, {**moments, **{k: v.clone() for k, v in self.lr.entries(state).items()}}  # fresh tensors, as the moments
+
+    def _init(self, params: torch.Tensor) -> State:
+        return {}
+
+    def _step(self, params: torch.Tensor, pseudo_gradient: torch.Tensor, state: State, lr: float) -> tuple[torch.Tensor, State]:  # pragma: no cover - abstract
+        raise NotImplementedError
 
 
 def _check(pseudo_gradient: torch.Tensor, params: torch.Tensor) -> None:
@@ -63,22 +173,19 @@ def _positive(value: float, what: str) -> float:
     return float(value)
 
 
-class ServerSGD:
+class ServerSGD(ServerOptimizer):
     """``w <- w + server_lr * Delta``; FedAvg when ``server_lr = 1`` (Reddi et al. 2021, Alg. 1)."""
 
     name = "sgd"
 
-    def __init__(self, server_lr: float = 1.0):
-        self.server_lr = server_lr
+    def __init__(self, server_lr: float = 1.0, schedule: LRSchedule | None = None):
+        super().__init__(server_lr, schedule)
 
-    def init(self, params: torch.Tensor) -> State:
-        return {}
-
-    def step(self, params: torch.Tensor, pseudo_gradient: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        return params + self.server_lr * pseudo_gradient, state
+    def _step(self, params: torch.Tensor, pseudo_gradient: torch.Tensor, state: State, lr: float) -> tuple[torch.Tensor, State]:
+        return params + lr * pseudo_gradient, dict(state)
 
 
-class ServerMomentum:
+class ServerMomentum(ServerOptimizer):
     """FedAvgM (Hsu, Qi & Brown 2019, "Measuring the effects of non-identical data
     distribution", Sec. 3): heavy-ball momentum on the pseudo-gradient,
     ``v <- momentum * v + Delta;  w <- w + server_lr * v``, with ``v`` starting at 0.
@@ -89,21 +196,21 @@ class ServerMomentum:
 
     name = "momentum"
 
-    def __init__(self, server_lr: float = 1.0, momentum: float = 0.9):
-        self.server_lr = server_lr
+    def __init__(self, server_lr: float = 1.0, momentum: float = 0.9, schedule: LRSchedule | None = None):
+        super().__init__(server_lr, schedule)
         self.momentum = _beta(momentum, "server momentum")
 
-    def init(self, params: torch.Tensor) -> State:
+    def _init(self, params: torch.Tensor) -> State:
         return {"v": torch.zeros_like(params)}
 
-    def step(self, params: torch.Tensor, pseudo_gradient: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    def _step(self, params: torch.Tensor, pseudo_gradient: torch.Tensor, state: State, lr: float) -> tuple[torch.Tensor, State]:
         _check(pseudo_gradient, params)
         _require_state(state, ("v",), self.name, params)
         v = self.momentum * state["v"] + pseudo_gradient
-        return params + self.server_lr * v, {"v": v}
+        return params + lr * v, {"v": v}
 
 
-class _ServerAdaptive:
+class _ServerAdaptive(ServerOptimizer):
     """Reddi et al. 2021, Algorithm 2 (FedAdagrad / FedYogi / FedAdam); subclasses give the
     second-moment update ``_second_moment(v, Delta^2)``.
 
@@ -119,8 +226,9 @@ class _ServerAdaptive:
         beta2: float = 0.99,
         tau: float = 1e-3,
         initial_accumulator: float | None = None,
+        schedule: LRSchedule | None = None,
     ):
-        self.server_lr = server_lr
+        super().__init__(server_lr, schedule)
         self.beta1 = _beta(beta1, "server beta1")
         self.beta2 = _beta(beta2, "server beta2")
         self.tau = _positive(tau, "server tau")
@@ -129,18 +237,18 @@ class _ServerAdaptive:
             raise ValueError(f"initial_accumulator (v at round 0) must be a finite number >= 0, got {initial_accumulator}")
         self.initial_accumulator = init_v
 
-    def init(self, params: torch.Tensor) -> State:
+    def _init(self, params: torch.Tensor) -> State:
         return {"m": torch.zeros_like(params), "v": torch.full_like(params, self.initial_accumulator)}
 
     def _second_moment(self, v: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def step(self, params: torch.Tensor, pseudo_gradient: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    def _step(self, params: torch.Tensor, pseudo_gradient: torch.Tensor, state: State, lr: float) -> tuple[torch.Tensor, State]:
         _check(pseudo_gradient, params)
         _require_state(state, ("m", "v"), self.name, params)
         m = self.beta1 * state["m"] + (1.0 - self.beta1) * pseudo_gradient
         v = self._second_moment(state["v"], pseudo_gradient * pseudo_gradient)
-        new_params = params + self.server_lr * m / (v.sqrt() + self.tau)
+        new_params = params + lr * m / (v.sqrt() + self.tau)
         return new_params, {"m": m, "v": v}
 
 

@@ -150,14 +150,8 @@ class ClusteredServerOptimizer:
         self.base = base
         self.clustering = clustering
         self.name = getattr(base, "name", type(base).__name__)
-
-    @property
-    def server_lr(self):
-        return self.base.server_lr
-
-    @server_lr.setter
-    def server_lr(self, value) -> None:  # learning-rate schedules set it
-        self.base.server_lr = value
+        self.server_lr = base.server_lr
+        self.lr = base.lr  # the learning rate and its schedule: entries of the same state
 
     def init(self, params: torch.Tensor) -> dict:
         return {**self.base.init(params), **self.clustering.init_state()}

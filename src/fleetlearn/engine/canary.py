@@ -50,6 +50,7 @@ from ..data import load_federated
 from ..records import RoundRecord, RunSummary
 from ..selection import RestrictedSelector
 from .coordinator import Coordinator
+from .running import budget_exhausted
 
 CANARY_KEY = "canary"
 
@@ -156,7 +157,7 @@ class CanaryRollout:
         with self.production.running():
             t0 = time.perf_counter()
             while self.production.round < self.config.server.rounds:
-                if self.production.budget_exhausted():
+                if budget_exhausted(self.production):
                     break
                 record = self.step()
                 if on_round is not None:
@@ -191,10 +192,11 @@ class CanaryRollout:
         cand.params, cand.version, cand.round = prod.params, prod.version, prod.round
         cand.max_version = prod.max_version
         if type(cand.server_optimizer) is type(prod.server_optimizer):
-            cand.server_state = dict(prod.server_state)
+            # Production's moments, the candidate's own learning rate and schedule (its config's).
+            cand.server_state = cand.server_optimizer.lr.carry(dict(prod.server_state), cand.server_state)
         else:
             cand.server_state = cand.server_optimizer.init(prod.params)
-        cand._versions = {cand.version: (cand.params, cand.server_state)}
+        cand.versions.reset(cand.version, cand.params, cand.server_state)
         cand.clock.now = prod.clock.now
         cand.selector = RestrictedSelector(cand.selector, self.cand_ids)
         prod.config.server.cohort = self.prod_cohort

@@ -170,11 +170,12 @@ def build_aggregator(config: RunConfig, dim: int | None = None, population: int 
     return _part("server.aggregator", "aggregator", srv.aggregator, lambda: cls(**kwargs))
 
 
-def build_server_optimizer(config: RunConfig):
-    """`server.optimizer` with its own keys (beta1, tau, ...) and `server.server_lr`."""
+def build_server_optimizer(config: RunConfig, schedule=None):
+    """`server.optimizer` with its own keys (beta1, tau, ...) and `server.server_lr`; its
+    learning rate and `schedule` (`server_lr_*`) live in its state."""
     srv = config.server
     return _part("server.optimizer", "optimizer", str(srv.optimizer),
-                 lambda: build_part("server_optimizer", srv.optimizer, srv.options("optimizer"), BuildContext(config)))
+                 lambda: build_part("server_optimizer", srv.optimizer, srv.options("optimizer"), BuildContext(config, schedule=schedule)))
 
 
 def build_run_validators(config: RunConfig) -> list:
@@ -196,7 +197,8 @@ _SCHEDULE_KEYS = {"step": ("step_size", "gamma"), "cosine": ("min",), "plateau":
 
 
 def build_schedules(config: RunConfig) -> dict:
-    """The client and server learning-rate schedules, from `lr_*` / `server_lr_*` keys."""
+    """The client and server learning-rate schedules, from `lr_*` / `server_lr_*` keys
+    (the coordinator applies the client's; the server optimizer owns the server's)."""
     out = {}
     for name, section, prefix in (("client", config.client, "lr_"), ("server", config.server, "server_lr_")):
         kind = getattr(section, prefix + "schedule")
@@ -360,7 +362,8 @@ def build_coordinator(
     else:
         transport = build_transport(config, data, device, fleet, clock)
     aggregator = build_aggregator(config, learner.spec.dim, data.num_clients, learner)
-    server_optimizer = build_server_optimizer(config)
+    schedules = build_schedules(config)
+    server_optimizer = build_server_optimizer(config, schedules["server"])
     evaluator = Evaluator(
         learner, data, config.server.eval_clients, config.seed, federated=transport_factory is None,
         personalization=personalization, personal_states=device.personal_states, chunk=config.server.cohort,
@@ -409,7 +412,7 @@ def build_coordinator(
         server_optimizer=server_optimizer,
         validators=build_run_validators(config),
         weighting=build_weighting(config),
-        schedules=build_schedules(config),
+        client_schedule=schedules["client"],
         downlink=downlink,
         uplink=uplink,
         # On a real network the server cannot see clients' data: central evaluation only.

@@ -230,3 +230,39 @@ def collect(transport, intake: Intake, task: Task, cohort: list[int], target: in
     else:
         got.end_s = last_event
     return got
+
+
+# -- the round's tally ----------------------------------------------------------------------------
+def round_deadline(srv, completions: Sequence[np.ndarray]) -> float | None:
+    """This round's deadline: `server.deadline_s`, or with the adaptive policy a quantile of
+    recent rounds' completion times (`completions`, one array per round) times a margin."""
+    if srv.deadline_policy == "adaptive" and completions:
+        recent = np.concatenate(completions[-srv.deadline_window:])
+        if recent.size:
+            return float(np.quantile(recent, srv.deadline_quantile) * srv.deadline_margin)
+    return srv.deadline_s
+
+
+def tally(record, got: Collected, transport) -> np.ndarray:
+    """What a synchronous round's replies came to, into its record: the clients, counts by
+    status, bytes, the wait, completion percentiles and the transport's notes.  Returns the
+    arrival times of the replies that came (the adaptive deadline's history)."""
+    record.clients = got.clients
+    record.accepted = len(got.accepted)
+    record.dropped = sum(c.status == "dropped" for c in got.clients)
+    record.rejected = sum(c.status == "rejected" for c in got.clients)
+    record.late = sum(c.status == "late" for c in got.clients)
+    record.uplink_bytes = sum(c.uplink_bytes for c in got.clients)
+    record.downlink_bytes = sum(c.downlink_bytes for c in got.clients)
+    record.sim_seconds = got.end_s
+    record.train_wall_seconds = float(transport.train_wall_seconds)
+    if transport.last_malicious:
+        record.extra["malicious"] = [int(c) for c in transport.last_malicious]  # simulated attackers in this cohort
+    refusals = transport.take_refusals()
+    if refusals is not None:
+        record.extra["refusals"] = refusals  # refused messages by reason (network transports)
+    arrivals = np.array([c.arrival_s for c in got.clients if c.status in ("accepted", "rejected", "late") and not math.isnan(c.arrival_s)])
+    if arrivals.size:
+        p50, p90, p99 = np.percentile(arrivals, [50, 90, 99])
+        record.completion_p50_s, record.completion_p90_s, record.completion_p99_s = float(p50), float(p90), float(p99)
+    return arrivals

@@ -4,8 +4,9 @@ A checkpoint holds the model and server-optimizer state; `side_state` adds, as n
 tensors in a side file the checkpoint names with its sha256: ``client/<id>/<key>``
 (codec residuals, SCAFFOLD c_i), ``personal/<id>/<key>`` (personal heads and models),
 ``aggregator/<key>`` (the aggregation pipeline's state: MIFA's memory, DnC's
-reputation, the central-DP stage's public centre) and ``schedule/<which>/<key>``.
-`resume` puts back the last committed round: model, lineage, side state, what the
+reputation, the central-DP stage's public centre) and ``schedule/client/<key>`` (the
+server's schedule keeps its memory in the server state).  `commit` writes a round and,
+on a checkpoint round, both files; `resume` puts back the last committed round: model, lineage, side state, what the
 selector and the hooks learned from the records, the virtual clock, and the privacy
 ledger committed with that round (`committed_privacy` refuses to resume without it).
 """
@@ -24,16 +25,38 @@ def side_state(c) -> dict[str, torch.Tensor]:
     """What a checkpoint needs besides the model and server state, as named tensors:
     ``client/<id>/<key>`` (codec residuals, SCAFFOLD c_i), ``personal/<id>/<key>``
     (personal heads and models), ``aggregator/<key>`` (e.g. MIFA's memory, DnC's client
-    reputation) and ``schedule/<which>/<key>`` (e.g. reduce-on-plateau)."""
+    reputation) and ``schedule/client/<key>`` (e.g. reduce-on-plateau)."""
     out: dict[str, torch.Tensor] = {}
     if c.client_states is not None:
         out.update(c.client_states.state_dict())
     if c.personal_states is not None:
         out.update({"personal/" + k.split("/", 1)[1]: v for k, v in c.personal_states.state_dict().items()})
     out.update({f"aggregator/{k}": v for k, v in c.pipeline.state_dict().items()})
-    for which, sched in c.schedules.items():
-        out.update({f"schedule/{which}/{k}": torch.tensor(float(v), dtype=torch.float64) for k, v in sched.state_dict().items()})
+    if c.client_schedule is not None:  # the server's schedule keeps its memory in the server state
+        out.update({f"schedule/client/{k}": torch.tensor(float(v), dtype=torch.float64) for k, v in c.client_schedule.state_dict().items()})
     return out
+
+
+def commit(c, record: RoundRecord, last: bool) -> None:
+    """Write the round to the store: on a checkpoint round (`store.checkpoint_every`, and the
+    last) the side-state file first, then one transaction with the record, the checkpoint
+    (model and server state, the learning rate's entries included) and the privacy ledger."""
+    r = record.round
+    every = c.config.store.checkpoint_every
+    save = (every and r % every == 0) or last
+    meta = None
+    side = side_state(c) if save else {}
+    if side:
+        # Per-client state (EF residuals, SCAFFOLD c_i, personal heads/models) and the
+        # stateful parts' state (aggregator memory, the client lr schedule) go with the checkpoint:
+        # written (and fsynced) before the round's transaction, named in its metadata.
+        meta = c.store.write_client_states(r, side)
+    # Spent privacy is committed in the round's own transaction, checkpoint or not.
+    ledger = c.privacy.state_dict() if c.privacy is not None else None
+    c.store.commit_round(record, c.params if save else None, c.server_state if save else None, meta, privacy=ledger)
+    if meta is not None:
+        c.store.prune_client_states(keep=meta)
+
 
 def load_side_state(c, tensors: dict[str, torch.Tensor]) -> None:
     """Put back what `side_state` saved (a part absent from the checkpoint starts empty)."""
@@ -48,10 +71,15 @@ def load_side_state(c, tensors: dict[str, torch.Tensor]) -> None:
     if c.personal_states is not None:
         c.personal_states.load_state_dict({f"client/{k}": v for k, v in parts["personal"].items()})
     c.pipeline.load_state_dict(parts["aggregator"])
-    for which, sched in c.schedules.items():
-        state = {k.split("/", 1)[1]: float(v) for k, v in parts["schedule"].items() if k.split("/", 1)[0] == which}
-        if state:
-            sched.load_state_dict(state)
+    schedules = {"client": {}, "server": {}}
+    for k, v in parts["schedule"].items():
+        which, _, key = k.partition("/")
+        schedules.setdefault(which, {})[key] = float(v)
+    if schedules["client"] and c.client_schedule is not None:
+        c.client_schedule.load_state_dict(schedules["client"])
+    # Side files written before the server's schedule memory moved into the server state.
+    c.server_state = c.server_optimizer.lr.filled(c.server_state, schedules["server"])
+
 
 def resume(c) -> int:
     """Continue a stored run from its last committed round: model, server-optimizer
@@ -74,8 +102,8 @@ def resume(c) -> int:
     c.version = version
     c.max_version = max(max(r.version for r in records), version)
     c.params, c.server_state = params, dict(state)
-    c._versions = {version: (c.params, c.server_state)}
-    load_side_state(c, c.store.load_client_states(version))
+    load_side_state(c, c.store.load_client_states(version))  # also fills an older state's lr entries
+    c.versions.reset(version, c.params, c.server_state)
     c.selector.restore(records)  # selectors that learn from rounds (Oort, the newcomer cap) relearn them
     for hook in c.hooks:  # so do hooks whose responses outlive a round (the guardrail)
         relearn = getattr(hook, "restore", None)

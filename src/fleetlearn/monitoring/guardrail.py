@@ -7,8 +7,10 @@ alerts of its ``trigger`` detectors.  If one fired it
    version the guardrail saw committed without a trigger alert (and its
    server-optimizer state); the coordinator marks the record ``rolled_back``;
 2. applies the configured responses, which persist after the rollback:
-   - ``lr_factor``: multiplies the server optimizer's ``server_lr`` (not below ``min_lr``),
-     and ``coordinator.base_server_lr`` if a learning-rate schedule derives it from that;
+   - ``lr_factor``: multiplies the server learning rate and the base rate its schedule
+     scales (not below ``min_lr``), through the server optimizer's state
+     (``coordinator.server_state = optimizer.lr.scaled(state, factor, min_lr)``), so the
+     checkpoint, a resume and a later rollback carry the lower rate;
    - ``clip_factor``: multiplies ``clip_norm`` (or ``max_norm``) of the aggregator and
      of the privacy parts that have a settable one;
    - ``exclude_rounds``: the clients named by the alerts (outlier updates) are
@@ -90,11 +92,11 @@ class Guardrail:
                 self._good.append(int(rec.version))
             if info.get("excluded_now"):
                 self.exclude([int(c) for c in info["excluded_now"]], rec.round + 1)
-            opt = getattr(coordinator, "server_optimizer", None)
-            if isinstance(info.get("server_lr"), list) and opt is not None and hasattr(opt, "server_lr"):
-                opt.server_lr = float(info["server_lr"][1])
-            if isinstance(info.get("base_server_lr"), list):
-                coordinator.base_server_lr = float(info["base_server_lr"][1])
+            lr, base = info.get("server_lr"), info.get("base_server_lr")
+            if isinstance(lr, list) or isinstance(base, list):  # the checkpoint has them; older ones do not
+                opt = coordinator.server_optimizer
+                coordinator.server_state = opt.lr.set(coordinator.server_state, float(lr[1]) if isinstance(lr, list) else None,
+                                                      float(base[1]) if isinstance(base, list) else None)
             for where, (_, new) in (info.get("clip_norm") or {}).items() if isinstance(info.get("clip_norm"), dict) else ():
                 self._set_clip(coordinator, where, float(new))
         self._good = self._good[-64:]
@@ -163,21 +165,14 @@ class Guardrail:
                 return None
 
     def _scale_lr(self, coordinator: Any, actions: dict[str, Any]) -> None:
-        """Multiply the server learning rate now, and the base rate a learning-rate
-        schedule recomputes it from each round (``coordinator.base_server_lr``), so
-        the lower rate persists under a schedule."""
-        opt = getattr(coordinator, "server_optimizer", None)
-        if opt is None or not hasattr(opt, "server_lr"):
-            actions["server_lr"] = "the server optimizer has no server_lr"
-            return
-        f = float(self.lr_factor)
-        old = float(opt.server_lr)
-        opt.server_lr = max(old * f, self.min_lr)
-        actions["server_lr"] = [old, float(opt.server_lr)]
-        base = getattr(coordinator, "base_server_lr", None)
-        if isinstance(base, (int, float)) and not isinstance(base, bool):
-            coordinator.base_server_lr = max(float(base) * f, self.min_lr)
-            actions["base_server_lr"] = [float(base), float(coordinator.base_server_lr)]
+        """Multiply the server learning rate now, and the base rate its schedule recomputes
+        it from each round, so the lower rate persists under a schedule: both are entries
+        of the optimizer's state."""
+        opt, state = coordinator.server_optimizer, coordinator.server_state
+        old, old_base = opt.lr.value(state), opt.lr.base(state)
+        state = coordinator.server_state = opt.lr.scaled(state, float(self.lr_factor), self.min_lr)
+        actions["server_lr"] = [old, opt.lr.value(state)]
+        actions["base_server_lr"] = [old_base, opt.lr.base(state)]
 
     def _scale_clip(self, coordinator: Any) -> dict[str, list[float]] | str:
         out: dict[str, list[float]] = {}

@@ -112,8 +112,9 @@ class ProbeHook:
             out.append(f"server optimizer {getattr(opt, 'name', type(opt).__name__)}: a zero pseudo-gradient moved the model")
         if getattr(opt, "name", "") in ("sgd", "momentum"):
             g = rows[0]
-            new, _ = opt.step(params, g, opt.init(params))
-            want = params + float(opt.server_lr) * g
+            state = opt.init(params)
+            new, _ = opt.step(params, g, state)
+            want = params + opt.lr.value(state) * g
             if not torch.allclose(new, want, rtol=self.rtol, atol=1e-6):
                 out.append(f"server optimizer {opt.name}: w + lr g is off by {float((new - want).abs().max()):.3g}")
         return out

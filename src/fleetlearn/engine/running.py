@@ -1,0 +1,102 @@
+"""What runs around the rounds: the synchronous driver (`SyncRounds`), the checks before
+a round (clients ready, privacy budget left), and what a run sets for its duration
+(torch's intra-op threads, the monitoring endpoint)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import math
+
+import torch
+
+from ..records import RoundRecord
+
+AUTO_THREADS_MAX_DIM = 100_000  # engine.threads = "auto": one thread up to this many parameters
+
+
+def run_threads(setting: int | str, dim: int) -> int:
+    """The torch intra-op threads for a run (0: leave torch's setting alone)."""
+    if setting == "auto":
+        return 1 if dim <= AUTO_THREADS_MAX_DIM else 0
+    return int(setting)
+
+
+@contextmanager
+def running(c) -> Iterator[None]:
+    """While a run executes: its torch threads (`engine.threads`) and its monitoring
+    (Prometheus endpoint); both are put back afterwards."""
+    threads_before = torch.get_num_threads()
+    threads = run_threads(c.config.engine.threads, c.dim)
+    if threads:
+        torch.set_num_threads(threads)
+    if c.monitoring is not None:
+        c.monitoring.start()
+    try:
+        yield
+    finally:
+        if c.monitoring is not None:
+            c.monitoring.stop()
+        torch.set_num_threads(threads_before)
+
+
+def sampling(selector, available, want: int) -> tuple[str, float]:
+    """How this round's cohort is drawn from `available`: the selector's (kind,
+    per-client inclusion probability).  The accountant composes exactly this; a
+    selector that is not uniform says None and counts as every client in every
+    round (no amplification; central DP refuses such selectors at build time)."""
+    inc = selector.inclusion(available, want) if len(available) and want > 0 else None
+    return inc if inc is not None else ("poisson", 1.0)
+
+
+def clients_ready(c) -> bool:
+    """Before a round: wait for `c.wait_for_clients` = (min clients, timeout s) when set.
+    If they do not come, the run stops (`stopped_reason` says why) instead of recording
+    rounds that end with nobody: waiting for clients never uses up rounds, and the run
+    can be resumed."""
+    if c.wait_for_clients is None:
+        return True
+    need, timeout = c.wait_for_clients
+    got = len(c.transport.wait_available(need, timeout))
+    if got >= need:
+        c._pool = None  # the pool is read after the wait
+        return True
+    c.stopped_reason = (
+        f"waited {timeout:g} s for {need} connected clients before round {c.round + 1}, {got} connected; "
+        "no round was run (resume the run when clients are back)"
+    )
+    return False
+
+
+def budget_exhausted(c) -> bool:
+    """True (and `c.stopped_reason` set) when the next round, at the sampling rate of the
+    pool it will draw from, would take the privacy spent past its budget: the run
+    stops cleanly before that round."""
+    if c.privacy is None or c.privacy.settings.budget_epsilon is None:
+        return False
+    srv = c.config.server
+    available = c.round_pool(c.round + 1)
+    want = min(math.ceil(srv.cohort * srv.over_selection), len(available))
+    kind, q = sampling(c.selector, available, want)
+    reason = c.privacy.budget_stop_reason(q, kind)
+    if reason is not None:
+        c.stopped_reason = reason
+    return reason is not None
+
+
+class SyncRounds:
+    """The synchronous driver: one round after another until `server.rounds`, each after
+    the clients are ready (`clients_ready`) and while the privacy budget allows it."""
+
+    def __init__(self, coordinator):
+        self.c = coordinator
+
+    def run(self, on_round: Callable[[RoundRecord], Any] | None = None) -> None:
+        c = self.c
+        while c.round < c.config.server.rounds:
+            if not clients_ready(c) or budget_exhausted(c):
+                break
+            record = c.run_round()
+            if on_round is not None:
+                on_round(record)
