@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
+from .cli_tables import ColumnError, FitTable, parse_columns
 from .config import ConfigError, add_config_dir_to_path, load_config
 from .records import RoundRecord, RunSummary
 
@@ -245,6 +246,14 @@ def _privacy(epsilon, delta, accounting: str, sampling: str) -> str:
 
 
 # -- fleetlearn runs / show ---------------------------------------------------------
+def _render(console: Console, table: FitTable, args: argparse.Namespace) -> None:
+    """Print a CLI table fitted to the terminal (`--wide`, `--columns` from `args`)."""
+    try:
+        table.render(console, wide=getattr(args, "wide", False), only=parse_columns(getattr(args, "columns", None)))
+    except ColumnError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     from .ops import list_runs
 
@@ -256,9 +265,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if not items:
         console.print(f"no runs under {args.runs_dir}/")
         return 0
-    t = Table(title=f"runs in {args.runs_dir}/")
-    for col in ("run", "name", "status", "created", "rounds", "final accuracy"):
-        t.add_column(col)
+    t = FitTable(f"runs in {args.runs_dir}/", ("run", "name", "status", "created", "rounds", "final accuracy"),
+                 priority=("run", "status", "final accuracy", "rounds", "created", "name"))
     for it in items:
         created = it.get("created_at")
         t.add_row(
@@ -266,7 +274,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
             created.strftime("%Y-%m-%d %H:%M:%S") if hasattr(created, "strftime") else str(created or ""),
             str(it.get("rounds_done", "")), _fmt(it.get("final_accuracy")),
         )
-    console.print(t)
+    _render(console, t, args)
     return 0
 
 
@@ -285,11 +293,11 @@ def cmd_show(args: argparse.Namespace) -> int:
                           "resume_overrides": overrides}, default=str))
         return 0
     console = Console()
-    t = Table(title=f"run {info['run_id']} ({info['status']})")
     private = any("dp_epsilon" in r.extra for r in records)
     cols = ["round", "version", "status", "accuracy", "loss", "fed acc", "local acc", "accepted", "dropped", "rejected", "uplink", "downlink", "sim s"]
-    for col in cols + (["epsilon"] if private else []):
-        t.add_column(col, justify="right")
+    t = FitTable(f"run {info['run_id']} ({info['status']})", cols + (["epsilon"] if private else []), justify="right",
+                 priority=["round", "status", "accuracy", "accepted", "uplink", *(["epsilon"] if private else []), "loss",
+                           "version", "dropped", "rejected", "downlink", "sim s", "fed acc", "local acc"])
     eps = math.nan
     for r in records:
         eps = float(r.extra.get("dp_epsilon", eps))  # cumulative: a round that spent nothing shows the spend so far
@@ -298,7 +306,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             _fmt(r.local_accuracy), f"{r.accepted}/{r.selected}", str(r.dropped), str(r.rejected),
             _bytes(r.uplink_bytes), _bytes(r.downlink_bytes), f"{r.sim_seconds:.2f}", *([_fmt(eps, ".3g")] if private else []),
         )
-    console.print(t)
+    _render(console, t, args)
     summary = info.get("summary")
     if summary:
         console.print(f"final accuracy {_fmt(summary.get('final_accuracy'))}, best {_fmt(summary.get('best_accuracy'))}, "
@@ -509,13 +517,13 @@ def cmd_models(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps([v.to_dict() for v in versions], default=str))
                 return 0
-            t = Table(title=f"model versions of run {reg.run_id}")
-            for col in ("version", "parent", "round", "arm", "status", "config", "accuracy", "loss", "checkpoint", "tags"):
-                t.add_column(col)
+            t = FitTable(f"model versions of run {reg.run_id}",
+                         ("version", "parent", "round", "arm", "status", "config", "accuracy", "loss", "checkpoint", "tags"),
+                         priority=("version", "status", "tags", "accuracy", "round", "arm", "parent", "loss", "checkpoint", "config"))
             for v in versions:
                 t.add_row(str(v.version), str(v.parent_version), str(v.round), v.arm, v.status, v.config_hash,
                           _fmt(v.accuracy), _fmt(v.loss), "yes" if v.has_checkpoint else "-", ", ".join(v.tags))
-            Console().print(t)
+            _render(Console(), t, args)
         elif args.action == "show":
             v = reg.get(_version_arg(args, required=True))
             d = v.to_dict()
@@ -577,12 +585,16 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("runs", help="list runs", description="List the runs under a runs folder, newest first.")
     ls.add_argument("--runs-dir", default="runs", help="folder holding run directories (default: runs)")
     ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.add_argument("--wide", action="store_true", help="show every column, however wide (by default the columns that fit the terminal)")
+    ls.add_argument("--columns", metavar="A,B,...", help="show these columns only, comma-separated")
     ls.set_defaults(func=cmd_runs)
 
     sh = sub.add_parser("show", help="show a run's rounds", description="Show a run's configuration summary and a table of its rounds.")
     sh.add_argument("run", help="a run id (under --runs-dir) or a run directory")
     sh.add_argument("--runs-dir", default="runs", help="folder holding run directories (default: runs)")
     sh.add_argument("--json", action="store_true", help="print JSON")
+    sh.add_argument("--wide", action="store_true", help="show every column, however wide (by default the columns that fit the terminal)")
+    sh.add_argument("--columns", metavar="A,B,...", help="show these columns only, comma-separated")
     sh.set_defaults(func=cmd_show)
     sv = sub.add_parser("server", help="serve a run to real clients over gRPC",
                         description="Run the Coordinator against real clients over gRPC (TLS and per-client tokens). "
@@ -660,6 +672,8 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--reason", help="why (kept in the tag history)")
     md.add_argument("--runs-dir", default="runs", help="folder holding run directories (default: runs)")
     md.add_argument("--json", action="store_true", help="print JSON")
+    md.add_argument("--wide", action="store_true", help="show every column, however wide (by default the columns that fit the terminal)")
+    md.add_argument("--columns", metavar="A,B,...", help="show these columns only, comma-separated")
     md.set_defaults(func=cmd_models)
 
     db = sub.add_parser("dashboard", help="serve a run's dashboard", description="Serve a web dashboard of a run on 127.0.0.1.")
