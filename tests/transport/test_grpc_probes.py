@@ -109,3 +109,23 @@ def test_a_run_that_cannot_check_probes_refuses_them_at_registration():
     assert "cannot check probe clients: compression.adaptive" in req.refusal(ask)
     assert req.refusal(pb.RegisterRequest(runtime_version=req.runtime)) is None  # an ordinary client is welcome
     assert RunRequirements().refusal(ask) is None  # a run that can check them takes them
+
+
+def test_probe_cli_usage_errors_name_the_problem(tmp_path, capsys):
+    from fleetlearn.cli import main
+
+    (tmp_path / "run.toml").write_text(CONFIG)
+    base = ["client", "--server", "127.0.0.1:1", "--token", "t", "--config", str(tmp_path / "run.toml"), "--probe"]
+    assert main(base + ["--client-index", "0"]) == 2
+    assert "--probe trains on the probes' known synthetic data" in capsys.readouterr().err
+    (tmp_path / "adaptive.toml").write_text(CONFIG + '[compression]\nadaptive = true\nladder = ["none", "q8"]\n')
+    assert main(base[:6] + [str(tmp_path / "adaptive.toml"), "--probe"]) == 2
+    assert "--probe: the server cannot predict a probe's update in this run: compression.adaptive" in capsys.readouterr().err
+
+
+def test_the_grpc_server_refuses_simulated_probe_devices(tmp_path):
+    from fleetlearn.config import ConfigError
+
+    cfg = load_config({"probes": {"clients": 1}})
+    with pytest.raises(ConfigError, match="probes.clients = 1: .*fleetlearn client --probe"):
+        commands.server_transport(cfg, None, "127.0.0.1:0", tmp_path / "state")

@@ -75,6 +75,9 @@ def server_transport(
         # the server would receive individual updates, which is what SecAgg promises it never does.
         raise ConfigError("privacy.secure_aggregation = true: the SecAgg message flow runs in the simulation only; "
                           "over gRPC the server would see individual updates, so `fleetlearn server` refuses it")
+    if config.probes.clients:
+        raise ConfigError(f"probes.clients = {config.probes.clients}: simulated probe devices run in the simulation; over gRPC "
+                          "start probe clients as processes (fleetlearn client --probe) and leave probes.clients at 0")
     return GrpcTransport(
         address,
         tokens=TokenStore.open(state_dir),
