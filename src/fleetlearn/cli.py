@@ -400,15 +400,17 @@ def cmd_client(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("FLEETLEARN_TOKEN")
     if not token:
         raise UsageError("give --token TOKEN or set FLEETLEARN_TOKEN")
-    if (args.client_index is None) == (args.data is None):
-        raise UsageError("give exactly one of --client-index I or --data pkg.module:function")
+    if args.probe and (args.client_index is not None or args.data is not None):
+        raise UsageError("--probe trains on the probes' known synthetic data: give neither --client-index nor --data")
+    if not args.probe and (args.client_index is None) == (args.data is None):
+        raise UsageError("give exactly one of --client-index I or --data pkg.module:function (or --probe)")
     try:
         if args.config:
             add_config_dir_to_path(args.config)
         report = client(args.server, token, args.config, client_index=args.client_index, data_fn=args.data,
                         num_classes=args.num_classes, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
                         tls_server_name=args.tls_server_name, name=args.name or "", max_rounds=args.max_rounds,
-                        give_up_after_s=args.give_up_after, uplink_limit_mbps=args.uplink_limit_mbps)
+                        give_up_after_s=args.give_up_after, uplink_limit_mbps=args.uplink_limit_mbps, probe=args.probe)
     except (ClientRefused, ConfigError, ValueError, OSError) as exc:
         raise UsageError(str(exc)) from None
     print(json.dumps({k: v for k, v in vars(report).items() if isinstance(v, (int, float, str, bool, type(None), list))}, default=str))
@@ -627,6 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--client-index", type=int, help="use partition slot I of the config's dataset as local data")
     cl.add_argument("--data", help="local data from an import path pkg.module:function -> (x, y, x_test, y_test)")
     cl.add_argument("--num-classes", type=int, help="number of classes (with --data)")
+    cl.add_argument("--probe", action="store_true", help="a probe client: train on known synthetic data the server can "
+                    "predict, so it checks this device's updates after the wire (never aggregated); alerts when one is off")
     cl.add_argument("--tls-ca", help="CA certificate to trust (TLS)")
     cl.add_argument("--tls-cert", help="client certificate (mutual TLS)")
     cl.add_argument("--tls-key", help="client key (mutual TLS)")

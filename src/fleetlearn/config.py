@@ -660,6 +660,37 @@ class MonitoringConfig(Section):
         return v
 
 
+class ProbesConfig(Section):
+    """Probe clients (fleetlearn.monitoring.probe_clients): devices whose known synthetic data
+    lets the server predict their update and check it after the wire, decoder and validators;
+    their updates never enter the model.  `clients`: probe devices the simulation adds (over
+    gRPC, probes are `fleetlearn client --probe` processes); `examples`: each probe's dataset
+    per round; `tolerance`: the relative error allowed between the update that arrived and the
+    one the server's copy of the device computed (float noise is about 1e-7)."""
+
+    clients: int = Field(default=0, ge=0, le=64)
+    examples: int = Field(default=32, ge=1, le=4096)
+    tolerance: float = Field(default=0.05, gt=0, le=1)
+
+
+def probe_refusal(cfg: Any) -> str | None:
+    """Why this run cannot check probe clients (the setting that prevents it), or None."""
+    up = [e.strip().split(":", 1)[0] for e in str(cfg.compression.uplink).split("|")]
+    for on, why in (
+        (cfg.privacy.secure_aggregation, "privacy.secure_aggregation = true hides each update from the server"),
+        ("sketch" in up, f"compression.uplink = {cfg.compression.uplink!r} is summed in sketch space, never decoded per client"),
+        (cfg.compression.adaptive, "compression.adaptive = true picks each client's chain per round"),
+        (cfg.server.mode == "async", "server.mode = 'async' has no rounds to put the probes in"),
+        (cfg.model.heterofl, f"model.widths = {cfg.model.widths} trains sub-models"),
+        (cfg.server.clustering != "none", f"server.clustering = {cfg.server.clustering!r} trains one of several models"),
+        (cfg.personalization.method != "none", f"personalization.method = {cfg.personalization.method!r} keeps personal state on the device"),
+        (cfg.model.name in ("char_gru", "char_lstm"), f"model.name = {cfg.model.name!r} reads tokens, not the probes' Gaussian features"),
+    ):
+        if on:
+            return why
+    return None
+
+
 class DistillConfig(Section):
     # Server-side ensemble distillation after aggregation (FedDF, Lin et al., NeurIPS 2020):
     # "none" or "feddf".  The unlabeled server data is a seeded `server_fraction` of the held-out
@@ -792,6 +823,7 @@ class RunConfig(Section):
     attack: AttackConfig = Field(default_factory=AttackConfig)
     personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+    probes: ProbesConfig = Field(default_factory=ProbesConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     canary: CanaryConfig = Field(default_factory=CanaryConfig)
@@ -805,6 +837,8 @@ class RunConfig(Section):
         if self.server.min_replies > self.server.cohort:
             raise ValueError(f"server.min_replies = {self.server.min_replies} exceeds server.cohort = {self.server.cohort}")
         check_config(self)  # the pair rules between parts, from their capabilities (fleetlearn.compat)
+        if self.probes.clients and (why := probe_refusal(self)):
+            raise ValueError(f"probes.clients = {self.probes.clients}: the server cannot predict a probe's update here: {why}")
         if self.server.mode == "async" and (self.privacy.mode != "none" or self.privacy.secure_aggregation):
             raise ValueError(
                 f"privacy.mode = {self.privacy.mode!r} / privacy.secure_aggregation = {self.privacy.secure_aggregation} with server.mode = 'async': "

@@ -13,7 +13,7 @@ class ClientRecord:
     """One selected client's part in a round."""
 
     client_id: int
-    status: str  # "accepted" | "dropped" | "rejected" | "late"
+    status: str  # "accepted" | "dropped" | "rejected" | "late" | "probe" (a probe client's update: checked, never aggregated)
     reason: str = ""
     num_examples: int = 0  # as claimed
     weight: float = 0.0  # aggregation weight after the cap, normalised over the accepted

@@ -297,11 +297,36 @@ def _check_scaffold(config: RunConfig, uplink) -> None:
 
 def build_transport(config: RunConfig, data: FederatedData, device: Device, fleet, clock):
     """The transport of `[engine] backend`: in-process simulation, or the same on Ray workers
-    (the same client device, so every client-side feature runs on both)."""
+    (the same client device, so every client-side feature runs on both); with
+    `[probes] clients`, wrapped to add that many probe devices."""
     part = get_part("transport", config.engine.backend)  # registered in fleetlearn.transport
     attack = build_attack_part(config, data)
     compat.check_transport(config)  # the features on must be ones the backend carries
-    return part.obj(config, data, device, fleet, clock, attack)
+    transport = part.obj(config, data, device, fleet, clock, attack)
+    p = config.probes
+    if p.clients:
+        from ..client.probe import tamper_from_env
+        from ..monitoring.probe_clients import ProbeTransport
+
+        tamper = _part("probes.clients", "clients", p.clients, tamper_from_env)
+        transport = ProbeTransport(transport, p.clients, data.num_features, data.num_classes, p.examples, tamper)
+    return transport
+
+
+def build_probe_clients(config: RunConfig, transport, learner, uplink, downlink, decoder, data: FederatedData, device_seed: int):
+    """The server side of probe clients (monitoring.probe_clients) when the transport has
+    probes (`probe_clients()`: the simulation's `[probes] clients`, gRPC's `--probe` clients)
+    and the run lets the server predict their updates; else None."""
+    from ..config import probe_refusal
+
+    roster = getattr(transport, "probe_clients", None)
+    if roster is None or probe_refusal(config) is not None:
+        return None
+    from ..monitoring.probe_clients import ProbeClients
+
+    p = config.probes
+    return ProbeClients(learner, uplink, downlink, decoder, roster, num_features=data.num_features, num_classes=data.num_classes,
+                        examples=p.examples, tolerance=p.tolerance, device_seed=device_seed)
 
 
 def build_coordinator(
@@ -399,15 +424,24 @@ def build_coordinator(
                                   hierarchy=hierarchy, what=f"server.aggregator = {config.server.aggregator!r}")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    decoder = build_decoder(uplink, learner, clustering)
+    selector = build_selector(config, data.num_clients)
+    # Probe clients: the simulation's device uses the run seed, a `fleetlearn client` device 0.
+    probes = build_probe_clients(config, transport, learner, uplink, downlink, decoder, data,
+                                 device.seed if transport_factory is None else 0)
+    if probes is not None:
+        from ..monitoring.probe_clients import ProbeSelector
+
+        selector = ProbeSelector(selector, probes)
     coordinator = Coordinator(
         config=config,
         learner=learner,
         transport=transport,
-        selector=build_selector(config, data.num_clients),
+        selector=selector,
         aggregator=aggregator,
         pipeline=pipeline,
         driver=FedBuffLoop if config.server.mode == "async" else None,
-        decoder=build_decoder(uplink, learner, clustering),
+        decoder=decoder,
         privacy=privacy,
         server_optimizer=server_optimizer,
         validators=build_run_validators(config),
@@ -418,11 +452,13 @@ def build_coordinator(
         # On a real network the server cannot see clients' data: central evaluation only.
         evaluator=evaluator,
         store=run_store,
-        hooks=build_model_hooks(config, data, learner, x_unlabeled) + list(hooks or []) + monitoring.hooks,
+        hooks=build_model_hooks(config, data, learner, x_unlabeled) + list(hooks or []) + ([probes] if probes else []) + monitoring.hooks,
         clock=clock,
         task_writers=task_writers(config, privacy, clustering, data.num_classes),
     )
     coordinator.monitoring = monitoring
+    if probes is not None:  # probe clients' updates go to their check, never to aggregation
+        coordinator.intake.diverters.append(probes)
     if config.distill.method == "feddf":
         from ..learners.distill import FedDFStep
 

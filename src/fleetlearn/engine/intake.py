@@ -15,6 +15,12 @@ shape of an uplink payload is a feature's business:
   and the tag is the client's cluster for this round.
 
 The factory picks the decoder from the run's parts; the Coordinator never asks.
+
+Diverters (`Intake.diverters`) take some clients' updates for themselves after the full
+path (decode and validation) and keep them out of aggregation: probe clients' updates go
+to their check (monitoring/probe_clients.py).  A diverter has a `status` (what the client's
+record says), `open_round(task)`, `claims(client_id)` and `take(update, vec, reason, rec)`
+(`vec` None and `reason` set when the decoder or a validator refused the update).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class Collected:
     clients: list[ClientRecord] = field(default_factory=list)
     accepted: list[ClientRecord] = field(default_factory=list)
     payloads: list[bytes] = field(default_factory=list)  # kept for sketch-space aggregation
+    diverted: int = 0  # updates a diverter took (probe clients): checked, never aggregated
     end_s: float = 0.0  # when the server stopped waiting (seconds after dispatch)
 
     def take(self, rows: Sequence[int]) -> None:
@@ -142,10 +149,20 @@ def client_record(u: Update, elapsed: float) -> ClientRecord:
 class Intake:
     """Decode and validate updates; refuse the relative-norm outliers of a cohort."""
 
-    def __init__(self, decoder: UpdateDecoder, validators: Sequence, norm_filter=None):
+    def __init__(self, decoder: UpdateDecoder, validators: Sequence, norm_filter=None, diverters: Sequence = ()):
         self.decoder = decoder
         self.validators = list(validators)
         self.norm_filter = norm_filter
+        self.diverters = list(diverters)  # parts that take some clients' updates (see the module doc)
+
+    def open_round(self, task: Task) -> None:
+        """The round's task, for the diverters (what they check an update against)."""
+        for d in self.diverters:
+            d.open_round(task)
+
+    def diverted(self, rec: ClientRecord) -> bool:
+        """Whether a diverter took this reply."""
+        return any(rec.status == d.status for d in self.diverters)
 
     def accept(self, msg: Update, rec: ClientRecord, ctx: ValidationContext) -> torch.Tensor | None:
         """Decode and validate one update; on refusal mark `rec` rejected with the reason."""
@@ -162,6 +179,13 @@ class Intake:
                 if reason:
                     reason = f"{v.name}: {reason}"
                     break
+        diverter = next((d for d in self.diverters if d.claims(msg.client_id)), None)
+        if diverter is not None:  # after the full path, never into aggregation
+            if reason is None:
+                ctx.seen.add(msg.client_id)
+            diverter.take(msg, vec if reason is None else None, reason, rec)
+            rec.status = diverter.status
+            return None
         if reason is not None:
             rec.status, rec.reason = "rejected", reason
             return None
@@ -191,6 +215,7 @@ def collect(transport, intake: Intake, task: Task, cohort: list[int], target: in
     deadline = task.deadline_s
     filled_at: float | None = None
     last_event = 0.0
+    intake.open_round(task)
     for reply in transport.dispatch(task, cohort):
         msg, t = reply.message, reply.elapsed_s
         if isinstance(msg, Dropout):
@@ -208,13 +233,16 @@ def collect(transport, intake: Intake, task: Task, cohort: list[int], target: in
             continue
         last_event = max(last_event, t)
         vec = intake.accept(msg, rec, ctx)
-        if vec is None:
+        if vec is not None:
+            got.vecs.append(vec)
+            got.payloads.append(msg.payload)
+            got.claims.append(int(msg.num_examples))
+            got.accepted.append(rec)
+        elif intake.diverted(rec):
+            got.diverted += 1  # a probe's update counts towards filling the round (the selector's target has it)
+        else:
             continue
-        got.vecs.append(vec)
-        got.payloads.append(msg.payload)
-        got.claims.append(int(msg.num_examples))
-        got.accepted.append(rec)
-        if len(got.accepted) == target and len(cohort) > target:
+        if len(got.accepted) + got.diverted == target and len(cohort) > target:
             filled_at = t
             if transport.realtime:
                 break  # in wall-clock time, waiting longer only costs time

@@ -42,6 +42,7 @@ from typing import Any, Mapping
 import grpc
 
 from ...client import ClientStateStore, Device
+from ...client.probe import PROBE_FEATURE
 from ...compression import capabilities, parse_chain
 from ...learners.base import ClientData, Learner
 from ...messages import Dropout, Task
@@ -228,6 +229,8 @@ class FleetClient:
         seed: int | None = None,
         uplink_limit_mbps: float | None = None,
         personalization=None,
+        probe: bool = False,
+        uplink_wrap=None,
     ):
         if uplink_limit_mbps is not None and not (math.isfinite(uplink_limit_mbps) and uplink_limit_mbps > 0):
             raise ValueError(f"uplink_limit_mbps must be a finite number > 0 (or None for no limit), got {uplink_limit_mbps!r}")
@@ -235,6 +238,11 @@ class FleetClient:
         # fleetlearn.client.personalization part (the run's `[personalization]`) or None: the
         # personal state (FedPer heads, Ditto models) stays on this device.
         self.personalization = personalization
+        # A probe client (fleetlearn.client.probe) announces the "probe" feature; its `data` is
+        # then a function (task, client id) -> ClientData, and `uplink_wrap` (the test hook's
+        # broken codec, or None) wraps the run's uplink chain.
+        self.probe = bool(probe)
+        self.uplink_wrap = uplink_wrap
         self.server = server
         self.learner = learner
         self.data = data
@@ -397,7 +405,7 @@ class FleetClient:
             runtime_version=runtime_version(),
             capabilities=pb.Capabilities(
                 codecs=capabilities(), model_widths=[1.0], memory_mb=_memory_mb(), model_digest=self.learner.spec.digest(),
-                features=list(FEATURES),
+                features=list(FEATURES) + ([PROBE_FEATURE] if self.probe else []),
             ),
             device=pb.DeviceProfile(
                 compute_sps=float(self.device.get("compute_sps", 0.0)),
@@ -508,7 +516,10 @@ class FleetClient:
                 self._states = ClientStateStore()
             # The device's dim is the model's: a task payload for another dimension is refused before
             # anything of its size is allocated (a zstd body's bound is this model's, not the header's).
-            device = Device(self.learner, parse_chain(uplink), parse_chain(downlink), self._states, personalization=self.personalization)
+            chain = parse_chain(uplink)
+            if self.uplink_wrap is not None:
+                chain = self.uplink_wrap(chain)
+            device = Device(self.learner, chain, parse_chain(downlink), self._states, personalization=self.personalization)
             if self._device is not None:
                 device.personal_states = self._device.personal_states  # a new chain keeps the personal state
             self._device = device
@@ -534,11 +545,13 @@ class FleetClient:
         device = self._device_for(task.codec, uplink, adaptive=task.spec.get(AdaptiveEntry) is not None)
 
         def train():
-            steps = self._step_budget(task, local_deadline, task.spec.fit.batch_size)
+            # A probe trains in full (the server predicts a full local run).
+            steps = None if self.probe else self._step_budget(task, local_deadline, task.spec.fit.batch_size)
             if steps == 0:
                 return None
             seed = client_seed(task.spec.seed, task.round, cid)
-            (update,) = device.run(task, [cid], [self.data], [seed], [steps])
+            data = self.data(task, cid) if callable(self.data) else self.data  # a probe's data is drawn per round
+            (update,) = device.run(task, [cid], [data], [seed], [steps])
             return update
 
         try:

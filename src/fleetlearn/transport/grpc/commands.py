@@ -13,11 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from ...config import ConfigError, RunConfig
+from ...config import ConfigError, RunConfig, probe_refusal
 from .auth import TokenInfo, TokenStore
 from .certs import CertPaths, ClientTls, ServerTls, make_certs
 from .client import Backoff, ClientReport, run_client
-from .local_data import client_from_config, run_config
+from .local_data import client_from_config, probe_client_from_config, run_config
 from .server import Limits
 from .transport import GrpcTransport
 
@@ -75,6 +75,9 @@ def server_transport(
         # the server would receive individual updates, which is what SecAgg promises it never does.
         raise ConfigError("privacy.secure_aggregation = true: the SecAgg message flow runs in the simulation only; "
                           "over gRPC the server would see individual updates, so `fleetlearn server` refuses it")
+    if config.probes.clients:
+        raise ConfigError(f"probes.clients = {config.probes.clients}: simulated probe devices run in the simulation; over gRPC "
+                          "start probe clients as processes (fleetlearn client --probe) and leave probes.clients at 0")
     return GrpcTransport(
         address,
         tokens=TokenStore.open(state_dir),
@@ -83,6 +86,7 @@ def server_transport(
         downlink=config.compression.downlink,
         ladder=config.compression.ladder if config.compression.adaptive else None,
         features=("scaffold",) if config.client.objective == "scaffold" else (),
+        probe_refusal=probe_refusal(config),
         clusters=config.server.clusters if config.server.clustering != "none" else 1,
         tls=ServerTls.from_dir(cert_dir, mutual=mutual_tls) if cert_dir else None,
         heartbeat_interval_s=heartbeat_interval_s,
@@ -109,6 +113,7 @@ def client(
     give_up_after_s: float | None = None,
     device: dict[str, float] | None = None,
     uplink_limit_mbps: float | None = None,
+    probe: bool = False,
 ) -> ClientReport:
     """`fleetlearn client --server HOST:PORT --token TOKEN --config RUN.toml (--client-index I | --data pkg.mod:fn)
     [--tls-ca ca.pem [--tls-cert c.pem --tls-key c.key]] [--name N] [--max-rounds N] [--uplink-limit-mbps R]`.
@@ -116,17 +121,31 @@ def client(
     Builds the run's model and this client's local data, then runs until the
     server says the run finished.  Raises `ClientRefused` (bad or revoked token,
     incompatible client).
+
+    `probe`: a probe client (`--probe`, no local data): each round it trains on the known
+    synthetic data `fleetlearn.client.probe.probe_data` the server can draw too, and announces
+    the "probe" feature; the server checks its updates and never aggregates them.  The test
+    hook FLEETLEARN_PROBE_TAMPER (labels | codec) makes it lie on purpose.
     """
     from ...client.personalization import personalization_for_run
 
     cfg = run_config(config)
+    if probe:
+        learner, data, wrap = probe_client_from_config(cfg)
+        return run_client(server, token, learner, data, tls=_client_tls(tls_ca, tls_cert, tls_key, tls_server_name), name=name,
+                          max_rounds=max_rounds, backoff=Backoff(), give_up_after_s=give_up_after_s, device=device,
+                          uplink_limit_mbps=uplink_limit_mbps, probe=True, uplink_wrap=wrap)
     learner, data = client_from_config(cfg, client_index=client_index, data_fn=data_fn, num_classes=num_classes)
     # The personal step runs here, its state stays on this device (built as the server builds it).
     personalization = personalization_for_run(cfg, learner)
-    tls = None
-    if tls_ca is not None or tls_cert is not None or tls_server_name is not None:
-        tls = ClientTls(Path(tls_ca) if tls_ca else None, Path(tls_cert) if tls_cert else None,
-                        Path(tls_key) if tls_key else None, tls_server_name)
+    tls = _client_tls(tls_ca, tls_cert, tls_key, tls_server_name)
     return run_client(server, token, learner, data, tls=tls, name=name, max_rounds=max_rounds,
                       backoff=Backoff(), give_up_after_s=give_up_after_s, device=device,
                       uplink_limit_mbps=uplink_limit_mbps, personalization=personalization)
+
+
+def _client_tls(tls_ca, tls_cert, tls_key, tls_server_name) -> ClientTls | None:
+    if tls_ca is None and tls_cert is None and tls_server_name is None:
+        return None
+    return ClientTls(Path(tls_ca) if tls_ca else None, Path(tls_cert) if tls_cert else None,
+                     Path(tls_key) if tls_key else None, tls_server_name)

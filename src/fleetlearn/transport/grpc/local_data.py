@@ -114,3 +114,25 @@ def _learner_and_data(cfg: RunConfig, client_index: int | None, data_fn: str | N
         else:
             num_classes = int(max(int(data.y.max()) if data.y.numel() else 0, int(data.y_test.max()) if data.y_test.numel() else 0)) + 1
     return learner_from_config(cfg, int(data.x.shape[1]), num_classes), data
+
+
+def probe_client_from_config(config: RunConfig | dict | str | Path):
+    """(learner, data, uplink wrap) of a probe client (`fleetlearn client --probe`): the run's
+    model, and each round's data drawn by `fleetlearn.client.probe.probe_data` from the task's
+    seed, the round and this client's id (`data(task, client_id)`), with the run dataset's
+    feature and class counts; the uplink wrap is the FLEETLEARN_PROBE_TAMPER test hook's."""
+    from ...client.probe import probe_chain, probe_data, tamper_from_env
+    from ...config import probe_refusal
+
+    cfg = run_config(config)
+    why = probe_refusal(cfg)
+    if why:
+        raise ValueError(f"--probe: the server cannot predict a probe's update in this run: {why}")
+    tamper = tamper_from_env()
+    fed = load_federated(cfg.data, cfg.seed)
+    nf, nc, examples = fed.num_features, fed.num_classes, cfg.probes.examples
+
+    def data(task, client_id: int) -> ClientData:
+        return probe_data(task.spec.seed, task.round, client_id, nf, nc, examples, tamper)
+
+    return learner_from_config(cfg, nf, nc), data, (lambda chain: probe_chain(chain, tamper))

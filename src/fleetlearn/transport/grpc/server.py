@@ -46,6 +46,7 @@ from google.protobuf.message import DecodeError, Message
 
 import numpy as np
 
+from ...client.probe import PROBE_FEATURE
 from ...compression import AdaptiveCompression, needed_capabilities, parse_chain, wire
 from ...compression.blocks import HEADER_BYTES as BLOCK_HEADER_BYTES
 from ...messages import ClientMetrics, Dropout, Task, Update
@@ -167,6 +168,9 @@ class RunRequirements:
     # and the bytes of the block header before its codec payload (clustered runs).
     dim: int | None = None
     block_header_bytes: int = 0
+    # Probe clients (Capabilities.features "probe"): why this run cannot check them (they are
+    # refused at registration), or None when it can (monitoring/probe_clients.py).
+    probe_refusal: str | None = None
 
     @classmethod
     def for_run(
@@ -220,6 +224,8 @@ class RunRequirements:
         if lacking:
             return (f"client lacks protocol feature(s) {', '.join(lacking)} the run needs "
                     f"(\"scaffold\": client.objective = 'scaffold'); it announced {sorted(cap.features)}: upgrade the client")
+        if PROBE_FEATURE in cap.features and self.probe_refusal:
+            return f"this run cannot check probe clients: {self.probe_refusal}"
         if self.model_digest:
             if not cap.model_digest:
                 return f"client did not announce its model digest; the run trains model {self.model_digest}"

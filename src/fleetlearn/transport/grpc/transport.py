@@ -28,6 +28,7 @@ from typing import Any, Awaitable, Callable, Iterator, Sequence
 
 import grpc
 
+from ...client.probe import PROBE_FEATURE
 from ...messages import Dropout, Task
 from ...params import ParamSpec
 from ..base import Reply, TransportBase
@@ -92,6 +93,7 @@ class GrpcTransport(TransportBase):
         ladder: Sequence[str] | None = None,
         features: Sequence[str] = (),
         clusters: int = 1,
+        probe_refusal: str | None = None,
         requirements: RunRequirements | None = None,
         tls: ServerTls | None = None,
         limits: Limits = Limits(),
@@ -112,8 +114,9 @@ class GrpcTransport(TransportBase):
         # `ladder`: adaptive compression (each client's rung per round, from its measured link).
         # `features`: protocol features clients must announce ("scaffold").
         # `clusters`: clustered FL (`spec` is the k stacked models; updates are one block).
+        # `probe_refusal`: why this run cannot check probe clients (they are refused), or None.
         self.requirements = requirements or RunRequirements.for_run(spec, uplink, downlink, ladder=ladder, clusters=clusters,
-                                                                    features=tuple(features))
+                                                                    features=tuple(features), probe_refusal=probe_refusal)
         self.limits = limits
         self.max_round_s = max_round_s
         self.grace_s = grace_s
@@ -227,6 +230,11 @@ class GrpcTransport(TransportBase):
     def clients(self) -> list[dict[str, Any]]:
         """Registered clients: id, name, device profile, capabilities, seconds since last seen."""
         return self._on_loop(self.server.snapshot)
+
+    def probe_clients(self) -> list[int]:
+        """Registered clients that announced the "probe" feature (`fleetlearn client --probe`):
+        their updates are checked, never aggregated (monitoring/probe_clients.py)."""
+        return [int(c["client_id"]) for c in self.clients() if PROBE_FEATURE in c["capabilities"].get("features", ())]
 
     def finish(self, reason: str = "the run finished") -> None:
         """Tell every client the run is over (they stop); the server keeps answering until `close`."""
