@@ -326,10 +326,11 @@ def cmd_server(args: argparse.Namespace) -> int:
     try:
         changes: dict = {}
         if args.resume:
-            store = RunStore.open(args.resume, args.runs_dir or "runs", url=args.store, lock=True)  # held until exit
+            store = RunStore.open(args.resume, args.runs_dir or "runs", url=args.store)
             cfg, changes = resume_config(store, args.set)
-            if cfg.canary.set:
+            if cfg.canary.set:  # as `fleetlearn run --resume`; refused whether or not the run is in use
                 raise UsageError(f"run {store.run_id} is a canary rollout; resuming one is not supported")
+            store.lock()  # held until exit: a second resume of the run is refused
         else:
             if not args.config:
                 raise UsageError("give a CONFIG, or --resume RUN")
