@@ -5,9 +5,14 @@ One round engine: `CanaryRollout` drives two `Coordinator`s built by
 `build_coordinator` from the production configuration and from the candidate's
 (production plus ``canary.set`` overrides: another client lr, codec, aggregator...).
 
-- **Split.**  A seeded ``canary.fraction`` of the population trains only the
-  candidate, the rest only production (`RestrictedSelector`); the cohort is split
-  the same way (candidate: ``max(1, round(cohort x fraction))`` clients a round).
+- **Split.**  At the canary's start a seeded ``canary.fraction`` of the population
+  (`split_clients` over the transport's ``client_ids()``) trains only the candidate,
+  the rest only production (`RestrictedSelector`); the cohort is split the same way
+  (candidate: ``max(1, round(cohort x fraction))`` clients a round).
+- **Transport.**  The simulation builds the candidate its own simulated transport
+  over the same population; a run on a real fleet (``transport_factory``: the gRPC
+  server) gives the candidate production's transport, so both arms dispatch the
+  round, one after the other, to their own clients with their own task.
 - **Start.**  At ``canary.start_round`` the candidate starts from production's
   current model (server-optimizer state copied when both use the same optimizer).
   Both arms share one monotonic version counter, so the registry's versions stay
