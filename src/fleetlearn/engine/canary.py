@@ -50,7 +50,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..config import ConfigError, RunConfig, apply_overrides
+from ..config import ConfigError, RunConfig, candidate_config
 from ..data import load_federated
 from ..records import RoundRecord, RunSummary
 from ..selection import RestrictedSelector
@@ -82,19 +82,6 @@ class CanaryDecision:
             if not math.isfinite(d[k]):
                 d[k] = None
         return d
-
-
-def candidate_config(config: RunConfig) -> RunConfig:
-    """Production's configuration with the candidate's overrides (and no canary)."""
-    from ..config import load_config
-
-    data = config.to_dict()
-    data = apply_overrides(data, list(config.canary.set))
-    data["canary"] = {}
-    try:
-        return load_config(data)
-    except ConfigError as exc:
-        raise ConfigError(f"canary.set = {config.canary.set!r}: {exc}") from None
 
 
 def split_population(population: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

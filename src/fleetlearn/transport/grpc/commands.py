@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from ...config import ConfigError, RunConfig
+from ...config import ConfigError, RunConfig, candidate_config
 from .auth import TokenInfo, TokenStore
 from .certs import CertPaths, ClientTls, ServerTls, make_certs
 from .client import Backoff, ClientReport, run_client
@@ -131,8 +131,6 @@ def check_canary(config: RunConfig) -> None:
     local_epochs, batch_size...; local DP; label-skew helpers) and the server's own parts
     (server.*: aggregator, optimizer, ...), but not what a client agreed to when it
     registered.  ConfigError naming the key, both values and the override otherwise."""
-    from ...engine.canary import candidate_config
-
     candidate = candidate_config(config)
     try:
         ours, theirs = _wire_normalised(config), _wire_normalised(candidate)
