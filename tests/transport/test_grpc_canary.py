@@ -181,3 +181,15 @@ def test_a_canary_that_changes_what_clients_registered_for_is_refused(tmp_path, 
 def test_a_canary_with_a_task_only_change_is_accepted_by_the_check():
     cfg = load_config({"canary": {"set": ["client.lr=0.5", "client.local_epochs=3", "server.aggregator='median'"]}})
     commands.check_canary(cfg)  # nothing a client agreed to at registration changes
+
+
+def test_the_split_over_token_ids_is_the_simulations_rule():
+    import numpy as np
+
+    from fleetlearn.engine.canary import split_population
+
+    ids = np.array([3, 7, 8, 12, 20, 21, 40, 41, 42, 99])  # token ids: not 0..N-1, with gaps
+    prod, cand = split_clients(ids[::-1], 0.3, seed=5)  # order given does not matter
+    p0, c0 = split_population(len(ids), 0.3, seed=5)
+    assert list(cand) == list(ids[c0]) and list(prod) == list(ids[p0]) and len(cand) == 3
+    assert list(split_clients([4], 0.5, seed=0)[1]) == []  # one client: nobody for the candidate
