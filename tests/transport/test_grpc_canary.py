@@ -89,6 +89,11 @@ def _canary(records):
     return by_round, decision[0]
 
 
+def _tasks(reports) -> dict[int, dict[int, tuple[int, float]]]:
+    """{client id: {round: (model version, lr)}} of the tasks each client's device trained."""
+    return {r["client_id"]: {rnd: (v, lr) for rnd, v, lr in r["tasks"]} for r in reports.values()}
+
+
 def _clients(record) -> dict[int, str]:
     return {c.client_id: c.status for c in record.clients}
 
@@ -122,7 +127,14 @@ def test_a_worse_canary_is_rolled_back_and_a_better_one_promoted_over_grpc(tmp_p
     assert last.round == 4 and "canary" not in last.extra and _clients(last) == {i: "accepted" for i in ids.values()}
     assert last.parent_version == records[-2].version and not set(reg.lineage(last.version)) & {v.version for v in cand}
     assert vs[last.version].arm == "production" and vs[last.version].config_hash == store.info()["config_hash"]
-    assert all(r["rounds"] == [1, 2, 3, 4] for r in reports.values())  # each arm's task in rounds 2-3, then production's
+    assert all(r["rounds"] == [1, 2, 3, 4] for r in reports.values())
+    # What the clients' devices trained: each arm its own model and lr in rounds 2-3; round 4 production's for all.
+    tasks = _tasks(reports)
+    for c in ids.values():
+        arm_lr = 0.5 if c in cand_ids else 0.05
+        assert {rnd: lr for rnd, (_, lr) in tasks[c].items()} == {1: 0.05, 2: arm_lr, 3: arm_lr, 4: 0.05}
+        assert tasks[c][3][0] == (d["candidate_versions"][0] if c in cand_ids else records[1].version)
+        assert tasks[c][4][0] == records[2].version == last.parent_version
     assert not any(sum((r.extra.get("refusals") or {}).values()) for r in records)  # both arms' round 2 and 3: nothing refused
     assert json.loads((store.run_dir / "canary.json").read_text())[0]["decision"] == "rollback"
     # Resuming a canary run stays refused, as in the simulation.
@@ -143,6 +155,7 @@ def test_a_worse_canary_is_rolled_back_and_a_better_one_promoted_over_grpc(tmp_p
     assert last.parent_version == promoted and vs[last.version].config_hash == d["candidate_config_hash"]
     assert _clients(last) == {i: "accepted" for i in ids.values()}
     assert all(r["rounds"] == [1, 2, 3, 4] for r in reports.values())
+    assert all(t[4] == (promoted, 0.03) for t in _tasks(reports).values())  # every client trains the candidate's task
 
 
 @pytest.mark.slow
@@ -161,6 +174,10 @@ def test_a_shadow_over_grpc_records_its_verdict_and_never_ships(tmp_path):
     assert all(vs[r.version].config_hash == prod_hash for r in records) and not set(reg.lineage(records[-1].version)) & set(d["candidate_versions"])
     assert _clients(records[-1]) == {i: "accepted" for i in ids.values()}
     assert all(r["rounds"] == [1, 2, 3, 4] for r in reports.values())
+    cand_ids = set(by_round[2]["candidate_cohort"])
+    for c, t in _tasks(reports).items():  # the shadow's clients trained its lr, then production's
+        arm_lr = 0.03 if c in cand_ids else 0.003
+        assert {rnd: lr for rnd, (_, lr) in t.items()} == {1: 0.003, 2: arm_lr, 3: arm_lr, 4: 0.003}
 
 
 @pytest.mark.parametrize("override,key", [
