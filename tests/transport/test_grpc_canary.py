@@ -210,3 +210,41 @@ def test_the_split_over_token_ids_is_the_simulations_rule():
     p0, c0 = split_population(len(ids), 0.3, seed=5)
     assert list(cand) == list(ids[c0]) and list(prod) == list(ids[p0]) and len(cand) == 3
     assert list(split_clients([4], 0.5, seed=0)[1]) == []  # one client: nobody for the candidate
+
+
+def test_a_late_update_of_the_first_arm_of_a_round_is_refused_as_after_deadline(transport, tokens, learner):
+    """Both arms dispatch round 1 in turn: the canary client that missed its arm's deadline
+    is refused with that reason while production's round 1 is open, and after it."""
+    import grpc
+    from grpc_raw_client import RawClient
+    from grpc_test_support import DispatchThread, make_task
+
+    from fleetlearn.compression import parse_chain
+    from fleetlearn.messages import Dropout, Update
+
+    toks = tokens.add_many(["canary", "prod"])
+    late, prod = (RawClient(transport.address, toks[n]) for n in ("canary", "prod"))
+    for c in (late, prod):
+        c.register(learner.spec.digest())
+        c.start_heartbeats(0.05)
+    transport.wait_available(2, timeout_s=10)
+    params = learner.init_params(0)
+    payload = parse_chain("none").encode(params)[0]
+    (drop,) = list(transport.dispatch(make_task(1, 0, params, deadline_s=0.5), [late.client_id]))  # the candidate's arm
+    assert isinstance(drop.message, Dropout) and "deadline" in drop.message.reason
+    d = DispatchThread(transport, make_task(1, 0, params, deadline_s=10.0), [prod.client_id])  # production's arm, same round
+    meta, _, _ = prod.pull()
+    assert meta.round == 1
+    with pytest.raises(grpc.RpcError) as err:
+        late.push(1, 0, payload)
+    assert "deadline" in err.value.details()
+    prod.push(1, 0, payload)
+    (reply,) = d.join()
+    assert isinstance(reply.message, Update) and reply.message.client_id == prod.client_id
+    list(transport.dispatch(make_task(2, 1, params, deadline_s=0.5), []))
+    with pytest.raises(grpc.RpcError) as err:
+        late.push(1, 0, payload)
+    assert "deadline" in err.value.details()
+    assert transport.refusals_total() == {"after_deadline": 2}
+    for c in (late, prod):
+        c.close()
