@@ -183,6 +183,7 @@ def test_a_shadow_over_grpc_records_its_verdict_and_never_ships(tmp_path):
 @pytest.mark.parametrize("override,key", [
     ("compression.uplink='q8'", "compression.uplink"),
     ("client.objective='scaffold'", "client.objective"),
+    ("compression.adaptive=true", "compression.adaptive"),
 ])
 def test_a_canary_that_changes_what_clients_registered_for_is_refused(tmp_path, capsys, override, key):
     cfg = tmp_path / "run.toml"

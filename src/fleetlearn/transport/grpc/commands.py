@@ -97,11 +97,12 @@ def server_transport(
 
 # What a client agrees to at registration (`RunRequirements`), by the config keys that set it.
 _WIRE_KEYS = {
+    "ladder": "compression.adaptive / compression.ladder",
     "uplink": "compression.uplink",
     "downlink": "compression.downlink",
-    "ladder": "compression.adaptive / compression.ladder",
     "features": "client.objective",
-    "clusters": "server.clustering / server.clusters",
+    "clustering": "server.clustering",
+    "clusters": "server.clusters",
     "secure_aggregation": "privacy.secure_aggregation",
 }
 
@@ -114,6 +115,7 @@ def _wire_args(config: RunConfig) -> dict[str, Any]:
         "downlink": comp.downlink,
         "ladder": tuple(comp.ladder) if comp.adaptive else None,
         "features": ("scaffold",) if config.client.objective == "scaffold" else (),
+        "clustering": config.server.clustering,  # the client wraps its model by it (local_data.client_from_config)
         "clusters": config.server.clusters if config.server.clustering != "none" else 1,
         "secure_aggregation": config.privacy.secure_aggregation,
     }
