@@ -323,9 +323,10 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 # -- fleetlearn server / client / certs / token ----------------------------------------
 def cmd_server(args: argparse.Namespace) -> int:
-    """Drive a real fleet over gRPC with the same Coordinator as the simulation."""
+    """Drive a real fleet over gRPC with the same Coordinator as the simulation (a
+    CanaryRollout of two of them when ``[canary] set`` names a candidate)."""
     from .data import DataError
-    from .engine import build_coordinator
+    from .engine import build_run
     from .ops import RunStore, StoreError
     from .transport.grpc.commands import server_transport
     from .transport.grpc.server import Limits
@@ -333,8 +334,11 @@ def cmd_server(args: argparse.Namespace) -> int:
     try:
         changes: dict = {}
         if args.resume:
-            store = RunStore.open(args.resume, args.runs_dir or "runs", url=args.store, lock=True)  # held until exit
+            store = RunStore.open(args.resume, args.runs_dir or "runs", url=args.store)
             cfg, changes = resume_config(store, args.set)
+            if cfg.canary.set:  # as `fleetlearn run --resume`; refused whether or not the run is in use
+                raise UsageError(f"run {store.run_id} is a canary rollout; resuming one is not supported")
+            store.lock()  # held until exit: a second resume of the run is refused
         else:
             if not args.config:
                 raise UsageError("give a CONFIG, or --resume RUN")
@@ -346,8 +350,6 @@ def cmd_server(args: argparse.Namespace) -> int:
                 overrides.append(f"store.url={json.dumps(args.store)}")
             cfg = load_config(args.config, overrides)
             store = True
-        if cfg.canary.set:
-            raise UsageError("canary.set: canary rollouts run in the simulation (fleetlearn run), not in the gRPC server")
 
         holder: dict = {}
 
@@ -358,7 +360,9 @@ def cmd_server(args: argparse.Namespace) -> int:
             holder["t"] = t
             return t
 
-        coordinator = build_coordinator(cfg, store=store, transport_factory=make_transport)
+        # A Coordinator, or a CanaryRollout whose two arms share this one transport
+        # (commands.check_canary: the candidate keeps what clients agreed to at registration).
+        coordinator = build_run(cfg, store=store, transport_factory=make_transport)
     except (ConfigError, DataError, StoreError, OSError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     transport = holder["t"]
@@ -378,6 +382,9 @@ def cmd_server(args: argparse.Namespace) -> int:
     def on_round(rec: RoundRecord) -> None:
         console.print(f"round {rec.round}: {rec.status} acc {_fmt(rec.accuracy)} accepted {rec.accepted}/{rec.selected}"
                       f" refused {sum((rec.extra.get('refusals') or {}).values())} wall {rec.wall_seconds:.2f}s")
+        decision = (rec.extra.get("canary") or {}).get("decision")
+        if decision:
+            console.print(f"canary: {decision['decision']} after round {decision['round']}: {decision['reason']}")
 
     try:
         summary = coordinator.run(on_round=on_round)

@@ -1202,6 +1202,19 @@ def load_config(source: "RunConfig | dict[str, Any] | str | Path | None" = None,
     return cfg
 
 
+def candidate_config(config: RunConfig) -> RunConfig:
+    """A canary's candidate: production's configuration with the ``canary.set``
+    overrides (and no canary).  Here, not in engine/canary.py, so the gRPC server's
+    check of a candidate (transport.grpc.commands.check_canary) needs no engine import."""
+    data = config.to_dict()
+    data = apply_overrides(data, list(config.canary.set))
+    data["canary"] = {}
+    try:
+        return load_config(data)
+    except ConfigError as exc:
+        raise ConfigError(f"canary.set = {config.canary.set!r}: {exc}") from None
+
+
 def _same(validated: RunConfig, given: RunConfig) -> bool:
     """Equal values of equal types (pydantic's == finds 1e6 equal to 1000000)."""
     import warnings

@@ -5,9 +5,14 @@ One round engine: `CanaryRollout` drives two `Coordinator`s built by
 `build_coordinator` from the production configuration and from the candidate's
 (production plus ``canary.set`` overrides: another client lr, codec, aggregator...).
 
-- **Split.**  A seeded ``canary.fraction`` of the population trains only the
-  candidate, the rest only production (`RestrictedSelector`); the cohort is split
-  the same way (candidate: ``max(1, round(cohort x fraction))`` clients a round).
+- **Split.**  At the canary's start a seeded ``canary.fraction`` of the population
+  (`split_clients` over the transport's ``client_ids()``) trains only the candidate,
+  the rest only production (`RestrictedSelector`); the cohort is split the same way
+  (candidate: ``max(1, round(cohort x fraction))`` clients a round).
+- **Transport.**  The simulation builds the candidate its own simulated transport
+  over the same population; a run on a real fleet (``transport_factory``: the gRPC
+  server) gives the candidate production's transport, so both arms dispatch the
+  round, one after the other, to their own clients with their own task.
 - **Start.**  At ``canary.start_round`` the candidate starts from production's
   current model (server-optimizer state copied when both use the same optimizer).
   Both arms share one monotonic version counter, so the registry's versions stay
@@ -45,12 +50,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..config import ConfigError, RunConfig, apply_overrides
+from ..config import ConfigError, RunConfig, candidate_config
 from ..data import load_federated
 from ..records import RoundRecord, RunSummary
 from ..selection import RestrictedSelector
 from .coordinator import Coordinator
-from .running import budget_exhausted
+from .running import budget_exhausted, clients_ready
 
 CANARY_KEY = "canary"
 
@@ -79,25 +84,23 @@ class CanaryDecision:
         return d
 
 
-def candidate_config(config: RunConfig) -> RunConfig:
-    """Production's configuration with the candidate's overrides (and no canary)."""
-    from ..config import load_config
-
-    data = config.to_dict()
-    data = apply_overrides(data, list(config.canary.set))
-    data["canary"] = {}
-    try:
-        return load_config(data)
-    except ConfigError as exc:
-        raise ConfigError(f"canary.set = {config.canary.set!r}: {exc}") from None
-
-
 def split_population(population: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(production ids, candidate ids): a seeded ``round(fraction x population)`` (at least 1) for the candidate."""
+    return split_clients(np.arange(population, dtype=np.int64), fraction, seed)
+
+
+def split_clients(ids, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`split_population` over the transport's client ids (`Transport.client_ids`: the
+    simulation's 0..N-1, the gRPC server's token ids): the candidate gets the ids at the
+    positions the rule draws for ``len(ids)`` clients, in ascending id order."""
+    ids = np.unique(np.asarray(ids, dtype=np.int64))
+    population = len(ids)
     n = min(population - 1, max(1, int(round(fraction * population))))
+    if n < 1:  # a single client: nobody left for production
+        return ids, ids[:0]
     rng = np.random.default_rng([seed, 0xCA7A])
-    cand = np.sort(rng.choice(population, size=n, replace=False)).astype(np.int64)
-    return np.setdiff1d(np.arange(population, dtype=np.int64), cand), cand
+    cand = ids[np.sort(rng.choice(population, size=n, replace=False))]
+    return np.setdiff1d(ids, cand), cand
 
 
 class CanaryRollout:
@@ -105,7 +108,7 @@ class CanaryRollout:
     for ``canary.rounds`` rounds, the decision, then the chosen configuration to the end.
     The same surface as a `Coordinator` for its callers: ``run``, ``store``, ``summary``."""
 
-    def __init__(self, config: RunConfig, store=True, hooks: list | None = None, data=None):
+    def __init__(self, config: RunConfig, store=True, hooks: list | None = None, data=None, transport_factory=None):
         from .factory import build_coordinator
 
         c = config.canary
@@ -124,9 +127,13 @@ class CanaryRollout:
                               f"fewer than server.min_replies = {srv.min_replies} (or 1)")
         if c.start_round + c.rounds - 1 > srv.rounds:
             raise ConfigError(f"canary.start_round = {c.start_round} + canary.rounds = {c.rounds} run past server.rounds = {srv.rounds}")
-        self.prod_ids, self.cand_ids = split_population(self.data.num_clients, c.fraction, config.seed)
-        self.production: Coordinator = build_coordinator(config, store=store, hooks=hooks, data=self.data)
+        self.production: Coordinator = build_coordinator(config, store=store, hooks=hooks, data=self.data, transport_factory=transport_factory)
         self._build = build_coordinator
+        # A real fleet (`transport_factory`, e.g. the gRPC server): both arms dispatch over the one
+        # transport, to disjoint clients, each its own task (model, version, fit config).  The
+        # simulation builds the candidate its own simulated transport over the same population.
+        self._shared_transport = transport_factory is not None
+        self.prod_ids = self.cand_ids = np.zeros(0, dtype=np.int64)  # the arms, split at the canary's start
         if self.production.store is not None:  # the registry names versions by config hash: keep the config it stands for
             folder = self.production.store.run_dir / "canary"
             folder.mkdir(exist_ok=True)
@@ -151,13 +158,30 @@ class CanaryRollout:
     def summary(self, wall_seconds: float) -> RunSummary:
         return self.production.summary(wall_seconds)
 
+    @property
+    def transport(self):
+        return self.production.transport
+
+    @property
+    def wait_for_clients(self) -> tuple[int, float] | None:
+        """(min clients, timeout s) before each round (`fleetlearn server --min-clients`)."""
+        return self.production.wait_for_clients
+
+    @wait_for_clients.setter
+    def wait_for_clients(self, value: tuple[int, float] | None) -> None:
+        self.production.wait_for_clients = value
+
+    @property
+    def stopped_reason(self):
+        return self.production.stopped_reason
+
     def run(self, on_round: Callable[[RoundRecord], Any] | None = None) -> RunSummary:
         # Production's threads and monitoring for the whole rollout.  A promotion makes the
         # candidate production, so `self.production` is read afresh every round.
         with self.production.running():
             t0 = time.perf_counter()
             while self.production.round < self.config.server.rounds:
-                if budget_exhausted(self.production):
+                if not clients_ready(self.production) or budget_exhausted(self.production):
                     break
                 record = self.step()
                 if on_round is not None:
@@ -188,7 +212,8 @@ class CanaryRollout:
         cfg = self.candidate_cfg
         cfg.server.cohort = self.cand_cohort
         cfg.server.min_replies = min(self.full_min_replies, self.cand_cohort)
-        cand = self._build(cfg, store=False, data=self.data)
+        shared = (lambda learner, device: prod.transport) if self._shared_transport else None
+        cand = self._build(cfg, store=False, data=self.data, transport_factory=shared)
         cand.params, cand.version, cand.round = prod.params, prod.version, prod.round
         cand.max_version = prod.max_version
         if type(cand.server_optimizer) is type(prod.server_optimizer):
@@ -198,6 +223,7 @@ class CanaryRollout:
             cand.server_state = cand.server_optimizer.init(prod.params)
         cand.versions.reset(cand.version, cand.params, cand.server_state)
         cand.clock.now = prod.clock.now
+        self.prod_ids, self.cand_ids = split_clients(prod.transport.client_ids(), self.config.canary.fraction, self.config.seed)
         cand.selector = RestrictedSelector(cand.selector, self.cand_ids)
         prod.config.server.cohort = self.prod_cohort
         prod.selector = RestrictedSelector(prod.selector, self.prod_ids)
@@ -229,7 +255,8 @@ class CanaryRollout:
         cand_val = self._metric(cand_rec, self.candidate)
         entry = {"round": record.round, "production": _none(prod_val), "candidate": _none(cand_val),
                  "candidate_version": cand_rec.version, "candidate_status": cand_rec.status,
-                 "production_clients": record.selected, "candidate_clients": cand_rec.selected}
+                 "production_clients": record.selected, "candidate_clients": cand_rec.selected,
+                 "candidate_cohort": sorted(int(x.client_id) for x in cand_rec.clients)}
         self._history.append(entry)
         info: dict[str, Any] = {"mode": c.mode, "metric": c.metric, **entry}
         broken = cand_rec.status != "ok" or not math.isfinite(cand_val)
@@ -285,6 +312,7 @@ class CanaryRollout:
             cand.selector = cand.selector.inner
             cand.config.server.cohort = self.full_cohort
             cand.config.server.min_replies = self.full_min_replies
+            cand.wait_for_clients = prod.wait_for_clients
             cand.clock.now = max(cand.clock.now, prod.clock.now)
             cand.max_version = max(cand.max_version, prod.max_version)
             if store is not None:
@@ -318,12 +346,14 @@ def _mean(xs: list) -> float:
     return float(np.mean(vals)) if vals else math.nan
 
 
-def build_run(config: RunConfig, store=True, hooks: list | None = None, data=None):
-    """What `fleetlearn run` drives: a `Coordinator`, or a `CanaryRollout` (two of them)
-    when ``[canary] set`` names a candidate configuration.  Both offer ``run(on_round)``,
-    ``store`` and ``summary(wall_seconds)``."""
+def build_run(config: RunConfig, store=True, hooks: list | None = None, data=None, transport_factory=None):
+    """What `fleetlearn run` and `fleetlearn server` drive: a `Coordinator`, or a
+    `CanaryRollout` (two of them) when ``[canary] set`` names a candidate configuration.
+    Both offer ``run(on_round)``, ``store``, ``transport``, ``wait_for_clients`` and
+    ``summary(wall_seconds)``.  `transport_factory`: as `build_coordinator`'s (the gRPC
+    server); a canary's two arms then share the one transport."""
     if config.canary.set:
-        return CanaryRollout(config, store=store, hooks=hooks, data=data)
+        return CanaryRollout(config, store=store, hooks=hooks, data=data, transport_factory=transport_factory)
     from .factory import build_coordinator
 
-    return build_coordinator(config, store=store, hooks=hooks, data=data)
+    return build_coordinator(config, store=store, hooks=hooks, data=data, transport_factory=transport_factory)

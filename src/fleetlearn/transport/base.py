@@ -47,6 +47,11 @@ class TransportBase:
         """Messages refused since the last call, by reason (None: this transport refuses none)."""
         return None
 
+    def client_ids(self) -> Sequence[int]:
+        """The population's client ids (what a canary rollout splits into its arms):
+        0..population-1 unless the transport names its clients otherwise."""
+        return range(self.population)  # type: ignore[attr-defined]
+
     def wait_available(self, min_clients: int, timeout_s: float) -> list[int]:
         """Block until `min_clients` are available or `timeout_s` passes; returns them."""
         return list(self.available(0))  # type: ignore[attr-defined]

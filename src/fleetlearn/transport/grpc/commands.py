@@ -13,12 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from ...config import ConfigError, RunConfig, probe_refusal
+from ...config import ConfigError, RunConfig, candidate_config, probe_refusal
 from .auth import TokenInfo, TokenStore
 from .certs import CertPaths, ClientTls, ServerTls, make_certs
 from .client import Backoff, ClientReport, run_client
 from .local_data import client_from_config, probe_client_from_config, run_config
-from .server import Limits
+from .server import Limits, RunRequirements
 from .transport import GrpcTransport
 
 
@@ -70,6 +70,8 @@ def server_transport(
     server.key, and ca.pem when `mutual_tls`).  Without `cert_dir` the server is
     plaintext: fine on loopback, refused on any other address unless `insecure`.
     """
+    if config.canary.set:
+        check_canary(config)
     if config.privacy.secure_aggregation:
         # The masking rounds (key exchange, masked upload, unmasking) are not on the wire yet:
         # the server would receive individual updates, which is what SecAgg promises it never does.
@@ -78,22 +80,83 @@ def server_transport(
     if config.probes.clients:
         raise ConfigError(f"probes.clients = {config.probes.clients}: simulated probe devices run in the simulation; over gRPC "
                           "start probe clients as processes (fleetlearn client --probe) and leave probes.clients at 0")
+    wire = _wire_args(config)
     return GrpcTransport(
         address,
         tokens=TokenStore.open(state_dir),
         spec=spec,
-        uplink=config.compression.uplink,
-        downlink=config.compression.downlink,
-        ladder=config.compression.ladder if config.compression.adaptive else None,
-        features=("scaffold",) if config.client.objective == "scaffold" else (),
+        uplink=wire["uplink"],
+        downlink=wire["downlink"],
+        ladder=wire["ladder"],
+        features=wire["features"],
         probe_refusal=probe_refusal(config),
-        clusters=config.server.clusters if config.server.clustering != "none" else 1,
+        clusters=wire["clusters"],
         tls=ServerTls.from_dir(cert_dir, mutual=mutual_tls) if cert_dir else None,
         heartbeat_interval_s=heartbeat_interval_s,
         max_round_s=max_round_s,
         limits=limits,
         insecure=insecure,
     )
+
+
+# What a client agrees to at registration (`RunRequirements`), by the config keys that set it.
+_WIRE_KEYS = {
+    "ladder": "compression.adaptive / compression.ladder",
+    "uplink": "compression.uplink",
+    "downlink": "compression.downlink",
+    "features": "client.objective",
+    "clustering": "server.clustering",
+    "clusters": "server.clusters",
+    "secure_aggregation": "privacy.secure_aggregation",
+}
+
+
+def _wire_args(config: RunConfig) -> dict[str, Any]:
+    """The run's protocol settings, fixed for a client when it registers (`RunRequirements`)."""
+    comp = config.compression
+    return {
+        "uplink": comp.uplink,
+        "downlink": comp.downlink,
+        "ladder": tuple(comp.ladder) if comp.adaptive else None,
+        "features": ("scaffold",) if config.client.objective == "scaffold" else (),
+        "clustering": config.server.clustering,  # the client wraps its model by it (local_data.client_from_config)
+        "clusters": config.server.clusters if config.server.clustering != "none" else 1,
+        "secure_aggregation": config.privacy.secure_aggregation,
+    }
+
+
+def _wire_normalised(config: RunConfig) -> dict[str, Any]:
+    args = _wire_args(config)
+    req = RunRequirements.for_run(None, args["uplink"], args["downlink"], ladder=args["ladder"])  # chains as the server compares them
+    return {**args, "uplink": None if req.ladder else req.uplink, "downlink": req.downlink, "ladder": req.ladder}
+
+
+def check_canary(config: RunConfig) -> None:
+    """A canary over gRPC: both arms send their tasks over the same connections, so the
+    candidate (``canary.set``) may change what a task carries (the fit config: client.lr,
+    local_epochs, batch_size...; local DP; label-skew helpers) and the server's own parts
+    (server.*: aggregator, optimizer, ...), but not what a client agreed to when it
+    registered.  ConfigError naming the key, both values and the override otherwise."""
+    candidate = candidate_config(config)
+    try:
+        ours, theirs = _wire_normalised(config), _wire_normalised(candidate)
+    except ValueError as exc:
+        raise ConfigError(f"canary.set = {config.canary.set!r}: {exc}") from None
+    for name, key in _WIRE_KEYS.items():
+        if ours[name] != theirs[name]:
+            raise ConfigError(
+                f"canary.set = {config.canary.set!r}: over gRPC both arms train the same connected clients, which agreed to "
+                f"{key} when they registered (production: {_show(ours[name])}, candidate: {_show(theirs[name])}); "
+                "a candidate over gRPC may change what a task carries (client.lr, client.local_epochs, client.batch_size, "
+                "privacy.mode = 'local', ...) and the server's parts (server.aggregator, server.optimizer, ...), not "
+                f"{key}; run that candidate in the simulation (fleetlearn run) or as its own run"
+            )
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        value = list(value)
+    return repr(value)
 
 
 def client(

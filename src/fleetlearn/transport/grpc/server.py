@@ -854,8 +854,11 @@ class FleetServer:
         rs = self.round
         if rs is None or m.round > rs.round:
             raise Refusal("wrong_round", f"there is no round {m.round} (latest round: {rs.round if rs else 'none yet'})")
-        if m.round < rs.round:
-            past = next((h for h in self.history if h.round == m.round), None)
+        # A canary dispatches a round number twice (each arm its own cohort, one after the
+        # other): the round this client was asked for is the latest one whose cohort has it.
+        past = None if m.round == rs.round and client in rs.cohort else next(
+            (h for h in reversed(self.history) if h.round == m.round and h is not rs and client in h.cohort), None)
+        if m.round < rs.round or past is not None:
             if past is not None and client in past.dropped and past.closed_by == "deadline":
                 raise Refusal("after_deadline", f"round {m.round} ended at its deadline of {past.deadline_s:.3g}s; latest round is {rs.round}")
             raise Refusal("replay", f"round {m.round} is over (latest round: {rs.round}); updates are accepted only for the open round")

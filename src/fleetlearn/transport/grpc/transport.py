@@ -185,6 +185,10 @@ class GrpcTransport(TransportBase):
     def available(self, round: int) -> Sequence[int]:
         return self._on_loop(self.server.available)
 
+    def client_ids(self) -> Sequence[int]:
+        """The population's ids: clients that hold a valid token (the token store's ids)."""
+        return sorted(self.tokens.active_ids())
+
     def dispatch(self, task: Task, cohort: Sequence[int]) -> Iterator[Reply]:
         """Publish `task` to `cohort`; yield each `Update` as it arrives and a `Dropout`
         for each client that disconnects, stops heartbeating or misses the deadline."""
