@@ -1,0 +1,98 @@
+"""HeteroFL over gRPC: each `fleetlearn client` declares its memory, the server assigns its
+width by the run's `width_rule`, sends it only that width's sub-model, and aggregates the
+sub-model deltas by coverage, as the simulation does."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from grpc_test_support import NetworkRun
+
+from fleetlearn.compression import parse_chain
+from fleetlearn.config import load_config
+from fleetlearn.engine import build_coordinator
+from fleetlearn.transport.grpc import ClientRefused, GrpcTransport, TokenStore, commands, run_client
+from fleetlearn.transport.grpc.local_data import client_from_config
+
+# full_width_memory_mb = 512: the digits MLP [32] at width 0.5 needs ~257 MiB, at 0.25 ~130 MiB.
+MEMORY = [600, 300, 150, 600, 300, 150]  # the six clients' declared memory: widths 1.0, 0.5, 0.25, twice
+ROUNDS = 5
+
+
+def _cfg():
+    # 7 partition slots: token ids start at 1, so gRPC client i (id i + 1) trains slot i + 1 and
+    # the simulation, with slot 0 excluded, trains the same slots under the same client ids.
+    return load_config({"seed": 3, "data": {"dataset": "digits", "clients": 7, "partition": "iid"},
+                        "model": {"hidden": [32], "widths": [1.0, 0.5, 0.25], "width_rule": "memory", "full_width_memory_mb": 512.0},
+                        "client": {"local_epochs": 1, "batch_size": 16, "lr": 0.1},
+                        "server": {"rounds": ROUNDS, "cohort": 6, "deadline_s": 60.0}, "monitoring": {"detectors": []}})
+
+
+@pytest.mark.slow
+def test_heterofl_over_grpc_sends_each_client_only_its_sub_model(tmp_path):
+    cfg = _cfg()
+    net = NetworkRun(cfg, tmp_path, clients=6, client_options={i: {"memory_mb": m, "client_index": i + 1} for i, m in enumerate(MEMORY)})
+    plan = net.coordinator.learner.plan
+    summary = net.run()
+    assert [r.accepted for r in summary.records] == [6] * ROUNDS
+    ids = {i: TokenStore.open(net.state).client_id(f"site-{i}") for i in range(6)}
+    assert ids == {i: i + 1 for i in range(6)}
+    # The width rule the simulation uses, from the memory each client declared.
+    expect = {i: float(w) for i, w in enumerate(plan.width_for_memory(np.array(MEMORY, dtype=float)))}
+    assert sorted(set(expect.values())) == [0.25, 0.5, 1.0]
+    size = {w: len(parse_chain("none").encode(torch.zeros(plan.sub_dim(w)))[0]) for w in plan.widths}
+    assert size[0.25] < size[0.5] < size[1.0]
+    for i, rep in net.reports.items():
+        assert rep.model_width == expect[i]
+        # What the client received, counted on the client: its width's sub-model payload, every round.
+        assert rep.task_bytes == [size[expect[i]]] * ROUNDS
+    for r in summary.records:
+        for c in r.clients:
+            w = expect[c.client_id - 1]
+            assert c.width == w
+            # The bytes the server streamed to the client, and the sub-model delta it sent back.
+            assert c.downlink_bytes == size[w] and c.uplink_bytes == size[w]
+
+    # The simulation, same seed, same client ids, slots and widths: the same model.
+    sim = build_coordinator(cfg, store=False)
+    sim.excluded_clients = {0}
+    sim.learner.client_widths = np.array([1.0] + [expect[i] for i in range(6)])
+    ref = sim.run()
+    assert ref.final_accuracy > 0.8
+    assert abs(summary.final_accuracy - ref.final_accuracy) <= 0.002, (summary.final_accuracy, ref.final_accuracy)
+    # Each client trains alone here and in a batched cohort there: equal up to float rounding.
+    assert torch.allclose(net.coordinator.params, sim.params, atol=1e-5), float((net.coordinator.params - sim.params).abs().max())
+    assert not torch.equal(net.coordinator.params, net.start)
+
+
+def test_a_client_that_fits_no_width_is_refused_at_registration(tmp_path):
+    cfg = _cfg()
+    learner, data = client_from_config(cfg, client_index=1)
+    server_learner = build_coordinator(cfg, store=False).learner
+    tokens = TokenStore.open(tmp_path)
+    tok = {n: tokens.add(n) for n in ("small", "silent", "fits")}
+    t = GrpcTransport("127.0.0.1:0", tokens=tokens, spec=server_learner.spec, submodels=server_learner, heartbeat_interval_s=0.5)
+    try:
+        with pytest.raises(ClientRefused, match=r"declares 100 MiB.*smallest model width of the run, 0\.25.*needs 1\d\d\.?\d* MiB"):
+            run_client(t.address, tok["small"], learner, data, memory_mb=100, give_up_after_s=10)
+        with pytest.raises(ClientRefused, match=r"declared none.*--memory-mb"):
+            run_client(t.address, tok["silent"], learner, data, memory_mb=0, give_up_after_s=10)
+        # A plain (full-model) client cannot train the width it would be given.
+        plain, _ = client_from_config(load_config({**cfg.to_dict(), "model": {"hidden": [32]}}), client_index=1)
+        with pytest.raises(ClientRefused, match=r"assigns this client model width 0\.5.*announced widths \[1\.0\]"):
+            run_client(t.address, tok["fits"], plain, data, memory_mb=300, give_up_after_s=10)
+        assert t.refusals_total() == {"incompatible": 3}
+        assert t.clients() == []
+    finally:
+        t.close(grace_s=0.1)
+
+
+def test_the_grpc_transport_declares_heterofl():
+    from fleetlearn import compat
+
+    assert compat.has("transport", "grpc", "heterofl")
+    assert not compat.has("transport", "grpc", "attack_simulation")
+    cfg = load_config({**_cfg().to_dict(), "attack": {"kind": "sign_flip", "fraction": 0.5}})
+    with pytest.raises(Exception, match=r"attack\.kind.*'grpc' transport does not carry it"):
+        build_coordinator(cfg, store=False, transport_factory=lambda learner, device: None)
