@@ -10,7 +10,7 @@ import torch
 from grpc_test_support import NetworkRun
 
 from fleetlearn.compression import parse_chain
-from fleetlearn.config import load_config
+from fleetlearn.config import ConfigError, load_config
 from fleetlearn.engine import build_coordinator
 from fleetlearn.transport.grpc import ClientRefused, GrpcTransport, TokenStore, commands, run_client
 from fleetlearn.transport.grpc.local_data import client_from_config
@@ -66,23 +66,31 @@ def test_heterofl_over_grpc_sends_each_client_only_its_sub_model(tmp_path):
     assert not torch.equal(net.coordinator.params, net.start)
 
 
-def test_a_client_that_fits_no_width_is_refused_at_registration(tmp_path):
+def test_a_client_that_fits_no_width_is_refused_at_registration(tmp_path, capsys):
+    from fleetlearn.cli import main
+
     cfg = _cfg()
+    (tmp_path / "run.toml").write_text(cfg.to_toml())
     learner, data = client_from_config(cfg, client_index=1)
     server_learner = build_coordinator(cfg, store=False).learner
     tokens = TokenStore.open(tmp_path)
-    tok = {n: tokens.add(n) for n in ("small", "silent", "fits")}
+    tok = {n: tokens.add(n) for n in ("small", "cli", "silent", "fits")}
     t = GrpcTransport("127.0.0.1:0", tokens=tokens, spec=server_learner.spec, submodels=server_learner, heartbeat_interval_s=0.5)
     try:
         with pytest.raises(ClientRefused, match=r"declares 100 MiB.*smallest model width of the run, 0\.25.*needs 1\d\d\.?\d* MiB"):
             run_client(t.address, tok["small"], learner, data, memory_mb=100, give_up_after_s=10)
+        # `fleetlearn client --memory-mb N`: the same refusal, one line, exit status 2.
+        assert main(["client", "--server", t.address, "--token", tok["cli"], "--config", str(tmp_path / "run.toml"),
+                     "--client-index", "1", "--memory-mb", "120", "--give-up-after", "10"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fleetlearn: error: FAILED_PRECONDITION: client declares 120 MiB") and "model.full_width_memory_mb = 512" in err
         with pytest.raises(ClientRefused, match=r"declared none.*--memory-mb"):
             run_client(t.address, tok["silent"], learner, data, memory_mb=0, give_up_after_s=10)
         # A plain (full-model) client cannot train the width it would be given.
         plain, _ = client_from_config(load_config({**cfg.to_dict(), "model": {"hidden": [32]}}), client_index=1)
         with pytest.raises(ClientRefused, match=r"assigns this client model width 0\.5.*announced widths \[1\.0\]"):
             run_client(t.address, tok["fits"], plain, data, memory_mb=300, give_up_after_s=10)
-        assert t.refusals_total() == {"incompatible": 3}
+        assert t.refusals_total() == {"incompatible": 4}
         assert t.clients() == []
     finally:
         t.close(grace_s=0.1)
@@ -94,5 +102,9 @@ def test_the_grpc_transport_declares_heterofl():
     assert compat.has("transport", "grpc", "heterofl")
     assert not compat.has("transport", "grpc", "attack_simulation")
     cfg = load_config({**_cfg().to_dict(), "attack": {"kind": "sign_flip", "fraction": 0.5}})
-    with pytest.raises(Exception, match=r"attack\.kind.*'grpc' transport does not carry it"):
+    with pytest.raises(ConfigError, match=r"attack\.kind.*'grpc' transport does not carry it"):
         build_coordinator(cfg, store=False, transport_factory=lambda learner, device: None)
+    # `fleetlearn run` cannot choose the server as its backend: the refusal names the command.
+    with pytest.raises(ConfigError, match=r"engine\.backend = 'grpc'.*fleetlearn server"):
+        build_coordinator(load_config({**_cfg().to_dict(), "engine": {"backend": "grpc"}}), store=False)
+
