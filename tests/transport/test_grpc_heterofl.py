@@ -108,3 +108,67 @@ def test_the_grpc_transport_declares_heterofl():
     with pytest.raises(ConfigError, match=r"engine\.backend = 'grpc'.*fleetlearn server"):
         build_coordinator(load_config({**_cfg().to_dict(), "engine": {"backend": "grpc"}}), store=False)
 
+
+
+def test_the_wire_carries_each_width_and_refuses_the_wrong_size(tmp_path):
+    """Protocol level: the task names the width and carries exactly that sub-model; an update
+    of the full model's size is refused; registering again at another width leaves the round."""
+    import grpc
+    from grpc_raw_client import RawClient
+    from grpc_test_support import DispatchThread
+
+    from fleetlearn.messages import Dropout, Task, Update
+
+    learner = build_coordinator(_cfg(), store=False).learner
+    plan, chain = learner.plan, parse_chain("none")
+    tokens = TokenStore.open(tmp_path)
+    tok = tokens.add("raw")
+    t = GrpcTransport("127.0.0.1:0", tokens=tokens, spec=learner.spec, submodels=learner, heartbeat_interval_s=0.5)
+    raw = RawClient(t.address, tok)
+    try:
+        reg = lambda mem, **kw: raw.register(learner.spec.digest(), widths=plan.widths, memory_mb=mem, **kw)  # noqa: E731
+        with pytest.raises(grpc.RpcError, match="heterofl"):  # a client that cannot read TaskMeta.model_width
+            reg(600)
+        assert reg(600, features=["heterofl"]).model_width == 1.0
+        assert reg(300, features=["heterofl"]).model_width == 0.5  # again, with less memory: the width follows
+        raw.start_heartbeats()
+        params = torch.randn(plan.dim)
+        task = Task(round=1, version=0, payload=chain.encode(params)[0], codec="none", spec={"lr": 0.1}, deadline_s=5.0)
+        d = DispatchThread(t, task, [raw.client_id])
+        meta, payload, _ = raw.pull()
+        assert meta.model_width == 0.5 and meta.payload_bytes == len(payload)
+        assert torch.equal(chain.decode(payload, dim=plan.sub_dim(0.5)), plan.slice(params, 0.5))  # exactly the sub-model
+        with pytest.raises(grpc.RpcError, match=f"dim {plan.dim}.*has {plan.sub_dim(0.5)}|cannot be the model's"):
+            raw.push(1, 0, chain.encode(torch.zeros(plan.dim))[0])  # the full model's delta: not this client's
+        reg(150, features=["heterofl"])  # now width 0.25: the task it holds is for 0.5
+        (reply,) = d.join()
+        assert isinstance(reply.message, Dropout) and "registered again at model width 0.25" in reply.message.reason
+        assert t.refusals_total().get("wrong_shape") == 1
+        # Next round: the 0.25 sub-model, and its delta is accepted.
+        d = DispatchThread(t, Task(round=2, version=0, payload=task.payload, codec="none", spec={"lr": 0.1}, deadline_s=5.0), [raw.client_id])
+        meta, payload, _ = raw.pull(after_round=1)
+        assert meta.model_width == 0.25 and len(payload) == len(chain.encode(torch.zeros(plan.sub_dim(0.25)))[0])
+        assert raw.push(2, 0, chain.encode(torch.ones(plan.sub_dim(0.25)))[0]).accepted
+        (reply,) = d.join()
+        assert isinstance(reply.message, Update) and reply.message.downlink_bytes == len(payload)
+        assert learner.sub_dim_of(raw.client_id) == plan.sub_dim(0.25)  # what the Coordinator's decoder reads
+    finally:
+        raw.close()
+        t.close(grace_s=0.1)
+
+
+def test_a_client_trains_only_widths_its_model_has():
+    from fleetlearn.transport.grpc import FleetClient
+
+    cfg = _cfg()
+    learner, data = client_from_config(cfg, client_index=1)
+    c = FleetClient("127.0.0.1:1", "t", learner, data)
+    assert c._learner_for(0.5).spec == learner.plan.specs[0.5] and c._learner_for(0.0) is learner
+    for bad in (0.3, float("nan"), float("inf")):  # a task naming another width is skipped, not trained
+        with pytest.raises(ValueError, match="width"):
+            c._learner_for(bad)
+    plain, _ = client_from_config(load_config({**cfg.to_dict(), "model": {"hidden": [32]}}), client_index=1)
+    with pytest.raises(ValueError, match=r"model width 0\.5.*no widths"):
+        FleetClient("127.0.0.1:1", "t", plain, data)._learner_for(0.5)
+    with pytest.raises(ValueError, match="memory_mb"):
+        FleetClient("127.0.0.1:1", "t", learner, data, memory_mb=-5)
