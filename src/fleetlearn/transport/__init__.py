@@ -13,8 +13,8 @@ from .simulation import SimulationTransport, client_seed
 #   heterofl: sub-models of several widths; clustering: clustered FL's tagged models.
 # The gRPC server is an application-level transport (`fleetlearn server`): it is passed to
 # build_coordinator as a `transport_factory`, not chosen by engine.backend.  It is registered
-# (unlisted) to declare what it carries, which build_coordinator checks for it; choosing it as
-# engine.backend is refused with the command that runs it.
+# (unlisted, `served_by` its command) to declare what it carries, which build_coordinator checks
+# for it; engine.backend refuses it, naming the command that runs it.
 SIMULATION_CAPABILITIES = frozenset({"client_helpers", "attack_simulation", "personalization", "heterofl", "clustering"})
 # Real devices run the one client device (fleetlearn.client.Device) with every client-side
 # feature; simulated attackers exist only in the simulation.
@@ -45,6 +45,6 @@ def _grpc(config, data, device, fleet, clock, attack):
 register_part("transport", "simulation", _simulation, capabilities=SIMULATION_CAPABILITIES)
 # Ray runs the same client device as the simulation on its workers: it carries everything.
 register_part("transport", "ray", _ray, capabilities=SIMULATION_CAPABILITIES)
-register_part("transport", "grpc", _grpc, capabilities=GRPC_CAPABILITIES, listed=False)
+register_part("transport", "grpc", _grpc, capabilities=GRPC_CAPABILITIES, listed=False, served_by="fleetlearn server CONFIG")
 
 __all__ = ["Reply", "SimulationTransport", "Transport", "client_seed"]
