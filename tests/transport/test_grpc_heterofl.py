@@ -76,6 +76,7 @@ def test_a_client_that_fits_no_width_is_refused_at_registration(tmp_path, capsys
     tokens = TokenStore.open(tmp_path)
     tok = {n: tokens.add(n) for n in ("small", "cli", "silent", "fits")}
     t = GrpcTransport("127.0.0.1:0", tokens=tokens, spec=server_learner.spec, submodels=server_learner, heartbeat_interval_s=0.5)
+    before = server_learner.client_widths.copy()
     try:
         with pytest.raises(ClientRefused, match=r"declares 100 MiB.*smallest model width of the run, 0\.25.*needs 1\d\d\.?\d* MiB"):
             run_client(t.address, tok["small"], learner, data, memory_mb=100, give_up_after_s=10)
@@ -92,6 +93,7 @@ def test_a_client_that_fits_no_width_is_refused_at_registration(tmp_path, capsys
             run_client(t.address, tok["fits"], plain, data, memory_mb=300, give_up_after_s=10)
         assert t.refusals_total() == {"incompatible": 4}
         assert t.clients() == []
+        assert np.array_equal(server_learner.client_widths, before)  # a refused client's width is not recorded
     finally:
         t.close(grace_s=0.1)
 

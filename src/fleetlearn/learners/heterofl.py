@@ -567,12 +567,12 @@ class HeteroFLLearner:
         only that sub-model trains (``fleetlearn client``; its delta is the sub-model's)."""
         return self.plan.learners[self.plan._known(width)]
 
-    def assign(self, client: int, memory_mb: float) -> float:
-        """A device joining the run (gRPC registration): its width by the run's width rule
-        (`HeteroFLPlan.widths_by_rule`) from the memory it declares, recorded for the decoder,
-        the aggregator and the recorder.  ValueError naming the numbers when, under the
-        "memory" rule, the device declares no memory or too little for the smallest width
-        (the simulation gives such a device the smallest width; a real one would not fit it)."""
+    def width_for_device(self, client: int, memory_mb: float) -> float:
+        """The width of a device joining the run (gRPC registration) by the run's width rule
+        (`HeteroFLPlan.widths_by_rule`) from the memory it declares.  ValueError naming the
+        numbers when, under the "memory" rule, the device declares no memory or too little
+        for the smallest width (the simulation gives such a device the smallest width; a
+        real one would not fit it)."""
         client = int(client)
         if client < 0:
             raise ValueError(f"client id {client} is negative")
@@ -588,7 +588,11 @@ class HeteroFLLearner:
                     f"client declares {memory_mb:g} MiB of memory; the smallest model width of the run, {smallest:g} of "
                     f"model.widths = {list(plan.widths)}, needs {need:.4g} MiB (model.full_width_memory_mb = "
                     f"{plan.full_width_memory_mb:g} x its {plan.relative_size(smallest):.3g} share of the parameters)")
-        width = float(plan.widths_by_rule(self.width_rule, [client], memory_mb)[0])
+        return float(plan.widths_by_rule(self.width_rule, [client], memory_mb)[0])
+
+    def set_width(self, client: int, width: float) -> None:
+        """Record a device's width where the decoder, the aggregator and the recorder read it."""
+        client, width = int(client), self.plan._known(width)
         ws = self.client_widths
         if client >= ws.size:  # a new array, swapped in whole: readers on other threads see old or new
             grown = np.ones(client + 1, dtype=np.float64)
@@ -597,7 +601,6 @@ class HeteroFLLearner:
             self.client_widths = grown
         else:
             ws[client] = width
-        return width
 
     def sub_payload(self, payload: bytes, width: float, chain) -> bytes:
         """A broadcast payload (the global model encoded with the downlink ``chain``) as the

@@ -396,7 +396,7 @@ class FleetServer:
     ):
         self.tokens = tokens
         # HeteroFL (`learners.heterofl.HeteroFLLearner`) or None: each client's width is assigned at
-        # registration from its declared memory (`assign`), its tasks carry only that width's
+        # registration from its declared memory (`width_for_device`), its tasks carry only that width's
         # sub-model, and its update is the sub-model's delta.
         self.submodels = submodels
         self.widths: dict[int, float] = {}  # client id -> width assigned at its last registration
@@ -624,13 +624,13 @@ class FleetServer:
 
     def _assign_width(self, client: int, cap: pb.Capabilities) -> float:
         """HeteroFL: the client's width by the run's width rule from its declared memory
-        (`submodels.assign`, the rule the simulation uses), one it announced it can train;
-        0.0 without HeteroFL.  A client that re-registers at another width while selected
-        leaves the open round (its task was for the old width)."""
+        (`submodels.width_for_device`, the rule the simulation uses), one it announced it can
+        train, then recorded (`set_width`); 0.0 without HeteroFL.  A client that re-registers
+        at another width while selected leaves the open round (its task was for the old width)."""
         if self.submodels is None:
             return 0.0
         try:
-            width = float(self.submodels.assign(client, float(cap.memory_mb)))
+            width = float(self.submodels.width_for_device(client, float(cap.memory_mb)))
         except ValueError as exc:
             raise Refusal("incompatible", str(exc)) from None
         if not any(abs(w - width) < 1e-9 for w in cap.model_widths):
@@ -639,6 +639,7 @@ class FleetServer:
         rs = self.round
         if rs is not None and rs.open and client in rs.pending and rs.widths.get(client, width) != width:
             self._drop(rs, client, f"it registered again at model width {width:g}; its task was for width {rs.widths[client]:g}")
+        self.submodels.set_width(client, width)
         self.widths[client] = width
         return width
 
