@@ -356,7 +356,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         def make_transport(learner, device):
             t = server_transport(cfg, learner.spec, address=args.listen, state_dir=args.state, cert_dir=args.certs,
                                  mutual_tls=args.mtls, max_round_s=args.max_round_s, insecure=args.insecure,
-                                 limits=Limits(upload_idle_s=args.upload_idle_s))
+                                 limits=Limits(upload_idle_s=args.upload_idle_s), learner=learner)
             holder["t"] = t
             return t
 
@@ -417,7 +417,8 @@ def cmd_client(args: argparse.Namespace) -> int:
         report = client(args.server, token, args.config, client_index=args.client_index, data_fn=args.data,
                         num_classes=args.num_classes, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
                         tls_server_name=args.tls_server_name, name=args.name or "", max_rounds=args.max_rounds,
-                        give_up_after_s=args.give_up_after, uplink_limit_mbps=args.uplink_limit_mbps, probe=args.probe)
+                        give_up_after_s=args.give_up_after, uplink_limit_mbps=args.uplink_limit_mbps, probe=args.probe,
+                        memory_mb=args.memory_mb)
     except (ClientRefused, ConfigError, ValueError, OSError) as exc:
         raise UsageError(str(exc)) from None
     print(json.dumps({k: v for k, v in vars(report).items() if isinstance(v, (int, float, str, bool, type(None), list))}, default=str))
@@ -647,6 +648,8 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--give-up-after", type=float, help="stop if the server is unreachable this long (seconds)")
     cl.add_argument("--uplink-limit-mbps", type=float, help="send updates no faster than this (Mbit/s); "
                     "the server measures each client's rate and picks adaptive-compression rungs from it")
+    cl.add_argument("--memory-mb", type=int, help="memory this device declares for training, in MiB (default: the machine's "
+                    "available memory); a HeteroFL run (model.widths) assigns the client's model width from it")
     cl.set_defaults(func=cmd_client)
 
     ce = sub.add_parser("certs", help="create a CA and TLS certificates", description="Create a CA and server/client certificates for TLS.")

@@ -17,7 +17,8 @@ capability it is missing.  The capabilities read here:
                                      accountant's assumption)
   dataset     natural_devices        brings its own devices (data.partition = "natural")
   transport   client_helpers, attack_simulation, personalization, heterofl, clustering:
-                                     what the backend carries (the simulation carries all)
+                                     what the backend carries (the simulation carries all; the
+                                     gRPC server, transport "grpc", all but attack_simulation)
   weighting   client_helpers         needs a message from the client device (label histograms)
 
 Rules between settings that are not parts (privacy, FedBuff, canary, HeteroFL width checks)
@@ -131,12 +132,15 @@ def client_side_helper(cfg: Any) -> str | None:
 
 
 def check_transport(cfg: Any, backend: str | None = None) -> None:
-    """Every feature on in `cfg` must be carried by the transport `engine.backend` names."""
+    """Every feature on in `cfg` must be carried by the transport `engine.backend` names (or
+    `backend`, e.g. "grpc" for `fleetlearn server`)."""
+    chosen = backend is None or backend == cfg.engine.backend
     backend = backend or cfg.engine.backend
     for cap, key in transport_features(cfg):
         if not has("transport", backend, cap):
-            raise ConfigError(f"{key}: engine.backend = {backend!r} does not carry it "
-                              "; set engine.backend = 'simulation'" + missing("transport", backend, cap))
+            where, fix = ((f"engine.backend = {backend!r}", "set engine.backend = 'simulation'") if chosen
+                          else (f"the {backend!r} transport", "it runs in the simulation (fleetlearn run)"))
+            raise ConfigError(f"{key}: {where} does not carry it; {fix}" + missing("transport", backend, cap))
 
 
 # -- the whole config (RunConfig's cross-checks) --------------------------------------------------------

@@ -747,9 +747,12 @@ class EngineConfig(Section):
     @field_validator("backend")
     @classmethod
     def _registered_backend(cls, v: str) -> str:
-        if find_part("transport", v) is None:
-            raise ValueError(f"unknown backend; allowed: {', '.join(part_names('transport'))} "
-                             "(or a transport registered with fleetlearn.parts.register_part('transport', ...))")
+        part = find_part("transport", v)
+        if part is None or part.info.get("served_by"):  # the gRPC server: registered for its capabilities only
+            allowed = [n for n in part_names("transport") if not find_part("transport", n).info.get("served_by")]
+            served = f"; {v!r} is the transport of `{part.info['served_by']}`, not an engine backend" if part is not None else ""
+            raise ValueError(f"unknown backend; allowed: {', '.join(allowed)} "
+                             f"(or a transport registered with fleetlearn.parts.register_part('transport', ...)){served}")
         return v
 
     @field_validator("threads")

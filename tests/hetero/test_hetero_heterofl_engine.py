@@ -50,11 +50,20 @@ def test_bad_heterofl_config_names_the_key(section, key, value, match):
         load_config(data)
 
 
-def test_heterofl_refuses_the_grpc_server():
-    # The Ray backend runs HeteroFL (tests/scale/test_ray_backend.py); the gRPC server sends the full model.
-    cfg = _cfg()
-    with pytest.raises(ConfigError, match=r"model\.widths.*gRPC server"):
-        build_coordinator(cfg, store=False, transport_factory=lambda learner, device: None)
+def test_heterofl_needs_a_transport_that_carries_it():
+    # The simulation, Ray and the gRPC server carry HeteroFL (tests/scale/test_ray_backend.py,
+    # tests/transport/test_grpc_heterofl.py); a backend without the capability is refused.
+    from fleetlearn import compat
+    from fleetlearn.parts import register_part, unregister_part
+
+    assert all(compat.has("transport", t, "heterofl") for t in ("simulation", "ray", "grpc"))
+    register_part("transport", "test_nohetero", lambda *a: None, capabilities={"client_helpers"})
+    try:
+        cfg = _cfg(engine={"backend": "test_nohetero"})
+        with pytest.raises(ConfigError, match=r"model\.widths.*engine\.backend = 'test_nohetero' does not carry it.*capability 'heterofl' missing"):
+            build_coordinator(cfg, store=False)
+    finally:
+        unregister_part("transport", "test_nohetero")
 
 
 def test_memory_rule_gives_each_device_the_largest_width_that_fits():

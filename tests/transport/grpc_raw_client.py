@@ -31,12 +31,14 @@ class RawClient:
         self.channel.close()
 
     # -- calls ----------------------------------------------------------------------------
-    def register(self, digest: str, runtime: str | None = None, codecs=("none",), widths=(1.0,), memory_mb: int = 0, name: str = "raw") -> pb.RegisterReply:
+    def register(self, digest: str, runtime: str | None = None, codecs=("none",), widths=(1.0,), memory_mb: int = 0, name: str = "raw",
+                 features=()) -> pb.RegisterReply:
         reply = self.stub.Register(
             pb.RegisterRequest(
                 client_name=name,
                 runtime_version=runtime or runtime_version(),
-                capabilities=pb.Capabilities(codecs=list(codecs), model_widths=list(widths), memory_mb=memory_mb, model_digest=digest),
+                capabilities=pb.Capabilities(codecs=list(codecs), model_widths=list(widths), memory_mb=memory_mb, model_digest=digest,
+                                             features=list(features)),
                 device=pb.DeviceProfile(compute_sps=100.0, uplink_mbps=10.0, downlink_mbps=50.0),
             ),
             metadata=self.metadata,

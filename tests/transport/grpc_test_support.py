@@ -55,17 +55,19 @@ class DispatchThread:
 class NetworkRun:
     """A whole run over gRPC in one process: the Coordinator `fleetlearn server` builds, and
     `clients` real `fleetlearn client`s (threads, partition slots 0..clients-1), as the CLI
-    would run them.  `run()` returns the summary after every client heard the run finished."""
+    would run them.  `run()` returns the summary after every client heard the run finished.
+    `client_options`: extra `commands.client` arguments by client index (e.g. memory_mb)."""
 
-    def __init__(self, cfg, tmp_path, clients: int):
+    def __init__(self, cfg, tmp_path, clients: int, client_options: dict | None = None):
         from fleetlearn.engine import build_coordinator
         from fleetlearn.transport.grpc import commands
 
         self.cfg, self.state, self.clients = cfg, tmp_path / "state", clients
+        self.client_options = client_options or {}
         holder = {}
 
         def make_transport(learner, runtime):
-            holder["t"] = commands.server_transport(cfg, learner.spec, "127.0.0.1:0", self.state, heartbeat_interval_s=1.0)
+            holder["t"] = commands.server_transport(cfg, learner.spec, "127.0.0.1:0", self.state, heartbeat_interval_s=1.0, learner=learner)
             return holder["t"]
 
         self.coordinator = build_coordinator(cfg, store=False, transport_factory=make_transport)
@@ -80,7 +82,8 @@ class NetworkRun:
         try:
             toks = {i: commands.token_add(self.state, f"site-{i}") for i in range(self.clients)}
             threads = [threading.Thread(target=lambda i=i: self.reports.__setitem__(i, commands.client(
-                t.address, toks[i], self.cfg, client_index=i, give_up_after_s=30)), daemon=True) for i in toks]
+                t.address, toks[i], self.cfg, **{"client_index": i, "give_up_after_s": 30, **self.client_options.get(i, {})})), daemon=True)
+                for i in toks]
             for th in threads:
                 th.start()
             self.coordinator.wait_for_clients = (self.clients, 20.0)

@@ -348,9 +348,8 @@ def build_coordinator(
         raise ConfigError(f"server.cohort = {config.server.cohort} exceeds the {data.num_clients} clients the data has")
     fleet = make_fleet(config.devices, data.num_clients, config.seed)
     learner = build_learner(config, data, fleet)
-    if config.model.heterofl and (transport_factory is not None or not compat.has("transport", config.engine.backend, "heterofl")):
-        raise ConfigError(f"model.widths = {config.model.widths}: HeteroFL runs in the simulation (engine.backend = 'simulation' or 'ray'); "
-                          "the gRPC server sends the full model")
+    if transport_factory is not None:  # the gRPC server (registered as transport "grpc" for its capabilities)
+        compat.check_transport(config, "grpc")
     x_unlabeled = None
     if config.distill.enabled:
         from dataclasses import replace

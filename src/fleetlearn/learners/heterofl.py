@@ -54,6 +54,7 @@ __all__ = [
     "coverage_mask",
     "embed",
     "heterofl_aggregate",
+    "heterofl_client_learner",
     "kept_units",
     "linear_layers",
     "mlp_width_factory",
@@ -356,7 +357,21 @@ class HeteroFLPlan:
 
     def round_robin(self, num_clients: int) -> np.ndarray:
         """Client c gets ``widths[c % len(widths)]`` (HeteroFL's fixed, equal proportions)."""
-        return self.width_for_tier(np.arange(num_clients) % len(self.widths))
+        return self.widths_by_rule("round_robin", np.arange(num_clients))
+
+    def widths_by_rule(self, rule: str, clients, memory_mb=None) -> np.ndarray:
+        """``model.width_rule`` for these client ids: "round_robin" (client c gets
+        ``widths[c % len(widths)]``) or "memory" (`width_for_memory` of ``memory_mb``, one
+        value per client).  The simulation assigns its whole population with it, the gRPC
+        server each client as it registers (`HeteroFLLearner.assign`)."""
+        clients = np.asarray(clients, dtype=np.int64)
+        if rule == "round_robin":
+            return self.width_for_tier(clients % len(self.widths))
+        if rule == "memory":
+            if memory_mb is None:
+                raise ValueError("model.width_rule = 'memory' needs device memory (devices.memory_mb)")
+            return self.width_for_memory(np.broadcast_to(np.asarray(memory_mb, dtype=np.float64), clients.shape))
+        raise ValueError(f"unknown width rule {rule!r}; allowed: 'memory', 'round_robin'")
 
     def _known(self, width: float) -> float:
         w = float(width)
@@ -520,16 +535,19 @@ class HeteroFLLearner:
     name = "heterofl"
     needs_client_ids = True
 
-    def __init__(self, plan: HeteroFLPlan, client_widths):
+    def __init__(self, plan: HeteroFLPlan, client_widths, width_rule: str = "round_robin"):
         if 1.0 not in plan.widths:
             raise ValueError(f"HeteroFLLearner needs width 1.0 among the widths {list(plan.widths)}")
         ws = np.asarray(client_widths, dtype=np.float64).reshape(-1)
         unknown = sorted(set(ws.tolist()) - set(plan.widths))
         if unknown:
             raise ValueError(f"client widths {unknown} are not among the plan's widths {list(plan.widths)}")
+        if width_rule not in ("memory", "round_robin"):
+            raise ValueError(f"unknown width rule {width_rule!r}; allowed: 'memory', 'round_robin'")
         self.plan = plan
         self.spec = plan.spec
         self.client_widths = ws
+        self.width_rule = width_rule
         full = plan.learners[1.0]
         self.module, self.make_module = full.module, full.make_module
         self._rel = {w: plan.relative_size(w) for w in plan.widths}
@@ -539,10 +557,66 @@ class HeteroFLLearner:
     def widths_of(self, clients) -> np.ndarray:
         return self.client_widths[np.asarray(clients, dtype=np.int64)]
 
+    @property
+    def model_widths(self) -> tuple[float, ...]:
+        """The widths this model trains at (what a gRPC client announces it can train)."""
+        return self.plan.widths
+
+    def at_width(self, width: float) -> TorchLearner:
+        """The learner of the width-``width`` sub-model alone: what a device that received
+        only that sub-model trains (``fleetlearn client``; its delta is the sub-model's)."""
+        return self.plan.learners[self.plan._known(width)]
+
+    def width_for_device(self, client: int, memory_mb: float) -> float:
+        """The width of a device joining the run (gRPC registration) by the run's width rule
+        (`HeteroFLPlan.widths_by_rule`) from the memory it declares.  ValueError naming the
+        numbers when, under the "memory" rule, the device declares no memory or too little
+        for the smallest width (the simulation gives such a device the smallest width; a
+        real one would not fit it)."""
+        client = int(client)
+        if client < 0:
+            raise ValueError(f"client id {client} is negative")
+        plan = self.plan
+        if self.width_rule == "memory":
+            smallest = plan.widths[-1]
+            need = plan.memory_required_mb(smallest)
+            if not memory_mb > 0:
+                raise ValueError("the run assigns HeteroFL widths by device memory (model.width_rule = 'memory') and the "
+                                 "client declared none: declare it (fleetlearn client --memory-mb N)")
+            if memory_mb < need:
+                raise ValueError(
+                    f"client declares {memory_mb:g} MiB of memory; the smallest model width of the run, {smallest:g} of "
+                    f"model.widths = {list(plan.widths)}, needs {need:.4g} MiB (model.full_width_memory_mb = "
+                    f"{plan.full_width_memory_mb:g} x its {plan.relative_size(smallest):.3g} share of the parameters)")
+        return float(plan.widths_by_rule(self.width_rule, [client], memory_mb)[0])
+
+    def set_width(self, client: int, width: float) -> None:
+        """Record a device's width where the decoder, the aggregator and the recorder read it."""
+        client, width = int(client), self.plan._known(width)
+        ws = self.client_widths
+        if client >= ws.size:  # a new array, swapped in whole: readers on other threads see old or new
+            grown = np.ones(client + 1, dtype=np.float64)
+            grown[: ws.size] = ws
+            grown[client] = width
+            self.client_widths = grown
+        else:
+            ws[client] = width
+
+    def sub_payload(self, payload: bytes, width: float, chain) -> bytes:
+        """A broadcast payload (the global model encoded with the downlink ``chain``) as the
+        width-``width`` sub-model's payload: decoded, sliced (`HeteroFLPlan.slice`) and
+        encoded again with the chain, so only the sub-model's bytes travel.  With a lossless
+        downlink it is exactly the encoding of ``slice(params, width)`` (`downlink_nbytes`)."""
+        full = chain.decode(payload, dim=self.plan.dim)
+        return chain.encode(self.plan.slice(full, width))[0]
+
     def relative_cost(self, clients) -> np.ndarray:
         """Compute and bytes of each client's sub-model relative to the full model (``d_r / d``)."""
         ws = self.widths_of(clients)
         return np.array([self._rel[float(w)] for w in ws.reshape(-1)]).reshape(ws.shape)
+
+    def sub_dim(self, width: float) -> int:
+        return self.plan.sub_dim(width)
 
     def sub_dim_of(self, client: int) -> int:
         return self.plan.sub_dim(float(self.client_widths[int(client)]))
@@ -636,10 +710,13 @@ def heterofl_parts(model_cfg, num_features: int, num_classes: int, memory_mb, nu
     device's width by ``model.width_rule`` (from the fleet's ``memory_mb`` for "memory")."""
     plan = HeteroFLPlan.for_mlp(num_features, num_classes, model_cfg.hidden, model_cfg.widths,
                                 full_width_memory_mb=model_cfg.full_width_memory_mb, vectorize=vectorize)
-    if model_cfg.width_rule == "round_robin":
-        widths = plan.round_robin(num_clients)
-    else:
-        if memory_mb is None:
-            raise ValueError("model.width_rule = 'memory' needs device memory (devices.memory_mb)")
-        widths = plan.width_for_memory(memory_mb)
-    return HeteroFLLearner(plan, widths)
+    widths = plan.widths_by_rule(model_cfg.width_rule, np.arange(num_clients), memory_mb)
+    return HeteroFLLearner(plan, widths, model_cfg.width_rule)
+
+
+def heterofl_client_learner(model_cfg, num_features: int, num_classes: int) -> HeteroFLLearner:
+    """The `HeteroFLLearner` a device (``fleetlearn client``) holds: the run's plan, no
+    population; the server names the width in each task and the device trains `at_width`."""
+    plan = HeteroFLPlan.for_mlp(num_features, num_classes, model_cfg.hidden, model_cfg.widths,
+                                full_width_memory_mb=model_cfg.full_width_memory_mb, vectorize=False)
+    return HeteroFLLearner(plan, [], model_cfg.width_rule)

@@ -12,8 +12,13 @@ from .simulation import SimulationTransport, client_seed
 #   attack_simulation: simulated malicious clients; personalization: personal state per client;
 #   heterofl: sub-models of several widths; clustering: clustered FL's tagged models.
 # The gRPC server is an application-level transport (`fleetlearn server`): it is passed to
-# build_coordinator as a `transport_factory`, not chosen by engine.backend.
+# build_coordinator as a `transport_factory`, not chosen by engine.backend.  It is registered
+# (unlisted, `served_by` its command) to declare what it carries, which build_coordinator checks
+# for it; engine.backend refuses it, naming the command that runs it.
 SIMULATION_CAPABILITIES = frozenset({"client_helpers", "attack_simulation", "personalization", "heterofl", "clustering"})
+# Real devices run the one client device (fleetlearn.client.Device) with every client-side
+# feature; simulated attackers exist only in the simulation.
+GRPC_CAPABILITIES = SIMULATION_CAPABILITIES - {"attack_simulation"}
 
 
 def _simulation(config, data, device, fleet, clock, attack):
@@ -32,8 +37,14 @@ def _ray(config, data, device, fleet, clock, attack):
         raise ConfigError(f"engine.backend = 'ray': {exc}") from None
 
 
+def _grpc(config, data, device, fleet, clock, attack):
+    raise ConfigError("engine.backend = 'grpc': the gRPC server is `fleetlearn server CONFIG` (its clients `fleetlearn client`); "
+                      "`fleetlearn run` simulates: use engine.backend = 'simulation' or 'ray'")
+
+
 register_part("transport", "simulation", _simulation, capabilities=SIMULATION_CAPABILITIES)
 # Ray runs the same client device as the simulation on its workers: it carries everything.
 register_part("transport", "ray", _ray, capabilities=SIMULATION_CAPABILITIES)
+register_part("transport", "grpc", _grpc, capabilities=GRPC_CAPABILITIES, listed=False, served_by="fleetlearn server CONFIG")
 
 __all__ = ["Reply", "SimulationTransport", "Transport", "client_seed"]

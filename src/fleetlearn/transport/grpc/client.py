@@ -104,6 +104,8 @@ class ClientReport:
     registrations: int = 0
     retries: int = 0
     stopped: str = ""  # finished | max_rounds | gave_up | stopped | refused: ...
+    model_width: float = 0.0  # HeteroFL: the width the server assigned at registration (0: no HeteroFL)
+    task_bytes: list[int] = field(default_factory=list)  # bytes of each task payload received (model + control)
 
 
 def _memory_mb() -> int:
@@ -192,8 +194,9 @@ class _BadStream(Exception):
 
 
 # Protocol features this runtime supports (Capabilities.features): "scaffold" = it reads
-# SCAFFOLD's control variate after the model payload and keeps its own c_i.
-FEATURES = ("scaffold",)
+# SCAFFOLD's control variate after the model payload and keeps its own c_i; "heterofl" = it
+# reads TaskMeta.model_width and trains that width's sub-model (the payload is the sub-model).
+FEATURES = ("scaffold", "heterofl")
 MAX_RECEIVE_BYTES = 64 << 20  # the largest single message the client accepts (servers send 1 MiB chunks)
 
 
@@ -205,6 +208,9 @@ class FleetClient:
     `uplink_limit_mbps` caps the rate at which updates are sent (paced chunk by chunk), as
     a device on a metered or shared link would; the server measures the rate it receives
     and picks adaptive-compression rungs from it.
+    `memory_mb` is the memory the device declares for training (default: the machine's
+    available memory); a HeteroFL run assigns the client's model width from it.  The
+    learner's `model_widths` (HeteroFL: the run's widths) are announced as trainable.
     """
 
     def __init__(
@@ -231,7 +237,11 @@ class FleetClient:
         personalization=None,
         probe: bool = False,
         uplink_wrap=None,
+        memory_mb: int | None = None,
     ):
+        if memory_mb is not None and (isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb < 0):
+            raise ValueError(f"memory_mb must be a whole number of MiB >= 0 (or None: the machine's available memory), got {memory_mb!r}")
+        self.memory_mb = memory_mb
         if uplink_limit_mbps is not None and not (math.isfinite(uplink_limit_mbps) and uplink_limit_mbps > 0):
             raise ValueError(f"uplink_limit_mbps must be a finite number > 0 (or None for no limit), got {uplink_limit_mbps!r}")
         self.uplink_limit_mbps = uplink_limit_mbps
@@ -266,7 +276,7 @@ class FleetClient:
         self._heartbeat_s = 5.0
         self._chunk_bytes = DEFAULT_CHUNK_BYTES
         self._device: Device | None = None  # the client device, rebuilt when the run's chains change
-        self._device_key: tuple[str, str] | None = None
+        self._device_key: tuple[str, str, float] | None = None
         self._states = ClientStateStore()  # error-feedback residuals etc., kept across rounds
         self._after_round = 0
         self._finished = False
@@ -404,7 +414,8 @@ class FleetClient:
             client_name=self.name,
             runtime_version=runtime_version(),
             capabilities=pb.Capabilities(
-                codecs=capabilities(), model_widths=[1.0], memory_mb=_memory_mb(), model_digest=self.learner.spec.digest(),
+                codecs=capabilities(), model_widths=list(getattr(self.learner, "model_widths", (1.0,))),
+                memory_mb=self.memory_mb if self.memory_mb is not None else _memory_mb(), model_digest=self.learner.spec.digest(),
                 features=list(FEATURES) + ([PROBE_FEATURE] if self.probe else []),
             ),
             device=pb.DeviceProfile(
@@ -425,6 +436,7 @@ class FleetClient:
         self._chunk_bytes = int(reply.chunk_bytes) or DEFAULT_CHUNK_BYTES
         self._after_round = 0  # a restarted server may re-run the round we last saw
         self.report.client_id = self._client_id
+        self.report.model_width = float(reply.model_width)
         self.report.registrations += 1
         if reply.run_finished:
             self._finished = True
@@ -456,8 +468,9 @@ class FleetClient:
                 self._interrupt()
                 return
 
-    async def _pull(self, stub: pb_grpc.FleetLearnStub) -> tuple[Task, float, str] | None:
-        """The next task (with its local deadline and uplink chain), or None after an empty long poll."""
+    async def _pull(self, stub: pb_grpc.FleetLearnStub) -> tuple[Task, float, str, float] | None:
+        """The next task (with its local deadline, uplink chain and HeteroFL model width, 0 for
+        the full model), or None after an empty long poll."""
         if self._client_id is None or self._session is None:
             return None  # the heartbeat saw the server forget us: the loop registers again
         call = stub.PullTask(
@@ -492,6 +505,7 @@ class FleetClient:
         if meta is None or assembler is None:
             return None
         body = assembler.finish()
+        self.report.task_bytes.append(len(body))
         split = int(meta.payload_bytes)  # the model, then SCAFFOLD's control variate (control_bytes)
         try:
             spec = TaskSpec.from_json(meta.config_json)
@@ -505,21 +519,31 @@ class FleetClient:
             spec=spec, deadline_s=meta.deadline_s or None, control=body[split:],
         )
         local_deadline = received_at + meta.remaining_s if meta.remaining_s > 0 else float("inf")
-        return task, local_deadline, meta.uplink_codec or "none"
+        return task, local_deadline, meta.uplink_codec or "none", float(meta.model_width)
 
-    def _device_for(self, downlink: str, uplink: str, adaptive: bool = False) -> Device:
-        key = (downlink, uplink)
+    def _learner_for(self, width: float) -> Learner:
+        """The learner a task trains: the model, or (HeteroFL) its width-`width` sub-model."""
+        if not width:
+            return self.learner
+        at_width = getattr(self.learner, "at_width", None)
+        if at_width is None or not math.isfinite(width):
+            raise ValueError(f"the task names model width {width!r}, but this client's model has no widths (model.widths)")
+        return at_width(width)
+
+    def _device_for(self, downlink: str, uplink: str, adaptive: bool = False, width: float = 0.0) -> Device:
+        key = (downlink, uplink, width)
         if self._device is None or self._device_key != key:
-            if self._device_key is not None and self._device_key[1] != uplink and not adaptive:
-                # Residuals of another run's chain do not apply; the rungs of one adaptive
-                # ladder share them (as in the simulation: an EF residual waits for its rung).
+            if self._device_key is not None and ((self._device_key[1] != uplink and not adaptive) or self._device_key[2] != width):
+                # Residuals of another run's chain (or of another width's sub-model) do not apply; the
+                # rungs of one adaptive ladder share them (as in the simulation: an EF residual waits for its rung).
                 self._states = ClientStateStore()
-            # The device's dim is the model's: a task payload for another dimension is refused before
-            # anything of its size is allocated (a zstd body's bound is this model's, not the header's).
+            # The device's dim is the model's (HeteroFL: the sub-model's): a task payload for another dimension
+            # is refused before anything of its size is allocated (a zstd body's bound is this model's, not the header's).
             chain = parse_chain(uplink)
             if self.uplink_wrap is not None:
                 chain = self.uplink_wrap(chain)
-            device = Device(self.learner, chain, parse_chain(downlink), self._states, personalization=self.personalization)
+            device = Device(self._learner_for(width), chain, parse_chain(downlink), self._states,
+                            personalization=self.personalization)
             if self._device is not None:
                 device.personal_states = self._device.personal_states  # a new chain keeps the personal state
             self._device = device
@@ -538,13 +562,13 @@ class FleetClient:
         budget = local_deadline - time.monotonic() - upload_s
         return max(0, math.floor(max(budget, 0.0) * sps / max(batch_size, 1)))
 
-    async def _train_and_push(self, stub: pb_grpc.FleetLearnStub, pulled: tuple[Task, float, str]) -> None:
-        task, local_deadline, uplink = pulled
+    async def _train_and_push(self, stub: pb_grpc.FleetLearnStub, pulled: tuple[Task, float, str, float]) -> None:
+        task, local_deadline, uplink, width = pulled
         assert self._client_id is not None
         cid = self._client_id
-        device = self._device_for(task.codec, uplink, adaptive=task.spec.get(AdaptiveEntry) is not None)
 
         def train():
+            device = self._device_for(task.codec, uplink, adaptive=task.spec.get(AdaptiveEntry) is not None, width=width)
             # A probe trains in full (the server predicts a full local run).
             steps = None if self.probe else self._step_budget(task, local_deadline, task.spec.fit.batch_size)
             if steps == 0:

@@ -60,6 +60,7 @@ def server_transport(
     max_round_s: float = 600.0,
     limits: Limits = Limits(),
     insecure: bool = False,
+    learner: Any = None,
 ) -> GrpcTransport:
     """The transport `fleetlearn server CONFIG` hands to the Coordinator.
 
@@ -69,6 +70,8 @@ def server_transport(
     `<state_dir>/tokens.db` (the file `fleetlearn token add` writes); TLS from `cert_dir` (server.pem,
     server.key, and ca.pem when `mutual_tls`).  Without `cert_dir` the server is
     plaintext: fine on loopback, refused on any other address unless `insecure`.
+    `learner`: the run's learner; a HeteroFL one (`model.widths`) makes the server assign each
+    client a width from the memory it declares and send it only that sub-model.
     """
     if config.canary.set:
         check_canary(config)
@@ -96,6 +99,7 @@ def server_transport(
         max_round_s=max_round_s,
         limits=limits,
         insecure=insecure,
+        submodels=learner if getattr(learner, "name", None) == "heterofl" else None,
     )
 
 
@@ -177,9 +181,12 @@ def client(
     device: dict[str, float] | None = None,
     uplink_limit_mbps: float | None = None,
     probe: bool = False,
+    memory_mb: int | None = None,
 ) -> ClientReport:
     """`fleetlearn client --server HOST:PORT --token TOKEN --config RUN.toml (--client-index I | --data pkg.mod:fn)
-    [--tls-ca ca.pem [--tls-cert c.pem --tls-key c.key]] [--name N] [--max-rounds N] [--uplink-limit-mbps R]`.
+    [--tls-ca ca.pem [--tls-cert c.pem --tls-key c.key]] [--name N] [--max-rounds N] [--uplink-limit-mbps R]
+    [--memory-mb N]`.  `memory_mb`: the memory this device declares for training (default: the
+    machine's available memory); a HeteroFL run assigns the client's model width from it.
 
     Builds the run's model and this client's local data, then runs until the
     server says the run finished.  Raises `ClientRefused` (bad or revoked token,
@@ -204,7 +211,7 @@ def client(
     tls = _client_tls(tls_ca, tls_cert, tls_key, tls_server_name)
     return run_client(server, token, learner, data, tls=tls, name=name, max_rounds=max_rounds,
                       backoff=Backoff(), give_up_after_s=give_up_after_s, device=device,
-                      uplink_limit_mbps=uplink_limit_mbps, personalization=personalization)
+                      uplink_limit_mbps=uplink_limit_mbps, personalization=personalization, memory_mb=memory_mb)
 
 
 def _client_tls(tls_ca, tls_cert, tls_key, tls_server_name) -> ClientTls | None:

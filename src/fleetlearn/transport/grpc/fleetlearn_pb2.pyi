@@ -43,7 +43,7 @@ class RegisterRequest(_message.Message):
     def __init__(self, client_name: _Optional[str] = ..., runtime_version: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., device: _Optional[_Union[DeviceProfile, _Mapping]] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("client_id", "session", "accepted", "reason", "heartbeat_interval_s", "downlink_codec", "uplink_codec", "model_digest", "run_finished", "chunk_bytes")
+    __slots__ = ("client_id", "session", "accepted", "reason", "heartbeat_interval_s", "downlink_codec", "uplink_codec", "model_digest", "run_finished", "chunk_bytes", "model_width")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class RegisterReply(_message.Message):
     MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     RUN_FINISHED_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_WIDTH_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     session: str
     accepted: bool
@@ -64,7 +65,8 @@ class RegisterReply(_message.Message):
     model_digest: str
     run_finished: bool
     chunk_bytes: int
-    def __init__(self, client_id: _Optional[int] = ..., session: _Optional[str] = ..., accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., downlink_codec: _Optional[str] = ..., uplink_codec: _Optional[str] = ..., model_digest: _Optional[str] = ..., run_finished: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    model_width: float
+    def __init__(self, client_id: _Optional[int] = ..., session: _Optional[str] = ..., accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., downlink_codec: _Optional[str] = ..., uplink_codec: _Optional[str] = ..., model_digest: _Optional[str] = ..., run_finished: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., model_width: _Optional[float] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("client_id", "session")
@@ -99,7 +101,7 @@ class PullTaskRequest(_message.Message):
     def __init__(self, client_id: _Optional[int] = ..., session: _Optional[str] = ..., wait_s: _Optional[float] = ..., after_round: _Optional[int] = ...) -> None: ...
 
 class TaskMeta(_message.Message):
-    __slots__ = ("round", "version", "codec", "config_json", "deadline_s", "remaining_s", "payload_bytes", "uplink_codec", "control_bytes")
+    __slots__ = ("round", "version", "codec", "config_json", "deadline_s", "remaining_s", "payload_bytes", "uplink_codec", "control_bytes", "model_width")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +111,7 @@ class TaskMeta(_message.Message):
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     UPLINK_CODEC_FIELD_NUMBER: _ClassVar[int]
     CONTROL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_WIDTH_FIELD_NUMBER: _ClassVar[int]
     round: int
     version: int
     codec: str
@@ -118,7 +121,8 @@ class TaskMeta(_message.Message):
     payload_bytes: int
     uplink_codec: str
     control_bytes: int
-    def __init__(self, round: _Optional[int] = ..., version: _Optional[int] = ..., codec: _Optional[str] = ..., config_json: _Optional[str] = ..., deadline_s: _Optional[float] = ..., remaining_s: _Optional[float] = ..., payload_bytes: _Optional[int] = ..., uplink_codec: _Optional[str] = ..., control_bytes: _Optional[int] = ...) -> None: ...
+    model_width: float
+    def __init__(self, round: _Optional[int] = ..., version: _Optional[int] = ..., codec: _Optional[str] = ..., config_json: _Optional[str] = ..., deadline_s: _Optional[float] = ..., remaining_s: _Optional[float] = ..., payload_bytes: _Optional[int] = ..., uplink_codec: _Optional[str] = ..., control_bytes: _Optional[int] = ..., model_width: _Optional[float] = ...) -> None: ...
 
 class PayloadChunk(_message.Message):
     __slots__ = ("offset", "data")

@@ -66,10 +66,15 @@ def client_data_from_import(path: str, **kwargs: Any) -> ClientData:
     return ClientData(x, y, xt.reshape(-1, x.shape[1]), yt)
 
 
-def learner_from_config(config: RunConfig | dict | str | Path, num_features: int, num_classes: int) -> TorchLearner:
-    """The run's model as a TorchLearner (one client: no batched cohort training)."""
+def learner_from_config(config: RunConfig | dict | str | Path, num_features: int, num_classes: int) -> Learner:
+    """The run's model as a TorchLearner (one client: no batched cohort training); with
+    several `model.widths` (HeteroFL) the run's plan, which trains the width each task names."""
     cfg = run_config(config)
     m = cfg.model
+    if m.heterofl:
+        from ...learners.heterofl import heterofl_client_learner
+
+        return heterofl_client_learner(m, num_features, num_classes)
     return TorchLearner(model_factory(m.name, num_features, num_classes, m.hidden, m.kwargs), vectorize=False)
 
 

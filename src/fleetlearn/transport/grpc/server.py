@@ -84,6 +84,13 @@ def _normalise_chain(spec: str) -> str | None:
         return None
 
 
+def _chain_bytes(spec: str, dim: int) -> tuple[int | None, int]:
+    """(exact size or None, upper bound) of an update of `dim` values in chain `spec`."""
+    chain = parse_chain(spec)
+    size = chain.estimate_bytes(dim)
+    return (size if chain.exact_size else None), size
+
+
 def _major(version: str) -> int | None:
     m = re.match(r"^\s*(\d+)\.\d+", version)
     return int(m.group(1)) if m else None
@@ -157,6 +164,8 @@ class RunRequirements:
     update_bytes: int | None = None
     update_bytes_max: int | None = None
     runtime: str = field(default_factory=runtime_version)
+    # The width every client trains; 0: assigned to each client at registration (HeteroFL,
+    # `FleetServer.submodels`), checked there against the widths it announces.
     model_width: float = 1.0
     min_memory_mb: int = 0
     ladder: tuple[str, ...] = ()
@@ -223,7 +232,7 @@ class RunRequirements:
         lacking = sorted(set(self.features) - set(cap.features))
         if lacking:
             return (f"client lacks protocol feature(s) {', '.join(lacking)} the run needs "
-                    f"(\"scaffold\": client.objective = 'scaffold'); it announced {sorted(cap.features)}: upgrade the client")
+                    f"(\"scaffold\": client.objective = 'scaffold'; \"heterofl\": model.widths); it announced {sorted(cap.features)}: upgrade the client")
         if PROBE_FEATURE in cap.features and self.probe_refusal:
             return f"this run cannot check probe clients: {self.probe_refusal}"
         if self.model_digest:
@@ -231,7 +240,7 @@ class RunRequirements:
                 return f"client did not announce its model digest; the run trains model {self.model_digest}"
             if cap.model_digest != self.model_digest:
                 return f"client model {cap.model_digest} differs from the run's model {self.model_digest} (architecture and sizes must match)"
-        if len(cap.model_widths) and not any(abs(w - self.model_width) < 1e-9 for w in cap.model_widths):
+        if self.model_width and len(cap.model_widths) and not any(abs(w - self.model_width) < 1e-9 for w in cap.model_widths):
             return f"client trains model widths {list(cap.model_widths)}; the run needs width {self.model_width}"
         if cap.memory_mb and cap.memory_mb < self.min_memory_mb:
             return f"client announces {cap.memory_mb} MiB of memory; the run needs at least {self.min_memory_mb} MiB"
@@ -283,7 +292,11 @@ class RoundState:
     uploading: set[int] = field(default_factory=set)
     closed: asyncio.Event = field(default_factory=asyncio.Event)  # set when the round closes
     downlink_bytes: dict[int, int] = field(default_factory=dict)
-    frames: list[tuple[int, bytes]] | None = None  # serialized payload chunks, shared by all streams
+    # Serialized payload chunks, shared by all streams: by model width (HeteroFL: each width's
+    # sub-model; 0.0: the task's own payload).
+    frames: dict[float, list[tuple[int, bytes]]] = field(default_factory=dict)
+    widths: dict[int, float] = field(default_factory=dict)  # HeteroFL: each client's width this round
+    payloads: dict[float, bytes] = field(default_factory=dict)  # HeteroFL: each width's sub-model payload
     codecs: dict[int, str] = field(default_factory=dict)  # adaptive compression: each client's rung this round
     label_classes: int = 0  # label_importance: the histogram length the task asks for (0 = none)
     open: bool = True
@@ -385,8 +398,14 @@ class FleetServer:
         heartbeat_interval_s: float = 5.0,
         heartbeat_timeout_s: float | None = None,
         keep_rounds: int = 16,
+        submodels: Any = None,
     ):
         self.tokens = tokens
+        # HeteroFL (`learners.heterofl.HeteroFLLearner`) or None: each client's width is assigned at
+        # registration from its declared memory (`width_for_device`), its tasks carry only that width's
+        # sub-model, and its update is the sub-model's delta.
+        self.submodels = submodels
+        self.widths: dict[int, float] = {}  # client id -> width assigned at its last registration
         self.requirements = requirements
         self.limits = limits
         self.heartbeat_interval_s = heartbeat_interval_s
@@ -579,6 +598,7 @@ class FleetServer:
         if why:
             raise Refusal("incompatible", why)
         assert check.client_id is not None and check.name is not None
+        width = self._assign_width(check.client_id, request.capabilities)
         cs = ClientSession(
             client_id=check.client_id,
             name=check.name,
@@ -592,6 +612,7 @@ class FleetServer:
                 "model_widths": list(request.capabilities.model_widths),
                 "memory_mb": int(request.capabilities.memory_mb),
                 "features": list(request.capabilities.features),
+                **({"model_width": width} if width else {}),
             },
         )
         self.clients[cs.client_id] = cs  # replaces an older session of the same client
@@ -604,7 +625,29 @@ class FleetServer:
             client_id=cs.client_id, session=cs.session, accepted=True, reason="",
             heartbeat_interval_s=self.heartbeat_interval_s, downlink_codec=req.downlink, uplink_codec=req.uplink,
             model_digest=req.model_digest or "", run_finished=self.finished, chunk_bytes=self.limits.chunk_bytes,
+            model_width=width,
         )
+
+    def _assign_width(self, client: int, cap: pb.Capabilities) -> float:
+        """HeteroFL: the client's width by the run's width rule from its declared memory
+        (`submodels.width_for_device`, the rule the simulation uses), one it announced it can
+        train, then recorded (`set_width`); 0.0 without HeteroFL.  A client that re-registers
+        at another width while selected leaves the open round (its task was for the old width)."""
+        if self.submodels is None:
+            return 0.0
+        try:
+            width = float(self.submodels.width_for_device(client, float(cap.memory_mb)))
+        except ValueError as exc:
+            raise Refusal("incompatible", str(exc)) from None
+        if not any(abs(w - width) < 1e-9 for w in cap.model_widths):
+            raise Refusal("incompatible", f"the run assigns this client model width {width:g} (memory {cap.memory_mb} MiB, "
+                                          f"width rule {self.submodels.width_rule!r}); it announced widths {list(cap.model_widths)}")
+        rs = self.round
+        if rs is not None and rs.open and client in rs.pending and rs.widths.get(client, width) != width:
+            self._drop(rs, client, f"it registered again at model width {width:g}; its task was for width {rs.widths[client]:g}")
+        self.submodels.set_width(client, width)
+        self.widths[client] = width
+        return width
 
     def _validate_register(self, r: pb.RegisterRequest) -> None:
         lim = self.limits
@@ -678,15 +721,17 @@ class FleetServer:
                     raise Refusal("unknown_client", f"client {client} registered again while polling: use the new session")
             task = rs.task
             assert task is not None
+            width = rs.widths.get(client, 0.0)
+            payload = rs.payloads[width] if width else task.payload
             meta = pb.TaskMeta(
                 round=task.round, version=task.version, codec=task.codec, config_json=self._config_json(task, client),
                 deadline_s=task.deadline_s or 0.0, remaining_s=max(rs.deadline_s - rs.elapsed(), 1e-6) if task.deadline_s else 0.0,
-                payload_bytes=len(task.payload), uplink_codec=rs.codecs.get(client, self.requirements.uplink),
-                control_bytes=len(task.control),
+                payload_bytes=len(payload), uplink_codec=rs.codecs.get(client, self.requirements.uplink),
+                control_bytes=len(task.control), model_width=width,
             )
             yield pb.TaskChunk(meta=meta)
             sent = 0
-            for size, frame in self._task_frames(rs):
+            for size, frame in self._task_frames(rs, width):
                 if not rs.open:
                     raise Refusal("after_deadline" if rs.closed_by == "deadline" else "round_closed",
                                   f"round {rs.round} closed ({rs.closed_by}) while its task was being sent")
@@ -710,19 +755,21 @@ class FleetServer:
         entry lists only this client's own candidates, not the others' memberships)."""
         return task.spec.for_client(client).to_json()
 
-    def _task_frames(self, rs: RoundState) -> list[tuple[int, bytes]]:
+    def _task_frames(self, rs: RoundState, width: float = 0.0) -> list[tuple[int, bytes]]:
         """The round's payload chunks (the model, then SCAFFOLD's control variate if any)
-        as serialized `TaskChunk` messages, built once per round and shared by every
-        client's stream: the downlink costs one extra copy of the model, not one per
-        selected client."""
-        if rs.frames is None:
+        as serialized `TaskChunk` messages, built once per round (HeteroFL: once per width,
+        from that width's sub-model) and shared by every client's stream: the downlink costs
+        one extra copy of the model, not one per selected client."""
+        frames = rs.frames.get(width)
+        if frames is None:
             assert rs.task is not None
-            body = rs.task.payload + rs.task.control if rs.task.control else rs.task.payload
-            rs.frames = [
+            payload = rs.payloads[width] if width else rs.task.payload
+            body = payload + rs.task.control if rs.task.control else payload
+            frames = rs.frames[width] = [
                 (len(data), pb.TaskChunk(data=pb.PayloadChunk(offset=offset, data=data)).SerializeToString())
                 for offset, data in iter_chunks(body, self.limits.chunk_bytes)
             ]
-        return rs.frames
+        return frames
 
     # -- PushUpdate ------------------------------------------------------------------
     async def PushUpdate(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> pb.PushReply:
@@ -756,7 +803,7 @@ class FleetServer:
                 payload = assembler.finish()
             finally:
                 rs.uploading.discard(client)
-            self._check_payload_header(payload, m.codec)
+            self._check_payload_header(payload, m.codec, self._update_dim(rs, client))
             cs.last_seen = time.monotonic()
             link = self._measure(client, len(payload), cs.last_seen - first_at, ready_s)
             rs = self._admit(client, m, starting=False)  # the round may have closed during the upload
@@ -827,13 +874,20 @@ class FleetServer:
         except StopAsyncIteration:
             return None
 
-    def _check_payload_header(self, payload: bytes, codec: str) -> None:
+    def _update_dim(self, rs: RoundState, client: int) -> int | None:
+        """The dimension of the vector this client's update encodes: the model's, or under
+        HeteroFL its width's sub-model's."""
+        width = rs.widths.get(client)
+        return self.submodels.sub_dim(width) if width else self.requirements.dim
+
+    def _check_payload_header(self, payload: bytes, codec: str, dim_expected: int | None = None) -> None:
         """Refuse an update whose codec header announces another dimension than the run's
         model (or a zstd body larger than that dimension allows) before it reaches the
         Coordinator: cheap (a few header bytes), counted as `wrong_shape`, and it names
         the numbers.  The decoder checks the same again (`wire.read_header(dim=)`)."""
         req = self.requirements
-        if req.dim is None:
+        want = req.dim if dim_expected is None else dim_expected
+        if want is None:
             return
         at = req.block_header_bytes
         if len(payload) < at + wire.HEADER.size + wire.ZSTD_HEAD.size:
@@ -841,8 +895,9 @@ class FleetServer:
         magic, _version, support, _value, dim = wire.HEADER.unpack_from(payload, at)
         if magic != wire.MAGIC:
             return
-        if dim != req.dim:
-            raise Refusal("wrong_shape", f"update payload ({codec}) is for a vector of dim {dim}; the run's model has {req.dim}")
+        if dim != want:
+            what = "the run's model" if want == req.dim else "this client's sub-model"
+            raise Refusal("wrong_shape", f"update payload ({codec}) is for a vector of dim {dim}; {what} has {want}")
         if support & wire.SUPPORT_ZSTD_FLAG:
             (size,) = wire.ZSTD_HEAD.unpack_from(payload, at + wire.HEADER.size)
             if size > wire.max_body_bytes(dim):
@@ -943,14 +998,18 @@ class FleetServer:
         if m.payload_bytes > self.limits.max_update_bytes:
             raise Refusal("oversized", f"update payload of {m.payload_bytes} bytes exceeds the limit of {self.limits.max_update_bytes} bytes")
         exact, most = req.rung_bytes[req.ladder.index(chain)] if req.ladder and req.rung_bytes else (req.update_bytes, req.update_bytes_max)
+        width = rs.widths.get(int(m.client_id))
+        if width:  # HeteroFL: the client's sub-model, not the whole model
+            exact, most = _chain_bytes(chain, self.submodels.sub_dim(width))
         if exact is not None and m.payload_bytes != exact:
             raise Refusal("wrong_shape", f"update payload of {m.payload_bytes} bytes cannot be the model's: uplink {chain!r} sends exactly {exact} bytes")
         if most is not None and m.payload_bytes > most:
             raise Refusal("wrong_shape", f"update payload of {m.payload_bytes} bytes cannot be the model's: uplink {chain!r} sends at most {most} bytes")
 
     # -- rounds (called on the loop by GrpcTransport) ----------------------------------
-    def open_round(self, task: Task, cohort: Iterable[int], deadline_s: float) -> RoundState:
-        """Publish `task` to `cohort`; replies and dropouts go to the returned round's queue."""
+    def open_round(self, task: Task, cohort: Iterable[int], deadline_s: float, payloads: dict[float, bytes] | None = None) -> RoundState:
+        """Publish `task` to `cohort`; replies and dropouts go to the returned round's queue.
+        HeteroFL: `payloads` holds each width's sub-model payload; a client gets its own."""
         if self.round is not None and self.round.open:
             self._end_round(self.round, "superseded", f"round {task.round} started before this one ended")
         rs = RoundState(
@@ -958,6 +1017,9 @@ class FleetServer:
             t0=time.monotonic(), deadline_s=deadline_s, out=queue.Queue(),
         )
         rs.pending = set(rs.cohort)
+        if self.submodels is not None:
+            rs.payloads = dict(payloads or {})
+            rs.widths = {c: self.widths[c] for c in rs.cohort if c in self.widths and self.widths[c] in rs.payloads}
         rs.codecs = self._plan_rungs(task, sorted(rs.cohort))
         hist = task.spec.get(LabelHistogramEntry)
         rs.label_classes = hist.classes if hist is not None else 0
@@ -971,6 +1033,8 @@ class FleetServer:
                 self._drop(rs, cid, "not connected when the round was dispatched")
             elif now - cs.last_seen > self.heartbeat_timeout_s:
                 self._drop(rs, cid, f"no heartbeat for {now - cs.last_seen:.1f}s when the round was dispatched")
+            elif self.submodels is not None and cid not in rs.widths:
+                self._drop(rs, cid, "no sub-model for its model width in this round's task")
         if rs.open and not rs.pending:
             self._end_round(rs, "complete", "")
         if rs.open:
@@ -1003,7 +1067,8 @@ class FleetServer:
         for cid in sorted(rs.pending):
             self._drop(rs, cid, reason)
         rs.task = None  # the payload is no longer needed: let it go
-        rs.frames = None
+        rs.frames = {}
+        rs.payloads = {}
         rs.closed.set()  # uploads in progress are refused now (see _next_chunk)
         rs.out.put(END)
         if self._deadline_timer is not None and self.round is rs:

@@ -29,6 +29,7 @@ from typing import Any, Awaitable, Callable, Iterator, Sequence
 import grpc
 
 from ...client.probe import PROBE_FEATURE
+from ...compression import parse_chain
 from ...messages import Dropout, Task
 from ...params import ParamSpec
 from ..base import Reply, TransportBase
@@ -104,6 +105,7 @@ class GrpcTransport(TransportBase):
         maximum_concurrent_rpcs: int | None = None,
         server_options: Sequence[tuple[str, Any]] = (),
         insecure: bool = False,
+        submodels: Any = None,
     ):
         if tls is None and not insecure and not is_loopback(address):
             # Tokens, models and updates would cross the network in clear.
@@ -115,12 +117,18 @@ class GrpcTransport(TransportBase):
         # `features`: protocol features clients must announce ("scaffold").
         # `clusters`: clustered FL (`spec` is the k stacked models; updates are one block).
         # `probe_refusal`: why this run cannot check probe clients (they are refused), or None.
+        # `submodels`: HeteroFL (a `HeteroFLLearner`): each client's width from the memory it
+        # declares, its tasks carry only that width's sub-model; clients must announce "heterofl".
+        hetero = {} if submodels is None else {"model_width": 0.0, "min_memory_mb": 0}
+        if submodels is not None and "heterofl" not in features:
+            features = (*features, "heterofl")
         self.requirements = requirements or RunRequirements.for_run(spec, uplink, downlink, ladder=ladder, clusters=clusters,
-                                                                    features=tuple(features), probe_refusal=probe_refusal)
+                                                                    features=tuple(features), probe_refusal=probe_refusal, **hetero)
+        self.submodels = submodels
         self.limits = limits
         self.max_round_s = max_round_s
         self.grace_s = grace_s
-        self.server = FleetServer(tokens, self.requirements, limits, heartbeat_interval_s, heartbeat_timeout_s)
+        self.server = FleetServer(tokens, self.requirements, limits, heartbeat_interval_s, heartbeat_timeout_s, submodels=submodels)
         self._tls = tls
         self._max_rpcs = maximum_concurrent_rpcs
         self._extra_options = list(server_options)
@@ -195,7 +203,7 @@ class GrpcTransport(TransportBase):
         cohort = sorted({int(c) for c in cohort})
         deadline = task.deadline_s if task.deadline_s is not None else self.max_round_s
         t0 = time.monotonic()
-        rs = self._on_loop(self.server.open_round, task, cohort, deadline)
+        rs = self._on_loop(self.server.open_round, task, cohort, deadline, self._sub_payloads(task))
         seen: set[int] = set()
         hard_stop = t0 + deadline + self.grace_s
         try:
@@ -220,6 +228,14 @@ class GrpcTransport(TransportBase):
             # Also when the Coordinator stops iterating early (e.g. a quorum): later pushes are refused.
             if not self._closed:
                 self._loop.call_soon_threadsafe(self.server.end_round, rs, "stopped", "the coordinator stopped collecting")
+
+    def _sub_payloads(self, task: Task) -> dict[float, bytes] | None:
+        """HeteroFL: each width's sub-model payload, cut from the task's broadcast on this
+        (the Coordinator's) thread, so the server loop only streams bytes."""
+        if self.submodels is None:
+            return None
+        chain = parse_chain(task.codec)
+        return {w: self.submodels.sub_payload(task.payload, w, chain) for w in self.submodels.model_widths}
 
     # -- run control ----------------------------------------------------------------------
     def wait_available(self, min_clients: int, timeout_s: float, poll_s: float = 0.1) -> list[int]:
