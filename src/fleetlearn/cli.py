@@ -19,6 +19,7 @@ from rich.table import Table
 
 from . import __version__
 from .cli_tables import ColumnError, FitTable, parse_columns
+from .attacks import CLIENT_ATTACK_OPTIONS, UPDATE_ATTACKS
 from .config import ConfigError, add_config_dir_to_path, load_config
 from .records import RoundRecord, RunSummary
 
@@ -418,7 +419,8 @@ def cmd_client(args: argparse.Namespace) -> int:
                         num_classes=args.num_classes, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
                         tls_server_name=args.tls_server_name, name=args.name or "", max_rounds=args.max_rounds,
                         give_up_after_s=args.give_up_after, uplink_limit_mbps=args.uplink_limit_mbps, probe=args.probe,
-                        memory_mb=args.memory_mb)
+                        memory_mb=args.memory_mb, attack=args.attack,
+                        attack_options={k: getattr(args, f"attack_{k}") for k in CLIENT_ATTACK_OPTIONS})
     except (ClientRefused, ConfigError, ValueError, OSError) as exc:
         raise UsageError(str(exc)) from None
     print(json.dumps({k: v for k, v in vars(report).items() if isinstance(v, (int, float, str, bool, type(None), list))}, default=str))
@@ -650,6 +652,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "the server measures each client's rate and picks adaptive-compression rungs from it")
     cl.add_argument("--memory-mb", type=int, help="memory this device declares for training, in MiB (default: the machine's "
                     "available memory); a HeteroFL run (model.widths) assigns the client's model width from it")
+    cl.add_argument("--attack", default="none", metavar="KIND",
+                    help="red-team drill: this client attacks as a simulated attacker of [attack] kind KIND would, "
+                    "with its own update only (" + ", ".join(UPDATE_ATTACKS) + "; alie needs --attack-alie-z: colluding "
+                    "attacks need the other attackers' updates and run in the simulation only)")
+    for key, kinds in CLIENT_ATTACK_OPTIONS.items():
+        cl.add_argument("--attack-" + key.replace("_", "-"), dest=f"attack_{key}", type=int if key == "start_round" else float,
+                        metavar="N" if key == "start_round" else "X",
+                        help=f"[attack] {key} of the red-team client" + (f" ({', '.join(kinds)})" if kinds else " (default 1)"))
     cl.set_defaults(func=cmd_client)
 
     ce = sub.add_parser("certs", help="create a CA and TLS certificates", description="Create a CA and server/client certificates for TLS.")

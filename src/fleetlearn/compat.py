@@ -131,6 +131,14 @@ def client_side_helper(cfg: Any) -> str | None:
     return next((key for cap, key in transport_features(cfg) if cap == "client_helpers"), None)
 
 
+# Why a server-side feature cannot exist on a real fleet, and what exists there instead.
+_ON_A_FLEET = {
+    "attack_simulation": "the simulation (fleetlearn run) makes some of its clients malicious; a real server controls no "
+                         "client, so it cannot: for a red-team drill start attacking clients with "
+                         "`fleetlearn client --attack KIND` and leave [attack] out of the server's config",
+}
+
+
 def check_transport(cfg: Any, backend: str | None = None) -> None:
     """Every feature on in `cfg` must be carried by the transport `engine.backend` names (or
     `backend`, e.g. "grpc" for `fleetlearn server`)."""
@@ -139,7 +147,7 @@ def check_transport(cfg: Any, backend: str | None = None) -> None:
     for cap, key in transport_features(cfg):
         if not has("transport", backend, cap):
             where, fix = ((f"engine.backend = {backend!r}", "set engine.backend = 'simulation'") if chosen
-                          else (f"the {backend!r} transport", "it runs in the simulation (fleetlearn run)"))
+                          else (f"the {backend!r} transport", _ON_A_FLEET.get(cap, "it runs in the simulation (fleetlearn run)")))
             raise ConfigError(f"{key}: {where} does not carry it; {fix}" + missing("transport", backend, cap))
 
 

@@ -9,7 +9,7 @@ only their own.  `Attack` is the part the transport calls; `build_attack` makes 
 from the configuration.
 """
 
-from .attack import ATTACK_KINDS, Attack, build_attack, flip_labels, malicious_clients
+from .attack import ATTACK_KINDS, CLIENT_ATTACK_OPTIONS, Attack, DeviceAttack, build_attack, client_attack, flip_labels, malicious_clients
 from .updates import (
     UPDATE_ATTACKS,
     AttackContext,
@@ -24,12 +24,15 @@ from .updates import (
 
 __all__ = [
     "ATTACK_KINDS",
+    "CLIENT_ATTACK_OPTIONS",
     "UPDATE_ATTACKS",
     "Attack",
     "AttackContext",
+    "DeviceAttack",
     "alie",
     "alie_z_max",
     "build_attack",
+    "client_attack",
     "flip_labels",
     "gaussian",
     "malicious_clients",

@@ -8,6 +8,12 @@ are selected, from ``start_round`` on.  The transport calls two hooks:
   label_flip trains on labels ``y -> C - 1 - y``);
 - `Attack.apply(ids, deltas, round)` after training, before encoding (model
   poisoning on the (n, d) delta matrix of the cohort; honest rows pass untouched).
+
+On a real fleet the server controls no client, so ``[attack]`` cannot exist there; a
+red-team client (`fleetlearn client --attack KIND`) can: `client_attack` builds a
+`DeviceAttack`, the same part for one device that attacks with its own update only
+(never colluding), which the client device (fleetlearn.client.Device) calls at the
+same two points.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ class Attack:
         value: float = 100.0,
         num_classes: int | None = None,
         seed: int = 0,
+        cohort_size: int | None = None,
     ):
         if kind not in ATTACK_KINDS:
             raise ValueError(f"unknown attack {kind!r}; allowed: {', '.join(ATTACK_KINDS)}")
@@ -75,6 +82,8 @@ class Attack:
             raise ValueError(f"alie_z must be finite and > 0 (or None for the paper's z_max), got {alie_z!r}")
         if not math.isfinite(value):
             raise ValueError(f"value must be finite, got {value!r}")
+        if cohort_size is not None and int(cohort_size) < 1:
+            raise ValueError(f"cohort_size must be >= 1 (or None: the updates in the dispatch), got {cohort_size!r}")
         self.name = kind
         self.kind = kind
         self.malicious_ids = np.unique(np.asarray(malicious_ids, dtype=np.int64))
@@ -86,6 +95,9 @@ class Attack:
         self.value = float(value)
         self.num_classes = num_classes
         self.seed = int(seed)
+        # The cohort size n the attack assumes (model_replacement's boost, ALIE's z_max); None: the
+        # number of updates `apply` is given (the simulation sees its whole dispatch).
+        self.cohort_size = None if cohort_size is None else int(cohort_size)
 
     # -- who ----------------------------------------------------------------------
     def malicious(self, ids: Sequence[int]) -> np.ndarray:
@@ -124,7 +136,7 @@ class Attack:
             return deltas
         rows = torch.from_numpy(np.flatnonzero(mask)).to(deltas.device)
         ctx = AttackContext(
-            cohort_size=int(ids.shape[0]), clients=ids[mask], round=int(round), seed=self.seed,
+            cohort_size=self.cohort_size if self.cohort_size is not None else int(ids.shape[0]), clients=ids[mask], round=int(round), seed=self.seed,
             collude=self.collude, scale=self.scale, noise_std=self.noise_std, alie_z=self.alie_z, value=self.value,
         )
         out = deltas.clone()
@@ -156,3 +168,77 @@ def build_attack(settings: dict[str, Any], *, population: int, num_classes: int 
         return None
     fraction = float(s.pop("fraction", 0.2))
     return Attack(kind, malicious_clients(population, fraction, seed), num_classes=num_classes, seed=seed, **s)
+
+
+# -- a red-team client: one real device that attacks (fleetlearn client --attack) ----------------
+# The `[attack]` keys a red-team client takes, each as `fleetlearn client --attack-<key>`, and the
+# kinds it applies to (start_round: every kind).
+CLIENT_ATTACK_OPTIONS = {
+    "start_round": None,
+    "scale": ("scaling",),
+    "noise_std": ("gaussian",),
+    "alie_z": ("alie",),
+    "value": ("same_value",),
+}
+
+
+class DeviceAttack(Attack):
+    """`Attack` for a device that is malicious itself: every client it trains attacks (from
+    `start_round`), with its own honest update only (``collude = False``), on the cohort size n
+    it assumes (`cohort_size`: the run's ``server.cohort``).  Its update is what the
+    simulation's `Attack.apply` gives that client's row with ``collude = false`` (when the
+    simulation's dispatch holds n updates)."""
+
+    def __init__(self, kind: str, *, cohort_size: int, **options: Any):
+        options.pop("collude", None)
+        super().__init__(kind, [], collude=False, cohort_size=cohort_size, **options)
+
+    def malicious(self, ids: Sequence[int]) -> np.ndarray:
+        return np.ones(len(np.asarray(ids).reshape(-1)), dtype=bool)
+
+    def __repr__(self) -> str:
+        return f"DeviceAttack({self.kind!r}, start_round={self.start_round}, cohort_size={self.cohort_size})"
+
+
+def _flag(key: str) -> str:
+    return "--attack-" + key.replace("_", "-")
+
+
+def client_attack(kind: str, options: dict[str, Any] | None = None, *, cohort_size: int, num_classes: int | None,
+                  seed: int) -> DeviceAttack | None:
+    """The attack a red-team client runs (`fleetlearn client --attack KIND [--attack-scale S ...]`),
+    or None for ``kind = "none"``.  `options`: the ``[attack]`` keys of `CLIENT_ATTACK_OPTIONS`
+    (None values are unset).  ValueError naming the flag for a kind or value that cannot run on
+    one device: colluding attacks need the other attackers' honest updates, which a real client
+    does not see."""
+    opts = {k: v for k, v in (options or {}).items() if v is not None}
+    for key in opts:
+        if key not in CLIENT_ATTACK_OPTIONS:
+            raise ValueError(f"{_flag(key)}: not an option of a red-team client; allowed: "
+                             + ", ".join(_flag(k) for k in CLIENT_ATTACK_OPTIONS))
+    if kind == "none":
+        if opts:
+            raise ValueError(f"{_flag(next(iter(opts)))} needs --attack KIND")
+        return None
+    solo = [k + (" (with --attack-alie-z)" if k == "alie" else "") for k in UPDATE_ATTACKS]
+    if kind not in UPDATE_ATTACKS:
+        raise ValueError(f"--attack {kind!r}: unknown attack; a red-team client runs: {', '.join(solo)}")
+    for key in opts:
+        kinds = CLIENT_ATTACK_OPTIONS[key]
+        if kinds is not None and kind not in kinds:
+            raise ValueError(f"{_flag(key)} applies to --attack {' / '.join(kinds)}, not --attack {kind}")
+    if kind == "alie" and "alie_z" not in opts:
+        raise ValueError(
+            "--attack alie without --attack-alie-z is the colluding attack: its z_max(n, f) needs the number f of attackers "
+            "in the cohort and its mean and std their pooled honest updates, which one real client cannot see without a "
+            "side channel to the others; give --attack-alie-z Z for the independent form (g - Z |g|), or run colluding "
+            f"attacks in the simulation ([attack] in fleetlearn run). A red-team client runs: {', '.join(solo)}")
+    import re
+
+    from ..config import AttackConfig, ConfigError  # the [attack] section's own bounds, worded with the flag
+
+    try:
+        AttackConfig(kind=kind, collude=False, **opts)
+    except ConfigError as exc:
+        raise ValueError(re.sub(r"^invalid config: attack\.(\w+)", lambda m: _flag(m.group(1)), str(exc))) from None
+    return DeviceAttack(kind, cohort_size=cohort_size, num_classes=num_classes, seed=seed, **opts)

@@ -7,8 +7,12 @@
 when the learner can; a gRPC client is a cohort of one), `Device.encode` turns the
 results into Updates.  The simulation, the Ray workers and `fleetlearn client` all call
 these two methods: no transport keeps its own copy of the client round.  Between the two
-a simulation may act on the results (a simulated attacker replaces its delta) and choose
-each client's adaptive-compression rung (it depends on the client's processed samples).
+a simulation may act on the results (a simulated attacker replaces its delta: it sees the
+whole cohort, so attackers may collude) and choose each client's adaptive-compression rung
+(it depends on the client's processed samples).  A red-team device (`fleetlearn client
+--attack`) carries its own attack part (`attack`, a fleetlearn.attacks.DeviceAttack) and
+applies it at the same two points: poisoned data before training, its own update after
+training, before encoding.
 
 What the device does for each feature is read from the task's typed spec
 (`fleetlearn.task_spec`): clustered FL's candidates, oversampling, SCAFFOLD's control
@@ -104,11 +108,12 @@ class Device:
     per-client codec and SCAFFOLD state, `personal_states` personalization's; `seed` is
     the device's own randomness (local DP noise, stochastic codecs); `adaptive` the
     adaptive-compression ladder; `personalization` the personalization part;
-    `num_classes` bounds labels for oversampling (default: the largest label + 1)."""
+    `num_classes` bounds labels for oversampling (default: the largest label + 1);
+    `attack` makes the device malicious (a red-team client, fleetlearn.attacks.DeviceAttack)."""
 
     def __init__(
         self, learner, uplink: CodecChain, downlink: CodecChain, states: ClientStateStore | None = None, seed: int = 0,
-        adaptive=None, personalization=None, num_classes: int | None = None,
+        adaptive=None, personalization=None, num_classes: int | None = None, attack=None,
     ):
         self.learner = learner
         self.uplink = uplink
@@ -123,6 +128,8 @@ class Device:
         self.personalization = personalization
         self.personal_states = ClientStateStore()
         self.num_classes = num_classes
+        # fleetlearn.attacks.DeviceAttack or None: poison_data before training, apply_results after.
+        self.attack = attack
         # The Learner protocol's optional flag: HeteroFL trains each client at its own width.
         self._by_id = bool(getattr(learner, "needs_client_ids", False))
 
@@ -143,6 +150,8 @@ class Device:
             kwargs["candidates"] = [clustering.candidates_of(c) for c in clients]
         if self._by_id:
             kwargs["clients"] = clients
+        if self.attack is not None:  # a red-team device trains on poisoned data (label_flip), as a simulated attacker
+            data = [self.attack.poison_data(cid, d, task.round) for cid, d in zip(clients, data)]
         trained_on = [self.oversampled(d, task, c) for c, d in zip(clients, data)]
         # SCAFFOLD: each client corrects its gradients by c - c_i (its own c_i, from `states`).
         c = self.receive_control(task)
@@ -158,6 +167,8 @@ class Device:
         results, added = self.claimed_counts(results, trained_on, list(data))
         if c is not None:
             self.update_controls(clients, c, c_i, results, hp)
+        if self.attack is not None:  # ... and sends its attacked update (its own row only, never colluding)
+            results, _ = self.attack.apply_results(clients, list(results), task.round)
         return Trained(clients, list(results), list(data), added)
 
     def encode(self, task: Task, trained: Trained, levels: Sequence[int | None] | None = None) -> list[Update | Dropout]:

@@ -17,7 +17,8 @@ from .simulation import SimulationTransport, client_seed
 # for it; engine.backend refuses it, naming the command that runs it.
 SIMULATION_CAPABILITIES = frozenset({"client_helpers", "attack_simulation", "personalization", "heterofl", "clustering"})
 # Real devices run the one client device (fleetlearn.client.Device) with every client-side
-# feature; simulated attackers exist only in the simulation.
+# feature; simulated attackers exist only in the simulation (a real server controls no client: a red-team
+# drill runs attacking clients instead, `fleetlearn client --attack`, on the same device).
 GRPC_CAPABILITIES = SIMULATION_CAPABILITIES - {"attack_simulation"}
 
 

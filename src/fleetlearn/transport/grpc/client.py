@@ -238,7 +238,10 @@ class FleetClient:
         probe: bool = False,
         uplink_wrap=None,
         memory_mb: int | None = None,
+        attack=None,
     ):
+        # A red-team client (`fleetlearn client --attack`): fleetlearn.attacks.DeviceAttack, run by the device.
+        self.attack = attack
         if memory_mb is not None and (isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb < 0):
             raise ValueError(f"memory_mb must be a whole number of MiB >= 0 (or None: the machine's available memory), got {memory_mb!r}")
         self.memory_mb = memory_mb
@@ -543,7 +546,7 @@ class FleetClient:
             if self.uplink_wrap is not None:
                 chain = self.uplink_wrap(chain)
             device = Device(self._learner_for(width), chain, parse_chain(downlink), self._states,
-                            personalization=self.personalization)
+                            personalization=self.personalization, attack=self.attack)
             if self._device is not None:
                 device.personal_states = self._device.personal_states  # a new chain keeps the personal state
             self._device = device

@@ -182,6 +182,8 @@ def client(
     uplink_limit_mbps: float | None = None,
     probe: bool = False,
     memory_mb: int | None = None,
+    attack: str = "none",
+    attack_options: dict[str, Any] | None = None,
 ) -> ClientReport:
     """`fleetlearn client --server HOST:PORT --token TOKEN --config RUN.toml (--client-index I | --data pkg.mod:fn)
     [--tls-ca ca.pem [--tls-cert c.pem --tls-key c.key]] [--name N] [--max-rounds N] [--uplink-limit-mbps R]
@@ -196,22 +198,36 @@ def client(
     synthetic data `fleetlearn.client.probe.probe_data` the server can draw too, and announces
     the "probe" feature; the server checks its updates and never aggregates them.  The test
     hook FLEETLEARN_PROBE_TAMPER (labels | codec) makes it lie on purpose.
+
+    `attack`: a red-team client (`--attack KIND`, `attack_options` the `[attack]` keys of
+    `--attack-scale S ...`): this device poisons its data and its own update as a simulated
+    attacker with ``collude = false`` (fleetlearn.attacks.client_attack; model_replacement boosts
+    by the run's ``server.cohort``).  Colluding attacks are refused (ValueError saying why).
     """
+    from ...attacks import client_attack
     from ...client.personalization import personalization_for_run
 
     cfg = run_config(config)
+    # Refused before any data is loaded or the server dialled (label_flip's classes come later).
+    client_attack(attack, attack_options, cohort_size=cfg.server.cohort, num_classes=2, seed=cfg.seed)
+    if probe and attack != "none":
+        raise ValueError("--probe with --attack: a probe trains on data the server draws too and checks its update; "
+                         "start the red-team client without --probe")
     if probe:
         learner, data, wrap = probe_client_from_config(cfg)
         return run_client(server, token, learner, data, tls=_client_tls(tls_ca, tls_cert, tls_key, tls_server_name), name=name,
                           max_rounds=max_rounds, backoff=Backoff(), give_up_after_s=give_up_after_s, device=device,
                           uplink_limit_mbps=uplink_limit_mbps, probe=True, uplink_wrap=wrap)
-    learner, data = client_from_config(cfg, client_index=client_index, data_fn=data_fn, num_classes=num_classes)
+    learner, data, classes = client_from_config(cfg, client_index=client_index, data_fn=data_fn, num_classes=num_classes,
+                                                with_classes=True)
+    red_team = client_attack(attack, attack_options, cohort_size=cfg.server.cohort, num_classes=classes, seed=cfg.seed)
     # The personal step runs here, its state stays on this device (built as the server builds it).
     personalization = personalization_for_run(cfg, learner)
     tls = _client_tls(tls_ca, tls_cert, tls_key, tls_server_name)
     return run_client(server, token, learner, data, tls=tls, name=name, max_rounds=max_rounds,
                       backoff=Backoff(), give_up_after_s=give_up_after_s, device=device,
-                      uplink_limit_mbps=uplink_limit_mbps, personalization=personalization, memory_mb=memory_mb)
+                      uplink_limit_mbps=uplink_limit_mbps, personalization=personalization, memory_mb=memory_mb,
+                      attack=red_team)
 
 
 def _client_tls(tls_ca, tls_cert, tls_key, tls_server_name) -> ClientTls | None:

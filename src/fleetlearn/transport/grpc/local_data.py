@@ -84,22 +84,24 @@ def client_from_config(
     client_index: int | None = None,
     data_fn: str | None = None,
     num_classes: int | None = None,
-) -> tuple[Learner, ClientData]:
+    with_classes: bool = False,
+) -> tuple[Learner, ClientData] | tuple[Learner, ClientData, int]:
     """(learner, local data) for `fleetlearn client`: data by partition index or by import path.
     With clustered FL the learner is the run's k stacked models (`ClusteredLearner`).
 
     With `data_fn`, the number of classes comes from `num_classes`, else from the
     run's dataset when it is a built-in one, else from the labels seen locally
     (which a non-IID client may not cover: the server then refuses the model
-    digest at registration, with both digests in the reason).
+    digest at registration, with both digests in the reason).  `with_classes`: return
+    that number of classes third (a red-team client's label_flip needs it).
     """
     cfg = run_config(config)
-    learner, data = _learner_and_data(cfg, client_index, data_fn, num_classes)
+    learner, data, classes = _learner_and_data(cfg, client_index, data_fn, num_classes)
     if cfg.server.clustering != "none":  # the run's model is k stacked models; the client picks one
         from ...learners.clustered import ClusteredLearner
 
         learner = ClusteredLearner.for_run(learner, cfg.server.clustering, cfg.server.clusters)
-    return learner, data
+    return (learner, data, classes) if with_classes else (learner, data)
 
 
 def _learner_and_data(cfg: RunConfig, client_index: int | None, data_fn: str | None, num_classes: int | None):
@@ -108,7 +110,7 @@ def _learner_and_data(cfg: RunConfig, client_index: int | None, data_fn: str | N
     if data_fn is None:
         assert client_index is not None
         data, nf, nc = client_data_from_config(cfg, client_index)
-        return learner_from_config(cfg, nf, nc), data
+        return learner_from_config(cfg, nf, nc), data, nc
     data = client_data_from_import(data_fn)
     if num_classes is None:
         builtin = {"digits": 10, "fashion_mnist": 10}
@@ -118,7 +120,7 @@ def _learner_and_data(cfg: RunConfig, client_index: int | None, data_fn: str | N
             num_classes = cfg.data.synthetic_classes
         else:
             num_classes = int(max(int(data.y.max()) if data.y.numel() else 0, int(data.y_test.max()) if data.y_test.numel() else 0)) + 1
-    return learner_from_config(cfg, int(data.x.shape[1]), num_classes), data
+    return learner_from_config(cfg, int(data.x.shape[1]), num_classes), data, num_classes
 
 
 def probe_client_from_config(config: RunConfig | dict | str | Path):
