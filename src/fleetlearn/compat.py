@@ -18,7 +18,8 @@ capability it is missing.  The capabilities read here:
   dataset     natural_devices        brings its own devices (data.partition = "natural")
   transport   client_helpers, attack_simulation, personalization, heterofl, clustering:
                                      what the backend carries (the simulation carries all; the
-                                     gRPC server, transport "grpc", all but attack_simulation)
+                                     gRPC server, transport "grpc", all but attack_simulation:
+                                     a red-team client, `fleetlearn client --attack`, instead)
   weighting   client_helpers         needs a message from the client device (label histograms)
 
 Rules between settings that are not parts (privacy, FedBuff, canary, HeteroFL width checks)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Sequence
 
 import numpy as np
@@ -212,6 +213,12 @@ def client_attack(kind: str, options: dict[str, Any] | None = None, *, cohort_si
     one device: colluding attacks need the other attackers' honest updates, which a real client
     does not see."""
     opts = {k: v for k, v in (options or {}).items() if v is not None}
+    if opts.pop("collude", False):
+        raise ValueError("collude = true: colluding attackers pool their honest updates, which one real client cannot see "
+                         "without a side channel to the others; a red-team client attacks with its own update only")
+    if "fraction" in opts:
+        raise ValueError("fraction: the simulation's share of malicious clients; on a real fleet the clients started with "
+                         "--attack are the malicious ones")
     for key in opts:
         if key not in CLIENT_ATTACK_OPTIONS:
             raise ValueError(f"{_flag(key)}: not an option of a red-team client; allowed: "
@@ -233,8 +240,6 @@ def client_attack(kind: str, options: dict[str, Any] | None = None, *, cohort_si
             "in the cohort and its mean and std their pooled honest updates, which one real client cannot see without a "
             "side channel to the others; give --attack-alie-z Z for the independent form (g - Z |g|), or run colluding "
             f"attacks in the simulation ([attack] in fleetlearn run). A red-team client runs: {', '.join(solo)}")
-    import re
-
     from ..config import AttackConfig, ConfigError  # the [attack] section's own bounds, worded with the flag
 
     try:

@@ -187,7 +187,7 @@ def client(
 ) -> ClientReport:
     """`fleetlearn client --server HOST:PORT --token TOKEN --config RUN.toml (--client-index I | --data pkg.mod:fn)
     [--tls-ca ca.pem [--tls-cert c.pem --tls-key c.key]] [--name N] [--max-rounds N] [--uplink-limit-mbps R]
-    [--memory-mb N]`.  `memory_mb`: the memory this device declares for training (default: the
+    [--memory-mb N] [--attack KIND [--attack-scale S ...]]`.  `memory_mb`: the memory this device declares for training (default: the
     machine's available memory); a HeteroFL run assigns the client's model width from it.
 
     Builds the run's model and this client's local data, then runs until the
