@@ -113,6 +113,14 @@ def test_the_cli_refuses_a_colluding_attack_and_bad_options_in_one_line(tmp_path
     assert err.startswith("fleetlearn: error: " + says) and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("options, says", [({"collude": True}, "collude = true: colluding attackers pool their honest updates"),
+                                            ({"fraction": 0.2}, "fraction: the simulation's share of malicious clients")])
+def test_a_red_team_client_never_colludes(options, says):
+    with pytest.raises(ValueError, match=says):
+        client_attack("sign_flip", options, cohort_size=COHORT, num_classes=CLASSES, seed=0)
+    assert client_attack("sign_flip", {"collude": False}, cohort_size=COHORT, num_classes=CLASSES, seed=0).collude is False
+
+
 def test_the_server_refuses_attack_and_points_to_red_team_clients(tmp_path):
     cfg = load_config({"data": {"dataset": "digits", "clients": 4}, "server": {"cohort": 4}, "model": {"hidden": [8]},
                        "attack": {"kind": "sign_flip", "fraction": 0.5}})
