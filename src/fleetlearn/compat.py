@@ -124,6 +124,10 @@ def transport_features(cfg: Any) -> list[tuple[str, str]]:
         out.append(("heterofl", f"model.widths = {cfg.model.widths}"))
     if cfg.attack.kind != "none":
         out.append(("attack_simulation", f"attack.kind = {cfg.attack.kind!r}"))
+    if cfg.privacy.secure_aggregation:
+        out.append(("secure_aggregation", "privacy.secure_aggregation = true"))
+    if srv.mode == "async":
+        out.append(("async_rounds", "server.mode = 'async'"))
     return out
 
 

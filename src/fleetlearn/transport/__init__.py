@@ -10,16 +10,20 @@ from .simulation import SimulationTransport, client_seed
 # capabilities say what it carries (fleetlearn.compat refuses the features it lacks, naming them):
 #   client_helpers: SCAFFOLD control variates, oversampling, label histograms in the task/update;
 #   attack_simulation: simulated malicious clients; personalization: personal state per client;
-#   heterofl: sub-models of several widths; clustering: clustered FL's tagged models.
+#   heterofl: sub-models of several widths; clustering: clustered FL's tagged models;
+#   secure_aggregation: the SecAgg message flow (masked updates; the server learns the sum only);
+#   async_rounds: overlapping dispatches for FedBuff (server.mode = "async").
 # The gRPC server is an application-level transport (`fleetlearn server`): it is passed to
 # build_coordinator as a `transport_factory`, not chosen by engine.backend.  It is registered
 # (unlisted, `served_by` its command) to declare what it carries, which build_coordinator checks
 # for it; engine.backend refuses it, naming the command that runs it.
-SIMULATION_CAPABILITIES = frozenset({"client_helpers", "attack_simulation", "personalization", "heterofl", "clustering"})
+SIMULATION_CAPABILITIES = frozenset({"client_helpers", "attack_simulation", "personalization", "heterofl", "clustering",
+                                     "secure_aggregation", "async_rounds"})
 # Real devices run the one client device (fleetlearn.client.Device) with every client-side
 # feature; simulated attackers exist only in the simulation (a real server controls no client: a red-team
 # drill runs attacking clients instead, `fleetlearn client --attack`, on the same device).
-GRPC_CAPABILITIES = SIMULATION_CAPABILITIES - {"attack_simulation"}
+# Not yet on the wire: the SecAgg message flow and FedBuff's overlapping dispatches.
+GRPC_CAPABILITIES = SIMULATION_CAPABILITIES - {"attack_simulation", "secure_aggregation", "async_rounds"}
 
 
 def _simulation(config, data, device, fleet, clock, attack):
