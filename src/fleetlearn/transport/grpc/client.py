@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import random
 import threading
 import time
@@ -45,6 +46,7 @@ from ...client import ClientStateStore, Device
 from ...compression import capabilities, parse_chain
 from ...learners.base import ClientData, Learner
 from ...messages import Dropout, Task
+from ...privacy.secagg import SecAggError
 from ...task_spec import AdaptiveEntry, TaskSpec, TaskSpecError
 from ..simulation import client_seed
 from . import fleetlearn_pb2 as pb
@@ -192,7 +194,8 @@ class _BadStream(Exception):
 
 # Protocol features this runtime supports (Capabilities.features): "scaffold" = it reads
 # SCAFFOLD's control variate after the model payload and keeps its own c_i.
-FEATURES = ("scaffold",)
+# "secagg" = it masks its own update in SecAggStep (secure aggregation, transport/grpc/secagg.py).
+FEATURES = ("scaffold", "secagg")
 MAX_RECEIVE_BYTES = 64 << 20  # the largest single message the client accepts (servers send 1 MiB chunks)
 
 
@@ -448,8 +451,9 @@ class FleetClient:
                 self._interrupt()
                 return
 
-    async def _pull(self, stub: pb_grpc.FleetLearnStub) -> tuple[Task, float, str] | None:
-        """The next task (with its local deadline and uplink chain), or None after an empty long poll."""
+    async def _pull(self, stub: pb_grpc.FleetLearnStub) -> tuple[Task, float, str, float | None] | None:
+        """The next task (with its local deadline, uplink chain and, under secure aggregation,
+        the deadline of each SecAgg stage), or None after an empty long poll."""
         if self._client_id is None or self._session is None:
             return None  # the heartbeat saw the server forget us: the loop registers again
         call = stub.PullTask(
@@ -497,7 +501,10 @@ class FleetClient:
             spec=spec, deadline_s=meta.deadline_s or None, control=body[split:],
         )
         local_deadline = received_at + meta.remaining_s if meta.remaining_s > 0 else float("inf")
-        return task, local_deadline, meta.uplink_codec or "none"
+        secagg_s = float(meta.secagg_stage_s) if meta.secagg and math.isfinite(meta.secagg_stage_s) and meta.secagg_stage_s > 0 else None
+        if meta.secagg and secagg_s is None:
+            secagg_s = self.poll_s
+        return task, local_deadline, meta.uplink_codec or "none", secagg_s
 
     def _device_for(self, downlink: str, uplink: str, adaptive: bool = False) -> Device:
         key = (downlink, uplink)
@@ -527,8 +534,8 @@ class FleetClient:
         budget = local_deadline - time.monotonic() - upload_s
         return max(0, math.floor(max(budget, 0.0) * sps / max(batch_size, 1)))
 
-    async def _train_and_push(self, stub: pb_grpc.FleetLearnStub, pulled: tuple[Task, float, str]) -> None:
-        task, local_deadline, uplink = pulled
+    async def _train_and_push(self, stub: pb_grpc.FleetLearnStub, pulled: tuple[Task, float, str, float | None]) -> None:
+        task, local_deadline, uplink, secagg_s = pulled
         assert self._client_id is not None
         cid = self._client_id
         device = self._device_for(task.codec, uplink, adaptive=task.spec.get(AdaptiveEntry) is not None)
@@ -538,7 +545,8 @@ class FleetClient:
             if steps == 0:
                 return None
             seed = client_seed(task.spec.seed, task.round, cid)
-            (update,) = device.run(task, [cid], [self.data], [seed], [steps])
+            # Secure aggregation: the update stays on the device until the SecAgg stages mask it.
+            (update,) = device.run(task, [cid], [self.data], [seed], [steps], secure=secagg_s is not None)
             return update
 
         try:
@@ -605,7 +613,38 @@ class FleetClient:
                 self.report.retries += 1
                 log.debug("client %d: push for round %d failed (%s); retrying in %.2fs", cid, task.round, code.name, delay)
                 await self._sleep(delay)
+        if secagg_s is not None:
+            await self._secure_aggregate(stub, task.round, device.take_held(cid), secagg_s)
         self.report.rounds.append(task.round)
+
+    async def _secure_aggregate(self, stub: pb_grpc.FleetLearnStub, round: int, update, stage_s: float) -> None:
+        """Take part in the round's secure aggregation (transport/grpc/secagg.py): each stage
+        is one SecAggStep call the server answers when the stage closes.  A refusal or a
+        server inconsistency ends this client's part in the round (it counts as dropped)."""
+        from .secagg import exit_stage, take_part
+
+        assert self._client_id is not None
+        cid, fault = self._client_id, exit_stage(round)
+
+        async def step(kind: str, body) -> pb.SecAggReply:
+            request = pb.SecAggRequest(client_id=cid, session=self._session or "", round=round, **{kind: body})
+            call = stub.SecAggStep(request, metadata=self._metadata, timeout=2 * stage_s + self.call_timeout_s)
+            if kind == fault:  # fault injection (FLEETLEARN_SECAGG_EXIT): die right after sending this stage's message
+                await asyncio.sleep(0.3)
+                log.warning("client %d: exiting after SecAgg stage %s of round %d (FLEETLEARN_SECAGG_EXIT)", cid, kind, round)
+                os._exit(17)
+            return await call
+
+        try:
+            await take_part(cid, round, update, step, self.learner.spec.dim + 1)
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.NOT_FOUND:
+                raise  # the server forgot this session: register again
+            self.report.refused[err.code().name] += 1
+            log.info("client %d: secure aggregation of round %d ended: %s", cid, round, err.details())
+        except SecAggError as exc:
+            self.report.refused["secagg"] += 1
+            log.warning("client %d: secure aggregation of round %d aborted: %s", cid, round, exc)
 
 
 def run_client(

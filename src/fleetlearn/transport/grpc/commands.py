@@ -70,11 +70,9 @@ def server_transport(
     server.key, and ca.pem when `mutual_tls`).  Without `cert_dir` the server is
     plaintext: fine on loopback, refused on any other address unless `insecure`.
     """
-    if config.privacy.secure_aggregation:
-        # The masking rounds (key exchange, masked upload, unmasking) are not on the wire yet:
-        # the server would receive individual updates, which is what SecAgg promises it never does.
-        raise ConfigError("privacy.secure_aggregation = true: the SecAgg message flow runs in the simulation only; "
-                          "over gRPC the server would see individual updates, so `fleetlearn server` refuses it")
+    secagg = bool(config.privacy.secure_aggregation)
+    if secagg:
+        check_secagg_over_grpc(config)
     return GrpcTransport(
         address,
         tokens=TokenStore.open(state_dir),
@@ -83,6 +81,7 @@ def server_transport(
         downlink=config.compression.downlink,
         ladder=config.compression.ladder if config.compression.adaptive else None,
         features=("scaffold",) if config.client.objective == "scaffold" else (),
+        secagg=secagg,
         clusters=config.server.clusters if config.server.clustering != "none" else 1,
         tls=ServerTls.from_dir(cert_dir, mutual=mutual_tls) if cert_dir else None,
         heartbeat_interval_s=heartbeat_interval_s,
@@ -90,6 +89,25 @@ def server_transport(
         limits=limits,
         insecure=insecure,
     )
+
+
+def check_secagg_over_grpc(config: RunConfig) -> None:
+    """Secure aggregation over gRPC: the clients mask their own rows, so the server has no
+    individual update to compute anything per client from.  Refuse what would need one."""
+    from ...compression import CountSketch, parse_chain
+
+    why = None
+    if config.privacy.mode == "central" and config.server.aggregator != "mean":
+        why = (f"server.aggregator = {config.server.aggregator!r} under central DP needs each client's contribution on the "
+               "server; over gRPC only the masked sum arrives: use server.aggregator = 'mean'")
+    elif config.server.clustering != "none":
+        why = "clustered FL sends one block of the stacked models per client, which the masked sum cannot carry"
+    elif isinstance(getattr(parse_chain(config.compression.uplink), "support", None), CountSketch):
+        why = "count-sketch uplinks are summed in sketch space by the server from individual sketches"
+    elif config.compression.adaptive:
+        why = "adaptive compression measures each client's upload; under secure aggregation nothing is uploaded in clear"
+    if why:
+        raise ConfigError(f"privacy.secure_aggregation = true over gRPC: {why}")
 
 
 def client(
