@@ -615,6 +615,7 @@ class FleetServer:
             },
         )
         self.clients[cs.client_id] = cs  # replaces an older session of the same client
+        self._secagg_forget(cs.client_id)
         if self.finished:
             self.told_finished.add(cs.client_id)
         self._notify()
@@ -1087,6 +1088,18 @@ class FleetServer:
                 log.exception("liveness watcher")
 
     # -- secure aggregation (transport/grpc/secagg.py) ----------------------------------------
+    def _secagg_forget(self, cid: int) -> None:
+        """A client that registers again lost its SecAgg keys: it drops out of the open SecAgg round."""
+        sess = self.secagg
+        if sess is None or sess.done or cid not in sess.clients:
+            return
+        sess.lost.add(cid)
+        st = sess.stage
+        if st is not None and cid in st.expected and cid not in st.received and not st.closed.is_set():
+            st.gone.add(cid)
+            if st.complete():
+                st.closed.set()
+
     def _watch_secagg(self) -> None:
         """A client expected in the open SecAgg stage that stopped heartbeating (or lost its
         token) will not send: the stage stops waiting for it (it dropped at this stage)."""
