@@ -774,13 +774,12 @@ class RowRecipe:
 
     def row(self, update, weight: float = 1.0) -> np.ndarray:
         """One client's row (float64) from its (d,) update."""
-        from .dp import clip_updates
-
-        u = torch.as_tensor(update).reshape(1, -1)
-        norm = float(torch.linalg.vector_norm(u.to(torch.float64)))
-        if self.clip_norm > 0:
-            u, _ = clip_updates(u, self.clip_norm)
-        r = u.to(torch.float64)[0] * float(self.scale) * float(weight)
+        u = torch.as_tensor(update).reshape(-1)
+        norm = float(torch.linalg.vector_norm(u))  # as dp.clip_updates measures it
+        r = u.to(torch.float64)
+        if 0 < self.clip_norm < norm:  # DP-FedAvg's ClipFn: row * min(1, C / ||row||)
+            r = r * (self.clip_norm / norm)
+        r = r * float(self.scale) * float(weight)
         if self.indicator_norm > 0:
             r = torch.cat([r, torch.tensor([float(norm <= self.indicator_norm) - 0.5], dtype=torch.float64)])
         return r.numpy()

@@ -105,6 +105,7 @@ class ClientReport:
     registrations: int = 0
     retries: int = 0
     stopped: str = ""  # finished | max_rounds | gave_up | stopped | refused: ...
+    secagg: list = field(default_factory=list)  # per secure-aggregation round: its cost (transport/grpc/secagg.take_part)
 
 
 def _memory_mb() -> int:
@@ -636,7 +637,7 @@ class FleetClient:
             return await call
 
         try:
-            await take_part(cid, round, update, step, self.learner.spec.dim + 1)
+            self.report.secagg.append({"round": round, **await take_part(cid, round, update, step, self.learner.spec.dim + 1)})
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.NOT_FOUND:
                 raise  # the server forgot this session: register again

@@ -221,18 +221,16 @@ class SecAggAdvertiseKeys(_message.Message):
     def __init__(self, cipher_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ..., signing_public_key: _Optional[bytes] = ...) -> None: ...
 
 class SecAggPeerKeys(_message.Message):
-    __slots__ = ("client_id", "cipher_public_key", "mask_public_key", "signing_public_key", "neighbors")
+    __slots__ = ("client_id", "cipher_public_key", "mask_public_key", "signing_public_key")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     CIPHER_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     MASK_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     SIGNING_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
-    NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     cipher_public_key: bytes
     mask_public_key: bytes
     signing_public_key: bytes
-    neighbors: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, client_id: _Optional[int] = ..., cipher_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ..., signing_public_key: _Optional[bytes] = ..., neighbors: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, client_id: _Optional[int] = ..., cipher_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ..., signing_public_key: _Optional[bytes] = ...) -> None: ...
 
 class SecAggRecipe(_message.Message):
     __slots__ = ("weight", "clip_norm", "scale", "indicator_norm", "clip_range", "max_clients", "rounding")
@@ -253,20 +251,22 @@ class SecAggRecipe(_message.Message):
     def __init__(self, weight: _Optional[float] = ..., clip_norm: _Optional[float] = ..., scale: _Optional[float] = ..., indicator_norm: _Optional[float] = ..., clip_range: _Optional[float] = ..., max_clients: _Optional[int] = ..., rounding: _Optional[str] = ...) -> None: ...
 
 class SecAggKeyDirectory(_message.Message):
-    __slots__ = ("session", "threshold", "modulus_bits", "dim", "peers", "recipe")
+    __slots__ = ("session", "threshold", "modulus_bits", "dim", "peers", "recipe", "degree")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MODULUS_BITS_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
     RECIPE_FIELD_NUMBER: _ClassVar[int]
+    DEGREE_FIELD_NUMBER: _ClassVar[int]
     session: bytes
     threshold: int
     modulus_bits: int
     dim: int
     peers: _containers.RepeatedCompositeFieldContainer[SecAggPeerKeys]
     recipe: SecAggRecipe
-    def __init__(self, session: _Optional[bytes] = ..., threshold: _Optional[int] = ..., modulus_bits: _Optional[int] = ..., dim: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[SecAggPeerKeys, _Mapping]]] = ..., recipe: _Optional[_Union[SecAggRecipe, _Mapping]] = ...) -> None: ...
+    degree: int
+    def __init__(self, session: _Optional[bytes] = ..., threshold: _Optional[int] = ..., modulus_bits: _Optional[int] = ..., dim: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[SecAggPeerKeys, _Mapping]]] = ..., recipe: _Optional[_Union[SecAggRecipe, _Mapping]] = ..., degree: _Optional[int] = ...) -> None: ...
 
 class SecAggBlob(_message.Message):
     __slots__ = ("client_id", "data")

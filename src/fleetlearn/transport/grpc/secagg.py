@@ -51,6 +51,7 @@ from ...privacy.secagg import (
     ShareKeys,
     UnmaskRequest,
     UnmaskShares,
+    neighbor_graph,
 )
 from . import fleetlearn_pb2 as pb
 from .refusals import Refusal
@@ -167,23 +168,30 @@ def recipe_to_pb(recipe: RowRecipe, weight: float, secure) -> pb.SecAggRecipe:
                            clip_range=q.clip_range, max_clients=q.max_clients, rounding=q.rounding)
 
 
-def directory_to_pb(d: KeyDirectory, recipe: pb.SecAggRecipe) -> pb.SecAggKeyDirectory:
+def directory_to_pb(d: KeyDirectory, recipe: pb.SecAggRecipe, degree: int | None) -> pb.SecAggKeyDirectory:
+    """The key directory without the graph: clients derive it from the peers, the session
+    and `degree` (None: all pairs), so it costs O(n) bytes, not O(n k)."""
     peers = [pb.SecAggPeerKeys(client_id=c, cipher_public_key=d.keys[c][0], mask_public_key=d.keys[c][1],
-                               signing_public_key=d.signing_keys.get(c, b""), neighbors=list(d.neighbors[c])) for c in sorted(d.keys)]
-    return pb.SecAggKeyDirectory(session=d.session, threshold=d.threshold, modulus_bits=d.modulus_bits, dim=d.dim, peers=peers, recipe=recipe)
+                               signing_public_key=d.signing_keys.get(c, b"")) for c in sorted(d.keys)]
+    return pb.SecAggKeyDirectory(session=d.session, threshold=d.threshold, modulus_bits=d.modulus_bits, dim=d.dim, peers=peers,
+                                 recipe=recipe, degree=int(degree or 0))
 
 
 def directory_from_pb(m: pb.SecAggKeyDirectory, max_dim: int) -> KeyDirectory:
-    """The client's check of what the server sent (a server is not trusted with sizes either)."""
+    """The client's check of what the server sent (a server is not trusted with sizes either),
+    and the neighbour graph every party derives the same way (`neighbor_graph`)."""
     if not (1 <= m.dim <= max_dim) or not (8 <= m.modulus_bits <= 62) or len(m.session) != 16:
         raise SecAggError(f"key directory with dim {m.dim}, modulus_bits {m.modulus_bits}, session of {len(m.session)} bytes")
-    keys, signing, graph = {}, {}, {}
+    keys, signing = {}, {}
     for p in m.peers:
         keys[int(p.client_id)] = (bytes(p.cipher_public_key), bytes(p.mask_public_key))
         signing[int(p.client_id)] = bytes(p.signing_public_key)
-        graph[int(p.client_id)] = tuple(int(v) for v in p.neighbors)
-    if len(keys) != len(m.peers) or any(not set(v) <= set(keys) for v in graph.values()):
-        raise SecAggError("key directory lists a client twice or a neighbour outside it")
+    if len(keys) != len(m.peers):
+        raise SecAggError("the key directory lists a client twice")
+    try:
+        graph = neighbor_graph(keys, int(m.degree) or None, bytes(m.session))
+    except ValueError as exc:
+        raise SecAggError(f"the key directory's graph degree {m.degree}: {exc}") from None
     return KeyDirectory(bytes(m.session), int(m.threshold), int(m.modulus_bits), int(m.dim), keys, graph, signing)
 
 
@@ -291,17 +299,30 @@ def exit_stage(round: int) -> str | None:
     return None
 
 
-async def take_part(client_id: int, round: int, update, step, max_dim: int) -> int:
+async def take_part(client_id: int, round: int, update, step, max_dim: int) -> dict[str, float]:
     """One client's side of a round's secure aggregation: `update` is its (d,) outgoing update
     (held on the device), `step(kind, pb_message)` sends one SecAggStep and returns the reply.
     The row it masks is `recipe.row(update, weight)` quantized with the run's quantizer
-    (`privacy.quantize.Quantizer`, as in the simulation).  Returns |U3|.  Raises SecAggError
-    when the server's messages are inconsistent (the client then reveals nothing more)."""
+    (`privacy.quantize.Quantizer`, as in the simulation).  Returns what it cost: |U3|, the
+    seconds it computed (key agreements, shares, masks), the bytes it sent and received.
+    Raises SecAggError when the server's messages are inconsistent (the client then reveals
+    nothing more)."""
     from ...privacy.quantize import Quantizer
     from ...privacy.secagg import SecAggClient
 
+    cost = {"survivors": 0, "compute_s": 0.0, "uplink_bytes": 0, "downlink_bytes": 0}
+    clock = [time.perf_counter()]
+
+    async def send(kind: str, body) -> Any:
+        cost["compute_s"] += time.perf_counter() - clock[0]
+        cost["uplink_bytes"] += body.ByteSize()
+        reply = await step(kind, body)
+        cost["downlink_bytes"] += reply.ByteSize()
+        clock[0] = time.perf_counter()
+        return reply
+
     me = SecAggClient(client_id, consistency=True)
-    reply = await step("advertise", advertise_to_pb(me.advertise_keys()))
+    reply = await send("advertise", advertise_to_pb(me.advertise_keys()))
     if reply.WhichOneof("body") != "directory":
         raise SecAggError(f"expected the key directory, got {reply.WhichOneof('body')}")
     directory = directory_from_pb(reply.directory, max_dim)
@@ -309,7 +330,7 @@ async def take_part(client_id: int, round: int, update, step, max_dim: int) -> i
     recipe = RowRecipe(rc.clip_norm, rc.scale, rc.indicator_norm)
     if recipe.width(len(update)) != directory.dim or not (np.isfinite(rc.weight) and 0 <= rc.weight <= 1):
         raise SecAggError(f"the round's row has {directory.dim} elements and weight {rc.weight}; this client's update has {len(update)}")
-    reply = await step("share_keys", share_keys_to_pb(me.share_keys(directory)))
+    reply = await send("share_keys", share_keys_to_pb(me.share_keys(directory)))
     forwarded = forwarded_from_pb(client_id, reply.forwarded)
     quantizer = Quantizer(rc.clip_range, int(rc.max_clients), directory.modulus_bits, rc.rounding or "stochastic")
     row = quantizer.quantize(recipe.row(update, rc.weight))
@@ -317,11 +338,13 @@ async def take_part(client_id: int, round: int, update, step, max_dim: int) -> i
     if d:
         Path(d).mkdir(parents=True, exist_ok=True)
         np.save(Path(d) / f"r{round}-c{client_id}.npy", row)
-    reply = await step("masked_input", masked_to_pb(me.masked_input(forwarded, row)))
+    reply = await send("masked_input", masked_to_pb(me.masked_input(forwarded, row)))
     request = survivors_from_pb(reply.consistency_request)
-    reply = await step("consistency", pb.SecAggSignature(signature=me.consistency_check(request).signature))
+    reply = await send("consistency", pb.SecAggSignature(signature=me.consistency_check(request).signature))
     unmask = reply.unmask_request
     request = survivors_from_pb(unmask.survivors)
     signatures = {int(b.client_id): bytes(b.data) for b in unmask.signatures}
-    reply = await step("unmask", unmask_to_pb(me.unmask(request, signatures)))
-    return int(reply.done.survivors)
+    reply = await send("unmask", unmask_to_pb(me.unmask(request, signatures)))
+    cost["compute_s"] += time.perf_counter() - clock[0]
+    cost["survivors"] = int(reply.done.survivors)
+    return cost

@@ -1131,7 +1131,7 @@ class FleetServer:
         try:
             got = await self._secagg_stage(sess, 0, set(sess.clients))
             directory = proto.advertise(list(got.values()))
-            self._secagg_answer(sess, {c: pb.SecAggReply(directory=directory_to_pb(directory, recipe_to_pb(recipe, sess.weights[c], secure)))
+            self._secagg_answer(sess, {c: pb.SecAggReply(directory=directory_to_pb(directory, recipe_to_pb(recipe, sess.weights[c], secure), proto.neighbors))
                                        for c in got})
             got = await self._secagg_stage(sess, 1, set(directory.keys))
             forwarded = proto.collect_shares(list(got.values()))
