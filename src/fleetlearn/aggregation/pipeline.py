@@ -54,6 +54,9 @@ class StageResult:
     measurements: dict[str, Any] = field(default_factory=dict)  # record.extra, under the stage's keys
     kept: np.ndarray | None = None  # (n,) bool: rows that reached the aggregate (None: all)
     lost_reason: Callable[[int], str] | None = None  # row -> why its update was lost
+    # Bytes the stage's own messages moved per client, (uplink, downlink): secure aggregation
+    # run by the clients over the network; counted into the round's byte accounting.
+    link_bytes: dict[int, tuple[int, int]] | None = None
 
 
 class Stage:
@@ -165,6 +168,7 @@ def remote_outcome(secure, batch: Batch, result: StageResult) -> StageResult:
     if res is None or getattr(secure, "remote", None) is None:
         return result
     result.measurements.update(res.measurements)
+    result.link_bytes = dict(res.client_bytes)
     kept = np.isin(np.asarray(batch.client_ids, dtype=np.int64), np.asarray(res.survivors, dtype=np.int64))
     if not kept.all():
         result.kept = kept

@@ -795,6 +795,7 @@ class RemoteSum:
     survivors: tuple[int, ...]
     dropped: tuple[int, ...]
     measurements: dict = field(default_factory=dict)
+    client_bytes: dict = field(default_factory=dict)  # client -> (bytes sent, bytes received) in the protocol
 
 
 class SecureAggregation:

@@ -1152,7 +1152,8 @@ class FleetServer:
                      secagg_threshold=proto.threshold, secagg_server_seconds=round_(time.monotonic() - t0))
             secagg_dump("sum", round, 0, json.dumps({"sum": [int(v) for v in total], "survivors": list(request.survivors),
                                                      "modulus_bits": secure.quantizer.modulus_bits}).encode())
-            return RemoteSum(total, tuple(request.survivors), tuple(sorted(set(sess.clients) - set(request.survivors))), m)
+            return RemoteSum(total, tuple(request.survivors), tuple(sorted(set(sess.clients) - set(request.survivors))), m,
+                             {c: (sess.uplink.get(c, 0), sess.downlink.get(c, 0)) for c in sess.clients})
         except Exception as exc:
             sess.failed = str(exc) or type(exc).__name__
             raise
