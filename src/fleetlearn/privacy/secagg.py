@@ -9,7 +9,8 @@ Gascon, Lepoint, Raykova, "Secure Single-Server Aggregation with
 
 The protocol is four rounds of explicit messages between `SecAggClient`
 objects and a `SecAggServer`, so the same flow runs in the simulation (see
-`secure_sum`) and, later, over a real transport:
+`secure_sum`) and over gRPC (`fleetlearn.transport.grpc.secagg`, where each client
+masks its own row and the server only relays and unmasks):
 
     0. AdvertiseKeys   client -> server: two X25519 public keys, c_pk (encrypting
                        shares) and s_pk (pairwise masks).       -> KeyDirectory
