@@ -181,9 +181,10 @@ class Device:
         """`train` then `encode` with the run's uplink (`secure`: see `reply`)."""
         return self.encode(task, self.train(task, clients, data, seeds, step_limits), secure=secure)
 
-    def take_held(self, client: int) -> torch.Tensor:
-        """The update `reply(secure=True)` kept for secure aggregation (removed from the device)."""
-        return self.held.pop(int(client))
+    def take_held(self, client: int) -> torch.Tensor | None:
+        """The update `reply(secure=True)` kept for secure aggregation (removed from the
+        device), None if it kept none."""
+        return self.held.pop(int(client), None)
 
     # -- downlink ----------------------------------------------------------------------------
     def receive(self, task: Task) -> tuple[torch.Tensor, FitConfig]:

@@ -558,6 +558,7 @@ class FleetClient:
             log.warning("client %d: round %d task unusable (%s); skipped", cid, task.round, exc)
             return
         self._after_round = task.round
+        held = device.take_held(cid)  # secure aggregation: the update kept on the device (masked after the push)
         if isinstance(update, Dropout):  # e.g. local training diverged: nothing to send this round
             self.report.skipped_bad_task += 1
             log.warning("client %d: round %d: %s; update not sent", cid, task.round, update.reason)
@@ -614,8 +615,8 @@ class FleetClient:
                 self.report.retries += 1
                 log.debug("client %d: push for round %d failed (%s); retrying in %.2fs", cid, task.round, code.name, delay)
                 await self._sleep(delay)
-        if secagg_s is not None:
-            await self._secure_aggregate(stub, task.round, device.take_held(cid), secagg_s)
+        if secagg_s is not None and held is not None:
+            await self._secure_aggregate(stub, task.round, held, secagg_s)
         self.report.rounds.append(task.round)
 
     async def _secure_aggregate(self, stub: pb_grpc.FleetLearnStub, round: int, update, stage_s: float) -> None:

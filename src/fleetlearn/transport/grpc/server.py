@@ -1162,6 +1162,8 @@ class FleetServer:
             if sess.stage is not None:
                 sess.stage.closed.set()
                 sess.stage.answered.set()
+            proto.inbox.clear()  # the round's messages and masked rows are not needed any more
+            proto.masked = {}
             self._notify()
 
     async def _secagg_stage(self, sess: SecAggRound, index: int, expected: set[int]) -> dict[int, Any]:
