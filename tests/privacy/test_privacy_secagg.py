@@ -226,3 +226,6 @@ def test_grpc_server_runs_secure_aggregation_with_the_clients_and_refuses_what_n
                            "server": {"aggregator": "norm_bounded_mean", "norm_bound": 1.0}})
     with pytest.raises(ConfigError, match="secure_aggregation = true over gRPC: server.aggregator = 'norm_bounded_mean' under central DP"):
         server_transport(bounded, spec, "127.0.0.1:0", state_dir=tmp_path)
+    normed = load_config({"privacy": {"secure_aggregation": True}, "server": {"max_update_norm": 5.0}})
+    with pytest.raises(ConfigError, match="update-norm checks"):
+        server_transport(normed, spec, "127.0.0.1:0", state_dir=tmp_path)

@@ -100,6 +100,10 @@ def check_secagg_over_grpc(config: RunConfig) -> None:
     if config.privacy.mode == "central" and config.server.aggregator != "mean":
         why = (f"server.aggregator = {config.server.aggregator!r} under central DP needs each client's contribution on the "
                "server; over gRPC only the masked sum arrives: use server.aggregator = 'mean'")
+    elif (config.server.max_update_norm is not None or config.server.max_norm_ratio is not None
+          or "norm" in (config.server.validators or ())):
+        why = ("update-norm checks (server.max_update_norm, server.max_norm_ratio, the 'norm' validator) need each update "
+               "on the server, where only the masked sum arrives; bound contributions on the device with privacy.mode = 'central'")
     elif config.server.clustering != "none":
         why = "clustered FL sends one block of the stacked models per client, which the masked sum cannot carry"
     elif isinstance(getattr(parse_chain(config.compression.uplink), "support", None), CountSketch):
