@@ -84,8 +84,9 @@ def _client(tmp: Path, port: int, token: str, index: int, env: dict):
 @pytest.mark.slow
 def test_secagg_over_grpc_sums_exactly_with_dropouts_and_the_server_never_sees_an_update(tmp_path):
     """Round 1: no dropout.  Round 2: one client process dies right after sending its key
-    shares (its pairwise masks are reconstructed).  Round 3: 30% of the clients die right
-    after sending their masked input (their self masks are reconstructed, their rows count)."""
+    shares (its pairwise masks are reconstructed; a fresh process with its token rejoins for
+    round 3).  Round 3: 2 of the 6 clients (33%, at least the 30% asked) die right after
+    sending their masked input (their self masks are reconstructed, their rows count)."""
     from fleetlearn.transport.grpc import commands
 
     (tmp_path / "run.toml").write_text(CONFIG.format(clients=CLIENTS))
