@@ -332,6 +332,8 @@ def cmd_server(args: argparse.Namespace) -> int:
     from .transport.grpc.commands import server_transport
     from .transport.grpc.server import Limits
 
+    if not (math.isfinite(args.heartbeat_s) and args.heartbeat_s > 0):
+        raise UsageError(f"--heartbeat-s {args.heartbeat_s}: allowed: a number of seconds > 0")
     try:
         changes: dict = {}
         if args.resume:
@@ -357,6 +359,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         def make_transport(learner, device):
             t = server_transport(cfg, learner.spec, address=args.listen, state_dir=args.state, cert_dir=args.certs,
                                  mutual_tls=args.mtls, max_round_s=args.max_round_s, insecure=args.insecure,
+                                 heartbeat_interval_s=args.heartbeat_s,
                                  limits=Limits(upload_idle_s=args.upload_idle_s), learner=learner)
             holder["t"] = t
             return t
@@ -624,6 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--min-clients", type=int, default=1, help="wait for this many connected clients before each round")
     sv.add_argument("--wait-s", type=float, default=60.0, help="how long to wait for them (default 60)")
     sv.add_argument("--max-round-s", type=float, default=600.0, help="a round without deadline ends after this (default 600)")
+    sv.add_argument("--heartbeat-s", type=float, default=5.0, help="the heartbeat interval clients are told; a selected client "
+                    "silent for three intervals is dropped from its round (and from its SecAgg stage) (default 5)")
     sv.add_argument("--resume", metavar="RUN", help="continue a run (id or directory) from its last committed round; --set may then "
                     "change only " + ", ".join(RESUME_SAFE_KEYS) + " (recorded in config.toml and the run store)")
     sv.add_argument("--runs-dir", help="folder for run directories (default: store.root)")

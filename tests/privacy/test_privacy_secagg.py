@@ -206,14 +206,26 @@ def test_secure_aggregation_part_weighted_mean_with_dropouts():
         sa.sum(torch.zeros(13, 4))
 
 
-def test_grpc_server_refuses_secure_aggregation_it_cannot_honour(tmp_path):
-    """Over gRPC the masking protocol is not on the wire: the server would see individual
-    updates, so `fleetlearn server` refuses SecAgg rather than pretend."""
+def test_grpc_server_runs_secure_aggregation_with_the_clients_and_refuses_what_needs_individual_updates(tmp_path):
+    """Over gRPC the clients mask their own rows (transport/grpc/secagg.py): `fleetlearn server`
+    asks every client for the "secagg" feature, and refuses parts that would need an
+    individual update on the server."""
     import pytest
 
     from fleetlearn.config import ConfigError, load_config
+    from fleetlearn.learners import TorchLearner, logistic
     from fleetlearn.transport.grpc.commands import server_transport
 
-    cfg = load_config({"privacy": {"secure_aggregation": True}})
-    with pytest.raises(ConfigError, match="secure_aggregation = true: the SecAgg message flow runs in the simulation only"):
-        server_transport(cfg, spec=None, state_dir=tmp_path)
+    spec = TorchLearner(lambda: logistic(4, 3), vectorize=False).spec
+    t = server_transport(load_config({"privacy": {"secure_aggregation": True}}), spec, "127.0.0.1:0", state_dir=tmp_path)
+    try:
+        assert t.requirements.secagg and "secagg" in t.requirements.features and t.secure_aggregation() is t
+    finally:
+        t.close(grace_s=0.1)
+    bounded = load_config({"privacy": {"secure_aggregation": True, "mode": "central", "noise_multiplier": 1.0, "clip_norm": 1.0},
+                           "server": {"aggregator": "norm_bounded_mean", "norm_bound": 1.0}})
+    with pytest.raises(ConfigError, match="secure_aggregation = true over gRPC: server.aggregator = 'norm_bounded_mean' under central DP"):
+        server_transport(bounded, spec, "127.0.0.1:0", state_dir=tmp_path)
+    normed = load_config({"privacy": {"secure_aggregation": True}, "server": {"max_update_norm": 5.0}})
+    with pytest.raises(ConfigError, match="update-norm checks"):
+        server_transport(normed, spec, "127.0.0.1:0", state_dir=tmp_path)

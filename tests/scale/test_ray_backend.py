@@ -111,6 +111,14 @@ PARITY = {
     "heterofl": {"model": {"hidden": [32], "widths": [1.0, 0.5], "width_rule": "round_robin"}},
     "scaling_attack": {"attack": {"kind": "scaling", "fraction": 0.2}, "server": {"aggregator": "median"}},
     "label_flip": {"attack": {"kind": "label_flip", "fraction": 0.3}},
+    "cfl": {"server": {"clustering": "cfl", "clusters": 2}},
+    "ditto": {"personalization": {"method": "ditto"}},
+    # server-side features whose inputs come from the devices: the same on every backend
+    "fedbuff": {"server": {"mode": "async", "concurrency": 4, "buffer_size": 3}},
+    "secagg_central_dp": {"privacy": {"mode": "central", "secure_aggregation": True, "noise_multiplier": 0.5,
+                                      "clip_norm": 1.0}, "server": {"selector": "poisson"}},
+    "local_dp": {"privacy": {"mode": "local", "noise_multiplier": 0.3, "clip_norm": 1.0}},
+    "probes": {"probes": {"clients": 2}},
 }
 
 
@@ -124,17 +132,57 @@ def test_ray_backend_runs_every_client_feature_like_the_simulation(local_ray, fe
               for k in {*base, *PARITY[feature]}}
     ray_coord, ray_sum = _run("ray", config)
     sim_coord, sim_sum = _run("simulation", config)
-    assert isinstance(ray_coord.transport, RayTransport)
+    ray_t, sim_t = (getattr(c.transport, "inner", c.transport) for c in (ray_coord, sim_coord))  # probes wrap it
+    assert isinstance(ray_t, RayTransport)
     assert ray_coord.version == sim_coord.version > 0, [r.reason for r in ray_sum.records]
     torch.testing.assert_close(ray_coord.params, sim_coord.params, rtol=0, atol=1e-5)
     for a, b in zip(ray_sum.records, sim_sum.records):
         assert [(c.client_id, c.status, c.uplink_bytes, c.num_examples) for c in a.clients] == \
                [(c.client_id, c.status, c.uplink_bytes, c.num_examples) for c in b.clients]
     for store in ("states", "personal_states"):  # per-client state (c_i, heads) came back to the driver
-        ra, sa = getattr(ray_coord.transport.device, store), getattr(sim_coord.transport.device, store)
+        ra, sa = getattr(ray_t.device, store), getattr(sim_t.device, store)
         assert ra.clients() == sa.clients()
         for c in sa.clients():
             for k, t in sa.get(c).items():
                 torch.testing.assert_close(ra.get(c)[k], t, rtol=0, atol=1e-5)
     if feature in ("scaffold", "fedper"):
-        assert len(sim_coord.transport.device.states if feature == "scaffold" else sim_coord.transport.device.personal_states) > 0
+        assert len(sim_t.device.states if feature == "scaffold" else sim_t.device.personal_states) > 0
+
+
+@pytest.mark.slow
+def test_ray_backend_records_probes_and_staleness_like_the_simulation(local_ray):
+    """The two server-side features above whose records come from the devices: probe checks
+    and FedBuff's staleness are in Ray's records as in the simulation's."""
+    base = {"seed": 3, "data": {"dataset": "digits", "clients": 16}, "server": {"rounds": 3, "cohort": 4},
+            "client": {"local_epochs": 1}, "monitoring": {"detectors": []}}
+    cfg = {**base, "probes": {"clients": 2}}
+    _, ray_sum = _run("ray", cfg)
+    _, sim_sum = _run("simulation", cfg)
+    probe = [[c.client_id for c in r.clients if c.status == "probe"] for r in ray_sum.records]
+    assert probe == [[c.client_id for c in r.clients if c.status == "probe"] for r in sim_sum.records] and all(probe)
+    assert [r.extra.get("probe_clients") for r in ray_sum.records] == [r.extra.get("probe_clients") for r in sim_sum.records]
+    cfg = {**base, "server": {**base["server"], "mode": "async", "concurrency": 4, "buffer_size": 2}}
+    _, ray_sum = _run("ray", cfg)
+    _, sim_sum = _run("simulation", cfg)
+    stale = [r.extra["staleness_max"] for r in ray_sum.records]
+    assert stale == [r.extra["staleness_max"] for r in sim_sum.records] and max(stale) >= 1
+
+
+@pytest.mark.slow
+def test_ray_backend_runs_a_canary_to_the_simulations_decision(local_ray):
+    from fleetlearn.engine.canary import build_run
+
+    cfg = {"seed": 3, "data": {"dataset": "digits", "clients": 20}, "server": {"rounds": 4, "cohort": 10},
+           "client": {"local_epochs": 1}, "monitoring": {"detectors": []},
+           "canary": {"set": ["client.lr=1.5"], "fraction": 0.3, "start_round": 2, "rounds": 2, "window": 1}}
+    out = {}
+    for backend in ("ray", "simulation"):
+        run = build_run(load_config({**cfg, "engine": {"backend": backend, "ray_workers": 2 if backend == "ray" else None}}),
+                        store=False)
+        summary = run.run()
+        out[backend] = (summary, run)
+    (ray_sum, ray_run), (sim_sum, sim_run) = out["ray"], out["simulation"]
+    assert [r.extra.get("canary", {}).get("decision") for r in ray_sum.records] == \
+           [r.extra.get("canary", {}).get("decision") for r in sim_sum.records]
+    assert any(r.extra.get("canary", {}).get("decision") for r in sim_sum.records)
+    assert ray_sum.final_accuracy == pytest.approx(sim_sum.final_accuracy, abs=1e-6)

@@ -54,6 +54,9 @@ class StageResult:
     measurements: dict[str, Any] = field(default_factory=dict)  # record.extra, under the stage's keys
     kept: np.ndarray | None = None  # (n,) bool: rows that reached the aggregate (None: all)
     lost_reason: Callable[[int], str] | None = None  # row -> why its update was lost
+    # Bytes the stage's own messages moved per client, (uplink, downlink): secure aggregation
+    # run by the clients over the network; counted into the round's byte accounting.
+    link_bytes: dict[int, tuple[int, int]] | None = None
 
 
 class Stage:
@@ -152,8 +155,25 @@ class SecureSumStage(Stage):
         self.capacity = secure.quantizer.max_clients
 
     def next(self, batch: Batch) -> StageResult:
-        out = self.secure.aggregate(batch.updates, torch.from_numpy(batch.weights), dropped=batch.dropped)
-        return StageResult(out.to(torch.float32))
+        out = self.secure.aggregate(batch.updates, batch.weights, dropped=batch.dropped, round=batch.round,
+                                    client_ids=batch.client_ids)
+        return remote_outcome(self.secure, batch, StageResult(out.to(torch.float32)))
+
+
+def remote_outcome(secure, batch: Batch, result: StageResult) -> StageResult:
+    """Secure aggregation run by the clients over a network (`SecureAggregation.remote`):
+    its measurements (bytes, seconds, survivors) join the stage's, and the clients that
+    dropped during the protocol lose their rows (recorded as dropped, with the reason)."""
+    res = getattr(secure, "last_remote", None) if secure is not None else None
+    if res is None or getattr(secure, "remote", None) is None:
+        return result
+    result.measurements.update(res.measurements)
+    result.link_bytes = dict(res.client_bytes)
+    kept = np.isin(np.asarray(batch.client_ids, dtype=np.int64), np.asarray(res.survivors, dtype=np.int64))
+    if not kept.all():
+        result.kept = kept
+        result.lost_reason = lambda i: "dropped during secure aggregation: its masked input never arrived; its masks were removed"
+    return result
 
 
 class HierarchyStage(Stage):
@@ -222,7 +242,7 @@ class CentralDPStage(Stage):
         rows, center = batch.updates, None
         if self._contrib is not None:
             rows, center = self._contrib(batch.updates, self.center)
-        res = self.central.aggregate(rows, secure=self.secure, dropped=batch.dropped)
+        res = self.central.aggregate(rows, secure=self.secure, dropped=batch.dropped, round=batch.round, client_ids=batch.client_ids)
         out = res.mean.to(torch.float32)
         if center is not None:
             out = out + center.to(torch.float32)
@@ -230,7 +250,7 @@ class CentralDPStage(Stage):
         m = res.to_metrics()
         if self.inner is not None:
             m["dp_inner_rule"] = self.inner_name
-        return StageResult(out, m)
+        return remote_outcome(self.secure, batch, StageResult(out, m))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {} if self.center is None else {"dp_center": self.center}

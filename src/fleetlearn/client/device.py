@@ -130,6 +130,9 @@ class Device:
         self.num_classes = num_classes
         # fleetlearn.attacks.DeviceAttack or None: poison_data before training, apply_results after.
         self.attack = attack
+        # Secure aggregation over a network: each client's outgoing update stays here (its
+        # Update carries no payload) until the SecAgg stages mask it (`take_held`).
+        self.held: dict[int, torch.Tensor] = {}
         # The Learner protocol's optional flag: HeteroFL trains each client at its own width.
         self._by_id = bool(getattr(learner, "needs_client_ids", False))
 
@@ -171,23 +174,28 @@ class Device:
             results, _ = self.attack.apply_results(clients, list(results), task.round)
         return Trained(clients, list(results), list(data), added)
 
-    def encode(self, task: Task, trained: Trained, levels: Sequence[int | None] | None = None) -> list[Update | Dropout]:
+    def encode(self, task: Task, trained: Trained, levels: Sequence[int | None] | None = None, secure: bool = False) -> list[Update | Dropout]:
         """Each trained client's Update (`levels`: its adaptive rung, None for the run's
         uplink).  A client whose update cannot be sent (local training diverged to NaN)
-        becomes a Dropout with the reason."""
+        becomes a Dropout with the reason.  `secure`: see `reply`."""
         out: list[Update | Dropout] = []
         for i, (cid, result, own, added) in enumerate(zip(trained.clients, trained.results, trained.own, trained.added)):
             level = None if levels is None else levels[i]
             try:
-                out.append(self.reply(cid, task, result, level, labels=own.y, oversampled=added))
+                out.append(self.reply(cid, task, result, level, labels=own.y, oversampled=added, secure=secure))
             except ValueError as exc:
                 out.append(Dropout(cid, task.round, f"client error: {exc}", task.nbytes))
         return out
 
     def run(self, task: Task, clients: Sequence[int], data: Sequence[ClientData], seeds: Sequence[int],
-            step_limits: Sequence[int | None] | None = None) -> list[Update | Dropout]:
-        """`train` then `encode` with the run's uplink."""
-        return self.encode(task, self.train(task, clients, data, seeds, step_limits))
+            step_limits: Sequence[int | None] | None = None, secure: bool = False) -> list[Update | Dropout]:
+        """`train` then `encode` with the run's uplink (`secure`: see `reply`)."""
+        return self.encode(task, self.train(task, clients, data, seeds, step_limits), secure=secure)
+
+    def take_held(self, client: int) -> torch.Tensor | None:
+        """The update `reply(secure=True)` kept for secure aggregation (removed from the
+        device), None if it kept none."""
+        return self.held.pop(int(client), None)
 
     # -- downlink ----------------------------------------------------------------------------
     def receive(self, task: Task) -> tuple[torch.Tensor, FitConfig]:
@@ -269,11 +277,15 @@ class Device:
 
     def reply(
         self, client: int, task: Task, result: FitResult, level: int | None = None,
-        labels: torch.Tensor | None = None, oversampled: int = 0,
+        labels: torch.Tensor | None = None, oversampled: int = 0, secure: bool = False,
     ) -> Update:
         """The client's Update; `level` picks a rung of the adaptive ladder.  `labels`: the
         client's own training labels, counted into a histogram when the task has a
-        `label_histogram` entry (for `label_importance` weighting)."""
+        `label_histogram` entry (for `label_importance` weighting).  `secure` (secure
+        aggregation over a network): the update goes through the uplink chain and back
+        (what the server would have decoded: lossy codecs and error feedback compose), is
+        held on the device for the SecAgg stages (`take_held`), and the Update carries an
+        empty payload."""
         delta = result.delta
         if self.personalization is not None:
             delta = self.personalization.outgoing(delta)  # FedPer: the head never leaves the device
@@ -294,7 +306,13 @@ class Device:
 
             seeded = seed_state(int(np.random.SeedSequence([self.seed, client, 0xC0DEC]).generate_state(1, dtype=np.uint64)[0] >> 1))
             state = {**(state or {}), **seeded}
-        if result.cluster is None:
+        if secure:
+            if result.cluster is not None:
+                raise ValueError("secure aggregation cannot send one block of clustered FL's models")
+            payload, state = chain.encode(delta, state)
+            self.held[client] = chain.decode(payload, dim=self.dim)
+            payload = b""
+        elif result.cluster is None:
             payload, state = chain.encode(delta, state)
         else:  # clustered FL: only the trained model's block goes up, tagged with its index
             from ..compression.blocks import encode_block

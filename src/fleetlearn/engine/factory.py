@@ -237,13 +237,15 @@ def selector_name(config: RunConfig) -> str:
     return str(name)
 
 
-def build_decoder(uplink, learner, clustering=None):
-    """How the server reads an uplink payload (engine.intake): a summed-in-sketch-space
-    count sketch, a HeteroFL sub-model, one tagged block of clustered FL's models, or the
-    model's full vector."""
-    from .intake import ClusterDecoder, SketchDecoder, SubModelDecoder, UpdateDecoder
+def build_decoder(uplink, learner, clustering=None, masked: bool = False):
+    """How the server reads an uplink payload (engine.intake): nothing (secure aggregation
+    run by the clients: `masked`), a summed-in-sketch-space count sketch, a HeteroFL
+    sub-model, one tagged block of clustered FL's models, or the model's full vector."""
+    from .intake import ClusterDecoder, MaskedDecoder, SketchDecoder, SubModelDecoder, UpdateDecoder
 
     dim = learner.spec.dim
+    if masked:
+        return MaskedDecoder(uplink, dim)
     if _is_sketch(uplink):
         return SketchDecoder(uplink, dim)
     if getattr(learner, "name", None) == "heterofl":
@@ -402,6 +404,10 @@ def build_coordinator(
                                        state_fn=lambda: coordinator.server_state, federated=transport_factory is None)
         hooks = [ClusteringHook(clustering, evaluator), *(hooks or [])]
     privacy = build_privacy_parts(config, data.num_clients, aggregator)
+    # Secure aggregation run by the clients (gRPC): the SecAgg part sums through the transport.
+    remote = transport.secure_aggregation() if hasattr(transport, "secure_aggregation") else None
+    if privacy is not None and privacy.secure is not None and remote is not None:
+        privacy.secure.remote = remote
     run_store = store if isinstance(store, RunStore) else None
     if store is True:
         try:
@@ -423,7 +429,7 @@ def build_coordinator(
                                   hierarchy=hierarchy, what=f"server.aggregator = {config.server.aggregator!r}")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    decoder = build_decoder(uplink, learner, clustering)
+    decoder = build_decoder(uplink, learner, clustering, masked=remote is not None)
     selector = build_selector(config, data.num_clients)
     # Probe clients: the simulation's device uses the run seed, a `fleetlearn client` device 0.
     probes = build_probe_clients(config, transport, learner, uplink, downlink, decoder, data,

@@ -89,6 +89,19 @@ class SketchDecoder(UpdateDecoder):
         return torch.zeros(self.dim)
 
 
+class MaskedDecoder(UpdateDecoder):
+    """Secure aggregation over a network: the update stays on the device (its payload is
+    empty) and reaches the server only inside the masked sum of the SecAgg stages; the
+    row here is a zero placeholder (weights come from the clients' public claims)."""
+
+    measures_norm = False
+
+    def decode(self, update: Update) -> torch.Tensor:
+        if update.payload:
+            raise ValueError(f"under secure aggregation an update carries no payload; got {len(update.payload)} bytes")
+        return torch.zeros(self.dim)
+
+
 class SubModelDecoder(UpdateDecoder):
     """HeteroFL: `submodels.sub_dim_of(client)` entries, embedded by `submodels.embed_of`."""
 

@@ -56,6 +56,8 @@ def aggregate(c, record: RoundRecord, got: Collected, scale: np.ndarray | None =
         record.status, record.reason = "failed", f"{c.pipeline.label}: {exc}; model unchanged"
         return
     record.extra.update(res.measurements)
+    if res.link_bytes:
+        link_bytes(record, res.link_bytes)
     pseudo_gradient = res.aggregate
     if res.kept is not None:
         matrix, scaled, weights = lose_rows(record, got, res, matrix, scaled, weights)
@@ -83,6 +85,17 @@ def aggregate(c, record: RoundRecord, got: Collected, scale: np.ndarray | None =
     c.max_version += 1
     c.version = record.version = c.max_version
     cohort_statistics(record, got.accepted)
+
+
+def link_bytes(record: RoundRecord, moved: dict[int, tuple[int, int]]) -> None:
+    """Bytes an aggregation stage moved over the network per client (secure aggregation's
+    messages) join the clients' and the round's uplink / downlink bytes."""
+    for rec in record.clients:
+        up, down = moved.get(rec.client_id, (0, 0))
+        rec.uplink_bytes += up
+        rec.downlink_bytes += down
+    record.uplink_bytes += sum(up for up, _ in moved.values())
+    record.downlink_bytes += sum(down for _, down in moved.values())
 
 
 def cohort_weights(weighting, got: Collected, matrix: torch.Tensor, previous_aggregate: torch.Tensor | None) -> np.ndarray:

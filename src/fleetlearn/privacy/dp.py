@@ -322,17 +322,33 @@ class CentralDP:
         z = self.noise_multiplier
         return self.adaptive.update_noise_multiplier(z) if self.adaptive is not None else z
 
-    def aggregate(self, updates, *, secure: "SecureAggregation | None" = None, dropped: int = 0) -> DPAggregate:
+    def aggregate(self, updates, *, secure: "SecureAggregation | None" = None, dropped: int = 0, round: int = 0,
+                  client_ids=None) -> DPAggregate:
         """Clip, sum (optionally securely), noise, divide by the expected cohort;
         then step adaptive clipping.  `dropped`: clients that took part in
-        secure aggregation's key exchange and then dropped (simulation)."""
+        secure aggregation's key exchange and then dropped (simulation).  When
+        `secure` has a remote half (gRPC), each client of `client_ids` clips and
+        scales its own row on its device (the same recipe) and `updates` is only
+        the placeholder matrix: the server adds the noise to the unmasked sum."""
         u, _ = _as_matrix(updates)
         n, d = u.shape
         if n == 0:
             raise ValueError("cannot aggregate an empty cohort (n = 0)")
         c = self.clip_norm
         z_upd = self.update_noise_multiplier()
-        if secure is None:
+        norms = None
+        if secure is not None and getattr(secure, "remote", None) is not None:
+            from .secagg import RowRecipe
+
+            slack = secure.quantizer.max_l2_error(d)
+            if secure.quantizer.clip_range < 1.0 or slack >= 0.5:
+                raise ValueError(f"secure aggregation under central DP needs clip_range >= 1 and a fine quantizer (L2 rounding error {slack:.3g})")
+            recipe = RowRecipe(clip_norm=c * (1.0 - slack), scale=1.0 / c, indicator_norm=c if self.adaptive is not None else 0.0)
+            s, _res = secure.remote_sum(round, client_ids, recipe)
+            s = s.to(torch.float64)
+            total = s[:d] * c
+            centered = float(s[d]) if self.adaptive is not None else 0.0
+        elif secure is None:
             clipped, norms = clip_updates(u, c)
             total = clipped.to(torch.float64).sum(0)
             centered = float(self.adaptive.indicators(norms).sum()) if self.adaptive is not None else 0.0
@@ -352,7 +368,7 @@ class CentralDP:
             total = s[:d] * c
             centered = float(s[d]) if self.adaptive is not None else 0.0
         mean = self.mechanism(total, c, self.generator, noise_multiplier=z_upd).to(u.dtype)
-        clipped_fraction = float((norms > c).to(torch.float64).mean())
+        clipped_fraction = float((norms > c).to(torch.float64).mean()) if norms is not None else math.nan
         b = math.nan
         if self.adaptive is not None:
             b = self.adaptive.step(centered, self.generator)

@@ -2,14 +2,15 @@
 Marcedone, McMahan, Patel, Ramage, Segal, Seth, "Practical Secure Aggregation
 for Privacy-Preserving Machine Learning", CCS 2017: its rounds
 AdvertiseKeys, ShareKeys, MaskedInputCollection and Unmasking -- the
-honest-but-curious server variant, without signatures and the ConsistencyCheck
-round), with the optional sparse neighbour graph of SecAgg+ (Bell, Bonawitz,
+honest-but-curious server variant; with ``consistency=True`` also the signed
+ConsistencyCheck round of the actively-malicious variant), with the optional sparse neighbour graph of SecAgg+ (Bell, Bonawitz,
 Gascon, Lepoint, Raykova, "Secure Single-Server Aggregation with
 (Poly)Logarithmic Overhead", CCS 2020).
 
 The protocol is four rounds of explicit messages between `SecAggClient`
 objects and a `SecAggServer`, so the same flow runs in the simulation (see
-`secure_sum`) and, later, over a real transport:
+`secure_sum`) and over gRPC (`fleetlearn.transport.grpc.secagg`, where each client
+masks its own row and the server only relays and unmasks):
 
     0. AdvertiseKeys   client -> server: two X25519 public keys, c_pk (encrypting
                        shares) and s_pk (pairwise masks).       -> KeyDirectory
@@ -28,6 +29,14 @@ objects and a `SecAggServer`, so the same flow runs in the simulation (see
                        self masks of survivors and the dangling pairwise masks
                        of dropped clients, and obtains sum_{u survived} x_u.
 
+With ``consistency=True`` (the gRPC transport), each client also advertises an
+Ed25519 verification key in round 0, and a ConsistencyCheck round runs between
+2 and 3: the server sends U3 to the survivors, each signs (session, U3) and the
+server relays the signatures of U4 (those that signed) with the unmask request;
+a client reveals shares only after verifying at least t valid signatures over
+the same U3 it signed -- so a server cannot show different clients different
+survivor sets to learn both secrets of one client.
+
 The server only ever holds masked vectors, ciphertexts it cannot open, the
 shares it is entitled to, and the final sum.  Fewer than t live share holders
 for any client needed for unmasking makes the round fail with
@@ -43,8 +52,9 @@ masks never repeat across rounds.
 
 Threat model and cost.  Security holds against an honest-but-curious server
 and fewer than t colluding clients (t > n/2 by default).  An actively malicious
-server that lies about who dropped needs the signed consistency check of
-Bonawitz et al. (the ConsistencyCheck round), which is not implemented.  Cost per round:
+server that lies about who dropped is caught by the signed ConsistencyCheck round
+(``consistency=True``); the verification keys are trusted as advertised (no PKI
+binds them to client identities beyond the transport's authenticated tokens).  Cost per round:
 each client does O(n) key agreements and mask expansions (O(n d) work), the
 server O(n^2) key agreements / Shamir reconstructions in the worst case of
 many dropouts; all-pairs it is O(n^2) key agreements per round overall, which
@@ -67,6 +77,7 @@ import numpy as np
 import torch
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -108,10 +119,11 @@ class AdvertiseKeys:
     client_id: int
     cipher_public_key: bytes  # c_pk: encrypts the shares sent to this client
     mask_public_key: bytes  # s_pk: pairwise mask agreement
+    signing_public_key: bytes = b""  # Ed25519 verification key (ConsistencyCheck); b"": none
 
     @property
     def nbytes(self) -> int:
-        return _ID + len(self.cipher_public_key) + len(self.mask_public_key)
+        return _ID + len(self.cipher_public_key) + len(self.mask_public_key) + len(self.signing_public_key)
 
 
 @dataclass(frozen=True)
@@ -125,6 +137,7 @@ class KeyDirectory:
     dim: int
     keys: Mapping[int, tuple[bytes, bytes]]  # client -> (c_pk, s_pk)
     neighbors: Mapping[int, tuple[int, ...]]
+    signing_keys: Mapping[int, bytes] = field(default_factory=dict)  # ConsistencyCheck: client -> Ed25519 key
 
     def share_point(self, client_id: int) -> int:
         """The Shamir evaluation point of a client: its 1-based rank in U1."""
@@ -136,7 +149,8 @@ class KeyDirectory:
 
     @property
     def nbytes(self) -> int:
-        return 16 + 12 + sum(_ID + len(a) + len(b) for a, b in self.keys.values()) + sum(_ID * (1 + len(v)) for v in self.neighbors.values())
+        return (16 + 12 + sum(_ID + len(a) + len(b) for a, b in self.keys.values()) + sum(_ID * (1 + len(v)) for v in self.neighbors.values())
+                + sum(len(k) for k in self.signing_keys.values()))
 
 
 @dataclass(frozen=True)
@@ -191,6 +205,24 @@ class UnmaskRequest:
     @property
     def nbytes(self) -> int:
         return _ID * (len(self.survivors) + len(self.dropped))
+
+
+@dataclass(frozen=True)
+class ConsistencySignature:
+    """ConsistencyCheck, client -> server: Ed25519 signature over (session, U3)."""
+
+    client_id: int
+    signature: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return _ID + len(self.signature)
+
+
+def consistency_message(session: bytes, survivors: Iterable[int]) -> bytes:
+    """What a client signs in the ConsistencyCheck round: the session and U3."""
+    ids = sorted(int(u) for u in survivors)
+    return b"fleetlearn/secagg/consistency" + session + len(ids).to_bytes(_ID, "big") + b"".join(u.to_bytes(_ID, "big", signed=True) for u in ids)
 
 
 @dataclass(frozen=True)
@@ -290,11 +322,14 @@ class SecAggClient:
     between key sharing and masking, as on a real device.
     """
 
-    def __init__(self, client_id: int, rng: np.random.Generator | None = None):
+    def __init__(self, client_id: int, rng: np.random.Generator | None = None, consistency: bool = False):
         self.client_id = int(client_id)
         self._randbytes = _randbytes_from(rng)
         self._c_sk = X25519PrivateKey.from_private_bytes(self._randbytes(32))
         self._s_sk = X25519PrivateKey.from_private_bytes(self._randbytes(32))
+        # ConsistencyCheck (Bonawitz et al. 2017): an Ed25519 key signing the survivor set U3.
+        self._sign_sk = Ed25519PrivateKey.from_private_bytes(self._randbytes(32)) if consistency else None
+        self._signed: frozenset[int] | None = None
         self._b_seed = self._randbytes(SECRET_BYTES)
         self._directory: KeyDirectory | None = None
         self._received: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # sender -> (s_sk share, b share)
@@ -304,7 +339,8 @@ class SecAggClient:
 
     def advertise_keys(self) -> AdvertiseKeys:
         """Round 'AdvertiseKeys': the two fresh X25519 public keys (c_pk, s_pk)."""
-        return AdvertiseKeys(self.client_id, _pub(self._c_sk.public_key()), _pub(self._s_sk.public_key()))
+        vk = b"" if self._sign_sk is None else _pub(self._sign_sk.public_key())
+        return AdvertiseKeys(self.client_id, _pub(self._c_sk.public_key()), _pub(self._s_sk.public_key()), vk)
 
     def share_keys(self, directory: KeyDirectory) -> ShareKeys:
         """Round 'ShareKeys': t-out-of-n Shamir shares of s_sk_u and b_u for
@@ -316,6 +352,11 @@ class SecAggClient:
             raise SecAggError(f"the key directory lists different public keys for client {self.client_id}")
         if len(set(p for pair in directory.keys.values() for p in pair)) != 2 * len(directory.keys):
             raise SecAggError("the key directory contains repeated public keys")
+        if self._sign_sk is not None:
+            if directory.signing_keys.get(self.client_id) != _pub(self._sign_sk.public_key()):
+                raise SecAggError(f"the key directory lists a different verification key for client {self.client_id}")
+            if set(directory.signing_keys) != set(directory.keys):
+                raise SecAggError("the key directory lacks verification keys for the ConsistencyCheck round")
         self._directory = directory
         holders = directory.neighbors[self.client_id]
         if directory.threshold > len(holders):
@@ -373,13 +414,34 @@ class SecAggClient:
         self._sent_masked = True
         return MaskedInput(self.client_id, y & field_mask(d.modulus_bits), d.modulus_bits)
 
-    def unmask(self, request: UnmaskRequest) -> UnmaskShares:
+    def consistency_check(self, request: UnmaskRequest) -> ConsistencySignature:
+        """Round 'ConsistencyCheck': sign (session, U3) once; U3 must contain this client."""
+        d = self._require_directory()
+        if self._sign_sk is None:
+            raise SecAggError(f"client {self.client_id} was built without the ConsistencyCheck round (consistency=False)")
+        if not self._sent_masked:
+            raise SecAggError(f"client {self.client_id} has not sent its masked input")
+        survivors = frozenset(int(u) for u in request.survivors)
+        if self.client_id not in survivors or not survivors <= self._participants:
+            raise SecAggError("the consistency check's survivor set (U3) must contain this client and lie within U2")
+        if len(survivors) < d.threshold:
+            raise SecAggDropoutError(f"only {len(survivors)} survivors, fewer than the threshold {d.threshold}")
+        if self._signed is not None and self._signed != survivors:
+            raise SecAggError(f"client {self.client_id} already signed another survivor set this round; refusing")
+        self._signed = survivors
+        return ConsistencySignature(self.client_id, self._sign_sk.sign(consistency_message(d.session, survivors)))
+
+    def unmask(self, request: UnmaskRequest, signatures: Mapping[int, bytes] | None = None) -> UnmaskShares:
         """Reveal b-shares of survivors and s_sk-shares of dropped clients
         (round 'Unmasking').  Refuses any request that would reveal both secrets
-        of one client, which would let the server unmask that client's input."""
+        of one client, which would let the server unmask that client's input.
+        With the ConsistencyCheck round, `signatures` (client -> signature) must hold
+        at least t valid signatures over the U3 this client signed."""
         d = self._require_directory()
         if not self._sent_masked:
             raise SecAggError(f"client {self.client_id} has not sent its masked input")
+        if self._sign_sk is not None:
+            self._verify_consistency(d, request, signatures or {})
         survivors, dropped = set(request.survivors), set(request.dropped)
         if survivors & dropped:
             raise SecAggError(f"unmask request lists clients {sorted(survivors & dropped)} as both survived and dropped")
@@ -402,6 +464,25 @@ class SecAggClient:
             else:
                 key_shares[u] = share_to_bytes(sk_share)
         return UnmaskShares(self.client_id, self_shares, key_shares)
+
+    def _verify_consistency(self, d: KeyDirectory, request: UnmaskRequest, signatures: Mapping[int, bytes]) -> None:
+        if self._signed is None:
+            raise SecAggError(f"client {self.client_id} has not signed a survivor set (ConsistencyCheck) before unmasking")
+        if frozenset(request.survivors) != self._signed:
+            raise SecAggError("the unmask request's survivor set differs from the one this client signed: the server is inconsistent; refusing")
+        msg = consistency_message(d.session, self._signed)
+        valid = 0
+        for u, sig in signatures.items():
+            key = d.signing_keys.get(int(u))
+            if key is None or int(u) not in self._signed:
+                raise SecAggError(f"a consistency signature from client {u}, which is not in U3")
+            try:
+                Ed25519PublicKey.from_public_bytes(key).verify(sig, msg)
+            except Exception:  # noqa: BLE001 - InvalidSignature, or a malformed key / signature
+                raise SecAggTamperError(f"the consistency signature of client {u} does not verify: refusing to unmask") from None
+            valid += 1
+        if valid < d.threshold:
+            raise SecAggDropoutError(f"only {valid} consistency signatures, fewer than the threshold {d.threshold}: refusing to unmask")
 
     def _require_directory(self) -> KeyDirectory:
         if self._directory is None:
@@ -445,11 +526,15 @@ class SecAggServer:
     def advertise(self, messages: Sequence[AdvertiseKeys]) -> KeyDirectory:
         """Collect public keys (U1), fix the threshold and the neighbour graph, broadcast them."""
         self.inbox.extend(messages)
-        keys = {}
+        keys, signing = {}, {}
         for m in messages:
             if m.client_id in keys:
                 raise SecAggError(f"client {m.client_id} advertised keys twice")
             keys[m.client_id] = (m.cipher_public_key, m.mask_public_key)
+            if m.signing_public_key:
+                signing[m.client_id] = m.signing_public_key
+        if signing and set(signing) != set(keys):
+            raise SecAggError(f"clients {sorted(set(keys) - set(signing))} advertised no verification key; the others did")
         n = len(keys)
         if n < 3:
             raise SecAggDropoutError(f"secure aggregation needs at least 3 clients, {n} advertised keys")
@@ -459,7 +544,7 @@ class SecAggServer:
         if not (2 <= t <= holders):
             raise SecAggDropoutError(f"threshold {t} must be in [2, {holders}] (the share holders each client has among the {n} clients)")
         self.threshold = t
-        self.directory = KeyDirectory(self.session, t, self.modulus_bits, self.dim, keys, graph)
+        self.directory = KeyDirectory(self.session, t, self.modulus_bits, self.dim, keys, graph, signing)
         return self.directory
 
     # round 1
@@ -501,6 +586,26 @@ class SecAggServer:
         self.masked = got
         self.survivors, self.dropped = tuple(sorted(survivors)), tuple(sorted(dropped))
         return UnmaskRequest(self.survivors, self.dropped)
+
+    # ConsistencyCheck (between rounds 2 and 3)
+    def collect_signatures(self, messages: Sequence[ConsistencySignature]) -> dict[int, bytes]:
+        """Collect U4's signatures over (session, U3), verified here too, to relay with the
+        unmask request; fewer than t valid ones fail the round."""
+        d = self._require(self.directory, "advertise")
+        self.inbox.extend(messages)
+        msg = consistency_message(d.session, self.survivors)
+        out: dict[int, bytes] = {}
+        for m in messages:
+            key = d.signing_keys.get(m.client_id)
+            if m.client_id not in self.survivors or key is None:
+                raise SecAggError(f"consistency signature from client {m.client_id}, which is not in U3 or has no verification key")
+            try:
+                Ed25519PublicKey.from_public_bytes(key).verify(m.signature, msg)
+            except Exception:  # noqa: BLE001
+                raise SecAggError(f"the consistency signature of client {m.client_id} does not verify") from None
+            out[m.client_id] = m.signature
+        self._check_alive(set(out), set(self.participants), "signed the survivor set")
+        return out
 
     # round 3
     def unmask(self, messages: Sequence[UnmaskShares]) -> np.ndarray:
@@ -652,6 +757,48 @@ def secure_sum(
     return run_secagg(quantized_vectors, dropouts, threshold, seed, **kwargs).sum
 
 
+@dataclass(frozen=True)
+class RowRecipe:
+    """How a client turns its update into the row it secure-sums: public numbers the
+    server sends each client of a networked round (the simulation applies them itself).
+
+    row = clip(update, clip_norm) * scale * weight, then, when ``indicator_norm > 0``,
+    one more coordinate ``1[||update|| <= indicator_norm] - 1/2`` (adaptive clipping's
+    centered indicator, unweighted).  ``clip_norm = 0``: no clipping."""
+
+    clip_norm: float = 0.0
+    scale: float = 1.0
+    indicator_norm: float = 0.0
+
+    def width(self, dim: int) -> int:
+        return int(dim) + (1 if self.indicator_norm > 0 else 0)
+
+    def row(self, update, weight: float = 1.0) -> np.ndarray:
+        """One client's row (float64) from its (d,) update."""
+        u = torch.as_tensor(update).reshape(-1)
+        norm = float(torch.linalg.vector_norm(u))  # as dp.clip_updates measures it
+        r = u.to(torch.float64)
+        if 0 < self.clip_norm < norm:  # DP-FedAvg's ClipFn: row * min(1, C / ||row||)
+            r = r * (self.clip_norm / norm)
+        r = r * float(self.scale) * float(weight)
+        if self.indicator_norm > 0:
+            r = torch.cat([r, torch.tensor([float(norm <= self.indicator_norm) - 0.5], dtype=torch.float64)])
+        return r.numpy()
+
+
+@dataclass
+class RemoteSum:
+    """What a transport's secure aggregation returned: the field sum of the survivors'
+    rows, who survived (U3) and who dropped during the protocol, and its measurements
+    (bytes and seconds per stage, for the round record)."""
+
+    sum: np.ndarray
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+    measurements: dict = field(default_factory=dict)
+    client_bytes: dict = field(default_factory=dict)  # client -> (bytes sent, bytes received) in the protocol
+
+
 class SecureAggregation:
     """The `secagg` part: quantize -> secure sum -> dequantize.
 
@@ -683,6 +830,31 @@ class SecureAggregation:
         self.neighbors = neighbors
         self.rng = None if seed is None else np.random.default_rng([int(seed), 0x5EC466])
         self.last: SecAggTranscript | None = None
+        # Over a network the clients hold their updates and run the protocol with the
+        # server (a transport's `secure_aggregation()`, e.g. gRPC): then `remote_sum`.
+        self.remote = None
+        self.last_remote: RemoteSum | None = None
+
+    @property
+    def rounding(self) -> str:
+        return self.quantizer.rounding
+
+    def remote_sum(self, round: int, client_ids, recipe: RowRecipe, weights=None) -> tuple[torch.Tensor, RemoteSum]:
+        """The dequantized sum of the clients' rows, each client masking its own row
+        (`recipe` applied on its device): the server never holds an individual row."""
+        if self.remote is None:
+            raise ValueError("secure aggregation has no remote half: the rows are here, use sum()")
+        ids = [int(c) for c in client_ids]
+        w = np.ones(len(ids)) if weights is None else np.asarray(weights, dtype=np.float64)
+        if len(ids) > self.quantizer.max_clients:
+            raise ValueError(f"{len(ids)} clients exceed the quantizer's headroom (max_clients = {self.quantizer.max_clients})")
+        self.last_remote = None
+        try:
+            res = self.remote.secure_sum(int(round), ids, w, recipe, self)
+        except SecAggError as exc:  # too many dropouts, a wrong share: the round fails, model unchanged
+            raise ValueError(f"secure aggregation failed: {exc}") from None
+        self.last_remote = res
+        return torch.from_numpy(self.quantizer.dequantize(res.sum, count=len(res.survivors))), res
 
     def _threshold(self, n: int) -> int | None:
         if self.threshold is None or isinstance(self.threshold, int):
@@ -712,8 +884,16 @@ class SecureAggregation:
         )
         return torch.from_numpy(self.quantizer.dequantize(self.last.sum, count=n))
 
-    def aggregate(self, updates, weights=None, dropped: int = 0) -> torch.Tensor:
-        """Weighted mean through secure aggregation; weights are public claims."""
+    def aggregate(self, updates, weights=None, dropped: int = 0, *, round: int = 0, client_ids=None) -> torch.Tensor:
+        """Weighted mean through secure aggregation; weights are public claims.  With a
+        remote half the clients weight and mask their own rows (`updates` is then only
+        the placeholder matrix), and the mean is over the clients that survived."""
+        if self.remote is not None:
+            w = np.asarray(weights if weights is not None else np.ones(len(client_ids)), dtype=np.float64)
+            w = w / w.sum()
+            total, res = self.remote_sum(round, client_ids, RowRecipe(), w)
+            alive = np.isin(np.asarray(client_ids), np.asarray(res.survivors, dtype=np.int64))
+            return (total / float(w[alive].sum())).to(torch.float32)
         u = torch.as_tensor(updates)
         if u.ndim != 2 or u.shape[0] == 0:
             raise ValueError(f"updates must be a non-empty (n, d) matrix, got shape {tuple(u.shape)}")

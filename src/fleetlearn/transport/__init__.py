@@ -22,8 +22,8 @@ SIMULATION_CAPABILITIES = frozenset({"client_helpers", "attack_simulation", "per
 # Real devices run the one client device (fleetlearn.client.Device) with every client-side
 # feature; simulated attackers exist only in the simulation (a real server controls no client: a red-team
 # drill runs attacking clients instead, `fleetlearn client --attack`, on the same device).
-# Not yet on the wire: the SecAgg message flow and FedBuff's overlapping dispatches.
-GRPC_CAPABILITIES = SIMULATION_CAPABILITIES - {"attack_simulation", "secure_aggregation", "async_rounds"}
+# Not yet on the wire: FedBuff's overlapping dispatches.
+GRPC_CAPABILITIES = SIMULATION_CAPABILITIES - {"attack_simulation", "async_rounds"}
 
 
 def _simulation(config, data, device, fleet, clock, attack):

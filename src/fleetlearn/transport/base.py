@@ -43,6 +43,13 @@ class TransportBase:
     train_wall_seconds = 0.0  # wall time spent in local training in the last dispatch (simulations)
     last_malicious: Sequence[int] = ()  # simulated attackers in the last dispatch
 
+    def secure_aggregation(self):
+        """The remote half of secure aggregation when the clients hold their updates and mask
+        them themselves (an object with ``secure_sum(round, clients, weights, recipe, secure)
+        -> privacy.secagg.RemoteSum``), or None when the updates reach the server and it runs
+        the protocol in-process (the simulation)."""
+        return None
+
     def take_refusals(self) -> dict[str, int] | None:
         """Messages refused since the last call, by reason (None: this transport refuses none)."""
         return None

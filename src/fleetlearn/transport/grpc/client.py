@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import random
 import threading
 import time
@@ -46,6 +47,7 @@ from ...client.probe import PROBE_FEATURE
 from ...compression import capabilities, parse_chain
 from ...learners.base import ClientData, Learner
 from ...messages import Dropout, Task
+from ...privacy.secagg import SecAggError
 from ...task_spec import AdaptiveEntry, TaskSpec, TaskSpecError
 from ..simulation import client_seed
 from . import fleetlearn_pb2 as pb
@@ -106,6 +108,7 @@ class ClientReport:
     stopped: str = ""  # finished | max_rounds | gave_up | stopped | refused: ...
     model_width: float = 0.0  # HeteroFL: the width the server assigned at registration (0: no HeteroFL)
     task_bytes: list[int] = field(default_factory=list)  # bytes of each task payload received (model + control)
+    secagg: list = field(default_factory=list)  # per secure-aggregation round: its cost (transport/grpc/secagg.take_part)
 
 
 def _memory_mb() -> int:
@@ -195,8 +198,9 @@ class _BadStream(Exception):
 
 # Protocol features this runtime supports (Capabilities.features): "scaffold" = it reads
 # SCAFFOLD's control variate after the model payload and keeps its own c_i; "heterofl" = it
-# reads TaskMeta.model_width and trains that width's sub-model (the payload is the sub-model).
-FEATURES = ("scaffold", "heterofl")
+# reads TaskMeta.model_width and trains that width's sub-model (the payload is the sub-model);
+# "secagg" = it masks its own update in SecAggStep (secure aggregation, transport/grpc/secagg.py).
+FEATURES = ("scaffold", "heterofl", "secagg")
 MAX_RECEIVE_BYTES = 64 << 20  # the largest single message the client accepts (servers send 1 MiB chunks)
 
 
@@ -471,9 +475,10 @@ class FleetClient:
                 self._interrupt()
                 return
 
-    async def _pull(self, stub: pb_grpc.FleetLearnStub) -> tuple[Task, float, str, float] | None:
-        """The next task (with its local deadline, uplink chain and HeteroFL model width, 0 for
-        the full model), or None after an empty long poll."""
+    async def _pull(self, stub: pb_grpc.FleetLearnStub) -> tuple[Task, float, str, float, float | None] | None:
+        """The next task (with its local deadline, uplink chain, HeteroFL model width (0 for the
+        full model) and, under secure aggregation, the deadline of each SecAgg stage), or None
+        after an empty long poll."""
         if self._client_id is None or self._session is None:
             return None  # the heartbeat saw the server forget us: the loop registers again
         call = stub.PullTask(
@@ -522,7 +527,10 @@ class FleetClient:
             spec=spec, deadline_s=meta.deadline_s or None, control=body[split:],
         )
         local_deadline = received_at + meta.remaining_s if meta.remaining_s > 0 else float("inf")
-        return task, local_deadline, meta.uplink_codec or "none", float(meta.model_width)
+        secagg_s = float(meta.secagg_stage_s) if meta.secagg and math.isfinite(meta.secagg_stage_s) and meta.secagg_stage_s > 0 else None
+        if meta.secagg and secagg_s is None:
+            secagg_s = self.poll_s
+        return task, local_deadline, meta.uplink_codec or "none", float(meta.model_width), secagg_s
 
     def _learner_for(self, width: float) -> Learner:
         """The learner a task trains: the model, or (HeteroFL) its width-`width` sub-model."""
@@ -565,20 +573,23 @@ class FleetClient:
         budget = local_deadline - time.monotonic() - upload_s
         return max(0, math.floor(max(budget, 0.0) * sps / max(batch_size, 1)))
 
-    async def _train_and_push(self, stub: pb_grpc.FleetLearnStub, pulled: tuple[Task, float, str, float]) -> None:
-        task, local_deadline, uplink, width = pulled
+    async def _train_and_push(self, stub: pb_grpc.FleetLearnStub, pulled: tuple[Task, float, str, float, float | None]) -> None:
+        task, local_deadline, uplink, width, secagg_s = pulled
         assert self._client_id is not None
         cid = self._client_id
+        used: list[Device] = []  # the device train() ran on (its width's): secure aggregation takes the held update from it
 
         def train():
             device = self._device_for(task.codec, uplink, adaptive=task.spec.get(AdaptiveEntry) is not None, width=width)
+            used.append(device)
             # A probe trains in full (the server predicts a full local run).
             steps = None if self.probe else self._step_budget(task, local_deadline, task.spec.fit.batch_size)
             if steps == 0:
                 return None
             seed = client_seed(task.spec.seed, task.round, cid)
             data = self.data(task, cid) if callable(self.data) else self.data  # a probe's data is drawn per round
-            (update,) = device.run(task, [cid], [data], [seed], [steps])
+            # Secure aggregation: the update stays on the device until the SecAgg stages mask it.
+            (update,) = device.run(task, [cid], [data], [seed], [steps], secure=secagg_s is not None)
             return update
 
         try:
@@ -589,6 +600,7 @@ class FleetClient:
             log.warning("client %d: round %d task unusable (%s); skipped", cid, task.round, exc)
             return
         self._after_round = task.round
+        held = used[0].take_held(cid) if used else None  # secure aggregation: the update kept on the device (masked after the push)
         if isinstance(update, Dropout):  # e.g. local training diverged: nothing to send this round
             self.report.skipped_bad_task += 1
             log.warning("client %d: round %d: %s; update not sent", cid, task.round, update.reason)
@@ -645,7 +657,38 @@ class FleetClient:
                 self.report.retries += 1
                 log.debug("client %d: push for round %d failed (%s); retrying in %.2fs", cid, task.round, code.name, delay)
                 await self._sleep(delay)
+        if secagg_s is not None and held is not None:
+            await self._secure_aggregate(stub, task.round, held, secagg_s)
         self.report.rounds.append(task.round)
+
+    async def _secure_aggregate(self, stub: pb_grpc.FleetLearnStub, round: int, update, stage_s: float) -> None:
+        """Take part in the round's secure aggregation (transport/grpc/secagg.py): each stage
+        is one SecAggStep call the server answers when the stage closes.  A refusal or a
+        server inconsistency ends this client's part in the round (it counts as dropped)."""
+        from .secagg import exit_stage, take_part
+
+        assert self._client_id is not None
+        cid, fault = self._client_id, exit_stage(round)
+
+        async def step(kind: str, body) -> pb.SecAggReply:
+            request = pb.SecAggRequest(client_id=cid, session=self._session or "", round=round, **{kind: body})
+            call = stub.SecAggStep(request, metadata=self._metadata, timeout=2 * stage_s + self.call_timeout_s)
+            if kind == fault:  # fault injection (FLEETLEARN_SECAGG_EXIT): die right after sending this stage's message
+                await asyncio.sleep(0.3)
+                log.warning("client %d: exiting after SecAgg stage %s of round %d (FLEETLEARN_SECAGG_EXIT)", cid, kind, round)
+                os._exit(17)
+            return await call
+
+        try:
+            self.report.secagg.append({"round": round, **await take_part(cid, round, update, step, self.learner.spec.dim + 1)})
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.NOT_FOUND:
+                raise  # the server forgot this session: register again
+            self.report.refused[err.code().name] += 1
+            log.info("client %d: secure aggregation of round %d ended: %s", cid, round, err.details())
+        except SecAggError as exc:
+            self.report.refused["secagg"] += 1
+            log.warning("client %d: secure aggregation of round %d aborted: %s", cid, round, exc)
 
 
 def run_client(

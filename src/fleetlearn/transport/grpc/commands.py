@@ -75,11 +75,9 @@ def server_transport(
     """
     if config.canary.set:
         check_canary(config)
-    if config.privacy.secure_aggregation:
-        # The masking rounds (key exchange, masked upload, unmasking) are not on the wire yet:
-        # the server would receive individual updates, which is what SecAgg promises it never does.
-        raise ConfigError("privacy.secure_aggregation = true: the SecAgg message flow runs in the simulation only; "
-                          "over gRPC the server would see individual updates, so `fleetlearn server` refuses it")
+    secagg = bool(config.privacy.secure_aggregation)
+    if secagg:
+        check_secagg_over_grpc(config)
     if config.probes.clients:
         raise ConfigError(f"probes.clients = {config.probes.clients}: simulated probe devices run in the simulation; over gRPC "
                           "start probe clients as processes (fleetlearn client --probe) and leave probes.clients at 0")
@@ -93,6 +91,7 @@ def server_transport(
         ladder=wire["ladder"],
         features=wire["features"],
         probe_refusal=probe_refusal(config),
+        secagg=secagg,
         clusters=wire["clusters"],
         tls=ServerTls.from_dir(cert_dir, mutual=mutual_tls) if cert_dir else None,
         heartbeat_interval_s=heartbeat_interval_s,
@@ -161,6 +160,29 @@ def _show(value: Any) -> str:
     if isinstance(value, tuple):
         value = list(value)
     return repr(value)
+
+
+def check_secagg_over_grpc(config: RunConfig) -> None:
+    """Secure aggregation over gRPC: the clients mask their own rows, so the server has no
+    individual update to compute anything per client from.  Refuse what would need one."""
+    from ...compression import CountSketch, parse_chain
+
+    why = None
+    if config.privacy.mode == "central" and config.server.aggregator != "mean":
+        why = (f"server.aggregator = {config.server.aggregator!r} under central DP needs each client's contribution on the "
+               "server; over gRPC only the masked sum arrives: use server.aggregator = 'mean'")
+    elif (config.server.max_update_norm is not None or config.server.max_norm_ratio is not None
+          or "norm" in (config.server.validators or ())):
+        why = ("update-norm checks (server.max_update_norm, server.max_norm_ratio, the 'norm' validator) need each update "
+               "on the server, where only the masked sum arrives; bound contributions on the device with privacy.mode = 'central'")
+    elif config.server.clustering != "none":
+        why = "clustered FL sends one block of the stacked models per client, which the masked sum cannot carry"
+    elif isinstance(getattr(parse_chain(config.compression.uplink), "support", None), CountSketch):
+        why = "count-sketch uplinks are summed in sketch space by the server from individual sketches"
+    elif config.compression.adaptive:
+        why = "adaptive compression measures each client's upload; under secure aggregation nothing is uploaded in clear"
+    if why:
+        raise ConfigError(f"privacy.secure_aggregation = true over gRPC: {why}")
 
 
 def client(

@@ -101,7 +101,7 @@ class PullTaskRequest(_message.Message):
     def __init__(self, client_id: _Optional[int] = ..., session: _Optional[str] = ..., wait_s: _Optional[float] = ..., after_round: _Optional[int] = ...) -> None: ...
 
 class TaskMeta(_message.Message):
-    __slots__ = ("round", "version", "codec", "config_json", "deadline_s", "remaining_s", "payload_bytes", "uplink_codec", "control_bytes", "model_width")
+    __slots__ = ("round", "version", "codec", "config_json", "deadline_s", "remaining_s", "payload_bytes", "uplink_codec", "control_bytes", "secagg", "secagg_stage_s", "model_width")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +111,8 @@ class TaskMeta(_message.Message):
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     UPLINK_CODEC_FIELD_NUMBER: _ClassVar[int]
     CONTROL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_STAGE_S_FIELD_NUMBER: _ClassVar[int]
     MODEL_WIDTH_FIELD_NUMBER: _ClassVar[int]
     round: int
     version: int
@@ -121,8 +123,10 @@ class TaskMeta(_message.Message):
     payload_bytes: int
     uplink_codec: str
     control_bytes: int
+    secagg: bool
+    secagg_stage_s: float
     model_width: float
-    def __init__(self, round: _Optional[int] = ..., version: _Optional[int] = ..., codec: _Optional[str] = ..., config_json: _Optional[str] = ..., deadline_s: _Optional[float] = ..., remaining_s: _Optional[float] = ..., payload_bytes: _Optional[int] = ..., uplink_codec: _Optional[str] = ..., control_bytes: _Optional[int] = ..., model_width: _Optional[float] = ...) -> None: ...
+    def __init__(self, round: _Optional[int] = ..., version: _Optional[int] = ..., codec: _Optional[str] = ..., config_json: _Optional[str] = ..., deadline_s: _Optional[float] = ..., remaining_s: _Optional[float] = ..., payload_bytes: _Optional[int] = ..., uplink_codec: _Optional[str] = ..., control_bytes: _Optional[int] = ..., secagg: _Optional[bool] = ..., secagg_stage_s: _Optional[float] = ..., model_width: _Optional[float] = ...) -> None: ...
 
 class PayloadChunk(_message.Message):
     __slots__ = ("offset", "data")
@@ -209,3 +213,161 @@ class PushReply(_message.Message):
     accepted: bool
     reason: str
     def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SecAggAdvertiseKeys(_message.Message):
+    __slots__ = ("cipher_public_key", "mask_public_key", "signing_public_key")
+    CIPHER_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNING_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    cipher_public_key: bytes
+    mask_public_key: bytes
+    signing_public_key: bytes
+    def __init__(self, cipher_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ..., signing_public_key: _Optional[bytes] = ...) -> None: ...
+
+class SecAggPeerKeys(_message.Message):
+    __slots__ = ("client_id", "cipher_public_key", "mask_public_key", "signing_public_key")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CIPHER_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SIGNING_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    client_id: int
+    cipher_public_key: bytes
+    mask_public_key: bytes
+    signing_public_key: bytes
+    def __init__(self, client_id: _Optional[int] = ..., cipher_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ..., signing_public_key: _Optional[bytes] = ...) -> None: ...
+
+class SecAggRecipe(_message.Message):
+    __slots__ = ("weight", "clip_norm", "scale", "indicator_norm", "clip_range", "max_clients", "rounding")
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    INDICATOR_NORM_FIELD_NUMBER: _ClassVar[int]
+    CLIP_RANGE_FIELD_NUMBER: _ClassVar[int]
+    MAX_CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    ROUNDING_FIELD_NUMBER: _ClassVar[int]
+    weight: float
+    clip_norm: float
+    scale: float
+    indicator_norm: float
+    clip_range: float
+    max_clients: int
+    rounding: str
+    def __init__(self, weight: _Optional[float] = ..., clip_norm: _Optional[float] = ..., scale: _Optional[float] = ..., indicator_norm: _Optional[float] = ..., clip_range: _Optional[float] = ..., max_clients: _Optional[int] = ..., rounding: _Optional[str] = ...) -> None: ...
+
+class SecAggKeyDirectory(_message.Message):
+    __slots__ = ("session", "threshold", "modulus_bits", "dim", "peers", "recipe", "degree")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MODULUS_BITS_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    RECIPE_FIELD_NUMBER: _ClassVar[int]
+    DEGREE_FIELD_NUMBER: _ClassVar[int]
+    session: bytes
+    threshold: int
+    modulus_bits: int
+    dim: int
+    peers: _containers.RepeatedCompositeFieldContainer[SecAggPeerKeys]
+    recipe: SecAggRecipe
+    degree: int
+    def __init__(self, session: _Optional[bytes] = ..., threshold: _Optional[int] = ..., modulus_bits: _Optional[int] = ..., dim: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[SecAggPeerKeys, _Mapping]]] = ..., recipe: _Optional[_Union[SecAggRecipe, _Mapping]] = ..., degree: _Optional[int] = ...) -> None: ...
+
+class SecAggBlob(_message.Message):
+    __slots__ = ("client_id", "data")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    client_id: int
+    data: bytes
+    def __init__(self, client_id: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class SecAggShareKeys(_message.Message):
+    __slots__ = ("encrypted_shares", "self_mask_commitment")
+    ENCRYPTED_SHARES_FIELD_NUMBER: _ClassVar[int]
+    SELF_MASK_COMMITMENT_FIELD_NUMBER: _ClassVar[int]
+    encrypted_shares: _containers.RepeatedCompositeFieldContainer[SecAggBlob]
+    self_mask_commitment: bytes
+    def __init__(self, encrypted_shares: _Optional[_Iterable[_Union[SecAggBlob, _Mapping]]] = ..., self_mask_commitment: _Optional[bytes] = ...) -> None: ...
+
+class SecAggForwardedShares(_message.Message):
+    __slots__ = ("encrypted_shares", "participants")
+    ENCRYPTED_SHARES_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    encrypted_shares: _containers.RepeatedCompositeFieldContainer[SecAggBlob]
+    participants: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, encrypted_shares: _Optional[_Iterable[_Union[SecAggBlob, _Mapping]]] = ..., participants: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SecAggMaskedInput(_message.Message):
+    __slots__ = ("masked",)
+    MASKED_FIELD_NUMBER: _ClassVar[int]
+    masked: bytes
+    def __init__(self, masked: _Optional[bytes] = ...) -> None: ...
+
+class SecAggSurvivors(_message.Message):
+    __slots__ = ("survivors", "dropped")
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    survivors: _containers.RepeatedScalarFieldContainer[int]
+    dropped: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, survivors: _Optional[_Iterable[int]] = ..., dropped: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SecAggSignature(_message.Message):
+    __slots__ = ("signature",)
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    signature: bytes
+    def __init__(self, signature: _Optional[bytes] = ...) -> None: ...
+
+class SecAggUnmaskRequest(_message.Message):
+    __slots__ = ("survivors", "signatures")
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURES_FIELD_NUMBER: _ClassVar[int]
+    survivors: SecAggSurvivors
+    signatures: _containers.RepeatedCompositeFieldContainer[SecAggBlob]
+    def __init__(self, survivors: _Optional[_Union[SecAggSurvivors, _Mapping]] = ..., signatures: _Optional[_Iterable[_Union[SecAggBlob, _Mapping]]] = ...) -> None: ...
+
+class SecAggUnmaskShares(_message.Message):
+    __slots__ = ("self_mask_shares", "mask_key_shares")
+    SELF_MASK_SHARES_FIELD_NUMBER: _ClassVar[int]
+    MASK_KEY_SHARES_FIELD_NUMBER: _ClassVar[int]
+    self_mask_shares: _containers.RepeatedCompositeFieldContainer[SecAggBlob]
+    mask_key_shares: _containers.RepeatedCompositeFieldContainer[SecAggBlob]
+    def __init__(self, self_mask_shares: _Optional[_Iterable[_Union[SecAggBlob, _Mapping]]] = ..., mask_key_shares: _Optional[_Iterable[_Union[SecAggBlob, _Mapping]]] = ...) -> None: ...
+
+class SecAggDone(_message.Message):
+    __slots__ = ("survivors",)
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    survivors: int
+    def __init__(self, survivors: _Optional[int] = ...) -> None: ...
+
+class SecAggRequest(_message.Message):
+    __slots__ = ("client_id", "session", "round", "advertise", "share_keys", "masked_input", "consistency", "unmask")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ADVERTISE_FIELD_NUMBER: _ClassVar[int]
+    SHARE_KEYS_FIELD_NUMBER: _ClassVar[int]
+    MASKED_INPUT_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_FIELD_NUMBER: _ClassVar[int]
+    UNMASK_FIELD_NUMBER: _ClassVar[int]
+    client_id: int
+    session: str
+    round: int
+    advertise: SecAggAdvertiseKeys
+    share_keys: SecAggShareKeys
+    masked_input: SecAggMaskedInput
+    consistency: SecAggSignature
+    unmask: SecAggUnmaskShares
+    def __init__(self, client_id: _Optional[int] = ..., session: _Optional[str] = ..., round: _Optional[int] = ..., advertise: _Optional[_Union[SecAggAdvertiseKeys, _Mapping]] = ..., share_keys: _Optional[_Union[SecAggShareKeys, _Mapping]] = ..., masked_input: _Optional[_Union[SecAggMaskedInput, _Mapping]] = ..., consistency: _Optional[_Union[SecAggSignature, _Mapping]] = ..., unmask: _Optional[_Union[SecAggUnmaskShares, _Mapping]] = ...) -> None: ...
+
+class SecAggReply(_message.Message):
+    __slots__ = ("directory", "forwarded", "consistency_request", "unmask_request", "done")
+    DIRECTORY_FIELD_NUMBER: _ClassVar[int]
+    FORWARDED_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    UNMASK_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    directory: SecAggKeyDirectory
+    forwarded: SecAggForwardedShares
+    consistency_request: SecAggSurvivors
+    unmask_request: SecAggUnmaskRequest
+    done: SecAggDone
+    def __init__(self, directory: _Optional[_Union[SecAggKeyDirectory, _Mapping]] = ..., forwarded: _Optional[_Union[SecAggForwardedShares, _Mapping]] = ..., consistency_request: _Optional[_Union[SecAggSurvivors, _Mapping]] = ..., unmask_request: _Optional[_Union[SecAggUnmaskRequest, _Mapping]] = ..., done: _Optional[_Union[SecAggDone, _Mapping]] = ...) -> None: ...

@@ -54,6 +54,11 @@ class FleetLearnStub:
                 request_serializer=fleetlearn__pb2.UpdateChunk.SerializeToString,
                 response_deserializer=fleetlearn__pb2.PushReply.FromString,
                 _registered_method=True)
+        self.SecAggStep = channel.unary_unary(
+                '/fleetlearn.v1.FleetLearn/SecAggStep',
+                request_serializer=fleetlearn__pb2.SecAggRequest.SerializeToString,
+                response_deserializer=fleetlearn__pb2.SecAggReply.FromString,
+                _registered_method=True)
 
 
 class FleetLearnServicer:
@@ -87,6 +92,16 @@ class FleetLearnServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SecAggStep(self, request, context):
+        """Secure aggregation (privacy.secure_aggregation): one call per stage of Bonawitz et al.
+        (CCS 2017) after the client pushed its (empty) update; the server holds the call until
+        the stage closes (every expected client sent, or the stage's deadline) and answers with
+        what the client needs for the next stage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetLearnServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +124,11 @@ def add_FleetLearnServicer_to_server(servicer, server):
                     servicer.PushUpdate,
                     request_deserializer=fleetlearn__pb2.UpdateChunk.FromString,
                     response_serializer=fleetlearn__pb2.PushReply.SerializeToString,
+            ),
+            'SecAggStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecAggStep,
+                    request_deserializer=fleetlearn__pb2.SecAggRequest.FromString,
+                    response_serializer=fleetlearn__pb2.SecAggReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +239,33 @@ class FleetLearn:
             '/fleetlearn.v1.FleetLearn/PushUpdate',
             fleetlearn__pb2.UpdateChunk.SerializeToString,
             fleetlearn__pb2.PushReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecAggStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleetlearn.v1.FleetLearn/SecAggStep',
+            fleetlearn__pb2.SecAggRequest.SerializeToString,
+            fleetlearn__pb2.SecAggReply.FromString,
             options,
             channel_credentials,
             insecure,

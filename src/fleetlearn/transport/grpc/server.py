@@ -57,6 +57,21 @@ from . import fleetlearn_pb2 as pb
 from .auth import TokenCheck, TokenStore
 from .chunks import DEFAULT_CHUNK_BYTES, PayloadAssembler, iter_chunks
 from .refusals import Refusal
+from .secagg import (
+    STAGES as SECAGG_STAGES,
+    SecAggRound,
+    Stage as SecAggStage,
+    advertise_from_pb,
+    directory_to_pb,
+    dump as secagg_dump,
+    forwarded_to_pb,
+    masked_from_pb,
+    recipe_to_pb,
+    share_keys_from_pb,
+    signature_from_pb,
+    survivors_to_pb,
+    unmask_from_pb,
+)
 
 log = logging.getLogger("fleetlearn.transport.grpc")
 
@@ -180,6 +195,9 @@ class RunRequirements:
     # Probe clients (Capabilities.features "probe"): why this run cannot check them (they are
     # refused at registration), or None when it can (monitoring/probe_clients.py).
     probe_refusal: str | None = None
+    # Secure aggregation (privacy.secure_aggregation): updates stay on the devices, PushUpdate
+    # carries no payload and the clients mask their rows in SecAggStep ("secagg" feature).
+    secagg: bool = False
 
     @classmethod
     def for_run(
@@ -232,7 +250,8 @@ class RunRequirements:
         lacking = sorted(set(self.features) - set(cap.features))
         if lacking:
             return (f"client lacks protocol feature(s) {', '.join(lacking)} the run needs "
-                    f"(\"scaffold\": client.objective = 'scaffold'; \"heterofl\": model.widths); it announced {sorted(cap.features)}: upgrade the client")
+                    f"(\"scaffold\": client.objective = 'scaffold'; \"heterofl\": model.widths; \"secagg\": "
+                    f"privacy.secure_aggregation = true); it announced {sorted(cap.features)}: upgrade the client")
         if PROBE_FEATURE in cap.features and self.probe_refusal:
             return f"this run cannot check probe clients: {self.probe_refusal}"
         if self.model_digest:
@@ -430,6 +449,9 @@ class FleetServer:
         # Calls holding a slot (see `_open_call`), in total and by client id.
         self._calls: dict[int, int] = {}
         self._calls_total = 0
+        # Secure aggregation: the round's SecAgg stages (`run_secagg`), the latest one kept so
+        # late and replayed messages are refused precisely.
+        self.secagg: SecAggRound | None = None
 
     # -- lifecycle (on the loop) ------------------------------------------------------
     def start(self) -> None:
@@ -468,6 +490,10 @@ class FleetServer:
                 ),
                 "PushUpdate": grpc.stream_unary_rpc_method_handler(
                     self.PushUpdate, request_deserializer=_safe_parser(pb.UpdateChunk), response_serializer=pb.PushReply.SerializeToString
+                ),
+                "SecAggStep": grpc.stream_unary_rpc_method_handler(
+                    self._unary(self.SecAggStep, "SecAggRequest"), request_deserializer=_safe_parser(pb.SecAggRequest),
+                    response_serializer=pb.SecAggReply.SerializeToString,
                 ),
             },
         )
@@ -616,6 +642,7 @@ class FleetServer:
             },
         )
         self.clients[cs.client_id] = cs  # replaces an older session of the same client
+        self._secagg_forget(cs.client_id)
         if self.finished:
             self.told_finished.add(cs.client_id)
         self._notify()
@@ -727,7 +754,8 @@ class FleetServer:
                 round=task.round, version=task.version, codec=task.codec, config_json=self._config_json(task, client),
                 deadline_s=task.deadline_s or 0.0, remaining_s=max(rs.deadline_s - rs.elapsed(), 1e-6) if task.deadline_s else 0.0,
                 payload_bytes=len(payload), uplink_codec=rs.codecs.get(client, self.requirements.uplink),
-                control_bytes=len(task.control), model_width=width,
+                control_bytes=len(task.control), model_width=width, secagg=self.requirements.secagg,
+                secagg_stage_s=rs.deadline_s if self.requirements.secagg else 0.0,
             )
             yield pb.TaskChunk(meta=meta)
             sent = 0
@@ -803,6 +831,7 @@ class FleetServer:
                 payload = assembler.finish()
             finally:
                 rs.uploading.discard(client)
+            secagg_dump("update", rs.round, client, first.SerializeToString() + payload)  # testing aid (FLEETLEARN_SECAGG_DUMP_DIR)
             self._check_payload_header(payload, m.codec, self._update_dim(rs, client))
             cs.last_seen = time.monotonic()
             link = self._measure(client, len(payload), cs.last_seen - first_at, ready_s)
@@ -997,6 +1026,11 @@ class FleetServer:
             raise Refusal("malformed", f"metrics.label_counts sent, but round {rs.round} did not ask for a label histogram")
         if m.payload_bytes > self.limits.max_update_bytes:
             raise Refusal("oversized", f"update payload of {m.payload_bytes} bytes exceeds the limit of {self.limits.max_update_bytes} bytes")
+        if req.secagg:
+            if m.payload_bytes:
+                raise Refusal("wrong_shape", f"update payload of {m.payload_bytes} bytes: under secure aggregation the update stays on "
+                                             "the device (PushUpdate carries no payload; the masked row travels in SecAggStep)")
+            return
         exact, most = req.rung_bytes[req.ladder.index(chain)] if req.ladder and req.rung_bytes else (req.update_bytes, req.update_bytes_max)
         width = rs.widths.get(int(m.client_id))
         if width:  # HeteroFL: the client's sub-model, not the whole model
@@ -1108,6 +1142,7 @@ class FleetServer:
         while True:
             await asyncio.sleep(tick)
             try:
+                self._watch_secagg()
                 rs = self.round
                 if rs is None or not rs.open:
                     continue
@@ -1125,3 +1160,205 @@ class FleetServer:
                         self._drop(rs, cid, f"no heartbeat for {now - last:.1f}s (timeout {self.heartbeat_timeout_s:.3g}s)")
             except Exception:  # noqa: BLE001 - the watcher must survive anything
                 log.exception("liveness watcher")
+
+    # -- secure aggregation (transport/grpc/secagg.py) ----------------------------------------
+    def _secagg_forget(self, cid: int) -> None:
+        """A client that registers again lost its SecAgg keys: it drops out of the open SecAgg round."""
+        sess = self.secagg
+        if sess is None or sess.done or cid not in sess.clients:
+            return
+        sess.lost.add(cid)
+        st = sess.stage
+        if st is not None and cid in st.expected and cid not in st.received and not st.closed.is_set():
+            st.gone.add(cid)
+            if st.complete():
+                st.closed.set()
+
+    def _watch_secagg(self) -> None:
+        """A client expected in the open SecAgg stage that stopped heartbeating (or lost its
+        token) will not send: the stage stops waiting for it (it dropped at this stage)."""
+        sess = self.secagg
+        if sess is None or sess.done or sess.stage is None or sess.stage.closed.is_set():
+            return
+        st, now, active = sess.stage, time.monotonic(), self.tokens.active_ids()
+        for cid in sorted(st.expected - set(st.received) - st.gone):
+            cs = self.clients.get(cid)
+            if cid not in active or cs is None or now - cs.last_seen > self.heartbeat_timeout_s:
+                st.gone.add(cid)
+                sess.lost.add(cid)
+        if st.complete():
+            st.closed.set()
+
+    async def run_secagg(self, round: int, clients: Sequence[int], weights: Sequence[float], recipe, secure, dim: int,
+                         stage_s: float):
+        """Drive one round's secure aggregation: five stages, each closing when its expected
+        clients sent (or dropped) or after `stage_s`; returns `RemoteSum`.  Raises SecAggError
+        (too few survivors, an inconsistent reconstruction): the round fails."""
+        from ...privacy.secagg import RemoteSum, SecAggServer
+
+        n = len(clients)
+        proto = SecAggServer(dim, secure.quantizer.modulus_bits, secure._threshold(n), secure.neighbors)
+        sess = SecAggRound(round, tuple(int(c) for c in clients), {int(c): float(w) for c, w in zip(clients, weights)},
+                           recipe, secure, dim, stage_s, proto)
+        self.secagg = sess
+        t0 = time.monotonic()
+        try:
+            got = await self._secagg_stage(sess, 0, set(sess.clients))
+            directory = proto.advertise(list(got.values()))
+            self._secagg_answer(sess, {c: pb.SecAggReply(directory=directory_to_pb(directory, recipe_to_pb(recipe, sess.weights[c], secure), proto.neighbors))
+                                       for c in got})
+            got = await self._secagg_stage(sess, 1, set(directory.keys))
+            forwarded = proto.collect_shares(list(got.values()))
+            self._secagg_answer(sess, {v: pb.SecAggReply(forwarded=forwarded_to_pb(f)) for v, f in forwarded.items()})
+            got = await self._secagg_stage(sess, 2, set(proto.participants))
+            request = proto.collect_masked(list(got.values()))
+            self._secagg_answer(sess, {u: pb.SecAggReply(consistency_request=survivors_to_pb(request)) for u in request.survivors})
+            got = await self._secagg_stage(sess, 3, set(request.survivors))
+            signatures = proto.collect_signatures(list(got.values()))
+            unmask = pb.SecAggUnmaskRequest(survivors=survivors_to_pb(request),
+                                            signatures=[pb.SecAggBlob(client_id=u, data=sig) for u, sig in sorted(signatures.items())])
+            self._secagg_answer(sess, {u: pb.SecAggReply(unmask_request=unmask) for u in signatures})
+            got = await self._secagg_stage(sess, 4, set(signatures))
+            total = proto.unmask(list(got.values()))
+            self._secagg_answer(sess, {u: pb.SecAggReply(done=pb.SecAggDone(survivors=len(request.survivors))) for u in got})
+            m = sess.measurements()
+            m.update(secagg_survivors=len(request.survivors), secagg_dropped=sorted(set(sess.clients) - set(request.survivors)),
+                     secagg_threshold=proto.threshold, secagg_server_seconds=round_(time.monotonic() - t0))
+            secagg_dump("sum", round, 0, json.dumps({"sum": [int(v) for v in total], "survivors": list(request.survivors),
+                                                     "modulus_bits": secure.quantizer.modulus_bits}).encode())
+            return RemoteSum(total, tuple(request.survivors), tuple(sorted(set(sess.clients) - set(request.survivors))), m,
+                             {c: (sess.uplink.get(c, 0), sess.downlink.get(c, 0)) for c in sess.clients})
+        except Exception as exc:
+            sess.failed = str(exc) or type(exc).__name__
+            raise
+        finally:
+            sess.done = True
+            if sess.stage is not None:
+                sess.stage.closed.set()
+                sess.stage.answered.set()
+            proto.inbox.clear()  # the round's messages and masked rows are not needed any more
+            proto.masked = {}
+            self._notify()
+
+    async def _secagg_stage(self, sess: SecAggRound, index: int, expected: set[int]) -> dict[int, Any]:
+        """Open stage `index` for `expected` clients; return what arrived when it closes."""
+        st = SecAggStage(SECAGG_STAGES[index], set(expected), time.monotonic() + sess.stage_s)
+        st.gone |= expected & sess.lost
+        sess.stage, sess.index = st, index
+        self._notify()  # advertisements waiting for this round's SecAgg to start
+        if not st.complete():
+            try:
+                await asyncio.wait_for(st.closed.wait(), sess.stage_s)
+            except TimeoutError:
+                pass
+        st.closed.set()
+        sess.stage_seconds[st.name] = time.monotonic() - st.started
+        return dict(st.received)
+
+    @staticmethod
+    def _secagg_answer(sess: SecAggRound, replies: dict[int, Any]) -> None:
+        assert sess.stage is not None
+        sess.stage.replies = replies
+        sess.stage.answered.set()
+
+    async def _secagg_session(self, r: int, cid: int, kind: str) -> SecAggRound:
+        """The SecAgg round a message for round `r` belongs to (an advertisement may wait for
+        it to start: the server starts it once the round's updates are collected)."""
+        give_up = time.monotonic() + (self.round.deadline_s if self.round is not None else 0.0) + self.limits.max_wait_s
+        while True:
+            sess = self.secagg
+            if sess is not None and sess.round == r:
+                if sess.done:
+                    raise Refusal("replay", f"the secure aggregation of round {r} is over")
+                return sess
+            latest = self.round.round if self.round is not None else 0
+            if r > latest:
+                raise Refusal("wrong_round", f"there is no round {r} (latest round: {latest or 'none yet'})")
+            if r < latest or (sess is not None and sess.round > r):
+                raise Refusal("replay", f"round {r} is over (latest round: {latest}); SecAgg messages are accepted only for the current round")
+            if kind != SECAGG_STAGES[0]:
+                raise Refusal("wrong_round", f"no secure aggregation is running for round {r}: a client starts with stage {SECAGG_STAGES[0]!r}")
+            if self.round is None or cid not in self.round.replied:
+                raise Refusal("not_selected", f"client {cid} sent no accepted update in round {r}: it takes no part in its secure aggregation")
+            if self.finished:
+                raise Refusal("round_closed", "the run finished")
+            left = give_up - time.monotonic()
+            if left <= 0:
+                raise Refusal("round_closed", f"no secure aggregation started for round {r} (the round failed or stopped before aggregating)")
+            changed = self._changed
+            assert changed is not None
+            try:
+                await asyncio.wait_for(changed.wait(), left)
+            except TimeoutError:
+                pass
+
+    def _secagg_parse(self, sess: SecAggRound, cid: int, kind: str, body: Any) -> Any:
+        p = sess.protocol
+        if kind == "advertise":
+            return advertise_from_pb(cid, body)
+        if kind == "share_keys":
+            return share_keys_from_pb(cid, body, p.directory.neighbors[cid])
+        if kind == "masked_input":
+            return masked_from_pb(cid, body, sess.dim, p.modulus_bits)
+        if kind == "consistency":
+            return signature_from_pb(cid, body)
+        return unmask_from_pb(cid, body, p.survivors, p.dropped)
+
+    async def SecAggStep(self, request: pb.SecAggRequest, context: grpc.aio.ServicerContext, check: TokenCheck) -> pb.SecAggReply:
+        """One client's message of the open SecAgg stage; answered when the stage closes."""
+        cs = self._session(check, request.client_id, request.session)
+        cid, r = cs.client_id, int(request.round)
+        if not self.requirements.secagg:
+            raise Refusal("malformed", "this run does not use secure aggregation (privacy.secure_aggregation = false)")
+        kind = request.WhichOneof("body")
+        if kind is None:
+            raise Refusal("malformed", "SecAggRequest without a body (advertise, share_keys, masked_input, consistency or unmask)")
+        secagg_dump(f"secagg-{kind}", r, cid, request.SerializeToString())  # testing aid (FLEETLEARN_SECAGG_DUMP_DIR)
+        sess = await self._secagg_session(r, cid, kind)
+        st, index = sess.stage, SECAGG_STAGES.index(kind)
+        assert st is not None
+        if index < sess.index:
+            raise Refusal("replay", f"SecAgg stage {kind!r} of round {r} is over (open stage: {st.name!r})")
+        if index > sess.index:
+            raise Refusal("malformed", f"SecAgg stage {kind!r} sent while stage {st.name!r} of round {r} is open")
+        if cid in st.received:
+            raise Refusal("duplicate", f"client {cid} already sent its {kind!r} message for round {r}")
+        if cid not in st.expected or cid in st.gone:
+            raise Refusal("not_selected", f"client {cid} is not expected in SecAgg stage {kind!r} of round {r} (not selected, or dropped earlier)")
+        if st.closed.is_set():
+            raise Refusal("after_deadline", f"SecAgg stage {kind!r} of round {r} closed (its deadline is {sess.stage_s:.3g}s)")
+        try:
+            msg = self._secagg_parse(sess, cid, kind, getattr(request, kind))
+        except Refusal:
+            st.gone.add(cid)  # a client that sent garbage takes no further part: it dropped at this stage
+            sess.lost.add(cid)
+            if st.complete():
+                st.closed.set()
+            raise
+        st.received[cid] = msg
+        sess.count(cid, up=request.ByteSize(), stage=kind)
+        if st.complete():
+            st.closed.set()
+        try:
+            await asyncio.wait_for(st.answered.wait(), max(st.deadline - time.monotonic(), 0.0) + sess.stage_s + 30.0)
+        except asyncio.CancelledError:
+            sess.lost.add(cid)  # its call was cut (the client went away): the next stage does not wait for it
+            nxt = sess.stage
+            if nxt is not None and nxt is not st and cid in nxt.expected:
+                nxt.gone.add(cid)
+                if nxt.complete():
+                    nxt.closed.set()
+            raise
+        except TimeoutError:
+            raise Refusal("round_closed", f"secure aggregation of round {r} did not answer stage {kind!r} in time") from None
+        if sess.failed:
+            raise Refusal("round_closed", f"secure aggregation of round {r} failed: {sess.failed}")
+        reply = st.replies.get(cid)
+        if reply is None:
+            raise Refusal("round_closed", f"client {cid} takes no part in the next SecAgg stage of round {r} (counted as dropped)")
+        sess.count(cid, down=reply.ByteSize(), stage=kind)
+        return reply
+
+
+def round_(x: float) -> float:
+    return round(x, 4)

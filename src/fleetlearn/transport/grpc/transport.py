@@ -95,6 +95,7 @@ class GrpcTransport(TransportBase):
         features: Sequence[str] = (),
         clusters: int = 1,
         probe_refusal: str | None = None,
+        secagg: bool = False,
         requirements: RunRequirements | None = None,
         tls: ServerTls | None = None,
         limits: Limits = Limits(),
@@ -119,15 +120,20 @@ class GrpcTransport(TransportBase):
         # `probe_refusal`: why this run cannot check probe clients (they are refused), or None.
         # `submodels`: HeteroFL (a `HeteroFLLearner`): each client's width from the memory it
         # declares, its tasks carry only that width's sub-model; clients must announce "heterofl".
+        # `secagg`: secure aggregation run by the clients (SecAggStep); they must announce "secagg".
         hetero = {} if submodels is None else {"model_width": 0.0, "min_memory_mb": 0}
         if submodels is not None and "heterofl" not in features:
             features = (*features, "heterofl")
+        if secagg and "secagg" not in features:
+            features = (*features, "secagg")
         self.requirements = requirements or RunRequirements.for_run(spec, uplink, downlink, ladder=ladder, clusters=clusters,
-                                                                    features=tuple(features), probe_refusal=probe_refusal, **hetero)
+                                                                    features=tuple(features), probe_refusal=probe_refusal,
+                                                                    secagg=secagg, **hetero)
         self.submodels = submodels
         self.limits = limits
         self.max_round_s = max_round_s
         self.grace_s = grace_s
+        self._stage_s = max_round_s  # secure aggregation: each stage's deadline (the last dispatched round's)
         self.server = FleetServer(tokens, self.requirements, limits, heartbeat_interval_s, heartbeat_timeout_s, submodels=submodels)
         self._tls = tls
         self._max_rpcs = maximum_concurrent_rpcs
@@ -159,8 +165,11 @@ class GrpcTransport(TransportBase):
         return self._call(run(), timeout)
 
     async def _start(self, address: str) -> int:
+        receive = self.limits.max_message_bytes
+        if self.requirements.secagg and self.requirements.dim:
+            receive = max(receive, 8 * (self.requirements.dim + 1) + (64 << 10))  # one masked row (SecAggMaskedInput)
         options = [
-            ("grpc.max_receive_message_length", self.limits.max_message_bytes),
+            ("grpc.max_receive_message_length", receive),
             ("grpc.max_send_message_length", self.limits.max_message_bytes),
             # Two servers must never share a port silently (one would get half the clients).
             ("grpc.so_reuseport", 0),
@@ -202,6 +211,7 @@ class GrpcTransport(TransportBase):
         for each client that disconnects, stops heartbeating or misses the deadline."""
         cohort = sorted({int(c) for c in cohort})
         deadline = task.deadline_s if task.deadline_s is not None else self.max_round_s
+        self._stage_s = deadline
         t0 = time.monotonic()
         rs = self._on_loop(self.server.open_round, task, cohort, deadline, self._sub_payloads(task))
         seen: set[int] = set()
@@ -236,6 +246,21 @@ class GrpcTransport(TransportBase):
             return None
         chain = parse_chain(task.codec)
         return {w: self.submodels.sub_payload(task.payload, w, chain) for w in self.submodels.model_widths}
+    # -- secure aggregation ---------------------------------------------------------------
+    def secure_aggregation(self) -> "GrpcTransport | None":
+        """With `secagg` the clients mask their own rows: this transport runs the stages."""
+        return self if self.requirements.secagg else None
+
+    def secure_sum(self, round: int, clients: Sequence[int], weights: Sequence[float], recipe: Any, secure: Any) -> Any:
+        """Run round `round`'s secure aggregation with `clients` (each told its public weight
+        and `recipe`); each of its five stages gets the round's deadline.  Returns
+        `privacy.secagg.RemoteSum`; raises SecAggError when the round cannot complete."""
+        if self.requirements.dim is None:
+            raise ValueError("secure aggregation over gRPC needs the model's ParamSpec (spec=...)")
+        dim = recipe.width(self.requirements.dim)
+        stage_s = self._stage_s
+        return self._call(self.server.run_secagg(round, list(clients), list(weights), recipe, secure, dim, stage_s),
+                          timeout=6 * stage_s + 60)
 
     # -- run control ----------------------------------------------------------------------
     def wait_available(self, min_clients: int, timeout_s: float, poll_s: float = 0.1) -> list[int]:
