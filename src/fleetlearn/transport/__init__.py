@@ -2,7 +2,7 @@
 
 from ..errors import ConfigError
 from ..parts import register_part
-from .base import Reply, Transport
+from .base import Arrival, Reply, Transport
 from .simulation import SimulationTransport, client_seed
 
 # -- registration (fleetlearn.parts): the backends `engine.backend` chooses ------------------------
@@ -47,4 +47,4 @@ register_part("transport", "simulation", _simulation, capabilities=SIMULATION_CA
 register_part("transport", "ray", _ray, capabilities=SIMULATION_CAPABILITIES)
 register_part("transport", "grpc", _grpc, capabilities=GRPC_CAPABILITIES, listed=False, served_by="fleetlearn server CONFIG")
 
-__all__ = ["Reply", "SimulationTransport", "Transport", "client_seed"]
+__all__ = ["Arrival", "Reply", "SimulationTransport", "Transport", "client_seed"]
