@@ -187,6 +187,9 @@ class FedBuffLoop:
         s = np.asarray(self.staleness, dtype=np.float64)
         rec.extra["staleness_mean"] = float(s.mean()) if s.size else math.nan
         rec.extra["staleness_max"] = int(s.max()) if s.size else 0
+        refusals = c.transport.take_refusals()
+        if refusals is not None:
+            rec.extra["refusals"] = refusals  # refused messages by reason since the last step (network transports)
         if failed_reason is None:
             c.aggregate(rec, got, scale=self.weight_fn(s))
         else:

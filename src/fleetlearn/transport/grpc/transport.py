@@ -22,6 +22,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator, Sequence
@@ -161,6 +162,7 @@ class GrpcTransport(TransportBase):
         self._closed = False
         self._groups: dict[int, _Group] = {}  # open task groups (FedBuff), by round
         self._group_replies: queue.Queue = queue.Queue()  # (group, Reply | END) of every open group
+        self._ready: deque[Arrival] = deque()  # replies taken from that queue, not yet handed out
         log.info("fleetlearn gRPC server listening on %s (%s)", self.address, "TLS" if tls else "plaintext")
 
     # -- the loop thread -------------------------------------------------------------
@@ -276,40 +278,55 @@ class GrpcTransport(TransportBase):
     def next_arrival(self, timeout_s: float | None = None) -> Arrival | None:
         """The next reply of any open group, as it reaches the server (waits for it)."""
         end = None if timeout_s is None else time.monotonic() + timeout_s
-        while self._groups or not self._group_replies.empty():
+        while True:
+            self._take_ready()
+            if self._ready:
+                return self._ready.popleft()
+            if not self._groups:
+                return None
             wait = 1.0 if end is None else min(1.0, end - time.monotonic())
             if wait <= 0:
                 return None
             try:
-                key, item = self._group_replies.get(timeout=wait)
+                self._take(*self._group_replies.get(timeout=wait))
             except queue.Empty:
                 self._stop_overdue_groups()
-                continue
-            group = self._groups.get(key)
-            if group is None:
-                continue  # a group given up at its hard stop: the server's late word on it
-            if item is END:
-                del self._groups[key]
-                continue
-            group.seen.add(item.message.client_id)
-            return Arrival(key, item, group.start + item.elapsed_s)
-        return None
 
     def arrival_due(self, now: float) -> bool:
         """A reply is already waiting (clients freed together are dispatched together)."""
-        return not self._group_replies.empty()
+        self._take_ready()
+        return bool(self._ready)
 
     def awaiting_replies(self) -> bool:
-        return bool(self._groups) or not self._group_replies.empty()
+        self._take_ready()
+        return bool(self._groups) or bool(self._ready)
 
     def close_groups(self, reason: str) -> None:
         """Close every open group on the server (later updates are refused: round_closed)."""
         groups, self._groups = self._groups, {}
-        self._group_replies = queue.Queue()
+        self._group_replies, self._ready = queue.Queue(), deque()
         if not self._closed:
             for group in groups.values():
                 if group.rs is not None:
                     self._loop.call_soon_threadsafe(self.server.end_round, group.rs, "stopped", reason)
+
+    def _take_ready(self) -> None:
+        """Move what the server queued so far into `_ready` (replies) or close groups (END)."""
+        while True:
+            try:
+                self._take(*self._group_replies.get_nowait())
+            except queue.Empty:
+                return
+
+    def _take(self, key: int, item: Any) -> None:
+        group = self._groups.get(key)
+        if group is None:
+            return  # a group given up at its hard stop: the server's late word on it
+        if item is END:
+            del self._groups[key]
+            return
+        group.seen.add(item.message.client_id)
+        self._ready.append(Arrival(key, item, group.start + item.elapsed_s))
 
     def _stop_overdue_groups(self) -> None:
         """Groups the server loop did not close by their deadline + grace (it should never
