@@ -56,14 +56,16 @@ class NetworkRun:
     """A whole run over gRPC in one process: the Coordinator `fleetlearn server` builds, and
     `clients` real `fleetlearn client`s (threads, partition slots 0..clients-1), as the CLI
     would run them.  `run()` returns the summary after every client heard the run finished.
-    `client_options`: extra `commands.client` arguments by client index (e.g. memory_mb)."""
+    `client_options`: extra `commands.client` arguments by client index (e.g. memory_mb);
+    `stopped`: how a client's report must say it stopped, by index (default "finished")."""
 
-    def __init__(self, cfg, tmp_path, clients: int, client_options: dict | None = None):
+    def __init__(self, cfg, tmp_path, clients: int, client_options: dict | None = None, stopped: dict | None = None):
         from fleetlearn.engine import build_coordinator
         from fleetlearn.transport.grpc import commands
 
         self.cfg, self.state, self.clients = cfg, tmp_path / "state", clients
         self.client_options = client_options or {}
+        self.expect_stopped = {i: "finished" for i in range(clients)} | (stopped or {})
         holder = {}
 
         def make_transport(learner, runtime):
@@ -93,7 +95,7 @@ class NetworkRun:
                 th.join(15)
         finally:
             t.close(grace_s=0.2)
-        assert {i: r.stopped for i, r in self.reports.items()} == {i: "finished" for i in range(self.clients)}
+        assert {i: r.stopped for i, r in self.reports.items()} == self.expect_stopped
         return summary
 
 

@@ -5,27 +5,34 @@ goes into a buffer, weighted by a staleness function s(tau) of how many server
 versions passed since the model it trained on; after `buffer_size` updates the
 server steps with  w <- w + lr * sum_i n_i s(tau_i) delta_i / sum_i n_i  (the
 example-weighted form; with s = 1 it is exactly FedAvg's aggregate), and a new
-client is dispatched for each one that finished.  Time is the Coordinator's
-virtual clock: events are processed in simulated-arrival order.
+client is dispatched for each one that finished.
 
-Clients freed at the same instant are dispatched together, so the transport can
-still train them as one batched computation.
+The dispatches overlap: each is a task group the transport keeps open
+(`Transport.open_group`) until its clients replied, and replies of all open groups
+come out of one stream (`next_arrival`).  On a simulation, time is the
+Coordinator's virtual clock and replies come in simulated-arrival order; on a
+realtime transport (gRPC) they come as they reach the server, stamped with the
+wall-clock seconds since their dispatch.  Clients freed at the same instant (the
+replies already due) are dispatched together, so a simulation can still train them
+as one batched computation.  Before the first dispatch, and whenever nobody is in
+flight or free, the loop waits for clients (`Coordinator.wait_for_clients`) like the
+synchronous driver; if they do not come, the run stops with the reason.
 """
 
 from __future__ import annotations
 
-import heapq
 import math
 import time
-from itertools import count
 from typing import Any, Callable
 
 import numpy as np
 
-from ..messages import Dropout, Task, Update
+from ..messages import Dropout, Task
 from ..records import ClientRecord, RoundRecord
+from ..transport.base import Arrival
 from ..validation import ValidationContext
 from .coordinator import Collected, Coordinator
+from .running import clients_ready
 
 STALENESS_WEIGHTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "constant": lambda s: np.ones_like(s, dtype=np.float64),
@@ -42,8 +49,6 @@ class FedBuffLoop:
         self.buffer_size = srv.buffer_size or srv.cohort
         self.weight_fn = STALENESS_WEIGHTS[srv.staleness_weight]
         self.max_staleness = srv.max_staleness
-        self.events: list[tuple[float, int, Any]] = []  # (absolute sim time, seq, (reply, task))
-        self.seq = count()
         self.in_flight: dict[int, Task] = {}
         self.dispatches = 0
         self.pending = 0  # clients to dispatch at the current instant
@@ -54,13 +59,14 @@ class FedBuffLoop:
         self.replies_in_window = 0
         self.wall_start = time.perf_counter()
 
-    def dispatch(self, k: int) -> None:
+    def dispatch(self, k: int) -> int:
+        """Send the current model to up to `k` free clients as one task group; returns how many."""
         c = self.c
         free = c.available(self.dispatches + 1)
         free = [int(i) for i in free if int(i) not in self.in_flight]
         k = min(k, len(free))
         if k <= 0:
-            return
+            return 0
         self.dispatches += 1
         cohort = c.selector.select(free, k, self.dispatches, c.selection_rng(self.dispatches))
         task = Task(
@@ -71,50 +77,73 @@ class FedBuffLoop:
             spec=c.task_spec(cohort, None),  # the same client instructions as a synchronous round (e.g. local DP)
             deadline_s=None,
         )
-        now = c.clock.now
         for cid in cohort:
-            self.in_flight[cid] = task
-        for reply in c.transport.dispatch(task, cohort):
-            heapq.heappush(self.events, (now + reply.elapsed_s, next(self.seq), reply))
+            self.in_flight[int(cid)] = task
+        c.transport.open_group(task, cohort, c.clock.now)
+        return len(cohort)
 
     def run(self, on_round: Callable[[RoundRecord], Any] | None) -> None:
         c = self.c
-        self.dispatch(self.concurrency)
-        while c.round < c.config.server.rounds:
-            if not self.events:
-                if self.pending:
-                    self.dispatch(self.pending)
-                    self.pending = 0
-                    continue
-                break  # nobody can be reached: stop rather than spin
-            t, _, reply = heapq.heappop(self.events)
-            c.clock.now = max(c.clock.now, t)
-            self.handle(reply)
-            self.replies_in_window += 1
-            full = len(self.buffer.vecs) >= self.buffer_size
-            # A buffer that cannot fill (everyone drops or is refused) must not stall the
-            # run: past the deadline, or after 10 x concurrency replies, the step fails.
-            deadline = c.config.server.deadline_s
-            starved = (deadline is not None and c.clock.now - self.window_start > deadline) or (
-                self.replies_in_window >= 10 * self.concurrency
-            )
-            if full or starved:
-                rec = self.step(failed_reason=None if full else f"buffer of {self.buffer_size} did not fill ({len(self.buffer.vecs)} accepted after {self.replies_in_window} replies)")
-                if on_round is not None:
-                    on_round(rec)
-            if self.pending and (not self.events or self.events[0][0] > c.clock.now):
-                self.dispatch(self.pending)
-                self.pending = 0
+        transport = c.transport
+        if not clients_ready(c):
+            return
+        self.pending = self.concurrency
+        try:
+            while c.round < c.config.server.rounds:
+                # Freed clients get new tasks as soon as no other reply is due at this instant.
+                if self.pending and not transport.arrival_due(c.clock.now):
+                    self.pending -= self.dispatch(self.pending)
+                if not transport.awaiting_replies():
+                    if self.pending and self.reachable():
+                        continue
+                    break
+                arrival = transport.next_arrival()
+                if arrival is None:
+                    continue  # a group closed with nothing more to say
+                c.clock.now = max(c.clock.now, arrival.at)
+                self.handle(arrival)
+                self.replies_in_window += 1
+                full = len(self.buffer.vecs) >= self.buffer_size
+                # A buffer that cannot fill (everyone drops or is refused) must not stall the
+                # run: past the deadline, or after 10 x concurrency replies, the step fails.
+                deadline = c.config.server.deadline_s
+                starved = (deadline is not None and c.clock.now - self.window_start > deadline) or (
+                    self.replies_in_window >= 10 * self.concurrency
+                )
+                if full or starved:
+                    rec = self.step(failed_reason=None if full else f"buffer of {self.buffer_size} did not fill ({len(self.buffer.vecs)} accepted after {self.replies_in_window} replies)")
+                    if on_round is not None:
+                        on_round(rec)
+        finally:
+            transport.close_groups("the run finished" if c.round >= c.config.server.rounds else "the run stopped")
 
-    def handle(self, reply) -> None:
+    def reachable(self) -> bool:
+        """Nothing in flight and nobody free to dispatch to: wait for clients (the run's
+        `wait_for_clients`, as before a synchronous round), else the run stops with the reason."""
         c = self.c
-        msg = reply.message
-        task = self.in_flight.pop(msg.client_id, None)
+        if c.wait_for_clients is None:
+            c.stopped_reason = (f"no client could be reached for a task after {c.round} server steps "
+                                f"({len(self.in_flight)} in flight); the run stopped")
+            return False
+        return clients_ready(c)
+
+    def handle(self, arrival: Arrival) -> None:
+        c = self.c
+        msg = arrival.reply.message
+        task = self.in_flight.get(msg.client_id)
+        if task is not None and task.round != arrival.group:
+            # A reply for another task group than the one this client trains for now
+            # (a transport refuses these; never count one against the current task).
+            rec = ClientRecord(msg.client_id, "rejected", f"replay: client {msg.client_id} was sent task {task.round}, "
+                               f"this reply is for task {arrival.group}")
+            self.others.append(rec)
+            return
+        self.in_flight.pop(msg.client_id, None)
         self.pending += 1
         if isinstance(msg, Dropout):
             self.others.append(ClientRecord(msg.client_id, "dropped", msg.reason, downlink_bytes=msg.downlink_bytes))
             return
-        rec = c.client_record(msg, reply.elapsed_s)
+        rec = c.client_record(msg, arrival.reply.elapsed_s)
         if task is None:
             rec.status, rec.reason = "rejected", f"replay: client {msg.client_id} has no task in flight"
             self.others.append(rec)
@@ -158,6 +187,9 @@ class FedBuffLoop:
         s = np.asarray(self.staleness, dtype=np.float64)
         rec.extra["staleness_mean"] = float(s.mean()) if s.size else math.nan
         rec.extra["staleness_max"] = int(s.max()) if s.size else 0
+        refusals = c.transport.take_refusals()
+        if refusals is not None:
+            rec.extra["refusals"] = refusals  # refused messages by reason since the last step (network transports)
         if failed_reason is None:
             c.aggregate(rec, got, scale=self.weight_fn(s))
         else:

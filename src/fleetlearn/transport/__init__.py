@@ -2,7 +2,7 @@
 
 from ..errors import ConfigError
 from ..parts import register_part
-from .base import Reply, Transport
+from .base import Arrival, Reply, Transport
 from .simulation import SimulationTransport, client_seed
 
 # -- registration (fleetlearn.parts): the backends `engine.backend` chooses ------------------------
@@ -22,8 +22,7 @@ SIMULATION_CAPABILITIES = frozenset({"client_helpers", "attack_simulation", "per
 # Real devices run the one client device (fleetlearn.client.Device) with every client-side
 # feature; simulated attackers exist only in the simulation (a real server controls no client: a red-team
 # drill runs attacking clients instead, `fleetlearn client --attack`, on the same device).
-# Not yet on the wire: FedBuff's overlapping dispatches.
-GRPC_CAPABILITIES = SIMULATION_CAPABILITIES - {"attack_simulation", "async_rounds"}
+GRPC_CAPABILITIES = SIMULATION_CAPABILITIES - {"attack_simulation"}
 
 
 def _simulation(config, data, device, fleet, clock, attack):
@@ -52,4 +51,4 @@ register_part("transport", "simulation", _simulation, capabilities=SIMULATION_CA
 register_part("transport", "ray", _ray, capabilities=SIMULATION_CAPABILITIES)
 register_part("transport", "grpc", _grpc, capabilities=GRPC_CAPABILITIES, listed=False, served_by="fleetlearn server CONFIG")
 
-__all__ = ["Reply", "SimulationTransport", "Transport", "client_seed"]
+__all__ = ["Arrival", "Reply", "SimulationTransport", "Transport", "client_seed"]

@@ -6,7 +6,9 @@ touches the model; the Coordinator does that with whatever arrives.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
+from itertools import count
 from typing import Iterator, Protocol, Sequence
 
 from ..messages import Dropout, Task, Update
@@ -16,6 +18,15 @@ from ..messages import Dropout, Task, Update
 class Reply:
     message: Update | Dropout
     elapsed_s: float  # seconds from dispatch to arrival (simulated or real)
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """A reply from one of the open task groups (`Transport.open_group`)."""
+
+    group: int  # the group's key: its task's round (FedBuff: the dispatch number)
+    reply: Reply
+    at: float  # the group's `start` + the reply's elapsed_s: its arrival on the driver's clock
 
 
 class Transport(Protocol):
@@ -31,6 +42,33 @@ class Transport(Protocol):
     def dispatch(self, task: Task, cohort: Sequence[int]) -> Iterator[Reply]:
         """Send `task` to every client of `cohort`; yield replies in arrival order,
         ending when all have replied or dropped, or `task.deadline_s` has passed."""
+        ...
+
+    # -- overlapping dispatches (FedBuff: engine/fedbuff.py) ------------------------------
+    # Several task groups may be open at once; replies come out of one stream, whatever
+    # group they belong to.  `TransportBase` implements them for a virtual clock.
+
+    def open_group(self, task: Task, cohort: Sequence[int], start: float) -> None:
+        """Send `task` to `cohort` without waiting for the replies; the group is keyed by
+        `task.round` and `start` is the driver's clock at dispatch (see `Arrival.at`)."""
+        ...
+
+    def next_arrival(self, timeout_s: float | None = None) -> Arrival | None:
+        """The next reply of any open group (in arrival order); None when no group has
+        replies left to come, or after `timeout_s`."""
+        ...
+
+    def arrival_due(self, now: float) -> bool:
+        """Whether a reply has arrived by `now` that `next_arrival` returns without waiting
+        (the driver handles it before dispatching, so clients freed together go together)."""
+        ...
+
+    def awaiting_replies(self) -> bool:
+        """Whether some open group still has replies to give."""
+        ...
+
+    def close_groups(self, reason: str) -> None:
+        """Stop collecting: every open group is closed (later replies are refused)."""
         ...
 
 
@@ -58,6 +96,40 @@ class TransportBase:
         """The population's client ids (what a canary rollout splits into its arms):
         0..population-1 unless the transport names its clients otherwise."""
         return range(self.population)  # type: ignore[attr-defined]
+
+    # -- overlapping dispatches on a virtual clock ----------------------------------------
+    # `open_group` runs `dispatch` to its end at once (a simulation trains the whole group
+    # as one batched computation) and keeps its replies by simulated arrival time
+    # (`start + elapsed_s`, ties in dispatch order): `next_arrival` hands them out in that
+    # order.  A realtime transport (gRPC) overrides these with groups open on the network.
+
+    def _arrival_heap(self) -> tuple[list, Iterator[int]]:
+        state = self.__dict__.get("_arrivals")
+        if state is None:
+            state = self.__dict__["_arrivals"] = ([], count())
+        return state
+
+    def open_group(self, task: Task, cohort: Sequence[int], start: float) -> None:
+        heap, seq = self._arrival_heap()
+        for reply in self.dispatch(task, cohort):  # type: ignore[attr-defined]
+            heapq.heappush(heap, (start + reply.elapsed_s, next(seq), task.round, reply))
+
+    def next_arrival(self, timeout_s: float | None = None) -> Arrival | None:
+        heap, _ = self._arrival_heap()
+        if not heap:
+            return None
+        at, _, group, reply = heapq.heappop(heap)
+        return Arrival(group, reply, at)
+
+    def arrival_due(self, now: float) -> bool:
+        heap, _ = self._arrival_heap()
+        return bool(heap) and heap[0][0] <= now
+
+    def awaiting_replies(self) -> bool:
+        return bool(self._arrival_heap()[0])
+
+    def close_groups(self, reason: str) -> None:
+        self.__dict__.pop("_arrivals", None)
 
     def wait_available(self, min_clients: int, timeout_s: float) -> list[int]:
         """Block until `min_clients` are available or `timeout_s` passes; returns them."""

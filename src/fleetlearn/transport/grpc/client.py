@@ -38,7 +38,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import grpc
 
@@ -243,9 +243,13 @@ class FleetClient:
         uplink_wrap=None,
         memory_mb: int | None = None,
         attack=None,
+        before_train: Callable[[Task], None] | None = None,
     ):
         # A red-team client (`fleetlearn client --attack`): fleetlearn.attacks.DeviceAttack, run by the device.
         self.attack = attack
+        # Called with each task before its local training, on the training thread (a device
+        # that trains only when idle or charging waits here; tests use it to hold a client).
+        self.before_train = before_train
         if memory_mb is not None and (isinstance(memory_mb, bool) or not isinstance(memory_mb, int) or memory_mb < 0):
             raise ValueError(f"memory_mb must be a whole number of MiB >= 0 (or None: the machine's available memory), got {memory_mb!r}")
         self.memory_mb = memory_mb
@@ -580,6 +584,8 @@ class FleetClient:
         used: list[Device] = []  # the device train() ran on (its width's): secure aggregation takes the held update from it
 
         def train():
+            if self.before_train is not None:
+                self.before_train(task)
             device = self._device_for(task.codec, uplink, adaptive=task.spec.get(AdaptiveEntry) is not None, width=width)
             used.append(device)
             # A probe trains in full (the server predicts a full local run).

@@ -206,11 +206,13 @@ def client(
     memory_mb: int | None = None,
     attack: str = "none",
     attack_options: dict[str, Any] | None = None,
+    before_train: Any = None,
 ) -> ClientReport:
     """`fleetlearn client --server HOST:PORT --token TOKEN --config RUN.toml (--client-index I | --data pkg.mod:fn)
     [--tls-ca ca.pem [--tls-cert c.pem --tls-key c.key]] [--name N] [--max-rounds N] [--uplink-limit-mbps R]
     [--memory-mb N] [--attack KIND [--attack-scale S ...]]`.  `memory_mb`: the memory this device declares for training (default: the
     machine's available memory); a HeteroFL run assigns the client's model width from it.
+    `before_train`: called with each task before its local training (`FleetClient`).
 
     Builds the run's model and this client's local data, then runs until the
     server says the run finished.  Raises `ClientRefused` (bad or revoked token,
@@ -249,7 +251,7 @@ def client(
     return run_client(server, token, learner, data, tls=tls, name=name, max_rounds=max_rounds,
                       backoff=Backoff(), give_up_after_s=give_up_after_s, device=device,
                       uplink_limit_mbps=uplink_limit_mbps, personalization=personalization, memory_mb=memory_mb,
-                      attack=red_team)
+                      attack=red_team, before_train=before_train)
 
 
 def _client_tls(tls_ca, tls_cert, tls_key, tls_server_name) -> ClientTls | None:

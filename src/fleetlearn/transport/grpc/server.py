@@ -320,6 +320,9 @@ class RoundState:
     label_classes: int = 0  # label_importance: the histogram length the task asks for (0 = none)
     open: bool = True
     closed_by: str = ""  # "deadline" | "complete" | "stopped" | "superseded" | "finished"
+    # A task group open beside others (FedBuff: `FleetServer.open_group`), with its own deadline timer.
+    concurrent: bool = False
+    timer: Any = None
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
@@ -430,7 +433,8 @@ class FleetServer:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.heartbeat_timeout_s = heartbeat_timeout_s if heartbeat_timeout_s is not None else 3.0 * heartbeat_interval_s
         self.clients: dict[int, ClientSession] = {}
-        self.round: RoundState | None = None
+        self.round: RoundState | None = None  # the latest dispatched round (or task group)
+        self.groups: dict[int, RoundState] = {}  # open task groups by round (FedBuff: `open_group`)
         self.history: deque[RoundState] = deque(maxlen=keep_rounds)  # recent closed rounds, for precise refusals
         self.refusals = RefusalCounter()
         self.finished = False
@@ -461,8 +465,8 @@ class FleetServer:
     def stop(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
-        if self.round is not None and self.round.open:
-            self._end_round(self.round, "stopped", "the server stopped")
+        for rs in self._open_rounds():
+            self._end_round(rs, "stopped", "the server stopped")
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The service's method handlers, with failure-proof request parsing.
@@ -669,7 +673,7 @@ class FleetServer:
         if not any(abs(w - width) < 1e-9 for w in cap.model_widths):
             raise Refusal("incompatible", f"the run assigns this client model width {width:g} (memory {cap.memory_mb} MiB, "
                                           f"width rule {self.submodels.width_rule!r}); it announced widths {list(cap.model_widths)}")
-        rs = self.round
+        rs = self._task_round(client)
         if rs is not None and rs.open and client in rs.pending and rs.widths.get(client, width) != width:
             self._drop(rs, client, f"it registered again at model width {width:g}; its task was for width {rs.widths[client]:g}")
         self.submodels.set_width(client, width)
@@ -706,7 +710,7 @@ class FleetServer:
         return pb.HeartbeatReply(
             run_finished=self.finished,
             current_round=rs.round if rs else 0,
-            has_task=bool(rs and rs.open and cs.client_id in rs.pending),
+            has_task=any(cs.client_id in r.pending for r in self._open_rounds()),
             heartbeat_interval_s=self.heartbeat_interval_s,
         )
 
@@ -727,7 +731,7 @@ class FleetServer:
                     yield pb.TaskChunk(finished=pb.RunFinished(reason=self.finished_reason or "the run finished"))
                     self.told_finished.add(cs.client_id)
                     return
-                rs = self.round
+                rs = self._task_round(client)
                 if rs is not None and rs.open and client in rs.pending and rs.round > request.after_round:
                     break
                 left = give_up - time.monotonic()
@@ -935,7 +939,7 @@ class FleetServer:
 
     def _admit(self, client: int, m: pb.UpdateMeta, starting: bool) -> RoundState:
         """The open round this update belongs to, or the precise reason it belongs to none."""
-        rs = self.round
+        rs = self._group_of(client, int(m.round)) or self.round
         if rs is None or m.round > rs.round:
             raise Refusal("wrong_round", f"there is no round {m.round} (latest round: {rs.round if rs else 'none yet'})")
         # A canary dispatches a round number twice (each arm its own cohort, one after the
@@ -1041,14 +1045,16 @@ class FleetServer:
             raise Refusal("wrong_shape", f"update payload of {m.payload_bytes} bytes cannot be the model's: uplink {chain!r} sends at most {most} bytes")
 
     # -- rounds (called on the loop by GrpcTransport) ----------------------------------
-    def open_round(self, task: Task, cohort: Iterable[int], deadline_s: float, payloads: dict[float, bytes] | None = None) -> RoundState:
-        """Publish `task` to `cohort`; replies and dropouts go to the returned round's queue.
-        HeteroFL: `payloads` holds each width's sub-model payload; a client gets its own."""
-        if self.round is not None and self.round.open:
+    def open_round(self, task: Task, cohort: Iterable[int], deadline_s: float, payloads: dict[float, bytes] | None = None,
+                   out: Any = None, concurrent: bool = False) -> RoundState:
+        """Publish `task` to `cohort`; replies and dropouts go to the returned round's queue
+        (`out`, or a new queue).  HeteroFL: `payloads` holds each width's sub-model payload;
+        a client gets its own.  `concurrent`: see `open_group`."""
+        if not concurrent and self.round is not None and self.round.open:
             self._end_round(self.round, "superseded", f"round {task.round} started before this one ended")
         rs = RoundState(
             round=task.round, version=task.version, task=task, cohort=frozenset(int(c) for c in cohort),
-            t0=time.monotonic(), deadline_s=deadline_s, out=queue.Queue(),
+            t0=time.monotonic(), deadline_s=deadline_s, out=out if out is not None else queue.Queue(), concurrent=concurrent,
         )
         rs.pending = set(rs.cohort)
         if self.submodels is not None:
@@ -1071,7 +1077,11 @@ class FleetServer:
                 self._drop(rs, cid, "no sub-model for its model width in this round's task")
         if rs.open and not rs.pending:
             self._end_round(rs, "complete", "")
-        if rs.open:
+        if rs.open and concurrent:
+            self.groups[rs.round] = rs
+            rs.timer = asyncio.get_running_loop().call_later(
+                deadline_s, self._end_round, rs, "deadline", f"no update before the deadline of {deadline_s:.3g}s")
+        elif rs.open:
             loop = asyncio.get_running_loop()
             if self._deadline_timer is not None:
                 self._deadline_timer.cancel()
@@ -1105,6 +1115,8 @@ class FleetServer:
         rs.payloads = {}
         rs.closed.set()  # uploads in progress are refused now (see _next_chunk)
         rs.out.put(END)
+        if rs.concurrent:
+            self._group_closed(rs)
         if self._deadline_timer is not None and self.round is rs:
             self._deadline_timer.cancel()
             self._deadline_timer = None
@@ -1114,8 +1126,8 @@ class FleetServer:
         """The run is over: tell every client (they stop), close any open round."""
         self.finished = True
         self.finished_reason = reason
-        if self.round is not None and self.round.open:
-            self._end_round(self.round, "finished", "the run finished")
+        for rs in self._open_rounds():
+            self._end_round(rs, "finished", "the run finished")
         self._notify()
 
     def not_yet_told(self) -> list[int]:
@@ -1143,23 +1155,65 @@ class FleetServer:
             await asyncio.sleep(tick)
             try:
                 self._watch_secagg()
-                rs = self.round
-                if rs is None or not rs.open:
-                    continue
-                now = time.monotonic()
-                active = self.tokens.active_ids()
-                for cid in sorted(rs.pending):
-                    if cid in rs.uploading:
-                        continue  # busy sending its update: alive
-                    cs = self.clients.get(cid)
-                    if cid not in active:
-                        self._drop(rs, cid, "its token was revoked")
-                        continue
-                    last = cs.last_seen if cs is not None else rs.t0
-                    if now - last > self.heartbeat_timeout_s:
-                        self._drop(rs, cid, f"no heartbeat for {now - last:.1f}s (timeout {self.heartbeat_timeout_s:.3g}s)")
+                for rs in self._open_rounds():
+                    self._watch_round(rs)
             except Exception:  # noqa: BLE001 - the watcher must survive anything
                 log.exception("liveness watcher")
+
+    def _watch_round(self, rs: RoundState) -> None:
+        """Drop the clients of `rs` that stopped heartbeating or lost their token."""
+        now = time.monotonic()
+        active = self.tokens.active_ids()
+        for cid in sorted(rs.pending):
+            if cid in rs.uploading:
+                continue  # busy sending its update: alive
+            cs = self.clients.get(cid)
+            if cid not in active:
+                self._drop(rs, cid, "its token was revoked")
+                continue
+            last = cs.last_seen if cs is not None else rs.t0
+            if now - last > self.heartbeat_timeout_s:
+                self._drop(rs, cid, f"no heartbeat for {now - last:.1f}s (timeout {self.heartbeat_timeout_s:.3g}s)")
+
+    # -- overlapping task groups (FedBuff over gRPC) ---------------------------------------
+    def open_group(self, task: Task, cohort: Iterable[int], deadline_s: float, payloads: dict[float, bytes] | None, out: Any) -> RoundState:
+        """Publish `task` to `cohort` as a task group open beside the others (asynchronous
+        FedBuff: each dispatch is a group keyed by its round, the dispatch number): it
+        supersedes nothing, has its own deadline, and a client's update is admitted to the
+        group it was dispatched in (`_group_of`).  Replies and dropouts go to `out`
+        (anything with `put`), END when the group closes."""
+        if task.round in self.groups:
+            raise ValueError(f"task group {task.round} is already open")
+        if self.round is not None and task.round <= self.round.round:
+            raise ValueError(f"task group {task.round} is not newer than round {self.round.round}: "
+                             "round numbers only go up (clients poll for rounds after their last)")
+        return self.open_round(task, cohort, deadline_s, payloads, out=out, concurrent=True)
+
+    def _group_closed(self, rs: RoundState) -> None:
+        if rs.timer is not None:
+            rs.timer.cancel()
+            rs.timer = None
+        if self.groups.get(rs.round) is rs:
+            del self.groups[rs.round]
+
+    def _open_rounds(self) -> list[RoundState]:
+        """Every open round: the synchronous one and/or the open task groups."""
+        out = [g for g in self.groups.values() if g.open]
+        if self.round is not None and self.round.open and all(g is not self.round for g in out):
+            out.append(self.round)
+        return out
+
+    def _task_round(self, client: int) -> RoundState | None:
+        """The open round (or task group) in which `client` has a task to do, else the latest round."""
+        return next((g for g in self.groups.values() if g.open and client in g.pending), self.round)
+
+    def _group_of(self, client: int, round: int) -> RoundState | None:
+        """The task group `round` that `client` was dispatched in, open or recently closed
+        (its precise refusals: duplicate, dropped, after_deadline, round_closed); None if none."""
+        g = self.groups.get(round)
+        if g is not None and client in g.cohort:
+            return g
+        return next((h for h in reversed(self.history) if h.concurrent and h.round == round and client in h.cohort), None)
 
     # -- secure aggregation (transport/grpc/secagg.py) ----------------------------------------
     def _secagg_forget(self, cid: int) -> None:

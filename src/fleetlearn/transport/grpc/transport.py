@@ -22,6 +22,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator, Sequence
@@ -32,10 +33,10 @@ from ...client.probe import PROBE_FEATURE
 from ...compression import parse_chain
 from ...messages import Dropout, Task
 from ...params import ParamSpec
-from ..base import Reply, TransportBase
+from ..base import Arrival, Reply, TransportBase
 from .auth import TokenStore
 from .certs import ServerTls
-from .server import END, FleetServer, Limits, RunRequirements
+from .server import END, FleetServer, Limits, RoundState, RunRequirements
 
 log = logging.getLogger("fleetlearn.transport.grpc")
 
@@ -53,6 +54,25 @@ def is_loopback(address: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+class _GroupOut:
+    """A task group's reply queue: what the server puts goes to the shared queue, tagged."""
+
+    def __init__(self, shared: "queue.Queue[Any]", key: int):
+        self.shared, self.key = shared, key
+
+    def put(self, item: Any) -> None:
+        self.shared.put((self.key, item))
+
+
+class _Group:
+    """An open task group as the Coordinator's side sees it."""
+
+    def __init__(self, cohort: list[int], start: float, hard_stop: float):
+        self.cohort, self.start, self.hard_stop = cohort, start, hard_stop
+        self.seen: set[int] = set()
+        self.rs: RoundState | None = None
 
 
 class GrpcTransport(TransportBase):
@@ -146,6 +166,9 @@ class GrpcTransport(TransportBase):
         host = address.rsplit(":", 1)[0]
         self.address = f"{host}:{self.port}"
         self._closed = False
+        self._groups: dict[int, _Group] = {}  # open task groups (FedBuff), by round
+        self._group_replies: queue.Queue = queue.Queue()  # (group, Reply | END) of every open group
+        self._ready: deque[Arrival] = deque()  # replies taken from that queue, not yet handed out
         log.info("fleetlearn gRPC server listening on %s (%s)", self.address, "TLS" if tls else "plaintext")
 
     # -- the loop thread -------------------------------------------------------------
@@ -261,6 +284,90 @@ class GrpcTransport(TransportBase):
         stage_s = self._stage_s
         return self._call(self.server.run_secagg(round, list(clients), list(weights), recipe, secure, dim, stage_s),
                           timeout=6 * stage_s + 60)
+
+    # -- overlapping task groups (FedBuff; Transport.open_group) ------------------------
+    def open_group(self, task: Task, cohort: Sequence[int], start: float) -> None:
+        """Publish `task` to `cohort` as a task group open beside the others (the server's
+        `open_group`): its replies join one queue with every open group's, tagged by group."""
+        cohort = sorted({int(c) for c in cohort})
+        deadline = task.deadline_s if task.deadline_s is not None else self.max_round_s
+        out = _GroupOut(self._group_replies, task.round)
+        group = _Group(cohort, start, time.monotonic() + deadline + self.grace_s)
+        self._groups[task.round] = group
+        try:
+            group.rs = self._on_loop(self.server.open_group, task, cohort, deadline, self._sub_payloads(task), out)
+        except BaseException:
+            self._groups.pop(task.round, None)
+            raise
+
+    def next_arrival(self, timeout_s: float | None = None) -> Arrival | None:
+        """The next reply of any open group, as it reaches the server (waits for it)."""
+        end = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            self._take_ready()
+            if self._ready:
+                return self._ready.popleft()
+            if not self._groups:
+                return None
+            wait = 1.0 if end is None else min(1.0, end - time.monotonic())
+            if wait <= 0:
+                return None
+            try:
+                self._take(*self._group_replies.get(timeout=wait))
+            except queue.Empty:
+                self._stop_overdue_groups()
+
+    def arrival_due(self, now: float) -> bool:
+        """A reply is already waiting (clients freed together are dispatched together)."""
+        self._take_ready()
+        return bool(self._ready)
+
+    def awaiting_replies(self) -> bool:
+        self._take_ready()
+        return bool(self._groups) or bool(self._ready)
+
+    def close_groups(self, reason: str) -> None:
+        """Close every open group on the server (later updates are refused: round_closed)."""
+        groups, self._groups = self._groups, {}
+        self._group_replies, self._ready = queue.Queue(), deque()
+        if not self._closed:
+            for group in groups.values():
+                if group.rs is not None:
+                    self._loop.call_soon_threadsafe(self.server.end_round, group.rs, "stopped", reason)
+
+    def _take_ready(self) -> None:
+        """Move what the server queued so far into `_ready` (replies) or close groups (END)."""
+        while True:
+            try:
+                self._take(*self._group_replies.get_nowait())
+            except queue.Empty:
+                return
+
+    def _take(self, key: int, item: Any) -> None:
+        group = self._groups.get(key)
+        if group is None:
+            return  # a group given up at its hard stop: the server's late word on it
+        if item is END:
+            del self._groups[key]
+            return
+        group.seen.add(item.message.client_id)
+        self._ready.append(Arrival(key, item, group.start + item.elapsed_s))
+
+    def _stop_overdue_groups(self) -> None:
+        """Groups the server loop did not close by their deadline + grace (it should never
+        happen): every client not heard from is reported dropped, as `dispatch` does."""
+        now = time.monotonic()
+        for key, group in list(self._groups.items()):
+            if now < group.hard_stop:
+                continue
+            log.error("task group %d: the server loop did not close it by its hard stop", key)
+            for cid in group.cohort:
+                if cid not in group.seen:
+                    self._group_replies.put((key, Reply(Dropout(cid, key, "the transport did not hear back before its hard stop"), 0.0)))
+            self._group_replies.put((key, END))
+            group.hard_stop = float("inf")
+            if group.rs is not None and not self._closed:
+                self._loop.call_soon_threadsafe(self.server.end_round, group.rs, "stopped", "hard stop")
 
     # -- run control ----------------------------------------------------------------------
     def wait_available(self, min_clients: int, timeout_s: float, poll_s: float = 0.1) -> list[int]:
