@@ -102,7 +102,10 @@ def test_split_chunks_cover_the_cohort_in_order():
 
 
 # Every client-side feature runs through the one client device, so the Ray workers run it
-# too: the same model as the in-process simulation, feature by feature.
+# too: the same model as the in-process simulation, feature by feature.  Within 1e-5, not
+# bitwise: each worker trains its chunk of the cohort as one batched (vmapped) computation,
+# and a batched product of another batch size may add in another order (float32 rounding);
+# the per-client code is the same.
 PARITY = {
     "scaffold": {"client": {"local_epochs": 1, "objective": "scaffold"}},
     "fedper": {"personalization": {"method": "fedper"}},
