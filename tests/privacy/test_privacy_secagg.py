@@ -229,3 +229,16 @@ def test_grpc_server_runs_secure_aggregation_with_the_clients_and_refuses_what_n
     normed = load_config({"privacy": {"secure_aggregation": True}, "server": {"max_update_norm": 5.0}})
     with pytest.raises(ConfigError, match="update-norm checks"):
         server_transport(normed, spec, "127.0.0.1:0", state_dir=tmp_path)
+
+
+def test_a_sketch_uplink_with_secure_aggregation_is_refused_not_silently_unprotected():
+    """The sketch sum would replace the secure sum: the run would claim SecAgg without it."""
+    from fleetlearn.config import ConfigError, load_config
+    from fleetlearn.engine import build_coordinator
+
+    cfg = {"data": {"dataset": "digits", "clients": 10}, "server": {"cohort": 4, "rounds": 1}, "model": {"hidden": [16]},
+           "compression": {"uplink": "sketch:50"}, "privacy": {"secure_aggregation": True}}
+    with pytest.raises(ConfigError, match=r"compression.uplink = 'sketch:50' with privacy.secure_aggregation = true"):
+        build_coordinator(load_config(cfg), store=False)
+    cfg["privacy"] = {"secure_aggregation": False}
+    assert build_coordinator(load_config(cfg), store=False).pipeline.name == "sketch_sum"

@@ -380,6 +380,11 @@ def build_coordinator(
     if _is_sketch(uplink):
         compat.check_linear(config.server.aggregator, f"compression.uplink = {config.compression.uplink!r}",
                             "it aggregates in sketch space, which only a linear rule (the mean) can do")
+        if config.privacy.secure_aggregation and config.privacy.mode != "central":
+            # The sketch sum would replace the secure sum: the run would say SecAgg and not do it.
+            raise ConfigError(f"compression.uplink = {config.compression.uplink!r} with privacy.secure_aggregation = true: the "
+                              "server sums count sketches in sketch space from each client's sketch, and a secure sum of "
+                              "sketches is not built; use a quantizing or top-k uplink with secure aggregation, or a sketch without it")
     _check_scaffold(config, uplink)
     personalization = build_personalization_part(config, learner)  # over gRPC the clients run it (commands.client)
     device = Device(learner, uplink, downlink, seed=config.seed, adaptive=adaptive, personalization=personalization, num_classes=data.num_classes)
