@@ -112,7 +112,7 @@ def _from_folder(name: str, folder: Path) -> ModelFiles:
             continue
         if prefix is not None:
             return ModelFiles(name, prefix, str(z))
-    what = "weights (model.safetensors)" if WEIGHTS_FILE not in present else "a tokenizer (tokenizer.json)" if TOKENIZER_FILE not in present else CONFIG_FILE
+    what = "weights (model.safetensors)" if WEIGHTS_FILE not in present else "tokenizer (tokenizer.json)" if TOKENIZER_FILE not in present else CONFIG_FILE
     raise ConfigError(
         f"model.name = {name!r}: {folder} is not a Hugging Face model directory: it has no {what} "
         f"(missing: {_missing(present)}; a model directory holds {', '.join(REQUIRED)})"
