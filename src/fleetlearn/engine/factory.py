@@ -56,15 +56,14 @@ def _pretrained_learner(config: RunConfig, data: FederatedData, fleet=None):
     """A pretrained Hugging Face encoder with LoRA adapters and a head (fleetlearn.learners.hf):
     the learner's vector is the adapters and the head; with several `model.lora_ranks`, the
     HeteroFL wrapper that trains each device at the rank its memory allows."""
-    from ..learners.hf import LoraLearner, lora_classifier_factory, lora_rank_parts
+    from ..learners.hf import lora_learner, lora_rank_parts
 
     m = config.model
     if m.heterofl:
         learner = _part("model.lora_ranks", "lora_ranks", m.lora_ranks, lambda: lora_rank_parts(
             m, data.num_features, data.num_classes, None if fleet is None else fleet.memory_mb, data.num_clients, config.engine.vectorize))
     else:
-        make = lora_classifier_factory(m.name, data.num_features, data.num_classes, m.lora_rank, m.lora_alpha, m.lora_targets)
-        learner = LoraLearner(make, vectorize=config.engine.vectorize)
+        learner = lora_learner(m, data.num_features, data.num_classes, config.engine.vectorize)
     _check_model_output(m.name, learner, data)
     return learner
 

@@ -47,7 +47,7 @@ from .torch_learner import TorchLearner
 
 __all__ = [
     "LoRALinear", "TextClassifier", "LoraLearner", "Encoder", "load_encoder", "lora_classifier_factory",
-    "rank_slices", "rank_spec", "LoraRankPlan", "lora_rank_parts", "trainable_spec", "full_model_params",
+    "rank_slices", "rank_spec", "LoraRankPlan", "lora_rank_parts", "lora_learner", "trainable_spec", "full_model_params",
 ]
 
 # Clients trained as one vmapped computation at most (a transformer's activations are large).
@@ -248,6 +248,13 @@ def lora_classifier_factory(name: str, num_features: int, num_classes: int, rank
         return TextClassifier(module, enc.hidden, num_classes, enc.pad_id, enc.vocab_size)
 
     return make
+
+
+def lora_learner(model_cfg, num_features: int, num_classes: int, vectorize: bool = True) -> LoraLearner:
+    """The `LoraLearner` of a `[model]` section with ``name = "hf:..."`` (one rank): what the
+    server's factory and `fleetlearn client` both build, so their model digests agree."""
+    m = model_cfg
+    return LoraLearner(lora_classifier_factory(m.name, num_features, num_classes, m.lora_rank, m.lora_alpha, m.lora_targets), vectorize=vectorize)
 
 
 def full_model_params(name: str, num_classes: int) -> int:

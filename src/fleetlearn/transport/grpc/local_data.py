@@ -70,6 +70,10 @@ def learner_from_config(config: RunConfig | dict | str | Path, num_features: int
     """The run's model as a TorchLearner (one client: no batched cohort training)."""
     cfg = run_config(config)
     m = cfg.model
+    if m.name.startswith("hf:"):  # a pretrained encoder, loaded from this device's own files; adapters + head on the wire
+        from ...learners.hf import lora_learner
+
+        return lora_learner(m, num_features, num_classes, vectorize=False)
     return TorchLearner(model_factory(m.name, num_features, num_classes, m.hidden, m.kwargs), vectorize=False)
 
 
