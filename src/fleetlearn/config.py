@@ -182,6 +182,10 @@ class ModelConfig(Section):
             )
         if self.name == "logistic" and self.hidden != [128]:
             raise ValueError(f"model.hidden = {self.hidden}: model.name = 'logistic' has no hidden layers; leave model.hidden unset or use model.name = 'mlp'")
+        if self.name.startswith("hf:") and (self.kwargs or self.hidden != [128]):
+            key = "kwargs" if self.kwargs else "hidden"
+            raise ValueError(f"model.{key} = {getattr(self, key)}: a pretrained model ({self.name!r}) takes its layers from its config.json; "
+                             "its keys are lora_rank, lora_alpha, lora_targets and lora_ranks")
         lora_keys = sorted(k for k in ("lora_rank", "lora_alpha", "lora_targets", "lora_ranks") if k in self.model_fields_set and getattr(self, k) != type(self).model_fields[k].get_default(call_default_factory=True))
         if lora_keys and not self.name.startswith("hf:"):
             raise ValueError(f"model.{lora_keys[0]}: LoRA adapters apply to a pretrained model, model.name = 'hf:...', not {self.name!r}")

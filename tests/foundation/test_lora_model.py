@@ -169,3 +169,5 @@ def test_lora_keys_need_a_pretrained_model():
     with pytest.raises(ConfigError, match=r"model\.lora_rank = 2 with model\.lora_ranks"):
         load_config({"model": {"name": "hf:x", "lora_rank": 2, "lora_ranks": [8, 4]}})
     assert load_config({"model": {"name": "hf:x", "lora_ranks": [2, 8]}}).model.lora_rank == 8
+    with pytest.raises(ConfigError, match=r"model\.hidden = \[16\]: a pretrained model"):
+        load_config({"model": {"name": "hf:x", "hidden": [16]}})

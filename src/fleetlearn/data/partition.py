@@ -226,6 +226,7 @@ def label_share(labels: np.ndarray, num_clients: int, rng: np.random.Generator, 
     spam example: 1% to 50% spam).  ``m`` is the largest equal size both classes can supply;
     examples that do not fit are left out (the one partitioner that does not cover every example).
     """
+    require_enough(len(labels), num_clients, cfg.min_examples, "label_share")
     classes = np.unique(labels)
     if not set(classes.tolist()) <= {0, 1} or len(classes) < 2:
         raise DataError(f"partition 'label_share' needs binary labels 0 and 1, got classes {classes.tolist()}")
