@@ -116,6 +116,10 @@ class LoraLearner(TorchLearner):
     head); the frozen base stays inside the module and is shared by every copy of it."""
 
     name = "lora"
+    # A transformer's activations are large: bounded forward passes when evaluating
+    # (256 sequences; a cohort: 16 clients x 16 rows).
+    eval_chunk = 256
+    eval_columns = 16
 
     def __init__(self, make_module: Callable[[], nn.Module], vectorize: bool = True, max_group: int = HF_MAX_GROUP):
         super().__init__(make_module, vectorize=vectorize, max_group=max_group)
