@@ -752,6 +752,9 @@ class EngineConfig(Section):
     backend: str = "simulation"  # a registered transport (fleetlearn.parts, kind "transport")
     # Train the cohort as one batched (vmapped) computation when the model allows it.
     vectorize: bool = True
+    # Where a pretrained model's encoder runs (model.name = "hf:..."): "cpu", "cuda" or "auto"
+    # (CUDA when present). The parameter vector, codecs and aggregation stay on the CPU.
+    device: str = "cpu"
     # torch intra-op threads while a run executes (restored afterwards). "auto": one thread
     # for models up to 100,000 parameters, whose small kernels lose more to thread
     # synchronisation than they gain; torch's own default for larger models. 0: torch's default.
@@ -773,6 +776,13 @@ class EngineConfig(Section):
             raise ValueError(f"unknown backend; allowed: {', '.join(part_names('transport'))} "
                              "(or a transport registered with fleetlearn.parts.register_part('transport', ...))")
         return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v in ("cpu", "auto", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"expected 'cpu', 'cuda', 'cuda:N' or 'auto', got {v!r}")
 
     @field_validator("threads")
     @classmethod
@@ -910,6 +920,9 @@ class RunConfig(Section):
         if self.data.examples_per_client is not None and self.data.partition != "iid":
             raise ValueError(f"data.examples_per_client needs data.partition = 'iid', not {self.data.partition!r}")
         self._heterofl_checks()
+        if self.engine.device != "cpu" and not self.model.name.startswith("hf:"):
+            raise ValueError(f"engine.device = {self.engine.device!r}: only a pretrained model (model.name = 'hf:...') runs off the CPU so far; "
+                             f"model.name = {self.model.name!r} trains on the CPU (leave engine.device = 'cpu')")
         if self.data.tokenizer is None and self.model.name.startswith("hf:"):
             self.data.__dict__["tokenizer"] = self.model.name  # text is tokenised by the model's own tokenizer
         method = self.personalization.method

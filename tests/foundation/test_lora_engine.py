@@ -147,3 +147,31 @@ def test_heterogeneous_ranks_in_a_run(bert_dir, spam_dir):
     order = np.argsort(mem)
     assert np.all(np.diff(widths[order]) >= 0)  # more memory never gets a smaller rank
     assert s.records[0].status == "ok"
+
+
+# -- engine.device ----------------------------------------------------------------------------
+
+
+def test_device_auto_runs_where_cuda_is_or_on_the_cpu(bert_dir, spam_dir):
+    # The same run on "auto" (CUDA when present, else the CPU) and on "cpu": same bytes, and
+    # the same model to float tolerance (on a CPU-only machine both are the CPU).
+    c_auto, s_auto = _run(_cfg(bert_dir, spam_dir, engine={"device": "auto"}))
+    c_cpu, s_cpu = _run(_cfg(bert_dir, spam_dir, engine={"device": "cpu"}))
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert c_auto.learner.device.type == want and c_cpu.learner.device.type == "cpu"
+    assert c_auto.params.device.type == "cpu"  # the vector everything else sees stays on the CPU
+    assert s_auto.uplink_bytes == s_cpu.uplink_bytes
+    torch.testing.assert_close(c_auto.params, c_cpu.params, atol=1e-4, rtol=1e-3)
+
+
+def test_device_refusals():
+    from fleetlearn.errors import ConfigError
+    from fleetlearn.learners.hf import resolve_device
+
+    with pytest.raises(ConfigError, match=r"engine\.device = 'cuda'.*only a pretrained model"):
+        load_config({"engine": {"device": "cuda"}})
+    with pytest.raises(ConfigError, match=r"engine\.device.*'cpu', 'cuda', 'cuda:N' or 'auto'"):
+        load_config({"model": {"name": "hf:x"}, "engine": {"device": "tpu"}})
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"engine\.device = 'cuda': no CUDA device"):
+            resolve_device("cuda")

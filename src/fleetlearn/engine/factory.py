@@ -61,9 +61,10 @@ def _pretrained_learner(config: RunConfig, data: FederatedData, fleet=None):
     m = config.model
     if m.heterofl:
         learner = _part("model.lora_ranks", "lora_ranks", m.lora_ranks, lambda: lora_rank_parts(
-            m, data.num_features, data.num_classes, None if fleet is None else fleet.memory_mb, data.num_clients, config.engine.vectorize))
+            m, data.num_features, data.num_classes, None if fleet is None else fleet.memory_mb, data.num_clients, config.engine.vectorize,
+            config.engine.device))
     else:
-        learner = lora_learner(m, data.num_features, data.num_classes, config.engine.vectorize)
+        learner = lora_learner(m, data.num_features, data.num_classes, config.engine.vectorize, config.engine.device)
     _check_model_output(m.name, learner, data)
     return learner
 

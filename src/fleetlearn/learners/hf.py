@@ -48,6 +48,7 @@ from .torch_learner import TorchLearner
 __all__ = [
     "LoRALinear", "TextClassifier", "LoraLearner", "Encoder", "load_encoder", "lora_classifier_factory",
     "rank_slices", "rank_spec", "LoraRankPlan", "lora_rank_parts", "lora_learner", "trainable_spec", "full_model_params",
+    "resolve_device",
 ]
 
 # Clients trained as one vmapped computation at most (a transformer's activations are large).
@@ -86,7 +87,8 @@ class TextClassifier(nn.Module):
         self.pad_id, self.vocab_size = int(pad_id), int(vocab_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids = x.long()
+        # Runs where the head is (the learner's device); logits come back where x was.
+        ids = x.to(self.head.weight.device).long()
         ids = torch.where((ids >= 0) & (ids < self.vocab_size), ids, torch.full_like(ids, self.pad_id))
         keep = ids != self.pad_id
         zero = torch.zeros((), dtype=torch.float32, device=ids.device)
@@ -95,7 +97,7 @@ class TextClassifier(nn.Module):
         h = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         k = keep.unsqueeze(-1).to(h.dtype)
         pooled = (h * k).sum(1) / k.sum(1).clamp(min=1.0)
-        return self.head(pooled)
+        return self.head(pooled).to(x.device)
 
     def __deepcopy__(self, memo):
         _share_frozen(self, memo)
@@ -124,12 +126,18 @@ class LoraLearner(TorchLearner):
     def __init__(self, make_module: Callable[[], nn.Module], vectorize: bool = True, max_group: int = HF_MAX_GROUP):
         super().__init__(make_module, vectorize=vectorize, max_group=max_group)
         self.spec = trainable_spec(self._module)
+        self.device = self._module.head.weight.device if hasattr(self._module, "head") else torch.device("cpu")
 
     def init_params(self, seed: int) -> torch.Tensor:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             module = self.make_module()
-        return self.spec.flatten(dict(module.named_parameters()))
+        return self.spec.flatten(dict(module.named_parameters())).cpu()
+
+    def _logits(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # The flat vector (and the optimizer's arithmetic on it) stays on the CPU, with the rest of
+        # the system; the encoder's work runs on the learner's device (engine.device).
+        return super()._logits(flat.to(self.device), x)
 
 
 # -- the frozen encoder, once per process --------------------------------------------------------
@@ -148,9 +156,26 @@ class Encoder:
         return [n for n, m in self.module.named_modules() if isinstance(m, nn.Linear)]
 
 
+def resolve_device(device: str) -> torch.device:
+    """``engine.device``: "cpu", "cuda" (ConfigError without a GPU) or "auto" (CUDA when present)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"engine.device = {device!r}: no CUDA device is available here (torch {torch.__version__}); use 'auto' or 'cpu'")
+    return torch.device(device)
+
+
+def load_encoder(name: str, device: str = "cpu") -> Encoder:
+    """The frozen encoder of ``"hf:..."`` on ``device`` (cached: loaded once per process and device)."""
+    return _load_encoder(name, str(torch.device(device)))
+
+
 @lru_cache(maxsize=4)
-def load_encoder(name: str) -> Encoder:
-    """The frozen encoder of ``"hf:..."`` (cached: loaded once per process)."""
+def _load_encoder(name: str, device: str) -> Encoder:
+    if device != "cpu":
+        enc = _load_encoder(name, "cpu")
+        moved = copy.deepcopy(enc.module).to(device)
+        return Encoder(name, moved, enc.hidden, enc.vocab_size, enc.pad_id, enc.max_positions)
     offline()
     try:
         from safetensors.torch import load as load_safetensors
@@ -233,11 +258,11 @@ def check_lora(encoder: Encoder, targets: Sequence[str], rank: int) -> list[str]
 
 
 def lora_classifier_factory(name: str, num_features: int, num_classes: int, rank: int, alpha: float,
-                            targets: Sequence[str], max_rank: int | None = None) -> Callable[[], TextClassifier]:
+                            targets: Sequence[str], max_rank: int | None = None, device: str = "cpu") -> Callable[[], TextClassifier]:
     """``() -> TextClassifier``: the frozen encoder of ``name`` (shared) with fresh rank-``rank``
     adapters on ``targets`` (scaling ``alpha / max_rank``; ``max_rank`` defaults to ``rank``)
     and a fresh head.  Every check runs here, before any training."""
-    enc = load_encoder(name)
+    enc = load_encoder(name, str(device))
     if num_features > enc.max_positions:
         raise ConfigError(f"data.text_seq_len = {num_features} exceeds the {enc.max_positions} positions of {name!r}")
     names = check_lora(enc, targets, rank)
@@ -249,16 +274,23 @@ def lora_classifier_factory(name: str, num_features: int, num_classes: int, rank
         module = copy.deepcopy(enc.module, memo)  # the structure, the frozen tensors shared
         if rank > 0:
             _inject(module, names, rank, scaling)
-        return TextClassifier(module, enc.hidden, num_classes, enc.pad_id, enc.vocab_size)
+        clf = TextClassifier(module, enc.hidden, num_classes, enc.pad_id, enc.vocab_size)
+        dev = torch.device(device)
+        for sub in clf.modules():  # the new adapters and head to the device; the frozen base is there already
+            for key, p in list(sub._parameters.items()):  # (Module.to would copy the shared base)
+                if p is not None and p.requires_grad and p.device != dev:
+                    sub._parameters[key] = nn.Parameter(p.detach().to(dev))
+        return clf
 
     return make
 
 
-def lora_learner(model_cfg, num_features: int, num_classes: int, vectorize: bool = True) -> LoraLearner:
+def lora_learner(model_cfg, num_features: int, num_classes: int, vectorize: bool = True, device: str = "cpu") -> LoraLearner:
     """The `LoraLearner` of a `[model]` section with ``name = "hf:..."`` (one rank): what the
     server's factory and `fleetlearn client` both build, so their model digests agree."""
     m = model_cfg
-    return LoraLearner(lora_classifier_factory(m.name, num_features, num_classes, m.lora_rank, m.lora_alpha, m.lora_targets), vectorize=vectorize)
+    dev = str(resolve_device(device))
+    return LoraLearner(lora_classifier_factory(m.name, num_features, num_classes, m.lora_rank, m.lora_alpha, m.lora_targets, device=dev), vectorize=vectorize)
 
 
 def full_model_params(name: str, num_classes: int) -> int:
@@ -326,16 +358,18 @@ class LoraRankPlan(HeteroFLPlan):
         return LoraLearner(make, vectorize=vectorize)
 
 
-def lora_rank_parts(model_cfg, num_features: int, num_classes: int, memory_mb, num_clients: int, vectorize: bool = True) -> HeteroFLLearner:
+def lora_rank_parts(model_cfg, num_features: int, num_classes: int, memory_mb, num_clients: int, vectorize: bool = True,
+                    device: str = "cpu") -> HeteroFLLearner:
     """The heterogeneous-rank learner of a `[model]` section: ``model.lora_ranks``, each device's
     rank by ``model.width_rule`` ("memory": the largest rank whose share ``r / max rank`` of
     ``model.full_width_memory_mb`` fits in the device's memory; "round_robin")."""
     ranks = sorted(set(model_cfg.lora_ranks), reverse=True)
     r_max = ranks[0]
+    dev = str(resolve_device(device))
     check_lora(load_encoder(model_cfg.name), model_cfg.lora_targets, r_max)
 
     def for_rank(r: int) -> nn.Module:
-        return lora_classifier_factory(model_cfg.name, num_features, num_classes, r, model_cfg.lora_alpha, model_cfg.lora_targets, max_rank=r_max)()
+        return lora_classifier_factory(model_cfg.name, num_features, num_classes, r, model_cfg.lora_alpha, model_cfg.lora_targets, max_rank=r_max, device=dev)()
 
     full = LoraLearner(lambda: for_rank(r_max), vectorize=vectorize)
     plan = LoraRankPlan(full.spec, ranks, for_rank, full_width_memory_mb=model_cfg.full_width_memory_mb, vectorize=vectorize)

@@ -73,7 +73,7 @@ def learner_from_config(config: RunConfig | dict | str | Path, num_features: int
     if m.name.startswith("hf:"):  # a pretrained encoder, loaded from this device's own files; adapters + head on the wire
         from ...learners.hf import lora_learner
 
-        return lora_learner(m, num_features, num_classes, vectorize=False)
+        return lora_learner(m, num_features, num_classes, vectorize=False, device=cfg.engine.device)
     return TorchLearner(model_factory(m.name, num_features, num_classes, m.hidden, m.kwargs), vectorize=False)
 
 
