@@ -221,6 +221,7 @@ def _print_summary(console: Console, s: RunSummary) -> None:
         ("rounds", str(s.rounds) + (f" ({s.failed_rounds} failed)" if s.failed_rounds else "")),
         ("final accuracy", _fmt(s.final_accuracy)),
         ("best accuracy", _fmt(s.best_accuracy)),
+        *([("final F1 (class 1)", _fmt(s.final_f1))] if s.final_f1 == s.final_f1 else []),
         ("final loss", _fmt(s.final_loss)),
         ("uplink", _bytes(s.uplink_bytes)),
         ("downlink", _bytes(s.downlink_bytes)),

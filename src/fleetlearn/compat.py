@@ -121,7 +121,7 @@ def transport_features(cfg: Any) -> list[tuple[str, str]]:
     if srv.clustering != "none":
         out.append(("clustering", f"server.clustering = {srv.clustering!r}"))
     if cfg.model.heterofl:
-        out.append(("heterofl", f"model.widths = {cfg.model.widths}"))
+        out.append(("heterofl", f"model.widths = {cfg.model.widths}" if cfg.model.heterofl_widths else f"model.lora_ranks = {cfg.model.lora_ranks}"))
     if cfg.attack.kind != "none":
         out.append(("attack_simulation", f"attack.kind = {cfg.attack.kind!r}"))
     if cfg.privacy.secure_aggregation:

@@ -27,7 +27,7 @@ __all__ = ["ConfigError", "FleetlearnError", "RunConfig", "load_config"]
 # Datasets are parts (fleetlearn.parts, kind "dataset"; built-ins in data/datasets.py): the
 # allowed names, each one's default population (`default_clients`), default partition and
 # whether it brings its own devices (capability `natural_devices`) come from the registry.
-PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "feature", "natural", "label_permutation")
+PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "feature", "natural", "label_permutation", "label_share")
 
 
 INT64_MAX = 2**63 - 1
@@ -79,7 +79,7 @@ def _is_import_path(value: str) -> bool:
 class DataConfig(Section):
     dataset: str = "digits"
     clients: int | None = Field(default=None, ge=1)
-    partition: Literal["iid", "dirichlet", "shards", "quantity", "feature", "natural", "label_permutation"] = "dirichlet"
+    partition: Literal["iid", "dirichlet", "shards", "quantity", "feature", "natural", "label_permutation", "label_share"] = "dirichlet"
     alpha: float = Field(default=0.5, gt=0)  # Dirichlet concentration (label skew)
     shards_per_client: int = Field(default=2, ge=1)  # classes per client for `shards`
     quantity: Literal["lognormal", "powerlaw"] = "lognormal"  # size law for `quantity`
@@ -108,6 +108,14 @@ class DataConfig(Section):
     text_stride: int = Field(default=4, ge=1)
     text_max_chars: int = Field(default=10_000, ge=0)
     text_speakers: int | None = Field(default=None, ge=1)
+    # Text classification (spam_assassin): the "hf:..." model whose tokenizer.json turns text into
+    # `text_seq_len` token ids (None: model.name when it is an "hf:" model).
+    tokenizer: str | None = None
+    # label_share (binary label skew, fleetlearn.data.spam): client c's share of class 1 (spam),
+    # spread geometrically from label_share_min to label_share_max over the clients; every client
+    # has the same number of examples (what does not fit the shares is left out).
+    label_share_min: float = Field(default=0.01, gt=0, lt=1)
+    label_share_max: float = Field(default=0.5, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _natural_default(self) -> "DataConfig":
@@ -118,6 +126,10 @@ class DataConfig(Section):
             self.__dict__["partition"] = default  # not setattr: that would re-run this validator
         if self.dataset == "sotu" and self.text_max_chars and self.text_max_chars <= self.text_seq_len:
             raise ValueError(f"data.text_max_chars = {self.text_max_chars} must exceed data.text_seq_len = {self.text_seq_len}")
+        if self.label_share_min > self.label_share_max:
+            raise ValueError(f"data.label_share_min = {self.label_share_min} exceeds data.label_share_max = {self.label_share_max}")
+        if self.tokenizer is not None and not self.tokenizer.startswith("hf:"):
+            raise ValueError(f"data.tokenizer = {self.tokenizer!r}: name a Hugging Face model 'hf:<directory or package>'")
         return self
 
     @field_validator("dataset")
@@ -152,9 +164,10 @@ class ModelConfig(Section):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if v in BUILTIN_MODELS or _is_import_path(v):
+        if v in BUILTIN_MODELS or _is_import_path(v) or (v.startswith("hf:") and len(v) > 3):
             return v
-        raise ValueError(f"unknown model {v!r}; allowed: {', '.join(BUILTIN_MODELS)} or an import path 'pkg.module:function'")
+        raise ValueError(f"unknown model {v!r}; allowed: {', '.join(BUILTIN_MODELS)}, an import path 'pkg.module:function' "
+                         "or a pretrained Hugging Face model 'hf:<directory or installed package>'")
 
     @model_validator(mode="after")
     def _recurrent_width(self) -> "ModelConfig":
@@ -169,6 +182,19 @@ class ModelConfig(Section):
             )
         if self.name == "logistic" and self.hidden != [128]:
             raise ValueError(f"model.hidden = {self.hidden}: model.name = 'logistic' has no hidden layers; leave model.hidden unset or use model.name = 'mlp'")
+        if self.name.startswith("hf:") and (self.kwargs or self.hidden != [128]):
+            key = "kwargs" if self.kwargs else "hidden"
+            raise ValueError(f"model.{key} = {getattr(self, key)}: a pretrained model ({self.name!r}) takes its layers from its config.json; "
+                             "its keys are lora_rank, lora_alpha, lora_targets and lora_ranks")
+        lora_keys = sorted(k for k in ("lora_rank", "lora_alpha", "lora_targets", "lora_ranks") if k in self.model_fields_set and getattr(self, k) != type(self).model_fields[k].get_default(call_default_factory=True))
+        if lora_keys and not self.name.startswith("hf:"):
+            raise ValueError(f"model.{lora_keys[0]}: LoRA adapters apply to a pretrained model, model.name = 'hf:...', not {self.name!r}")
+        if self.lora_ranks:
+            if self.heterofl_widths:
+                raise ValueError("model.lora_ranks and model.widths: give a pretrained model ranks, an MLP widths, not both")
+            if "lora_rank" in self.model_fields_set and self.lora_rank != max(self.lora_ranks):
+                raise ValueError(f"model.lora_rank = {self.lora_rank} with model.lora_ranks = {self.lora_ranks}: the global adapters have the largest rank; leave model.lora_rank unset")
+            self.__dict__["lora_rank"] = max(self.lora_ranks)
         return self
 
     # HeteroFL (Diao et al., ICLR 2021): the widths clients train at (1.0 = the full model;
@@ -178,6 +204,28 @@ class ModelConfig(Section):
     widths: list[float] = Field(default_factory=lambda: [1.0])
     width_rule: Literal["memory", "round_robin"] = "memory"
     full_width_memory_mb: float = Field(default=512.0, gt=0)  # memory a device needs to train the full model
+    # LoRA on a pretrained model (name = "hf:...", fleetlearn.learners.hf): adapters of rank
+    # `lora_rank` (0: the head alone, a linear probe on the frozen encoder) with scaling
+    # lora_alpha / rank on the Linear modules named by `lora_targets`.  `lora_ranks`: several
+    # ranks, each device's by `width_rule` as for HeteroFL's widths (width = rank / max rank).
+    lora_rank: int = Field(default=8, ge=0, le=4096)
+    lora_alpha: float = Field(default=16.0, gt=0)
+    lora_targets: list[str] = Field(default_factory=lambda: ["query", "value"])
+    lora_ranks: list[int] = Field(default_factory=list)
+
+    @field_validator("lora_ranks")
+    @classmethod
+    def _lora_ranks(cls, v: list[int]) -> list[int]:
+        if any(r < 1 or r > 4096 for r in v) or len(set(v)) != len(v):
+            raise ValueError(f"ranks must be distinct, from 1 to 4096; got {v}")
+        return sorted(v, reverse=True)
+
+    @field_validator("lora_targets")
+    @classmethod
+    def _lora_targets(cls, v: list[str]) -> list[str]:
+        if not v or any(not t or not all(p.isidentifier() or p.isdigit() for p in t.split(".")) for t in v):
+            raise ValueError(f"give module names such as 'query' or 'attention.self.value'; got {v}")
+        return v
 
     @field_validator("hidden")
     @classmethod
@@ -199,8 +247,13 @@ class ModelConfig(Section):
         return sorted(v, reverse=True)
 
     @property
-    def heterofl(self) -> bool:
+    def heterofl_widths(self) -> bool:
         return len(self.widths) > 1
+
+    @property
+    def heterofl(self) -> bool:
+        """Sub-models of several sizes: HeteroFL widths, or LoRA ranks."""
+        return len(self.widths) > 1 or len(self.lora_ranks) > 1
 
 
 class ClientConfig(Section):
@@ -730,6 +783,9 @@ class EngineConfig(Section):
     backend: str = "simulation"  # a registered transport (fleetlearn.parts, kind "transport")
     # Train the cohort as one batched (vmapped) computation when the model allows it.
     vectorize: bool = True
+    # Where a pretrained model's encoder runs (model.name = "hf:..."): "cpu", "cuda" or "auto"
+    # (CUDA when present). The parameter vector, codecs and aggregation stay on the CPU.
+    device: str = "cpu"
     # torch intra-op threads while a run executes (restored afterwards). "auto": one thread
     # for models up to 100,000 parameters, whose small kernels lose more to thread
     # synchronisation than they gain; torch's own default for larger models. 0: torch's default.
@@ -754,6 +810,13 @@ class EngineConfig(Section):
             raise ValueError(f"unknown backend; allowed: {', '.join(allowed)} "
                              f"(or a transport registered with fleetlearn.parts.register_part('transport', ...)){served}")
         return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v in ("cpu", "auto", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"expected 'cpu', 'cuda', 'cuda:N' or 'auto', got {v!r}")
 
     @field_validator("threads")
     @classmethod
@@ -894,6 +957,11 @@ class RunConfig(Section):
         if self.data.examples_per_client is not None and self.data.partition != "iid":
             raise ValueError(f"data.examples_per_client needs data.partition = 'iid', not {self.data.partition!r}")
         self._heterofl_checks()
+        if self.engine.device != "cpu" and not self.model.name.startswith("hf:"):
+            raise ValueError(f"engine.device = {self.engine.device!r}: only a pretrained model (model.name = 'hf:...') runs off the CPU so far; "
+                             f"model.name = {self.model.name!r} trains on the CPU (leave engine.device = 'cpu')")
+        if self.data.tokenizer is None and self.model.name.startswith("hf:"):
+            self.data.__dict__["tokenizer"] = self.model.name  # text is tokenised by the model's own tokenizer
         method = self.personalization.method
         if method != "none":
             if self.client.objective == "scaffold" or self.model.heterofl:
@@ -905,16 +973,17 @@ class RunConfig(Section):
     def _heterofl_checks(self) -> None:
         m, srv = self.model, self.server
         if m.heterofl:
-            if m.name != "mlp":
-                raise ValueError(f"model.widths = {m.widths}: HeteroFL width slicing needs model.name = 'mlp' (a chain of Linear layers), not {m.name!r}")
+            sub = f"model.widths = {m.widths}" if m.heterofl_widths else f"model.lora_ranks = {m.lora_ranks}"
+            if m.heterofl_widths and m.name != "mlp":
+                raise ValueError(f"{sub}: HeteroFL width slicing needs model.name = 'mlp' (a chain of Linear layers), not {m.name!r}")
             if srv.aggregator != "mean":
-                raise ValueError(f"model.widths = {m.widths}: HeteroFL aggregates each coordinate over the clients that cover it (a weighted mean); server.aggregator = {srv.aggregator!r} is not supported with it")
+                raise ValueError(f"{sub}: HeteroFL aggregates each coordinate over the clients that cover it (a weighted mean); server.aggregator = {srv.aggregator!r} is not supported with it")
             if self.client.objective == "scaffold":
-                raise ValueError(f"model.widths = {m.widths}: client.objective = 'scaffold' keeps full-size control variates; not supported with HeteroFL")
+                raise ValueError(f"{sub}: client.objective = 'scaffold' keeps full-size control variates; not supported with HeteroFL")
             if self.privacy.mode == "central" or self.privacy.secure_aggregation:
-                raise ValueError(f"model.widths = {m.widths}: central DP and secure aggregation aggregate outside the HeteroFL aggregator; not supported together")
+                raise ValueError(f"{sub}: central DP and secure aggregation aggregate outside the HeteroFL aggregator; not supported together")
             if "sketch" in self.compression.uplink:
-                raise ValueError(f"model.widths = {m.widths}: compression.uplink = {self.compression.uplink!r} sums in sketch space, which cannot align sub-models of different widths")
+                raise ValueError(f"{sub}: compression.uplink = {self.compression.uplink!r} sums in sketch space, which cannot align sub-models of different widths")
         if self.distill.method == "feddf":
             if srv.mode == "async":
                 raise ValueError("distill.method = 'feddf' distils the cohort of a synchronous round; it cannot run with server.mode = 'async'")

@@ -158,6 +158,8 @@ class RunSummary:
     dp_delta: float = math.nan
     dp_accounting: str = ""
     dp_sampling: str = ""
+    # Binary tasks (spam detection): F1 of class 1 on the central test set at the last evaluation.
+    final_f1: float = math.nan
     records: list[RoundRecord] = field(default_factory=list)
 
     def seconds_to(self, accuracy: float) -> float:

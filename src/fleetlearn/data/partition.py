@@ -5,8 +5,9 @@ A partition is `(order, offsets)`: client c holds `order[offsets[c]:offsets[c+1]
 O(examples + clients) and every step is vectorised numpy (loops run over classes or over
 fixed-size blocks of clients, never over single clients), so 100,000 clients are cheap.
 
-Every partitioner covers each example exactly once and gives each client at least
-`cfg.min_examples` examples, or raises `DataError` when the data are too few for that.
+Every partitioner covers each example exactly once (but `label_share`, whose exact per-client
+shares leave some out) and gives each client at least `cfg.min_examples` examples, or raises
+`DataError` when the data are too few for that.
 """
 
 from __future__ import annotations
@@ -212,6 +213,46 @@ def permute_labels(y: np.ndarray, client_parts: list[Partition], groups: int, nu
     return perms
 
 
+def label_shares(num_clients: int, low: float, high: float, rng: np.random.Generator) -> np.ndarray:
+    """Each client's share of class 1: geometric steps from `low` to `high` (most clients hold
+    little of it, a few hold much, as spam in real mailboxes), in a seeded random client order."""
+    steps = np.geomspace(low, high, num_clients) if num_clients > 1 else np.array([np.sqrt(low * high)])
+    return steps[rng.permutation(num_clients)]
+
+
+def label_share(labels: np.ndarray, num_clients: int, rng: np.random.Generator, cfg: "DataConfig") -> Partition:
+    """Binary label skew: client c holds ``m`` examples of which ``round(s_c m)`` are class 1,
+    ``s_c`` from `label_shares` (``data.label_share_min`` .. ``data.label_share_max``; the seed's
+    spam example: 1% to 50% spam).  ``m`` is the largest equal size both classes can supply;
+    examples that do not fit are left out (the one partitioner that does not cover every example).
+    """
+    require_enough(len(labels), num_clients, cfg.min_examples, "label_share")
+    classes = np.unique(labels)
+    if not set(classes.tolist()) <= {0, 1} or len(classes) < 2:
+        raise DataError(f"partition 'label_share' needs binary labels 0 and 1, got classes {classes.tolist()}")
+    shares = label_shares(num_clients, cfg.label_share_min, cfg.label_share_max, rng)
+    pos = np.flatnonzero(labels == 1)
+    neg = np.flatnonzero(labels == 0)
+    # m such that sum_c round(s_c m) <= |pos| and sum_c (m - round(s_c m)) <= |neg|
+    m = int(min(len(pos) / shares.sum(), len(neg) / (1 - shares).sum()))
+    while m > 0 and (np.round(shares * m).sum() > len(pos) or (m - np.round(shares * m)).sum() > len(neg)):
+        m -= 1
+    if m < cfg.min_examples:
+        raise DataError(f"partition 'label_share': {len(pos)} examples of class 1 and {len(neg)} of class 0 give {num_clients} "
+                        f"clients {m} examples each, fewer than data.min_examples = {cfg.min_examples}; use fewer clients")
+    n_pos = np.round(shares * m).astype(np.int64)
+    n_neg = m - n_pos
+    pos, neg = rng.permutation(pos), rng.permutation(neg)
+    owner_pos = np.repeat(np.arange(num_clients), n_pos)
+    owner_neg = np.repeat(np.arange(num_clients), n_neg)
+    rows = np.concatenate([pos[: len(owner_pos)], neg[: len(owner_neg)]])
+    owner = np.concatenate([owner_pos, owner_neg])
+    mixed = rng.permutation(len(rows))  # random order within each client
+    rows, owner = rows[mixed], owner[mixed]
+    by_owner = np.argsort(owner, kind="stable")
+    return rows[by_owner].astype(np.int64), offsets_from_sizes(np.full(num_clients, m, dtype=np.int64))
+
+
 def natural(devices: np.ndarray, rng: np.random.Generator) -> tuple[Partition, np.ndarray]:
     """The dataset's own devices (FedProx's Synthetic; LEAF-style data, Caldas et al. 2018).
 
@@ -227,6 +268,7 @@ PARTITIONERS: dict[str, Callable[[np.ndarray, int, np.random.Generator, "DataCon
     "quantity": quantity,
     "feature": feature,
     "label_permutation": label_permutation,
+    "label_share": label_share,
 }
 
 # Per-client affine transforms are drawn for this many clients at a time: memory stays

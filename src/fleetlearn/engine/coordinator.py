@@ -249,7 +249,8 @@ class Coordinator:
         r = record.round
         last = r == self.config.server.rounds
         if r % self.config.server.eval_every == 0 or last:
-            record.loss, record.accuracy = self.evaluator.central(self.params)
+            record.loss, record.accuracy, scores = self.evaluator.central_scores(self.params)
+            record.extra.update(scores)
             record.fed_accuracy, record.fed_accuracy_p10 = self.evaluator.federated(self.params)
         if last and self.evaluator.personalization is not None:
             personal = self.evaluator.personal(self.params, self.fit_config())

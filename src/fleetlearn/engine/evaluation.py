@@ -13,6 +13,19 @@ from ..data import FederatedData
 from ..learners.base import ClientData, FitConfig, Learner
 
 
+def binary_f1(correct: torch.Tensor, y: torch.Tensor) -> float:
+    """F1 of class 1 from per-example correctness and labels 0/1: 2 TP / (2 TP + FP + FN)
+    (a wrong answer on a class-0 row is a false positive, on a class-1 row a false negative);
+    nan when there are no positives at all, predicted or true."""
+    c = correct.to(torch.bool)
+    pos = y == 1
+    tp = int((c & pos).sum())
+    fn = int((~c & pos).sum())
+    fp = int((~c & ~pos).sum())
+    denom = 2 * tp + fp + fn
+    return 2 * tp / denom if denom else math.nan
+
+
 class Evaluator:
     def __init__(
         self, learner: Learner, data: FederatedData, eval_clients: int, seed: int, federated: bool = True,
@@ -41,10 +54,18 @@ class Evaluator:
 
     def central(self, params: torch.Tensor) -> tuple[float, float]:
         """(loss, accuracy) on the held-out central test set."""
+        loss, acc, _ = self.central_scores(params)
+        return loss, acc
+
+    def central_scores(self, params: torch.Tensor) -> tuple[float, float, dict]:
+        """(loss, accuracy, extra scores) on the held-out central test set; the extra scores of
+        a binary task are ``{"f1": F1 of class 1}`` (spam, say), else empty."""
         if self.data.central_y.numel() == 0:
-            return math.nan, math.nan
-        loss, correct = self.learner.per_example(params, self.data.central_x, self.data.central_y)
-        return float(loss.mean()), float(correct.mean())
+            return math.nan, math.nan, {}
+        y = self.data.central_y
+        loss, correct = self.learner.per_example(params, self.data.central_x, y)
+        extra = {"f1": binary_f1(correct, y)} if self.data.num_classes == 2 else {}
+        return float(loss.mean()), float(correct.mean()), extra
 
     def federated(self, params: torch.Tensor) -> tuple[float, float]:
         """(mean, 10th percentile) over clients of the global model's local test accuracy."""

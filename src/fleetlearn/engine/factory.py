@@ -31,6 +31,8 @@ def build_learner(config: RunConfig, data: FederatedData, fleet=None):
     """The model's learner; with several `model.widths`, the HeteroFL wrapper that trains
     each device at the width its memory allows (`model.width_rule`)."""
     m = config.model
+    if m.name.startswith("hf:"):
+        return _pretrained_learner(config, data, fleet)
     if m.heterofl:
         from ..learners.heterofl import heterofl_parts
 
@@ -46,6 +48,23 @@ def build_learner(config: RunConfig, data: FederatedData, fleet=None):
         raise ConfigError(f"model.name = {m.name!r}: building the model raised {type(exc).__name__}: {exc}") from None
     except SystemExit as exc:
         raise ConfigError(f"model.name = {m.name!r}: building the model called exit ({exc.code!r}); a model factory must return a torch.nn.Module") from None
+    _check_model_output(m.name, learner, data)
+    return learner
+
+
+def _pretrained_learner(config: RunConfig, data: FederatedData, fleet=None):
+    """A pretrained Hugging Face encoder with LoRA adapters and a head (fleetlearn.learners.hf):
+    the learner's vector is the adapters and the head; with several `model.lora_ranks`, the
+    HeteroFL wrapper that trains each device at the rank its memory allows."""
+    from ..learners.hf import lora_learner, lora_rank_parts
+
+    m = config.model
+    if m.heterofl:
+        learner = _part("model.lora_ranks", "lora_ranks", m.lora_ranks, lambda: lora_rank_parts(
+            m, data.num_features, data.num_classes, None if fleet is None else fleet.memory_mb, data.num_clients, config.engine.vectorize,
+            config.engine.device))
+    else:
+        learner = lora_learner(m, data.num_features, data.num_classes, config.engine.vectorize, config.engine.device)
     _check_model_output(m.name, learner, data)
     return learner
 

@@ -28,6 +28,9 @@ def summarize(c, wall_seconds: float) -> RunSummary:
         stopped_reason=c.stopped_reason or "",
         records=list(recs),
     )
+    f1s = [r.extra["f1"] for r in recs if not math.isnan(r.accuracy) and "f1" in r.extra]
+    if f1s:
+        s.final_f1 = f1s[-1]
     personal = recs[-1].extra.get("personalization") if recs else None
     if personal:
         s.personal_accuracy, s.personal_global_accuracy = personal["personal_accuracy"], personal["global_accuracy"]

@@ -61,6 +61,7 @@ def restore(c, version: int | None = None, reason: str = "") -> int:
         rec.reason = reason or f"rolled back to version {version}"
         rec.version = version
         rec.extra["restored_version"] = version
-        rec.loss, rec.accuracy = c.evaluator.central(c.params)
+        rec.loss, rec.accuracy, scores = c.evaluator.central_scores(c.params)
+        rec.extra.update(scores)
         rec.fed_accuracy, rec.fed_accuracy_p10 = c.evaluator.federated(c.params)
     return version

@@ -307,17 +307,27 @@ class HeteroFLPlan:
         self.spec = spec
         self.widths: tuple[float, ...] = tuple(ws)
         self.full_width_memory_mb = full_width_memory_mb
-        self.index = {w: width_slices(spec, w) for w in self.widths}
-        self.specs = {w: sub_spec(spec, w) for w in self.widths}
+        self.index = {w: self.slice_index(w) for w in self.widths}
+        self.specs = {w: self.slice_spec(w) for w in self.widths}
         self.learners: dict[float, TorchLearner] = {}
         for w in self.widths:
-            learner = TorchLearner(lambda w=w: make_module_for_width(w), vectorize=vectorize)
+            learner = self.make_learner(lambda w=w: make_module_for_width(w), vectorize)
             if learner.spec != self.specs[w]:
                 raise ValueError(
                     f"make_module_for_width({w}) builds a model with shapes {learner.spec.shapes}, "
                     f"but width slicing of the global model gives {self.specs[w].shapes}"
                 )
             self.learners[w] = learner
+
+    # What a sub-model is (a subclass slices otherwise: fleetlearn.learners.hf.LoraRankPlan, by LoRA rank).
+    def slice_index(self, width: float) -> torch.Tensor:
+        return width_slices(self.spec, width)
+
+    def slice_spec(self, width: float) -> ParamSpec:
+        return sub_spec(self.spec, width)
+
+    def make_learner(self, make: Callable[[], nn.Module], vectorize: bool) -> TorchLearner:
+        return TorchLearner(make, vectorize=vectorize)
 
     @classmethod
     def for_mlp(cls, num_features: int, num_classes: int, hidden: Sequence[int], widths: Sequence[float] = (1.0, 0.5, 0.25), **kwargs) -> "HeteroFLPlan":

@@ -55,6 +55,9 @@ def batch_schedule(n: int, hp: FitConfig, gen: torch.Generator, max_steps: int |
 class TorchLearner:
     """Trains a copy of `module` per client with (momentum) SGD on a flat vector."""
 
+    eval_chunk = EVAL_CHUNK  # examples per forward pass when evaluating
+    eval_columns = 256  # rows per client per batched forward pass when evaluating a cohort
+
     def __init__(self, make_module: Callable[[], torch.nn.Module], vectorize: bool = True, max_group: int = 1024):
         self.make_module = make_module
         self._module = make_module()
@@ -102,7 +105,7 @@ class TorchLearner:
     def per_example(self, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.module.eval()
         losses, correct = [], []
-        for xs, ys in zip(x.split(EVAL_CHUNK), y.split(EVAL_CHUNK)):
+        for xs, ys in zip(x.split(self.eval_chunk), y.split(self.eval_chunk)):
             logits = self._logits(params, xs)
             losses.append(F.cross_entropy(logits, ys, reduction="none"))
             correct.append((logits.argmax(-1) == ys).float())
@@ -309,8 +312,9 @@ class TorchLearner:
             return loss_sum, correct
         self.module.eval()
         logits_fn = vmap(self._logits)
-        for lo in range(0, width, 256):
-            cols = np.arange(lo, min(lo + 256, width))
+        step = self.eval_columns
+        for lo in range(0, width, step):
+            cols = np.arange(lo, min(lo + step, width))
             valid = cols[None, :] < np.asarray(sizes)[:, None]
             rows = np.where(valid, offsets[:-1, None] + cols[None, :], 0)
             rows_t = torch.from_numpy(rows)

@@ -78,6 +78,9 @@ def server_transport(
     secagg = bool(config.privacy.secure_aggregation)
     if secagg:
         check_secagg_over_grpc(config)
+    if config.model.name.startswith("hf:") and config.model.heterofl:
+        raise ConfigError(f"model.name = {config.model.name!r} with model.widths (heterogeneous LoRA ranks): not built over "
+                          "gRPC yet; run it in the simulation (fleetlearn run), or give every client the full rank")
     if config.probes.clients:
         raise ConfigError(f"probes.clients = {config.probes.clients}: simulated probe devices run in the simulation; over gRPC "
                           "start probe clients as processes (fleetlearn client --probe) and leave probes.clients at 0")
