@@ -1,4 +1,4 @@
-"""Operations: automatic rollback of an injected fault, and canary decisions.
+"""Operations: automatic rollback of an injected fault, canary decisions, false alarms and detection delay.
 
     python benchmarks/operations.py                 # every table, seeds 0 1 2
     python benchmarks/operations.py --seeds 0       # one seed
@@ -23,8 +23,9 @@ and the warnings before the fault (false alarms of that run).
 Fault (issue 8's acceptance): digits, 60 clients (Dirichlet 1.0), cohort 20, 30
 rounds, 5 local epochs; from round 10, 30% of the population send their update
 scaled x10 (`[attack] kind = "scaling"`, independent attackers) into a plain mean.
-Guardrail on divergence, outlier_updates and drift; flagged clients are excluded
-for the rest of the run.  Columns: final accuracy of the clean run (same config,
+Guardrail on divergence, outlier_updates and drift, acting on every alert
+(`guardrail_min_severity = "info"`: every odd update, not only what a person is
+warned about); flagged clients are excluded for the rest of the run.  Columns: final accuracy of the clean run (same config,
 no fault) and the faulty run, the first rolled-back round at or after 10, the
 number of rolled-back rounds, and how many rounds that aggregated an attacker's
 update shipped (committed).
@@ -58,7 +59,7 @@ FAULT_CONFIG = {
     "server": {"rounds": 30, "cohort": 20},
     "client": {"local_epochs": 5},
     "monitoring": {"guardrail": ["divergence", "outlier_updates", "drift"], "guardrail_exclude_rounds": 100,
-                   "outlier_threshold": 5.0, "drift_threshold": 0.15},
+                   "guardrail_min_severity": "info", "drift_threshold": 0.15},
 }
 FAULT = {"kind": "scaling", "fraction": 0.3, "start_round": 10, "scale": 10.0, "collude": False}
 
