@@ -301,8 +301,9 @@ class OutlierUpdateDetector:
       the guardrail does not act on it by default.
 
     Calibrated on 27 healthy 50-round runs (IID, Dirichlet 0.5 and 0.1 x `uniform`,
-    `mixed_fleet`, `flaky`): honest scores reach 8 about once in 10,000 updates and
-    two honest clients are odd in the same round about once in 400 rounds, while 30%
+    `mixed_fleet`, `flaky`): honest scores exceed 7 about once in 4,500 updates (largest
+    8.3) and two honest clients are odd in the same round about once in 225 rounds
+    (three never), while 30%
     label flippers or x10 scalers put 4-10 odd updates in their first round
     (`benchmarks/operations.py`, BENCHMARKS.md "Operations").
 
