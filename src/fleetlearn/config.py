@@ -674,6 +674,14 @@ class MonitoringConfig(Section):
             raise ValueError(f"unknown detector(s) {bad}; allowed: {', '.join(DETECTOR_NAMES)}")
         return v
 
+    @model_validator(mode="after")
+    def _outlier_levels(self) -> "MonitoringConfig":
+        if self.outlier_threshold > self.outlier_alarm_threshold:
+            raise ValueError(f"monitoring.outlier_threshold = {self.outlier_threshold} must be <= monitoring.outlier_alarm_threshold = {self.outlier_alarm_threshold}")
+        if self.outlier_persistence > self.outlier_window:
+            raise ValueError(f"monitoring.outlier_persistence = {self.outlier_persistence} must be <= monitoring.outlier_window = {self.outlier_window}")
+        return self
+
 
 class ProbesConfig(Section):
     """Probe clients (fleetlearn.monitoring.probe_clients): devices whose known synthetic data

@@ -114,8 +114,12 @@ def test_outlier_settings_are_checked():
         OutlierUpdateDetector(threshold=5.0, alarm_threshold=4.0)
     with pytest.raises(ValueError, match="outlier_persistence <= outlier_window"):
         OutlierUpdateDetector(persistence=4, window=3)
-    with pytest.raises(fleetlearn.ConfigError, match="monitoring"):
+    with pytest.raises(fleetlearn.ConfigError, match="monitoring.outlier_window"):
         fleetlearn.load_config({"monitoring": {"outlier_window": 0}})
+    with pytest.raises(fleetlearn.ConfigError, match="monitoring.outlier_threshold = 12.0 must be <= monitoring.outlier_alarm_threshold = 10.0"):
+        fleetlearn.load_config({"monitoring": {"outlier_threshold": 12}})
+    with pytest.raises(fleetlearn.ConfigError, match="guardrail_min_severity"):
+        fleetlearn.load_config({"monitoring": {"guardrail_min_severity": "loud"}})
 
 
 @pytest.mark.slow
