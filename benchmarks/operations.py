@@ -41,12 +41,10 @@ it by 0.4 pp; a tenfold lr is only "worse" when it overshoots.)
 from __future__ import annotations
 
 import argparse
-import math
 import multiprocessing
 import tempfile
 import time
 from collections import Counter
-from pathlib import Path
 
 import torch
 
