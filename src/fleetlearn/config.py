@@ -668,20 +668,34 @@ class MonitoringConfig(Section):
     detectors: list[str] = Field(default_factory=lambda: list(DETECTOR_NAMES))
     divergence_patience: int = Field(default=3, ge=1)
     divergence_min_rise: float = Field(default=0.0, ge=0)
-    divergence_max_ratio: float | None = Field(default=1.5, gt=1)
+    divergence_max_ratio: float | None = Field(default=3.0, gt=1)  # critical: loss above this x its best
     divergence_param_growth: float | None = Field(default=10.0, gt=1)
+    divergence_warn_ratio: float = Field(default=2.0, ge=1)  # warning: a rise of patience rounds ending above this x the best loss
     oscillation_window: int = Field(default=8, ge=3)
     oscillation_amplitude: float = Field(default=0.02, ge=0)
     oscillation_min_flips: int = Field(default=4, ge=1)
+    oscillation_min_gain: float = Field(default=0.005, ge=0)  # oscillation is a warning only if the best accuracy gained less
     stagnation_window: int = Field(default=10, ge=2)
     stagnation_eps: float = Field(default=0.005, ge=0)
-    outlier_threshold: float = Field(default=3.5, gt=0)
+    # outlier_updates (monitoring/detectors.py): a score (robust z against the cohort's pooled
+    # spread and the client's own history) above outlier_threshold is an odd update (info);
+    # a warning needs it in outlier_persistence of the client's last outlier_window rounds,
+    # or one score above outlier_alarm_threshold.
+    outlier_threshold: float = Field(default=4.5, gt=0)
+    outlier_alarm_threshold: float = Field(default=10.0, gt=0)
+    outlier_persistence: int = Field(default=2, ge=1)
+    outlier_window: int = Field(default=3, ge=1, le=62)
+    outlier_min_count: int = Field(default=3, ge=1)  # this many odd updates in one round is a warning (coordinated)
     outlier_min_clients: int = Field(default=10, ge=3)
+    outlier_min_history: int = Field(default=2, ge=1)  # past observations before a client is scored against itself
+    outlier_spread_rounds: int = Field(default=10, ge=1)  # rounds pooled for the cohort's spread
+    outlier_ewma: float = Field(default=0.3, gt=0, le=1)  # weight of a new observation in a client's baseline
+    outlier_max_clients: int = Field(default=100_000, ge=1)  # clients whose history is kept (least recently seen dropped)
     participation_min_fraction: float = Field(default=0.5, ge=0, le=1)
     participation_drop_fraction: float = Field(default=0.5, ge=0, le=1)
     participation_window: int = Field(default=5, ge=1)
-    drift_threshold: float = Field(default=0.1, gt=0)
-    drift_patience: int = Field(default=1, ge=1)
+    drift_threshold: float = Field(default=0.15, gt=0)
+    drift_patience: int = Field(default=2, ge=1)
     drift_metric: Literal["accuracy", "fed_accuracy"] = "accuracy"
     # Guardrail: detectors whose alert rejects the round and restores the last good model
     # (empty: alerts only), and the optional responses.
@@ -690,6 +704,7 @@ class MonitoringConfig(Section):
     guardrail_min_lr: float = Field(default=0.0, ge=0)
     guardrail_clip_factor: float | None = Field(default=None, gt=0, lt=1)  # tighten clipping
     guardrail_exclude_rounds: int = Field(default=0, ge=0)  # exclude flagged clients for N rounds
+    guardrail_min_severity: Literal["info", "warning", "critical"] = "warning"  # act on alerts this severe or more
     prometheus_port: int | None = Field(default=None, ge=0, le=65535)  # 0: a free port
     prometheus_host: str = "127.0.0.1"
     # Probe updates with a known answer through the live codec, aggregator and server
@@ -711,6 +726,14 @@ class MonitoringConfig(Section):
         if bad:
             raise ValueError(f"unknown detector(s) {bad}; allowed: {', '.join(DETECTOR_NAMES)}")
         return v
+
+    @model_validator(mode="after")
+    def _outlier_levels(self) -> "MonitoringConfig":
+        if self.outlier_threshold > self.outlier_alarm_threshold:
+            raise ValueError(f"monitoring.outlier_threshold = {self.outlier_threshold} must be <= monitoring.outlier_alarm_threshold = {self.outlier_alarm_threshold}")
+        if self.outlier_persistence > self.outlier_window:
+            raise ValueError(f"monitoring.outlier_persistence = {self.outlier_persistence} must be <= monitoring.outlier_window = {self.outlier_window}")
+        return self
 
 
 class ProbesConfig(Section):

@@ -43,9 +43,17 @@ def history(accuracy=None, loss=None, **cols) -> list[RoundRecord]:
 
 # -- divergence -----------------------------------------------------------------------
 def test_divergence_fires_when_loss_rises_for_patience_rounds():
-    det = DivergenceDetector(patience=3, max_ratio=None)
+    det = DivergenceDetector(patience=3, max_ratio=None, warn_ratio=1.0)
     a = det.check(history(loss=[1.0, 0.9, 0.95, 1.0, 1.05]))
-    assert a is not None and a.detector == "divergence" and a.round == 5 and "rose" in a.message
+    assert a is not None and a.detector == "divergence" and a.round == 5 and "rose" in a.message and a.severity == "warning"
+
+
+def test_divergence_by_default_needs_the_rise_to_end_far_above_the_best_loss():
+    # A healthy Dirichlet-0.1 run rises for 3 evaluated rounds to 1.85x its best and recovers.
+    det = DivergenceDetector()
+    assert det.check(history(loss=[1.0, 0.4, 0.45, 0.6, 0.74])) is None
+    a = det.check(history(loss=[1.0, 0.4, 0.5, 0.7, 0.85]))
+    assert a is not None and a.severity == "warning" and "2.12x the best" in a.message
 
 
 def test_divergence_quiet_when_the_rise_is_interrupted():
@@ -59,6 +67,9 @@ def test_divergence_fires_on_a_loss_blow_up_against_the_best_loss():
     a = det.check(history(loss=[2.0, 1.0, 1.6]))
     assert a is not None and a.severity == "critical" and a.value == pytest.approx(1.6)
     assert det.check(history(loss=[2.0, 1.0, 1.4])) is None
+    # The default (3x) lets a healthy non-IID excursion (1.85x) pass and still catches a blow-up.
+    assert DivergenceDetector().check(history(loss=[2.0, 1.0, 1.85])) is None
+    assert DivergenceDetector().check(history(loss=[2.0, 1.0, 7.0])).severity == "critical"
 
 
 @pytest.mark.parametrize("loss", [math.inf, NAN])
@@ -96,6 +107,14 @@ def test_divergence_reports_a_refused_non_finite_step():
 def test_oscillation_fires_on_alternating_swings():
     a = OscillationDetector(window=6, amplitude=0.02, min_flips=4).check(history(accuracy=[0.5, 0.6, 0.5, 0.6, 0.5, 0.6, 0.5]))
     assert a is not None and a.value >= 4
+
+
+def test_oscillation_while_improving_is_info_and_without_progress_a_warning():
+    det = OscillationDetector(window=6, amplitude=0.02, min_flips=4)
+    improving = det.check(history(accuracy=[0.3, 0.4, 0.5, 0.6, 0.55, 0.7, 0.62, 0.8, 0.7, 0.85]))
+    assert improving is not None and improving.severity == "info" and "still improving" in improving.message
+    stuck = det.check(history(accuracy=[0.3, 0.7, 0.72, 0.6, 0.7, 0.6, 0.7, 0.6, 0.7, 0.6]))
+    assert stuck is not None and stuck.severity == "warning"
 
 
 def test_oscillation_ignores_small_wiggles_and_steady_progress():
@@ -184,16 +203,21 @@ def test_participation_collapse_quiet_on_normal_attrition():
 
 # -- drift ----------------------------------------------------------------------------
 def test_drift_fires_when_accuracy_falls_below_its_best():
-    a = DriftDetector(threshold=0.1).check(history(accuracy=[0.5, 0.8, 0.85, 0.7]))
+    a = DriftDetector(threshold=0.1, patience=1).check(history(accuracy=[0.5, 0.8, 0.85, 0.7]))
     assert a is not None and a.value == pytest.approx(0.15)
 
 
+def test_drift_by_default_ignores_one_dip():
+    assert DriftDetector().check(history(accuracy=[0.5, 0.8, 0.9, 0.66])) is None  # one round, 0.24 below
+    assert DriftDetector().check(history(accuracy=[0.5, 0.8, 0.9, 0.7, 0.72])) is not None  # two rounds
+
+
 def test_drift_quiet_within_threshold_and_patience_needs_consecutive_rounds():
-    assert DriftDetector(threshold=0.1).check(history(accuracy=[0.5, 0.8, 0.85, 0.8])) is None
+    assert DriftDetector(threshold=0.1, patience=1).check(history(accuracy=[0.5, 0.8, 0.85, 0.8])) is None
     det = DriftDetector(threshold=0.1, patience=2)
     assert det.check(history(accuracy=[0.5, 0.85, 0.8, 0.7])) is None
     assert det.check(history(accuracy=[0.5, 0.85, 0.7, 0.72])) is not None
-    assert DriftDetector(metric="fed_accuracy").check(history(fed_accuracy=[0.5, 0.9, 0.6])) is not None
+    assert DriftDetector(metric="fed_accuracy", patience=1).check(history(fed_accuracy=[0.5, 0.9, 0.6])) is not None
 
 
 # -- the hook and the registry --------------------------------------------------------
@@ -204,7 +228,7 @@ class FakeCoordinator:
 
 def test_monitor_hook_records_alerts_as_dicts_and_keeps_them():
     seen = []
-    hook = MonitorHook([DriftDetector(threshold=0.1), StagnationDetector(window=1)], on_alert=seen.append)
+    hook = MonitorHook([DriftDetector(threshold=0.1, patience=1), StagnationDetector(window=1)], on_alert=seen.append)
     c = FakeCoordinator()
     for r in history(accuracy=[0.5, 0.9, 0.7]):
         hook.after_round(r, c)
@@ -217,13 +241,13 @@ def test_monitor_hook_records_alerts_as_dicts_and_keeps_them():
 
 
 def test_replay_runs_detectors_over_a_finished_run():
-    alerts = replay(history(accuracy=[0.5, 0.9, 0.7, 0.95, 0.6]), [DriftDetector(threshold=0.1)])
+    alerts = replay(history(accuracy=[0.5, 0.9, 0.7, 0.95, 0.6]), [DriftDetector(threshold=0.1, patience=1)])
     assert [a.round for a in alerts] == [3, 5]
 
 
 def test_make_detector_maps_flat_config_keys():
     det = make_detector("divergence", {"divergence_patience": 5, "drift_threshold": 0.3, "divergence_max_ratio": None})
-    assert det.patience == 5 and det.max_ratio == 1.5  # None keeps the default
+    assert det.patience == 5 and det.max_ratio == 3.0  # None keeps the default
     with pytest.raises(ValueError, match="unknown detector 'nope'"):
         make_detector("nope")
 
@@ -237,7 +261,7 @@ def test_settings_defaults_are_the_detectors_defaults():
 
 
 def test_monitor_hook_keeps_its_own_history_when_the_coordinator_has_none():
-    hook = MonitorHook([DriftDetector(threshold=0.1)])
+    hook = MonitorHook([DriftDetector(threshold=0.1, patience=1)])
     recs = history(accuracy=[0.5, 0.9, 0.7])
     for r in recs:
         hook.after_round(r, object())

@@ -25,7 +25,9 @@ CONFIG = {
     "monitoring": {
         "guardrail": ["divergence", "outlier_updates", "drift"],
         "guardrail_exclude_rounds": 100,  # flagged clients stay out for the rest of the run
-        "outlier_threshold": 5.0,
+        # Automatic rollback acts on every odd update (info and above), not only on what a
+        # person is warned about: a rolled-back round costs one round, a shipped attack more.
+        "guardrail_min_severity": "info",
         "drift_threshold": 0.15,
     },
 }

@@ -1,7 +1,9 @@
 """Guardrail: automatic rollback when a chosen detector fires.
 
 After `MonitorHook` has recorded this round's alerts, the guardrail looks for
-alerts of its ``trigger`` detectors.  If one fired it
+alerts of its ``trigger`` detectors of severity ``min_severity`` or above (default
+``warning``: an ``info`` alert records a single-round oddity that proves nothing, so
+it is not acted on).  If one fired it
 
 1. rejects the round: ``coordinator.restore(version, reason)`` puts back the last
    version the guardrail saw committed without a trigger alert (and its
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..records import RoundRecord
-from .detectors import alerts_of
+from .detectors import SEVERITIES, alerts_of
 
 GUARDRAIL_KEY = "guardrail"
 
@@ -53,7 +55,10 @@ class Guardrail:
         clip_factor: float | None = None,
         exclude_rounds: int = 0,
         rollback: bool = True,
+        min_severity: str = "warning",
     ):
+        if min_severity not in SEVERITIES:
+            raise ValueError(f"guardrail: min_severity must be one of {', '.join(SEVERITIES)}, got {min_severity!r}")
         if lr_factor is not None and not 0 < lr_factor:
             raise ValueError(f"guardrail: lr_factor must be > 0, got {lr_factor}")
         if clip_factor is not None and not 0 < clip_factor:
@@ -63,6 +68,7 @@ class Guardrail:
         self.trigger = set(trigger)
         self.lr_factor, self.min_lr, self.clip_factor = lr_factor, float(min_lr), clip_factor
         self.exclude_rounds, self.rollback = int(exclude_rounds), bool(rollback)
+        self.acts_on = set(SEVERITIES[SEVERITIES.index(min_severity):])
         self._exclusions: dict[int, int] = {}  # client id -> last round it is excluded from
         self._good: list[int] = [0]  # versions committed without a trigger alert
         self.events: list[GuardrailEvent] = []
@@ -121,7 +127,7 @@ class Guardrail:
     # -- the hook --------------------------------------------------------------------
     def after_round(self, record: RoundRecord, coordinator: Any) -> None:
         r = record.round
-        fired = [a for a in alerts_of(record) if a.get("detector") in self.trigger and a.get("round") == r]
+        fired = [a for a in alerts_of(record) if a.get("detector") in self.trigger and a.get("round") == r and a.get("severity") in self.acts_on]
         if not fired:
             if record.status == "ok":
                 self._good.append(int(coordinator.version))

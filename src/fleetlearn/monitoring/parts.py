@@ -26,20 +26,30 @@ class MonitoringSettings:
     # Detector thresholds (see each detector's docstring in detectors.py).
     divergence_patience: int = 3
     divergence_min_rise: float = 0.0
-    divergence_max_ratio: float | None = 1.5
+    divergence_max_ratio: float | None = 3.0
     divergence_param_growth: float | None = 10.0
+    divergence_warn_ratio: float = 2.0
     oscillation_window: int = 8
     oscillation_amplitude: float = 0.02
     oscillation_min_flips: int = 4
+    oscillation_min_gain: float = 0.005
     stagnation_window: int = 10
     stagnation_eps: float = 0.005
-    outlier_threshold: float = 3.5
+    outlier_threshold: float = 4.5
+    outlier_alarm_threshold: float = 10.0
+    outlier_persistence: int = 2
+    outlier_window: int = 3
+    outlier_min_count: int = 3
     outlier_min_clients: int = 10
+    outlier_min_history: int = 2
+    outlier_spread_rounds: int = 10
+    outlier_ewma: float = 0.3
+    outlier_max_clients: int = 100_000
     participation_min_fraction: float = 0.5
     participation_drop_fraction: float = 0.5
     participation_window: int = 5
-    drift_threshold: float = 0.1
-    drift_patience: int = 1
+    drift_threshold: float = 0.15
+    drift_patience: int = 2
     drift_metric: str = "accuracy"
     # Guardrail: the detectors whose alerts roll a round back ([] = no guardrail) and the responses.
     guardrail: list[str] = field(default_factory=lambda: ["divergence"])
@@ -47,6 +57,7 @@ class MonitoringSettings:
     guardrail_min_lr: float = 0.0
     guardrail_clip_factor: float | None = None
     guardrail_exclude_rounds: int = 0
+    guardrail_min_severity: str = "warning"  # the guardrail acts on alerts this severe or more
     # Prometheus /metrics on prometheus_host:prometheus_port (None: no endpoint; 0: a free port).
     prometheus_port: int | None = None
     prometheus_host: str = "127.0.0.1"
@@ -115,6 +126,7 @@ def build_monitoring(settings: MonitoringSettings | dict[str, Any] | None = None
         guardrail = Guardrail(
             s.guardrail, lr_factor=s.guardrail_lr_factor, min_lr=s.guardrail_min_lr,
             clip_factor=s.guardrail_clip_factor, exclude_rounds=s.guardrail_exclude_rounds,
+            min_severity=s.guardrail_min_severity,
         )
     exporter = PrometheusExporter() if s.prometheus_port is not None else None
     probe = ProbeHook(s.probes, rollback=s.probe_rollback) if s.probes else None
