@@ -58,6 +58,12 @@ class PrometheusExporter:
         self.update_cosine = g("fleetlearn_update_cosine", "Cosine of the updates to the aggregate", ["stat"])
         self.model_norm = g("fleetlearn_model_norm", "L2 norm of the global model")
         self.step_norm = g("fleetlearn_step_norm", "L2 norm of the last server step")
+        # Liveness for operators (deploy/prometheus/alerts.yml): a stalled round is
+        # time() - fleetlearn_last_round_timestamp_seconds growing; "no leader" is no
+        # process reporting fleetlearn_leader 1.  A serving process is the leader today
+        # (one server per run); the leader lease (issue 18, item 1) sets it with `set_leader`.
+        self.last_round_time = g("fleetlearn_last_round_timestamp_seconds", "Unix time at which the last round finished")
+        self.leader = g("fleetlearn_leader", "1 while this process is the run's leader (commits rounds), 0 on a standby")
         self._httpd = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -78,6 +84,7 @@ class PrometheusExporter:
             wall = now - self._last_call
         self._last_call = now
         with self._lock:
+            self.last_round_time.set(time.time())
             self.round.set(record.round)
             self.version.set(record.version)
             if math.isfinite(num(record.accuracy)):
@@ -122,7 +129,12 @@ class PrometheusExporter:
         self.port = int(self._httpd.server_port)
         self.host = host
         self._last_call = time.perf_counter()
+        self.set_leader(True)
         return self.port
+
+    def set_leader(self, leader: bool) -> None:
+        """Report whether this process leads the run (``fleetlearn_leader``)."""
+        self.leader.set(1 if leader else 0)
 
     @property
     def url(self) -> str | None:
