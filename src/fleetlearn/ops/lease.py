@@ -18,12 +18,25 @@ from typing import Callable
 from .store import RunStore, StoreError
 
 
-def wait_for_lease(store: RunStore, holder: str, ttl: float, poll: float | None = None, stop: threading.Event | None = None) -> int | None:
+def lease_holder_id(address: str = "") -> str:
+    """A holder id unique to this process: host, pid, the address it serves and a nonce."""
+    import os
+    import secrets
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}:{address}:{secrets.token_hex(3)}"[:200]
+
+
+def wait_for_lease(
+    store: RunStore, holder: str, ttl: float, poll: float | None = None, stop: threading.Event | None = None, timeout: float | None = None,
+) -> int | None:
     """Block until `holder` holds the run's lease; its fencing token.  None if `stop` was set
-    first.  A database that cannot be reached is retried (a standby outlives an outage)."""
-    poll = poll if poll is not None else max(0.05, ttl / 4)
+    or `timeout` seconds passed first.  A database that cannot be reached is retried (a
+    standby outlives an outage)."""
+    poll = poll if poll is not None else min(0.5, max(0.05, ttl / 10))
     stop = stop or threading.Event()
-    while not stop.is_set():
+    end = None if timeout is None else time.monotonic() + timeout
+    while not stop.is_set() and (end is None or time.monotonic() < end):
         try:
             token = store.acquire_lease(holder, ttl)
         except StoreError:

@@ -632,10 +632,11 @@ class RunStore:
 
     def sweep(self) -> list[str]:
         """Remove what a crashed writer left in ``checkpoints/``: temporary files and model
-        checkpoints no committed row names.  Only under the run's lock (`lock`): no other
-        process is writing then.  Returns the removed paths (relative to the run directory)."""
-        if self._lock_fh is None:
-            raise StoreError("sweep needs the run's lock")
+        checkpoints no committed row names.  Only under the run's lock (`lock`) or its leader
+        lease (`acquire_lease`): no other process commits then (a deposed leader's files are
+        never named by a committed row).  Returns the removed paths (relative to the run directory)."""
+        if self._lock_fh is None and self.lease is None:
+            raise StoreError("sweep needs the run's lock or its leader lease")
         named = {r["path"] for r in self.checkpoint_rows()}
         gone = []
         folder = self.run_dir / "checkpoints"
