@@ -350,7 +350,7 @@ def cmd_server(args: argparse.Namespace) -> int:
                 # The lease replaces the run directory's flock here: a deposed leader that is still
                 # alive (partitioned from the database) may hold the flock, and it is fenced anyway.
                 console.print(f"fleetlearn server: standby {holder_id} for run {store.run_id}: waiting for the leader lease")
-                token = wait_for_lease(store, holder_id, args.lease_ttl)
+                token = wait_for_lease(store, holder_id, args.lease_ttl, takeover_only=True)
                 console.print(f"fleetlearn server: {holder_id} took the leader lease of run {store.run_id} (fencing token {token})")
                 store.sweep()  # what the dead leader left; its late writes are fenced
             cfg, changes = resume_config(store, args.set)

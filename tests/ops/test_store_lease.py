@@ -63,6 +63,8 @@ def test_a_deposed_leaders_late_commit_is_refused_and_writes_nothing(two_handles
 
 def test_an_expired_lease_is_not_renewed_and_a_released_one_is_taken_at_once(two_handles):
     a, b = two_handles
+    assert b.acquire_lease("standby", ttl=30, takeover_only=True) is None  # a standby never takes a run's first lease
+    assert b.lease_row() is None
     assert a.acquire_lease("server-a", ttl=0.3) == 1
     time.sleep(0.5)
     assert a.renew_lease() is False  # expired, even though nobody took it: A must reacquire
@@ -73,7 +75,7 @@ def test_an_expired_lease_is_not_renewed_and_a_released_one_is_taken_at_once(two
     assert b.acquire_lease("server-b", ttl=30) is None
     assert b.lease_row() == {"holder": "server-a", "token": 2, "expires_at": pytest.approx(b.lease_row()["expires_at"]), "live": True}
     a.release_lease()
-    assert b.acquire_lease("server-b", ttl=30) == 3
+    assert b.acquire_lease("standby", ttl=30, takeover_only=True) == 3  # one a leader held before: taken over
     with pytest.raises(StoreError, match="holder id"):
         a.acquire_lease("", ttl=1)
     with pytest.raises(StoreError, match="ttl"):

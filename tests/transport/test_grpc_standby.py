@@ -22,7 +22,7 @@ from fleetlearn.ops import RunStore
 pytestmark = pytest.mark.slow
 
 CLIENTS = 4
-ROUNDS = 5
+ROUNDS = 4
 TTL = "2"
 
 

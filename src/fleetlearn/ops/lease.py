@@ -29,16 +29,17 @@ def lease_holder_id(address: str = "") -> str:
 
 def wait_for_lease(
     store: RunStore, holder: str, ttl: float, poll: float | None = None, stop: threading.Event | None = None, timeout: float | None = None,
+    takeover_only: bool = False,
 ) -> int | None:
     """Block until `holder` holds the run's lease; its fencing token.  None if `stop` was set
     or `timeout` seconds passed first.  A database that cannot be reached is retried (a
-    standby outlives an outage)."""
+    standby outlives an outage).  `takeover_only`: see `RunStore.acquire_lease`."""
     poll = poll if poll is not None else min(0.5, max(0.05, ttl / 10))
     stop = stop or threading.Event()
     end = None if timeout is None else time.monotonic() + timeout
     while not stop.is_set() and (end is None or time.monotonic() < end):
         try:
-            token = store.acquire_lease(holder, ttl)
+            token = store.acquire_lease(holder, ttl, takeover_only=takeover_only)
         except StoreError:
             token = None
         if token is not None:

@@ -324,12 +324,14 @@ class RunStore:
         """(holder, fencing token) of the lease this handle holds, or None."""
         return None if self._lease_lost else self._lease
 
-    def acquire_lease(self, holder: str, ttl: float) -> int | None:
+    def acquire_lease(self, holder: str, ttl: float, takeover_only: bool = False) -> int | None:
         """Take the run's leader lease for `holder` for `ttl` seconds if it is free (no row, or
         the holder's lease expired, or `holder` holds it already): one conditional write, so of
         two processes racing for it exactly one wins.  Every acquisition increments the fencing
         token; returns it (this handle then fences its commits with it), or None when another
-        holder's lease is still live."""
+        holder's lease is still live.  `takeover_only` (a standby): never the run's first lease,
+        only one a leader held before (the process that created the run takes the first one
+        a moment after creating it; a standby must not race it for it)."""
         if not holder or len(holder) > 200:
             raise StoreError(f"lease holder id must be 1-200 characters, got {len(holder or '')}")
         if not ttl > 0:
@@ -341,7 +343,7 @@ class RunStore:
                 .where(leader_lease.c.run_id == self.run_id, (leader_lease.c.expires_at < now) | (leader_lease.c.holder == holder))
                 .values(holder=holder, token=leader_lease.c.token + 1, expires_at=now + float(ttl))
             ).rowcount
-        if not got:
+        if not got and not takeover_only:
             try:
                 with self.engine.begin() as conn:
                     conn.execute(leader_lease.insert().values(run_id=self.run_id, holder=holder, token=1, expires_at=now + float(ttl)))
