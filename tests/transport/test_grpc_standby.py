@@ -102,3 +102,13 @@ def test_kill_9_the_leader_and_the_standby_takes_over_losing_no_round(postgres_u
     _, final, _ = store.load_checkpoint()
     _, final_ref, _ = RunStore.open(reference["run_dir"]).load_checkpoint()
     assert torch.equal(final, final_ref), float((final - final_ref).abs().max())
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--standby"], "--standby needs --resume RUN"),
+    (["cfg.toml", "--lease-ttl", "0"], "--lease-ttl 0.0: allowed: a number of seconds > 0"),
+    (["cfg.toml", "--lease-ttl", "nan"], "--lease-ttl nan: allowed"),
+])
+def test_bad_standby_flags_are_refused_naming_them(tmp_path, args, error):
+    p = subprocess.run([sys.executable, "-m", "fleetlearn", "server", *args], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert p.returncode == 2 and error in p.stderr, p.stderr[-2000:]
