@@ -335,14 +335,35 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     if not (math.isfinite(args.heartbeat_s) and args.heartbeat_s > 0):
         raise UsageError(f"--heartbeat-s {args.heartbeat_s}: allowed: a number of seconds > 0")
+    if not (math.isfinite(args.lease_ttl) and args.lease_ttl > 0):
+        raise UsageError(f"--lease-ttl {args.lease_ttl}: allowed: a number of seconds > 0")
+    if args.standby and not args.resume:
+        raise UsageError("--standby needs --resume RUN: a standby waits to take over an existing run")
+    from .ops.lease import LeaseKeeper, lease_holder_id, wait_for_lease
+
+    holder_id = lease_holder_id(args.listen)
+    console = Console(stderr=True)
     try:
         changes: dict = {}
         if args.resume:
             store = RunStore.open(args.resume, args.runs_dir or "runs", url=args.store)
+            if args.standby:
+                # The lease replaces the run directory's flock here: a deposed leader that is still
+                # alive (partitioned from the database) may hold the flock, and it is fenced anyway.
+                console.print(f"fleetlearn server: standby {holder_id} for run {store.run_id}: waiting for the leader lease")
+                token = wait_for_lease(store, holder_id, args.lease_ttl, takeover_only=True)
+                console.print(f"fleetlearn server: {holder_id} took the leader lease of run {store.run_id} (fencing token {token})")
+                store.sweep()  # what the dead leader left; its late writes are fenced
             cfg, changes = resume_config(store, args.set)
             if cfg.canary.set:  # as `fleetlearn run --resume`; refused whether or not the run is in use
                 raise UsageError(f"run {store.run_id} is a canary rollout; resuming one is not supported")
-            store.lock()  # held until exit: a second resume of the run is refused
+            if not args.standby:
+                store.lock()  # held until exit: a second resume of the run is refused
+                # A leader killed a moment ago still holds its lease until it expires: wait that long.
+                if wait_for_lease(store, holder_id, args.lease_ttl, timeout=args.lease_ttl + 2) is None:
+                    row = store.lease_row() or {}
+                    raise UsageError(f"run {store.run_id} is led by {row.get('holder')!r} (leader lease, fencing token "
+                                     f"{row.get('token')}); start this server with --standby to take over when it stops")
         else:
             if not args.config:
                 raise UsageError("give a CONFIG, or --resume RUN")
@@ -371,13 +392,34 @@ def cmd_server(args: argparse.Namespace) -> int:
     except (ConfigError, DataError, StoreError, OSError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     transport = holder["t"]
-    console = Console(stderr=True)
+    run_store = coordinator.store
+    keeper = None
+    if run_store is not None:
+        # Every server leads its run under the lease: a standby (--standby) takes over when this
+        # process dies or loses the database, and every commit checks the fencing token.
+        try:
+            if run_store.lease is None and run_store.acquire_lease(holder_id, args.lease_ttl) is None:
+                row = run_store.lease_row() or {}
+                transport.close()
+                raise UsageError(f"run {run_store.run_id} is led by {row.get('holder')!r} (leader lease, fencing token "
+                                 f"{row.get('token')}); start this server with --standby to take over when it stops")
+        except StoreError as exc:
+            transport.close()
+            raise UsageError(str(exc)) from None
+
+        def lost() -> None:
+            console.print(f"fleetlearn server: {holder_id} lost the leader lease of run {run_store.run_id}; "
+                          "its next commit is refused (a standby leads now)")
+
+        keeper = LeaseKeeper(run_store, on_lost=lost).start()
     try:
         done = coordinator.resume() if args.resume else 0
         if changes:
             coordinator.store.record_resume_overrides(changes, done + 1, cfg.to_toml())
     except (StoreError, ValueError) as exc:
         transport.close()
+        if keeper is not None:
+            keeper.stop()
         raise UsageError(str(exc)) from None
     coordinator.wait_for_clients = (args.min_clients, args.wait_s)
     run = coordinator.store.run_id if coordinator.store else ""
@@ -394,8 +436,12 @@ def cmd_server(args: argparse.Namespace) -> int:
     try:
         summary = coordinator.run(on_round=on_round)
         transport.finish()
+    except StoreError as exc:  # e.g. the lease was lost: a deposed leader's commit is refused
+        raise UsageError(f"{exc}; the rounds committed before it are kept") from None
     finally:
         transport.close()
+        if keeper is not None:
+            keeper.stop()  # releases the lease: a standby takes over at once
     if args.json:
         print(json.dumps(summary.to_json_dict()), flush=True)
     else:
@@ -632,6 +678,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "silent for three intervals is dropped from its round (and from its SecAgg stage) (default 5)")
     sv.add_argument("--resume", metavar="RUN", help="continue a run (id or directory) from its last committed round; --set may then "
                     "change only " + ", ".join(RESUME_SAFE_KEYS) + " (recorded in config.toml and the run store)")
+    sv.add_argument("--standby", action="store_true", help="with --resume RUN: wait for the run's leader lease (held by "
+                    "the serving process on a shared store such as PostgreSQL), then resume from the last committed round "
+                    "and serve; the lease replaces the run directory's lock")
+    sv.add_argument("--lease-ttl", type=float, default=10.0, help="the leader lease's lifetime in seconds, renewed every "
+                    "third of it; a standby takes over at most this long after the leader dies (default 10)")
     sv.add_argument("--runs-dir", help="folder for run directories (default: store.root)")
     sv.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     sv.add_argument("--store", metavar="URL", help="the run store's database as an SQLAlchemy URL, e.g. postgresql://user@host/db (default: SQLite in the run directory); with --resume it overrides the URL the run recorded)")
@@ -639,7 +690,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cl = sub.add_parser("client", help="join a run as a client", description="Join a fleetlearn server as a client: "
                         "register, pull tasks, train locally with the run's model, push updates; reconnects with backoff.")
-    cl.add_argument("--server", required=True, help="HOST:PORT of the server")
+    cl.add_argument("--server", required=True, help="HOST:PORT of the server, or several separated by commas (a leader and its "
+                    "standbys, `fleetlearn server --standby`): an unreachable one fails over to the next, with backoff")
     cl.add_argument("--token", help="this client's token (or set FLEETLEARN_TOKEN)")
     cl.add_argument("--config", required=True, help="the run's TOML config (model and, with --client-index, data)")
     cl.add_argument("--client-index", type=int, help="use partition slot I of the config's dataset as local data")

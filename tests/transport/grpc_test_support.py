@@ -59,12 +59,13 @@ class NetworkRun:
     `client_options`: extra `commands.client` arguments by client index (e.g. memory_mb);
     `stopped`: how a client's report must say it stopped, by index (default "finished")."""
 
-    def __init__(self, cfg, tmp_path, clients: int, client_options: dict | None = None, stopped: dict | None = None):
+    def __init__(self, cfg, tmp_path, clients: int, client_options: dict | None = None, stopped: dict | None = None, dial=None):
         from fleetlearn.engine import build_coordinator
         from fleetlearn.transport.grpc import commands
 
         self.cfg, self.state, self.clients = cfg, tmp_path / "state", clients
         self.client_options = client_options or {}
+        self.dial = dial or (lambda address: address)  # what the clients are given to dial: the server's address -> --server
         self.expect_stopped = {i: "finished" for i in range(clients)} | (stopped or {})
         holder = {}
 
@@ -84,7 +85,7 @@ class NetworkRun:
         try:
             toks = {i: commands.token_add(self.state, f"site-{i}") for i in range(self.clients)}
             threads = [threading.Thread(target=lambda i=i: self.reports.__setitem__(i, commands.client(
-                t.address, toks[i], self.cfg, **{"client_index": i, "give_up_after_s": 30, **self.client_options.get(i, {})})), daemon=True)
+                self.dial(t.address), toks[i], self.cfg, **{"client_index": i, "give_up_after_s": 30, **self.client_options.get(i, {})})), daemon=True)
                 for i in toks]
             for th in threads:
                 th.start()

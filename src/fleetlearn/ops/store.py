@@ -125,6 +125,20 @@ resume_overrides = Table(
 )
 
 
+# The leader lease (`RunStore.acquire_lease`): one row per run, naming the process that may
+# commit its rounds.  `token` (the fencing token) grows by one on every acquisition;
+# `expires_at` is seconds since the epoch on the database's own clock (never a host's), pushed
+# on by the holder's heartbeat and by each of its commits.
+leader_lease = Table(
+    "leader_lease",
+    metadata,
+    Column("run_id", String(64), primary_key=True),
+    Column("holder", String(200), nullable=False),
+    Column("token", Integer, nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+
+
 class StoreError(RuntimeError):
     pass
 
@@ -231,6 +245,9 @@ class RunStore:
         self.engine = engine
         self._config_hash: str | None = None
         self._lock_fh = None
+        self._lease: tuple[str, int] | None = None  # (holder, fencing token) while this handle leads
+        self._lease_ttl = 0.0
+        self._lease_lost = False  # it was held and lost: this handle's writes are refused
 
     @property
     def config_hash(self) -> str:
@@ -291,6 +308,129 @@ class RunStore:
             raise StoreError(f"cannot open the run store at {shown}: {msg}") from None
         _translate_db_errors(engine)
         return engine
+
+    # -- the leader lease ----------------------------------------------------------------
+    def _db_now(self):  # noqa: ANN202
+        """SQL for 'now' in seconds since the epoch on the database server's clock: every
+        holder and standby compares expiry against the same clock, whatever their hosts say."""
+        from sqlalchemy import literal_column
+
+        if self.engine.url.get_backend_name() == "postgresql":
+            return literal_column("CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)")
+        return literal_column("((julianday('now') - 2440587.5) * 86400.0)")  # SQLite
+
+    @property
+    def lease(self) -> tuple[str, int] | None:
+        """(holder, fencing token) of the lease this handle holds, or None."""
+        return None if self._lease_lost else self._lease
+
+    def acquire_lease(self, holder: str, ttl: float, takeover_only: bool = False) -> int | None:
+        """Take the run's leader lease for `holder` for `ttl` seconds if it is free (no row, or
+        the holder's lease expired, or `holder` holds it already): one conditional write, so of
+        two processes racing for it exactly one wins.  Every acquisition increments the fencing
+        token; returns it (this handle then fences its commits with it), or None when another
+        holder's lease is still live.  `takeover_only` (a standby): never the run's first lease,
+        only one a leader held before (the process that created the run takes the first one
+        a moment after creating it; a standby must not race it for it)."""
+        if not holder or len(holder) > 200:
+            raise StoreError(f"lease holder id must be 1-200 characters, got {len(holder or '')}")
+        if not ttl > 0:
+            raise StoreError(f"lease ttl must be > 0 seconds, got {ttl}")
+        now = self._db_now()
+        with self.engine.begin() as conn:
+            got = conn.execute(
+                update(leader_lease)
+                .where(leader_lease.c.run_id == self.run_id, (leader_lease.c.expires_at < now) | (leader_lease.c.holder == holder))
+                .values(holder=holder, token=leader_lease.c.token + 1, expires_at=now + float(ttl))
+            ).rowcount
+        if not got and not takeover_only:
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(leader_lease.insert().values(run_id=self.run_id, holder=holder, token=1, expires_at=now + float(ttl)))
+            except IntegrityError:  # the row exists (another holder's live lease, or a racer inserted first)
+                return None
+        with self.engine.connect() as conn:
+            row = conn.execute(select(leader_lease.c.holder, leader_lease.c.token).where(leader_lease.c.run_id == self.run_id)).first()
+        if row is None or row[0] != holder:  # taken over between our write and this read
+            return None
+        self._lease, self._lease_ttl, self._lease_lost = (holder, int(row[1])), float(ttl), False
+        return int(row[1])
+
+    def renew_lease(self) -> bool:
+        """Push the held lease's expiry `ttl` seconds on (the heartbeat).  False, and this
+        handle no longer holds it, when it was lost: taken over by another holder (a new
+        token) or expired (a deposed leader never gets it back by renewing)."""
+        if self.lease is None:
+            return False
+        with self.engine.begin() as conn:
+            ok = self._fence(conn)
+        if not ok:
+            self._lease_lost = True  # every later write of this handle is refused (`_check_fence`)
+        return ok
+
+    def release_lease(self) -> None:
+        """Give the held lease up at once (a clean stop): a standby takes over without waiting
+        for the expiry.  The token stays, so the next holder's is still larger."""
+        lease, self._lease = self.lease, None
+        if lease is not None:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    update(leader_lease)
+                    .where(leader_lease.c.run_id == self.run_id, leader_lease.c.holder == lease[0], leader_lease.c.token == lease[1])
+                    .values(expires_at=0.0)
+                )
+
+    def lease_row(self) -> dict[str, Any] | None:
+        """The run's lease as stored (holder, token, expires_at, and `live`), or None."""
+        if self._missing(leader_lease):
+            return None
+        now = self._db_now()
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(leader_lease.c.holder, leader_lease.c.token, leader_lease.c.expires_at, (leader_lease.c.expires_at >= now).label("live"))
+                .where(leader_lease.c.run_id == self.run_id)
+            ).mappings().first()
+        return None if row is None else {k: row[k] for k in ("holder", "token", "expires_at")} | {"live": bool(row["live"])}
+
+    def _fence(self, conn) -> bool:  # noqa: ANN001
+        """Inside a write transaction: True when this handle's lease is still current (same
+        holder, same token, not expired), pushing its expiry on.  A conditional UPDATE: on
+        PostgreSQL it holds the lease row's lock until the transaction ends, so a takeover
+        either happened before (this fails) or waits for this commit and then finds the
+        expiry pushed on; on SQLite the write lock serialises the same way."""
+        holder, token = self._lease  # type: ignore[misc]
+        now = self._db_now()
+        return bool(conn.execute(
+            update(leader_lease)
+            .where(leader_lease.c.run_id == self.run_id, leader_lease.c.holder == holder,
+                   leader_lease.c.token == token, leader_lease.c.expires_at >= now)
+            .values(expires_at=now + self._lease_ttl)
+        ).rowcount)
+
+    def _check_fence(self, conn) -> None:  # noqa: ANN001
+        """Refuse a write transaction of a deposed leader (StoreError; the caller's transaction
+        rolls back, so nothing of it is written).  A handle that holds no lease writes only
+        when no live lease names another holder (a run trained without a lease is unchanged)."""
+        if self._lease is not None:
+            if self._lease_lost or not self._fence(conn):
+                holder, token = self._lease
+                self._lease_lost = True  # once deposed, never a write again from this handle
+                row = conn.execute(select(leader_lease.c.holder, leader_lease.c.token).where(leader_lease.c.run_id == self.run_id)).first()
+                now_by = f"now held by {row[0]!r} with token {row[1]}" if row is not None and (row[0], row[1]) != (holder, token) else "expired"
+                raise StoreError(
+                    f"run {self.run_id}: this process ({holder!r}, fencing token {token}) lost the leader lease ({now_by}); "
+                    "its write is refused and nothing of it was committed"
+                )
+        elif not self._missing(leader_lease):
+            row = conn.execute(
+                select(leader_lease.c.holder, leader_lease.c.token)
+                .where(leader_lease.c.run_id == self.run_id, leader_lease.c.expires_at >= self._db_now())
+            ).first()
+            if row is not None:
+                raise StoreError(
+                    f"run {self.run_id} is led by {row[0]!r} (leader lease, fencing token {row[1]}); "
+                    "this process does not hold the lease, so its write is refused"
+                )
 
     def _missing(self, table: Table) -> bool:
         return table.name in getattr(self.engine, "missing_tables", ())
@@ -458,6 +598,7 @@ class RunStore:
         replaced = None
         try:
             with self.engine.begin() as conn:
+                self._check_fence(conn)  # first: a deposed leader writes nothing
                 conn.execute(
                     rounds.insert().values(
                         run_id=self.run_id, round=record.round, version=record.version, status=record.status,
@@ -484,6 +625,7 @@ class RunStore:
         rel, digest = self._write_checkpoint(version, params, state, None)
         try:
             with self.engine.begin() as conn:
+                self._check_fence(conn)
                 replaced = self._put_checkpoint_row(conn, version, round, rel, digest)
         except BaseException:
             self._drop_file(rel)
@@ -492,10 +634,11 @@ class RunStore:
 
     def sweep(self) -> list[str]:
         """Remove what a crashed writer left in ``checkpoints/``: temporary files and model
-        checkpoints no committed row names.  Only under the run's lock (`lock`): no other
-        process is writing then.  Returns the removed paths (relative to the run directory)."""
-        if self._lock_fh is None:
-            raise StoreError("sweep needs the run's lock")
+        checkpoints no committed row names.  Only under the run's lock (`lock`) or its leader
+        lease (`acquire_lease`): no other process commits then (a deposed leader's files are
+        never named by a committed row).  Returns the removed paths (relative to the run directory)."""
+        if self._lock_fh is None and self.lease is None:
+            raise StoreError("sweep needs the run's lock or its leader lease")
         named = {r["path"] for r in self.checkpoint_rows()}
         gone = []
         folder = self.run_dir / "checkpoints"
@@ -549,6 +692,7 @@ class RunStore:
 
     def finish(self, summary: dict[str, Any], status: str = "finished") -> None:
         with self.engine.begin() as conn:
+            self._check_fence(conn)
             conn.execute(update(runs).where(runs.c.run_id == self.run_id).values(status=status, summary=json.loads(json.dumps(summary, default=str))))
         atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2, default=str))
 
@@ -571,6 +715,7 @@ class RunStore:
         atomic_write(path, config_toml)
         try:
             with self.engine.begin() as conn:
+                self._check_fence(conn)
                 for key, (old, new) in changes.items():
                     conn.execute(resume_overrides.insert().values(
                         run_id=self.run_id, round=round, key=key, old=json.loads(json.dumps(old)), new=json.loads(json.dumps(new)), created_at=_now(),

@@ -264,7 +264,14 @@ class FleetClient:
         # broken codec, or None) wraps the run's uplink chain.
         self.probe = bool(probe)
         self.uplink_wrap = uplink_wrap
-        self.server = server
+        # One address, or several ("A,B" or a list): the servers of one run, a leader and its
+        # standbys (`fleetlearn server --standby`).  An unreachable one fails over to the next.
+        servers = [a.strip() for a in (server.split(",") if isinstance(server, str) else server)]
+        if not servers or any(not a or len(a) > 300 for a in servers):
+            raise ValueError(f"server address list {server!r}: give HOST:PORT, or several separated by commas")
+        self.servers = servers
+        self._server_index = 0
+        self.server = servers[0]
         self.learner = learner
         self.data = data
         self.tls = tls
@@ -337,6 +344,20 @@ class FleetClient:
         channel = self._channel()
         stub = pb_grpc.FleetLearnStub(channel)
         heartbeat: asyncio.Task | None = None
+
+        async def fail_over() -> None:  # the next address of the list, on a new channel
+            nonlocal channel, stub, heartbeat
+            if heartbeat is not None:
+                heartbeat.cancel()
+                heartbeat = None
+            await channel.close(grace=None)
+            self._server_index = (self._server_index + 1) % len(self.servers)
+            self.server = self.servers[self._server_index]
+            self._session = None  # another server: register there (the token store is shared)
+            channel = self._channel()
+            stub = pb_grpc.FleetLearnStub(channel)
+            log.info("client %s: failing over to %s", self._client_id, self.server)
+
         failures = 0
         last_ok = time.monotonic()
         try:
@@ -372,9 +393,12 @@ class FleetClient:
                     if code == grpc.StatusCode.UNAVAILABLE and (problem := tls_problem(details, self.server, self.tls)):
                         raise ClientRefused(code, problem) from None  # a certificate does not fix itself
                     if self.give_up_after_s is not None and time.monotonic() - last_ok > self.give_up_after_s:
-                        raise _Stop(f"gave_up: no answer from {self.server} for {self.give_up_after_s:.0f}s ({code.name}: {details})")
-                    delay = self.backoff.delay(failures, self._rng)
+                        raise _Stop(f"gave_up: no answer from {','.join(self.servers)} for {self.give_up_after_s:.0f}s ({code.name}: {details})")
+                    # The backoff grows once per pass over the address list, not per address.
+                    delay = self.backoff.delay(failures // len(self.servers), self._rng)
                     failures += 1
+                    if len(self.servers) > 1 and code == grpc.StatusCode.UNAVAILABLE:
+                        await fail_over()
                     self.report.retries += 1
                     log.debug("client %s: %s (%s); retrying in %.2fs", self._client_id, code.name, details, delay)
                     await self._sleep(delay)

@@ -1,0 +1,114 @@
+"""A standby that takes over (issue 18, item 1): real PostgreSQL (the `postgres_url` fixture),
+two `fleetlearn server` processes on one run (a leader and `--standby`), four `fleetlearn
+client` processes given both addresses.  kill -9 the leader mid-run: the standby takes the
+leader lease, resumes from the last committed round and commits the next one; no committed
+round is lost or repeated, and the final model equals an uninterrupted run's under the same
+seed.  The time from the kill to the first round the standby commits is printed (BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import sqlalchemy as sa
+import torch
+from test_grpc_end_to_end import CONFIG, finish, fl, free_port
+
+from fleetlearn.ops import RunStore
+
+pytestmark = pytest.mark.slow
+
+CLIENTS = 4
+ROUNDS = 4
+TTL = "2"
+
+
+def _setup(tmp, rounds: int) -> list[str]:
+    tmp.mkdir()
+    (tmp / "run.toml").write_text(CONFIG.format(rounds=rounds).replace("clients = 3", f"clients = {CLIENTS}")
+                                  .replace("cohort = 3", f"cohort = {CLIENTS}").replace("local_epochs = 2", "local_epochs = 1"))
+    assert subprocess.run([sys.executable, "-m", "fleetlearn", "certs", "--out", str(tmp / "certs")], capture_output=True).returncode == 0
+    tokens = []
+    for i in range(CLIENTS):
+        p = subprocess.run([sys.executable, "-m", "fleetlearn", "token", "add", f"site{i}", "--state", str(tmp / "state")],
+                           capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        tokens.append(p.stdout.strip())
+    return tokens
+
+
+def _server(tmp, port: int, *extra: str):
+    return fl("server", *extra, "--listen", f"127.0.0.1:{port}", "--state", str(tmp / "state"), "--certs", str(tmp / "certs"),
+              "--min-clients", str(CLIENTS), "--wait-s", "300", "--runs-dir", str(tmp / "runs"), "--lease-ttl", TTL, "--json", cwd=tmp)
+
+
+def _clients(tmp, servers: str, tokens: list[str]):
+    return [fl("client", "--server", servers, "--token", tok, "--config", str(tmp / "run.toml"), "--client-index", str(i),
+               "--tls-ca", str(tmp / "certs" / "ca.pem"), "--give-up-after", "300", cwd=tmp) for i, tok in enumerate(tokens)]
+
+
+def _rounds(url: str, run_id: str) -> list[int]:
+    eng = sa.create_engine(url)
+    try:
+        with eng.connect() as conn:
+            return [r for (r,) in conn.execute(sa.text("select round from rounds where run_id = :r order by round"), {"r": run_id}).all()]
+    except sa.exc.ProgrammingError:  # tables not created yet
+        return []
+    finally:
+        eng.dispose()
+
+
+def test_kill_9_the_leader_and_the_standby_takes_over_losing_no_round(postgres_url, tmp_path):
+    ref = tmp_path / "ref"  # the uninterrupted run, for comparison
+    tokens = _setup(ref, ROUNDS)
+    port = free_port()
+    reference = finish(_server(ref, port, str(ref / "run.toml")), _clients(ref, f"127.0.0.1:{port}", tokens))
+
+    ha = tmp_path / "ha"
+    tokens = _setup(ha, ROUNDS)
+    pa, pb = free_port(), free_port()
+    leader = _server(ha, pa, str(ha / "run.toml"), "--store", postgres_url)
+    deadline = time.time() + 300
+    while not list((ha / "runs").glob("*/config.toml")) and time.time() < deadline:
+        assert leader.poll() is None, leader.communicate()[1][-3000:]
+        time.sleep(0.05)
+    run_dir = next((ha / "runs").glob("*/config.toml")).parent
+    standby = _server(ha, pb, "--resume", str(run_dir), "--standby")
+    clients = _clients(ha, f"127.0.0.1:{pa},127.0.0.1:{pb}", tokens)
+    while len(_rounds(postgres_url, run_dir.name)) < 2 and time.time() < deadline:
+        assert leader.poll() is None, leader.communicate()[1][-3000:]
+        time.sleep(0.02)
+    assert standby.poll() is None  # it waited for the lease, serving nothing
+    leader.send_signal(signal.SIGKILL)  # mid-run: the next round's tasks are out
+    killed_at = time.monotonic()
+    leader.wait()
+    before = _rounds(postgres_url, run_dir.name)
+    while len(_rounds(postgres_url, run_dir.name)) <= len(before) and time.time() < deadline:
+        assert standby.poll() is None, standby.communicate()[1][-3000:]
+        time.sleep(0.02)
+    takeover_s = time.monotonic() - killed_at
+    print(f"\nstandby takeover: first committed round {takeover_s:.2f}s after kill -9 of the leader "
+          f"(lease ttl {TTL}s, {CLIENTS} clients, round {len(before) + 1})")
+    summary = finish(standby, clients)
+    assert summary["rounds"] == ROUNDS and summary["run_id"] == run_dir.name
+    assert _rounds(postgres_url, run_dir.name) == list(range(1, ROUNDS + 1))  # none lost, none committed twice
+    store = RunStore.open(run_dir)
+    assert store.lease_row()["token"] == 2 and not store.lease_row()["live"]  # the standby's, released when it finished
+    # Same seed, cohorts and client seeds; the server sums updates in client-id order: the model
+    # after the takeover is the uninterrupted run's.
+    _, final, _ = store.load_checkpoint()
+    _, final_ref, _ = RunStore.open(reference["run_dir"]).load_checkpoint()
+    assert torch.equal(final, final_ref), float((final - final_ref).abs().max())
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--standby"], "--standby needs --resume RUN"),
+    (["cfg.toml", "--lease-ttl", "0"], "--lease-ttl 0.0: allowed: a number of seconds > 0"),
+    (["cfg.toml", "--lease-ttl", "nan"], "--lease-ttl nan: allowed"),
+])
+def test_bad_standby_flags_are_refused_naming_them(tmp_path, args, error):
+    p = subprocess.run([sys.executable, "-m", "fleetlearn", "server", *args], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert p.returncode == 2 and error in p.stderr, p.stderr[-2000:]
