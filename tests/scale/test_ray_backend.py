@@ -182,13 +182,21 @@ def test_ray_backend_runs_a_canary_to_the_simulations_decision(local_ray):
     for backend in ("ray", "simulation"):
         run = build_run(load_config({**cfg, "engine": {"backend": backend, "ray_workers": 2 if backend == "ray" else None}}),
                         store=False)
-        summary = run.run()
+        try:
+            summary = run.run()
+        finally:
+            run.transport.close()  # the arm that ended in production; the other closed at the decision
         out[backend] = (summary, run)
     (ray_sum, ray_run), (sim_sum, sim_run) = out["ray"], out["simulation"]
-    assert [r.extra.get("canary", {}).get("decision") for r in ray_sum.records] == \
-           [r.extra.get("canary", {}).get("decision") for r in sim_sum.records]
-    assert any(r.extra.get("canary", {}).get("decision") for r in sim_sum.records)
-    assert ray_sum.final_accuracy == pytest.approx(sim_sum.final_accuracy, abs=1e-6)
+    def decisions(summary):
+        return [(d["round"], d["decision"], d["candidate_versions"], d["production"], d["candidate"])
+                for d in (r.extra.get("canary", {}).get("decision") for r in summary.records) if d]
+
+    ray_d, sim_d = decisions(ray_sum), decisions(sim_sum)
+    assert sim_d and [d[:3] for d in ray_d] == [d[:3] for d in sim_d]  # the same decision, rounds and versions
+    for a, b in zip(ray_d, sim_d):  # on metrics equal within the Ray bound above
+        assert a[3:] == pytest.approx(b[3:], abs=1e-4)
+    assert ray_sum.final_accuracy == pytest.approx(sim_sum.final_accuracy, abs=1e-4)
 
 
 @pytest.mark.slow

@@ -320,12 +320,16 @@ class CanaryRollout:
                 if reg is not None and cand.version in self._cand_versions:
                     reg.tag(cand.version, "production", f"canary promoted: {d.reason}")
             self.production = cand
+            if not self._shared_transport:
+                prod.transport.close()  # the old production arm's own transport (e.g. its Ray workers)
         else:
             prod.selector = prod.selector.inner
             prod.config.server.cohort = self.full_cohort
             if reg is not None and decision in ("rollback", "shadow_fail"):
                 for v in self._cand_versions:
                     reg.tag(v, "rolled_back", f"{d.mode} {decision}: {d.reason}")
+        if decision != "promote" and not self._shared_transport:
+            cand.transport.close()  # the candidate arm's own transport, discarded with it
         self.candidate = None
         if store is not None:
             store.write_json("canary.json", [x.to_dict() for x in self.decisions])

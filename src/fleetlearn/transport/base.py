@@ -134,3 +134,6 @@ class TransportBase:
     def wait_available(self, min_clients: int, timeout_s: float) -> list[int]:
         """Block until `min_clients` are available or `timeout_s` passes; returns them."""
         return list(self.available(0))  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        """Release what the transport holds (Ray workers, sockets); the simulation holds nothing."""

@@ -66,6 +66,10 @@ def split_chunks(n: int, parts: int) -> list[slice]:
     return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
+# (id(data), workers, seed) -> [the CohortWorker actors, how many open RayTransports use them]
+_POOLS: dict[tuple[int, int, int], list] = {}
+
+
 class CohortWorker:
     """What runs on a Ray worker: a `SimulationTransport` view of the same data (for its
     `client_data`, with a simulated attack's poisoning) and the same client device."""
@@ -78,9 +82,14 @@ class CohortWorker:
     def train(
         self, task: Task, clients: list[int], seeds: list[int], limits: list[int | None],
         states: dict[int, dict[str, torch.Tensor]], personal: dict[int, dict[str, torch.Tensor]], encode: bool,
+        device: Device | None = None, attack: Any = None,
     ) -> tuple[Trained, list | None, dict[int, Any], dict[int, Any]]:
         """Train a chunk (its clients' `states` and `personal` states in, the new ones out);
-        with `encode`, also encode each client's Update (the dense deltas then stay here)."""
+        with `encode`, also encode each client's Update (the dense deltas then stay here).
+        `device` / `attack`: the calling transport's (workers are shared by the transports of
+        one process over the same data, e.g. a canary's two arms); None: the ones built with."""
+        if device is not None:
+            self.sim.device, self.sim.attack = device, attack
         device = self.sim.device
         device.states, device.personal_states = ClientStateStore(), ClientStateStore()
         device.states.merge(clients, states)
@@ -159,8 +168,17 @@ class RayTransport(TransportBase):
         worker_device = copy.copy(device)
         worker_device.states, worker_device.personal_states = ClientStateStore(), ClientStateStore()
         refs = [ray.put(obj) for obj in (data, worker_device, fleet, attack)]
-        actor = ray.remote(num_cpus=1)(CohortWorker)
-        self.workers = [actor.remote(*refs, seed, 1) for _ in range(n)]
+        self._device_ref, self._attack_ref = refs[1], refs[3]
+        # One pool of workers per (data, size) in this process: a second transport over the same
+        # data (a canary's candidate arm) trains on the same actors with its own device, instead of
+        # asking the cluster for CPUs the first one holds (on a full cluster it would wait forever).
+        self._pool_key = (id(data), n, seed)
+        pool = _POOLS.get(self._pool_key)
+        if pool is None:
+            actor = ray.remote(num_cpus=1)(CohortWorker)
+            pool = _POOLS[self._pool_key] = [[actor.remote(*refs, seed, 1) for _ in range(n)], 0]
+        pool[1] += 1
+        self.workers = pool[0]
         self.data = data
 
     # -- Transport --------------------------------------------------------------
@@ -195,9 +213,15 @@ class RayTransport(TransportBase):
             self._encoded = None
 
     def close(self) -> None:
-        """Stop the workers; shut Ray down if this transport started it."""
-        for w in getattr(self, "workers", []):
-            self._ray.kill(w)
+        """Stop the workers (when no other transport of this process trains on them); shut Ray
+        down if this transport started it."""
+        pool = _POOLS.get(getattr(self, "_pool_key", None))
+        if pool is not None and pool[0] is getattr(self, "workers", None):
+            pool[1] -= 1
+            if pool[1] <= 0:
+                del _POOLS[self._pool_key]
+                for w in pool[0]:
+                    self._ray.kill(w)
         self.workers = []
         if self._owns_ray and self._ray.is_initialized():
             self._ray.shutdown()
@@ -221,7 +245,8 @@ class RayTransport(TransportBase):
         for k, sl in enumerate(split_chunks(len(clients), len(self.workers))):
             ids = clients[sl]
             calls.append((ids, self.workers[k].train.remote(
-                task_ref, ids, seeds[sl], limits[sl], device.states.take(ids), device.personal_states.take(ids), encode)))
+                task_ref, ids, seeds[sl], limits[sl], device.states.take(ids), device.personal_states.take(ids), encode,
+                self._device_ref, self._attack_ref)))
         out = Trained([], [], [], [])
         encoded: list = []
         for ids, ref in calls:
