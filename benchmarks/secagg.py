@@ -86,8 +86,11 @@ def run(n: int, mode: str, rounds: int, dim: int, procs: int, deadline_s: float)
         store = TokenStore.open(state)
         tokens = store.add_many([f"c{i}" for i in range(n)])
         toks = [tokens[f"c{i}"] for i in range(n)]
+        # Hundreds of clients share 2 processes here, so one client's CPU-bound SecAgg work
+        # delays the others' heartbeats far beyond what a real device sees: liveness waits for
+        # the deadline instead of 3 heartbeats (a real fleet keeps the default).
         transport = GrpcTransport("127.0.0.1:0", tokens=store, spec=learner.spec, heartbeat_interval_s=5.0, max_round_s=deadline_s,
-                                  secagg=mode != "plain")
+                                  heartbeat_timeout_s=deadline_s, secagg=mode != "plain")
         secure = None
         if mode != "plain":
             secure = SecureAggregation(clip_range=1.0, max_clients=n, modulus_bits=32, neighbors=neighbors)
