@@ -56,11 +56,13 @@ def until(what: str, probe, deadline: float):
     last = None
     while time.monotonic() < deadline:
         try:
-            last = probe()
-        except OSError as exc:  # Prometheus still starting
+            answer = probe()
+        except OSError as exc:  # Prometheus still starting: not an answer, ask again
             last = exc
-        if last:
-            return last
+        else:
+            if answer:
+                return answer
+            last = answer
         time.sleep(0.25)
     pytest.fail(f"Prometheus did not report {what} within {WAIT_S}s (last answer: {last!r})")
 
