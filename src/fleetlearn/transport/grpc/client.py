@@ -303,6 +303,7 @@ class FleetClient:
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._main: asyncio.Task | None = None
+        self._pushing = False
 
     # -- control -----------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -313,7 +314,13 @@ class FleetClient:
 
     def _interrupt(self) -> None:
         """Cancel whatever the main loop awaits (a long poll, a backoff, training):
-        used only when the client is about to stop anyway."""
+        used only when the client is about to stop anyway.  An update being pushed is let
+        finish (at most its call timeout): the loop stops right after it, and the report
+        then counts a round the server did accept."""
+        if self._pushing:
+            if self._wake is not None:
+                self._wake.set()  # ... but a retry's backoff ends now
+            return
         if self._main is not None and not self._main.done():
             self._main.cancel()
 
@@ -666,27 +673,31 @@ class FleetClient:
                 yield pb.UpdateChunk(data=pb.PayloadChunk(offset=offset, data=data))
 
         attempt = 0
-        while True:
-            try:
-                await stub.PushUpdate(messages(), metadata=self._metadata, timeout=self.call_timeout_s + len(update.payload) / 1e6
-                                       + (len(update.payload) * 8.0 / (rate * 1e6) if rate is not None else 0.0))
-                break
-            except grpc.aio.AioRpcError as err:
-                code = err.code()
-                if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
-                    self.report.refused[code.name] += 1
-                    log.info("client %d: update for round %d refused: %s", cid, task.round, err.details())
-                    return
-                # A transient fault (connection reset, overloaded server): the update is still
-                # good until the round's deadline, so send it again rather than lose the round.
-                # If the server restarted meanwhile, the retry gets NOT_FOUND and we re-register.
-                delay = self.backoff.delay(attempt, self._rng)
-                if code not in _RETRYABLE or attempt >= self.max_push_attempts - 1 or time.monotonic() + delay > local_deadline:
-                    raise
-                attempt += 1
-                self.report.retries += 1
-                log.debug("client %d: push for round %d failed (%s); retrying in %.2fs", cid, task.round, code.name, delay)
-                await self._sleep(delay)
+        self._pushing = True  # the run finishing now must not cut off an update the server is taking
+        try:
+            while True:
+                try:
+                    await stub.PushUpdate(messages(), metadata=self._metadata, timeout=self.call_timeout_s + len(update.payload) / 1e6
+                                           + (len(update.payload) * 8.0 / (rate * 1e6) if rate is not None else 0.0))
+                    break
+                except grpc.aio.AioRpcError as err:
+                    code = err.code()
+                    if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                        self.report.refused[code.name] += 1
+                        log.info("client %d: update for round %d refused: %s", cid, task.round, err.details())
+                        return
+                    # A transient fault (connection reset, overloaded server): the update is still
+                    # good until the round's deadline, so send it again rather than lose the round.
+                    # If the server restarted meanwhile, the retry gets NOT_FOUND and we re-register.
+                    delay = self.backoff.delay(attempt, self._rng)
+                    if code not in _RETRYABLE or attempt >= self.max_push_attempts - 1 or time.monotonic() + delay > local_deadline:
+                        raise
+                    attempt += 1
+                    self.report.retries += 1
+                    log.debug("client %d: push for round %d failed (%s); retrying in %.2fs", cid, task.round, code.name, delay)
+                    await self._sleep(delay)
+        finally:
+            self._pushing = False
         if secagg_s is not None and held is not None:
             await self._secure_aggregate(stub, task.round, held, secagg_s)
         self.report.rounds.append(task.round)
