@@ -679,6 +679,7 @@ class SecAggServer:
         self.dropped: tuple[int, ...] = ()
         self.dropped_set: frozenset[int] = frozenset()
         self.request: UnmaskRequest | None = None
+        self._u3_message: bytes | None = None
         self.signed: dict[int, ConsistencySignature] = {}  # U4: who signed, and what
 
     # round 0
@@ -780,35 +781,45 @@ class SecAggServer:
         return tuple(v for v in self.directory.neighbors[client_id] if v in self.masked)
 
     # ConsistencyCheck (between rounds 2 and 3)
-    def collect_signatures(self, messages: Sequence[ConsistencySignature]) -> dict[int, ConsistencySignature]:
-        """Collect U4's consistency signatures, verified here too, to relay with the unmask
-        request (`signatures_for`); fewer than t valid ones fail the round."""
+    def check_signature(self, m: ConsistencySignature) -> None:
+        """Verify one client's ConsistencyCheck message (raises SecAggError naming the client):
+        all pairs, one signature over (session, U3); SecAgg+, one to each of its surviving
+        neighbours over their common neighbourhood's survivors, and to no one else."""
         d = self._require(self.directory, "advertise")
         self._require(self.request, "collect_masked")
+        u = m.client_id
+        key = d.signing_keys.get(u)
+        if u not in self.masked or key is None:
+            raise SecAggError(f"consistency signature from client {u}, which is not in U3 or has no verification key")
+        if d.degree is None:
+            if m.neighbor_signatures:
+                raise SecAggError(f"client {u} sent per-neighbour consistency signatures in an all-pairs round (one over U3 is expected)")
+            if self._u3_message is None:
+                self._u3_message = consistency_message(d.session, self.survivors)
+            statements = {None: (m.signature, self._u3_message)}
+        else:
+            want = set(self.surviving_neighbors(u))
+            if m.signature or set(m.neighbor_signatures) != want:
+                raise SecAggError(f"client {u} signed to clients {sorted(m.neighbor_signatures)}; its surviving neighbours are {sorted(want)}")
+            statements = {v: (sig, pair_consistency_message(d, u, v, self.masked, signer=u)) for v, sig in m.neighbor_signatures.items()}
+        verifier = Ed25519PublicKey.from_public_bytes(key)
+        for v, (sig, text) in statements.items():
+            try:
+                verifier.verify(sig, text)
+            except Exception:  # noqa: BLE001 - InvalidSignature, or a malformed signature
+                to = "" if v is None else f" to client {v}"
+                raise SecAggError(f"the consistency signature of client {u}{to} does not verify") from None
+
+    def collect_signatures(self, messages: Sequence[ConsistencySignature], verified: bool = False) -> dict[int, ConsistencySignature]:
+        """Collect U4's consistency messages, verified here (`check_signature`; ``verified=True``:
+        the caller already checked each as it arrived), to relay with the unmask request
+        (`signatures_for`); fewer than t signers fail the round."""
         self.inbox.extend(messages)
-        msg = consistency_message(d.session, self.survivors) if d.degree is None else b""
         out: dict[int, ConsistencySignature] = {}
         for m in messages:
-            u = m.client_id
-            key = d.signing_keys.get(u)
-            if u not in self.masked or key is None:
-                raise SecAggError(f"consistency signature from client {u}, which is not in U3 or has no verification key")
-            if d.degree is None:
-                if m.neighbor_signatures:
-                    raise SecAggError(f"client {u} sent per-neighbour consistency signatures in an all-pairs round (one over U3 is expected)")
-                statements = {None: (m.signature, msg)}
-            else:
-                want = set(self.surviving_neighbors(u))
-                if m.signature or set(m.neighbor_signatures) != want:
-                    raise SecAggError(f"client {u} signed to clients {sorted(m.neighbor_signatures)}; its surviving neighbours are {sorted(want)}")
-                statements = {v: (sig, pair_consistency_message(d, u, v, self.masked, signer=u)) for v, sig in m.neighbor_signatures.items()}
-            for v, (sig, text) in statements.items():
-                try:
-                    Ed25519PublicKey.from_public_bytes(key).verify(sig, text)
-                except Exception:  # noqa: BLE001
-                    to = "" if v is None else f" to client {v}"
-                    raise SecAggError(f"the consistency signature of client {u}{to} does not verify") from None
-            out[u] = m
+            if not verified:
+                self.check_signature(m)
+            out[m.client_id] = m
         self._check_alive(set(out), set(self.participants), "signed the survivor set")
         self.signed = out
         return out
