@@ -37,6 +37,18 @@ a client reveals shares only after verifying at least t valid signatures over
 the same U3 it signed -- so a server cannot show different clients different
 survivor sets to learn both secrets of one client.
 
+Under SecAgg+ every answer of the server is the recipient's slice (Bell et al. 2020):
+the key directory holds its own and its k neighbours' keys and share points, U2 and
+U3 are given among its neighbourhood, and the graph is never sent -- each party
+derives its neighbours from its share point, |U1|, k and the session (`_Ring`: a
+keyed permutation evaluated pointwise, O(1) per place).  The ConsistencyCheck is
+local: a survivor signs, to each surviving neighbour w, the survivors among the
+clients that neighbour both of them (`pair_consistency_message`), and before
+unmasking checks at least t such signatures addressed to it against its own view.
+A client's secrets are shared among its neighbours only, so what must not be
+split is each neighbourhood's view of who survived: two neighbours told different
+things about a common neighbour u do not verify each other's signature.
+
 The server only ever holds masked vectors, ciphertexts it cannot open, the
 shares it is entitled to, and the final sum.  Fewer than t live share holders
 for any client needed for unmasking makes the round fail with
@@ -54,11 +66,14 @@ Threat model and cost.  Security holds against an honest-but-curious server
 and fewer than t colluding clients (t > n/2 by default).  An actively malicious
 server that lies about who dropped is caught by the signed ConsistencyCheck round
 (``consistency=True``); the verification keys are trusted as advertised (no PKI
-binds them to client identities beyond the transport's authenticated tokens).  Cost per round:
-each client does O(n) key agreements and mask expansions (O(n d) work), the
-server O(n^2) key agreements / Shamir reconstructions in the worst case of
-many dropouts; all-pairs it is O(n^2) key agreements per round overall, which
-SecAgg+'s k-regular graph (`neighbors=k`, k ~ O(log n)) reduces to O(n k).
+binds them to client identities beyond the transport's authenticated tokens), and so
+is the server's assignment of share points (which places clients on the ring).
+Cost per round: all pairs, each client does O(n) key agreements and mask expansions
+(O(n d) work) and sends and receives O(n + d) bytes, the server O(n^2) key agreements
+/ Shamir reconstructions in the worst case of many dropouts.  SecAgg+'s k-regular
+graph (`neighbors=k`, k ~ O(log n)) makes it O(k) key agreements, signatures and
+verifications, O(k d) mask expansion and O(k + d) bytes per client, and O(n k)
+besides the sum on the server.
 
 Randomness: by default everything secret comes from `os.urandom`.  Passing a
 seeded numpy Generator makes a simulation reproducible and is NOT secure.
