@@ -2,6 +2,7 @@
 graph, k ~ 2 log2 n) cost per client and on the server, against the same rounds without it.
 
     python benchmarks/secagg.py                                   # 100 and 500 clients, d = 100000
+    python benchmarks/secagg.py --plus-clients 1000               # ... and SecAgg+ (with plain) at 1000
     python benchmarks/secagg.py --clients 10 20 --dim 1000 --rounds 1   # a quick check
 
 The server (`GrpcTransport`, plaintext on 127.0.0.1, token auth) runs in this process and
@@ -15,12 +16,16 @@ delta (benchmarks/grpc_load.SyntheticLearner), so the numbers measure the protoc
 Reported per mode and cohort size n, averaged over the rounds:
   client KiB/round   bytes a client sends + receives in a round (task, update, SecAgg messages)
   client SecAgg s    seconds a client computes in the SecAgg stages (key agreements, share
-                     encryption, mask expansion, quantization; measured around its own work)
+                     encryption, mask expansion, quantization; wall time around its own work)
+  client SecAgg CPU s  the same work in CPU seconds of its thread (other processes' load
+                     does not inflate it; the clients are coroutines on one thread per process)
   server s/round     wall seconds of a round on the server (dispatch -> aggregate)
   server CPU s       CPU seconds of the server process in a round
   overhead           each against the plain round of the same n
-and the growth of the per-client cost from the smallest to the largest n, which SecAgg+
-should keep near log n and all pairs lets grow with n.
+and the growth of the per-client cost from the smallest n to each larger one, which SecAgg+
+should keep near log n (its degree k ~ 2 log2 n) and all pairs lets grow with n.  The load
+average (`uptime`) is printed before and after: timings from a loaded machine are noisy
+(bytes are exact regardless).
 
 Do not run the full size on a shared machine: it is CPU-bound (n^2 mask expansions for
 all pairs at n = 500).
@@ -34,6 +39,7 @@ import math
 import multiprocessing as mp
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -132,12 +138,21 @@ def run(n: int, mode: str, rounds: int, dim: int, procs: int, deadline_s: float)
         store.close()
     return {"n": n, "mode": mode, "k": neighbors or (n - 1), "wall": statistics.mean(wall), "cpu": statistics.mean(cpu),
             "bytes": statistics.mean(up) + statistics.mean(down),
-            "client_s": statistics.mean([c["compute_s"] for c in costs]) if costs else 0.0}
+            "client_s": statistics.mean([c["compute_s"] for c in costs]) if costs else 0.0,
+            "client_cpu": statistics.mean([c["cpu_s"] for c in costs]) if costs else 0.0}
+
+
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "load average: %.2f, %.2f, %.2f" % os.getloadavg()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, nargs="+", default=[100, 500])
+    p.add_argument("--plus-clients", type=int, nargs="*", default=[], help="more cohort sizes run for SecAgg+ (and plain) only")
     p.add_argument("--dim", type=int, default=100_000, help="model parameters (float32)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--procs", type=int, default=2, help="client processes")
@@ -146,29 +161,34 @@ def main() -> None:
     args = p.parse_args()
     if "plain" not in args.modes:
         args.modes = ["plain", *args.modes]
+    plan = [(n, m) for n in args.clients for m in args.modes]
+    plan += [(n, m) for n in args.plus_clients for m in ("plain", "secagg+") if (n, m) not in plan]
     print(f"machine: {os.cpu_count()} CPUs; server in pid {os.getpid()}, clients in {args.procs} processes; d = {args.dim}", flush=True)
+    print(f"uptime before: {uptime()}", flush=True)
     rows = {}
-    for n in args.clients:
-        for mode in args.modes:
-            rows[n, mode] = run(n, mode, args.rounds, args.dim, args.procs, args.deadline)
-            print(f"  n={n} {mode}: {rows[n, mode]}", flush=True)
+    for n, mode in plan:
+        rows[n, mode] = run(n, mode, args.rounds, args.dim, args.procs, args.deadline)
+        print(f"  n={n} {mode}: {rows[n, mode]}  [{uptime()}]", flush=True)
+    print(f"uptime after: {uptime()}", flush=True)
     print()
-    print("| n | mode | graph degree | client KiB/round | x plain | client SecAgg s | server s/round | x plain | server CPU s/round | x plain |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for (n, mode), r in rows.items():
+    print("| n | mode | graph degree | client KiB/round | x plain | client SecAgg s | client SecAgg CPU s | server s/round | x plain "
+          "| server CPU s/round | x plain |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for (n, mode), r in sorted(rows.items(), key=lambda kv: (kv[0][0], args.modes.index(kv[0][1]) if kv[0][1] in args.modes else 9)):
         b = rows[n, "plain"]
         print(f"| {n} | {mode} | {r['k'] if mode != 'plain' else '-'} | {r['bytes'] / 1024:.1f} | {r['bytes'] / b['bytes']:.2f} | "
-              f"{r['client_s']:.3f} | {r['wall']:.2f} | {r['wall'] / b['wall']:.1f} | {r['cpu']:.2f} | {r['cpu'] / max(b['cpu'], 1e-9):.1f} |")
-    lo, hi = min(args.clients), max(args.clients)
-    if lo != hi:
-        print()
-        print(f"per-client growth from n = {lo} to n = {hi} (n grew x{hi / lo:.1f}, log2 n x{math.log2(hi) / math.log2(lo):.2f}):")
-        for mode in args.modes:
-            if mode == "plain":
-                continue
+              f"{r['client_s']:.3f} | {r['client_cpu']:.3f} | {r['wall']:.2f} | {r['wall'] / b['wall']:.1f} | {r['cpu']:.2f} | "
+              f"{r['cpu'] / max(b['cpu'], 1e-9):.1f} |")
+    print()
+    for mode in args.modes + ["secagg+"] * ("secagg+" not in args.modes):
+        sizes = sorted(n for (n, m) in rows if m == mode and mode != "plain")
+        for hi in sizes[1:]:
+            lo = sizes[0]
             a, z = rows[lo, mode], rows[hi, mode]
-            print(f"  {mode}: SecAgg bytes x{(z['bytes'] - rows[hi, 'plain']['bytes']) / max(a['bytes'] - rows[lo, 'plain']['bytes'], 1):.2f}, "
-                  f"client compute x{z['client_s'] / max(a['client_s'], 1e-9):.2f}")
+            grow = (z["bytes"] - rows[hi, "plain"]["bytes"]) / max(a["bytes"] - rows[lo, "plain"]["bytes"], 1)
+            print(f"per-client growth, {mode}, n = {lo} -> {hi} (n x{hi / lo:.1f}, log2 n x{math.log2(hi) / math.log2(lo):.2f}, "
+                  f"degree x{z['k'] / a['k']:.2f}): SecAgg bytes x{grow:.2f}, client CPU x{z['client_cpu'] / max(a['client_cpu'], 1e-9):.2f}, "
+                  f"client wall x{z['client_s'] / max(a['client_s'], 1e-9):.2f}")
 
 
 if __name__ == "__main__":

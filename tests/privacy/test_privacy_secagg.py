@@ -20,6 +20,7 @@ from fleetlearn.privacy import (
     run_secagg,
     secure_sum,
 )
+from fleetlearn.privacy.secagg import derive_neighborhood
 
 N, D, BITS = 20, 1000, 32
 
@@ -117,12 +118,12 @@ def test_too_many_dropouts_fail_the_round_clearly(quantized):
         run_secagg(x[:2], seed=4)
 
 
-def _flow(x, seed=5):
+def _flow(x, seed=5, neighbors=None, consistency=False):
     rng = np.random.default_rng(seed)
-    server = SecAggServer(dim=x.shape[1], modulus_bits=BITS, rng=rng)
-    clients = [SecAggClient(i, rng) for i in range(len(x))]
-    directory = server.advertise([c.advertise_keys() for c in clients])
-    forwarded = server.collect_shares([c.share_keys(directory) for c in clients])
+    server = SecAggServer(dim=x.shape[1], modulus_bits=BITS, neighbors=neighbors, rng=rng)
+    clients = [SecAggClient(i, rng, consistency=consistency) for i in range(len(x))]
+    server.advertise([c.advertise_keys() for c in clients])
+    forwarded = server.collect_shares([c.share_keys(server.directory_for(c.client_id)) for c in clients])
     return server, clients, forwarded
 
 
@@ -189,6 +190,119 @@ def test_protocol_order_and_input_checks(quantized):
     clients[0].masked_input(forwarded[0], x[0])
     with pytest.raises(SecAggError, match="refusing to mask again"):
         clients[0].masked_input(forwarded[0], x[1])
+
+
+# -- SecAgg+: each client gets only its neighbourhood (Bell et al. 2020) ---------------------------
+K = 6  # SecAgg+ degree in these tests: threshold k // 2 + 1 = 4
+
+
+@pytest.mark.parametrize("consistency", [False, True], ids=["plain", "consistency"])
+def test_secagg_plus_with_30pct_dropouts_and_consistency_sums_exactly(quantized, consistency):
+    _, x = quantized
+    k = 8
+    # The graph comes from the session, the server's first random draw: the same seed, the same graph.
+    graph = run_secagg(x, seed=12, neighbors=k).server.directory.neighbors
+    t = k // 2 + 1
+    gone: list[int] = []  # 30% of the clients, each client keeping t live share holders (SecAgg+'s regime)
+    for c in range(N):
+        if len(gone) < int(0.3 * N) and all(sum(v not in {*gone, c} for v in graph[u]) >= t for u in graph):
+            gone.append(c)
+    assert len(gone) == int(0.3 * N)
+    early, late = gone[:4], gone[4:]  # four drop before masking, two after
+    run = run_secagg(x, dropouts=early, late_dropouts=late, seed=12, neighbors=k, consistency=consistency)
+    assert run.server.directory.neighbors == graph
+    assert np.array_equal(run.sum, _plain_sum(x, set(range(N)) - set(early)))
+    assert run.server.directory.threshold == t  # t counts share holders: the k neighbours, not n
+
+
+def test_secagg_plus_client_receives_only_its_neighbours_keys_and_views(quantized):
+    _, x = quantized
+    server, clients, forwarded = _flow(x, seed=13, neighbors=K, consistency=True)
+    d = server.directory
+    request = server.collect_masked([clients[i].masked_input(forwarded[i], x[i]) for i in range(N) if i != 7])
+    server.collect_signatures([clients[u].consistency_check(server.request_for(u)) for u in request.survivors])
+    for c in range(N):
+        near = {c, *d.neighbors[c]}
+        assert len(d.neighbors[c]) == K
+        mine = server.directory_for(c)
+        assert set(mine.keys) == set(mine.signing_keys) == set(mine.points) == near  # its own and its k neighbours' keys
+        far_keys = {k for u in set(range(N)) - near for k in (*d.keys[u], d.signing_keys[u])}
+        assert not far_keys & {k for u in mine.keys for k in (*mine.keys[u], mine.signing_keys[u])}
+        # every party derives the same neighbours from the slice's public numbers (share points, |U1|, k, session)
+        assert derive_neighborhood(mine, c)[0] == d.neighbors[c]
+        assert set(forwarded[c].encrypted_shares) <= near and set(forwarded[c].participants) <= near
+        if c != 7:
+            view = server.request_for(c)
+            assert set(view.survivors) | set(view.dropped) <= near and set(server.signatures_for(c)) <= set(d.neighbors[c])
+    # what a client receives does not grow with n: the same slice size at 3x the clients
+    big, *_ = _flow(np.zeros((3 * N, 4), dtype=np.uint64), seed=13, neighbors=K, consistency=True)
+    assert {big.directory_for(c).nbytes for c in range(3 * N)} == {server.directory_for(c).nbytes for c in range(N)}
+    # all pairs: the slice is the whole directory
+    full, *_ = _flow(x[:6], seed=13)
+    assert full.directory_for(3) is full.directory
+
+
+def test_secagg_plus_client_refuses_a_directory_that_hides_or_moves_a_neighbour(quantized):
+    _, x = quantized
+    rng = np.random.default_rng(14)
+    server = SecAggServer(dim=D, modulus_bits=BITS, neighbors=K, rng=rng)
+    clients = [SecAggClient(i, rng) for i in range(N)]
+    server.advertise([c.advertise_keys() for c in clients])
+    mine = server.directory_for(0)
+    gone = mine.neighbors[0][0]
+    hidden = dataclasses.replace(mine, keys={c: k for c, k in mine.keys.items() if c != gone},
+                                 points={c: p for c, p in mine.points.items() if c != gone}, neighbors={})
+    with pytest.raises(SecAggError, match=rf"lacks client 0's neighbour at share point {mine.points[gone]}"):
+        clients[0].share_keys(hidden)
+    # a neighbour list the graph does not give (a server choosing who holds client 0's shares)
+    other = next(c for c in range(1, N) if c not in mine.neighbors[0])
+    with pytest.raises(SecAggError, match="names neighbours .* the graph gives"):
+        clients[0].share_keys(dataclasses.replace(server.directory, neighbors={0: (*mine.neighbors[0][1:], other)}))
+    assert set(clients[0].share_keys(mine).encrypted_shares) == set(mine.neighbors[0])
+
+
+def test_secagg_plus_forged_or_inconsistent_neighbour_signature_is_refused(quantized):
+    _, x = quantized
+    server, clients, forwarded = _flow(x, seed=15, neighbors=K, consistency=True)
+    d = server.directory
+    request = server.collect_masked([clients[i].masked_input(forwarded[i], x[i]) for i in range(N)])
+    sigs = {u: clients[u].consistency_check(server.request_for(u)) for u in request.survivors}
+    v, u = 0, d.neighbors[0][0]
+    # the server refuses a forged signature as it arrives, naming signer and recipient
+    forged = dict(sigs[u].neighbor_signatures)
+    forged[v] = bytes([forged[v][0] ^ 1]) + forged[v][1:]
+    with pytest.raises(SecAggError, match=rf"consistency signature of client {u} to client {v} does not verify"):
+        server.check_signature(dataclasses.replace(sigs[u], neighbor_signatures=forged))
+    server.collect_signatures(list(sigs.values()))
+    relayed = server.signatures_for(v)
+    assert set(relayed) == set(d.neighbors[v])
+    # ... and so does the client, if a server relays one
+    with pytest.raises(SecAggTamperError, match=rf"consistency signature of client {u} to client {v} does not verify"):
+        clients[v].unmask(server.request_for(v), {**relayed, u: forged[v]})
+    stranger = next(c for c in range(N) if c != v and c not in d.neighbors[v])
+    with pytest.raises(SecAggError, match=rf"from client {stranger}, which is not one of its surviving neighbours"):
+        clients[v].unmask(server.request_for(v), {**relayed, stranger: sigs[stranger].neighbor_signatures[d.neighbors[stranger][0]]})
+    assert set(clients[v].unmask(server.request_for(v), relayed).self_mask_shares) == set(d.neighbors[v])
+
+
+def test_secagg_plus_client_detects_a_server_telling_neighbours_different_survivors(quantized):
+    """The server tells v that u dropped (to get u's mask key share from v) while telling w,
+    a neighbour of both, that u survived (to get w's self-mask share of u): w's signature to v
+    covers their common neighbourhood, u included, so it does not verify against v's view."""
+    _, x = quantized
+    server, clients, forwarded = _flow(x, seed=16, neighbors=K, consistency=True)
+    d = server.directory
+    request = server.collect_masked([clients[i].masked_input(forwarded[i], x[i]) for i in range(N)])
+    v = 0
+    u = d.neighbors[v][0]
+    w = next(c for c in d.neighbors[v] if c in d.neighbors[u])
+    honest = server.request_for(v)
+    lie = UnmaskRequest(tuple(c for c in honest.survivors if c != u), tuple(sorted((*honest.dropped, u))))
+    clients[v].consistency_check(lie)
+    from_w = clients[w].consistency_check(server.request_for(w)).neighbor_signatures[v]
+    with pytest.raises(SecAggTamperError, match=rf"client {w} to client {v} does not verify: the server showed them different survivor sets"):
+        clients[v].unmask(lie, {w: from_w})
+    assert not clients[v]._revealed  # nothing was revealed
 
 
 def test_secure_aggregation_part_weighted_mean_with_dropouts():

@@ -6,6 +6,7 @@ refusal, and malformed / replayed SecAgg messages refused while the round carrie
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -24,6 +25,7 @@ from grpc_test_support import CLASSES, FEATURES, DispatchThread, make_task
 
 from fleetlearn.learners import TorchLearner, logistic
 from fleetlearn.messages import Update
+from fleetlearn.privacy.quantize import Quantizer
 from fleetlearn.privacy.secagg import RowRecipe, SecAggClient, SecureAggregation
 from fleetlearn.transport.grpc import GrpcTransport
 from fleetlearn.transport.grpc import fleetlearn_pb2 as pb
@@ -182,6 +184,54 @@ def _register(c: RawClient, digest: str, features=("secagg",)):
     return reply
 
 
+def _start_round(t: GrpcTransport, raws: dict, learner, heartbeat_s: float = 0.1, deadline_s: float = 20.0) -> dict[str, int]:
+    """Register the raw clients, dispatch round 1 to them; each pushes its update's metadata
+    (the update stays on the device).  Returns name -> client id."""
+    for c in raws.values():
+        _register(c, learner.spec.digest())
+        c.start_heartbeats(heartbeat_s)
+    cid = {n: int(c.client_id) for n, c in raws.items()}
+    disp = DispatchThread(t, make_task(1, 0, learner.init_params(0), deadline_s=deadline_s), sorted(cid.values()))
+    for c in raws.values():
+        meta, _, _ = c.pull()
+        assert meta.secagg and meta.secagg_stage_s == deadline_s
+        assert c.push(1, 0, b"").accepted  # the update stays on the device
+    replies = disp.join()
+    assert sorted(r.message.client_id for r in replies if isinstance(r.message, Update)) == sorted(cid.values())
+    assert all(len(r.message.payload) == 0 for r in replies)
+    return cid
+
+
+def _secure_sum_thread(t: GrpcTransport, ids, secure: SecureAggregation) -> tuple[threading.Thread, dict]:
+    """The server's side of the round's secure aggregation, on a thread (as the Coordinator's step)."""
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.setdefault("sum", t.secure_sum(1, sorted(ids), [1.0 / len(ids)] * len(ids), RowRecipe(), secure)),
+                              daemon=True)
+    runner.start()
+    return runner, result
+
+
+def _run_parties(party, names, runner: threading.Thread, errors: list) -> None:
+    """Each client's side on its own thread (`party(name)` appends what it raised to `errors`), then the server's."""
+    threads = [threading.Thread(target=party, args=(n,), daemon=True) for n in names]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    runner.join(60)
+    assert not errors, errors
+
+
+def _call(c: RawClient, round: int = 1, **body) -> pb.SecAggReply:
+    return c.stub.SecAggStep(pb.SecAggRequest(client_id=c.client_id, session=c.session, round=round, **body), metadata=c.metadata, timeout=30)
+
+
+def _expect_refusal(refused: dict, key: str, fn) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        fn()
+    refused[key] = (err.value.code(), err.value.details())
+
+
 def test_a_client_without_the_secagg_feature_is_refused_at_registration(tokens, learner):
     t = GrpcTransport("127.0.0.1:0", tokens=tokens, spec=learner.spec, secagg=True, heartbeat_interval_s=1.0)
     old, new = RawClient(t.address, tokens.add("old")), RawClient(t.address, tokens.add("new"))
@@ -207,52 +257,28 @@ def test_malformed_and_replayed_secagg_messages_are_refused_and_the_round_carrie
     names = ["a", "b", "c", "d"]
     raws = {n: RawClient(t.address, tokens.add(n)) for n in names}
     try:
-        for c in raws.values():
-            _register(c, learner.spec.digest())
-            c.start_heartbeats(0.1)
-        cid = {n: int(c.client_id) for n, c in raws.items()}
-        params = learner.init_params(0)
-        disp = DispatchThread(t, make_task(1, 0, params, deadline_s=20.0), sorted(cid.values()))
-        for c in raws.values():
-            meta, _, _ = c.pull()
-            assert meta.secagg and meta.secagg_stage_s == 20.0
-            assert c.push(1, 0, b"").accepted  # the update stays on the device
-        replies = disp.join()
-        assert sorted(r.message.client_id for r in replies if isinstance(r.message, Update)) == sorted(cid.values())
-        assert all(len(r.message.payload) == 0 for r in replies)
+        cid = _start_round(t, raws, learner)
         dim = learner.spec.dim
-        secure = SecureAggregation(clip_range=1.0, max_clients=4, modulus_bits=32)
-        result: dict = {}
-        runner = threading.Thread(target=lambda: result.setdefault("sum", t.secure_sum(1, sorted(cid.values()), [0.25] * 4, RowRecipe(), secure)),
-                                  daemon=True)
-        runner.start()
+        runner, result = _secure_sum_thread(t, cid.values(), SecureAggregation(clip_range=1.0, max_clients=4, modulus_bits=32))
         rng = np.random.default_rng(1)
         rows = {n: rng.integers(0, 1 << 32, size=dim, dtype=np.uint64) for n in names}
         errors: list = []
         dup_done = threading.Event()
         refused: dict = {}
 
-        def call(c, round=1, **body):
-            return c.stub.SecAggStep(pb.SecAggRequest(client_id=c.client_id, session=c.session, round=round, **body), metadata=c.metadata, timeout=30)
-
-        def expect_refusal(key, fn):
-            with pytest.raises(grpc.RpcError) as err:
-                fn()
-            refused[key] = (err.value.code(), err.value.details())
-
         def party(n: str) -> None:
             try:
                 c, me = raws[n], SecAggClient(cid[n], consistency=True)
                 adv = wire.advertise_to_pb(me.advertise_keys())
                 if n == "a":
-                    expect_refusal("wrong_round", lambda: call(c, round=7, advertise=adv))
-                    expect_refusal("unparsable", lambda: c.raw_unary("SecAggStep", b"\xff\x01garbage"))
-                directory = wire.directory_from_pb(call(c, advertise=adv).directory, dim + 1)
+                    _expect_refusal(refused, "wrong_round", lambda: _call(c, round=7, advertise=adv))
+                    _expect_refusal(refused, "unparsable", lambda: c.raw_unary("SecAggStep", b"\xff\x01garbage"))
+                directory = wire.directory_from_pb(_call(c, advertise=adv).directory, dim + 1)
                 shares = wire.share_keys_to_pb(me.share_keys(directory))
-                fwd = wire.forwarded_from_pb(cid[n], call(c, share_keys=shares).forwarded)
+                fwd = wire.forwarded_from_pb(cid[n], _call(c, share_keys=shares).forwarded)
                 masked = wire.masked_to_pb(me.masked_input(fwd, rows[n]))
                 if n == "c":  # a masked input of the wrong length: refused, and c is out of the round
-                    expect_refusal("wrong_length", lambda: call(c, masked_input=pb.SecAggMaskedInput(masked=masked.masked[:-4])))
+                    _expect_refusal(refused, "wrong_length", lambda: _call(c, masked_input=pb.SecAggMaskedInput(masked=masked.masked[:-4])))
                     return
                 if n == "d":
                     dup_done.wait(20)
@@ -260,26 +286,20 @@ def test_malformed_and_replayed_secagg_messages_are_refused_and_the_round_carrie
                     first = c.stub.SecAggStep.future(pb.SecAggRequest(client_id=c.client_id, session=c.session, round=1, masked_input=masked),
                                                      metadata=c.metadata, timeout=30)
                     time.sleep(0.3)
-                    expect_refusal("duplicate", lambda: call(c, masked_input=masked))
+                    _expect_refusal(refused, "duplicate", lambda: _call(c, masked_input=masked))
                     dup_done.set()
                     req = wire.survivors_from_pb(first.result().consistency_request)
-                    expect_refusal("replay", lambda: call(c, share_keys=shares))  # stage 1 is over
+                    _expect_refusal(refused, "replay", lambda: _call(c, share_keys=shares))  # stage 1 is over
                 else:
-                    req = wire.survivors_from_pb(call(c, masked_input=masked).consistency_request)
-                ur = call(c, consistency=pb.SecAggSignature(signature=me.consistency_check(req).signature)).unmask_request
+                    req = wire.survivors_from_pb(_call(c, masked_input=masked).consistency_request)
+                ur = _call(c, consistency=wire.signature_to_pb(me.consistency_check(req))).unmask_request
                 sigs = {int(b.client_id): bytes(b.data) for b in ur.signatures}
-                done = call(c, unmask=wire.unmask_to_pb(me.unmask(wire.survivors_from_pb(ur.survivors), sigs)))
+                done = _call(c, unmask=wire.unmask_to_pb(me.unmask(wire.survivors_from_pb(ur.survivors), sigs)))
                 assert done.done.survivors == 3
             except BaseException as exc:  # noqa: BLE001 - re-raised below
                 errors.append(exc)
 
-        threads = [threading.Thread(target=party, args=(n,), daemon=True) for n in names]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(60)
-        runner.join(60)
-        assert not errors, errors
+        _run_parties(party, names, runner, errors)
         res = result["sum"]
         assert res.survivors == tuple(sorted(cid[n] for n in "abd")) and res.dropped == (cid["c"],)
         plain = (rows["a"] + rows["b"] + rows["d"]) & np.uint64(0xFFFFFFFF)
@@ -306,15 +326,7 @@ def test_too_few_secagg_survivors_fail_the_aggregation_cleanly(tokens, learner):
     t = GrpcTransport("127.0.0.1:0", tokens=tokens, spec=learner.spec, secagg=True, heartbeat_interval_s=0.2, max_round_s=20.0)
     raws = {n: RawClient(t.address, tokens.add(n)) for n in "abcd"}
     try:
-        for c in raws.values():
-            _register(c, learner.spec.digest())
-            c.start_heartbeats(0.05)
-        ids = sorted(int(c.client_id) for c in raws.values())
-        disp = DispatchThread(t, make_task(1, 0, learner.init_params(0), deadline_s=20.0), ids)
-        for c in raws.values():
-            c.pull()
-            c.push(1, 0, b"")
-        disp.join()
+        ids = sorted(_start_round(t, raws, learner, heartbeat_s=0.05).values())
         for n in "cd":
             raws[n].stop_heartbeats()
         secure = SecureAggregation(clip_range=1.0, max_clients=4, threshold=3)
@@ -342,3 +354,98 @@ def test_too_few_secagg_survivors_fail_the_aggregation_cleanly(tokens, learner):
         for c in raws.values():
             c.close()
         t.close(grace_s=0.2)
+
+
+def test_secagg_plus_over_grpc_sends_each_client_only_its_neighbourhood_and_drops_a_forged_signature(tokens, learner):
+    """SecAgg+ (degree 4, 8 clients) through the real server: each client's key directory lists
+    itself and its 4 neighbours, and nothing it receives in any stage holds a non-neighbour's
+    public key.  A client whose consistency signature to a neighbour is forged is refused
+    (`malformed`, naming both) and takes no further part; its masked row still counts, its
+    self mask rebuilt from its neighbours' shares, and the sum of the 8 rows is exact."""
+    from fleetlearn.privacy.secagg import derive_neighborhood
+
+    n, k, forger = 8, 4, "p3"
+    t = GrpcTransport("127.0.0.1:0", tokens=tokens, spec=learner.spec, secagg=True, heartbeat_interval_s=0.5, max_round_s=20.0)
+    names = [f"p{i}" for i in range(n)]
+    raws = {nm: RawClient(t.address, tokens.add(nm)) for nm in names}
+    try:
+        cid = _start_round(t, raws, learner)
+        dim = learner.spec.dim
+        runner, result = _secure_sum_thread(t, cid.values(), SecureAggregation(clip_range=1.0, max_clients=n, modulus_bits=32, neighbors=k))
+        rng = np.random.default_rng(2)
+        rows = {nm: rng.integers(0, 1 << 32, size=dim, dtype=np.uint64) for nm in names}
+        keys: dict = {}  # client -> its three public keys
+        received: dict = {nm: [] for nm in names}  # every reply a client got, serialized
+        neighbours: dict = {}
+        errors: list = []
+        refused: dict = {}
+
+        def party(nm: str) -> None:
+            try:
+                c, me = raws[nm], SecAggClient(cid[nm], consistency=True)
+                adv = me.advertise_keys()
+                keys[cid[nm]] = (adv.cipher_public_key, adv.mask_public_key, adv.signing_public_key)
+
+                def step(**body):
+                    reply = _call(c, **body)
+                    received[nm].append(reply.SerializeToString())
+                    return reply
+
+                got = step(advertise=wire.advertise_to_pb(adv)).directory
+                assert (got.degree, got.size, len(got.peers)) == (k, n, k + 1)
+                directory = wire.directory_from_pb(got, dim + 1)
+                neighbours[nm] = derive_neighborhood(directory, cid[nm])[0]
+                fwd = wire.forwarded_from_pb(cid[nm], step(share_keys=wire.share_keys_to_pb(me.share_keys(directory))).forwarded)
+                req = wire.survivors_from_pb(step(masked_input=wire.masked_to_pb(me.masked_input(fwd, rows[nm]))).consistency_request)
+                sig = me.consistency_check(req)
+                assert set(sig.neighbor_signatures) == set(neighbours[nm]) and not sig.signature
+                if nm == forger:
+                    to = min(sig.neighbor_signatures)
+                    forged = dataclasses.replace(sig, neighbor_signatures={**sig.neighbor_signatures, to: bytes(64)})
+                    _expect_refusal(refused, f"forged to {to}", lambda: step(consistency=wire.signature_to_pb(forged)))
+                    return
+                ur = step(consistency=wire.signature_to_pb(sig)).unmask_request
+                sigs = {int(b.client_id): bytes(b.data) for b in ur.signatures}
+                assert set(sigs) == set(neighbours[nm]) - {cid[forger]}  # its neighbours' signatures to it, and no others
+                done = step(unmask=wire.unmask_to_pb(me.unmask(wire.survivors_from_pb(ur.survivors), sigs)))
+                assert done.done.survivors == n
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                errors.append(exc)
+
+        _run_parties(party, names, runner, errors)
+        (key, (code, details)), = refused.items()
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"consistency signature of client {cid[forger]} to client {key.split()[-1]} does not verify" in details
+        assert t.refusals_total() == {"malformed": 1}
+        res = result["sum"]
+        assert res.survivors == tuple(sorted(cid.values())) and res.dropped == ()  # the forger's masked row counts
+        assert np.array_equal(res.sum, Quantizer.field_sum(np.stack(list(rows.values())), 32))
+        for nm in names:
+            blob = b"".join(received[nm])
+            near = {cid[nm], *neighbours[nm]}
+            assert len(near) == k + 1
+            assert all(key in blob for u in near for key in keys[u])  # the check below is not vacuous
+            assert not any(key in blob for u in set(cid.values()) - near for key in keys[u]), f"{nm} received a non-neighbour's key"
+    finally:
+        for c in raws.values():
+            c.close()
+        t.close(grace_s=0.2)
+
+
+def test_a_client_refuses_a_key_directory_beyond_its_neighbourhood():
+    """A directory is bounded by what the client needs (all pairs: |U1| clients; SecAgg+: itself
+    and k neighbours), before anything is allocated for it."""
+    from fleetlearn.privacy.secagg import SecAggError
+
+    def peer(i):
+        return pb.SecAggPeerKeys(client_id=i, cipher_public_key=bytes([i]) * 32, mask_public_key=bytes([i + 64]) * 32,
+                                 signing_public_key=bytes([i + 128]) * 32, point=i + 1)
+
+    m = pb.SecAggKeyDirectory(session=b"s" * 16, threshold=3, modulus_bits=32, dim=10, peers=[peer(i) for i in range(6)], degree=4, size=8)
+    with pytest.raises(SecAggError, match="lists 6 clients; a client of a round of 8 with graph degree 4 needs at most 5"):
+        wire.directory_from_pb(m, 10)
+    m.size = 5
+    with pytest.raises(SecAggError, match="a degree below size - 1"):
+        wire.directory_from_pb(m, 10)
+    m.size, m.degree = 6, 0  # all pairs: all six
+    assert sorted(wire.directory_from_pb(m, 10).points.values()) == list(range(1, 7))

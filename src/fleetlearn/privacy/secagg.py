@@ -37,6 +37,18 @@ a client reveals shares only after verifying at least t valid signatures over
 the same U3 it signed -- so a server cannot show different clients different
 survivor sets to learn both secrets of one client.
 
+Under SecAgg+ every answer of the server is the recipient's slice (Bell et al. 2020):
+the key directory holds its own and its k neighbours' keys and share points, U2 and
+U3 are given among its neighbourhood, and the graph is never sent -- each party
+derives its neighbours from its share point, |U1|, k and the session (`_Ring`: a
+keyed permutation evaluated pointwise, O(1) per place).  The ConsistencyCheck is
+local: a survivor signs, to each surviving neighbour w, the survivors among the
+clients that neighbour both of them (`pair_consistency_message`), and before
+unmasking checks at least t such signatures addressed to it against its own view.
+A client's secrets are shared among its neighbours only, so what must not be
+split is each neighbourhood's view of who survived: two neighbours told different
+things about a common neighbour u do not verify each other's signature.
+
 The server only ever holds masked vectors, ciphertexts it cannot open, the
 shares it is entitled to, and the final sum.  Fewer than t live share holders
 for any client needed for unmasking makes the round fail with
@@ -54,11 +66,14 @@ Threat model and cost.  Security holds against an honest-but-curious server
 and fewer than t colluding clients (t > n/2 by default).  An actively malicious
 server that lies about who dropped is caught by the signed ConsistencyCheck round
 (``consistency=True``); the verification keys are trusted as advertised (no PKI
-binds them to client identities beyond the transport's authenticated tokens).  Cost per round:
-each client does O(n) key agreements and mask expansions (O(n d) work), the
-server O(n^2) key agreements / Shamir reconstructions in the worst case of
-many dropouts; all-pairs it is O(n^2) key agreements per round overall, which
-SecAgg+'s k-regular graph (`neighbors=k`, k ~ O(log n)) reduces to O(n k).
+binds them to client identities beyond the transport's authenticated tokens), and so
+is the server's assignment of share points (which places clients on the ring).
+Cost per round: all pairs, each client does O(n) key agreements and mask expansions
+(O(n d) work) and sends and receives O(n + d) bytes, the server O(n^2) key agreements
+/ Shamir reconstructions in the worst case of many dropouts.  SecAgg+'s k-regular
+graph (`neighbors=k`, k ~ O(log n)) makes it O(k) key agreements, signatures and
+verifications, O(k d) mask expansion and O(k + d) bytes per client, and O(n k)
+besides the sum on the server.
 
 Randomness: by default everything secret comes from `os.urandom`.  Passing a
 seeded numpy Generator makes a simulation reproducible and is NOT secure.
@@ -66,11 +81,10 @@ seeded numpy Generator makes a simulation reproducible and is NOT secure.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -128,29 +142,44 @@ class AdvertiseKeys:
 
 @dataclass(frozen=True)
 class KeyDirectory:
-    """Server -> every client of U1: everyone's public keys, the threshold and
-    who is whose neighbour (all pairs, or the SecAgg+ graph)."""
+    """Server -> client: the public keys the client needs, the threshold, and the public
+    numbers every party derives the neighbour graph from.
+
+    The server holds the whole directory (all of U1).  A client receives its slice
+    (`slice`): under all pairs the whole directory; under SecAgg+ only its own and its k
+    neighbours' keys, O(k) bytes.  No neighbour list travels: the graph follows from the
+    session, `size` (|U1|), `degree` and each client's share point (`neighbor_graph`,
+    `derive_neighborhood`), so a client checks what it was sent against what it derives."""
 
     session: bytes
     threshold: int
     modulus_bits: int
     dim: int
     keys: Mapping[int, tuple[bytes, bytes]]  # client -> (c_pk, s_pk)
-    neighbors: Mapping[int, tuple[int, ...]]
+    neighbors: Mapping[int, tuple[int, ...]]  # the server's: everyone's; a client's slice: its own
     signing_keys: Mapping[int, bytes] = field(default_factory=dict)  # ConsistencyCheck: client -> Ed25519 key
+    points: Mapping[int, int] = field(default_factory=dict)  # client -> its Shamir point: its 1-based rank in U1
+    size: int = 0  # |U1|
+    degree: int | None = None  # SecAgg+ graph degree k; None: all pairs
+    positions: Mapping[int, int] = field(default_factory=dict)  # SecAgg+: client -> its place on the ring
 
     def share_point(self, client_id: int) -> int:
         """The Shamir evaluation point of a client: its 1-based rank in U1."""
-        return self._points[client_id]
+        return self.points[client_id]
 
-    @functools.cached_property
-    def _points(self) -> dict[int, int]:
-        return {cid: i + 1 for i, cid in enumerate(sorted(self.keys))}
+    def slice(self, client_id: int) -> KeyDirectory:
+        """What `client_id` receives: under all pairs the whole directory (it needs every key);
+        under SecAgg+ its own and its neighbours' keys, points and places only."""
+        if self.degree is None:
+            return self
+        near = (client_id, *self.neighbors[client_id])
+        return replace(self, keys={c: self.keys[c] for c in near}, neighbors={client_id: self.neighbors[client_id]},
+                       signing_keys={c: self.signing_keys[c] for c in near if c in self.signing_keys},
+                       points={c: self.points[c] for c in near}, positions={c: self.positions[c] for c in near})
 
     @property
     def nbytes(self) -> int:
-        return (16 + 12 + sum(_ID + len(a) + len(b) for a, b in self.keys.values()) + sum(_ID * (1 + len(v)) for v in self.neighbors.values())
-                + sum(len(k) for k in self.signing_keys.values()))
+        return 16 + 4 * 4 + sum(_ID + 4 + len(a) + len(b) + len(self.signing_keys.get(c, b"")) for c, (a, b) in self.keys.items())
 
 
 @dataclass(frozen=True)
@@ -209,20 +238,39 @@ class UnmaskRequest:
 
 @dataclass(frozen=True)
 class ConsistencySignature:
-    """ConsistencyCheck, client -> server: Ed25519 signature over (session, U3)."""
+    """ConsistencyCheck, client -> server.  All pairs: one Ed25519 signature over (session, U3).
+    SecAgg+: one per surviving neighbour v, over the survivors among the clients that neighbour
+    both (`pair_consistency_message`), addressed to v (`neighbor_signatures`)."""
 
     client_id: int
     signature: bytes
+    neighbor_signatures: Mapping[int, bytes] = field(default_factory=dict)  # SecAgg+: recipient -> signature
 
     @property
     def nbytes(self) -> int:
-        return _ID + len(self.signature)
+        return _ID + len(self.signature) + sum(_ID + len(s) for s in self.neighbor_signatures.values())
 
 
-def consistency_message(session: bytes, survivors: Iterable[int]) -> bytes:
-    """What a client signs in the ConsistencyCheck round: the session and U3."""
+def consistency_message(session: bytes, survivors: Iterable[int], pair: tuple[int, int] | None = None) -> bytes:
+    """What a client signs in the ConsistencyCheck round: the session and U3 (all pairs), or
+    under SecAgg+ (`pair` = (signer, recipient)) the session, the pair and the survivors among
+    the clients both neighbour (including themselves)."""
     ids = sorted(int(u) for u in survivors)
-    return b"fleetlearn/secagg/consistency" + session + len(ids).to_bytes(_ID, "big") + b"".join(u.to_bytes(_ID, "big", signed=True) for u in ids)
+    head = b"fleetlearn/secagg/consistency" + session
+    if pair is not None:
+        head = b"fleetlearn/secagg/consistency-pair" + session + b"".join(int(c).to_bytes(_ID, "big", signed=True) for c in pair)
+    return head + len(ids).to_bytes(_ID, "big") + b"".join(u.to_bytes(_ID, "big", signed=True) for u in ids)
+
+
+def pair_consistency_message(d: KeyDirectory, me: int, peer: int, survivors: Iterable[int], signer: int) -> bytes:
+    """SecAgg+'s ConsistencyCheck statement between neighbours `me` and `peer` (`signer` is one
+    of them): the survivors (as `me` was told) among the clients within k/2 places of both on
+    the ring, i.e. their common neighbourhood.  Both ends compute it from their own slice of
+    the directory; the signature verifies only if they were told the same."""
+    alive = set(survivors)
+    n, half, at = d.size, d.degree // 2, d.positions[peer]
+    common = [x for x in (me, *d.neighbors[me]) if x in alive and min((d.positions[x] - at) % n, (at - d.positions[x]) % n) <= half]
+    return consistency_message(d.session, common, (signer, peer if signer == me else me))
 
 
 @dataclass(frozen=True)
@@ -283,28 +331,123 @@ def _aad(session: bytes, sender: int, recipient: int) -> bytes:
     return b"fleetlearn/secagg/share" + session + sender.to_bytes(_ID, "big", signed=True) + recipient.to_bytes(_ID, "big", signed=True)
 
 
+class _Ring:
+    """A pseudorandom order of U1 on a ring, keyed by the public session: a 4-round Feistel
+    permutation of [0, 4^h) (keyed BLAKE2b round functions) cycle-walked into [0, n)
+    (Black & Rogaway, "Ciphers with Arbitrary Finite Domains", CT-RSA 2002).  Any party
+    finds the client at a place (`rank_at`) or the place of a client (`position_of`) in
+    O(1), without listing U1: a SecAgg+ client derives its k neighbours in O(k)."""
+
+    def __init__(self, session: bytes, n: int):
+        self.n = int(n)
+        self.half = max(1, -(-max(self.n - 1, 1).bit_length() // 2))
+        self.mask = (1 << self.half) - 1
+        self.keys = [hashlib.sha256(b"fleetlearn/secagg/ring" + session + bytes([i])).digest() for i in range(4)]
+
+    def _f(self, i: int, x: int) -> int:
+        return int.from_bytes(hashlib.blake2b(x.to_bytes(8, "big"), digest_size=8, key=self.keys[i]).digest(), "big") & self.mask
+
+    def _encrypt(self, x: int) -> int:
+        left, right = x >> self.half, x & self.mask
+        for i in range(4):
+            left, right = right, left ^ self._f(i, right)
+        return (left << self.half) | right
+
+    def _decrypt(self, y: int) -> int:
+        left, right = y >> self.half, y & self.mask
+        for i in reversed(range(4)):
+            left, right = right ^ self._f(i, left), left
+        return (left << self.half) | right
+
+    def rank_at(self, position: int) -> int:
+        """The 0-based rank in U1 of the client at `position` on the ring."""
+        x = self._encrypt(position)
+        while x >= self.n:
+            x = self._encrypt(x)
+        return x
+
+    def position_of(self, rank: int) -> int:
+        """The place on the ring of the client of 0-based rank `rank` in U1."""
+        x = self._decrypt(rank)
+        while x >= self.n:
+            x = self._decrypt(x)
+        return x
+
+
+def sparse_degree(degree: int | None, n: int) -> int | None:
+    """The SecAgg+ graph degree k for n clients, or None for all pairs (no degree, or k >= n - 1)."""
+    if degree is None or degree >= n - 1:
+        return None
+    k = int(degree)
+    if k < 2 or k % 2:
+        raise ValueError(f"secagg neighbors (SecAgg+ degree) must be an even integer >= 2, got {degree!r}")
+    return k
+
+
+def _ring_order(ids: Sequence[int], session: bytes) -> list[int]:
+    """The clients (sorted ids) in their ring order."""
+    ring = _Ring(session, len(ids))
+    return [ids[ring.rank_at(p)] for p in range(len(ids))]
+
+
+def _harary(order: Sequence[int], k: int) -> dict[int, tuple[int, ...]]:
+    n = len(order)
+    out: dict[int, set[int]] = {c: set() for c in order}
+    for pos, c in enumerate(order):
+        for off in range(1, k // 2 + 1):
+            other = order[(pos + off) % n]
+            out[c].add(other)
+            out[other].add(c)
+    return {c: tuple(sorted(v)) for c, v in out.items()}
+
+
 def neighbor_graph(client_ids: Iterable[int], degree: int | None, session: bytes) -> dict[int, tuple[int, ...]]:
     """Who masks with and shares to whom.  ``degree=None`` (or >= n - 1): all
     pairs (Bonawitz et al. 2017).  Otherwise SecAgg+ (Bell et al. 2020):
     a Harary graph H_{k,n} (each node joined to its k/2 nearest
-    positions on each side of a ring) over a permutation derived from the
-    public session id, so server and clients compute the same graph."""
+    positions on each side of a ring) over a pseudorandom order derived from the
+    public session id (`_Ring`), so server and clients compute the same graph."""
     ids = sorted(int(c) for c in client_ids)
-    n = len(ids)
-    if degree is None or degree >= n - 1:
+    k = sparse_degree(degree, len(ids))
+    if k is None:
         return {c: tuple(x for x in ids if x != c) for c in ids}
-    k = int(degree)
-    if k < 2 or k % 2:
-        raise ValueError(f"secagg neighbors (SecAgg+ degree) must be an even integer >= 2, got {degree!r}")
-    perm = np.random.Generator(np.random.PCG64(int.from_bytes(hashlib.sha256(session).digest(), "big"))).permutation(n)
-    ring = [ids[i] for i in perm]
-    out: dict[int, set[int]] = {c: set() for c in ids}
-    for pos, c in enumerate(ring):
-        for off in range(1, k // 2 + 1):
-            other = ring[(pos + off) % n]
-            out[c].add(other)
-            out[other].add(c)
-    return {c: tuple(sorted(v)) for c, v in out.items()}
+    return _harary(_ring_order(ids, session), k)
+
+
+def derive_neighborhood(d: KeyDirectory, client_id: int) -> tuple[tuple[int, ...], dict[int, int]]:
+    """`client_id`'s neighbours and (SecAgg+) their places on the ring, as every party derives
+    them from the directory's public numbers: its share point, |U1|, the degree and the
+    session, in O(k) under SecAgg+.  Raises SecAggError when the directory lacks a neighbour
+    or its points are not ranks in U1 (distinct, in [1, |U1|], in the clients' order)."""
+    me, n = int(client_id), int(d.size)
+    if me not in d.points:
+        raise SecAggError(f"the key directory has no share point for client {me}")
+    by_point: dict[int, int] = {}
+    for c, p in d.points.items():
+        if not 1 <= p <= n or p in by_point:
+            raise SecAggError(f"the key directory gives client {c} share point {p}; points are distinct ranks in [1, {n}]")
+        by_point[p] = c
+    ordered = [by_point[p] for p in sorted(by_point)]
+    if ordered != sorted(ordered):
+        raise SecAggError("the key directory's share points do not follow the clients' order (a point is the client's rank in U1)")
+    try:
+        k = sparse_degree(d.degree, n)
+    except ValueError as exc:
+        raise SecAggError(f"the key directory's graph degree: {exc}") from None
+    if k is None:
+        if d.degree is not None or len(d.points) != n:
+            raise SecAggError(f"the key directory of an all-pairs round of {n} clients lists {len(d.points)} (degree {d.degree})")
+        return tuple(c for c in ordered if c != me), {}
+    ring = _Ring(d.session, n)
+    at = ring.position_of(d.points[me] - 1)
+    places = {me: at}
+    for off in range(1, k // 2 + 1):
+        for q in ((at + off) % n, (at - off) % n):
+            c = by_point.get(ring.rank_at(q) + 1)
+            if c is None:
+                raise SecAggError(f"the key directory lacks client {me}'s neighbour at share point {ring.rank_at(q) + 1} (ring place {q} of {n})")
+            places[c] = q
+    return tuple(sorted(c for c in places if c != me)), places
 
 
 def default_threshold(holders: int) -> int:
@@ -344,33 +487,43 @@ class SecAggClient:
 
     def share_keys(self, directory: KeyDirectory) -> ShareKeys:
         """Round 'ShareKeys': t-out-of-n Shamir shares of s_sk_u and b_u for
-        each neighbour, AES-GCM encrypted to it, plus SHA-256(b_u)."""
-        if self.client_id not in directory.keys:
-            raise SecAggError(f"client {self.client_id} is not in the key directory")
-        c_pk, s_pk = directory.keys[self.client_id]
+        each neighbour, AES-GCM encrypted to it, plus SHA-256(b_u).  The neighbours are
+        derived here from the directory's public numbers (`derive_neighborhood`), never
+        taken from the server."""
+        me = self.client_id
+        if me not in directory.keys:
+            raise SecAggError(f"client {me} is not in the key directory")
+        c_pk, s_pk = directory.keys[me]
         if c_pk != _pub(self._c_sk.public_key()) or s_pk != _pub(self._s_sk.public_key()):
-            raise SecAggError(f"the key directory lists different public keys for client {self.client_id}")
+            raise SecAggError(f"the key directory lists different public keys for client {me}")
         if len(set(p for pair in directory.keys.values() for p in pair)) != 2 * len(directory.keys):
             raise SecAggError("the key directory contains repeated public keys")
         if self._sign_sk is not None:
-            if directory.signing_keys.get(self.client_id) != _pub(self._sign_sk.public_key()):
-                raise SecAggError(f"the key directory lists a different verification key for client {self.client_id}")
+            if directory.signing_keys.get(me) != _pub(self._sign_sk.public_key()):
+                raise SecAggError(f"the key directory lists a different verification key for client {me}")
             if set(directory.signing_keys) != set(directory.keys):
                 raise SecAggError("the key directory lacks verification keys for the ConsistencyCheck round")
+        holders, places = derive_neighborhood(directory, me)
+        if me in directory.neighbors and tuple(directory.neighbors[me]) != holders:
+            raise SecAggError(f"the key directory names neighbours {list(directory.neighbors[me])} for client {me}; "
+                              f"the graph gives {list(holders)}")
+        missing = [v for v in holders if v not in directory.keys]
+        if missing:
+            raise SecAggError(f"the key directory lacks the keys of client {me}'s neighbours {missing}")
+        directory = replace(directory, neighbors={me: holders}, positions=places)
         self._directory = directory
-        holders = directory.neighbors[self.client_id]
-        if directory.threshold > len(holders):
-            raise SecAggDropoutError(f"client {self.client_id} has {len(holders)} share holders, fewer than the threshold {directory.threshold}")
+        if directory.threshold > len(holders) or directory.threshold < 2:
+            raise SecAggDropoutError(f"client {me} has {len(holders)} share holders; the threshold {directory.threshold} must be in [2, {len(holders)}]")
         xs = [directory.share_point(v) for v in holders]
         sk_shares = split_secret(_priv(self._s_sk), xs, directory.threshold, self._randbytes)
         b_shares = split_secret(self._b_seed, xs, directory.threshold, self._randbytes)
         out = {}
         for i, v in enumerate(holders):
-            key = _share_key(self._c_sk, directory.keys[v][0], directory.session, self.client_id, v)
+            key = _share_key(self._c_sk, directory.keys[v][0], directory.session, me, v)
             nonce = self._randbytes(12)
             plain = share_to_bytes(sk_shares[i]) + share_to_bytes(b_shares[i])
-            out[v] = nonce + AESGCM(key).encrypt(nonce, plain, _aad(directory.session, self.client_id, v))
-        return ShareKeys(self.client_id, out, hashlib.sha256(self._b_seed).digest())
+            out[v] = nonce + AESGCM(key).encrypt(nonce, plain, _aad(directory.session, me, v))
+        return ShareKeys(me, out, hashlib.sha256(self._b_seed).digest())
 
     def masked_input(self, forwarded: ForwardedShares, vector) -> MaskedInput:
         """Decrypt and check the shares received, then mask the input (round 'MaskedInputCollection')."""
@@ -384,7 +537,7 @@ class SecAggClient:
         if self.client_id not in participants or not participants <= set(d.keys):
             raise SecAggError("the participant list (U2) is not a subset of the key directory containing this client")
         mine = set(d.neighbors[self.client_id])
-        expected = {u for u in participants if u != self.client_id and self.client_id in d.neighbors[u]}
+        expected = (participants & mine) - {self.client_id}  # the graph is symmetric: v holds u's shares iff u holds v's
         if set(forwarded.encrypted_shares) != expected:
             raise SecAggError(f"client {self.client_id} expected shares from {sorted(expected)}, got {sorted(forwarded.encrypted_shares)}")
         for u, blob in forwarded.encrypted_shares.items():
@@ -415,7 +568,10 @@ class SecAggClient:
         return MaskedInput(self.client_id, y & field_mask(d.modulus_bits), d.modulus_bits)
 
     def consistency_check(self, request: UnmaskRequest) -> ConsistencySignature:
-        """Round 'ConsistencyCheck': sign (session, U3) once; U3 must contain this client."""
+        """Round 'ConsistencyCheck': sign the survivor set once; it must contain this client.
+        All pairs: one signature over (session, U3).  SecAgg+: `request` names the survivors
+        among this client's neighbours, and it signs to each surviving neighbour the survivors
+        of their common neighbourhood (`pair_consistency_message`): O(k) signatures."""
         d = self._require_directory()
         if self._sign_sk is None:
             raise SecAggError(f"client {self.client_id} was built without the ConsistencyCheck round (consistency=False)")
@@ -429,14 +585,19 @@ class SecAggClient:
         if self._signed is not None and self._signed != survivors:
             raise SecAggError(f"client {self.client_id} already signed another survivor set this round; refusing")
         self._signed = survivors
-        return ConsistencySignature(self.client_id, self._sign_sk.sign(consistency_message(d.session, survivors)))
+        me = self.client_id
+        if d.degree is None:
+            return ConsistencySignature(me, self._sign_sk.sign(consistency_message(d.session, survivors)))
+        return ConsistencySignature(me, b"", {v: self._sign_sk.sign(pair_consistency_message(d, me, v, survivors, signer=me))
+                                              for v in sorted(survivors - {me})})
 
     def unmask(self, request: UnmaskRequest, signatures: Mapping[int, bytes] | None = None) -> UnmaskShares:
         """Reveal b-shares of survivors and s_sk-shares of dropped clients
         (round 'Unmasking').  Refuses any request that would reveal both secrets
         of one client, which would let the server unmask that client's input.
         With the ConsistencyCheck round, `signatures` (client -> signature) must hold
-        at least t valid signatures over the U3 this client signed."""
+        at least t valid signatures over the survivor set this client signed (SecAgg+: its
+        neighbours' signatures addressed to it, over their common neighbourhood)."""
         d = self._require_directory()
         if not self._sent_masked:
             raise SecAggError(f"client {self.client_id} has not sent its masked input")
@@ -466,20 +627,28 @@ class SecAggClient:
         return UnmaskShares(self.client_id, self_shares, key_shares)
 
     def _verify_consistency(self, d: KeyDirectory, request: UnmaskRequest, signatures: Mapping[int, bytes]) -> None:
+        me = self.client_id
         if self._signed is None:
-            raise SecAggError(f"client {self.client_id} has not signed a survivor set (ConsistencyCheck) before unmasking")
+            raise SecAggError(f"client {me} has not signed a survivor set (ConsistencyCheck) before unmasking")
         if frozenset(request.survivors) != self._signed:
             raise SecAggError("the unmask request's survivor set differs from the one this client signed: the server is inconsistent; refusing")
-        msg = consistency_message(d.session, self._signed)
+        # All pairs: every signer signed (session, U3).  SecAgg+: each surviving neighbour signed to
+        # this client the survivors of their common neighbourhood: it verifies only if both were told the same.
+        signers = self._signed if d.degree is None else self._signed - {me}
         valid = 0
         for u, sig in signatures.items():
-            key = d.signing_keys.get(int(u))
-            if key is None or int(u) not in self._signed:
-                raise SecAggError(f"a consistency signature from client {u}, which is not in U3")
+            u = int(u)
+            key = d.signing_keys.get(u)
+            if key is None or u not in signers:
+                raise SecAggError(f"client {me} got a consistency signature from client {u}, which is not "
+                                  f"{'in U3' if d.degree is None else 'one of its surviving neighbours'}")
+            msg = (consistency_message(d.session, self._signed) if d.degree is None
+                   else pair_consistency_message(d, me, u, self._signed, signer=u))
             try:
                 Ed25519PublicKey.from_public_bytes(key).verify(sig, msg)
             except Exception:  # noqa: BLE001 - InvalidSignature, or a malformed key / signature
-                raise SecAggTamperError(f"the consistency signature of client {u} does not verify: refusing to unmask") from None
+                raise SecAggTamperError(f"the consistency signature of client {u} to client {me} does not verify: "
+                                        "the server showed them different survivor sets, or forged it; refusing to unmask") from None
             valid += 1
         if valid < d.threshold:
             raise SecAggDropoutError(f"only {valid} consistency signatures, fewer than the threshold {d.threshold}: refusing to unmask")
@@ -496,7 +665,9 @@ class SecAggServer:
 
     It keeps every message it receives in `inbox` (for audits and tests) and
     never holds an unmasked individual input: only masked vectors, the shares
-    the protocol entitles it to, and the final sum.
+    the protocol entitles it to, and the final sum.  Under SecAgg+ it sends each
+    client only its slice of every answer (`directory_for`, `collect_shares`,
+    `request_for`, `signatures_for`), and its own work is O(n k) besides the sum.
     """
 
     def __init__(
@@ -521,10 +692,15 @@ class SecAggServer:
         self.masked: dict[int, np.ndarray] = {}
         self.survivors: tuple[int, ...] = ()
         self.dropped: tuple[int, ...] = ()
+        self.dropped_set: frozenset[int] = frozenset()
+        self.request: UnmaskRequest | None = None
+        self._u3_message: bytes | None = None
+        self.signed: dict[int, ConsistencySignature] = {}  # U4: who signed, and what
 
     # round 0
     def advertise(self, messages: Sequence[AdvertiseKeys]) -> KeyDirectory:
-        """Collect public keys (U1), fix the threshold and the neighbour graph, broadcast them."""
+        """Collect public keys (U1), fix the threshold and the neighbour graph; returns the
+        whole directory (each client receives `directory_for(client)`)."""
         self.inbox.extend(messages)
         keys, signing = {}, {}
         for m in messages:
@@ -538,18 +714,34 @@ class SecAggServer:
         n = len(keys)
         if n < 3:
             raise SecAggDropoutError(f"secure aggregation needs at least 3 clients, {n} advertised keys")
-        graph = neighbor_graph(keys, self.neighbors, self.session)
+        ids = sorted(keys)
+        k = sparse_degree(self.neighbors, n)
+        if k is None:
+            graph, places = neighbor_graph(ids, None, self.session), {}
+        else:
+            order = _ring_order(ids, self.session)
+            graph, places = _harary(order, k), {c: p for p, c in enumerate(order)}
         holders = min(len(v) for v in graph.values())
         t = default_threshold(holders) if self.threshold is None else int(self.threshold)
         if not (2 <= t <= holders):
             raise SecAggDropoutError(f"threshold {t} must be in [2, {holders}] (the share holders each client has among the {n} clients)")
         self.threshold = t
-        self.directory = KeyDirectory(self.session, t, self.modulus_bits, self.dim, keys, graph, signing)
+        points = {c: i + 1 for i, c in enumerate(ids)}
+        self.directory = KeyDirectory(self.session, t, self.modulus_bits, self.dim, keys, graph, signing, points, n, k, places)
         return self.directory
+
+    def directory_for(self, client_id: int) -> KeyDirectory:
+        """What `client_id` is sent after round 0: its slice of the directory (`KeyDirectory.slice`)."""
+        return self._require(self.directory, "advertise").slice(client_id)
+
+    def _near(self, client_id: int) -> tuple[int, ...]:
+        """The client and its neighbours: what it may be told about."""
+        return (client_id, *self.directory.neighbors[client_id])
 
     # round 1
     def collect_shares(self, messages: Sequence[ShareKeys]) -> dict[int, ForwardedShares]:
-        """Collect encrypted shares (U2) and route each ciphertext to its recipient, unread."""
+        """Collect encrypted shares (U2) and route each ciphertext to its recipient, unread,
+        with U2 among the recipient and its neighbours."""
         d = self._require(self.directory, "advertise")
         self.inbox.extend(messages)
         senders = {m.client_id: m for m in messages}
@@ -563,56 +755,105 @@ class SecAggServer:
         self.participants = tuple(sorted(senders))
         out = {}
         for v in self.participants:
-            boxes = {u: senders[u].encrypted_shares[v] for u in self.participants if u != v and v in d.neighbors[u]}
-            out[v] = ForwardedShares(v, boxes, self.participants)
+            boxes = {u: senders[u].encrypted_shares[v] for u in d.neighbors[v] if u in senders}
+            out[v] = ForwardedShares(v, boxes, tuple(sorted(u for u in self._near(v) if u in senders)))
         return out
 
     # round 2
     def collect_masked(self, messages: Sequence[MaskedInput]) -> UnmaskRequest:
-        """Collect masked inputs (U3); fail early if some needed secret cannot be rebuilt."""
+        """Collect masked inputs (U3); fail early if some needed secret cannot be rebuilt.
+        Returns the whole request; each survivor is sent `request_for(client)`."""
         d = self._require(self.directory, "advertise")
         self.inbox.extend(messages)
-        got = {}
+        got, u2 = {}, set(self.participants)
         for m in messages:
-            if m.client_id not in self.participants:
+            if m.client_id not in u2:
                 raise SecAggError(f"masked input from client {m.client_id}, which is not in U2")
             got[m.client_id] = check_field(m.masked, self.modulus_bits)
             if got[m.client_id].shape != (d.dim,):
                 raise SecAggError(f"masked input from client {m.client_id} has shape {got[m.client_id].shape}, expected ({d.dim},)")
         survivors = set(got)
-        dropped = set(self.participants) - survivors
+        dropped = u2 - survivors
         # Every client whose secret must be rebuilt needs t holders among the survivors.
-        self._check_alive(survivors, set(self.participants), "sent masked inputs")
+        self._check_alive(survivors, u2, "sent masked inputs")
         self.masked = got
         self.survivors, self.dropped = tuple(sorted(survivors)), tuple(sorted(dropped))
-        return UnmaskRequest(self.survivors, self.dropped)
+        self.dropped_set = frozenset(dropped)
+        self.request = UnmaskRequest(self.survivors, self.dropped)
+        return self.request
+
+    def request_for(self, client_id: int) -> UnmaskRequest:
+        """What `client_id` is told of U3 and U2 \\ U3: all of it under all pairs; under SecAgg+
+        the survivors and dropped clients among itself and its neighbours."""
+        d, request = self._require(self.directory, "advertise"), self._require(self.request, "collect_masked")
+        if d.degree is None:
+            return request
+        near = self._near(client_id)
+        return UnmaskRequest(tuple(sorted(u for u in near if u in self.masked)), tuple(sorted(u for u in near if u in self.dropped_set)))
+
+    def surviving_neighbors(self, client_id: int) -> tuple[int, ...]:
+        """The neighbours of `client_id` in U3: whom it signs to under SecAgg+."""
+        return tuple(v for v in self.directory.neighbors[client_id] if v in self.masked)
 
     # ConsistencyCheck (between rounds 2 and 3)
-    def collect_signatures(self, messages: Sequence[ConsistencySignature]) -> dict[int, bytes]:
-        """Collect U4's signatures over (session, U3), verified here too, to relay with the
-        unmask request; fewer than t valid ones fail the round."""
+    def check_signature(self, m: ConsistencySignature) -> None:
+        """Verify one client's ConsistencyCheck message (raises SecAggError naming the client):
+        all pairs, one signature over (session, U3); SecAgg+, one to each of its surviving
+        neighbours over their common neighbourhood's survivors, and to no one else."""
         d = self._require(self.directory, "advertise")
-        self.inbox.extend(messages)
-        msg = consistency_message(d.session, self.survivors)
-        out: dict[int, bytes] = {}
-        for m in messages:
-            key = d.signing_keys.get(m.client_id)
-            if m.client_id not in self.survivors or key is None:
-                raise SecAggError(f"consistency signature from client {m.client_id}, which is not in U3 or has no verification key")
+        self._require(self.request, "collect_masked")
+        u = m.client_id
+        key = d.signing_keys.get(u)
+        if u not in self.masked or key is None:
+            raise SecAggError(f"consistency signature from client {u}, which is not in U3 or has no verification key")
+        if d.degree is None:
+            if m.neighbor_signatures:
+                raise SecAggError(f"client {u} sent per-neighbour consistency signatures in an all-pairs round (one over U3 is expected)")
+            if self._u3_message is None:
+                self._u3_message = consistency_message(d.session, self.survivors)
+            statements = {None: (m.signature, self._u3_message)}
+        else:
+            want = set(self.surviving_neighbors(u))
+            if m.signature or set(m.neighbor_signatures) != want:
+                raise SecAggError(f"client {u} signed to clients {sorted(m.neighbor_signatures)}; its surviving neighbours are {sorted(want)}")
+            statements = {v: (sig, pair_consistency_message(d, u, v, self.masked, signer=u)) for v, sig in m.neighbor_signatures.items()}
+        verifier = Ed25519PublicKey.from_public_bytes(key)
+        for v, (sig, text) in statements.items():
             try:
-                Ed25519PublicKey.from_public_bytes(key).verify(m.signature, msg)
-            except Exception:  # noqa: BLE001
-                raise SecAggError(f"the consistency signature of client {m.client_id} does not verify") from None
-            out[m.client_id] = m.signature
+                verifier.verify(sig, text)
+            except Exception:  # noqa: BLE001 - InvalidSignature, or a malformed signature
+                to = "" if v is None else f" to client {v}"
+                raise SecAggError(f"the consistency signature of client {u}{to} does not verify") from None
+
+    def collect_signatures(self, messages: Sequence[ConsistencySignature], verified: bool = False) -> dict[int, ConsistencySignature]:
+        """Collect U4's consistency messages, verified here (`check_signature`; ``verified=True``:
+        the caller already checked each as it arrived), to relay with the unmask request
+        (`signatures_for`); fewer than t signers fail the round."""
+        self.inbox.extend(messages)
+        out: dict[int, ConsistencySignature] = {}
+        for m in messages:
+            if not verified:
+                self.check_signature(m)
+            out[m.client_id] = m
         self._check_alive(set(out), set(self.participants), "signed the survivor set")
+        self.signed = out
         return out
+
+    def signatures_for(self, client_id: int) -> dict[int, bytes]:
+        """The consistency signatures `client_id` checks before unmasking: all of U4's under all
+        pairs; under SecAgg+ those its neighbours in U4 addressed to it."""
+        d = self._require(self.directory, "advertise")
+        if d.degree is None:
+            return {u: m.signature for u, m in self.signed.items()}
+        return {w: self.signed[w].neighbor_signatures[client_id] for w in d.neighbors[client_id]
+                if w in self.signed and client_id in self.signed[w].neighbor_signatures}
 
     # round 3
     def unmask(self, messages: Sequence[UnmaskShares]) -> np.ndarray:
         """Reconstruct, remove masks, return sum_{u in U3} x_u in Z_{2^k} (uint64)."""
         d = self._require(self.directory, "advertise")
         self.inbox.extend(messages)
-        responders = {m.client_id: m for m in messages if m.client_id in self.survivors}
+        responders = {m.client_id: m for m in messages if m.client_id in self.masked}
         self._check_alive(set(responders), set(self.participants), "answered the unmasking request")
         k = self.modulus_bits
         total = np.zeros(d.dim, dtype=np.uint64)
@@ -642,8 +883,8 @@ class SecAggServer:
     def _reconstruct(self, u: int, responders: Mapping[int, UnmaskShares], kind: str) -> bytes:
         d = self.directory
         points, rows = [], []
-        for v, m in responders.items():
-            blob = getattr(m, kind).get(u)
+        for v in d.neighbors[u]:  # u's share holders: O(k) under SecAgg+
+            blob = getattr(responders[v], kind).get(u) if v in responders else None
             if blob is None:
                 continue
             points.append(d.share_point(v))
@@ -703,6 +944,7 @@ def run_secagg(
     neighbors: int | None = None,
     late_dropouts: Iterable[int] = (),
     client_ids: Sequence[int] | None = None,
+    consistency: bool = False,
 ) -> SecAggTranscript:
     """Run the whole message flow in-process (the simulation transport).
 
@@ -710,7 +952,9 @@ def run_secagg(
     client ``client_ids[i]`` (default: i).  Rows in `dropouts` drop after key
     sharing (they never send a masked input: their pairwise masks are
     recovered); rows in `late_dropouts` drop after sending the masked input
-    (their input counts, their self mask is recovered from shares)."""
+    (their input counts, their self mask is recovered from shares).  Each client
+    receives only its slice of the server's answers, as over a network.
+    ``consistency=True`` adds the signed ConsistencyCheck round."""
     k = check_modulus_bits(modulus_bits)
     x = check_field(quantized_vectors, k)
     if x.ndim != 2:
@@ -725,7 +969,7 @@ def run_secagg(
         raise ValueError("dropouts must be row indices in [0, n)")
     rng = seed if isinstance(seed, np.random.Generator) else (None if seed is None else np.random.default_rng(seed))
     server = SecAggServer(dim, k, threshold, neighbors, rng)
-    clients = {ids[i]: SecAggClient(ids[i], rng) for i in range(n)}
+    clients = {ids[i]: SecAggClient(ids[i], rng, consistency) for i in range(n)}
     sent: dict[int, int] = {c: 0 for c in ids}
 
     def track(msgs):
@@ -733,13 +977,17 @@ def run_secagg(
             sent[m.client_id] += m.nbytes
         return msgs
 
-    directory = server.advertise(track([c.advertise_keys() for c in clients.values()]))
-    forwarded = server.collect_shares(track([c.share_keys(directory) for c in clients.values()]))
+    server.advertise(track([c.advertise_keys() for c in clients.values()]))
+    forwarded = server.collect_shares(track([c.share_keys(server.directory_for(cid)) for cid, c in clients.items()]))
     masked = track([clients[ids[i]].masked_input(forwarded[ids[i]], x[i]) for i in range(n) if i not in drop])
-    request = server.collect_masked(masked)
-    answers = track([clients[ids[i]].unmask(request) for i in range(n) if i not in drop and i not in late])
+    server.collect_masked(masked)
+    answering = [ids[i] for i in range(n) if i not in drop and i not in late]
+    if consistency:
+        server.collect_signatures(track([clients[c].consistency_check(server.request_for(c)) for c in answering]))
+    answers = track([clients[c].unmask(server.request_for(c), server.signatures_for(c) if consistency else None) for c in answering])
     total = server.unmask(answers)
     return SecAggTranscript(total, server.survivors, server.dropped, server, sent)
+
 
 
 def secure_sum(

@@ -225,16 +225,18 @@ class SecAggAdvertiseKeys(_message.Message):
     def __init__(self, cipher_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ..., signing_public_key: _Optional[bytes] = ...) -> None: ...
 
 class SecAggPeerKeys(_message.Message):
-    __slots__ = ("client_id", "cipher_public_key", "mask_public_key", "signing_public_key")
+    __slots__ = ("client_id", "cipher_public_key", "mask_public_key", "signing_public_key", "point")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     CIPHER_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     MASK_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     SIGNING_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    POINT_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     cipher_public_key: bytes
     mask_public_key: bytes
     signing_public_key: bytes
-    def __init__(self, client_id: _Optional[int] = ..., cipher_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ..., signing_public_key: _Optional[bytes] = ...) -> None: ...
+    point: int
+    def __init__(self, client_id: _Optional[int] = ..., cipher_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ..., signing_public_key: _Optional[bytes] = ..., point: _Optional[int] = ...) -> None: ...
 
 class SecAggRecipe(_message.Message):
     __slots__ = ("weight", "clip_norm", "scale", "indicator_norm", "clip_range", "max_clients", "rounding")
@@ -255,7 +257,7 @@ class SecAggRecipe(_message.Message):
     def __init__(self, weight: _Optional[float] = ..., clip_norm: _Optional[float] = ..., scale: _Optional[float] = ..., indicator_norm: _Optional[float] = ..., clip_range: _Optional[float] = ..., max_clients: _Optional[int] = ..., rounding: _Optional[str] = ...) -> None: ...
 
 class SecAggKeyDirectory(_message.Message):
-    __slots__ = ("session", "threshold", "modulus_bits", "dim", "peers", "recipe", "degree")
+    __slots__ = ("session", "threshold", "modulus_bits", "dim", "peers", "recipe", "degree", "size")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MODULUS_BITS_FIELD_NUMBER: _ClassVar[int]
@@ -263,6 +265,7 @@ class SecAggKeyDirectory(_message.Message):
     PEERS_FIELD_NUMBER: _ClassVar[int]
     RECIPE_FIELD_NUMBER: _ClassVar[int]
     DEGREE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
     session: bytes
     threshold: int
     modulus_bits: int
@@ -270,7 +273,8 @@ class SecAggKeyDirectory(_message.Message):
     peers: _containers.RepeatedCompositeFieldContainer[SecAggPeerKeys]
     recipe: SecAggRecipe
     degree: int
-    def __init__(self, session: _Optional[bytes] = ..., threshold: _Optional[int] = ..., modulus_bits: _Optional[int] = ..., dim: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[SecAggPeerKeys, _Mapping]]] = ..., recipe: _Optional[_Union[SecAggRecipe, _Mapping]] = ..., degree: _Optional[int] = ...) -> None: ...
+    size: int
+    def __init__(self, session: _Optional[bytes] = ..., threshold: _Optional[int] = ..., modulus_bits: _Optional[int] = ..., dim: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[SecAggPeerKeys, _Mapping]]] = ..., recipe: _Optional[_Union[SecAggRecipe, _Mapping]] = ..., degree: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
 
 class SecAggBlob(_message.Message):
     __slots__ = ("client_id", "data")
@@ -311,10 +315,12 @@ class SecAggSurvivors(_message.Message):
     def __init__(self, survivors: _Optional[_Iterable[int]] = ..., dropped: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SecAggSignature(_message.Message):
-    __slots__ = ("signature",)
+    __slots__ = ("signature", "neighbor_signatures")
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOR_SIGNATURES_FIELD_NUMBER: _ClassVar[int]
     signature: bytes
-    def __init__(self, signature: _Optional[bytes] = ...) -> None: ...
+    neighbor_signatures: _containers.RepeatedCompositeFieldContainer[SecAggBlob]
+    def __init__(self, signature: _Optional[bytes] = ..., neighbor_signatures: _Optional[_Iterable[_Union[SecAggBlob, _Mapping]]] = ...) -> None: ...
 
 class SecAggUnmaskRequest(_message.Message):
     __slots__ = ("survivors", "signatures")

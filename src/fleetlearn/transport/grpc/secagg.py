@@ -5,15 +5,20 @@ neighbour graph of Bell et al., CCS 2020, and the signed ConsistencyCheck round)
 module only moves its message objects between `fleetlearn server` and `fleetlearn client`:
 
     stage 0  advertise     client: AdvertiseKeys (c_pk, s_pk, Ed25519 vk)
-                           server: KeyDirectory + the client's public RowRecipe (its weight)
+                           server: its slice of the KeyDirectory + the client's public RowRecipe (its weight)
     stage 1  share_keys    client: ShareKeys (AES-GCM ciphertexts, relayed unread)
                            server: ForwardedShares (the ciphertexts addressed to it, U2)
     stage 2  masked_input  client: MaskedInput (y_u, dim x 4 or 8 bytes)
                            server: U3 (ConsistencyCheck request)
-    stage 3  consistency   client: Ed25519 signature over (session, U3)
-                           server: U3, U2 \\ U3 and U4's signatures (unmask request)
+    stage 3  consistency   client: Ed25519 signature over (session, U3); SecAgg+: one to each
+                           surviving neighbour, over their common neighbourhood's survivors
+                           server: U3, U2 \\ U3 and the signatures it checks (unmask request)
     stage 4  unmask        client: UnmaskShares
                            server: done
+
+Under SecAgg+ every server answer is the client's slice -- its own and its k neighbours'
+keys, U2 / U3 among them, the signatures its neighbours addressed to it -- so a client
+sends and receives O(k + d) bytes and does O(k d) work (all pairs: O(n + d), O(n d)).
 
 Each stage is one `SecAggStep` call per client that the server holds until the stage
 closes: every expected client sent its message (a client whose call was cut -- its
@@ -51,7 +56,6 @@ from ...privacy.secagg import (
     ShareKeys,
     UnmaskRequest,
     UnmaskShares,
-    neighbor_graph,
 )
 from . import fleetlearn_pb2 as pb
 from .refusals import Refusal
@@ -141,13 +145,29 @@ def masked_to_pb(m: MaskedInput) -> pb.SecAggMaskedInput:
     return pb.SecAggMaskedInput(masked=m.masked.astype("<u4" if w == 4 else "<u8").tobytes())
 
 
-def signature_from_pb(cid: int, m: pb.SecAggSignature) -> ConsistencySignature:
-    if len(m.signature) != SIGNATURE_BYTES:
-        raise Refusal("malformed", f"SecAggSignature.signature has {len(m.signature)} bytes; expected {SIGNATURE_BYTES}")
-    return ConsistencySignature(cid, bytes(m.signature))
+def signature_from_pb(cid: int, m: pb.SecAggSignature, neighbors: Sequence[int] | None) -> ConsistencySignature:
+    """`neighbors`: None in an all-pairs round (one signature over U3); under SecAgg+ the
+    client's surviving neighbours, each of which it must sign to, and no one else."""
+    if neighbors is None:
+        if len(m.signature) != SIGNATURE_BYTES:
+            raise Refusal("malformed", f"SecAggSignature.signature has {len(m.signature)} bytes; expected {SIGNATURE_BYTES}")
+        if len(m.neighbor_signatures):
+            raise Refusal("malformed", "SecAggSignature.neighbor_signatures in an all-pairs round (one signature over U3 is expected)")
+        return ConsistencySignature(cid, bytes(m.signature))
+    if m.signature:
+        raise Refusal("malformed", "SecAggSignature.signature in a SecAgg+ round (sign to each surviving neighbour: neighbor_signatures)")
+    sigs = _blobs(m.neighbor_signatures, "SecAggSignature.neighbor_signatures", SIGNATURE_BYTES, len(neighbors))
+    if set(sigs) != set(neighbors):
+        raise Refusal("malformed", f"SecAggSignature from client {cid} signs to clients {sorted(sigs)}; its surviving neighbours are {sorted(neighbors)}")
+    return ConsistencySignature(cid, b"", sigs)
+
+
+def signature_to_pb(m: ConsistencySignature) -> pb.SecAggSignature:
+    return pb.SecAggSignature(signature=m.signature, neighbor_signatures=_blob_list(m.neighbor_signatures))
 
 
 def unmask_from_pb(cid: int, m: pb.SecAggUnmaskShares, survivors: Sequence[int], dropped: Sequence[int]) -> UnmaskShares:
+    """`survivors`, `dropped`: what this client was told (its slice under SecAgg+)."""
     most = len(survivors) + len(dropped)
     own = _blobs(m.self_mask_shares, "SecAggUnmaskShares.self_mask_shares", _SHARE_LEN, most)
     keys = _blobs(m.mask_key_shares, "SecAggUnmaskShares.mask_key_shares", _SHARE_LEN, most)
@@ -168,31 +188,38 @@ def recipe_to_pb(recipe: RowRecipe, weight: float, secure) -> pb.SecAggRecipe:
                            clip_range=q.clip_range, max_clients=q.max_clients, rounding=q.rounding)
 
 
-def directory_to_pb(d: KeyDirectory, recipe: pb.SecAggRecipe, degree: int | None) -> pb.SecAggKeyDirectory:
-    """The key directory without the graph: clients derive it from the peers, the session
-    and `degree` (None: all pairs), so it costs O(n) bytes, not O(n k)."""
+def directory_to_pb(d: KeyDirectory, recipe: pb.SecAggRecipe) -> pb.SecAggKeyDirectory:
+    """A client's slice of the key directory (`SecAggServer.directory_for`), without the graph:
+    the client derives its neighbours from the points, `size`, `degree` and the session.
+    All pairs: O(n) bytes; SecAgg+: O(k)."""
     peers = [pb.SecAggPeerKeys(client_id=c, cipher_public_key=d.keys[c][0], mask_public_key=d.keys[c][1],
-                               signing_public_key=d.signing_keys.get(c, b"")) for c in sorted(d.keys)]
+                               signing_public_key=d.signing_keys.get(c, b""), point=d.points[c]) for c in sorted(d.keys)]
     return pb.SecAggKeyDirectory(session=d.session, threshold=d.threshold, modulus_bits=d.modulus_bits, dim=d.dim, peers=peers,
-                                 recipe=recipe, degree=int(degree or 0))
+                                 recipe=recipe, degree=int(d.degree or 0), size=d.size)
 
 
 def directory_from_pb(m: pb.SecAggKeyDirectory, max_dim: int) -> KeyDirectory:
-    """The client's check of what the server sent (a server is not trusted with sizes either),
-    and the neighbour graph every party derives the same way (`neighbor_graph`)."""
+    """The client's check of what the server sent (a server is not trusted with sizes either):
+    at most the clients it needs (all of U1, or itself and its `degree` neighbours).  Its
+    neighbours are derived, and checked against these peers, in `SecAggClient.share_keys`."""
     if not (1 <= m.dim <= max_dim) or not (8 <= m.modulus_bits <= 62) or len(m.session) != 16:
         raise SecAggError(f"key directory with dim {m.dim}, modulus_bits {m.modulus_bits}, session of {len(m.session)} bytes")
-    keys, signing = {}, {}
+    if m.size < 3 or (m.degree and m.degree >= m.size - 1):
+        raise SecAggError(f"key directory of a round of {m.size} clients with graph degree {m.degree}: "
+                          "at least 3 clients, and a degree below size - 1 (0: all pairs)")
+    most = m.size if not m.degree else m.degree + 1
+    if len(m.peers) > most:
+        raise SecAggError(f"the key directory lists {len(m.peers)} clients; a client of a round of {m.size} "
+                          f"{'(all pairs)' if not m.degree else f'with graph degree {m.degree}'} needs at most {most}")
+    keys, signing, points = {}, {}, {}
     for p in m.peers:
         keys[int(p.client_id)] = (bytes(p.cipher_public_key), bytes(p.mask_public_key))
         signing[int(p.client_id)] = bytes(p.signing_public_key)
+        points[int(p.client_id)] = int(p.point)
     if len(keys) != len(m.peers):
         raise SecAggError("the key directory lists a client twice")
-    try:
-        graph = neighbor_graph(keys, int(m.degree) or None, bytes(m.session))
-    except ValueError as exc:
-        raise SecAggError(f"the key directory's graph degree {m.degree}: {exc}") from None
-    return KeyDirectory(bytes(m.session), int(m.threshold), int(m.modulus_bits), int(m.dim), keys, graph, signing)
+    return KeyDirectory(bytes(m.session), int(m.threshold), int(m.modulus_bits), int(m.dim), keys, {}, signing, points, int(m.size),
+                        int(m.degree) or None)
 
 
 def forwarded_to_pb(f: ForwardedShares) -> pb.SecAggForwardedShares:
@@ -304,21 +331,28 @@ async def take_part(client_id: int, round: int, update, step, max_dim: int) -> d
     (held on the device), `step(kind, pb_message)` sends one SecAggStep and returns the reply.
     The row it masks is `recipe.row(update, weight)` quantized with the run's quantizer
     (`privacy.quantize.Quantizer`, as in the simulation).  Returns what it cost: |U3|, the
-    seconds it computed (key agreements, shares, masks), the bytes it sent and received.
+    seconds it computed (key agreements, shares, masks: `compute_s` in wall time, `cpu_s` in
+    its thread's CPU time, which other processes' load does not inflate), the bytes it sent
+    and received.
     Raises SecAggError when the server's messages are inconsistent (the client then reveals
     nothing more)."""
     from ...privacy.quantize import Quantizer
     from ...privacy.secagg import SecAggClient
 
-    cost = {"survivors": 0, "compute_s": 0.0, "uplink_bytes": 0, "downlink_bytes": 0}
-    clock = [time.perf_counter()]
+    cost = {"survivors": 0, "compute_s": 0.0, "cpu_s": 0.0, "uplink_bytes": 0, "downlink_bytes": 0}
+    # Between two awaits only this client's work runs on the loop's thread: its thread time is its CPU.
+    clock = [time.perf_counter(), time.thread_time()]
+
+    def tick() -> None:
+        cost["compute_s"] += time.perf_counter() - clock[0]
+        cost["cpu_s"] += time.thread_time() - clock[1]
 
     async def send(kind: str, body) -> Any:
-        cost["compute_s"] += time.perf_counter() - clock[0]
+        tick()
         cost["uplink_bytes"] += body.ByteSize()
         reply = await step(kind, body)
         cost["downlink_bytes"] += reply.ByteSize()
-        clock[0] = time.perf_counter()
+        clock[:] = [time.perf_counter(), time.thread_time()]
         return reply
 
     me = SecAggClient(client_id, consistency=True)
@@ -340,11 +374,11 @@ async def take_part(client_id: int, round: int, update, step, max_dim: int) -> d
         np.save(Path(d) / f"r{round}-c{client_id}.npy", row)
     reply = await send("masked_input", masked_to_pb(me.masked_input(forwarded, row)))
     request = survivors_from_pb(reply.consistency_request)
-    reply = await send("consistency", pb.SecAggSignature(signature=me.consistency_check(request).signature))
+    reply = await send("consistency", signature_to_pb(me.consistency_check(request)))
     unmask = reply.unmask_request
     request = survivors_from_pb(unmask.survivors)
     signatures = {int(b.client_id): bytes(b.data) for b in unmask.signatures}
     reply = await send("unmask", unmask_to_pb(me.unmask(request, signatures)))
-    cost["compute_s"] += time.perf_counter() - clock[0]
+    tick()
     cost["survivors"] = int(reply.done.survivors)
     return cost

@@ -51,6 +51,7 @@ from ...compression import AdaptiveCompression, needed_capabilities, parse_chain
 from ...compression.blocks import HEADER_BYTES as BLOCK_HEADER_BYTES
 from ...messages import ClientMetrics, Dropout, Task, Update
 from ...params import ParamSpec
+from ...privacy.secagg import SecAggError
 from ...task_spec import AdaptiveEntry, LabelHistogramEntry
 from ..base import Reply
 from . import fleetlearn_pb2 as pb
@@ -1259,20 +1260,30 @@ class FleetServer:
         try:
             got = await self._secagg_stage(sess, 0, set(sess.clients))
             directory = proto.advertise(list(got.values()))
-            self._secagg_answer(sess, {c: pb.SecAggReply(directory=directory_to_pb(directory, recipe_to_pb(recipe, sess.weights[c], secure), proto.neighbors))
+            # Each client gets its slice: all keys under all pairs, its neighbours' under SecAgg+.
+            self._secagg_answer(sess, {c: pb.SecAggReply(directory=directory_to_pb(proto.directory_for(c), recipe_to_pb(recipe, sess.weights[c], secure)))
                                        for c in got})
             got = await self._secagg_stage(sess, 1, set(directory.keys))
             forwarded = proto.collect_shares(list(got.values()))
             self._secagg_answer(sess, {v: pb.SecAggReply(forwarded=forwarded_to_pb(f)) for v, f in forwarded.items()})
             got = await self._secagg_stage(sess, 2, set(proto.participants))
             request = proto.collect_masked(list(got.values()))
-            self._secagg_answer(sess, {u: pb.SecAggReply(consistency_request=survivors_to_pb(request)) for u in request.survivors})
+            # SecAgg+: each survivor is told U3 among its neighbourhood and gets the signatures its
+            # neighbours addressed to it; all pairs: one answer (all of U3, all of U4's signatures) for everyone.
+            sparse = directory.degree is not None
+            whole = None if sparse else survivors_to_pb(request)
+            views = {u: survivors_to_pb(proto.request_for(u)) if sparse else whole for u in request.survivors}
+            self._secagg_answer(sess, {u: pb.SecAggReply(consistency_request=view) for u, view in views.items()})
             got = await self._secagg_stage(sess, 3, set(request.survivors))
-            signatures = proto.collect_signatures(list(got.values()))
-            unmask = pb.SecAggUnmaskRequest(survivors=survivors_to_pb(request),
-                                            signatures=[pb.SecAggBlob(client_id=u, data=sig) for u, sig in sorted(signatures.items())])
-            self._secagg_answer(sess, {u: pb.SecAggReply(unmask_request=unmask) for u in signatures})
-            got = await self._secagg_stage(sess, 4, set(signatures))
+            signed = proto.collect_signatures(list(got.values()), verified=True)  # each checked as it arrived (_secagg_parse)
+
+            def unmask_request(u: int) -> pb.SecAggUnmaskRequest:
+                sigs = sorted(proto.signatures_for(u).items())
+                return pb.SecAggUnmaskRequest(survivors=views[u], signatures=[pb.SecAggBlob(client_id=w, data=sig) for w, sig in sigs])
+
+            one = None if sparse else unmask_request(min(signed))
+            self._secagg_answer(sess, {u: pb.SecAggReply(unmask_request=unmask_request(u) if sparse else one) for u in signed})
+            got = await self._secagg_stage(sess, 4, set(signed))
             total = proto.unmask(list(got.values()))
             self._secagg_answer(sess, {u: pb.SecAggReply(done=pb.SecAggDone(survivors=len(request.survivors))) for u in got})
             m = sess.measurements()
@@ -1355,8 +1366,14 @@ class FleetServer:
         if kind == "masked_input":
             return masked_from_pb(cid, body, sess.dim, p.modulus_bits)
         if kind == "consistency":
-            return signature_from_pb(cid, body)
-        return unmask_from_pb(cid, body, p.survivors, p.dropped)
+            msg = signature_from_pb(cid, body, None if p.directory.degree is None else p.surviving_neighbors(cid))
+            try:
+                p.check_signature(msg)  # a bad signature drops its sender here, not the round
+            except SecAggError as exc:
+                raise Refusal("malformed", f"SecAggSignature from client {cid}: {exc}") from None
+            return msg
+        view = p.request_for(cid)  # what this client was told: its shares can only be for these
+        return unmask_from_pb(cid, body, view.survivors, view.dropped)
 
     async def SecAggStep(self, request: pb.SecAggRequest, context: grpc.aio.ServicerContext, check: TokenCheck) -> pb.SecAggReply:
         """One client's message of the open SecAgg stage; answered when the stage closes."""
