@@ -73,8 +73,28 @@ def workload_config(n: int, rounds: int, seed: int, store_root: str | None = Non
     return cfg
 
 
+def _old_batch_indices(sizes, hp, seeds):
+    """fleetlearn's batches before `batch_indices` existed: a torch generator per client."""
+    import numpy as np
+    import torch
+
+    from fleetlearn.learners.torch_learner import batch_schedule
+
+    scheds = [batch_schedule(int(nc), hp, torch.Generator().manual_seed(int(s))) for nc, s in zip(sizes, seeds)]
+    steps = max(len(x) for x in scheds)
+    b = max(i.numel() for x in scheds for i in x)
+    index = np.zeros((len(sizes), steps, b), dtype=np.int64)
+    mask = np.zeros((len(sizes), steps, b), dtype=np.float32)
+    for c, sched in enumerate(scheds):
+        for s, idx in enumerate(sched):
+            index[c, s, : idx.numel()] = idx.numpy()
+            mask[c, s, : idx.numel()] = 1.0
+    return torch.from_numpy(index), torch.from_numpy(mask)
+
+
 # -- (a) the plain vmapped loop ------------------------------------------------------------
-def plain_loop(cfg, data, rounds: int) -> dict:
+def plain_loop(cfg, data, rounds: int, group: int | None = None) -> dict:
+    """The plain loop; `group`: clients per vmap call (None: the whole cohort in one)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -82,8 +102,12 @@ def plain_loop(cfg, data, rounds: int) -> dict:
 
     from fleetlearn.engine.factory import build_learner
     from fleetlearn.learners.base import FitConfig
-    from fleetlearn.learners.torch_learner import batch_indices
     from fleetlearn.transport.simulation import client_seed
+
+    try:
+        from fleetlearn.learners.torch_learner import batch_indices
+    except ImportError:  # fleetlearn before the batched batches (for a "before" measurement)
+        batch_indices = _old_batch_indices
 
     learner = build_learner(cfg, data)  # the same module and initial model as fleetlearn's
     module = learner.make_module()
@@ -91,10 +115,11 @@ def plain_loop(cfg, data, rounds: int) -> dict:
     init = learner.spec.split(learner.init_params(cfg.seed))
     params = {k: v.detach().clone() for k, v in init.items()}
     n = data.num_clients
+    group = group or n
     sizes = data.train_sizes().astype(np.int64)
     order = torch.from_numpy(data.train_order)
     x_all, y_all = data.x[order], data.y[order]  # client c's rows: offsets[c]:offsets[c+1]
-    offsets = data.train_offsets[:-1]
+    offsets = torch.from_numpy(data.train_offsets[:-1])
     w = torch.from_numpy(sizes / sizes.sum()).to(torch.float32)
     hp = FitConfig(LOCAL_EPOCHS, None, BATCH, LR, 0.0)
 
@@ -107,23 +132,29 @@ def plain_loop(cfg, data, rounds: int) -> dict:
     for r in range(1, rounds + 1):
         t0 = time.perf_counter()
         seeds = [client_seed(cfg.seed, r, c) for c in range(n)]
-        index, mask = batch_indices(sizes, hp, seeds)  # (n, steps, b): fleetlearn's batches
-        index = index + torch.from_numpy(offsets)[:, None, None]
+        index, mask = batch_indices(sizes, hp, seeds)[:2]  # (n, steps, b): fleetlearn's batches
+        index = index + offsets[:, None, None]
         t1 = time.perf_counter()
-        p = {k: v.expand(n, *v.shape).clone() for k, v in params.items()}
-        for s in range(index.shape[1]):
-            rows = index[:, s]
-            m = mask[:, s]
-            g = step(p, x_all[rows], y_all[rows], m)
-            act = (m.sum(1) > 0).to(torch.float32)
-            p = {k: p[k] - LR * act.view(-1, *([1] * (p[k].dim() - 1))) * g[k] for k in names}
-        params = {k: params[k] + torch.tensordot(w, p[k] - params[k], dims=1) for k in names}
+        mean = {k: torch.zeros_like(v) for k, v in params.items()}
+        for lo in range(0, n, group):
+            hi = min(n, lo + group)
+            p = {k: v.expand(hi - lo, *v.shape).clone() for k, v in params.items()}
+            for s in range(index.shape[1]):
+                rows = index[lo:hi, s]
+                m = mask[lo:hi, s]
+                g = step(p, x_all[rows], y_all[rows], m)
+                act = (m.sum(1) > 0).to(torch.float32)
+                for k in names:
+                    p[k].addcmul_(act.view(-1, *([1] * (p[k].dim() - 1))), g[k], value=-LR)
+            for k in names:
+                mean[k] += torch.tensordot(w[lo:hi], p[k], dims=1)
+        params = mean  # sum_c w_c (params + delta_c) = params + the weighted mean delta (sum w = 1)
         times.append(time.perf_counter() - t0)
         batch_times.append(t1 - t0)
     with torch.no_grad():
         logits = functional_call(module, params, (data.central_x,))
         acc = float((logits.argmax(-1) == data.central_y).float().mean())
-    return {"round_s": times, "batches_s": batch_times, "accuracy": acc}
+    return {"round_s": times, "batches_s": batch_times, "accuracy": acc, "group": group}
 
 
 # -- (b) fleetlearn ------------------------------------------------------------------------
@@ -171,9 +202,14 @@ def one(n: int, rounds: int, seed: int, variants: list[str]) -> dict:
     if threads:
         torch.set_num_threads(threads)
     try:
-        plain = plain_loop(cfg, data, rounds)
+        # The plain loop twice: one vmap over the whole cohort, and in the groups fleetlearn's
+        # learner trains in (`TorchLearner.group_size`); the faster one is the baseline.
+        group = getattr(build_learner(cfg, data), "group_size", lambda: n)()
+        plains = [plain_loop(cfg, data, rounds)] + ([plain_loop(cfg, data, rounds, group)] if group < n else [])
     finally:
         torch.set_num_threads(before)
+    plain = min(plains, key=lambda p: steady(p["round_s"]))
+    plain["others"] = [{"group": p["group"], "ms": 1000 * steady(p["round_s"])} for p in plains if p is not plain]
     out = {"clients": n, "rounds": rounds, "threads": threads or before, "plain": plain, "fleetlearn": {}}
     for v in variants:
         out["fleetlearn"][v] = fleetlearn_rounds(n, rounds, seed, v, data)
@@ -191,8 +227,10 @@ def report(res: dict) -> None:
     n, plain = res["clients"], res["plain"]
     p_ms = 1000 * steady(plain["round_s"])
     print(f"\nN = {n} clients, {res['rounds']} rounds (round 1 left out), torch threads {res['threads']}")
-    print(f"  plain vmapped loop: {p_ms:8.1f} ms/round (of which drawing the batches {1000 * steady(plain['batches_s']):.1f} ms); "
-          f"final accuracy {plain['accuracy']:.4f}")
+    print(f"  plain vmapped loop: {p_ms:8.1f} ms/round ({plain['group']} clients per vmap; drawing the batches "
+          f"{1000 * steady(plain['batches_s']):.1f} ms); final accuracy {plain['accuracy']:.4f}")
+    for o in plain.get("others", []):
+        print(f"    (plain loop with {o['group']} clients per vmap: {o['ms']:.1f} ms/round)")
     print(f"  {'variant':10s} {'ms/round':>9s} {'ratio':>6s} {'accuracy':>9s}")
     for v, f in res["fleetlearn"].items():
         f_ms = 1000 * steady(f["round_s"])

@@ -28,6 +28,12 @@ from .base import ClientData, FitConfig, FitResult
 log = logging.getLogger(__name__)
 
 EVAL_CHUNK = 8192  # examples per forward pass when evaluating
+# A cohort trains in groups whose (clients, d) float32 matrices stay near this size: a larger
+# matrix is a fresh mmap of the C allocator for every temporary (glibc's threshold is at most
+# 32 MiB), and its page faults cost more than the group's arithmetic (about 2.5x at 1,000
+# clients of the 64-128-10 MLP: benchmarks/overhead.py).
+GROUP_BYTES = 8 << 20
+MIN_GROUP = 32  # clients per group at least, however large the model
 
 
 # -- mini-batches ------------------------------------------------------------------------------
@@ -293,8 +299,9 @@ class TorchLearner:
         if self.vectorize and not self._vmap_failed and n > 1:
             try:
                 out: list[FitResult] = []
-                for lo in range(0, n, self.max_group):
-                    hi = lo + self.max_group
+                group = self.group_size()
+                for lo in range(0, n, group):
+                    hi = lo + group
                     out.extend(self._fit_vectorized(
                         rows(params, lo, hi), cohort[lo:hi], hp, seeds[lo:hi], rows(corrections, lo, hi), limits[lo:hi], rows(anchor, lo, hi),
                     ))
@@ -309,6 +316,11 @@ class TorchLearner:
             )
             for i, (c, s) in enumerate(zip(cohort, seeds))
         ]
+
+    def group_size(self) -> int:
+        """Clients trained as one batched computation: `max_group`, less for a large model
+        (`GROUP_BYTES` of parameters per group, at least `MIN_GROUP` clients)."""
+        return max(1, min(self.max_group, max(MIN_GROUP, GROUP_BYTES // (4 * max(1, self.spec.dim)))))
 
     def _masked_loss(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         losses = F.cross_entropy(self._logits(flat, x), y, reduction="none")
@@ -353,7 +365,7 @@ class TorchLearner:
                 # torch.optim.SGD semantics: the buffer starts as the first gradient.
                 buf = g.clone() if buf is None else torch.where(act.bool(), hp.momentum * buf + g, buf)
                 g = buf
-            p = p - hp.lr * act * g
+            p.addcmul_(act, g, value=-hp.lr)  # in place: no (n, d) temporary per step
         loss_before, loss_after = training_losses(losses, mask_t, epoch)
         xt_sizes = [int(c.y_test.shape[0]) for c in cohort]
         if any(xt_sizes):

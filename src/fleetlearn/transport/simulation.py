@@ -48,6 +48,7 @@ class SimulationTransport(TransportBase):
         self.clock = clock  # anything with `.now` (the Coordinator's VirtualClock)
         self.heartbeat_timeout_s = heartbeat_timeout_s  # a silent device is noticed this long after
         self.train_wall_seconds = 0.0  # wall time spent in local training, last dispatch
+        self.encode_wall_seconds = 0.0  # wall time spent encoding the updates, last dispatch
         self._uplink_estimate: int | None = None  # bytes of the last update, for partial-work budgets
         # -- attack simulation (fleetlearn.attacks.Attack or None) --
         self.attack = attack
@@ -162,8 +163,10 @@ class SimulationTransport(TransportBase):
         if self.attack is not None:  # attackers replace their deltas after training, before encoding
             trained.results, self.last_malicious = self.attack.apply_results(ids[train], results, task.round)
             results = trained.results
+        t1 = time.perf_counter()
         levels = self._levels(task, ids, train, down_s, results, cost)
         updates = [replace(u, downlink_bytes=int(down_bytes[i])) for i, u in zip(train, self._encode(task, trained, levels))]
+        self.encode_wall_seconds = time.perf_counter() - t1
         sent = [(i, u) for i, u in zip(train, updates) if not isinstance(u, Dropout)]
         if sent:
             self._uplink_estimate = int(max(u.uplink_bytes / cost[i] for i, u in sent))  # full-model equivalent
