@@ -339,7 +339,14 @@ class Coordinator:
     def run(self, on_round: Callable[[RoundRecord], Any] | None = None) -> RunSummary:
         with self.running():
             t0 = time.perf_counter()
-            self.driver(self).run(on_round)
+            try:
+                self.driver(self).run(on_round)
+            except BaseException:
+                if self.store is not None:
+                    self.store.writer.wait()  # the last round's commit finishes; the run's own error is raised
+                raise
+            if self.store is not None:
+                self.store.flush()  # every round is committed before the run returns
             return self.summary(time.perf_counter() - t0)
 
     def summary(self, wall_seconds: float) -> RunSummary:

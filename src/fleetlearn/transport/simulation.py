@@ -28,9 +28,29 @@ from ..task_spec import AdaptiveEntry
 from .base import Reply, TransportBase
 
 
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def client_seeds(seed: int, round: int, clients) -> list[int]:
+    """Per-(run, round, client) seeds for many clients at once (63-bit, independent of
+    execution order and of who else is in the cohort): splitmix64 chained over the
+    run seed, the round and the client id."""
+    c = np.asarray(clients, dtype=np.int64).reshape(-1).astype(np.uint64)
+    golden = np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        head = _mix64(np.array([int(seed) & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64) + golden)
+        head = _mix64(head ^ (np.array([int(round) & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64) + golden))
+        out = _mix64(head ^ (c + golden)) >> np.uint64(1)
+    return out.astype(np.int64).tolist()
+
+
 def client_seed(seed: int, round: int, client: int) -> int:
-    """A per-(run, round, client) seed, independent of execution order."""
-    return int(np.random.SeedSequence([seed, round, client]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    """A per-(run, round, client) seed, independent of execution order (`client_seeds`)."""
+    return client_seeds(seed, round, [client])[0]
 
 
 class SimulationTransport(TransportBase):
@@ -101,9 +121,29 @@ class SimulationTransport(TransportBase):
         plan = policy.plan_task(entry, self.fleet.uplink_mbps[c], self.fleet.latency_s[c], before)
         return [None] * len(train) if plan is None else [int(v) for v in plan.levels]
 
+    def cohort_data(self, clients) -> list[ClientData]:
+        """`client_data` of many clients, gathered with one index operation per array."""
+        clients = np.asarray(clients, dtype=np.int64).reshape(-1)
+        d = self.data
+        out_tr, out_te = [], []
+        for order, offsets, out in ((d.train_order, d.train_offsets, out_tr), (d.test_order, d.test_offsets, out_te)):
+            lo, hi = offsets[clients], offsets[clients + 1]
+            sizes = hi - lo
+            ends = np.cumsum(sizes)
+            starts = ends - sizes
+            # Positions in `order` of every client's rows, concatenated in cohort order.
+            pos = np.arange(int(ends[-1]) if len(ends) else 0, dtype=np.int64) - np.repeat(starts - lo, sizes)
+            rows = torch.from_numpy(order[pos])
+            x, y = d.x[rows], d.y[rows]
+            out.extend((x[a:b], y[a:b]) for a, b in zip(starts.tolist(), ends.tolist()))
+        return [ClientData(xt, yt, xe, ye) for (xt, yt), (xe, ye) in zip(out_tr, out_te)]
+
     def _train(self, task: Task, clients: np.ndarray, seeds: list[int], limits: list[int | None]) -> Trained:
         """The cohort's local training on the device (the Ray backend trains on its workers)."""
-        data = [self._client_data_for(int(c), task.round) for c in clients]
+        if self.attack is None:
+            data = self.cohort_data(clients)
+        else:  # a simulated attack poisons its clients' data (label_flip)
+            data = [self._client_data_for(int(c), task.round) for c in clients]
         return self.device.train(task, clients.tolist(), data, seeds, limits)
 
     def _encode(self, task: Task, trained: Trained, levels: list[int | None]) -> list:
@@ -155,7 +195,7 @@ class SimulationTransport(TransportBase):
 
         train = np.flatnonzero(~np.isfinite(drop_at))
         t0 = time.perf_counter()
-        seeds = [client_seed(self.seed, task.round, int(ids[i])) for i in train]
+        seeds = client_seeds(self.seed, task.round, ids[train])
         trained = self._train(task, ids[train], seeds, [limits[i] for i in train])
         self.train_wall_seconds = time.perf_counter() - t0
         results = trained.results
@@ -165,7 +205,8 @@ class SimulationTransport(TransportBase):
             results = trained.results
         t1 = time.perf_counter()
         levels = self._levels(task, ids, train, down_s, results, cost)
-        updates = [replace(u, downlink_bytes=int(down_bytes[i])) for i, u in zip(train, self._encode(task, trained, levels))]
+        updates = [u if u.downlink_bytes == down_bytes[i] else replace(u, downlink_bytes=int(down_bytes[i]))
+                   for i, u in zip(train, self._encode(task, trained, levels))]
         self.encode_wall_seconds = time.perf_counter() - t1
         sent = [(i, u) for i, u in zip(train, updates) if not isinstance(u, Dropout)]
         if sent:

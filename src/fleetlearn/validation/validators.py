@@ -90,7 +90,9 @@ class FiniteValidator:
     name = "finite"
 
     def check_rows(self, updates: Sequence[Update], rows: torch.Tensor, ctx: ValidationContext) -> list[str | None]:
-        ok = torch.isfinite(rows).all(dim=1).tolist() if rows.numel() else [True] * rows.shape[0]
+        # A row's sum is NaN or inf when the row holds one (it may also overflow for finite
+        # values: such rows get `check`'s exact verdict, as flagged rows do).
+        ok = torch.isfinite(rows.sum(dim=1)).tolist() if rows.numel() else [True] * rows.shape[0]
         return [None if good else self.check(u, rows[i], ctx) for i, (u, good) in enumerate(zip(updates, ok))]
 
     def check(self, update: Update, vec: torch.Tensor | None, ctx: ValidationContext) -> str | None:
