@@ -93,72 +93,113 @@ def _old_batch_indices(sizes, hp, seeds):
 
 
 # -- (a) the plain vmapped loop ------------------------------------------------------------
-def plain_loop(cfg, data, rounds: int, group: int | None = None) -> dict:
-    """The plain loop; `group`: clients per vmap call (None: the whole cohort in one)."""
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-    from torch.func import functional_call, grad, vmap
+class PlainLoop:
+    """The plain loop, one round per `round(r)` call; `group`: clients per vmap call (None:
+    the whole cohort in one)."""
 
-    from fleetlearn.engine.factory import build_learner
-    from fleetlearn.learners.base import FitConfig
-    from fleetlearn.transport.simulation import client_seed
+    def __init__(self, cfg, data, group: int | None = None):
+        import numpy as np
+        import torch
+        import torch.nn.functional as F
+        from torch.func import functional_call, grad, vmap
 
-    try:
-        from fleetlearn.learners.torch_learner import batch_indices
-    except ImportError:  # fleetlearn before the batched batches (for a "before" measurement)
-        batch_indices = _old_batch_indices
+        from fleetlearn.engine.factory import build_learner
+        from fleetlearn.learners.base import FitConfig
 
-    learner = build_learner(cfg, data)  # the same module and initial model as fleetlearn's
-    module = learner.make_module()
-    names = list(learner.spec.names)
-    init = learner.spec.split(learner.init_params(cfg.seed))
-    params = {k: v.detach().clone() for k, v in init.items()}
-    n = data.num_clients
-    group = group or n
-    sizes = data.train_sizes().astype(np.int64)
-    order = torch.from_numpy(data.train_order)
-    x_all, y_all = data.x[order], data.y[order]  # client c's rows: offsets[c]:offsets[c+1]
-    offsets = torch.from_numpy(data.train_offsets[:-1])
-    w = torch.from_numpy(sizes / sizes.sum()).to(torch.float32)
-    hp = FitConfig(LOCAL_EPOCHS, None, BATCH, LR, 0.0)
+        try:
+            from fleetlearn.transport.simulation import client_seeds
+        except ImportError:  # fleetlearn before the per-cohort seeds (a "before" measurement)
+            from fleetlearn.transport.simulation import client_seed
 
-    def loss(p, x, y, m):
-        out = F.cross_entropy(functional_call(module, p, (x,)), y, reduction="none")
-        return (out * m).sum() / m.sum().clamp(min=1.0)
+            def client_seeds(seed, r, clients):
+                return [client_seed(seed, r, int(c)) for c in clients]
+        try:
+            from fleetlearn.learners.torch_learner import batch_indices
+        except ImportError:  # fleetlearn before the batched batches (a "before" measurement)
+            batch_indices = _old_batch_indices
 
-    step = vmap(grad(loss))
-    times, batch_times = [], []
-    for r in range(1, rounds + 1):
+        self.cfg, self.data = cfg, data
+        learner = build_learner(cfg, data)  # the same module and initial model as fleetlearn's
+        self.module = module = learner.make_module()
+        self.names = list(learner.spec.names)
+        self.params = {k: v.detach().clone() for k, v in learner.spec.split(learner.init_params(cfg.seed)).items()}
+        self.n = data.num_clients
+        self.group = group or self.n
+        self.sizes = data.train_sizes().astype(np.int64)
+        order = torch.from_numpy(data.train_order)
+        self.x_all, self.y_all = data.x[order], data.y[order]  # client c's rows: offsets[c]:offsets[c+1]
+        self.offsets = torch.from_numpy(data.train_offsets[:-1])
+        self.w = torch.from_numpy(self.sizes / self.sizes.sum()).to(torch.float32)
+        self.hp = FitConfig(LOCAL_EPOCHS, None, BATCH, LR, 0.0)
+        self.client_seeds, self.batch_indices = client_seeds, batch_indices
+
+        def loss(p, x, y, m):
+            out = F.cross_entropy(functional_call(module, p, (x,)), y, reduction="none")
+            return (out * m).sum() / m.sum().clamp(min=1.0)
+
+        self.step = vmap(grad(loss))
+        self.round_s: list[float] = []
+        self.batches_s: list[float] = []
+
+    def round(self, r: int) -> None:
+        import torch
+
         t0 = time.perf_counter()
-        seeds = [client_seed(cfg.seed, r, c) for c in range(n)]
-        index, mask = batch_indices(sizes, hp, seeds)[:2]  # (n, steps, b): fleetlearn's batches
-        index = index + offsets[:, None, None]
+        n, group, names = self.n, self.group, self.names
+        seeds = self.client_seeds(self.cfg.seed, r, range(n))
+        index, mask = self.batch_indices(self.sizes, self.hp, seeds)[:2]  # (n, steps, b): fleetlearn's batches
+        index = index + self.offsets[:, None, None]
         t1 = time.perf_counter()
-        mean = {k: torch.zeros_like(v) for k, v in params.items()}
+        mean = {k: torch.zeros_like(v) for k, v in self.params.items()}
         for lo in range(0, n, group):
             hi = min(n, lo + group)
-            p = {k: v.expand(hi - lo, *v.shape).clone() for k, v in params.items()}
+            p = {k: v.expand(hi - lo, *v.shape).clone() for k, v in self.params.items()}
             for s in range(index.shape[1]):
                 rows = index[lo:hi, s]
                 m = mask[lo:hi, s]
-                g = step(p, x_all[rows], y_all[rows], m)
+                g = self.step(p, self.x_all[rows], self.y_all[rows], m)
                 act = (m.sum(1) > 0).to(torch.float32)
                 for k in names:
                     p[k].addcmul_(act.view(-1, *([1] * (p[k].dim() - 1))), g[k], value=-LR)
             for k in names:
-                mean[k] += torch.tensordot(w[lo:hi], p[k], dims=1)
-        params = mean  # sum_c w_c (params + delta_c) = params + the weighted mean delta (sum w = 1)
-        times.append(time.perf_counter() - t0)
-        batch_times.append(t1 - t0)
-    with torch.no_grad():
-        logits = functional_call(module, params, (data.central_x,))
-        acc = float((logits.argmax(-1) == data.central_y).float().mean())
-    return {"round_s": times, "batches_s": batch_times, "accuracy": acc, "group": group}
+                mean[k] += torch.tensordot(self.w[lo:hi], p[k], dims=1)
+        self.params = mean  # sum_c w_c (params + delta_c) = params + the weighted mean delta (sum w = 1)
+        self.round_s.append(time.perf_counter() - t0)
+        self.batches_s.append(t1 - t0)
+
+    def accuracy(self) -> float:
+        import torch
+        from torch.func import functional_call
+
+        with torch.no_grad():
+            logits = functional_call(self.module, self.params, (self.data.central_x,))
+            return float((logits.argmax(-1) == self.data.central_y).float().mean())
 
 
-# -- (b) fleetlearn ------------------------------------------------------------------------
-def fleetlearn_rounds(n: int, rounds: int, seed: int, variant: str, data=None) -> dict:
+def plain_group(cfg, data, rounds: int = 4) -> int | None:
+    """Whichever of one vmap over the cohort or fleetlearn's groups (`TorchLearner.group_size`)
+    runs the plain loop faster here (None: one vmap)."""
+    from fleetlearn.engine.factory import build_learner
+
+    n = data.num_clients
+    group = getattr(build_learner(cfg, data), "group_size", lambda: n)()
+    if group >= n:
+        return None
+    times = {}
+    for g in (None, group, None, group):
+        loop = PlainLoop(cfg, data, g)
+        for r in range(1, rounds + 1):
+            loop.round(r)
+        times.setdefault(g, []).append(steady(loop.round_s))
+    return min(times, key=lambda g: min(times[g]))
+
+
+# -- (b) fleetlearn, round by round with the plain loop ------------------------------------
+def paired_rounds(n: int, rounds: int, seed: int, variant: str, data, group: int | None) -> dict:
+    """fleetlearn's run with one plain round after each of its rounds (inside `on_round`),
+    so both see the same moments of a shared machine.  fleetlearn's round r is the time from
+    the end of plain round r - 1 to `on_round`, plus the wait for its background commit to
+    finish (the plain round never runs beside fleetlearn's writer: conservative for fleetlearn)."""
     from fleetlearn.config import load_config
     from fleetlearn.engine.factory import build_coordinator
 
@@ -169,12 +210,27 @@ def fleetlearn_rounds(n: int, rounds: int, seed: int, variant: str, data=None) -
             raw.setdefault(section, {}).update(values)
         cfg = load_config(raw)
         coord = build_coordinator(cfg, store=store, data=data)
-        stamps: list[float] = []
-        t_start = time.perf_counter()
-        summary = coord.run(on_round=lambda rec: stamps.append(time.perf_counter()))
-    round_s = [b - a for a, b in zip([t_start] + stamps[:-1], stamps)]
+        plain = PlainLoop(cfg, data, group)
+        fl: list[float] = []
+        mark = [0.0]
+
+        def on_round(rec) -> None:
+            t_a = time.perf_counter()
+            writer = getattr(coord.store, "writer", None) if coord.store is not None else None
+            if writer is not None:
+                writer.wait()
+            t_b = time.perf_counter()
+            fl.append(t_b - mark[0])
+            plain.round(rec.round)
+            mark[0] = time.perf_counter()
+
+        mark[0] = time.perf_counter()
+        summary = coord.run(on_round=on_round)  # the plain rounds run inside it: under the run's torch threads
     phases = [dict(p) for p in getattr(coord, "phase_log", [])]
-    return {"round_s": round_s, "phases": phases, "accuracy": summary.final_accuracy, "train_s": [r.train_wall_seconds for r in summary.records]}
+    return {
+        "round_s": fl, "plain_s": plain.round_s, "batches_s": plain.batches_s, "phases": phases,
+        "accuracy": summary.final_accuracy, "plain_accuracy": plain.accuracy(), "group": plain.group,
+    }
 
 
 def steady(xs: list[float]) -> float:
@@ -191,28 +247,22 @@ def one(n: int, rounds: int, seed: int, variants: list[str]) -> dict:
 
     from fleetlearn.config import load_config
     from fleetlearn.data import load_federated
+    from fleetlearn.engine.factory import build_learner
     from fleetlearn.engine.running import run_threads
 
     cfg = load_config(workload_config(n, rounds, seed))
     data = load_federated(cfg.data, cfg.seed)
-    from fleetlearn.engine.factory import build_learner
-
     threads = run_threads(cfg.engine.threads, build_learner(cfg, data).spec.dim)
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        # The plain loop twice: one vmap over the whole cohort, and in the groups fleetlearn's
-        # learner trains in (`TorchLearner.group_size`); the faster one is the baseline.
-        group = getattr(build_learner(cfg, data), "group_size", lambda: n)()
-        plains = [plain_loop(cfg, data, rounds)] + ([plain_loop(cfg, data, rounds, group)] if group < n else [])
+        group = plain_group(cfg, data)
     finally:
         torch.set_num_threads(before)
-    plain = min(plains, key=lambda p: steady(p["round_s"]))
-    plain["others"] = [{"group": p["group"], "ms": 1000 * steady(p["round_s"])} for p in plains if p is not plain]
-    out = {"clients": n, "rounds": rounds, "threads": threads or before, "plain": plain, "fleetlearn": {}}
+    out = {"clients": n, "rounds": rounds, "threads": threads or before, "fleetlearn": {}}
     for v in variants:
-        out["fleetlearn"][v] = fleetlearn_rounds(n, rounds, seed, v, data)
+        out["fleetlearn"][v] = paired_rounds(n, rounds, seed, v, data, group)
     return out
 
 
@@ -224,17 +274,14 @@ def phase_table(phases: list[dict]) -> dict[str, float]:
 
 
 def report(res: dict) -> None:
-    n, plain = res["clients"], res["plain"]
-    p_ms = 1000 * steady(plain["round_s"])
-    print(f"\nN = {n} clients, {res['rounds']} rounds (round 1 left out), torch threads {res['threads']}")
-    print(f"  plain vmapped loop: {p_ms:8.1f} ms/round ({plain['group']} clients per vmap; drawing the batches "
-          f"{1000 * steady(plain['batches_s']):.1f} ms); final accuracy {plain['accuracy']:.4f}")
-    for o in plain.get("others", []):
-        print(f"    (plain loop with {o['group']} clients per vmap: {o['ms']:.1f} ms/round)")
-    print(f"  {'variant':10s} {'ms/round':>9s} {'ratio':>6s} {'accuracy':>9s}")
+    n = res["clients"]
+    print(f"\nN = {n} clients, {res['rounds']} rounds (round 1 left out; medians), torch threads {res['threads']}")
+    print(f"  {'variant':10s} {'fleetlearn ms':>13s} {'plain ms':>9s} {'ratio':>6s} {'acc fleetlearn':>14s} {'acc plain':>9s}")
     for v, f in res["fleetlearn"].items():
-        f_ms = 1000 * steady(f["round_s"])
-        print(f"  {v:10s} {f_ms:9.1f} {f_ms / p_ms:6.2f} {f['accuracy']:9.4f}")
+        f_ms, p_ms = 1000 * steady(f["round_s"]), 1000 * steady(f["plain_s"])
+        print(f"  {v:10s} {f_ms:13.1f} {p_ms:9.1f} {f_ms / p_ms:6.2f} {f['accuracy']:14.4f} {f['plain_accuracy']:9.4f}")
+    first = next(iter(res["fleetlearn"].values()))
+    print(f"  (plain loop: {first['group'] or n} clients per vmap; drawing the batches {1000 * steady(first['batches_s']):.1f} ms of its round)")
     for v, f in res["fleetlearn"].items():
         if f["phases"]:
             parts = "  ".join(f"{k} {ms:.1f}" for k, ms in phase_table(f["phases"]).items())
@@ -257,9 +304,10 @@ def main() -> None:
     for res in results:
         report(res)
     up2, load2 = load_note()
-    print(f"\nafter: {up2}")
-    if max(load, load2) > 0.5:
-        print(f"WARNING: 1-min load average {max(load, load2):.2f} > 0.5: the machine is busy; these timings do not count")
+    print(f"\nafter: {up2}  (this benchmark itself adds about 1 to the load average)")
+    if load > 0.5 or load2 > 1.5:
+        print(f"WARNING: 1-min load average {load:.2f} before / {load2:.2f} after (above 0.5 before, or 1.5 after "
+              "counting this process): the machine is busy; these timings do not count")
     if args.json is not None:
         args.json.write_text(json.dumps({"load_before": load, "load_after": load2, "results": results}, indent=1))
 

@@ -202,7 +202,11 @@ class TorchLearner:
         return self.spec.flatten(dict(module.named_parameters()))
 
     def _logits(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.module, self.spec.split(flat), (x,))
+        return self._logits_of(self.spec.split(flat), x)
+
+    def _logits_of(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The module's output with these tensors as its parameters (views of a flat vector)."""
+        return functional_call(self.module, params, (x,))
 
     # -- evaluation ------------------------------------------------------------
     @torch.no_grad()
@@ -322,8 +326,10 @@ class TorchLearner:
         (`GROUP_BYTES` of parameters per group, at least `MIN_GROUP` clients)."""
         return max(1, min(self.max_group, max(MIN_GROUP, GROUP_BYTES // (4 * max(1, self.spec.dim)))))
 
-    def _masked_loss(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        losses = F.cross_entropy(self._logits(flat, x), y, reduction="none")
+    def _masked_loss(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # Differentiated with respect to the per-tensor views, not the flat vector: the flat
+        # gradient would be one more (n, d) tensor assembled from the pieces at every step.
+        losses = F.cross_entropy(self._logits_of(params, x), y, reduction="none")
         return (losses * mask).sum() / mask.sum().clamp(min=1.0)
 
     def _fit_vectorized(
@@ -345,27 +351,33 @@ class TorchLearner:
         index_t.clamp_(0, max(0, len(y_all) - 1))  # an empty client's padding (masked out anyway)
         steps = index_t.shape[1]
         active = (mask_t.sum(-1) > 0).to(start.dtype)  # (n, steps)
-
-        p = start.clone()
-        buf: torch.Tensor | None = None
+        p = start.clone()  # (n, d): the cohort's parameters, updated in place through its views
+        names = self.spec.names
+        views = self.spec.split(p)
+        centers = self.spec.split(center) if hp.prox_mu else None
+        corr = self.spec.split(corrections) if corrections is not None else None
+        bufs: dict[str, torch.Tensor] = {}
         losses = torch.zeros(n, steps)
         step_fn = vmap(grad_and_value(self._masked_loss))
         self.module.train()
         for s in range(steps if len(y_all) else 0):
             rows = index_t[:, s]
-            g, losses[:, s] = step_fn(p, x_all[rows], y_all[rows], mask_t[:, s])
-            act = active[:, s].unsqueeze(1)
-            if hp.prox_mu:
-                g = g + hp.prox_mu * (p - center)
-            if corrections is not None:
-                g = g + corrections
-            if hp.weight_decay:
-                g = g + hp.weight_decay * p
-            if hp.momentum:
-                # torch.optim.SGD semantics: the buffer starts as the first gradient.
-                buf = g.clone() if buf is None else torch.where(act.bool(), hp.momentum * buf + g, buf)
-                g = buf
-            p.addcmul_(act, g, value=-hp.lr)  # in place: no (n, d) temporary per step
+            g, losses[:, s] = step_fn(views, x_all[rows], y_all[rows], mask_t[:, s])
+            act = active[:, s]
+            for k in names:
+                gk, pk = g[k], views[k]
+                shape = (-1,) + (1,) * (pk.dim() - 1)
+                if hp.prox_mu:
+                    gk = gk + hp.prox_mu * (pk - centers[k])
+                if corr is not None:
+                    gk = gk + corr[k]
+                if hp.weight_decay:
+                    gk = gk + hp.weight_decay * pk
+                if hp.momentum:
+                    # torch.optim.SGD semantics: the buffer starts as the first gradient.
+                    b = bufs.get(k)
+                    bufs[k] = gk = gk.clone() if b is None else torch.where(act.view(shape).bool(), hp.momentum * b + gk, b)
+                pk.addcmul_(act.view(shape), gk, value=-hp.lr)  # in place: no (n, d) temporary per step
         loss_before, loss_after = training_losses(losses, mask_t, epoch)
         xt_sizes = [int(c.y_test.shape[0]) for c in cohort]
         if any(xt_sizes):
