@@ -90,11 +90,11 @@ class RoundRecord:
 
     def to_dict(self) -> dict[str, Any]:
         # Field by field rather than dataclasses.asdict, whose deep copies cost ~60 ms a
-        # round at 1,000 clients; _json_safe rebuilds every dict and list anyway.
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        d["clients"] = [{f.name: getattr(c, f.name) for f in _CLIENT_FIELDS} for c in self.clients]
-        return _json_safe(d)
-
+        # round at 1,000 clients; a client record's fields are plain values (its one list,
+        # label_counts, holds ints), so each is made JSON-safe in one flat pass.
+        d = {f.name: _json_safe(getattr(self, f.name)) for f in fields(self) if f.name != "clients"}
+        d["clients"] = [_client_row(c) for c in self.clients]
+        return d
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RoundRecord":
         known = {f.name for f in fields(cls)}
@@ -105,17 +105,36 @@ class RoundRecord:
 
 def _json_safe(obj: Any) -> Any:
     """NaN and inf are not JSON: store them as None / strings and read them back."""
-    if isinstance(obj, float):
-        if math.isnan(obj):
-            return None
-        if math.isinf(obj):
-            return "inf" if obj > 0 else "-inf"
+    t = type(obj)
+    if t is float:
+        return obj if obj - obj == 0.0 else _odd_float(obj)  # x - x is 0.0 exactly for finite x
+    if t is str or t is int or t is bool or obj is None:
         return obj
+    if isinstance(obj, float):
+        return _json_safe(float(obj))
     if isinstance(obj, dict):
         return {k: _json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_json_safe(v) for v in obj]
     return obj
+
+
+def _odd_float(x: float) -> Any:
+    if math.isnan(x):
+        return None
+    return "inf" if x > 0 else "-inf"
+
+
+def _client_row(c: "ClientRecord") -> dict[str, Any]:
+    """A client record as a JSON-safe dict (its fields, in order)."""
+    row = {f.name: getattr(c, f.name) for f in _CLIENT_FIELDS}
+    for k, v in row.items():
+        if type(v) is float:
+            if v - v != 0.0:
+                row[k] = _odd_float(v)
+        elif not (type(v) is int or type(v) is str or v is None):
+            row[k] = _json_safe(v)
+    return row
 
 
 def _from_json(v: Any) -> Any:
