@@ -54,7 +54,7 @@ VARIANTS = {
     "no-store": ({}, False),
     "lean": ({"monitoring": {"debug": False}}, False),
 }
-PHASES = ("train", "encode", "intake", "aggregate", "evaluate", "measure", "hooks", "commit")
+PHASES = ("select", "train", "encode", "intake", "aggregate", "evaluate", "measure", "hooks", "commit", "commit wait", "other")
 
 
 def workload_config(n: int, rounds: int, seed: int, store_root: str | None = None) -> dict:
@@ -212,6 +212,7 @@ def paired_rounds(n: int, rounds: int, seed: int, variant: str, data, group: int
         coord = build_coordinator(cfg, store=store, data=data)
         plain = PlainLoop(cfg, data, group)
         fl: list[float] = []
+        waits: list[float] = []
         mark = [0.0]
 
         def on_round(rec) -> None:
@@ -221,12 +222,17 @@ def paired_rounds(n: int, rounds: int, seed: int, variant: str, data, group: int
                 writer.wait()
             t_b = time.perf_counter()
             fl.append(t_b - mark[0])
+            waits.append(t_b - t_a)
             plain.round(rec.round)
             mark[0] = time.perf_counter()
 
         mark[0] = time.perf_counter()
         summary = coord.run(on_round=on_round)  # the plain rounds run inside it: under the run's torch threads
     phases = [dict(p) for p in getattr(coord, "phase_log", [])]
+    for ph, w, total in zip(phases, waits, fl):
+        if store:
+            ph["commit wait"] = w  # the background commit's rest, waited for before the plain round
+        ph["other"] = total - sum(ph.values())  # the driver, the selector's observe, GC, ...
     return {
         "round_s": fl, "plain_s": plain.round_s, "batches_s": plain.batches_s, "phases": phases,
         "accuracy": summary.final_accuracy, "plain_accuracy": plain.accuracy(), "group": plain.group,

@@ -351,9 +351,11 @@ class TorchLearner:
         index_t.clamp_(0, max(0, len(y_all) - 1))  # an empty client's padding (masked out anyway)
         steps = index_t.shape[1]
         active = (mask_t.sum(-1) > 0).to(start.dtype)  # (n, steps)
-        p = start.clone()  # (n, d): the cohort's parameters, updated in place through its views
         names = self.spec.names
-        views = self.spec.split(p)
+        # The cohort's parameters as one contiguous (n, *shape) tensor per parameter, updated in
+        # place (contiguous rows are faster to differentiate and update than views of a flat
+        # (n, d) matrix); the flat deltas are assembled once at the end.
+        views = {k: v.clone(memory_format=torch.contiguous_format) for k, v in self.spec.split(start).items()}
         centers = self.spec.split(center) if hp.prox_mu else None
         corr = self.spec.split(corrections) if corrections is not None else None
         bufs: dict[str, torch.Tensor] = {}
@@ -379,6 +381,7 @@ class TorchLearner:
                     bufs[k] = gk = gk.clone() if b is None else torch.where(act.view(shape).bool(), hp.momentum * b + gk, b)
                 pk.addcmul_(act.view(shape), gk, value=-hp.lr)  # in place: no (n, d) temporary per step
         loss_before, loss_after = training_losses(losses, mask_t, epoch)
+        p = torch.cat([views[k].reshape(n, -1) for k in names], dim=1)  # (n, d), the spec's order
         xt_sizes = [int(c.y_test.shape[0]) for c in cohort]
         if any(xt_sizes):
             acc = self._cohort_accuracy(p, torch.cat([c.x_test for c in cohort]), torch.cat([c.y_test for c in cohort]), xt_sizes)
