@@ -18,7 +18,7 @@ matrix:
   (``weight_divergence``, the quantity of Zhao et al., "Federated Learning with
   Non-IID Data", 2018, measured per client);
 - mean pairwise distance between updates over i < j: exact over every pair when
-  there are at most `_PAIRWISE_PAIRS` of them (n <= 32), otherwise estimated on
+  there are at most `_PAIRWISE_PAIRS` of them (n <= 23), otherwise estimated on
   `_PAIRWISE_PAIRS` pairs drawn uniformly (with replacement, fixed seed); the
   record says which (``pairwise_pairs``: pairs used, ``pairwise_exact``) — the
   only quantity that would otherwise cost O(n^2 d);
@@ -121,7 +121,7 @@ def update_statistics(
 
 
 _ROWS = 64  # rows per block in update_statistics (the reused buffer is _ROWS x d)
-_PAIRWISE_PAIRS = 512  # pairs for the mean pairwise distance: every pair up to this many, else a sample
+_PAIRWISE_PAIRS = 256  # pairs for the mean pairwise distance: every pair up to this many, else a sample
 
 
 def _pairwise_mean(u: torch.Tensor, buf: torch.Tensor) -> tuple[float, int, bool]:
