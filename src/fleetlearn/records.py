@@ -8,9 +8,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 
-@dataclass
+@dataclass(slots=True)
 class ClientRecord:
-    """One selected client's part in a round."""
+    """One selected client's part in a round.  Slotted: a 1,000-client round keeps 1,000 of
+    them for the run's lifetime, and a slotted record is one object for the garbage collector
+    to visit instead of two (the instance and its __dict__), and a third of the memory."""
 
     client_id: int
     status: str  # "accepted" | "dropped" | "rejected" | "late" | "probe" (a probe client's update: checked, never aggregated)

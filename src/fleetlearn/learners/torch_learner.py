@@ -388,7 +388,7 @@ class TorchLearner:
         else:  # no client has a local test split: nothing to evaluate
             acc = [math.nan] * n
         elapsed = (time.perf_counter() - t0) / n
-        deltas = p - start
+        deltas = p.sub_(start)  # p is this call's own (n, d) tensor
         samples = mask_t.sum((1, 2)).to(torch.int64).tolist()
         n_steps = (epoch >= 0).sum(1).tolist()
         return [

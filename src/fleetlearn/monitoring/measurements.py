@@ -80,6 +80,7 @@ def update_statistics(
     sq_r = torch.empty(n, dtype=dt, device=u.device)
     diverg = torch.empty(n, dtype=dt, device=u.device)
     err = torch.zeros(d, dtype=dt, device=u.device)  # sum_k p_k (u_k - mean): the mean's rounding
+    step_off = s - mean
     buf = torch.empty(min(n, _ROWS), d, dtype=dt, device=u.device)
     for lo in range(0, n, _ROWS):  # one reused buffer: no (n, d) temporaries
         blk = u[lo : lo + _ROWS]
@@ -87,7 +88,7 @@ def update_statistics(
         torch.sub(blk, mean, out=b)
         sq_r[lo : lo + _ROWS] = torch.linalg.vector_norm(b, dim=1).square()
         err.addmv_(b.T, p[lo : lo + _ROWS])
-        torch.sub(blk, s, out=b)
+        b.sub_(step_off)  # u - s = (u - mean) - (s - mean), from the block still in cache
         diverg[lo : lo + _ROWS] = torch.linalg.vector_norm(b, dim=1)
     trace = max(0.0, _f(p64 @ sq_r.double()) - _f(err.double().square().sum()))
     a_norm = torch.linalg.vector_norm(a)
