@@ -132,6 +132,28 @@ def batch_schedule(n: int, hp: FitConfig, seed: int, max_steps: int | None = Non
     return [index[0, s, :k] for s, k in enumerate(ks) if k > 0]
 
 
+def rows_of(parts: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.cat(parts)`, without the copy when the parts are consecutive views of one
+    contiguous tensor in order (a cohort's data gathered at once: the simulation's)."""
+    if not parts:
+        raise ValueError("no tensors to concatenate")
+    full = [t for t in parts if t.numel()]  # an empty part adds nothing (and has no address)
+    first = full[0] if full else parts[0]
+    base = first._base
+    if full and base is not None and base.is_contiguous() and first.is_contiguous() and first.dim() == base.dim() >= 1:
+        row = (base.stride(0) if base.dim() > 1 else 1) * base.element_size()
+        ptr, total = first.data_ptr(), 0
+        for t in full:
+            if t._base is not base or not t.is_contiguous() or t.data_ptr() != ptr + total * row or t.shape[1:] != base.shape[1:]:
+                break
+            total += t.shape[0]
+        else:
+            if all(t.shape[1:] == base.shape[1:] and t.dtype == base.dtype for t in parts):
+                start = (ptr - base.data_ptr()) // row
+                return base[start : start + total]
+    return torch.cat(parts)
+
+
 def training_losses(losses: torch.Tensor, mask: torch.Tensor, epoch: np.ndarray) -> tuple[list[float], list[float]]:
     """Each client's (loss before, loss after) local training, from the batch losses its
     training computed anyway (`losses` (n, steps), each at the parameters before that step):
@@ -343,8 +365,8 @@ class TorchLearner:
         center = start if anchor is None else anchor.detach().to(torch.float32)
         sizes = np.fromiter((c.num_examples for c in cohort), dtype=np.int64, count=n)
         offsets = np.concatenate([[0], np.cumsum(sizes)])
-        x_all = torch.cat([c.x for c in cohort])
-        y_all = torch.cat([c.y for c in cohort])
+        x_all = rows_of([c.x for c in cohort])
+        y_all = rows_of([c.y for c in cohort])
         # (n, steps, b) rows of x_all (padding points at the client's first row, masked out).
         index_t, mask_t, epoch = batch_indices(sizes, hp, seeds, limits)
         index_t = index_t + torch.from_numpy(offsets[:-1])[:, None, None]

@@ -134,8 +134,10 @@ class SimulationTransport(TransportBase):
             # Positions in `order` of every client's rows, concatenated in cohort order.
             pos = np.arange(int(ends[-1]) if len(ends) else 0, dtype=np.int64) - np.repeat(starts - lo, sizes)
             rows = torch.from_numpy(order[pos])
-            x, y = d.x[rows], d.y[rows]
-            out.extend((x[a:b], y[a:b]) for a, b in zip(starts.tolist(), ends.tolist()))
+            split = sizes.tolist()
+            # One gather, then each client's rows as consecutive views (a learner that trains the
+            # cohort at once takes the gathered tensor back whole: `learners.torch_learner.rows_of`).
+            out.extend(zip(d.x[rows].split(split), d.y[rows].split(split)))
         return [ClientData(xt, yt, xe, ye) for (xt, yt), (xe, ye) in zip(out_tr, out_te)]
 
     def _train(self, task: Task, clients: np.ndarray, seeds: list[int], limits: list[int | None]) -> Trained:
