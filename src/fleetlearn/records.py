@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 
@@ -90,12 +90,15 @@ class RoundRecord:
     clients: list[ClientRecord] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # parts add their measurements here
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, compact: bool = False) -> dict[str, Any]:
+        """JSON-safe.  `compact` (the run store's rows): a client's fields that hold their
+        default value are left out (`from_dict`, and every older reader, which builds the
+        ClientRecord from the keys present, gives them back), about 40% of a round's row."""
         # Field by field rather than dataclasses.asdict, whose deep copies cost ~60 ms a
         # round at 1,000 clients; a client record's fields are plain values (its one list,
         # label_counts, holds ints), so each is made JSON-safe in one flat pass.
         d = {f.name: _json_safe(getattr(self, f.name)) for f in fields(self) if f.name != "clients"}
-        d["clients"] = [_client_row(c) for c in self.clients]
+        d["clients"] = [_client_row(c, compact) for c in self.clients]
         return d
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RoundRecord":
@@ -127,9 +130,27 @@ def _odd_float(x: float) -> Any:
     return "inf" if x > 0 else "-inf"
 
 
-def _client_row(c: "ClientRecord") -> dict[str, Any]:
-    """A client record as a JSON-safe dict (its fields, in order)."""
+def _default_of(f) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return MISSING
+
+
+# Client fields with a default, and that default (a NaN default matches NaN).
+_CLIENT_DEFAULTS = [(f.name, _default_of(f)) for f in _CLIENT_FIELDS if _default_of(f) is not MISSING]
+
+
+def _client_row(c: "ClientRecord", compact: bool = False) -> dict[str, Any]:
+    """A client record as a JSON-safe dict (its fields, in order; `compact`: less those
+    that hold their default)."""
     row = {f.name: getattr(c, f.name) for f in _CLIENT_FIELDS}
+    if compact:
+        for k, dflt in _CLIENT_DEFAULTS:
+            v = row[k]
+            if v is dflt or (type(v) is type(dflt) and (v == dflt or (type(v) is float and v != v and dflt != dflt))):
+                del row[k]
     for k, v in row.items():
         if type(v) is float:
             if v - v != 0.0:

@@ -43,3 +43,20 @@ def test_a_record_survives_the_stores_strict_json():
     assert back.clients[1].label_counts is None and back.clients[0].weight == 0.25
     assert math.isnan(back.accuracy) and back.loss == 0.5
     assert row["extra"] == {"x": [1.0, "inf"], "y": {"z": None}, "t": [1, 2]}  # nested values: None / "inf" (read with `num`)
+
+
+def test_the_stores_compact_rows_leave_out_defaults_and_read_back_whole():
+    import json
+
+    from fleetlearn.records import ClientRecord
+
+    clients = [ClientRecord(3, "accepted", num_examples=7, loss_before=0.5, width=0.5, cluster=0),
+               ClientRecord(4, "dropped", "dropout: gone", accuracy=math.nan, label_counts=[2, 0])]
+    rec = RoundRecord(round=2, version=2, clients=clients)
+    row = json.loads(json.dumps(rec.to_dict(compact=True), allow_nan=False))
+    assert row["clients"][0] == {"client_id": 3, "status": "accepted", "num_examples": 7, "loss_before": 0.5, "width": 0.5, "cluster": 0}
+    assert row["clients"][1] == {"client_id": 4, "status": "dropped", "reason": "dropout: gone", "label_counts": [2, 0]}
+    back = RoundRecord.from_dict(row)
+    full = RoundRecord.from_dict(json.loads(json.dumps(rec.to_dict(), allow_nan=False)))
+    assert repr(back.clients) == repr(full.clients) == repr(clients)  # repr: NaN fields compare as text
+    assert len(rec.to_dict()["clients"][0]) == len(ClientRecord.__dataclass_fields__)  # the full form keeps every field
