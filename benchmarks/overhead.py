@@ -73,23 +73,45 @@ def workload_config(n: int, rounds: int, seed: int, store_root: str | None = Non
     return cfg
 
 
-def _old_batch_indices(sizes, hp, seeds):
-    """fleetlearn's batches before `batch_indices` existed: a torch generator per client."""
+def _fallback_seeds(seed, r, clients):
+    """`fleetlearn.transport.client_seeds` for a fleetlearn that predates it (a "before"
+    measurement): the plain loop's own cost stays the same in both measurements."""
+    import numpy as np
+
+    def mix(z):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+    g = np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        head = mix(mix(np.array([seed], dtype=np.uint64) + g) ^ (np.array([r], dtype=np.uint64) + g))
+        return (mix(head ^ (np.asarray(list(clients), dtype=np.uint64) + g)) >> np.uint64(1)).astype(np.int64).tolist()
+
+
+def _fallback_batches(sizes, hp, seeds):
+    """`fleetlearn.learners.torch_learner.batch_indices` for a fleetlearn that predates it:
+    one random permutation per client and epoch, drawn for the whole cohort at once.  (On
+    this workload every client's data fits one batch of 32, so each epoch is one full-batch
+    step and the order of the rows does not change the model.)"""
     import numpy as np
     import torch
 
-    from fleetlearn.learners.torch_learner import batch_schedule
-
-    scheds = [batch_schedule(int(nc), hp, torch.Generator().manual_seed(int(s))) for nc, s in zip(sizes, seeds)]
-    steps = max(len(x) for x in scheds)
-    b = max(i.numel() for x in scheds for i in x)
-    index = np.zeros((len(sizes), steps, b), dtype=np.int64)
-    mask = np.zeros((len(sizes), steps, b), dtype=np.float32)
-    for c, sched in enumerate(scheds):
-        for s, idx in enumerate(sched):
-            index[c, s, : idx.numel()] = idx.numpy()
-            mask[c, s, : idx.numel()] = 1.0
-    return torch.from_numpy(index), torch.from_numpy(mask)
+    sizes = np.asarray(sizes, dtype=np.int64)
+    n, width, bs = len(sizes), int(sizes.max()), int(hp.batch_size)
+    rng = np.random.default_rng(int(seeds[0]) if len(seeds) else 0)
+    per_epoch = np.maximum(1, -(-sizes // bs))
+    steps, b = int(hp.local_epochs * per_epoch.max()), min(bs, width)
+    keys = rng.random((n, hp.local_epochs, width))
+    keys[np.broadcast_to(np.arange(width)[None, None, :] >= sizes[:, None, None], keys.shape)] = 2.0
+    perms = np.argsort(keys, axis=2)
+    s = np.arange(steps)[None, :]
+    ep, j = s // per_epoch[:, None], s % per_epoch[:, None]
+    live = ep < hp.local_epochs
+    pos = j[:, :, None] * bs + np.arange(b)[None, None, :]
+    valid = live[:, :, None] & (pos < sizes[:, None, None])
+    idx = perms[np.arange(n)[:, None, None], np.minimum(ep, hp.local_epochs - 1)[:, :, None], np.minimum(pos, width - 1)]
+    return torch.from_numpy(np.where(valid, idx, 0)), torch.from_numpy(valid.astype(np.float32))
 
 
 # -- (a) the plain vmapped loop ------------------------------------------------------------
@@ -109,14 +131,11 @@ class PlainLoop:
         try:
             from fleetlearn.transport.simulation import client_seeds
         except ImportError:  # fleetlearn before the per-cohort seeds (a "before" measurement)
-            from fleetlearn.transport.simulation import client_seed
-
-            def client_seeds(seed, r, clients):
-                return [client_seed(seed, r, int(c)) for c in clients]
+            client_seeds = _fallback_seeds
         try:
             from fleetlearn.learners.torch_learner import batch_indices
         except ImportError:  # fleetlearn before the batched batches (a "before" measurement)
-            batch_indices = _old_batch_indices
+            batch_indices = _fallback_batches
 
         self.cfg, self.data = cfg, data
         learner = build_learner(cfg, data)  # the same module and initial model as fleetlearn's
@@ -282,10 +301,14 @@ def phase_table(phases: list[dict]) -> dict[str, float]:
 def report(res: dict) -> None:
     n = res["clients"]
     print(f"\nN = {n} clients, {res['rounds']} rounds (round 1 left out; medians), torch threads {res['threads']}")
-    print(f"  {'variant':10s} {'fleetlearn ms':>13s} {'plain ms':>9s} {'ratio':>6s} {'acc fleetlearn':>14s} {'acc plain':>9s}")
+    print(f"  {'variant':10s} {'fleetlearn ms':>13s} {'plain ms':>9s} {'ratio':>6s} {'overlapped':>10s} {'acc fleetlearn':>14s} {'acc plain':>9s}")
     for v, f in res["fleetlearn"].items():
         f_ms, p_ms = 1000 * steady(f["round_s"]), 1000 * steady(f["plain_s"])
-        print(f"  {v:10s} {f_ms:13.1f} {p_ms:9.1f} {f_ms / p_ms:6.2f} {f['accuracy']:14.4f} {f['plain_accuracy']:9.4f}")
+        waits = [p.get("commit wait", 0.0) for p in f["phases"]] or [0.0] * len(f["round_s"])
+        o_ms = 1000 * steady([t - w for t, w in zip(f["round_s"], waits)])
+        print(f"  {v:10s} {f_ms:13.1f} {p_ms:9.1f} {f_ms / p_ms:6.2f} {o_ms / p_ms:10.2f} {f['accuracy']:14.4f} {f['plain_accuracy']:9.4f}")
+    print("  (ratio: the background commit waited for before the plain round, all of it counted; overlapped: without that"
+          " wait, as when the commit runs beside the next round)")
     first = next(iter(res["fleetlearn"].values()))
     print(f"  (plain loop: {first['group'] or n} clients per vmap; drawing the batches {1000 * steady(first['batches_s']):.1f} ms of its round)")
     for v, f in res["fleetlearn"].items():
