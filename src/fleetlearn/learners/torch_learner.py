@@ -403,14 +403,16 @@ class TorchLearner:
                     bufs[k] = gk = gk.clone() if b is None else torch.where(act.view(shape).bool(), hp.momentum * b + gk, b)
                 pk.addcmul_(act.view(shape), gk, value=-hp.lr)  # in place: no (n, d) temporary per step
         loss_before, loss_after = training_losses(losses, mask_t, epoch)
-        p = torch.cat([views[k].reshape(n, -1) for k in names], dim=1)  # (n, d), the spec's order
+        # The (n, d) deltas in the spec's order, written in one pass from the per-tensor matrices.
+        deltas = torch.empty(n, self.spec.dim, dtype=start.dtype)
+        for (k, out), begin in zip(self.spec.split(deltas).items(), self.spec.split(start).values()):
+            torch.sub(views[k], begin, out=out)
         xt_sizes = [int(c.y_test.shape[0]) for c in cohort]
         if any(xt_sizes):
-            acc = self._cohort_accuracy(p, torch.cat([c.x_test for c in cohort]), torch.cat([c.y_test for c in cohort]), xt_sizes)
+            acc = self._cohort_accuracy(start + deltas, rows_of([c.x_test for c in cohort]), rows_of([c.y_test for c in cohort]), xt_sizes)
         else:  # no client has a local test split: nothing to evaluate
             acc = [math.nan] * n
         elapsed = (time.perf_counter() - t0) / n
-        deltas = p.sub_(start)  # p is this call's own (n, d) tensor
         samples = mask_t.sum((1, 2)).to(torch.int64).tolist()
         n_steps = (epoch >= 0).sum(1).tolist()
         return [
