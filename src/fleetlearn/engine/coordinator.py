@@ -242,7 +242,7 @@ class Coordinator:
         self._completions.append(tally(record, got, self.transport))
         # Collecting ran the transport's dispatch: its training and encoding are phases of their own.
         trained = float(self.transport.train_wall_seconds) if cohort else 0.0
-        encoded = float(getattr(self.transport, "encode_wall_seconds", 0.0)) if cohort else 0.0
+        encoded = float(self.transport.encode_wall_seconds) if cohort else 0.0
         timer.add("train", trained)
         timer.add("encode", encoded)
         timer.add("intake", max(0.0, time.perf_counter() - t_collect - trained - encoded))
