@@ -59,6 +59,7 @@ RESUME_SAFE_KEYS = {
     "server.rounds": "the rounds the run trains in all (not fewer than it committed; refused under a cosine lr schedule, which spans them)",
     "server.eval_every": "how often the global model is evaluated (refused under a plateau lr schedule, which reads the evaluated loss)",
     "store.checkpoint_every": "how often a checkpoint is kept (resuming again needs one at the last committed round)",
+    "store.background_commit": "whether a round is committed beside the next round or on its path (committed the same either way)",
     "engine.threads": "the torch threads of the process",
     "monitoring.prometheus_port": "where the Prometheus metrics are served",
     "monitoring.prometheus_host": "where the Prometheus metrics are served",

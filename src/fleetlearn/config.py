@@ -897,6 +897,9 @@ class StoreConfig(Section):
     root: str = "runs"  # run directories are created under this folder
     url: str | None = None  # SQLAlchemy URL; default: sqlite file inside the run directory
     checkpoint_every: int = Field(default=1, ge=0)  # 0: only the final model
+    # Commit each round on a background writer while the next round runs (round r is still
+    # committed before round r + 1, and before the run returns); false: on the round's path.
+    background_commit: bool = True
 
 
 class RunConfig(Section):

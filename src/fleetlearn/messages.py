@@ -44,8 +44,8 @@ class Task:
 class ClientMetrics:
     """What a client measured while training (all on its own data)."""
 
-    loss_before: float  # global model on the local training data, before training
-    loss_after: float  # local model on the local training data, after training
+    loss_before: float  # global model on the client's first mini-batch (its data when it fits one batch)
+    loss_after: float  # running training loss of the last local epoch (size-weighted mean of its batch losses)
     accuracy: float  # local model on the client's local test split (nan if it has none)
     compute_seconds: float  # wall seconds the learner spent (simulation: real CPU time)
     steps: int  # optimizer steps taken

@@ -20,3 +20,43 @@ def test_seconds_to_counts_every_round_up_to_the_first_that_reaches_the_target()
     assert s.seconds_to(0.85) == 5.5
     assert s.seconds_to(0.5) == 1.0
     assert s.seconds_to(0.95) == math.inf
+
+
+def test_a_record_survives_the_stores_strict_json():
+    import json
+
+    import numpy as np
+
+    from fleetlearn.records import ClientRecord
+
+    clients = [
+        ClientRecord(3, "accepted", num_examples=7, weight=0.25, loss_before=math.nan, arrival_s=math.inf, label_counts=[1, 0, 6]),
+        ClientRecord(1, "rejected", "finite: non-finite", update_norm=-math.inf, codec="q8"),
+    ]
+    rec = RoundRecord(round=4, version=3, accuracy=math.nan, loss=np.float64(0.5), clients=clients,
+                      extra={"x": [1.0, math.inf], "y": {"z": np.float64(math.nan)}, "t": (1, 2)})
+    row = json.loads(json.dumps(rec.to_dict(), allow_nan=False))  # strict JSON: what the store's column holds
+    back = RoundRecord.from_dict(row)
+    assert [c.client_id for c in back.clients] == [3, 1] and back.clients[0].label_counts == [1, 0, 6]
+    assert math.isnan(back.clients[0].loss_before) and back.clients[0].arrival_s == math.inf
+    assert back.clients[1].update_norm == -math.inf and back.clients[1].reason == "finite: non-finite"
+    assert back.clients[1].label_counts is None and back.clients[0].weight == 0.25
+    assert math.isnan(back.accuracy) and back.loss == 0.5
+    assert row["extra"] == {"x": [1.0, "inf"], "y": {"z": None}, "t": [1, 2]}  # nested values: None / "inf" (read with `num`)
+
+
+def test_the_stores_compact_rows_leave_out_defaults_and_read_back_whole():
+    import json
+
+    from fleetlearn.records import ClientRecord
+
+    clients = [ClientRecord(3, "accepted", num_examples=7, loss_before=0.5, width=0.5, cluster=0),
+               ClientRecord(4, "dropped", "dropout: gone", accuracy=math.nan, label_counts=[2, 0])]
+    rec = RoundRecord(round=2, version=2, clients=clients)
+    row = json.loads(json.dumps(rec.to_dict(compact=True), allow_nan=False))
+    assert row["clients"][0] == {"client_id": 3, "status": "accepted", "num_examples": 7, "loss_before": 0.5, "width": 0.5, "cluster": 0}
+    assert row["clients"][1] == {"client_id": 4, "status": "dropped", "reason": "dropout: gone", "label_counts": [2, 0]}
+    back = RoundRecord.from_dict(row)
+    full = RoundRecord.from_dict(json.loads(json.dumps(rec.to_dict(), allow_nan=False)))
+    assert repr(back.clients) == repr(full.clients) == repr(clients)  # repr: NaN fields compare as text
+    assert len(rec.to_dict()["clients"][0]) == len(ClientRecord.__dataclass_fields__)  # the full form keeps every field

@@ -67,12 +67,11 @@ def test_init_params_is_seeded_and_leaves_global_rng_alone():
 
 
 def test_batch_schedule_covers_each_epoch_once():
-    g = torch.Generator().manual_seed(0)
-    batches = batch_schedule(10, FitConfig(local_epochs=3, batch_size=4), g)
+    batches = batch_schedule(10, FitConfig(local_epochs=3, batch_size=4), 0)
     assert [len(b) for b in batches] == [4, 4, 2] * 3
     for e in range(3):
         assert sorted(torch.cat(batches[3 * e: 3 * e + 3]).tolist()) == list(range(10))
-    steps = batch_schedule(10, FitConfig(local_steps=5, batch_size=4), torch.Generator().manual_seed(0))
+    steps = batch_schedule(10, FitConfig(local_steps=5, batch_size=4), 0)
     assert len(steps) == 5
 
 
@@ -100,3 +99,32 @@ def test_corrections_shape_is_checked():
     learner = TorchLearner(lambda: mlp(10, 4, [16]))
     with pytest.raises(ValueError, match="corrections must be"):
         learner.fit_cohort(learner.init_params(0), _cohort(2), FitConfig(), [0, 1], torch.zeros(3, 5))
+
+
+def test_batch_indices_give_each_client_its_own_schedule_whoever_else_trains():
+    from fleetlearn.learners.torch_learner import batch_indices
+
+    hp = FitConfig(local_epochs=3, batch_size=4)
+    sizes, seeds = [10, 0, 3, 7], [11, 12, 13, 14]
+    index, mask, epoch = batch_indices(sizes, hp, seeds)
+    assert tuple(index.shape) == (4, 9, 4) and tuple(mask.shape) == (4, 9, 4)
+    for c, (n, s) in enumerate(zip(sizes, seeds)):
+        alone = batch_schedule(n, hp, s)
+        ks = mask[c].sum(-1).to(torch.int64).tolist()
+        mine = [index[c, t, :k] for t, k in enumerate(ks) if k]
+        assert [b.tolist() for b in mine] == [b.tolist() for b in alone]  # the same batches as on its own
+        per_epoch = -(-n // 4) if n else 0
+        for e in range(3 if n else 0):  # each epoch a permutation of the client's rows
+            rows = torch.cat(mine[e * per_epoch:(e + 1) * per_epoch]).tolist()
+            assert sorted(rows) == list(range(n))
+        assert (epoch[c] >= 0).sum() == 3 * per_epoch
+    # The draw of one client does not depend on the others in the cohort, nor on its position.
+    other, _, _ = batch_indices([7, 10], hp, [14, 11])
+    assert torch.equal(other[0, :6, :4], index[3, :6, :4]) and torch.equal(other[1], index[0])
+    # local_steps repeats epochs; a limit cuts a client's schedule; epochs differ from each other.
+    steps, m, ep = batch_indices([10], FitConfig(local_steps=5, batch_size=4), [1], [None])
+    assert int((m[0].sum(-1) > 0).sum()) == 5 and ep[0].tolist() == [0, 0, 0, 1, 1]
+    _, m, ep = batch_indices([10, 10], hp, [1, 2], [2, None])
+    assert int((m[0].sum(-1) > 0).sum()) == 2 and ep[0].tolist()[2:] == [-1] * 7
+    first, second = batch_schedule(10, hp, 1)[:3], batch_schedule(10, hp, 1)[3:6]
+    assert [b.tolist() for b in first] != [b.tolist() for b in second]

@@ -173,12 +173,14 @@ class RaiseServerLr:
 
 
 def test_a_diverging_server_lr_is_rolled_back_and_lowered(clean_run):
-    # From round 4 the server steps with lr 10 (FedAvg's is 1): the loss explodes.
-    parts = build_monitoring({"guardrail": ["divergence"], "guardrail_lr_factor": 0.1})
-    s = fleetlearn.run(SMALL, store=False, hooks=[RaiseServerLr(3, 10.0)] + parts.hooks)
+    # From round 4 the server steps with lr 20 (FedAvg's is 1): the loss explodes.  (At lr 10
+    # how fast it explodes depends on the clients' random batches: with some seeds the loss
+    # stays just under 3x its best for three rounds; at 20 it passes it at once, seeds 0-3.)
+    parts = build_monitoring({"guardrail": ["divergence"], "guardrail_lr_factor": 0.05})  # back to 1
+    s = fleetlearn.run(SMALL, store=False, hooks=[RaiseServerLr(3, 20.0)] + parts.hooks)
     events = parts.guardrail.events
     assert events and 4 <= events[0].round <= 6  # the first diverging step is round 4: caught within 3 rounds
-    assert events[0].rolled_back and events[0].actions["server_lr"] == [10.0, pytest.approx(1.0)]
+    assert events[0].rolled_back and events[0].actions["server_lr"] == [20.0, pytest.approx(1.0)]
     assert s.records[events[0].round - 1].status == "rolled_back"
     assert s.records[-1].status == "ok" and all(math.isfinite(r.loss) for r in s.records)
     assert s.final_accuracy >= clean_run.final_accuracy - 0.05, (s.final_accuracy, clean_run.final_accuracy)

@@ -67,6 +67,7 @@ from .entropy import ZstdCoder
 from .sketch import CountSketch, read_sketch_section, unsketch
 from .sparsify import RandK, Sparsifier, TopK, read_support
 from .values import (
+    read_f32_into,
     BFloat16Codec,
     Float16Codec,
     Float32Codec,
@@ -247,9 +248,10 @@ class CodecChain:
                 state[RNG_SEED] = torch.tensor(next_seed, dtype=torch.int64)
         return payload, state
 
-    def decode(self, payload: bytes, dim: int | None = None) -> torch.Tensor:
-        """Any valid payload (whatever chain made it) -> (d,) float32; `PayloadError` otherwise."""
-        return decode_payload(payload, dim=dim)
+    def decode(self, payload: bytes, dim: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Any valid payload (whatever chain made it) -> (d,) float32; `PayloadError` otherwise.
+        `out`: a (d,) float32 tensor (a row of a cohort's matrix) to decode into; returned."""
+        return decode_payload(payload, dim=dim, out=out)
 
     def _rng_for(self, state: State | None) -> tuple[np.random.Generator | None, int | None]:
         if not self.stochastic:
@@ -380,13 +382,25 @@ def estimate_bytes(spec: str, dim: int) -> int:
     return parse_chain(spec).estimate_bytes(dim)
 
 
-def decode_payload(payload: bytes, dim: int | None = None) -> torch.Tensor:
+def decode_payload(payload: bytes, dim: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Decodes any payload a CodecChain produced; `PayloadError` with the reason otherwise.
 
     Pass `dim` (the model's dimension) when it is known: a payload for another
-    dimension is then refused before anything of that size is allocated.
+    dimension is then refused before anything of that size is allocated.  `out` (a
+    float32 tensor of the payload's dim, e.g. a row of a cohort's matrix) receives the
+    vector and is returned: a dense float32 payload is read straight into it.
     """
+    if out is not None:
+        if out.dtype != torch.float32 or out.dim() != 1 or (dim is not None and out.numel() != dim):
+            raise ValueError(f"out must be a float32 vector of dim {dim}, got {out.dtype} {tuple(out.shape)}")
+        dim = out.numel()
     h, r = wire.read_header(payload, dim=dim)  # checks dim before decompressing a zstd body
+    if out is not None:
+        if h.support == wire.SUPPORT_DENSE and h.value == wire.VALUE_F32:
+            read_f32_into(r, out)
+            r.finish()
+            return out
+        return out.copy_(decode_payload(payload, dim=dim))
     try:
         if h.support == wire.SUPPORT_DENSE:
             out = read_values(h.value, r, h.dim)

@@ -92,8 +92,13 @@ class Float32Codec(ValueCodec):
 
 
 def _read_f32(r: Reader, n: int) -> torch.Tensor:
+    return read_f32_into(r, torch.empty(n, dtype=torch.float32))
+
+
+def read_f32_into(r: Reader, out: torch.Tensor) -> torch.Tensor:
+    """A float32 value section of out.numel() values, read into `out` (contiguous or a row)."""
+    n = out.numel()
     buf = r.take(4 * n, f"{n} float32 values")
-    out = torch.empty(n, dtype=torch.float32)
     np.copyto(_np(out), np.frombuffer(buf, dtype="<f4"))
     return _check_finite_out(out, "float32 section")
 

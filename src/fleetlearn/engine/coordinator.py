@@ -33,6 +33,7 @@ from ..validation import RelativeNormFilter, ValidationContext
 from .clock import VirtualClock
 from .evaluation import Evaluator
 from .intake import Collected, Intake, UpdateDecoder, client_record, collect, round_deadline, tally
+from .phases import PHASES_KEY, PhaseTimer
 from .resume import commit, load_side_state, resume, side_state
 from .running import SyncRounds, running, sampling
 from .step import aggregate
@@ -137,6 +138,7 @@ class Coordinator:
         # Recent good versions kept in memory so a guardrail can roll back without the store.
         self.versions = Versions(0, self.params, self.server_state)
         self.current_record: RoundRecord | None = None  # the round the hooks are finishing (restore marks it)
+        self.phases = PhaseTimer()  # wall seconds per phase of the round (engine/phases.py)
 
     # -- state -------------------------------------------------------------------
     @property
@@ -203,72 +205,95 @@ class Coordinator:
 
     def run_round(self) -> RoundRecord:
         t_wall = time.perf_counter()
+        timer = self.phases
+        timer.begin()
         self.last_updates = self.last_weights = self.last_aggregate = self.prev_params = None
         self.round += 1
         r = self.round
-        self._apply_schedules(r)
-        srv = self.config.server
-        available = self.round_pool(r)
-        want = min(math.ceil(srv.cohort * srv.over_selection), len(available))
-        self.round_sampling = sampling(self.selector, available, want)
-        self._pool = None
-        record = RoundRecord(round=r, version=self.version, sim_start_s=self.clock.now)
-        if self.privacy is not None and self.privacy.accountant is not None:
-            record.extra["dp_sampling"], record.extra["dp_sampling_rate"] = self.round_sampling
-            record.extra["dp_pool"] = len(available)
-        if want < srv.min_replies:
-            record.status, record.reason = "failed", f"only {len(available)} clients available, min_replies is {srv.min_replies}"
-            cohort: list[int] = []
-        else:
-            cohort = self.selector.select(available, want, r, self.selection_rng(r))
-        deadline = round_deadline(srv, self._completions)
-        task = Task(round=r, version=self.version, payload=self.encoded_params(), codec=self.downlink.spec,
-                    spec=self.task_spec(cohort, deadline), deadline_s=deadline, control=self._encoded_control())
-        # How many accepted updates end the wait: the cohort (fixed-size), or what the Poisson draw
-        # gave (its size varies around the expected cohort), within what the pipeline can sum.
-        target = self.selector.target(len(cohort), srv.cohort, srv.over_selection)
-        if self.pipeline.capacity is not None:
-            target = min(target, self.pipeline.capacity)
+        with timer("select"):
+            self._apply_schedules(r)
+            srv = self.config.server
+            available = self.round_pool(r)
+            want = min(math.ceil(srv.cohort * srv.over_selection), len(available))
+            self.round_sampling = sampling(self.selector, available, want)
+            self._pool = None
+            record = RoundRecord(round=r, version=self.version, sim_start_s=self.clock.now)
+            if self.privacy is not None and self.privacy.accountant is not None:
+                record.extra["dp_sampling"], record.extra["dp_sampling_rate"] = self.round_sampling
+                record.extra["dp_pool"] = len(available)
+            if want < srv.min_replies:
+                record.status, record.reason = "failed", f"only {len(available)} clients available, min_replies is {srv.min_replies}"
+                cohort: list[int] = []
+            else:
+                cohort = self.selector.select(available, want, r, self.selection_rng(r))
+            deadline = round_deadline(srv, self._completions)
+            task = Task(round=r, version=self.version, payload=self.encoded_params(), codec=self.downlink.spec,
+                        spec=self.task_spec(cohort, deadline), deadline_s=deadline, control=self._encoded_control())
+            # How many accepted updates end the wait: the cohort (fixed-size), or what the Poisson draw
+            # gave (its size varies around the expected cohort), within what the pipeline can sum.
+            target = self.selector.target(len(cohort), srv.cohort, srv.over_selection)
+            if self.pipeline.capacity is not None:
+                target = min(target, self.pipeline.capacity)
+        t_collect = time.perf_counter()
         got = collect(self.transport, self.intake, task, cohort, target, self.dim) if cohort else Collected()
         record.selected = len(cohort)
         record.deadline_s = deadline if deadline is not None else math.nan
         self.intake.filter_relative_norms(got)  # may turn accepted updates into rejected ones: count after it
         self._completions.append(tally(record, got, self.transport))
+        # Collecting ran the transport's dispatch: its training and encoding are phases of their own.
+        trained = float(self.transport.train_wall_seconds) if cohort else 0.0
+        encoded = float(self.transport.encode_wall_seconds) if cohort else 0.0
+        timer.add("train", trained)
+        timer.add("encode", encoded)
+        timer.add("intake", max(0.0, time.perf_counter() - t_collect - trained - encoded))
         if record.status == "failed":
             pass
         elif len(got.vecs) < srv.min_replies:
             record.status = "failed"
             record.reason = f"{len(got.vecs)} accepted updates, fewer than min_replies = {srv.min_replies}; model unchanged"
         else:
-            self.aggregate(record, got)
+            with timer("aggregate"):
+                self.aggregate(record, got)
         self.clock.advance(record.sim_seconds)
         return self.finish_record(record, t_wall)
 
     def finish_record(self, record: RoundRecord, t_wall: float) -> RoundRecord:
         """Evaluate, run the hooks, commit to the store: the end of every round (sync or async)."""
+        timer = self.phases
         r = record.round
         last = r == self.config.server.rounds
         if r % self.config.server.eval_every == 0 or last:
-            record.loss, record.accuracy, scores = self.evaluator.central_scores(self.params)
-            record.extra.update(scores)
-            record.fed_accuracy, record.fed_accuracy_p10 = self.evaluator.federated(self.params)
+            with timer("evaluate"):
+                record.loss, record.accuracy, scores = self.evaluator.central_scores(self.params)
+                record.extra.update(scores)
+                record.fed_accuracy, record.fed_accuracy_p10 = self.evaluator.federated(self.params)
         if last and self.evaluator.personalization is not None:
-            personal = self.evaluator.personal(self.params, self.fit_config())
+            with timer("evaluate"):
+                personal = self.evaluator.personal(self.params, self.fit_config())
             if personal is not None:
                 record.extra["personalization"] = personal
         self.current_record = record
         record.wall_seconds = time.perf_counter() - t_wall
         for hook in self.hooks:
-            hook.after_round(record, self)
+            with timer(getattr(hook, "phase", "hooks")):
+                hook.after_round(record, self)
         self.current_record = None
         self.selector.observe(record)
         if record.status == "ok":
             self.versions.add(self.version, self.params, self.server_state)
         record.wall_seconds = time.perf_counter() - t_wall
+        record.extra[PHASES_KEY] = timer.snapshot()
         if self.store is not None:
-            commit(self, record, last)
+            with timer("commit"):
+                commit(self, record, last)
+        timer.end()
         self.records.append(record)
         return record
+
+    @property
+    def phase_log(self) -> list[dict[str, float]]:
+        """Wall seconds per phase of the recent rounds, the commit included (engine/phases.py)."""
+        return list(self.phases.log)
 
     def restore(self, version: int | None = None, reason: str = "") -> int:
         """Put back a good model version (default: the last good one before the current) and
@@ -314,7 +339,14 @@ class Coordinator:
     def run(self, on_round: Callable[[RoundRecord], Any] | None = None) -> RunSummary:
         with self.running():
             t0 = time.perf_counter()
-            self.driver(self).run(on_round)
+            try:
+                self.driver(self).run(on_round)
+            except BaseException:
+                if self.store is not None:
+                    self.store.writer.wait()  # the last round's commit finishes; the run's own error is raised
+                raise
+            if self.store is not None:
+                self.store.flush()  # every round is committed before the run returns
             return self.summary(time.perf_counter() - t0)
 
     def summary(self, wall_seconds: float) -> RunSummary:

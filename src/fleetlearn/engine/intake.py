@@ -70,6 +70,20 @@ class UpdateDecoder:
     def decode(self, update: Update) -> torch.Tensor:
         return self.uplink.decode(update.payload, dim=self.dim)
 
+    def decode_into(self, update: Update, out: torch.Tensor) -> torch.Tensor:
+        """`decode` into `out`, a (dim,) float32 row of the batch's matrix; returns the vector
+        (`out`, or a vector of its own when the decoded one is not a float32 (dim,) vector:
+        the shape validator then says so).  The run's chain reads a dense payload straight
+        into the row."""
+        return self.uplink.decode(update.payload, dim=self.dim, out=out)
+
+    def decode_copied(self, update: Update, out: torch.Tensor) -> torch.Tensor:
+        """`decode_into` for a decoder whose `decode` builds its own vector: copied into the row."""
+        vec = self.decode(update)
+        if isinstance(vec, torch.Tensor) and vec.dtype == out.dtype and tuple(vec.shape) == tuple(out.shape):
+            return out.copy_(vec)
+        return vec
+
     def on_accept(self, update: Update, rec: ClientRecord) -> None:
         """Called once the update passed every validator."""
 
@@ -81,6 +95,10 @@ class UpdateDecoder:
 
 class SketchDecoder(UpdateDecoder):
     measures_norm = False
+
+    def decode_into(self, update: Update, out: torch.Tensor) -> torch.Tensor:
+        self.decode(update)
+        return out.zero_()
 
     def decode(self, update: Update) -> torch.Tensor:
         from ..compression import read_sketch
@@ -95,6 +113,10 @@ class MaskedDecoder(UpdateDecoder):
     row here is a zero placeholder (weights come from the clients' public claims)."""
 
     measures_norm = False
+
+    def decode_into(self, update: Update, out: torch.Tensor) -> torch.Tensor:
+        self.decode(update)
+        return out.zero_()
 
     def decode(self, update: Update) -> torch.Tensor:
         if update.payload:
@@ -113,6 +135,8 @@ class SubModelDecoder(UpdateDecoder):
         sub = self.uplink.decode(update.payload, dim=self.submodels.sub_dim_of(update.client_id))
         return self.submodels.embed_of(update.client_id, sub)
 
+    decode_into = UpdateDecoder.decode_copied
+
     def raw_uplink_bytes(self, records) -> int:
         """Each client's own sub-model, so the ratio is the codec's alone."""
         return sum(4 * self.submodels.sub_dim_of(c.client_id) for r in records for c in r.clients if c.uplink_bytes > 0)
@@ -127,6 +151,8 @@ class ClusterDecoder(UpdateDecoder):
 
     def decode(self, update: Update) -> torch.Tensor:
         return self.clustering.decode(update.payload, self.uplink)
+
+    decode_into = UpdateDecoder.decode_copied
 
     def on_accept(self, update: Update, rec: ClientRecord) -> None:
         rec.cluster = self.clustering.accepted(update.client_id, update.payload)
@@ -179,33 +205,82 @@ class Intake:
 
     def accept(self, msg: Update, rec: ClientRecord, ctx: ValidationContext) -> torch.Tensor | None:
         """Decode and validate one update; on refusal mark `rec` rejected with the reason."""
-        vec, reason = None, None
-        try:
-            vec = self.decoder.decode(msg)
-        except PayloadError as exc:
-            reason = f"payload: {exc}"
-        except Exception as exc:  # a corrupted payload must never stop the round
-            reason = f"payload: cannot decode ({type(exc).__name__}: {exc})"
-        if reason is None:
-            for v in self.validators:
-                reason = v.check(msg, vec, ctx)
-                if reason:
-                    reason = f"{v.name}: {reason}"
-                    break
-        diverter = next((d for d in self.diverters if d.claims(msg.client_id)), None)
-        if diverter is not None:  # after the full path, never into aggregation
+        return self.accept_many([msg], [rec], ctx)[0]
+
+    def accept_many(self, msgs: Sequence[Update], recs: Sequence[ClientRecord], ctx: ValidationContext,
+                    need: int | None = None) -> list[torch.Tensor | None]:
+        """Decode and validate a batch of updates, in order, with the outcome of taking them
+        one at a time (a refused update's record is marked rejected with the reason).
+
+        The payloads are decoded into the rows of one (k, d) matrix, in client-id order, and
+        every validator that offers `check_rows` judges all rows at once; then each update,
+        in order, gets the first refusal of the validators in order (`check` for those without
+        `check_rows`, and for those that read `ctx.seen`), the diverters and the decoder's
+        `on_accept`.  `need`: stop once that many updates were accepted or diverted (the
+        round's cohort is filled); the updates after it are not looked at, and the list
+        returned is shorter.  Accepted updates' vectors are rows of the matrix: in client-id
+        order, an all-accepted batch is the matrix itself (`stacked` then copies nothing)."""
+        k = len(msgs)
+        if k == 0:
+            return []
+        dim = self.decoder.dim
+        ids = [m.client_id if isinstance(m.client_id, int) else 0 for m in msgs]
+        slots = np.empty(k, dtype=np.int64)
+        slots[np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")] = np.arange(k)
+        # numpy allocates large arrays on transparent huge pages where the kernel offers them
+        # (madvise): a 1,000-client matrix is then faulted in at a quarter of the cost.
+        matrix = torch.from_numpy(np.empty((k, dim), dtype=np.float32))
+        vecs: list[torch.Tensor | None] = []
+        reasons: list[str | None] = []
+        for msg, slot in zip(msgs, slots.tolist()):
+            vec, reason = None, None
+            try:
+                vec = self.decoder.decode_into(msg, matrix[slot])
+            except PayloadError as exc:
+                reason = f"payload: {exc}"
+            except Exception as exc:  # a corrupted payload must never stop the round
+                reason = f"payload: cannot decode ({type(exc).__name__}: {exc})"
+            vecs.append(vec)
+            reasons.append(reason)
+        in_row = [v is not None and v.data_ptr() == matrix[s].data_ptr() for v, s in zip(vecs, slots.tolist())]
+        rows_order = [msgs[i] for i in np.argsort(slots, kind="stable")]  # the updates by row
+        batched = {id(v): v.check_rows(rows_order, matrix, ctx) for v in self.validators if hasattr(v, "check_rows")}
+        norms = torch.linalg.vector_norm(matrix, dim=1).tolist() if self.decoder.measures_norm else None
+        out: list[torch.Tensor | None] = []
+        taken = 0
+        for i, (msg, rec) in enumerate(zip(msgs, recs)):
+            if need is not None and taken >= need:
+                break
+            vec, reason, slot = vecs[i], reasons[i], int(slots[i])
             if reason is None:
-                ctx.seen.add(msg.client_id)
-            diverter.take(msg, vec if reason is None else None, reason, rec)
-            rec.status = diverter.status
-            return None
-        if reason is not None:
-            rec.status, rec.reason = "rejected", reason
-            return None
-        ctx.seen.add(msg.client_id)
-        self.decoder.on_accept(msg, rec)
-        rec.update_norm = float(torch.linalg.vector_norm(vec)) if self.decoder.measures_norm else math.nan
-        return vec
+                for v in self.validators:
+                    pre = batched.get(id(v))
+                    reason = pre[slot] if pre is not None and in_row[i] else v.check(msg, vec, ctx)
+                    if reason:
+                        reason = f"{v.name}: {reason}"
+                        break
+            diverter = next((d for d in self.diverters if d.claims(msg.client_id)), None)
+            if diverter is not None:  # after the full path, never into aggregation
+                if reason is None:
+                    ctx.seen.add(msg.client_id)
+                diverter.take(msg, vec if reason is None else None, reason, rec)
+                rec.status = diverter.status
+                out.append(None)
+                taken += 1
+                continue
+            if reason is not None:
+                rec.status, rec.reason = "rejected", reason
+                out.append(None)
+                continue
+            ctx.seen.add(msg.client_id)
+            self.decoder.on_accept(msg, rec)
+            if norms is None:
+                rec.update_norm = math.nan
+            else:
+                rec.update_norm = norms[slot] if in_row[i] else float(torch.linalg.vector_norm(vec))
+            out.append(vec)
+            taken += 1
+        return out
 
     def filter_relative_norms(self, got: Collected) -> None:
         """Refuse updates whose norm is beyond `max_norm_ratio` x the cohort's median."""
@@ -222,12 +297,42 @@ class Intake:
 
 def collect(transport, intake: Intake, task: Task, cohort: list[int], target: int, dim: int) -> Collected:
     """Take replies in arrival order until `target` updates are accepted, everyone
-    has answered, or the deadline passes.  The round ends at that moment."""
+    has answered, or the deadline passes.  The round ends at that moment.
+
+    Replies that may count are handed to the intake in batches (`Intake.accept_many`): as
+    many as could fill the cohort, so a reply is never read past the one that fills it, and
+    one at a time from a realtime transport (gRPC: its replies come over the network, and
+    each is decoded as it arrives).  The outcome is that of taking them one by one."""
     got = Collected()
     ctx = ValidationContext(round=task.round, version=task.version, dim=dim)
     deadline = task.deadline_s
     filled_at: float | None = None
     last_event = 0.0
+    stops = len(cohort) > target  # the cohort can be filled before everyone answered
+    pending: list[tuple[Update, ClientRecord, float]] = []  # candidates in arrival order
+
+    def settle() -> None:
+        nonlocal filled_at, last_event
+        need = target - len(got.accepted) - got.diverted if stops else None
+        msgs, recs = [m for m, _, _ in pending], [r for _, r, _ in pending]
+        vecs = intake.accept_many(msgs, recs, ctx, need)
+        for (msg, rec, t), vec in zip(pending, vecs):
+            last_event = max(last_event, t)
+            if vec is not None:
+                got.vecs.append(vec)
+                got.payloads.append(msg.payload)
+                got.claims.append(int(msg.num_examples))
+                got.accepted.append(rec)
+            elif intake.diverted(rec):
+                got.diverted += 1  # a probe's update counts towards filling the round (the selector's target has it)
+            else:
+                continue
+            if stops and len(got.accepted) + got.diverted == target:
+                filled_at = t
+        for _, rec, _ in pending[len(vecs):]:  # after the one that filled the cohort
+            rec.status, rec.reason = "late", f"not needed: the cohort of {target} was filled at {filled_at:.3f}s"
+        pending.clear()
+
     intake.open_round(task)
     for reply in transport.dispatch(task, cohort):
         msg, t = reply.message, reply.elapsed_s
@@ -244,21 +349,13 @@ def collect(transport, intake: Intake, task: Task, cohort: list[int], target: in
         if deadline is not None and t > deadline:
             rec.status, rec.reason = "late", f"arrived {t:.3f}s after dispatch, deadline {deadline:.3f}s"
             continue
-        last_event = max(last_event, t)
-        vec = intake.accept(msg, rec, ctx)
-        if vec is not None:
-            got.vecs.append(vec)
-            got.payloads.append(msg.payload)
-            got.claims.append(int(msg.num_examples))
-            got.accepted.append(rec)
-        elif intake.diverted(rec):
-            got.diverted += 1  # a probe's update counts towards filling the round (the selector's target has it)
-        else:
-            continue
-        if len(got.accepted) + got.diverted == target and len(cohort) > target:
-            filled_at = t
-            if transport.realtime:
+        pending.append((msg, rec, t))
+        if transport.realtime or (stops and len(pending) >= target - len(got.accepted) - got.diverted):
+            settle()
+            if filled_at is not None and transport.realtime:
                 break  # in wall-clock time, waiting longer only costs time
+    if pending:
+        settle()
     # The server stops waiting when the cohort is filled, when everyone answered,
     # or at the deadline if someone is still missing.
     missing = any(c.status == "late" and not c.reason.startswith("not needed") for c in got.clients) or any(
@@ -271,6 +368,20 @@ def collect(transport, intake: Intake, task: Task, cohort: list[int], target: in
     else:
         got.end_s = last_event
     return got
+
+
+def stacked(vecs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The (n, d) matrix of these updates: the intake's batch matrix itself when they are its
+    consecutive rows in order (the common case: a simulated cohort, all accepted), else a copy."""
+    first = vecs[0]
+    base = first._base
+    if base is not None and base.dim() == 2 and base.is_contiguous() and first.dim() == 1 and len(vecs) <= base.shape[0]:
+        row = base.stride(0) * base.element_size()
+        start = first.data_ptr() - base.data_ptr()
+        if start % row == 0 and all(v._base is base and v.data_ptr() == first.data_ptr() + i * row for i, v in enumerate(vecs)):
+            lo = start // row
+            return base[lo : lo + len(vecs)]
+    return torch.stack(list(vecs))
 
 
 # -- the round's tally ----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ ledger committed with that round (`committed_privacy` refuses to resume without 
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
@@ -40,22 +41,35 @@ def side_state(c) -> dict[str, torch.Tensor]:
 def commit(c, record: RoundRecord, last: bool) -> None:
     """Write the round to the store: on a checkpoint round (`store.checkpoint_every`, and the
     last) the side-state file first, then one transaction with the record, the checkpoint
-    (model and server state, the learning rate's entries included) and the privacy ledger."""
+    (model and server state, the learning rate's entries included) and the privacy ledger.
+
+    With `store.background_commit` (the default) the transaction and the checkpoint file are
+    written by the store's background writer while the next round runs: this call waits for
+    the previous round's commit first (round r is committed before round r + 1's commit
+    starts, and its error is raised here), writes the side-state file, and hands over what
+    the transaction needs: the record (its rows are built on the writer), the model and
+    server state (never written into: a step returns new tensors) and a copy of the ledger.
+    `Coordinator.run` waits for the last commit before it returns."""
     r = record.round
     every = c.config.store.checkpoint_every
-    save = (every and r % every == 0) or last
-    meta = None
+    save = bool((every and r % every == 0) or last)
+    store = c.store
+    store.flush()  # the previous round's commit: done (and its prune) before this round's files
     side = side_state(c) if save else {}
-    if side:
-        # Per-client state (EF residuals, SCAFFOLD c_i, personal heads/models) and the
-        # stateful parts' state (aggregator memory, the client lr schedule) go with the checkpoint:
-        # written (and fsynced) before the round's transaction, named in its metadata.
-        meta = c.store.write_client_states(r, side)
+    # Per-client state (EF residuals, SCAFFOLD c_i, personal heads/models) and the stateful
+    # parts' state (aggregator memory, the client lr schedule) go with the checkpoint: written
+    # (and fsynced) here, before the round's transaction, named in its metadata.
+    meta = store.write_client_states(r, side) if side else None
     # Spent privacy is committed in the round's own transaction, checkpoint or not.
-    ledger = c.privacy.state_dict() if c.privacy is not None else None
-    c.store.commit_round(record, c.params if save else None, c.server_state if save else None, meta, privacy=ledger)
-    if meta is not None:
-        c.store.prune_client_states(keep=meta)
+    ledger = copy.deepcopy(c.privacy.state_dict()) if c.privacy is not None else None
+    params, state = (c.params, dict(c.server_state)) if save else (None, None)
+
+    def write() -> None:
+        store.commit_round(record, params, state, meta, privacy=ledger)
+        if meta is not None:
+            store.prune_client_states(keep=meta)
+
+    store.submit(write, background=c.config.store.background_commit)
 
 
 def load_side_state(c, tensors: dict[str, torch.Tensor]) -> None:

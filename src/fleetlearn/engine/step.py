@@ -21,7 +21,7 @@ import torch
 from ..aggregation.pipeline import Batch
 from ..learners.scaffold import SERVER_KEY as SCAFFOLD_C
 from ..records import ClientRecord, RoundRecord
-from .intake import Collected
+from .intake import Collected, stacked
 
 
 def aggregate(c, record: RoundRecord, got: Collected, scale: np.ndarray | None = None) -> None:
@@ -39,7 +39,7 @@ def aggregate(c, record: RoundRecord, got: Collected, scale: np.ndarray | None =
     # The record lists its clients in the same order, so the accepted ones in
     # record.clients are the rows of `last_updates` (monitors rely on it).
     record.clients.sort(key=lambda x: x.client_id)
-    matrix = torch.stack(got.vecs)
+    matrix = stacked(got.vecs)  # the intake's batch matrix itself when every row is there, in order
     try:
         weights = cohort_weights(c.weighting, got, matrix, c._previous_aggregate)
     except ValueError as exc:

@@ -43,5 +43,6 @@ def summarize(c, wall_seconds: float) -> RunSummary:
         p = c.privacy.summary()
         s.dp_epsilon, s.dp_delta, s.dp_accounting, s.dp_sampling = p["dp_epsilon"], p["dp_delta"], p["dp_accounting"], p["dp_sampling"]
     if c.store is not None:
+        c.store.flush()  # the rounds' background commits are done (and any failure raised) before the summary
         c.store.finish(s.to_json_dict())
     return s

@@ -55,6 +55,8 @@ class ClientData:
 class FitResult:
     delta: torch.Tensor  # (d,) local params minus the params received
     num_examples: int
+    # From the training pass (docs/architecture.md 4.2): the received model's loss on the first
+    # mini-batch, and the size-weighted mean batch loss of the last epoch (nan: no step taken).
     loss_before: float
     loss_after: float
     accuracy: float  # local model on the local test split (nan if empty)

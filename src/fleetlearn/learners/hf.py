@@ -134,10 +134,10 @@ class LoraLearner(TorchLearner):
             module = self.make_module()
         return self.spec.flatten(dict(module.named_parameters())).cpu()
 
-    def _logits(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _logits_of(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         # The flat vector (and the optimizer's arithmetic on it) stays on the CPU, with the rest of
         # the system; the encoder's work runs on the learner's device (engine.device).
-        return super()._logits(flat.to(self.device), x)
+        return super()._logits_of({k: v.to(self.device) for k, v in params.items()}, x)
 
 
 # -- the frozen encoder, once per process --------------------------------------------------------

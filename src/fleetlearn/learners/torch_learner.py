@@ -28,28 +28,154 @@ from .base import ClientData, FitConfig, FitResult
 log = logging.getLogger(__name__)
 
 EVAL_CHUNK = 8192  # examples per forward pass when evaluating
+# A cohort trains in groups whose (clients, d) float32 matrices stay near this size: a larger
+# matrix is a fresh mmap of the C allocator for every temporary (glibc's threshold is at most
+# 32 MiB), and its page faults cost more than the group's arithmetic (about 2.5x at 1,000
+# clients of the 64-128-10 MLP: benchmarks/overhead.py).
+GROUP_BYTES = 8 << 20
+MIN_GROUP = 32  # clients per group at least, however large the model
 
 
-def batch_schedule(n: int, hp: FitConfig, gen: torch.Generator, max_steps: int | None = None) -> list[torch.Tensor]:
-    """The mini-batches (index tensors) a client trains on, in order.
+# -- mini-batches ------------------------------------------------------------------------------
+# Each client's epochs are permutations of its examples drawn from its own seed by a
+# counter-based hash (splitmix64 of (seed, epoch, position), sorted), so a whole cohort's
+# batches are a few array operations rather than a torch generator per client, and a
+# client's batches never depend on who else is in the cohort or in which order clients run.
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_BATCH_CHUNK = 1 << 22  # (clients x epochs x examples) keys sorted at once
 
-    Each epoch is a fresh permutation cut into batches of `batch_size` (the last
-    one may be short).  With `local_steps`, epochs repeat until that many batches.
-    `max_steps` cuts the schedule short (partial work of a client out of time).
-    """
-    if n == 0:
-        return []
-    b = hp.batch_size
-    out: list[torch.Tensor] = []
-    epochs = hp.local_epochs if hp.local_steps is None else math.ceil(hp.local_steps / math.ceil(n / b))
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen)
-        out.extend(perm.split(b))
-    if hp.local_steps is not None:
-        out = out[: hp.local_steps]
-    if max_steps is not None:
-        out = out[: max(0, max_steps)]
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, elementwise on uint64 (wrapping arithmetic)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _epochs(sizes: np.ndarray, hp: FitConfig) -> np.ndarray:
+    """Epochs each client's schedule draws (local_steps repeats epochs until that many batches)."""
+    if hp.local_steps is None:
+        return np.where(sizes > 0, hp.local_epochs, 0)
+    per_epoch = np.maximum(1, -(-sizes // hp.batch_size))
+    return np.where(sizes > 0, -(-hp.local_steps // per_epoch), 0)
+
+
+def _permutations(sizes: np.ndarray, epochs: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """(n, max epochs, max size) int64: row [c, e] starts with a permutation of range(sizes[c])."""
+    n = len(sizes)
+    width, depth = int(sizes.max(initial=0)), int(epochs.max(initial=0))
+    out = np.zeros((n, depth, width), dtype=np.int64)
+    if width == 0 or depth == 0:
+        return out
+    pos = np.arange(width, dtype=np.uint64)
+    ep = np.arange(1, depth + 1, dtype=np.uint64)
+    lo = 0
+    with np.errstate(over="ignore"):
+        while lo < n:  # chunks of clients keep the keys' memory bounded
+            hi = min(n, lo + max(1, _BATCH_CHUNK // (width * depth)))
+            base = _mix64(seeds[lo:hi, None] ^ (ep[None, :] * _GOLDEN))  # (chunk, depth)
+            keys = _mix64(base[:, :, None] + pos[None, None, :] * _GOLDEN)
+            pad = np.broadcast_to(pos[None, None, :] >= sizes[lo:hi, None, None].astype(np.uint64), keys.shape)
+            keys[pad] = np.uint64(0xFFFFFFFFFFFFFFFF)
+            out[lo:hi] = np.argsort(keys, axis=2, kind="stable")
+            lo = hi
     return out
+
+
+def batch_indices(sizes, hp: FitConfig, seeds, limits=None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """A cohort's mini-batches, drawn as one array computation.
+
+    Client c (``sizes[c]`` examples, seed ``seeds[c]``) trains, epoch after epoch, on a
+    fresh permutation of its examples cut into batches of ``batch_size`` (the last one of
+    an epoch may be short); with ``local_steps`` epochs repeat until that many batches;
+    ``limits[c]`` (partial work) cuts its schedule short.  Returns ``index`` (n, steps, b)
+    int64 local row indices and ``mask`` (n, steps, b) float32 (a batch is the prefix
+    ``index[c, s, :k]`` with k = ``mask[c, s].sum()``; padding points at row 0), and
+    ``epoch`` (n, steps) int64: the epoch each step belongs to (-1 after a client's last
+    step).  ``b`` is the largest batch any client has, ``steps`` the longest schedule."""
+    sizes = np.asarray(sizes, dtype=np.int64).reshape(-1)
+    n = len(sizes)
+    seeds = np.asarray([int(s) & 0xFFFFFFFFFFFFFFFF for s in seeds], dtype=np.uint64).reshape(-1)
+    bs = int(hp.batch_size)
+    epochs = _epochs(sizes, hp)
+    per_epoch = np.maximum(1, -(-sizes // bs))
+    total = epochs * per_epoch
+    if hp.local_steps is not None:
+        total = np.minimum(total, hp.local_steps)
+    if limits is not None:
+        cut = np.array([t if m is None else min(t, max(0, int(m))) for t, m in zip(total.tolist(), limits)], dtype=np.int64)
+        total = cut.reshape(-1) if n else total
+    total = np.where(sizes > 0, total, 0)
+    steps = max(1, int(total.max(initial=0)))
+    b = max(1, int(min(bs, sizes.max(initial=1))))
+    perms = _permutations(sizes, epochs, seeds)
+    s = np.arange(steps)[None, :]  # (1, steps)
+    ep = s // per_epoch[:, None]  # (n, steps)
+    j = s % per_epoch[:, None]
+    live = s < total[:, None]
+    pos = j[:, :, None] * bs + np.arange(b)[None, None, :]  # (n, steps, b)
+    valid = live[:, :, None] & (pos < sizes[:, None, None])
+    if perms.size:
+        e_idx = np.minimum(ep, perms.shape[1] - 1)[:, :, None]
+        p_idx = np.minimum(pos, perms.shape[2] - 1)
+        index = np.where(valid, perms[np.arange(n)[:, None, None], e_idx, p_idx], 0)
+    else:
+        index = np.zeros((n, steps, b), dtype=np.int64)
+    epoch = np.where(live, ep, -1)
+    return torch.from_numpy(np.ascontiguousarray(index)), torch.from_numpy(valid.astype(np.float32)), epoch
+
+
+def batch_schedule(n: int, hp: FitConfig, seed: int, max_steps: int | None = None) -> list[torch.Tensor]:
+    """One client's mini-batches (index tensors), in order: `batch_indices` for a cohort of one."""
+    index, mask, _ = batch_indices([n], hp, [seed], [max_steps])
+    ks = mask[0].sum(-1).to(torch.int64).tolist()
+    return [index[0, s, :k] for s, k in enumerate(ks) if k > 0]
+
+
+def rows_of(parts: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.cat(parts)`, without the copy when the parts are consecutive views of one
+    contiguous tensor in order (a cohort's data gathered at once: the simulation's)."""
+    if not parts:
+        raise ValueError("no tensors to concatenate")
+    full = [t for t in parts if t.numel()]  # an empty part adds nothing (and has no address)
+    first = full[0] if full else parts[0]
+    base = first._base
+    if full and base is not None and base.is_contiguous() and first.is_contiguous() and first.dim() == base.dim() >= 1:
+        row = (base.stride(0) if base.dim() > 1 else 1) * base.element_size()
+        ptr, total = first.data_ptr(), 0
+        for t in full:
+            if t._base is not base or not t.is_contiguous() or t.data_ptr() != ptr + total * row or t.shape[1:] != base.shape[1:]:
+                break
+            total += t.shape[0]
+        else:
+            if all(t.shape[1:] == base.shape[1:] and t.dtype == base.dtype for t in parts):
+                start = (ptr - base.data_ptr()) // row
+                return base[start : start + total]
+    return torch.cat(parts)
+
+
+def training_losses(losses: torch.Tensor, mask: torch.Tensor, epoch: np.ndarray) -> tuple[list[float], list[float]]:
+    """Each client's (loss before, loss after) local training, from the batch losses its
+    training computed anyway (`losses` (n, steps), each at the parameters before that step):
+
+    - before: the loss of the received model on the client's first mini-batch (the first
+      step's forward pass; all its data when it fits in one batch);
+    - after: the mean batch loss over the client's last epoch, weighted by batch size (the
+      running training loss of the last epoch, as training loops report it; the last epoch
+      is partial when `local_steps` or a deadline cut it).
+
+    NaN for a client that took no step.  No extra forward pass over the client's data."""
+    n = losses.shape[0]
+    if losses.shape[1] == 0:
+        return [math.nan] * n, [math.nan] * n
+    sizes = mask.sum(-1).to(torch.float64)  # (n, steps) batch sizes
+    last = epoch.max(axis=1, initial=-1)
+    in_last = torch.from_numpy((epoch == last[:, None]) & (epoch >= 0))
+    w = sizes * in_last
+    lw = losses.to(torch.float64)
+    after = (lw * w).sum(1) / w.sum(1)  # nan (0/0) without steps
+    before = torch.where(sizes[:, 0] > 0, lw[:, 0], torch.full((n,), math.nan, dtype=torch.float64))
+    return before.tolist(), after.tolist()
 
 
 class TorchLearner:
@@ -98,7 +224,11 @@ class TorchLearner:
         return self.spec.flatten(dict(module.named_parameters()))
 
     def _logits(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.module, self.spec.split(flat), (x,))
+        return self._logits_of(self.spec.split(flat), x)
+
+    def _logits_of(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The module's output with these tensors as its parameters (views of a flat vector)."""
+        return functional_call(self.module, params, (x,))
 
     # -- evaluation ------------------------------------------------------------
     @torch.no_grad()
@@ -131,17 +261,20 @@ class TorchLearner:
         t0 = time.perf_counter()
         start = params.detach().to(torch.float32)
         center = start if anchor is None else anchor.detach().to(torch.float32)
-        loss_before = self._mean_loss(start, data.x, data.y)
-        gen = torch.Generator().manual_seed(seed)
         p = start.clone()
         buf: torch.Tensor | None = None
-        samples = 0
-        batches = batch_schedule(data.num_examples, hp, gen, max_steps)
+        index, mask, epoch = batch_indices([data.num_examples], hp, [seed], [max_steps])
+        ks = mask[0].sum(-1).to(torch.int64).tolist()
+        losses: list[torch.Tensor] = []
         self.module.train()
-        for idx in batches:
+        for s, k in enumerate(ks):
+            if k == 0:
+                break  # the schedule is over (a cut one, or no data)
+            idx = index[0, s, :k]
             p.requires_grad_(True)
             loss = F.cross_entropy(self._logits(p, data.x[idx]), data.y[idx])
             (g,) = torch.autograd.grad(loss, p)
+            losses.append(loss.detach())
             p = p.detach()
             with torch.no_grad():
                 if hp.prox_mu:
@@ -154,16 +287,16 @@ class TorchLearner:
                     buf = g.clone() if buf is None else buf.mul_(hp.momentum).add_(g)
                     g = buf
                 p.sub_(g, alpha=hp.lr)
-            samples += int(idx.numel())
         p = p.detach()
+        before, after = training_losses(torch.stack(losses)[None] if losses else torch.zeros(1, 0), mask[:, : len(losses)], epoch[:, : len(losses)])
         return FitResult(
             delta=p - start,
             num_examples=data.num_examples,
-            loss_before=loss_before,
-            loss_after=self._mean_loss(p, data.x, data.y),
+            loss_before=before[0],
+            loss_after=after[0],
             accuracy=self._accuracy(p, data.x_test, data.y_test),
-            steps=len(batches),
-            samples=samples,
+            steps=len(losses),
+            samples=int(sum(ks)),
             compute_seconds=time.perf_counter() - t0,
         )
 
@@ -192,8 +325,9 @@ class TorchLearner:
         if self.vectorize and not self._vmap_failed and n > 1:
             try:
                 out: list[FitResult] = []
-                for lo in range(0, n, self.max_group):
-                    hi = lo + self.max_group
+                group = self.group_size()
+                for lo in range(0, n, group):
+                    hi = lo + group
                     out.extend(self._fit_vectorized(
                         rows(params, lo, hi), cohort[lo:hi], hp, seeds[lo:hi], rows(corrections, lo, hi), limits[lo:hi], rows(anchor, lo, hi),
                     ))
@@ -209,8 +343,15 @@ class TorchLearner:
             for i, (c, s) in enumerate(zip(cohort, seeds))
         ]
 
-    def _masked_loss(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        losses = F.cross_entropy(self._logits(flat, x), y, reduction="none")
+    def group_size(self) -> int:
+        """Clients trained as one batched computation: `max_group`, less for a large model
+        (`GROUP_BYTES` of parameters per group, at least `MIN_GROUP` clients)."""
+        return max(1, min(self.max_group, max(MIN_GROUP, GROUP_BYTES // (4 * max(1, self.spec.dim)))))
+
+    def _masked_loss(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # Differentiated with respect to the per-tensor views, not the flat vector: the flat
+        # gradient would be one more (n, d) tensor assembled from the pieces at every step.
+        losses = F.cross_entropy(self._logits_of(params, x), y, reduction="none")
         return (losses * mask).sum() / mask.sum().clamp(min=1.0)
 
     def _fit_vectorized(
@@ -219,66 +360,69 @@ class TorchLearner:
     ) -> list[FitResult]:
         t0 = time.perf_counter()
         n = len(cohort)
-        b = hp.batch_size
         start = params.detach().to(torch.float32)
         start = start.expand(n, -1) if start.dim() == 1 else start
         center = start if anchor is None else anchor.detach().to(torch.float32)
-        sizes = [c.num_examples for c in cohort]
+        sizes = np.fromiter((c.num_examples for c in cohort), dtype=np.int64, count=n)
         offsets = np.concatenate([[0], np.cumsum(sizes)])
-        x_all = torch.cat([c.x for c in cohort])
-        y_all = torch.cat([c.y for c in cohort])
-        schedules = [batch_schedule(nc, hp, torch.Generator().manual_seed(s), m) for nc, s, m in zip(sizes, seeds, limits)]
-        steps = max(1, max(len(s) for s in schedules))
-        # The padded width is the largest batch any client has: a batch_size above every client's
-        # example count (a full-batch setting) must not allocate (n, steps, batch_size) indices.
-        b = max(1, max((idx.numel() for sched in schedules for idx in sched), default=1))
-        # (n, steps, b) global row indices and masks; padding points at row 0, masked out.
-        index = np.zeros((n, steps, b), dtype=np.int64)
-        mask = np.zeros((n, steps, b), dtype=np.float32)
-        for c, sched in enumerate(schedules):
-            for s, idx in enumerate(sched):
-                k = idx.numel()
-                index[c, s, :k] = idx.numpy() + offsets[c]
-                mask[c, s, :k] = 1.0
-        index_t = torch.from_numpy(index)
-        mask_t = torch.from_numpy(mask)
-        active = mask_t.sum(-1) > 0  # (n, steps)
-
-        loss_before = self._cohort_mean_loss(start, x_all, y_all, sizes)
-        p = start.clone()
-        buf: torch.Tensor | None = None
+        x_all = rows_of([c.x for c in cohort])
+        y_all = rows_of([c.y for c in cohort])
+        # (n, steps, b) rows of x_all (padding points at the client's first row, masked out).
+        index_t, mask_t, epoch = batch_indices(sizes, hp, seeds, limits)
+        index_t = index_t + torch.from_numpy(offsets[:-1])[:, None, None]
+        index_t.clamp_(0, max(0, len(y_all) - 1))  # an empty client's padding (masked out anyway)
+        steps = index_t.shape[1]
+        active = (mask_t.sum(-1) > 0).to(start.dtype)  # (n, steps)
+        names = self.spec.names
+        # The cohort's parameters as one contiguous (n, *shape) tensor per parameter, updated in
+        # place (contiguous rows are faster to differentiate and update than views of a flat
+        # (n, d) matrix); the flat deltas are assembled once at the end.
+        views = {k: v.clone(memory_format=torch.contiguous_format) for k, v in self.spec.split(start).items()}
+        centers = self.spec.split(center) if hp.prox_mu else None
+        corr = self.spec.split(corrections) if corrections is not None else None
+        bufs: dict[str, torch.Tensor] = {}
+        losses = torch.zeros(n, steps)
         step_fn = vmap(grad_and_value(self._masked_loss))
         self.module.train()
-        for s in range(steps):
-            xb = x_all[index_t[:, s]]
-            yb = y_all[index_t[:, s]]
-            g, _ = step_fn(p, xb, yb, mask_t[:, s])
-            act = active[:, s].unsqueeze(1).to(p.dtype)
-            if hp.prox_mu:
-                g = g + hp.prox_mu * (p - center)
-            if corrections is not None:
-                g = g + corrections
-            if hp.weight_decay:
-                g = g + hp.weight_decay * p
-            if hp.momentum:
-                # torch.optim.SGD semantics: the buffer starts as the first gradient.
-                buf = g.clone() if buf is None else torch.where(act.bool(), hp.momentum * buf + g, buf)
-                g = buf
-            p = p - hp.lr * act * g
-        loss_after = self._cohort_mean_loss(p, x_all, y_all, sizes)
+        for s in range(steps if len(y_all) else 0):
+            rows = index_t[:, s]
+            g, losses[:, s] = step_fn(views, x_all[rows], y_all[rows], mask_t[:, s])
+            act = active[:, s]
+            for k in names:
+                gk, pk = g[k], views[k]
+                shape = (-1,) + (1,) * (pk.dim() - 1)
+                if hp.prox_mu:
+                    gk = gk + hp.prox_mu * (pk - centers[k])
+                if corr is not None:
+                    gk = gk + corr[k]
+                if hp.weight_decay:
+                    gk = gk + hp.weight_decay * pk
+                if hp.momentum:
+                    # torch.optim.SGD semantics: the buffer starts as the first gradient.
+                    b = bufs.get(k)
+                    bufs[k] = gk = gk.clone() if b is None else torch.where(act.view(shape).bool(), hp.momentum * b + gk, b)
+                pk.addcmul_(act.view(shape), gk, value=-hp.lr)  # in place: no (n, d) temporary per step
+        loss_before, loss_after = training_losses(losses, mask_t, epoch)
+        # The (n, d) deltas in the spec's order, written in one pass from the per-tensor matrices.
+        deltas = torch.empty(n, self.spec.dim, dtype=start.dtype)
+        for (k, out), begin in zip(self.spec.split(deltas).items(), self.spec.split(start).values()):
+            torch.sub(views[k], begin, out=out)
         xt_sizes = [int(c.y_test.shape[0]) for c in cohort]
-        acc = self._cohort_accuracy(p, torch.cat([c.x_test for c in cohort]), torch.cat([c.y_test for c in cohort]), xt_sizes)
+        if any(xt_sizes):
+            acc = self._cohort_accuracy(start + deltas, rows_of([c.x_test for c in cohort]), rows_of([c.y_test for c in cohort]), xt_sizes)
+        else:  # no client has a local test split: nothing to evaluate
+            acc = [math.nan] * n
         elapsed = (time.perf_counter() - t0) / n
-        deltas = p - start
-        samples = mask.sum(axis=(1, 2)).astype(np.int64).tolist()
+        samples = mask_t.sum((1, 2)).to(torch.int64).tolist()
+        n_steps = (epoch >= 0).sum(1).tolist()
         return [
             FitResult(
                 delta=deltas[c],
-                num_examples=sizes[c],
+                num_examples=int(sizes[c]),
                 loss_before=loss_before[c],
                 loss_after=loss_after[c],
                 accuracy=acc[c],
-                steps=len(schedules[c]),
+                steps=int(n_steps[c]) if sizes[c] else 0,
                 samples=samples[c],
                 compute_seconds=elapsed,
             )

@@ -1,8 +1,10 @@
 """Debug measurements of one round, from the coordinator's raw material.
 
 Every statistic is O(n d) over the (n, d) matrix U of accepted updates (rows
-u_k), computed on blocks of rows with no Python loop over clients or
-parameters, and without forming the (n, n) Gram matrix:
+u_k), computed in U's own precision (float32 for the engine's updates) with one
+pass over U for the mean and one over blocks of rows for the distances, with no
+Python loop over clients or parameters and without forming the (n, n) Gram
+matrix:
 
 - update norms ||u_k|| (= the weight divergence of the local model from the
   model it started from, ||w_k - w_old||, since updates are deltas);
@@ -15,14 +17,18 @@ parameters, and without forming the (n, n) Gram matrix:
   ||w_k - w_new|| = ||u_k - s|| with s = w_new - w_old the server step
   (``weight_divergence``, the quantity of Zhao et al., "Federated Learning with
   Non-IID Data", 2018, measured per client);
-- mean pairwise distance between updates over i < j: exact for n <= 256,
-  otherwise estimated on 256 rows drawn without replacement with a fixed seed
-  (``pairwise_sample`` says how many rows were used) — the only quantity that
-  would otherwise cost O(n^2 d);
+- mean pairwise distance between updates over i < j: exact over every pair when
+  there are at most `_PAIRWISE_PAIRS` of them (n <= 23), otherwise estimated on
+  `_PAIRWISE_PAIRS` pairs drawn uniformly (with replacement, fixed seed); the
+  record says which (``pairwise_pairs``: pairs used, ``pairwise_exact``) — the
+  only quantity that would otherwise cost O(n^2 d);
 - global model norm ||w_new|| and step size ||w_new - w_old||.
 
-Distances are taken directly (||u_k - m||, not through Gram identities that
-subtract nearly equal numbers), in float64 on blocks of rows.
+Distances are taken directly (||u_k - c|| on the difference, written into one
+reused block buffer), never through Gram identities that subtract nearly equal
+numbers.  The spread is exact for the rounding of the mean: with r_k = u_k - m'
+(m' the mean as computed) and e = sum_k p_k r_k (small, so accurate),
+sum_k p_k ||u_k - m||^2 = sum_k p_k ||r_k||^2 - ||e||^2.
 """
 
 from __future__ import annotations
@@ -48,7 +54,8 @@ def update_statistics(
     aggregate: torch.Tensor | np.ndarray | None = None,
     step: torch.Tensor | np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Measurements of an (n, d) matrix of updates.
+    """Measurements of an (n, d) matrix of updates, in its own precision (float32 or
+    float64; half precision is widened to float32).
 
     `weights` (n,) are normalised here (default: uniform); `aggregate` (d,) is
     what the aggregator returned (default: the weighted mean); `step` (d,) is
@@ -61,42 +68,35 @@ def update_statistics(
     if not u.is_floating_point() or u.dtype in (torch.float16, torch.bfloat16):
         u = u.to(torch.float32)
     n, d = u.shape
-    p = torch.full((n,), 1.0 / n, dtype=torch.float64) if weights is None else torch.as_tensor(weights).detach().to(torch.float64)
-    p = p / p.sum()
-    mean = torch.zeros(d, dtype=torch.float64)  # the weighted mean, accumulated in float64
-    for lo in range(0, n, _ROWS):
-        mean += p[lo : lo + _ROWS] @ u[lo : lo + _ROWS].double()
-    a = mean.to(u.dtype) if aggregate is None else torch.as_tensor(aggregate).detach().to(u.dtype)
-    s = a if step is None else torch.as_tensor(step).detach().to(u.dtype)
-    norms = torch.empty(n, dtype=torch.float64)
-    to_mean = torch.empty(n, dtype=torch.float64)
-    diverg = torch.empty(n, dtype=torch.float64)
-    ua = torch.empty(n, dtype=torch.float64)
-    a64, s64 = a.double(), s.double()
-    for lo in range(0, n, _ROWS):  # float64 blocks of rows bound the temporaries to _ROWS x d
-        blk = u[lo : lo + _ROWS].double()
-        norms[lo : lo + _ROWS] = torch.linalg.vector_norm(blk, dim=1)
-        to_mean[lo : lo + _ROWS] = torch.linalg.vector_norm(blk - mean, dim=1)
-        diverg[lo : lo + _ROWS] = torch.linalg.vector_norm(blk - s64, dim=1)
-        ua[lo : lo + _ROWS] = blk @ a64
-    a_norm = torch.linalg.vector_norm(a.double())
+    dt = u.dtype
+    p64 = torch.full((n,), 1.0 / n, dtype=torch.float64) if weights is None else torch.as_tensor(weights).detach().to(torch.float64)
+    p64 = p64 / p64.sum()
+    p = p64.to(dt)
+    mean = p @ u  # one pass (its rounding is corrected below)
+    a = mean if aggregate is None else torch.as_tensor(aggregate).detach().to(device=u.device, dtype=dt)
+    s = a if step is None else torch.as_tensor(step).detach().to(device=u.device, dtype=dt)
+    norms = torch.linalg.vector_norm(u, dim=1)
+    ua = u @ a
+    sq_r = torch.empty(n, dtype=dt, device=u.device)
+    diverg = torch.empty(n, dtype=dt, device=u.device)
+    err = torch.zeros(d, dtype=dt, device=u.device)  # sum_k p_k (u_k - mean): the mean's rounding
+    step_off = s - mean
+    buf = torch.empty(min(n, _ROWS), d, dtype=dt, device=u.device)
+    for lo in range(0, n, _ROWS):  # one reused buffer: no (n, d) temporaries
+        blk = u[lo : lo + _ROWS]
+        b = buf[: blk.shape[0]]
+        torch.sub(blk, mean, out=b)
+        sq_r[lo : lo + _ROWS] = torch.linalg.vector_norm(b, dim=1).square()
+        err.addmv_(b.T, p[lo : lo + _ROWS])
+        b.sub_(step_off)  # u - s = (u - mean) - (s - mean), from the block still in cache
+        diverg[lo : lo + _ROWS] = torch.linalg.vector_norm(b, dim=1)
+    trace = max(0.0, _f(p64 @ sq_r.double()) - _f(err.double().square().sum()))
+    a_norm = torch.linalg.vector_norm(a)
     denom = norms * a_norm
     cos = torch.where(denom > 0, ua / torch.where(denom > 0, denom, 1.0), torch.full_like(ua, math.nan))
-    if n > 1:
-        rows = u
-        if n > _PAIRWISE_ROWS:
-            pick = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:_PAIRWISE_ROWS]
-            rows = u[pick]
-        m = rows.shape[0]
-        dist = torch.cdist(rows.double().unsqueeze(0), rows.double().unsqueeze(0)).squeeze(0) if d * m <= 1 << 24 else _cdist_blocks(rows)
-        iu = torch.triu_indices(m, m, offset=1)
-        pairwise = _f(dist[iu[0], iu[1]].mean())
-        sample = int(m)
-    else:
-        pairwise, sample = math.nan, 1
-    q = torch.quantile(norms, torch.tensor([0.5, 0.9], dtype=torch.float64))
-    cos_finite = cos[torch.isfinite(cos)]
-    trace = _f(p @ to_mean.square())
+    pairwise, pairs, exact = _pairwise_mean(u, buf)
+    q = torch.quantile(norms.double(), torch.tensor([0.5, 0.9], dtype=torch.float64))
+    cos_finite = cos[torch.isfinite(cos)].double()
     return {
         "n": int(n),
         "dim": int(d),
@@ -109,10 +109,11 @@ def update_statistics(
         "cosine_mean": _f(cos_finite.mean()) if cos_finite.numel() else math.nan,
         "cosine_std": _f(cos_finite.std(unbiased=False)) if cos_finite.numel() else math.nan,
         "cosine_min": _f(cos_finite.min()) if cos_finite.numel() else math.nan,
-        "weight_divergence_mean": _f(p @ diverg),
+        "weight_divergence_mean": _f(p64 @ diverg.double()),
         "weight_divergence_max": _f(diverg.max()),
         "pairwise_distance_mean": pairwise,
-        "pairwise_sample": sample,
+        "pairwise_pairs": pairs,
+        "pairwise_exact": exact,
         "aggregate_norm": _f(a_norm),
         "norms": norms.tolist(),
         "cosines": cos.tolist(),
@@ -120,18 +121,35 @@ def update_statistics(
     }
 
 
-_ROWS = 256  # rows per block in update_statistics
-_PAIRWISE_ROWS = 256  # rows used for the mean pairwise distance (all of them when n <= this)
+_ROWS = 64  # rows per block in update_statistics (the reused buffer is _ROWS x d)
+_PAIRWISE_PAIRS = 256  # pairs for the mean pairwise distance: every pair up to this many, else a sample
 
 
-def _cdist_blocks(rows: torch.Tensor) -> torch.Tensor:
-    """Pairwise distances of a large (m, d) matrix, one block of rows at a time (float32 rows, float64 result)."""
-    m = rows.shape[0]
-    out = torch.empty(m, m, dtype=torch.float64)
-    for lo in range(0, m, 32):
-        blk = rows[lo : lo + 32]
-        out[lo : lo + 32] = torch.linalg.vector_norm(blk[:, None, :] - rows[None, :, :], dim=2).double()
-    return out
+def _pairwise_mean(u: torch.Tensor, buf: torch.Tensor) -> tuple[float, int, bool]:
+    """The mean distance over pairs i < j of rows of `u`: (mean, pairs used, exact)."""
+    n = u.shape[0]
+    if n < 2:
+        return math.nan, 0, True
+    total = n * (n - 1) // 2
+    if total <= _PAIRWISE_PAIRS:
+        i, j = torch.triu_indices(n, n, offset=1)
+        exact = True
+    else:  # uniform pairs of distinct rows, with replacement, seeded: the estimate is reproducible
+        g = torch.Generator().manual_seed(0)
+        i = torch.randint(0, n, (_PAIRWISE_PAIRS,), generator=g)
+        j = torch.randint(0, n - 1, (_PAIRWISE_PAIRS,), generator=g)
+        j = j + (j >= i).to(j.dtype)
+        exact = False
+    i, j = i.to(u.device), j.to(u.device)
+    rows = buf.shape[0]
+    other = torch.empty_like(buf)
+    dist = torch.empty(len(i), dtype=u.dtype, device=u.device)
+    for lo in range(0, len(i), rows):
+        k = min(rows, len(i) - lo)
+        torch.index_select(u, 0, i[lo : lo + k], out=buf[:k])
+        torch.index_select(u, 0, j[lo : lo + k], out=other[:k])
+        dist[lo : lo + k] = torch.linalg.vector_norm(buf[:k].sub_(other[:k]), dim=1)
+    return _f(dist.double().mean()), int(len(i)), exact
 
 
 def participation_statistics(record: RoundRecord) -> dict[str, Any]:
@@ -162,6 +180,7 @@ class DebugMeasurements:
     """
 
     name = "debug_measurements"
+    phase = "measure"  # its wall time is the round's "measure" phase (engine/phases.py)
 
     def __init__(self, per_client: bool = True):
         self.per_client = per_client

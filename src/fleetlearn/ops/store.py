@@ -25,8 +25,9 @@ import json
 import os
 import secrets
 import shutil
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -236,18 +237,84 @@ def new_run_id() -> str:
     return _dt.datetime.now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
 
+class BackgroundWriter:
+    """Runs a store's writes one at a time, in order, on a thread of their own: the engine
+    hands a round's commit over and trains the next round while it is written.
+
+    `submit(job)` first waits for the previous job (so round r is committed before round
+    r + 1's commit starts) and raises here, in the submitting thread, what that job raised;
+    `wait()` waits without raising, `flush()` waits and raises.  Each job is one round's
+    `commit_round` (one transaction: a crash leaves the whole round or none of it).  The
+    thread is not a daemon: a commit under way when the main thread fails is finished."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def in_writer(self) -> bool:
+        return self._thread is not None and threading.current_thread() is self._thread
+
+    def wait(self) -> None:
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join()
+
+    def flush(self) -> None:
+        self.wait()
+        err, self._error = self._error, None
+        if err is not None:
+            raise err
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.flush()
+
+        def run() -> None:
+            try:
+                job()
+            except BaseException as exc:  # raised in the submitting thread, at its next flush
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name="fleetlearn-commit", daemon=False)
+        self._thread.start()
+
+
 class RunStore:
-    """One run: its directory, its database rows and its checkpoints."""
+    """One run: its directory, its database rows and its checkpoints.
+
+    Writes may go through `submit` (the engine's round commits: `BackgroundWriter`); every
+    use of the database from another thread first waits for the write under way (`engine`),
+    so a reader never sees the store between two of a round's writes, and `flush` raises
+    what a background write raised."""
 
     def __init__(self, run_dir: Path, run_id: str, engine: Engine):
         self.run_dir = run_dir
         self.run_id = run_id
-        self.engine = engine
+        self._db = engine
+        self.writer = BackgroundWriter()
         self._config_hash: str | None = None
         self._lock_fh = None
         self._lease: tuple[str, int] | None = None  # (holder, fencing token) while this handle leads
         self._lease_ttl = 0.0
         self._lease_lost = False  # it was held and lost: this handle's writes are refused
+
+    @property
+    def engine(self) -> Engine:
+        """The database; waits for a background write under way (unless called from it)."""
+        self.writer.wait()
+        return self._db
+
+    def submit(self, job: Callable[[], None], background: bool = True) -> None:
+        """Run `job` (a round's writes) after the previous one: on the background writer, or
+        here when `background` is False.  Raises what the previous background job raised."""
+        if background:
+            self.writer.submit(job)
+        else:
+            self.writer.flush()
+            job()
+
+    def flush(self) -> None:
+        """Wait for the background writes and raise what one of them raised."""
+        self.writer.flush()
 
     @property
     def config_hash(self) -> str:
@@ -445,10 +512,11 @@ class RunStore:
 
     def close(self) -> None:
         """Release the run's lock (if held) and the database connections."""
+        self.writer.wait()  # a commit under way finishes first (its error, if any, stays for flush)
         fh, self._lock_fh = self._lock_fh, None
         if fh is not None:
             fh.close()  # closing the file releases the flock
-        self.engine.dispose()
+        self._db.dispose()
 
     def check_writable(self) -> None:
         """Refuse, before any work, a store that cannot take a write (read-only file or
@@ -594,7 +662,7 @@ class RunStore:
         the privacy ledger after it) atomically."""
         config_hash = self.config_hash  # read before the write transaction (and before any file is written)
         ckpt = self._write_checkpoint(record.version, params, state, meta) if params is not None else None
-        row = record.to_dict()
+        row = record.to_dict(compact=True)  # a client's default-valued fields left out (read back as defaults)
         replaced = None
         try:
             with self.engine.begin() as conn:

@@ -3,7 +3,7 @@
 from ..errors import ConfigError
 from ..parts import register_part
 from .base import Arrival, Reply, Transport
-from .simulation import SimulationTransport, client_seed
+from .simulation import SimulationTransport, client_seed, client_seeds
 
 # -- registration (fleetlearn.parts): the backends `engine.backend` chooses ------------------------
 # A backend is ``build(config, data, device, fleet, clock, attack) -> Transport``.  Its
@@ -51,4 +51,4 @@ register_part("transport", "simulation", _simulation, capabilities=SIMULATION_CA
 register_part("transport", "ray", _ray, capabilities=SIMULATION_CAPABILITIES)
 register_part("transport", "grpc", _grpc, capabilities=GRPC_CAPABILITIES, listed=False, served_by="fleetlearn server CONFIG")
 
-__all__ = ["Arrival", "Reply", "SimulationTransport", "Transport", "client_seed"]
+__all__ = ["Arrival", "Reply", "SimulationTransport", "Transport", "client_seed", "client_seeds"]

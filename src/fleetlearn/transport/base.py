@@ -79,6 +79,7 @@ class TransportBase:
     name = "transport"
     realtime = False  # replies arrive in wall-clock time (the engine stops waiting once a cohort is filled)
     train_wall_seconds = 0.0  # wall time spent in local training in the last dispatch (simulations)
+    encode_wall_seconds = 0.0  # wall time spent encoding the clients' updates in the last dispatch (simulations)
     last_malicious: Sequence[int] = ()  # simulated attackers in the last dispatch
 
     def secure_aggregation(self):

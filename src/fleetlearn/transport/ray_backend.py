@@ -191,6 +191,10 @@ class RayTransport(TransportBase):
         return self.sim.train_wall_seconds
 
     @property
+    def encode_wall_seconds(self) -> float:
+        return self.sim.encode_wall_seconds
+
+    @property
     def clock(self):
         return self.sim.clock
 

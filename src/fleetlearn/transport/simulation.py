@@ -28,9 +28,29 @@ from ..task_spec import AdaptiveEntry
 from .base import Reply, TransportBase
 
 
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def client_seeds(seed: int, round: int, clients) -> list[int]:
+    """Per-(run, round, client) seeds for many clients at once (63-bit, independent of
+    execution order and of who else is in the cohort): splitmix64 chained over the
+    run seed, the round and the client id."""
+    c = np.asarray(clients, dtype=np.int64).reshape(-1).astype(np.uint64)
+    golden = np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        head = _mix64(np.array([int(seed) & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64) + golden)
+        head = _mix64(head ^ (np.array([int(round) & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64) + golden))
+        out = _mix64(head ^ (c + golden)) >> np.uint64(1)
+    return out.astype(np.int64).tolist()
+
+
 def client_seed(seed: int, round: int, client: int) -> int:
-    """A per-(run, round, client) seed, independent of execution order."""
-    return int(np.random.SeedSequence([seed, round, client]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    """A per-(run, round, client) seed, independent of execution order (`client_seeds`)."""
+    return client_seeds(seed, round, [client])[0]
 
 
 class SimulationTransport(TransportBase):
@@ -48,6 +68,7 @@ class SimulationTransport(TransportBase):
         self.clock = clock  # anything with `.now` (the Coordinator's VirtualClock)
         self.heartbeat_timeout_s = heartbeat_timeout_s  # a silent device is noticed this long after
         self.train_wall_seconds = 0.0  # wall time spent in local training, last dispatch
+        self.encode_wall_seconds = 0.0  # wall time spent encoding the updates, last dispatch
         self._uplink_estimate: int | None = None  # bytes of the last update, for partial-work budgets
         # -- attack simulation (fleetlearn.attacks.Attack or None) --
         self.attack = attack
@@ -100,9 +121,31 @@ class SimulationTransport(TransportBase):
         plan = policy.plan_task(entry, self.fleet.uplink_mbps[c], self.fleet.latency_s[c], before)
         return [None] * len(train) if plan is None else [int(v) for v in plan.levels]
 
+    def cohort_data(self, clients) -> list[ClientData]:
+        """`client_data` of many clients, gathered with one index operation per array."""
+        clients = np.asarray(clients, dtype=np.int64).reshape(-1)
+        d = self.data
+        out_tr, out_te = [], []
+        for order, offsets, out in ((d.train_order, d.train_offsets, out_tr), (d.test_order, d.test_offsets, out_te)):
+            lo, hi = offsets[clients], offsets[clients + 1]
+            sizes = hi - lo
+            ends = np.cumsum(sizes)
+            starts = ends - sizes
+            # Positions in `order` of every client's rows, concatenated in cohort order.
+            pos = np.arange(int(ends[-1]) if len(ends) else 0, dtype=np.int64) - np.repeat(starts - lo, sizes)
+            rows = torch.from_numpy(order[pos])
+            split = sizes.tolist()
+            # One gather, then each client's rows as consecutive views (a learner that trains the
+            # cohort at once takes the gathered tensor back whole: `learners.torch_learner.rows_of`).
+            out.extend(zip(d.x[rows].split(split), d.y[rows].split(split)))
+        return [ClientData(xt, yt, xe, ye) for (xt, yt), (xe, ye) in zip(out_tr, out_te)]
+
     def _train(self, task: Task, clients: np.ndarray, seeds: list[int], limits: list[int | None]) -> Trained:
         """The cohort's local training on the device (the Ray backend trains on its workers)."""
-        data = [self._client_data_for(int(c), task.round) for c in clients]
+        if self.attack is None:
+            data = self.cohort_data(clients)
+        else:  # a simulated attack poisons its clients' data (label_flip)
+            data = [self._client_data_for(int(c), task.round) for c in clients]
         return self.device.train(task, clients.tolist(), data, seeds, limits)
 
     def _encode(self, task: Task, trained: Trained, levels: list[int | None]) -> list:
@@ -154,7 +197,7 @@ class SimulationTransport(TransportBase):
 
         train = np.flatnonzero(~np.isfinite(drop_at))
         t0 = time.perf_counter()
-        seeds = [client_seed(self.seed, task.round, int(ids[i])) for i in train]
+        seeds = client_seeds(self.seed, task.round, ids[train])
         trained = self._train(task, ids[train], seeds, [limits[i] for i in train])
         self.train_wall_seconds = time.perf_counter() - t0
         results = trained.results
@@ -162,8 +205,11 @@ class SimulationTransport(TransportBase):
         if self.attack is not None:  # attackers replace their deltas after training, before encoding
             trained.results, self.last_malicious = self.attack.apply_results(ids[train], results, task.round)
             results = trained.results
+        t1 = time.perf_counter()
         levels = self._levels(task, ids, train, down_s, results, cost)
-        updates = [replace(u, downlink_bytes=int(down_bytes[i])) for i, u in zip(train, self._encode(task, trained, levels))]
+        updates = [u if u.downlink_bytes == down_bytes[i] else replace(u, downlink_bytes=int(down_bytes[i]))
+                   for i, u in zip(train, self._encode(task, trained, levels))]
+        self.encode_wall_seconds = time.perf_counter() - t1
         sent = [(i, u) for i, u in zip(train, updates) if not isinstance(u, Dropout)]
         if sent:
             self._uplink_estimate = int(max(u.uplink_bytes / cost[i] for i, u in sent))  # full-model equivalent

@@ -2,6 +2,13 @@
 
 Run in order before aggregation; the first refusal wins, is recorded with the
 client, the round and the reason, and the update never touches the model.
+
+A validator whose verdict depends only on the update and its decoded vector (not on
+``ctx.seen``, nor on any state) may also give ``check_rows(updates, rows, ctx) ->
+[None | reason]``: the verdicts of `check` for a batch of updates whose vectors are the
+rows of the (k, d) matrix ``rows``, computed as matrix operations.  The intake uses it
+for a batch of replies (a simulated cohort: engine/intake.py) and still applies the
+validators in order, first refusal winning, so the outcome is `check`'s exactly.
 """
 
 from __future__ import annotations
@@ -64,6 +71,11 @@ class ShapeValidator:
 
     name = "shape"
 
+    def check_rows(self, updates: Sequence[Update], rows: torch.Tensor, ctx: ValidationContext) -> list[str | None]:
+        if rows.dtype == torch.float32 and rows.dim() == 2 and rows.shape[1] == ctx.dim:
+            return [None] * rows.shape[0]
+        return [self.check(u, rows[i], ctx) for i, u in enumerate(updates)]
+
     def check(self, update: Update, vec: torch.Tensor | None, ctx: ValidationContext) -> str | None:
         if vec is None:
             return "no decoded vector"
@@ -76,6 +88,12 @@ class FiniteValidator:
     """No NaN or infinity anywhere in the delta."""
 
     name = "finite"
+
+    def check_rows(self, updates: Sequence[Update], rows: torch.Tensor, ctx: ValidationContext) -> list[str | None]:
+        # A row's sum is NaN or inf when the row holds one (it may also overflow for finite
+        # values: such rows get `check`'s exact verdict, as flagged rows do).
+        ok = torch.isfinite(rows.sum(dim=1)).tolist() if rows.numel() else [True] * rows.shape[0]
+        return [None if good else self.check(u, rows[i], ctx) for i, (u, good) in enumerate(zip(updates, ok))]
 
     def check(self, update: Update, vec: torch.Tensor | None, ctx: ValidationContext) -> str | None:
         if vec is not None and not bool(torch.isfinite(vec).all()):
@@ -134,6 +152,10 @@ class NormBoundValidator:
             raise ValueError(f"norm: max_norm must be a finite number > 0, got {max_norm!r}")
         self.max_norm = float(max_norm)
 
+    def check_rows(self, updates: Sequence[Update], rows: torch.Tensor, ctx: ValidationContext) -> list[str | None]:
+        norms = row_norms(rows).tolist()
+        return [None if n <= self.max_norm else self.check(u, rows[i], ctx) for i, (u, n) in enumerate(zip(updates, norms))]
+
     def check(self, update: Update, vec: torch.Tensor | None, ctx: ValidationContext) -> str | None:
         if vec is None:
             return "no decoded vector"
@@ -183,6 +205,14 @@ def update_norm(vec) -> float:
     if not v.is_floating_point():
         v = v.to(torch.float64)
     return float(torch.linalg.vector_norm(v, dtype=torch.float64))
+
+
+def row_norms(rows: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each row of a (k, d) matrix in float64, as `update_norm` of each row."""
+    r = torch.as_tensor(rows)
+    if not r.is_floating_point():
+        r = r.to(torch.float64)
+    return torch.linalg.vector_norm(r, dim=1, dtype=torch.float64)
 
 
 class RelativeNormFilter:
