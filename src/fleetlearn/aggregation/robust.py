@@ -28,13 +28,9 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 
+from . import networks
+from .networks import Kernels, blocks as _blocks, for_blocks, order_statistics
 from .reputation import ClientReputation
-
-# Column-block sizes, in elements of the (n, block) slice.  On the CPU ~1M elements
-# keeps the transposed, sorted copy of a block (values + int64 indices) in cache;
-# a GPU wants big launches, so it gets large blocks.
-_BLOCK_ELEMENTS_CPU = 1 << 20
-_BLOCK_ELEMENTS_GPU = 1 << 26
 
 
 # -- input checking ------------------------------------------------------------------
@@ -73,10 +69,19 @@ def _prepare(updates, fn: str) -> tuple[torch.Tensor, bool]:
 
 
 def _check_finite_rows(t: torch.Tensor, fn: str) -> None:
+    """ValueError naming the rows that hold NaN or inf.
+
+    One reduction per block: a row's float64 sum is finite exactly when the row is (for
+    float32 data; a float64 row of huge finite values may overflow its sum, and only
+    such rows are checked element by element)."""
     n, d = t.shape
-    ok = torch.ones(n, dtype=torch.bool, device=t.device)
+    sums = torch.zeros(n, dtype=torch.float64, device=t.device)
     for s, e in _blocks(t):
-        ok &= torch.isfinite(t[:, s:e]).all(1)
+        sums += t[:, s:e].sum(1, dtype=torch.float64)
+    ok = torch.isfinite(sums)
+    if t.dtype == torch.float64 and not bool(ok.all()):
+        suspect = torch.nonzero(~ok).flatten()
+        ok[suspect] = torch.isfinite(t.index_select(0, suspect)).all(1)
     if not bool(ok.all()):
         rows = torch.nonzero(~ok).flatten().tolist()
         shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
@@ -85,14 +90,6 @@ def _check_finite_rows(t: torch.Tensor, fn: str) -> None:
 
 def _finish(out: torch.Tensor, to_numpy: bool):
     return out.cpu().numpy() if to_numpy else out
-
-
-def _blocks(t: torch.Tensor):
-    """(start, end) column ranges that bound the per-block temporaries."""
-    n, d = t.shape
-    target = _BLOCK_ELEMENTS_CPU if t.device.type == "cpu" else _BLOCK_ELEMENTS_GPU
-    step = max(1, target // max(n, 1))
-    return [(s, min(s + step, d)) for s in range(0, d, step)]
 
 
 def _check_int(value, fn: str, what: str, minimum: int) -> int:
@@ -140,25 +137,18 @@ def _as_real_vector(value, fn: str, what: str) -> torch.Tensor:
 # -- shared kernels ----------------------------------------------------------------
 
 
-def _sorted_block(x: torch.Tensor, s: int, e: int, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Columns s:e (optionally only `rows`) as a (block, n) matrix, each row sorted ascending.
+def _sq_distances_block(b: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    """``||b_i - c||^2`` for every row of the block, as float64.
 
-    Sorting the contiguous transpose along its last dimension is ~1.5x faster on the
-    CPU than sorting the strided column slice along dimension 0."""
-    b = x[:, s:e] if rows is None else x[:, s:e].index_select(0, rows)
-    return torch.sort(b.t().contiguous(), dim=1).values
-
-
-def _median_of_sorted(v: torch.Tensor) -> torch.Tensor:
-    """Row-wise median of row-sorted `v`; the mean of the two middle values when even (as np.median).
-
-    Halving before adding cannot overflow and equals (a + b) / 2 exactly, since
-    halving is exact in binary floating point."""
-    k = v.shape[1]
-    lo, hi = (k - 1) // 2, k // 2
-    if lo == hi:
-        return v[:, lo]
-    return v[:, lo] * 0.5 + v[:, hi] * 0.5
+    The difference and its square are taken in the data's dtype while the block is in
+    cache, and only the row sums are float64.  A float32 square overflows beyond ~1.8e19
+    (an attacker may send that); such a block is redone in float64."""
+    diff = b if c is None else b - c
+    sq = diff.square().sum(1, dtype=torch.float64)
+    if b.dtype != torch.float64 and not bool(torch.isfinite(sq).all()):
+        diff = b.to(torch.float64) if c is None else b.to(torch.float64) - c.to(torch.float64)
+        sq = diff.square().sum(1)
+    return sq
 
 
 def _row_distances(x: torch.Tensor, center: torch.Tensor | None) -> torch.Tensor:
@@ -168,23 +158,35 @@ def _row_distances(x: torch.Tensor, center: torch.Tensor | None) -> torch.Tensor
     matter most are the ones nearest the center, exactly where ||x||^2 - 2 x.c + ||c||^2
     would cancel catastrophically."""
     n = x.shape[0]
+    c = None if center is None else center.to(x.dtype)
     acc = torch.zeros(n, dtype=torch.float64, device=x.device)
     for s, e in _blocks(x):
-        b = x[:, s:e].to(torch.float64)
-        if center is not None:
-            b = b - center[s:e].to(torch.float64)
-        acc += b.square().sum(1)
+        acc += _sq_distances_block(x[:, s:e], None if c is None else c[s:e])
     return acc.sqrt()
+
+
+def _mix_and_distances(x: torch.Tensor, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``v = coef @ x`` and ``||x_i - v||`` for every row (float64), in one pass: each
+    block is read from memory once, its part of v computed, and the distances to it
+    taken while the block is still in cache (a Weiszfeld step)."""
+    n, d = x.shape
+    c = coef.to(x.dtype)
+    v = torch.empty(d, dtype=x.dtype, device=x.device)
+    acc = torch.zeros(n, dtype=torch.float64, device=x.device)
+    for s, e in _blocks(x):
+        b = x[:, s:e]
+        torch.mv(b.t(), c, out=v[s:e])
+        acc += _sq_distances_block(b, v[s:e])
+    return v, acc.sqrt()
 
 
 def pairwise_sq_distances(updates) -> torch.Tensor:
     """The (n, n) float64 matrix of squared Euclidean distances between rows.
 
-    One Gram matrix accumulated over column blocks in float64 (a BLAS product, no
-    (n, n, d) temporary).  Each block is centered on its column mean first:
-    distances do not change, and the Gram entries stay small, so
-    ||a||^2 + ||b||^2 - 2 a.b loses little to cancellation when the updates share a
-    large common offset."""
+    One Gram matrix accumulated over column blocks (a BLAS product, no (n, n, d)
+    temporary).  Each block is centered on its column mean first: distances do not
+    change, and the Gram entries stay small, so ||a||^2 + ||b||^2 - 2 a.b loses little
+    to cancellation when the updates share a large common offset."""
     x, _ = _prepare(updates, "pairwise_sq_distances")
     return _pairwise_sq_distances(x)
 
@@ -193,17 +195,24 @@ def _centered_gram(x: torch.Tensor, row_scale: torch.Tensor | None = None) -> to
     """The (n, n) float64 Gram matrix ``Y Y^T`` of the rows centered on their mean,
     ``Y = S X - mean_rows(S X)`` with ``S = diag(row_scale)`` (identity when None).
 
-    Accumulated over column blocks (a BLAS product per block, no (n, d) copy); centering
-    each block first keeps the entries small, so little is lost to cancellation when
-    the rows share a large common offset."""
+    Accumulated over column blocks, no (n, d) copy: each block is centered (which keeps
+    the entries small, so little is lost to cancellation when the rows share a large
+    common offset) and multiplied in the data's dtype while in cache, and the (n, n)
+    block products are summed in float64.  A float32 block whose product overflows
+    (values beyond ~1e19) is redone in float64."""
     n = x.shape[0]
     gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+    scale = None if row_scale is None else row_scale[:, None]
     for s, e in _blocks(x):
-        b = x[:, s:e].to(torch.float64)
-        if row_scale is not None:
-            b = b * row_scale[:, None]
-        b = b - b.mean(0, keepdim=True)
-        gram.addmm_(b, b.t())
+        for dtype in (x.dtype, torch.float64):
+            b = x[:, s:e].to(dtype)
+            if scale is not None:
+                b = b * scale.to(dtype)
+            b = b - b.mean(0, keepdim=True)
+            block = b @ b.t()
+            if dtype == torch.float64 or bool(torch.isfinite(block).all()):
+                break
+        gram += block
     return gram
 
 
@@ -227,6 +236,41 @@ def _krum_scores(dist: torch.Tensor, f: int) -> torch.Tensor:
 # -- public aggregators ----------------------------------------------------------------
 
 
+def _middle_mean(x: torch.Tensor, k: int) -> torch.Tensor:
+    """In every coordinate, the mean of the values ranked k+1 to n-k (the rest trimmed).
+
+    The middle values come out of a comparator network (`networks`) as a set; one or
+    two are combined in the data's dtype (halving before adding, which cannot overflow
+    and equals (a + b) / 2 exactly, so the median matches ``np.median``), more are
+    summed in float64 and the mean rounded once."""
+    n, d = x.shape
+    m = n - 2 * k
+    out = torch.empty(d, dtype=x.dtype, device=x.device)
+    kern = Kernels(x)
+    dst = kern.view(out)
+
+    def make_state():
+        w = _blocks(x)[0][1] if d else 0
+        return kern.empty((n + 1, w)), kern.empty(w, wide=True)
+
+    def work(state, s, e):
+        scratch, wide = state
+        mid = order_statistics(kern, scratch, s, e, k, n - k, ordered=False)
+        if m == 1:
+            dst[s:e] = mid[0]
+        elif m == 2:
+            dst[s:e] = mid[0] * 0.5 + mid[1] * 0.5
+        else:
+            acc = wide[: e - s]
+            acc[...] = mid[0]
+            for v in mid[1:]:
+                kern.lib.add(acc, v, out=acc)
+            dst[s:e] = acc / m
+
+    for_blocks(x, work, make_state)
+    return out
+
+
 def median(updates):
     """Coordinate-wise median (Yin et al., ICML 2018, Def. 1).
 
@@ -234,11 +278,7 @@ def median(updates):
     ``np.median``.  Breakdown point 1/2: fewer than half the rows cannot move it
     outside the range of the honest values in any coordinate."""
     x, to_numpy = _prepare(updates, "median")
-    n, d = x.shape
-    out = torch.empty(d, dtype=x.dtype, device=x.device)
-    for s, e in _blocks(x):
-        out[s:e] = _median_of_sorted(_sorted_block(x, s, e))
-    return _finish(out, to_numpy)
+    return _finish(_middle_mean(x, (x.shape[0] - 1) // 2), to_numpy)
 
 
 def _trim_count(n: int, beta: float) -> int:
@@ -257,13 +297,7 @@ def trimmed_mean(updates, beta: float):
     if isinstance(beta, bool) or not isinstance(beta, Real) or not (0.0 <= beta < 0.5):
         raise ValueError(f"{fn}: beta is the fraction trimmed per side and must satisfy 0 <= beta < 0.5, got {beta!r}")
     x, to_numpy = _prepare(updates, fn)
-    n, d = x.shape
-    k = _trim_count(n, float(beta))
-    out = torch.empty(d, dtype=x.dtype, device=x.device)
-    for s, e in _blocks(x):
-        v = _sorted_block(x, s, e)
-        out[s:e] = (v[:, k : n - k].sum(1, dtype=torch.float64) / (n - 2 * k)).to(x.dtype)
-    return _finish(out, to_numpy)
+    return _finish(_middle_mean(x, _trim_count(x.shape[0], float(beta))), to_numpy)
 
 
 def krum(updates, f: int, m: int = 1):
@@ -336,19 +370,41 @@ def bulyan(updates, f: int):
         raise ValueError(f"{fn} needs n >= 4f + 3: n = {n}, f = {f}")
     theta = n - 2 * f
     beta = theta - 2 * f
-    sel = _bulyan_select(_pairwise_sq_distances(x), f, theta)
+    sel = _bulyan_select(_pairwise_sq_distances(x), f, theta).tolist()
     out = torch.empty(d, dtype=x.dtype, device=x.device)
-    offsets = torch.arange(beta, device=x.device)
-    for s, e in _blocks(x):
-        v = _sorted_block(x, s, e, rows=sel)  # (block, theta), sorted
-        med = _median_of_sorted(v)
+    kern = Kernels(x)
+    dst, where = kern.view(out), kern.lib.where
+
+    def make_state():
+        w = _blocks(x)[0][1] if d else 0
+        return kern.empty((theta + 1, w)), kern.empty(w, wide=True)
+
+    def work(state, s, e):
+        scratch, wide = state
+        v = order_statistics(kern, scratch, s, e, 0, theta, ordered=True, rows=sel)
+        med = v[(theta - 1) // 2] * 0.5 + v[theta // 2] * 0.5 if theta % 2 == 0 else v[theta // 2]
+        dist = [abs(t - med) for t in v]
         # The beta values closest to the median are a contiguous window of the sorted
         # values; of the 2f + 1 windows take the one with the least total distance
         # (the first on ties, so the result depends on the values, not on row order).
-        cost = (v - med[:, None]).abs().unfold(1, beta, 1).sum(-1)
-        start = cost.argmin(1)
-        window = v.gather(1, start[:, None] + offsets[None, :])
-        out[s:e] = (window.sum(1, dtype=torch.float64) / beta).to(x.dtype)
+        best, start = None, None
+        for w in range(2 * f + 1):
+            cost = dist[w]
+            for t in dist[w + 1 : w + beta]:
+                cost = cost + t
+            if best is None:
+                best, start = cost, kern.empty(e - s, integer=True)
+                start[...] = 0
+            else:
+                better = cost < best
+                best, start = where(better, cost, best), where(better, w, start)
+        acc = wide[: e - s]
+        acc[...] = 0
+        for t in range(theta):  # the chosen window's values, summed in float64
+            acc += where((start <= t) & (start > t - beta), v[t], 0)
+        dst[s:e] = acc / beta
+
+    for_blocks(x, work, make_state)
     return _finish(out, to_numpy)
 
 
@@ -369,13 +425,11 @@ def geometric_median(updates, weights=None, eps: float = 1e-6, max_iter: int = 1
     x, to_numpy = _prepare(updates, fn)
     n = x.shape[0]
     alpha = _normalised_weights(weights, n, x.device, fn)
-    v = alpha.to(x.dtype) @ x
-    dist = _row_distances(x, v)
+    v, dist = _mix_and_distances(x, alpha)
     objective = float((alpha * dist).sum())
     for _ in range(max_iter):
         b = alpha / dist.clamp(min=eps)
-        v = (b / b.sum()).to(x.dtype) @ x
-        dist = _row_distances(x, v)
+        v, dist = _mix_and_distances(x, b / b.sum())
         new_objective = float((alpha * dist).sum())
         if abs(objective - new_objective) <= ftol * new_objective:
             break
