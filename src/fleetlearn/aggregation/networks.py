@@ -61,26 +61,27 @@ def for_blocks(t: torch.Tensor, work, make_state=lambda: None) -> None:
     On the CPU the blocks are shared among up to ``torch.get_num_threads()`` threads,
     each with its own ``make_state()`` (scratch buffers); `work` must write only its own
     columns and should spend its time in calls that release the GIL (numpy ufuncs).
-    Elsewhere, and for a single block, everything runs on the calling thread."""
+    Elsewhere, and for a single block, everything runs on the calling thread.  numpy's
+    warnings about overflow and NaN are silenced: the callers check the data for NaN and
+    inf from what the pass computed, and raise their own error."""
     spans = blocks(t)
     workers = min(torch.get_num_threads(), len(spans)) if t.device.type == "cpu" else 1
-    if workers <= 1:
-        state = make_state()
-        for s, e in spans:
-            work(state, s, e)
-        return
     pending = iter(spans)
     lock = threading.Lock()
 
     def run() -> None:
         state = make_state()
-        while True:
-            with lock:
-                span = next(pending, None)
-            if span is None:
-                return
-            work(state, *span)
+        with np.errstate(all="ignore"):
+            while True:
+                with lock:
+                    span = next(pending, None)
+                if span is None:
+                    return
+                work(state, *span)
 
+    if workers <= 1:
+        run()
+        return
     with ThreadPoolExecutor(workers) as pool:
         for future in [pool.submit(run) for _ in range(workers)]:
             future.result()

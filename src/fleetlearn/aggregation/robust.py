@@ -36,8 +36,12 @@ from .reputation import ClientReputation
 # -- input checking ------------------------------------------------------------------
 
 
-def _prepare(updates, fn: str) -> tuple[torch.Tensor, bool]:
-    """The updates as a float tensor (no copy when possible) and whether to return numpy."""
+def _prepare(updates, fn: str, check: bool = True) -> tuple[torch.Tensor, bool]:
+    """The updates as a float tensor (no copy when possible) and whether to return numpy.
+
+    ``check = False`` leaves the NaN/inf check to the rule's first pass over the data
+    (`_middle_mean`, `_centered_gram`, `_row_distances`, `_mix_and_distances` each
+    check what they computed), which saves reading the matrix once more."""
     if isinstance(updates, torch.Tensor):
         t, to_numpy = updates, False
         if t.is_complex():
@@ -64,26 +68,30 @@ def _prepare(updates, fn: str) -> tuple[torch.Tensor, bool]:
         raise ValueError(f"{fn}: updates must be an (n, d) matrix, got shape {tuple(t.shape)}")
     if t.shape[0] == 0:
         raise ValueError(f"{fn}: cannot aggregate an empty cohort (n = 0)")
-    _check_finite_rows(t, fn)
+    if check:
+        _check_finite_rows(t, fn)
     return t, to_numpy
 
 
-def _check_finite_rows(t: torch.Tensor, fn: str) -> None:
+def _check_finite_rows(t: torch.Tensor, fn: str, evidence: torch.Tensor | None = None) -> None:
     """ValueError naming the rows that hold NaN or inf.
 
-    One reduction per block: a row's float64 sum is finite exactly when the row is (for
-    float32 data; a float64 row of huge finite values may overflow its sum, and only
-    such rows are checked element by element)."""
-    n, d = t.shape
-    sums = torch.zeros(n, dtype=torch.float64, device=t.device)
+    `evidence`: one number per row from a pass over the data that is finite for a finite
+    row unless it overflowed (a squared norm, a Gram diagonal, a row sum); only rows
+    whose evidence is not finite are read again, element by element.  Without it the
+    evidence is the rows' sums, one reduction per block."""
+    if evidence is None:
+        evidence = torch.zeros(t.shape[0], dtype=torch.float64, device=t.device)
+        for s, e in _blocks(t):
+            evidence += t[:, s:e].sum(1)
+    suspect = torch.nonzero(~torch.isfinite(evidence)).flatten()
+    if not len(suspect):
+        return
+    ok = torch.ones(len(suspect), dtype=torch.bool, device=t.device)
     for s, e in _blocks(t):
-        sums += t[:, s:e].sum(1, dtype=torch.float64)
-    ok = torch.isfinite(sums)
-    if t.dtype == torch.float64 and not bool(ok.all()):
-        suspect = torch.nonzero(~ok).flatten()
-        ok[suspect] = torch.isfinite(t.index_select(0, suspect)).all(1)
+        ok &= torch.isfinite(t[suspect, s:e]).all(1)
     if not bool(ok.all()):
-        rows = torch.nonzero(~ok).flatten().tolist()
+        rows = suspect[~ok].tolist()
         shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
         raise ValueError(f"{fn}: updates contain NaN or inf in {len(rows)} row(s): {shown}")
 
@@ -151,7 +159,7 @@ def _sq_distances_block(b: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor
     return sq
 
 
-def _row_distances(x: torch.Tensor, center: torch.Tensor | None) -> torch.Tensor:
+def _row_distances(x: torch.Tensor, center: torch.Tensor | None, fn: str) -> torch.Tensor:
     """||x_i - center|| for every row, float64, computed directly (no Gram trick).
 
     Weiszfeld and centered clipping weight rows by 1 / distance, and the rows that
@@ -162,10 +170,11 @@ def _row_distances(x: torch.Tensor, center: torch.Tensor | None) -> torch.Tensor
     acc = torch.zeros(n, dtype=torch.float64, device=x.device)
     for s, e in _blocks(x):
         acc += _sq_distances_block(x[:, s:e], None if c is None else c[s:e])
+    _check_finite_rows(x, fn, acc)
     return acc.sqrt()
 
 
-def _mix_and_distances(x: torch.Tensor, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _mix_and_distances(x: torch.Tensor, coef: torch.Tensor, fn: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``v = coef @ x`` and ``||x_i - v||`` for every row (float64), in one pass: each
     block is read from memory once, its part of v computed, and the distances to it
     taken while the block is still in cache (a Weiszfeld step)."""
@@ -177,6 +186,7 @@ def _mix_and_distances(x: torch.Tensor, coef: torch.Tensor) -> tuple[torch.Tenso
         b = x[:, s:e]
         torch.mv(b.t(), c, out=v[s:e])
         acc += _sq_distances_block(b, v[s:e])
+    _check_finite_rows(x, fn, acc)
     return v, acc.sqrt()
 
 
@@ -187,11 +197,11 @@ def pairwise_sq_distances(updates) -> torch.Tensor:
     temporary).  Each block is centered on its column mean first: distances do not
     change, and the Gram entries stay small, so ||a||^2 + ||b||^2 - 2 a.b loses little
     to cancellation when the updates share a large common offset."""
-    x, _ = _prepare(updates, "pairwise_sq_distances")
-    return _pairwise_sq_distances(x)
+    x, _ = _prepare(updates, "pairwise_sq_distances", check=False)
+    return _pairwise_sq_distances(x, "pairwise_sq_distances")
 
 
-def _centered_gram(x: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+def _centered_gram(x: torch.Tensor, fn: str, row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The (n, n) float64 Gram matrix ``Y Y^T`` of the rows centered on their mean,
     ``Y = S X - mean_rows(S X)`` with ``S = diag(row_scale)`` (identity when None).
 
@@ -213,11 +223,12 @@ def _centered_gram(x: torch.Tensor, row_scale: torch.Tensor | None = None) -> to
             if dtype == torch.float64 or bool(torch.isfinite(block).all()):
                 break
         gram += block
+    _check_finite_rows(x, fn, gram.diagonal())  # a NaN or inf anywhere in a block spoils its whole diagonal
     return gram
 
 
-def _pairwise_sq_distances(x: torch.Tensor) -> torch.Tensor:
-    gram = _centered_gram(x)
+def _pairwise_sq_distances(x: torch.Tensor, fn: str) -> torch.Tensor:
+    gram = _centered_gram(x, fn)
     sq = gram.diagonal()
     dist = sq[:, None] + sq[None, :] - 2.0 * gram
     dist = 0.5 * (dist + dist.t())  # exact symmetry, whatever the BLAS did
@@ -236,25 +247,29 @@ def _krum_scores(dist: torch.Tensor, f: int) -> torch.Tensor:
 # -- public aggregators ----------------------------------------------------------------
 
 
-def _middle_mean(x: torch.Tensor, k: int) -> torch.Tensor:
+def _middle_mean(x: torch.Tensor, k: int, fn: str) -> torch.Tensor:
     """In every coordinate, the mean of the values ranked k+1 to n-k (the rest trimmed).
 
     The middle values come out of a comparator network (`networks`) as a set; one or
     two are combined in the data's dtype (halving before adding, which cannot overflow
     and equals (a + b) / 2 exactly, so the median matches ``np.median``), more are
-    summed in float64 and the mean rounded once."""
+    summed in float64 and the mean rounded once.  Each block's row sums, taken as the
+    block is read in, are the evidence for the NaN/inf check."""
     n, d = x.shape
     m = n - 2 * k
     out = torch.empty(d, dtype=x.dtype, device=x.device)
+    spans = _blocks(x)
+    row_sums = torch.zeros(len(spans), n, dtype=x.dtype, device=x.device)
     kern = Kernels(x)
-    dst = kern.view(out)
+    dst, sums = kern.view(out), kern.view(row_sums)
+    step = spans[0][1] if spans else 1
 
     def make_state():
-        w = _blocks(x)[0][1] if d else 0
-        return kern.empty((n + 1, w)), kern.empty(w, wide=True)
+        return kern.empty((n + 1, step)), kern.empty(step, wide=True)
 
     def work(state, s, e):
         scratch, wide = state
+        sums[s // step] = kern.data[:, s:e].sum(1)
         mid = order_statistics(kern, scratch, s, e, k, n - k, ordered=False)
         if m == 1:
             dst[s:e] = mid[0]
@@ -268,6 +283,7 @@ def _middle_mean(x: torch.Tensor, k: int) -> torch.Tensor:
             dst[s:e] = acc / m
 
     for_blocks(x, work, make_state)
+    _check_finite_rows(x, fn, row_sums.sum(0, dtype=torch.float64))
     return out
 
 
@@ -277,8 +293,8 @@ def median(updates):
     For an even number of rows it is the mean of the two middle values, as
     ``np.median``.  Breakdown point 1/2: fewer than half the rows cannot move it
     outside the range of the honest values in any coordinate."""
-    x, to_numpy = _prepare(updates, "median")
-    return _finish(_middle_mean(x, (x.shape[0] - 1) // 2), to_numpy)
+    x, to_numpy = _prepare(updates, "median", check=False)
+    return _finish(_middle_mean(x, (x.shape[0] - 1) // 2, "median"), to_numpy)
 
 
 def _trim_count(n: int, beta: float) -> int:
@@ -296,8 +312,8 @@ def trimmed_mean(updates, beta: float):
     fn = "trimmed_mean"
     if isinstance(beta, bool) or not isinstance(beta, Real) or not (0.0 <= beta < 0.5):
         raise ValueError(f"{fn}: beta is the fraction trimmed per side and must satisfy 0 <= beta < 0.5, got {beta!r}")
-    x, to_numpy = _prepare(updates, fn)
-    return _finish(_middle_mean(x, _trim_count(x.shape[0], float(beta))), to_numpy)
+    x, to_numpy = _prepare(updates, fn, check=False)
+    return _finish(_middle_mean(x, _trim_count(x.shape[0], float(beta)), fn), to_numpy)
 
 
 def krum(updates, f: int, m: int = 1):
@@ -310,13 +326,13 @@ def krum(updates, f: int, m: int = 1):
     fn = "krum" if m == 1 else "multi_krum"
     f = _check_int(f, fn, "f (the number of Byzantine clients)", 0)
     m = _check_int(m, fn, "m (the number of rows averaged)", 1)
-    x, to_numpy = _prepare(updates, fn)
+    x, to_numpy = _prepare(updates, fn, check=False)
     n = x.shape[0]
     if not n > 2 * f + 2:
         raise ValueError(f"{fn} needs n > 2f + 2: n = {n}, f = {f}")
     if m > n:
         raise ValueError(f"{fn} needs m <= n: m = {m}, n = {n}")
-    scores = _krum_scores(_pairwise_sq_distances(x), f)
+    scores = _krum_scores(_pairwise_sq_distances(x, fn), f)
     if m == 1:
         out = x[int(torch.argmin(scores))].clone()
     else:
@@ -364,13 +380,13 @@ def bulyan(updates, f: int):
     Needs ``n >= 4f + 3``."""
     fn = "bulyan"
     f = _check_int(f, fn, "f (the number of Byzantine clients)", 0)
-    x, to_numpy = _prepare(updates, fn)
+    x, to_numpy = _prepare(updates, fn, check=False)
     n, d = x.shape
     if not n >= 4 * f + 3:
         raise ValueError(f"{fn} needs n >= 4f + 3: n = {n}, f = {f}")
     theta = n - 2 * f
     beta = theta - 2 * f
-    sel = _bulyan_select(_pairwise_sq_distances(x), f, theta).tolist()
+    sel = _bulyan_select(_pairwise_sq_distances(x, fn), f, theta).tolist()
     out = torch.empty(d, dtype=x.dtype, device=x.device)
     kern = Kernels(x)
     dst, where = kern.view(out), kern.lib.where
@@ -422,14 +438,14 @@ def geometric_median(updates, weights=None, eps: float = 1e-6, max_iter: int = 1
     max_iter = _check_int(max_iter, fn, "max_iter", 1)
     if isinstance(ftol, bool) or not isinstance(ftol, Real) or not math.isfinite(ftol) or ftol < 0:
         raise ValueError(f"{fn}: ftol must be a finite number >= 0, got {ftol!r}")
-    x, to_numpy = _prepare(updates, fn)
+    x, to_numpy = _prepare(updates, fn, check=False)
     n = x.shape[0]
     alpha = _normalised_weights(weights, n, x.device, fn)
-    v, dist = _mix_and_distances(x, alpha)
+    v, dist = _mix_and_distances(x, alpha, fn)
     objective = float((alpha * dist).sum())
     for _ in range(max_iter):
         b = alpha / dist.clamp(min=eps)
-        v, dist = _mix_and_distances(x, b / b.sum())
+        v, dist = _mix_and_distances(x, b / b.sum(), fn)
         new_objective = float((alpha * dist).sum())
         if abs(objective - new_objective) <= ftol * new_objective:
             break
@@ -446,10 +462,10 @@ def norm_bounded_mean(updates, max_norm: float | None, weights=None):
     fn = "norm_bounded_mean"
     if max_norm is not None:
         max_norm = _check_positive(max_norm, fn, "max_norm")
-    x, to_numpy = _prepare(updates, fn)
+    x, to_numpy = _prepare(updates, fn, check=False)
     n = x.shape[0]
     alpha = _normalised_weights(weights, n, x.device, fn)
-    norms = _row_distances(x, None)
+    norms = _row_distances(x, None, fn)
     bound = float(norms.median()) if max_norm is None else max_norm  # median(): lower middle, fine for a bound
     scale = torch.where(norms > bound, bound / norms, torch.ones_like(norms))
     # Clipping folds into the coefficients: one matrix-vector product, no clipped copy.
@@ -469,7 +485,7 @@ def centered_clipping(updates, tau: float | None, iters: int = 3, center=None):
     if tau is not None:
         tau = _check_positive(tau, fn, "tau")
     iters = _check_int(iters, fn, "iters", 1)
-    x, to_numpy = _prepare(updates, fn)
+    x, to_numpy = _prepare(updates, fn, check=False)
     n, d = x.shape
     if center is None:
         v = torch.zeros(d, dtype=torch.float64, device=x.device)
@@ -480,7 +496,7 @@ def centered_clipping(updates, tau: float | None, iters: int = 3, center=None):
         if not bool(torch.isfinite(v).all()):
             raise ValueError(f"{fn}: center contains NaN or inf")
     for step in range(iters):
-        dist = _row_distances(x, v)
+        dist = _row_distances(x, v, fn)
         if tau is None and step == 0:
             tau = float(dist.median())
         clip = torch.where(dist > tau, tau / dist, torch.ones_like(dist)) / n
@@ -490,10 +506,10 @@ def centered_clipping(updates, tau: float | None, iters: int = 3, center=None):
     return _finish(v.to(x.dtype), to_numpy)
 
 
-def _median_norm_scale(x: torch.Tensor, max_norm: float | None) -> torch.Tensor:
+def _median_norm_scale(x: torch.Tensor, max_norm: float | None, fn: str) -> torch.Tensor:
     """Per-row factors ``min(1, bound / ||x_i||)`` (float64) that clip every row to norm
     at most ``bound``: ``max_norm``, or the cohort's median row norm when None."""
-    norms = _row_distances(x, None)
+    norms = _row_distances(x, None, fn)
     bound = float(norms.median()) if max_norm is None else max_norm
     return torch.where(norms > bound, bound / norms, torch.ones_like(norms))
 
@@ -507,13 +523,14 @@ def dnc_scores(updates, max_norm: float | None = None, clip: bool = False) -> to
     projection of row i on ``v`` is ``s_1 u_1[i]``, so the score is ``s_1^2 u_1[i]^2``
     (no SVD of the (n, d) matrix).  With ``clip`` the rows are first clipped to
     ``max_norm`` (None: the median row norm).  Returns a float64 tensor of shape (n,)."""
-    x, _ = _prepare(updates, "dnc_scores")
-    scale = _median_norm_scale(x, max_norm) if clip else None
-    return _dnc_scores(x, scale)
+    fn = "dnc_scores"
+    x, _ = _prepare(updates, fn, check=False)
+    scale = _median_norm_scale(x, max_norm, fn) if clip else None
+    return _dnc_scores(x, scale, fn)
 
 
-def _dnc_scores(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    gram = _centered_gram(x, scale)
+def _dnc_scores(x: torch.Tensor, scale: torch.Tensor | None, fn: str) -> torch.Tensor:
+    gram = _centered_gram(x, fn, scale)
     gram = 0.5 * (gram + gram.t())
     if x.shape[0] == 1:
         return torch.zeros(1, dtype=torch.float64, device=x.device)
@@ -559,10 +576,10 @@ def dnc(updates, f: int, c: float = 1.0, max_norm: float | None = None, clip: bo
     x, to_numpy = _prepare(updates, fn)
     n = x.shape[0]
     removed = _check_dnc(n, f, c, fn)
-    scale = _median_norm_scale(x, max_norm) if clip else None
+    scale = _median_norm_scale(x, max_norm, fn) if clip else None
     drop = torch.zeros(n, dtype=torch.bool, device=x.device)
     if removed:
-        drop[torch.topk(_dnc_scores(x, scale), removed).indices] = True
+        drop[torch.topk(_dnc_scores(x, scale, fn), removed).indices] = True
     return _finish(_kept_mean(x, ~drop, scale), to_numpy)
 
 
@@ -825,8 +842,8 @@ class DnCAggregator:
             raise ValueError(f"{fn}: {len(ids)} client ids for {n} updates")
         f = self.f if self.f is not None else default_f(n, "dnc")
         removed = _check_dnc(n, f, self.c, fn)
-        scale = _median_norm_scale(x, self.max_norm) if self.clip else None
-        scores = _dnc_scores(x, scale) if removed else torch.zeros(n, dtype=torch.float64, device=x.device)
+        scale = _median_norm_scale(x, self.max_norm, fn) if self.clip else None
+        scores = _dnc_scores(x, scale, fn) if removed else torch.zeros(n, dtype=torch.float64, device=x.device)
         flagged = torch.zeros(n, dtype=torch.bool, device=x.device)
         if removed:
             flagged[torch.topk(scores, removed).indices] = True
