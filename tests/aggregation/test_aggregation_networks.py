@@ -159,10 +159,12 @@ def test_float32_krum_from_block_gram_matrices_picks_the_reference_row(threads, 
 
 
 def test_float32_distances_survive_a_common_offset_and_huge_values():
-    # float32 rows sharing an offset 1000x their spread: the blocks are centered before the product
-    x = (1e3 + RNG.normal(size=(6, 500))).astype(np.float32)
-    want = np.array([[((a.astype(float) - b) ** 2).sum() for b in x] for a in x])
-    np.testing.assert_allclose(pairwise_sq_distances(x), want, rtol=1e-5)
+    # float32 rows with no common offset (the product is centered) and sharing an offset
+    # 1000x their spread (the rows are centered before the product)
+    for offset in (0.0, 1e3):
+        x = (offset + RNG.normal(size=(6, 500))).astype(np.float32)
+        want = np.array([[((a.astype(float) - b) ** 2).sum() for b in x] for a in x])
+        np.testing.assert_allclose(pairwise_sq_distances(x), want, rtol=1e-5)
     # values whose float32 squares overflow: those blocks are redone in float64
     y = RNG.normal(size=(7, 50)).astype(np.float32)
     y[0] *= np.float32(1e25)

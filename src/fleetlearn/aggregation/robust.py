@@ -145,18 +145,31 @@ def _as_real_vector(value, fn: str, what: str) -> torch.Tensor:
 # -- shared kernels ----------------------------------------------------------------
 
 
-def _sq_distances_block(b: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
-    """``||b_i - c||^2`` for every row of the block, as float64.
+def _block_scratch(x: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """A buffer of one column block's shape, reused across blocks: fresh multi-megabyte
+    temporaries per block cost the kernel's page faults, more than the arithmetic."""
+    spans = _blocks(x)
+    return torch.empty(x.shape[0] if rows is None else rows, spans[0][1] if spans else 0, dtype=x.dtype, device=x.device)
 
-    The difference and its square are taken in the data's dtype while the block is in
-    cache, and only the row sums are float64.  A float32 square overflows beyond ~1.8e19
-    (an attacker may send that); such a block is redone in float64."""
-    diff = b if c is None else b - c
-    sq = diff.square().sum(1, dtype=torch.float64)
+
+def _sq_distances_block(b: torch.Tensor, c: torch.Tensor | None, scratch: torch.Tensor) -> torch.Tensor:
+    """``||b_i - c||^2`` for every row of a column block, as float64.
+
+    The difference, its square and the block's row sums are taken in the data's dtype
+    while the block is in cache (torch sums a block pairwise, so the relative error
+    stays near log2(width) roundings); the blocks are summed in float64.  A float32
+    square overflows beyond ~1.8e19 (an attacker may send that): such a block is redone
+    in float64."""
+    diff = scratch[:, : b.shape[1]]
+    if c is None:
+        torch.mul(b, b, out=diff)
+    else:
+        torch.sub(b, c, out=diff).square_()
+    sq = diff.sum(1)
     if b.dtype != torch.float64 and not bool(torch.isfinite(sq).all()):
-        diff = b.to(torch.float64) if c is None else b.to(torch.float64) - c.to(torch.float64)
-        sq = diff.square().sum(1)
-    return sq
+        wide = b.to(torch.float64) if c is None else b.to(torch.float64) - c.to(torch.float64)
+        sq = wide.square().sum(1)
+    return sq.to(torch.float64)
 
 
 def _row_distances(x: torch.Tensor, center: torch.Tensor | None, fn: str) -> torch.Tensor:
@@ -168,8 +181,9 @@ def _row_distances(x: torch.Tensor, center: torch.Tensor | None, fn: str) -> tor
     n = x.shape[0]
     c = None if center is None else center.to(x.dtype)
     acc = torch.zeros(n, dtype=torch.float64, device=x.device)
+    scratch = _block_scratch(x)
     for s, e in _blocks(x):
-        acc += _sq_distances_block(x[:, s:e], None if c is None else c[s:e])
+        acc += _sq_distances_block(x[:, s:e], None if c is None else c[s:e], scratch)
     _check_finite_rows(x, fn, acc)
     return acc.sqrt()
 
@@ -182,10 +196,11 @@ def _mix_and_distances(x: torch.Tensor, coef: torch.Tensor, fn: str) -> tuple[to
     c = coef.to(x.dtype)
     v = torch.empty(d, dtype=x.dtype, device=x.device)
     acc = torch.zeros(n, dtype=torch.float64, device=x.device)
+    scratch = _block_scratch(x)
     for s, e in _blocks(x):
         b = x[:, s:e]
         torch.mv(b.t(), c, out=v[s:e])
-        acc += _sq_distances_block(b, v[s:e])
+        acc += _sq_distances_block(b, v[s:e], scratch)
     _check_finite_rows(x, fn, acc)
     return v, acc.sqrt()
 
@@ -205,24 +220,34 @@ def _centered_gram(x: torch.Tensor, fn: str, row_scale: torch.Tensor | None = No
     """The (n, n) float64 Gram matrix ``Y Y^T`` of the rows centered on their mean,
     ``Y = S X - mean_rows(S X)`` with ``S = diag(row_scale)`` (identity when None).
 
-    Accumulated over column blocks, no (n, d) copy: each block is centered (which keeps
-    the entries small, so little is lost to cancellation when the rows share a large
-    common offset) and multiplied in the data's dtype while in cache, and the (n, n)
-    block products are summed in float64.  A float32 block whose product overflows
-    (values beyond ~1e19) is redone in float64."""
+    Accumulated over column blocks, no (n, d) copy: one product per block in the data's
+    dtype (a BLAS call on a block in cache), the (n, n) results summed in float64.
+    Centering keeps the entries small, so that ||a||^2 + ||b||^2 - 2 a.b loses little to
+    cancellation.  While a block's common offset is no larger than its rows' spread
+    around it, centering the (n, n) product, ``P G P`` with ``P = I - 11^T / n``, is
+    within 2x as accurate as centering the rows first, and saves a pass over the block;
+    a block with a larger offset is centered first and multiplied again.  A float32
+    block whose product overflows (values beyond ~1e19) is redone in float64."""
     n = x.shape[0]
     gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
-    scale = None if row_scale is None else row_scale[:, None]
+    scratch, mu = _block_scratch(x), _block_scratch(x, 1)
+    scale = None if row_scale is None else row_scale.to(x.dtype)[:, None]
     for s, e in _blocks(x):
-        for dtype in (x.dtype, torch.float64):
-            b = x[:, s:e].to(dtype)
-            if scale is not None:
-                b = b * scale.to(dtype)
-            b = b - b.mean(0, keepdim=True)
-            block = b @ b.t()
-            if dtype == torch.float64 or bool(torch.isfinite(block).all()):
-                break
-        gram += block
+        b, w = x[:, s:e], e - s
+        if scale is not None:
+            b = torch.mul(b, scale, out=scratch[:, :w])
+        block = (b @ b.t()).to(torch.float64)
+        row_means = block.mean(0)
+        offset = row_means.mean()  # ||mean row||^2
+        centered = block - row_means[:, None] - row_means[None, :] + offset
+        if not bool(offset <= centered.diagonal().mean()):  # a large common offset, or overflow, NaN, inf
+            b = torch.sub(b, torch.mean(b, 0, keepdim=True, out=mu[:, :w]), out=scratch[:, :w])
+            centered = (b @ b.t()).to(torch.float64)
+            if x.dtype != torch.float64 and not bool(torch.isfinite(centered).all()):
+                wide = x[:, s:e].to(torch.float64) * (1.0 if row_scale is None else row_scale[:, None])
+                wide = wide - wide.mean(0, keepdim=True)
+                centered = wide @ wide.t()
+        gram += centered
     _check_finite_rows(x, fn, gram.diagonal())  # a NaN or inf anywhere in a block spoils its whole diagonal
     return gram
 
