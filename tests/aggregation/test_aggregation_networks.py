@@ -181,3 +181,20 @@ def test_float64_rows_of_huge_finite_values_are_not_mistaken_for_inf():
     x[1] = -1e308
     np.testing.assert_array_equal(median(x), np.full(7, 1e308))
     np.testing.assert_array_equal(trimmed_mean(x, 0.4), np.full(7, 1e308))
+
+
+@pytest.mark.parametrize("n", [3, 8, 20, 40])
+def test_the_torch_kernels_of_the_gpu_path_agree_with_numpys(monkeypatch, n):
+    # The GPU runs the same networks with torch's kernels (and sorts above 32 rows);
+    # run that code path on the CPU.
+    x = torch.from_numpy(RNG.normal(size=(n, 57)).astype(np.float32))
+    x[:, ::4] = x[:, ::4].round()
+    f = (n - 3) // 4
+    rules = [median, lambda u: trimmed_mean(u, 0.1), lambda u: bulyan(u, f)]
+    want = [r(x) for r in rules]
+    monkeypatch.setattr(networks, "NUMPY_ON_CPU", False)
+    monkeypatch.setattr(networks, "BLOCK_ELEMENTS_CPU", 10 * n)
+    for r, w in zip(rules, want):
+        out = r(x)
+        assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
+        torch.testing.assert_close(out, w, rtol=0, atol=0)

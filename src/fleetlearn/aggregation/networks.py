@@ -41,6 +41,9 @@ BLOCK_ELEMENTS_GPU = 1 << 26
 # call, so it sorts earlier.
 NETWORK_MAX_N = {"cpu": 128}
 NETWORK_MAX_N_OTHER = 32
+# numpy's ufuncs run the elementwise calls on the CPU; False runs torch's kernels there
+# too, the GPU's code path (the tests use it to cover that path without a GPU).
+NUMPY_ON_CPU = True
 
 
 # -- column blocks -------------------------------------------------------------------
@@ -96,11 +99,11 @@ class Kernels:
     ``maximum``, ``add``, ``where``, ``sort``."""
 
     def __init__(self, t: torch.Tensor):
-        self.cpu = t.device.type == "cpu"
+        self.cpu = t.device.type == "cpu" and NUMPY_ON_CPU
         self.lib = np if self.cpu else torch
         self.data = t.detach().numpy() if self.cpu else t
         self.device = t.device
-        self.network_max_n = NETWORK_MAX_N.get(t.device.type, NETWORK_MAX_N_OTHER)
+        self.network_max_n = NETWORK_MAX_N.get(t.device.type, NETWORK_MAX_N_OTHER) if self.cpu else NETWORK_MAX_N_OTHER
 
     def view(self, t: torch.Tensor):
         """A tensor on the same device as the kernels' array type (numpy views on the CPU)."""
