@@ -290,22 +290,24 @@ def _middle_mean(x: torch.Tensor, k: int, fn: str) -> torch.Tensor:
     step = spans[0][1] if spans else 1
 
     def make_state():
-        return kern.empty((n + 1, step)), kern.empty(step, wide=True)
+        return kern.empty((n + 2, step)), kern.empty(step, wide=True)
 
     def work(state, s, e):
         scratch, wide = state
+        w = e - s
         sums[s // step] = kern.data[:, s:e].sum(1)
-        mid = order_statistics(kern, scratch, s, e, k, n - k, ordered=False)
+        mid = order_statistics(kern, scratch[: n + 1], s, e, k, n - k, ordered=False)
         if m == 1:
             dst[s:e] = mid[0]
         elif m == 2:
-            dst[s:e] = mid[0] * 0.5 + mid[1] * 0.5
+            half = kern.lib.multiply(mid[1], 0.5, out=scratch[n + 1, :w])
+            kern.lib.add(kern.lib.multiply(mid[0], 0.5, out=dst[s:e]), half, out=dst[s:e])
         else:
-            acc = wide[: e - s]
+            acc = wide[:w]
             acc[...] = mid[0]
             for v in mid[1:]:
                 kern.lib.add(acc, v, out=acc)
-            dst[s:e] = acc / m
+            dst[s:e] = kern.lib.divide(acc, m, out=acc)
 
     for_blocks(x, work, make_state)
     _check_finite_rows(x, fn, row_sums.sum(0, dtype=torch.float64))
