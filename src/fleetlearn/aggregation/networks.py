@@ -179,39 +179,48 @@ def network_program(n: int, lo: int, hi: int, ordered: bool) -> tuple[tuple[int,
     return tuple(reversed(program))
 
 
-def run_network(program, wires: list, scratch, lib) -> list:
-    """Run `program` on `wires` (one vector per wire; read, never written) with the rows of
-    `scratch` (at least ``len(wires) + 1`` of them, of the wires' length) as buffers.
-    Returns the final vector of every wire (inputs untouched by the program are the
-    input vectors themselves; a wire whose value is dead may hold anything)."""
-    wires = list(wires)
-    owned = [False] * len(wires)
-    free = list(scratch)
-    for i, j, keep_min, keep_max in program:
-        a, b = wires[i], wires[j]
+@functools.lru_cache(maxsize=None)
+def network_schedule(n: int, lo: int, hi: int, ordered: bool) -> tuple[tuple[tuple[bool, int, int, int], ...], tuple[int, ...]]:
+    """`network_program` with its buffers assigned once: ``(steps, outputs)``.
+
+    Slots 0..n-1 are the input vectors (read, never written), slots n..2n the n + 1
+    scratch rows.  A step ``(is_min, a, b, out)`` is ``minimum`` (else ``maximum``) of
+    slots a and b into slot out; `outputs` are the slots that end holding wires
+    lo..hi-1.  A comparator computing both outputs writes its min to a free row and its
+    max over an input it owns (elementwise, so in place is safe)."""
+    slot = list(range(n))  # the slot holding each wire's current value
+    free = list(range(2 * n, n - 1, -1))  # scratch rows not in use, popped from the end
+    steps = []
+    for i, j, keep_min, keep_max in network_program(n, lo, hi, ordered):
+        a, b = slot[i], slot[j]
+        assert a >= 0 and b >= 0, "a comparator reads a wire no longer live"
+        owned_a, owned_b = a >= n, b >= n
         if keep_min and keep_max:
             low = free.pop()
-            lib.minimum(a, b, out=low)
-            if owned[j]:
-                high = b
-            elif owned[i]:
-                high = a
-            else:
-                high = free.pop()
-            lib.maximum(a, b, out=high)  # in place is fine: elementwise, and `low` is already out
-            if owned[i] and owned[j]:
+            high = b if owned_b else a if owned_a else free.pop()
+            steps += [(True, a, b, low), (False, a, b, high)]
+            if owned_a and owned_b:
                 free.append(a)
-            wires[i], wires[j] = low, high
-            owned[i] = owned[j] = True
+            slot[i], slot[j] = low, high
         else:
             keep, drop = (i, j) if keep_min else (j, i)
-            out = a if owned[i] else b if owned[j] else free.pop()
-            (lib.minimum if keep_min else lib.maximum)(a, b, out=out)
-            if owned[drop] and wires[drop] is not out:
-                free.append(wires[drop])
-            wires[keep], owned[keep] = out, True
-            wires[drop], owned[drop] = None, False
-    return wires
+            out = a if owned_a else b if owned_b else free.pop()
+            steps.append((keep_min, a, b, out))
+            if slot[drop] >= n and slot[drop] != out:
+                free.append(slot[drop])
+            slot[keep], slot[drop] = out, -1
+    return tuple(steps), tuple(slot[lo:hi])
+
+
+def run_network(schedule, inputs: list, scratch, lib) -> list:
+    """Run a `network_schedule` on `inputs` (one vector per wire) with `scratch` (n + 1
+    rows of the inputs' length); returns the vectors of the wanted wires."""
+    steps, outputs = schedule
+    slots = list(inputs) + list(scratch)
+    minimum, maximum = lib.minimum, lib.maximum
+    for is_min, a, b, out in steps:
+        (minimum if is_min else maximum)(slots[a], slots[b], out=slots[out])
+    return [slots[o] for o in outputs]
 
 
 def order_statistics(k: Kernels, scratch, s: int, e: int, lo: int, hi: int, ordered: bool, rows=None) -> list:
@@ -222,8 +231,7 @@ def order_statistics(k: Kernels, scratch, s: int, e: int, lo: int, hi: int, orde
     rows = list(range(k.data.shape[0])) if rows is None else list(rows)
     n = len(rows)
     if n <= k.network_max_n:
-        program = network_program(n, lo, hi, ordered)
-        wires = run_network(program, [k.data[r, s:e] for r in rows], scratch[: n + 1, : e - s], k.lib)
-        return wires[lo:hi]
+        schedule = network_schedule(n, lo, hi, ordered)
+        return run_network(schedule, [k.data[r, s:e] for r in rows], scratch[: n + 1, : e - s], k.lib)
     srt = k.sorted_rows(rows, s, e)
     return [srt[p] for p in range(lo, hi)]
