@@ -5,13 +5,17 @@ row per client) and returns the ``(d,)`` aggregate of the same kind: numpy in,
 numpy out; torch in, torch out on the same device.  float64 input stays float64;
 any other input is computed and returned as float32.
 
-All of them are vectorised with torch and run on whatever device the tensor is
-on.  Coordinate-wise rules (median, trimmed mean, Bulyan's second phase) sort
-column blocks, so the temporaries stay O(n x block) rather than O(n x d); the
-distance-based rules (Krum, Bulyan) build one ``(n, n)`` squared-distance matrix
-with float64 accumulation.  The only Python loops are over column blocks and
-over iterations (Weiszfeld, centered clipping, Bulyan's n - 2f selections on the
-small ``(n, n)`` matrix), never over clients' data or parameters.
+All of them are vectorised and run on whatever device the tensor is on, one
+cache-sized column block at a time (`networks.blocks`), so temporaries stay
+O(n x block) and the matrix is never copied whole or widened to float64.
+Coordinate-wise rules (median, trimmed mean, Bulyan's second phase) run a pruned
+comparator network on each block (`networks`: numpy ufuncs on the CPU, the blocks
+shared among torch's threads; torch kernels on a GPU); the distance-based rules
+(Krum, Bulyan, DnC) build one ``(n, n)`` Gram matrix from per-block products in the
+data's dtype, summed in float64; Weiszfeld reads each block once per step.  The only
+Python loops are over column blocks, over a network's comparators, and over
+iterations (Weiszfeld, centered clipping, Bulyan's n - 2f selections on the small
+``(n, n)`` matrix), never over clients' data or parameters.
 
 Errors are ``ValueError`` with a message that names the function and what is
 wrong: wrong shape, empty cohort, NaN/inf (with the row indices), bad
@@ -28,7 +32,6 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 
-from . import networks
 from .networks import Kernels, blocks as _blocks, for_blocks, order_statistics
 from .reputation import ClientReputation
 
