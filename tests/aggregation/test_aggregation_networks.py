@@ -135,7 +135,7 @@ def test_the_sort_fallback_above_the_network_limit_agrees(monkeypatch):
     x = RNG.normal(size=(25, 40)).astype(np.float32)
     x[:, ::3] = np.round(x[:, ::3])  # ties
     want = median(x), trimmed_mean(x, 0.2), bulyan(x, 3)
-    monkeypatch.setitem(networks.NETWORK_MAX_N, "cpu", 8)
+    monkeypatch.setattr(networks, "NETWORK_MAX_N_CPU", 8)
     np.testing.assert_array_equal(median(x), want[0])
     np.testing.assert_array_equal(trimmed_mean(x, 0.2), want[1])
     np.testing.assert_array_equal(bulyan(x, 3), want[2])

@@ -1,4 +1,4 @@
-"""Order statistics of every column of an ``(n, d)`` matrix at memory speed.
+"""Order statistics of every column of an ``(n, d)`` matrix, by comparator networks.
 
 The coordinate-wise robust rules (median, trimmed mean, Bulyan's second phase) need,
 in every coordinate, which values are the k smallest, the middle ones, or all of them
@@ -16,8 +16,9 @@ Each column block is ``(n, w)`` with ``n * w`` about `BLOCK_ELEMENTS_CPU` elemen
 (the wires of a block stay in the L2/L3 cache); on the CPU the calls are numpy
 ufuncs, which cost ~0.4 us a call against ~3 us for torch's, and the blocks are shared
 among ``torch.get_num_threads()`` threads (the ufuncs release the GIL).  On a GPU the
-same code runs with torch's kernels on large blocks.  Above `NETWORK_MAX_N` rows the
-network grows as n log^2 n and a sort of each block takes over.
+same code runs with torch's kernels on large blocks.  Above `NETWORK_MAX_N_CPU` (GPU:
+`NETWORK_MAX_N_GPU`) rows the network, growing as n log^2 n, gives way to a sort of
+each block.
 
 `blocks` and `for_blocks` are also the robust rules' column-block loop.
 """
@@ -39,8 +40,8 @@ BLOCK_ELEMENTS_GPU = 1 << 26
 # Up to this many rows a network beats sorting each block (on the CPU: ~2 ns an element
 # at n = 64 against ~8 ns for numpy's vectorised sort).  A GPU pays a kernel launch per
 # call, so it sorts earlier.
-NETWORK_MAX_N = {"cpu": 128}
-NETWORK_MAX_N_OTHER = 32
+NETWORK_MAX_N_CPU = 128
+NETWORK_MAX_N_GPU = 32
 # numpy's ufuncs run the elementwise calls on the CPU; False runs torch's kernels there
 # too, the GPU's code path (the tests use it to cover that path without a GPU).
 NUMPY_ON_CPU = True
@@ -49,11 +50,10 @@ NUMPY_ON_CPU = True
 # -- column blocks -------------------------------------------------------------------
 
 
-def blocks(t: torch.Tensor, target: int | None = None) -> list[tuple[int, int]]:
-    """(start, end) column ranges of about `target` elements of `t` each (default: the device's)."""
+def blocks(t: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, end) column ranges of about the device's block size (in elements of `t`) each."""
     n, d = t.shape
-    if target is None:
-        target = BLOCK_ELEMENTS_CPU if t.device.type == "cpu" else BLOCK_ELEMENTS_GPU
+    target = BLOCK_ELEMENTS_CPU if t.device.type == "cpu" else BLOCK_ELEMENTS_GPU
     step = max(1, target // max(n, 1))
     return [(s, min(s + step, d)) for s in range(0, d, step)]
 
@@ -103,7 +103,7 @@ class Kernels:
         self.lib = np if self.cpu else torch
         self.data = t.detach().numpy() if self.cpu else t
         self.device = t.device
-        self.network_max_n = NETWORK_MAX_N.get(t.device.type, NETWORK_MAX_N_OTHER) if self.cpu else NETWORK_MAX_N_OTHER
+        self.network_max_n = NETWORK_MAX_N_CPU if self.cpu else NETWORK_MAX_N_GPU
 
     def view(self, t: torch.Tensor):
         """A tensor on the same device as the kernels' array type (numpy views on the CPU)."""
