@@ -25,7 +25,7 @@ from fleetlearn.aggregation import (
     pairwise_sq_distances,
     trimmed_mean,
 )
-from fleetlearn.aggregation import robust
+from fleetlearn.aggregation import networks
 
 RNG = np.random.default_rng(1234)
 
@@ -44,7 +44,7 @@ def test_median_equals_np_median(n, dtype):
 
 
 def test_median_and_trimmed_mean_across_many_column_blocks(monkeypatch):
-    monkeypatch.setattr(robust, "_BLOCK_ELEMENTS_CPU", 16)  # 16 // 5 = 3 columns per block
+    monkeypatch.setattr(networks, "BLOCK_ELEMENTS_CPU", 16)  # 16 // 5 = 3 columns per block
     x = RNG.normal(size=(5, 20))
     np.testing.assert_array_equal(median(x), np.median(x, axis=0))
     close(trimmed_mean(x, 0.2), ref_trimmed_mean(x, 1), 1e-12)

@@ -5,13 +5,17 @@ row per client) and returns the ``(d,)`` aggregate of the same kind: numpy in,
 numpy out; torch in, torch out on the same device.  float64 input stays float64;
 any other input is computed and returned as float32.
 
-All of them are vectorised with torch and run on whatever device the tensor is
-on.  Coordinate-wise rules (median, trimmed mean, Bulyan's second phase) sort
-column blocks, so the temporaries stay O(n x block) rather than O(n x d); the
-distance-based rules (Krum, Bulyan) build one ``(n, n)`` squared-distance matrix
-with float64 accumulation.  The only Python loops are over column blocks and
-over iterations (Weiszfeld, centered clipping, Bulyan's n - 2f selections on the
-small ``(n, n)`` matrix), never over clients' data or parameters.
+All of them are vectorised and run on whatever device the tensor is on, one
+cache-sized column block at a time (`networks.blocks`), so temporaries stay
+O(n x block) and the matrix is never copied whole or widened to float64.
+Coordinate-wise rules (median, trimmed mean, Bulyan's second phase) run a pruned
+comparator network on each block (`networks`: numpy ufuncs on the CPU, the blocks
+shared among torch's threads; torch kernels on a GPU); the distance-based rules
+(Krum, Bulyan, DnC) build one ``(n, n)`` Gram matrix from per-block products in the
+data's dtype, summed in float64; Weiszfeld reads each block once per step.  The only
+Python loops are over column blocks, over a network's comparators, and over
+iterations (Weiszfeld, centered clipping, Bulyan's n - 2f selections on the small
+``(n, n)`` matrix), never over clients' data or parameters.
 
 Errors are ``ValueError`` with a message that names the function and what is
 wrong: wrong shape, empty cohort, NaN/inf (with the row indices), bad
@@ -28,20 +32,19 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 
+from .networks import Kernels, blocks as _blocks, for_blocks, order_statistics
 from .reputation import ClientReputation
-
-# Column-block sizes, in elements of the (n, block) slice.  On the CPU ~1M elements
-# keeps the transposed, sorted copy of a block (values + int64 indices) in cache;
-# a GPU wants big launches, so it gets large blocks.
-_BLOCK_ELEMENTS_CPU = 1 << 20
-_BLOCK_ELEMENTS_GPU = 1 << 26
 
 
 # -- input checking ------------------------------------------------------------------
 
 
-def _prepare(updates, fn: str) -> tuple[torch.Tensor, bool]:
-    """The updates as a float tensor (no copy when possible) and whether to return numpy."""
+def _prepare(updates, fn: str, check: bool = True) -> tuple[torch.Tensor, bool]:
+    """The updates as a float tensor (no copy when possible) and whether to return numpy.
+
+    ``check = False`` leaves the NaN/inf check to the rule's first pass over the data
+    (`_middle_mean`, `_centered_gram`, `_row_distances`, `_mix_and_distances` each
+    check what they computed), which saves reading the matrix once more."""
     if isinstance(updates, torch.Tensor):
         t, to_numpy = updates, False
         if t.is_complex():
@@ -68,31 +71,36 @@ def _prepare(updates, fn: str) -> tuple[torch.Tensor, bool]:
         raise ValueError(f"{fn}: updates must be an (n, d) matrix, got shape {tuple(t.shape)}")
     if t.shape[0] == 0:
         raise ValueError(f"{fn}: cannot aggregate an empty cohort (n = 0)")
-    _check_finite_rows(t, fn)
+    if check:
+        _check_finite_rows(t, fn)
     return t, to_numpy
 
 
-def _check_finite_rows(t: torch.Tensor, fn: str) -> None:
-    n, d = t.shape
-    ok = torch.ones(n, dtype=torch.bool, device=t.device)
+def _check_finite_rows(t: torch.Tensor, fn: str, evidence: torch.Tensor | None = None) -> None:
+    """ValueError naming the rows that hold NaN or inf.
+
+    `evidence`: one number per row from a pass over the data that is finite for a finite
+    row unless it overflowed (a squared norm, a Gram diagonal, a row sum); only rows
+    whose evidence is not finite are read again, element by element.  Without it the
+    evidence is the rows' sums, one reduction per block."""
+    if evidence is None:
+        evidence = torch.zeros(t.shape[0], dtype=torch.float64, device=t.device)
+        for s, e in _blocks(t):
+            evidence += t[:, s:e].sum(1)
+    suspect = torch.nonzero(~torch.isfinite(evidence)).flatten()
+    if not len(suspect):
+        return
+    ok = torch.ones(len(suspect), dtype=torch.bool, device=t.device)
     for s, e in _blocks(t):
-        ok &= torch.isfinite(t[:, s:e]).all(1)
+        ok &= torch.isfinite(t[suspect, s:e]).all(1)
     if not bool(ok.all()):
-        rows = torch.nonzero(~ok).flatten().tolist()
+        rows = suspect[~ok].tolist()
         shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
         raise ValueError(f"{fn}: updates contain NaN or inf in {len(rows)} row(s): {shown}")
 
 
 def _finish(out: torch.Tensor, to_numpy: bool):
     return out.cpu().numpy() if to_numpy else out
-
-
-def _blocks(t: torch.Tensor):
-    """(start, end) column ranges that bound the per-block temporaries."""
-    n, d = t.shape
-    target = _BLOCK_ELEMENTS_CPU if t.device.type == "cpu" else _BLOCK_ELEMENTS_GPU
-    step = max(1, target // max(n, 1))
-    return [(s, min(s + step, d)) for s in range(0, d, step)]
 
 
 def _check_int(value, fn: str, what: str, minimum: int) -> int:
@@ -140,75 +148,115 @@ def _as_real_vector(value, fn: str, what: str) -> torch.Tensor:
 # -- shared kernels ----------------------------------------------------------------
 
 
-def _sorted_block(x: torch.Tensor, s: int, e: int, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Columns s:e (optionally only `rows`) as a (block, n) matrix, each row sorted ascending.
-
-    Sorting the contiguous transpose along its last dimension is ~1.5x faster on the
-    CPU than sorting the strided column slice along dimension 0."""
-    b = x[:, s:e] if rows is None else x[:, s:e].index_select(0, rows)
-    return torch.sort(b.t().contiguous(), dim=1).values
+def _block_scratch(x: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """A buffer of one column block's shape, reused across blocks: fresh multi-megabyte
+    temporaries per block cost the kernel's page faults, more than the arithmetic."""
+    spans = _blocks(x)
+    return torch.empty(x.shape[0] if rows is None else rows, spans[0][1] if spans else 0, dtype=x.dtype, device=x.device)
 
 
-def _median_of_sorted(v: torch.Tensor) -> torch.Tensor:
-    """Row-wise median of row-sorted `v`; the mean of the two middle values when even (as np.median).
+def _sq_distances_block(b: torch.Tensor, c: torch.Tensor | None, scratch: torch.Tensor) -> torch.Tensor:
+    """``||b_i - c||^2`` for every row of a column block, as float64.
 
-    Halving before adding cannot overflow and equals (a + b) / 2 exactly, since
-    halving is exact in binary floating point."""
-    k = v.shape[1]
-    lo, hi = (k - 1) // 2, k // 2
-    if lo == hi:
-        return v[:, lo]
-    return v[:, lo] * 0.5 + v[:, hi] * 0.5
+    The difference, its square and the block's row sums are taken in the data's dtype
+    while the block is in cache (torch sums a block pairwise, so the relative error
+    stays near log2(width) roundings); the blocks are summed in float64.  A float32
+    square overflows beyond ~1.8e19 (an attacker may send that): such a block is redone
+    in float64."""
+    diff = scratch[:, : b.shape[1]]
+    if c is None:
+        torch.mul(b, b, out=diff)
+    else:
+        torch.sub(b, c, out=diff).square_()
+    sq = diff.sum(1)
+    if b.dtype != torch.float64 and not bool(torch.isfinite(sq).all()):
+        wide = b.to(torch.float64) if c is None else b.to(torch.float64) - c.to(torch.float64)
+        sq = wide.square().sum(1)
+    return sq.to(torch.float64)
 
 
-def _row_distances(x: torch.Tensor, center: torch.Tensor | None) -> torch.Tensor:
+def _row_distances(x: torch.Tensor, center: torch.Tensor | None, fn: str) -> torch.Tensor:
     """||x_i - center|| for every row, float64, computed directly (no Gram trick).
 
     Weiszfeld and centered clipping weight rows by 1 / distance, and the rows that
     matter most are the ones nearest the center, exactly where ||x||^2 - 2 x.c + ||c||^2
     would cancel catastrophically."""
     n = x.shape[0]
+    c = None if center is None else center.to(x.dtype)
     acc = torch.zeros(n, dtype=torch.float64, device=x.device)
+    scratch = _block_scratch(x)
     for s, e in _blocks(x):
-        b = x[:, s:e].to(torch.float64)
-        if center is not None:
-            b = b - center[s:e].to(torch.float64)
-        acc += b.square().sum(1)
+        acc += _sq_distances_block(x[:, s:e], None if c is None else c[s:e], scratch)
+    _check_finite_rows(x, fn, acc)
     return acc.sqrt()
+
+
+def _mix_and_distances(x: torch.Tensor, coef: torch.Tensor, fn: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``v = coef @ x`` and ``||x_i - v||`` for every row (float64), in one pass: each
+    block is read from memory once, its part of v computed, and the distances to it
+    taken while the block is still in cache (a Weiszfeld step)."""
+    n, d = x.shape
+    c = coef.to(x.dtype)
+    v = torch.empty(d, dtype=x.dtype, device=x.device)
+    acc = torch.zeros(n, dtype=torch.float64, device=x.device)
+    scratch = _block_scratch(x)
+    for s, e in _blocks(x):
+        b = x[:, s:e]
+        torch.mv(b.t(), c, out=v[s:e])
+        acc += _sq_distances_block(b, v[s:e], scratch)
+    _check_finite_rows(x, fn, acc)
+    return v, acc.sqrt()
 
 
 def pairwise_sq_distances(updates) -> torch.Tensor:
     """The (n, n) float64 matrix of squared Euclidean distances between rows.
 
-    One Gram matrix accumulated over column blocks in float64 (a BLAS product, no
-    (n, n, d) temporary).  Each block is centered on its column mean first:
-    distances do not change, and the Gram entries stay small, so
-    ||a||^2 + ||b||^2 - 2 a.b loses little to cancellation when the updates share a
-    large common offset."""
-    x, _ = _prepare(updates, "pairwise_sq_distances")
-    return _pairwise_sq_distances(x)
+    One Gram matrix accumulated over column blocks (a BLAS product, no (n, n, d)
+    temporary).  Each block is centered on its column mean first: distances do not
+    change, and the Gram entries stay small, so ||a||^2 + ||b||^2 - 2 a.b loses little
+    to cancellation when the updates share a large common offset."""
+    x, _ = _prepare(updates, "pairwise_sq_distances", check=False)
+    return _pairwise_sq_distances(x, "pairwise_sq_distances")
 
 
-def _centered_gram(x: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+def _centered_gram(x: torch.Tensor, fn: str, row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The (n, n) float64 Gram matrix ``Y Y^T`` of the rows centered on their mean,
     ``Y = S X - mean_rows(S X)`` with ``S = diag(row_scale)`` (identity when None).
 
-    Accumulated over column blocks (a BLAS product per block, no (n, d) copy); centering
-    each block first keeps the entries small, so little is lost to cancellation when
-    the rows share a large common offset."""
+    Accumulated over column blocks, no (n, d) copy: one product per block in the data's
+    dtype (a BLAS call on a block in cache), the (n, n) results summed in float64.
+    Centering keeps the entries small, so that ||a||^2 + ||b||^2 - 2 a.b loses little to
+    cancellation.  While a block's common offset is no larger than its rows' spread
+    around it, centering the (n, n) product, ``P G P`` with ``P = I - 11^T / n``, is
+    within 2x as accurate as centering the rows first, and saves a pass over the block;
+    a block with a larger offset is centered first and multiplied again.  A float32
+    block whose product overflows (values beyond ~1e19) is redone in float64."""
     n = x.shape[0]
     gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+    scratch, mu = _block_scratch(x), _block_scratch(x, 1)
+    scale = None if row_scale is None else row_scale.to(x.dtype)[:, None]
     for s, e in _blocks(x):
-        b = x[:, s:e].to(torch.float64)
-        if row_scale is not None:
-            b = b * row_scale[:, None]
-        b = b - b.mean(0, keepdim=True)
-        gram.addmm_(b, b.t())
+        b, w = x[:, s:e], e - s
+        if scale is not None:
+            b = torch.mul(b, scale, out=scratch[:, :w])
+        block = (b @ b.t()).to(torch.float64)
+        row_means = block.mean(0)
+        offset = row_means.mean()  # ||mean row||^2
+        centered = block - row_means[:, None] - row_means[None, :] + offset
+        if not bool(offset <= centered.diagonal().mean()):  # a large common offset, or overflow, NaN, inf
+            b = torch.sub(b, torch.mean(b, 0, keepdim=True, out=mu[:, :w]), out=scratch[:, :w])
+            centered = (b @ b.t()).to(torch.float64)
+            if x.dtype != torch.float64 and not bool(torch.isfinite(centered).all()):
+                wide = x[:, s:e].to(torch.float64) * (1.0 if row_scale is None else row_scale[:, None])
+                wide = wide - wide.mean(0, keepdim=True)
+                centered = wide @ wide.t()
+        gram += centered
+    _check_finite_rows(x, fn, gram.diagonal())  # a NaN or inf anywhere in a block spoils its whole diagonal
     return gram
 
 
-def _pairwise_sq_distances(x: torch.Tensor) -> torch.Tensor:
-    gram = _centered_gram(x)
+def _pairwise_sq_distances(x: torch.Tensor, fn: str) -> torch.Tensor:
+    gram = _centered_gram(x, fn)
     sq = gram.diagonal()
     dist = sq[:, None] + sq[None, :] - 2.0 * gram
     dist = 0.5 * (dist + dist.t())  # exact symmetry, whatever the BLAS did
@@ -227,18 +275,56 @@ def _krum_scores(dist: torch.Tensor, f: int) -> torch.Tensor:
 # -- public aggregators ----------------------------------------------------------------
 
 
+def _middle_mean(x: torch.Tensor, k: int, fn: str) -> torch.Tensor:
+    """In every coordinate, the mean of the values ranked k+1 to n-k (the rest trimmed).
+
+    The middle values come out of a comparator network (`networks`) as a set; one or
+    two are combined in the data's dtype (halving before adding, which cannot overflow
+    and equals (a + b) / 2 exactly, so the median matches ``np.median``), more are
+    summed in float64 and the mean rounded once.  Each block's row sums, taken as the
+    block is read in, are the evidence for the NaN/inf check."""
+    n, d = x.shape
+    m = n - 2 * k
+    out = torch.empty(d, dtype=x.dtype, device=x.device)
+    spans = _blocks(x)
+    row_sums = torch.zeros(len(spans), n, dtype=x.dtype, device=x.device)
+    kern = Kernels(x)
+    dst, sums = kern.view(out), kern.view(row_sums)
+    step = spans[0][1] if spans else 1
+
+    def make_state():
+        return kern.empty((n + 2, step)), kern.empty(step, wide=True)
+
+    def work(state, s, e):
+        scratch, wide = state
+        w = e - s
+        sums[s // step] = kern.data[:, s:e].sum(1)
+        mid = order_statistics(kern, scratch[: n + 1], s, e, k, n - k, ordered=False)
+        if m == 1:
+            dst[s:e] = mid[0]
+        elif m == 2:
+            half = kern.lib.multiply(mid[1], 0.5, out=scratch[n + 1, :w])
+            kern.lib.add(kern.lib.multiply(mid[0], 0.5, out=dst[s:e]), half, out=dst[s:e])
+        else:
+            acc = wide[:w]
+            acc[...] = mid[0]
+            for v in mid[1:]:
+                kern.lib.add(acc, v, out=acc)
+            dst[s:e] = kern.lib.divide(acc, m, out=acc)
+
+    for_blocks(x, work, make_state)
+    _check_finite_rows(x, fn, row_sums.sum(0, dtype=torch.float64))
+    return out
+
+
 def median(updates):
     """Coordinate-wise median (Yin et al., ICML 2018, Def. 1).
 
     For an even number of rows it is the mean of the two middle values, as
     ``np.median``.  Breakdown point 1/2: fewer than half the rows cannot move it
     outside the range of the honest values in any coordinate."""
-    x, to_numpy = _prepare(updates, "median")
-    n, d = x.shape
-    out = torch.empty(d, dtype=x.dtype, device=x.device)
-    for s, e in _blocks(x):
-        out[s:e] = _median_of_sorted(_sorted_block(x, s, e))
-    return _finish(out, to_numpy)
+    x, to_numpy = _prepare(updates, "median", check=False)
+    return _finish(_middle_mean(x, (x.shape[0] - 1) // 2, "median"), to_numpy)
 
 
 def _trim_count(n: int, beta: float) -> int:
@@ -256,14 +342,8 @@ def trimmed_mean(updates, beta: float):
     fn = "trimmed_mean"
     if isinstance(beta, bool) or not isinstance(beta, Real) or not (0.0 <= beta < 0.5):
         raise ValueError(f"{fn}: beta is the fraction trimmed per side and must satisfy 0 <= beta < 0.5, got {beta!r}")
-    x, to_numpy = _prepare(updates, fn)
-    n, d = x.shape
-    k = _trim_count(n, float(beta))
-    out = torch.empty(d, dtype=x.dtype, device=x.device)
-    for s, e in _blocks(x):
-        v = _sorted_block(x, s, e)
-        out[s:e] = (v[:, k : n - k].sum(1, dtype=torch.float64) / (n - 2 * k)).to(x.dtype)
-    return _finish(out, to_numpy)
+    x, to_numpy = _prepare(updates, fn, check=False)
+    return _finish(_middle_mean(x, _trim_count(x.shape[0], float(beta)), fn), to_numpy)
 
 
 def krum(updates, f: int, m: int = 1):
@@ -276,13 +356,13 @@ def krum(updates, f: int, m: int = 1):
     fn = "krum" if m == 1 else "multi_krum"
     f = _check_int(f, fn, "f (the number of Byzantine clients)", 0)
     m = _check_int(m, fn, "m (the number of rows averaged)", 1)
-    x, to_numpy = _prepare(updates, fn)
+    x, to_numpy = _prepare(updates, fn, check=False)
     n = x.shape[0]
     if not n > 2 * f + 2:
         raise ValueError(f"{fn} needs n > 2f + 2: n = {n}, f = {f}")
     if m > n:
         raise ValueError(f"{fn} needs m <= n: m = {m}, n = {n}")
-    scores = _krum_scores(_pairwise_sq_distances(x), f)
+    scores = _krum_scores(_pairwise_sq_distances(x, fn), f)
     if m == 1:
         out = x[int(torch.argmin(scores))].clone()
     else:
@@ -330,25 +410,47 @@ def bulyan(updates, f: int):
     Needs ``n >= 4f + 3``."""
     fn = "bulyan"
     f = _check_int(f, fn, "f (the number of Byzantine clients)", 0)
-    x, to_numpy = _prepare(updates, fn)
+    x, to_numpy = _prepare(updates, fn, check=False)
     n, d = x.shape
     if not n >= 4 * f + 3:
         raise ValueError(f"{fn} needs n >= 4f + 3: n = {n}, f = {f}")
     theta = n - 2 * f
     beta = theta - 2 * f
-    sel = _bulyan_select(_pairwise_sq_distances(x), f, theta)
+    sel = _bulyan_select(_pairwise_sq_distances(x, fn), f, theta).tolist()
     out = torch.empty(d, dtype=x.dtype, device=x.device)
-    offsets = torch.arange(beta, device=x.device)
-    for s, e in _blocks(x):
-        v = _sorted_block(x, s, e, rows=sel)  # (block, theta), sorted
-        med = _median_of_sorted(v)
+    kern = Kernels(x)
+    dst, where = kern.view(out), kern.lib.where
+
+    def make_state():
+        w = _blocks(x)[0][1] if d else 0
+        return kern.empty((theta + 1, w)), kern.empty(w, wide=True)
+
+    def work(state, s, e):
+        scratch, wide = state
+        v = order_statistics(kern, scratch, s, e, 0, theta, ordered=True, rows=sel)
+        med = v[(theta - 1) // 2] * 0.5 + v[theta // 2] * 0.5 if theta % 2 == 0 else v[theta // 2]
+        dist = [abs(t - med) for t in v]
         # The beta values closest to the median are a contiguous window of the sorted
         # values; of the 2f + 1 windows take the one with the least total distance
         # (the first on ties, so the result depends on the values, not on row order).
-        cost = (v - med[:, None]).abs().unfold(1, beta, 1).sum(-1)
-        start = cost.argmin(1)
-        window = v.gather(1, start[:, None] + offsets[None, :])
-        out[s:e] = (window.sum(1, dtype=torch.float64) / beta).to(x.dtype)
+        best, start = None, None
+        for w in range(2 * f + 1):
+            cost = dist[w]
+            for t in dist[w + 1 : w + beta]:
+                cost = cost + t
+            if best is None:
+                best, start = cost, kern.empty(e - s, integer=True)
+                start[...] = 0
+            else:
+                better = cost < best
+                best, start = where(better, cost, best), where(better, w, start)
+        acc = wide[: e - s]
+        acc[...] = 0
+        for t in range(theta):  # the chosen window's values, summed in float64
+            acc += where((start <= t) & (start > t - beta), v[t], 0)
+        dst[s:e] = acc / beta
+
+    for_blocks(x, work, make_state)
     return _finish(out, to_numpy)
 
 
@@ -366,16 +468,14 @@ def geometric_median(updates, weights=None, eps: float = 1e-6, max_iter: int = 1
     max_iter = _check_int(max_iter, fn, "max_iter", 1)
     if isinstance(ftol, bool) or not isinstance(ftol, Real) or not math.isfinite(ftol) or ftol < 0:
         raise ValueError(f"{fn}: ftol must be a finite number >= 0, got {ftol!r}")
-    x, to_numpy = _prepare(updates, fn)
+    x, to_numpy = _prepare(updates, fn, check=False)
     n = x.shape[0]
     alpha = _normalised_weights(weights, n, x.device, fn)
-    v = alpha.to(x.dtype) @ x
-    dist = _row_distances(x, v)
+    v, dist = _mix_and_distances(x, alpha, fn)
     objective = float((alpha * dist).sum())
     for _ in range(max_iter):
         b = alpha / dist.clamp(min=eps)
-        v = (b / b.sum()).to(x.dtype) @ x
-        dist = _row_distances(x, v)
+        v, dist = _mix_and_distances(x, b / b.sum(), fn)
         new_objective = float((alpha * dist).sum())
         if abs(objective - new_objective) <= ftol * new_objective:
             break
@@ -392,10 +492,10 @@ def norm_bounded_mean(updates, max_norm: float | None, weights=None):
     fn = "norm_bounded_mean"
     if max_norm is not None:
         max_norm = _check_positive(max_norm, fn, "max_norm")
-    x, to_numpy = _prepare(updates, fn)
+    x, to_numpy = _prepare(updates, fn, check=False)
     n = x.shape[0]
     alpha = _normalised_weights(weights, n, x.device, fn)
-    norms = _row_distances(x, None)
+    norms = _row_distances(x, None, fn)
     bound = float(norms.median()) if max_norm is None else max_norm  # median(): lower middle, fine for a bound
     scale = torch.where(norms > bound, bound / norms, torch.ones_like(norms))
     # Clipping folds into the coefficients: one matrix-vector product, no clipped copy.
@@ -415,7 +515,7 @@ def centered_clipping(updates, tau: float | None, iters: int = 3, center=None):
     if tau is not None:
         tau = _check_positive(tau, fn, "tau")
     iters = _check_int(iters, fn, "iters", 1)
-    x, to_numpy = _prepare(updates, fn)
+    x, to_numpy = _prepare(updates, fn, check=False)
     n, d = x.shape
     if center is None:
         v = torch.zeros(d, dtype=torch.float64, device=x.device)
@@ -426,7 +526,7 @@ def centered_clipping(updates, tau: float | None, iters: int = 3, center=None):
         if not bool(torch.isfinite(v).all()):
             raise ValueError(f"{fn}: center contains NaN or inf")
     for step in range(iters):
-        dist = _row_distances(x, v)
+        dist = _row_distances(x, v, fn)
         if tau is None and step == 0:
             tau = float(dist.median())
         clip = torch.where(dist > tau, tau / dist, torch.ones_like(dist)) / n
@@ -436,10 +536,10 @@ def centered_clipping(updates, tau: float | None, iters: int = 3, center=None):
     return _finish(v.to(x.dtype), to_numpy)
 
 
-def _median_norm_scale(x: torch.Tensor, max_norm: float | None) -> torch.Tensor:
+def _median_norm_scale(x: torch.Tensor, max_norm: float | None, fn: str) -> torch.Tensor:
     """Per-row factors ``min(1, bound / ||x_i||)`` (float64) that clip every row to norm
     at most ``bound``: ``max_norm``, or the cohort's median row norm when None."""
-    norms = _row_distances(x, None)
+    norms = _row_distances(x, None, fn)
     bound = float(norms.median()) if max_norm is None else max_norm
     return torch.where(norms > bound, bound / norms, torch.ones_like(norms))
 
@@ -453,13 +553,14 @@ def dnc_scores(updates, max_norm: float | None = None, clip: bool = False) -> to
     projection of row i on ``v`` is ``s_1 u_1[i]``, so the score is ``s_1^2 u_1[i]^2``
     (no SVD of the (n, d) matrix).  With ``clip`` the rows are first clipped to
     ``max_norm`` (None: the median row norm).  Returns a float64 tensor of shape (n,)."""
-    x, _ = _prepare(updates, "dnc_scores")
-    scale = _median_norm_scale(x, max_norm) if clip else None
-    return _dnc_scores(x, scale)
+    fn = "dnc_scores"
+    x, _ = _prepare(updates, fn, check=False)
+    scale = _median_norm_scale(x, max_norm, fn) if clip else None
+    return _dnc_scores(x, scale, fn)
 
 
-def _dnc_scores(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    gram = _centered_gram(x, scale)
+def _dnc_scores(x: torch.Tensor, scale: torch.Tensor | None, fn: str) -> torch.Tensor:
+    gram = _centered_gram(x, fn, scale)
     gram = 0.5 * (gram + gram.t())
     if x.shape[0] == 1:
         return torch.zeros(1, dtype=torch.float64, device=x.device)
@@ -505,10 +606,10 @@ def dnc(updates, f: int, c: float = 1.0, max_norm: float | None = None, clip: bo
     x, to_numpy = _prepare(updates, fn)
     n = x.shape[0]
     removed = _check_dnc(n, f, c, fn)
-    scale = _median_norm_scale(x, max_norm) if clip else None
+    scale = _median_norm_scale(x, max_norm, fn) if clip else None
     drop = torch.zeros(n, dtype=torch.bool, device=x.device)
     if removed:
-        drop[torch.topk(_dnc_scores(x, scale), removed).indices] = True
+        drop[torch.topk(_dnc_scores(x, scale, fn), removed).indices] = True
     return _finish(_kept_mean(x, ~drop, scale), to_numpy)
 
 
@@ -771,8 +872,8 @@ class DnCAggregator:
             raise ValueError(f"{fn}: {len(ids)} client ids for {n} updates")
         f = self.f if self.f is not None else default_f(n, "dnc")
         removed = _check_dnc(n, f, self.c, fn)
-        scale = _median_norm_scale(x, self.max_norm) if self.clip else None
-        scores = _dnc_scores(x, scale) if removed else torch.zeros(n, dtype=torch.float64, device=x.device)
+        scale = _median_norm_scale(x, self.max_norm, fn) if self.clip else None
+        scores = _dnc_scores(x, scale, fn) if removed else torch.zeros(n, dtype=torch.float64, device=x.device)
         flagged = torch.zeros(n, dtype=torch.bool, device=x.device)
         if removed:
             flagged[torch.topk(scores, removed).indices] = True
