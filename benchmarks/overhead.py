@@ -47,7 +47,8 @@ import tempfile
 import time
 from pathlib import Path
 
-LOCAL_EPOCHS, BATCH, LR, HIDDEN = 5, 32, 0.3, 128
+# The workload is vs_flower.py's (the script's folder is on sys.path when it runs).
+from vs_flower import BATCH, LOCAL_EPOCHS, LR, workload_config  # noqa: E402
 VARIANTS = {
     "default": ({}, True),
     "no-debug": ({"monitoring": {"debug": False}}, True),
@@ -55,22 +56,6 @@ VARIANTS = {
     "lean": ({"monitoring": {"debug": False}}, False),
 }
 PHASES = ("select", "train", "encode", "intake", "aggregate", "evaluate", "measure", "hooks", "commit", "commit wait", "other")
-
-
-def workload_config(n: int, rounds: int, seed: int, store_root: str | None = None) -> dict:
-    data = {"dataset": "digits", "clients": n, "partition": "iid", "local_test_fraction": 0.0, "min_examples": 1}
-    if n > 500:  # the digits pool has ~1400 training examples: ~2 per client at N = 1000
-        data["examples_per_client"] = 2
-    cfg = {
-        "seed": seed,
-        "data": data,
-        "model": {"name": "mlp", "hidden": [HIDDEN]},
-        "client": {"local_epochs": LOCAL_EPOCHS, "batch_size": BATCH, "lr": LR, "momentum": 0.0},
-        "server": {"rounds": rounds, "cohort": n, "aggregator": "mean", "optimizer": "sgd", "server_lr": 1.0},
-    }
-    if store_root is not None:
-        cfg["store"] = {"root": store_root}
-    return cfg
 
 
 def _fallback_seeds(seed, r, clients):
