@@ -33,7 +33,7 @@ from ..validation import RelativeNormFilter, ValidationContext
 from .clock import VirtualClock
 from .evaluation import Evaluator
 from .intake import Collected, Intake, UpdateDecoder, client_record, collect, round_deadline, tally
-from .phases import PHASES_KEY, PhaseTimer
+from .phases import PHASES_KEY, PhaseTimer, phase_of
 from .resume import commit, load_side_state, resume, side_state
 from .running import SyncRounds, running, sampling
 from .step import aggregate
@@ -275,7 +275,7 @@ class Coordinator:
         self.current_record = record
         record.wall_seconds = time.perf_counter() - t_wall
         for hook in self.hooks:
-            with timer(getattr(hook, "phase", "hooks")):
+            with timer(phase_of(hook)):
                 hook.after_round(record, self)
         self.current_record = None
         self.selector.observe(record)

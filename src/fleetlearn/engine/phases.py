@@ -31,6 +31,12 @@ PHASES_KEY = "phases"  # record.extra[PHASES_KEY]
 LOG_ROUNDS = 1000
 
 
+def phase_of(hook: object) -> str:
+    """The phase a round hook's time counts under: its optional `phase` attribute, else "hooks"
+    (a hook is any object with `after_round`; the phase is the timer's concern, not the engine's)."""
+    return getattr(hook, "phase", "hooks")
+
+
 class PhaseTimer:
     def __init__(self) -> None:
         self.current: dict[str, float] = {}
