@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fleetlearn
-from fleetlearn.aggregation.pipeline import Batch, CentralDPStage, HierarchyStage, RuleStage, SketchSumStage, build_pipeline
+from fleetlearn.aggregation.pipeline import Batch, CentralDPStage, HierarchyStage, RuleStage, SketchSpaceStage, build_pipeline
 from fleetlearn.config import ConfigError, load_config
 from fleetlearn.engine import build_coordinator
 
@@ -103,7 +103,8 @@ def test_the_engine_builds_one_stage_per_run_from_its_parts():
 
     base = {"data": {"clients": 20}, "server": {"cohort": 4}}
     assert isinstance(stage(base), RuleStage) and stage(base).label == "aggregator mean"
-    assert isinstance(stage({**base, "compression": {"uplink": "sketch:200"}}), SketchSumStage)
+    sketched = stage({**base, "compression": {"uplink": "sketch:200"}})
+    assert isinstance(sketched, SketchSpaceStage) and isinstance(sketched.inner, RuleStage)
     assert isinstance(stage({**base, "engine": {"regions": 2}}), HierarchyStage)
     assert isinstance(stage({**base, "privacy": {"mode": "central", "delta": 1e-3}}), CentralDPStage)
 

@@ -345,14 +345,17 @@ def test_grpc_server_runs_secure_aggregation_with_the_clients_and_refuses_what_n
         server_transport(normed, spec, "127.0.0.1:0", state_dir=tmp_path)
 
 
-def test_a_sketch_uplink_with_secure_aggregation_is_refused_not_silently_unprotected():
-    """The sketch sum would replace the secure sum: the run would claim SecAgg without it."""
-    from fleetlearn.config import ConfigError, load_config
+def test_a_sketch_uplink_with_secure_aggregation_sums_the_tables_securely():
+    """The sketch sum must not replace the secure sum (the run would claim SecAgg without it):
+    the secure sum runs inside sketch space, on the clients' tables."""
+    from fleetlearn.config import load_config
     from fleetlearn.engine import build_coordinator
 
     cfg = {"data": {"dataset": "digits", "clients": 10}, "server": {"cohort": 4, "rounds": 1}, "model": {"hidden": [16]},
            "compression": {"uplink": "sketch:50"}, "privacy": {"secure_aggregation": True}}
-    with pytest.raises(ConfigError, match=r"compression.uplink = 'sketch:50' with privacy.secure_aggregation = true"):
-        build_coordinator(load_config(cfg), store=False)
+    c = build_coordinator(load_config(cfg), store=False)
+    assert c.pipeline.name == "sketch_space(secure_sum)"
+    assert c.run_round().status == "ok"
+    assert c.privacy.secure.last is not None and c.privacy.secure.last.sum.shape == (c.pipeline.width,)
     cfg["privacy"] = {"secure_aggregation": False}
-    assert build_coordinator(load_config(cfg), store=False).pipeline.name == "sketch_sum"
+    assert build_coordinator(load_config(cfg), store=False).pipeline.name == "sketch_space(mean)"

@@ -449,3 +449,82 @@ def test_a_client_refuses_a_key_directory_beyond_its_neighbourhood():
         wire.directory_from_pb(m, 10)
     m.size, m.degree = 6, 0  # all pairs: all six
     assert sorted(wire.directory_from_pb(m, 10).points.values()) == list(range(1, 7))
+
+
+# -- a count-sketch uplink under SecAgg over gRPC: the clients mask their sketch tables -----------------
+SKETCH_CONFIG = """
+seed = 4
+[data]
+dataset = "digits"
+clients = 4
+partition = "iid"
+[model]
+hidden = [16]
+[client]
+local_epochs = 1
+batch_size = 16
+lr = 0.1
+[server]
+rounds = 2
+cohort = 4
+deadline_s = 60.0
+[compression]
+uplink = "sketch:100,cols=150,rows=5"
+[privacy]
+secure_aggregation = true
+secagg_clip_range = 4.0
+[monitoring]
+detectors = []
+"""
+
+
+@pytest.mark.slow
+def test_a_sketch_uplink_under_secagg_over_grpc_masks_each_clients_table(tmp_path, monkeypatch):
+    """FetchSGD's sketches are linear, so secure aggregation sums the clients' sketch tables
+    (rows x cols entries, not the model's d): the unmasked sum is exactly the plain sum of
+    the quantized tables, the server receives no table, and the model moves on the k heavy
+    hitters of the unsketched mean."""
+    from fleetlearn.cli import main
+    from fleetlearn.compression import parse_chain
+    from fleetlearn.ops import RunStore
+    from fleetlearn.transport.grpc import commands
+
+    fleet_py = Path(__file__).with_name("grpc_fleet_process.py")
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(SKETCH_CONFIG)
+    commands.certs(tmp_path / "certs")
+    toks = {i: commands.token_add(tmp_path / "state", f"site-{i}") for i in range(4)}
+    dump, inputs = tmp_path / "server-received", tmp_path / "client-rows"
+    monkeypatch.setenv(wire.DUMP_ENV, str(dump))
+    port = _free_port()
+    fleet = subprocess.Popen([sys.executable, str(fleet_py), f"127.0.0.1:{port}", str(cfg), str(tmp_path / "certs" / "ca.pem"),
+                              *(f"{i}:{t}" for i, t in toks.items())], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=tmp_path, env={**os.environ, wire.INPUT_DUMP_ENV: str(inputs)})
+    try:
+        code = main(["server", str(cfg), "--listen", f"127.0.0.1:{port}", "--state", str(tmp_path / "state"), "--certs",
+                     str(tmp_path / "certs"), "--min-clients", "4", "--wait-s", "120", "--runs-dir", str(tmp_path / "runs"), "--json"])
+        out, err = fleet.communicate(timeout=180)
+    finally:
+        if fleet.poll() is None:
+            fleet.kill()
+    assert code == 0 and fleet.returncode == 0, err[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    store = RunStore.open(run_dir)
+    recs = store.records()
+    assert [r.status for r in recs] == ["ok", "ok"] and all(r.accepted == 4 for r in recs), [r.reason for r in recs]
+    width = parse_chain("sketch:100,cols=150,rows=5").summand_width(1210)
+    assert width == 750
+    for r in (1, 2):
+        (f,) = dump.glob(f"r{r}-sum-*.bin")
+        got = json.loads(f.read_bytes())
+        rows = [np.load(inputs / f"r{r}-c{c}.npy") for c in got["survivors"]]
+        assert len(rows) == 4 and all(row.shape == (width,) for row in rows)  # each client masked its table
+        mask = (1 << got["modulus_bits"]) - 1
+        plain = np.sum(np.stack(rows), axis=0, dtype=np.uint64) & np.uint64(mask)
+        assert np.array_equal(np.asarray(got["sum"], dtype=np.uint64), plain)
+    assert all(f.stat().st_size < 200 for f in dump.glob("r*-update-*.bin"))  # updates carry no table
+    # The released model moved on at most k coordinates per round (the unsketched heavy hitters).
+    versions = sorted(int(row["version"]) for row in store.checkpoint_rows())
+    first, second = (store.load_checkpoint(v)[1] for v in versions[-2:])
+    moved = int((second - first != 0).sum())
+    assert 0 < moved <= 100

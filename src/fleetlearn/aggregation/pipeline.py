@@ -10,7 +10,8 @@ optax's ``chain`` do:
 
 - `RuleStage(aggregator)`: a weighted mean or a robust rule on the rows (every part
   in `AGGREGATORS`, MIFA, HeteroFL's coverage mean, per-cluster aggregation).
-- `SketchSumStage(dim)`: count-sketch uplinks summed in sketch space, unsketched once.
+- `SketchSpaceStage(inner, chain, dim)`: count-sketch uplinks: the inner linear stage (the
+  mean, the secure sum, central DP) runs on the clients' sketch tables, unsketched once.
 - `SecureSumStage(secure)`: the weighted mean through secure aggregation.
 - `HierarchyStage(hierarchy)`: regional pre-aggregation of the weighted mean.
 - `CentralDPStage(central, secure, inner)`: DP-FedAvg's clip, (secure) sum and noise,
@@ -125,24 +126,46 @@ class RuleStage(Stage):
             super().load_state_dict(state)
 
 
-class SketchSumStage(Stage):
-    """Count-sketch uplinks (FetchSGD): the weighted sum of the sketches, unsketched once."""
+class SketchSpaceStage(Stage):
+    """Count-sketch uplinks (FetchSGD): a linear inner stage -- the weighted mean, secure
+    aggregation's sum, central DP's clip, sum and noise -- runs on the clients' sketch
+    tables (`CodecChain.summand`, one (rows x cols) row per client), and its result is
+    unsketched once (`CodecChain.from_sum`).  Sketches are linear, so the mean of the tables
+    is the sketch of the mean; under secure aggregation each client masks its own table (the
+    payloads are then empty and the rows here are placeholders); under central DP the
+    clipping bounds each client's table, so the noise is calibrated in the space the server
+    sums (unsketching is post-processing)."""
 
-    name = "sketch_sum"
-    label = "sketch aggregation"
+    def __init__(self, inner: Stage, chain, dim: int):
+        self.inner, self.chain, self.dim = inner, chain, int(dim)
+        self.width = chain.summand_width(self.dim)
+        self.name = f"sketch_space({inner.name})"
+        self.capacity = inner.capacity
 
-    def __init__(self, dim: int):
-        self.dim = int(dim)
+    @property
+    def label(self) -> str:
+        return f"sketch aggregation ({self.inner.label})"
 
     def next(self, batch: Batch) -> StageResult:
-        from ..compression import decode_payload, sum_sketches
         from ..params import PayloadError
 
-        try:
-            summed = sum_sketches(batch.payloads, batch.weights / batch.weights.sum())
-            return StageResult(decode_payload(summed, dim=self.dim))
-        except PayloadError as exc:
-            raise ValueError(str(exc)) from None
+        n = len(batch.client_ids)
+        if any(batch.payloads):
+            try:
+                tables = torch.stack([self.chain.summand(p, self.dim) for p in batch.payloads])
+            except PayloadError as exc:
+                raise ValueError(str(exc)) from None
+        else:  # secure aggregation over a network: each table stays on its device until masked
+            tables = torch.zeros(n, self.width)
+        res = self.inner.next(Batch(tables, batch.weights, batch.client_ids, batch.payloads, batch.round, batch.dropped))
+        res.aggregate = self.chain.from_sum(res.aggregate, self.dim)
+        return res
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.inner.load_state_dict(state)
 
 
 class SecureSumStage(Stage):
@@ -260,10 +283,12 @@ class CentralDPStage(Stage):
             self.center = state["dp_center"].to(torch.float32)
 
 
-def build_pipeline(aggregator, *, privacy=None, sketch_dim: int | None = None, hierarchy=None, what: str = "the aggregator") -> Stage:
+def build_pipeline(aggregator, *, privacy=None, sketch=None, dim: int | None = None, hierarchy=None,
+                   what: str = "the aggregator") -> Stage:
     """The run's stage from its parts: central DP around the rule (which must compose),
-    else a count-sketch sum, else secure aggregation's sum, else regional pre-aggregation,
-    else the rule itself."""
+    else secure aggregation's sum, else regional pre-aggregation, else the rule itself;
+    with a count-sketch uplink (`sketch`: the uplink chain, `dim` the model's) that stage
+    runs in sketch space (`SketchSpaceStage`)."""
     central = privacy.central if privacy is not None else None
     secure = privacy.secure if privacy is not None else None
     if central is not None:
@@ -271,14 +296,18 @@ def build_pipeline(aggregator, *, privacy=None, sketch_dim: int | None = None, h
         if getattr(aggregator, "name", "mean") != "mean":
             check_dp_composable(aggregator, what)
             inner = aggregator
-        return CentralDPStage(central, secure, inner, getattr(aggregator, "name", "mean"))
-    if sketch_dim is not None:
-        return SketchSumStage(sketch_dim)
-    if secure is not None:
-        return SecureSumStage(secure)
-    if hierarchy is not None:
-        return HierarchyStage(hierarchy)
-    return RuleStage(aggregator)
+        stage: Stage = CentralDPStage(central, secure, inner, getattr(aggregator, "name", "mean"))
+    elif secure is not None:
+        stage = SecureSumStage(secure)
+    elif hierarchy is not None:
+        stage = HierarchyStage(hierarchy)
+    else:
+        stage = RuleStage(aggregator)
+    if sketch is not None:
+        if dim is None:
+            raise ValueError("a sketch-space pipeline needs the model's dimension")
+        stage = SketchSpaceStage(stage, sketch, dim)
+    return stage
 
 
 __all__ = [
@@ -288,7 +317,7 @@ __all__ = [
     "HierarchyStage",
     "RuleStage",
     "SecureSumStage",
-    "SketchSumStage",
+    "SketchSpaceStage",
     "Stage",
     "StageResult",
     "build_pipeline",

@@ -310,7 +310,9 @@ class Device:
             if result.cluster is not None:
                 raise ValueError("secure aggregation cannot send one block of clustered FL's models")
             payload, state = chain.encode(delta, state)
-            self.held[client] = chain.decode(payload, dim=self.dim)
+            # The row it masks lives where the run's linear aggregation sums: a sketch
+            # uplink's table, else the decoded update (a ladder rung's too).
+            self.held[client] = self.uplink.summand(payload, dim=self.dim)
             payload = b""
         elif result.cluster is None:
             payload, state = chain.encode(delta, state)

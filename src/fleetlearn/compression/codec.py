@@ -64,7 +64,7 @@ from ..params import PayloadError
 from . import wire
 from .base import Stage, new_rng
 from .entropy import ZstdCoder
-from .sketch import CountSketch, read_sketch_section, unsketch
+from .sketch import CountSketch, read_sketch, read_sketch_section, unsketch
 from .sparsify import RandK, Sparsifier, TopK, read_support
 from .values import (
     read_f32_into,
@@ -252,6 +252,38 @@ class CodecChain:
         """Any valid payload (whatever chain made it) -> (d,) float32; `PayloadError` otherwise.
         `out`: a (d,) float32 tensor (a row of a cohort's matrix) to decode into; returned."""
         return decode_payload(payload, dim=dim, out=out)
+
+    # -- the space linear aggregation sums in ---------------------------------------------
+    def summand_width(self, dim: int) -> int:
+        """Entries of `summand` for a (d,) update: rows x cols of a count sketch, else d."""
+        if isinstance(self.support, CountSketch):
+            _, rows, cols = self.support.shape(dim)
+            return rows * cols
+        return int(dim)
+
+    def summand(self, payload: bytes, dim: int) -> torch.Tensor:
+        """What a linear aggregation (the mean, secure aggregation's sum, central DP's clipped
+        sum) adds up for one of this chain's payloads: a count sketch's table, flattened
+        (sketches are linear: the sum of the tables is the sketch of the sum, unsketched once
+        by `from_sum`); for every other chain the decoded (d,) update.  A sketch whose shape,
+        seed or k is not this chain's is a `PayloadError` (it could not be summed)."""
+        sk = self.support
+        if not isinstance(sk, CountSketch):
+            return self.decode(payload, dim=dim)
+        p = read_sketch(payload, dim=dim)
+        k, rows, cols = sk.shape(dim)
+        if (p.rows, p.cols, p.seed, p.k) != (rows, cols, sk.seed, k):
+            raise PayloadError(f"sketch is {p.rows} x {p.cols} (seed {p.seed}, k {p.k}); this run's {self.spec!r} is "
+                               f"{rows} x {cols} (seed {sk.seed}, k {k}) for dim {dim}: it cannot be summed with the others")
+        return p.table.reshape(-1)
+
+    def from_sum(self, total: torch.Tensor, dim: int) -> torch.Tensor:
+        """The (d,) aggregate from a (weighted) sum of `summand`s: unsketched once for a sketch."""
+        sk = self.support
+        if not isinstance(sk, CountSketch):
+            return total
+        k, rows, cols = sk.shape(dim)
+        return unsketch(total.detach().to(torch.float32).reshape(rows, cols).clone(), dim, k, sk.seed)
 
     def _rng_for(self, state: State | None) -> tuple[np.random.Generator | None, int | None]:
         if not self.stochastic:

@@ -399,11 +399,6 @@ def build_coordinator(
     if _is_sketch(uplink):
         compat.check_linear(config.server.aggregator, f"compression.uplink = {config.compression.uplink!r}",
                             "it aggregates in sketch space, which only a linear rule (the mean) can do")
-        if config.privacy.secure_aggregation and config.privacy.mode != "central":
-            # The sketch sum would replace the secure sum: the run would say SecAgg and not do it.
-            raise ConfigError(f"compression.uplink = {config.compression.uplink!r} with privacy.secure_aggregation = true: the "
-                              "server sums count sketches in sketch space from each client's sketch, and a secure sum of "
-                              "sketches is not built; use a quantizing or top-k uplink with secure aggregation, or a sketch without it")
     _check_scaffold(config, uplink)
     personalization = build_personalization_part(config, learner)  # over gRPC the clients run it (commands.client)
     device = Device(learner, uplink, downlink, seed=config.seed, adaptive=adaptive, personalization=personalization, num_classes=data.num_classes)
@@ -449,7 +444,7 @@ def build_coordinator(
         monitoring.telemetry = PrivateTelemetryHook(privacy.telemetry)  # after the guardrail, before the exporter
     hierarchy = _hierarchy(config, data.num_clients, uplink, privacy)
     try:
-        pipeline = build_pipeline(aggregator, privacy=privacy, sketch_dim=learner.spec.dim if _is_sketch(uplink) else None,
+        pipeline = build_pipeline(aggregator, privacy=privacy, sketch=uplink if _is_sketch(uplink) else None, dim=learner.spec.dim,
                                   hierarchy=hierarchy, what=f"server.aggregator = {config.server.aggregator!r}")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
@@ -568,8 +563,6 @@ def _hierarchy(config: RunConfig, population: int, uplink, privacy):
                + compat.missing("aggregator", config.server.aggregator, "linear"))
     elif config.model.heterofl:
         why = "HeteroFL averages each coordinate over the clients whose width covers it, not through regional sums"
-    elif _is_sketch(uplink):
-        why = "count-sketch uplinks are already summed in sketch space"
     elif privacy is not None and (privacy.central is not None or privacy.secure is not None):
         why = "central DP and secure aggregation are applied at the root over individual updates in this simulation"
     if why:

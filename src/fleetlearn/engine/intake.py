@@ -8,7 +8,7 @@ shape of an uplink payload is a feature's business:
 
 - `UpdateDecoder`: the uplink chain at the model's dimension (the default);
 - `SketchDecoder`: count-sketch payloads are only checked here (they are summed in
-  sketch space by the pipeline's `SketchSumStage`), so they have no norm;
+  sketch space by the pipeline's `SketchSpaceStage`), so they have no norm;
 - `SubModelDecoder`: HeteroFL clients send their own sub-model, embedded here into
   the global vector (the learner says each client's size and where it sits);
 - `ClusterDecoder`: clustered FL clients send one tagged block of the stacked models,
@@ -101,9 +101,8 @@ class SketchDecoder(UpdateDecoder):
         return out.zero_()
 
     def decode(self, update: Update) -> torch.Tensor:
-        from ..compression import read_sketch
-
-        read_sketch(update.payload, dim=self.dim)  # checked now, summed in sketch space later
+        # Checked now (a sketch of another shape is refused here, alone), summed in sketch space later.
+        self.uplink.summand(update.payload, self.dim)
         return torch.zeros(self.dim)
 
 

@@ -344,7 +344,7 @@ class CentralDP:
             if secure.quantizer.clip_range < 1.0 or slack >= 0.5:
                 raise ValueError(f"secure aggregation under central DP needs clip_range >= 1 and a fine quantizer (L2 rounding error {slack:.3g})")
             recipe = RowRecipe(clip_norm=c * (1.0 - slack), scale=1.0 / c, indicator_norm=c if self.adaptive is not None else 0.0)
-            s, _res = secure.remote_sum(round, client_ids, recipe)
+            s, _res = secure.remote_sum(round, client_ids, recipe, dim=d)
             s = s.to(torch.float64)
             total = s[:d] * c
             centered = float(s[d]) if self.adaptive is not None else 0.0

@@ -1087,9 +1087,11 @@ class SecureAggregation:
     def rounding(self) -> str:
         return self.quantizer.rounding
 
-    def remote_sum(self, round: int, client_ids, recipe: RowRecipe, weights=None) -> tuple[torch.Tensor, RemoteSum]:
+    def remote_sum(self, round: int, client_ids, recipe: RowRecipe, weights=None, dim: int | None = None) -> tuple[torch.Tensor, RemoteSum]:
         """The dequantized sum of the clients' rows, each client masking its own row
-        (`recipe` applied on its device): the server never holds an individual row."""
+        (`recipe` applied on its device): the server never holds an individual row.  `dim`:
+        the entries of the vector each client holds (None: the model's; a count-sketch
+        uplink's clients hold their tables, `CodecChain.summand`)."""
         if self.remote is None:
             raise ValueError("secure aggregation has no remote half: the rows are here, use sum()")
         ids = [int(c) for c in client_ids]
@@ -1098,7 +1100,7 @@ class SecureAggregation:
             raise ValueError(f"{len(ids)} clients exceed the quantizer's headroom (max_clients = {self.quantizer.max_clients})")
         self.last_remote = None
         try:
-            res = self.remote.secure_sum(int(round), ids, w, recipe, self)
+            res = self.remote.secure_sum(int(round), ids, w, recipe, self, dim=dim)
         except SecAggError as exc:  # too many dropouts, a wrong share: the round fails, model unchanged
             raise ValueError(f"secure aggregation failed: {exc}") from None
         self.last_remote = res
@@ -1139,7 +1141,7 @@ class SecureAggregation:
         if self.remote is not None:
             w = np.asarray(weights if weights is not None else np.ones(len(client_ids)), dtype=np.float64)
             w = w / w.sum()
-            total, res = self.remote_sum(round, client_ids, RowRecipe(), w)
+            total, res = self.remote_sum(round, client_ids, RowRecipe(), w, dim=int(torch.as_tensor(updates).shape[1]))
             alive = np.isin(np.asarray(client_ids), np.asarray(res.survivors, dtype=np.int64))
             return (total / float(w[alive].sum())).to(torch.float32)
         u = torch.as_tensor(updates)

@@ -721,7 +721,7 @@ class FleetClient:
             return await call
 
         try:
-            self.report.secagg.append({"round": round, **await take_part(cid, round, update, step, self.learner.spec.dim + 1)})
+            self.report.secagg.append({"round": round, **await take_part(cid, round, update, step, max(self.learner.spec.dim, len(update)) + 1)})
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.NOT_FOUND:
                 raise  # the server forgot this session: register again

@@ -168,8 +168,6 @@ def _show(value: Any) -> str:
 def check_secagg_over_grpc(config: RunConfig) -> None:
     """Secure aggregation over gRPC: the clients mask their own rows, so the server has no
     individual update to compute anything per client from.  Refuse what would need one."""
-    from ...compression import CountSketch, parse_chain
-
     why = None
     if config.privacy.mode == "central" and config.server.aggregator != "mean":
         why = (f"server.aggregator = {config.server.aggregator!r} under central DP needs each client's contribution on the "
@@ -180,8 +178,6 @@ def check_secagg_over_grpc(config: RunConfig) -> None:
                "on the server, where only the masked sum arrives; bound contributions on the device with privacy.mode = 'central'")
     elif config.server.clustering != "none":
         why = "clustered FL sends one block of the stacked models per client, which the masked sum cannot carry"
-    elif isinstance(getattr(parse_chain(config.compression.uplink), "support", None), CountSketch):
-        why = "count-sketch uplinks are summed in sketch space by the server from individual sketches"
     elif config.compression.adaptive:
         why = "adaptive compression measures each client's upload; under secure aggregation nothing is uploaded in clear"
     if why:

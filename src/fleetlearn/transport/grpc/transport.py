@@ -274,13 +274,15 @@ class GrpcTransport(TransportBase):
         """With `secagg` the clients mask their own rows: this transport runs the stages."""
         return self if self.requirements.secagg else None
 
-    def secure_sum(self, round: int, clients: Sequence[int], weights: Sequence[float], recipe: Any, secure: Any) -> Any:
+    def secure_sum(self, round: int, clients: Sequence[int], weights: Sequence[float], recipe: Any, secure: Any,
+                   dim: int | None = None) -> Any:
         """Run round `round`'s secure aggregation with `clients` (each told its public weight
-        and `recipe`); each of its five stages gets the round's deadline.  Returns
+        and `recipe`); each of its five stages gets the round's deadline.  `dim`: the entries
+        of the vector each client holds (None: the model's).  Returns
         `privacy.secagg.RemoteSum`; raises SecAggError when the round cannot complete."""
         if self.requirements.dim is None:
             raise ValueError("secure aggregation over gRPC needs the model's ParamSpec (spec=...)")
-        dim = recipe.width(self.requirements.dim)
+        dim = recipe.width(self.requirements.dim if dim is None else int(dim))
         stage_s = self._stage_s
         return self._call(self.server.run_secagg(round, list(clients), list(weights), recipe, secure, dim, stage_s),
                           timeout=6 * stage_s + 60)
