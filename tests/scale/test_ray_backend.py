@@ -121,6 +121,7 @@ PARITY = {
     "secagg_central_dp": {"privacy": {"mode": "central", "secure_aggregation": True, "noise_multiplier": 0.5,
                                       "clip_norm": 1.0}, "server": {"selector": "poisson"}},
     "local_dp": {"privacy": {"mode": "local", "noise_multiplier": 0.3, "clip_norm": 1.0}},
+    "sketch_secagg": {"compression": {"uplink": "sketch:50"}, "privacy": {"secure_aggregation": True}},
     "probes": {"probes": {"clients": 2}},
 }
 
