@@ -1141,7 +1141,8 @@ class SecureAggregation:
         if self.remote is not None:
             w = np.asarray(weights if weights is not None else np.ones(len(client_ids)), dtype=np.float64)
             w = w / w.sum()
-            total, res = self.remote_sum(round, client_ids, RowRecipe(), w, dim=int(torch.as_tensor(updates).shape[1]))
+            dim = None if updates is None else int(torch.as_tensor(updates).shape[1])  # the placeholder rows' width
+            total, res = self.remote_sum(round, client_ids, RowRecipe(), w, dim=dim)
             alive = np.isin(np.asarray(client_ids), np.asarray(res.survivors, dtype=np.int64))
             return (total / float(w[alive].sum())).to(torch.float32)
         u = torch.as_tensor(updates)
