@@ -1,11 +1,14 @@
 """Compression: what each uplink codec chain buys in bytes, accuracy and simulated time.
 
-    .venv/bin/python benchmarks/compression.py [--dataset auto|digits|fashion_mnist] [--rounds 30]
+    .venv/bin/python benchmarks/compression.py [--dataset auto|default|digits|fashion_mnist] [--rounds 30]
         [--target T] [--fixed-seeds 1] [--first-seed 0] [--chains ...] [--seeds 10] [--uplink-mbps ...]
         [--ladder ...] [--pace-slack 0.05] [--skip-fixed] [--adaptive-only] [--jobs 2]
 
 Fashion-MNIST when its files are installed (Debian's dataset-fashion-mnist), else
-digits; 100 clients, Dirichlet(0.5), cohort 20.  Client settings and target accuracy
+digits; 100 clients, Dirichlet(0.5), cohort 20.  ``--dataset default`` is `fleetlearn run`'s
+own default job instead (digits, its default clients, cohort and rounds unless ``--rounds``).
+A ``--chains`` entry ``target_ratio=R`` runs ``[compression] target_ratio = R`` (the chain
+chosen for the model, compression/budget.py).  Client settings and target accuracy
 per dataset (PRESETS): digits keeps the default client settings and target 0.85;
 Fashion-MNIST (600 samples a client) trains 1 local epoch with batch 32, lr 0.05,
 target 0.75 — both fixed from uncompressed FedAvg's curve before any compressed run.
@@ -49,6 +52,8 @@ LADDER = ["none", "q8", "q4:stochastic", "q2:stochastic", "ef | topk:0.01 | q8"]
 
 
 PRESETS = {
+    # `fleetlearn run`'s own default job (digits, its default clients, rounds and cohort): --dataset default
+    "default": {"client": {}, "target": 0.85, "uplink_mbps": [2.0, 0.5]},
     "digits": {"client": {}, "target": 0.85, "uplink_mbps": [2.0, 0.5]},
     "fashion_mnist": {"client": {"local_epochs": 1, "batch_size": 32, "lr": 0.05}, "target": 0.75, "uplink_mbps": [10.0, 2.0]},
 }
@@ -58,6 +63,13 @@ def pick_dataset(name: str) -> str:
     if name != "auto":
         return name
     return "fashion_mnist" if Path("/usr/share/datasets/fashion-mnist").is_dir() else "digits"
+
+
+def compression_of(chain: str) -> dict:
+    """A first-block entry: an uplink chain, or ``target_ratio=R`` (the chain chosen for the model)."""
+    if chain.startswith("target_ratio="):
+        return {"target_ratio": float(chain.split("=", 1)[1])}
+    return {"uplink": chain}
 
 
 def run(cfg: dict) -> tuple[float, int, float, float, float]:
@@ -78,7 +90,7 @@ def run_all(cfgs: list[dict], jobs: int) -> list[tuple]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", choices=["auto", *PRESETS], default="auto")
-    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=None, help="default 30 (--dataset default: the job's own)")
     ap.add_argument("--target", type=float, default=None, help="accuracy to reach (default: the dataset's preset)")
     ap.add_argument("--seeds", type=int, default=10, help="seeds per policy in the mixed_fleet blocks (0: skip them)")
     ap.add_argument("--fixed-seeds", type=int, default=1, help="seeds per chain in the first (uniform fleet) block")
@@ -95,15 +107,20 @@ def main() -> None:
     preset = PRESETS[name]
     target = preset["target"] if args.target is None else args.target
     uplinks = preset["uplink_mbps"] if args.uplink_mbps is None else args.uplink_mbps
-    data = {"dataset": name, "clients": 100, "partition": "dirichlet", "alpha": 0.5}
+    data = {"dataset": name, "clients": 100, "partition": "dirichlet", "alpha": 0.5} if name != "default" else {}
     common = {"data": data, "client": preset["client"], "target": target}
+    if name == "default":
+        server = {} if args.rounds is None else {"rounds": args.rounds}
+    else:
+        args.rounds = args.rounds or 30
+        server = {"rounds": args.rounds, "cohort": 20}
     print(f"dataset {name}, {args.rounds} rounds, target {target}, client {preset['client'] or 'defaults'}")
     if not args.skip_fixed:
         fs = list(range(args.first_seed, args.first_seed + args.fixed_seeds))
         print(f"uniform fleet, seeds {fs}; uplink bytes, final acc and time to target are means over the seeds")
         print(f"{'uplink chain':<28} {'uplink bytes':>13} {'ratio':>8} {'final acc':>10} {'diff pp':>8} {'sim s to target':>16}"
               + ("  diff pp per seed" if len(fs) > 1 else ""))
-        rows = run_all([{**common, "seed": sd, "server": {"rounds": args.rounds, "cohort": 20}, "compression": {"uplink": c}}
+        rows = run_all([{**common, "seed": sd, "server": server, "compression": compression_of(c)}
                         for c in args.chains for sd in fs], args.jobs)
         cols = [np.array(col, dtype=np.float64) for col in zip(*rows)]
         acc, up, _, tt = (c.reshape(len(args.chains), len(fs)) for c in cols)
@@ -125,7 +142,7 @@ def main() -> None:
         print(f"mixed_fleet, uplink median {mbps:g} Mbit/s, deadline 2 s, over-selection 1.3, seeds {seeds}; ladder {' ; '.join(ladder)}")
         print(f"{'policy':<24} {'uplink MB':>10} {'final acc':>10} {'mean round s':>13} {'s to target, per seed':>32} {'mean':>7}")
         fleet = {"profile": "mixed_fleet", "spread": 1.0, "uplink_mbps": mbps}
-        server = {"rounds": args.rounds, "cohort": 20, "deadline_s": 2.0, "over_selection": 1.3}
+        server = {"rounds": args.rounds or 30, "cohort": 20, "deadline_s": 2.0, "over_selection": 1.3}
         cfgs = [{**common, "seed": sd, "server": server, "devices": fleet, "compression": comp} for comp in policies.values() for sd in seeds]
         results = run_all(cfgs, args.jobs)
         for i, label in enumerate(policies):

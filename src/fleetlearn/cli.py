@@ -226,7 +226,7 @@ def _print_summary(console: Console, s: RunSummary) -> None:
         ("final loss", _fmt(s.final_loss)),
         ("uplink", _bytes(s.uplink_bytes)),
         ("downlink", _bytes(s.downlink_bytes)),
-        ("compression ratio", _fmt(s.compression_ratio, ".2f")),
+        ("compression ratio", _fmt(s.compression_ratio, ".2f") + (f" ({s.uplink_chain})" if s.uplink_chain not in ("", "none") else "")),
         ("simulated time", f"{s.sim_seconds:.1f} s"),
         ("wall time", f"{s.wall_seconds:.2f} s"),
     ]

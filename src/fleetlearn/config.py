@@ -524,6 +524,20 @@ class CompressionConfig(Section):
     ladder: list[str] = Field(default_factory=lambda: ["none", "q8", "q4:stochastic", "q2:stochastic", "ef | topk:0.16,block=16 | q2 | zstd"])
     upload_budget_s: float | None = Field(default=None, gt=0)
     pace_slack: float = Field(default=0.05, ge=0, le=10)
+    # A compression ratio to meet: the uplink chain is chosen for the run's model so that
+    # every update is at most 4 d / target_ratio bytes (compression.budget.chain_for_ratio:
+    # ef | block top-k | q2 | zstd | budget:N); leave uplink = "none".  Recorded per update
+    # (ClientRecord.codec) and in the summary.
+    target_ratio: float | None = Field(default=None, gt=1, le=1e6, allow_inf_nan=False)
+
+    def uplink_for(self, dim: int) -> str:
+        """The uplink chain in force for a model of `dim` parameters: `uplink`, or the chain
+        `target_ratio` chooses (ValueError when the model cannot reach that ratio)."""
+        if self.target_ratio is None:
+            return self.uplink
+        from .compression.budget import chain_for_ratio
+
+        return chain_for_ratio(self.target_ratio, int(dim))
 
     @field_validator("ladder")
     @classmethod
@@ -978,6 +992,10 @@ class RunConfig(Section):
                 raise ValueError(f"compression.adaptive chooses the uplink chain from compression.ladder; leave compression.uplink = 'none' (got {comp.uplink!r})")
             if not comp.ladder:
                 raise ValueError("compression.ladder must list at least one chain")
+        if comp.target_ratio is not None and (comp.adaptive or comp.uplink.strip() not in ("", "none")):
+            what = "compression.adaptive = true" if comp.adaptive else f"compression.uplink = {comp.uplink!r}"
+            raise ValueError(f"compression.target_ratio = {comp.target_ratio:g} chooses the uplink chain for the model; {what} "
+                             "chooses it too: set one of them")
         if self.server.partial_work and self.server.deadline_s is None:
             raise ValueError("server.partial_work needs a deadline: set server.deadline_s")
         if self.data.examples_per_client is not None and self.data.partition != "iid":

@@ -202,6 +202,9 @@ class RunSummary:
     dp_sampling: str = ""
     # Binary tasks (spam detection): F1 of class 1 on the central test set at the last evaluation.
     final_f1: float = math.nan
+    # The uplink chain the run used (compression.uplink, or the one compression.target_ratio
+    # chose for the model); each update's own chain is its ClientRecord.codec.
+    uplink_chain: str = ""
     records: list[RoundRecord] = field(default_factory=list)
 
     def seconds_to(self, accuracy: float) -> float:

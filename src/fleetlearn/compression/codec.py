@@ -23,7 +23,10 @@ whitespace ignored; ``"none"`` or ``""`` is plain float32.  An element is
   ``qB[:block=N][,stochastic]`` (block default 256); ``sign[:block=N]`` (1 bit and
   a mean-|x| scale per block, 0 = one scale for the whole vector).
 - entropy coder: ``zstd[:level=N]`` -- lossless Zstandard coding of the payload
-  body, applied only when it makes the payload smaller (`entropy`); must be last.
+  body, applied only when it makes the payload smaller (`entropy`); must be last
+  (but for ``budget``).
+- byte budget: ``budget:N`` -- every payload at most N bytes: the sparsifier keeps the
+  most entries that fit (`budget`); last, and only with a sparsifier.
 
 Composition: a sparsifier picks indices and hands the kept values, in index
 order, to the value codec (``topk:0.01 | q8`` = top 1 %, values 8-bit
@@ -63,6 +66,7 @@ from ..parts import register_part, table
 from ..params import PayloadError
 from . import wire
 from .base import Stage, new_rng
+from .budget import BUDGET_STATE, ByteBudget, fit
 from .entropy import ZstdCoder
 from .sketch import CountSketch, read_sketch, read_sketch_section, unsketch
 from .sparsify import RandK, Sparsifier, TopK, read_support
@@ -122,6 +126,7 @@ _BUILTIN_CODECS: dict[str, Callable[[list[str], dict[str, str]], Stage]] = {
     "sketch": CountSketch.from_args,
     "ef": ErrorFeedback.from_args,
     "zstd": ZstdCoder.from_args,
+    "budget": ByteBudget.from_args,
 }
 
 
@@ -194,9 +199,11 @@ class CodecChain:
         stages = [c for c in codecs if not isinstance(c, Float32Codec)]
         _validate(stages)
         self.codecs = stages
-        self.ef = bool(stages) and stages[0].role == "ef"
-        self.entropy: ZstdCoder | None = stages[-1] if stages and stages[-1].role == "entropy" else None  # type: ignore[assignment]
-        body = stages[1:] if self.ef else stages
+        self.budget: ByteBudget | None = stages[-1] if stages and stages[-1].role == "budget" else None  # type: ignore[assignment]
+        core = stages[:-1] if self.budget is not None else stages
+        self.ef = bool(core) and core[0].role == "ef"
+        self.entropy: ZstdCoder | None = core[-1] if core and core[-1].role == "entropy" else None  # type: ignore[assignment]
+        body = core[1:] if self.ef else core
         self.support: Sparsifier | CountSketch | None = next((c for c in body if c.role in ("sparsifier", "sketch")), None)
         self.value: ValueCodec = next((c for c in body if c.role == "value"), Float32Codec())  # type: ignore[assignment]
         self.stochastic = any(c.stochastic for c in stages)
@@ -224,7 +231,8 @@ class CodecChain:
         if isinstance(self.support, CountSketch):
             return n + self.support.nbytes(dim)
         if isinstance(self.support, Sparsifier):
-            return n + self.support.support_bytes(dim) + self.value.nbytes(self.support.k(dim))
+            est = n + self.support.support_bytes(dim) + self.value.nbytes(self.support.k(dim))
+            return est if self.budget is None else min(est, self.budget.max_bytes)
         return n + self.value.nbytes(dim)
 
     # -- encode / decode -------------------------------------------------------------
@@ -238,9 +246,15 @@ class CodecChain:
                 raise ValueError(f"state[{RESIDUAL!r}] has shape {got}, the vector has shape {tuple(x.shape)}")
             u = _as_vector(x + e.to(torch.float32))
         rng, next_seed = self._rng_for(state)
-        payload = self._encode_plain(u, rng)
-        if self.ef or next_seed is not None:
+        kept = None
+        if self.budget is None:
+            payload = self._encode_plain(u, rng)
+        else:
+            payload, kept = self._encode_budgeted(u, rng, state)
+        if self.ef or next_seed is not None or kept is not None:
             state = dict(state) if state else {}
+            if kept is not None:
+                state[BUDGET_STATE] = torch.tensor(kept, dtype=torch.int64)
             if self.ef:
                 dec = decode_payload(payload)
                 state[RESIDUAL] = torch.sub(u, dec, out=dec)  # reuse the decoded buffer
@@ -294,9 +308,23 @@ class CodecChain:
             return rng, int(rng.integers(0, 2**63 - 1))
         return self._rng, None
 
-    def _encode_plain(self, x: torch.Tensor, rng) -> bytes:
+    def _encode_budgeted(self, u: torch.Tensor, rng, state: State | None) -> tuple[bytes, int]:
+        """`budget:N`: the most entries whose payload fits in N bytes (`budget.fit`)."""
+        sup, d, cap = self.support, u.numel(), self.budget.max_bytes
+        assert isinstance(sup, Sparsifier)  # _validate
+        k_max, unit = max(1, sup.k(d)), sup.block
+        last = state.get(BUDGET_STATE) if state else None
+        if isinstance(last, torch.Tensor) and last.numel() == 1 and 0 < int(last) <= k_max:
+            start, warm = int(last), True
+        else:  # cold: the largest count whose uncompressed size surely fits
+            one, two = (CodecChain([sup.with_count(m * unit), self.value]).estimate_bytes(d) for m in (1, 2))
+            per = max(1, two - one)
+            start, warm = max(unit, (cap - (one - per)) // per * unit), False
+        return fit(lambda k: self._encode_plain(u, rng, sup.with_count(k)), k_max, unit, cap, start, warm)
+
+    def _encode_plain(self, x: torch.Tensor, rng, sup=None) -> bytes:
         d = x.numel()
-        sup = self.support
+        sup = self.support if sup is None else sup
         z = self.entropy.level if self.entropy is not None else None
         if isinstance(sup, CountSketch):
             return wire.assemble(sup.wire_id, wire.VALUE_F32, d, sup.write(x))
@@ -313,6 +341,13 @@ class CodecChain:
 
 def _validate(stages: list[Stage]) -> None:
     spec = " | ".join(c.spec for c in stages)
+    budgets = [i for i, c in enumerate(stages) if c.role == "budget"]
+    if budgets:
+        if budgets != [len(stages) - 1]:
+            raise ValueError(f"'budget' must be the last element of a chain, once (it bounds the finished payload); in {spec!r}")
+        if not any(c.role == "sparsifier" for c in stages):
+            raise ValueError(f"'budget' in {spec!r} needs a sparsifier to adjust (e.g. 'ef | topk:0.2,block=16 | q2 | zstd | budget:384')")
+        stages = stages[:-1]
     for i, c in enumerate(stages):
         if c.role == "ef" and i > 0:
             raise ValueError(f"'ef' must be the first element of a chain (it wraps what follows), found at position {i + 1} in {spec!r}")

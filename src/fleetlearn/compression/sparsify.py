@@ -18,6 +18,8 @@ a partial last block), and the values follow for every expanded entry.
 
 from __future__ import annotations
 
+import copy
+
 import math
 import struct
 
@@ -219,12 +221,19 @@ def read_block_indices(r: Reader, dim: int) -> np.ndarray:
 class Sparsifier(Stage):
     role = "sparsifier"
     wire_id: int
+    block: int = 1  # entries kept together (block top-k sets its own)
 
     def __init__(self, amount: float | int):
         self.amount = amount
 
     def k(self, dim: int) -> int:
         return resolve_amount(self.amount, dim)
+
+    def with_count(self, k: int) -> "Sparsifier":
+        """The same sparsifier keeping `k` entries (a count): what a byte budget tries."""
+        other = copy.copy(self)
+        other.amount = int(k)
+        return other
 
     def scale(self, dim: int, k: int) -> float:
         return 1.0

@@ -383,10 +383,17 @@ def build_coordinator(
     clustering = None
     if config.server.clustering != "none":
         clustering, learner = build_clustering(config, learner, data.num_clients)  # over gRPC: commands.client wraps likewise
+    if config.compression.target_ratio is not None:
+        try:
+            chosen = config.compression.uplink_for(learner.spec.dim)
+        except ValueError as exc:
+            raise ConfigError(f"compression.target_ratio: {exc}") from None
+    else:
+        chosen = config.compression.uplink
     try:
-        uplink = parse_chain(config.compression.uplink)
+        uplink = parse_chain(chosen)
     except ValueError as exc:
-        raise ConfigError(f"compression.uplink = {config.compression.uplink!r}: {exc}") from None
+        raise ConfigError(f"compression.uplink = {chosen!r}: {exc}") from None
     try:
         downlink = parse_chain(config.compression.downlink)
     except ValueError as exc:

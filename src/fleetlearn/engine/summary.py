@@ -22,6 +22,7 @@ def summarize(c, wall_seconds: float) -> RunSummary:
         uplink_bytes=up,
         downlink_bytes=sum(r.downlink_bytes for r in recs),
         compression_ratio=(raw / up) if up else math.nan,
+        uplink_chain=c.uplink.spec,
         sim_seconds=c.clock.now,
         wall_seconds=wall_seconds,
         failed_rounds=sum(r.status == "failed" for r in recs),

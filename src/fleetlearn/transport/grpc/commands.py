@@ -84,7 +84,7 @@ def server_transport(
     if config.probes.clients:
         raise ConfigError(f"probes.clients = {config.probes.clients}: simulated probe devices run in the simulation; over gRPC "
                           "start probe clients as processes (fleetlearn client --probe) and leave probes.clients at 0")
-    wire = _wire_args(config)
+    wire = _wire_args(config, spec.dim if spec is not None else None)
     return GrpcTransport(
         address,
         tokens=TokenStore.open(state_dir),
@@ -109,6 +109,7 @@ def server_transport(
 _WIRE_KEYS = {
     "ladder": "compression.adaptive / compression.ladder",
     "uplink": "compression.uplink",
+    "target_ratio": "compression.target_ratio",
     "downlink": "compression.downlink",
     "features": "client.objective",
     "clustering": "server.clustering",
@@ -117,11 +118,17 @@ _WIRE_KEYS = {
 }
 
 
-def _wire_args(config: RunConfig) -> dict[str, Any]:
-    """The run's protocol settings, fixed for a client when it registers (`RunRequirements`)."""
+def _wire_args(config: RunConfig, dim: int | None = None) -> dict[str, Any]:
+    """The run's protocol settings, fixed for a client when it registers (`RunRequirements`);
+    with the model's `dim`, the uplink chain `compression.target_ratio` chose."""
     comp = config.compression
+    try:
+        uplink = comp.uplink_for(dim) if dim is not None else comp.uplink
+    except ValueError as exc:
+        raise ConfigError(f"compression.target_ratio: {exc}") from None
     return {
-        "uplink": comp.uplink,
+        "uplink": uplink,
+        "target_ratio": comp.target_ratio,
         "downlink": comp.downlink,
         "ladder": tuple(comp.ladder) if comp.adaptive else None,
         "features": ("scaffold",) if config.client.objective == "scaffold" else (),
