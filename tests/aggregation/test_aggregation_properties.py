@@ -200,3 +200,17 @@ def test_gpu_result_stays_on_the_gpu_and_matches_the_cpu(name):
     out = RULES[name](x.cuda(), w.cuda())
     assert out.device.type == "cuda" and out.shape == (5000,)
     torch.testing.assert_close(out.cpu(), RULES[name](x, w), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(AGGREGATORS))
+def test_no_registered_rule_writes_into_its_input(name):
+    """The engine hands a rule the intake's decode matrix itself (no copy): a rule that sorted,
+    clipped or centred its rows in place would corrupt the round's measurements and records."""
+    x = torch.from_numpy(RNG.normal(size=(20, 300)).astype(np.float32))
+    x[:3] *= 50.0  # outliers, so clipping / trimming rules have something to cut
+    w = torch.rand(20, generator=torch.Generator().manual_seed(0)) + 0.5
+    before, w_before = x.clone(), w.clone()
+    part = AGGREGATORS[name]()
+    out = part.aggregate(x, w)
+    assert torch.equal(x, before) and torch.equal(w, w_before), f"{name} wrote into its input"
+    assert out.shape == (300,) and out.data_ptr() != x.data_ptr()

@@ -124,28 +124,30 @@ def test_build_time_refusals_name_the_missing_capability(cfg, match):
         build_coordinator(load_config(cfg), store=False)
 
 
-def _bare_transport() -> None:
-    from fleetlearn.parts import names, register_part
+@pytest.fixture()
+def bare_transport():
+    """A user's own backend that declares no capability, registered for one test only
+    (left registered, it would show up in later tests' "allowed:" lists)."""
+    from fleetlearn.parts import register_part, unregister_part
 
-    if "test_bare" not in names("transport"):
-        register_part("transport", "test_bare", lambda *a: None)
+    register_part("transport", "test_bare", lambda *a: None)
+    yield "test_bare"
+    unregister_part("transport", "test_bare")
 
 
-def test_a_backend_refuses_the_features_it_does_not_carry_by_capability():
+def test_a_backend_refuses_the_features_it_does_not_carry_by_capability(bare_transport):
     # Both built-in backends run the one client device and carry everything; a backend that
     # declares nothing (a user's own) gets each client-side feature refused by name.
-    _bare_transport()
     with pytest.raises(ConfigError, match=r"server.weighting = 'label_importance': engine.backend = 'test_bare' does not carry it.*"
                                           r"\[capability 'client_helpers' missing from transport 'test_bare'\]"):
         build_coordinator(load_config(small(weighting="label_importance") | {"engine": {"backend": "test_bare"}}), store=False)
 
 
-def test_config_time_refusals_name_the_missing_capability():
+def test_config_time_refusals_name_the_missing_capability(bare_transport):
     with pytest.raises(ConfigError, match=r"server.reputation = true needs the flags of server.aggregator = 'dnc'.*capability 'flags_clients'"):
         load_config(small(aggregator="median", reputation=True))
     with pytest.raises(ConfigError, match=r"server.aggregator = 'mifa'.*cannot run with server.mode = 'async' \[capability 'sync_only'"):
         load_config(small(aggregator="mifa", mode="async"))
-    _bare_transport()
     with pytest.raises(ConfigError, match=r"personalization.method = 'ditto'.*engine.backend = 'test_bare'.*capability 'personalization' missing"):
         load_config(SMALL | {"personalization": {"method": "ditto"}, "engine": {"backend": "test_bare"}})
     assert load_config(SMALL | {"personalization": {"method": "ditto"}, "engine": {"backend": "ray"}}).engine.backend == "ray"
