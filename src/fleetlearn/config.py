@@ -535,7 +535,7 @@ class CompressionConfig(Section):
         `target_ratio` chooses (ValueError when the model cannot reach that ratio)."""
         if self.target_ratio is None:
             return self.uplink
-        from .compression.budget import chain_for_ratio
+        from .compression.ratio import chain_for_ratio
 
         return chain_for_ratio(self.target_ratio, int(dim))
 

@@ -8,7 +8,8 @@ import torch
 
 import fleetlearn
 from fleetlearn.compression import decode_payload, needed_capabilities, parse_chain
-from fleetlearn.compression.budget import BUDGET_STATE, chain_for_ratio
+from fleetlearn.compression.budget import BUDGET_STATE
+from fleetlearn.compression.ratio import chain_for_ratio
 from fleetlearn.config import ConfigError, load_config
 from fleetlearn.engine import build_coordinator
 

@@ -8,7 +8,7 @@ never above the chain's own amount.  Sizes are measured, not estimated, so an en
 coder's gain is spent on more entries instead of being left on the table.  The
 payload is an ordinary one: any build decodes it.
 
-`chain_for_ratio(ratio, dim)` is what ``[compression] target_ratio`` runs: the budget
+`compression.ratio.chain_for_ratio(ratio, dim)` is what ``[compression] target_ratio`` runs: the budget
 4 d / ratio bytes (the float32 update over the ratio) on the chain the compression
 benchmarks measured best at >= 100x on Fashion-MNIST, ``ef | topk | block=16 | q2 | zstd``
 (BENCHMARKS.md, "Block top-k"); models too small for blocks of 16 take blocks of 8, 4,
@@ -23,8 +23,8 @@ import math
 from .base import Stage, parse_int
 
 BUDGET_STATE = "budget.k"  # the entries kept in the client's last budgeted payload (int64 scalar)
-RATIO_BLOCKS = (16, 8, 4, 1)  # block sizes `chain_for_ratio` tries, most preferred first
-RATIO_VALUES = "q2"  # the value codec of the chain target_ratio builds
+
+
 MAX_TRIES = 12  # encodes per update at most (a cold start: about log2 of the count range)
 
 
@@ -91,27 +91,3 @@ def fit(encode, k_max: int, unit: int, budget: int, start: int, warm: bool) -> t
         raise ValueError(f"codec 'budget:{budget}': no payload fits"
                          + (f" (the smallest, one {'block' if unit > 1 else 'entry'}, takes {smallest} bytes)" if smallest else ""))
     return sizes[lo], min(k_max, lo * unit)
-
-
-def chain_for_ratio(ratio: float, dim: int) -> str:
-    """The uplink chain ``[compression] target_ratio = ratio`` runs for a model of `dim`
-    parameters: error feedback, block top-k, 2-bit values, zstd, and a byte budget of
-    4 dim / ratio bytes per update (so the ratio holds for every update)."""
-    from .codec import parse_chain
-
-    if not (math.isfinite(ratio) and ratio > 1):
-        raise ValueError(f"target_ratio must be a finite number > 1, got {ratio!r}")
-    budget = int(4 * dim // ratio)
-    best = None
-    for block in RATIO_BLOCKS:
-        if block > 1 and dim < 8 * block:
-            continue
-        opt = f",block={block}" if block > 1 else ""
-        spec = f"ef | topk:1.0{opt} | {RATIO_VALUES} | zstd | budget:{max(budget, 1)}"
-        smallest = parse_chain(f"topk:{block}{opt} | {RATIO_VALUES}").estimate_bytes(dim)  # one block, uncompressed: an upper bound
-        if smallest <= budget:
-            return spec
-        best = smallest if best is None else min(best, smallest)
-    raise ValueError(f"target_ratio = {ratio:g} needs updates of at most {budget} bytes for this model ({dim:,} parameters, "
-                     f"{4 * dim:,} bytes as float32); its smallest payload takes about {best} bytes, so the largest ratio it "
-                     f"can reach is about {4 * dim / max(best or 1, 1):.0f}")

@@ -1,0 +1,32 @@
+"""`chain_for_ratio`: the uplink chain ``[compression] target_ratio`` runs (see `budget`)."""
+
+from __future__ import annotations
+
+import math
+
+from .codec import parse_chain
+
+RATIO_BLOCKS = (16, 8, 4, 1)  # block sizes `chain_for_ratio` tries, most preferred first
+RATIO_VALUES = "q2"  # the value codec of the chain target_ratio builds
+
+
+def chain_for_ratio(ratio: float, dim: int) -> str:
+    """The uplink chain ``[compression] target_ratio = ratio`` runs for a model of `dim`
+    parameters: error feedback, block top-k, 2-bit values, zstd, and a byte budget of
+    4 dim / ratio bytes per update (so the ratio holds for every update)."""
+    if not (math.isfinite(ratio) and ratio > 1):
+        raise ValueError(f"target_ratio must be a finite number > 1, got {ratio!r}")
+    budget = int(4 * dim // ratio)
+    best = None
+    for block in RATIO_BLOCKS:
+        if block > 1 and dim < 8 * block:
+            continue
+        opt = f",block={block}" if block > 1 else ""
+        spec = f"ef | topk:1.0{opt} | {RATIO_VALUES} | zstd | budget:{max(budget, 1)}"
+        smallest = parse_chain(f"topk:{block}{opt} | {RATIO_VALUES}").estimate_bytes(dim)  # one block, uncompressed: an upper bound
+        if smallest <= budget:
+            return spec
+        best = smallest if best is None else min(best, smallest)
+    raise ValueError(f"target_ratio = {ratio:g} needs updates of at most {budget} bytes for this model ({dim:,} parameters, "
+                     f"{4 * dim:,} bytes as float32); its smallest payload takes about {best} bytes, so the largest ratio it "
+                     f"can reach is about {4 * dim / max(best or 1, 1):.0f}")
