@@ -16,7 +16,8 @@ Dirichlet(0.5), cohort 20.  Policies:
 - Oort + deadline: availability-aware selection, the fixed deadline, over-selection 1.3;
 - FedBuff 60/10: 60 clients in flight, a server step every 10 updates, 1/sqrt(1+s)
   staleness weights with the default `staleness_step = "adaptive"`; also with
-  `staleness_step = "fixed"` (the rule before it) and with 20 in flight (the cohort).
+  `staleness_step = "fixed"` (the rule before it), and adaptive with 30 and with 20
+  (the cohort) in flight.
 
 Equal client updates: per seed, every FedBuff run takes round(U / 10) server steps,
 U = the accepted updates of that seed's wait-for-all run (the sum of its records'
@@ -66,6 +67,7 @@ def fedbuff_policies(steps: int) -> dict[str, dict]:
     return {
         "FedBuff 60/10, adaptive": {**fb, "concurrency": 60, "staleness_step": "adaptive"},
         "FedBuff 60/10, fixed (old)": {**fb, "concurrency": 60, "staleness_step": "fixed"},
+        "FedBuff 30/10, adaptive": {**fb, "concurrency": 30, "staleness_step": "adaptive"},
         "FedBuff 20/10, adaptive": {**fb, "concurrency": 20, "staleness_step": "adaptive"},
     }
 
