@@ -371,6 +371,12 @@ class ServerConfig(Section):
     concurrency: int | None = Field(default=None, ge=1)
     buffer_size: int | None = Field(default=None, ge=1)
     staleness_weight: Literal["constant", "sqrt", "inverse"] = "sqrt"  # 1, 1/sqrt(1+s), 1/(1+s)
+    # How the step follows staleness (fleetlearn.engine.fedbuff.StalenessStep): adaptive divides
+    # each update's staleness_weight by the run's mean weight and the step by 1 + the run's mean
+    # staleness (both measured over the updates aggregated so far), so a fleet's delay, not the
+    # weight function's shape, sets the step; fixed uses the weights as they are (the step
+    # shrinks by the buffer's mean weight).
+    staleness_step: Literal["adaptive", "fixed"] = "adaptive"
     max_staleness: int | None = Field(default=None, ge=0)  # older updates are refused
     eval_every: int = Field(default=1, ge=1)
     # Gradual onboarding: at most this many clients never selected before join a round (None: no cap).

@@ -6,7 +6,7 @@ import torch
 
 from fleetlearn.config import ConfigError, load_config
 from fleetlearn.engine import build_coordinator
-from fleetlearn.engine.fedbuff import STALENESS_WEIGHTS
+from fleetlearn.engine.fedbuff import STALENESS_WEIGHTS, StalenessStep
 
 
 def conf(**server):
@@ -53,6 +53,51 @@ def test_staleness_weights():
     assert list(STALENESS_WEIGHTS["constant"](s)) == [1, 1]
     assert list(STALENESS_WEIGHTS["sqrt"](s)) == [1, 0.5]
     assert list(STALENESS_WEIGHTS["inverse"](s)) == [1, 0.25]
+
+
+def test_adaptive_staleness_step_follows_the_delay_not_the_weight_shape():
+    """Under server.staleness_step = 'adaptive' a steady stream of buffers with mean
+    staleness 3 steps at server_lr / (1 + 3) on average whatever s(tau) is, and within a
+    buffer a staler update still gets a smaller scale; 'fixed' is s(tau) as it is."""
+    buf = np.array([0.0, 1.0, 3.0, 8.0])  # mean staleness 3
+    for name in ("constant", "sqrt", "inverse"):
+        rule = StalenessStep("adaptive", STALENESS_WEIGHTS[name])
+        scales = [rule(buf) for _ in range(4)]
+        for g in scales:
+            assert np.allclose(g, scales[0])
+            assert g.mean() == pytest.approx(1 / (1 + 3))
+            if name != "constant":
+                assert np.all(np.diff(g) < 0), f"{name}: staler updates must weigh less"
+            assert np.allclose(g / g[0], STALENESS_WEIGHTS[name](buf))  # relative weights: s(tau)
+    fixed = StalenessStep("fixed", STALENESS_WEIGHTS["sqrt"])
+    assert np.allclose(fixed(buf), STALENESS_WEIGHTS["sqrt"](buf))
+    fresh = StalenessStep("adaptive", STALENESS_WEIGHTS["inverse"])
+    assert list(fresh(np.zeros(5))) == [1.0] * 5  # no staleness: FedAvg's step
+
+
+def test_adaptive_staleness_step_in_a_run_and_after_resume():
+    """The loop scales each step by the rule over every update aggregated before it:
+    replaying the records gives each step's recorded mean scale, and a rule relearned from
+    the first records (what resume does) continues exactly."""
+    c = build_coordinator(load_config({
+        "data": {"clients": 40},
+        "server": {"rounds": 6, "cohort": 4, "mode": "async", "concurrency": 12, "buffer_size": 4},
+        "client": {"local_steps": 2},
+        "devices": {"profile": "mixed_fleet", "slow_fraction": 0.25},
+    }), store=False)
+    c.run()
+    assert c.config.server.staleness_step == "adaptive"
+    stal = [np.array([x.staleness for x in r.clients if x.status == "accepted"], dtype=np.float64) for r in c.records]
+    assert any(s.max() > 0 for s in stal)
+    replay = StalenessStep("adaptive", STALENESS_WEIGHTS["sqrt"])
+    got = [float(replay(s).mean()) for s in stal]
+    assert [r.extra["staleness_scale_mean"] for r in c.records] == pytest.approx(got)
+    assert got[-1] < 1.0  # stale updates: smaller steps than FedAvg's
+    resumed = StalenessStep("adaptive", STALENESS_WEIGHTS["sqrt"])
+    resumed.relearn(c.records[:3])
+    assert [float(resumed(s).mean()) for s in stal[3:]] == pytest.approx(got[3:])
+    with pytest.raises(ConfigError, match="staleness_step"):
+        load_config({"server": {"mode": "async", "staleness_step": "mean"}})
 
 
 def test_async_with_all_dropouts_does_not_hang():

@@ -3,9 +3,23 @@
 `concurrency` clients train at once.  Each reply is validated as it arrives and
 goes into a buffer, weighted by a staleness function s(tau) of how many server
 versions passed since the model it trained on; after `buffer_size` updates the
-server steps with  w <- w + lr * sum_i n_i s(tau_i) delta_i / sum_i n_i  (the
-example-weighted form; with s = 1 it is exactly FedAvg's aggregate), and a new
-client is dispatched for each one that finished.
+server steps with  w <- w + lr * sum_i n_i g_i delta_i / sum_i n_i  (the
+example-weighted form), and a new client is dispatched for each one that finished.
+
+The scale g_i follows `server.staleness_step` (`StalenessStep`):
+
+- "adaptive" (the default): g_i = s(tau_i) / mean(s) / (1 + mean(tau)), the means over
+  every update the run aggregated so far (this buffer included).  Within a buffer a
+  staler update still counts less (s decreases); across the run the mean of g is
+  1 / (1 + mean staleness), so the step shrinks with the measured delay, not with the
+  shape of s.  With `concurrency` clients in flight and a buffer of `buffer_size`, an
+  update is about concurrency / buffer_size - 1 versions old, and stale deltas repeat
+  the moves already made since their base model: steps of the full server_lr then
+  overshoot (constant weights on a 60-in-flight, buffer-10 fleet end near 50%
+  accuracy, benchmarks/stragglers.py).  With no staleness (buffer = concurrency on
+  equal devices) g = 1: exactly FedAvg.
+- "fixed": g_i = s(tau_i), as configured: a step shrinks by the buffer's mean s(tau),
+  so the same s gives a different step on every fleet.
 
 The dispatches overlap: each is a task group the transport keeps open
 (`Transport.open_group`) until its clients replied, and replies of all open groups
@@ -41,13 +55,49 @@ STALENESS_WEIGHTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
+class StalenessStep:
+    """The scale of each buffered update in a FedBuff step (`server.staleness_step`, see
+    the module doc).  Keeps the run's totals of aggregated updates, their staleness and
+    their weights s(tau); `relearn` rebuilds them from the records on resume."""
+
+    def __init__(self, rule: str, weight_fn: Callable[[np.ndarray], np.ndarray]):
+        if rule not in ("adaptive", "fixed"):
+            raise ValueError(f"server.staleness_step must be 'adaptive' or 'fixed', got {rule!r}")
+        self.rule, self.weight_fn = rule, weight_fn
+        self.count, self.weight_sum, self.staleness_sum = 0, 0.0, 0.0
+
+    def relearn(self, records: list[RoundRecord]) -> None:
+        s = np.array([x.staleness for r in records if r.status != "failed"
+                      for x in r.clients if x.status == "accepted"], dtype=np.float64)
+        self.count, self.weight_sum, self.staleness_sum = 0, 0.0, 0.0
+        if s.size:
+            self.add(s, self.weight_fn(s))
+
+    def add(self, staleness: np.ndarray, weights: np.ndarray) -> None:
+        self.count += int(staleness.size)
+        self.weight_sum += float(weights.sum())
+        self.staleness_sum += float(staleness.sum())
+
+    def __call__(self, staleness: np.ndarray) -> np.ndarray:
+        """The scales of one buffer's updates (their staleness in versions); counts them in."""
+        s = np.asarray(staleness, dtype=np.float64)
+        w = np.asarray(self.weight_fn(s), dtype=np.float64)
+        self.add(s, w)
+        if self.rule == "fixed":
+            return w
+        mean_w = self.weight_sum / self.count
+        mean_s = self.staleness_sum / self.count
+        return w / (mean_w * (1.0 + mean_s))
+
+
 class FedBuffLoop:
     def __init__(self, coordinator: Coordinator):
         self.c = coordinator
         srv = coordinator.config.server
         self.concurrency = srv.concurrency or srv.cohort
         self.buffer_size = srv.buffer_size or srv.cohort
-        self.weight_fn = STALENESS_WEIGHTS[srv.staleness_weight]
+        self.scale = StalenessStep(srv.staleness_step, STALENESS_WEIGHTS[srv.staleness_weight])
+        self.scale.relearn(coordinator.records)  # a resumed run goes on with its totals
         self.max_staleness = srv.max_staleness
         self.in_flight: dict[int, Task] = {}
         self.dispatches = 0
@@ -191,7 +241,9 @@ class FedBuffLoop:
         if refusals is not None:
             rec.extra["refusals"] = refusals  # refused messages by reason since the last step (network transports)
         if failed_reason is None:
-            c.aggregate(rec, got, scale=self.weight_fn(s))
+            scale = self.scale(s)
+            rec.extra["staleness_scale_mean"] = float(scale.mean())  # the step's factor on server_lr (equal n_i)
+            c.aggregate(rec, got, scale=scale)
         else:
             rec.status, rec.reason = "failed", failed_reason + "; model unchanged"
         self.buffer, self.others, self.staleness = Collected(), [], []
