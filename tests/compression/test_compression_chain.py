@@ -138,7 +138,7 @@ def test_lossy_flags():
     for spec in ["fp16", "bf16", "q8", "sign", "topk:0.1", "sketch:0.1", "ef | q8"]:
         assert parse_chain(spec).lossy, spec
     assert not parse_chain("zstd").lossy and parse_chain("q8 | zstd").lossy
-    assert set(CODECS) == {"none", "fp16", "bf16", "q8", "q4", "q2", "sign", "topk", "randk", "sketch", "ef", "zstd"}
+    assert set(CODECS) == {"none", "fp16", "bf16", "q8", "q4", "q2", "sign", "topk", "randk", "sketch", "ef", "zstd", "budget"}
 
 
 # -- contract ------------------------------------------------------------------------------

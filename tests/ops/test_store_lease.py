@@ -34,15 +34,18 @@ def _rounds(store: RunStore) -> list[tuple[int, int]]:
 
 def test_a_deposed_leaders_late_commit_is_refused_and_writes_nothing(two_handles):
     a, b = two_handles
-    ta = a.acquire_lease("server-a", ttl=0.4)
+    ta = a.acquire_lease("server-a", ttl=2.0)  # long enough for a loaded CI machine's commit below
     assert ta == 1
-    assert b.acquire_lease("server-b", ttl=0.4) is None  # A's lease is live: B waits
+    assert b.acquire_lease("server-b", ttl=2.0) is None  # A's lease is live: B waits
     params = torch.arange(4, dtype=torch.float32)
     a.commit_round(RoundRecord(round=1, version=1, parent_version=0), params, privacy={"eps": 0.5})
+    assert a.renew_lease()  # the heartbeat: A's lease is surely live for B's attempt
     with pytest.raises(StoreError, match="led by 'server-a'"):  # no lease held: refused while A leads
         b.commit_round(RoundRecord(round=2, version=2, parent_version=1))
-    time.sleep(0.6)  # A stalls past its expiry (a GC pause, a partition from the database)
-    tb = b.acquire_lease("server-b", ttl=30)
+    # A stalls past its expiry (a GC pause, a partition from the database): B takes over then
+    deadline = time.monotonic() + 10
+    while (tb := b.acquire_lease("server-b", ttl=30)) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert tb == ta + 1
     ckpts = sorted(p.name for p in (a.run_dir / "checkpoints").iterdir())
     with pytest.raises(StoreError, match=r"'server-a', fencing token 1\) lost the leader lease \(now held by 'server-b' with token 2\)"):
@@ -84,12 +87,12 @@ def test_an_expired_lease_is_not_renewed_and_a_released_one_is_taken_at_once(two
 
 def test_the_heartbeat_keeps_the_lease_and_a_standby_takes_over_when_it_stops(two_handles):
     a, b = two_handles
-    assert a.acquire_lease("server-a", ttl=0.5) == 1
+    assert a.acquire_lease("server-a", ttl=1.0) == 1
     keeper = LeaseKeeper(a).start()
     got: list = []
-    waiter = threading.Thread(target=lambda: got.append(wait_for_lease(b, "server-b", ttl=0.5, poll=0.05)))
+    waiter = threading.Thread(target=lambda: got.append(wait_for_lease(b, "server-b", ttl=1.0, poll=0.05)))
     waiter.start()
-    time.sleep(1.2)  # more than two ttls: the heartbeat kept A leading
+    time.sleep(1.5)  # more than a ttl: the heartbeat kept A leading
     assert got == [] and a.lease_row()["holder"] == "server-a"
     a.commit_round(RoundRecord(round=1, version=1))
     keeper.stop(release=False)  # A dies without releasing (kill -9): B takes over after the expiry
