@@ -136,3 +136,39 @@ def test_fedbuff_tasks_carry_the_synchronous_task_config():
     coord.run()
     assert seen and all(spec == coord.task_spec((), None) for spec in seen)
     assert seen[0].seed == coord.config.seed and seen[0].partial_work == coord.config.server.partial_work  # async tasks once carried only the fit settings
+
+
+def _flaky(**server):
+    return load_config({
+        "data": {"clients": 40},
+        "server": {"rounds": 6, "cohort": 4, "mode": "async", "concurrency": 12, "buffer_size": 4, **server},
+        "client": {"local_epochs": 1},
+        "devices": {"profile": "mixed_fleet", "dropout": 0.3},
+    })
+
+
+def test_a_fedbuff_task_has_the_runs_deadline_and_a_silent_device_frees_its_slot_then():
+    """Without a deadline a device that went silent holds its slot until the heartbeat timeout
+    (10 s); with `server.deadline_s` each task closes at its deadline, as a network server's
+    task group does: the silent device is dropped then, by name, and its slot trains again."""
+    slow = build_coordinator(_flaky(), store=False)
+    s_slow = slow.run()
+    fast = build_coordinator(_flaky(deadline_s=1.0), store=False)
+    s_fast = fast.run()
+    assert s_fast.rounds == s_slow.rounds == 6
+    late = [x for r in fast.records for x in r.clients if x.status == "dropped" and "deadline" in x.reason]
+    assert late and all(x.reason == "no update before the deadline of 1s" for x in late)
+    assert all(x.arrival_s <= 1.0 for r in fast.records for x in r.clients if x.status == "accepted")
+    assert all(r.deadline_s == 1.0 for r in fast.records)
+    assert not any("deadline" in x.reason for r in slow.records for x in r.clients)
+    # the silent devices' 10 s waits are gone: the same 6 steps take far less simulated time
+    assert fast.records[-1].sim_start_s + fast.records[-1].sim_seconds < 0.5 * (slow.records[-1].sim_start_s + slow.records[-1].sim_seconds)
+
+
+def test_fedbuffs_adaptive_deadline_follows_the_completion_times():
+    c = build_coordinator(_flaky(deadline_policy="adaptive", deadline_quantile=0.9, deadline_margin=2.0), store=False)
+    c.run()
+    assert math.isnan(c.records[0].deadline_s)  # no history yet: the first tasks wait for all
+    assert all(r.deadline_s > 0 and math.isfinite(r.deadline_s) for r in c.records[1:])
+    done = [x.arrival_s for x in c.records[0].clients if x.status == "accepted"]
+    assert c.records[1].deadline_s <= 2.0 * max(done) + 1e-9  # a quantile of what came, times the margin

@@ -46,6 +46,7 @@ from ..records import ClientRecord, RoundRecord
 from ..transport.base import Arrival
 from ..validation import ValidationContext
 from .coordinator import Collected, Coordinator
+from .intake import round_deadline
 from .running import clients_ready
 
 STALENESS_WEIGHTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
@@ -107,6 +108,7 @@ class FedBuffLoop:
         self.others: list[ClientRecord] = []  # dropped / rejected since the last server step
         self.window_start = 0.0
         self.replies_in_window = 0
+        self.deadline: float | None = None  # the last task's deadline
         self.wall_start = time.perf_counter()
 
     def dispatch(self, k: int) -> int:
@@ -119,13 +121,17 @@ class FedBuffLoop:
             return 0
         self.dispatches += 1
         cohort = c.selector.select(free, k, self.dispatches, c.selection_rng(self.dispatches))
+        # Each task has the run's deadline (fixed, or adaptive from recent completion times):
+        # a device silent past it frees its slot then, not after the heartbeat timeout.
+        deadline = round_deadline(c.config.server, c._completions)
+        self.deadline = deadline
         task = Task(
             round=self.dispatches,
             version=c.version,
             payload=c.encoded_params(),
             codec=c.downlink.spec,
-            spec=c.task_spec(cohort, None),  # the same client instructions as a synchronous round (e.g. local DP)
-            deadline_s=None,
+            spec=c.task_spec(cohort, deadline),  # the same client instructions as a synchronous round (e.g. local DP)
+            deadline_s=deadline,
         )
         for cid in cohort:
             self.in_flight[int(cid)] = task
@@ -231,6 +237,9 @@ class FedBuffLoop:
         rec.downlink_bytes = sum(x.downlink_bytes for x in rec.clients)
         rec.sim_seconds = c.clock.now - self.window_start
         arrivals = np.array([x.arrival_s for x in got.accepted])
+        c._completions.append(arrivals)  # the adaptive deadline's history, as in synchronous rounds
+        del c._completions[:-c.config.server.deadline_window]
+        rec.deadline_s = self.deadline if self.deadline is not None else math.nan
         if arrivals.size:
             p50, p90, p99 = np.percentile(arrivals, [50, 90, 99])
             rec.completion_p50_s, rec.completion_p90_s, rec.completion_p99_s = float(p50), float(p90), float(p99)

@@ -112,7 +112,14 @@ class TransportBase:
 
     def open_group(self, task: Task, cohort: Sequence[int], start: float) -> None:
         heap, seq = self._arrival_heap()
+        limit = task.deadline_s
         for reply in self.dispatch(task, cohort):  # type: ignore[attr-defined]
+            if limit is not None and reply.elapsed_s > limit:
+                # The group closes at its deadline, as a network server's does: whoever has not
+                # replied by then is dropped at that moment (a late update is refused there too).
+                msg = reply.message
+                reason = f"no update before the deadline of {limit:.3g}s"
+                reply = Reply(Dropout(msg.client_id, task.round, reason, downlink_bytes=msg.downlink_bytes), limit)
             heapq.heappush(heap, (start + reply.elapsed_s, next(seq), task.round, reply))
 
     def next_arrival(self, timeout_s: float | None = None) -> Arrival | None:
