@@ -71,9 +71,9 @@ def test_the_budget_is_part_of_the_chain_and_checked():
 
 
 def test_chain_for_ratio_sizes_the_budget_from_the_model():
-    assert chain_for_ratio(100, 101_770) == "ef | topk:1.0,block=16 | q2 | zstd | budget:4070"
-    assert chain_for_ratio(100, 9_610) == "ef | topk:1.0,block=16 | q2 | zstd | budget:384"
-    assert chain_for_ratio(4, 60) == "ef | topk:1.0,block=4 | q2 | zstd | budget:60"  # too small for blocks of 16 or 8
+    assert chain_for_ratio(100, 101_770) == "ef | topk:1.0,block=16 | q2:stochastic | zstd | budget:4070"
+    assert chain_for_ratio(100, 9_610) == "ef | topk:1.0,block=16 | q2:stochastic | zstd | budget:384"
+    assert chain_for_ratio(4, 60) == "ef | topk:1.0,block=4 | q2:stochastic | zstd | budget:60"  # too small for blocks of 16 or 8
     with pytest.raises(ValueError, match=r"target_ratio = 5000 needs updates of at most 7 bytes .* largest ratio it can reach is about"):
         chain_for_ratio(5000, 9_610)
 

@@ -7,12 +7,12 @@ import math
 from .codec import parse_chain
 
 RATIO_BLOCKS = (16, 8, 4, 1)  # block sizes `chain_for_ratio` tries, most preferred first
-RATIO_VALUES = "q2"  # the value codec of the chain target_ratio builds
+RATIO_VALUES = "q2:stochastic"  # the value codec of the chain target_ratio builds (unbiased rounding: BENCHMARKS.md, compression)
 
 
 def chain_for_ratio(ratio: float, dim: int) -> str:
     """The uplink chain ``[compression] target_ratio = ratio`` runs for a model of `dim`
-    parameters: error feedback, block top-k, 2-bit values, zstd, and a byte budget of
+    parameters: error feedback, block top-k, 2-bit values with stochastic (unbiased) rounding, zstd, and a byte budget of
     4 dim / ratio bytes per update (so the ratio holds for every update)."""
     if not (math.isfinite(ratio) and ratio > 1):
         raise ValueError(f"target_ratio must be a finite number > 1, got {ratio!r}")
