@@ -85,7 +85,7 @@ def test_bad_chains_are_refused(spec, msg):
 # -- forged zstd bodies (valid magic, version and CRC: only the structural checks stand) --
 def forge(support: int, value: int, dim: int, size: int, frame: bytes) -> bytes:
     body = wire.HEADER.pack(wire.MAGIC, wire.VERSION, support | wire.SUPPORT_ZSTD_FLAG, value, dim) + struct.pack("<I", size) + frame
-    return body + struct.pack("<I", zlib.crc32(body))
+    return body + struct.pack("<I", wire.checksum(body))
 
 
 def test_a_body_larger_than_the_dimension_allows_is_refused_before_decompressing():
@@ -107,7 +107,7 @@ def test_garbage_frame_is_refused():
         decode_payload(forge(wire.SUPPORT_DENSE, wire.VALUE_F32, 10, 40, b"\x28\xb5\x2f\xfd" + b"\x00garbage"))
     body = wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.SUPPORT_ZSTD_FLAG, wire.VALUE_F32, 10) + b"\x01\x02"
     with pytest.raises(PayloadError, match="zstd body length needs 4 bytes"):
-        decode_payload(body + struct.pack("<I", zlib.crc32(body)))
+        decode_payload(body + struct.pack("<I", wire.checksum(body)))
 
 
 def test_a_zstd_coded_sketch_is_refused():
@@ -146,7 +146,7 @@ frame = zstandard.ZstdCompressor().compress(bytes(size))  # zeros: a few KB on t
 # The sender's header claims a dimension whose body bound (16 * dim) admits `size` bytes.
 body = wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.SUPPORT_DENSE | wire.SUPPORT_ZSTD_FLAG, wire.VALUE_F32, 2**28 - 1)
 body += struct.pack("<I", size) + frame
-payload = body + struct.pack("<I", zlib.crc32(body))
+payload = body + struct.pack("<I", wire.checksum(body))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
     decode_payload(payload, dim=1000)

@@ -11,7 +11,7 @@ from compression_helpers import heavy_tailed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fleetlearn.compression import decode_payload, parse_chain, read_sketch, sum_sketches
+from fleetlearn.compression import decode_payload, parse_chain, read_sketch, sum_sketches, wire
 from fleetlearn.params import PayloadError
 
 CHAINS = ["none", "fp16", "bf16", "q8", "q4", "q2:block=5", "sign", "sign:block=7", "topk:0.1", "topk:0.3 | q4", "randk:0.2 | fp16", "topk:0.05 | sign", "sketch:5,cols=40,rows=3", "q8 | zstd", "topk:0.3 | q4 | zstd", "topk:0.3,block=4 | q2 | zstd"]
@@ -38,7 +38,9 @@ def decodes_or_refuses(payload: bytes, dim: int | None = None) -> None:
 
 
 def with_crc(body: bytes) -> bytes:
-    return body + struct.pack("<I", zlib.crc32(body))
+    """`body` + the checksum of its format version (the one in its header when it names one this build reads)."""
+    version = body[2] if len(body) > 2 and body[2] in wire.READS else wire.VERSION
+    return body + struct.pack("<I", wire.checksum(body, version))
 
 
 @given(st.binary(max_size=300))
@@ -54,7 +56,8 @@ def test_random_bodies_behind_a_valid_header_and_crc_never_crash(data):
     # Random content that passes the magic, version and CRC checks exercises every structural check.
     for support in (0, 1, 2, 3, 0x80, 0x81):  # 0x80: the body is zstd-coded
         for value in range(5):
-            decodes_or_refuses(with_crc(b"FL\x01" + bytes([support, value]) + data))
+            for version in wire.READS:
+                decodes_or_refuses(with_crc(b"FL" + bytes([version, support, value]) + data))
 
 
 @given(p=payloads, cut=st.integers(0, 10**6))
@@ -90,7 +93,7 @@ def test_consistent_looking_forgeries_never_crash(p, edits, extra, cut):
     [
         (b"", "shorter than the 13-byte minimum"),
         (b"XX" + bytes(20), "not a fleetlearn codec payload"),
-        (b"FL\x02" + bytes(20), "format version 2"),
+        (b"FL\x09" + bytes(20), "format version 9; this build reads versions 1, 2"),
     ],
 )
 def test_reasons_are_clear(payload, reason):
@@ -101,8 +104,31 @@ def test_reasons_are_clear(payload, reason):
 def test_crc_mismatch_reason():
     p = bytearray(valid_payload("q8", 200))
     p[40] ^= 0xFF
-    with pytest.raises(PayloadError, match="CRC32 mismatch"):
+    with pytest.raises(PayloadError, match=r"checksum \(XXH3\) mismatch .* the payload is corrupted"):
         decode_payload(bytes(p))
+
+
+@pytest.mark.parametrize("spec", ["none", "q8 | zstd", "topk:0.3,block=4 | q2 | zstd", "sketch:5,cols=40,rows=3"])
+def test_version_1_payloads_with_a_crc32_trailer_are_still_read(spec):
+    """Version 2 changed only the trailer (XXH3 instead of CRC32): a version-1 payload (an
+    older client) decodes to the same vector, and its CRC is still checked."""
+    p = valid_payload(spec, 2500)
+    assert p[2] == wire.VERSION == 2
+    v1 = bytearray(p[:-4])
+    v1[2] = 1
+    v1 = bytes(v1) + struct.pack("<I", zlib.crc32(bytes(v1)))
+    if spec.startswith("sketch"):
+        assert torch.equal(read_sketch(v1).table, read_sketch(p).table)
+    else:
+        assert torch.equal(decode_payload(v1), decode_payload(p))
+    bad = bytearray(v1)
+    bad[20] ^= 0x01
+    with pytest.raises(PayloadError, match="CRC32 mismatch"):
+        decode_payload(bytes(bad))
+    future = bytearray(p)
+    future[2] = 3
+    with pytest.raises(PayloadError, match="payload format version 3; this build reads versions 1, 2"):
+        decode_payload(bytes(future))
 
 
 def _reframe(p: bytes, offset: int, fmt: str, value) -> bytes:

@@ -37,7 +37,7 @@ def zstd_bomb(size: int, claimed_dim: int = 2**28 - 1) -> bytes:
     frame = zstandard.ZstdCompressor().compress(bytes(size))
     body = wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.SUPPORT_DENSE | wire.SUPPORT_ZSTD_FLAG, wire.VALUE_F32, claimed_dim)
     body += struct.pack("<I", size) + frame
-    return body + struct.pack("<I", zlib.crc32(body))
+    return body + struct.pack("<I", wire.checksum(body))
 
 
 # -- item 7: decompression bombs are bounded by the receiver's dimension ----------------------

@@ -4,7 +4,7 @@ Every payload is self-describing and checksummed::
 
     offset  size  field
     0       2     magic b"FL"
-    2       1     format version (1)
+    2       1     format version (2; version 1 payloads, with a CRC32 trailer, are still read)
     3       1     support: 0 dense, 1 topk, 2 randk, 3 sketch, 4 topk blocks; bit 7 set: the body
                   (support + value sections) is zstd-coded (see `entropy`)
     4       1     value codec: 0 float32, 1 fp16, 2 bf16, 3 uniform quantizer, 4 sign
@@ -12,14 +12,16 @@ Every payload is self-describing and checksummed::
     9       ...   support section (sparse: k, first index, index coding; topk blocks: block
                   size, then a sparse section over block numbers; sketch: rows, cols, seed, k)
     ...     ...   value section (its own small header, then the coded values)
-    -4      4     CRC32 (zlib.crc32) of every byte before it
+    -4      4     checksum of every byte before it: version 2, the low 32 bits of XXH3-64
+                  (`xxhash`, ~10x faster than zlib's CRC32 on this CPU: at 1000 clients a round
+                  checks 38 MB twice); version 1, CRC32 (zlib.crc32)
 
 A zstd-coded body is: uncompressed length (uint32), then one zstd frame;
 `read_header` decompresses it and hands back a reader over the plain body, so
 the section readers never see the difference.  Given the dimension it expects,
 `read_header` refuses a payload for another one before decompressing anything.
 
-All integers are little-endian.  Decoding checks the magic, the version, the CRC,
+All integers are little-endian.  Decoding checks the magic, the version, the checksum,
 and then that every length announced in the headers matches the bytes present,
 so a truncated, corrupted or inconsistent payload raises `PayloadError` with a
 reason instead of an obscure numpy/struct error or a silently wrong vector.
@@ -32,10 +34,13 @@ import zlib
 from dataclasses import dataclass
 from typing import Iterable
 
+import xxhash
+
 from ..params import PayloadError
 
 MAGIC = b"FL"
-VERSION = 1
+VERSION = 2  # what this build writes
+READS = (1, 2)  # what it reads: 1 = CRC32 trailer, 2 = XXH3-64 (low 32 bits) trailer
 
 HEADER = struct.Struct("<2sBBBI")
 CRC = struct.Struct("<I")
@@ -71,8 +76,15 @@ class Header:
         return SUPPORT_NAMES[self.support]
 
 
+def checksum(data: bytes | bytearray | memoryview, version: int = VERSION) -> int:
+    """The trailer of a payload of format `version` over `data` (every byte before it)."""
+    if version == 1:
+        return zlib.crc32(data)
+    return xxhash.xxh3_64_intdigest(data) & 0xFFFFFFFF
+
+
 def assemble(support: int, value: int, dim: int, parts: Iterable[bytes | bytearray | memoryview], zstd_level: int | None = None) -> bytes:
-    """Header + parts + CRC32 as one bytes object; the CRC is computed part by part (no extra copy).
+    """Header + parts + checksum as one bytes object; the checksum is computed part by part (no extra copy).
 
     With `zstd_level`, the parts are zstd-coded when that makes the payload smaller."""
     if zstd_level is not None:
@@ -86,12 +98,12 @@ def assemble(support: int, value: int, dim: int, parts: Iterable[bytes | bytearr
             parts = [ZSTD_HEAD.pack(len(body)), z]
     head = HEADER.pack(MAGIC, VERSION, support, value, dim)
     chunks: list = [head]
-    crc = zlib.crc32(head)
+    h = xxhash.xxh3_64(head)
     for p in parts:
         if len(p):
-            crc = zlib.crc32(p, crc)
+            h.update(p)
             chunks.append(p)
-    chunks.append(CRC.pack(crc))
+    chunks.append(CRC.pack(h.intdigest() & 0xFFFFFFFF))
     return b"".join(chunks)
 
 
@@ -105,7 +117,7 @@ def as_view(payload: bytes | bytearray | memoryview) -> memoryview:
 
 
 def read_header(payload: bytes | bytearray | memoryview, *, check_crc: bool = True, dim: int | None = None) -> tuple[Header, "Reader"]:
-    """Checks magic, version and CRC; returns the header and a reader positioned after it.
+    """Checks magic, version and checksum; returns the header and a reader positioned after it.
 
     `dim`: the dimension the receiver expects (the model's).  A payload announcing another
     is refused here, before a zstd-coded body is decompressed: the body's bound
@@ -113,17 +125,18 @@ def read_header(payload: bytes | bytearray | memoryview, *, check_crc: bool = Tr
     mv = as_view(payload)
     n = len(mv)
     if n < OVERHEAD:
-        raise PayloadError(f"payload of {n} bytes is shorter than the {OVERHEAD}-byte minimum (header + CRC)")
+        raise PayloadError(f"payload of {n} bytes is shorter than the {OVERHEAD}-byte minimum (header + checksum)")
     magic, version, support, value, payload_dim = HEADER.unpack_from(mv, 0)
     if magic != MAGIC:
         raise PayloadError(f"not a fleetlearn codec payload: magic {bytes(magic)!r}, expected {MAGIC!r}")
-    if version != VERSION:
-        raise PayloadError(f"payload format version {version}; this build reads version {VERSION}")
+    if version not in READS:
+        raise PayloadError(f"payload format version {version}; this build reads versions {', '.join(map(str, READS))}")
     if check_crc:
         (want,) = CRC.unpack_from(mv, n - CRC.size)
-        got = zlib.crc32(mv[: n - CRC.size])
+        got = checksum(mv[: n - CRC.size], version)
         if got != want:
-            raise PayloadError(f"CRC32 mismatch (stored {want:#010x}, computed {got:#010x}): the payload is corrupted")
+            name = "CRC32" if version == 1 else "checksum (XXH3)"
+            raise PayloadError(f"{name} mismatch (stored {want:#010x}, computed {got:#010x}): the payload is corrupted")
     zstd = bool(support & SUPPORT_ZSTD_FLAG)
     support &= ~SUPPORT_ZSTD_FLAG
     if support not in SUPPORT_NAMES:
