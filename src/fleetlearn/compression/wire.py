@@ -40,7 +40,12 @@ from ..params import PayloadError
 
 MAGIC = b"FL"
 VERSION = 2  # what this build writes
-READS = (1, 2)  # what it reads: 1 = CRC32 trailer, 2 = XXH3-64 (low 32 bits) trailer
+# What it reads: each version's checksum trailer (its name in errors, the function over the bytes before it).
+CHECKSUMS = {
+    1: ("CRC32", zlib.crc32),
+    2: ("checksum (XXH3)", lambda data: xxhash.xxh3_64_intdigest(data) & 0xFFFFFFFF),  # low 32 bits of XXH3-64
+}
+READS = tuple(CHECKSUMS)
 
 HEADER = struct.Struct("<2sBBBI")
 CRC = struct.Struct("<I")
@@ -78,9 +83,7 @@ class Header:
 
 def checksum(data: bytes | bytearray | memoryview, version: int = VERSION) -> int:
     """The trailer of a payload of format `version` over `data` (every byte before it)."""
-    if version == 1:
-        return zlib.crc32(data)
-    return xxhash.xxh3_64_intdigest(data) & 0xFFFFFFFF
+    return CHECKSUMS[version][1](data)
 
 
 def assemble(support: int, value: int, dim: int, parts: Iterable[bytes | bytearray | memoryview], zstd_level: int | None = None) -> bytes:
@@ -135,8 +138,7 @@ def read_header(payload: bytes | bytearray | memoryview, *, check_crc: bool = Tr
         (want,) = CRC.unpack_from(mv, n - CRC.size)
         got = checksum(mv[: n - CRC.size], version)
         if got != want:
-            name = "CRC32" if version == 1 else "checksum (XXH3)"
-            raise PayloadError(f"{name} mismatch (stored {want:#010x}, computed {got:#010x}): the payload is corrupted")
+            raise PayloadError(f"{CHECKSUMS[version][0]} mismatch (stored {want:#010x}, computed {got:#010x}): the payload is corrupted")
     zstd = bool(support & SUPPORT_ZSTD_FLAG)
     support &= ~SUPPORT_ZSTD_FLAG
     if support not in SUPPORT_NAMES:

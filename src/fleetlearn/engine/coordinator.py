@@ -164,6 +164,12 @@ class Coordinator:
         entries = (w.task_entry(self, cohort, deadline) for w in self.task_writers)
         return TaskSpec.of(self.fit_config(), *entries, seed=self.config.seed, partial_work=self.config.server.partial_work)
 
+    def note_completions(self, arrivals: np.ndarray) -> None:
+        """Keep one round's (or FedBuff step's) arrival times for the adaptive deadline: the
+        last `server.deadline_window` of them, all that `round_deadline` reads."""
+        self._completions.append(arrivals)
+        del self._completions[:-self.config.server.deadline_window]
+
     def encoded_params(self) -> bytes:
         # The broadcast payload is encoded once per model version.
         vec = self.params
@@ -239,7 +245,7 @@ class Coordinator:
         record.selected = len(cohort)
         record.deadline_s = deadline if deadline is not None else math.nan
         self.intake.filter_relative_norms(got)  # may turn accepted updates into rejected ones: count after it
-        self._completions.append(tally(record, got, self.transport))
+        self.note_completions(tally(record, got, self.transport))
         # Collecting ran the transport's dispatch: its training and encoding are phases of their own.
         trained = float(self.transport.train_wall_seconds) if cohort else 0.0
         encoded = float(self.transport.encode_wall_seconds) if cohort else 0.0

@@ -237,8 +237,7 @@ class FedBuffLoop:
         rec.downlink_bytes = sum(x.downlink_bytes for x in rec.clients)
         rec.sim_seconds = c.clock.now - self.window_start
         arrivals = np.array([x.arrival_s for x in got.accepted])
-        c._completions.append(arrivals)  # the adaptive deadline's history, as in synchronous rounds
-        del c._completions[:-c.config.server.deadline_window]
+        c.note_completions(arrivals)  # the adaptive deadline's history, as in synchronous rounds
         rec.deadline_s = self.deadline if self.deadline is not None else math.nan
         if arrivals.size:
             p50, p90, p99 = np.percentile(arrivals, [50, 90, 99])

@@ -14,6 +14,12 @@ from typing import Iterator, Protocol, Sequence
 from ..messages import Dropout, Task, Update
 
 
+def missed_deadline(deadline_s: float) -> str:
+    """The reason recorded for a client that did not reply before its task's deadline (every
+    transport words it the same way: simulated task groups here, the gRPC server's timers)."""
+    return f"no update before the deadline of {deadline_s:.3g}s"
+
+
 @dataclass(frozen=True)
 class Reply:
     message: Update | Dropout
@@ -118,8 +124,7 @@ class TransportBase:
                 # The group closes at its deadline, as a network server's does: whoever has not
                 # replied by then is dropped at that moment (a late update is refused there too).
                 msg = reply.message
-                reason = f"no update before the deadline of {limit:.3g}s"
-                reply = Reply(Dropout(msg.client_id, task.round, reason, downlink_bytes=msg.downlink_bytes), limit)
+                reply = Reply(Dropout(msg.client_id, task.round, missed_deadline(limit), downlink_bytes=msg.downlink_bytes), limit)
             heapq.heappush(heap, (start + reply.elapsed_s, next(seq), task.round, reply))
 
     def next_arrival(self, timeout_s: float | None = None) -> Arrival | None:

@@ -53,7 +53,7 @@ from ...messages import ClientMetrics, Dropout, Task, Update
 from ...params import ParamSpec
 from ...privacy.secagg import SecAggError
 from ...task_spec import AdaptiveEntry, LabelHistogramEntry
-from ..base import Reply
+from ..base import Reply, missed_deadline
 from . import fleetlearn_pb2 as pb
 from .auth import TokenCheck, TokenStore
 from .chunks import DEFAULT_CHUNK_BYTES, PayloadAssembler, iter_chunks
@@ -1081,13 +1081,13 @@ class FleetServer:
         if rs.open and concurrent:
             self.groups[rs.round] = rs
             rs.timer = asyncio.get_running_loop().call_later(
-                deadline_s, self._end_round, rs, "deadline", f"no update before the deadline of {deadline_s:.3g}s")
+                deadline_s, self._end_round, rs, "deadline", missed_deadline(deadline_s))
         elif rs.open:
             loop = asyncio.get_running_loop()
             if self._deadline_timer is not None:
                 self._deadline_timer.cancel()
             self._deadline_timer = loop.call_later(
-                deadline_s, self._end_round, rs, "deadline", f"no update before the deadline of {deadline_s:.3g}s"
+                deadline_s, self._end_round, rs, "deadline", missed_deadline(deadline_s)
             )
         self._notify()
         return rs
