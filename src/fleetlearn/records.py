@@ -91,20 +91,28 @@ class RoundRecord:
     extra: dict[str, Any] = field(default_factory=dict)  # parts add their measurements here
 
     def to_dict(self, compact: bool = False) -> dict[str, Any]:
-        """JSON-safe.  `compact` (the run store's rows): a client's fields that hold their
-        default value are left out (`from_dict`, and every older reader, which builds the
-        ClientRecord from the keys present, gives them back), about 40% of a round's row."""
+        """JSON-safe.  `compact` (the run store's rows): the clients as columns,
+        ``{"columns": {field: [value per client]}}``, less the fields every client holds at
+        their default (`from_dict` gives them back; it also reads the older list of one dict
+        per client).  A column is one list: at 1,000 clients it is built and JSON-coded in a
+        fifth of the time of 1,000 dicts, and the row is smaller."""
         # Field by field rather than dataclasses.asdict, whose deep copies cost ~60 ms a
         # round at 1,000 clients; a client record's fields are plain values (its one list,
         # label_counts, holds ints), so each is made JSON-safe in one flat pass.
         d = {f.name: _json_safe(getattr(self, f.name)) for f in fields(self) if f.name != "clients"}
-        d["clients"] = [_client_row(c, compact) for c in self.clients]
+        d["clients"] = _client_columns(self.clients) if compact else [_client_row(c) for c in self.clients]
         return d
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RoundRecord":
         known = {f.name for f in fields(cls)}
         kw = {k: _from_json(v) for k, v in d.items() if k in known and k != "clients"}
-        kw["clients"] = [ClientRecord(**{k: _from_json(v) for k, v in c.items()}) for c in d.get("clients", [])]
+        clients = d.get("clients") or []
+        if isinstance(clients, dict):  # compact: columns
+            cols = clients.get("columns") or {}
+            names = [k for k in cols if k in _CLIENT_NAMES]
+            kw["clients"] = [ClientRecord(**dict(zip(names, map(_from_json, row)))) for row in zip(*(cols[k] for k in names))]
+        else:
+            kw["clients"] = [ClientRecord(**{k: _from_json(v) for k, v in c.items()}) for c in clients]
         return cls(**kw)
 
 
@@ -119,8 +127,8 @@ def _json_safe(obj: Any) -> Any:
         return _json_safe(float(obj))
     if isinstance(obj, dict):
         return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (list, tuple)):  # plain values inline: a record's lists hold thousands of floats
+        return [v if (type(v) is float and v - v == 0.0) or type(v) in _PLAIN else _json_safe(v) for v in obj]
     return obj
 
 
@@ -138,19 +146,36 @@ def _default_of(f) -> Any:
     return MISSING
 
 
-# Client fields with a default, and that default (a NaN default matches NaN).
-_CLIENT_DEFAULTS = [(f.name, _default_of(f)) for f in _CLIENT_FIELDS if _default_of(f) is not MISSING]
 
 
-def _client_row(c: "ClientRecord", compact: bool = False) -> dict[str, Any]:
-    """A client record as a JSON-safe dict (its fields, in order; `compact`: less those
-    that hold their default)."""
+_CLIENT_NAMES = frozenset(f.name for f in _CLIENT_FIELDS)
+_PLAIN = (int, str, bool, type(None))
+
+
+def _all_default(col: list, dflt: Any) -> bool:
+    if type(dflt) is float and dflt != dflt:  # a NaN default
+        return all(type(v) is float and v != v for v in col)
+    if dflt is None:
+        return all(v is None for v in col)
+    return all(type(v) is type(dflt) and v == dflt for v in col)
+
+
+def _client_columns(clients: "list[ClientRecord]") -> dict[str, Any]:
+    """The clients' records as JSON-safe columns, less the columns that hold only their default."""
+    cols: dict[str, list] = {}
+    for f in _CLIENT_FIELDS:
+        name = f.name
+        col = [getattr(c, name) for c in clients]
+        dflt = _default_of(f)
+        if dflt is not MISSING and _all_default(col, dflt):
+            continue
+        cols[name] = [v if type(v) in _PLAIN or (type(v) is float and v - v == 0.0) else _json_safe(v) for v in col]
+    return {"columns": cols}
+
+
+def _client_row(c: "ClientRecord") -> dict[str, Any]:
+    """A client record as a JSON-safe dict (its fields, in order)."""
     row = {f.name: getattr(c, f.name) for f in _CLIENT_FIELDS}
-    if compact:
-        for k, dflt in _CLIENT_DEFAULTS:
-            v = row[k]
-            if v is dflt or (type(v) is type(dflt) and (v == dflt or (type(v) is float and v != v and dflt != dflt))):
-                del row[k]
     for k, v in row.items():
         if type(v) is float:
             if v - v != 0.0:

@@ -45,18 +45,31 @@ def test_a_record_survives_the_stores_strict_json():
     assert row["extra"] == {"x": [1.0, "inf"], "y": {"z": None}, "t": [1, 2]}  # nested values: None / "inf" (read with `num`)
 
 
-def test_the_stores_compact_rows_leave_out_defaults_and_read_back_whole():
+def test_the_stores_compact_rows_are_columns_without_all_default_ones_and_read_back_whole():
     import json
 
     from fleetlearn.records import ClientRecord
 
-    clients = [ClientRecord(3, "accepted", num_examples=7, loss_before=0.5, width=0.5, cluster=0),
-               ClientRecord(4, "dropped", "dropout: gone", accuracy=math.nan, label_counts=[2, 0])]
+    clients = [ClientRecord(3, "accepted", num_examples=7, loss_before=0.5, width=0.5, cluster=0, arrival_s=math.inf),
+               ClientRecord(4, "dropped", "dropout: gone", accuracy=math.nan, label_counts=[2, 0], update_norm=math.nan)]
     rec = RoundRecord(round=2, version=2, clients=clients)
     row = json.loads(json.dumps(rec.to_dict(compact=True), allow_nan=False))
-    assert row["clients"][0] == {"client_id": 3, "status": "accepted", "num_examples": 7, "loss_before": 0.5, "width": 0.5, "cluster": 0}
-    assert row["clients"][1] == {"client_id": 4, "status": "dropped", "reason": "dropout: gone", "label_counts": [2, 0]}
+    cols = row["clients"]["columns"]
+    # Only the columns where some client differs from the default; NaN / inf as in every row.
+    assert set(cols) == {"client_id", "status", "reason", "num_examples", "arrival_s", "loss_before", "width", "label_counts", "cluster"}
+    assert cols["client_id"] == [3, 4] and cols["arrival_s"] == ["inf", None] and cols["label_counts"] == [None, [2, 0]]
+    assert cols["loss_before"] == [0.5, None] and cols["width"] == [0.5, 1.0]
     back = RoundRecord.from_dict(row)
     full = RoundRecord.from_dict(json.loads(json.dumps(rec.to_dict(), allow_nan=False)))
     assert repr(back.clients) == repr(full.clients) == repr(clients)  # repr: NaN fields compare as text
     assert len(rec.to_dict()["clients"][0]) == len(ClientRecord.__dataclass_fields__)  # the full form keeps every field
+    assert RoundRecord.from_dict(json.loads(json.dumps(RoundRecord(round=1, version=1).to_dict(compact=True)))).clients == []
+
+
+def test_rows_written_before_the_columns_still_read_back():
+    # The store's earlier compact form: one dict per client, default-valued fields left out.
+    old = {"round": 5, "version": 5, "clients": [{"client_id": 9, "status": "accepted", "num_examples": 3, "arrival_s": "inf"},
+                                                 {"client_id": 2, "status": "dropped", "reason": "gone"}]}
+    back = RoundRecord.from_dict(old)
+    assert [(c.client_id, c.status, c.num_examples, c.reason) for c in back.clients] == [(9, "accepted", 3, ""), (2, "dropped", 0, "gone")]
+    assert back.clients[0].arrival_s == math.inf and math.isnan(back.clients[1].loss_before)

@@ -229,3 +229,31 @@ def test_the_training_losses_come_from_the_training_pass():
     assert torch.allclose(res.delta, p - params, atol=1e-6)
     cut = learner.fit(params, data, hp, seed=4, max_steps=0)
     assert math.isnan(cut.loss_before) and math.isnan(cut.loss_after) and cut.steps == 0
+
+
+def _nan_payload(at: int) -> bytes:
+    """A float32 payload whose value `at` is NaN, with a valid checksum (as a buggy client would send it)."""
+    from fleetlearn.compression import wire
+
+    raw = bytearray(_payload([1.0] * DIM))
+    start = len(raw) - 4 - 4 * DIM  # values, then the 4-byte checksum trailer
+    raw[start + 4 * at: start + 4 * at + 4] = b"\x00\x00\xc0\x7f"
+    raw[-4:] = wire.checksum(raw[:-4]).to_bytes(4, "little")
+    return bytes(raw)
+
+
+def test_a_nan_row_is_refused_by_the_batched_finite_check_or_by_the_decoder_without_it():
+    msgs = [_update(2, _payload([1.0] * DIM)), _update(4, _nan_payload(3)), _update(6, _payload([2.0] * DIM))]
+    intake = _intake()
+    assert intake.decoder.check_finite is False  # the finite validator judges the rows: one pass
+    recs = [client_record(m, 0.0) for m in msgs]
+    out = intake.accept_many(msgs, recs, _ctx())
+    assert [r.status for r in recs] == ["accepted", "rejected", "accepted"]
+    assert recs[1].reason == "finite: non-finite: 1 NaN/inf values (first at index 3)"
+    assert out[1] is None and all(bool(torch.isfinite(v).all()) for v in (out[0], out[2]))
+    # Without a finite validator the decoder keeps its own check: a NaN never reaches aggregation.
+    bare = Intake(UpdateDecoder(CodecChain(), DIM), [v for v in build_validators() if v.name != "finite"])
+    assert bare.decoder.check_finite is True
+    recs = [client_record(m, 0.0) for m in msgs]
+    bare.accept_many(msgs, recs, _ctx())
+    assert recs[1].status == "rejected" and recs[1].reason.startswith("payload:") and "non-finite" in recs[1].reason

@@ -262,10 +262,12 @@ class CodecChain:
                 state[RNG_SEED] = torch.tensor(next_seed, dtype=torch.int64)
         return payload, state
 
-    def decode(self, payload: bytes, dim: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, payload: bytes, dim: int | None = None, out: torch.Tensor | None = None,
+               check_finite: bool = True) -> torch.Tensor:
         """Any valid payload (whatever chain made it) -> (d,) float32; `PayloadError` otherwise.
-        `out`: a (d,) float32 tensor (a row of a cohort's matrix) to decode into; returned."""
-        return decode_payload(payload, dim=dim, out=out)
+        `out`: a (d,) float32 tensor (a row of a cohort's matrix) to decode into; returned.
+        `check_finite`: see `decode_payload`."""
+        return decode_payload(payload, dim=dim, out=out, check_finite=check_finite)
 
     # -- the space linear aggregation sums in ---------------------------------------------
     def summand_width(self, dim: int) -> int:
@@ -449,13 +451,17 @@ def estimate_bytes(spec: str, dim: int) -> int:
     return parse_chain(spec).estimate_bytes(dim)
 
 
-def decode_payload(payload: bytes, dim: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+def decode_payload(payload: bytes, dim: int | None = None, out: torch.Tensor | None = None,
+                   check_finite: bool = True) -> torch.Tensor:
     """Decodes any payload a CodecChain produced; `PayloadError` with the reason otherwise.
 
     Pass `dim` (the model's dimension) when it is known: a payload for another
     dimension is then refused before anything of that size is allocated.  `out` (a
     float32 tensor of the payload's dim, e.g. a row of a cohort's matrix) receives the
-    vector and is returned: a dense float32 payload is read straight into it.
+    vector and is returned: a dense float32 payload is read straight into it, and with
+    `check_finite=False` its values are not checked for NaN / inf here (the caller checks
+    the cohort's rows at once: the intake's finite validator).  Every other payload is
+    always checked (its decoding does arithmetic on the values).
     """
     if out is not None:
         if out.dtype != torch.float32 or out.dim() != 1 or (dim is not None and out.numel() != dim):
@@ -464,7 +470,7 @@ def decode_payload(payload: bytes, dim: int | None = None, out: torch.Tensor | N
     h, r = wire.read_header(payload, dim=dim)  # checks dim before decompressing a zstd body
     if out is not None:
         if h.support == wire.SUPPORT_DENSE and h.value == wire.VALUE_F32:
-            read_f32_into(r, out)
+            read_f32_into(r, out, check_finite)
             r.finish()
             return out
         return out.copy_(decode_payload(payload, dim=dim))

@@ -95,12 +95,13 @@ def _read_f32(r: Reader, n: int) -> torch.Tensor:
     return read_f32_into(r, torch.empty(n, dtype=torch.float32))
 
 
-def read_f32_into(r: Reader, out: torch.Tensor) -> torch.Tensor:
-    """A float32 value section of out.numel() values, read into `out` (contiguous or a row)."""
+def read_f32_into(r: Reader, out: torch.Tensor, check_finite: bool = True) -> torch.Tensor:
+    """A float32 value section of out.numel() values, read into `out` (contiguous or a row).
+    `check_finite=False`: the caller checks the values (a cohort's rows at once)."""
     n = out.numel()
     buf = r.take(4 * n, f"{n} float32 values")
     np.copyto(_np(out), np.frombuffer(buf, dtype="<f4"))
-    return _check_finite_out(out, "float32 section")
+    return _check_finite_out(out, "float32 section") if check_finite else out
 
 
 # -- fp16 / bf16 ---------------------------------------------------------------------

@@ -36,6 +36,7 @@ from ..messages import Dropout, Task, Update
 from ..params import PayloadError
 from ..records import ClientRecord
 from ..validation import ValidationContext
+from ..validation.validators import FiniteValidator
 
 
 @dataclass
@@ -63,6 +64,9 @@ class UpdateDecoder:
     """An uplink payload -> the (d,) update, with the run's uplink chain."""
 
     measures_norm = True  # the decoded vector is the update (its norm is recorded)
+    # Whether `decode_into` checks a dense float32 row for NaN / inf itself; the Intake turns
+    # it off when its finite validator judges the cohort's rows at once (one pass, not one per update).
+    check_finite = True
 
     def __init__(self, uplink, dim: int):
         self.uplink, self.dim = uplink, int(dim)
@@ -75,7 +79,7 @@ class UpdateDecoder:
         (`out`, or a vector of its own when the decoded one is not a float32 (dim,) vector:
         the shape validator then says so).  The run's chain reads a dense payload straight
         into the row."""
-        return self.uplink.decode(update.payload, dim=self.dim, out=out)
+        return self.uplink.decode(update.payload, dim=self.dim, out=out, check_finite=self.check_finite)
 
     def decode_copied(self, update: Update, out: torch.Tensor) -> torch.Tensor:
         """`decode_into` for a decoder whose `decode` builds its own vector: copied into the row."""
@@ -190,6 +194,8 @@ class Intake:
     def __init__(self, decoder: UpdateDecoder, validators: Sequence, norm_filter=None, diverters: Sequence = ()):
         self.decoder = decoder
         self.validators = list(validators)
+        if any(isinstance(v, FiniteValidator) for v in self.validators):
+            decoder.check_finite = False  # the finite validator's `check_rows` sees every row
         self.norm_filter = norm_filter
         self.diverters = list(diverters)  # parts that take some clients' updates (see the module doc)
 

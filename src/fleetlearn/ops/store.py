@@ -662,7 +662,7 @@ class RunStore:
         the privacy ledger after it) atomically."""
         config_hash = self.config_hash  # read before the write transaction (and before any file is written)
         ckpt = self._write_checkpoint(record.version, params, state, meta) if params is not None else None
-        row = record.to_dict(compact=True)  # a client's default-valued fields left out (read back as defaults)
+        row = record.to_dict(compact=True)  # the clients as columns, all-default ones left out (read back as defaults)
         replaced = None
         try:
             with self.engine.begin() as conn:
