@@ -325,6 +325,24 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 # -- fleetlearn server / client / certs / token ----------------------------------------
+def _standby_metrics(mon):
+    """While a standby waits for the leader lease: the run's /metrics endpoint (when it has
+    one) reporting ``fleetlearn_leader 0``, so that "no leader" and "a standby is up" are
+    told apart.  Returns the exporter to stop before the run's own one starts, or None."""
+    if mon.prometheus_port is None:
+        return None
+    from .monitoring.prometheus import PrometheusExporter
+
+    exporter = PrometheusExporter()
+    try:
+        exporter.start(mon.prometheus_port, mon.prometheus_host)
+    except OSError as exc:
+        raise UsageError(f"monitoring.prometheus_port = {mon.prometheus_port}: cannot serve /metrics on "
+                         f"{mon.prometheus_host}:{mon.prometheus_port}: {exc.strerror or exc}") from None
+    exporter.set_leader(False)
+    return exporter
+
+
 def cmd_server(args: argparse.Namespace) -> int:
     """Drive a real fleet over gRPC with the same Coordinator as the simulation (a
     CanaryRollout of two of them when ``[canary] set`` names a candidate)."""
@@ -352,7 +370,12 @@ def cmd_server(args: argparse.Namespace) -> int:
                 # The lease replaces the run directory's flock here: a deposed leader that is still
                 # alive (partitioned from the database) may hold the flock, and it is fenced anyway.
                 console.print(f"fleetlearn server: standby {holder_id} for run {store.run_id}: waiting for the leader lease")
-                token = wait_for_lease(store, holder_id, args.lease_ttl, takeover_only=True)
+                waiting = _standby_metrics(resume_config(store, args.set)[0].monitoring)
+                try:
+                    token = wait_for_lease(store, holder_id, args.lease_ttl, takeover_only=True)
+                finally:
+                    if waiting is not None:
+                        waiting.stop()  # the run's own exporter takes the port when the run starts
                 console.print(f"fleetlearn server: {holder_id} took the leader lease of run {store.run_id} (fencing token {token})")
                 store.sweep()  # what the dead leader left; its late writes are fenced
             cfg, changes = resume_config(store, args.set)
@@ -409,6 +432,9 @@ def cmd_server(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
 
         def lost() -> None:
+            exporter = getattr(getattr(coordinator, "monitoring", None), "exporter", None)
+            if exporter is not None:
+                exporter.set_leader(False)
             console.print(f"fleetlearn server: {holder_id} lost the leader lease of run {run_store.run_id}; "
                           "its next commit is refused (a standby leads now)")
 

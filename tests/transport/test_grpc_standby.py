@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 import sqlalchemy as sa
@@ -61,6 +62,16 @@ def _rounds(url: str, run_id: str) -> list[int]:
         eng.dispose()
 
 
+def _leader_gauge(port: int) -> float | None:
+    """`fleetlearn_leader` as the process on `port` serves it; None while nothing serves."""
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    except OSError:
+        return None
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith("fleetlearn_leader ")]
+    return values[0] if values else None
+
+
 def test_kill_9_the_leader_and_the_standby_takes_over_losing_no_round(postgres_url, tmp_path):
     ref = tmp_path / "ref"  # the uninterrupted run, for comparison
     tokens = _setup(ref, ROUNDS)
@@ -76,12 +87,17 @@ def test_kill_9_the_leader_and_the_standby_takes_over_losing_no_round(postgres_u
         assert leader.poll() is None, leader.communicate()[1][-3000:]
         time.sleep(0.05)
     run_dir = next((ha / "runs").glob("*/config.toml")).parent
-    standby = _server(ha, pb, "--resume", str(run_dir), "--standby")
+    metrics = free_port()  # the standby's /metrics (a resume override: the leader serves none here)
+    standby = _server(ha, pb, "--resume", str(run_dir), "--standby", "--set", f"monitoring.prometheus_port={metrics}")
     clients = _clients(ha, f"127.0.0.1:{pa},127.0.0.1:{pb}", tokens)
     while len(_rounds(postgres_url, run_dir.name)) < 2 and time.time() < deadline:
         assert leader.poll() is None, leader.communicate()[1][-3000:]
         time.sleep(0.02)
     assert standby.poll() is None  # it waited for the lease, serving nothing
+    while _leader_gauge(metrics) is None and time.time() < deadline:
+        assert standby.poll() is None, standby.communicate()[1][-3000:]
+        time.sleep(0.02)
+    assert _leader_gauge(metrics) == 0.0  # a waiting standby says so: "no leader" alerts are not fooled by it
     leader.send_signal(signal.SIGKILL)  # mid-run: the next round's tasks are out
     killed_at = time.monotonic()
     leader.wait()
@@ -90,6 +106,11 @@ def test_kill_9_the_leader_and_the_standby_takes_over_losing_no_round(postgres_u
         assert standby.poll() is None, standby.communicate()[1][-3000:]
         time.sleep(0.02)
     takeover_s = time.monotonic() - killed_at
+    seen = set()
+    while 1.0 not in seen and standby.poll() is None and time.time() < deadline:
+        seen.add(_leader_gauge(metrics))
+        time.sleep(0.01)
+    assert 1.0 in seen, seen  # the new leader reports it while it runs the remaining rounds
     print(f"\nstandby takeover: first committed round {takeover_s:.2f}s after kill -9 of the leader "
           f"(lease ttl {TTL}s, {CLIENTS} clients, round {len(before) + 1})")
     summary = finish(standby, clients)
