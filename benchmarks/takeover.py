@@ -11,7 +11,7 @@ client` processes given both addresses (TLS, tokens), digits, 6 rounds.  Once tw
 committed the leader is killed with SIGKILL while the next round's tasks are out.  Polling the
 run store (every 20 ms), the script records when the standby holds the lease (its fencing
 token changes) and when it commits its first round, both from the kill; and, for scale, the
-median time between two commits before the kill.  Every repeat also checks that no
+median wall time of the rounds committed before the kill (their records' `wall_seconds`).  Every repeat also checks that no
 committed round is lost or repeated (the rounds are 1..6 at the end).
 
 What bounds the takeover: the dead leader's lease must expire (`--lease-ttl`), the standby
@@ -70,14 +70,16 @@ def _fl(*args: str, cwd: Path) -> subprocess.Popen:
                             text=True, cwd=cwd)
 
 
-def _state(url: str, run_id: str) -> tuple[list[int], int | None]:
-    """Committed rounds and the lease's fencing token."""
+def _state(url: str, run_id: str, walls: dict | None = None) -> tuple[list[int], int | None]:
+    """Committed rounds and the lease's fencing token (`walls`: filled with each round's wall seconds)."""
     eng = sa.create_engine(url)
     try:
         with eng.connect() as conn:
-            rounds = [r for (r,) in conn.execute(sa.text("select round from rounds where run_id = :r order by round"), {"r": run_id})]
+            rows = conn.execute(sa.text("select round, wall_seconds from rounds where run_id = :r order by round"), {"r": run_id}).all()
             tok = conn.execute(sa.text("select token from leader_lease where run_id = :r"), {"r": run_id}).scalar()
-            return rounds, tok
+            if walls is not None:
+                walls.update({r: w for r, w in rows})
+            return [r for r, _ in rows], tok
     except sa.exc.ProgrammingError:
         return [], None
     finally:
@@ -108,12 +110,9 @@ def one(url: str, ttl: float, work: Path) -> dict:
         procs += [_fl("client", "--server", f"127.0.0.1:{pa},127.0.0.1:{pb}", "--token", tok, "--config", str(work / "run.toml"),
                       "--client-index", str(i), "--tls-ca", str(work / "certs" / "ca.pem"), "--give-up-after", "300", cwd=work)
                   for i, tok in enumerate(tokens)]
-        commits: dict[int, float] = {}
-        while len(commits) < 2:
-            rounds, token0 = _state(url, run_dir.name)
-            now = time.monotonic()
-            for r in rounds:
-                commits.setdefault(r, now)
+        walls: dict[int, float] = {}
+        while len(walls) < 2:
+            _state(url, run_dir.name, walls)
             if leader.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"the leader stopped: {leader.communicate()[1][-2000:]}")
             time.sleep(0.02)
@@ -138,9 +137,8 @@ def one(url: str, ttl: float, work: Path) -> dict:
         rounds, _ = _state(url, run_dir.name)
         if rounds != list(range(1, ROUNDS + 1)):
             raise RuntimeError(f"committed rounds {rounds}: one lost or repeated")
-        times = sorted(commits.values())
         return {"ttl": ttl, "lease_s": lease_s, "commit_s": commit_s, "killed_after_round": len(before),
-                "round_s": statistics.median(b - a for a, b in zip(times, times[1:])) if len(times) > 1 else None}
+                "round_s": statistics.median(walls.values())}
     finally:
         for p in procs:
             if p.poll() is None:
