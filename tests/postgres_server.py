@@ -88,3 +88,19 @@ def postgres_server(user: str = "fleetlearn") -> Iterator[str]:
             subprocess.run(prefix + [str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True, env=env, timeout=60)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def fresh_database(url: str, prefix: str = "t") -> str:
+    """A new, empty database on the server at `url` (a test's own tables); returns its URL."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    eng = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with eng.connect() as c:
+            c.exec_driver_sql(f"CREATE DATABASE {name}")
+    finally:
+        eng.dispose()
+    return url.rsplit("/", 1)[0] + "/" + name

@@ -691,7 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("config", nargs="?", help="the run's TOML config")
     sv.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
     sv.add_argument("--listen", default="127.0.0.1:7777", help="address to listen on (default 127.0.0.1:7777)")
-    sv.add_argument("--state", default="fleetlearn-state", help="folder with the token store (default fleetlearn-state)")
+    sv.add_argument("--state", default="fleetlearn-state", help="where the client tokens are: a folder (its tokens.db; default fleetlearn-state) or a database URL "
+                    "(postgresql://...: the run store's database, shared by a leader, its standbys and `fleetlearn token`)")
     sv.add_argument("--certs", help="folder with server.pem/server.key (and ca.pem for --mtls) from `fleetlearn certs`")
     sv.add_argument("--mtls", action="store_true", help="require client certificates too")
     sv.add_argument("--insecure", action="store_true", help="serve plaintext (no --certs) on a non-loopback address anyway; "
@@ -759,7 +760,8 @@ def build_parser() -> argparse.ArgumentParser:
     tk = sub.add_parser("token", help="issue, revoke and list client tokens", description="Per-client tokens, stored hashed.")
     tk.add_argument("action", choices=["add", "revoke", "list"])
     tk.add_argument("name", nargs="?", help="the client's name")
-    tk.add_argument("--state", default="fleetlearn-state", help="folder with the token store (default fleetlearn-state)")
+    tk.add_argument("--state", default="fleetlearn-state", help="where the client tokens are: a folder (its tokens.db; default fleetlearn-state) or a database URL "
+                    "(postgresql://...: the run store's database, shared by a leader, its standbys and `fleetlearn token`)")
     tk.add_argument("--rotate", action="store_true", help="replace an existing token of that name")
     tk.set_defaults(func=cmd_token)
 

@@ -16,6 +16,7 @@ import urllib.request
 import pytest
 import sqlalchemy as sa
 import torch
+from postgres_server import fresh_database
 from test_grpc_end_to_end import CONFIG, finish, fl, free_port
 
 from fleetlearn.ops import RunStore
@@ -27,22 +28,24 @@ ROUNDS = 4
 TTL = "2"
 
 
-def _setup(tmp, rounds: int) -> list[str]:
+def _setup(tmp, rounds: int, state: str | None = None) -> list[str]:
+    """The run's folder, certificates and CLIENTS tokens in `state` (default: the folder's own state/)."""
     tmp.mkdir()
+    state = state or str(tmp / "state")
     (tmp / "run.toml").write_text(CONFIG.format(rounds=rounds).replace("clients = 3", f"clients = {CLIENTS}")
                                   .replace("cohort = 3", f"cohort = {CLIENTS}").replace("local_epochs = 2", "local_epochs = 1"))
     assert subprocess.run([sys.executable, "-m", "fleetlearn", "certs", "--out", str(tmp / "certs")], capture_output=True).returncode == 0
     tokens = []
     for i in range(CLIENTS):
-        p = subprocess.run([sys.executable, "-m", "fleetlearn", "token", "add", f"site{i}", "--state", str(tmp / "state")],
+        p = subprocess.run([sys.executable, "-m", "fleetlearn", "token", "add", f"site{i}", "--state", state],
                            capture_output=True, text=True)
         assert p.returncode == 0, p.stderr
         tokens.append(p.stdout.strip())
     return tokens
 
 
-def _server(tmp, port: int, *extra: str):
-    return fl("server", *extra, "--listen", f"127.0.0.1:{port}", "--state", str(tmp / "state"), "--certs", str(tmp / "certs"),
+def _server(tmp, port: int, *extra: str, state: str | None = None):
+    return fl("server", *extra, "--listen", f"127.0.0.1:{port}", "--state", state or str(tmp / "state"), "--certs", str(tmp / "certs"),
               "--min-clients", str(CLIENTS), "--wait-s", "300", "--runs-dir", str(tmp / "runs"), "--lease-ttl", TTL, "--json", cwd=tmp)
 
 
@@ -79,16 +82,17 @@ def test_kill_9_the_leader_and_the_standby_takes_over_losing_no_round(postgres_u
     reference = finish(_server(ref, port, str(ref / "run.toml")), _clients(ref, f"127.0.0.1:{port}", tokens))
 
     ha = tmp_path / "ha"
-    tokens = _setup(ha, ROUNDS)
+    state = fresh_database(postgres_url, "tok")
+    tokens = _setup(ha, ROUNDS, state=state)  # the tokens in the run store's database: both servers read them there
     pa, pb = free_port(), free_port()
-    leader = _server(ha, pa, str(ha / "run.toml"), "--store", postgres_url)
+    leader = _server(ha, pa, str(ha / "run.toml"), "--store", postgres_url, state=state)
     deadline = time.time() + 300
     while not list((ha / "runs").glob("*/config.toml")) and time.time() < deadline:
         assert leader.poll() is None, leader.communicate()[1][-3000:]
         time.sleep(0.05)
     run_dir = next((ha / "runs").glob("*/config.toml")).parent
     metrics = free_port()  # the standby's /metrics (a resume override: the leader serves none here)
-    standby = _server(ha, pb, "--resume", str(run_dir), "--standby", "--set", f"monitoring.prometheus_port={metrics}")
+    standby = _server(ha, pb, "--resume", str(run_dir), "--standby", "--set", f"monitoring.prometheus_port={metrics}", state=state)
     clients = _clients(ha, f"127.0.0.1:{pa},127.0.0.1:{pb}", tokens)
     while len(_rounds(postgres_url, run_dir.name)) < 2 and time.time() < deadline:
         assert leader.poll() is None, leader.communicate()[1][-3000:]

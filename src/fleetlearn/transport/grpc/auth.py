@@ -1,4 +1,7 @@
-"""Per-client tokens, stored hashed in a small SQLite file in the server's state dir.
+"""Per-client tokens, stored hashed: in a small SQLite file in the server's state folder
+(``--state DIR``: ``DIR/tokens.db``), or in a database given by URL (``--state
+postgresql://...``: the run store's database, so that a leader and its standby, and
+`fleetlearn token` anywhere, share one token table).
 
 A token is 32 random bytes (``secrets.token_urlsafe(32)``, 256 bits), drawn again
 when it would start with "-" (`new_token`): ``fleetlearn client --token -x...`` reads
@@ -12,9 +15,10 @@ id the Coordinator sees, so a client keeps its id across server restarts and
 token rotations.  Revoking keeps the row (and the hash) so a revoked token is
 refused as *revoked*, not as unknown.
 
-The server and the ``fleetlearn token`` command may use the same file at the same
-time: the server notices another process's commits (SQLite's ``data_version``) and
-reloads, so a revocation takes effect on the next call.
+The server and the ``fleetlearn token`` command may use the same store at the same
+time: every change also bumps a counter (``token_epoch``) in its transaction, and each
+check reads that counter first and reloads the hash index when it moved, so a revocation
+takes effect on the next call, on SQLite as on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ import hashlib
 import hmac
 import os
 import secrets
-import sqlite3
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,15 +37,27 @@ TOKEN_DB = "tokens.db"
 _HASH_PREFIX = b"fleetlearn-token-v1:"
 MAX_NAME_CHARS = 200
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS tokens (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    name TEXT NOT NULL UNIQUE,
-    token_sha256 TEXT NOT NULL UNIQUE,
-    created_at TEXT NOT NULL,
-    revoked_at TEXT
-)
-"""
+
+def _tables():
+    import sqlalchemy as sa
+
+    md = sa.MetaData()
+    tokens = sa.Table(
+        "tokens", md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("name", sa.Text, nullable=False, unique=True),
+        sa.Column("token_sha256", sa.Text, nullable=False, unique=True),
+        sa.Column("created_at", sa.Text, nullable=False),
+        sa.Column("revoked_at", sa.Text),
+        sqlite_autoincrement=True,  # ids are never reused (as the first tokens.db files had them)
+    )
+    epoch = sa.Table("token_epoch", md, sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+                     sa.Column("n", sa.BigInteger, nullable=False))
+    return md, tokens, epoch
+
+
+def _is_url(where: str | Path) -> bool:
+    return isinstance(where, str) and "://" in where
 
 
 class TokenError(ValueError):
@@ -110,29 +125,59 @@ class TokenStore:
         store.verify(token)                  # -> None
     """
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fresh = not self.path.exists()
+    def __init__(self, where: str | Path):
+        """`where`: the SQLite file, or a database URL (``postgresql://...``, ``sqlite:///...``)."""
+        import sqlalchemy as sa
+        from sqlalchemy.engine import make_url
+
+        self._sa = sa
+        self._md, self._tokens, self._epoch = _tables()
+        if _is_url(where):
+            try:
+                url = make_url(str(where))
+            except sa.exc.ArgumentError:
+                raise TokenError(f"token store {where!r} is not a database URL (e.g. postgresql://user@host:5432/db)") from None
+            self.path = None
+            self.where = url.render_as_string(hide_password=True)
+            engine_url, fresh = url, False
+        else:
+            self.path = Path(where)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fresh = not self.path.exists()
+            self.where = str(self.path)
+            engine_url = f"sqlite:///{self.path.resolve()}"
         self._lock = threading.Lock()
-        # One connection shared by the server's threads, serialised by the lock.
-        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30.0)
-        if fresh:
-            os.chmod(self.path, 0o600)  # hashes only, but nobody else needs to read them
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute(_SCHEMA)
+        try:
+            self._engine = sa.create_engine(engine_url, future=True, pool_pre_ping=self.path is None,
+                                            connect_args={"check_same_thread": False, "timeout": 30.0} if self.path else {})
+            if self.path is not None:
+                with self._engine.connect() as c:
+                    c.exec_driver_sql("PRAGMA journal_mode=WAL")
+                if fresh:
+                    os.chmod(self.path, 0o600)  # hashes only, but nobody else needs to read them
+            self._md.create_all(self._engine)
+            with self._engine.begin() as c:
+                if c.execute(sa.select(self._epoch.c.n).where(self._epoch.c.id == 1)).first() is None:
+                    c.execute(self._epoch.insert().values(id=1, n=0))
+        except sa.exc.IntegrityError:  # another process created the counter a moment ago
+            pass
+        except ImportError as exc:
+            raise TokenError(f"token store {self.where}: its database driver is not installed: {exc}") from None
+        except sa.exc.SQLAlchemyError as exc:
+            raise TokenError(f"cannot open the token store {self.where}: {str(exc.orig if getattr(exc, 'orig', None) else exc).strip()}") from None
         self._by_hash: dict[str, TokenInfo] = {}
-        self._data_version = -1
+        self._seen_epoch = -1
         self._refresh(force=True)
 
     @classmethod
-    def open(cls, state_dir: str | Path) -> "TokenStore":
-        """The token store of a server state directory (``<state_dir>/tokens.db``)."""
-        return cls(Path(state_dir) / TOKEN_DB)
+    def open(cls, state: str | Path) -> "TokenStore":
+        """The token store of a server state folder (``<state>/tokens.db``), or of the database
+        at `state` when it is a URL (``postgresql://...``: the run store's database)."""
+        return cls(state) if _is_url(state) else cls(Path(state) / TOKEN_DB)
 
     def close(self) -> None:
         with self._lock:
-            self._conn.close()
+            self._engine.dispose()
 
     def __enter__(self) -> "TokenStore":
         return self
@@ -142,14 +187,19 @@ class TokenStore:
 
     # -- cache -------------------------------------------------------------------
     def _refresh(self, force: bool = False) -> None:
-        """Reload the hash index if another connection (e.g. another process) committed,
-        or after this connection's own writes (`force`), which data_version does not count."""
-        (version,) = self._conn.execute("PRAGMA data_version").fetchone()
-        if version == self._data_version and not force:
-            return
-        rows = self._conn.execute("SELECT id, name, token_sha256, created_at, revoked_at FROM tokens").fetchall()
+        """Reload the hash index when the change counter moved (a commit by this or another
+        process) or when `force`d."""
+        sa, t = self._sa, self._tokens
+        with self._engine.connect() as conn:  # one read transaction: the counter and the rows agree
+            epoch = conn.execute(sa.select(self._epoch.c.n).where(self._epoch.c.id == 1)).scalar()
+            if epoch == self._seen_epoch and not force:
+                return
+            rows = conn.execute(sa.select(t.c.id, t.c.name, t.c.token_sha256, t.c.created_at, t.c.revoked_at)).all()
         self._by_hash = {h: TokenInfo(i, n, c, r, h) for i, n, h, c, r in rows}
-        self._data_version = version
+        self._seen_epoch = epoch
+
+    def _bump(self, conn) -> None:  # noqa: ANN001
+        conn.execute(self._epoch.update().where(self._epoch.c.id == 1).values(n=self._epoch.c.n + 1))
 
     # -- issuing -----------------------------------------------------------------
     def add(self, name: str, *, rotate: bool = False) -> str:
@@ -166,40 +216,33 @@ class TokenStore:
         if len(set(names)) != len(names):
             raise TokenError("duplicate names in one add_many call")
         out: dict[str, str] = {}
+        sa, t = self._sa, self._tokens
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
+            with self._engine.begin() as conn:  # one transaction
+                self._bump(conn)  # first: takes the write lock (SQLite) / the counter's row lock (PostgreSQL)
                 for name in names:
-                    row = self._conn.execute("SELECT revoked_at FROM tokens WHERE name = ?", (name,)).fetchone()
+                    row = conn.execute(sa.select(t.c.revoked_at).where(t.c.name == name)).first()
                     token = new_token()
                     digest = hash_token(token)
                     if row is None:
-                        self._conn.execute(
-                            "INSERT INTO tokens (name, token_sha256, created_at) VALUES (?, ?, ?)", (name, digest, _now())
-                        )
+                        conn.execute(t.insert().values(name=name, token_sha256=digest, created_at=_now()))
                     elif row[0] is None and not rotate:
                         raise TokenError(f"client {name!r} already has an active token; revoke it first or rotate it")
                     else:
-                        self._conn.execute(
-                            "UPDATE tokens SET token_sha256 = ?, created_at = ?, revoked_at = NULL WHERE name = ?",
-                            (digest, _now(), name),
-                        )
+                        conn.execute(t.update().where(t.c.name == name).values(token_sha256=digest, created_at=_now(), revoked_at=None))
                     out[name] = token
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
             self._refresh(force=True)
         return out
 
     def revoke(self, name: str) -> bool:
         """Revoke `name`'s token; False if it had no active token."""
+        t = self._tokens
         with self._lock:
-            cur = self._conn.execute(
-                "UPDATE tokens SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL", (_now(), name)
-            )
+            with self._engine.begin() as conn:
+                self._bump(conn)
+                n = conn.execute(t.update().where(t.c.name == name, t.c.revoked_at.is_(None)).values(revoked_at=_now())).rowcount
             self._refresh(force=True)
-            return cur.rowcount > 0
+            return n > 0
 
     # -- checking ----------------------------------------------------------------
     def check(self, token: str | None) -> TokenCheck:
@@ -227,8 +270,9 @@ class TokenStore:
         return c.name if c.status == "ok" else None
 
     def client_id(self, name: str) -> int | None:
-        with self._lock:
-            row = self._conn.execute("SELECT id FROM tokens WHERE name = ?", (name,)).fetchone()
+        t = self._tokens
+        with self._lock, self._engine.connect() as conn:
+            row = conn.execute(self._sa.select(t.c.id).where(t.c.name == name)).first()
         return None if row is None else int(row[0])
 
     def list(self) -> list[TokenInfo]:
