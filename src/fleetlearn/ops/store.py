@@ -426,7 +426,8 @@ class RunStore:
     def renew_lease(self) -> bool:
         """Push the held lease's expiry `ttl` seconds on (the heartbeat).  False, and this
         handle no longer holds it, when it was lost: taken over by another holder (a new
-        token) or expired (a deposed leader never gets it back by renewing)."""
+        token; a deposed leader never gets it back by renewing).  A lease that expired
+        without being taken is renewed (see `_fence`)."""
         if self.lease is None:
             return False
         with self.engine.begin() as conn:
@@ -461,16 +462,17 @@ class RunStore:
 
     def _fence(self, conn) -> bool:  # noqa: ANN001
         """Inside a write transaction: True when this handle's lease is still current (same
-        holder, same token, not expired), pushing its expiry on.  A conditional UPDATE: on
-        PostgreSQL it holds the lease row's lock until the transaction ends, so a takeover
-        either happened before (this fails) or waits for this commit and then finds the
-        expiry pushed on; on SQLite the write lock serialises the same way."""
+        holder, same token), pushing its expiry on.  A conditional UPDATE: on PostgreSQL it
+        holds the lease row's lock until the transaction ends, so a takeover either happened
+        before (this fails) or waits for this commit and then finds the expiry pushed on; on
+        SQLite the write lock serialises the same way.  An expired lease that nobody took is
+        still this holder's (a heartbeat late under load, a pause): no other process can have
+        written since, because writing needs the lease and taking it changes the token."""
         holder, token = self._lease  # type: ignore[misc]
         now = self._db_now()
         return bool(conn.execute(
             update(leader_lease)
-            .where(leader_lease.c.run_id == self.run_id, leader_lease.c.holder == holder,
-                   leader_lease.c.token == token, leader_lease.c.expires_at >= now)
+            .where(leader_lease.c.run_id == self.run_id, leader_lease.c.holder == holder, leader_lease.c.token == token)
             .values(expires_at=now + self._lease_ttl)
         ).rowcount)
 
