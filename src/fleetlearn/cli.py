@@ -325,6 +325,21 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 # -- fleetlearn server / client / certs / token ----------------------------------------
+def _standby_endpoint(args: argparse.Namespace, run_id: str):
+    """While a standby waits for the lease, its address answers clients "not leading yet,
+    retry after" (`transport/grpc/standby.py`): they keep their backoff short and reach it
+    moments after it takes over."""
+    from .transport.grpc.certs import ServerTls
+    from .transport.grpc.standby import StandbyEndpoint
+
+    tls = ServerTls.from_dir(args.certs, mutual=args.mtls) if args.certs else None
+    retry = min(0.5, max(0.05, args.lease_ttl / 10))  # the standby's own poll for the lease
+    try:
+        return StandbyEndpoint(args.listen, tls, retry, f"standby for run {run_id}: not leading yet; retry or use the leader").start()
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise UsageError(f"--listen {args.listen}: cannot listen while standing by: {exc}") from None
+
+
 def _standby_metrics(mon):
     """While a standby waits for the leader lease: the run's /metrics endpoint (when it has
     one) reporting ``fleetlearn_leader 0``, so that "no leader" and "a standby is up" are
@@ -371,11 +386,13 @@ def cmd_server(args: argparse.Namespace) -> int:
                 # alive (partitioned from the database) may hold the flock, and it is fenced anyway.
                 console.print(f"fleetlearn server: standby {holder_id} for run {store.run_id}: waiting for the leader lease")
                 waiting = _standby_metrics(resume_config(store, args.set)[0].monitoring)
+                endpoint = _standby_endpoint(args, store.run_id)
                 try:
                     token = wait_for_lease(store, holder_id, args.lease_ttl, takeover_only=True)
                 finally:
                     if waiting is not None:
                         waiting.stop()  # the run's own exporter takes the port when the run starts
+                    endpoint.stop()  # and the run's server the address
                 console.print(f"fleetlearn server: {holder_id} took the leader lease of run {store.run_id} (fencing token {token})")
                 store.sweep()  # what the dead leader left; its late writes are fenced
             cfg, changes = resume_config(store, args.set)

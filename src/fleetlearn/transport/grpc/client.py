@@ -401,9 +401,12 @@ class FleetClient:
                         raise ClientRefused(code, problem) from None  # a certificate does not fix itself
                     if self.give_up_after_s is not None and time.monotonic() - last_ok > self.give_up_after_s:
                         raise _Stop(f"gave_up: no answer from {','.join(self.servers)} for {self.give_up_after_s:.0f}s ({code.name}: {details})")
-                    # The backoff grows once per pass over the address list, not per address.
-                    delay = self.backoff.delay(failures // len(self.servers), self._rng)
-                    failures += 1
+                    hint = _retry_after(exc) if code == grpc.StatusCode.UNAVAILABLE and isinstance(exc, grpc.aio.AioRpcError) else None
+                    if hint is not None:  # a live server asked us back (a standby waiting to lead): the backoff starts over
+                        delay, failures = hint, 0
+                    else:  # the backoff grows once per pass over the address list, not per address
+                        delay = self.backoff.delay(failures // len(self.servers), self._rng)
+                        failures += 1
                     if len(self.servers) > 1 and code == grpc.StatusCode.UNAVAILABLE:
                         await fail_over()
                     self.report.retries += 1
