@@ -24,7 +24,7 @@ from fleetlearn.ops import RunStore
 pytestmark = pytest.mark.slow
 
 CLIENTS = 4
-ROUNDS = 4
+ROUNDS = 6
 TTL = "2"
 
 
@@ -93,15 +93,15 @@ def test_kill_9_the_leader_and_the_standby_takes_over_losing_no_round(postgres_u
     run_dir = next((ha / "runs").glob("*/config.toml")).parent
     metrics = free_port()  # the standby's /metrics (a resume override: the leader serves none here)
     standby = _server(ha, pb, "--resume", str(run_dir), "--standby", "--set", f"monitoring.prometheus_port={metrics}", state=state)
-    clients = _clients(ha, f"127.0.0.1:{pa},127.0.0.1:{pb}", tokens)
-    while len(_rounds(postgres_url, run_dir.name)) < 2 and time.time() < deadline:
-        assert leader.poll() is None, leader.communicate()[1][-3000:]
-        time.sleep(0.02)
-    assert standby.poll() is None  # it waited for the lease, serving nothing
     while _leader_gauge(metrics) is None and time.time() < deadline:
         assert standby.poll() is None, standby.communicate()[1][-3000:]
         time.sleep(0.02)
     assert _leader_gauge(metrics) == 0.0  # a waiting standby says so: "no leader" alerts are not fooled by it
+    clients = _clients(ha, f"127.0.0.1:{pa},127.0.0.1:{pb}", tokens)
+    while len(_rounds(postgres_url, run_dir.name)) < 2 and time.time() < deadline:
+        assert leader.poll() is None, leader.communicate()[1][-3000:]
+        time.sleep(0.02)
+    assert standby.poll() is None  # it waited for the lease, serving no run
     leader.send_signal(signal.SIGKILL)  # mid-run: the next round's tasks are out
     killed_at = time.monotonic()
     leader.wait()
