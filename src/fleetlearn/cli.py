@@ -754,7 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--uplink-limit-mbps", type=float, help="send updates no faster than this (Mbit/s); "
                     "the server measures each client's rate and picks adaptive-compression rungs from it")
     cl.add_argument("--memory-mb", type=int, help="memory this device declares for training, in MiB (default: the machine's "
-                    "available memory); a HeteroFL run (model.widths) assigns the client's model width from it")
+                    "available memory); a HeteroFL run (model.widths, or model.lora_ranks) assigns the client's model width (LoRA rank) from it")
     cl.add_argument("--attack", default="none", metavar="KIND",
                     help="red-team drill: this client attacks as a simulated attacker of [attack] kind KIND would, "
                     "with its own update only (" + ", ".join(UPDATE_ATTACKS) + "; alie needs --attack-alie-z: colluding "

@@ -212,3 +212,50 @@ def test_ray_backend_fedbuff_same_as_in_process(local_ray):
     assert [r.extra["staleness_mean"] for r in ray_coord.records] == [r.extra["staleness_mean"] for r in sim_coord.records]
     assert any(r.extra["staleness_max"] > 0 for r in sim_coord.records)
     assert torch.allclose(ray_coord.params, sim_coord.params, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [False, True], ids=["one_rank", "lora_ranks"])
+def test_ray_backend_fine_tunes_a_pretrained_model_with_lora(local_ray, tmp_path_factory, ranks):
+    """A tiny random BERT with LoRA adapters (one rank, then heterogeneous ranks) on Ray: the
+    simulation's model, and each worker process loaded the frozen base from its files exactly
+    once (the learner travels as its recipe, not with the base; a base pickled by value would
+    load 0 times, one loaded per task more than once)."""
+    pytest.importorskip("transformers", reason="the [lora] extra is not installed")
+    import os
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "foundation"))
+    from support import tiny_bert, write_tiny_corpus
+
+    from fleetlearn.learners.hf import encoder_loads
+
+    bert = tiny_bert(tmp_path_factory.mktemp("bert"))
+    spam = write_tiny_corpus(tmp_path_factory.mktemp("spam"))
+    model = {"name": f"hf:{bert}", "lora_rank": 2}
+    if ranks:
+        model = {"name": f"hf:{bert}", "lora_ranks": [4, 2], "width_rule": "round_robin"}
+    config = {"seed": 1, "data": {"dataset": "spam_assassin", "path": str(spam), "clients": 6, "text_seq_len": 16},
+              "model": model, "client": {"local_steps": 3, "batch_size": 8, "lr": 0.05},
+              "server": {"rounds": 2, "cohort": 4}, "monitoring": {"detectors": []}}
+    cfg = load_config({**config, "engine": {"backend": "ray", "ray_workers": 2}})
+    coord = build_coordinator(cfg, store=False)
+    start = coord.params.clone()
+    try:
+        ray_sum = coord.run()
+        loads = [ray.get(w.__ray_call__.remote(lambda self: (os.getpid(), encoder_loads()))) for w in coord.transport.workers]
+    finally:
+        coord.transport.close()
+    sim_coord, sim_sum = _run("simulation", config)
+    assert ray_sum.rounds == sim_sum.rounds == 2 and coord.version == sim_coord.version > 0
+    torch.testing.assert_close(coord.params, sim_coord.params, rtol=0, atol=1e-5)
+    assert not torch.equal(coord.params, start)
+    for a, b in zip(ray_sum.records, sim_sum.records):
+        assert [(c.client_id, c.status, c.uplink_bytes, c.width) for c in a.clients] == \
+               [(c.client_id, c.status, c.uplink_bytes, c.width) for c in b.clients]
+    if ranks:
+        assert {c.width for r in ray_sum.records for c in r.clients} == {1.0, 0.5}
+    # Two worker processes (not this one), each trained in both rounds, each read the base once.
+    assert len({pid for pid, _ in loads}) == 2 and os.getpid() not in {pid for pid, _ in loads}
+    assert [n for _, n in loads] == [{f"hf:{bert}": 1}] * 2, loads

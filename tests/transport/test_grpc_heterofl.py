@@ -78,7 +78,7 @@ def test_a_client_that_fits_no_width_is_refused_at_registration(tmp_path, capsys
     t = GrpcTransport("127.0.0.1:0", tokens=tokens, spec=server_learner.spec, submodels=server_learner, heartbeat_interval_s=0.5)
     before = server_learner.client_widths.copy()
     try:
-        with pytest.raises(ClientRefused, match=r"declares 100 MiB.*smallest model width of the run, 0\.25.*needs 1\d\d\.?\d* MiB"):
+        with pytest.raises(ClientRefused, match=r"declares 100 MiB.*smallest sub-model of the run, model width 0\.25 of model\.widths.*needs 1\d\d\.?\d* MiB"):
             run_client(t.address, tok["small"], learner, data, memory_mb=100, give_up_after_s=10)
         # `fleetlearn client --memory-mb N`: the same refusal, one line, exit status 2.
         assert main(["client", "--server", t.address, "--token", tok["cli"], "--config", str(tmp_path / "run.toml"),

@@ -285,6 +285,7 @@ class HeteroFLPlan:
     """
 
     name = "heterofl"
+    key = "model.widths"  # the config key that lists the sub-models (messages)
 
     def __init__(
         self,
@@ -328,6 +329,14 @@ class HeteroFLPlan:
 
     def make_learner(self, make: Callable[[], nn.Module], vectorize: bool) -> TorchLearner:
         return TorchLearner(make, vectorize=vectorize)
+
+    def describe(self, width: float) -> str:
+        """A sub-model in messages: "model width 0.5" (LoRA: "LoRA rank 4")."""
+        return f"model width {float(width):g}"
+
+    def values(self) -> list:
+        """The sub-models as the config lists them (``key``): the widths (LoRA: the ranks)."""
+        return list(self.widths)
 
     @classmethod
     def for_mlp(cls, num_features: int, num_classes: int, hidden: Sequence[int], widths: Sequence[float] = (1.0, 0.5, 0.25), **kwargs) -> "HeteroFLPlan":
@@ -563,6 +572,19 @@ class HeteroFLLearner:
         self._rel = {w: plan.relative_size(w) for w in plan.widths}
         self._down_cache: tuple[object, dict[float, int]] | None = None
 
+    def __getstate__(self) -> dict:
+        # The full model's module is the plan's (a LoRA plan pickles as its recipe, without the
+        # frozen base): not pickled twice, taken from the plan again when unpickled.
+        state = dict(self.__dict__)
+        state.pop("module", None), state.pop("make_module", None)
+        state["_down_cache"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        full = self.plan.learners[1.0]
+        self.module, self.make_module = full.module, full.make_module
+
     # -- who is at which width ---------------------------------------------------------
     def widths_of(self, clients) -> np.ndarray:
         return self.client_widths[np.asarray(clients, dtype=np.int64)]
@@ -591,12 +613,12 @@ class HeteroFLLearner:
             smallest = plan.widths[-1]
             need = plan.memory_required_mb(smallest)
             if not memory_mb > 0:
-                raise ValueError("the run assigns HeteroFL widths by device memory (model.width_rule = 'memory') and the "
+                raise ValueError(f"the run assigns its sub-models ({plan.key}) by device memory (model.width_rule = 'memory') and the "
                                  "client declared none: declare it (fleetlearn client --memory-mb N)")
             if memory_mb < need:
                 raise ValueError(
-                    f"client declares {memory_mb:g} MiB of memory; the smallest model width of the run, {smallest:g} of "
-                    f"model.widths = {list(plan.widths)}, needs {need:.4g} MiB (model.full_width_memory_mb = "
+                    f"client declares {memory_mb:g} MiB of memory; the smallest sub-model of the run, {plan.describe(smallest)} of "
+                    f"{plan.key} = {plan.values()}, needs {need:.4g} MiB (model.full_width_memory_mb = "
                     f"{plan.full_width_memory_mb:g} x its {plan.relative_size(smallest):.3g} share of the parameters)")
         return float(plan.widths_by_rule(self.width_rule, [client], memory_mb)[0])
 

@@ -31,7 +31,10 @@ path needs deterministic forward passes; LoRA fine-tuning of small data barely u
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+from collections import Counter
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Sequence
 
@@ -47,8 +50,8 @@ from .torch_learner import TorchLearner
 
 __all__ = [
     "LoRALinear", "TextClassifier", "LoraLearner", "Encoder", "load_encoder", "lora_classifier_factory",
-    "rank_slices", "rank_spec", "LoraRankPlan", "lora_rank_parts", "lora_learner", "trainable_spec", "full_model_params",
-    "resolve_device",
+    "rank_slices", "rank_spec", "LoraRankPlan", "lora_rank_parts", "lora_rank_plan", "lora_rank_client_learner", "lora_learner",
+    "LoraRecipe", "encoder_loads", "trainable_spec", "full_model_params", "resolve_device",
 ]
 
 # Clients trained as one vmapped computation at most (a transformer's activations are large).
@@ -127,6 +130,21 @@ class LoraLearner(TorchLearner):
         super().__init__(make_module, vectorize=vectorize, max_group=max_group)
         self.spec = trainable_spec(self._module)
         self.device = self._module.head.weight.device if hasattr(self._module, "head") else torch.device("cpu")
+        self.recipe: LoraRecipe | None = None
+
+    @classmethod
+    def from_recipe(cls, recipe: "LoraRecipe", vectorize: bool = True, max_group: int = HF_MAX_GROUP) -> "LoraLearner":
+        learner = cls(recipe.factory(), vectorize=vectorize, max_group=max_group)
+        learner.recipe = recipe
+        return learner
+
+    def __reduce__(self):
+        # Pickled (to a Ray worker) as its recipe, never with the frozen base: the receiving
+        # process loads the base from its own files, once (`load_encoder`), and builds the
+        # learner once per recipe (`_learner_of`).
+        if self.recipe is None:
+            return super().__reduce__()
+        return _learner_of, (self.recipe, self.vectorize, self.max_group)
 
     def init_params(self, seed: int) -> torch.Tensor:
         with torch.random.fork_rng(devices=[]):
@@ -170,6 +188,16 @@ def load_encoder(name: str, device: str = "cpu") -> Encoder:
     return _load_encoder(name, str(torch.device(device)))
 
 
+# How many times this process read an encoder from its files, by name: `load_encoder` caches, so
+# once per process (a Ray worker, a `fleetlearn client`); tests read it through the worker.
+_ENCODER_LOADS: Counter = Counter()
+
+
+def encoder_loads() -> dict[str, int]:
+    """Encoders this process has read from their files, by ``"hf:..."`` name (each once)."""
+    return dict(_ENCODER_LOADS)
+
+
 @lru_cache(maxsize=4)
 def _load_encoder(name: str, device: str) -> Encoder:
     if device != "cpu":
@@ -177,6 +205,7 @@ def _load_encoder(name: str, device: str) -> Encoder:
         moved = copy.deepcopy(enc.module).to(device)
         return Encoder(name, moved, enc.hidden, enc.vocab_size, enc.pad_id, enc.max_positions)
     offline()
+    _ENCODER_LOADS[name] += 1
     try:
         from safetensors.torch import load as load_safetensors
         from transformers import AutoConfig, AutoModel
@@ -245,14 +274,15 @@ def _inject(module: nn.Module, names: list[str], rank: int, scaling: float) -> N
         setattr(parent, leaf, LoRALinear(getattr(parent, leaf), rank, scaling))
 
 
-def check_lora(encoder: Encoder, targets: Sequence[str], rank: int) -> list[str]:
-    """The target modules; ConfigError for an unknown target or a rank larger than a layer."""
+def check_lora(encoder: Encoder, targets: Sequence[str], rank: int, what: str | None = None) -> list[str]:
+    """The target modules; ConfigError for an unknown target or a rank larger than a layer
+    (``what`` names the rank in the message; default ``model.lora_rank = <rank>``)."""
     names = _targets(encoder, targets) if rank > 0 else []
     for qual in names:
         lin = encoder.module.get_submodule(qual)
         most = min(lin.in_features, lin.out_features)
         if rank > most:
-            raise ConfigError(f"model.lora_rank = {rank} exceeds the layer {qual!r} ({lin.out_features} x {lin.in_features}) "
+            raise ConfigError(f"{what or f'model.lora_rank = {rank}'} exceeds the layer {qual!r} ({lin.out_features} x {lin.in_features}) "
                               f"of {encoder.name!r}: a rank is at most min(in, out) = {most}")
     return names
 
@@ -288,9 +318,43 @@ def lora_classifier_factory(name: str, num_features: int, num_classes: int, rank
 def lora_learner(model_cfg, num_features: int, num_classes: int, vectorize: bool = True, device: str = "cpu") -> LoraLearner:
     """The `LoraLearner` of a `[model]` section with ``name = "hf:..."`` (one rank): what the
     server's factory and `fleetlearn client` both build, so their model digests agree."""
-    m = model_cfg
-    dev = str(resolve_device(device))
-    return LoraLearner(lora_classifier_factory(m.name, num_features, num_classes, m.lora_rank, m.lora_alpha, m.lora_targets, device=dev), vectorize=vectorize)
+    return LoraLearner.from_recipe(LoraRecipe.of(model_cfg, num_features, num_classes, device), vectorize=vectorize)
+
+
+@dataclass(frozen=True)
+class LoraRecipe:
+    """What builds a LoRA learner, as plain values: what travels to another process (a Ray
+    worker) instead of the module, whose frozen base that process loads from its own files."""
+
+    name: str
+    num_features: int
+    num_classes: int
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    max_rank: int | None = None  # the scaling's rank (alpha / max_rank): the run's largest
+    device: str = "cpu"
+
+    @classmethod
+    def of(cls, model_cfg, num_features: int, num_classes: int, device: str = "cpu", rank: int | None = None,
+           max_rank: int | None = None) -> "LoraRecipe":
+        m = model_cfg
+        return cls(m.name, int(num_features), int(num_classes), int(m.lora_rank if rank is None else rank), float(m.lora_alpha),
+                   tuple(m.lora_targets), max_rank, str(resolve_device(device)))
+
+    def at_rank(self, rank: int) -> "LoraRecipe":
+        return dataclasses.replace(self, rank=int(rank))
+
+    def factory(self) -> Callable[[], TextClassifier]:
+        return lora_classifier_factory(self.name, self.num_features, self.num_classes, self.rank, self.alpha, self.targets,
+                                       max_rank=self.max_rank, device=self.device)
+
+
+@lru_cache(maxsize=16)
+def _learner_of(recipe: LoraRecipe, vectorize: bool, max_group: int) -> LoraLearner:
+    """The learner of a recipe, built once per process (unpickling it again, as a Ray worker
+    does for every task, returns the same learner)."""
+    return LoraLearner.from_recipe(recipe, vectorize=vectorize, max_group=max_group)
 
 
 def full_model_params(name: str, num_classes: int) -> int:
@@ -337,6 +401,8 @@ class LoraRankPlan(HeteroFLPlan):
     the server averages each adapter coordinate over the clients whose rank covers it
     (zero-padding, as HetLoRA, Cho et al. 2024, with HeteroFL's normalisation)."""
 
+    key = "model.lora_ranks"
+
     def __init__(self, spec: ParamSpec, ranks: Sequence[int], make_module_for_rank: Callable[[int], nn.Module],
                  *, full_width_memory_mb: float | None = None, vectorize: bool = True):
         ranks = sorted({int(r) for r in ranks}, reverse=True)
@@ -345,6 +411,7 @@ class LoraRankPlan(HeteroFLPlan):
         self.max_rank = ranks[0]
         self.rank_of = {r / self.max_rank: r for r in ranks}
         self._make_rank = make_module_for_rank
+        self.recipe: tuple | None = None  # (LoraRecipe at the largest rank, ranks, memory, vectorize): `lora_rank_plan`'s
         super().__init__(spec, list(self.rank_of), lambda w: make_module_for_rank(self.rank_of[w]),
                          full_width_memory_mb=full_width_memory_mb, vectorize=vectorize)
 
@@ -357,26 +424,52 @@ class LoraRankPlan(HeteroFLPlan):
     def make_learner(self, make: Callable[[], nn.Module], vectorize: bool) -> TorchLearner:
         return LoraLearner(make, vectorize=vectorize)
 
+    def describe(self, width: float) -> str:
+        return f"LoRA rank {self.rank_of[float(width)]} (model width {float(width):g})"
+
+    def values(self) -> list:
+        return [self.rank_of[w] for w in self.widths]
+
+    def __reduce__(self):
+        # As its recipe (see `LoraLearner.__reduce__`): the frozen base never travels.
+        if self.recipe is None:
+            return super().__reduce__()
+        return _rank_plan_of, self.recipe
+
+
+def lora_rank_plan(model_cfg, num_features: int, num_classes: int, vectorize: bool = True, device: str = "cpu") -> LoraRankPlan:
+    """The `LoraRankPlan` of a `[model]` section with ``model.lora_ranks``: one learner per
+    rank, all on the one frozen base of this process, scaling ``lora_alpha / max rank``."""
+    ranks = tuple(sorted({int(r) for r in model_cfg.lora_ranks}, reverse=True))
+    recipe = LoraRecipe.of(model_cfg, num_features, num_classes, device, rank=ranks[0], max_rank=ranks[0])
+    return _rank_plan_of(recipe, ranks, model_cfg.full_width_memory_mb, bool(vectorize))
+
+
+@lru_cache(maxsize=8)
+def _rank_plan_of(recipe: LoraRecipe, ranks: tuple[int, ...], full_width_memory_mb: float | None, vectorize: bool) -> LoraRankPlan:
+    """Built once per process and recipe (a Ray worker unpickles the plan for every task)."""
+    check_lora(load_encoder(recipe.name), recipe.targets, recipe.rank, f"model.lora_ranks = {list(ranks)}: rank {recipe.rank}")
+    full = LoraLearner.from_recipe(recipe, vectorize=vectorize)
+    plan = LoraRankPlan(full.spec, ranks, lambda r: recipe.at_rank(r).factory()(),
+                        full_width_memory_mb=full_width_memory_mb, vectorize=vectorize)
+    plan.recipe = (recipe, ranks, full_width_memory_mb, vectorize)
+    return plan
+
 
 def lora_rank_parts(model_cfg, num_features: int, num_classes: int, memory_mb, num_clients: int, vectorize: bool = True,
                     device: str = "cpu") -> HeteroFLLearner:
     """The heterogeneous-rank learner of a `[model]` section: ``model.lora_ranks``, each device's
     rank by ``model.width_rule`` ("memory": the largest rank whose share ``r / max rank`` of
-    ``model.full_width_memory_mb`` fits in the device's memory; "round_robin")."""
-    ranks = sorted(set(model_cfg.lora_ranks), reverse=True)
-    r_max = ranks[0]
-    dev = str(resolve_device(device))
-    check_lora(load_encoder(model_cfg.name), model_cfg.lora_targets, r_max)
+    ``model.full_width_memory_mb`` fits in the device's memory; "round_robin"), the rule the
+    simulation applies to its population and a gRPC server to each client as it registers."""
+    plan = lora_rank_plan(model_cfg, num_features, num_classes, vectorize, device)
+    widths = plan.widths_by_rule(model_cfg.width_rule, np.arange(num_clients), memory_mb)
+    return HeteroFLLearner(plan, widths, model_cfg.width_rule)
 
-    def for_rank(r: int) -> nn.Module:
-        return lora_classifier_factory(model_cfg.name, num_features, num_classes, r, model_cfg.lora_alpha, model_cfg.lora_targets, max_rank=r_max, device=dev)()
 
-    full = LoraLearner(lambda: for_rank(r_max), vectorize=vectorize)
-    plan = LoraRankPlan(full.spec, ranks, for_rank, full_width_memory_mb=model_cfg.full_width_memory_mb, vectorize=vectorize)
-    if model_cfg.width_rule == "round_robin":
-        widths = plan.round_robin(num_clients)
-    else:
-        if memory_mb is None:
-            raise ValueError("model.width_rule = 'memory' needs device memory (devices.memory_mb)")
-        widths = plan.width_for_memory(memory_mb)
-    return HeteroFLLearner(plan, widths)
+def lora_rank_client_learner(model_cfg, num_features: int, num_classes: int, device: str = "cpu") -> HeteroFLLearner:
+    """What a device (``fleetlearn client``) of a heterogeneous-rank run holds: the run's plan
+    (one learner per rank on the one frozen base this process loads), no population; the
+    server names the rank (as a width, ``r / max rank``) in each task and the device trains
+    `at_width`, sending that rank's adapters only."""
+    return HeteroFLLearner(lora_rank_plan(model_cfg, num_features, num_classes, vectorize=False, device=device), [], model_cfg.width_rule)

@@ -70,17 +70,15 @@ def server_transport(
     `<state_dir>/tokens.db` (the file `fleetlearn token add` writes); TLS from `cert_dir` (server.pem,
     server.key, and ca.pem when `mutual_tls`).  Without `cert_dir` the server is
     plaintext: fine on loopback, refused on any other address unless `insecure`.
-    `learner`: the run's learner; a HeteroFL one (`model.widths`) makes the server assign each
-    client a width from the memory it declares and send it only that sub-model.
+    `learner`: the run's learner; a HeteroFL one (`model.widths`, or `model.lora_ranks` of a
+    pretrained model) makes the server assign each client a width (a LoRA rank) by the run's
+    `model.width_rule` from the memory it declares and send it only that sub-model.
     """
     if config.canary.set:
         check_canary(config)
     secagg = bool(config.privacy.secure_aggregation)
     if secagg:
         check_secagg_over_grpc(config)
-    if config.model.name.startswith("hf:") and config.model.heterofl:
-        raise ConfigError(f"model.name = {config.model.name!r} with model.widths (heterogeneous LoRA ranks): not built over "
-                          "gRPC yet; run it in the simulation (fleetlearn run), or give every client the full rank")
     if config.probes.clients:
         raise ConfigError(f"probes.clients = {config.probes.clients}: simulated probe devices run in the simulation; over gRPC "
                           "start probe clients as processes (fleetlearn client --probe) and leave probes.clients at 0")

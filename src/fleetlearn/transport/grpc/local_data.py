@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...config import ConfigError, RunConfig, load_config
+from ...config import RunConfig, load_config
 from ...data import load_federated
 from ...learners import ClientData, TorchLearner, import_object, model_factory
 from ...learners.base import Learner
@@ -68,15 +68,15 @@ def client_data_from_import(path: str, **kwargs: Any) -> ClientData:
 
 def learner_from_config(config: RunConfig | dict | str | Path, num_features: int, num_classes: int) -> Learner:
     """The run's model as a TorchLearner (one client: no batched cohort training); with
-    several `model.widths` (HeteroFL) the run's plan, which trains the width each task names."""
+    several `model.widths` (HeteroFL) or `model.lora_ranks` the run's plan, which trains the
+    width (the LoRA rank) each task names."""
     cfg = run_config(config)
     m = cfg.model
     if m.name.startswith("hf:"):  # a pretrained encoder, loaded from this device's own files; adapters + head on the wire
-        if m.heterofl:
-            raise ConfigError(f"model.name = {m.name!r} with model.widths (heterogeneous LoRA ranks): over gRPC not built yet; "
-                              "run it in the simulation (fleetlearn run), or give every client the full rank")
-        from ...learners.hf import lora_learner
+        from ...learners.hf import lora_learner, lora_rank_client_learner
 
+        if m.heterofl:  # heterogeneous ranks: a learner per rank on the one base; the server names the rank per task
+            return lora_rank_client_learner(m, num_features, num_classes, device=cfg.engine.device)
         return lora_learner(m, num_features, num_classes, vectorize=False, device=cfg.engine.device)
     if m.heterofl:
         from ...learners.heterofl import heterofl_client_learner
