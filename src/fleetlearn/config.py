@@ -884,9 +884,6 @@ class EngineConfig(Section):
     def _regions(self) -> "EngineConfig":
         if self.min_regions > self.regions:
             raise ValueError(f"engine.min_regions = {self.min_regions} exceeds engine.regions = {self.regions}")
-        if self.region_aggregators and self.regions < 2:
-            raise ValueError("engine.region_aggregators = true needs engine.regions >= 2 (the number of `fleetlearn aggregator` "
-                             f"processes, one per region), got engine.regions = {self.regions}")
         if self.region_aggregators and self.region_failure > 0:
             raise ValueError(f"engine.region_failure = {self.region_failure} simulates failing regions; with "
                              "engine.region_aggregators = true the regions are real processes that fail on their own: leave it at 0")

@@ -65,8 +65,8 @@ def root_coordinator(cfg, state):
 
 
 def test_config_combinations_a_root_of_regional_aggregators_cannot_serve(tmp_path):
-    with pytest.raises(ConfigError, match="engine.regions >= 2"):
-        config(engine__regions=1)
+    with pytest.raises(ConfigError, match="min_regions = 3 exceeds engine.regions = 2"):
+        config(engine__min_regions=3)
     with pytest.raises(ConfigError, match="region_failure"):
         config(engine__region_failure=0.1)
     with pytest.raises(ConfigError, match="fleetlearn server"):

@@ -128,12 +128,14 @@ def _stop(procs) -> None:
             pass
 
 
-def _regional_run(tmp: Path, rounds: int, min_regions: int = 1, hold: dict | None = None):
-    """Root, two aggregators (region r on ports[r]) and four clients; returns (root, aggs, clients, ports, tokens)."""
+def _regional_run(tmp: Path, rounds: int, min_regions: int = 1, hold: dict | None = None, root_waits_for: int = 2):
+    """Root, two aggregators (region r on ports[r]) and four clients; returns (root, aggs, clients, ports, tokens).
+    The root waits for `root_waits_for` aggregators before each round: 1 lets a round go on without a dead region
+    (the first round may then start before the second aggregator registered)."""
     tokens, ids = _setup(tmp, rounds, REGIONS.format(min_regions=min_regions))
     agg_tokens = _root_tokens(tmp)
     root_port, ports = free_port(), [free_port(), free_port()]
-    root = _server(tmp, root_port, "root-state", 2)
+    root = _server(tmp, root_port, "root-state", root_waits_for)
     try:
         wait_listening(root_port)
     except AssertionError:
@@ -183,7 +185,7 @@ def test_kill_9_an_aggregator_mid_round_is_a_region_failure_and_its_clients_come
     release = tmp_path / "release"
     # Region 1 holds round 2's forward (then is killed); region 0 holds round 3's until region 1 is back.
     root, aggs, clients, ports, agg_tokens, root_port = _regional_run(
-        tmp_path, 4, hold={1: {"FLEETLEARN_AGGREGATOR_HOLD": "2"}, 0: {"FLEETLEARN_AGGREGATOR_HOLD": f"3:{release}"}})
+        tmp_path, 4, hold={1: {"FLEETLEARN_AGGREGATOR_HOLD": "2"}, 0: {"FLEETLEARN_AGGREGATOR_HOLD": f"3:{release}"}}, root_waits_for=1)
     restarted = None
     try:
         aggs[1].wait_for("holding round 2")
@@ -199,7 +201,6 @@ def test_kill_9_an_aggregator_mid_round_is_a_region_failure_and_its_clients_come
     records = _records(summary)
     assert [r.status for r in records] == ["ok"] * 4, [(r.status, r.reason) for r in records]
     r1, r2, r3, r4 = records
-    assert r1.extra["hierarchy_regions_reporting"] == 2
     assert r2.extra["hierarchy_failed_regions"] == [1] and r2.extra["hierarchy_regions_reporting"] == 1
     why = r2.extra["hierarchy_region_failures"]["1"]
     assert why.startswith("dropped") and "heartbeat" in why, why
@@ -212,7 +213,7 @@ def test_kill_9_an_aggregator_mid_round_is_a_region_failure_and_its_clients_come
 
 
 def test_under_min_regions_2_a_killed_aggregator_fails_the_round_cleanly(tmp_path):
-    root, aggs, clients, _, _, _ = _regional_run(tmp_path, 3, min_regions=2, hold={1: {"FLEETLEARN_AGGREGATOR_HOLD": "2"}})
+    root, aggs, clients, _, _, _ = _regional_run(tmp_path, 3, min_regions=2, hold={1: {"FLEETLEARN_AGGREGATOR_HOLD": "2"}}, root_waits_for=1)
     try:
         aggs[1].wait_for("holding round 2")
         aggs[1].proc.kill()
@@ -221,9 +222,11 @@ def test_under_min_regions_2_a_killed_aggregator_fails_the_round_cleanly(tmp_pat
     finally:
         _stop([a.proc for a in aggs] + clients)
     r1, r2, r3 = _records(summary)
-    assert r1.status == "ok"
+    # round 1 may start before the second aggregator registered: then it fails for the same reason
+    assert r1.status == "ok" or "fewer than engine.min_regions = 2" in r1.reason
     for r in (r2, r3):
         assert r.status == "failed" and "fewer than engine.min_regions = 2" in r.reason and "model unchanged" in r.reason, r.reason
         assert r.version == r1.version and r.extra["hierarchy_failed_regions"] == [1]
-    store = RunStore.open(summary["run_dir"])
-    assert torch.equal(store.load_checkpoint()[1], store.load_checkpoint(r1.version)[1])
+    if r1.status == "ok":
+        store = RunStore.open(summary["run_dir"])
+        assert torch.equal(store.load_checkpoint()[1], store.load_checkpoint(r1.version)[1])
