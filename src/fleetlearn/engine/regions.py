@@ -154,12 +154,10 @@ class RegionRecords:
             region = of.get(rec.client_id)
             if region is None:
                 continue
-            if rec.status == "accepted" and record.status == "ok":
+            if rec.status == "accepted":  # its forward reached the root (the round may still fail: min_regions)
                 reporting.append(region)
-            elif rec.status != "accepted":
-                failures[region] = f"{rec.status}: {rec.reason}"
             else:
-                failures[region] = f"its forward was accepted but the round failed: {record.reason}"
+                failures[region] = f"{rec.status}: {rec.reason}"
         for region in range(self.regions):
             if region not in reporting and region not in failures:
                 failures[region] = "no aggregator of this region was connected when the round was dispatched"
