@@ -49,7 +49,7 @@ import numpy as np
 from ...client.probe import PROBE_FEATURE
 from ...compression import AdaptiveCompression, needed_capabilities, parse_chain, wire
 from ...compression.blocks import HEADER_BYTES as BLOCK_HEADER_BYTES
-from ...engine.regions import REGION_FEATURE, REGION_SUM_CODEC, region_report, region_sum_bytes
+from .regions import REGION_FEATURE, REGION_SUM_CODEC, region_report, region_sum_bytes
 from ...messages import ClientMetrics, Dropout, Task, Update
 from ...params import ParamSpec
 from ...privacy.secagg import SecAggError
