@@ -102,13 +102,13 @@ def _root_tokens(tmp: Path) -> list[str]:
 
 def _server(tmp: Path, port: int, state: str, min_clients: int):
     return fl("server", str(tmp / "run.toml"), "--listen", f"127.0.0.1:{port}", "--state", str(tmp / state), "--certs", str(tmp / "certs"),
-              "--min-clients", str(min_clients), "--wait-s", "300", "--runs-dir", str(tmp / "runs"), "--heartbeat-s", "0.5", "--json", cwd=tmp)
+              "--min-clients", str(min_clients), "--wait-s", "300", "--runs-dir", str(tmp / "runs"), "--heartbeat-s", "1.0", "--json", cwd=tmp)
 
 
 def _aggregator(tmp: Path, region: int, port: int, root: int, token: str, env: dict | None = None):
     return fl("aggregator", str(tmp / "run.toml"), "--region", str(region), "--root", f"127.0.0.1:{root}", "--token", token,
               "--listen", f"127.0.0.1:{port}", "--state", str(tmp / "state"), "--certs", str(tmp / "certs"),
-              "--tls-ca", str(tmp / "certs" / "ca.pem"), "--min-clients", "2", "--wait-s", "300", "--heartbeat-s", "0.5",
+              "--tls-ca", str(tmp / "certs" / "ca.pem"), "--min-clients", "2", "--wait-s", "300", "--heartbeat-s", "1.0",
               "--give-up-after", "300", cwd=tmp, env={**os.environ, **(env or {})})
 
 
