@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..messages import Task
 from ..transport.grpc import fleetlearn_pb2 as pb

@@ -24,7 +24,6 @@ this is flat FedAvg up to the summation order; no other rule decomposes this way
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
