@@ -526,6 +526,51 @@ def cmd_client(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_aggregator(args: argparse.Namespace) -> int:
+    """Serve one region's clients and forward one weighted sum per round to the root."""
+    import logging
+    import os
+
+    from .data import DataError
+    from .engine.aggregator import build_aggregator, run_aggregator
+    from .transport.grpc.client import ClientRefused
+    from .transport.grpc.commands import _client_tls
+
+    token = args.token or os.environ.get("FLEETLEARN_TOKEN")
+    if not token:
+        raise UsageError("give --token TOKEN (this aggregator's token at the root, from `fleetlearn token add` there) "
+                         "or set FLEETLEARN_TOKEN")
+    for flag, value in (("--heartbeat-s", args.heartbeat_s), ("--wait-s", args.wait_s), ("--max-round-s", args.max_round_s)):
+        if not (math.isfinite(value) and value > 0):
+            raise UsageError(f"{flag} {value}: allowed: a number of seconds > 0")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        add_config_dir_to_path(args.config)
+        cfg = load_config(args.config, list(args.set or []))
+        aggregator, transport = build_aggregator(
+            cfg, args.region, address=args.listen, state_dir=args.state, cert_dir=args.certs, mutual_tls=args.mtls,
+            insecure=args.insecure, heartbeat_interval_s=args.heartbeat_s, max_round_s=args.max_round_s,
+            min_clients=args.min_clients, wait_s=args.wait_s)
+    except (ConfigError, DataError, OSError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    print(f"fleetlearn aggregator: region {args.region} on {transport.address} ({'TLS' if args.certs else 'plaintext'}), "
+          f"root {args.root}", file=sys.stderr, flush=True)
+    try:
+        report = run_aggregator(aggregator, args.root, token, tls=_client_tls(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name),
+                                name=args.name or "", give_up_after_s=args.give_up_after)
+    except (ClientRefused, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        transport.close()
+    print(json.dumps({"region": args.region, "stopped": report.stopped, "rounds": report.rounds, "retries": report.retries,
+                      "region_rounds": aggregator.rounds}, default=str))
+    if report.stopped.startswith("gave_up"):
+        print(f"fleetlearn: error: gave up: the root at {args.root} could not be reached: {report.stopped.removeprefix('gave_up: ')}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_certs(args: argparse.Namespace) -> int:
     from .transport.grpc.commands import certs
 
@@ -764,6 +809,33 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="N" if key == "start_round" else "X",
                         help=f"[attack] {key} of the red-team client" + (f" ({', '.join(kinds)})" if kinds else " (default 1)"))
     cl.set_defaults(func=cmd_client)
+
+    ag = sub.add_parser("aggregator", help="serve one region's clients and forward their sum to the root",
+                        description="A regional aggregator (engine.region_aggregators = true): serves the clients of one region "
+                        "(client id mod engine.regions) with the same gRPC service as `fleetlearn server`, pre-aggregates their "
+                        "accepted updates into one weighted sum per round and forwards it to the root over gRPC with its own token.")
+    ag.add_argument("config", help="the run's TOML config (the root's)")
+    ag.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
+    ag.add_argument("--region", type=int, required=True, help="the region served: 0 to engine.regions - 1 (its clients are "
+                    "those whose id mod engine.regions is this)")
+    ag.add_argument("--root", required=True, help="HOST:PORT of the root (`fleetlearn server` with engine.region_aggregators = true)")
+    ag.add_argument("--token", help="this aggregator's token at the root (or set FLEETLEARN_TOKEN)")
+    ag.add_argument("--listen", default="127.0.0.1:7778", help="address its clients dial (default 127.0.0.1:7778)")
+    ag.add_argument("--state", default="fleetlearn-state", help="folder with the clients' token store (default fleetlearn-state)")
+    ag.add_argument("--certs", help="folder with server.pem/server.key for its clients (and ca.pem for --mtls)")
+    ag.add_argument("--mtls", action="store_true", help="require client certificates from its clients")
+    ag.add_argument("--insecure", action="store_true", help="serve its clients plaintext on a non-loopback address anyway")
+    ag.add_argument("--tls-ca", help="CA certificate to trust for the root (TLS)")
+    ag.add_argument("--tls-cert", help="client certificate at the root (mutual TLS)")
+    ag.add_argument("--tls-key", help="client key at the root (mutual TLS)")
+    ag.add_argument("--tls-server-name", help="expected name in the root's certificate")
+    ag.add_argument("--name", help="a display name at the root (default region-R)")
+    ag.add_argument("--min-clients", type=int, default=1, help="wait for this many of its clients before dispatching a round (default 1)")
+    ag.add_argument("--wait-s", type=float, default=60.0, help="how long to wait for them, within the round's deadline (default 60)")
+    ag.add_argument("--max-round-s", type=float, default=600.0, help="a round without deadline ends after this (default 600)")
+    ag.add_argument("--heartbeat-s", type=float, default=5.0, help="the heartbeat interval its clients are told (default 5)")
+    ag.add_argument("--give-up-after", type=float, help="stop if the root is unreachable this long (seconds)")
+    ag.set_defaults(func=cmd_aggregator)
 
     ce = sub.add_parser("certs", help="create a CA and TLS certificates", description="Create a CA and server/client certificates for TLS.")
     ce.add_argument("--out", default="certs", help="output folder (default certs)")

@@ -842,6 +842,11 @@ class EngineConfig(Section):
     regions: int = Field(default=1, ge=1)
     min_regions: int = Field(default=1, ge=1)
     region_failure: float = Field(default=0.0, ge=0, le=1)
+    # The regions are real processes (`fleetlearn server` as the root): `fleetlearn aggregator`
+    # serves one region's clients over gRPC and forwards one weighted sum per round; the root
+    # combines the regions that reported (at least `min_regions`).  Clients belong to region
+    # client id mod `regions`, as in the simulation.  region_failure is the simulation's only.
+    region_aggregators: bool = False
 
     @field_validator("backend")
     @classmethod
@@ -879,6 +884,9 @@ class EngineConfig(Section):
     def _regions(self) -> "EngineConfig":
         if self.min_regions > self.regions:
             raise ValueError(f"engine.min_regions = {self.min_regions} exceeds engine.regions = {self.regions}")
+        if self.region_aggregators and self.region_failure > 0:
+            raise ValueError(f"engine.region_failure = {self.region_failure} simulates failing regions; with "
+                             "engine.region_aggregators = true the regions are real processes that fail on their own: leave it at 0")
         return self
 
 

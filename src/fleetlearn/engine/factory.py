@@ -450,12 +450,13 @@ def build_coordinator(
 
         monitoring.telemetry = PrivateTelemetryHook(privacy.telemetry)  # after the guardrail, before the exporter
     hierarchy = _hierarchy(config, data.num_clients, uplink, privacy)
+    regional = _check_region_aggregators(config, uplink, privacy, transport_factory) if config.engine.region_aggregators else None
     try:
-        pipeline = build_pipeline(aggregator, privacy=privacy, sketch=uplink if _is_sketch(uplink) else None, dim=learner.spec.dim,
+        pipeline = regional.stage(learner.spec.dim) if regional is not None else build_pipeline(aggregator, privacy=privacy, sketch=uplink if _is_sketch(uplink) else None, dim=learner.spec.dim,
                                   hierarchy=hierarchy, what=f"server.aggregator = {config.server.aggregator!r}")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    decoder = build_decoder(uplink, learner, clustering, masked=remote is not None)
+    decoder = regional.decoder(learner.spec.dim) if regional is not None else build_decoder(uplink, learner, clustering, masked=remote is not None)
     selector = build_selector(config, data.num_clients)
     # Probe clients: the simulation's device uses the run seed, a `fleetlearn client` device 0.
     probes = build_probe_clients(config, transport, learner, uplink, downlink, decoder, data,
@@ -483,7 +484,8 @@ def build_coordinator(
         # On a real network the server cannot see clients' data: central evaluation only.
         evaluator=evaluator,
         store=run_store,
-        hooks=build_model_hooks(config, data, learner, x_unlabeled) + list(hooks or []) + ([probes] if probes else []) + monitoring.hooks,
+        hooks=build_model_hooks(config, data, learner, x_unlabeled) + list(hooks or []) + ([probes] if probes else [])
+        + ([regional.records(transport)] if regional is not None else []) + monitoring.hooks,
         clock=clock,
         task_writers=task_writers(config, privacy, clustering, data.num_classes),
     )
@@ -562,7 +564,7 @@ def _hierarchy(config: RunConfig, population: int, uplink, privacy):
     """`[engine] regions > 1`: regional pre-aggregation of the weighted mean."""
     from .hierarchy import build_hierarchy
 
-    if config.engine.regions <= 1:
+    if config.engine.regions <= 1 or config.engine.region_aggregators:
         return None
     why = None
     if not compat.has("aggregator", config.server.aggregator, "linear"):
@@ -575,3 +577,67 @@ def _hierarchy(config: RunConfig, population: int, uplink, privacy):
     if why:
         raise ConfigError(f"engine.regions = {config.engine.regions}: {why}")
     return build_hierarchy(config.engine, population, config.seed)
+
+
+class _RegionalRoot:
+    """A root of regional aggregators: its decoder, aggregation stage and round hook (engine/regions.py)."""
+
+    def __init__(self, regions: int, min_regions: int):
+        self.regions, self.min_regions = regions, min_regions
+
+    def decoder(self, dim: int):
+        from .regions import RegionSumDecoder
+
+        return RegionSumDecoder(dim)
+
+    def stage(self, dim: int):
+        from .regions import RegionSumStage
+
+        return RegionSumStage(self.regions, self.min_regions, dim)
+
+    def records(self, transport):
+        from .regions import RegionRecords
+
+        return RegionRecords(transport, self.regions)
+
+
+def _check_region_aggregators(config: RunConfig, uplink, privacy, transport_factory) -> _RegionalRoot:
+    """`engine.region_aggregators = true`: what a root of `fleetlearn aggregator`s can run.
+    Its clients are the aggregators, and what each forwards is one region's weighted sum, so
+    only the weighted mean decomposes; features that need each client's update (or a
+    per-client protocol) at the root are refused, naming the key."""
+    eng = config.engine
+    head = f"engine.region_aggregators = true (engine.regions = {eng.regions})"
+    why = None
+    if transport_factory is None:
+        why = ("the regions are `fleetlearn aggregator` processes that a `fleetlearn server` root drives over gRPC; in the simulation "
+               "(fleetlearn run) use engine.regions alone (simulated regions, region_failure)")
+    elif not compat.has("aggregator", config.server.aggregator, "linear"):
+        why = (f"server.aggregator = {config.server.aggregator!r} does not decompose into regional sums (only the mean does: the root "
+               "sees one sum per region, never the clients' updates)" + compat.missing("aggregator", config.server.aggregator, "linear"))
+    elif privacy is not None or config.privacy.mode != "none" or config.privacy.secure_aggregation:
+        why = (f"privacy.mode = {config.privacy.mode!r} / privacy.secure_aggregation = {config.privacy.secure_aggregation}: differential "
+               "privacy and secure aggregation inside a region are not built for regional aggregators yet (docs/multi-region.md, "
+               "section 4); run them on a flat server")
+    elif config.server.mode == "async":
+        why = "server.mode = 'async' (FedBuff) folds each client's update as it arrives; a region forwards one sum per round"
+    elif config.model.heterofl:
+        why = "HeteroFL averages each coordinate over the clients whose width covers it, not through regional sums"
+    elif config.server.clustering != "none":
+        why = f"server.clustering = {config.server.clustering!r} aggregates per cluster, which a region's single sum cannot carry"
+    elif config.client.objective == "scaffold":
+        why = "client.objective = 'scaffold' updates the server control variate from each client's steps, which the root never sees"
+    elif config.compression.adaptive:
+        why = "compression.adaptive picks each client's rung from the link the root measures; the root sees only the aggregators"
+    elif _is_sketch(uplink):
+        why = f"compression.uplink = {config.compression.uplink!r} is summed in sketch space; a region forwards a dense float64 sum"
+    elif config.canary.set:
+        why = "a canary splits one cohort into two arms; with regional aggregators the root's cohort is the regions"
+    elif config.server.cohort < eng.regions:
+        why = (f"server.cohort = {config.server.cohort} is below engine.regions: the root selects server.cohort of the connected "
+               "aggregators and every region must be asked; each aggregator takes up to server.cohort of its own clients")
+    elif config.server.min_replies > eng.regions:
+        why = f"server.min_replies = {config.server.min_replies} exceeds engine.regions: the root's replies are the regions' forwards"
+    if why:
+        raise ConfigError(f"{head}: {why}")
+    return _RegionalRoot(eng.regions, eng.min_regions)

@@ -454,8 +454,9 @@ class FleetClient:
         self._check_stop()
 
     # -- calls -------------------------------------------------------------------------------
-    async def _register(self, stub: pb_grpc.FleetLearnStub) -> None:
-        request = pb.RegisterRequest(
+    def _register_request(self) -> pb.RegisterRequest:
+        """What this client announces when it registers (a regional aggregator adds its region)."""
+        return pb.RegisterRequest(
             client_name=self.name,
             runtime_version=runtime_version(),
             capabilities=pb.Capabilities(
@@ -469,6 +470,9 @@ class FleetClient:
                 downlink_mbps=float(self.device.get("downlink_mbps", 0.0)),
             ),
         )
+
+    async def _register(self, stub: pb_grpc.FleetLearnStub) -> None:
+        request = self._register_request()
         try:
             reply = await stub.Register(request, metadata=self._metadata, timeout=self.call_timeout_s)
         except grpc.aio.AioRpcError as err:
@@ -649,26 +653,38 @@ class FleetClient:
             self.report.skipped_late += 1
             log.info("client %d: round %d deadline passed during training; update not sent", cid, task.round)
             return
+        m = update.metrics
+        meta = pb.UpdateMeta(
+            client_id=cid, session=self._session or "", round=update.round, base_version=update.base_version,
+            codec=update.codec, num_examples=update.num_examples, payload_bytes=len(update.payload),
+            downlink_bytes=update.downlink_bytes,
+            metrics=pb.ClientMetrics(
+                loss_before=m.loss_before, loss_after=m.loss_after, accuracy=m.accuracy,
+                compute_seconds=m.compute_seconds, steps=m.steps, samples=m.samples,
+                label_counts=list(m.label_counts or ()), oversampled=m.oversampled,
+                **{k: v for k in ("personal_accuracy", "global_accuracy") if not math.isnan(v := getattr(m, k))},
+            ),
+        )
+        if not await self._push_update(stub, meta, update.payload, local_deadline):
+            return
+        if secagg_s is not None and held is not None:
+            await self._secure_aggregate(stub, task.round, held, secagg_s)
+        self.report.rounds.append(task.round)
+
+    async def _push_update(self, stub: pb_grpc.FleetLearnStub, meta: pb.UpdateMeta, payload: bytes, local_deadline: float) -> bool:
+        """Send one update (`meta`, then `payload` in chunks, paced by `uplink_limit_mbps`);
+        a transient fault is retried until the round's deadline.  False when the server
+        refused it (counted in the report)."""
+        cid, round = int(meta.client_id), int(meta.round)
         chunk = self._chunk_bytes or DEFAULT_CHUNK_BYTES
         rate = self.uplink_limit_mbps
         if rate is not None:  # pace in chunks of about 50 ms of the link
             chunk = max(1024, min(chunk, int(rate * 1e6 / 8 * 0.05)))
-        m = update.metrics
 
         async def messages():
-            yield pb.UpdateChunk(meta=pb.UpdateMeta(
-                client_id=cid, session=self._session or "", round=update.round, base_version=update.base_version,
-                codec=update.codec, num_examples=update.num_examples, payload_bytes=len(update.payload),
-                downlink_bytes=update.downlink_bytes,
-                metrics=pb.ClientMetrics(
-                    loss_before=m.loss_before, loss_after=m.loss_after, accuracy=m.accuracy,
-                    compute_seconds=m.compute_seconds, steps=m.steps, samples=m.samples,
-                    label_counts=list(m.label_counts or ()), oversampled=m.oversampled,
-                    **{k: v for k in ("personal_accuracy", "global_accuracy") if not math.isnan(v := getattr(m, k))},
-                ),
-            ))
+            yield pb.UpdateChunk(meta=meta)
             start = time.monotonic()
-            for offset, data in iter_chunks(update.payload, chunk):
+            for offset, data in iter_chunks(payload, chunk):
                 if rate is not None:  # a chunk leaves no sooner than the link would have carried it
                     wait = start + (offset + len(data)) * 8.0 / (rate * 1e6) - time.monotonic()
                     if wait > 0:
@@ -680,15 +696,15 @@ class FleetClient:
         try:
             while True:
                 try:
-                    await stub.PushUpdate(messages(), metadata=self._metadata, timeout=self.call_timeout_s + len(update.payload) / 1e6
-                                           + (len(update.payload) * 8.0 / (rate * 1e6) if rate is not None else 0.0))
-                    break
+                    await stub.PushUpdate(messages(), metadata=self._metadata, timeout=self.call_timeout_s + len(payload) / 1e6
+                                           + (len(payload) * 8.0 / (rate * 1e6) if rate is not None else 0.0))
+                    return True
                 except grpc.aio.AioRpcError as err:
                     code = err.code()
                     if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
                         self.report.refused[code.name] += 1
-                        log.info("client %d: update for round %d refused: %s", cid, task.round, err.details())
-                        return
+                        log.info("client %d: update for round %d refused: %s", cid, round, err.details())
+                        return False
                     # A transient fault (connection reset, overloaded server): the update is still
                     # good until the round's deadline, so send it again rather than lose the round.
                     # If the server restarted meanwhile, the retry gets NOT_FOUND and we re-register.
@@ -697,13 +713,10 @@ class FleetClient:
                         raise
                     attempt += 1
                     self.report.retries += 1
-                    log.debug("client %d: push for round %d failed (%s); retrying in %.2fs", cid, task.round, code.name, delay)
+                    log.debug("client %d: push for round %d failed (%s); retrying in %.2fs", cid, round, code.name, delay)
                     await self._sleep(delay)
         finally:
             self._pushing = False
-        if secagg_s is not None and held is not None:
-            await self._secure_aggregate(stub, task.round, held, secagg_s)
-        self.report.rounds.append(task.round)
 
     async def _secure_aggregate(self, stub: pb_grpc.FleetLearnStub, round: int, update, stage_s: float) -> None:
         """Take part in the round's secure aggregation (transport/grpc/secagg.py): each stage

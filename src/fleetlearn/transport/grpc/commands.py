@@ -61,6 +61,7 @@ def server_transport(
     limits: Limits = Limits(),
     insecure: bool = False,
     learner: Any = None,
+    membership: Any = None,
 ) -> GrpcTransport:
     """The transport `fleetlearn server CONFIG` hands to the Coordinator.
 
@@ -73,6 +74,9 @@ def server_transport(
     `learner`: the run's learner; a HeteroFL one (`model.widths`, or `model.lora_ranks` of a
     pretrained model) makes the server assign each client a width (a LoRA rank) by the run's
     `model.width_rule` from the memory it declares and send it only that sub-model.
+    With `engine.region_aggregators` the transport is a root's: its clients are the regional
+    aggregators (`fleetlearn aggregator`); `membership` (`engine.regions.RegionMembership`)
+    makes it a regional aggregator's instead, serving its region's clients.
     """
     if config.canary.set:
         check_canary(config)
@@ -100,6 +104,8 @@ def server_transport(
         limits=limits,
         insecure=insecure,
         submodels=learner if getattr(learner, "name", None) == "heterofl" else None,
+        regions=config.engine.regions if config.engine.region_aggregators and membership is None else 0,
+        membership=membership,
     )
 
 

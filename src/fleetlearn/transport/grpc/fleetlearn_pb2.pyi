@@ -31,16 +31,18 @@ class DeviceProfile(_message.Message):
     def __init__(self, compute_sps: _Optional[float] = ..., uplink_mbps: _Optional[float] = ..., downlink_mbps: _Optional[float] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("client_name", "runtime_version", "capabilities", "device")
+    __slots__ = ("client_name", "runtime_version", "capabilities", "device", "region")
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_VERSION_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
     client_name: str
     runtime_version: str
     capabilities: Capabilities
     device: DeviceProfile
-    def __init__(self, client_name: _Optional[str] = ..., runtime_version: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., device: _Optional[_Union[DeviceProfile, _Mapping]] = ...) -> None: ...
+    region: int
+    def __init__(self, client_name: _Optional[str] = ..., runtime_version: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., device: _Optional[_Union[DeviceProfile, _Mapping]] = ..., region: _Optional[int] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("client_id", "session", "accepted", "reason", "heartbeat_interval_s", "downlink_codec", "uplink_codec", "model_digest", "run_finished", "chunk_bytes", "model_width")
@@ -177,7 +179,7 @@ class ClientMetrics(_message.Message):
     def __init__(self, loss_before: _Optional[float] = ..., loss_after: _Optional[float] = ..., accuracy: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., steps: _Optional[int] = ..., samples: _Optional[int] = ..., label_counts: _Optional[_Iterable[int]] = ..., oversampled: _Optional[int] = ..., personal_accuracy: _Optional[float] = ..., global_accuracy: _Optional[float] = ...) -> None: ...
 
 class UpdateMeta(_message.Message):
-    __slots__ = ("client_id", "session", "round", "base_version", "codec", "num_examples", "metrics", "payload_bytes", "downlink_bytes")
+    __slots__ = ("client_id", "session", "round", "base_version", "codec", "num_examples", "metrics", "payload_bytes", "downlink_bytes", "region")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +189,7 @@ class UpdateMeta(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     DOWNLINK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
     client_id: int
     session: str
     round: int
@@ -196,7 +199,26 @@ class UpdateMeta(_message.Message):
     metrics: ClientMetrics
     payload_bytes: int
     downlink_bytes: int
-    def __init__(self, client_id: _Optional[int] = ..., session: _Optional[str] = ..., round: _Optional[int] = ..., base_version: _Optional[int] = ..., codec: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Union[ClientMetrics, _Mapping]] = ..., payload_bytes: _Optional[int] = ..., downlink_bytes: _Optional[int] = ...) -> None: ...
+    region: RegionSum
+    def __init__(self, client_id: _Optional[int] = ..., session: _Optional[str] = ..., round: _Optional[int] = ..., base_version: _Optional[int] = ..., codec: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Union[ClientMetrics, _Mapping]] = ..., payload_bytes: _Optional[int] = ..., downlink_bytes: _Optional[int] = ..., region: _Optional[_Union[RegionSum, _Mapping]] = ...) -> None: ...
+
+class RegionSum(_message.Message):
+    __slots__ = ("region", "weight", "clients", "selected", "client_uplink_bytes", "client_downlink_bytes", "dropped")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    SELECTED_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_UPLINK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_DOWNLINK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    region: int
+    weight: float
+    clients: int
+    selected: int
+    client_uplink_bytes: int
+    client_downlink_bytes: int
+    dropped: int
+    def __init__(self, region: _Optional[int] = ..., weight: _Optional[float] = ..., clients: _Optional[int] = ..., selected: _Optional[int] = ..., client_uplink_bytes: _Optional[int] = ..., client_downlink_bytes: _Optional[int] = ..., dropped: _Optional[int] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
     __slots__ = ("meta", "data")

@@ -14,6 +14,7 @@ REASONS: dict[str, grpc.StatusCode] = {
     "bad_token": grpc.StatusCode.UNAUTHENTICATED,  # missing or unknown token
     "revoked_token": grpc.StatusCode.UNAUTHENTICATED,
     "wrong_client": grpc.StatusCode.PERMISSION_DENIED,  # the token belongs to another client id
+    "wrong_region": grpc.StatusCode.PERMISSION_DENIED,  # a client of another region, or a forward for another region
     "unknown_client": grpc.StatusCode.NOT_FOUND,  # not registered (or the server restarted): register again
     "malformed": grpc.StatusCode.INVALID_ARGUMENT,  # bad field, chunks out of order, truncated payload
     "wrong_shape": grpc.StatusCode.INVALID_ARGUMENT,  # payload size cannot be the model's

@@ -49,6 +49,7 @@ import numpy as np
 from ...client.probe import PROBE_FEATURE
 from ...compression import AdaptiveCompression, needed_capabilities, parse_chain, wire
 from ...compression.blocks import HEADER_BYTES as BLOCK_HEADER_BYTES
+from .regions import REGION_FEATURE, REGION_SUM_CODEC, region_report, region_sum_bytes
 from ...messages import ClientMetrics, Dropout, Task, Update
 from ...params import ParamSpec
 from ...privacy.secagg import SecAggError
@@ -199,6 +200,10 @@ class RunRequirements:
     # Secure aggregation (privacy.secure_aggregation): updates stay on the devices, PushUpdate
     # carries no payload and the clients mask their rows in SecAggStep ("secagg" feature).
     secagg: bool = False
+    # Regional aggregators (engine.region_aggregators): > 0 on a root whose "clients" are the
+    # `fleetlearn aggregator`s of this many regions (feature "region"); an update is then a
+    # region's weighted sum and weight (engine/regions.py), not a codec payload.
+    regions: int = 0
 
     @classmethod
     def for_run(
@@ -220,6 +225,9 @@ class RunRequirements:
             def size(chain) -> int:  # exact for fixed-size chains, an upper bound otherwise
                 return chain.estimate_bytes(dim) + extra
 
+            if kw.get("regions"):  # a region's sum: dim float64 values and its weight
+                kw.setdefault("update_bytes", region_sum_bytes(dim))
+                kw.setdefault("update_bytes_max", region_sum_bytes(dim))
             kw.setdefault("update_bytes", size(up) if up.exact_size and not rungs else None)
             kw.setdefault("update_bytes_max", max([size(up), *(size(r) for r in rungs)]))
             kw.setdefault("rung_bytes", tuple((size(r) if r.exact_size else None, size(r)) for r in rungs))
@@ -253,6 +261,14 @@ class RunRequirements:
             return (f"client lacks protocol feature(s) {', '.join(lacking)} the run needs "
                     f"(\"scaffold\": client.objective = 'scaffold'; \"heterofl\": model.widths; \"secagg\": "
                     f"privacy.secure_aggregation = true); it announced {sorted(cap.features)}: upgrade the client")
+        if self.regions and (REGION_FEATURE not in cap.features or not request.HasField("region")):
+            return (f"this root takes the regional aggregators of {self.regions} regions (engine.region_aggregators = true), "
+                    "not clients: a client dials its region's `fleetlearn aggregator`")
+        if self.regions and request.region >= self.regions:
+            return f"region {request.region} does not exist: the run has engine.regions = {self.regions} (regions 0 to {self.regions - 1})"
+        if not self.regions and (REGION_FEATURE in cap.features or request.HasField("region")):
+            return ("this server takes clients, not regional aggregators: start the root with engine.region_aggregators = true "
+                    "(and engine.regions), or point the aggregator's clients at this server directly")
         if PROBE_FEATURE in cap.features and self.probe_refusal:
             return f"this run cannot check probe clients: {self.probe_refusal}"
         if self.model_digest:
@@ -422,8 +438,15 @@ class FleetServer:
         heartbeat_timeout_s: float | None = None,
         keep_rounds: int = 16,
         submodels: Any = None,
+        membership: Any = None,
     ):
         self.tokens = tokens
+        # A regional aggregator's server (`engine.regions.RegionMembership`): clients of other
+        # regions are refused at registration ("wrong_region").  None: every token holder.
+        self.membership = membership
+        # A root of regional aggregators: each round's `UpdateMeta.region` by aggregator (recent rounds).
+        self.region_reports: dict[int, dict[int, dict[str, Any]]] = {}
+        self._keep_rounds = keep_rounds
         # HeteroFL (`learners.heterofl.HeteroFLLearner`) or None: each client's width is assigned at
         # registration from its declared memory (`width_for_device`), its tasks carry only that width's
         # sub-model, and its update is the sub-model's delta.
@@ -629,6 +652,9 @@ class FleetServer:
         if why:
             raise Refusal("incompatible", why)
         assert check.client_id is not None and check.name is not None
+        if self.membership is not None and (why := self.membership.refusal(check.client_id)):
+            raise Refusal("wrong_region", why)
+        region = self._region_of_aggregator(check.client_id, request)
         width = self._assign_width(check.client_id, request.capabilities)
         cs = ClientSession(
             client_id=check.client_id,
@@ -644,6 +670,7 @@ class FleetServer:
                 "memory_mb": int(request.capabilities.memory_mb),
                 "features": list(request.capabilities.features),
                 **({"model_width": width} if width else {}),
+                **({"region": region} if region is not None else {}),
             },
         )
         self.clients[cs.client_id] = cs  # replaces an older session of the same client
@@ -680,6 +707,24 @@ class FleetServer:
         self.submodels.set_width(client, width)
         self.widths[client] = width
         return width
+
+    def _region_of_aggregator(self, client: int, request: pb.RegisterRequest) -> int | None:
+        """A root of regional aggregators: the region this aggregator registers for (checked
+        against `engine.regions` by `RunRequirements.refusal`); refused while another live
+        aggregator holds it.  None on any other server."""
+        if not self.requirements.regions:
+            return None
+        region = int(request.region)
+        live = set(self.available())
+        holder = next((c for c, cs in self.clients.items() if c != client and c in live and cs.capabilities.get("region") == region), None)
+        if holder is not None:
+            raise Refusal("wrong_region", f"region {region} is served by aggregator {holder}, which is connected; "
+                                          "one aggregator per region (revoke its token, or give this one another region)")
+        return region
+
+    def aggregator_regions(self) -> dict[int, int]:
+        """Registered regional aggregators: client id -> the region it registered for."""
+        return {c: int(cs.capabilities["region"]) for c, cs in self.clients.items() if "region" in cs.capabilities}
 
     def _validate_register(self, r: pb.RegisterRequest) -> None:
         lim = self.limits
@@ -837,7 +882,8 @@ class FleetServer:
             finally:
                 rs.uploading.discard(client)
             secagg_dump("update", rs.round, client, first.SerializeToString() + payload)  # testing aid (FLEETLEARN_SECAGG_DUMP_DIR)
-            self._check_payload_header(payload, m.codec, self._update_dim(rs, client))
+            if not self.requirements.regions:  # a region's sum has no codec header (its size was checked)
+                self._check_payload_header(payload, m.codec, self._update_dim(rs, client))
             cs.last_seen = time.monotonic()
             link = self._measure(client, len(payload), cs.last_seen - first_at, ready_s)
             rs = self._admit(client, m, starting=False)  # the round may have closed during the upload
@@ -860,6 +906,12 @@ class FleetServer:
                 downlink_bytes=rs.downlink_bytes.get(client, int(m.downlink_bytes)),
                 extra={"transport": "grpc", "peer": context.peer() or "", "uplink_mbps": link.uplink_mbps, "ready_s": link.ready_s},
             )
+            if self.requirements.regions:
+                report = region_report(m.region)
+                update.extra["region"] = report
+                self.region_reports.setdefault(rs.round, {})[client] = report
+                for old in [r for r in self.region_reports if r <= rs.round - self._keep_rounds]:
+                    del self.region_reports[old]
             rs.pending.discard(client)
             rs.replied.add(client)
             rs.out.put(Reply(update, rs.elapsed()))
@@ -1000,10 +1052,36 @@ class FleetServer:
             return {}
         return {c: self.adaptive.ladder[int(lv)] for c, lv in zip(clients, plan.levels)}
 
+    def _validate_region_meta(self, m: pb.UpdateMeta) -> None:
+        """A regional aggregator's forward: the region it registered for, a finite positive
+        weight, and the size of a region's sum (`engine.regions.pack_region_sum`)."""
+        if m.codec != REGION_SUM_CODEC:
+            raise Refusal("wrong_codec", f"update encoded with {m.codec!r}; a regional aggregator forwards its region's sum "
+                                         f"(codec {REGION_SUM_CODEC!r})")
+        if not m.HasField("region"):
+            raise Refusal("malformed", "a regional aggregator's update must carry UpdateMeta.region (its region, weight and clients)")
+        cs = self.clients.get(int(m.client_id))
+        registered = cs.capabilities.get("region") if cs is not None else None
+        if m.region.region != registered:
+            raise Refusal("wrong_region", f"a forward for region {m.region.region}; aggregator {m.client_id} registered for region {registered}")
+        _finite("region.weight", m.region.weight, nonneg=True)
+        if m.region.weight <= 0:
+            raise Refusal("malformed", f"region.weight = {m.region.weight!r}: a region with no accepted update forwards nothing")
+        if m.region.clients > m.region.selected:
+            raise Refusal("malformed", f"region.clients = {m.region.clients} exceeds region.selected = {m.region.selected}")
+        want = self.requirements.update_bytes
+        if want is not None and m.payload_bytes != want:
+            raise Refusal("wrong_shape", f"a region's sum of {m.payload_bytes} bytes cannot be the model's: it is {want} bytes "
+                                         f"({want // 8 - 1} float64 values and the weight)")
+
     def _validate_update_meta(self, m: pb.UpdateMeta, rs: RoundState) -> None:
         req = self.requirements
+        if req.regions:
+            self._validate_region_meta(m)
+        elif m.HasField("region"):
+            raise Refusal("malformed", "UpdateMeta.region is sent by regional aggregators, to a root with engine.region_aggregators = true")
         chain = rs.codecs.get(int(m.client_id), req.uplink)
-        if _normalise_chain(m.codec) != chain:
+        if not req.regions and _normalise_chain(m.codec) != chain:
             if req.ladder:
                 raise Refusal("wrong_codec", f"update encoded with {m.codec!r}; round {rs.round} asked client {m.client_id} for rung {chain!r} of the adaptive ladder")
             raise Refusal("wrong_codec", f"update encoded with {m.codec!r}; the run's uplink chain is {req.uplink!r}")
@@ -1031,6 +1109,8 @@ class FleetServer:
             raise Refusal("malformed", f"metrics.label_counts sent, but round {rs.round} did not ask for a label histogram")
         if m.payload_bytes > self.limits.max_update_bytes:
             raise Refusal("oversized", f"update payload of {m.payload_bytes} bytes exceeds the limit of {self.limits.max_update_bytes} bytes")
+        if req.regions:
+            return
         if req.secagg:
             if m.payload_bytes:
                 raise Refusal("wrong_shape", f"update payload of {m.payload_bytes} bytes: under secure aggregation the update stays on "

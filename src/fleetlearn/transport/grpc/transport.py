@@ -127,6 +127,8 @@ class GrpcTransport(TransportBase):
         server_options: Sequence[tuple[str, Any]] = (),
         insecure: bool = False,
         submodels: Any = None,
+        regions: int = 0,
+        membership: Any = None,
     ):
         if tls is None and not insecure and not is_loopback(address):
             # Tokens, models and updates would cross the network in clear.
@@ -141,6 +143,9 @@ class GrpcTransport(TransportBase):
         # `submodels`: HeteroFL (a `HeteroFLLearner`): each client's width from the memory it
         # declares, its tasks carry only that width's sub-model; clients must announce "heterofl".
         # `secagg`: secure aggregation run by the clients (SecAggStep); they must announce "secagg".
+        # `regions`: a root whose clients are the regional aggregators of this many regions
+        # (engine.region_aggregators); `membership`: a regional aggregator's server, which takes
+        # only its region's clients (`engine.regions.RegionMembership`).
         hetero = {} if submodels is None else {"model_width": 0.0, "min_memory_mb": 0}
         if submodels is not None and "heterofl" not in features:
             features = (*features, "heterofl")
@@ -148,13 +153,14 @@ class GrpcTransport(TransportBase):
             features = (*features, "secagg")
         self.requirements = requirements or RunRequirements.for_run(spec, uplink, downlink, ladder=ladder, clusters=clusters,
                                                                     features=tuple(features), probe_refusal=probe_refusal,
-                                                                    secagg=secagg, **hetero)
+                                                                    secagg=secagg, regions=int(regions), **hetero)
         self.submodels = submodels
         self.limits = limits
         self.max_round_s = max_round_s
         self.grace_s = grace_s
         self._stage_s = max_round_s  # secure aggregation: each stage's deadline (the last dispatched round's)
-        self.server = FleetServer(tokens, self.requirements, limits, heartbeat_interval_s, heartbeat_timeout_s, submodels=submodels)
+        self.server = FleetServer(tokens, self.requirements, limits, heartbeat_interval_s, heartbeat_timeout_s, submodels=submodels,
+                                  membership=membership)
         self._tls = tls
         self._max_rpcs = maximum_concurrent_rpcs
         self._extra_options = list(server_options)
@@ -389,6 +395,15 @@ class GrpcTransport(TransportBase):
         """Registered clients that announced the "probe" feature (`fleetlearn client --probe`):
         their updates are checked, never aggregated (monitoring/probe_clients.py)."""
         return [int(c["client_id"]) for c in self.clients() if PROBE_FEATURE in c["capabilities"].get("features", ())]
+
+    def aggregator_regions(self) -> dict[int, int]:
+        """A root of regional aggregators: registered aggregator client id -> its region."""
+        return self._on_loop(self.server.aggregator_regions)
+
+    def region_reports(self, round: int) -> dict[int, dict[str, Any]]:
+        """A root of regional aggregators: round `round`'s accepted forwards' `UpdateMeta.region`
+        (clients, weight, first-hop bytes) by aggregator client id."""
+        return self._on_loop(lambda: dict(self.server.region_reports.get(round, {})))
 
     def finish(self, reason: str = "the run finished") -> None:
         """Tell every client the run is over (they stop); the server keeps answering until `close`."""
