@@ -1,8 +1,8 @@
 """Federated fine-tuning of a pretrained transformer (issue 17): LoRA vs a linear probe vs
 centralised LoRA, uplink bytes vs full fine-tuning, q8 | zstd on adapters, heterogeneous ranks.
 
-    .venv/bin/python benchmarks/foundation.py [--rounds 20] [--clients 50] [--cohort 10]
-        [--local-steps 10] [--seq-len 64] [--rank 8] [--ranks 8,4,2] [--seeds 1] [--arms ...]
+    .venv/bin/python benchmarks/foundation.py [--rounds 8] [--clients 50] [--cohort 10]
+        [--local-steps 5] [--lr 0.1] [--lr-schedule cosine] [--no-oversample] [--seq-len 64] [--rank 8] [--ranks 8,4,2] [--seeds 1] [--arms ...]
         [--threads 0] [--tiny]
 
 examples/spam_lora.toml's task: all-MiniLM-L6-v2 (``hf:all_minilm_l6_v2``) on SpamAssassin,
@@ -51,7 +51,8 @@ def base_config(a, seed: int) -> dict:
         "data": {"dataset": "spam_assassin", "clients": a.clients, "text_seq_len": a.seq_len, "label_share_min": 0.01,
                  "label_share_max": 0.5, **({"path": a.corpus} if a.corpus else {})},
         "model": {"name": a.model, "lora_rank": a.rank, "lora_alpha": 2.0 * a.rank, "lora_targets": ["query", "value"]},
-        "client": {"local_steps": a.local_steps, "batch_size": a.batch_size, "lr": a.lr, "momentum": 0.9},
+        "client": {"local_steps": a.local_steps, "batch_size": a.batch_size, "lr": a.lr, "momentum": 0.9,
+                   "oversample": a.oversample, "lr_schedule": a.lr_schedule, "lr_min": a.lr_min},
         "server": {"rounds": a.rounds, "cohort": a.cohort, "eval_every": a.rounds, "eval_clients": a.eval_clients},
         "engine": {"threads": a.threads},
         "monitoring": {"detectors": []},
@@ -111,12 +112,15 @@ def run_arm(arm: str, a, seed: int) -> dict:
 
 
 def run_central(a, seed: int) -> dict:
-    """LoRA on the pooled training rows of every client: the same steps in all, batch and lr."""
+    """LoRA on the pooled training rows of every client: the same steps in all, batch, lr and
+    schedule (one "round" = cohort x local steps), oversampled like the clients (``--oversample``)."""
     import numpy as np
     import torch
 
+    from fleetlearn.aggregation.schedules import schedule_from_config
     from fleetlearn.config import load_config
     from fleetlearn.data import load_federated
+    from fleetlearn.data.balance import oversample
     from fleetlearn.engine.evaluation import binary_f1
     from fleetlearn.engine.factory import build_learner
     from fleetlearn.learners import ClientData, FitConfig
@@ -126,12 +130,17 @@ def run_central(a, seed: int) -> dict:
         torch.set_num_threads(a.threads)
     data = load_federated(cfg.data, cfg.seed)
     learner = build_learner(cfg, data)
-    rows = torch.from_numpy(np.concatenate([data.train_indices(c) for c in range(data.num_clients)]))
-    pooled = ClientData(data.x[rows], data.y[rows], data.central_x[:0], data.central_y[:0])
-    steps = a.rounds * a.cohort * a.local_steps
+    rows = np.concatenate([data.train_indices(c) for c in range(data.num_clients)])
+    x, y = data.x[torch.from_numpy(rows)].numpy(), data.y[torch.from_numpy(rows)].numpy()
+    if a.oversample:
+        x, y = oversample(x, y, data.num_classes, np.random.default_rng(seed))
+    pooled = ClientData(torch.from_numpy(x), torch.from_numpy(y), data.central_x[:0], data.central_y[:0])
+    schedule = schedule_from_config(cfg.client.model_dump(), prefix="lr_", total_rounds=a.rounds)
+    params = learner.init_params(cfg.seed)
     t = time.perf_counter()
-    res = learner.fit(learner.init_params(cfg.seed), pooled, FitConfig(local_steps=steps, batch_size=a.batch_size, lr=a.lr, momentum=0.9), seed)
-    params = learner.init_params(cfg.seed) + res.delta
+    for r in range(1, a.rounds + 1):
+        fit = FitConfig(local_steps=a.cohort * a.local_steps, batch_size=a.batch_size, lr=schedule.lr_at(r, a.lr), momentum=0.9)
+        params = params + learner.fit(params, pooled, fit, seed * 100_003 + r).delta
     _, correct = learner.per_example(params, data.central_x, data.central_y)
     return {"accuracy": float(correct.mean()), "f1": binary_f1(correct, data.central_y), "s_per_round": (time.perf_counter() - t) / a.rounds,
             "up_per_client": math.nan, "ratio": math.nan}
@@ -169,12 +178,16 @@ def fmt(v, spec=".4f") -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--cohort", type=int, default=10)
-    ap.add_argument("--local-steps", type=int, default=10)
+    ap.add_argument("--local-steps", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"])
+    ap.add_argument("--lr-min", type=float, default=0.01)
+    ap.add_argument("--no-oversample", dest="oversample", action="store_false",
+                    help="train on the clients' skewed data as is (default: oversample spam, as examples/spam_lora.toml)")
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--ranks", default="8,4,2")

@@ -48,14 +48,20 @@ def fl(*args, **kw):
     return subprocess.Popen([sys.executable, "-m", "fleetlearn", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
+def certs_and_tokens(tmp: Path, names: list[str], state: str | Path | None = None) -> list[str]:
+    """`fleetlearn certs --out tmp/certs` and `fleetlearn token add NAME --state STATE` for each name,
+    in this process (what the commands call; tests/transport/test_grpc_commands.py and
+    test_tokens_shared.py run the commands themselves): a `python -m fleetlearn` costs seconds."""
+    from fleetlearn.transport.grpc import commands, make_certs
+
+    if not (tmp / "certs" / "ca.pem").exists():
+        make_certs(tmp / "certs")
+    return [commands.token_add(tmp / "state" if state is None else state, name) for name in names]
+
+
 def setup(tmp: Path, rounds: int) -> list[str]:
     (tmp / "run.toml").write_text(CONFIG.format(rounds=rounds))
-    assert subprocess.run([sys.executable, "-m", "fleetlearn", "certs", "--out", str(tmp / "certs")], capture_output=True).returncode == 0
-    tokens = []
-    for i in range(3):
-        p = subprocess.run([sys.executable, "-m", "fleetlearn", "token", "add", f"site{i}", "--state", str(tmp / "state")], capture_output=True, text=True)
-        assert p.returncode == 0, p.stderr
-        tokens.append(p.stdout.strip())
+    tokens = certs_and_tokens(tmp, [f"site{i}" for i in range(3)])
     assert all(t not in (tmp / "state" / "tokens.db").read_bytes().decode("latin-1") for t in tokens)  # stored hashed
     return tokens
 
@@ -126,7 +132,7 @@ def _rounds_committed(run_root: Path) -> int:
 
 
 def test_kill_9_mid_run_then_resume_loses_no_committed_round(tmp_path):
-    rounds = 6
+    rounds = 4
     # The uninterrupted run, for comparison.
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
@@ -142,12 +148,12 @@ def test_kill_9_mid_run_then_resume_loses_no_committed_round(tmp_path):
     server = start_server(crash, port, str(crash / "run.toml"))
     clients = start_clients(crash, port, tokens)
     deadline = time.time() + 600
-    while _rounds_committed(crash / "runs") < 3 and time.time() < deadline:
+    while _rounds_committed(crash / "runs") < 2 and time.time() < deadline:
         time.sleep(0.05)
     server.send_signal(signal.SIGKILL)
     server.wait()
     committed = _rounds_committed(crash / "runs")
-    assert committed >= 3
+    assert 2 <= committed < rounds
     run_dir = next((crash / "runs").glob("*/run.db")).parent
     server = start_server(crash, port, "--resume", str(run_dir))
     resumed = finish(server, clients)

@@ -8,8 +8,6 @@ seed.  The time from the kill to the first round the standby commits is printed 
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 
@@ -17,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 import torch
 from postgres_server import fresh_database
-from test_grpc_end_to_end import CONFIG, finish, fl, free_port
+from test_grpc_end_to_end import CONFIG, certs_and_tokens, finish, fl, free_port
 
 from fleetlearn.ops import RunStore
 
@@ -34,14 +32,7 @@ def _setup(tmp, rounds: int, state: str | None = None) -> list[str]:
     state = state or str(tmp / "state")
     (tmp / "run.toml").write_text(CONFIG.format(rounds=rounds).replace("clients = 3", f"clients = {CLIENTS}")
                                   .replace("cohort = 3", f"cohort = {CLIENTS}").replace("local_epochs = 2", "local_epochs = 1"))
-    assert subprocess.run([sys.executable, "-m", "fleetlearn", "certs", "--out", str(tmp / "certs")], capture_output=True).returncode == 0
-    tokens = []
-    for i in range(CLIENTS):
-        p = subprocess.run([sys.executable, "-m", "fleetlearn", "token", "add", f"site{i}", "--state", state],
-                           capture_output=True, text=True)
-        assert p.returncode == 0, p.stderr
-        tokens.append(p.stdout.strip())
-    return tokens
+    return certs_and_tokens(tmp, [f"site{i}" for i in range(CLIENTS)], state=state)
 
 
 def _server(tmp, port: int, *extra: str, state: str | None = None):
@@ -134,6 +125,10 @@ def test_kill_9_the_leader_and_the_standby_takes_over_losing_no_round(postgres_u
     (["cfg.toml", "--lease-ttl", "0"], "--lease-ttl 0.0: allowed: a number of seconds > 0"),
     (["cfg.toml", "--lease-ttl", "nan"], "--lease-ttl nan: allowed"),
 ])
-def test_bad_standby_flags_are_refused_naming_them(tmp_path, args, error):
-    p = subprocess.run([sys.executable, "-m", "fleetlearn", "server", *args], capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert p.returncode == 2 and error in p.stderr, p.stderr[-2000:]
+def test_bad_standby_flags_are_refused_naming_them(tmp_path, monkeypatch, capsys, args, error):
+    from fleetlearn.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["server", *args]) == 2
+    err = capsys.readouterr().err
+    assert error in err, err[-2000:]

@@ -56,11 +56,16 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-import dp_accounting
 import numpy as np
-from dp_accounting.pld import privacy_loss_distribution as pld_lib
-from dp_accounting.rdp import RdpAccountant
-from dp_accounting.rdp.rdp_privacy_accountant import compute_epsilon as rdp_epsilon
+
+from ..lazy import lazy_module
+
+# dp-accounting pulls in scipy (about 3 s of imports): loaded on the first accounting call, so a
+# client, a `fleetlearn token` or a run without DP never pays for it.
+dp_accounting = lazy_module("dp_accounting")
+pld_lib = lazy_module("dp_accounting.pld.privacy_loss_distribution")
+_rdp = lazy_module("dp_accounting.rdp")
+_rdp_accountant = lazy_module("dp_accounting.rdp.rdp_privacy_accountant")
 
 ACCOUNTING_METHODS = ("pld", "rdp")
 ACCOUNTING_MODES = ("central", "local")
@@ -130,11 +135,11 @@ def dp_event(sampling_rate: float, noise_multiplier: float, mode: str = "central
     return dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z))
 
 
-def rdp_accountant_for(event: dp_accounting.DpEvent) -> RdpAccountant:
+def rdp_accountant_for(event: dp_accounting.DpEvent) -> _rdp.RdpAccountant:
     """dp-accounting's RDP accountant with the adjacency the event supports."""
     if isinstance(event, dp_accounting.SampledWithoutReplacementDpEvent):
-        return RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-    return RdpAccountant()
+        return _rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    return _rdp.RdpAccountant()
 
 
 class PrivacyAccountant:
@@ -202,11 +207,11 @@ class PrivacyAccountant:
         return self._one_round[key]
 
     def _rdp_epsilon(self, runs: tuple[Run, ...]) -> float:
-        orders = RdpAccountant().orders
+        orders = _rdp.RdpAccountant().orders
         total = np.zeros_like(orders, dtype=np.float64)
         for q, z, count, sampling in runs:  # RdpAccountant.compose: rdp += count * curve
             total += count * self._rdp_curve(q, z, sampling)
-        return float(rdp_epsilon(orders, total, self.delta)[0])
+        return float(_rdp_accountant.compute_epsilon(orders, total, self.delta)[0])
 
     def _pld_part(self, q: float, z: float, count: int, sampling: str):
         # Mirrors PLDAccountant._maybe_compose for the events `dp_event` makes.
