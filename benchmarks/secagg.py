@@ -34,7 +34,6 @@ all pairs at n = 500).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import math
 import multiprocessing as mp
 import os
@@ -49,6 +48,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _swarm import run_clients  # noqa: E402
 from grpc_load import SyntheticLearner, client_data, cpu_seconds, raise_fd_limit  # noqa: E402
 
 from fleetlearn.compression import parse_chain  # noqa: E402
@@ -68,19 +68,11 @@ def client_process(address: str, tokens: list[str], offset: int, dim: int, out: 
     torch.set_num_threads(1)
     learner = SyntheticLearner(dim)
 
-    async def main() -> list:
-        clients = [FleetClient(address, tok, learner, client_data(offset + i), name=f"c{offset + i}", backoff=Backoff(0.2, 5.0),
-                               give_up_after_s=120, train_in_thread=False, channel_options=[("grpc.use_local_subchannel_pool", 1)],
-                               seed=offset + i, call_timeout_s=120.0)
-                   for i, tok in enumerate(tokens)]
-        tasks = []
-        for c in clients:
-            tasks.append(asyncio.create_task(c.run()))
-            await asyncio.sleep(0.002)
-        await asyncio.gather(*tasks, return_exceptions=True)
-        return [c.report.secagg for c in clients]
-
-    out.put(asyncio.run(main()))
+    clients = run_clients(lambda i: FleetClient(address, tokens[i], learner, client_data(offset + i), name=f"c{offset + i}",
+                                                backoff=Backoff(0.2, 5.0), give_up_after_s=120, train_in_thread=False,
+                                                channel_options=[("grpc.use_local_subchannel_pool", 1)], seed=offset + i,
+                                                call_timeout_s=120.0), len(tokens))
+    out.put([c.report.secagg for c in clients])
 
 
 def run(n: int, mode: str, rounds: int, dim: int, procs: int, deadline_s: float) -> dict:

@@ -25,7 +25,6 @@ round (median over the rounds after the first) and the root's CPU seconds per ro
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import multiprocessing as mp
 import resource
@@ -39,9 +38,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fleetlearn.config import load_config
-from fleetlearn.learners import ClientData
-from fleetlearn.learners.base import FitResult, SingleClientLearner
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _swarm import run_clients  # noqa: E402
+
+from fleetlearn.config import load_config  # noqa: E402
+from fleetlearn.learners import ClientData  # noqa: E402
+from fleetlearn.learners.base import FitResult, SingleClientLearner  # noqa: E402
 
 CLASSES = 10
 
@@ -99,17 +101,8 @@ def clients_process(cfg_json: str, address: str, tokens: list[str]) -> None:
     data = ClientData(torch.zeros(8, cfg.data.synthetic_dim), torch.zeros(8, dtype=torch.long), torch.zeros(0, cfg.data.synthetic_dim),
                       torch.zeros(0, dtype=torch.long))
 
-    async def main() -> None:
-        clients = [FleetClient(address, tok, learner, data, name=f"c{i}", backoff=Backoff(0.2, 2.0), give_up_after_s=120,
-                               train_in_thread=False, channel_options=[("grpc.use_local_subchannel_pool", 1)], seed=i)
-                   for i, tok in enumerate(tokens)]
-        tasks = []
-        for c in clients:
-            tasks.append(asyncio.create_task(c.run()))
-            await asyncio.sleep(0.002)
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    asyncio.run(main())
+    run_clients(lambda i: FleetClient(address, tokens[i], learner, data, name=f"c{i}", backoff=Backoff(0.2, 2.0), give_up_after_s=120,
+                                      train_in_thread=False, channel_options=[("grpc.use_local_subchannel_pool", 1)], seed=i), len(tokens))
 
 
 def aggregator_process(cfg_json: str, region: int, address: str, state: str, root: str, token: str, clients: int) -> None:

@@ -15,6 +15,9 @@ under `--max-load` (0.5), records the load before and after every run, and
 refuses to report a speed-up for a row whose runs started on a busy machine
 (it prints the times and says why there is no ratio).
 
+Flower's client actors and server run torch with `--flower-threads` intra-op threads
+(default 1, as fleetlearn's `engine.threads = "auto"` picks for this model: torch's
+default of one thread per core in each of several actors oversubscribes the cores).
 `--fleetlearn-threads 1` runs fleetlearn with one torch thread (Flower's actors
 get one CPU each, and Ray gives them one thread); on a small or shared machine
 torch's default intra-op threading can cost far more than it gains on this tiny
@@ -183,7 +186,7 @@ def _get_weights(net) -> list:
 
 
 def flower_side(npz: str, rounds: int, seed: int, out: str, cpus: str = "default",
-                local_epochs: int = LOCAL_EPOCHS, lr: float = LR) -> None:
+                local_epochs: int = LOCAL_EPOCHS, lr: float = LR, torch_threads: int = 1) -> None:
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -195,6 +198,8 @@ def flower_side(npz: str, rounds: int, seed: int, out: str, cpus: str = "default
     from torch.utils.data import DataLoader, TensorDataset
 
     t_process = time.perf_counter()
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
     w = _workload(npz)
     n = len(w["train_offsets"]) - 1
     num_features, num_classes = w["x"].shape[1], int(w["y"].max()) + 1
@@ -205,6 +210,8 @@ def flower_side(npz: str, rounds: int, seed: int, out: str, cpus: str = "default
             self.x, self.y, self.partition = x, y, partition
 
         def fit(self, parameters, config):
+            if torch_threads:  # in the actor process: torch's intra-op threads for this tiny model
+                torch.set_num_threads(torch_threads)
             _set_weights(self.net, parameters)
             gen = torch.Generator().manual_seed(seed * 1_000_003 + int(config["server_round"]) * 10_007 + self.partition)
             loader = DataLoader(TensorDataset(self.x, self.y), batch_size=BATCH, shuffle=True, generator=gen)
@@ -358,6 +365,9 @@ def main() -> None:
                     help="a run that starts above this 1-min load average gets no speed-up reported")
     ap.add_argument("--settle", type=float, default=240.0,
                     help="seconds to wait before each run for the load to fall under --max-load")
+    ap.add_argument("--flower-threads", type=int, default=1,
+                    help="torch intra-op threads in Flower's client actors and server (default 1, what fleetlearn's "
+                         "engine.threads = 'auto' picks for this model; 0: torch's default)")
     ap.add_argument("--side", choices=["fleetlearn", "flower"], help=argparse.SUPPRESS)
     ap.add_argument("--npz", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -367,7 +377,7 @@ def main() -> None:
             ap.error(f"--flower-cpus {c!r}: want 'default' or a positive number of CPUs per client actor")
     work = ["--rounds", str(args.rounds), "--seed", str(args.seed), "--local-epochs", str(args.local_epochs), "--lr", str(args.lr)]
     if args.side == "flower":
-        flower_side(args.npz, args.rounds, args.seed, args.out, args.flower_cpus[0], args.local_epochs, args.lr)
+        flower_side(args.npz, args.rounds, args.seed, args.out, args.flower_cpus[0], args.local_epochs, args.lr, args.flower_threads)
         return
     if args.side == "fleetlearn":
         print(json.dumps(fleetlearn_side(args.clients[0], args.rounds, args.seed, args.fleetlearn_threads[0] or None,
@@ -388,7 +398,8 @@ def main() -> None:
                 out, log = Path(tmp) / f"flower_{n}_{cpus}.json", Path(tmp) / f"flower_{n}_{cpus}.log"
                 print(f"N = {n}: Flower (num_cpus {cpus}) ...", flush=True)
                 proc, before, after = measured(
-                    [str(py), __file__, "--side", "flower", "--npz", str(npz), *work, "--out", str(out), "--flower-cpus", cpus],
+                    [str(py), __file__, "--side", "flower", "--npz", str(npz), *work, "--out", str(out), "--flower-cpus", cpus,
+                     "--flower-threads", str(args.flower_threads)],
                     args.max_load, args.settle, log)
                 if proc.returncode != 0:
                     sys.exit(f"the Flower run failed (exit {proc.returncode}); its log:\n{log.read_text()[-4000:]}")

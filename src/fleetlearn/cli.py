@@ -346,14 +346,11 @@ def _standby_metrics(mon):
     told apart.  Returns the exporter to stop before the run's own one starts, or None."""
     if mon.prometheus_port is None:
         return None
+    from .monitoring.parts import start_exporter
     from .monitoring.prometheus import PrometheusExporter
 
     exporter = PrometheusExporter()
-    try:
-        exporter.start(mon.prometheus_port, mon.prometheus_host)
-    except OSError as exc:
-        raise UsageError(f"monitoring.prometheus_port = {mon.prometheus_port}: cannot serve /metrics on "
-                         f"{mon.prometheus_host}:{mon.prometheus_port}: {exc.strerror or exc}") from None
+    start_exporter(exporter, mon.prometheus_port, mon.prometheus_host)  # a ConfigError: cmd_server's usage error
     exporter.set_leader(False)
     return exporter
 
@@ -385,6 +382,8 @@ def cmd_server(args: argparse.Namespace) -> int:
                 # The lease replaces the run directory's flock here: a deposed leader that is still
                 # alive (partitioned from the database) may hold the flock, and it is fenced anyway.
                 console.print(f"fleetlearn server: standby {holder_id} for run {store.run_id}: waiting for the leader lease")
+                # The config as it stands now, for the waiting endpoint; read again once leading (the
+                # leader may record `--resume --set` overrides while this one waits).
                 waiting = _standby_metrics(resume_config(store, args.set)[0].monitoring)
                 endpoint = _standby_endpoint(args, store.run_id)
                 try:

@@ -102,17 +102,22 @@ class MonitoringParts:
         """Start the Prometheus endpoint if configured; returns its port."""
         if self.exporter is None or self.settings.prometheus_port is None:
             return None
-        port, host = self.settings.prometheus_port, self.settings.prometheus_host
-        try:
-            return self.exporter.start(port, host)
-        except OSError as exc:  # taken since the config was checked, or the address went away
-            from ..errors import ConfigError
-
-            raise ConfigError(f"monitoring.prometheus_port = {port}: cannot serve /metrics on {host}:{port}: {exc.strerror or exc}") from None
+        return start_exporter(self.exporter, self.settings.prometheus_port, self.settings.prometheus_host)
 
     def stop(self) -> None:
         if self.exporter is not None:
             self.exporter.stop()
+
+
+def start_exporter(exporter: PrometheusExporter, port: int, host: str) -> int:
+    """``exporter.start(port, host)``; a port taken since the config was checked (or an address
+    that went away) is a ConfigError naming the key, for the run and for a waiting standby alike."""
+    try:
+        return exporter.start(port, host)
+    except OSError as exc:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"monitoring.prometheus_port = {port}: cannot serve /metrics on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def build_monitoring(settings: MonitoringSettings | dict[str, Any] | None = None) -> MonitoringParts:
