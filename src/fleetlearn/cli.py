@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from rich.table import Table
 from . import __version__
 from .cli_tables import ColumnError, FitTable, parse_columns
 from .attacks import CLIENT_ATTACK_OPTIONS, UPDATE_ATTACKS
-from .config import ConfigError, add_config_dir_to_path, load_config
+from .config import RUN_ID_PATTERN, ConfigError, add_config_dir_to_path, load_config
 from .records import RoundRecord, RunSummary
 
 EXIT_USAGE = 2
@@ -355,6 +356,48 @@ def _standby_metrics(mon):
     return exporter
 
 
+def _join_named_run(args: argparse.Namespace, console: Console) -> None:
+    """`fleetlearn server CONFIG --run-id NAME [--standby]`: when run NAME exists (under
+    --runs-dir, else the config's store.root), continue it as `--resume NAME` would, as a
+    standby when another server leads it now; with --standby, first wait for its leader to
+    start it (the run directory and its first lease).  A new run is started as NAME
+    (store.run_id).  The servers of one run share the runs folder (a volume) and the store."""
+    from .ops import RunStore, StoreError
+    from .ops.lease import lease_holder_id
+
+    add_config_dir_to_path(args.config)
+    root = Path(args.runs_dir or load_config(args.config, list(args.set or [])).store.root)
+    args.runs_dir = str(root)
+    run_dir = root / args.run_id
+    if args.standby:
+        console.print(f"fleetlearn server: standby for run {args.run_id}: waiting for its leader to start it in {root}")
+        while True:
+            if (run_dir / "config.toml").is_file():
+                try:
+                    store = RunStore.open(run_dir, root, url=args.store)
+                    led = store.lease_row() is not None  # the leader took its first lease: the run is up
+                    store.close()
+                    if led:
+                        break
+                except StoreError:
+                    pass  # created a moment ago: its database rows are not written yet
+            time.sleep(min(0.5, max(0.05, args.lease_ttl / 10)))
+    if (run_dir / "config.toml").is_file():
+        args.resume = str(run_dir)
+        args.run_id = None  # the run's own config names it; --set may change only the resume-safe keys
+        if not args.standby:
+            # A server restarted after its standby took over (or a second replica) joins as a standby.
+            try:
+                store = RunStore.open(run_dir, root, url=args.store)
+                row = store.lease_row()
+                store.close()
+            except StoreError:
+                row = None  # the resume below reports what is wrong with the run
+            if row is not None and row["live"] and row["holder"] != lease_holder_id(args.listen):
+                console.print(f"fleetlearn server: run {run_dir.name} is led by {row['holder']!r}: standing by for its lease")
+                args.standby = True
+
+
 def cmd_server(args: argparse.Namespace) -> int:
     """Drive a real fleet over gRPC with the same Coordinator as the simulation (a
     CanaryRollout of two of them when ``[canary] set`` names a candidate)."""
@@ -368,14 +411,23 @@ def cmd_server(args: argparse.Namespace) -> int:
         raise UsageError(f"--heartbeat-s {args.heartbeat_s}: allowed: a number of seconds > 0")
     if not (math.isfinite(args.lease_ttl) and args.lease_ttl > 0):
         raise UsageError(f"--lease-ttl {args.lease_ttl}: allowed: a number of seconds > 0")
-    if args.standby and not args.resume:
-        raise UsageError("--standby needs --resume RUN: a standby waits to take over an existing run")
+    if args.run_id is not None:
+        if args.resume:
+            raise UsageError("--run-id NAME starts or joins run NAME, --resume RUN continues one: give one of them")
+        if not args.config:
+            raise UsageError("--run-id needs the CONFIG a new run NAME starts from")
+        if not re.fullmatch(RUN_ID_PATTERN, args.run_id):
+            raise UsageError(f"--run-id {args.run_id!r}: allowed: 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    if args.standby and not (args.resume or args.run_id):
+        raise UsageError("--standby needs --resume RUN (or --run-id NAME): a standby waits to take over an existing run")
     from .ops.lease import LeaseKeeper, lease_holder_id, wait_for_lease
 
     holder_id = lease_holder_id(args.listen)
     console = Console(stderr=True)
     try:
         changes: dict = {}
+        if args.run_id is not None:
+            _join_named_run(args, console)  # sets args.resume (and args.runs_dir) when run NAME exists
         if args.resume:
             store = RunStore.open(args.resume, args.runs_dir or "runs", url=args.store)
             if args.standby:
@@ -409,6 +461,8 @@ def cmd_server(args: argparse.Namespace) -> int:
                 raise UsageError("give a CONFIG, or --resume RUN")
             add_config_dir_to_path(args.config)
             overrides = list(args.set or []) + ["store.checkpoint_every=1"]  # every round is resumable
+            if args.run_id is not None:
+                overrides.append(f"store.run_id={json.dumps(args.run_id)}")
             if args.runs_dir:
                 overrides.append(f"store.root={json.dumps(args.runs_dir)}")
             if args.store:
@@ -767,9 +821,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "silent for three intervals is dropped from its round (and from its SecAgg stage) (default 5)")
     sv.add_argument("--resume", metavar="RUN", help="continue a run (id or directory) from its last committed round; --set may then "
                     "change only " + ", ".join(RESUME_SAFE_KEYS) + " (recorded in config.toml and the run store)")
-    sv.add_argument("--standby", action="store_true", help="with --resume RUN: wait for the run's leader lease (held by "
+    sv.add_argument("--standby", action="store_true", help="with --resume RUN (or --run-id NAME): wait for the run's leader lease (held by "
                     "the serving process on a shared store such as PostgreSQL), then resume from the last committed round "
                     "and serve; the lease replaces the run directory's lock")
+    sv.add_argument("--run-id", metavar="NAME", help="the run's id (store.run_id): with CONFIG, start run NAME, or resume it "
+                    "when it exists already (standing by while another server leads it); with --standby, wait for run NAME "
+                    "to be started by its leader, then stand by for its lease (so a leader and its standbys can be started "
+                    "and restarted with the same command, e.g. by compose or Kubernetes)")
     sv.add_argument("--lease-ttl", type=float, default=10.0, help="the leader lease's lifetime in seconds, renewed every "
                     "third of it; a standby takes over at most this long after the leader dies (default 10)")
     sv.add_argument("--runs-dir", help="folder for run directories (default: store.root)")

@@ -921,8 +921,14 @@ class CanaryConfig(Section):
 # -- end [canary] ------------------------------------------------------------------------
 
 
+RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
 class StoreConfig(Section):
     root: str = "runs"  # run directories are created under this folder
+    # The new run's id (its directory under root); default: a fresh timestamped one.  A fixed id
+    # lets a leader and its standbys name the same run before it exists (`fleetlearn server --run-id`).
+    run_id: str | None = Field(default=None, pattern=RUN_ID_PATTERN)
     url: str | None = None  # SQLAlchemy URL; default: sqlite file inside the run directory
     checkpoint_every: int = Field(default=1, ge=0)  # 0: only the final model
     # Commit each round on a background writer while the next round runs (round r is still

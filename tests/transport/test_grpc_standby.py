@@ -76,14 +76,19 @@ def test_kill_9_the_leader_and_the_standby_takes_over_losing_no_round(postgres_u
     state = fresh_database(postgres_url, "tok")
     tokens = _setup(ha, ROUNDS, state=state)  # the tokens in the run store's database: both servers read them there
     pa, pb = free_port(), free_port()
-    leader = _server(ha, pa, str(ha / "run.toml"), "--store", postgres_url, state=state)
     deadline = time.time() + 300
-    while not list((ha / "runs").glob("*/config.toml")) and time.time() < deadline:
+    # Both servers name the run (--run-id): the standby starts first and waits for its leader to
+    # start the run, as compose or Kubernetes would start them together.
+    metrics = free_port()  # the standby's /metrics (a resume override: the leader serves none here)
+    standby = _server(ha, pb, str(ha / "run.toml"), "--run-id", "fleet-1", "--standby",
+                      "--set", f"monitoring.prometheus_port={metrics}", state=state)
+    time.sleep(1.0)
+    assert standby.poll() is None and not (ha / "runs" / "fleet-1").exists()  # it waits; it does not start the run
+    leader = _server(ha, pa, str(ha / "run.toml"), "--run-id", "fleet-1", "--store", postgres_url, state=state)
+    while not (ha / "runs" / "fleet-1" / "config.toml").exists() and time.time() < deadline:
         assert leader.poll() is None, leader.communicate()[1][-3000:]
         time.sleep(0.05)
-    run_dir = next((ha / "runs").glob("*/config.toml")).parent
-    metrics = free_port()  # the standby's /metrics (a resume override: the leader serves none here)
-    standby = _server(ha, pb, "--resume", str(run_dir), "--standby", "--set", f"monitoring.prometheus_port={metrics}", state=state)
+    run_dir = ha / "runs" / "fleet-1"
     while _leader_gauge(metrics) is None and time.time() < deadline:
         assert standby.poll() is None, standby.communicate()[1][-3000:]
         time.sleep(0.02)
@@ -124,6 +129,9 @@ def test_kill_9_the_leader_and_the_standby_takes_over_losing_no_round(postgres_u
     (["--standby"], "--standby needs --resume RUN"),
     (["cfg.toml", "--lease-ttl", "0"], "--lease-ttl 0.0: allowed: a number of seconds > 0"),
     (["cfg.toml", "--lease-ttl", "nan"], "--lease-ttl nan: allowed"),
+    (["cfg.toml", "--run-id", "../x"], "--run-id '../x': allowed: 1-64 letters"),
+    (["--run-id", "fleet-1"], "--run-id needs the CONFIG"),
+    (["cfg.toml", "--run-id", "fleet-1", "--resume", "other"], "give one of them"),
 ])
 def test_bad_standby_flags_are_refused_naming_them(tmp_path, monkeypatch, capsys, args, error):
     from fleetlearn.cli import main
@@ -132,3 +140,15 @@ def test_bad_standby_flags_are_refused_naming_them(tmp_path, monkeypatch, capsys
     assert main(["server", *args]) == 2
     err = capsys.readouterr().err
     assert error in err, err[-2000:]
+
+
+def test_store_run_id_names_the_new_run_and_a_second_start_is_refused(tmp_path):
+    import fleetlearn
+
+    cfg = {"data": {"clients": 4}, "server": {"rounds": 1, "cohort": 2}, "store": {"root": str(tmp_path), "run_id": "fleet-1"}}
+    s = fleetlearn.run(cfg)
+    assert s.run_id == "fleet-1" and (tmp_path / "fleet-1" / "config.toml").is_file()
+    with pytest.raises(fleetlearn.FleetlearnError, match="fleet-1"):
+        fleetlearn.run(cfg)
+    with pytest.raises(fleetlearn.ConfigError, match="store.run_id"):
+        fleetlearn.run({**cfg, "store": {"root": str(tmp_path), "run_id": "a/b"}})

@@ -437,7 +437,8 @@ def build_coordinator(
     run_store = store if isinstance(store, RunStore) else None
     if store is True:
         try:
-            run_store = RunStore.create(config.store.root, config.to_toml(), config.digest(), name=config.name, url=config.store.url)
+            run_store = RunStore.create(config.store.root, config.to_toml(), config.digest(), name=config.name, url=config.store.url,
+                                        run_id=config.store.run_id)
         except OSError as exc:
             raise ConfigError(f"store.root = {config.store.root!r}: cannot create a run directory there ({exc.strerror or exc}); "
                               "allowed: a writable folder (created if missing)") from None
