@@ -1,7 +1,7 @@
 """Federated fine-tuning of a pretrained transformer (issue 17): LoRA vs a linear probe vs
 centralised LoRA, uplink bytes vs full fine-tuning, q8 | zstd on adapters, heterogeneous ranks.
 
-    .venv/bin/python benchmarks/foundation.py [--rounds 8] [--clients 50] [--cohort 10]
+    .venv/bin/python benchmarks/foundation.py [--rounds 6] [--clients 50] [--cohort 10]
         [--local-steps 5] [--lr 0.1] [--lr-schedule cosine] [--no-oversample] [--seq-len 64] [--rank 8] [--ranks 8,4,2] [--seeds 1] [--arms ...]
         [--threads 0] [--tiny]
 
@@ -178,7 +178,7 @@ def fmt(v, spec=".4f") -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--cohort", type=int, default=10)
     ap.add_argument("--local-steps", type=int, default=5)
