@@ -141,14 +141,3 @@ def test_bad_standby_flags_are_refused_naming_them(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err
     assert error in err, err[-2000:]
 
-
-def test_store_run_id_names_the_new_run_and_a_second_start_is_refused(tmp_path):
-    import fleetlearn
-
-    cfg = {"data": {"clients": 4}, "server": {"rounds": 1, "cohort": 2}, "store": {"root": str(tmp_path), "run_id": "fleet-1"}}
-    s = fleetlearn.run(cfg)
-    assert s.run_id == "fleet-1" and (tmp_path / "fleet-1" / "config.toml").is_file()
-    with pytest.raises(fleetlearn.FleetlearnError, match="fleet-1"):
-        fleetlearn.run(cfg)
-    with pytest.raises(fleetlearn.ConfigError, match="store.run_id"):
-        fleetlearn.run({**cfg, "store": {"root": str(tmp_path), "run_id": "a/b"}})
