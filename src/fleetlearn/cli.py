@@ -875,7 +875,8 @@ def build_parser() -> argparse.ArgumentParser:
     ag.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
     ag.add_argument("--region", type=int, required=True, help="the region served: 0 to engine.regions - 1 (its clients are "
                     "those whose id mod engine.regions is this)")
-    ag.add_argument("--root", required=True, help="HOST:PORT of the root (`fleetlearn server` with engine.region_aggregators = true)")
+    ag.add_argument("--root", required=True, help="HOST:PORT of the root (`fleetlearn server` with engine.region_aggregators = true); "
+                    "several, comma-separated, for a root with standbys (tried in turn, as a client's --server)")
     ag.add_argument("--token", help="this aggregator's token at the root (or set FLEETLEARN_TOKEN)")
     ag.add_argument("--listen", default="127.0.0.1:7778", help="address its clients dial (default 127.0.0.1:7778)")
     ag.add_argument("--state", default="fleetlearn-state", help="folder with the clients' token store (default fleetlearn-state)")
