@@ -135,7 +135,8 @@ def run_central(a, seed: int) -> dict:
     if a.oversample:
         x, y = oversample(x, y, data.num_classes, np.random.default_rng(seed))
     pooled = ClientData(torch.from_numpy(x), torch.from_numpy(y), data.central_x[:0], data.central_y[:0])
-    schedule = schedule_from_config(cfg.client.model_dump(), prefix="lr_", total_rounds=a.rounds)
+    schedule = schedule_from_config({"lr_schedule": a.lr_schedule, **({"lr_min": a.lr_min} if a.lr_schedule == "cosine" else {})},
+                                    prefix="lr_", total_rounds=a.rounds)
     params = learner.init_params(cfg.seed)
     t = time.perf_counter()
     for r in range(1, a.rounds + 1):
