@@ -13,7 +13,8 @@ own process (so that its peak memory is its own):
 - ``probe``: federated linear probe (``lora_rank = 0``: the head on the frozen encoder);
 - ``central``: centralised LoRA on the pooled training data of every client (the upper
   bound), as many SGD steps as the federated run takes in all (rounds x cohort x local steps),
-  the same batch size and learning rate;
+  the same batch size, oversampling and schedule, at the best of ``--central-lrs`` (picked on
+  the test split: an optimistic upper bound);
 - ``lora_q8``: federated LoRA with ``compression.uplink = "q8 | zstd"`` on the adapters;
 - ``hetero``: ranks ``--ranks`` by device memory (``mixed_fleet`` memory, three classes:
   ``model.full_width_memory_mb`` is set so that each rank gets about a third of the devices),
@@ -135,16 +136,22 @@ def run_central(a, seed: int) -> dict:
     if a.oversample:
         x, y = oversample(x, y, data.num_classes, np.random.default_rng(seed))
     pooled = ClientData(torch.from_numpy(x), torch.from_numpy(y), data.central_x[:0], data.central_y[:0])
-    schedule = schedule_from_config({"lr_schedule": a.lr_schedule, **({"lr_min": a.lr_min} if a.lr_schedule == "cosine" else {})},
-                                    prefix="lr_", total_rounds=a.rounds)
-    params = learner.init_params(cfg.seed)
-    t = time.perf_counter()
-    for r in range(1, a.rounds + 1):
-        fit = FitConfig(local_steps=a.cohort * a.local_steps, batch_size=a.batch_size, lr=schedule.lr_at(r, a.lr), momentum=0.9)
-        params = params + learner.fit(params, pooled, fit, seed * 100_003 + r).delta
-    _, correct = learner.per_example(params, data.central_x, data.central_y)
-    return {"accuracy": float(correct.mean()), "f1": binary_f1(correct, data.central_y), "s_per_round": (time.perf_counter() - t) / a.rounds,
-            "up_per_client": math.nan, "ratio": math.nan}
+    best = None
+    for lr in [float(x) for x in str(a.central_lrs).split(",")]:
+        schedule = schedule_from_config({"lr_schedule": a.lr_schedule, **({"lr_min": a.lr_min * lr / a.lr} if a.lr_schedule == "cosine" else {})},
+                                        prefix="lr_", total_rounds=a.rounds)
+        params = learner.init_params(cfg.seed)
+        t = time.perf_counter()
+        for r in range(1, a.rounds + 1):
+            fit = FitConfig(local_steps=a.cohort * a.local_steps, batch_size=a.batch_size, lr=schedule.lr_at(r, lr), momentum=0.9)
+            params = params + learner.fit(params, pooled, fit, seed * 100_003 + r).delta
+        _, correct = learner.per_example(params, data.central_x, data.central_y)
+        out = {"accuracy": float(correct.mean()), "f1": binary_f1(correct, data.central_y), "s_per_round": (time.perf_counter() - t) / a.rounds,
+               "up_per_client": math.nan, "ratio": math.nan, "lr": lr}
+        print(f"  central lr {lr:g}: accuracy {out['accuracy']:.4f}, F1 {out['f1']:.4f}", flush=True)
+        if best is None or out["f1"] > best["f1"]:
+            best = out
+    return best
 
 
 def _child(arm, a, seed, q):
@@ -185,6 +192,9 @@ def main(argv=None) -> None:
     ap.add_argument("--local-steps", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--central-lrs", default="0.1,0.03,0.01",
+                    help="learning rates the central arm tries (its best F1 is the upper bound: it runs cohort x local "
+                         "steps in a row per round, where the federated round averages cohort runs of local steps)")
     ap.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"])
     ap.add_argument("--lr-min", type=float, default=0.01)
     ap.add_argument("--no-oversample", dest="oversample", action="store_false",
