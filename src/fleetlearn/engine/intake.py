@@ -272,7 +272,8 @@ class Intake:
         # (madvise): a 1,000-client matrix is then faulted in at a quarter of the cost.
         matrix = torch.from_numpy(np.empty((k, dim), dtype=np.float32))
         vecs, reasons = self.decoder.decode_many(msgs, matrix, slots.tolist())
-        in_row = [v is not None and v.data_ptr() == matrix[s].data_ptr() for v, s in zip(vecs, slots.tolist())]
+        base, row_bytes = matrix.data_ptr(), matrix.stride(0) * matrix.element_size()
+        in_row = [v is not None and v.data_ptr() == base + s * row_bytes for v, s in zip(vecs, slots.tolist())]
         rows_order = [msgs[i] for i in np.argsort(slots, kind="stable")]  # the updates by row
         batched = {id(v): v.check_rows(rows_order, matrix, ctx) for v in self.validators if hasattr(v, "check_rows")}
         norms = torch.linalg.vector_norm(matrix, dim=1).tolist() if self.decoder.measures_norm else None
@@ -289,7 +290,7 @@ class Intake:
                     if reason:
                         reason = f"{v.name}: {reason}"
                         break
-            diverter = next((d for d in self.diverters if d.claims(msg.client_id)), None)
+            diverter = next((d for d in self.diverters if d.claims(msg.client_id)), None) if self.diverters else None
             if diverter is not None:  # after the full path, never into aggregation
                 if reason is None:
                     ctx.seen.add(msg.client_id)
