@@ -289,3 +289,28 @@ def test_decode_many_gives_each_payload_the_outcome_of_decode_into():
             assert want_why in why
     assert reasons[0] is None and reasons[4] is None and reasons[5] is None  # a NaN row is the finite validator's business
     assert all(reasons[i] for i in (1, 2, 3, 8, 9))
+
+
+def test_a_cohort_encoded_at_once_is_each_client_encoded_alone_and_a_nan_delta_is_a_dropout():
+    import dataclasses
+
+    from fleetlearn.client.device import Trained
+    from fleetlearn.messages import Dropout
+
+    c = build_coordinator(load_config(SMALL), store=False)
+    device = c.transport.device
+    from fleetlearn.messages import Task
+
+    clients = [3, 5, 8]
+    data = c.transport.cohort_data(clients)
+    task = Task(round=1, version=0, payload=c.encoded_params(), codec=c.downlink.spec, spec=c.task_spec(clients, None),
+                deadline_s=None, control=b"")
+    trained = device.train(task, clients, data, [11, 12, 13])
+    deltas = torch.stack([r.delta for r in trained.results])
+    deltas[1, 4] = float("nan")  # client 5 diverged
+    trained = Trained(clients, [dataclasses.replace(r, delta=deltas[i]) for i, r in enumerate(trained.results)], trained.own, trained.added)
+    out = device.encode(task, trained)
+    assert isinstance(out[1], Dropout) and out[1].reason == "client error: cannot encode a vector with NaN or inf entries"
+    for i in (0, 2):
+        alone = device.reply(clients[i], task, trained.results[i], labels=trained.own[i].y)
+        assert out[i].payload == alone.payload and out[i].metrics == alone.metrics and out[i].client_id == clients[i]
