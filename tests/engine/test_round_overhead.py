@@ -19,7 +19,7 @@ import time
 import pytest
 import torch
 
-from fleetlearn.compression import CodecChain
+from fleetlearn.compression import CodecChain, parse_chain
 from fleetlearn.config import load_config
 from fleetlearn.engine import build_coordinator
 from fleetlearn.engine.intake import Intake, UpdateDecoder, client_record, stacked
@@ -257,3 +257,60 @@ def test_a_nan_row_is_refused_by_the_batched_finite_check_or_by_the_decoder_with
     recs = [client_record(m, 0.0) for m in msgs]
     bare.accept_many(msgs, recs, _ctx())
     assert recs[1].status == "rejected" and recs[1].reason.startswith("payload:") and "non-finite" in recs[1].reason
+
+
+def test_decode_many_gives_each_payload_the_outcome_of_decode_into():
+    """The dense float32 rows copied without the per-update pipeline, and every other payload
+    (corrupted, truncated, another dimension or format, not bytes, a NaN) through `decode_into`."""
+    good = _payload([1.5] * DIM)
+    flipped = bytearray(good)
+    flipped[20] ^= 0x01  # a value's bit: the checksum fails
+    payloads = [
+        good, bytes(flipped), good[:-3], _payload([1.0] * (DIM + 1)), bytearray(good), _nan_payload(2),
+        CodecChain([]).encode(torch.arange(DIM, dtype=torch.float32))[0], parse_chain("fp16").encode(torch.ones(DIM))[0],
+        b"", good + b"\x00", _payload([-2.0] * DIM),
+    ]
+    msgs = [_update(i, p) for i, p in enumerate(payloads)]
+    intake = _intake()
+    assert intake.decoder.check_finite is False
+    slots = list(range(len(msgs)))[::-1]
+    matrix = torch.zeros(len(msgs), DIM)
+    vecs, reasons = intake.decoder.decode_many(msgs, matrix, slots)
+    for m, s, v, why in zip(msgs, slots, vecs, reasons):
+        row = torch.zeros(DIM)
+        try:
+            want, want_why = intake.decoder.decode_into(m, row), None
+        except Exception as exc:
+            want, want_why = None, str(exc)
+        assert (v is None) == (want is None) and (why is None) == (want_why is None), (m.client_id, why, want_why)
+        if v is not None:
+            assert v.data_ptr() == matrix[s].data_ptr() and v.numpy().tobytes() == want.numpy().tobytes()
+        else:
+            assert want_why in why
+    assert reasons[0] is None and reasons[4] is None and reasons[5] is None  # a NaN row is the finite validator's business
+    assert all(reasons[i] for i in (1, 2, 3, 8, 9))
+
+
+def test_a_cohort_encoded_at_once_is_each_client_encoded_alone_and_a_nan_delta_is_a_dropout():
+    import dataclasses
+
+    from fleetlearn.client.device import Trained
+    from fleetlearn.messages import Dropout
+
+    c = build_coordinator(load_config(SMALL), store=False)
+    device = c.transport.device
+    from fleetlearn.messages import Task
+
+    clients = [3, 5, 8]
+    data = c.transport.cohort_data(clients)
+    task = Task(round=1, version=0, payload=c.encoded_params(), codec=c.downlink.spec, spec=c.task_spec(clients, None),
+                deadline_s=None, control=b"")
+    trained = device.train(task, clients, data, [11, 12, 13])
+    deltas = torch.stack([r.delta for r in trained.results])
+    deltas[1, 4] = float("nan")  # client 5 diverged
+    trained = Trained(clients, [dataclasses.replace(r, delta=deltas[i]) for i, r in enumerate(trained.results)], trained.own, trained.added)
+    out = device.encode(task, trained)
+    assert isinstance(out[1], Dropout) and out[1].reason == "client error: cannot encode a vector with NaN or inf entries"
+    for i in (0, 2):
+        alone = device.reply(clients[i], task, trained.results[i], labels=trained.own[i].y)
+        assert out[i].payload == alone.payload and out[i].metrics == alone.metrics and out[i].client_id == clients[i]

@@ -178,11 +178,32 @@ class Device:
         """Each trained client's Update (`levels`: its adaptive rung, None for the run's
         uplink).  A client whose update cannot be sent (local training diverged to NaN)
         becomes a Dropout with the reason.  `secure`: see `reply`."""
+        n = len(trained.clients)
+        lv = [None] * n if levels is None else list(levels)
+        prepared: list[tuple | ValueError] = []
+        for cid, result, level in zip(trained.clients, trained.results, lv):
+            try:
+                prepared.append(self.outgoing(cid, task, result, level))
+            except ValueError as exc:
+                prepared.append(exc)
+        # The payloads, chain by chain (the run's uplink; adaptive rungs each their own): one
+        # `encode_many` per chain, what one `encode` per client gives.
+        encoded: list = [None] * n
+        if not secure:
+            by_chain: dict[int, list[int]] = {}
+            for i, (prep, result) in enumerate(zip(prepared, trained.results)):
+                if not isinstance(prep, ValueError) and result.cluster is None:
+                    by_chain.setdefault(id(prep[1]), []).append(i)
+            for rows in by_chain.values():
+                chain = prepared[rows[0]][1]
+                done = chain.encode_many([prepared[i][0] for i in rows], [prepared[i][2] for i in rows])
+                for i, e in zip(rows, done):
+                    encoded[i] = e
         out: list[Update | Dropout] = []
         for i, (cid, result, own, added) in enumerate(zip(trained.clients, trained.results, trained.own, trained.added)):
-            level = None if levels is None else levels[i]
             try:
-                out.append(self.reply(cid, task, result, level, labels=own.y, oversampled=added, secure=secure))
+                out.append(self.reply(cid, task, result, lv[i], labels=own.y, oversampled=added, secure=secure,
+                                      prepared=prepared[i], encoded=encoded[i]))
             except ValueError as exc:
                 out.append(Dropout(cid, task.round, f"client error: {exc}", task.nbytes))
         return out
@@ -275,17 +296,10 @@ class Device:
             return self.uplink
         return self.adaptive.chains[int(level)]
 
-    def reply(
-        self, client: int, task: Task, result: FitResult, level: int | None = None,
-        labels: torch.Tensor | None = None, oversampled: int = 0, secure: bool = False,
-    ) -> Update:
-        """The client's Update; `level` picks a rung of the adaptive ladder.  `labels`: the
-        client's own training labels, counted into a histogram when the task has a
-        `label_histogram` entry (for `label_importance` weighting).  `secure` (secure
-        aggregation over a network): the update goes through the uplink chain and back
-        (what the server would have decoded: lossy codecs and error feedback compose), is
-        held on the device for the SecAgg stages (`take_held`), and the Update carries an
-        empty payload."""
+    def outgoing(self, client: int, task: Task, result: FitResult, level: int | None = None) -> tuple[torch.Tensor, CodecChain, dict | None]:
+        """What the client sends before encoding: (its outgoing delta, the chain of its rung, its
+        codec state).  The delta is `result.delta` less what stays on the device (FedPer's head),
+        clipped and noised under local DP."""
         delta = result.delta
         if self.personalization is not None:
             delta = self.personalization.outgoing(delta)  # FedPer: the head never leaves the device
@@ -306,7 +320,32 @@ class Device:
 
             seeded = seed_state(int(np.random.SeedSequence([self.seed, client, 0xC0DEC]).generate_state(1, dtype=np.uint64)[0] >> 1))
             state = {**(state or {}), **seeded}
-        if secure:
+        return delta, chain, state
+
+    def reply(
+        self, client: int, task: Task, result: FitResult, level: int | None = None,
+        labels: torch.Tensor | None = None, oversampled: int = 0, secure: bool = False,
+        prepared: tuple | ValueError | None = None, encoded: tuple | ValueError | None = None,
+    ) -> Update:
+        """The client's Update; `level` picks a rung of the adaptive ladder.  `labels`: the
+        client's own training labels, counted into a histogram when the task has a
+        `label_histogram` entry (for `label_importance` weighting).  `secure` (secure
+        aggregation over a network): the update goes through the uplink chain and back
+        (what the server would have decoded: lossy codecs and error feedback compose), is
+        held on the device for the SecAgg stages (`take_held`), and the Update carries an
+        empty payload.  `prepared` (`outgoing`'s answer) and `encoded` (the chain's
+        `encode_many` answer for this client) come from `encode`, which prepares and encodes
+        a cohort at once; a ValueError in either is raised here."""
+        if prepared is None:
+            prepared = self.outgoing(client, task, result, level)
+        if isinstance(prepared, ValueError):
+            raise prepared
+        delta, chain, state = prepared
+        if isinstance(encoded, ValueError):
+            raise encoded
+        if encoded is not None:
+            payload, state = encoded
+        elif secure:
             if result.cluster is not None:
                 raise ValueError("secure aggregation cannot send one block of clustered FL's models")
             payload, state = chain.encode(delta, state)

@@ -70,8 +70,18 @@ class TamperedChain:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._chain, name)
 
-    def encode(self, vec: torch.Tensor, state=None):
+    def encode(self, vec: torch.Tensor, state=None, checked: bool = False):
         return self._chain.encode(vec * 0.5, state)
+
+    def encode_many(self, vecs, states):
+        """`CodecChain.encode_many` with this chain's `encode`."""
+        out = []
+        for v, st in zip(vecs, states):
+            try:
+                out.append(self.encode(v, st))
+            except ValueError as exc:
+                out.append(exc)
+        return out
 
 
 def probe_chain(chain: Any, tamper: str | None) -> Any:

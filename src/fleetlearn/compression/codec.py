@@ -78,6 +78,7 @@ from .values import (
     SignCodec,
     UniformQuantizer,
     ValueCodec,
+    _LITTLE,
     read_values,
 )
 
@@ -177,7 +178,9 @@ def seed_state(seed: int) -> State:
     return {RNG_SEED: torch.tensor(int(seed), dtype=torch.int64)}
 
 
-def _as_vector(vec: torch.Tensor) -> torch.Tensor:
+def _as_vector(vec: torch.Tensor, checked: bool = False) -> torch.Tensor:
+    """`vec` as a contiguous float32 CPU vector; ValueError for another shape or a NaN / inf
+    entry (`checked`: the caller has seen every entry finite already: `rows_finite`)."""
     if not isinstance(vec, torch.Tensor):
         raise ValueError(f"encode takes a torch.Tensor, got {type(vec).__name__}")
     if vec.dim() != 1:
@@ -185,11 +188,53 @@ def _as_vector(vec: torch.Tensor) -> torch.Tensor:
     if vec.numel() > wire.MAX_DIM:
         raise ValueError(f"vector of {vec.numel()} entries; a payload holds at most {wire.MAX_DIM}")
     x = vec.detach().to("cpu", torch.float32).contiguous()
-    if x.numel():
+    if x.numel() and not checked:
         lo, hi = torch.aminmax(x)  # NaN propagates through min/max, so this one pass sees NaN and inf
         if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
             raise ValueError("cannot encode a vector with NaN or inf entries")
     return x
+
+
+def _row_runs(vecs: list[torch.Tensor]) -> list[tuple[int, int, torch.Tensor]] | None:
+    """`vecs` as runs (lo, hi, matrix) of consecutive rows of contiguous float32 (n, d) CPU
+    matrices, without a copy (a cohort's deltas as a learner returns them: one matrix per
+    group it trained); None when they are not such rows."""
+    runs: list[tuple[int, int, torch.Tensor]] = []
+    i, n = 0, len(vecs)
+    while i < n:
+        first = vecs[i]
+        base = first._base if isinstance(first, torch.Tensor) else None
+        if (base is None or base.dim() != 2 or base.dtype != torch.float32 or not base.is_contiguous()
+                or base.device.type != "cpu" or first.dim() != 1 or first.shape[0] != base.shape[1]):
+            return None
+        row = base.stride(0) * base.element_size()
+        start = first.data_ptr() - base.data_ptr()
+        if row == 0 or start % row:
+            return None
+        j, ptr = i + 1, first.data_ptr()
+        while j < n:
+            v = vecs[j]
+            if not isinstance(v, torch.Tensor) or v._base is not base or v.dim() != 1 or v.data_ptr() != ptr + (j - i) * row:
+                break
+            j += 1
+        lo = start // row
+        runs.append((i, j, base[lo : lo + j - i]))
+        i = j
+    return runs
+
+
+def rows_finite(vecs: list[torch.Tensor]) -> list[bool]:
+    """Which of `vecs` surely hold only finite values, with one pass over their matrices: a
+    row's sum is NaN or inf when the row holds one (it may also overflow for finite values:
+    such a row is False here, and `encode` judges it exactly).  All False when `vecs` are
+    not rows of matrices (`_row_runs`: each is then checked by `encode`)."""
+    runs = _row_runs(vecs)
+    if runs is None:
+        return [False] * len(vecs)
+    ok: list[bool] = []
+    for _, _, m in runs:
+        ok.extend(torch.isfinite(m.sum(dim=1)).tolist() if m.numel() else [True] * m.shape[0])
+    return ok
 
 
 class CodecChain:
@@ -236,8 +281,11 @@ class CodecChain:
         return n + self.value.nbytes(dim)
 
     # -- encode / decode -------------------------------------------------------------
-    def encode(self, vec: torch.Tensor, state: State | None = None) -> tuple[bytes, State | None]:
-        x = _as_vector(vec)
+    def encode(self, vec: torch.Tensor, state: State | None = None, checked: bool = False) -> tuple[bytes, State | None]:
+        """`vec` (d,) -> (payload, the client's next state).  ValueError for a vector that is not
+        (d,) or holds NaN / inf.  `checked`: the caller has seen every entry of `vec` finite
+        (`rows_finite`), so that pass is not repeated here."""
+        x = _as_vector(vec, checked)
         u = x
         if self.ef and state is not None and RESIDUAL in state:
             e = state[RESIDUAL]
@@ -261,6 +309,36 @@ class CodecChain:
             if next_seed is not None:
                 state[RNG_SEED] = torch.tensor(next_seed, dtype=torch.int64)
         return payload, state
+
+    @property
+    def plain(self) -> bool:
+        """Dense float32, stateless: a payload is the header, the vector's bytes and the checksum."""
+        return not self.codecs
+
+    def encode_many(self, vecs: list[torch.Tensor], states: list[State | None]) -> list[tuple[bytes, State | None] | ValueError]:
+        """`encode` of each vector with its state, in order: (payload, next state), or the
+        ValueError that `encode` raised for it.  The same payloads and states as one `encode`
+        per vector; a cohort's vectors that are rows of one matrix are checked for NaN / inf
+        in one pass (`rows_finite`), and a plain chain writes them without a per-vector
+        pipeline (`wire.assemble_dense`)."""
+        ok = rows_finite(vecs)
+        out: list[tuple[bytes, State | None] | ValueError] = []
+        if self.plain and _LITTLE and all(ok):
+            head = None
+            for v, st in zip(vecs, states):
+                if head is None or v.shape[0] != d:
+                    d = int(v.shape[0])
+                    if d > wire.MAX_DIM:
+                        raise ValueError(f"vector of {d} entries; a payload holds at most {wire.MAX_DIM}")
+                    head = wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.SUPPORT_DENSE, wire.VALUE_F32, d)
+                out.append((wire.assemble_dense(head, v.detach().numpy()), st))
+            return out
+        for v, st, good in zip(vecs, states, ok):
+            try:
+                out.append(self.encode(v, st, checked=good))
+            except ValueError as exc:
+                out.append(exc)
+        return out
 
     def decode(self, payload: bytes, dim: int | None = None, out: torch.Tensor | None = None,
                check_finite: bool = True) -> torch.Tensor:

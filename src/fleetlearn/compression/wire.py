@@ -110,6 +110,14 @@ def assemble(support: int, value: int, dim: int, parts: Iterable[bytes | bytearr
     return b"".join(chunks)
 
 
+def assemble_dense(head: bytes, values) -> bytes:
+    """`assemble` of a dense float32 payload: `head` (this payload's packed header) and
+    `values`, a contiguous little-endian float32 numpy vector; the same bytes."""
+    h = xxhash.xxh3_64(head)
+    h.update(values)
+    return b"".join((head, values.data.cast("B"), CRC.pack(h.intdigest() & 0xFFFFFFFF)))
+
+
 def as_view(payload: bytes | bytearray | memoryview) -> memoryview:
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise PayloadError(f"a payload is bytes, got {type(payload).__name__}")

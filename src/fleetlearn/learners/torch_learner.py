@@ -137,6 +137,9 @@ def rows_of(parts: list[torch.Tensor]) -> torch.Tensor:
     contiguous tensor in order (a cohort's data gathered at once: the simulation's)."""
     if not parts:
         raise ValueError("no tensors to concatenate")
+    whole = _consecutive_views(parts)
+    if whole is not None:
+        return whole
     full = [t for t in parts if t.numel()]  # an empty part adds nothing (and has no address)
     first = full[0] if full else parts[0]
     base = first._base
@@ -152,6 +155,26 @@ def rows_of(parts: list[torch.Tensor]) -> torch.Tensor:
                 start = (ptr - base.data_ptr()) // row
                 return base[start : start + total]
     return torch.cat(parts)
+
+
+def _consecutive_views(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """`rows_of`'s common case in one lean pass: every part a view of one contiguous base, of
+    its dtype and trailing shape, each starting where the one before ends (a cohort's data
+    gathered at once and split); that base's rows, else None (`rows_of` then looks closer)."""
+    first = parts[0]
+    base = first._base
+    if base is None or base.dim() < 1 or not base.is_contiguous():
+        return None
+    bshape, dtype = base.shape[1:], base.dtype
+    row = (base.stride(0) if base.dim() > 1 else 1) * base.element_size()
+    ptr = first.data_ptr()
+    for t in parts:
+        if t._base is not base or t.dtype != dtype or t.data_ptr() != ptr or t.shape[1:] != bshape:
+            return None
+        ptr += t.shape[0] * row
+    start = (first.data_ptr() - base.data_ptr()) // row
+    total = (ptr - first.data_ptr()) // row
+    return base[start : start + total]
 
 
 def training_losses(losses: torch.Tensor, mask: torch.Tensor, epoch: np.ndarray) -> tuple[list[float], list[float]]:

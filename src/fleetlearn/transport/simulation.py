@@ -207,8 +207,9 @@ class SimulationTransport(TransportBase):
             results = trained.results
         t1 = time.perf_counter()
         levels = self._levels(task, ids, train, down_s, results, cost)
-        updates = [u if u.downlink_bytes == down_bytes[i] else replace(u, downlink_bytes=int(down_bytes[i]))
-                   for i, u in zip(train, self._encode(task, trained, levels))]
+        down_list = down_bytes.tolist()
+        updates = [u if u.downlink_bytes == down_list[i] else replace(u, downlink_bytes=int(down_list[i]))
+                   for i, u in zip(train.tolist(), self._encode(task, trained, levels))]
         self.encode_wall_seconds = time.perf_counter() - t1
         sent = [(i, u) for i, u in zip(train, updates) if not isinstance(u, Dropout)]
         if sent:
@@ -223,6 +224,7 @@ class SimulationTransport(TransportBase):
         by_index = dict(zip(train.tolist(), updates))
         # Late replies are yielded too (they would reach a real server as well);
         # the Coordinator owns the deadline and refuses them.
-        for i in np.argsort(elapsed, kind="stable"):
-            msg = by_index.get(int(i)) or Dropout(int(ids[i]), task.round, reasons[i], int(down_bytes[i]))
-            yield Reply(msg, float(elapsed[i]))
+        at = elapsed.tolist()
+        for i in np.argsort(elapsed, kind="stable").tolist():
+            msg = by_index.get(i) or Dropout(int(ids[i]), task.round, reasons[i], int(down_list[i]))
+            yield Reply(msg, at[i])
