@@ -76,6 +76,7 @@ def test_corrupted_client_states_are_refused_on_resume(tmp_path):
     cfg = config(tmp_path)
     first = build_coordinator(cfg, store=True)
     first.run_round()
+    first.store.flush()  # the round's commit runs on the background writer: corrupt what it wrote, after it wrote it
     path = next((first.store.run_dir / "checkpoints").glob("clients-*"))
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
