@@ -32,6 +32,7 @@ from ..aggregation.pipeline import Batch, Stage, StageResult
 from ..transport.grpc.regions import (REGION_FEATURE, REGION_SUM_CODEC, pack_region_sum, region_report, region_sum_bytes,
                                       unpack_region_sum)
 from .hierarchy import RegionMap, combine
+from .intake import UpdateDecoder
 
 __all__ = ["REGION_FEATURE", "REGION_SUM_CODEC", "RegionMembership", "RegionRecords", "RegionSumDecoder", "RegionSumStage",
            "pack_region_sum", "region_report", "region_sum_bytes", "unpack_region_sum"]
@@ -57,14 +58,16 @@ class RegionMembership:
 
 
 # -- the root's side -----------------------------------------------------------------------------
-class RegionSumDecoder:
+class RegionSumDecoder(UpdateDecoder):
     """A region's forward -> its regional mean ``S_r / W_r`` as the intake's float32 row
-    (validators, update norms); the stage reads the float64 sum from the payload itself."""
+    (validators, update norms); the stage reads the float64 sum from the payload itself.
+    The intake's batch decode (`decode_many`) calls `decode_into` per forward (no dense
+    shortcut: a forward is a float64 sum, not an uplink payload)."""
 
     measures_norm = True
 
     def __init__(self, dim: int):
-        self.dim = int(dim)
+        super().__init__(None, dim)
 
     def decode(self, update) -> torch.Tensor:
         total, weight = unpack_region_sum(update.payload, self.dim)
