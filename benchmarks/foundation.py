@@ -2,7 +2,7 @@
 centralised LoRA, uplink bytes vs full fine-tuning, q8 | zstd on adapters, heterogeneous ranks.
 
     .venv/bin/python benchmarks/foundation.py [--rounds 6] [--clients 50] [--cohort 10]
-        [--local-steps 5] [--lr 0.1] [--lr-schedule cosine] [--no-oversample] [--seq-len 64] [--rank 8] [--ranks 8,4,2] [--seeds 1] [--arms ...]
+        [--local-steps 5] [--lr 0.1] [--lr-schedule cosine] [--server-optimizer sgd] [--server-lr 1] [--no-oversample] [--seq-len 64] [--rank 8] [--ranks 8,4,2] [--seeds 1] [--arms ...]
         [--threads 0] [--tiny]
 
 examples/spam_lora.toml's task: all-MiniLM-L6-v2 (``hf:all_minilm_l6_v2``) on SpamAssassin,
@@ -54,10 +54,22 @@ def base_config(a, seed: int) -> dict:
         "model": {"name": a.model, "lora_rank": a.rank, "lora_alpha": 2.0 * a.rank, "lora_targets": ["query", "value"]},
         "client": {"local_steps": a.local_steps, "batch_size": a.batch_size, "lr": a.lr, "momentum": 0.9,
                    "oversample": a.oversample, "lr_schedule": a.lr_schedule, "lr_min": a.lr_min},
-        "server": {"rounds": a.rounds, "cohort": a.cohort, "eval_every": a.rounds, "eval_clients": a.eval_clients},
+        "server": {"rounds": a.rounds, "cohort": a.cohort, "eval_every": a.rounds, "eval_clients": a.eval_clients,
+                   "optimizer": server_optimizer(a), "server_lr": a.server_lr},
         "engine": {"threads": a.threads},
         "monitoring": {"detectors": []},
     }
+
+
+def server_optimizer(a) -> dict:
+    """``--server-optimizer NAME[:k=v,...]`` as a ``[server] optimizer`` table, e.g.
+    ``momentum:momentum=0.9`` (FedAvgM) or ``adam:tau=0.001``."""
+    name, _, rest = str(a.server_optimizer).partition(":")
+    opts = {}
+    for kv in filter(None, rest.split(",")):
+        k, _, v = kv.partition("=")
+        opts[k.strip()] = float(v)
+    return {"name": name.strip(), **opts}
 
 
 def arm_config(arm: str, a, seed: int) -> dict:
@@ -197,6 +209,9 @@ def main(argv=None) -> None:
                          "steps in a row per round, where the federated round averages cohort runs of local steps)")
     ap.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"])
     ap.add_argument("--lr-min", type=float, default=0.01)
+    ap.add_argument("--server-optimizer", default="sgd",
+                    help="the federated arms' server optimizer: sgd (FedAvg), momentum:momentum=0.9 (FedAvgM), adam, yogi, ...")
+    ap.add_argument("--server-lr", type=float, default=1.0, help="the federated arms' server learning rate")
     ap.add_argument("--no-oversample", dest="oversample", action="store_false",
                     help="train on the clients' skewed data as is (default: oversample spam, as examples/spam_lora.toml)")
     ap.add_argument("--seq-len", type=int, default=64)
@@ -217,7 +232,8 @@ def main(argv=None) -> None:
     if unknown:
         ap.error(f"unknown arms {unknown}; allowed: {', '.join(ARMS)}")
     print(f"model {a.model}, {a.clients} clients, cohort {a.cohort}, {a.rounds} rounds x {a.local_steps} local steps, "
-          f"seq {a.seq_len}, rank {a.rank} (ranks {a.ranks} for hetero), {a.seeds} seed(s)\n")
+          f"seq {a.seq_len}, rank {a.rank} (ranks {a.ranks} for hetero), {a.seeds} seed(s), "
+          f"server optimizer {a.server_optimizer} at server lr {a.server_lr:g}\n")
     print("| arm | seed | accuracy | F1 | uplink B / client / round | of full fine-tuning | ratio | s / round | peak RSS MB | peak CUDA MB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     results: dict = {}
