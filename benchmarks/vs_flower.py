@@ -210,6 +210,7 @@ def flower_side(npz: str, rounds: int, seed: int, out: str, cpus: str = "default
             self.x, self.y, self.partition = x, y, partition
 
         def fit(self, parameters, config):
+            t_fit, c_fit = time.perf_counter(), time.thread_time()
             if torch_threads:  # in the actor process: torch's intra-op threads for this tiny model
                 torch.set_num_threads(torch_threads)
             _set_weights(self.net, parameters)
@@ -222,7 +223,8 @@ def flower_side(npz: str, rounds: int, seed: int, out: str, cpus: str = "default
                     opt.zero_grad()
                     F.cross_entropy(self.net(xb), yb).backward()
                     opt.step()
-            return _get_weights(self.net), len(self.y), {}
+            # the client's own time in fit (summed by the server per round: Flower's work outside it is the rest)
+            return _get_weights(self.net), len(self.y), {"fit_s": time.perf_counter() - t_fit, "fit_cpu_s": time.thread_time() - c_fit}
 
     def client_fn(context: Context):
         pid = int(context.node_config["partition-id"])
@@ -249,8 +251,13 @@ def flower_side(npz: str, rounds: int, seed: int, out: str, cpus: str = "default
     init = [w[f"init_{i}"] for i in range(len(w["param_names"]))]
     fit_results: list[int] = []  # results aggregated per round (a failed client is dropped silently by FedAvg)
 
+    fit_seconds: list[float] = []  # per round: the clients' time inside fit, summed
+    fit_cpu_seconds: list[float] = []  # ... and the CPU time of the thread that ran it
+
     def count_fit_results(metrics):
         fit_results.append(len(metrics))
+        fit_seconds.append(float(sum(m.get("fit_s", 0.0) for _, m in metrics)))
+        fit_cpu_seconds.append(float(sum(m.get("fit_cpu_s", 0.0) for _, m in metrics)))
         return {}
 
     def server_fn(context: Context):
@@ -273,7 +280,102 @@ def flower_side(npz: str, rounds: int, seed: int, out: str, cpus: str = "default
         num_supernodes=n,
         backend_config=backend_config,
     )
+    _write_flower_result(out, stamps, fit_results, fit_seconds, fit_cpu_seconds, t_sim, t_process)
+
+
+def flower_side_message(npz: str, rounds: int, seed: int, out: str, cpus: str = "default",
+                        local_epochs: int = LOCAL_EPOCHS, lr: float = LR, torch_threads: int = 1) -> None:
+    """The same client and server work in Flower's Message API (``flwr.clientapp.ClientApp``
+    with ``@app.train()``, ``flwr.serverapp.strategy.FedAvg.start``: Flower's current API and
+    its quickstarts'), where a round's messages go out together.  The legacy API
+    (`flower_side`: ``NumPyClient`` and ``flwr.server.strategy.FedAvg``) sends each client
+    its own request from a pool of ``min(32, cpus + 4)`` server threads, and each waits for
+    its reply in ``InMemoryGrid.send_and_receive``'s 0.1 s polling loop: on 2 cores a round
+    of 100 clients costs about 17 of those waits whatever the clients do."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.simulation import run_simulation
+    from torch.utils.data import DataLoader, TensorDataset
+
+    t_process = time.perf_counter()
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    w = _workload(npz)
+    n = len(w["train_offsets"]) - 1
+    num_features, num_classes = w["x"].shape[1], int(w["y"].max()) + 1
+    client_app = ClientApp()
+
+    @client_app.train()
+    def train(msg: Message, context: Context) -> Message:
+        t_fit, c_fit = time.perf_counter(), time.thread_time()
+        if torch_threads:  # in the actor process: torch's intra-op threads for this tiny model
+            torch.set_num_threads(torch_threads)
+        pid = int(context.node_config["partition-id"])
+        d = _workload(npz)
+        rows = d["train_order"][d["train_offsets"][pid] : d["train_offsets"][pid + 1]]
+        x, y = torch.from_numpy(d["x"][rows]), torch.from_numpy(d["y"][rows])
+        net = _net(num_features, num_classes)
+        _set_weights(net, msg.content["arrays"].to_numpy_ndarrays())
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + int(msg.content["config"]["server-round"]) * 10_007 + pid)
+        loader = DataLoader(TensorDataset(x, y), batch_size=BATCH, shuffle=True, generator=gen)
+        opt = torch.optim.SGD(net.parameters(), lr=lr)
+        net.train()
+        for _ in range(local_epochs):
+            for xb, yb in loader:
+                opt.zero_grad()
+                F.cross_entropy(net(xb), yb).backward()
+                opt.step()
+        metrics = MetricRecord({"num-examples": len(y), "fit_s": time.perf_counter() - t_fit,
+                                "fit_cpu_s": time.thread_time() - c_fit})
+        return Message(content=RecordDict({"arrays": ArrayRecord(_get_weights(net)), "metrics": metrics}), reply_to=msg)
+
+    stamps: list[tuple[int, float, float]] = []
+    central_x, central_y = torch.from_numpy(w["central_x"]), torch.from_numpy(w["central_y"])
+
+    def evaluate_fn(server_round: int, arrays) -> MetricRecord:
+        net = _net(num_features, num_classes)
+        _set_weights(net, arrays.to_numpy_ndarrays())
+        net.eval()
+        with torch.no_grad():
+            acc = float((net(central_x).argmax(-1) == central_y).float().mean())
+        stamps.append((int(server_round), time.perf_counter(), acc))
+        return MetricRecord({"accuracy": acc})
+
+    fit_results: list[int] = []
+    fit_seconds: list[float] = []
+    fit_cpu_seconds: list[float] = []
+
+    def count_fit_results(replies: list, weighted_by_key: str) -> MetricRecord:
+        fit_results.append(len(replies))
+        fit_seconds.append(float(sum(r["metrics"]["fit_s"] for r in replies)))
+        fit_cpu_seconds.append(float(sum(r["metrics"]["fit_cpu_s"] for r in replies)))
+        return MetricRecord({})
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n,
+                          train_metrics_aggr_fn=count_fit_results)
+        init = [w[f"init_{i}"] for i in range(len(w["param_names"]))]
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(init), num_rounds=rounds, evaluate_fn=evaluate_fn)
+
+    backend_config: dict = {"init_args": {"include_dashboard": False}}
+    if cpus != "default":
+        backend_config["client_resources"] = {"num_cpus": float(cpus), "num_gpus": 0.0}
+    t_sim = time.perf_counter()
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n, backend_config=backend_config)
+    _write_flower_result(out, stamps, fit_results, fit_seconds, fit_cpu_seconds, t_sim, t_process)
+
+
+def _write_flower_result(out, stamps, fit_results, fit_seconds, fit_cpu_seconds, t_sim, t_process) -> None:
     import flwr
+    import torch
 
     stamps.sort()
     times = [t for _, t, _ in stamps]
@@ -282,6 +384,8 @@ def flower_side(npz: str, rounds: int, seed: int, out: str, cpus: str = "default
         "accuracy": stamps[-1][2] if stamps else float("nan"),
         "rounds_done": stamps[-1][0] if stamps else 0,
         "fit_results": fit_results,
+        "fit_s": fit_seconds,
+        "fit_cpu_s": fit_cpu_seconds,
         "simulation_s": time.perf_counter() - t_sim,
         "process_s": time.perf_counter() - t_process,
         "flwr": flwr.__version__,
@@ -368,6 +472,10 @@ def main() -> None:
     ap.add_argument("--flower-threads", type=int, default=1,
                     help="torch intra-op threads in Flower's client actors and server (default 1, what fleetlearn's "
                          "engine.threads = 'auto' picks for this model; 0: torch's default)")
+    ap.add_argument("--flower-api", nargs="+", choices=["message", "legacy"], default=["message", "legacy"],
+                    help="Flower's APIs to run (each in every --flower-cpus setting; the fastest run is the peer): "
+                         "'message' (ClientApp/@app.train and serverapp.strategy.FedAvg, Flower's current API), "
+                         "'legacy' (NumPyClient and server.strategy.FedAvg)")
     ap.add_argument("--side", choices=["fleetlearn", "flower"], help=argparse.SUPPRESS)
     ap.add_argument("--npz", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -377,7 +485,8 @@ def main() -> None:
             ap.error(f"--flower-cpus {c!r}: want 'default' or a positive number of CPUs per client actor")
     work = ["--rounds", str(args.rounds), "--seed", str(args.seed), "--local-epochs", str(args.local_epochs), "--lr", str(args.lr)]
     if args.side == "flower":
-        flower_side(args.npz, args.rounds, args.seed, args.out, args.flower_cpus[0], args.local_epochs, args.lr, args.flower_threads)
+        side = flower_side_message if args.flower_api[0] == "message" else flower_side
+        side(args.npz, args.rounds, args.seed, args.out, args.flower_cpus[0], args.local_epochs, args.lr, args.flower_threads)
         return
     if args.side == "fleetlearn":
         print(json.dumps(fleetlearn_side(args.clients[0], args.rounds, args.seed, args.fleetlearn_threads[0] or None,
@@ -394,12 +503,12 @@ def main() -> None:
             npz = Path(tmp) / f"workload_{n}.npz"
             digest = export_workload(n, args.rounds, args.seed, npz)
             flowers = []
-            for cpus in args.flower_cpus:
-                out, log = Path(tmp) / f"flower_{n}_{cpus}.json", Path(tmp) / f"flower_{n}_{cpus}.log"
-                print(f"N = {n}: Flower (num_cpus {cpus}) ...", flush=True)
+            for api, cpus in [(api, cpus) for api in args.flower_api for cpus in args.flower_cpus]:
+                out, log = Path(tmp) / f"flower_{n}_{api}_{cpus}.json", Path(tmp) / f"flower_{n}_{api}_{cpus}.log"
+                print(f"N = {n}: Flower ({api} API, num_cpus {cpus}) ...", flush=True)
                 proc, before, after = measured(
                     [str(py), __file__, "--side", "flower", "--npz", str(npz), *work, "--out", str(out), "--flower-cpus", cpus,
-                     "--flower-threads", str(args.flower_threads)],
+                     "--flower-threads", str(args.flower_threads), "--flower-api", api],
                     args.max_load, args.settle, log)
                 if proc.returncode != 0:
                     sys.exit(f"the Flower run failed (exit {proc.returncode}); its log:\n{log.read_text()[-4000:]}")
@@ -407,7 +516,8 @@ def main() -> None:
                 if flower["rounds_done"] != args.rounds or flower["fit_results"] != [n] * args.rounds:
                     sys.exit(f"Flower completed {flower['rounds_done']} of {args.rounds} rounds with {flower['fit_results']} "
                              f"fit results (want {n} each); log:\n{log.read_text()[-4000:]}")
-                flower.update(clients=n, cpus=cpus, round_mean_s=_mean_after_warmup(flower["round_s"]), load_before=before, load_after=after)
+                flower.update(clients=n, api=api, cpus=cpus, fit_wall_s=_mean_after_warmup(flower["fit_s"]),
+                              fit_cpu_mean_s=_mean_after_warmup(flower["fit_cpu_s"]), round_mean_s=_mean_after_warmup(flower["round_s"]), load_before=before, load_after=after)
                 flowers.append(flower)
                 flower_rows.append(flower)
             best = min(flowers, key=lambda f: f["round_mean_s"])
@@ -423,10 +533,10 @@ def main() -> None:
                     sys.exit(f"the two sides trained on different splits ({fleet['split']} != {digest})")
                 fl_round = _mean_after_warmup(fleet["round_s"])
                 busy = [f"{who} started at load {load:.2f}" for who, load in
-                        ((f"Flower (num_cpus {best['cpus']})", best["load_before"]), ("fleetlearn", before)) if load >= args.max_load]
+                        ((f"Flower ({best['api']} API, num_cpus {best['cpus']})", best["load_before"]), ("fleetlearn", before)) if load >= args.max_load]
                 rows.append({
                     "clients": n, "rounds": args.rounds, "fleetlearn_threads": fleet["threads"], "variant": variant,
-                    "flower_cpus": best["cpus"], "flower_round_s": best["round_mean_s"], "fleetlearn_round_s": fl_round,
+                    "flower_cpus": f"{best['api']}/{best['cpus']}", "flower_round_s": best["round_mean_s"], "fleetlearn_round_s": fl_round,
                     "speedup": None if busy else best["round_mean_s"] / fl_round, "busy": busy,
                     "flower_accuracy": best["accuracy"], "fleetlearn_accuracy": fleet["accuracy"],
                     "accuracy_gap_pp": 100 * (fleet["accuracy"] - best["accuracy"]),
@@ -438,9 +548,10 @@ def main() -> None:
     print()
     print(f"Flower {flower_rows[0]['flwr']} (torch {flower_rows[0]['torch']}), {args.rounds} rounds, {args.local_epochs} local epochs, "
           f"lr {args.lr}, seed {args.seed}; s/round = mean of rounds 2..{args.rounds}; load = 1-min load average before -> after")
-    print(f"{'clients':>7} {'num_cpus':>8} {'Flower s/round':>15} {'accuracy':>9} {'total s':>8} {'load':>12}")
+    print(f"{'clients':>7} {'API':>7} {'num_cpus':>8} {'Flower s/round':>15} {'in fit s':>9} {'fit CPU s':>9} {'accuracy':>9} {'total s':>8} {'load':>12}")
     for f in flower_rows:
-        print(f"{f['clients']:>7} {f['cpus']:>8} {f['round_mean_s']:>15.3f} {f['accuracy']:>9.4f} {f['process_s']:>8.1f} "
+        print(f"{f['clients']:>7} {f['api']:>7} {f['cpus']:>8} {f['round_mean_s']:>15.3f} {f['fit_wall_s']:>9.3f} {f['fit_cpu_mean_s']:>9.3f} "
+              f"{f['accuracy']:>9.4f} {f['process_s']:>8.1f} "
               f"{f['load_before']:>5.2f} -> {f['load_after']:<4.2f}")
     print()
     print(f"{'clients':>7} {'fleetlearn':>10} {'threads':>7} {'Flower best':>11} {'Flower s/round':>15} {'fleetlearn s/round':>19} "
