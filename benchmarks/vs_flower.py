@@ -35,12 +35,25 @@ after the last round.
 
 Flower runs in its own virtual environment (created on first use, no system site
 packages): the same CPU torch from the local wheel directory, then
-`pip install "flwr[simulation]"`.  Its side is the idiomatic one: a `NumPyClient`
-holding a torch model (DataLoader, torch.optim.SGD), `ClientApp(client_fn)`,
-`ServerApp(server_fn)` with the `FedAvg` strategy (fraction_fit = 1.0, no
-federated evaluation, a central `evaluate_fn`) and `flwr.simulation.run_simulation`
-with the client resources of each `--flower-cpus` setting.  fleetlearn runs its default engine (in-process
-simulation, batched local training, run store and monitors on).
+`pip install "flwr[simulation]"`.  Its side is written in each of Flower's two APIs
+(`--flower-api`, both by default; the fastest run of all APIs and settings is the peer):
+
+- `message`, Flower's current API (its quickstarts'): a `ClientApp` whose `@app.train()`
+  function trains a torch model (DataLoader, torch.optim.SGD) and replies with an
+  `ArrayRecord`; a `ServerApp` whose `@main()` runs `flwr.serverapp.strategy.FedAvg.start`
+  (fraction_train = 1.0, no federated evaluation, a central `evaluate_fn`);
+- `legacy`: a `NumPyClient` with the same training, `ClientApp(client_fn)`,
+  `ServerApp(server_fn)` with `flwr.server.strategy.FedAvg`.  This path asks each client
+  from a pool of min(32, cpus + 4) server threads, and each request waits for its reply in
+  a 0.1 s polling loop (`InMemoryGrid.send_and_receive`), so on 2 cores it is several times
+  slower than the Message API on the same clients: measuring only this path flattered
+  fleetlearn (BENCHMARKS.md).
+
+Both run under `flwr.simulation.run_simulation` with the client resources of each
+`--flower-cpus` setting, and each client reports its wall and thread-CPU time inside its
+training function, so the table shows how much of Flower's round is the clients' own work.
+fleetlearn runs its default engine (in-process simulation, batched local training, run
+store and monitors on).
 
 Time per round: fleetlearn's `RoundRecord.wall_seconds`; Flower's is the interval
 between consecutive calls of its `evaluate_fn` (called after every round's
