@@ -34,7 +34,11 @@ def interrupted_then_resumed(cfg, k: int, forget_client_states: bool = False):
     for _ in range(k):
         first.run_round()
     run_dir = first.store.run_dir
-    del first  # the process dies after round k
+    # The process dies after round k committed: close() waits for the background commit
+    # under way (a real death stops that thread; this one would otherwise go on writing
+    # and pruning while the resumed coordinator reads) and releases the run's lock.
+    first.store.close()
+    del first
     store = RunStore.open(run_dir)
     again = build_coordinator(cfg, store=store)
     assert again.resume() == k

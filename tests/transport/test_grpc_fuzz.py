@@ -87,15 +87,18 @@ def fuzz(address: str, token: str, digest: str, n: int, seed: int, codes: list) 
         def message() -> bytes:
             return rng.randbytes(OVERSIZED) if oversized else mutate(rng, valid_message(rng, cls, c))
 
+        # (an oversized call waits for a server thread like any other before gRPC reads and
+        # refuses its message: a longer deadline, so a CI machine's load does not end it first)
+        timeout = 20 if oversized else 5
         try:
             if kind == "stream_unary":
                 frames = [message()] if oversized else [message() for _ in range(rng.randrange(0, 5))]
-                calls[name](iter(frames), metadata=md, timeout=5)
+                calls[name](iter(frames), metadata=md, timeout=timeout)
             elif kind == "unary_stream":
-                for _ in calls[name](message(), metadata=md, timeout=5):
+                for _ in calls[name](message(), metadata=md, timeout=timeout):
                     pass
             else:
-                calls[name](message(), metadata=md, timeout=5)
+                calls[name](message(), metadata=md, timeout=timeout)
             code = grpc.StatusCode.OK
         except grpc.RpcError as err:
             code = err.code()
@@ -162,7 +165,11 @@ def run_fuzz(tokens, learner, n: int, threads: int, idle: int, caplog) -> None:
         # (such a call ends before its handler reads a message: the handler sees an empty
         # call, or is cancelled first; only in the first case is it counted, as malformed)
         too_large = [code for name, code in codes if name.endswith(":oversized")]
-        assert too_large and set(too_large) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        # refused by gRPC's size limit, never accepted; on a loaded machine one may still
+        # reach its deadline while queued for a server thread (a CI run saw one)
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in too_large, too_large
+        assert set(too_large) <= {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}, set(too_large)
+        assert too_large.count(grpc.StatusCode.DEADLINE_EXCEEDED) <= len(too_large) // 4, too_large
         assert refused - unavailable - len(too_large) <= counted <= refused - unavailable
     held = live_rss_mb() - before
     assert held < 40, f"the server holds {held:.0f} MiB more after the fuzzing and {idle} idle calls"
