@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 import torch
 from postgres_server import fresh_database
-from test_grpc_end_to_end import CONFIG, certs_and_tokens, finish, fl, free_port
+from test_grpc_end_to_end import CONFIG, certs_and_tokens, finish, fl, free_port, uninterrupted
 
 from fleetlearn.ops import RunStore
 
@@ -67,11 +67,6 @@ def _leader_gauge(port: int) -> float | None:
 
 
 def test_kill_9_the_leader_and_the_standby_takes_over_losing_no_round(postgres_url, tmp_path):
-    ref = tmp_path / "ref"  # the uninterrupted run, for comparison
-    tokens = _setup(ref, ROUNDS)
-    port = free_port()
-    reference = finish(_server(ref, port, str(ref / "run.toml")), _clients(ref, f"127.0.0.1:{port}", tokens))
-
     ha = tmp_path / "ha"
     state = fresh_database(postgres_url, "tok")
     tokens = _setup(ha, ROUNDS, state=state)  # the tokens in the run store's database: both servers read them there
@@ -121,7 +116,7 @@ def test_kill_9_the_leader_and_the_standby_takes_over_losing_no_round(postgres_u
     # Same seed, cohorts and client seeds; the server sums updates in client-id order: the model
     # after the takeover is the uninterrupted run's.
     _, final, _ = store.load_checkpoint()
-    _, final_ref, _ = RunStore.open(reference["run_dir"]).load_checkpoint()
+    final_ref, _ = uninterrupted(ha / "run.toml", tmp_path / "ref", clients=CLIENTS)
     assert torch.equal(final, final_ref), float((final - final_ref).abs().max())
 
 
