@@ -424,6 +424,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     holder_id = lease_holder_id(args.listen)
     console = Console(stderr=True)
+    endpoint = None  # a standby's waiting endpoint, up until the run's own server takes the address
     try:
         changes: dict = {}
         if args.run_id is not None:
@@ -440,10 +441,16 @@ def cmd_server(args: argparse.Namespace) -> int:
                 endpoint = _standby_endpoint(args, store.run_id)
                 try:
                     token = wait_for_lease(store, holder_id, args.lease_ttl, takeover_only=True)
+                except BaseException:
+                    endpoint.stop()
+                    raise
                 finally:
                     if waiting is not None:
                         waiting.stop()  # the run's own exporter takes the port when the run starts
-                    endpoint.stop()  # and the run's server the address
+                # The endpoint goes on answering "retry after" while the run is built (seconds: its
+                # data, model and checkpoint); `make_transport` frees the address just before the
+                # run's server binds it.  Stopped here, clients met a closed port for those seconds
+                # and fell back to their exponential backoff (~2.5 s more to the first round).
                 console.print(f"fleetlearn server: {holder_id} took the leader lease of run {store.run_id} (fencing token {token})")
                 store.sweep()  # what the dead leader left; its late writes are fenced
             cfg, changes = resume_config(store, args.set)
@@ -473,6 +480,10 @@ def cmd_server(args: argparse.Namespace) -> int:
         holder: dict = {}
 
         def make_transport(learner, device):
+            nonlocal endpoint
+            if endpoint is not None:
+                endpoint.stop()
+                endpoint = None
             t = server_transport(cfg, learner.spec, address=args.listen, state_dir=args.state, cert_dir=args.certs,
                                  mutual_tls=args.mtls, max_round_s=args.max_round_s, insecure=args.insecure,
                                  heartbeat_interval_s=args.heartbeat_s,
@@ -485,6 +496,10 @@ def cmd_server(args: argparse.Namespace) -> int:
         coordinator = build_run(cfg, store=store, transport_factory=make_transport)
     except (ConfigError, DataError, StoreError, OSError, ValueError) as exc:
         raise UsageError(str(exc)) from None
+    finally:
+        if endpoint is not None:  # the run was not built (or built no transport): free the address
+            endpoint.stop()
+            endpoint = None
     transport = holder["t"]
     run_store = coordinator.store
     keeper = None
