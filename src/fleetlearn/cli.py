@@ -62,6 +62,7 @@ RESUME_SAFE_KEYS = {
     "store.checkpoint_every": "how often a checkpoint is kept (resuming again needs one at the last committed round)",
     "store.background_commit": "whether a round is committed beside the next round or on its path (committed the same either way)",
     "engine.threads": "the torch threads of the process",
+    "engine.aggregation_kernels": "how the median and trimmed mean are computed (the same results, bit for bit)",
     "monitoring.prometheus_port": "where the Prometheus metrics are served",
     "monitoring.prometheus_host": "where the Prometheus metrics are served",
 }

@@ -833,6 +833,11 @@ class EngineConfig(Section):
     # for models up to 100,000 parameters, whose small kernels lose more to thread
     # synchronisation than they gain; torch's own default for larger models. 0: torch's default.
     threads: int | Literal["auto"] = "auto"
+    # The coordinate-wise median and trimmed mean as one compiled loop (torch.compile; needs
+    # a C++ compiler). "auto": for matrices of 2^24 elements and up, compiled on a background
+    # thread while the numpy network answers; "compiled": always, compiled on first use;
+    # "numpy": never. The results are the same, bit for bit (fleetlearn.aggregation.compiled).
+    aggregation_kernels: Literal["auto", "compiled", "numpy"] = "auto"
     # ray: None starts a local Ray; "auto" joins this machine's cluster; "ray://host:port" connects to one.
     address: str | None = None
     ray_workers: int | None = Field(default=None, ge=1)  # training actors (None: the cluster's CPUs)

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from ..aggregation import compiled as compiled_kernels
 from ..records import RoundRecord
 
 AUTO_THREADS_MAX_DIM = 100_000  # engine.threads = "auto": one thread up to this many parameters
@@ -25,12 +26,14 @@ def run_threads(setting: int | str, dim: int) -> int:
 
 @contextmanager
 def running(c) -> Iterator[None]:
-    """While a run executes: its torch threads (`engine.threads`) and its monitoring
-    (Prometheus endpoint); both are put back afterwards."""
+    """While a run executes: its torch threads (`engine.threads`), its aggregation
+    kernels (`engine.aggregation_kernels`) and its monitoring (Prometheus endpoint); all
+    are put back afterwards."""
     threads_before = torch.get_num_threads()
     threads = run_threads(c.config.engine.threads, c.dim)
     if threads:
         torch.set_num_threads(threads)
+    kernels_before = compiled_kernels.set_mode(c.config.engine.aggregation_kernels)
     if c.monitoring is not None:
         c.monitoring.start()
     try:
@@ -38,6 +41,7 @@ def running(c) -> Iterator[None]:
     finally:
         if c.monitoring is not None:
             c.monitoring.stop()
+        compiled_kernels.set_mode(kernels_before)
         torch.set_num_threads(threads_before)
 
 
