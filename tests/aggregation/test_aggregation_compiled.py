@@ -66,12 +66,20 @@ def test_compiled_path_refuses_nan_and_inf_naming_the_row(bad):
 @needs_compiler
 def test_auto_compiles_in_the_background_and_the_numpy_network_answers_meanwhile(monkeypatch):
     monkeypatch.setattr(compiled, "AUTO_MIN_ELEMENTS", 4000)
+    monkeypatch.setattr(compiled, "_kernels", {})  # built afresh here, whatever other tests built
     x = _matrix(6, 1001)
     expected = _numpy_network(lambda: median(x))
     small = _matrix(6, 500)  # below the threshold: never compiled in "auto"
     with compiled.mode("auto"):
         assert compiled.middle_mean(small, 2) is None
-        assert torch.equal(median(x), expected)  # the numpy network, or the kernel if already built
+        assert torch.equal(median(x), expected)  # answered at once: the numpy network (the kernel is being built)
+        assert len(compiled._kernels) == 1
+        building = next(iter(compiled._kernels.values()))
+    with compiled.mode("compiled"):  # a caller that wants the kernel waits for the thread building it
+        assert torch.equal(median(x), expected)
+        assert building.done() and building.exception() is None
+    assert len(compiled._kernels) == 1, "the kernel must be built once, not again by the waiting caller"
+    with compiled.mode("auto"):
         assert compiled.wait(timeout=600)
         assert compiled.middle_mean(x, 2) is not None
         assert torch.equal(median(x), expected)

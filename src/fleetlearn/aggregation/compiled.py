@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -49,7 +49,7 @@ _mode = "auto"
 _lock = threading.Lock()
 _kernels: dict[tuple, Future] = {}
 _failed: set[tuple] = set()
-_pool: ThreadPoolExecutor | None = None
+_compile_lock = threading.Lock()
 
 
 def set_mode(mode: str) -> str:
@@ -126,26 +126,33 @@ def _build(n: int, lo: int, hi: int, dtype: torch.dtype) -> Callable:
 
 
 def _submit(key: tuple, wait: bool) -> Future:
-    global _pool
+    """The kernel's future: a new one is built here (`wait`) or on a daemon thread (a process
+    that ends mid-compile does not wait for the compiler); with `wait`, a kernel already
+    being built on a thread is waited for."""
+    build_here = False
     with _lock:
         fut = _kernels.get(key)
         if fut is None:
-            if wait:
-                fut = Future()
-                fut.set_running_or_notify_cancel()
-            else:
-                if _pool is None:
-                    _pool = ThreadPoolExecutor(1, thread_name_prefix="fleetlearn-kernels")
-                fut = _pool.submit(_build, *key)
+            fut = Future()
+            fut.set_running_or_notify_cancel()
             _kernels[key] = fut
-        elif not wait or fut.done():
-            return fut
-    if wait and not fut.done():
+            if wait:
+                build_here = True
+            else:
+                threading.Thread(target=_build_into, args=(fut, key), name="fleetlearn-kernels", daemon=True).start()
+    if build_here:
+        _build_into(fut, key)
+    elif wait:
+        fut.exception()  # blocks until the thread building it is done
+    return fut
+
+
+def _build_into(fut: Future, key: tuple) -> None:
+    with _compile_lock:  # one compile at a time (a background one and a waiting caller's)
         try:
             fut.set_result(_build(*key))
-        except Exception as exc:  # noqa: BLE001 - reported once below; the numpy network answers
+        except Exception as exc:  # noqa: BLE001 - reported once by `_ready`; the numpy network answers
             fut.set_exception(exc)
-    return fut
 
 
 def _ready(fut: Future, key: tuple) -> Callable | None:
