@@ -17,7 +17,7 @@ distinct (rows, trimmed, dtype) needs its own kernel.  So the mode decides when 
 - ``"auto"`` (the default, `[engine] aggregation_kernels`): matrices of at least
   `AUTO_MIN_ELEMENTS` elements on the CPU, when a C++ compiler is installed.  The kernel
   is compiled on a background thread; until it is ready the numpy network answers, so a
-  round never waits for a compiler.
+  round never waits for the compiler (rounds run slower meanwhile: it holds the GIL).
 - ``"compiled"``: every CPU matrix, compiled on first use (the caller waits).
 - ``"numpy"``: never.
 
@@ -43,7 +43,7 @@ from .networks import NETWORK_MAX_N_CPU, network_schedule
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "compiled", "numpy")
-AUTO_MIN_ELEMENTS = 1 << 24  # "auto": ~16.8M elements (e.g. 20 x 840k) and up; below, numpy's network costs < 40 ms
+AUTO_MIN_ELEMENTS = 1 << 24  # "auto": ~16.8M elements (e.g. 20 x 840k) and up; below, the numpy network takes < ~45 ms
 
 _mode = "auto"
 _lock = threading.Lock()
@@ -198,10 +198,3 @@ def wait(timeout: float | None = None) -> bool:
             return False
     return True
 
-
-def clear() -> None:
-    """Forget the kernels built so far (tests)."""
-    wait()
-    with _lock:
-        _kernels.clear()
-        _failed.clear()
