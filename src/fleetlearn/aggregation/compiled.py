@@ -93,12 +93,12 @@ def compiler() -> str | None:
 
 def _source(n: int, lo: int, hi: int) -> str:
     """Straight-line code for the middle mean of rows lo..hi-1 (by rank) of an (n, d) matrix,
-    and a check that is NaN when any value is NaN or inf (0 otherwise)."""
+    and whether every value of the matrix is finite (a boolean, reduced in the same loop)."""
     steps, outputs = network_schedule(n, lo, hi, False)
     m = hi - lo
     lines = [f"def middle_mean_{n}_{lo}_{hi}(x):"]
     lines += [f"    s{i} = x[{i}]" for i in range(n)]
-    # whether every value is finite, reduced in the same loop (no second pass over x)
+    # no second pass over x for the NaN/inf check
     lines.append("    check = (" + " & ".join(f"torch.isfinite(s{i})" for i in range(n)) + ").all()")
     for is_min, a, b, out in steps:
         lines.append(f"    s{out} = torch.{'minimum' if is_min else 'maximum'}(s{a}, s{b})")
