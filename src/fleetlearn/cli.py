@@ -63,6 +63,7 @@ RESUME_SAFE_KEYS = {
     "store.background_commit": "whether a round is committed beside the next round or on its path (committed the same either way)",
     "engine.threads": "the torch threads of the process",
     "engine.aggregation_kernels": "how the median and trimmed mean are computed (the same results, bit for bit)",
+    "engine.training_kernels": "how the batched training step runs (the same arithmetic, rounded differently)",
     "monitoring.prometheus_port": "where the Prometheus metrics are served",
     "monitoring.prometheus_host": "where the Prometheus metrics are served",
 }

@@ -838,6 +838,11 @@ class EngineConfig(Section):
     # thread while the numpy network answers; "compiled": always, compiled on first use;
     # "numpy": never. The results are the same, bit for bit (fleetlearn.aggregation.compiled).
     aggregation_kernels: Literal["auto", "compiled", "numpy"] = "auto"
+    # A cohort's batched SGD step (vmap) as torch's eager operations, or compiled with
+    # torch.compile (needs a C++ compiler): about 2x faster training for large cohorts, for
+    # seconds (tens, cold) of compiling in the first round: it pays in long runs. The results
+    # agree with "eager" to float rounding, not bit for bit (fleetlearn.learners.torch_learner).
+    training_kernels: Literal["eager", "compiled"] = "eager"
     # ray: None starts a local Ray; "auto" joins this machine's cluster; "ray://host:port" connects to one.
     address: str | None = None
     ray_workers: int | None = Field(default=None, ge=1)  # training actors (None: the cluster's CPUs)

@@ -29,7 +29,16 @@ from .evaluation import Evaluator
 
 def build_learner(config: RunConfig, data: FederatedData, fleet=None):
     """The model's learner; with several `model.widths`, the HeteroFL wrapper that trains
-    each device at the width its memory allows (`model.width_rule`)."""
+    each device at the width its memory allows (`model.width_rule`).  Its batched steps
+    run as `engine.training_kernels` says."""
+    from ..learners.torch_learner import set_training_kernels
+
+    learner = _build_learner(config, data, fleet)
+    set_training_kernels(learner, config.engine.training_kernels)
+    return learner
+
+
+def _build_learner(config: RunConfig, data: FederatedData, fleet=None):
     m = config.model
     if m.name.startswith("hf:"):
         return _pretrained_learner(config, data, fleet)

@@ -34,6 +34,9 @@ EVAL_CHUNK = 8192  # examples per forward pass when evaluating
 # clients of the 64-128-10 MLP: benchmarks/overhead.py).
 GROUP_BYTES = 8 << 20
 MIN_GROUP = 32  # clients per group at least, however large the model
+# `[engine] training_kernels`: "eager" runs the batched step as torch's eager operations;
+# "compiled" compiles it with torch.compile (inductor; needs a C++ compiler on the CPU).
+TRAINING_KERNELS = ("eager", "compiled")
 
 
 # -- mini-batches ------------------------------------------------------------------------------
@@ -216,6 +219,8 @@ class TorchLearner:
         self.vectorize = vectorize
         self.max_group = max_group
         self._vmap_failed = False
+        self.kernels = "eager"  # `[engine] training_kernels` (set_training_kernels)
+        self._steps: dict[tuple, Callable | None] = {}  # compiled batched steps by options (None: failed)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -233,6 +238,7 @@ class TorchLearner:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_thread_modules"], state["_owner"] = {}, None
+        state["_steps"] = {}  # compiled code stays in its process: a worker compiles its own
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -377,6 +383,33 @@ class TorchLearner:
         losses = F.cross_entropy(self._logits_of(params, x), y, reduction="none")
         return (losses * mask).sum() / mask.sum().clamp(min=1.0)
 
+    # -- the compiled batched step (`[engine] training_kernels = "compiled"`) ---------------
+    def _step_key(self, hp: FitConfig, corrected: bool) -> tuple:
+        return (bool(hp.prox_mu), corrected, bool(hp.weight_decay), bool(hp.momentum))
+
+    def _compiled_step(self, hp: FitConfig, corrected: bool) -> Callable | None:
+        """The compiled step for these options, built on first use (None: it failed before,
+        or there is no compiler: the eager step runs)."""
+        key = self._step_key(hp, corrected)
+        if key not in self._steps:
+            from ..aggregation.compiled import compiler
+
+            if compiler() is None:
+                self._steps[key] = None
+                log.warning("training_kernels = \"compiled\": no C++ compiler for torch.compile on this machine; "
+                            "training runs eager steps")
+            else:
+                self._steps[key] = compiled_step(self._module, self.spec.names, *key)
+        return self._steps[key]
+
+    def _step_failed(self, hp: FitConfig, corrected: bool, exc: Exception) -> None:
+        """Record a compiled step that raised (compiling happens on a call): eager from now on."""
+        self._steps[self._step_key(hp, corrected)] = None
+        first = str(exc).strip().splitlines()
+        log.warning("training_kernels = \"compiled\": compiling the batched training step failed (%s: %s); "
+                    "training runs eager steps", type(exc).__name__, first[0] if first else "")
+        return None
+
     def _fit_vectorized(
         self, params: torch.Tensor, cohort: list[ClientData], hp: FitConfig, seeds: list[int],
         corrections: torch.Tensor | None, limits: list[int | None], anchor: torch.Tensor | None = None,
@@ -406,9 +439,22 @@ class TorchLearner:
         bufs: dict[str, torch.Tensor] = {}
         losses = torch.zeros(n, steps)
         step_fn = vmap(grad_and_value(self._masked_loss))
+        compiled = self._compiled_step(hp, corr is not None) if self.kernels == "compiled" else None
+        if compiled is not None:
+            knobs = {k: torch.tensor(float(v)) for k, v in
+                     (("lr", hp.lr), ("mu", hp.prox_mu), ("wd", hp.weight_decay), ("momentum", hp.momentum))}
+            if hp.momentum:
+                bufs = {k: torch.zeros_like(v) for k, v in views.items()}
         self.module.train()
         for s in range(steps if len(y_all) else 0):
             rows = index_t[:, s]
+            if compiled is not None:
+                try:
+                    losses[:, s] = compiled(views, x_all[rows], y_all[rows], mask_t[:, s], active[:, s], knobs,
+                                            centers or {}, corr or {}, bufs)
+                    continue
+                except Exception as exc:  # noqa: BLE001 - a model or setting the compiler cannot take: eager steps
+                    compiled = self._step_failed(hp, corr is not None, exc)
             g, losses[:, s] = step_fn(views, x_all[rows], y_all[rows], mask_t[:, s])
             act = active[:, s]
             for k in names:
@@ -500,3 +546,70 @@ class TorchLearner:
     def _cohort_accuracy(self, p: torch.Tensor, x: torch.Tensor, y: torch.Tensor, sizes: list[int]) -> list[float]:
         _, correct = self._cohort_per_example(p, x, y, sizes)
         return [float(c / s) if s else math.nan for c, s in zip(correct, sizes)]
+
+
+def compiled_step(module: torch.nn.Module, names, prox: bool, corrected: bool, decay: bool, momentum: bool) -> Callable:
+    """One SGD step of a cohort as a compiled function (`torch.compile`, shapes dynamic, so
+    one kernel serves every group size and batch width): the batched gradient and the
+    update of the (n, *shape) parameter tensors in place, fused by inductor into a few
+    passes over them.  The options are fixed per kernel; the rates are 0-d tensors, so a
+    learning-rate schedule does not recompile.  The module is a private copy (a functional
+    call swaps parameters into its module; the eager path's module stays another thread's
+    to use).  The arithmetic is the eager step's, rounded differently: agreement to float
+    rounding, not bit for bit."""
+    own = copy.deepcopy(module)
+    names = list(names)
+
+    def masked_loss(params, x, y, mask):
+        losses = F.cross_entropy(functional_call(own, params, (x,)), y, reduction="none")
+        return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+
+    grads = vmap(grad_and_value(masked_loss))
+
+    def step(views, x, y, mask, act, knobs, centers, corrections, bufs):
+        g, losses = grads(views, x, y, mask)
+        for k in names:
+            gk, pk = g[k], views[k]
+            a = act.view((-1,) + (1,) * (pk.dim() - 1))
+            if prox:
+                gk = gk + knobs["mu"] * (pk - centers[k])
+            if corrected:
+                gk = gk + corrections[k]
+            if decay:
+                gk = gk + knobs["wd"] * pk
+            if momentum:  # torch.optim.SGD's buffer; an inactive step leaves it
+                b = torch.where(a > 0, knobs["momentum"] * bufs[k] + gk, bufs[k])
+                bufs[k].copy_(b)
+                gk = b
+            pk.sub_(a * gk * knobs["lr"])
+        return losses
+
+    return torch.compile(step, dynamic=True)
+
+
+def set_training_kernels(learner, mode: str) -> None:
+    """`[engine] training_kernels` for every TorchLearner inside `learner` (a wrapper's
+    inner learners: HeteroFL's widths, a clustered or distilling learner's base)."""
+    if mode not in TRAINING_KERNELS:
+        raise ValueError(f"training_kernels: allowed: {', '.join(TRAINING_KERNELS)}; got {mode!r}")
+    seen: set[int] = set()
+
+    def visit(obj, depth: int) -> None:
+        if id(obj) in seen or depth > 4:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, TorchLearner):
+            obj.kernels = mode
+            return
+        if isinstance(obj, dict):
+            items = list(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            items = list(obj)
+        elif type(obj).__module__.startswith("fleetlearn.") and hasattr(obj, "__dict__"):
+            items = list(vars(obj).values())
+        else:
+            return
+        for v in items:
+            visit(v, depth + 1)
+
+    visit(learner, 0)
