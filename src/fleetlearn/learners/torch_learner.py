@@ -33,6 +33,11 @@ EVAL_CHUNK = 8192  # examples per forward pass when evaluating
 # 32 MiB), and its page faults cost more than the group's arithmetic (about 2.5x at 1,000
 # clients of the 64-128-10 MLP: benchmarks/overhead.py).
 GROUP_BYTES = 8 << 20
+# A compiled step (training_kernels = "compiled") makes a few passes over a group's
+# parameters instead of many, and is fastest when they stay in the last-level cache:
+# ~100 clients of the 64-128-10 MLP (33 us a client for 5 steps, against 50 us in groups
+# of 218 and 57 us in groups of 436: benchmarks/overhead.py's workload, AMD EPYC, 32 MiB L3).
+COMPILED_GROUP_BYTES = 4 << 20
 MIN_GROUP = 32  # clients per group at least, however large the model
 # `[engine] training_kernels`: "eager" runs the batched step as torch's eager operations;
 # "compiled" compiles it with torch.compile (inductor; needs a C++ compiler on the CPU).
@@ -207,6 +212,9 @@ def training_losses(losses: torch.Tensor, mask: torch.Tensor, epoch: np.ndarray)
 class TorchLearner:
     """Trains a copy of `module` per client with (momentum) SGD on a flat vector."""
 
+    kernels = "eager"  # `[engine] training_kernels` (set_training_kernels)
+    _fresh_steps = False  # a compiled kernel was built and has not run yet
+
     eval_chunk = EVAL_CHUNK  # examples per forward pass when evaluating
     eval_columns = 256  # rows per client per batched forward pass when evaluating a cohort
 
@@ -219,7 +227,6 @@ class TorchLearner:
         self.vectorize = vectorize
         self.max_group = max_group
         self._vmap_failed = False
-        self.kernels = "eager"  # `[engine] training_kernels` (set_training_kernels)
         self._steps: dict[tuple, Callable | None] = {}  # compiled batched steps by options (None: failed)
 
     @property
@@ -243,6 +250,7 @@ class TorchLearner:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("_steps", {})  # a learner pickled by an earlier build
         self._owner = threading.get_ident()  # the unpickling thread (e.g. a Ray worker's) owns the main module
 
     # -- parameters ------------------------------------------------------------
@@ -374,8 +382,10 @@ class TorchLearner:
 
     def group_size(self) -> int:
         """Clients trained as one batched computation: `max_group`, less for a large model
-        (`GROUP_BYTES` of parameters per group, at least `MIN_GROUP` clients)."""
-        return max(1, min(self.max_group, max(MIN_GROUP, GROUP_BYTES // (4 * max(1, self.spec.dim)))))
+        (`GROUP_BYTES` of parameters per group, `COMPILED_GROUP_BYTES` with compiled steps;
+        at least `MIN_GROUP` clients)."""
+        budget = COMPILED_GROUP_BYTES if self.kernels == "compiled" else GROUP_BYTES
+        return max(1, min(self.max_group, max(MIN_GROUP, budget // (4 * max(1, self.spec.dim)))))
 
     def _masked_loss(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # Differentiated with respect to the per-tensor views, not the flat vector: the flat
@@ -400,7 +410,19 @@ class TorchLearner:
                             "training runs eager steps")
             else:
                 self._steps[key] = compiled_step(self._module, self.spec.names, *key)
+                self._fresh_steps = True
         return self._steps[key]
+
+    def _collect_compiler_garbage(self) -> None:
+        """After a kernel's first call (its compilation): one full garbage collection now,
+        in the round that paid for the compiler.  Compiling leaves ~10^4 cyclic objects and
+        a heap of long-lived ones; left alone, the collector's next full pass comes a few
+        rounds later and costs ~0.3 s there (measured: one round of 0.5 s among rounds of
+        0.19 s at 1,000 clients)."""
+        import gc
+
+        self._fresh_steps = False
+        gc.collect()
 
     def _step_failed(self, hp: FitConfig, corrected: bool, exc: Exception) -> None:
         """Record a compiled step that raised (compiling happens on a call): eager from now on."""
@@ -452,6 +474,8 @@ class TorchLearner:
                 try:
                     losses[:, s] = compiled(views, x_all[rows], y_all[rows], mask_t[:, s], active[:, s], knobs,
                                             centers or {}, corr or {}, bufs)
+                    if self._fresh_steps:
+                        self._collect_compiler_garbage()
                     continue
                 except Exception as exc:  # noqa: BLE001 - a model or setting the compiler cannot take: eager steps
                     compiled = self._step_failed(hp, corr is not None, exc)
