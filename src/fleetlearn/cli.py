@@ -584,7 +584,7 @@ def cmd_client(args: argparse.Namespace) -> int:
                         tls_server_name=args.tls_server_name, name=args.name or "", max_rounds=args.max_rounds,
                         give_up_after_s=args.give_up_after, uplink_limit_mbps=args.uplink_limit_mbps, probe=args.probe,
                         memory_mb=args.memory_mb, attack=args.attack,
-                        attack_options={k: getattr(args, f"attack_{k}") for k in CLIENT_ATTACK_OPTIONS})
+                        attack_options={k: getattr(args, f"attack_{k}") for k in CLIENT_ATTACK_OPTIONS}, own_process=True)
     except (ClientRefused, ConfigError, ValueError, OSError) as exc:
         raise UsageError(str(exc)) from None
     print(json.dumps({k: v for k, v in vars(report).items() if isinstance(v, (int, float, str, bool, type(None), list))}, default=str))

@@ -195,6 +195,17 @@ def check_secagg_over_grpc(config: RunConfig) -> None:
         raise ConfigError(f"privacy.secure_aggregation = true over gRPC: {why}")
 
 
+def _process_threads(cfg: RunConfig, learner) -> None:
+    """This process's torch threads by `engine.threads` and the model's size (`client`)."""
+    import torch
+
+    from ...engine.running import run_threads
+
+    threads = run_threads(cfg.engine.threads, learner.spec.dim)
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def client(
     server: str,
     token: str,
@@ -217,6 +228,7 @@ def client(
     attack: str = "none",
     attack_options: dict[str, Any] | None = None,
     before_train: Any = None,
+    own_process: bool = False,
 ) -> ClientReport:
     """`fleetlearn client --server HOST:PORT --token TOKEN --config RUN.toml (--client-index I | --data pkg.mod:fn)
     [--tls-ca ca.pem [--tls-cert c.pem --tls-key c.key]] [--name N] [--max-rounds N] [--uplink-limit-mbps R]
@@ -237,6 +249,12 @@ def client(
     `--attack-scale S ...`): this device poisons its data and its own update as a simulated
     attacker with ``collude = false`` (fleetlearn.attacks.client_attack; model_replacement boosts
     by the run's ``server.cohort``).  Colluding attacks are refused (ValueError saying why).
+
+    `own_process` (`fleetlearn client`: the process is this client's): torch's intra-op
+    threads as the run's `engine.threads` sets them for the server and the simulation (one
+    thread for models up to 100,000 parameters under "auto").  The thread count changes how
+    some kernels round, so a client on torch's default threads would train a different
+    model, to the last bit, from the simulation's device and the in-process clients.
     """
     from ...attacks import client_attack
     from ...client.personalization import personalization_for_run
@@ -249,12 +267,16 @@ def client(
                          "start the red-team client without --probe")
     if probe:
         learner, data, wrap = probe_client_from_config(cfg)
+        if own_process:
+            _process_threads(cfg, learner)
         return run_client(server, token, learner, data, tls=_client_tls(tls_ca, tls_cert, tls_key, tls_server_name), name=name,
                           max_rounds=max_rounds, backoff=Backoff(), give_up_after_s=give_up_after_s, device=device,
                           uplink_limit_mbps=uplink_limit_mbps, probe=True, uplink_wrap=wrap)
     learner, data, classes = client_from_config(cfg, client_index=client_index, data_fn=data_fn, num_classes=num_classes,
                                                 with_classes=True)
     red_team = client_attack(attack, attack_options, cohort_size=cfg.server.cohort, num_classes=classes, seed=cfg.seed)
+    if own_process:
+        _process_threads(cfg, learner)
     # The personal step runs here, its state stays on this device (built as the server builds it).
     personalization = personalization_for_run(cfg, learner)
     tls = _client_tls(tls_ca, tls_cert, tls_key, tls_server_name)
