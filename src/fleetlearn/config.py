@@ -820,6 +820,18 @@ class DistillConfig(Section):
 MAX_THREADS = 512  # engine.threads: more aborts inside the OpenMP runtime long before it could help
 
 
+AUTO_THREADS_MAX_DIM = 100_000  # engine.threads = "auto": one thread up to this many parameters
+
+
+def run_threads(setting: int | str, dim: int) -> int:
+    """The torch intra-op threads `engine.threads` gives a process training a model of `dim`
+    parameters (0: leave torch's setting alone): a run (`engine.running`) and a client
+    process (`fleetlearn client`) alike."""
+    if setting == "auto":
+        return 1 if dim <= AUTO_THREADS_MAX_DIM else 0
+    return int(setting)
+
+
 class EngineConfig(Section):
     # simulation: in-process; ray: the same simulation with local training on Ray workers
     # (needs the optional extra: pip install "fleetlearn[ray]").

@@ -12,16 +12,9 @@ import math
 import torch
 
 from ..aggregation import compiled as compiled_kernels
+from ..config import AUTO_THREADS_MAX_DIM, run_threads  # noqa: F401 - run_threads is read from here too
 from ..records import RoundRecord
 
-AUTO_THREADS_MAX_DIM = 100_000  # engine.threads = "auto": one thread up to this many parameters
-
-
-def run_threads(setting: int | str, dim: int) -> int:
-    """The torch intra-op threads for a run (0: leave torch's setting alone)."""
-    if setting == "auto":
-        return 1 if dim <= AUTO_THREADS_MAX_DIM else 0
-    return int(setting)
 
 
 @contextmanager

@@ -199,7 +199,7 @@ def _process_threads(cfg: RunConfig, learner) -> None:
     """This process's torch threads by `engine.threads` and the model's size (`client`)."""
     import torch
 
-    from ...engine.running import run_threads
+    from ...config import run_threads
 
     threads = run_threads(cfg.engine.threads, learner.spec.dim)
     if threads:
