@@ -16,7 +16,6 @@ from ..config import AUTO_THREADS_MAX_DIM, run_threads  # noqa: F401 - run_threa
 from ..records import RoundRecord
 
 
-
 @contextmanager
 def running(c) -> Iterator[None]:
     """While a run executes: its torch threads (`engine.threads`), its aggregation
