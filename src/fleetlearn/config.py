@@ -851,7 +851,7 @@ class EngineConfig(Section):
     # "numpy": never. The results are the same, bit for bit (fleetlearn.aggregation.compiled).
     aggregation_kernels: Literal["auto", "compiled", "numpy"] = "auto"
     # A cohort's batched SGD step (vmap) as torch's eager operations, or compiled with
-    # torch.compile (needs a C++ compiler): about 2x faster training for large cohorts, for
+    # torch.compile (needs a C++ compiler): 1.5-2x faster training for large cohorts, for
     # seconds (tens, cold) of compiling in the first round: it pays in long runs. The results
     # agree with "eager" to float rounding, not bit for bit (fleetlearn.learners.torch_learner).
     training_kernels: Literal["eager", "compiled"] = "eager"
