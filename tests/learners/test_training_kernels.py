@@ -58,8 +58,8 @@ def _assert_close(a, b, atol: float) -> None:
 
 
 # Two kernels: plain SGD, and every option at once (FedProx's term, SCAFFOLD's corrections,
-# weight decay, momentum).  The second runs two epochs with a learning-rate change between
-# calls: the rates are tensors, the same kernel serves both.
+# weight decay, momentum).  Each is then called again with half the learning rate: the rates
+# are tensors, so the same kernel serves both.
 @needs_compiler
 @pytest.mark.parametrize("hp,corrected", [
     (FitConfig(local_epochs=2, batch_size=4, lr=0.1), False),

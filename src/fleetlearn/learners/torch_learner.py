@@ -430,7 +430,6 @@ class TorchLearner:
         first = str(exc).strip().splitlines()
         log.warning("training_kernels = \"compiled\": compiling the batched training step failed (%s: %s); "
                     "training runs eager steps", type(exc).__name__, first[0] if first else "")
-        return None
 
     def _fit_vectorized(
         self, params: torch.Tensor, cohort: list[ClientData], hp: FitConfig, seeds: list[int],
@@ -478,7 +477,8 @@ class TorchLearner:
                         self._collect_compiler_garbage()
                     continue
                 except Exception as exc:  # noqa: BLE001 - a model or setting the compiler cannot take: eager steps
-                    compiled = self._step_failed(hp, corr is not None, exc)
+                    self._step_failed(hp, corr is not None, exc)
+                    compiled = None
             g, losses[:, s] = step_fn(views, x_all[rows], y_all[rows], mask_t[:, s])
             act = active[:, s]
             for k in names:
