@@ -18,10 +18,11 @@ refuses to report a speed-up for a row whose runs started on a busy machine
 Flower's client actors and server run torch with `--flower-threads` intra-op threads
 (default 1, as fleetlearn's `engine.threads = "auto"` picks for this model: torch's
 default of one thread per core in each of several actors oversubscribes the cores).
-`--fleetlearn-threads 1` runs fleetlearn with one torch thread (Flower's actors
-get one CPU each, and Ray gives them one thread); on a small or shared machine
-torch's default intra-op threading can cost far more than it gains on this tiny
-model.  `--fleetlearn-variants lean` turns off the debug monitor.
+`--fleetlearn-threads 2` runs fleetlearn with `engine.threads = 2` (one row per
+value; 0, the default, leaves the engine's "auto", one thread for this model). Flower's
+actors use both cores, so two threads is the like-for-like row; on a shared machine
+torch's intra-op threading can cost far more than it gains on this tiny model, which
+is why "auto" picks one.  `--fleetlearn-variants lean` turns off the debug monitor.
 
 Workload (both frameworks): digits (scikit-learn), a 64-128-10 ReLU MLP, 5 local
 epochs, batch 32, plain SGD lr 0.3 (no momentum; `--local-epochs`, `--lr`), FedAvg
@@ -143,8 +144,6 @@ def fleetlearn_side(n: int, rounds: int, seed: int, threads: int | None = None, 
     t0 = time.perf_counter()
     import torch
 
-    if threads:
-        torch.set_num_threads(threads)
     from fleetlearn.config import load_config
     from fleetlearn.data import load_federated
     from fleetlearn.engine.running import run_threads
@@ -154,6 +153,8 @@ def fleetlearn_side(n: int, rounds: int, seed: int, threads: int | None = None, 
         raw = workload_config(n, rounds, seed, tmp, local_epochs, lr)
         for section, values in VARIANTS[variant].items():
             raw.setdefault(section, {}).update(values)
+        if threads:  # the run sets its own threads from engine.threads (a torch setting made here would be undone)
+            raw.setdefault("engine", {})["threads"] = threads
         cfg = load_config(raw)
         data = load_federated(cfg.data, cfg.seed)
         coord = build_coordinator(cfg, data=data)
@@ -166,8 +167,8 @@ def fleetlearn_side(n: int, rounds: int, seed: int, threads: int | None = None, 
         "process_s": time.perf_counter() - t0,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "split": hashlib.sha256(data.train_order.tobytes() + data.train_offsets.tobytes()).hexdigest()[:12],
-        # The torch threads the run trained with (engine.threads = "auto" picks them unless overridden).
-        "threads": threads or run_threads(cfg.engine.threads, coord.dim) or torch.get_num_threads(),
+        # The torch threads the run trained with (engine.threads; "auto" picks them unless overridden).
+        "threads": run_threads(cfg.engine.threads, coord.dim) or torch.get_num_threads(),
     }
 
 

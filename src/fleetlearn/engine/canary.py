@@ -178,12 +178,13 @@ class CanaryRollout:
     def run(self, on_round: Callable[[RoundRecord], Any] | None = None) -> RunSummary:
         # Production's threads and monitoring for the whole rollout.  A promotion makes the
         # candidate production, so `self.production` is read afresh every round.
-        with self.production.running():
+        with self.production.running() as heap:
             t0 = time.perf_counter()
             while self.production.round < self.config.server.rounds:
                 if not clients_ready(self.production) or budget_exhausted(self.production):
                     break
                 record = self.step()
+                heap.round_done()
                 if on_round is not None:
                     on_round(record)
             return self.production.summary(time.perf_counter() - t0)

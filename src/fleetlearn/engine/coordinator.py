@@ -339,14 +339,14 @@ class Coordinator:
 
     # -- the run -------------------------------------------------------------------
     def running(self):
-        """While a run executes: its torch threads and monitoring (`running.running`)."""
+        """While a run executes: its torch threads, monitoring and frozen heap (`running.running`)."""
         return running(self)
 
     def run(self, on_round: Callable[[RoundRecord], Any] | None = None) -> RunSummary:
-        with self.running():
+        with self.running() as heap:
             t0 = time.perf_counter()
             try:
-                self.driver(self).run(on_round)
+                self.driver(self).run(heap.after_rounds(on_round))
             except BaseException:
                 if self.store is not None:
                     self.store.writer.wait()  # the last round's commit finishes; the run's own error is raised

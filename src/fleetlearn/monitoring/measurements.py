@@ -75,8 +75,8 @@ def update_statistics(
     mean = p @ u  # one pass (its rounding is corrected below)
     a = mean if aggregate is None else torch.as_tensor(aggregate).detach().to(device=u.device, dtype=dt)
     s = a if step is None else torch.as_tensor(step).detach().to(device=u.device, dtype=dt)
-    norms = torch.linalg.vector_norm(u, dim=1)
-    ua = u @ a
+    norms = torch.empty(n, dtype=dt, device=u.device)
+    ua = torch.empty(n, dtype=dt, device=u.device)
     sq_r = torch.empty(n, dtype=dt, device=u.device)
     diverg = torch.empty(n, dtype=dt, device=u.device)
     err = torch.zeros(d, dtype=dt, device=u.device)  # sum_k p_k (u_k - mean): the mean's rounding
@@ -86,6 +86,9 @@ def update_statistics(
     for lo in range(0, n, rows):  # one reused buffer: no (n, d) temporaries
         blk = u[lo : lo + rows]
         b = buf[: blk.shape[0]]
+        # Norms and dot products with the aggregate from the block while it is in cache.
+        torch.linalg.vector_norm(blk, dim=1, out=norms[lo : lo + rows])
+        torch.mv(blk, a, out=ua[lo : lo + rows])
         torch.sub(blk, mean, out=b)
         sq_r[lo : lo + rows] = torch.linalg.vector_norm(b, dim=1).square()
         err.addmv_(b.T, p[lo : lo + rows])
