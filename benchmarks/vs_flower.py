@@ -66,6 +66,7 @@ its whole-process wall time.  Each side runs in its own process.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -158,7 +159,9 @@ def fleetlearn_side(n: int, rounds: int, seed: int, threads: int | None = None, 
         cfg = load_config(raw)
         data = load_federated(cfg.data, cfg.seed)
         coord = build_coordinator(cfg, data=data)
+        pauses = gc_pauses()
         summary = coord.run()
+        gc.callbacks.remove(pauses.callback)
     recs = summary.records
     return {
         "round_s": [r.wall_seconds for r in recs],
@@ -167,9 +170,27 @@ def fleetlearn_side(n: int, rounds: int, seed: int, threads: int | None = None, 
         "process_s": time.perf_counter() - t0,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "split": hashlib.sha256(data.train_order.tobytes() + data.train_offsets.tobytes()).hexdigest()[:12],
+        # Full (generation 2) garbage collections during the run, ms each: the pauses the run's
+        # frozen heap keeps short (architecture 8.10).
+        "gc_full_ms": [round(ms, 1) for gen, ms in pauses.log if gen == 2],
         # The torch threads the run trained with (engine.threads; "auto" picks them unless overridden).
         "threads": run_threads(cfg.engine.threads, coord.dim) or torch.get_num_threads(),
     }
+
+
+class gc_pauses:
+    """Records (generation, ms) of every garbage collection from now on (`gc.callbacks`)."""
+
+    def __init__(self):
+        self.log: list[tuple[int, float]] = []
+        self._t = 0.0
+        gc.callbacks.append(self.callback)
+
+    def callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t = time.perf_counter()
+        else:
+            self.log.append((info["generation"], 1e3 * (time.perf_counter() - self._t)))
 
 
 # -- Flower side (runs in the Flower venv; imports nothing from fleetlearn) --------------------
@@ -550,6 +571,8 @@ def main() -> None:
                 if fleet["split"] != digest:
                     sys.exit(f"the two sides trained on different splits ({fleet['split']} != {digest})")
                 fl_round = _mean_after_warmup(fleet["round_s"])
+                print(f"  rounds (ms): {' '.join(f'{1e3 * x:.0f}' for x in fleet['round_s'])}; full garbage collections (ms): "
+                      f"{' '.join(f'{x:.0f}' for x in fleet['gc_full_ms']) or 'none'}", flush=True)
                 busy = [f"{who} started at load {load:.2f}" for who, load in
                         ((f"Flower ({best['api']} API, num_cpus {best['cpus']})", best["load_before"]), ("fleetlearn", before)) if load >= args.max_load]
                 rows.append({
