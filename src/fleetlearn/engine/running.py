@@ -23,7 +23,7 @@ class FrozenHeap:
     and the imports' objects) is left out of Python's cyclic garbage collection
     (`gc.freeze`), and so is what survives the run's first round (the modules and kernels
     its first training imports or compiles); all of it goes back to the collector when the
-    run ends (`gc.unfreeze`).  Each full collection otherwise walks it all again: 0.16-0.19 s,
+    run ends (`gc.unfreeze`).  Each full collection otherwise walks it all again: 0.16-0.23 s,
     once every few rounds, in a 1000-client digits run whose round takes 0.18 s
     (benchmarks/vs_flower.py).  Runs that nest or overlap in one process share one freeze,
     undone by the last to finish.  A process that froze its heap itself (`gc.freeze` before
