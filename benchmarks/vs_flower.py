@@ -160,8 +160,10 @@ def fleetlearn_side(n: int, rounds: int, seed: int, threads: int | None = None, 
         data = load_federated(cfg.data, cfg.seed)
         coord = build_coordinator(cfg, data=data)
         pauses = gc_pauses()
-        summary = coord.run()
-        gc.callbacks.remove(pauses.callback)
+        try:
+            summary = coord.run()
+        finally:
+            gc.callbacks.remove(pauses.callback)
     recs = summary.records
     return {
         "round_s": [r.wall_seconds for r in recs],

@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterator
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import math
 import os
@@ -84,6 +85,7 @@ RETAINED_MAX = 1 << 30  # the most free heap a run keeps for its next round (byt
 MMAP_FROM = 32 << 20  # blocks at least this large still come from (and go back to) the kernel directly
 
 
+@functools.lru_cache(maxsize=1)
 def _glibc():
     """glibc's C library, or None (another C library, another OS)."""
     if not sys.platform.startswith("linux"):
@@ -103,9 +105,9 @@ class RetainedHeap:
     next round instead of handing it back to the kernel after every round.  A round
     allocates and frees the same memory again and again (a 1000-client digits round: 38 MB
     of payloads, as many of decoded rows, torch's intermediate tensors); returned to the
-    kernel, each round faults it all in again, page by page: encoding 1000 dense digits
-    payloads took 28 ms that way and 7.5 ms with the memory kept (benchmarks/vs_flower.py
-    rounds, architecture 8.10).  Blocks up to `MMAP_FROM` come from the heap (glibc's own
+    kernel, each round faults it all in again, page by page: a 1000-client round of
+    vs_flower.py's workload took 219 ms that way and 184 ms with the memory kept, its
+    encoding 24.9 and 16.5 ms (benchmarks/allocator.py, architecture 8.10).  Blocks up to `MMAP_FROM` come from the heap (glibc's own
     adaptive rule reaches the same bound); the run's end puts glibc's defaults (or the
     process's MALLOC_*_ environment) back and returns what is free (`malloc_trim`); glibc's
     adaptive thresholds, which any `mallopt` turns off, stay off in that process.  Only
@@ -152,9 +154,10 @@ def _env_int(name: str, default: int) -> int:
 @contextmanager
 def running(c) -> Iterator[FrozenHeap]:
     """While a run executes: its torch threads (`engine.threads`), its aggregation
-    kernels (`engine.aggregation_kernels`), its monitoring (Prometheus endpoint) and a
-    frozen heap (`FrozenHeap`, yielded: the driver calls its `round_done` after each
-    round); all are put back afterwards."""
+    kernels (`engine.aggregation_kernels`), its monitoring (Prometheus endpoint), the
+    memory its rounds free kept for the next (`RetainedHeap`) and a frozen heap
+    (`FrozenHeap`, yielded: the driver calls its `round_done` after each round); all are
+    put back afterwards."""
     threads_before = torch.get_num_threads()
     threads = run_threads(c.config.engine.threads, c.dim)
     if threads:
