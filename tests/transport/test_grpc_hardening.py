@@ -135,7 +135,10 @@ def test_the_server_refuses_an_update_bomb_before_the_coordinator_decodes_it(tok
 # -- item 8: a message over gRPC's size limit is refused without a traceback -------------------
 def test_an_oversized_message_is_refused_without_a_traceback(tokens, learner, caplog):
     caplog.set_level(logging.DEBUG)
-    with GrpcTransport(tokens=tokens, spec=learner.spec, heartbeat_interval_s=0.2, limits=Limits(chunk_bytes=1 << 16)) as t:
+    # Heartbeats every 1 s (a client is dropped after 3 s without one): the two oversized
+    # messages and the full collection below can hold this loaded process for over half a
+    # second, and a dropped client would end the round before the real update arrives.
+    with GrpcTransport(tokens=tokens, spec=learner.spec, heartbeat_interval_s=1.0, limits=Limits(chunk_bytes=1 << 16)) as t:
         c = RawClient(t.address, tokens.add("big"))
         c.register(learner.spec.digest())
         c.start_heartbeats(0.05)
