@@ -159,7 +159,7 @@ def fleetlearn_side(n: int, rounds: int, seed: int, threads: int | None = None, 
         cfg = load_config(raw)
         data = load_federated(cfg.data, cfg.seed)
         coord = build_coordinator(cfg, data=data)
-        pauses = gc_pauses()
+        pauses = GcPauses()
         try:
             summary = coord.run()
         finally:
@@ -180,7 +180,7 @@ def fleetlearn_side(n: int, rounds: int, seed: int, threads: int | None = None, 
     }
 
 
-class gc_pauses:
+class GcPauses:
     """Records (generation, ms) of every garbage collection from now on (`gc.callbacks`)."""
 
     def __init__(self):

@@ -180,13 +180,11 @@ class CanaryRollout:
         # candidate production, so `self.production` is read afresh every round.
         with self.production.running() as heap:
             t0 = time.perf_counter()
+            after_round = heap.after_rounds(on_round)
             while self.production.round < self.config.server.rounds:
                 if not clients_ready(self.production) or budget_exhausted(self.production):
                     break
-                record = self.step()
-                heap.round_done()
-                if on_round is not None:
-                    on_round(record)
+                after_round(self.step())
             return self.production.summary(time.perf_counter() - t0)
 
     # -- one round ------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """What runs around the rounds: the synchronous driver (`SyncRounds`), the checks before
 a round (clients ready, privacy budget left), and what a run sets for its duration
-(torch's intra-op threads, the monitoring endpoint)."""
+(torch's intra-op threads, the monitoring endpoint, the process's heap)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,37 @@ from ..config import AUTO_THREADS_MAX_DIM, run_threads  # noqa: F401 - run_threa
 from ..records import RoundRecord
 
 
-class FrozenHeap:
+class _OutermostRun:
+    """A process-wide setting a run makes for its duration: runs that nest or overlap in one
+    process share it, applied by the first to start (`_apply`) and undone by the last to
+    finish (`_undo`).  Each subclass keeps its own count of the runs inside it."""
+
+    _depth = 0
+    _lock = threading.Lock()
+
+    def __enter__(self):
+        cls = type(self)
+        with cls._lock:
+            if cls._depth == 0:
+                self._apply()
+            cls._depth += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        cls = type(self)
+        with cls._lock:
+            cls._depth -= 1
+            if cls._depth == 0:
+                self._undo()
+
+    def _apply(self) -> None:
+        raise NotImplementedError
+
+    def _undo(self) -> None:
+        raise NotImplementedError
+
+
+class FrozenHeap(_OutermostRun):
     """While a run executes, what the process held before it (the model, the data, torch's
     and the imports' objects) is left out of Python's cyclic garbage collection
     (`gc.freeze`), and so is what survives the run's first round (the modules and kernels
@@ -39,26 +69,19 @@ class FrozenHeap:
 
     _depth = 0
     _owned = False  # whether the outermost run froze the heap (and so unfreezes it)
-    _lock = threading.Lock()
 
     def __init__(self):
         self.rounds = 0
 
-    def __enter__(self) -> "FrozenHeap":
-        with FrozenHeap._lock:
-            if FrozenHeap._depth == 0:
-                FrozenHeap._owned = gc.get_freeze_count() == 0
-                if FrozenHeap._owned:
-                    gc.freeze()
-            FrozenHeap._depth += 1
-        return self
+    def _apply(self) -> None:
+        FrozenHeap._owned = gc.get_freeze_count() == 0
+        if FrozenHeap._owned:
+            gc.freeze()
 
-    def __exit__(self, *exc) -> None:
-        with FrozenHeap._lock:
-            FrozenHeap._depth -= 1
-            if FrozenHeap._depth == 0 and FrozenHeap._owned:
-                gc.unfreeze()
-                FrozenHeap._owned = False
+    def _undo(self) -> None:
+        if FrozenHeap._owned:
+            gc.unfreeze()
+            FrozenHeap._owned = False
 
     def round_done(self) -> None:
         """After each round: the first one's survivors are frozen too."""
@@ -100,21 +123,21 @@ def _glibc():
         return None
 
 
-class RetainedHeap:
+class RetainedHeap(_OutermostRun):
     """While a run executes, glibc's allocator keeps up to `nbytes` of freed memory for the
     next round instead of handing it back to the kernel after every round.  A round
     allocates and frees the same memory again and again (a 1000-client digits round: 38 MB
     of payloads, as many of decoded rows, torch's intermediate tensors); returned to the
     kernel, each round faults it all in again, page by page: a 1000-client round of
     vs_flower.py's workload took 219 ms that way and 184 ms with the memory kept, its
-    encoding 24.9 and 16.5 ms (benchmarks/allocator.py, architecture 8.10).  Blocks up to `MMAP_FROM` come from the heap (glibc's own
-    adaptive rule reaches the same bound); the run's end puts glibc's defaults (or the
+    encoding 24.9 and 16.5 ms (benchmarks/allocator.py, architecture 8.10).  Blocks up to
+    `MMAP_FROM` come from the heap (glibc's own adaptive rule reaches the same bound); the
+    run's end puts glibc's defaults (or the
     process's MALLOC_*_ environment) back and returns what is free (`malloc_trim`); glibc's
     adaptive thresholds, which any `mallopt` turns off, stay off in that process.  Only
     with glibc; elsewhere nothing changes.  Nested runs keep the outermost run's setting."""
 
     _depth = 0
-    _lock = threading.Lock()
 
     def __init__(self, nbytes: int):
         self.nbytes = int(min(RETAINED_MAX, max(_TRIM_DEFAULT, nbytes)))
@@ -127,21 +150,16 @@ class RetainedHeap:
         cohort = math.ceil(srv.cohort * srv.over_selection)
         return RetainedHeap(4 * cohort * 4 * int(c.dim))
 
-    def __enter__(self) -> "RetainedHeap":
-        with RetainedHeap._lock:
-            if RetainedHeap._depth == 0 and (libc := _glibc()) is not None:
-                libc.mallopt(_M_MMAP_THRESHOLD, MMAP_FROM)
-                libc.mallopt(_M_TRIM_THRESHOLD, self.nbytes)
-            RetainedHeap._depth += 1
-        return self
+    def _apply(self) -> None:
+        if (libc := _glibc()) is not None:
+            libc.mallopt(_M_MMAP_THRESHOLD, MMAP_FROM)
+            libc.mallopt(_M_TRIM_THRESHOLD, self.nbytes)
 
-    def __exit__(self, *exc) -> None:
-        with RetainedHeap._lock:
-            RetainedHeap._depth -= 1
-            if RetainedHeap._depth == 0 and (libc := _glibc()) is not None:
-                libc.mallopt(_M_MMAP_THRESHOLD, _env_int("MALLOC_MMAP_THRESHOLD_", _MMAP_DEFAULT))
-                libc.mallopt(_M_TRIM_THRESHOLD, _env_int("MALLOC_TRIM_THRESHOLD_", _TRIM_DEFAULT))
-                libc.malloc_trim(0)
+    def _undo(self) -> None:
+        if (libc := _glibc()) is not None:
+            libc.mallopt(_M_MMAP_THRESHOLD, _env_int("MALLOC_MMAP_THRESHOLD_", _MMAP_DEFAULT))
+            libc.mallopt(_M_TRIM_THRESHOLD, _env_int("MALLOC_TRIM_THRESHOLD_", _TRIM_DEFAULT))
+            libc.malloc_trim(0)
 
 
 def _env_int(name: str, default: int) -> int:
