@@ -148,3 +148,24 @@ def test_pairwise_distance_is_sampled_beyond_256_pairs_and_stays_close():
     assert small["pairwise_pairs"] == 253 and small["pairwise_exact"] is True
     sub = dist[:23, :23][np.triu_indices(23, 1)].mean()
     assert small["pairwise_distance_mean"] == pytest.approx(sub, rel=1e-12)
+
+
+@pytest.mark.parametrize("near_rows", [0, 2, 5])
+def test_rows_close_to_the_mean_or_the_step_are_measured_as_exactly_as_the_rest(near_rows):
+    # Distances come from norms and dot products except where that would cancel (a row close
+    # to the mean or to the step): those rows, or the whole matrix when they carry much of
+    # the weight, are measured directly.  Every mix stays within float32 rounding.
+    rng = np.random.default_rng(7)
+    n, d = 12, 3000
+    centre = rng.normal(size=d)
+    u = centre + rng.normal(size=(n, d)) * rng.uniform(0.5, 2.0, size=(n, 1))
+    p = rng.uniform(1, 5, size=n)
+    m = (p / p.sum()) @ u
+    u[:near_rows] = m + 1e-3 * rng.normal(size=(near_rows, d))  # within a thousandth of the mean
+    u = u.astype(np.float32)
+    u64 = u.astype(np.float64)
+    a = ((p / p.sum()) @ u64).astype(np.float32)
+    s = a * np.float32(0.999)
+    got = update_statistics(torch.from_numpy(u), torch.from_numpy(p), torch.from_numpy(a), torch.from_numpy(s))
+    ref = reference(u64, p, a.astype(np.float64), s.astype(np.float64))
+    check_against_reference(got, ref, rtol=2e-5)

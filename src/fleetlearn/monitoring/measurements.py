@@ -24,11 +24,16 @@ matrix:
   only quantity that would otherwise cost O(n^2 d);
 - global model norm ||w_new|| and step size ||w_new - w_old||.
 
-Distances are taken directly (||u_k - c|| on the difference, written into one
-reused block buffer), never through Gram identities that subtract nearly equal
-numbers.  The spread is exact for the rounding of the mean: with r_k = u_k - m'
-(m' the mean as computed) and e = sum_k p_k r_k (small, so accurate),
-sum_k p_k ||u_k - m||^2 = sum_k p_k ||r_k||^2 - ||e||^2.
+Distances come from one pass over U by blocks of rows: each row's norm and its dot
+products with a, m and s, so ||u_k - c||^2 = ||u_k||^2 - 2 <u_k, c> + ||c||^2.  That
+identity subtracts nearly equal numbers when u_k is close to c, so such rows (a squared
+distance under a tenth of ||u_k||^2 + ||c||^2) are measured directly, on the difference
+written into one reused block buffer; and so is the whole matrix when those rows carry
+more than a quarter of the weight, where the spread is also made exact for the rounding
+of the mean: with r_k = u_k - m' (m' the mean as computed) and e = sum_k p_k r_k (small,
+so accurate), sum_k p_k ||u_k - m||^2 = sum_k p_k ||r_k||^2 - ||e||^2.  Elsewhere the
+identity's rounding is within about 2e-6 of each result in float32 (measured: 15.6 ->
+8 ms for a (1000, 9610) matrix on one core).
 """
 
 from __future__ import annotations
@@ -75,26 +80,10 @@ def update_statistics(
     mean = p @ u  # one pass (its rounding is corrected below)
     a = mean if aggregate is None else torch.as_tensor(aggregate).detach().to(device=u.device, dtype=dt)
     s = a if step is None else torch.as_tensor(step).detach().to(device=u.device, dtype=dt)
-    norms = torch.empty(n, dtype=dt, device=u.device)
-    ua = torch.empty(n, dtype=dt, device=u.device)
-    sq_r = torch.empty(n, dtype=dt, device=u.device)
-    diverg = torch.empty(n, dtype=dt, device=u.device)
-    err = torch.zeros(d, dtype=dt, device=u.device)  # sum_k p_k (u_k - mean): the mean's rounding
     step_off = s - mean
     rows = block_rows(d, u.element_size())
     buf = torch.empty(min(n, rows), d, dtype=dt, device=u.device)
-    for lo in range(0, n, rows):  # one reused buffer: no (n, d) temporaries
-        blk = u[lo : lo + rows]
-        b = buf[: blk.shape[0]]
-        # Norms and dot products with the aggregate from the block while it is in cache.
-        torch.linalg.vector_norm(blk, dim=1, out=norms[lo : lo + rows])
-        torch.mv(blk, a, out=ua[lo : lo + rows])
-        torch.sub(blk, mean, out=b)
-        sq_r[lo : lo + rows] = torch.linalg.vector_norm(b, dim=1).square()
-        err.addmv_(b.T, p[lo : lo + rows])
-        b.sub_(step_off)  # u - s = (u - mean) - (s - mean), from the block still in cache
-        diverg[lo : lo + rows] = torch.linalg.vector_norm(b, dim=1)
-    trace = max(0.0, _f(p64 @ sq_r.double()) - _f(err.double().square().sum()))
+    norms, ua, sq_r, diverg, trace = _spread(u, p, p64, a, mean, s, step_off, buf)
     a_norm = torch.linalg.vector_norm(a)
     denom = norms * a_norm
     cos = torch.where(denom > 0, ua / torch.where(denom > 0, denom, 1.0), torch.full_like(ua, math.nan))
@@ -123,6 +112,93 @@ def update_statistics(
         "cosines": cos.tolist(),
         "divergences": diverg.tolist(),
     }
+
+
+_CANCEL = 0.1  # a squared distance below this fraction of ||u||^2 + ||c||^2 is taken directly
+_DOT_BYTES = 2 << 20  # rows per block of the dot products' pass: about this many bytes
+
+
+def _spread(u, p, p64, a, mean, s, step_off, buf):
+    """(norms, <u_k, a>, ||u_k - mean||^2, ||u_k - s||, the weighted spread) of the rows of `u`.
+
+    One pass over `u` by blocks of rows (`_norms_and_dots`): each block's norms and its dot
+    products with the aggregate, the mean and the step, so a squared distance is
+    ``||u||^2 - 2 <u, c> + ||c||^2``.  That subtraction loses the digits the terms share, so
+    a row whose squared distance is below `_CANCEL` of ``||u||^2 + ||c||^2`` (a row within
+    about a third of its norm from c) is measured directly (`_direct_spread`), as is the
+    whole matrix when such rows carry more than a quarter of the weight (a cohort close to
+    its mean: the spread is then also corrected for the mean's rounding).  Elsewhere the
+    identity's rounding is at most about 2e-6 of the result in float32."""
+    dt = u.dtype
+    norms, dots = _norms_and_dots(u, [a, mean, s], buf.shape[0])
+    ua, um, us = dots
+    n2 = norms.double().square()
+    m2 = float(mean.double().square().sum())
+    s2 = float(s.double().square().sum())
+    sq_r = n2 - 2.0 * um.double() + m2
+    dv2 = n2 - 2.0 * us.double() + s2
+    near = (sq_r < _CANCEL * (n2 + m2)) | (dv2 < _CANCEL * (n2 + s2))
+    if bool(near.any()):
+        if float(p64[near].sum()) > 0.25:
+            return _direct_spread(u, p, p64, a, mean, step_off, buf)
+        idx = torch.nonzero(near).flatten()
+        _, _, sq_near, dv_near, _ = _direct_spread(u.index_select(0, idx), p[idx], p64[idx], a, mean, step_off, buf)
+        sq_r[idx] = sq_near.double()
+        dv2[idx] = dv_near.double().square()
+    trace = max(0.0, _f(p64 @ sq_r))
+    return norms, ua, sq_r.clamp_min(0.0).to(dt), dv2.clamp_min(0.0).sqrt().to(dt), trace
+
+
+def _norms_and_dots(u: torch.Tensor, vecs: list, rows: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Row norms of `u` and its dot products with each of `vecs`, in one pass over `u` by
+    blocks of rows (each block read from memory once, then from cache); a vector given twice
+    (the same tensor) is multiplied once."""
+    n, d = u.shape
+    rows = max(1, min(256, _DOT_BYTES // max(1, d * u.element_size())))
+    norms = torch.empty(n, dtype=u.dtype, device=u.device)
+    distinct: list[torch.Tensor] = []
+    which: list[int] = []
+    for v in vecs:
+        j = next((i for i, w in enumerate(distinct) if w is v), None)
+        if j is None:
+            distinct.append(v)
+            j = len(distinct) - 1
+        which.append(j)
+    dots = torch.empty(len(distinct), n, dtype=u.dtype, device=u.device)
+    for lo in range(0, n, rows):
+        blk = u[lo : lo + rows]
+        torch.linalg.vector_norm(blk, dim=1, out=norms[lo : lo + rows])
+        for j, v in enumerate(distinct):
+            torch.mv(blk, v, out=dots[j, lo : lo + rows])
+    return norms, [dots[j] for j in which]
+
+
+def _direct_spread(u, p, p64, a, mean, step_off, buf):
+    """`_spread`'s quantities from the differences themselves: u_k - mean written into one
+    reused block buffer (no (n, d) temporaries), its norm, then u_k - s = (u_k - mean) -
+    (s - mean) from the block still in cache.  The spread is exact for the rounding of the
+    mean: with r_k = u_k - mean (the mean as computed) and e = sum_k p_k r_k (small, so
+    accurate), sum_k p_k ||u_k - m||^2 = sum_k p_k ||r_k||^2 - ||e||^2."""
+    n, d = u.shape
+    dt = u.dtype
+    norms = torch.empty(n, dtype=dt, device=u.device)
+    ua = torch.empty(n, dtype=dt, device=u.device)
+    sq_r = torch.empty(n, dtype=dt, device=u.device)
+    diverg = torch.empty(n, dtype=dt, device=u.device)
+    err = torch.zeros(d, dtype=dt, device=u.device)  # sum_k p_k (u_k - mean): the mean's rounding
+    rows = buf.shape[0]
+    for lo in range(0, n, rows):
+        blk = u[lo : lo + rows]
+        b = buf[: blk.shape[0]]
+        torch.linalg.vector_norm(blk, dim=1, out=norms[lo : lo + rows])
+        torch.mv(blk, a, out=ua[lo : lo + rows])
+        torch.sub(blk, mean, out=b)
+        sq_r[lo : lo + rows] = torch.linalg.vector_norm(b, dim=1).square()
+        err.addmv_(b.T, p[lo : lo + rows])
+        b.sub_(step_off)
+        diverg[lo : lo + rows] = torch.linalg.vector_norm(b, dim=1)
+    trace = max(0.0, _f(p64 @ sq_r.double()) - _f(err.double().square().sum()))
+    return norms, ua, sq_r, diverg, trace
 
 
 _BLOCK_BYTES = 512 << 10  # the reused block buffer of update_statistics: small enough to stay in a core's L2 cache
