@@ -23,6 +23,7 @@ from fleetlearn.compression import CodecChain, parse_chain
 from fleetlearn.config import load_config
 from fleetlearn.engine import build_coordinator
 from fleetlearn.engine.intake import Intake, UpdateDecoder, client_record, stacked
+from fleetlearn.learners import CohortData, cohort_rows, cohort_sizes
 from fleetlearn.messages import ClientMetrics, Update
 from fleetlearn.ops import StoreError
 from fleetlearn.transport.simulation import client_seed, client_seeds
@@ -213,11 +214,23 @@ def test_cohort_seeds_and_data_are_the_per_client_ones():
     c = build_coordinator(load_config({**SMALL, "data": {"clients": 30, "local_test_fraction": 0.2}}), store=False)
     t = c.transport
     ids = [3, 0, 29, 7, 7]
-    for got, cid in zip(t.cohort_data(ids), ids):
+    cohort = t.cohort_data(ids)
+    assert len(cohort) == 5
+    for got, cid in zip(cohort, ids):
         want = t.client_data(cid)
         for a, b in ((got.x, want.x), (got.y, want.y), (got.x_test, want.x_test), (got.y_test, want.y_test)):
             assert torch.equal(a, b)
-    assert t.cohort_data([]) == []
+    # A slice is the cohort of those clients; the whole tensors are every client's rows in order.
+    part = cohort[1:4]
+    assert isinstance(part, CohortData) and len(part) == 3
+    for got, cid in zip(part, ids[1:4]):
+        assert torch.equal(got.x, t.client_data(cid).x) and torch.equal(got.y_test, t.client_data(cid).y_test)
+    assert torch.equal(cohort_rows(part, "y"), torch.cat([t.client_data(c).y for c in ids[1:4]]))
+    assert cohort_sizes(part).tolist() == [t.client_data(c).num_examples for c in ids[1:4]]
+    assert torch.equal(cohort[-1].x, t.client_data(7).x)
+    with pytest.raises(IndexError):
+        cohort[5]
+    assert len(t.cohort_data([])) == 0
 
 
 def test_the_training_losses_come_from_the_training_pass():

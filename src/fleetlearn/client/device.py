@@ -97,7 +97,7 @@ class Trained:
 
     clients: list[int]
     results: list[FitResult]
-    own: list[ClientData]  # each client's own data (its claim and its label histogram)
+    own: Sequence[ClientData]  # each client's own data (its claim and its label histogram)
     added: list[int]  # examples oversampling added per client (0: none)
 
 
@@ -155,7 +155,10 @@ class Device:
             kwargs["clients"] = clients
         if self.attack is not None:  # a red-team device trains on poisoned data (label_flip), as a simulated attacker
             data = [self.attack.poison_data(cid, d, task.round) for cid, d in zip(clients, data)]
-        trained_on = [self.oversampled(d, task, c) for c, d in zip(clients, data)]
+        if task.spec.get(OversampleEntry) is None:
+            trained_on = data  # as given (a simulated cohort's CohortData stays whole)
+        else:
+            trained_on = [self.oversampled(d, task, c) for c, d in zip(clients, data)]
         # SCAFFOLD: each client corrects its gradients by c - c_i (its own c_i, from `states`).
         c = self.receive_control(task)
         if c is not None and c.numel() != params.numel():
@@ -167,12 +170,12 @@ class Device:
             results = self.learner.fit_cohort(params, trained_on, hp, list(seeds), corrections=corrections, step_limits=limits, **kwargs)
         else:  # global training plus each client's personal step (its state: personal_states)
             results = self.personalization.fit_cohort(self.learner, params, clients, trained_on, hp, list(seeds), self.personal_states, limits)
-        results, added = self.claimed_counts(results, trained_on, list(data))
+        results, added = self.claimed_counts(results, trained_on, data)
         if c is not None:
             self.update_controls(clients, c, c_i, results, hp)
         if self.attack is not None:  # ... and sends its attacked update (its own row only, never colluding)
             results, _ = self.attack.apply_results(clients, list(results), task.round)
-        return Trained(clients, list(results), list(data), added)
+        return Trained(clients, list(results), data, added)
 
     def encode(self, task: Task, trained: Trained, levels: Sequence[int | None] | None = None, secure: bool = False) -> list[Update | Dropout]:
         """Each trained client's Update (`levels`: its adaptive rung, None for the run's
@@ -200,10 +203,11 @@ class Device:
                 for i, e in zip(rows, done):
                     encoded[i] = e
         out: list[Update | Dropout] = []
-        for i, (cid, result, own, added) in enumerate(zip(trained.clients, trained.results, trained.own, trained.added)):
+        own = trained.own if task.spec.get(LabelHistogramEntry) is not None else None  # the labels only count there
+        for i, (cid, result, added) in enumerate(zip(trained.clients, trained.results, trained.added)):
             try:
-                out.append(self.reply(cid, task, result, lv[i], labels=own.y, oversampled=added, secure=secure,
-                                      prepared=prepared[i], encoded=encoded[i]))
+                out.append(self.reply(cid, task, result, lv[i], labels=None if own is None else own[i].y, oversampled=added,
+                                      secure=secure, prepared=prepared[i], encoded=encoded[i]))
             except ValueError as exc:
                 out.append(Dropout(cid, task.round, f"client error: {exc}", task.nbytes))
         return out
@@ -281,10 +285,12 @@ class Device:
         return ClientData(torch.from_numpy(x), torch.from_numpy(y), data.x_test, data.y_test)
 
     @staticmethod
-    def claimed_counts(results: list[FitResult], trained: list, own: list) -> tuple[list[FitResult], list[int]]:
+    def claimed_counts(results: list[FitResult], trained: Sequence, own: Sequence) -> tuple[list[FitResult], list[int]]:
         """Oversampled copies change what a client trains on, not the count it claims: each
         result's ``num_examples`` goes back to the client's own data.  Returns the results
         and the examples each client added."""
+        if trained is own:  # nothing oversampled
+            return results, [0] * len(results)
         added = [t.num_examples - o.num_examples for t, o in zip(trained, own)]
         if any(added):
             results = [dataclasses.replace(r, num_examples=o.num_examples) if a else r for r, o, a in zip(results, own, added)]

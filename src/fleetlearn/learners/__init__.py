@@ -1,11 +1,14 @@
 """Learners: the code a client runs.  `TorchLearner` wraps any `torch.nn.Module`."""
 
-from .base import ClientData, FitConfig, FitResult, Learner, SingleClientLearner
+from .base import ClientData, CohortData, FitConfig, FitResult, Learner, SingleClientLearner, cohort_rows, cohort_sizes
 from .models import import_object, logistic, mlp, model_factory
 from .torch_learner import TorchLearner, batch_schedule
 
 __all__ = [
     "ClientData",
+    "CohortData",
+    "cohort_rows",
+    "cohort_sizes",
     "FitConfig",
     "FitResult",
     "Learner",

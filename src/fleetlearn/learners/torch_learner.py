@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
 from ..params import ParamSpec
-from .base import ClientData, FitConfig, FitResult
+from .base import ClientData, FitConfig, FitResult, cohort_rows, cohort_sizes
 
 log = logging.getLogger(__name__)
 
@@ -138,51 +138,6 @@ def batch_schedule(n: int, hp: FitConfig, seed: int, max_steps: int | None = Non
     index, mask, _ = batch_indices([n], hp, [seed], [max_steps])
     ks = mask[0].sum(-1).to(torch.int64).tolist()
     return [index[0, s, :k] for s, k in enumerate(ks) if k > 0]
-
-
-def rows_of(parts: list[torch.Tensor]) -> torch.Tensor:
-    """`torch.cat(parts)`, without the copy when the parts are consecutive views of one
-    contiguous tensor in order (a cohort's data gathered at once: the simulation's)."""
-    if not parts:
-        raise ValueError("no tensors to concatenate")
-    whole = _consecutive_views(parts)
-    if whole is not None:
-        return whole
-    full = [t for t in parts if t.numel()]  # an empty part adds nothing (and has no address)
-    first = full[0] if full else parts[0]
-    base = first._base
-    if full and base is not None and base.is_contiguous() and first.is_contiguous() and first.dim() == base.dim() >= 1:
-        row = (base.stride(0) if base.dim() > 1 else 1) * base.element_size()
-        ptr, total = first.data_ptr(), 0
-        for t in full:
-            if t._base is not base or not t.is_contiguous() or t.data_ptr() != ptr + total * row or t.shape[1:] != base.shape[1:]:
-                break
-            total += t.shape[0]
-        else:
-            if all(t.shape[1:] == base.shape[1:] and t.dtype == base.dtype for t in parts):
-                start = (ptr - base.data_ptr()) // row
-                return base[start : start + total]
-    return torch.cat(parts)
-
-
-def _consecutive_views(parts: list[torch.Tensor]) -> torch.Tensor | None:
-    """`rows_of`'s common case in one lean pass: every part a view of one contiguous base, of
-    its dtype and trailing shape, each starting where the one before ends (a cohort's data
-    gathered at once and split); that base's rows, else None (`rows_of` then looks closer)."""
-    first = parts[0]
-    base = first._base
-    if base is None or base.dim() < 1 or not base.is_contiguous():
-        return None
-    bshape, dtype = base.shape[1:], base.dtype
-    row = (base.stride(0) if base.dim() > 1 else 1) * base.element_size()
-    ptr = first.data_ptr()
-    for t in parts:
-        if t._base is not base or t.dtype != dtype or t.data_ptr() != ptr or t.shape[1:] != bshape:
-            return None
-        ptr += t.shape[0] * row
-    start = (first.data_ptr() - base.data_ptr()) // row
-    total = (ptr - first.data_ptr()) // row
-    return base[start : start + total]
 
 
 def training_losses(losses: torch.Tensor, mask: torch.Tensor, epoch: np.ndarray) -> tuple[list[float], list[float]]:
@@ -440,10 +395,10 @@ class TorchLearner:
         start = params.detach().to(torch.float32)
         start = start.expand(n, -1) if start.dim() == 1 else start
         center = start if anchor is None else anchor.detach().to(torch.float32)
-        sizes = np.fromiter((c.num_examples for c in cohort), dtype=np.int64, count=n)
+        sizes = cohort_sizes(cohort)
         offsets = np.concatenate([[0], np.cumsum(sizes)])
-        x_all = rows_of([c.x for c in cohort])
-        y_all = rows_of([c.y for c in cohort])
+        x_all = cohort_rows(cohort, "x")
+        y_all = cohort_rows(cohort, "y")
         # (n, steps, b) rows of x_all (padding points at the client's first row, masked out).
         index_t, mask_t, epoch = batch_indices(sizes, hp, seeds, limits)
         index_t = index_t + torch.from_numpy(offsets[:-1])[:, None, None]
@@ -500,22 +455,24 @@ class TorchLearner:
         deltas = torch.empty(n, self.spec.dim, dtype=start.dtype)
         for (k, out), begin in zip(self.spec.split(deltas).items(), self.spec.split(start).values()):
             torch.sub(views[k], begin, out=out)
-        xt_sizes = [int(c.y_test.shape[0]) for c in cohort]
+        xt_sizes = cohort_sizes(cohort, test=True).tolist()
         if any(xt_sizes):
-            acc = self._cohort_accuracy(start + deltas, rows_of([c.x_test for c in cohort]), rows_of([c.y_test for c in cohort]), xt_sizes)
+            acc = self._cohort_accuracy(start + deltas, cohort_rows(cohort, "x_test"), cohort_rows(cohort, "y_test"), xt_sizes)
         else:  # no client has a local test split: nothing to evaluate
             acc = [math.nan] * n
         elapsed = (time.perf_counter() - t0) / n
         samples = mask_t.sum((1, 2)).to(torch.int64).tolist()
         n_steps = (epoch >= 0).sum(1).tolist()
+        size_list = sizes.tolist()
+        rows_out = deltas.unbind(0)
         return [
             FitResult(
-                delta=deltas[c],
-                num_examples=int(sizes[c]),
+                delta=rows_out[c],
+                num_examples=size_list[c],
                 loss_before=loss_before[c],
                 loss_after=loss_after[c],
                 accuracy=acc[c],
-                steps=int(n_steps[c]) if sizes[c] else 0,
+                steps=int(n_steps[c]) if size_list[c] else 0,
                 samples=samples[c],
                 compute_seconds=elapsed,
             )
@@ -529,9 +486,9 @@ class TorchLearner:
             return np.zeros(0)
         p = params.detach().to(torch.float32)
         p = p.expand(len(cohort), -1) if p.dim() == 1 else p
-        sizes = [int(c.y_test.shape[0]) for c in cohort]
-        x = torch.cat([c.x_test for c in cohort])
-        y = torch.cat([c.y_test for c in cohort])
+        sizes = cohort_sizes(cohort, test=True).tolist()
+        x = cohort_rows(cohort, "x_test")
+        y = cohort_rows(cohort, "y_test")
         try:
             return np.asarray(self._cohort_accuracy(p, x, y, sizes))
         except (RuntimeError, NotImplementedError, ValueError):  # a module vmap cannot batch

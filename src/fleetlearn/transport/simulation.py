@@ -22,7 +22,7 @@ import torch
 from ..client import Device, Trained
 from ..data import FederatedData
 from ..devices import Fleet
-from ..learners.base import ClientData, FitConfig, Learner
+from ..learners.base import ClientData, CohortData, FitConfig, Learner
 from ..messages import Dropout, Task
 from ..task_spec import AdaptiveEntry
 from .base import Reply, TransportBase
@@ -121,12 +121,14 @@ class SimulationTransport(TransportBase):
         plan = policy.plan_task(entry, self.fleet.uplink_mbps[c], self.fleet.latency_s[c], before)
         return [None] * len(train) if plan is None else [int(v) for v in plan.levels]
 
-    def cohort_data(self, clients) -> list[ClientData]:
-        """`client_data` of many clients, gathered with one index operation per array."""
+    def cohort_data(self, clients) -> CohortData:
+        """`client_data` of many clients, gathered with one index operation per array: the
+        cohort's rows in cohort order, each client's `ClientData` a view made when asked for
+        (a learner that trains the cohort at once reads the gathered tensors whole)."""
         clients = np.asarray(clients, dtype=np.int64).reshape(-1)
         d = self.data
-        out_tr, out_te = [], []
-        for order, offsets, out in ((d.train_order, d.train_offsets, out_tr), (d.test_order, d.test_offsets, out_te)):
+        parts = []
+        for order, offsets in ((d.train_order, d.train_offsets), (d.test_order, d.test_offsets)):
             lo, hi = offsets[clients], offsets[clients + 1]
             sizes = hi - lo
             ends = np.cumsum(sizes)
@@ -134,11 +136,9 @@ class SimulationTransport(TransportBase):
             # Positions in `order` of every client's rows, concatenated in cohort order.
             pos = np.arange(int(ends[-1]) if len(ends) else 0, dtype=np.int64) - np.repeat(starts - lo, sizes)
             rows = torch.from_numpy(order[pos])
-            split = sizes.tolist()
-            # One gather, then each client's rows as consecutive views (a learner that trains the
-            # cohort at once takes the gathered tensor back whole: `learners.torch_learner.rows_of`).
-            out.extend(zip(d.x[rows].split(split), d.y[rows].split(split)))
-        return [ClientData(xt, yt, xe, ye) for (xt, yt), (xe, ye) in zip(out_tr, out_te)]
+            parts.append((d.x[rows], d.y[rows], sizes))
+        (x, y, sizes), (xt, yt, test_sizes) = parts
+        return CohortData(x, y, xt, yt, sizes, test_sizes)
 
     def _train(self, task: Task, clients: np.ndarray, seeds: list[int], limits: list[int | None]) -> Trained:
         """The cohort's local training on the device (the Ray backend trains on its workers)."""
