@@ -295,6 +295,13 @@ def test_a_nan_row_is_refused_by_the_batched_finite_check_or_by_the_decoder_with
     recs = [client_record(m, 0.0) for m in msgs]
     bare.accept_many(msgs, recs, _ctx())
     assert recs[1].status == "rejected" and recs[1].reason.startswith("payload:") and "non-finite" in recs[1].reason
+    # The batched check reads the row norms the intake measured: a finite row whose float32 norm
+    # overflows (values near 1e38) is judged exactly, and accepted; a NaN one is still refused.
+    big = [_update(2, _payload([3e38] * DIM)), _update(4, _nan_payload(1))]
+    recs = [client_record(m, 0.0) for m in big]
+    Intake(UpdateDecoder(CodecChain(), DIM), [v for v in build_validators() if v.name == "finite"]).accept_many(big, recs, _ctx())
+    assert recs[0].status == "accepted" and recs[0].update_norm == math.inf
+    assert recs[1].status == "rejected" and recs[1].reason.startswith("finite:")
 
 
 def test_decode_many_gives_each_payload_the_outcome_of_decode_into():

@@ -98,13 +98,14 @@ class UpdateDecoder:
         size = wire.OVERHEAD + 4 * dim
         body = wire.HEADER.size
         rows = matrix.numpy() if fast else None
+        views = matrix.unbind(0) if fast else ()  # every row's tensor at once, not one indexing call each
         check = wire.CHECKSUMS[wire.VERSION][1]
         for msg, slot in zip(msgs, slots):
             p = msg.payload
             if (fast and type(p) is bytes and len(p) == size and p.startswith(head)
                     and check(memoryview(p)[: size - 4]) == int.from_bytes(p[size - 4 :], "little")):
                 rows[slot] = np.frombuffer(p, dtype="<f4", count=dim, offset=body)
-                vecs.append(matrix[slot])
+                vecs.append(views[slot])
                 reasons.append(None)
                 continue
             vec, reason = None, None
@@ -320,8 +321,15 @@ class Intake:
         base, row_bytes = matrix.data_ptr(), matrix.stride(0) * matrix.element_size()
         in_row = [v is not None and v.data_ptr() == base + s * row_bytes for v, s in zip(vecs, slots.tolist())]
         rows_order = [msgs[i] for i in np.argsort(slots, kind="stable")]  # the updates by row
-        batched = {id(v): v.check_rows(rows_order, matrix, ctx) for v in self.validators if hasattr(v, "check_rows")}
-        norms = torch.linalg.vector_norm(matrix, dim=1).tolist() if self.decoder.measures_norm else None
+        # Each row's norm, measured once: the clients' records, and a hint the validators may
+        # read (`ValidationContext.row_norms`: the finite check needs no pass of its own).
+        row_norms = torch.linalg.vector_norm(matrix, dim=1)
+        ctx.row_norms = row_norms
+        try:
+            batched = {id(v): v.check_rows(rows_order, matrix, ctx) for v in self.validators if hasattr(v, "check_rows")}
+        finally:
+            ctx.row_norms = None
+        norms = row_norms.tolist() if self.decoder.measures_norm else None
         out: list[torch.Tensor | None] = []
         taken = 0
         for i, (msg, rec) in enumerate(zip(msgs, recs)):

@@ -31,6 +31,9 @@ class ValidationContext:
     version: int  # the model version of this round's task
     dim: int
     seen: set[int] = field(default_factory=set)  # clients already accepted this round
+    # During a batch's `check_rows`: the float32 L2 norm of each row of its matrix, when the
+    # intake measured them (None otherwise); a hint a validator may use instead of a pass of its own.
+    row_norms: torch.Tensor | None = None
 
 
 class RoundValidator:
@@ -90,9 +93,14 @@ class FiniteValidator:
     name = "finite"
 
     def check_rows(self, updates: Sequence[Update], rows: torch.Tensor, ctx: ValidationContext) -> list[str | None]:
-        # A row's sum is NaN or inf when the row holds one (it may also overflow for finite
-        # values: such rows get `check`'s exact verdict, as flagged rows do).
-        ok = torch.isfinite(rows.sum(dim=1)).tolist() if rows.numel() else [True] * rows.shape[0]
+        # A row's sum (or its norm, when the intake measured it) is NaN or inf when the row holds
+        # one (it may also overflow for finite values: such rows get `check`'s exact verdict, as
+        # flagged rows do).
+        hint = ctx.row_norms
+        if hint is not None and tuple(hint.shape) == (rows.shape[0],):
+            ok = torch.isfinite(hint).tolist()
+        else:
+            ok = torch.isfinite(rows.sum(dim=1)).tolist() if rows.numel() else [True] * rows.shape[0]
         return [None if good else self.check(u, rows[i], ctx) for i, (u, good) in enumerate(zip(updates, ok))]
 
     def check(self, update: Update, vec: torch.Tensor | None, ctx: ValidationContext) -> str | None:
