@@ -228,9 +228,13 @@ def rows_finite(vecs: list[torch.Tensor]) -> list[bool]:
     row's sum is NaN or inf when the row holds one (it may also overflow for finite values:
     such a row is False here, and `encode` judges it exactly).  All False when `vecs` are
     not rows of matrices (`_row_runs`: each is then checked by `encode`)."""
-    runs = _row_runs(vecs)
+    return _runs_finite(_row_runs(vecs), len(vecs))
+
+
+def _runs_finite(runs: list[tuple[int, int, torch.Tensor]] | None, n: int) -> list[bool]:
+    """`rows_finite` of `n` vectors from their `_row_runs`."""
     if runs is None:
-        return [False] * len(vecs)
+        return [False] * n
     ok: list[bool] = []
     for _, _, m in runs:
         ok.extend(torch.isfinite(m.sum(dim=1)).tolist() if m.numel() else [True] * m.shape[0])
@@ -321,17 +325,17 @@ class CodecChain:
         per vector; a cohort's vectors that are rows of one matrix are checked for NaN / inf
         in one pass (`rows_finite`), and a plain chain writes them without a per-vector
         pipeline (`wire.assemble_dense`)."""
-        ok = rows_finite(vecs)
+        runs = _row_runs(vecs)
+        ok = _runs_finite(runs, len(vecs))
         out: list[tuple[bytes, State | None] | ValueError] = []
-        if self.plain and _LITTLE and all(ok):
-            head = None
-            for v, st in zip(vecs, states):
-                if head is None or v.shape[0] != d:
-                    d = int(v.shape[0])
-                    if d > wire.MAX_DIM:
-                        raise ValueError(f"vector of {d} entries; a payload holds at most {wire.MAX_DIM}")
-                    head = wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.SUPPORT_DENSE, wire.VALUE_F32, d)
-                out.append((wire.assemble_dense(head, v.detach().numpy()), st))
+        if self.plain and _LITTLE and runs is not None and all(ok):  # (every row finite implies runs)
+            for lo, hi, m in runs:  # each run's rows as numpy views of one array: no per-row tensor call
+                d = int(m.shape[1])
+                if d > wire.MAX_DIM:
+                    raise ValueError(f"vector of {d} entries; a payload holds at most {wire.MAX_DIM}")
+                head = wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.SUPPORT_DENSE, wire.VALUE_F32, d)
+                arr = m.detach().numpy()
+                out.extend((wire.assemble_dense(head, arr[i]), st) for i, st in zip(range(hi - lo), states[lo:hi]))
             return out
         for v, st, good in zip(vecs, states, ok):
             try:
