@@ -29,6 +29,24 @@ def test_rounds_and_checkpoints_round_trip(tmp_path):
     assert again.info()["rounds_done"] == 2
 
 
+def test_a_record_reads_back_as_written_whatever_json_serializer_wrote_it(tmp_path):
+    # The JSON columns are written by orjson, with the json module for what orjson refuses
+    # (a 70-bit integer here): both read back the same values.
+    s = _store(tmp_path)
+    clients = [ClientRecord(c, "accepted", loss_before=math.inf if c == 2 else 0.25 * c, weight=1.0) for c in range(3)]
+    rec = RoundRecord(round=1, version=1, accuracy=0.1 + 0.2, loss=-math.inf, clients=clients)
+    rec.extra["by_id"] = {3: "three", "x": [1.5, None, True]}
+    s.commit_round(rec)
+    big = RoundRecord(round=2, version=2, accuracy=0.5, clients=clients)
+    big.extra["seed"] = 2**70
+    s.commit_round(big)
+    got = RunStore.open(s.run_id, tmp_path).records()
+    assert got[0].accuracy == 0.1 + 0.2 and got[0].loss == -math.inf  # every digit of the float
+    assert got[0].extra["by_id"] == {"3": "three", "x": [1.5, None, True]}  # keys become strings, as JSON has them
+    assert [c.loss_before for c in got[0].clients] == [0.0, 0.25, math.inf]
+    assert got[1].extra["seed"] == 2**70
+
+
 def test_a_corrupted_checkpoint_is_detected(tmp_path):
     s = _store(tmp_path)
     s.commit_round(RoundRecord(round=1, version=1), torch.zeros(10))
