@@ -138,9 +138,18 @@ def test_config_refuses_an_unknown_mode():
 
 
 def test_compiled_steps_train_in_cache_sized_groups():
-    # The 64-128-10 MLP (9,610 parameters): 8 MiB groups of 218 clients eager; compiled
-    # steps are fastest with a group's parameters in the last-level cache (4 MiB: 109).
+    # The 64-128-10 MLP (9,610 parameters; its largest tensor 128 x 64): eager groups as large
+    # as keeps one parameter's (clients, 128, 64) tensor under glibc's 32 MiB heap blocks
+    # (1,023 clients); compiled steps are fastest with a group's parameters in the last-level
+    # cache (4 MiB: 109).
     learner = TorchLearner(functools.partial(mlp, 64, 10, [128]))
-    assert learner.group_size() == (8 << 20) // (4 * 9610) == 218
+    assert learner.group_size() == ((32 << 20) - 1) // (4 * 128 * 64) == 1023
     learner.kernels = "compiled"
     assert learner.group_size() == (4 << 20) // (4 * 9610) == 109
+    # A model of many tensors: its groups' parameters all together stay within 64 MiB.
+    wide = TorchLearner(functools.partial(mlp, 64, 10, [256] * 12))
+    d = wide.spec.dim
+    assert max(wide.spec.sizes) == 256 * 256 and wide.group_size() == max(32, (64 << 20) // (4 * d)) < ((32 << 20) - 1) // (4 * 256 * 256)
+    # A model whose largest tensor alone is large: at least MIN_GROUP clients.
+    big = TorchLearner(functools.partial(mlp, 784, 10, [2048]))
+    assert big.group_size() == 32

@@ -28,11 +28,18 @@ from .base import ClientData, FitConfig, FitResult, cohort_rows, cohort_sizes
 log = logging.getLogger(__name__)
 
 EVAL_CHUNK = 8192  # examples per forward pass when evaluating
-# A cohort trains in groups whose (clients, d) float32 matrices stay near this size: a larger
-# matrix is a fresh mmap of the C allocator for every temporary (glibc's threshold is at most
-# 32 MiB), and its page faults cost more than the group's arithmetic (about 2.5x at 1,000
-# clients of the 64-128-10 MLP: benchmarks/overhead.py).
-GROUP_BYTES = 8 << 20
+# A cohort trains in eager groups as large as two bounds allow.  TENSOR_BYTES: one
+# parameter's (clients, *shape) float32 tensor (and so each of its per-step temporaries)
+# stays under glibc's largest heap block, 32 MiB, the mmap threshold a run sets
+# (engine/running.py, RetainedHeap): a larger temporary would be a fresh mmap, with its page
+# faults, at every step (about 2.5x the group's arithmetic, measured before the run kept its
+# heap).  GROUP_BYTES: a group's parameters all together, so a model of many tensors keeps its
+# groups' memory bounded.  Fewer groups mean fewer batched calls, each with ~1 ms of Python
+# and dispatch: 1,000 clients of the 64-128-10 MLP (largest tensor 32 KiB a client) train as
+# one group instead of five of 218 (the 8 MiB budget before), and the round takes 129-134 ms
+# instead of 149-153 (vs_flower.py's workload, one thread; BENCHMARKS.md, issue 19).
+TENSOR_BYTES = 32 << 20
+GROUP_BYTES = 64 << 20
 # A compiled step (training_kernels = "compiled") makes a few passes over a group's
 # parameters instead of many, and is fastest when they stay in the last-level cache:
 # ~100 clients of the 64-128-10 MLP (33 us a client for 5 steps, against 50 us in groups
@@ -138,6 +145,16 @@ def batch_schedule(n: int, hp: FitConfig, seed: int, max_steps: int | None = Non
     index, mask, _ = batch_indices([n], hp, [seed], [max_steps])
     ks = mask[0].sum(-1).to(torch.int64).tolist()
     return [index[0, s, :k] for s, k in enumerate(ks) if k > 0]
+
+
+def _empty_rows(n: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+    """`torch.empty(n, d)`; a float32 matrix of 1 MiB or more comes from numpy, which asks the
+    kernel for transparent huge pages (madvise): the cohort's deltas (38 MB at 1,000 clients
+    of a 10k-parameter model, above glibc's 32 MiB heap blocks: a fresh mapping every round)
+    are then faulted in 2 MiB at a time instead of 4 KiB."""
+    if dtype == torch.float32 and 4 * n * d >= 1 << 20:
+        return torch.from_numpy(np.empty((n, d), dtype=np.float32))
+    return torch.empty(n, d, dtype=dtype)
 
 
 def training_losses(losses: torch.Tensor, mask: torch.Tensor, epoch: np.ndarray) -> tuple[list[float], list[float]]:
@@ -339,8 +356,12 @@ class TorchLearner:
         """Clients trained as one batched computation: `max_group`, less for a large model
         (`GROUP_BYTES` of parameters per group, `COMPILED_GROUP_BYTES` with compiled steps;
         at least `MIN_GROUP` clients)."""
-        budget = COMPILED_GROUP_BYTES if self.kernels == "compiled" else GROUP_BYTES
-        return max(1, min(self.max_group, max(MIN_GROUP, budget // (4 * max(1, self.spec.dim)))))
+        if self.kernels == "compiled":
+            fits = COMPILED_GROUP_BYTES // (4 * max(1, self.spec.dim))
+        else:
+            largest = max(self.spec.sizes, default=1)
+            fits = min(GROUP_BYTES // (4 * max(1, self.spec.dim)), (TENSOR_BYTES - 1) // (4 * max(1, largest)))
+        return max(1, min(self.max_group, max(MIN_GROUP, fits)))
 
     def _masked_loss(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # Differentiated with respect to the per-tensor views, not the flat vector: the flat
@@ -452,7 +473,7 @@ class TorchLearner:
                 pk.addcmul_(act.view(shape), gk, value=-hp.lr)  # in place: no (n, d) temporary per step
         loss_before, loss_after = training_losses(losses, mask_t, epoch)
         # The (n, d) deltas in the spec's order, written in one pass from the per-tensor matrices.
-        deltas = torch.empty(n, self.spec.dim, dtype=start.dtype)
+        deltas = _empty_rows(n, self.spec.dim, start.dtype)
         for (k, out), begin in zip(self.spec.split(deltas).items(), self.spec.split(start).values()):
             torch.sub(views[k], begin, out=out)
         xt_sizes = cohort_sizes(cohort, test=True).tolist()
