@@ -10,7 +10,6 @@ Modes (each one part undone in the shipped code, by patching it in that process 
 - `shipped`: as is;
 - `groups`: eager training in groups of at most 8 MiB of parameters (218 clients of the
   digits MLP; `TorchLearner.group_size` before `TENSOR_BYTES`);
-- `no-pool`: the intake's matrix is new memory every round (`MatrixPool` keeps nothing);
 - `direct-measure`: the debug measurements take every distance on the differences (the
   path `_spread` keeps for rows that would cancel);
 - `cohort-list`: the simulation hands the device a list of per-client views (every
@@ -36,22 +35,18 @@ import tempfile
 from pathlib import Path
 
 PHASES = ("round", "train", "encode", "intake", "measure")
-MODES = ("shipped", "groups", "no-pool", "direct-measure", "cohort-list", "json", "all-old")
+MODES = ("shipped", "groups", "direct-measure", "cohort-list", "json", "all-old")
 
 
 def undo(mode: str) -> None:
     """Put the parts `mode` names back as they were (in this process)."""
     import math
 
-    parts = {"groups", "no-pool", "direct-measure", "cohort-list", "json"} if mode == "all-old" else {mode}
+    parts = {"groups", "direct-measure", "cohort-list", "json"} if mode == "all-old" else {mode}
     if "groups" in parts:
         import fleetlearn.learners.torch_learner as tl
 
         tl.GROUP_BYTES, tl.TENSOR_BYTES = 8 << 20, 1 << 62
-    if "no-pool" in parts:
-        from fleetlearn.engine.intake import MatrixPool
-
-        MatrixPool.KEEP = 0
     if "direct-measure" in parts:
         import fleetlearn.monitoring.measurements as m
 

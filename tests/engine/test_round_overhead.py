@@ -108,31 +108,6 @@ def test_accepted_rows_in_client_order_are_the_batch_matrix_itself():
     assert torch.equal(other, torch.tensor([[7.0] * DIM, [2.0] * DIM]))
 
 
-def test_a_kept_batch_is_never_overwritten_by_a_later_one_and_a_released_buffer_is_reused():
-    # The intake decodes into pooled buffers (MatrixPool): a buffer is handed out again only
-    # when nothing holds a tensor made from it, so updates kept across rounds (FedBuff's
-    # buffer, the Coordinator's last_updates) stay what they were.
-    dim, k = 4096, 80  # above the pool's 1 MiB floor
-    intake = Intake(UpdateDecoder(CodecChain(), dim), build_validators())
-
-    def batch(value, round=2):
-        msgs = [_update(c, _payload([value + c] * dim), round=round) for c in range(k)]
-        ctx = ValidationContext(round=round, version=1, dim=dim)
-        return intake.accept_many(msgs, [client_record(m, 0.0) for m in msgs], ctx)
-
-    kept = stacked(batch(1.0))  # the batch matrix itself, held
-    first_ptr = kept.data_ptr()
-    row = batch(100.0)[3]  # a second buffer; one row of it is held
-    third = stacked(batch(500.0, round=3))
-    assert len({first_ptr, row.data_ptr() - 3 * 4 * dim, third.data_ptr()}) == 3  # every held buffer is its own
-    assert torch.equal(kept, torch.arange(1.0, k + 1.0)[:, None].expand(k, dim))
-    assert bool((row == 103.0).all())
-    del kept
-    again = stacked(batch(7.0, round=4))
-    assert again.data_ptr() == first_ptr  # released: reused, not allocated again
-    assert bool((row == 103.0).all()) and bool((third[0] == 500.0).all())
-
-
 def test_over_selection_marks_the_rest_not_needed_as_before():
     cfg = load_config({**SMALL, "server": {"rounds": 1, "cohort": 4, "over_selection": 1.5}})
     rec = build_coordinator(cfg, store=False).run_round()

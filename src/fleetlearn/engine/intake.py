@@ -26,7 +26,6 @@ record says), `open_round(task)`, `claims(client_id)` and `take(update, vec, rea
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -226,56 +225,10 @@ def client_record(u: Update, elapsed: float) -> ClientRecord:
     )
 
 
-class MatrixPool:
-    """The (k, d) float32 matrices a batch of updates is decoded into, reused across rounds.
-
-    A fresh 1,000-client matrix of a 10k-parameter model (38 MB) is new memory every round:
-    the kernel zeroes its pages before the decoder writes them, which made the copy into it
-    cost about three times the copy into memory already in use (11 ms against 3.4 ms a round,
-    `benchmarks/overhead.py`'s workload).  The pool keeps up to `KEEP` buffers of at least
-    `MIN_BYTES` and hands one out again only when nothing else holds it: every tensor made
-    from a buffer (the matrix, its rows, the stacked updates the aggregation and the debug
-    measurements read, FedBuff's buffered rows) keeps a reference to it, so a buffer whose
-    only reference is the pool's is free.  Two buffers cover the common case, where the
-    Coordinator keeps the last round's updates (`last_updates`) while the next round
-    decodes.  The contents of a reused buffer are stale, as `np.empty`'s are."""
-
-    KEEP = 2
-    MIN_BYTES = 1 << 20  # smaller matrices are cheap to allocate: not pooled
-
-    def __init__(self) -> None:
-        self._buffers: list[np.ndarray] = []
-
-    def take(self, k: int, dim: int) -> torch.Tensor:
-        n = k * dim
-        if 4 * n < self.MIN_BYTES:
-            return torch.from_numpy(np.empty((k, dim), dtype=np.float32))
-        bufs = self._buffers
-        free = [i for i in range(len(bufs)) if sys.getrefcount(bufs[i]) <= _POOL_ONLY]
-        fit = [i for i in free if n <= self._buffers[i].size <= 2 * n]
-        if fit:
-            buf = self._buffers[fit[0]]
-        else:
-            # numpy allocates large arrays on transparent huge pages where the kernel offers
-            # them (madvise): a new buffer is faulted in at a quarter of the cost of 4 KiB pages.
-            buf = np.empty(n, dtype=np.float32)
-            if free:
-                self._buffers[free[0]] = buf  # a free buffer of the wrong size goes
-            elif len(self._buffers) < self.KEEP:
-                self._buffers.append(buf)
-        return torch.from_numpy(buf[:n].reshape(k, dim))
-
-
-# sys.getrefcount(bufs[i]) of a buffer only the pool's list holds: the list's reference and
-# getrefcount's own argument.
-_POOL_ONLY = 2
-
-
 class Intake:
     """Decode and validate updates; refuse the relative-norm outliers of a cohort."""
 
     def __init__(self, decoder: UpdateDecoder, validators: Sequence, norm_filter=None, diverters: Sequence = ()):
-        self.matrices = MatrixPool()
         self.decoder = decoder
         self.validators = list(validators)
         if any(isinstance(v, FiniteValidator) for v in self.validators):
@@ -316,7 +269,9 @@ class Intake:
         ids = [m.client_id if isinstance(m.client_id, int) else 0 for m in msgs]
         slots = np.empty(k, dtype=np.int64)
         slots[np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")] = np.arange(k)
-        matrix = self.matrices.take(k, dim)
+        # numpy allocates large arrays on transparent huge pages where the kernel offers them
+        # (madvise): a 1,000-client matrix is then faulted in at a quarter of the cost.
+        matrix = torch.from_numpy(np.empty((k, dim), dtype=np.float32))
         vecs, reasons = self.decoder.decode_many(msgs, matrix, slots.tolist())
         base, row_bytes = matrix.data_ptr(), matrix.stride(0) * matrix.element_size()
         in_row = [v is not None and v.data_ptr() == base + s * row_bytes for v, s in zip(vecs, slots.tolist())]

@@ -60,8 +60,9 @@ class CohortData(Sequence[ClientData]):
 
     It is the sequence of the clients' `ClientData`, each made (as views of the whole
     tensors) only when asked for; a learner that trains the cohort at once reads the whole
-    tensors (`cohort_rows`, `cohort_sizes`) and no per-client view is ever made.  For 1,000
-    clients that is ~4,000 tensor views fewer a round (about 7 ms, `benchmarks/overhead.py`)."""
+    tensors (`cohort_rows`, `cohort_sizes`) and no per-client view is ever made (~4,000 tensor
+    views fewer a round at 1,000 clients; `benchmarks/round_parts.py`, mode `cohort-list`,
+    puts them back)."""
 
     __slots__ = ("x", "y", "x_test", "y_test", "sizes", "test_sizes", "_starts", "_test_starts")
 

@@ -36,8 +36,8 @@ EVAL_CHUNK = 8192  # examples per forward pass when evaluating
 # heap).  GROUP_BYTES: a group's parameters all together, so a model of many tensors keeps its
 # groups' memory bounded.  Fewer groups mean fewer batched calls, each with ~1 ms of Python
 # and dispatch: 1,000 clients of the 64-128-10 MLP (largest tensor 32 KiB a client) train as
-# one group instead of five of 218 (the 8 MiB budget before), and the round takes 129-134 ms
-# instead of 149-153 (vs_flower.py's workload, one thread; BENCHMARKS.md, issue 19).
+# one group instead of five of 218 (the 8 MiB budget before): 150 ms a round instead of 190
+# (vs_flower.py's workload, one thread; benchmarks/round_parts.py, mode `groups`).
 TENSOR_BYTES = 32 << 20
 GROUP_BYTES = 64 << 20
 # A compiled step (training_kernels = "compiled") makes a few passes over a group's
