@@ -27,14 +27,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-PHASES = ("round", "train", "encode", "intake", "measure")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _modes import measure_run, print_modes, run_modes  # noqa: E402
 MODES = ("shipped", "groups", "direct-measure", "cohort-list", "json", "all-old")
 
 
@@ -63,27 +60,8 @@ def undo(mode: str) -> None:
 
 
 def one(mode: str, clients: int, rounds: int) -> dict:
-    import logging
-
-    logging.basicConfig(level=logging.WARNING)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from vs_flower import workload_config
-
-    from fleetlearn.config import load_config
-    from fleetlearn.data import load_federated
-    from fleetlearn.engine.factory import build_coordinator
-
     undo(mode)
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(workload_config(clients, rounds, 0, tmp))
-        data = load_federated(cfg.data, cfg.seed)
-        coord = build_coordinator(cfg, data=data)
-        summary = coord.run()
-    phases = coord.phase_log[1:]
-    out = {k: 1e3 * statistics.median(p[k] for p in phases) for k in PHASES if k != "round"}
-    out["round"] = 1e3 * statistics.median(r.wall_seconds for r in summary.records[1:])
-    out["accuracy"] = summary.final_accuracy
-    return out
+    return measure_run(clients, rounds)
 
 
 def main() -> None:
@@ -97,23 +75,8 @@ def main() -> None:
     if args.mode:
         print(json.dumps(one(args.mode, args.clients, args.rounds)))
         return
-    print(f"load average before: {os.getloadavg()[0]:.2f}")
-    got: dict[str, list[dict]] = {m: [] for m in args.modes}
-    for _ in range(args.pairs):
-        for mode in got:
-            res = subprocess.run([sys.executable, __file__, "--mode", mode, "--clients", str(args.clients), "--rounds", str(args.rounds)],
-                                 capture_output=True, text=True)
-            if res.returncode != 0:
-                sys.exit(f"the {mode} run failed:\n{res.stderr[-3000:]}")
-            got[mode].append(json.loads(res.stdout.strip().splitlines()[-1]))
-    print(f"N = {args.clients}, {args.rounds} rounds, medians of rounds 2..{args.rounds} (ms); per process, then [median]")
-    for mode, runs in got.items():
-        cells = []
-        for k in PHASES:
-            vals = [r[k] for r in runs]
-            cells.append(f"{k} {' '.join(f'{v:.1f}' for v in vals)} [{statistics.median(vals):.1f}]")
-        print(f"{mode:>14}: " + "; ".join(cells) + f"; accuracy {runs[0]['accuracy']:.4f}")
-    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    got = run_modes(__file__, args.modes, args.pairs, args.clients, args.rounds)
+    print_modes(got, args.clients, args.rounds)
 
 
 if __name__ == "__main__":
