@@ -32,7 +32,7 @@ written into one reused block buffer; and so is the whole matrix when those rows
 more than a quarter of the weight, where the spread is also made exact for the rounding
 of the mean: with r_k = u_k - m' (m' the mean as computed) and e = sum_k p_k r_k (small,
 so accurate), sum_k p_k ||u_k - m||^2 = sum_k p_k ||r_k||^2 - ||e||^2.  Elsewhere the
-identity's rounding is within about 2e-6 of each result in float32.  At 1,000 clients of
+identity's rounding is a few 1e-6 of each result at most in float32.  At 1,000 clients of
 the digits MLP the measurements take 10 ms a round, against 15 ms on the differences
 (`benchmarks/round_parts.py`, mode `direct-measure`: 21 ms, the differences after the
 pass they replace).
@@ -126,13 +126,14 @@ def _spread(u, p, p64, a, mean, s, step_off, buf):
     One pass over `u` by blocks of rows (`_norms_and_dots`): each block's norms and its dot
     products with the aggregate, the mean and the step, so a squared distance is
     ``||u||^2 - 2 <u, c> + ||c||^2``.  That subtraction loses the digits the terms share, so
-    a row whose squared distance is below `_CANCEL` of ``||u||^2 + ||c||^2`` (a row within
-    about a third of its norm from c) is measured directly (`_direct_spread`), as is the
-    whole matrix when such rows carry more than a quarter of the weight (a cohort close to
-    its mean: the spread is then also corrected for the mean's rounding).  Elsewhere the
-    identity's rounding is at most about 2e-6 of the result in float32."""
+    a row whose squared distance is below `_CANCEL` of ``||u||^2 + ||c||^2`` (with ||c||
+    near ||u||: a row within about half its norm of c), or negative, is measured directly
+    (`_direct_spread`), as is the whole matrix when such rows carry more than a quarter of
+    the weight (a cohort close to its mean: the spread is then also corrected for the
+    mean's rounding).  Elsewhere the identity's rounding is a few 1e-6 of the result at
+    most in float32."""
     dt = u.dtype
-    norms, dots = _norms_and_dots(u, [a, mean, s], buf.shape[0])
+    norms, dots = _norms_and_dots(u, [a, mean, s])
     ua, um, us = dots
     n2 = norms.double().square()
     m2 = float(mean.double().square().sum())
@@ -151,7 +152,7 @@ def _spread(u, p, p64, a, mean, s, step_off, buf):
     return norms, ua, sq_r.clamp_min(0.0).to(dt), dv2.clamp_min(0.0).sqrt().to(dt), trace
 
 
-def _norms_and_dots(u: torch.Tensor, vecs: list, rows: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _norms_and_dots(u: torch.Tensor, vecs: list) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Row norms of `u` and its dot products with each of `vecs`, in one pass over `u` by
     blocks of rows (each block read from memory once, then from cache); a vector given twice
     (the same tensor) is multiplied once."""
