@@ -21,6 +21,22 @@ class PayloadError(ValueError):
     """A payload that cannot be decoded (truncated, corrupted, wrong size)."""
 
 
+# glibc's largest heap block on 64-bit (the ceiling of its mmap threshold): a run has blocks
+# up to this size served from its heap (engine/running.py, RetainedHeap), and the learner
+# keeps each per-step temporary of a training group under it (learners/torch_learner.py).
+HEAP_BLOCK_MAX = 32 << 20
+
+
+def empty_rows(n: int, d: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An uninitialised (n, d) matrix of updates; a float32 one of 1 MiB or more comes from
+    numpy, which asks the kernel for transparent huge pages (madvise): a cohort's matrix
+    above `HEAP_BLOCK_MAX` (38 MB at 1,000 clients of a 10k-parameter model) is a fresh
+    mapping every round, then faulted in 2 MiB at a time instead of 4 KiB."""
+    if dtype == torch.float32 and 4 * n * d >= 1 << 20:
+        return torch.from_numpy(np.empty((n, d), dtype=np.float32))
+    return torch.empty(n, d, dtype=dtype)
+
+
 @dataclass(frozen=True)
 class ParamSpec:
     """Names and shapes of a model's tensors, in flat-vector order."""

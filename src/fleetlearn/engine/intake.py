@@ -34,7 +34,7 @@ import torch
 
 from ..compression import wire
 from ..messages import Dropout, Task, Update
-from ..params import PayloadError
+from ..params import PayloadError, empty_rows
 from ..records import ClientRecord
 from ..validation import ValidationContext
 from ..validation.validators import FiniteValidator
@@ -269,9 +269,7 @@ class Intake:
         ids = [m.client_id if isinstance(m.client_id, int) else 0 for m in msgs]
         slots = np.empty(k, dtype=np.int64)
         slots[np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")] = np.arange(k)
-        # numpy allocates large arrays on transparent huge pages where the kernel offers them
-        # (madvise): a 1,000-client matrix is then faulted in at a quarter of the cost.
-        matrix = torch.from_numpy(np.empty((k, dim), dtype=np.float32))
+        matrix = empty_rows(k, dim)
         vecs, reasons = self.decoder.decode_many(msgs, matrix, slots.tolist())
         base, row_bytes = matrix.data_ptr(), matrix.stride(0) * matrix.element_size()
         in_row = [v is not None and v.data_ptr() == base + s * row_bytes for v, s in zip(vecs, slots.tolist())]

@@ -20,6 +20,7 @@ import torch
 
 from ..aggregation import compiled as compiled_kernels
 from ..config import AUTO_THREADS_MAX_DIM, run_threads  # noqa: F401 - run_threads is read from here too
+from ..params import HEAP_BLOCK_MAX
 from ..records import RoundRecord
 
 
@@ -105,7 +106,7 @@ class FrozenHeap(_OutermostRun):
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _TRIM_DEFAULT, _MMAP_DEFAULT = 128 << 10, 128 << 10
 RETAINED_MAX = 1 << 30  # the most free heap a run keeps for its next round (bytes)
-MMAP_FROM = 32 << 20  # blocks at least this large still come from (and go back to) the kernel directly
+MMAP_FROM = HEAP_BLOCK_MAX  # blocks at least this large still come from (and go back to) the kernel directly
 
 
 @functools.lru_cache(maxsize=1)

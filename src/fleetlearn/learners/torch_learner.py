@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
-from ..params import ParamSpec
+from ..params import HEAP_BLOCK_MAX, ParamSpec, empty_rows
 from .base import ClientData, FitConfig, FitResult, cohort_rows, cohort_sizes
 
 log = logging.getLogger(__name__)
@@ -30,15 +30,15 @@ log = logging.getLogger(__name__)
 EVAL_CHUNK = 8192  # examples per forward pass when evaluating
 # A cohort trains in eager groups as large as two bounds allow.  TENSOR_BYTES: one
 # parameter's (clients, *shape) float32 tensor (and so each of its per-step temporaries)
-# stays under glibc's largest heap block, 32 MiB, the mmap threshold a run sets
-# (engine/running.py, RetainedHeap): a larger temporary would be a fresh mmap, with its page
+# stays under glibc's largest heap block (params.HEAP_BLOCK_MAX, 32 MiB), the mmap threshold a
+# run sets (engine/running.py, RetainedHeap): a larger temporary would be a fresh mmap, with its page
 # faults, at every step (about 2.5x the group's arithmetic, measured before the run kept its
 # heap).  GROUP_BYTES: a group's parameters all together, so a model of many tensors keeps its
 # groups' memory bounded.  Fewer groups mean fewer batched calls, each with ~1 ms of Python
 # and dispatch: 1,000 clients of the 64-128-10 MLP (largest tensor 32 KiB a client) train as
 # one group instead of five of 218 (the 8 MiB budget before): 150 ms a round instead of 190
 # (vs_flower.py's workload, one thread; benchmarks/round_parts.py, mode `groups`).
-TENSOR_BYTES = 32 << 20
+TENSOR_BYTES = HEAP_BLOCK_MAX
 GROUP_BYTES = 64 << 20
 # A compiled step (training_kernels = "compiled") makes a few passes over a group's
 # parameters instead of many, and is fastest when they stay in the last-level cache:
@@ -145,16 +145,6 @@ def batch_schedule(n: int, hp: FitConfig, seed: int, max_steps: int | None = Non
     index, mask, _ = batch_indices([n], hp, [seed], [max_steps])
     ks = mask[0].sum(-1).to(torch.int64).tolist()
     return [index[0, s, :k] for s, k in enumerate(ks) if k > 0]
-
-
-def _empty_rows(n: int, d: int, dtype: torch.dtype) -> torch.Tensor:
-    """`torch.empty(n, d)`; a float32 matrix of 1 MiB or more comes from numpy, which asks the
-    kernel for transparent huge pages (madvise): the cohort's deltas (38 MB at 1,000 clients
-    of a 10k-parameter model, above glibc's 32 MiB heap blocks: a fresh mapping every round)
-    are then faulted in 2 MiB at a time instead of 4 KiB."""
-    if dtype == torch.float32 and 4 * n * d >= 1 << 20:
-        return torch.from_numpy(np.empty((n, d), dtype=np.float32))
-    return torch.empty(n, d, dtype=dtype)
 
 
 def training_losses(losses: torch.Tensor, mask: torch.Tensor, epoch: np.ndarray) -> tuple[list[float], list[float]]:
@@ -473,7 +463,7 @@ class TorchLearner:
                 pk.addcmul_(act.view(shape), gk, value=-hp.lr)  # in place: no (n, d) temporary per step
         loss_before, loss_after = training_losses(losses, mask_t, epoch)
         # The (n, d) deltas in the spec's order, written in one pass from the per-tensor matrices.
-        deltas = _empty_rows(n, self.spec.dim, start.dtype)
+        deltas = empty_rows(n, self.spec.dim, start.dtype)
         for (k, out), begin in zip(self.spec.split(deltas).items(), self.spec.split(start).values()):
             torch.sub(views[k], begin, out=out)
         xt_sizes = cohort_sizes(cohort, test=True).tolist()

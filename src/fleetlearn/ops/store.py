@@ -148,8 +148,9 @@ def _json_dumps(obj: Any) -> str:
     """The JSON columns' serializer: orjson, with the json module's output for what orjson
     refuses (integers beyond 64 bits).  The background commit serializes each round's
     record while the next round runs, holding the GIL: with the json module a 1,000-client
-    round took 160 ms instead of 150 (`benchmarks/round_parts.py`, mode `json`).  Records are made JSON-safe before
-    (records._json_safe: NaN -> null, inf -> "inf"), so both give the same document."""
+    round took 160 ms instead of 150 (`benchmarks/round_parts.py`, mode `json`).  Records
+    are made JSON-safe before (records._json_safe: NaN -> null, inf -> "inf"), so both give
+    the same document."""
     try:
         return orjson.dumps(obj, option=_ORJSON_OPTIONS).decode()
     except (TypeError, orjson.JSONEncodeError):
