@@ -2,32 +2,64 @@
 
     import fleetlearn
     summary = fleetlearn.run({"server": {"rounds": 5}})
+
+The names below are imported on first use (PEP 562), so ``import fleetlearn`` and the
+CLI's light commands (``--help``, ``runs``, ``show``) do not load torch.
 """
 
-from .api import run
-from .config import RunConfig, load_config
-from .errors import ConfigError, DataError, FleetlearnError, RunFailedError
-from .messages import ClientMetrics, Dropout, Task, Update
-from .params import ParamSpec
-from .records import ClientRecord, RoundRecord, RunSummary
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ClientMetrics",
-    "ClientRecord",
-    "ConfigError",
-    "DataError",
-    "Dropout",
-    "FleetlearnError",
-    "ParamSpec",
-    "RoundRecord",
-    "RunConfig",
-    "RunFailedError",
-    "RunSummary",
-    "Task",
-    "Update",
-    "__version__",
-    "load_config",
-    "run",
-]
+# name -> the module (relative to this package) that defines it
+_LAZY = {
+    "run": ".api",
+    "RunConfig": ".config",
+    "load_config": ".config",
+    "ConfigError": ".errors",
+    "DataError": ".errors",
+    "FleetlearnError": ".errors",
+    "RunFailedError": ".errors",
+    "ClientMetrics": ".messages",
+    "Dropout": ".messages",
+    "Task": ".messages",
+    "Update": ".messages",
+    "ParamSpec": ".params",
+    "ClientRecord": ".records",
+    "RoundRecord": ".records",
+    "RunSummary": ".records",
+}
+
+__all__ = sorted([*_LAZY, "__version__"])
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
+    from .api import run
+    from .config import RunConfig, load_config
+    from .errors import ConfigError, DataError, FleetlearnError, RunFailedError
+    from .messages import ClientMetrics, Dropout, Task, Update
+    from .params import ParamSpec
+    from .records import ClientRecord, RoundRecord, RunSummary
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module, __name__), name)
+    elif not name.startswith("_"):  # a subpackage, as `import fleetlearn; fleetlearn.parts.register_part(...)` expects
+        try:
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'fleetlearn' has no attribute {name!r}") from None
+    else:
+        raise AttributeError(f"module 'fleetlearn' has no attribute {name!r}")
+    globals()[name] = value  # once: later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

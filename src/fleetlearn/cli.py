@@ -12,6 +12,7 @@ import math
 import re
 import sys
 import time
+import typing
 from pathlib import Path
 
 from rich.console import Console
@@ -20,8 +21,7 @@ from rich.table import Table
 
 from . import __version__
 from .cli_tables import ColumnError, FitTable, parse_columns
-from .attacks import CLIENT_ATTACK_OPTIONS, UPDATE_ATTACKS
-from .config import RUN_ID_PATTERN, ConfigError, add_config_dir_to_path, load_config
+from .config import CLIENT_ATTACK_OPTIONS, RUN_ID_PATTERN, AttackKind, ConfigError, add_config_dir_to_path, load_config
 from .records import RoundRecord, RunSummary
 
 EXIT_USAGE = 2
@@ -876,7 +876,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "available memory); a HeteroFL run (model.widths, or model.lora_ranks) assigns the client's model width (LoRA rank) from it")
     cl.add_argument("--attack", default="none", metavar="KIND",
                     help="red-team drill: this client attacks as a simulated attacker of [attack] kind KIND would, "
-                    "with its own update only (" + ", ".join(UPDATE_ATTACKS) + "; alie needs --attack-alie-z: colluding "
+                    "with its own update only (" + ", ".join(k for k in typing.get_args(AttackKind) if k != "none") + "; alie needs --attack-alie-z: colluding "
                     "attacks need the other attackers' updates and run in the simulation only)")
     for key, kinds in CLIENT_ATTACK_OPTIONS.items():
         cl.add_argument("--attack-" + key.replace("_", "-"), dest=f"attack_{key}", type=int if key == "start_round" else float,

@@ -663,11 +663,26 @@ class PersonalizationConfig(Section):
 
 
 # -- [attack] (fleetlearn.attacks) ------------------------------------------------------
+# `kind` values: fleetlearn.attacks.ATTACK_KINDS (tests/attacks checks they are the same), here
+# without torch so that the CLI's help needs none.
+AttackKind = Literal["none", "sign_flip", "scaling", "gaussian", "label_flip", "alie", "same_value", "model_replacement"]
+
+# The `[attack]` keys a red-team client takes, each as `fleetlearn client --attack-<key>`, and the
+# kinds it applies to (start_round: every kind).
+CLIENT_ATTACK_OPTIONS: dict[str, tuple[str, ...] | None] = {
+    "start_round": None,
+    "scale": ("scaling",),
+    "noise_std": ("gaussian",),
+    "alie_z": ("alie",),
+    "value": ("same_value",),
+}
+
+
 class AttackConfig(Section):
     """Attack simulation: a seeded fixed `fraction` of the population is malicious
     from `start_round` on (see fleetlearn.attacks; `kind` values: its ATTACK_KINDS)."""
 
-    kind: Literal["none", "sign_flip", "scaling", "gaussian", "label_flip", "alie", "same_value", "model_replacement"] = "none"
+    kind: AttackKind = "none"
     fraction: float = Field(default=0.2, ge=0, le=1)  # of the population; round(fraction x clients) attackers
     start_round: int = Field(default=1, ge=1)
     scale: float = Field(default=10.0, gt=0, allow_inf_nan=False)  # scaling: boost factor

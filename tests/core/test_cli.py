@@ -14,6 +14,26 @@ def fl(*args, cwd, timeout=300):
     return subprocess.run([*BIN, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+# Runs the CLI in a fresh interpreter, then prints whether it imported torch (on stderr's last line).
+_TORCH_PROBE = ("import sys\nfrom fleetlearn.cli import main\ntry:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:\n"
+                "    code = e.code\nprint('torch loaded:', 'torch' in sys.modules, file=sys.stderr)\nsys.exit(code)")
+
+
+def fl_light(*args, cwd):
+    """`fl` for a command that must answer without torch (a second of start-up): asserts it did."""
+    env = dict(os.environ, COLUMNS="120")
+    p = subprocess.run([sys.executable, "-c", _TORCH_PROBE, *args], cwd=cwd, capture_output=True, text=True, timeout=120, env=env)
+    last = p.stderr.strip().splitlines()[-1]
+    assert last == "torch loaded: False", (args, p.stderr[-2000:])
+    return p
+
+
+def test_help_and_an_empty_runs_list_do_not_load_torch(tmp_path):
+    assert fl_light("--help", cwd=tmp_path).stdout.startswith("usage: fleetlearn")
+    assert "--attack" in fl_light("client", "--help", cwd=tmp_path).stdout
+    assert fl_light("runs", cwd=tmp_path).returncode == 0
+
+
 def test_run_json_ends_with_the_summary_line(tmp_path):
     p = fl("run", "--json", "--set", "server.rounds=5", "--set", "server.cohort=10", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
@@ -26,13 +46,13 @@ def test_run_json_ends_with_the_summary_line(tmp_path):
     assert (run_dir / "run.db").is_file() and (run_dir / "config.toml").is_file()
     assert list((run_dir / "checkpoints").glob("*.safetensors"))
 
-    ls = fl("runs", cwd=tmp_path)
+    ls = fl_light("runs", cwd=tmp_path)  # reading the store needs no torch
     assert ls.returncode == 0 and summary["run_id"] in ls.stdout
-    show = fl("show", summary["run_id"], "--json", cwd=tmp_path)
+    show = fl_light("show", summary["run_id"], "--json", cwd=tmp_path)
     assert show.returncode == 0
     rounds = json.loads(show.stdout)["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5]
-    table = fl("show", summary["run_id"], cwd=tmp_path)
+    table = fl_light("show", summary["run_id"], cwd=tmp_path)
     assert table.returncode == 0 and "accuracy" in table.stdout
 
 

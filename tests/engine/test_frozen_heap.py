@@ -77,12 +77,14 @@ def test_nested_runs_share_one_freeze_undone_by_the_last():
 
 
 def test_a_process_that_froze_its_own_heap_keeps_its_freeze():
+    # The count is compared with <=, not ==: another thread of this worker (a gRPC or Ray
+    # test's) may free a frozen object meanwhile, which lowers it.
     gc.freeze()
     mine = gc.get_freeze_count()
     assert mine > 0
     with FrozenHeap() as heap:
         late = _Cycle()  # created during the run: a run that does not own the freeze never freezes it
         heap.round_done()
-        assert gc.get_freeze_count() == mine
-    assert gc.get_freeze_count() == mine
+        assert _collectable(late) and 0.9 * mine < gc.get_freeze_count() <= mine
+    assert _collectable(late) and 0.9 * mine < gc.get_freeze_count() <= mine  # not unfrozen either
     del late

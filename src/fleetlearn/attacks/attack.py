@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..config import CLIENT_ATTACK_OPTIONS
 from ..learners.base import ClientData, FitResult
 from .updates import UPDATE_ATTACKS, AttackContext
 
@@ -172,15 +173,7 @@ def build_attack(settings: dict[str, Any], *, population: int, num_classes: int 
 
 
 # -- a red-team client: one real device that attacks (fleetlearn client --attack) ----------------
-# The `[attack]` keys a red-team client takes, each as `fleetlearn client --attack-<key>`, and the
-# kinds it applies to (start_round: every kind).
-CLIENT_ATTACK_OPTIONS = {
-    "start_round": None,
-    "scale": ("scaling",),
-    "noise_std": ("gaussian",),
-    "alie_z": ("alie",),
-    "value": ("same_value",),
-}
+# (its `[attack]` keys, CLIENT_ATTACK_OPTIONS, live with the section in fleetlearn.config)
 
 
 class DeviceAttack(Attack):

@@ -27,15 +27,16 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import save_file
 from sqlalchemy import JSON, Column, DateTime, Float, Integer, String, Text, and_, select, update
 from sqlalchemy.engine import Connection
 
 from ..records import RoundRecord
-from .store import ROUND_WRITERS, RunStore, StoreError, Table, _finite, _now, _tmp_path, _where, metadata
+from .store import ROUND_WRITERS, RunStore, StoreError, Table, _finite, _now, _safetensors, _tmp_path, _where, metadata
+
+if TYPE_CHECKING:
+    import torch
 
 TAGS = ("candidate", "canary", "production", "rolled_back")
 EXCLUSIVE_TAGS = ("production",)  # held by one version at a time
@@ -334,7 +335,7 @@ class ModelRegistry:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = _tmp_path(out)  # unique: two exports to one file never share a temporary
         try:
-            save_file(tensors, str(tmp), metadata=meta)
+            _safetensors.save_file(tensors, str(tmp), metadata=meta)
             os.replace(tmp, out)
         except BaseException:
             tmp.unlink(missing_ok=True)

@@ -27,11 +27,9 @@ import secrets
 import shutil
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
-import torch
-from safetensors.torch import load_file, save_file
 from sqlalchemy import (
     JSON,
     Column,
@@ -52,7 +50,14 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from ..files import atomic_write, fsync_dir, tmp_path
+from ..lazy import lazy_module
 from ..records import RoundRecord
+
+if TYPE_CHECKING:
+    import torch
+
+# torch comes with safetensors' torch API, on the first checkpoint: `fleetlearn runs` and `show` need neither
+_safetensors = lazy_module("safetensors.torch")
 
 DB_NAME = "run.db"
 LOCK_NAME = ".lock"  # flock'ed by the process training the run; holds its pid
@@ -645,7 +650,7 @@ class RunStore:
         path = self.run_dir / rel
         tmp = _tmp_path(path)
         try:
-            save_file(tensors, str(tmp), metadata=meta)
+            _safetensors.save_file(tensors, str(tmp), metadata=meta)
             with open(tmp, "rb") as fh:
                 digest = hashlib.sha256(fh.read()).hexdigest()
                 os.fsync(fh.fileno())
@@ -775,7 +780,7 @@ class RunStore:
             raise StoreError(f"checkpoint v{rows[-1]['version']} names client states {path}, which is missing")
         if hashlib.sha256(path.read_bytes()).hexdigest() != meta.get(CLIENT_STATES_SHA):
             raise StoreError(f"client states {path} do not match the sha256 their checkpoint recorded (corrupted)")
-        return load_file(str(path))
+        return _safetensors.load_file(str(path))
 
     def finish(self, summary: dict[str, Any], status: str = "finished") -> None:
         with self.engine.begin() as conn:
@@ -871,7 +876,7 @@ class RunStore:
             raise StoreError(f"checkpoint v{row['version']} of run {self.run_id}: cannot read {path}: {exc.strerror}") from None
         if hashlib.sha256(data).hexdigest() != row["sha256"]:
             raise StoreError(f"checkpoint {path} does not match its recorded sha256 (corrupted)")
-        tensors = load_file(str(path))
+        tensors = _safetensors.load_file(str(path))
         state = {k.removeprefix("state/"): v for k, v in tensors.items() if k.startswith("state/")}
         return row["version"], tensors["params"], state
 
