@@ -693,11 +693,16 @@ class AttackConfig(Section):
 # -- end [attack] ------------------------------------------------------------------------
 
 
+# The detectors' names: fleetlearn.monitoring.detectors.DETECTORS, in its order (tests/monitoring checks
+# they are the same), here without the monitoring room so that config never imports it.
 DETECTOR_NAMES = ("divergence", "oscillation", "stagnation", "outlier_updates", "participation_collapse", "drift")
 
 
 class MonitoringConfig(Section):
-    """Debug measurements, detectors, guardrails and the Prometheus endpoint (fleetlearn.monitoring)."""
+    """Debug measurements, detectors, guardrails and the Prometheus endpoint (fleetlearn.monitoring).
+    This is the one definition of the ``[monitoring]`` settings: `fleetlearn.monitoring.build_monitoring`
+    takes it (or a dict it validates), and each detector's threshold defaults are its constructor's
+    (tests/monitoring checks both)."""
 
     debug: bool = True  # per-round update statistics into the record
     detectors: list[str] = Field(default_factory=lambda: list(DETECTOR_NAMES))
@@ -768,6 +773,9 @@ class MonitoringConfig(Section):
             raise ValueError(f"monitoring.outlier_threshold = {self.outlier_threshold} must be <= monitoring.outlier_alarm_threshold = {self.outlier_alarm_threshold}")
         if self.outlier_persistence > self.outlier_window:
             raise ValueError(f"monitoring.outlier_persistence = {self.outlier_persistence} must be <= monitoring.outlier_window = {self.outlier_window}")
+        missing = sorted(set(self.guardrail) - set(self.detectors))
+        if missing:
+            raise ValueError(f"monitoring.guardrail names detectors that are not in monitoring.detectors: {', '.join(missing)}")
         return self
 
 

@@ -18,6 +18,7 @@ from fleetlearn.monitoring import (
     replay,
     robust_z,
 )
+from fleetlearn.config import DETECTOR_NAMES, MonitoringConfig
 from fleetlearn.records import ClientRecord, RoundRecord
 
 NAN = math.nan
@@ -254,6 +255,8 @@ def test_make_detector_maps_flat_config_keys():
 
 def test_settings_defaults_are_the_detectors_defaults():
     s = MonitoringSettings()
+    assert MonitoringSettings is MonitoringConfig  # one definition of [monitoring]
+    assert DETECTOR_NAMES == tuple(DETECTORS)  # the config's copy of the names, in the registry's order
     for cls in DETECTORS.values():
         params = inspect.signature(cls).parameters
         for key, arg in cls.config_keys.items():

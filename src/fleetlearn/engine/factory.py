@@ -533,7 +533,7 @@ def _build_monitoring(config: RunConfig):
     try:
         if mon.prometheus_port is not None:
             _check_endpoint(mon.prometheus_host, mon.prometheus_port)
-        return build_monitoring(mon.model_dump())
+        return build_monitoring(mon)
     except (ValueError, TypeError) as exc:  # "probes: need at least 2 ..." -> "monitoring.probes: ..."
         msg = str(exc)
         head = msg.split(":", 1)[0]
