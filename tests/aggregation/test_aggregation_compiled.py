@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from fleetlearn import toolchain
 from fleetlearn.aggregation import compiled, median, trimmed_mean
 from fleetlearn.config import ConfigError, load_config
 
@@ -86,7 +87,7 @@ def test_auto_compiles_in_the_background_and_the_numpy_network_answers_meanwhile
 
 
 def test_a_kernel_that_fails_to_compile_falls_back_once_with_a_warning(monkeypatch, caplog):
-    monkeypatch.setattr(compiled, "_compiler", "/usr/bin/c++")
+    monkeypatch.setattr(toolchain, "_compiler", "/usr/bin/c++")
     calls = []
 
     def broken(*key):
@@ -108,11 +109,11 @@ def test_a_kernel_that_fails_to_compile_falls_back_once_with_a_warning(monkeypat
 
 def test_without_a_compiler_or_off_the_cpu_the_numpy_network_answers(monkeypatch):
     x = _matrix(5, 100)
-    monkeypatch.setattr(compiled, "_compiler", None)
+    monkeypatch.setattr(toolchain, "_compiler", None)
     with compiled.mode("compiled"):
         assert compiled.middle_mean(x, 2) is None
         assert torch.equal(median(x), _numpy_network(lambda: median(x)))
-    monkeypatch.setattr(compiled, "_compiler", "/usr/bin/c++")
+    monkeypatch.setattr(toolchain, "_compiler", "/usr/bin/c++")
     with compiled.mode("numpy"):
         assert compiled.middle_mean(x, 2) is None
     with compiled.mode("compiled"):

@@ -13,13 +13,13 @@ import pickle
 import pytest
 import torch
 
-from fleetlearn.aggregation import compiled as aggregation_kernels
+from fleetlearn import toolchain
 from fleetlearn.config import ConfigError, load_config
 from fleetlearn.learners import ClientData, FitConfig, TorchLearner, mlp
 from fleetlearn.learners import torch_learner
 from fleetlearn.learners.torch_learner import set_training_kernels
 
-needs_compiler = pytest.mark.skipif(aggregation_kernels.compiler() is None, reason="no C++ compiler for torch.compile")
+needs_compiler = pytest.mark.skipif(toolchain.compiler() is None, reason="no C++ compiler for torch.compile")
 
 FEATURES, CLASSES = 12, 5
 
@@ -85,7 +85,7 @@ def test_failed_compile_warns_once_and_trains_eager(monkeypatch, caplog):
         return step
 
     monkeypatch.setattr(torch_learner, "compiled_step", broken)
-    monkeypatch.setattr(aggregation_kernels, "_compiler", "/usr/bin/c++")  # as if a compiler were there
+    monkeypatch.setattr(toolchain, "_compiler", "/usr/bin/c++")  # as if a compiler were there
     hp = FitConfig(local_epochs=1, batch_size=4, lr=0.1, momentum=0.9)
     learner = _learner("compiled")
     with caplog.at_level(logging.WARNING, logger="fleetlearn.learners.torch_learner"):
@@ -100,7 +100,7 @@ def test_failed_compile_warns_once_and_trains_eager(monkeypatch, caplog):
 
 
 def test_no_compiler_warns_and_trains_eager(monkeypatch, caplog):
-    monkeypatch.setattr(aggregation_kernels, "_compiler", None)
+    monkeypatch.setattr(toolchain, "_compiler", None)
     hp = FitConfig(local_epochs=1, batch_size=4, lr=0.1)
     learner = _learner("compiled")
     with caplog.at_level(logging.WARNING, logger="fleetlearn.learners.torch_learner"):

@@ -30,7 +30,6 @@ cohort sizes a run meets.
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -38,6 +37,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..toolchain import compiler
 from .networks import NETWORK_MAX_N_CPU, network_schedule
 
 log = logging.getLogger(__name__)
@@ -73,22 +73,6 @@ def mode(m: str) -> Iterator[None]:
         yield
     finally:
         set_mode(before)
-
-
-_compiler: str | None | bool = False  # False: not looked up yet
-
-
-def compiler() -> str | None:
-    """The C++ compiler inductor would use, if it is installed (None otherwise)."""
-    global _compiler
-    if _compiler is False:
-        try:
-            from torch._inductor.cpp_builder import get_cpp_compiler
-
-            _compiler = shutil.which(get_cpp_compiler())
-        except Exception:  # noqa: BLE001 - no inductor, or no compiler: the numpy network answers
-            _compiler = None
-    return _compiler  # type: ignore[return-value]
 
 
 def _source(n: int, lo: int, hi: int) -> str:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
 from ..params import HEAP_BLOCK_MAX, ParamSpec, empty_rows
+from ..toolchain import compiler
 from .base import ClientData, FitConfig, FitResult, cohort_rows, cohort_sizes
 
 log = logging.getLogger(__name__)
@@ -368,8 +369,6 @@ class TorchLearner:
         or there is no compiler: the eager step runs)."""
         key = self._step_key(hp, corrected)
         if key not in self._steps:
-            from ..aggregation.compiled import compiler
-
             if compiler() is None:
                 self._steps[key] = None
                 log.warning("training_kernels = \"compiled\": no C++ compiler for torch.compile on this machine; "
