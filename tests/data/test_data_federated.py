@@ -1,5 +1,6 @@
 """load_federated on the bundled digits: storage, central hold-out, local split, stats, seeds."""
 
+import importlib.util
 import json
 
 import numpy as np
@@ -35,6 +36,29 @@ def test_central_set_is_a_stratified_fifth_of_the_untouched_digits():
     # Every central row is a row of the original data (no feature shift, no copies from clients).
     rows = {r.tobytes() for r in digits.x}
     assert all(r.tobytes() in rows for r in data.central_x.numpy())
+
+
+def test_digits_are_read_from_scikit_learns_file_without_importing_it_and_equal_its_loader(monkeypatch):
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    from fleetlearn.data import datasets
+
+    ours = load_digits()
+    x, y = sklearn_digits(return_X_y=True)
+    np.testing.assert_array_equal(ours.x, (x / 16.0).astype(np.float32))
+    np.testing.assert_array_equal(ours.y, y)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # the file not found: scikit-learn loads it
+    assert datasets._digits_rows() is None
+    fallback = load_digits()
+    np.testing.assert_array_equal(fallback.x, ours.x)
+    np.testing.assert_array_equal(fallback.y, ours.y)
+    code = ("import sys\nfrom fleetlearn.data.datasets import _digits_rows, load_digits\n"
+            "assert _digits_rows() is not None and load_digits().x.shape == (1797, 64)\nprint('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]
 
 
 def test_local_split_fraction_and_min_examples():
