@@ -3,6 +3,7 @@
     PYTHONPATH=src .venv/bin/python benchmarks/overhead.py                 # N = 100 and 1000
     PYTHONPATH=src .venv/bin/python benchmarks/overhead.py --clients 100 --rounds 6
     PYTHONPATH=src .venv/bin/python benchmarks/overhead.py --variants default --json out.json
+    PYTHONPATH=src python3 benchmarks/overhead.py --device cuda      # both sides on the GPU
 
 Workload (issue 19; the vs_flower.py workload with its issue's local work): digits
 (scikit-learn), IID, a 64-128-10 ReLU MLP, every client trains every round, 5 local
@@ -34,6 +35,11 @@ median over the remaining rounds (a shared machine's hiccups hit the mean).  The
 breakdown is fleetlearn's own phase timers (`RoundRecord.extra["phases"]`, plus the
 commit, timed by the Coordinator after the record is written: `Coordinator.phase_log`).
 Accuracy: both final models on the central test set.
+
+``--device cuda`` (or ``auto``) puts both sides on the GPU: the plain loop's parameters,
+data and steps, and fleetlearn's `engine.device` (clients train and the model is
+evaluated there; fleetlearn's global vector, codec and aggregation stay on the CPU).  The
+plain loop's round ends with a `torch.cuda.synchronize()`.
 """
 
 from __future__ import annotations
@@ -127,17 +133,18 @@ class PlainLoop:
             batch_indices = _fallback_batches
 
         self.cfg, self.data = cfg, data
+        self.device = dev = torch.device(_device_of(cfg))
         learner = build_learner(cfg, data)  # the same module and initial model as fleetlearn's
         self.module = module = learner.make_module()
         self.names = list(learner.spec.names)
-        self.params = {k: v.detach().clone() for k, v in learner.spec.split(learner.init_params(cfg.seed)).items()}
+        self.params = {k: v.detach().clone().to(dev) for k, v in learner.spec.split(learner.init_params(cfg.seed)).items()}
         self.n = data.num_clients
         self.group = group or self.n
         self.sizes = data.train_sizes().astype(np.int64)
         order = torch.from_numpy(data.train_order)
-        self.x_all, self.y_all = data.x[order], data.y[order]  # client c's rows: offsets[c]:offsets[c+1]
+        self.x_all, self.y_all = data.x[order].to(dev), data.y[order].to(dev)  # client c's rows: offsets[c]:offsets[c+1]
         self.offsets = torch.from_numpy(data.train_offsets[:-1])
-        self.w = torch.from_numpy(self.sizes / self.sizes.sum()).to(torch.float32)
+        self.w = torch.from_numpy(self.sizes / self.sizes.sum()).to(torch.float32).to(dev)
         self.hp = FitConfig(LOCAL_EPOCHS, None, BATCH, LR, 0.0)
         self.client_seeds, self.batch_indices = client_seeds, batch_indices
 
@@ -156,7 +163,8 @@ class PlainLoop:
         n, group, names = self.n, self.group, self.names
         seeds = self.client_seeds(self.cfg.seed, r, range(n))
         index, mask = self.batch_indices(self.sizes, self.hp, seeds)[:2]  # (n, steps, b): fleetlearn's batches
-        index = index + self.offsets[:, None, None]
+        index = (index + self.offsets[:, None, None]).to(self.device)
+        mask = mask.to(self.device)
         t1 = time.perf_counter()
         mean = {k: torch.zeros_like(v) for k, v in self.params.items()}
         for lo in range(0, n, group):
@@ -172,6 +180,8 @@ class PlainLoop:
             for k in names:
                 mean[k] += torch.tensordot(self.w[lo:hi], p[k], dims=1)
         self.params = mean  # sum_c w_c (params + delta_c) = params + the weighted mean delta (sum w = 1)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         self.round_s.append(time.perf_counter() - t0)
         self.batches_s.append(t1 - t0)
 
@@ -180,8 +190,24 @@ class PlainLoop:
         from torch.func import functional_call
 
         with torch.no_grad():
-            logits = functional_call(self.module, self.params, (self.data.central_x,))
-            return float((logits.argmax(-1) == self.data.central_y).float().mean())
+            logits = functional_call(self.module, self.params, (self.data.central_x.to(self.device),))
+            return float((logits.argmax(-1).cpu() == self.data.central_y).float().mean())
+
+
+def _device_of(cfg) -> str:
+    """The config's `engine.device`, resolved ("auto": CUDA when present)."""
+    device = getattr(cfg.engine, "device", "cpu")
+    try:
+        from fleetlearn.learners import resolve_device
+    except ImportError:  # fleetlearn before engine.device for built-in models: the CPU
+        return "cpu"
+    return str(resolve_device(device))
+
+
+def with_device(raw: dict, device: str) -> dict:
+    if device != "cpu":
+        raw.setdefault("engine", {})["device"] = device
+    return raw
 
 
 def plain_group(cfg, data, rounds: int = 4) -> int | None:
@@ -203,7 +229,7 @@ def plain_group(cfg, data, rounds: int = 4) -> int | None:
 
 
 # -- (b) fleetlearn, round by round with the plain loop ------------------------------------
-def paired_rounds(n: int, rounds: int, seed: int, variant: str, data, group: int | None) -> dict:
+def paired_rounds(n: int, rounds: int, seed: int, variant: str, data, group: int | None, device: str = "cpu") -> dict:
     """fleetlearn's run with one plain round after each of its rounds (inside `on_round`),
     so both see the same moments of a shared machine.  fleetlearn's round r is the time from
     the end of plain round r - 1 to `on_round`, plus the wait for its background commit to
@@ -213,7 +239,7 @@ def paired_rounds(n: int, rounds: int, seed: int, variant: str, data, group: int
 
     overrides, store = VARIANTS[variant]
     with tempfile.TemporaryDirectory() as tmp:
-        raw = workload_config(n, rounds, seed, tmp)
+        raw = with_device(workload_config(n, rounds, seed, tmp), device)
         for section, values in overrides.items():
             raw.setdefault(section, {}).update(values)
         cfg = load_config(raw)
@@ -256,7 +282,7 @@ def load_note() -> tuple[str, float]:
     return out, os.getloadavg()[0]
 
 
-def one(n: int, rounds: int, seed: int, variants: list[str]) -> dict:
+def one(n: int, rounds: int, seed: int, variants: list[str], device: str = "cpu") -> dict:
     import torch
 
     from fleetlearn.config import load_config
@@ -264,7 +290,7 @@ def one(n: int, rounds: int, seed: int, variants: list[str]) -> dict:
     from fleetlearn.engine.factory import build_learner
     from fleetlearn.engine.running import run_threads
 
-    cfg = load_config(workload_config(n, rounds, seed))
+    cfg = load_config(with_device(workload_config(n, rounds, seed), device))
     data = load_federated(cfg.data, cfg.seed)
     threads = run_threads(cfg.engine.threads, build_learner(cfg, data).spec.dim)
     before = torch.get_num_threads()
@@ -274,9 +300,9 @@ def one(n: int, rounds: int, seed: int, variants: list[str]) -> dict:
         group = plain_group(cfg, data)
     finally:
         torch.set_num_threads(before)
-    out = {"clients": n, "rounds": rounds, "threads": threads or before, "fleetlearn": {}}
+    out = {"clients": n, "rounds": rounds, "threads": threads or before, "device": _device_of(cfg), "fleetlearn": {}}
     for v in variants:
-        out["fleetlearn"][v] = paired_rounds(n, rounds, seed, v, data, group)
+        out["fleetlearn"][v] = paired_rounds(n, rounds, seed, v, data, group, device)
     return out
 
 
@@ -289,7 +315,8 @@ def phase_table(phases: list[dict]) -> dict[str, float]:
 
 def report(res: dict) -> None:
     n = res["clients"]
-    print(f"\nN = {n} clients, {res['rounds']} rounds (round 1 left out; medians), torch threads {res['threads']}")
+    print(f"\nN = {n} clients, {res['rounds']} rounds (round 1 left out; medians), torch threads {res['threads']}, "
+          f"device {res.get('device', 'cpu')}")
     print(f"  {'variant':10s} {'fleetlearn ms':>13s} {'plain ms':>9s} {'ratio':>6s} {'overlapped':>10s} {'acc fleetlearn':>14s} {'acc plain':>9s}")
     for v, f in res["fleetlearn"].items():
         f_ms, p_ms = 1000 * steady(f["round_s"]), 1000 * steady(f["plain_s"])
@@ -313,12 +340,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", nargs="+", default=[v for v in VARIANTS if v != "compiled"], choices=list(VARIANTS))
     ap.add_argument("--json", type=Path, default=None, help="also write the raw timings here")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto: where both sides train (fleetlearn's engine.device)")
     args = ap.parse_args()
     up, load = load_note()
     print(f"before: {up}")
     if load > 0.5:
         print(f"WARNING: 1-min load average {load:.2f} > 0.5: the machine is busy; these timings do not count")
-    results = [one(n, args.rounds, args.seed, args.variants) for n in args.clients]
+    results = [one(n, args.rounds, args.seed, args.variants, args.device) for n in args.clients]
     for res in results:
         report(res)
     up2, load2 = load_note()

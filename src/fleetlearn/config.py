@@ -861,8 +861,9 @@ class EngineConfig(Section):
     backend: str = "simulation"  # a registered transport (fleetlearn.parts, kind "transport")
     # Train the cohort as one batched (vmapped) computation when the model allows it.
     vectorize: bool = True
-    # Where a pretrained model's encoder runs (model.name = "hf:..."): "cpu", "cuda" or "auto"
-    # (CUDA when present). The parameter vector, codecs and aggregation stay on the CPU.
+    # Where clients train and the model is evaluated (learners.TorchLearner; a pretrained
+    # model's frozen encoder lives there too): "cpu", "cuda", "cuda:N" or "auto" (CUDA when
+    # present). The global parameter vector, codecs and aggregation stay on the CPU.
     device: str = "cpu"
     # torch intra-op threads while a run executes (restored afterwards). "auto": one thread
     # for models up to 100,000 parameters, whose small kernels lose more to thread
@@ -1066,9 +1067,9 @@ class RunConfig(Section):
         if self.data.examples_per_client is not None and self.data.partition != "iid":
             raise ValueError(f"data.examples_per_client needs data.partition = 'iid', not {self.data.partition!r}")
         self._heterofl_checks()
-        if self.engine.device != "cpu" and not self.model.name.startswith("hf:"):
-            raise ValueError(f"engine.device = {self.engine.device!r}: only a pretrained model (model.name = 'hf:...') runs off the CPU so far; "
-                             f"model.name = {self.model.name!r} trains on the CPU (leave engine.device = 'cpu')")
+        if self.engine.device != "cpu" and self.model.heterofl_widths:
+            raise ValueError(f"engine.device = {self.engine.device!r}: HeteroFL's sub-models (model.widths = {self.model.widths}) "
+                             "train on the CPU so far (leave engine.device = 'cpu')")
         if self.data.tokenizer is None and self.model.name.startswith("hf:"):
             self.data.__dict__["tokenizer"] = self.model.name  # text is tokenised by the model's own tokenizer
         method = self.personalization.method

@@ -168,8 +168,8 @@ def test_device_refusals():
     from fleetlearn.errors import ConfigError
     from fleetlearn.learners.hf import resolve_device
 
-    with pytest.raises(ConfigError, match=r"engine\.device = 'cuda'.*only a pretrained model"):
-        load_config({"engine": {"device": "cuda"}})
+    with pytest.raises(ConfigError, match=r"engine\.device = 'cuda'.*HeteroFL's sub-models"):
+        load_config({"model": {"widths": [1.0, 0.5]}, "engine": {"device": "cuda"}})
     with pytest.raises(ConfigError, match=r"engine\.device.*'cpu', 'cuda', 'cuda:N' or 'auto'"):
         load_config({"model": {"name": "hf:x"}, "engine": {"device": "tpu"}})
     if not torch.cuda.is_available():

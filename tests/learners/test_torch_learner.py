@@ -128,3 +128,41 @@ def test_batch_indices_give_each_client_its_own_schedule_whoever_else_trains():
     assert int((m[0].sum(-1) > 0).sum()) == 2 and ep[0].tolist()[2:] == [-1] * 7
     first, second = batch_schedule(10, hp, 1)[:3], batch_schedule(10, hp, 1)[3:6]
     assert [b.tolist() for b in first] != [b.tolist() for b in second]
+
+
+# -- engine.device -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_engine_device_auto_trains_where_cuda_is_and_the_system_keeps_cpu_vectors(vectorize):
+    # "auto" is CUDA where there is one, else the CPU: the same run on "cpu" gives the same
+    # bytes and the same model to float tolerance (on a CPU-only machine both are the CPU).
+    from fleetlearn.config import load_config
+    from fleetlearn.engine.factory import build_coordinator
+
+    base = {"seed": 3, "data": {"clients": 12}, "server": {"rounds": 2, "cohort": 6},
+            "client": {"local_epochs": 1, "momentum": 0.9}, "monitoring": {"detectors": []}}
+    runs = {}
+    for device in ("auto", "cpu"):
+        c = build_coordinator(load_config({**base, "engine": {"device": device, "vectorize": vectorize}}), store=False)
+        runs[device] = (c, c.run())
+    (c_auto, s_auto), (c_cpu, s_cpu) = runs["auto"], runs["cpu"]
+    assert c_auto.learner.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert c_cpu.learner.device.type == "cpu"
+    assert c_auto.params.device.type == "cpu"  # the global vector, codecs and aggregation stay on the CPU
+    assert [r.uplink_bytes for r in s_auto.records] == [r.uplink_bytes for r in s_cpu.records]
+    torch.testing.assert_close(c_auto.params, c_cpu.params, atol=1e-4, rtol=1e-3)
+    assert abs(s_auto.final_accuracy - s_cpu.final_accuracy) <= 0.02
+
+
+def test_a_learner_on_a_device_returns_cpu_results():
+    # What every caller gets back is on the CPU, wherever the learner computes.
+    cohort = _cohort()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    learner = TorchLearner(lambda: mlp(10, 4, [16]), device=dev)
+    params = learner.init_params(0)
+    hp = FitConfig(lr=0.1, local_epochs=1, batch_size=4)
+    for res in learner.fit_cohort(params, cohort, hp, list(range(len(cohort)))) + [learner.fit(params, cohort[0], hp, 0)]:
+        assert res.delta.device.type == "cpu" and torch.isfinite(res.delta).all()
+    losses, correct = learner.per_example(params, cohort[0].x, cohort[0].y)
+    assert losses.device.type == "cpu" and correct.device.type == "cpu"

@@ -12,7 +12,7 @@ from ..config import ConfigError, RunConfig
 from ..parts import BuildContext, build_part, get_part
 from ..data import FederatedData, load_federated
 from ..devices import make_fleet
-from ..learners import TorchLearner, model_factory
+from ..learners import TorchLearner, model_factory, resolve_device
 from ..monitoring import build_monitoring
 from ..ops import RunStore
 from ..ops.registry import PARAM_SPEC_FILE
@@ -50,7 +50,7 @@ def _build_learner(config: RunConfig, data: FederatedData, fleet=None):
     _check_model_size(config, data)
     try:
         make = model_factory(m.name, data.num_features, data.num_classes, m.hidden, m.kwargs)
-        learner = TorchLearner(make, vectorize=config.engine.vectorize)
+        learner = TorchLearner(make, vectorize=config.engine.vectorize, device=resolve_device(config.engine.device))
     except (ImportError, TypeError) as exc:
         raise ConfigError(f"model.name = {m.name!r}: {exc}") from None
     except Exception as exc:  # the user's factory (or a built-in given bad kwargs) raised

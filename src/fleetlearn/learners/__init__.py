@@ -2,7 +2,7 @@
 
 from .base import ClientData, CohortData, FitConfig, FitResult, Learner, SingleClientLearner, cohort_rows, cohort_sizes
 from .models import import_object, logistic, mlp, model_factory
-from .torch_learner import TorchLearner, batch_schedule
+from .torch_learner import TorchLearner, batch_schedule, resolve_device
 
 __all__ = [
     "ClientData",
@@ -19,4 +19,5 @@ __all__ = [
     "logistic",
     "mlp",
     "model_factory",
+    "resolve_device",
 ]

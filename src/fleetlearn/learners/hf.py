@@ -46,7 +46,7 @@ from ..errors import ConfigError
 from ..params import ParamSpec
 from ..pretrained import INSTALL_HINT, WEIGHTS_FILE, load_tokenizer, offline, pad_token_id, resolve
 from .heterofl import HeteroFLLearner, HeteroFLPlan
-from .torch_learner import TorchLearner
+from .torch_learner import TorchLearner, resolve_device
 
 __all__ = [
     "LoRALinear", "TextClassifier", "LoraLearner", "Encoder", "load_encoder", "lora_classifier_factory",
@@ -153,8 +153,8 @@ class LoraLearner(TorchLearner):
         return self.spec.flatten(dict(module.named_parameters())).cpu()
 
     def _logits_of(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        # The flat vector (and the optimizer's arithmetic on it) stays on the CPU, with the rest of
-        # the system; the encoder's work runs on the learner's device (engine.device).
+        # TorchLearner's training and evaluation hand over tensors already on the learner's device
+        # (engine.device, where the frozen encoder is); a caller with CPU vectors gets them moved.
         return super()._logits_of({k: v.to(self.device) for k, v in params.items()}, x)
 
 
@@ -172,15 +172,6 @@ class Encoder:
 
     def linear_names(self) -> list[str]:
         return [n for n, m in self.module.named_modules() if isinstance(m, nn.Linear)]
-
-
-def resolve_device(device: str) -> torch.device:
-    """``engine.device``: "cpu", "cuda" (ConfigError without a GPU) or "auto" (CUDA when present)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"engine.device = {device!r}: no CUDA device is available here (torch {torch.__version__}); use 'auto' or 'cpu'")
-    return torch.device(device)
 
 
 def load_encoder(name: str, device: str = "cpu") -> Encoder:

@@ -52,6 +52,18 @@ MIN_GROUP = 32  # clients per group at least, however large the model
 TRAINING_KERNELS = ("eager", "compiled")
 
 
+def resolve_device(device: str | torch.device = "cpu") -> torch.device:
+    """``engine.device``: "cpu", "cuda", "cuda:N" (ConfigError without a GPU) or "auto" (CUDA when present)."""
+    device = str(device)
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        from ..errors import ConfigError
+
+        raise ConfigError(f"engine.device = {device!r}: no CUDA device is available here (torch {torch.__version__}); use 'auto' or 'cpu'")
+    return torch.device(device)
+
+
 # -- mini-batches ------------------------------------------------------------------------------
 # Each client's epochs are permutations of its examples drawn from its own seed by a
 # counter-based hash (splitmix64 of (seed, epoch, position), sorted), so a whole cohort's
@@ -173,7 +185,13 @@ def training_losses(losses: torch.Tensor, mask: torch.Tensor, epoch: np.ndarray)
 
 
 class TorchLearner:
-    """Trains a copy of `module` per client with (momentum) SGD on a flat vector."""
+    """Trains a copy of `module` per client with (momentum) SGD on a flat vector.
+
+    `device` (``engine.device``) is where training and evaluation compute: the cohort's
+    parameters, data and steps move there for a call and the results (deltas, losses,
+    accuracies) come back to the CPU, where the rest of the system keeps its vectors.  The
+    module itself stays where it was built: `functional_call` runs it on whatever tensors it
+    is given, so a module with buffers (which would stay behind) is refused off the CPU."""
 
     kernels = "eager"  # `[engine] training_kernels` (set_training_kernels)
     _fresh_steps = False  # a compiled kernel was built and has not run yet
@@ -181,9 +199,15 @@ class TorchLearner:
     eval_chunk = EVAL_CHUNK  # examples per forward pass when evaluating
     eval_columns = 256  # rows per client per batched forward pass when evaluating a cohort
 
-    def __init__(self, make_module: Callable[[], torch.nn.Module], vectorize: bool = True, max_group: int = 1024):
+    def __init__(self, make_module: Callable[[], torch.nn.Module], vectorize: bool = True, max_group: int = 1024,
+                 device: str | torch.device = "cpu"):
         self.make_module = make_module
         self._module = make_module()
+        self.device = torch.device(device)
+        buffers = [name for name, _ in self._module.named_buffers()]
+        if self.device.type != "cpu" and buffers:
+            raise ValueError(f"the model has buffers ({', '.join(buffers[:3])}{', ...' if len(buffers) > 3 else ''}), which stay on "
+                             f"the CPU while its parameters train on {self.device}; leave engine.device = 'cpu'")
         self._owner = threading.get_ident()
         self._thread_modules: dict[int, torch.nn.Module] = {}
         self.spec = ParamSpec.from_module(self._module)
@@ -234,14 +258,17 @@ class TorchLearner:
     @torch.no_grad()
     def per_example(self, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.module.eval()
+        dev = self.device
+        params = params.to(dev)
         losses, correct = [], []
         for xs, ys in zip(x.split(self.eval_chunk), y.split(self.eval_chunk)):
+            xs, ys = xs.to(dev), ys.to(dev)
             logits = self._logits(params, xs)
             losses.append(F.cross_entropy(logits, ys, reduction="none"))
             correct.append((logits.argmax(-1) == ys).float())
         if not losses:
             return torch.zeros(0), torch.zeros(0)
-        return torch.cat(losses), torch.cat(correct)
+        return torch.cat(losses).cpu(), torch.cat(correct).cpu()
 
     def _mean_loss(self, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
         if y.numel() == 0:
@@ -259,11 +286,16 @@ class TorchLearner:
         correction: torch.Tensor | None = None, max_steps: int | None = None, anchor: torch.Tensor | None = None,
     ) -> FitResult:
         t0 = time.perf_counter()
-        start = params.detach().to(torch.float32)
-        center = start if anchor is None else anchor.detach().to(torch.float32)
+        dev = self.device
+        start = params.detach().to(dev, torch.float32)
+        center = start if anchor is None else anchor.detach().to(dev, torch.float32)
+        if correction is not None:
+            correction = correction.to(dev)
+        x, y = data.x.to(dev), data.y.to(dev)
         p = start.clone()
         buf: torch.Tensor | None = None
         index, mask, epoch = batch_indices([data.num_examples], hp, [seed], [max_steps])
+        index = index.to(dev)
         ks = mask[0].sum(-1).to(torch.int64).tolist()
         losses: list[torch.Tensor] = []
         self.module.train()
@@ -272,7 +304,7 @@ class TorchLearner:
                 break  # the schedule is over (a cut one, or no data)
             idx = index[0, s, :k]
             p.requires_grad_(True)
-            loss = F.cross_entropy(self._logits(p, data.x[idx]), data.y[idx])
+            loss = F.cross_entropy(self._logits(p, x[idx]), y[idx])
             (g,) = torch.autograd.grad(loss, p)
             losses.append(loss.detach())
             p = p.detach()
@@ -288,9 +320,10 @@ class TorchLearner:
                     g = buf
                 p.sub_(g, alpha=hp.lr)
         p = p.detach()
-        before, after = training_losses(torch.stack(losses)[None] if losses else torch.zeros(1, 0), mask[:, : len(losses)], epoch[:, : len(losses)])
+        before, after = training_losses(torch.stack(losses)[None].cpu() if losses else torch.zeros(1, 0), mask[:, : len(losses)],
+                                        epoch[:, : len(losses)])
         return FitResult(
-            delta=p - start,
+            delta=(p - start).cpu(),
             num_examples=data.num_examples,
             loss_before=before[0],
             loss_after=after[0],
@@ -402,32 +435,34 @@ class TorchLearner:
     ) -> list[FitResult]:
         t0 = time.perf_counter()
         n = len(cohort)
-        start = params.detach().to(torch.float32)
+        dev = self.device  # everything the steps touch moves there once (no-ops on the CPU)
+        start = params.detach().to(dev, torch.float32)
         start = start.expand(n, -1) if start.dim() == 1 else start
-        center = start if anchor is None else anchor.detach().to(torch.float32)
+        center = start if anchor is None else anchor.detach().to(dev, torch.float32)
         sizes = cohort_sizes(cohort)
         offsets = np.concatenate([[0], np.cumsum(sizes)])
-        x_all = cohort_rows(cohort, "x")
-        y_all = cohort_rows(cohort, "y")
+        x_all = cohort_rows(cohort, "x").to(dev)
+        y_all = cohort_rows(cohort, "y").to(dev)
         # (n, steps, b) rows of x_all (padding points at the client's first row, masked out).
         index_t, mask_t, epoch = batch_indices(sizes, hp, seeds, limits)
         index_t = index_t + torch.from_numpy(offsets[:-1])[:, None, None]
         index_t.clamp_(0, max(0, len(y_all) - 1))  # an empty client's padding (masked out anyway)
+        index_t, mask_d = index_t.to(dev), mask_t.to(dev)
         steps = index_t.shape[1]
-        active = (mask_t.sum(-1) > 0).to(start.dtype)  # (n, steps)
+        active = (mask_d.sum(-1) > 0).to(start.dtype)  # (n, steps)
         names = self.spec.names
         # The cohort's parameters as one contiguous (n, *shape) tensor per parameter, updated in
         # place (contiguous rows are faster to differentiate and update than views of a flat
         # (n, d) matrix); the flat deltas are assembled once at the end.
         views = {k: v.clone(memory_format=torch.contiguous_format) for k, v in self.spec.split(start).items()}
         centers = self.spec.split(center) if hp.prox_mu else None
-        corr = self.spec.split(corrections) if corrections is not None else None
+        corr = self.spec.split(corrections.to(dev)) if corrections is not None else None
         bufs: dict[str, torch.Tensor] = {}
-        losses = torch.zeros(n, steps)
+        losses = torch.zeros(n, steps, device=dev)
         step_fn = vmap(grad_and_value(self._masked_loss))
         compiled = self._compiled_step(hp, corr is not None) if self.kernels == "compiled" else None
         if compiled is not None:
-            knobs = {k: torch.tensor(float(v)) for k, v in
+            knobs = {k: torch.tensor(float(v), device=dev) for k, v in
                      (("lr", hp.lr), ("mu", hp.prox_mu), ("wd", hp.weight_decay), ("momentum", hp.momentum))}
             if hp.momentum:
                 bufs = {k: torch.zeros_like(v) for k, v in views.items()}
@@ -436,7 +471,7 @@ class TorchLearner:
             rows = index_t[:, s]
             if compiled is not None:
                 try:
-                    losses[:, s] = compiled(views, x_all[rows], y_all[rows], mask_t[:, s], active[:, s], knobs,
+                    losses[:, s] = compiled(views, x_all[rows], y_all[rows], mask_d[:, s], active[:, s], knobs,
                                             centers or {}, corr or {}, bufs)
                     if self._fresh_steps:
                         self._collect_compiler_garbage()
@@ -444,7 +479,7 @@ class TorchLearner:
                 except Exception as exc:  # noqa: BLE001 - a model or setting the compiler cannot take: eager steps
                     self._step_failed(hp, corr is not None, exc)
                     compiled = None
-            g, losses[:, s] = step_fn(views, x_all[rows], y_all[rows], mask_t[:, s])
+            g, losses[:, s] = step_fn(views, x_all[rows], y_all[rows], mask_d[:, s])
             act = active[:, s]
             for k in names:
                 gk, pk = g[k], views[k]
@@ -460,14 +495,19 @@ class TorchLearner:
                     b = bufs.get(k)
                     bufs[k] = gk = gk.clone() if b is None else torch.where(act.view(shape).bool(), hp.momentum * b + gk, b)
                 pk.addcmul_(act.view(shape), gk, value=-hp.lr)  # in place: no (n, d) temporary per step
-        loss_before, loss_after = training_losses(losses, mask_t, epoch)
-        # The (n, d) deltas in the spec's order, written in one pass from the per-tensor matrices.
+        loss_before, loss_after = training_losses(losses.cpu(), mask_t, epoch)
+        # The (n, d) deltas in the spec's order, written in one pass from the per-tensor matrices
+        # (on the CPU: off it, each tensor's difference is copied back).
         deltas = empty_rows(n, self.spec.dim, start.dtype)
         for (k, out), begin in zip(self.spec.split(deltas).items(), self.spec.split(start).values()):
-            torch.sub(views[k], begin, out=out)
+            if dev.type == "cpu":
+                torch.sub(views[k], begin, out=out)
+            else:
+                out.copy_(views[k] - begin)
         xt_sizes = cohort_sizes(cohort, test=True).tolist()
         if any(xt_sizes):
-            acc = self._cohort_accuracy(start + deltas, cohort_rows(cohort, "x_test"), cohort_rows(cohort, "y_test"), xt_sizes)
+            trained = torch.cat([v.reshape(n, -1) for v in views.values()], 1) if dev.type != "cpu" else start + deltas
+            acc = self._cohort_accuracy(trained, cohort_rows(cohort, "x_test"), cohort_rows(cohort, "y_test"), xt_sizes)
         else:  # no client has a local test split: nothing to evaluate
             acc = [math.nan] * n
         elapsed = (time.perf_counter() - t0) / n
@@ -515,19 +555,21 @@ class TorchLearner:
         if width == 0:
             return loss_sum, correct
         self.module.eval()
+        dev = self.device
+        p, x, y = p.to(dev), x.to(dev), y.to(dev)
         logits_fn = vmap(self._logits)
         step = self.eval_columns
         for lo in range(0, width, step):
             cols = np.arange(lo, min(lo + step, width))
             valid = cols[None, :] < np.asarray(sizes)[:, None]
             rows = np.where(valid, offsets[:-1, None] + cols[None, :], 0)
-            rows_t = torch.from_numpy(rows)
+            rows_t = torch.from_numpy(rows).to(dev)
             logits = logits_fn(p, x[rows_t])
             yb = y[rows_t]
-            v = torch.from_numpy(valid.astype(np.float32))
+            v = torch.from_numpy(valid.astype(np.float32)).to(dev)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1), reduction="none").reshape(yb.shape)
-            loss_sum += (loss * v).sum(1).double().numpy()
-            correct += ((logits.argmax(-1) == yb).float() * v).sum(1).double().numpy()
+            loss_sum += (loss * v).sum(1).double().cpu().numpy()
+            correct += ((logits.argmax(-1) == yb).float() * v).sum(1).double().cpu().numpy()
         return loss_sum, correct
 
     def _cohort_mean_loss(self, p: torch.Tensor, x: torch.Tensor, y: torch.Tensor, sizes: list[int]) -> list[float]:

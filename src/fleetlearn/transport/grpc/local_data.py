@@ -21,7 +21,7 @@ import torch
 
 from ...config import RunConfig, load_config
 from ...data import load_federated
-from ...learners import ClientData, TorchLearner, import_object, model_factory
+from ...learners import ClientData, TorchLearner, import_object, model_factory, resolve_device
 from ...learners.base import Learner
 
 
@@ -82,7 +82,8 @@ def learner_from_config(config: RunConfig | dict | str | Path, num_features: int
         from ...learners.heterofl import heterofl_client_learner
 
         return heterofl_client_learner(m, num_features, num_classes)
-    return TorchLearner(model_factory(m.name, num_features, num_classes, m.hidden, m.kwargs), vectorize=False)
+    return TorchLearner(model_factory(m.name, num_features, num_classes, m.hidden, m.kwargs), vectorize=False,
+                        device=resolve_device(cfg.engine.device))
 
 
 def client_from_config(
