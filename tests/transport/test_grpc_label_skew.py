@@ -38,7 +38,7 @@ def test_clients_oversample_and_report_their_label_histogram(transport, tokens, 
         assert torch.equal(parse_chain("none").decode(u.payload), expect.delta)
     transport.finish()
     clients.join()
-    assert transport.refusals_total() == {}
+    assert transport.refusals_total() == {}, list(transport.server.refusals.log)  # (time, round, client, reason, detail)
 
 
 @pytest.mark.parametrize("counts, why", [([5, 5], "has 2 classes"), ([3, 3, 3], "summing to 9"), (None, "has 0 classes")])
