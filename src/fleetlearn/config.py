@@ -792,6 +792,26 @@ class ProbesConfig(Section):
     tolerance: float = Field(default=0.05, gt=0, le=1)
 
 
+def coverage_refusal(cfg: Any) -> str | None:
+    """Why this run cannot average each coordinate over the clients that sent it (a ``subset``
+    uplink: aggregation.pipeline.CoverageStage), naming the setting; None when it can."""
+    srv, priv = cfg.server, cfg.privacy
+    for on, why in (
+        (srv.aggregator != "mean", f"server.aggregator = {srv.aggregator!r} needs whole updates; only 'mean' averages by coverage"),
+        (priv.mode == "central", "privacy.mode = 'central' clips and noises a sum of whole updates"),
+        (priv.secure_aggregation, "privacy.secure_aggregation = true shows the server only the sum"),
+        (cfg.engine.regions > 1 or cfg.engine.region_aggregators, f"engine.regions = {cfg.engine.regions}: a region forwards one sum"),
+        (cfg.model.heterofl, f"model.widths = {cfg.model.widths} averages sub-models by their own coverage"),
+        (srv.clustering != "none", f"server.clustering = {srv.clustering!r} aggregates per cluster"),
+        (cfg.client.objective == "scaffold", "client.objective = 'scaffold' updates its control variates from whole deltas"),
+        (cfg.compression.adaptive, "compression.adaptive mixes chains within a round"),
+        (cfg.distill.method != "none", f"distill.method = {cfg.distill.method!r} needs each client's whole model"),
+    ):
+        if on:
+            return why
+    return None
+
+
 def probe_refusal(cfg: Any) -> str | None:
     """Why this run cannot check probe clients (the setting that prevents it), or None."""
     up = [e.strip().split(":", 1)[0] for e in str(cfg.compression.uplink).split("|")]

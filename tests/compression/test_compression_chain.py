@@ -23,7 +23,8 @@ from fleetlearn.compression import (
 from fleetlearn.params import PayloadError
 
 FIXED = ["none", "fp16", "bf16", "q8", "q4", "q2", "q4:block=7", "q8:stochastic", "sign", "sign:block=10"]
-SPARSE = ["topk:0.1", "topk:5", "topk:0.2,block=8", "randk:0.2", "topk:0.05 | q8", "topk:0.2 | fp16", "randk:0.3,unbiased | q4:stochastic", "topk:0.1 | sign"]
+SPARSE = ["topk:0.1", "topk:5", "topk:0.2,block=8", "randk:0.2", "topk:0.05 | q8", "topk:0.2 | fp16", "randk:0.3,unbiased | q4:stochastic", "topk:0.1 | sign",
+          "subset:7", "subset:0.2,block=4 | q8:stochastic"]
 ALL = FIXED + SPARSE + ["sketch:0.05", "ef | q4", "ef | topk:0.1 | q8", "ef | sketch:0.1,rows=3", "zstd", "q8 | zstd", "ef | topk:0.1 | q4 | zstd"]
 
 
@@ -135,10 +136,10 @@ def test_amount_integer_is_a_count_and_decimal_is_a_fraction():
 
 def test_lossy_flags():
     assert not parse_chain("none").lossy
-    for spec in ["fp16", "bf16", "q8", "sign", "topk:0.1", "sketch:0.1", "ef | q8"]:
+    for spec in ["fp16", "bf16", "q8", "sign", "topk:0.1", "subset:0.1", "sketch:0.1", "ef | q8"]:
         assert parse_chain(spec).lossy, spec
     assert not parse_chain("zstd").lossy and parse_chain("q8 | zstd").lossy
-    assert set(CODECS) == {"none", "fp16", "bf16", "q8", "q4", "q2", "sign", "topk", "randk", "sketch", "ef", "zstd", "budget"}
+    assert set(CODECS) == {"none", "fp16", "bf16", "q8", "q4", "q2", "sign", "topk", "randk", "subset", "sketch", "ef", "zstd", "budget"}
 
 
 # -- contract ------------------------------------------------------------------------------

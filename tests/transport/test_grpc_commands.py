@@ -89,6 +89,24 @@ def test_a_block_topk_uplink_over_grpc(tmp_path):
     assert not torch.equal(net.coordinator.params, net.start)
 
 
+def test_a_subset_uplink_over_grpc_is_averaged_by_coverage(tmp_path):
+    # The clients get the subset chain at registration and send random subsets of their
+    # updates; the server averages each coordinate over the clients that sent it (CoverageStage).
+    from grpc_test_support import NetworkRun
+
+    chain = "subset:0.25,block=16 | q2:stochastic | zstd"
+    cfg = load_config({**CFG, "seed": 4, "compression": {"uplink": chain}, "monitoring": {"detectors": []},
+                       "server": {"cohort": 3, "rounds": 2, "deadline_s": 30.0}, "client": {"local_epochs": 1}})
+    net = NetworkRun(cfg, tmp_path, clients=3)
+    summary = net.run()
+    dim = net.coordinator.params.numel()
+    assert [r.accepted for r in summary.records] == [3, 3] and summary.failed_rounds == 0
+    for rec in summary.records:
+        assert 0 < rec.extra["coverage_clients"] < 3
+        assert all(c.codec == chain and 0 < c.uplink_bytes < 4 * dim // 10 for c in rec.clients)
+    assert not torch.equal(net.coordinator.params, net.start)
+
+
 def test_the_cli_says_what_certificates_cover_and_refuses_plaintext_off_loopback(tmp_path, capsys):
     from fleetlearn.cli import main
 

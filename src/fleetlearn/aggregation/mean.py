@@ -39,6 +39,96 @@ def mean(updates, weights=None):
     return out.numpy() if was_numpy else out
 
 
+def check_weights(weights, n: int) -> torch.Tensor:
+    """`weights` as (n,) float64, refused unless finite, non-negative and not all zero (`coverage_mean`)."""
+    w = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
+    if w.shape != (n,):
+        raise ValueError(f"coverage_mean: weights must have shape ({n},), got {tuple(w.shape)}")
+    if not torch.isfinite(w).all() or (w < 0).any():
+        raise ValueError("coverage_mean: weights must be finite and non-negative")
+    if n and float(w.sum()) <= 0:
+        raise ValueError("coverage_mean: weights sum to zero")
+    return w
+
+
+def _covers_all(index: torch.Tensor, dim: int) -> bool:
+    m = torch.zeros(dim, dtype=torch.bool)
+    m[index] = True
+    return bool(m.all())
+
+
+def coverage_mean(updates, coverage, weights, dim: int | None = None) -> torch.Tensor:
+    """The per-coordinate weighted mean over the clients that cover each coordinate.
+
+    ``Delta[j] = sum_i w_i m_ij u_ij / sum_i w_i m_ij``, 0 where ``sum_i w_i m_ij = 0``:
+    HeteroFL's aggregate of sub-models (Diao et al. 2021, eq. (2)), and the aggregate of
+    ``subset`` uplinks, whose clients each send a random part of their update
+    (`fleetlearn.aggregation.pipeline.CoverageStage`).  Accepted forms:
+
+    - ``updates`` ``(n, d)`` full-size deltas and ``coverage`` an ``(n, d)`` bool mask;
+    - ``updates`` ``(n, d)`` and ``coverage`` a list of n index tensors (entries off the
+      index are ignored);
+    - ``updates`` a list of n sub-model deltas ``(d_i,)`` and ``coverage`` their n index
+      tensors (HeteroFL's `width_slices`), with ``dim`` the global size.  This is the cheap form: one
+      ``index_add_`` over the concatenated sub-vectors, memory O(sum_i d_i).
+
+    Sums are accumulated in float64 and returned as float32.  When every client covers every
+    coordinate the result is computed exactly as `fleetlearn.aggregation.mean` does, so
+    HeteroFL with all widths 1 is FedAvg bit for bit.  (An index tensor of every coordinate
+    is not checked for duplicates: it is taken as covering each once.)
+    """
+    if isinstance(coverage, torch.Tensor) and coverage.dtype == torch.bool:
+        u = torch.as_tensor(updates)
+        if u.ndim != 2 or coverage.shape != u.shape:
+            raise ValueError(f"coverage_mean: updates {tuple(u.shape)} and mask {tuple(coverage.shape)} must both be (n, d)")
+        n = u.shape[0]
+        if n == 0:
+            raise ValueError("coverage_mean: cannot aggregate an empty cohort (n = 0)")
+        w = check_weights(weights, n)
+        if bool(coverage.all()):
+            return mean(u.to(torch.float32), weights)
+        m = coverage.to(torch.float64) * w[:, None]
+        num = (m * u.to(torch.float64)).sum(0)
+        den = m.sum(0)
+        return torch.where(den > 0, num / den.clamp(min=torch.finfo(torch.float64).tiny), 0.0).to(torch.float32)
+
+    indices = [torch.as_tensor(i, dtype=torch.int64).reshape(-1) for i in coverage]
+    n = len(indices)
+    if n == 0:
+        raise ValueError("coverage_mean: cannot aggregate an empty cohort (n = 0)")
+    if isinstance(updates, torch.Tensor) and updates.ndim == 2:
+        if updates.shape[0] != n:
+            raise ValueError(f"coverage_mean: {updates.shape[0]} updates but {n} index tensors")
+        d = updates.shape[1] if dim is None else int(dim)
+        if d != updates.shape[1]:
+            raise ValueError(f"coverage_mean: dim = {dim} but the updates have {updates.shape[1]} columns")
+        subs = [updates[i, idx] for i, idx in enumerate(indices)]
+    else:
+        subs = [torch.as_tensor(s).reshape(-1) for s in updates]
+        if len(subs) != n:
+            raise ValueError(f"coverage_mean: {len(subs)} updates but {n} index tensors")
+        if dim is None:
+            raise ValueError("coverage_mean: pass dim (the global model's size) with sub-model deltas")
+        d = int(dim)
+    for i, (s, idx) in enumerate(zip(subs, indices)):
+        if s.numel() != idx.numel():
+            raise ValueError(f"coverage_mean: update {i} has {s.numel()} entries, its index {idx.numel()}")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= d):
+            raise ValueError(f"coverage_mean: index {i} points outside 0..{d - 1}")
+    w = check_weights(weights, n)
+    if all(idx.numel() == d and _covers_all(idx, d) for idx in indices):  # FedAvg, as computed by `mean`
+        full = torch.zeros(n, d, dtype=torch.float32)
+        for i, (s, idx) in enumerate(zip(subs, indices)):
+            full[i, idx] = s.to(torch.float32)
+        return mean(full, weights)
+    lens = torch.tensor([idx.numel() for idx in indices])
+    flat_idx = torch.cat(indices)
+    w_rep = torch.repeat_interleave(w, lens)
+    num = torch.zeros(d, dtype=torch.float64).index_add_(0, flat_idx, torch.cat(subs).to(torch.float64) * w_rep)
+    den = torch.zeros(d, dtype=torch.float64).index_add_(0, flat_idx, w_rep)
+    return torch.where(den > 0, num / den.clamp(min=torch.finfo(torch.float64).tiny), 0.0).to(torch.float32)
+
+
 class StreamingMean:
     """Folds weighted vectors in as they arrive; memory O(d), not O(n d)."""
 

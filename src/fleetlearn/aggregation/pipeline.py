@@ -12,6 +12,9 @@ optax's ``chain`` do:
   in `AGGREGATORS`, MIFA, HeteroFL's coverage mean, per-cluster aggregation).
 - `SketchSpaceStage(inner, chain, dim)`: count-sketch uplinks: the inner linear stage (the
   mean, the secure sum, central DP) runs on the clients' sketch tables, unsketched once.
+- `CoverageStage(dim)`: ``subset`` uplinks (each client sends a random part of its update):
+  each coordinate is the weighted mean over the clients whose payload carries it
+  (`coverage_mean`), in place of the plain mean.
 - `SecureSumStage(secure)`: the weighted mean through secure aggregation.
 - `HierarchyStage(hierarchy)`: regional pre-aggregation of the weighted mean.
 - `CentralDPStage(central, secure, inner)`: DP-FedAvg's clip, (secure) sum and noise,
@@ -168,6 +171,43 @@ class SketchSpaceStage(Stage):
         self.inner.load_state_dict(state)
 
 
+class CoverageStage(Stage):
+    """``subset`` uplinks: each client sends a random part of its update (drawn independently
+    of the values), and each coordinate of the aggregate is the weighted mean over the clients
+    whose payload carries it (`coverage_mean`, 0 where none does), read from the payloads'
+    supports.  A plain mean of such rows would shrink every coordinate by the fraction sent.
+    Measurements: ``coverage_clients`` (the mean number of clients per coordinate) and
+    ``coverage_missed`` (the fraction of coordinates no client sent this round)."""
+
+    name = "coverage_mean"
+
+    def __init__(self, dim: int):
+        self.dim = int(dim)
+
+    @property
+    def label(self) -> str:
+        return "coverage mean"
+
+    def next(self, batch: Batch) -> StageResult:
+        from ..aggregation.mean import coverage_mean
+        from ..compression.codec import payload_support
+        from ..params import PayloadError
+
+        n, d = len(batch.client_ids), self.dim
+        if len(batch.payloads) != n:
+            raise ValueError(f"averaging by coverage reads each client's payload; {len(batch.payloads)} payloads for {n} updates")
+        try:
+            supports = [payload_support(p, d) for p in batch.payloads]
+        except PayloadError as exc:
+            raise ValueError(str(exc)) from None
+        index = [torch.arange(d) if s is None else torch.from_numpy(s) for s in supports]
+        out = coverage_mean(batch.updates, index, batch.weights)
+        counts = torch.bincount(torch.cat(index), minlength=d) if n else torch.zeros(d, dtype=torch.int64)
+        m = {"coverage_clients": float(counts.to(torch.float64).mean()) if d else 0.0,
+             "coverage_missed": float((counts == 0).to(torch.float64).mean()) if d else 0.0}
+        return StageResult(out, m)
+
+
 class SecureSumStage(Stage):
     """The weighted mean computed through secure aggregation (the server learns only the sum)."""
 
@@ -284,13 +324,21 @@ class CentralDPStage(Stage):
 
 
 def build_pipeline(aggregator, *, privacy=None, sketch=None, dim: int | None = None, hierarchy=None,
-                   what: str = "the aggregator") -> Stage:
+                   what: str = "the aggregator", coverage: bool = False) -> Stage:
     """The run's stage from its parts: central DP around the rule (which must compose),
     else secure aggregation's sum, else regional pre-aggregation, else the rule itself;
     with a count-sketch uplink (`sketch`: the uplink chain, `dim` the model's) that stage
-    runs in sketch space (`SketchSpaceStage`)."""
+    runs in sketch space (`SketchSpaceStage`); with a ``subset`` uplink (`coverage`) the
+    plain mean is the coverage mean (`CoverageStage`; the config refused every other
+    aggregation first, `config.coverage_refusal`)."""
     central = privacy.central if privacy is not None else None
     secure = privacy.secure if privacy is not None else None
+    if coverage:
+        if central is not None or secure is not None or hierarchy is not None or getattr(aggregator, "name", "mean") != "mean":
+            raise ValueError(f"a subset uplink is averaged by coverage, which only the plain mean does; {what} is not it")
+        if dim is None:
+            raise ValueError("a coverage-mean pipeline needs the model's dimension")
+        return CoverageStage(dim)
     if central is not None:
         inner = None
         if getattr(aggregator, "name", "mean") != "mean":
@@ -313,6 +361,7 @@ def build_pipeline(aggregator, *, privacy=None, sketch=None, dim: int | None = N
 __all__ = [
     "Batch",
     "CentralDPStage",
+    "CoverageStage",
     "DPComposeError",
     "HierarchyStage",
     "RuleStage",

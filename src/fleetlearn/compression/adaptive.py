@@ -158,6 +158,10 @@ class AdaptiveCompression:
             raise ValueError("an adaptive ladder needs at least one chain")
         self.chains = [parse_chain(s, seed=seed) for s in ladder]
         self.ladder = [c.spec for c in self.chains]
+        mixed = [c.spec for c in self.chains if c.coverage]
+        if mixed:
+            raise ValueError(f"{mixed[0]!r} sends a random subset of each update, averaged per coordinate over the clients that "
+                             "sent it; a ladder mixes chains in one round, and the others' rows are averaged whole: not a rung")
         self.dim = int(dim)
         if level_bytes is None:
             self.level_bytes = np.array([c.estimate_bytes(self.dim) for c in self.chains], dtype=np.int64)

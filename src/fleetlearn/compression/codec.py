@@ -16,7 +16,9 @@ whitespace ignored; ``"none"`` or ``""`` is plain float32.  An element is
 - sparsifier: ``topk:F[,block=B]``, ``randk:F[,unbiased]`` -- keep k coordinates; F is a
   fraction written with a decimal point (``0.01``, ``1.0``) or an integer count
   (``100``); ``block=B`` keeps whole blocks of B consecutive coordinates (the
-  round(k/B) of largest L2 norm).
+  round(k/B) of largest L2 norm).  ``subset:F[,block=B]`` -- a random fraction F of the
+  blocks, drawn independently of the values; the server averages each coordinate over
+  the clients that sent it (`sparsify.Subset`).
 - sketch: ``sketch:K[,cols=C][,rows=R][,seed=S]`` -- count sketch, K heavy hitters
   recovered on decode, C columns (default 4 K), R rows (default 5); must be last.
 - value codec: ``none``, ``fp16``, ``bf16``; ``q8``/``q4``/``q2`` as
@@ -35,18 +37,18 @@ the whole vector.  ``ef`` first wraps everything after it.  Refused with a
 ValueError: two sparsifiers (or a sparsifier and a sketch), two value codecs, a
 value codec before the sparsifier, anything after ``sketch`` (tables stay
 float32 so they add up), ``ef`` anywhere but first, ``ef`` before a
-lossless chain, and ``zstd`` anywhere but last.
+lossless chain or around ``subset``, and ``zstd`` anywhere but last.
 
 Examples: ``"q8"``, ``"q4:stochastic"``, ``"q8:block=128"``, ``"topk:0.01 | q8"``,
 ``"ef | topk:0.001 | q4"``, ``"ef | topk:0.16,block=16 | q2 | zstd"``, ``"ef | sign"``, ``"randk:0.1,unbiased | q8:stochastic"``,
-``"q8 | zstd"``, ``"ef | topk:0.01 | q8 | zstd"``,
+``"q8 | zstd"``, ``"ef | topk:0.01 | q8 | zstd"``, ``"subset:0.125,block=16 | q2:stochastic | zstd"``,
 ``"sketch:0.01,cols=0.05,rows=5"``.
 
 Decoding reads the structure from the payload, so *any* chain decodes *any*
 valid payload: the server can accept clients that use different chains
 (adaptive compression) with one ``uplink.decode``.
 
-Randomness (``randk``, ``stochastic``): if the state holds ``"rng.seed"`` (an
+Randomness (``randk``, ``subset``, ``stochastic``): if the state holds ``"rng.seed"`` (an
 int64 scalar tensor, see `seed_state`), that client's stream is seeded from it
 and the next seed is returned in the state, so encodings are reproducible
 whatever the order in which clients run; otherwise the chain's own generator
@@ -69,7 +71,7 @@ from .base import Stage, new_rng
 from .budget import BUDGET_STATE, ByteBudget, fit
 from .entropy import ZstdCoder
 from .sketch import CountSketch, read_sketch, read_sketch_section, unsketch
-from .sparsify import RandK, Sparsifier, TopK, read_support
+from .sparsify import RandK, Sparsifier, Subset, TopK, read_support
 from .values import (
     read_f32_into,
     BFloat16Codec,
@@ -124,6 +126,7 @@ _BUILTIN_CODECS: dict[str, Callable[[list[str], dict[str, str]], Stage]] = {
     "sign": SignCodec.from_args,
     "topk": TopK.from_args,
     "randk": RandK.from_args,
+    "subset": Subset.from_args,
     "sketch": CountSketch.from_args,
     "ef": ErrorFeedback.from_args,
     "zstd": ZstdCoder.from_args,
@@ -265,6 +268,12 @@ class CodecChain:
     @property
     def lossy(self) -> bool:
         return any(c.lossy for c in self.codecs)
+
+    @property
+    def coverage(self) -> bool:
+        """The server averages each coordinate over the clients that sent it (a `subset` chain:
+        aggregation.pipeline.CoverageStage), instead of the plain mean of the decoded rows."""
+        return isinstance(self.support, Sparsifier) and self.support.coverage
 
     @property
     def exact_size(self) -> bool:
@@ -471,6 +480,12 @@ def _validate(stages: list[Stage]) -> None:
                 f"{values[0].spec!r} comes before {supports[0].spec!r} in {spec!r}; the sparsifier goes first and the "
                 f"value codec codes the kept values, e.g. '{supports[0].spec} | {values[0].spec}'"
             )
+    if stages and stages[0].role == "ef" and any(getattr(c, "coverage", False) for c in supports):
+        raise ValueError(
+            f"'ef' cannot wrap {supports[0].spec!r} in {spec!r}: the server averages each coordinate over the clients that "
+            "sent it, so what one client leaves out is estimated from the others; a residual would send it a second time. "
+            "Drop 'ef'"
+        )
     if stages and stages[0].role == "ef" and not any(c.lossy for c in body):
         raise ValueError(
             f"'ef' needs a lossy codec after it (e.g. 'ef | topk:0.01 | q8'); in {spec!r} the rest is lossless, "
@@ -531,6 +546,17 @@ def estimate_bytes(spec: str, dim: int) -> int:
     gaps and zstd whenever they are smaller.
     """
     return parse_chain(spec).estimate_bytes(dim)
+
+
+def payload_support(payload: bytes, dim: int) -> np.ndarray | None:
+    """The sorted entry indices a payload carries values for; None for a dense one (every
+    entry).  `PayloadError` for a malformed payload, a sketch, or one for another `dim`."""
+    h, r = wire.read_header(payload, dim=dim)
+    if h.support == wire.SUPPORT_DENSE:
+        return None
+    if h.support == wire.SUPPORT_SKETCH:
+        raise PayloadError("a sketch payload has no support: its table is summed, not averaged per coordinate")
+    return read_support(r, h.support, h.dim)
 
 
 def decode_payload(payload: bytes, dim: int | None = None, out: torch.Tensor | None = None,

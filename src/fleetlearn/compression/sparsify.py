@@ -13,7 +13,9 @@ upper bound ``estimate_bytes`` uses.
 Block top-k (``topk:F,block=B``, support id 4) sends the block size (``<I``) and
 then the same section over *block numbers* (one index per kept block, out of
 ceil(d / B)); the decoder expands block b to entries bB .. bB + B - 1 (fewer for
-a partial last block), and the values follow for every expanded entry.
+a partial last block), and the values follow for every expanded entry.  ``subset``
+(support id 5) writes the same section, block size 1 included: its own id tells the
+server that the payload is a random part of the update, averaged by coverage.
 """
 
 from __future__ import annotations
@@ -206,14 +208,14 @@ def write_block_indices(idx: np.ndarray, block: int) -> list:
 
 
 def read_support(r: Reader, support: int, dim: int) -> np.ndarray:
-    """The sorted entry indices of a sparse payload's support section (topk, randk or topk blocks)."""
-    return read_block_indices(r, dim) if support == wire.SUPPORT_TOPK_BLOCKS else read_indices(r, dim)
+    """The sorted entry indices of a sparse payload's support section (topk, randk, topk blocks or subset)."""
+    return read_block_indices(r, dim) if support in wire.BLOCK_SUPPORTS else read_indices(r, dim)
 
 
 def read_block_indices(r: Reader, dim: int) -> np.ndarray:
     (block,) = r.unpack(BLOCK_HEAD, "block size")
-    if not 1 <= block <= TopK.MAX_BLOCK:
-        raise PayloadError(f"block top-k section announces block size {block}; allowed 1 to {TopK.MAX_BLOCK}")
+    if not 1 <= block <= Sparsifier.MAX_BLOCK:
+        raise PayloadError(f"block section announces block size {block}; allowed 1 to {Sparsifier.MAX_BLOCK}")
     return block_entries(read_indices(r, -(-dim // block)), block, dim)
 
 
@@ -221,13 +223,27 @@ def read_block_indices(r: Reader, dim: int) -> np.ndarray:
 class Sparsifier(Stage):
     role = "sparsifier"
     wire_id: int
-    block: int = 1  # entries kept together (block top-k sets its own)
+    block: int = 1  # entries kept together (the ``block=B`` option of topk and subset)
+    # True: the kept entries are drawn independently of the values, and the server averages each
+    # coordinate over the clients that sent it (`subset`; aggregation.pipeline.CoverageStage).
+    coverage: bool = False
+    block_section: bool = False  # the support section is a block size and block numbers (wire.BLOCK_SUPPORTS)
+    MAX_BLOCK = 1 << 16
 
     def __init__(self, amount: float | int):
         self.amount = amount
 
     def k(self, dim: int) -> int:
-        return resolve_amount(self.amount, dim)
+        """Entries kept (with blocks: at most that many; a kept partial last block has fewer)."""
+        if self.block == 1:
+            return resolve_amount(self.amount, dim)
+        return min(dim, self.blocks(dim) * self.block)
+
+    def blocks(self, dim: int) -> int:
+        """Number of blocks kept for a vector of `dim` entries."""
+        if dim == 0:
+            return 0
+        return min(-(-dim // self.block), max(1, int(round(resolve_amount(self.amount, dim) / self.block))))
 
     def with_count(self, k: int) -> "Sparsifier":
         """The same sparsifier keeping `k` entries (a count): what a byte budget tries."""
@@ -243,14 +259,22 @@ class Sparsifier(Stage):
 
     def write_support(self, idx: np.ndarray) -> list:
         """The support section for the entry indices `select` returned."""
-        return write_indices(idx)
+        return write_block_indices(idx, self.block) if self.block_section else write_indices(idx)
 
     def support_bytes(self, dim: int) -> int:
         """Upper bound of the support section's bytes for a vector of `dim` entries."""
-        return SPARSE_HEAD.size + 4 * max(self.k(dim) - 1, 0)
+        return (BLOCK_HEAD.size if self.block_section else 0) + SPARSE_HEAD.size + 4 * max(self.blocks(dim) - 1, 0)
 
     def args(self):
-        return [format_amount(self.amount)]
+        return [format_amount(self.amount)] + ([f"block={self.block}"] if self.block != 1 else [])
+
+    @classmethod
+    def _amount_and_block(cls, positional, options) -> tuple[float | int, int]:
+        """``NAME:F[,block=B]``: the amount and the block size (1 when not given)."""
+        options = dict(options)
+        block = options.pop("block", None)
+        amount, _ = cls._amount(positional, options, option_help="block=B (keep whole blocks of B consecutive entries)")
+        return amount, 1 if block is None else parse_int(cls.name, "block", block, 1, cls.MAX_BLOCK)
 
     @classmethod
     def _amount(cls, positional, options, flags=(), option_help=""):
@@ -304,42 +328,16 @@ class TopK(Sparsifier):
 
     name = "topk"
     lossy = True
-    MAX_BLOCK = 1 << 16
 
     def __init__(self, amount: float | int, block: int = 1):
         super().__init__(amount)
         self.block = block
+        self.block_section = block != 1
         self.wire_id = wire.SUPPORT_TOPK if block == 1 else wire.SUPPORT_TOPK_BLOCKS
-
-    def write_support(self, idx):
-        return write_indices(idx) if self.block == 1 else write_block_indices(idx, self.block)
-
-    def support_bytes(self, dim):
-        if self.block == 1:
-            return super().support_bytes(dim)
-        return BLOCK_HEAD.size + SPARSE_HEAD.size + 4 * max(self.blocks(dim) - 1, 0)
-
-    def args(self):
-        return super().args() + ([f"block={self.block}"] if self.block != 1 else [])
 
     @classmethod
     def from_args(cls, positional, options):
-        options = dict(options)
-        block = options.pop("block", None)
-        amount, _ = cls._amount(positional, options, option_help="block=B (keep whole blocks of B consecutive entries)")
-        return cls(amount, 1 if block is None else parse_int(cls.name, "block", block, 1, cls.MAX_BLOCK))
-
-    def blocks(self, dim: int) -> int:
-        """Number of blocks kept for a vector of `dim` entries."""
-        if dim == 0:
-            return 0
-        return min(-(-dim // self.block), max(1, int(round(resolve_amount(self.amount, dim) / self.block))))
-
-    def k(self, dim: int) -> int:
-        """Entries kept (with blocks: at most that many; a kept partial last block has fewer)."""
-        if self.block == 1:
-            return resolve_amount(self.amount, dim)
-        return min(dim, self.blocks(dim) * self.block)
+        return cls(*cls._amount_and_block(positional, options))
 
     def select(self, x, rng):
         if self.block == 1:
@@ -379,3 +377,49 @@ class RandK(Sparsifier):
 
     def select(self, x, rng):
         return randk_indices(x.numel(), self.k(x.numel()), rng)
+
+
+class Subset(Sparsifier):
+    """``subset:F[,block=B]``: each client sends a random fraction F of its update's blocks of
+    B consecutive entries (single entries without ``block``), drawn from the client's own
+    random stream, independently of the values, and sends their values as they are.
+
+    The server averages each coordinate over the clients that sent it (`coverage_mean`, as
+    HeteroFL averages sub-models; aggregation.pipeline.CoverageStage): with n clients a
+    coordinate is estimated from about n F of them, so the aggregate keeps the cohort's step
+    size (a plain mean of sparse vectors would shrink it by F) and nothing is left behind on
+    the client: no error feedback (refused: it would send the same mass twice).  Pair it with
+    an unbiased value codec (``q2:stochastic``): a deterministic 2-bit rounding is biased,
+    and averaging over a few clients does not remove that (BENCHMARKS.md, target_ratio).
+    With ``budget:N`` the client keeps as many random blocks as fit in N bytes.
+
+    Against error feedback and block top-k (``ef | topk:F,block=B``): a client keeps no
+    residual between rounds (useful where a client takes part once, or cannot keep state),
+    and a coordinate is estimated from about n F clients instead of the cohort, so the
+    aggregate is noisier from round to round.  At 100x on the benchmark jobs the two end
+    about as close to float32 on average, subset with about twice the spread between seeds
+    (BENCHMARKS.md, "Random subsets averaged by coverage"); ``target_ratio`` keeps block top-k.
+    """
+
+    name = "subset"
+    lossy = True
+    stochastic = True
+    coverage = True
+    block_section = True
+    wire_id = wire.SUPPORT_SUBSET
+
+    def __init__(self, amount: float | int, block: int = 1):
+        super().__init__(amount)
+        self.block = block
+
+    @classmethod
+    def from_args(cls, positional, options):
+        return cls(*cls._amount_and_block(positional, options))
+
+    def select(self, x, rng):
+        if rng is None:
+            raise ValueError("codec 'subset' draws its blocks from a random generator; none was given")
+        d = x.numel()
+        if self.block == 1:
+            return randk_indices(d, self.k(d), rng)
+        return block_entries(randk_indices(-(-d // self.block), self.blocks(d), rng), self.block, d)

@@ -52,9 +52,11 @@ CRC = struct.Struct("<I")
 OVERHEAD = HEADER.size + CRC.size  # 13 bytes: header + trailer of every payload
 
 # Wire ids.  Append, never renumber: old payloads must keep their meaning.
-SUPPORT_DENSE, SUPPORT_TOPK, SUPPORT_RANDK, SUPPORT_SKETCH, SUPPORT_TOPK_BLOCKS = 0, 1, 2, 3, 4
+SUPPORT_DENSE, SUPPORT_TOPK, SUPPORT_RANDK, SUPPORT_SKETCH, SUPPORT_TOPK_BLOCKS, SUPPORT_SUBSET = 0, 1, 2, 3, 4, 5
 SUPPORT_NAMES = {SUPPORT_DENSE: "dense", SUPPORT_TOPK: "topk", SUPPORT_RANDK: "randk", SUPPORT_SKETCH: "sketch",
-                 SUPPORT_TOPK_BLOCKS: "topk_blocks"}
+                 SUPPORT_TOPK_BLOCKS: "topk_blocks", SUPPORT_SUBSET: "subset"}
+# Supports whose section is a block size and block numbers (`sparsify.read_block_indices`).
+BLOCK_SUPPORTS = (SUPPORT_TOPK_BLOCKS, SUPPORT_SUBSET)
 VALUE_F32, VALUE_F16, VALUE_BF16, VALUE_QUANT, VALUE_SIGN = 0, 1, 2, 3, 4
 VALUE_NAMES = {VALUE_F32: "float32", VALUE_F16: "fp16", VALUE_BF16: "bf16", VALUE_QUANT: "quantized", VALUE_SIGN: "sign"}
 

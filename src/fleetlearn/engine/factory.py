@@ -8,7 +8,7 @@ from .. import compat
 from ..attacks import build_attack
 from ..client import Device
 from ..compression import AdaptiveCompression, CountSketch, parse_chain
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig, coverage_refusal
 from ..parts import BuildContext, build_part, get_part
 from ..data import FederatedData, load_federated
 from ..devices import make_fleet
@@ -415,6 +415,9 @@ def build_coordinator(
     if _is_sketch(uplink):
         compat.check_linear(config.server.aggregator, f"compression.uplink = {config.compression.uplink!r}",
                             "it aggregates in sketch space, which only a linear rule (the mean) can do")
+    if uplink.coverage and (why := coverage_refusal(config)):
+        raise ConfigError(f"compression.uplink = {uplink.spec!r} sends a random subset of each update, which the server averages "
+                          f"over the clients that sent each coordinate; {why}")
     _check_scaffold(config, uplink)
     personalization = build_personalization_part(config, learner)  # over gRPC the clients run it (commands.client)
     device = Device(learner, uplink, downlink, seed=config.seed, adaptive=adaptive, personalization=personalization, num_classes=data.num_classes)
@@ -462,7 +465,7 @@ def build_coordinator(
     hierarchy = _hierarchy(config, data.num_clients, uplink, privacy)
     regional = _check_region_aggregators(config, uplink, privacy, transport_factory) if config.engine.region_aggregators else None
     try:
-        pipeline = regional.stage(learner.spec.dim) if regional is not None else build_pipeline(aggregator, privacy=privacy, sketch=uplink if _is_sketch(uplink) else None, dim=learner.spec.dim,
+        pipeline = regional.stage(learner.spec.dim) if regional is not None else build_pipeline(aggregator, privacy=privacy, sketch=uplink if _is_sketch(uplink) else None, dim=learner.spec.dim, coverage=uplink.coverage,
                                   hierarchy=hierarchy, what=f"server.aggregator = {config.server.aggregator!r}")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..aggregation.mean import check_weights, coverage_mean, mean
 from ..params import ParamSpec
 from .base import ClientData, FitConfig, FitResult
 from .models import mlp
@@ -167,95 +168,16 @@ def embed(sub: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     return out
 
 
+# HeteroFL's aggregate (Diao et al. 2021, eq. (2)) is the coverage mean: each coordinate averaged
+# over the clients whose sub-model covers it.  The name is kept for HeteroFL's callers.
+heterofl_aggregate = coverage_mean
+
+
 def coverage_mask(index: torch.Tensor, dim: int) -> torch.Tensor:
     """``(dim,)`` bool: which global coordinates the sub-model with this index contains."""
     m = torch.zeros(dim, dtype=torch.bool)
     m[index] = True
     return m
-
-
-def _check_weights(weights, n: int) -> torch.Tensor:
-    w = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
-    if w.shape != (n,):
-        raise ValueError(f"heterofl_aggregate: weights must have shape ({n},), got {tuple(w.shape)}")
-    if not torch.isfinite(w).all() or (w < 0).any():
-        raise ValueError("heterofl_aggregate: weights must be finite and non-negative")
-    if n and float(w.sum()) <= 0:
-        raise ValueError("heterofl_aggregate: weights sum to zero")
-    return w
-
-
-def _full_mean(matrix: torch.Tensor, weights) -> torch.Tensor:
-    # The same operations as aggregation.mean (weights cast to the matrix dtype, normalised,
-    # one matmul), so full coverage gives FedAvg bit for bit.
-    w = torch.as_tensor(weights, dtype=matrix.dtype)
-    return (w / w.sum()) @ matrix
-
-
-def heterofl_aggregate(updates, coverage, weights, dim: int | None = None) -> torch.Tensor:
-    """HeteroFL's per-coordinate weighted mean over the clients that cover each coordinate.
-
-    ``Delta[j] = sum_i w_i m_ij u_ij / sum_i w_i m_ij`` (Diao et al. 2021, eq. (2)), 0 where
-    ``sum_i w_i m_ij = 0``.  Accepted forms:
-
-    - ``updates`` ``(n, d)`` full-size deltas and ``coverage`` an ``(n, d)`` bool mask;
-    - ``updates`` ``(n, d)`` and ``coverage`` a list of n index tensors (entries off the
-      index are ignored);
-    - ``updates`` a list of n sub-model deltas ``(d_i,)`` and ``coverage`` their n index
-      tensors (`width_slices`), with ``dim`` the global size.  This is the cheap form: one
-      ``index_add_`` over the concatenated sub-vectors, memory O(sum_i d_i).
-
-    Sums are accumulated in float64 and returned as float32.  When every client covers every
-    coordinate the result is computed exactly as `fleetlearn.aggregation.mean` does, so
-    HeteroFL with all widths 1 is FedAvg bit for bit.
-    """
-    if isinstance(coverage, torch.Tensor) and coverage.dtype == torch.bool:
-        u = torch.as_tensor(updates)
-        if u.ndim != 2 or coverage.shape != u.shape:
-            raise ValueError(f"heterofl_aggregate: updates {tuple(u.shape)} and mask {tuple(coverage.shape)} must both be (n, d)")
-        n = u.shape[0]
-        if n == 0:
-            raise ValueError("heterofl_aggregate: cannot aggregate an empty cohort (n = 0)")
-        w = _check_weights(weights, n)
-        if bool(coverage.all()):
-            return _full_mean(u.to(torch.float32), weights)
-        m = coverage.to(torch.float64) * w[:, None]
-        num = (m * u.to(torch.float64)).sum(0)
-        den = m.sum(0)
-        return torch.where(den > 0, num / den.clamp(min=torch.finfo(torch.float64).tiny), 0.0).to(torch.float32)
-
-    indices = [torch.as_tensor(i, dtype=torch.int64).reshape(-1) for i in coverage]
-    n = len(indices)
-    if n == 0:
-        raise ValueError("heterofl_aggregate: cannot aggregate an empty cohort (n = 0)")
-    if isinstance(updates, torch.Tensor) and updates.ndim == 2:
-        if updates.shape[0] != n:
-            raise ValueError(f"heterofl_aggregate: {updates.shape[0]} updates but {n} index tensors")
-        d = updates.shape[1] if dim is None else int(dim)
-        if d != updates.shape[1]:
-            raise ValueError(f"heterofl_aggregate: dim = {dim} but the updates have {updates.shape[1]} columns")
-        subs = [updates[i, idx] for i, idx in enumerate(indices)]
-    else:
-        subs = [torch.as_tensor(s).reshape(-1) for s in updates]
-        if len(subs) != n:
-            raise ValueError(f"heterofl_aggregate: {len(subs)} updates but {n} index tensors")
-        if dim is None:
-            raise ValueError("heterofl_aggregate: pass dim (the global model's size) with sub-model deltas")
-        d = int(dim)
-    for i, (s, idx) in enumerate(zip(subs, indices)):
-        if s.numel() != idx.numel():
-            raise ValueError(f"heterofl_aggregate: update {i} has {s.numel()} entries, its index {idx.numel()}")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= d):
-            raise ValueError(f"heterofl_aggregate: index {i} points outside 0..{d - 1}")
-    w = _check_weights(weights, n)
-    if all(idx.numel() == d for idx in indices) and all(bool(coverage_mask(idx, d).all()) for idx in indices):
-        return _full_mean(torch.stack([embed(s.to(torch.float32), idx, d) for s, idx in zip(subs, indices)]), weights)
-    lens = torch.tensor([idx.numel() for idx in indices])
-    flat_idx = torch.cat(indices)
-    w_rep = torch.repeat_interleave(w, lens)
-    num = torch.zeros(d, dtype=torch.float64).index_add_(0, flat_idx, torch.cat(subs).to(torch.float64) * w_rep)
-    den = torch.zeros(d, dtype=torch.float64).index_add_(0, flat_idx, w_rep)
-    return torch.where(den > 0, num / den.clamp(min=torch.finfo(torch.float64).tiny), 0.0).to(torch.float32)
 
 
 # -- a plan: widths, their learners, assignment, batched training ----------------------------
@@ -440,21 +362,21 @@ class HeteroFLPlan:
         return out  # type: ignore[return-value]
 
     def aggregate(self, widths: Sequence[float], sub_deltas: Sequence[torch.Tensor], weights) -> torch.Tensor:
-        """`heterofl_aggregate` of sub-model deltas, summed per width group: one ``(n_r, d_r)``
+        """`coverage_mean` of sub-model deltas, summed per width group: one ``(n_r, d_r)``
         matrix-vector product and one ``index_add_`` per width."""
         n = len(sub_deltas)
         if len(widths) != n:
             raise ValueError(f"aggregate: {n} deltas but {len(widths)} widths")
         if n == 0:
-            raise ValueError("heterofl_aggregate: cannot aggregate an empty cohort (n = 0)")
-        w = _check_weights(weights, n)
+            raise ValueError("coverage_mean: cannot aggregate an empty cohort (n = 0)")
+        w = check_weights(weights, n)
         groups = self._groups(widths)
         for wid, members in groups.items():
             for i in members:
                 if sub_deltas[i].numel() != self.sub_dim(wid):
                     raise ValueError(f"aggregate: delta {i} has {sub_deltas[i].numel()} entries, width {wid} needs {self.sub_dim(wid)}")
         if list(groups) == [1.0] and self.sub_dim(1.0) == self.dim:
-            return _full_mean(torch.stack([d.to(torch.float32) for d in sub_deltas]), weights)
+            return mean(torch.stack([d.to(torch.float32) for d in sub_deltas]), weights)
         num = torch.zeros(self.dim, dtype=torch.float64)
         den = torch.zeros(self.dim, dtype=torch.float64)
         for wid, members in groups.items():
@@ -497,7 +419,7 @@ class HeteroFLPlan:
         from .distill import ensemble_logits
 
         n = len(sub_deltas)
-        w = _check_weights(torch.ones(n) if weights is None else weights, n)
+        w = check_weights(torch.ones(n) if weights is None else weights, n)
         total = None
         for wid, members in self._groups(widths).items():
             learner = self.learners[wid]
@@ -516,13 +438,13 @@ class HeteroFLPlan:
         if len(widths) != n:
             raise ValueError(f"aggregate: {n} deltas but {len(widths)} widths")
         if n == 0:
-            raise ValueError("heterofl_aggregate: cannot aggregate an empty cohort (n = 0)")
+            raise ValueError("coverage_mean: cannot aggregate an empty cohort (n = 0)")
         if matrix.shape[1] != self.dim:
             raise ValueError(f"aggregate: deltas have {matrix.shape[1]} columns, the global model {self.dim}")
-        w = _check_weights(weights, n)
+        w = check_weights(weights, n)
         groups = self._groups(widths)
         if list(groups) == [1.0] and self.sub_dim(1.0) == self.dim:
-            return _full_mean(matrix.to(torch.float32), weights)
+            return mean(matrix.to(torch.float32), weights)
         num = torch.zeros(self.dim, dtype=torch.float64)
         den = torch.zeros(self.dim, dtype=torch.float64)
         for wid, members in groups.items():

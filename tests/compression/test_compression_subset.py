@@ -1,0 +1,178 @@
+"""`subset`: each client sends a random part of its update, drawn independently of the
+values, and the server averages each coordinate over the clients that sent it
+(`coverage_mean`, aggregation.pipeline.CoverageStage)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fleetlearn
+from fleetlearn.aggregation.mean import coverage_mean, mean
+from fleetlearn.aggregation.pipeline import Batch, CoverageStage, build_pipeline
+from fleetlearn.compression import needed_capabilities, parse_chain, wire
+from fleetlearn.compression.codec import payload_support, seed_state
+from fleetlearn.config import ConfigError, coverage_refusal, load_config
+from fleetlearn.engine import build_coordinator
+from fleetlearn.params import PayloadError
+
+
+def test_subset_keeps_random_whole_blocks_drawn_without_looking_at_the_values():
+    chain = parse_chain("subset:0.25,block=8")
+    d = 1003  # a partial last block
+    x = torch.randn(d)
+    p1, s1 = chain.encode(x, seed_state(7))
+    p2, _ = chain.encode(100 * torch.randn(d), seed_state(7))
+    idx = payload_support(p1, d)
+    assert np.array_equal(idx, payload_support(p2, d))  # same stream, other values: same support
+    blocks = np.unique(idx // 8)
+    assert blocks.size == chain.support.blocks(d) == round(0.25 * d / 8)
+    assert np.array_equal(idx, np.concatenate([np.arange(b * 8, min(d, b * 8 + 8)) for b in blocks]))  # whole blocks
+    out = chain.decode(p1)
+    assert torch.equal(out[torch.from_numpy(idx)], x[torch.from_numpy(idx)])  # float32 values as they are (no d/k scale)
+    rest = torch.ones(d, dtype=torch.bool)
+    rest[torch.from_numpy(idx)] = False
+    assert torch.all(out[rest] == 0)
+    assert wire.read_header(p1)[0].support == wire.SUPPORT_SUBSET
+    # The client's next state draws another subset.
+    assert not np.array_equal(payload_support(chain.encode(x, s1)[0], d), idx)
+
+
+def test_subset_blocks_are_uniform_over_many_draws():
+    chain = parse_chain("subset:0.1,block=4")
+    d, draws = 400, 2000
+    counts = np.zeros(d // 4)
+    for s in range(draws):
+        counts[payload_support(chain.encode(torch.ones(d), seed_state(s))[0], d)[::4] // 4] += 1
+    # Each of the 100 blocks kept with probability 0.1: 200 of 2000 draws, sd about 13.4.
+    assert counts.sum() == draws * 10
+    assert 130 < counts.min() and counts.max() < 270
+
+
+def test_subset_spec_refusals_and_capabilities():
+    assert parse_chain("subset:0.125,block=16 | q2:stochastic | zstd").spec == "subset:0.125,block=16 | q2:stochastic | zstd"
+    assert parse_chain("subset:100 | q8").coverage and not parse_chain("ef | topk:0.1 | q8").coverage
+    assert needed_capabilities("subset:0.1,block=4 | q8") == ["subset", "q8"]
+    with pytest.raises(ValueError, match="'ef' cannot wrap 'subset:0.1'.*Drop 'ef'"):
+        parse_chain("ef | subset:0.1 | q8")
+    with pytest.raises(ValueError, match=r"block='0' is not allowed"):
+        parse_chain("subset:0.1,block=0")
+    with pytest.raises(ValueError, match="exactly one amount"):
+        parse_chain("subset")
+
+
+def test_payload_support_of_dense_and_sketch_payloads():
+    d = 64
+    assert payload_support(parse_chain("q8").encode(torch.randn(d))[0], d) is None
+    with pytest.raises(PayloadError, match="no support"):
+        payload_support(parse_chain("sketch:4").encode(torch.randn(d))[0], d)
+    with pytest.raises(PayloadError):
+        payload_support(parse_chain("subset:0.5 | q8:stochastic").encode(torch.randn(d), seed_state(0))[0], d + 1)
+
+
+def test_a_budgeted_subset_spends_the_budget_on_random_blocks():
+    chain = parse_chain("subset:1.0,block=16 | q2:stochastic | zstd | budget:384")
+    d = 9_610
+    payload, state = chain.encode(torch.randn(d), seed_state(3))
+    assert len(payload) <= 384
+    kept = payload_support(payload, d).size
+    assert 800 <= kept <= 1600  # about 2 bits a value plus a byte a block's index
+    assert "budget.k" in state
+
+
+def loop_coverage_mean(rows: torch.Tensor, supports: list[np.ndarray], w: np.ndarray) -> torch.Tensor:
+    d = rows.shape[1]
+    out = torch.zeros(d, dtype=torch.float64)
+    for j in range(d):
+        num = den = 0.0
+        for i, s in enumerate(supports):
+            if j in set(s.tolist()):
+                num += w[i] * float(rows[i, j])
+                den += w[i]
+        out[j] = num / den if den else 0.0
+    return out.to(torch.float32)
+
+
+def test_the_coverage_stage_averages_each_coordinate_over_the_clients_that_sent_it():
+    chain = parse_chain("subset:0.3,block=4")
+    d, n = 48, 4
+    g = torch.Generator().manual_seed(0)
+    true = torch.randn(n, d, generator=g)
+    payloads = [chain.encode(true[i], seed_state(10 + i))[0] for i in range(n)]
+    payloads.append(parse_chain("none").encode(true[0])[0])  # a dense payload covers every coordinate
+    rows = torch.stack([chain.decode(p) for p in payloads])
+    w = np.array([1.0, 2.0, 3.0, 4.0, 0.5])
+    supports = [payload_support(p, d) for p in payloads]
+    stage = build_pipeline(fleetlearn.aggregation.MeanAggregator(), dim=d, coverage=True)
+    assert isinstance(stage, CoverageStage)
+    res = stage.next(Batch(rows, w, list(range(n + 1)), payloads))
+    ref = loop_coverage_mean(rows, [np.arange(d) if s is None else s for s in supports], w)
+    assert torch.allclose(res.aggregate, ref, atol=1e-6)
+    counts = np.bincount(np.concatenate([np.arange(d) if s is None else s for s in supports]), minlength=d)
+    assert res.measurements == {"coverage_clients": pytest.approx(counts.mean()), "coverage_missed": 0.0}
+    # The plain mean of the same rows is shrunk where a coordinate was sent by few clients.
+    assert not torch.allclose(mean(rows, torch.from_numpy(w).float()), ref, atol=1e-3)
+
+
+def test_the_coverage_stage_leaves_unsent_coordinates_unchanged_and_reports_them():
+    chain = parse_chain("subset:2,block=2")
+    d = 20
+    payloads = [chain.encode(torch.ones(d), seed_state(s))[0] for s in range(2)]
+    rows = torch.stack([chain.decode(p) for p in payloads])
+    res = CoverageStage(d).next(Batch(rows, np.ones(2), [0, 1], payloads))
+    sent = np.union1d(payload_support(payloads[0], d), payload_support(payloads[1], d))
+    assert torch.equal(res.aggregate[torch.from_numpy(sent)], torch.ones(sent.size))
+    assert int((res.aggregate == 0).sum()) == d - sent.size
+    assert res.measurements["coverage_missed"] == pytest.approx(1 - sent.size / d)
+    with pytest.raises(ValueError, match="reads each client's payload"):
+        CoverageStage(d).next(Batch(rows, np.ones(2), [0, 1], []))
+
+
+def test_coverage_mean_of_random_subsets_is_unbiased_where_a_plain_mean_shrinks():
+    chain = parse_chain("subset:0.25,block=4")
+    d, n, trials = 64, 8, 300
+    u = torch.randn(n, d, generator=torch.Generator().manual_seed(1))
+    target = u.mean(0)
+    cov, plain = torch.zeros(d), torch.zeros(d)
+    for t in range(trials):
+        payloads = [chain.encode(u[i], seed_state(1000 * t + i))[0] for i in range(n)]
+        rows = torch.stack([chain.decode(p) for p in payloads])
+        cov += coverage_mean(rows, [torch.from_numpy(payload_support(p, d)) for p in payloads], np.ones(n)) / trials
+        plain += rows.mean(0) / trials
+    # (Coordinates no client sent are 0, so the coverage mean is unbiased up to P(missed) = 0.75^8 = 0.1.)
+    assert torch.allclose(cov / (1 - 0.75**n), target, atol=0.25)
+    assert torch.allclose(plain / 0.25, target, atol=0.25)  # the plain mean is the target shrunk by the fraction sent
+    assert float((cov - target).norm()) < 0.5 * float((plain - target).norm())
+
+
+@pytest.mark.parametrize("extra, named", [
+    ({"server": {"aggregator": "median"}}, "server.aggregator = 'median'"),
+    ({"privacy": {"mode": "central"}}, "privacy.mode = 'central'"),
+    ({"privacy": {"secure_aggregation": True}}, "privacy.secure_aggregation"),
+    ({"client": {"objective": "scaffold"}}, "client.objective = 'scaffold'"),
+    ({"engine": {"regions": 2}}, "engine.regions = 2"),
+    ({"server": {"clustering": "ifca", "clusters": 2}}, "server.clustering = 'ifca'"),
+])
+def test_runs_that_cannot_average_by_coverage_refuse_a_subset_uplink(extra, named):
+    cfg = load_config({"data": {"clients": 40}, **extra, "compression": {"uplink": "subset:0.2,block=4 | q8:stochastic"}})
+    assert named in coverage_refusal(cfg)
+    with pytest.raises(ConfigError, match=rf"sends a random subset of each update.*{named}"):
+        build_coordinator(cfg, store=False)
+
+
+def test_a_subset_rung_is_refused_in_an_adaptive_ladder():
+    cfg = load_config({"compression": {"adaptive": True, "ladder": ["none", "subset:0.2 | q8:stochastic"]}})
+    with pytest.raises(ConfigError, match="a ladder mixes chains in one round"):
+        build_coordinator(cfg, store=False)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_subset_uplink_trains_in_sync_and_buffered_rounds(mode):
+    server = {"rounds": 4, "cohort": 10} if mode == "sync" else {"rounds": 4, "cohort": 10, "mode": "async", "buffer_size": 5}
+    s = fleetlearn.run({"seed": 3, "data": {"clients": 30}, "server": server,
+                        "compression": {"uplink": "subset:0.25,block=16 | q8:stochastic | zstd"}}, store=False)
+    assert s.uplink_chain == "subset:0.25,block=16 | q8:stochastic | zstd"
+    assert all(r.extra["coverage_clients"] > 0 for r in s.records)
+    assert s.compression_ratio > 10
+    assert s.final_accuracy > s.records[0].accuracy - 0.05 and s.final_accuracy > 0.4
