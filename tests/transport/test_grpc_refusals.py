@@ -149,3 +149,38 @@ def test_a_stalled_upload_is_cut_when_the_round_closes(transport, tokens, learne
     assert "deadline" in drop.message.reason
     assert transport.refusals_total() == {"after_deadline": 1}
     c.close()
+
+
+def test_calls_a_client_cancels_as_they_start_are_not_refusals(transport, tokens, learner):
+    # A client that stops cancels its in-flight heartbeat; the server saw the stream end with
+    # no message and counted "malformed" in about 3 % of such cancellations (a flaky
+    # test_grpc_label_skew).  A stream that really ends without a message is still refused.
+    import asyncio
+    import random
+
+    from fleetlearn.transport.grpc import fleetlearn_pb2_grpc as pb_grpc
+
+    c = RawClient(transport.address, tokens.add("quitter"))
+    c.register(learner.spec.digest())
+
+    async def cancel_many(n: int) -> None:
+        rng = random.Random(0)
+        async with grpc.aio.insecure_channel(transport.address) as ch:
+            stub = pb_grpc.FleetLearnStub(ch)
+            for _ in range(n):
+                call = asyncio.ensure_future(stub.Heartbeat(pb.HeartbeatRequest(client_id=c.client_id, session=c.session),
+                                                            metadata=c.metadata, timeout=1.0))
+                await asyncio.sleep(rng.choice([0, 0, 0.0001, 0.0005, 0.001]))
+                call.cancel()
+                try:
+                    await call
+                except (asyncio.CancelledError, grpc.aio.AioRpcError):
+                    pass
+
+    asyncio.run(cancel_many(600))
+    time.sleep(0.3)
+    assert transport.refusals_total() == {}, list(transport.server.refusals.log)[:3]
+    empty = c.channel.stream_unary("/fleetlearn.v1.FleetLearn/Heartbeat", request_serializer=None, response_deserializer=None)
+    refused(lambda: empty(iter([]), metadata=c.metadata, timeout=5), IA, "no HeartbeatRequest in the call")
+    assert transport.refusals_total() == {"malformed": 1}
+    c.close()
