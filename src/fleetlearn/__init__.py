@@ -9,8 +9,9 @@ CLI's light commands (``--help``, ``runs``, ``show``) do not load torch.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from .lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -44,22 +45,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from .records import ClientRecord, RoundRecord, RunSummary
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is not None:
-        value = getattr(importlib.import_module(module, __name__), name)
-    elif not name.startswith("_"):  # a subpackage, as `import fleetlearn; fleetlearn.parts.register_part(...)` expects
-        try:
-            value = importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
-                raise
-            raise AttributeError(f"module 'fleetlearn' has no attribute {name!r}") from None
-    else:
-        raise AttributeError(f"module 'fleetlearn' has no attribute {name!r}")
-    globals()[name] = value  # once: later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

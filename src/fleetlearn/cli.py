@@ -642,7 +642,7 @@ def cmd_aggregator(args: argparse.Namespace) -> int:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from .transport.grpc.commands import certs
+    from .transport.grpc.certs import certs
 
     try:
         paths = certs(args.out, args.host or ("127.0.0.1", "localhost"), args.client or ("client",), args.days, args.force)
@@ -656,8 +656,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    from .transport.grpc.auth import TokenError
-    from .transport.grpc.commands import token_add, token_list, token_revoke
+    from .transport.grpc.auth import TokenError, token_add, token_list, token_revoke
 
     try:
         if args.action == "add":

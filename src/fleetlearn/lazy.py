@@ -1,4 +1,4 @@
-"""A module imported on its first attribute access.
+"""A module imported on its first attribute access, and a package's names imported on first use.
 
 Heavy optional dependencies (dp-accounting pulls in scipy: about 3 s of imports) are bound at
 module level as ``lazy_module("name")`` so that a process which never uses them (a client, a
@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import threading
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 _LOCK = threading.Lock()
 
@@ -46,3 +46,32 @@ class LazyModule:
 def lazy_module(name: str) -> Any:
     """``name`` as a :class:`LazyModule` (typed ``Any`` so attribute use type-checks as usual)."""
     return LazyModule(name)
+
+
+def lazy_exports(package: str, names: dict[str, str], namespace: dict[str, Any]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """A package's PEP 562 ``(__getattr__, __dir__)``: each of `names` is imported on first use
+    from the module it maps to (relative to `package`), and any other public attribute is
+    tried as a subpackage or submodule (``import fleetlearn; fleetlearn.parts...``).  The value
+    is then stored in `namespace` (the package's ``globals()``), so later lookups are plain.
+    Used where importing the package must not import torch (the CLI's light commands)."""
+
+    def __getattr__(name: str) -> Any:
+        module = names.get(name)
+        if module is not None:
+            value = getattr(importlib.import_module(module, package), name)
+        elif not name.startswith("_"):
+            try:
+                value = importlib.import_module(f".{name}", package)
+            except ModuleNotFoundError as exc:
+                if exc.name != f"{package}.{name}":
+                    raise
+                raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
+        else:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        namespace[name] = value  # once: later lookups skip this function
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted([*namespace, *names])
+
+    return __getattr__, __dir__

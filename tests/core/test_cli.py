@@ -34,6 +34,16 @@ def test_help_and_an_empty_runs_list_do_not_load_torch(tmp_path):
     assert fl_light("runs", cwd=tmp_path).returncode == 0
 
 
+def test_token_and_certs_commands_do_not_load_torch(tmp_path):
+    tok = fl_light("token", "add", "phone", "--state", "st", cwd=tmp_path).stdout.strip()
+    assert len(tok) >= 32
+    listed = [json.loads(line) for line in fl_light("token", "list", "--state", "st", cwd=tmp_path).stdout.splitlines()]
+    assert [(i["name"], i["revoked_at"]) for i in listed] == [("phone", None)] and tok not in json.dumps(listed)
+    assert fl_light("token", "revoke", "phone", "--state", "st", cwd=tmp_path).stdout.strip() == "revoked phone"
+    assert "certificates written to" in fl_light("certs", "--out", "certs", cwd=tmp_path).stdout
+    assert (tmp_path / "certs" / "ca.pem").is_file()
+
+
 def test_run_json_ends_with_the_summary_line(tmp_path):
     p = fl("run", "--json", "--set", "server.rounds=5", "--set", "server.cohort=10", cwd=tmp_path)
     assert p.returncode == 0, p.stderr

@@ -1,9 +1,22 @@
-"""Transports: how tasks reach clients (the in-process simulation, Ray workers, gRPC)."""
+"""Transports: how tasks reach clients (the in-process simulation, Ray workers, gRPC).
+
+The names below are imported on first use (PEP 562): importing the package registers the
+backends without loading torch, so ``fleetlearn token ...`` (the gRPC tokens) starts light.
+"""
+
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
+from ..lazy import lazy_exports
 from ..parts import register_part
-from .base import Arrival, Reply, Transport
-from .simulation import SimulationTransport, client_seed, client_seeds
+
+_LAZY = {"Arrival": ".base", "Reply": ".base", "Transport": ".base", "SimulationTransport": ".simulation",
+         "client_seed": ".simulation", "client_seeds": ".simulation"}
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
+    from .base import Arrival, Reply, Transport
+    from .simulation import SimulationTransport, client_seed, client_seeds
 
 # -- registration (fleetlearn.parts): the backends `engine.backend` chooses ------------------------
 # A backend is ``build(config, data, device, fleet, clock, attack) -> Transport``.  Its
@@ -26,6 +39,8 @@ GRPC_CAPABILITIES = SIMULATION_CAPABILITIES - {"attack_simulation"}
 
 
 def _simulation(config, data, device, fleet, clock, attack):
+    from .simulation import SimulationTransport
+
     return SimulationTransport(data, device, fleet, config.seed, clock=clock,
                                heartbeat_timeout_s=config.server.heartbeat_timeout_s, attack=attack)
 

@@ -287,3 +287,22 @@ class TokenStore:
             self._refresh()
             return frozenset(t.client_id for t in self._by_hash.values() if t.active)
 
+
+
+# -- the `fleetlearn token` commands (light: no torch, no server) --------------------------
+def token_add(state_dir: str | Path, name: str, rotate: bool = False) -> str:
+    """`fleetlearn token add NAME [--state DIR] [--rotate]`: print the returned token once."""
+    with TokenStore.open(state_dir) as store:
+        return store.add(name, rotate=rotate)
+
+
+def token_revoke(state_dir: str | Path, name: str) -> bool:
+    """`fleetlearn token revoke NAME`: False if NAME had no active token."""
+    with TokenStore.open(state_dir) as store:
+        return store.revoke(name)
+
+
+def token_list(state_dir: str | Path) -> list[TokenInfo]:
+    """`fleetlearn token list`: names, client ids, created / revoked (never tokens: they are not stored)."""
+    with TokenStore.open(state_dir) as store:
+        return store.list()

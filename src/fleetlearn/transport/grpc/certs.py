@@ -219,3 +219,12 @@ class ClientTls:
 
     def channel_options(self) -> list[tuple[str, str]]:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+def certs(out_dir: str | Path, hosts: Sequence[str] = ("127.0.0.1", "localhost"), clients: Sequence[str] = ("client",),
+          days: int = 365, overwrite: bool = False) -> CertPaths:
+    """`fleetlearn certs [--out DIR] [--host H ...] [--client NAME ...] [--days N] [--force]`.
+
+    The server certificate is valid for `hosts` only (by default 127.0.0.1 and localhost):
+    clients on other machines dial the server by a name or address that must be among them."""
+    return make_certs(out_dir, hosts=tuple(hosts), client_names=tuple(clients), days=days, overwrite=overwrite)

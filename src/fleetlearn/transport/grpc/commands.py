@@ -11,42 +11,15 @@ Coordinator); it gets its transport from `server_transport`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ...config import ConfigError, RunConfig, candidate_config, probe_refusal
-from .auth import TokenInfo, TokenStore
-from .certs import CertPaths, ClientTls, ServerTls, make_certs
+from .auth import TokenStore, token_add, token_list, token_revoke  # noqa: F401 - the token commands, as the CLI calls them
+from .certs import ClientTls, ServerTls, certs  # noqa: F401 - certs: `fleetlearn certs`, as the CLI calls it
 from .client import Backoff, ClientReport, run_client
 from .local_data import client_from_config, probe_client_from_config, run_config
 from .server import Limits, RunRequirements
 from .transport import GrpcTransport
-
-
-def certs(out_dir: str | Path, hosts: Sequence[str] = ("127.0.0.1", "localhost"), clients: Sequence[str] = ("client",),
-          days: int = 365, overwrite: bool = False) -> CertPaths:
-    """`fleetlearn certs [--out DIR] [--host H ...] [--client NAME ...] [--days N] [--force]`.
-
-    The server certificate is valid for `hosts` only (by default 127.0.0.1 and localhost):
-    clients on other machines dial the server by a name or address that must be among them."""
-    return make_certs(out_dir, hosts=tuple(hosts), client_names=tuple(clients), days=days, overwrite=overwrite)
-
-
-def token_add(state_dir: str | Path, name: str, rotate: bool = False) -> str:
-    """`fleetlearn token add NAME [--state DIR] [--rotate]`: print the returned token once."""
-    with TokenStore.open(state_dir) as store:
-        return store.add(name, rotate=rotate)
-
-
-def token_revoke(state_dir: str | Path, name: str) -> bool:
-    """`fleetlearn token revoke NAME`: False if NAME had no active token."""
-    with TokenStore.open(state_dir) as store:
-        return store.revoke(name)
-
-
-def token_list(state_dir: str | Path) -> list[TokenInfo]:
-    """`fleetlearn token list`: names, client ids, created / revoked (never tokens: they are not stored)."""
-    with TokenStore.open(state_dir) as store:
-        return store.list()
 
 
 def server_transport(
