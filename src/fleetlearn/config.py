@@ -531,19 +531,21 @@ class CompressionConfig(Section):
     upload_budget_s: float | None = Field(default=None, gt=0)
     pace_slack: float = Field(default=0.05, ge=0, le=10)
     # A compression ratio to meet: the uplink chain is chosen for the run's model so that
-    # every update is at most 4 d / target_ratio bytes (compression.budget.chain_for_ratio:
-    # ef | block top-k | q2 | zstd | budget:N); leave uplink = "none".  Recorded per update
+    # every update is at most 4 d / target_ratio bytes (compression.ratio.chain_for_ratio:
+    # subset | q2 | zstd | budget:N where the run averages with the plain mean, else ef |
+    # block top-k | q2 | zstd | budget:N); leave uplink = "none".  Recorded per update
     # (ClientRecord.codec) and in the summary.
     target_ratio: float | None = Field(default=None, gt=1, le=1e6, allow_inf_nan=False)
 
-    def uplink_for(self, dim: int) -> str:
+    def uplink_for(self, dim: int, coverage: bool = True) -> str:
         """The uplink chain in force for a model of `dim` parameters: `uplink`, or the chain
-        `target_ratio` chooses (ValueError when the model cannot reach that ratio)."""
+        `target_ratio` chooses (ValueError when the model cannot reach that ratio); `coverage`:
+        whether the run can average by coverage (`RunConfig.uplink_chain` decides)."""
         if self.target_ratio is None:
             return self.uplink
         from .compression.ratio import chain_for_ratio
 
-        return chain_for_ratio(self.target_ratio, int(dim))
+        return chain_for_ratio(self.target_ratio, int(dim), coverage=coverage)
 
     @field_validator("ladder")
     @classmethod
@@ -1127,6 +1129,12 @@ class RunConfig(Section):
     # -- serialisation -------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def uplink_chain(self, dim: int) -> str:
+        """The uplink chain in force for a model of `dim` parameters: `compression.uplink`, or
+        the one `compression.target_ratio` chooses for this run (``subset`` where the run can
+        average by coverage, `coverage_refusal`).  ValueError when the model cannot reach the ratio."""
+        return self.compression.uplink_for(dim, coverage=coverage_refusal(self) is None)
 
     def to_toml(self) -> str:
         return tomli_w.dumps(_drop_none(self.to_dict()))

@@ -71,9 +71,12 @@ def test_the_budget_is_part_of_the_chain_and_checked():
 
 
 def test_chain_for_ratio_sizes_the_budget_from_the_model():
-    assert chain_for_ratio(100, 101_770) == "ef | topk:1.0,block=16 | q2:stochastic | zstd | budget:4070"
-    assert chain_for_ratio(100, 9_610) == "ef | topk:1.0,block=16 | q2:stochastic | zstd | budget:384"
-    assert chain_for_ratio(4, 60) == "ef | topk:1.0,block=4 | q2:stochastic | zstd | budget:60"  # too small for blocks of 16 or 8
+    assert chain_for_ratio(100, 101_770) == "subset:1.0,block=16 | q2:stochastic | zstd | budget:4070"
+    assert chain_for_ratio(100, 9_610) == "subset:1.0,block=16 | q2:stochastic | zstd | budget:384"
+    assert chain_for_ratio(4, 60) == "subset:1.0,block=4 | q2:stochastic | zstd | budget:60"  # too small for blocks of 16 or 8
+    # A run that cannot average by coverage (a robust rule, central DP, ...) gets error feedback and block top-k.
+    assert chain_for_ratio(100, 9_610, coverage=False) == "ef | topk:1.0,block=16 | q2:stochastic | zstd | budget:384"
+    assert chain_for_ratio(4, 60, coverage=False) == "ef | topk:1.0,block=4 | q2:stochastic | zstd | budget:60"
     with pytest.raises(ValueError, match=r"target_ratio = 5000 needs updates of at most 7 bytes .* largest ratio it can reach is about"):
         chain_for_ratio(5000, 9_610)
 
@@ -87,6 +90,18 @@ def test_target_ratio_meets_the_ratio_and_records_the_chain():
     assert codecs == {s.uplink_chain}
     assert all(c.uplink_bytes <= 384 for r in s.records for c in r.clients if c.status == "accepted")
     assert s.final_accuracy > 0.5
+    # The subset chain is averaged by coverage: the stage's measurements are in every round's record.
+    assert all(0 < r.extra["coverage_clients"] < 10 and 0 <= r.extra["coverage_missed"] < 1 for r in s.records)
+
+
+@pytest.mark.parametrize("extra", [{"server": {"aggregator": "trimmed_mean"}}, {"privacy": {"mode": "central"}}])
+def test_target_ratio_picks_block_topk_where_the_run_cannot_average_by_coverage(extra):
+    server = {"rounds": 2, "cohort": 10, **extra.get("server", {})}
+    s = fleetlearn.run({"seed": 1, "data": {"clients": 30}, **extra, "server": server, "compression": {"target_ratio": 100}},
+                       store=False)
+    assert s.uplink_chain == chain_for_ratio(100, 9_610, coverage=False)
+    assert s.compression_ratio >= 100
+    assert "coverage_clients" not in s.records[-1].extra
 
 
 def test_target_ratio_refusals_name_the_keys():

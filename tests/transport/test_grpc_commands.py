@@ -107,6 +107,22 @@ def test_a_subset_uplink_over_grpc_is_averaged_by_coverage(tmp_path):
     assert not torch.equal(net.coordinator.params, net.start)
 
 
+def test_target_ratio_over_grpc_resolves_to_subsets_for_the_clients(tmp_path):
+    # The server resolves target_ratio to the subset chain (the run averages with the plain
+    # mean) and hands it to the clients at registration.
+    from grpc_test_support import NetworkRun
+
+    cfg = load_config({**CFG, "seed": 4, "compression": {"target_ratio": 20}, "monitoring": {"detectors": []},
+                       "server": {"cohort": 3, "rounds": 1, "deadline_s": 30.0}, "client": {"local_epochs": 1}})
+    net = NetworkRun(cfg, tmp_path, clients=3)
+    summary = net.run()
+    dim = net.coordinator.params.numel()
+    chain = cfg.uplink_chain(dim)
+    assert chain.startswith("subset:1.0,block=16 | q2:stochastic") and summary.uplink_chain == chain
+    assert summary.records[0].accepted == 3 and "coverage_clients" in summary.records[0].extra
+    assert all(c.codec == chain and 0 < c.uplink_bytes <= 4 * dim // 20 for c in summary.records[0].clients)
+
+
 def test_the_cli_says_what_certificates_cover_and_refuses_plaintext_off_loopback(tmp_path, capsys):
     from fleetlearn.cli import main
 

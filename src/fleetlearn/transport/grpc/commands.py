@@ -100,7 +100,7 @@ def _wire_args(config: RunConfig, dim: int | None = None) -> dict[str, Any]:
     with the model's `dim`, the uplink chain `compression.target_ratio` chose."""
     comp = config.compression
     try:
-        uplink = comp.uplink_for(dim) if dim is not None else comp.uplink
+        uplink = config.uplink_chain(dim) if dim is not None else comp.uplink
     except ValueError as exc:
         raise ConfigError(f"compression.target_ratio: {exc}") from None
     return {
