@@ -170,7 +170,13 @@ def run_fuzz(tokens, learner, n: int, threads: int, idle: int, caplog) -> None:
         assert grpc.StatusCode.RESOURCE_EXHAUSTED in too_large, too_large
         assert set(too_large) <= {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}, set(too_large)
         assert too_large.count(grpc.StatusCode.DEADLINE_EXCEEDED) <= len(too_large) // 4, too_large
-        assert refused - unavailable - len(too_large) <= counted <= refused - unavailable
+        # A call that reached its deadline (queued behind the flood) was given up by the client,
+        # not refused by a handler; since a handler waits EMPTY_STREAM_GRACE_S before refusing an
+        # empty stream, the oversized calls gRPC cut are no longer counted either (they were,
+        # when the handler saw the empty stream before its cancellation).
+        late = sum(code == grpc.StatusCode.DEADLINE_EXCEEDED for name, code in codes if not name.endswith(":oversized"))
+        assert late <= len(codes) // 200, late
+        assert refused - unavailable - len(too_large) - late <= counted <= refused - unavailable
     held = live_rss_mb() - before
     assert held < 40, f"the server holds {held:.0f} MiB more after the fuzzing and {idle} idle calls"
     noisy = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
