@@ -415,9 +415,6 @@ def build_coordinator(
     if _is_sketch(uplink):
         compat.check_linear(config.server.aggregator, f"compression.uplink = {config.compression.uplink!r}",
                             "it aggregates in sketch space, which only a linear rule (the mean) can do")
-    if uplink.coverage and (why := coverage_refusal(config)):
-        raise ConfigError(f"compression.uplink = {uplink.spec!r} sends a random subset of each update, which the server averages "
-                          f"over the clients that sent each coordinate; {why}")
     _check_scaffold(config, uplink)
     personalization = build_personalization_part(config, learner)  # over gRPC the clients run it (commands.client)
     device = Device(learner, uplink, downlink, seed=config.seed, adaptive=adaptive, personalization=personalization, num_classes=data.num_classes)
@@ -555,8 +552,9 @@ SKETCH_HEADER_SLACK = 64  # bytes: the payload and sketch headers
 def _check_chains(config: RunConfig, uplink, downlink, dim: int) -> None:
     """Codec chains that cannot serve this run: a sparsifier or sketch on the downlink (it
     sends the model itself, not an update: dropping coordinates zeroes weights, and no
-    error feedback restores them: topk:0.1 | q8 takes digits from 0.415 to 0.18), and a
-    sketch larger than the float32 vector it stands for (headers aside)."""
+    error feedback restores them: topk:0.1 | q8 takes digits from 0.415 to 0.18), a
+    sketch larger than the float32 vector it stands for (headers aside), and a ``subset``
+    uplink in a run that cannot average by coverage (`config.coverage_refusal`)."""
     comp = config.compression
     if downlink.support is not None:
         raise ConfigError(
@@ -571,6 +569,9 @@ def _check_chains(config: RunConfig, uplink, downlink, dim: int) -> None:
                 f"compression.{key} = {spec!r}: the sketch payload ({chain.estimate_bytes(dim):,} bytes) is larger than the "
                 f"model it compresses ({dense:,} bytes of float32 for {dim:,} parameters); allowed: a sketch smaller than that"
             )
+    if uplink.coverage and (why := coverage_refusal(config)):
+        raise ConfigError(f"compression.uplink = {uplink.spec!r} sends a random subset of each update, which the server averages "
+                          f"over the clients that sent each coordinate; {why}")
 
 
 def _hierarchy(config: RunConfig, population: int, uplink, privacy):

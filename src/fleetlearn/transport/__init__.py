@@ -66,4 +66,4 @@ register_part("transport", "simulation", _simulation, capabilities=SIMULATION_CA
 register_part("transport", "ray", _ray, capabilities=SIMULATION_CAPABILITIES)
 register_part("transport", "grpc", _grpc, capabilities=GRPC_CAPABILITIES, listed=False, served_by="fleetlearn server CONFIG")
 
-__all__ = ["Arrival", "Reply", "SimulationTransport", "Transport", "client_seed", "client_seeds"]
+__all__ = sorted(_LAZY)

@@ -41,30 +41,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
     from .server import FleetServer, Limits, RunRequirements, runtime_version
     from .transport import GrpcTransport
 
-__all__ = [
-    "REASONS",
-    "Backoff",
-    "CertPaths",
-    "ClientRefused",
-    "ClientReport",
-    "ClientTls",
-    "FleetClient",
-    "FleetServer",
-    "GrpcTransport",
-    "Limits",
-    "Refusal",
-    "RunRequirements",
-    "ServerTls",
-    "TokenCheck",
-    "TokenError",
-    "TokenInfo",
-    "TokenStore",
-    "client_data_from_config",
-    "client_data_from_import",
-    "client_from_config",
-    "hash_token",
-    "learner_from_config",
-    "make_certs",
-    "run_client",
-    "runtime_version",
-]
+__all__ = sorted(n for ns in _MODULES.values() for n in ns)
