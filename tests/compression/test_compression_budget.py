@@ -71,9 +71,9 @@ def test_the_budget_is_part_of_the_chain_and_checked():
 
 
 def test_chain_for_ratio_sizes_the_budget_from_the_model():
-    assert chain_for_ratio(100, 101_770) == "subset:1.0,block=16 | q2:stochastic | zstd | budget:4070"
-    assert chain_for_ratio(100, 9_610) == "subset:1.0,block=16 | q2:stochastic | zstd | budget:384"
-    assert chain_for_ratio(4, 60) == "subset:1.0,block=4 | q2:stochastic | zstd | budget:60"  # too small for blocks of 16 or 8
+    assert chain_for_ratio(100, 101_770) == "subset:1.0,block=16 | q2:dither | zstd | budget:4070"
+    assert chain_for_ratio(100, 9_610) == "subset:1.0,block=16 | q2:dither | zstd | budget:384"
+    assert chain_for_ratio(4, 60) == "subset:1.0,block=4 | q2:dither | zstd | budget:60"  # too small for blocks of 16 or 8
     # A run that cannot average by coverage (a robust rule, central DP, ...) gets error feedback and block top-k.
     assert chain_for_ratio(100, 9_610, coverage=False) == "ef | topk:1.0,block=16 | q2:stochastic | zstd | budget:384"
     assert chain_for_ratio(4, 60, coverage=False) == "ef | topk:1.0,block=4 | q2:stochastic | zstd | budget:60"

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from fleetlearn.compression import decode_payload, parse_chain, read_sketch, sum_sketches, wire
 from fleetlearn.params import PayloadError
 
-CHAINS = ["none", "fp16", "bf16", "q8", "q4", "q2:block=5", "sign", "sign:block=7", "topk:0.1", "topk:0.3 | q4", "randk:0.2 | fp16", "topk:0.05 | sign", "sketch:5,cols=40,rows=3", "q8 | zstd", "topk:0.3 | q4 | zstd", "topk:0.3,block=4 | q2 | zstd"]
+CHAINS = ["none", "fp16", "bf16", "q8", "q4", "q2:block=5", "sign", "sign:block=7", "topk:0.1", "topk:0.3 | q4", "randk:0.2 | fp16", "topk:0.05 | sign", "sketch:5,cols=40,rows=3", "q8 | zstd", "topk:0.3 | q4 | zstd", "topk:0.3,block=4 | q2 | zstd", "q2:block=5,dither", "topk:0.3 | q4:dither | zstd"]
 _payloads: dict[tuple[str, int], bytes] = {}
 
 
@@ -143,6 +143,18 @@ def test_structural_reasons_are_clear():
         decode_payload(_reframe(q, 9, "<B", 3))
     with pytest.raises(PayloadError, match="scales must be finite"):
         decode_payload(_reframe(q, 15, "<f", 3e38))  # a step whose top level overflows float32
+    with pytest.raises(PayloadError, match="unknown flags 0x4"):
+        decode_payload(_reframe(q, 10, "<B", 4))
+    with pytest.raises(PayloadError, match="both stochastic and dithered"):
+        decode_payload(_reframe(q, 10, "<B", 3))
+    with pytest.raises(PayloadError, match="truncated or inconsistent"):  # a dither seed the encoder never wrote
+        decode_payload(_reframe(q, 10, "<B", 2))
+    qd = valid_payload("q2:block=5,dither", 200)
+    decode_payload(qd)
+    with pytest.raises(PayloadError, match="scales must be finite"):  # dithered values reach (c + 1/2) steps
+        decode_payload(_reframe(qd, 23, "<f", 2.0e38))  # 1.5 * 2e38 would pass undithered: 2 * 2e38 does not
+    with pytest.raises(PayloadError, match="trailing bytes|scales must be finite"):  # the seed read as scales and codes
+        decode_payload(_reframe(qd, 10, "<B", 0))
     with pytest.raises(PayloadError, match="truncated or inconsistent"):
         decode_payload(_reframe(q, 5, "<I", 100_000))  # a larger dim than the bytes present
     with pytest.raises(PayloadError, match="trailing bytes"):

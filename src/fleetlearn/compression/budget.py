@@ -9,7 +9,7 @@ coder's gain is spent on more entries instead of being left on the table.  The
 payload is an ordinary one: any build decodes it.
 
 `compression.ratio.chain_for_ratio(ratio, dim)` is what ``[compression] target_ratio`` runs: the budget
-4 d / ratio bytes (the float32 update over the ratio) on ``subset | block=16 | q2:stochastic |
+4 d / ratio bytes (the float32 update over the ratio) on ``subset | block=16 | q2:dither |
 zstd`` where the run averages with the plain mean, else ``ef | topk | block=16 | q2:stochastic |
 zstd`` (BENCHMARKS.md, "Random subsets averaged by coverage"); models too small for blocks of
 16 take blocks of 8, 4, then single entries.  A ratio the model cannot reach (one block's payload is over the

@@ -22,8 +22,10 @@ whitespace ignored; ``"none"`` or ``""`` is plain float32.  An element is
 - sketch: ``sketch:K[,cols=C][,rows=R][,seed=S]`` -- count sketch, K heavy hitters
   recovered on decode, C columns (default 4 K), R rows (default 5); must be last.
 - value codec: ``none``, ``fp16``, ``bf16``; ``q8``/``q4``/``q2`` as
-  ``qB[:block=N][,stochastic]`` (block default 256); ``sign[:block=N]`` (1 bit and
-  a mean-|x| scale per block, 0 = one scale for the whole vector).
+  ``qB[:block=N][,stochastic|,dither]`` (block default 256; ``stochastic``: unbiased
+  rounding; ``dither``: subtractive dither, unbiased and at most half a step off, a third to
+  a half of stochastic rounding's variance); ``sign[:block=N]`` (1 bit and a mean-|x| scale
+  per block, 0 = one scale for the whole vector).
 - entropy coder: ``zstd[:level=N]`` -- lossless Zstandard coding of the payload
   body, applied only when it makes the payload smaller (`entropy`); must be last
   (but for ``budget``).
@@ -158,7 +160,8 @@ CODECS = table("codec")
 
 # Wire formats added after their codec's name first shipped: a client announces them
 # next to the names, so a server never hands an older client a chain it cannot encode.
-LATER_FORMATS = (wire.SUPPORT_NAMES[wire.SUPPORT_TOPK_BLOCKS],)  # "topk_blocks": topk's block option
+# "topk_blocks": topk's block option; "dither": the quantizers' subtractive dither (``q2:dither``).
+LATER_FORMATS = (wire.SUPPORT_NAMES[wire.SUPPORT_TOPK_BLOCKS], "dither")
 
 
 def capabilities() -> list[str]:
@@ -173,6 +176,8 @@ def needed_capabilities(spec: str) -> list[str]:
     names = [c.name for c in chain.codecs]
     if isinstance(chain.support, TopK) and chain.support.block > 1:
         names.append(wire.SUPPORT_NAMES[wire.SUPPORT_TOPK_BLOCKS])
+    if getattr(chain.value, "dither", False):
+        names.append("dither")
     return names
 
 
@@ -422,13 +427,13 @@ class CodecChain:
         if isinstance(sup, CountSketch):
             return wire.assemble(sup.wire_id, wire.VALUE_F32, d, sup.write(x))
         if isinstance(sup, Sparsifier):
-            idx = sup.select(x, rng)
+            idx, section = sup.pick(x, rng)
             vals = torch.from_numpy(x.numpy()[idx])
             scale = sup.scale(d, idx.shape[0])
             if scale != 1.0:
                 vals.mul_(scale)
                 _as_vector(vals)
-            return wire.assemble(sup.wire_id, self.value.wire_id, d, sup.write_support(idx) + self.value.write(vals, rng), zstd_level=z)
+            return wire.assemble(sup.wire_id, self.value.wire_id, d, section + self.value.write(vals, rng), zstd_level=z)
         return wire.assemble(wire.SUPPORT_DENSE, self.value.wire_id, d, self.value.write(x, rng), zstd_level=z)
 
 

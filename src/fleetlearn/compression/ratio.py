@@ -7,21 +7,25 @@ import math
 from .codec import parse_chain
 
 RATIO_BLOCKS = (16, 8, 4, 1)  # block sizes `chain_for_ratio` tries, most preferred first
-RATIO_VALUES = "q2:stochastic"  # the value codec of the chain target_ratio builds (unbiased rounding: BENCHMARKS.md, compression)
+# The value codecs of the chains target_ratio builds: 2-bit, unbiased (BENCHMARKS.md, compression).
+COVERAGE_VALUES = "q2:dither"  # subset: subtractive dither, the least variance (nothing feeds the error back)
+EF_VALUES = "q2:stochastic"  # block top-k: error feedback carries the error; dither measured no better there
 
 
 def chain_for_ratio(ratio: float, dim: int, coverage: bool = True) -> str:
     """The uplink chain ``[compression] target_ratio = ratio`` runs for a model of `dim`
     parameters, with a byte budget of 4 dim / ratio bytes per update (so the ratio holds for
-    every update), 2-bit values with stochastic (unbiased) rounding and zstd:
+    every update), unbiased 2-bit values and zstd:
 
     - `coverage` (the run's aggregation is the plain weighted mean: `config.coverage_refusal`):
-      ``subset``, random blocks averaged per coordinate over the clients that sent them;
-    - otherwise error feedback and block top-k, which every aggregation rule can take.
+      ``subset | q2:dither``, random blocks named by a seed and averaged per coordinate over
+      the clients that sent them;
+    - otherwise ``ef | topk | q2:stochastic``: error feedback and block top-k, which every
+      aggregation rule can take.
 
-    (BENCHMARKS.md, "Random subsets averaged by coverage": at 100x subset ends closer to
-    float32 on the digits job and level on Fashion-MNIST, with about twice the spread
-    between seeds.)"""
+    (BENCHMARKS.md, "Random subsets averaged by coverage": at 100x, over twelve seeds, subset
+    ends +0.09 pp from float32 on the digits job and -0.37 pp on Fashion-MNIST; block top-k
+    -1.28 and -0.95.)"""
     if not (math.isfinite(ratio) and ratio > 1):
         raise ValueError(f"target_ratio must be a finite number > 1, got {ratio!r}")
     budget = int(4 * dim // ratio)
@@ -31,8 +35,9 @@ def chain_for_ratio(ratio: float, dim: int, coverage: bool = True) -> str:
             continue
         opt = f",block={block}" if block > 1 else ""
         support = f"subset:1.0{opt}" if coverage else f"ef | topk:1.0{opt}"
-        spec = f"{support} | {RATIO_VALUES} | zstd | budget:{max(budget, 1)}"
-        smallest = parse_chain(f"{'subset' if coverage else 'topk'}:{block}{opt} | {RATIO_VALUES}").estimate_bytes(dim)  # one block, uncompressed: an upper bound
+        values = COVERAGE_VALUES if coverage else EF_VALUES
+        spec = f"{support} | {values} | zstd | budget:{max(budget, 1)}"
+        smallest = parse_chain(f"{'subset' if coverage else 'topk'}:{block}{opt} | {values}").estimate_bytes(dim)  # one block, uncompressed: an upper bound
         if smallest <= budget:
             return spec
         best = smallest if best is None else min(best, smallest)

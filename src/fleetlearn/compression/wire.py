@@ -34,6 +34,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Iterable
 
+import numpy as np
 import xxhash
 
 from ..params import PayloadError
@@ -53,8 +54,9 @@ OVERHEAD = HEADER.size + CRC.size  # 13 bytes: header + trailer of every payload
 
 # Wire ids.  Append, never renumber: old payloads must keep their meaning.
 SUPPORT_DENSE, SUPPORT_TOPK, SUPPORT_RANDK, SUPPORT_SKETCH, SUPPORT_TOPK_BLOCKS, SUPPORT_SUBSET = 0, 1, 2, 3, 4, 5
+SUPPORT_SUBSET_SEEDED = 6  # subset's blocks named by a seed (`sparsify.seeded_blocks`); 5 lists them (still read)
 SUPPORT_NAMES = {SUPPORT_DENSE: "dense", SUPPORT_TOPK: "topk", SUPPORT_RANDK: "randk", SUPPORT_SKETCH: "sketch",
-                 SUPPORT_TOPK_BLOCKS: "topk_blocks", SUPPORT_SUBSET: "subset"}
+                 SUPPORT_TOPK_BLOCKS: "topk_blocks", SUPPORT_SUBSET: "subset", SUPPORT_SUBSET_SEEDED: "subset_seeded"}
 # Supports whose section is a block size and block numbers (`sparsify.read_block_indices`).
 BLOCK_SUPPORTS = (SUPPORT_TOPK_BLOCKS, SUPPORT_SUBSET)
 VALUE_F32, VALUE_F16, VALUE_BF16, VALUE_QUANT, VALUE_SIGN = 0, 1, 2, 3, 4
@@ -63,6 +65,30 @@ VALUE_NAMES = {VALUE_F32: "float32", VALUE_F16: "fp16", VALUE_BF16: "bf16", VALU
 MAX_DIM = 2**32 - 1  # dim travels as uint32
 SUPPORT_ZSTD_FLAG = 0x80  # bit 7 of the support byte: the body is zstd-coded
 ZSTD_HEAD = struct.Struct("<I")  # uncompressed body length
+
+
+_SM_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_SM_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_SM_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def counter_hash(seed: int, start: int, count: int) -> np.ndarray:
+    """uint64 keys i = start .. start + count - 1 of a stream named by a 64-bit `seed`:
+    splitmix64(seed + (i + 1) * 0x9E3779B97F4A7C15) (Steele, Lea and Flood 2014; the
+    generator of Java's SplittableRandom).  Part of the wire format: what an encoder draws
+    from a seed it sends (a quantizer's dither, subset's blocks), the decoder regenerates,
+    so it is written out here instead of taken from a library generator whose stream may
+    change between versions.  For one seed the keys are distinct (the mixer is a bijection
+    and the counter does not repeat below 2^64)."""
+    z = np.arange(start + 1, start + count + 1, dtype=np.uint64)
+    z *= _SM_GAMMA
+    z += np.uint64(seed)
+    z ^= z >> np.uint64(30)
+    z *= _SM_M1
+    z ^= z >> np.uint64(27)
+    z *= _SM_M2
+    z ^= z >> np.uint64(31)
+    return z
 
 
 def max_body_bytes(dim: int) -> int:
