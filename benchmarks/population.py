@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/population.py                 # 10,000 and 100,000 clients
     .venv/bin/python benchmarks/population.py --populations 10000 100000 1000000 --rounds 5
+    .venv/bin/python benchmarks/population.py --populations 100000 --rounds 20 --repeats 1 \
+        --uplink "ef | topk:0.1,block=16 | q8" --state-mb 64      # clients that keep state
 
 Workload: digits, IID with `data.examples_per_client = 2` (each client draws 2
 examples with replacement, so the population can exceed the dataset), no local
@@ -9,6 +11,12 @@ test split (`data.local_test_fraction = 0`, `data.min_examples = 1`), the defaul
 64-128-10 MLP and client settings, 1,000 clients per round, 5 rounds, federated
 evaluation on a small sample (`server.eval_clients`), run store and monitors on.
 Each population runs in its own process, so its peak RSS is its own.
+
+`--uplink` with error feedback makes every client that trains keep a residual of the
+model's size between rounds (SCAFFOLD's c_i and personal heads behave the same): the
+state store (`fleetlearn.client.state_store`) keeps at most `--state-mb`
+(`engine.client_state_memory_mb`) of them in memory and the rest in the run directory's
+state file; the row reports the states held, in memory and on disk.
 
 Per-client metadata is what the population costs by construction: the device
 fleet's arrays (`Fleet`) and the data's index arrays (`train_order`,
@@ -49,16 +57,21 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def config(population: int, cohort: int, rounds: int, eval_clients: int, root: str) -> dict:
-    return {
+def config(population: int, cohort: int, rounds: int, eval_clients: int, root: str, uplink: str = "none",
+           state_mb: float | None = None) -> dict:
+    cfg = {
         "seed": 0,
         "data": {
             "dataset": "digits", "clients": population, "partition": "iid", "examples_per_client": 2,
             "local_test_fraction": 0.0, "min_examples": 1,
         },
         "server": {"rounds": rounds, "cohort": cohort, "eval_clients": eval_clients},
+        "compression": {"uplink": uplink},
         "store": {"root": root},
     }
+    if state_mb is not None:
+        cfg["engine"] = {"client_state_memory_mb": state_mb}
+    return cfg
 
 
 def metadata_bytes(coord) -> dict:
@@ -73,7 +86,7 @@ def metadata_bytes(coord) -> dict:
     return {"fleet_bytes": fleet_b, "index_bytes": index_b}
 
 
-def one(population: int, cohort: int, rounds: int, eval_clients: int) -> dict:
+def one(population: int, cohort: int, rounds: int, eval_clients: int, uplink: str = "none", state_mb: float | None = None) -> dict:
     t0 = time.perf_counter()
     import torch
 
@@ -83,7 +96,7 @@ def one(population: int, cohort: int, rounds: int, eval_clients: int) -> dict:
 
     stages = {"imports": (_rss_mb(), _peak_mb())}
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(config(population, cohort, rounds, eval_clients, tmp))
+        cfg = load_config(config(population, cohort, rounds, eval_clients, tmp, uplink, state_mb))
         coord = build_coordinator(cfg)
         stages["built"] = (_rss_mb(), _peak_mb())
         meta = metadata_bytes(coord)
@@ -91,6 +104,9 @@ def one(population: int, cohort: int, rounds: int, eval_clients: int) -> dict:
         summary = coord.run()
         run_s = time.perf_counter() - t_run
         stages["ran"] = (_rss_mb(), _peak_mb())
+        states = coord.client_states
+        state_file = states.path.stat().st_size if states.path is not None and states.path.exists() else 0
+        held = {"state_clients": len(states), "state_memory_mb": states.nbytes() / 2**20, "state_file_mb": state_file / 2**20}
     recs = summary.records
     return {
         "population": population,
@@ -105,6 +121,8 @@ def one(population: int, cohort: int, rounds: int, eval_clients: int) -> dict:
         "stages": stages,
         "model_dim": coord.dim,
         "torch_threads": torch.get_num_threads(),
+        "uplink": uplink,
+        **held,
         **meta,
     }
 
@@ -118,6 +136,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs per population; the smallest peak RSS is compared")
     ap.add_argument("--mmap-threshold", type=int, default=131072, help="MALLOC_MMAP_THRESHOLD_ for the children (0: glibc's dynamic default)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads in the children (0: torch's default)")
+    ap.add_argument("--uplink", default="none", help="the uplink chain (one with ef: every client that trains keeps state)")
+    ap.add_argument("--state-mb", type=float, help="engine.client_state_memory_mb (default: the config's)")
     ap.add_argument("--json", help="also write the rows here")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -126,7 +146,7 @@ def main() -> None:
             import torch
 
             torch.set_num_threads(args.threads)
-        print(json.dumps(one(args.one, args.cohort, args.rounds, args.eval_clients)))
+        print(json.dumps(one(args.one, args.cohort, args.rounds, args.eval_clients, args.uplink, args.state_mb)))
         return
     env = dict(os.environ)
     if args.mmap_threshold:
@@ -138,7 +158,8 @@ def main() -> None:
             t0 = time.perf_counter()
             out = subprocess.run(
                 [sys.executable, __file__, "--one", str(n), "--cohort", str(args.cohort), "--rounds", str(args.rounds),
-                 "--eval-clients", str(args.eval_clients), "--threads", str(args.threads)],
+                 "--eval-clients", str(args.eval_clients), "--threads", str(args.threads), "--uplink", args.uplink]
+                + (["--state-mb", str(args.state_mb)] if args.state_mb is not None else []),
                 capture_output=True, text=True, env=env,
             )
             if out.returncode != 0:
@@ -150,7 +171,8 @@ def main() -> None:
         row["peaks_mb"] = [r["peak_rss_mb"] for r in runs]
         rows.append(row)
     print(f"{args.cohort} clients per round, {args.rounds} rounds, model d = {rows[0]['model_dim']}, torch threads {rows[0]['torch_threads']}, "
-          f"MALLOC_MMAP_THRESHOLD_ = {args.mmap_threshold or 'glibc default'}, {args.repeats} run(s) per population")
+          f"MALLOC_MMAP_THRESHOLD_ = {args.mmap_threshold or 'glibc default'}, {args.repeats} run(s) per population, "
+          f"uplink {args.uplink!r}, state memory cap {args.state_mb if args.state_mb is not None else 'default'} MB")
     print(f"{'population':>10} {'rounds ok':>9} {'s/round':>8} {'peak RSS MB':>12} {'peaks of the runs':>24} {'RSS built MB':>13} "
           f"{'meta B/client':>14} {'fleet MB':>9} {'index MB':>9} {'accuracy':>9} {'process s':>10}")
     for r in rows:
@@ -160,6 +182,9 @@ def main() -> None:
         print(f"{r['population']:>10} {ok:>5}/{r['rounds']:<3} {sum(r['round_s']) / len(r['round_s']):>8.3f} {r['peak_rss_mb']:>12.1f} "
               f"{peaks:>24} {r['stages']['built'][0]:>13.1f} {meta / r['population']:>14.1f} {r['fleet_bytes'] / 2**20:>9.2f} "
               f"{r['index_bytes'] / 2**20:>9.2f} {r['accuracy']:>9.3f} {r['wall_s']:>10.1f}")
+        if r["state_clients"]:
+            print(f"{'':>10} client state: {r['state_clients']:,} clients, {r['state_memory_mb']:.1f} MB in memory, "
+                  f"{r['state_file_mb']:.1f} MB in the state file")
     small, large = rows[0], rows[-1]
     if len(rows) > 1:
         growth = (large["peak_rss_mb"] - small["peak_rss_mb"]) * 2**20

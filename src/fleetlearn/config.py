@@ -901,6 +901,12 @@ class EngineConfig(Section):
     # seconds (tens, cold) of compiling in the first round: it pays in long runs. The results
     # agree with "eager" to float rounding, not bit for bit (fleetlearn.learners.torch_learner).
     training_kernels: Literal["eager", "compiled"] = "eager"
+    # Per-client state the simulated clients keep between rounds (error-feedback residuals,
+    # SCAFFOLD's c_i, codec streams, personal heads): at most this much in memory, least
+    # recently used out first; the rest in a SQLite file (the run directory's
+    # client_states.sqlite with a run store, else a temporary file), so memory grows with the
+    # cohort, not the population (fleetlearn.client.state_store).
+    client_state_memory_mb: float = Field(default=256.0, ge=0, le=1 << 20)
     # ray: None starts a local Ray; "auto" joins this machine's cluster; "ray://host:port" connects to one.
     address: str | None = None
     ray_workers: int | None = Field(default=None, ge=1)  # training actors (None: the cluster's CPUs)

@@ -1,7 +1,8 @@
 """A resumed run equals an uninterrupted one also when parts keep state across rounds:
 Oort's statistics and the newcomer cap (relearned from the committed rounds), DnC's
-client reputation and a reduce-on-plateau schedule (saved with the checkpoint), and
-FedPer's personal heads (saved per client with the checkpoint)."""
+client reputation and a reduce-on-plateau schedule (saved with the checkpoint), FedPer's
+personal heads and error-feedback residuals (the clients' state files, `client.state_store`),
+also when almost none of them fits in memory (written out between checkpoints)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,9 @@ CASES = {
     "oort + newcomer cap": dict(server={"selector": "oort", "max_newcomers": 2}),
     "dnc reputation + plateau": dict(server={"aggregator": "dnc", "reputation": True, "byzantine_f": 1}, client={"lr_schedule": "plateau"}),
     "fedper heads": dict(personalization={"method": "fedper"}),
+    # 4 KiB of memory: a residual or a head is pushed out to the file as soon as the next is put.
+    "fedper heads spilled": dict(personalization={"method": "fedper"}, engine={"client_state_memory_mb": 0.004}),
+    "ef residuals spilled": dict(compression={"uplink": "ef | topk:0.1 | q8"}, engine={"client_state_memory_mb": 0.004}),
 }
 
 
@@ -62,8 +66,14 @@ def test_resumed_run_equals_the_uninterrupted_one(tmp_path, case):
     assert [sorted(c.client_id for c in r.clients) for r in resumed.records] == [sorted(c.client_id for c in r.clients) for r in whole.records]
     a, b = whole.side_state(), resumed.side_state()
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
-    if case == "fedper heads":
-        assert any(n.startswith("personal/") for n in a)
+    for which in ("client_states", "personal_states"):
+        x, y = getattr(whole, which).state_dict(), getattr(resumed, which).state_dict()
+        assert x.keys() == y.keys() and all(torch.equal(x[n], y[n]) for n in x)
+        if ("fedper" in case and which == "personal_states") or ("ef" in case and which == "client_states"):
+            assert x, f"{case}: no {which} to compare"
+    if "spilled" in case:
+        states = whole.personal_states if "fedper" in case else whole.client_states
+        assert states.nbytes() <= 4 * 2**10 + 48 * 2**10 and len(states) >= 6  # one entry over the cap at most
     if case.startswith("dnc"):
         assert any(n.startswith("aggregator/") for n in a) and any(n.startswith("schedule/client/") for n in a)
 

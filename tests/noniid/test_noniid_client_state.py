@@ -1,8 +1,11 @@
 """Per-client state in checkpoints: error-feedback residuals and SCAFFOLD's c_i are saved
-with each checkpoint (safetensors, crash-safe) and restored on resume, so a run
+with each checkpoint (the run directory's client_states.sqlite: the states changed since
+the last checkpoint, before the round commits) and restored on resume, so a run
 interrupted after round k and resumed ends exactly where an uninterrupted run ends."""
 
 from __future__ import annotations
+
+import sqlite3
 
 import pytest
 import torch
@@ -43,7 +46,8 @@ def interrupted_then_resumed(cfg, k: int, forget_client_states: bool = False):
     again = build_coordinator(cfg, store=store)
     assert again.resume() == k
     if forget_client_states:
-        again.client_states.load_state_dict({})
+        for c in again.client_states.clients():
+            again.client_states.put(c, None)
     again.run()
     return again, run_dir
 
@@ -62,9 +66,13 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, objective):
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     assert any(n.endswith("ef.residual") for n in a)
     assert any(n.endswith("scaffold.c_i") for n in a) == (objective == "scaffold")
-    # Only the latest client-state file is kept, and the checkpoint names it.
-    files = sorted(p.name for p in (run_dir / "checkpoints").glob("clients-*"))
-    assert files == ["clients-r000005.safetensors"]
+    # The states live in the run directory's state file, a row or two per client (the last
+    # two checkpoints'), not in a side file that rewrites the whole population each round.
+    assert not list((run_dir / "checkpoints").glob("clients-*"))
+    with sqlite3.connect(str(run_dir / "client_states.sqlite")) as db:
+        per = db.execute("SELECT client, COUNT(*), MAX(round) FROM state GROUP BY client").fetchall()
+    assert {c for c, _, _ in per} == set(whole.client_states.clients())
+    assert all(n <= 2 and last <= 5 for _, n, last in per)
 
 
 def test_without_the_client_states_the_resumed_run_differs(tmp_path):
@@ -80,14 +88,32 @@ def test_corrupted_client_states_are_refused_on_resume(tmp_path):
     cfg = config(tmp_path)
     first = build_coordinator(cfg, store=True)
     first.run_round()
-    first.store.flush()  # the round's commit runs on the background writer: corrupt what it wrote, after it wrote it
-    path = next((first.store.run_dir / "checkpoints").glob("clients-*"))
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF
-    path.write_bytes(bytes(data))
+    first.store.close()
+    with sqlite3.connect(str(first.store.run_dir / "client_states.sqlite")) as db:
+        client, data = db.execute("SELECT client, data FROM state LIMIT 1").fetchone()
+        flipped = bytearray(data)
+        flipped[-1] ^= 0xFF
+        db.execute("UPDATE state SET data = ? WHERE client = ?", (bytes(flipped), client))
     again = build_coordinator(cfg, store=RunStore.open(first.store.run_dir))
-    with pytest.raises(StoreError, match="do not match the sha256"):
-        again.resume()
+    assert again.resume() == 1
+    with pytest.raises(ValueError, match=f"client state of client {client} \\(round 1\\).*does not match its checksum"):
+        again.client_states.get(client)
+
+
+def test_a_side_file_from_before_the_state_store_is_still_resumed(tmp_path):
+    # Side files of earlier builds held client/<id>/<key> tensors: they are put back.
+    cfg = config(tmp_path)
+    first = build_coordinator(cfg, store=True)
+    first.run_round()
+    first.store.flush()
+    states = first.client_states.state_dict()
+    assert states
+    first.load_side_state({name: t + 1 for name, t in states.items()})
+    got = first.client_states.state_dict()
+    assert got.keys() == states.keys() and all(torch.equal(got[n], states[n] + 1) for n in states)
+    first.store.close()
+    with pytest.raises(StoreError, match="has no checkpoint for version 99"):
+        RunStore.open(first.store.run_dir).load_client_states(99)
 
 
 def test_state_dict_round_trip_and_bad_names():

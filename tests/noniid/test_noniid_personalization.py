@@ -225,7 +225,9 @@ def test_fedper_server_head_never_moves():
     body[head] = False
     assert not torch.allclose(coord.params[body], w0[body])
     heads = coord.transport.device.personal_states
-    assert len(heads) > 0 and heads.nbytes() == len(heads) * head.numel() * 4
+    from fleetlearn.client.state_store import ENTRY_BYTES, TENSOR_BYTES
+
+    assert len(heads) > 0 and heads.nbytes() == len(heads) * (ENTRY_BYTES + TENSOR_BYTES + head.numel() * 4)  # one head tensor each
 
 
 def test_acceptance_personalized_beat_global_under_dirichlet_01():

@@ -71,8 +71,8 @@ def test_ray_backend_same_model_as_in_process(local_ray):
     # Per-client codec state came back to the driver, equal to the in-process one.
     ra, sa = ray_coord.transport.device.states, sim_coord.transport.device.states
     assert len(ra) == len(sa) > 0
-    for c, state in sa._state.items():
-        other = ra.get(c)
+    for c in sa.clients():
+        state, other = sa.get(c), ra.get(c)
         assert other is not None and other.keys() == state.keys()
         for k in state:
             torch.testing.assert_close(other[k], state[k], rtol=0, atol=1e-6)

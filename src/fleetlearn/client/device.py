@@ -19,8 +19,9 @@ What the device does for each feature is read from the task's typed spec
 variate, personalization, local DP, label histograms, adaptive rungs.
 
 Per-client state that must survive between rounds (error-feedback residuals, SCAFFOLD's
-c_i, stochastic-codec streams) lives in a `ClientStateStore`, loaded only for the cohort;
-personal heads/models in a second one (`personal_states`).
+c_i, stochastic-codec streams) lives in a `ClientStateStore` (`client.state_store`: a
+bounded memory over a SQLite file, so it grows with the cohort, not the population), read
+only for the cohort; personal heads/models in a second one (`personal_states`).
 """
 
 from __future__ import annotations
@@ -38,57 +39,7 @@ from ..learners.base import ClientData, FitConfig, FitResult
 from ..learners.scaffold import CLIENT_KEY, control_deltas
 from ..messages import ClientMetrics, Dropout, Task, Update
 from ..task_spec import ClusteringEntry, LabelHistogramEntry, LocalDPEntry, OversampleEntry
-
-
-class ClientStateStore:
-    """Per-client tensors keyed by client id; only clients that have state cost memory."""
-
-    def __init__(self) -> None:
-        self._state: dict[int, dict[str, torch.Tensor]] = {}
-
-    def get(self, client: int) -> dict[str, torch.Tensor] | None:
-        return self._state.get(client)
-
-    def put(self, client: int, state: dict[str, torch.Tensor] | None) -> None:
-        if state:
-            self._state[client] = state
-        else:
-            self._state.pop(client, None)
-
-    def __len__(self) -> int:
-        return len(self._state)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for s in self._state.values() for t in s.values())
-
-    def clients(self) -> list[int]:
-        return sorted(self._state)
-
-    # -- checkpoints: flat "client/<id>/<key>" tensors, what safetensors stores ------------
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Every client's state as flat tensors named ``client/<id>/<key>`` (for a checkpoint)."""
-        return {f"client/{c}/{k}": t for c, s in self._state.items() for k, t in s.items()}
-
-    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Replace the whole store with what `state_dict` wrote."""
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for name, t in tensors.items():
-            head, cid, key = (name.split("/", 2) + ["", ""])[:3]
-            if head != "client" or not cid.isdigit() or not key:
-                raise ValueError(f"client state tensor {name!r} is not named client/<id>/<key>")
-            state.setdefault(int(cid), {})[key] = t
-        self._state = state
-
-
-
-    def take(self, clients: Sequence[int]) -> dict[int, dict[str, torch.Tensor]]:
-        """The states of `clients` that have one (what a Ray worker needs for its chunk)."""
-        return {int(c): s for c in clients if (s := self._state.get(int(c))) is not None}
-
-    def merge(self, clients: Sequence[int], states: dict[int, dict[str, torch.Tensor]]) -> None:
-        """Put back the states of `clients` after a remote chunk (a client without one is cleared)."""
-        for c in clients:
-            self.put(int(c), states.get(int(c)))
+from .state_store import ClientStateStore
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 from .. import compat
 from ..attacks import build_attack
 from ..client import Device
+from ..client.state_store import CLIENT_STATE_FILE, PERSONAL_STATE_FILE
 from ..compression import AdaptiveCompression, CountSketch, parse_chain
 from ..config import ConfigError, RunConfig, coverage_refusal
 from ..parts import BuildContext, build_part, get_part
@@ -452,6 +453,12 @@ def build_coordinator(
             raise ConfigError(f"store.root = {config.store.root!r}: cannot create a run directory there ({exc.strerror or exc}); "
                               "allowed: a writable folder (created if missing)") from None
         run_store.write_json("data_stats.json", data.stats)
+    if transport_factory is None:  # the simulated clients' state: bounded memory, the rest on disk
+        cap = int(config.engine.client_state_memory_mb * 2**20)
+        device.states.max_bytes = device.personal_states.max_bytes = cap
+        if run_store is not None:
+            device.states.attach(run_store.run_dir / CLIENT_STATE_FILE)
+            device.personal_states.attach(run_store.run_dir / PERSONAL_STATE_FILE)
     if run_store is not None and not (run_store.run_dir / PARAM_SPEC_FILE).is_file():
         run_store.write_text(PARAM_SPEC_FILE, learner.spec.to_json())  # atomically; `models export` names the tensors
     monitoring = _build_monitoring(config)

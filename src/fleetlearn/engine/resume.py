@@ -23,15 +23,12 @@ from ..records import RoundRecord
 
 
 def side_state(c) -> dict[str, torch.Tensor]:
-    """What a checkpoint needs besides the model and server state, as named tensors:
-    ``client/<id>/<key>`` (codec residuals, SCAFFOLD c_i), ``personal/<id>/<key>``
-    (personal heads and models), ``aggregator/<key>`` (e.g. MIFA's memory, DnC's client
-    reputation) and ``schedule/client/<key>`` (e.g. reduce-on-plateau)."""
+    """What a checkpoint needs besides the model, the server state and the clients' states
+    (those are in their own files: `client.state_store`), as named tensors:
+    ``aggregator/<key>`` (e.g. MIFA's memory, DnC's client reputation) and
+    ``schedule/client/<key>`` (e.g. reduce-on-plateau).  (Side files written before the
+    state store also hold ``client/<id>/<key>`` and ``personal/<id>/<key>``: still read.)"""
     out: dict[str, torch.Tensor] = {}
-    if c.client_states is not None:
-        out.update(c.client_states.state_dict())
-    if c.personal_states is not None:
-        out.update({"personal/" + k.split("/", 1)[1]: v for k, v in c.personal_states.state_dict().items()})
     out.update({f"aggregator/{k}": v for k, v in c.pipeline.state_dict().items()})
     if c.client_schedule is not None:  # the server's schedule keeps its memory in the server state
         out.update({f"schedule/client/{k}": torch.tensor(float(v), dtype=torch.float64) for k, v in c.client_schedule.state_dict().items()})
@@ -55,10 +52,14 @@ def commit(c, record: RoundRecord, last: bool) -> None:
     save = bool((every and r % every == 0) or last)
     store = c.store
     store.flush()  # the previous round's commit: done (and its prune) before this round's files
+    # Per-client state (EF residuals, SCAFFOLD c_i, personal heads/models): the states changed
+    # since the last checkpoint, written (synchronously) to the state files before the
+    # round's transaction; the stateful parts' state (aggregator memory, the client lr
+    # schedule) in a side file, written (and fsynced) here and named in its metadata.
+    for states in (c.client_states, c.personal_states):
+        if states is not None:
+            states.checkpoint(r) if save else states.begin_round(r + 1)
     side = side_state(c) if save else {}
-    # Per-client state (EF residuals, SCAFFOLD c_i, personal heads/models) and the stateful
-    # parts' state (aggregator memory, the client lr schedule) go with the checkpoint: written
-    # (and fsynced) here, before the round's transaction, named in its metadata.
     meta = store.write_client_states(r, side) if side else None
     # Spent privacy is committed in the round's own transaction, checkpoint or not.
     ledger = copy.deepcopy(c.privacy.state_dict()) if c.privacy is not None else None
@@ -80,9 +81,9 @@ def load_side_state(c, tensors: dict[str, torch.Tensor]) -> None:
         if head not in parts or not rest:
             raise ValueError(f"checkpoint side-state tensor {name!r} has no known part (client, personal, aggregator, schedule)")
         parts[head][rest] = t
-    if c.client_states is not None:
+    if c.client_states is not None and parts["client"]:  # a side file from before the state store
         c.client_states.load_state_dict({f"client/{k}": v for k, v in parts["client"].items()})
-    if c.personal_states is not None:
+    if c.personal_states is not None and parts["personal"]:
         c.personal_states.load_state_dict({f"client/{k}": v for k, v in parts["personal"].items()})
     c.pipeline.load_state_dict(parts["aggregator"])
     schedules = {"client": {}, "server": {}}
@@ -102,6 +103,9 @@ def resume(c) -> int:
     if c.store is None:
         raise ValueError("resume needs a run store")
     records = c.store.records()
+    for states in (c.client_states, c.personal_states):
+        if states is not None:  # rows of rounds that never committed go (all of them if none did)
+            states.resume(records[-1].round if records else 0)
     if not records:
         return 0
     last = records[-1]
