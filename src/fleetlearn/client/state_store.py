@@ -25,6 +25,10 @@ crash in between must still find them).
 
 Without a path (no run store) the file is a temporary one, created only when a dirty
 state first has to leave memory, and removed with the store.
+
+One writer: a run directory is trained by one process at a time (the run store's lock,
+`ops.store`), and only simulated clients keep their state here (a gRPC server, the one
+that a standby takes over from, has none: its devices keep their own).
 """
 
 from __future__ import annotations
