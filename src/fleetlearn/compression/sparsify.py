@@ -457,9 +457,10 @@ class Subset(Sparsifier):
     Against error feedback and block top-k (``ef | topk:F,block=B``): a client keeps no
     residual between rounds (so it also serves clients that take part once, or cannot keep
     state), and a coordinate is estimated from about n F clients instead of the cohort.  At
-    100x on the benchmark jobs, with ``q2:dither``, it ends within 0.4 pp of float32 on
-    digits and Fashion-MNIST over twelve seeds, about 1 pp closer than block top-k on digits
-    (BENCHMARKS.md, "Random subsets averaged by coverage"); ``[compression] target_ratio``
+    100x on the benchmark jobs, with ``q2:dither``, over twelve seeds it ends level with
+    float32 on digits (-0.02 pp, block top-k -1.28) and level with block top-k on
+    Fashion-MNIST (-0.81 pp against -0.95) (BENCHMARKS.md, "Seeded subsets and subtractive
+    dither"); ``[compression] target_ratio``
     picks it where the run averages with the plain mean (compression.ratio).
     """
 
