@@ -26,6 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 DIM = {"default": 9_610, "fashion_mnist": 101_770}  # the two jobs' MLPs (64-128-10 and 784-128-10)
+HEAD = {"default": 1_290, "fashion_mnist": 1_290}  # their output layers (128 x 10 + 10): compression.ratio.head_size
 
 
 def chains(dataset: str, extra: list[str]) -> dict[str, dict]:
@@ -33,7 +34,7 @@ def chains(dataset: str, extra: list[str]) -> dict[str, dict]:
 
     d = DIM[dataset]
     table = {"float32": {}, "topk+ef": {"uplink": chain_for_ratio(100, d, coverage=False)},
-             "subset": {"uplink": chain_for_ratio(100, d, coverage=True)}}
+             "subset": {"uplink": chain_for_ratio(100, d, coverage=True, head=HEAD[dataset])}}
     for item in extra:
         name, sep, spec = item.partition("=")
         if not sep or not name or name in table:

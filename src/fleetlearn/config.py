@@ -537,15 +537,16 @@ class CompressionConfig(Section):
     # (ClientRecord.codec) and in the summary.
     target_ratio: float | None = Field(default=None, gt=1, le=1e6, allow_inf_nan=False)
 
-    def uplink_for(self, dim: int, coverage: bool = True) -> str:
+    def uplink_for(self, dim: int, coverage: bool = True, head: int = 0) -> str:
         """The uplink chain in force for a model of `dim` parameters: `uplink`, or the chain
         `target_ratio` chooses (ValueError when the model cannot reach that ratio); `coverage`:
-        whether the run can average by coverage (`RunConfig.uplink_chain` decides)."""
+        whether the run can average by coverage (`RunConfig.uplink_chain` decides); `head`:
+        the model's output-layer entries at the end of its vector (`compression.ratio.head_size`)."""
         if self.target_ratio is None:
             return self.uplink
         from .compression.ratio import chain_for_ratio
 
-        return chain_for_ratio(self.target_ratio, int(dim), coverage=coverage)
+        return chain_for_ratio(self.target_ratio, int(dim), coverage=coverage, head=int(head))
 
     @field_validator("ladder")
     @classmethod
@@ -1136,11 +1137,18 @@ class RunConfig(Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
-    def uplink_chain(self, dim: int) -> str:
-        """The uplink chain in force for a model of `dim` parameters: `compression.uplink`, or
-        the one `compression.target_ratio` chooses for this run (``subset`` where the run can
-        average by coverage, `coverage_refusal`).  ValueError when the model cannot reach the ratio."""
-        return self.compression.uplink_for(dim, coverage=coverage_refusal(self) is None)
+    def uplink_chain(self, model) -> str:
+        """The uplink chain in force for a model (its `ParamSpec`, or just its dimension):
+        `compression.uplink`, or the one `compression.target_ratio` chooses for this run
+        (``subset`` where the run can average by coverage, `coverage_refusal`, keeping the
+        output layer when the spec shows one).  ValueError when the model cannot reach the ratio."""
+        if isinstance(model, int):
+            dim, head = model, 0
+        else:
+            from .compression.ratio import head_size
+
+            dim, head = model.dim, head_size(model)
+        return self.compression.uplink_for(dim, coverage=coverage_refusal(self) is None, head=head)
 
     def to_toml(self) -> str:
         return tomli_w.dumps(_drop_none(self.to_dict()))

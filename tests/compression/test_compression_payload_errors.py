@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from fleetlearn.compression import decode_payload, parse_chain, read_sketch, sum_sketches, wire
 from fleetlearn.params import PayloadError
 
-CHAINS = ["none", "fp16", "bf16", "q8", "q4", "q2:block=5", "sign", "sign:block=7", "topk:0.1", "topk:0.3 | q4", "randk:0.2 | fp16", "topk:0.05 | sign", "sketch:5,cols=40,rows=3", "q8 | zstd", "topk:0.3 | q4 | zstd", "topk:0.3,block=4 | q2 | zstd", "q2:block=5,dither", "topk:0.3 | q4:dither | zstd", "subset:0.3,block=4 | q2:dither", "subset:0.2 | q8:stochastic | zstd"]
+CHAINS = ["none", "fp16", "bf16", "q8", "q4", "q2:block=5", "sign", "sign:block=7", "topk:0.1", "topk:0.3 | q4", "randk:0.2 | fp16", "topk:0.05 | sign", "sketch:5,cols=40,rows=3", "q8 | zstd", "topk:0.3 | q4 | zstd", "topk:0.3,block=4 | q2 | zstd", "q2:block=5,dither", "topk:0.3 | q4:dither | zstd", "subset:0.3,block=4 | q2:dither", "subset:0.3,block=4,keep=7 | q2:dither", "subset:0.2 | q8:stochastic | zstd"]
 _payloads: dict[tuple[str, int], bytes] = {}
 
 

@@ -129,6 +129,48 @@ def test_forged_subset_sections_are_refused():
     assert payload_support(forged(4, 25), 100).size == 100
 
 
+def test_keep_always_sends_the_last_entries_and_draws_the_rest():
+    chain = parse_chain("subset:0.2,block=8,keep=50 | q8:dither")
+    assert chain.spec == "subset:0.2,block=8,keep=50 | q8:dither"
+    assert needed_capabilities(chain.spec) == ["subset", "q8", "dither", "subset_keep"]
+    d = 1000
+    supports = [payload_support(chain.encode(torch.randn(d), seed_state(s))[0], d) for s in range(20)]
+    for idx in supports:
+        assert idx.size == 200  # 25 blocks in all: the last 7 (entries 944-999) and 18 drawn from the 118 before
+        assert np.array_equal(idx[-56:], np.arange(944, 1000))
+    assert len({tuple(i[:-56]) for i in supports}) == 20  # the drawn part differs from client to client
+    p = chain.encode(torch.randn(d), seed_state(0))[0]
+    assert wire.read_header(p)[0].support == wire.SUPPORT_SUBSET_KEEP
+    with pytest.raises(ValueError, match="keep"):
+        parse_chain("subset:0.2,keep=-1")
+
+
+def test_forged_keep_sections_are_refused():
+    import struct
+
+    def forged(block, k, tail, d=100):
+        return wire.assemble(wire.SUPPORT_SUBSET_KEEP, wire.VALUE_F32, d, [struct.pack("<IIQI", block, k, 9, tail), b"\0" * 4 * min((k + tail) * block, d)])
+
+    with pytest.raises(PayloadError, match="keeps the last 26 and 0 random blocks"):
+        payload_support(forged(4, 0, 26), 100)
+    with pytest.raises(PayloadError, match="keeps the last 5 and 21 random blocks"):
+        payload_support(forged(4, 21, 5), 100)
+    assert np.array_equal(payload_support(forged(4, 0, 2), 100), np.arange(92, 100))
+
+
+def test_target_ratio_keeps_the_output_layer_where_it_fits_a_quarter_of_the_budget():
+    from fleetlearn.compression.ratio import chain_for_ratio, head_size
+    from fleetlearn.params import ParamSpec
+
+    spec = ParamSpec(("0.weight", "0.bias", "2.weight", "2.bias"), ((128, 784), (128,), (10, 128), (10,)))
+    assert head_size(spec) == 1290
+    assert head_size(ParamSpec(("w",), ((10,),))) == 0  # a model that is all head has no body to draw from
+    assert chain_for_ratio(100, spec.dim, head=1290) == "subset:1.0,block=16,keep=1290 | q2:dither | zstd | budget:4070"
+    # On the digits MLP the head would take 343 of the 384 bytes: not kept.
+    assert chain_for_ratio(100, 9_610, head=1290) == "subset:1.0,block=16 | q2:dither | zstd | budget:384"
+    assert chain_for_ratio(100, spec.dim, coverage=False, head=1290).startswith("ef | topk:1.0,block=16 |")
+
+
 def test_payload_support_of_dense_and_sketch_payloads():
     d = 64
     assert payload_support(parse_chain("q8").encode(torch.randn(d))[0], d) is None

@@ -117,7 +117,7 @@ def test_target_ratio_over_grpc_resolves_to_subsets_for_the_clients(tmp_path):
     net = NetworkRun(cfg, tmp_path, clients=3)
     summary = net.run()
     dim = net.coordinator.params.numel()
-    chain = cfg.uplink_chain(dim)
+    chain = cfg.uplink_chain(net.coordinator.learner.spec)
     assert chain.startswith("subset:1.0,block=16 | q2:dither") and summary.uplink_chain == chain
     assert summary.records[0].accepted == 3 and "coverage_clients" in summary.records[0].extra
     assert all(c.codec == chain and 0 < c.uplink_bytes <= 4 * dim // 20 for c in summary.records[0].clients)

@@ -160,8 +160,9 @@ CODECS = table("codec")
 
 # Wire formats added after their codec's name first shipped: a client announces them
 # next to the names, so a server never hands an older client a chain it cannot encode.
-# "topk_blocks": topk's block option; "dither": the quantizers' subtractive dither (``q2:dither``).
-LATER_FORMATS = (wire.SUPPORT_NAMES[wire.SUPPORT_TOPK_BLOCKS], "dither")
+# "topk_blocks": topk's block option; "dither": the quantizers' subtractive dither (``q2:dither``);
+# "subset_keep": subset's keep option.
+LATER_FORMATS = (wire.SUPPORT_NAMES[wire.SUPPORT_TOPK_BLOCKS], "dither", wire.SUPPORT_NAMES[wire.SUPPORT_SUBSET_KEEP])
 
 
 def capabilities() -> list[str]:
@@ -178,6 +179,8 @@ def needed_capabilities(spec: str) -> list[str]:
         names.append(wire.SUPPORT_NAMES[wire.SUPPORT_TOPK_BLOCKS])
     if getattr(chain.value, "dither", False):
         names.append("dither")
+    if isinstance(chain.support, Subset) and chain.support.keep:
+        names.append(wire.SUPPORT_NAMES[wire.SUPPORT_SUBSET_KEEP])
     return names
 
 

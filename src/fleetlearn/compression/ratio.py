@@ -12,14 +12,35 @@ COVERAGE_VALUES = "q2:dither"  # subset: subtractive dither, the least variance 
 EF_VALUES = "q2:stochastic"  # block top-k: error feedback carries the error; dither measured no better there
 
 
-def chain_for_ratio(ratio: float, dim: int, coverage: bool = True) -> str:
+HEAD_SHARE = 0.25  # the output layer is always sent when its values take at most this share of the budget
+
+
+def head_size(spec) -> int:
+    """Entries of a model's output layer when they end its flat vector (the tensors sharing
+    the last tensor's module path, as FedPer's "last" head), else 0."""
+    names, sizes = spec.names, spec.sizes
+    if not names:
+        return 0
+    last = names[-1]
+    prefix = last.rsplit(".", 1)[0] + "." if "." in last else last
+    n = 0
+    for name, size in zip(reversed(names), reversed(sizes)):
+        if not (name.startswith(prefix) or name == last):
+            break
+        n += size
+    return n if n < spec.dim else 0
+
+
+def chain_for_ratio(ratio: float, dim: int, coverage: bool = True, head: int = 0) -> str:
     """The uplink chain ``[compression] target_ratio = ratio`` runs for a model of `dim`
     parameters, with a byte budget of 4 dim / ratio bytes per update (so the ratio holds for
     every update), unbiased 2-bit values and zstd:
 
     - `coverage` (the run's aggregation is the plain weighted mean: `config.coverage_refusal`):
       ``subset | q2:dither``, random blocks named by a seed and averaged per coordinate over
-      the clients that sent them;
+      the clients that sent them; with ``keep=head`` (`head`: the output layer's entries at
+      the end of the vector, `head_size`) when the head's values take at most `HEAD_SHARE`
+      of the budget: it is then sent by every client;
     - otherwise ``ef | topk | q2:stochastic``: error feedback and block top-k, which every
       aggregation rule can take.
 
@@ -34,8 +55,11 @@ def chain_for_ratio(ratio: float, dim: int, coverage: bool = True) -> str:
         if block > 1 and dim < 8 * block:
             continue
         opt = f",block={block}" if block > 1 else ""
-        support = f"subset:1.0{opt}" if coverage else f"ef | topk:1.0{opt}"
         values = COVERAGE_VALUES if coverage else EF_VALUES
+        keep = ""
+        if coverage and head > 0 and parse_chain(values).value.nbytes(head) <= HEAD_SHARE * budget:
+            keep = f",keep={head}"
+        support = f"subset:1.0{opt}{keep}" if coverage else f"ef | topk:1.0{opt}"
         spec = f"{support} | {values} | zstd | budget:{max(budget, 1)}"
         smallest = parse_chain(f"{'subset' if coverage else 'topk'}:{block}{opt} | {values}").estimate_bytes(dim)  # one block, uncompressed: an upper bound
         if smallest <= budget:

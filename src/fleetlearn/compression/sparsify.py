@@ -43,6 +43,7 @@ from .wire import Reader
 SPARSE_HEAD = struct.Struct("<IIBBI")
 BLOCK_HEAD = struct.Struct("<I")
 SEEDED_HEAD = struct.Struct("<IIQ")  # subset: block size, blocks kept, seed
+KEEP_HEAD = struct.Struct("<IIQI")  # subset with keep: block size, random blocks kept, seed, last blocks always kept
 _RAW, _ZSTD = 0, 1
 _ZSTD_LEVEL = 3
 _WIDTH_DTYPE = {1: "<u1", 2: "<u2", 4: "<u4"}
@@ -244,10 +245,20 @@ def write_block_indices(idx: np.ndarray, block: int) -> list:
     return [BLOCK_HEAD.pack(block)] + write_indices(idx[::block] // block)
 
 
+def subset_blocks(seed: int, k: int, m: int, tail: int = 0) -> np.ndarray:
+    """Sorted block numbers of a subset payload: the last `tail` of the m blocks, and k drawn
+    by `seeded_blocks` from the m - tail before them."""
+    tail = min(max(tail, 0), m)
+    drawn = seeded_blocks(seed, k, m - tail)
+    return np.concatenate([drawn, np.arange(m - tail, m, dtype=np.int64)]) if tail else drawn
+
+
 def read_support(r: Reader, support: int, dim: int) -> np.ndarray:
     """The sorted entry indices of a sparse payload's support section (topk, randk, topk blocks or subset)."""
     if support == wire.SUPPORT_SUBSET_SEEDED:
         return read_seeded_blocks(r, dim)
+    if support == wire.SUPPORT_SUBSET_KEEP:
+        return read_kept_blocks(r, dim)
     return read_block_indices(r, dim) if support in wire.BLOCK_SUPPORTS else read_indices(r, dim)
 
 
@@ -259,6 +270,16 @@ def read_seeded_blocks(r: Reader, dim: int) -> np.ndarray:
     if k > m:
         raise PayloadError(f"subset section keeps {k} blocks of {block} entries; a vector of dim {dim} has {m}")
     return block_entries(seeded_blocks(seed, k, m), block, dim)
+
+
+def read_kept_blocks(r: Reader, dim: int) -> np.ndarray:
+    block, k, seed, tail = r.unpack(KEEP_HEAD, "subset section")
+    if not 1 <= block <= Sparsifier.MAX_BLOCK:
+        raise PayloadError(f"subset section announces block size {block}; allowed 1 to {Sparsifier.MAX_BLOCK}")
+    m = -(-dim // block)
+    if tail > m or k > m - tail:
+        raise PayloadError(f"subset section keeps the last {tail} and {k} random blocks of {block} entries; a vector of dim {dim} has {m}")
+    return block_entries(subset_blocks(seed, k, m, tail), block, dim)
 
 
 def read_block_indices(r: Reader, dim: int) -> np.ndarray:
@@ -438,7 +459,7 @@ class RandK(Sparsifier):
 
 
 class Subset(Sparsifier):
-    """``subset:F[,block=B]``: each client sends a random fraction F of its update's blocks of
+    """``subset:F[,block=B][,keep=N]``: each client sends a random fraction F of its update's blocks of
     B consecutive entries (single entries without ``block``), drawn independently of the
     values from a seed it takes from its own random stream, and sends the seed (the kept
     blocks are `seeded_blocks`' for it: 16 bytes, where listing the blocks took about a fifth
@@ -453,6 +474,13 @@ class Subset(Sparsifier):
     deterministic 2-bit rounding is biased, and averaging over a few clients does not remove
     that (BENCHMARKS.md, target_ratio).  With ``budget:N`` the client keeps as many random
     blocks as fit in N bytes (for one seed a smaller count keeps a subset of the blocks).
+
+    ``keep=N``: the update's last N entries (whole blocks: the last ceil(N / B)) are always
+    sent, and the random blocks are drawn from the rest (support id 7, `KEEP_HEAD`).  Meant
+    for a model's output layer, last in the flat vector of the built-in models: under label
+    skew its update differs most between clients, and averaging it over a few of them is
+    the noisiest part of the aggregate (`compression.ratio.head_size`; BENCHMARKS.md,
+    "The output layer always sent").  Those coordinates are averaged over every client.
 
     Against error feedback and block top-k (``ef | topk:F,block=B``): a client keeps no
     residual between rounds (so it also serves clients that take part once, or cannot keep
@@ -470,22 +498,36 @@ class Subset(Sparsifier):
     coverage = True
     wire_id = wire.SUPPORT_SUBSET_SEEDED
 
-    def __init__(self, amount: float | int, block: int = 1):
+    MAX_KEEP = wire.MAX_DIM
+
+    def __init__(self, amount: float | int, block: int = 1, keep: int = 0):
         super().__init__(amount)
         self.block = block
+        self.keep = int(keep)
+        if self.keep:
+            self.wire_id = wire.SUPPORT_SUBSET_KEEP
 
     @classmethod
     def from_args(cls, positional, options):
-        return cls(*cls._amount_and_block(positional, options))
+        options = dict(options)
+        keep = parse_int(cls.name, "keep", options.pop("keep"), 0, cls.MAX_KEEP) if "keep" in options else 0
+        return cls(*cls._amount_and_block(positional, options), keep=keep)
+
+    def args(self):
+        return super().args() + ([f"keep={self.keep}"] if self.keep else [])
 
     def pick(self, x, rng):
         if rng is None:
             raise ValueError("codec 'subset' draws its blocks from a random generator; none was given")
         d = x.numel()
         kept = self.k(d) if self.block == 1 else self.blocks(d)
+        m = -(-d // self.block)
         seed = int(rng.bit_generator.random_raw())
-        idx = block_entries(seeded_blocks(seed, kept, -(-d // self.block)), self.block, d)
-        return idx, [SEEDED_HEAD.pack(self.block, kept, seed)]
+        if not self.keep:
+            return block_entries(seeded_blocks(seed, kept, m), self.block, d), [SEEDED_HEAD.pack(self.block, kept, seed)]
+        tail = min(-(-min(self.keep, d) // self.block), kept)
+        idx = block_entries(subset_blocks(seed, kept - tail, m, tail), self.block, d)
+        return idx, [KEEP_HEAD.pack(self.block, kept - tail, seed, tail)]
 
     def support_bytes(self, dim: int) -> int:
-        return SEEDED_HEAD.size
+        return KEEP_HEAD.size if self.keep else SEEDED_HEAD.size

@@ -55,8 +55,10 @@ OVERHEAD = HEADER.size + CRC.size  # 13 bytes: header + trailer of every payload
 # Wire ids.  Append, never renumber: old payloads must keep their meaning.
 SUPPORT_DENSE, SUPPORT_TOPK, SUPPORT_RANDK, SUPPORT_SKETCH, SUPPORT_TOPK_BLOCKS, SUPPORT_SUBSET = 0, 1, 2, 3, 4, 5
 SUPPORT_SUBSET_SEEDED = 6  # subset's blocks named by a seed (`sparsify.seeded_blocks`); 5 lists them (still read)
+SUPPORT_SUBSET_KEEP = 7  # the same with the vector's last blocks always kept (``subset:F,keep=N``)
 SUPPORT_NAMES = {SUPPORT_DENSE: "dense", SUPPORT_TOPK: "topk", SUPPORT_RANDK: "randk", SUPPORT_SKETCH: "sketch",
-                 SUPPORT_TOPK_BLOCKS: "topk_blocks", SUPPORT_SUBSET: "subset", SUPPORT_SUBSET_SEEDED: "subset_seeded"}
+                 SUPPORT_TOPK_BLOCKS: "topk_blocks", SUPPORT_SUBSET: "subset", SUPPORT_SUBSET_SEEDED: "subset_seeded",
+                 SUPPORT_SUBSET_KEEP: "subset_keep"}
 # Supports whose section is a block size and block numbers (`sparsify.read_block_indices`).
 BLOCK_SUPPORTS = (SUPPORT_TOPK_BLOCKS, SUPPORT_SUBSET)
 VALUE_F32, VALUE_F16, VALUE_BF16, VALUE_QUANT, VALUE_SIGN = 0, 1, 2, 3, 4

@@ -85,7 +85,7 @@ class RegionAggregator:
         self.region, self.min_clients, self.wait_s = int(region), int(min_clients), float(wait_s)
         self.dim = learner.spec.dim
         srv = config.server
-        uplink = parse_chain(config.uplink_chain(self.dim))
+        uplink = parse_chain(config.uplink_chain(learner.spec))
         norm_filter = RelativeNormFilter(srv.max_norm_ratio) if srv.max_norm_ratio is not None else None
         # The Coordinator's intake: the run's decoder and validators, applied to this region's clients.
         self.intake = Intake(UpdateDecoder(uplink, self.dim), build_run_validators(config), norm_filter)

@@ -395,7 +395,7 @@ def build_coordinator(
         clustering, learner = build_clustering(config, learner, data.num_clients)  # over gRPC: commands.client wraps likewise
     if config.compression.target_ratio is not None:
         try:
-            chosen = config.uplink_chain(learner.spec.dim)
+            chosen = config.uplink_chain(learner.spec)
         except ValueError as exc:
             raise ConfigError(f"compression.target_ratio: {exc}") from None
     else:

@@ -59,7 +59,7 @@ def server_transport(
     if config.probes.clients:
         raise ConfigError(f"probes.clients = {config.probes.clients}: simulated probe devices run in the simulation; over gRPC "
                           "start probe clients as processes (fleetlearn client --probe) and leave probes.clients at 0")
-    wire = _wire_args(config, spec.dim if spec is not None else None)
+    wire = _wire_args(config, spec)
     return GrpcTransport(
         address,
         tokens=TokenStore.open(state_dir),
@@ -95,12 +95,12 @@ _WIRE_KEYS = {
 }
 
 
-def _wire_args(config: RunConfig, dim: int | None = None) -> dict[str, Any]:
+def _wire_args(config: RunConfig, spec=None) -> dict[str, Any]:
     """The run's protocol settings, fixed for a client when it registers (`RunRequirements`);
-    with the model's `dim`, the uplink chain `compression.target_ratio` chose."""
+    with the model's `spec`, the uplink chain `compression.target_ratio` chose."""
     comp = config.compression
     try:
-        uplink = config.uplink_chain(dim) if dim is not None else comp.uplink
+        uplink = config.uplink_chain(spec) if spec is not None else comp.uplink
     except ValueError as exc:
         raise ConfigError(f"compression.target_ratio: {exc}") from None
     return {
