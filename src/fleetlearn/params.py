@@ -71,6 +71,15 @@ class ParamSpec:
     def dim(self) -> int:
         return int(sum(self.sizes))
 
+    def last_layer(self) -> tuple[str, ...]:
+        """Names of the model's last layer: the tensors sharing the last tensor's module path
+        (FedPer's "last" head, target_ratio's kept output layer); () for an empty spec."""
+        if not self.names:
+            return ()
+        last = self.names[-1]
+        prefix = last.rsplit(".", 1)[0] + "." if "." in last else last
+        return tuple(n for n in self.names if n.startswith(prefix) or n == last)
+
     @property
     def nbytes(self) -> int:
         return 4 * self.dim

@@ -123,9 +123,7 @@ def head_indices(spec: ParamSpec, head: str) -> torch.Tensor:
     or leaves nothing to share."""
     names = spec.names
     if head == "last":
-        last = names[-1]
-        prefix = last.rsplit(".", 1)[0] + "." if "." in last else last
-        chosen = [n for n in names if n.startswith(prefix) or n == last]
+        chosen = list(spec.last_layer())
     else:
         chosen = [n for n in names if n.startswith(head)]
     if not chosen:

@@ -18,14 +18,10 @@ HEAD_SHARE = 0.25  # the output layer is always sent when its values take at mos
 def head_size(spec) -> int:
     """Entries of a model's output layer when they end its flat vector (the tensors sharing
     the last tensor's module path, as FedPer's "last" head), else 0."""
-    names, sizes = spec.names, spec.sizes
-    if not names:
-        return 0
-    last = names[-1]
-    prefix = last.rsplit(".", 1)[0] + "." if "." in last else last
+    layer = set(spec.last_layer())
     n = 0
-    for name, size in zip(reversed(names), reversed(sizes)):
-        if not (name.startswith(prefix) or name == last):
+    for name, size in zip(reversed(spec.names), reversed(spec.sizes)):
+        if name not in layer:
             break
         n += size
     return n if n < spec.dim else 0
@@ -50,15 +46,13 @@ def chain_for_ratio(ratio: float, dim: int, coverage: bool = True, head: int = 0
     if not (math.isfinite(ratio) and ratio > 1):
         raise ValueError(f"target_ratio must be a finite number > 1, got {ratio!r}")
     budget = int(4 * dim // ratio)
+    values = COVERAGE_VALUES if coverage else EF_VALUES
+    keep = f",keep={head}" if coverage and head > 0 and parse_chain(values).value.nbytes(head) <= HEAD_SHARE * budget else ""
     best = None
     for block in RATIO_BLOCKS:
         if block > 1 and dim < 8 * block:
             continue
         opt = f",block={block}" if block > 1 else ""
-        values = COVERAGE_VALUES if coverage else EF_VALUES
-        keep = ""
-        if coverage and head > 0 and parse_chain(values).value.nbytes(head) <= HEAD_SHARE * budget:
-            keep = f",keep={head}"
         support = f"subset:1.0{opt}{keep}" if coverage else f"ef | topk:1.0{opt}"
         spec = f"{support} | {values} | zstd | budget:{max(budget, 1)}"
         smallest = parse_chain(f"{'subset' if coverage else 'topk'}:{block}{opt} | {values}").estimate_bytes(dim)  # one block, uncompressed: an upper bound

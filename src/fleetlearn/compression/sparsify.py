@@ -255,30 +255,21 @@ def subset_blocks(seed: int, k: int, m: int, tail: int = 0) -> np.ndarray:
 
 def read_support(r: Reader, support: int, dim: int) -> np.ndarray:
     """The sorted entry indices of a sparse payload's support section (topk, randk, topk blocks or subset)."""
-    if support == wire.SUPPORT_SUBSET_SEEDED:
-        return read_seeded_blocks(r, dim)
-    if support == wire.SUPPORT_SUBSET_KEEP:
-        return read_kept_blocks(r, dim)
+    if support in (wire.SUPPORT_SUBSET_SEEDED, wire.SUPPORT_SUBSET_KEEP):
+        return read_subset_blocks(r, dim, keep=support == wire.SUPPORT_SUBSET_KEEP)
     return read_block_indices(r, dim) if support in wire.BLOCK_SUPPORTS else read_indices(r, dim)
 
 
-def read_seeded_blocks(r: Reader, dim: int) -> np.ndarray:
-    block, k, seed = r.unpack(SEEDED_HEAD, "subset section")
-    if not 1 <= block <= Sparsifier.MAX_BLOCK:
-        raise PayloadError(f"subset section announces block size {block}; allowed 1 to {Sparsifier.MAX_BLOCK}")
-    m = -(-dim // block)
-    if k > m:
-        raise PayloadError(f"subset section keeps {k} blocks of {block} entries; a vector of dim {dim} has {m}")
-    return block_entries(seeded_blocks(seed, k, m), block, dim)
-
-
-def read_kept_blocks(r: Reader, dim: int) -> np.ndarray:
-    block, k, seed, tail = r.unpack(KEEP_HEAD, "subset section")
+def read_subset_blocks(r: Reader, dim: int, keep: bool) -> np.ndarray:
+    """A seeded subset section (`SEEDED_HEAD`, or `KEEP_HEAD` with the last blocks always kept)."""
+    block, k, seed, *more = r.unpack(KEEP_HEAD if keep else SEEDED_HEAD, "subset section")
+    tail = more[0] if keep else 0
     if not 1 <= block <= Sparsifier.MAX_BLOCK:
         raise PayloadError(f"subset section announces block size {block}; allowed 1 to {Sparsifier.MAX_BLOCK}")
     m = -(-dim // block)
     if tail > m or k > m - tail:
-        raise PayloadError(f"subset section keeps the last {tail} and {k} random blocks of {block} entries; a vector of dim {dim} has {m}")
+        kept = f"the last {tail} and {k} random blocks" if keep else f"{k} blocks"
+        raise PayloadError(f"subset section keeps {kept} of {block} entries; a vector of dim {dim} has {m}")
     return block_entries(subset_blocks(seed, k, m, tail), block, dim)
 
 
@@ -521,13 +512,11 @@ class Subset(Sparsifier):
             raise ValueError("codec 'subset' draws its blocks from a random generator; none was given")
         d = x.numel()
         kept = self.k(d) if self.block == 1 else self.blocks(d)
-        m = -(-d // self.block)
         seed = int(rng.bit_generator.random_raw())
-        if not self.keep:
-            return block_entries(seeded_blocks(seed, kept, m), self.block, d), [SEEDED_HEAD.pack(self.block, kept, seed)]
-        tail = min(-(-min(self.keep, d) // self.block), kept)
-        idx = block_entries(subset_blocks(seed, kept - tail, m, tail), self.block, d)
-        return idx, [KEEP_HEAD.pack(self.block, kept - tail, seed, tail)]
+        tail = min(-(-min(self.keep, d) // self.block), kept)  # 0 without keep
+        idx = block_entries(subset_blocks(seed, kept - tail, -(-d // self.block), tail), self.block, d)
+        section = KEEP_HEAD.pack(self.block, kept - tail, seed, tail) if self.keep else SEEDED_HEAD.pack(self.block, kept, seed)
+        return idx, [section]
 
     def support_bytes(self, dim: int) -> int:
         return KEEP_HEAD.size if self.keep else SEEDED_HEAD.size

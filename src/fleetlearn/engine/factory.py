@@ -453,12 +453,6 @@ def build_coordinator(
             raise ConfigError(f"store.root = {config.store.root!r}: cannot create a run directory there ({exc.strerror or exc}); "
                               "allowed: a writable folder (created if missing)") from None
         run_store.write_json("data_stats.json", data.stats)
-    if transport_factory is None:  # the simulated clients' state: bounded memory, the rest on disk
-        cap = int(config.engine.client_state_memory_mb * 2**20)
-        device.states.max_bytes = device.personal_states.max_bytes = cap
-        if run_store is not None:
-            device.states.attach(run_store.run_dir / CLIENT_STATE_FILE)
-            device.personal_states.attach(run_store.run_dir / PERSONAL_STATE_FILE)
     if run_store is not None and not (run_store.run_dir / PARAM_SPEC_FILE).is_file():
         run_store.write_text(PARAM_SPEC_FILE, learner.spec.to_json())  # atomically; `models export` names the tensors
     monitoring = _build_monitoring(config)
@@ -517,6 +511,11 @@ def build_coordinator(
             learner.module, learner.spec, x_unlabeled, steps=d.steps, lr=d.lr, temperature=d.temperature, batch_size=d.batch_size,
             val_fraction=d.val_fraction, seed=config.seed, heterofl=learner if config.model.heterofl else None))
     if transport_factory is None:  # simulated clients keep their state here; real devices keep their own
+        # Bounded memory, the rest on disk: the run directory's files with a run store.
+        device.states.max_bytes = device.personal_states.max_bytes = int(config.engine.client_state_memory_mb * 2**20)
+        if run_store is not None:
+            device.states.attach(run_store.run_dir / CLIENT_STATE_FILE)
+            device.personal_states.attach(run_store.run_dir / PERSONAL_STATE_FILE)
         coordinator.client_states = device.states
         coordinator.personal_states = device.personal_states
     coordinator.clustering = clustering
