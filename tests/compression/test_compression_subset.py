@@ -84,6 +84,42 @@ def test_seeded_blocks_are_regenerated_from_the_seed_and_nested_in_k():
     assert np.array_equal(seeded_blocks(1, 100, 100), np.arange(100)) and seeded_blocks(1, 0, 100).size == 0
 
 
+def _splitmix64(seed: int, i: int) -> int:
+    """The reference: key i of `wire.counter_hash`, one Python integer at a time."""
+    mask = (1 << 64) - 1
+    z = (seed + (i + 1) * 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+def test_counter_hash_is_splitmix64_across_its_pieces():
+    # Part of the wire format: what a client drew, a server of another build regenerates.
+    assert int(wire.counter_hash(0, 0, 1)[0]) == 0xE220A8397B1DCDAF  # SplittableRandom's first output from 0
+    start, count = 5, 3 * wire._HASH_CHUNK + 17  # several cache-sized pieces and a partial one
+    keys = wire.counter_hash(2**64 - 3, start, count)
+    assert keys.dtype == np.uint64 and keys.shape == (count,)
+    for i in [0, 1, wire._HASH_CHUNK - 1, wire._HASH_CHUNK, 2 * wire._HASH_CHUNK + 1, count - 1]:
+        assert int(keys[i]) == _splitmix64(2**64 - 3, start + i), i
+    assert wire.counter_hash(7, 3, 0).size == 0
+
+
+@pytest.mark.parametrize("k, m", [(1, 1), (3, 7), (10, 100), (50, 100), (700, 2000), (3, 2**60)])
+def test_first_distinct_is_the_streams_first_k_distinct_values(k, m):
+    # (3, 2**60): too large to pack value and counter into one key, so the other path.
+    from fleetlearn.compression.sparsify import _first_distinct
+
+    want: list[int] = []
+    t = 0
+    while len(want) < k:
+        b = _splitmix64(11, t) % m
+        if b not in want:
+            want.append(b)
+        t += 1
+    got = _first_distinct(11, k, m)
+    assert got.dtype == np.int64 and np.array_equal(got, np.sort(want))
+
+
 def test_a_huge_claimed_dimension_costs_nothing_to_decode():
     # The blocks are drawn in time and memory of the count kept, not of the vector: a 4-billion
     # entry claim with 3 blocks kept is as cheap as any other.
@@ -238,6 +274,46 @@ def test_the_coverage_stage_leaves_unsent_coordinates_unchanged_and_reports_them
     assert res.measurements["coverage_missed"] == pytest.approx(1 - sent.size / d)
     with pytest.raises(ValueError, match="reads each client's payload"):
         CoverageStage(d).next(Batch(rows, np.ones(2), [0, 1], []))
+
+
+def test_the_coverage_stage_holds_one_support_at_a_time_and_counts_clients_of_weight_zero():
+    import tracemalloc
+
+    chain = parse_chain("subset:0.5,block=16")
+    d, n = 64_000, 24
+    payloads = [chain.encode(torch.randn(d), seed_state(s))[0] for s in range(n)]
+    rows = torch.stack([chain.decode(p) for p in payloads])
+    w = np.ones(n)
+    w[0] = 0.0  # its coordinates are sent (not missed), but weigh nothing
+    supports = [payload_support(p, d) for p in payloads]
+    one = supports[0].nbytes  # 32,000 int64 entries: 256 KB; all of them would be 6 MB
+    tracemalloc.start()
+    try:
+        res = CoverageStage(d).next(Batch(rows, w, list(range(n)), payloads))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * one, (peak, one)
+    ref = coverage_mean(rows, [torch.from_numpy(s) for s in supports], w)
+    assert torch.equal(res.aggregate, ref)
+    sent = np.zeros(d, dtype=bool)
+    for s in supports:
+        sent[s] = True
+    assert res.measurements["coverage_clients"] == pytest.approx(sum(s.size for s in supports) / d)
+    assert res.measurements["coverage_missed"] == pytest.approx(1 - sent.mean())
+    only_first = np.setdiff1d(supports[0], np.concatenate(supports[1:]))
+    assert torch.all(res.aggregate[torch.from_numpy(only_first)] == 0)  # sent by weight 0 only: no estimate
+    with pytest.raises(ValueError, match="empty cohort"):
+        CoverageStage(d).next(Batch(rows[:0], np.ones(0), [], []))
+
+
+def test_a_sparse_payload_decoded_into_a_used_row_clears_the_rest():
+    chain = parse_chain("subset:0.25,block=4 | q2:dither")
+    d = 103
+    p = chain.encode(torch.randn(d), seed_state(3))[0]
+    row = torch.full((d,), float("nan"))
+    out = chain.decode(p, dim=d, out=row)
+    assert out is row and torch.equal(row, chain.decode(p, dim=d))
 
 
 def test_coverage_mean_of_random_subsets_is_unbiased_where_a_plain_mean_shrinks():

@@ -7,6 +7,9 @@ whole matrix.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Iterable
+
 import numpy as np
 import torch
 
@@ -102,7 +105,10 @@ def coverage_mean(updates, coverage, weights, dim: int | None = None) -> torch.T
         d = updates.shape[1] if dim is None else int(dim)
         if d != updates.shape[1]:
             raise ValueError(f"coverage_mean: dim = {dim} but the updates have {updates.shape[1]} columns")
-        subs = [updates[i, idx] for i, idx in enumerate(indices)]
+        for i, idx in enumerate(indices):
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= d):
+                raise ValueError(f"coverage_mean: index {i} points outside 0..{d - 1}")
+        subs = (updates[i].index_select(0, idx) for i, idx in enumerate(indices))  # gathered one at a time
     else:
         subs = [torch.as_tensor(s).reshape(-1) for s in updates]
         if len(subs) != n:
@@ -110,23 +116,55 @@ def coverage_mean(updates, coverage, weights, dim: int | None = None) -> torch.T
         if dim is None:
             raise ValueError("coverage_mean: pass dim (the global model's size) with sub-model deltas")
         d = int(dim)
-    for i, (s, idx) in enumerate(zip(subs, indices)):
-        if s.numel() != idx.numel():
-            raise ValueError(f"coverage_mean: update {i} has {s.numel()} entries, its index {idx.numel()}")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= d):
-            raise ValueError(f"coverage_mean: index {i} points outside 0..{d - 1}")
+        for i, (s, idx) in enumerate(zip(subs, indices)):
+            if s.numel() != idx.numel():
+                raise ValueError(f"coverage_mean: update {i} has {s.numel()} entries, its index {idx.numel()}")
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= d):
+                raise ValueError(f"coverage_mean: index {i} points outside 0..{d - 1}")
     w = check_weights(weights, n)
     if all(idx.numel() == d and _covers_all(idx, d) for idx in indices):  # FedAvg, as computed by `mean`
+        if isinstance(updates, torch.Tensor) and updates.ndim == 2:
+            return mean(updates.to(torch.float32), weights)
         full = torch.zeros(n, d, dtype=torch.float32)
         for i, (s, idx) in enumerate(zip(subs, indices)):
             full[i, idx] = s.to(torch.float32)
         return mean(full, weights)
-    lens = torch.tensor([idx.numel() for idx in indices])
-    flat_idx = torch.cat(indices)
-    w_rep = torch.repeat_interleave(w, lens)
-    num = torch.zeros(d, dtype=torch.float64).index_add_(0, flat_idx, torch.cat(subs).to(torch.float64) * w_rep)
-    den = torch.zeros(d, dtype=torch.float64).index_add_(0, flat_idx, w_rep)
-    return torch.where(den > 0, num / den.clamp(min=torch.finfo(torch.float64).tiny), 0.0).to(torch.float32)
+    return coverage_fold(zip(subs, indices), w, d).mean
+
+
+@dataclass
+class CoverageFold:
+    """`coverage_fold`'s result: the per-coordinate mean, and what the clients sent."""
+
+    mean: torch.Tensor  # (d,) float32, 0 where no client with a positive weight sent the coordinate
+    entries: int  # values sent, summed over the clients (entries / d: clients per coordinate)
+    missed: int  # coordinates no client sent
+
+
+def coverage_fold(parts: Iterable[tuple[torch.Tensor, torch.Tensor | None]], weights: torch.Tensor, dim: int) -> CoverageFold:
+    """`coverage_mean` folded one client at a time: `parts` yields (values, index) per client
+    (index None: values is the whole (dim,) vector), `weights` is `check_weights`'s (n,)
+    float64.  Memory O(dim + one client's part), whatever the cohort: a generator of
+    parts lets the caller build each index only when it is added (`CoverageStage`)."""
+    num = torch.zeros(dim, dtype=torch.float64)
+    den = torch.zeros(dim, dtype=torch.float64)
+    entries, unweighted = 0, None  # coordinates sent only by clients of weight 0 still count as sent
+    for (vals, idx), wi in zip(parts, weights.tolist()):
+        if idx is None:
+            num.add_(vals.to(torch.float64), alpha=wi)
+            den += wi
+            entries += dim
+        else:
+            num.index_add_(0, idx, vals.to(torch.float64), alpha=wi)
+            den.index_add_(0, idx, torch.full((idx.numel(),), wi, dtype=torch.float64))
+            entries += idx.numel()
+        if wi == 0:
+            unweighted = torch.zeros(dim, dtype=torch.bool) if unweighted is None else unweighted
+            unweighted[slice(None) if idx is None else idx] = True
+    covered = den > 0
+    missed = dim - int(covered.sum()) if unweighted is None else dim - int((covered | unweighted).sum())
+    out = torch.where(covered, num / den.clamp(min=torch.finfo(torch.float64).tiny), 0.0).to(torch.float32)
+    return CoverageFold(out, entries, missed)
 
 
 class StreamingMean:

@@ -189,23 +189,29 @@ class CoverageStage(Stage):
         return "coverage mean"
 
     def next(self, batch: Batch) -> StageResult:
-        from ..aggregation.mean import coverage_mean
+        from ..aggregation.mean import check_weights, coverage_fold
         from ..compression.codec import payload_support
         from ..params import PayloadError
 
         n, d = len(batch.client_ids), self.dim
         if len(batch.payloads) != n:
             raise ValueError(f"averaging by coverage reads each client's payload; {len(batch.payloads)} payloads for {n} updates")
-        try:
-            supports = [payload_support(p, d) for p in batch.payloads]
-        except PayloadError as exc:
-            raise ValueError(str(exc)) from None
-        index = [torch.arange(d) if s is None else torch.from_numpy(s) for s in supports]
-        out = coverage_mean(batch.updates, index, batch.weights)
-        counts = torch.bincount(torch.cat(index), minlength=d) if n else torch.zeros(d, dtype=torch.int64)
-        m = {"coverage_clients": float(counts.to(torch.float64).mean()) if d else 0.0,
-             "coverage_missed": float((counts == 0).to(torch.float64).mean()) if d else 0.0}
-        return StageResult(out, m)
+        if n == 0:
+            raise ValueError("coverage_mean: cannot aggregate an empty cohort (n = 0)")
+        if tuple(batch.updates.shape) != (n, d):
+            raise ValueError(f"averaging by coverage needs ({n}, {d}) updates, got {tuple(batch.updates.shape)}")
+
+        def parts():  # each support is read when its row is added, so memory holds one at a time
+            for row, payload in zip(batch.updates, batch.payloads):
+                try:
+                    s = payload_support(payload, d)
+                except PayloadError as exc:
+                    raise ValueError(str(exc)) from None
+                yield (row, None) if s is None else (row.index_select(0, idx := torch.from_numpy(s)), idx)
+
+        fold = coverage_fold(parts(), check_weights(batch.weights, n), d)
+        m = {"coverage_clients": fold.entries / d if d else 0.0, "coverage_missed": fold.missed / d if d else 0.0}
+        return StageResult(fold.mean, m)
 
 
 class SecureSumStage(Stage):

@@ -589,6 +589,14 @@ def decode_payload(payload: bytes, dim: int | None = None, out: torch.Tensor | N
             read_f32_into(r, out, check_finite)
             r.finish()
             return out
+        if h.support not in (wire.SUPPORT_DENSE, wire.SUPPORT_SKETCH):  # sparse: scattered into the row
+            idx = read_support(r, h.support, h.dim)
+            vals = read_values(h.value, r, idx.shape[0])
+            r.finish()
+            row = out.numpy()  # (a CPU row, as for the dense read) numpy's scatter: ~2x torch's setitem here
+            row.fill(0.0)
+            row[idx] = vals.numpy()
+            return out
         return out.copy_(decode_payload(payload, dim=dim))
     try:
         if h.support == wire.SUPPORT_DENSE:

@@ -206,14 +206,29 @@ def read_indices(r: Reader, dim: int) -> np.ndarray:
 
 def _first_distinct(seed: int, k: int, m: int) -> np.ndarray:
     """The first k distinct values of the stream ``counter_hash(seed, t, 1) mod m``, t = 0, 1, ...
-    (in the order they first appear), k <= m."""
+    (k <= m), sorted by value.  One sort of packed keys ``value << bits | t``: the first key of
+    each value holds its first t, and the k smallest of those pick the values."""
     draws = k + k * k // m + 16  # about what k distinct take while k <= m / 2 (k (1 + k / m) > -m ln(1 - k / m))
     while True:
         cands = wire.counter_hash(seed, 0, draws)
         cands %= np.uint64(m)
-        uniq, first = np.unique(cands, return_index=True)
-        if uniq.size >= k:
-            return uniq[np.argsort(first, kind="stable")[:k]].astype(np.int64)
+        bits = int(draws - 1).bit_length()
+        if (m - 1).bit_length() + bits <= 63:
+            key = cands.view(np.int64)  # < m < 2^63: the same numbers
+            key <<= bits
+            key |= np.arange(draws, dtype=np.int64)
+            key.sort()
+            value = key >> bits
+            first = np.empty(draws, dtype=bool)
+            first[0] = True
+            np.not_equal(value[1:], value[:-1], out=first[1:])
+            if np.count_nonzero(first) >= k:
+                value, t = value[first], key[first] & ((1 << bits) - 1)
+                return value if value.size == k else value[t <= np.partition(t, k - 1)[k - 1]]
+        else:  # a claimed dimension too large to pack beside the counter
+            uniq, at = np.unique(cands, return_index=True)
+            if uniq.size >= k:
+                return np.sort(uniq[np.argsort(at, kind="stable")[:k]]).astype(np.int64)
         draws *= 2
 
 
@@ -231,7 +246,7 @@ def seeded_blocks(seed: int, k: int, m: int) -> np.ndarray:
         keep = np.ones(m, dtype=bool)
         keep[_first_distinct(seed, m - k, m)] = False
         return np.flatnonzero(keep).astype(np.int64)
-    return np.sort(_first_distinct(seed, k, m))
+    return _first_distinct(seed, k, m)
 
 
 def block_entries(blocks: np.ndarray, block: int, dim: int) -> np.ndarray:

@@ -192,7 +192,9 @@ def dither(seed: int, start: int, count: int) -> np.ndarray:
     in [0, 1), the top 24 bits of `wire.counter_hash` times 2^-24."""
     z = wire.counter_hash(seed, start, count)
     z >>= np.uint64(40)
-    return z.astype(np.float32) * np.float32(2.0**-24)
+    u = z.astype(np.uint32).astype(np.float32)  # 24-bit integers: exact, and faster than from uint64
+    u *= np.float32(2.0**-24)
+    return u
 
 
 class UniformQuantizer(ValueCodec):
