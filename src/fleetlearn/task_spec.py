@@ -23,11 +23,32 @@ from typing import Any, ClassVar, Literal, Mapping, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .learners.base import FitConfig
-
 MAX_SPEC_BYTES = 1 << 20  # a task spec is a few hundred bytes; clustered FL's candidates stay far below this
 MAX_CLASSES = 1_000_000
 MAX_CLUSTERS = 4096
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Local-training hyper-parameters for one round (sent inside the Task).  Defined here,
+    beside the spec that carries it, so that the message types load without torch
+    (`fleetlearn.learners.base` re-exports it)."""
+
+    local_epochs: int = 1
+    local_steps: int | None = None  # if set, overrides local_epochs
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    # Local objective terms (docs/architecture.md, section 4.2: the local objective modifies the step).
+    prox_mu: float = 0.0  # FedProx proximal term mu/2 ||w - w_global||^2 (Li et al., MLSys 2020)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FitConfig":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 class TaskSpecError(ValueError):

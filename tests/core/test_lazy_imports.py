@@ -35,3 +35,21 @@ def test_the_client_side_does_not_import_dp_accounting_until_it_accounts():
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
+
+
+def test_the_message_types_load_without_torch():
+    # A tool that only reads or writes Tasks and Updates (a log reader, a gateway) need not
+    # pay torch's two seconds of start-up; the learners still name FitConfig from their module.
+    code = (
+        "import sys\n"
+        "from fleetlearn.messages import Task, Update, Dropout\n"
+        "from fleetlearn.task_spec import FitConfig, TaskSpec\n"
+        "assert 'torch' not in sys.modules, 'imported eagerly'\n"
+        "t = Task(round=1, version=1, payload=b'x', codec='none', spec={'lr': 0.1, 'local_epochs': 2})\n"
+        "assert t.spec.fit == FitConfig(lr=0.1, local_epochs=2), t.spec\n"
+        "from fleetlearn.learners.base import FitConfig as F\n"
+        "assert F is FitConfig\n"
+        "print('ok')\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]

@@ -16,27 +16,7 @@ import numpy as np
 import torch
 
 from ..params import ParamSpec
-
-
-@dataclass(frozen=True)
-class FitConfig:
-    """Local-training hyper-parameters for one round (sent inside the Task)."""
-
-    local_epochs: int = 1
-    local_steps: int | None = None  # if set, overrides local_epochs
-    batch_size: int = 32
-    lr: float = 0.05
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    # Local objective terms (docs/architecture.md, section 4.2: the local objective modifies the step).
-    prox_mu: float = 0.0  # FedProx proximal term mu/2 ||w - w_global||^2 (Li et al., MLSys 2020)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FitConfig":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
-
-    def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+from ..task_spec import FitConfig  # noqa: F401  (re-exported: learners name it from here)
 
 
 @dataclass(frozen=True)
