@@ -120,9 +120,29 @@ def test_attach_keeps_what_was_held(tmp_path):
     store = ClientStateStore(max_bytes=ENTRY)
     for c in range(3):
         store.put(c, residual(c))
+    held = store.nbytes()
     store.attach(tmp_path / "run.sqlite")
+    assert store.nbytes() == held  # the states already pushed out are copied file to file, not loaded
     store.checkpoint(1)
     assert sorted(c for c, r, _ in rows(tmp_path / "run.sqlite") if r == 1) == [0, 1, 2]
+    assert all(torch.equal(store.get(c)["ef.residual"], residual(c)["ef.residual"]) for c in range(3))
+
+
+def test_attach_of_many_pushed_out_states_stays_within_memory(tmp_path):
+    store = ClientStateStore(max_bytes=4 * ENTRY)
+    for c in range(200):
+        store.put(c, residual(c))
+    store.put(5, None)  # a removal pushed out too: it must stay removed in the new file
+    for c in range(200, 210):
+        store.put(c, residual(c))
+    before = store.nbytes()
+    store.attach(tmp_path / "run.sqlite")
+    assert store.nbytes() == before <= 4 * ENTRY
+    assert store.clients() == [c for c in range(210) if c != 5]
+    store.checkpoint(3)
+    store.resume(3)  # the copied rows are part of checkpoint 3
+    assert store.get(5) is None and store.clients() == [c for c in range(210) if c != 5]
+    assert torch.equal(store.get(150)["ef.residual"], residual(150)["ef.residual"])
 
 
 def test_a_file_that_is_not_a_state_file_is_refused(tmp_path):

@@ -121,17 +121,31 @@ class ClientStateStore:
     def attach(self, path: str | os.PathLike) -> None:
         """Keep the states in `path` from now on (a run store's file: `checkpoint` and `resume`
         work on it).  The states held so far stay, dirty, and go there at the next checkpoint
-        or eviction."""
+        or eviction; the states already pushed out to a file are copied, by SQLite, into the new
+        one as rows of the round in progress (as if pushed out there): nothing is loaded."""
         with self._lock:
+            held, tmp = (self._path if self._db is not None else None), self._tmp
             if self._db is not None:
-                held = {c: self._read(c) for c in self.clients() if c not in self._mem}
-                for c, st in held.items():
-                    self._remember(c, st)
-                    self._dirty.add(c)
-                self.close()
-            self._path = Path(path)
-            if self._path.exists():
-                self._open()
+                self._db.close()
+            self._db, self._tmp, self._path = None, None, Path(path)
+            if held is None and not self._path.exists():
+                return self._shrink()
+            db = self._open()
+            if held is not None and held.resolve() != self._path.resolve():
+                db.execute("ATTACH DATABASE ? AS held", (str(held),))
+                try:
+                    db.execute("BEGIN IMMEDIATE")
+                    db.execute("""INSERT OR REPLACE INTO state (client, round, data, sum)
+                                  SELECT s.client, ?, s.data, s.sum FROM held.state s
+                                  WHERE s.round = (SELECT MAX(t.round) FROM held.state t WHERE t.client = s.client)""",
+                               (self._round,))
+                    db.execute("COMMIT")
+                finally:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                    db.execute("DETACH DATABASE held")
+            if tmp is not None:
+                tmp.cleanup()
             self._shrink()
 
     def _open(self) -> sqlite3.Connection:
