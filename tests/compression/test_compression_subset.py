@@ -295,16 +295,25 @@ def test_the_coverage_stage_holds_one_support_at_a_time_and_counts_clients_of_we
         tracemalloc.stop()
     assert peak < 4 * one, (peak, one)
     ref = coverage_mean(rows, [torch.from_numpy(s) for s in supports], w)
-    assert torch.equal(res.aggregate, ref)
+    assert torch.allclose(res.aggregate, ref, rtol=1e-5, atol=1e-6)  # float32 sums of the rows, like `mean`
+    assert res.measurements["coverage_clients"] == pytest.approx(sum(s.size for s in supports) / d)
+    with pytest.raises(ValueError, match="empty cohort"):
+        CoverageStage(d).next(Batch(rows[:0], np.ones(0), [], []))
+    # A coordinate only a client of weight 0 sent is sent (not missed) but has no estimate.
+    d, small = 402, parse_chain("subset:0.3,block=4")  # a partial last block
+    payloads = [small.encode(torch.randn(d) + 3, seed_state(40 + s))[0] for s in range(3)]
+    rows = torch.stack([small.decode(p) for p in payloads])
+    supports = [payload_support(p, d) for p in payloads]
+    res = CoverageStage(d).next(Batch(rows, np.array([0.0, 1.0, 2.0]), [0, 1, 2], payloads))
+    only_first = np.setdiff1d(supports[0], np.concatenate(supports[1:]))
     sent = np.zeros(d, dtype=bool)
     for s in supports:
         sent[s] = True
-    assert res.measurements["coverage_clients"] == pytest.approx(sum(s.size for s in supports) / d)
+    assert only_first.size > 0 and torch.all(res.aggregate[torch.from_numpy(only_first)] == 0)
     assert res.measurements["coverage_missed"] == pytest.approx(1 - sent.mean())
-    only_first = np.setdiff1d(supports[0], np.concatenate(supports[1:]))
-    assert torch.all(res.aggregate[torch.from_numpy(only_first)] == 0)  # sent by weight 0 only: no estimate
-    with pytest.raises(ValueError, match="empty cohort"):
-        CoverageStage(d).next(Batch(rows[:0], np.ones(0), [], []))
+    assert res.measurements["coverage_clients"] == pytest.approx(sum(s.size for s in supports) / d)
+    ref = loop_coverage_mean(rows, supports, np.array([0.0, 1.0, 2.0]))
+    assert torch.allclose(res.aggregate, ref, atol=1e-6)
 
 
 def test_a_sparse_payload_decoded_into_a_used_row_clears_the_rest():

@@ -134,7 +134,7 @@ def coverage_mean(updates, coverage, weights, dim: int | None = None) -> torch.T
 
 @dataclass
 class CoverageFold:
-    """`coverage_fold`'s result: the per-coordinate mean, and what the clients sent."""
+    """The per-coordinate mean, and what the clients sent (`coverage_fold`, `coverage_mean_of_rows`)."""
 
     mean: torch.Tensor  # (d,) float32, 0 where no client with a positive weight sent the coordinate
     entries: int  # values sent, summed over the clients (entries / d: clients per coordinate)
@@ -144,8 +144,8 @@ class CoverageFold:
 def coverage_fold(parts: Iterable[tuple[torch.Tensor, torch.Tensor | None]], weights: torch.Tensor, dim: int) -> CoverageFold:
     """`coverage_mean` folded one client at a time: `parts` yields (values, index) per client
     (index None: values is the whole (dim,) vector), `weights` is `check_weights`'s (n,)
-    float64.  Memory O(dim + one client's part), whatever the cohort: a generator of
-    parts lets the caller build each index only when it is added (`CoverageStage`)."""
+    float64.  Memory O(dim + one client's part), whatever the cohort.  (`CoverageStage` uses
+    `coverage_mean_of_rows`, which needs no gather: its rows are zero off their supports.)"""
     num = torch.zeros(dim, dtype=torch.float64)
     den = torch.zeros(dim, dtype=torch.float64)
     entries, unweighted = 0, None  # coordinates sent only by clients of weight 0 still count as sent
@@ -165,6 +165,48 @@ def coverage_fold(parts: Iterable[tuple[torch.Tensor, torch.Tensor | None]], wei
     missed = dim - int(covered.sum()) if unweighted is None else dim - int((covered | unweighted).sum())
     out = torch.where(covered, num / den.clamp(min=torch.finfo(torch.float64).tiny), 0.0).to(torch.float32)
     return CoverageFold(out, entries, missed)
+
+
+def coverage_mean_of_rows(rows: torch.Tensor, supports: Iterable[tuple[np.ndarray, int] | None],
+                          weights: torch.Tensor) -> CoverageFold:
+    """`coverage_mean` of decoded sparse payloads: `rows` (n, d) are zero off their supports
+    (as `decode_payload` writes them), and `supports` yields each row's support as (sorted
+    block numbers, block size), or None for a row that covers everything, consumed one at a
+    time (`codec.payload_blocks`).  The numerator is then one matrix product over the rows,
+    in float32 like `mean`'s; the weight each coordinate got is summed per block in float64
+    and expanded once per block size.  Memory: the (d,) sums and one support."""
+    n, d = rows.shape
+    weights = weights / weights.max()  # (check_weights: some weight is > 0) no float32 overflow below
+    num = weights.to(torch.float32) @ rows.to(torch.float32)  # zero off each support: the covered sum
+    per_block: dict[int, torch.Tensor] = {}  # block size -> (m,) weight per block
+    sent0: dict[int, torch.Tensor] = {}  # block size -> (m,) sent by a client of weight 0
+    whole = 0.0  # weight of the rows that cover everything
+    entries, whole0 = 0, False
+    for got, wi in zip(supports, weights.tolist()):
+        if got is None:
+            whole += wi
+            entries += d
+            whole0 |= wi == 0
+            continue
+        blocks, b = got
+        m = -(-d // b)
+        idx = torch.from_numpy(np.ascontiguousarray(blocks, dtype=np.int64))
+        if b not in per_block:
+            per_block[b] = torch.zeros(m, dtype=torch.float64)
+        per_block[b].index_add_(0, idx, torch.full((idx.numel(),), wi, dtype=torch.float64))
+        entries += idx.numel() * b - (m * b - d if idx.numel() and int(blocks[-1]) == m - 1 else 0)
+        if wi == 0:
+            sent0.setdefault(b, torch.zeros(m, dtype=torch.bool))[idx] = True
+    den = torch.full((d,), whole, dtype=torch.float64)
+    for b, wb in per_block.items():
+        den += wb.repeat_interleave(b)[:d] if b > 1 else wb
+    covered = den > 0
+    sent = covered.clone()
+    for b, s0 in sent0.items():
+        sent |= s0.repeat_interleave(b)[:d] if b > 1 else s0
+    missed = 0 if whole0 else d - int(sent.sum())
+    out = torch.where(covered, num.to(torch.float64) / den.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+    return CoverageFold(out.to(torch.float32), entries, missed)
 
 
 class StreamingMean:

@@ -175,8 +175,9 @@ class CoverageStage(Stage):
     """``subset`` uplinks: each client sends a random part of its update (drawn independently
     of the values), and each coordinate of the aggregate is the weighted mean over the clients
     whose payload carries it (`coverage_mean`, 0 where none does), read from the payloads'
-    supports.  A plain mean of such rows would shrink every coordinate by the fraction sent.
-    Measurements: ``coverage_clients`` (the mean number of clients per coordinate) and
+    supports (`coverage_mean_of_rows`: the rows are the payloads' decodes, zero off their
+    supports, as the intake writes them).  A plain mean of such rows would shrink every
+    coordinate by the fraction sent.  Measurements: ``coverage_clients`` (the mean number of clients per coordinate) and
     ``coverage_missed`` (the fraction of coordinates no client sent this round)."""
 
     name = "coverage_mean"
@@ -189,8 +190,8 @@ class CoverageStage(Stage):
         return "coverage mean"
 
     def next(self, batch: Batch) -> StageResult:
-        from ..aggregation.mean import check_weights, coverage_fold
-        from ..compression.codec import payload_support
+        from ..aggregation.mean import check_weights, coverage_mean_of_rows
+        from ..compression.codec import payload_blocks
         from ..params import PayloadError
 
         n, d = len(batch.client_ids), self.dim
@@ -201,15 +202,14 @@ class CoverageStage(Stage):
         if tuple(batch.updates.shape) != (n, d):
             raise ValueError(f"averaging by coverage needs ({n}, {d}) updates, got {tuple(batch.updates.shape)}")
 
-        def parts():  # each support is read when its row is added, so memory holds one at a time
-            for row, payload in zip(batch.updates, batch.payloads):
+        def supports():  # read when each row's weight is added: memory holds one at a time
+            for payload in batch.payloads:
                 try:
-                    s = payload_support(payload, d)
+                    yield payload_blocks(payload, d)
                 except PayloadError as exc:
                     raise ValueError(str(exc)) from None
-                yield (row, None) if s is None else (row.index_select(0, idx := torch.from_numpy(s)), idx)
 
-        fold = coverage_fold(parts(), check_weights(batch.weights, n), d)
+        fold = coverage_mean_of_rows(batch.updates, supports(), check_weights(batch.weights, n))
         m = {"coverage_clients": fold.entries / d if d else 0.0, "coverage_missed": fold.missed / d if d else 0.0}
         return StageResult(fold.mean, m)
 

@@ -73,7 +73,7 @@ from .base import Stage, new_rng
 from .budget import BUDGET_STATE, ByteBudget, fit
 from .entropy import ZstdCoder
 from .sketch import CountSketch, read_sketch, read_sketch_section, unsketch
-from .sparsify import RandK, Sparsifier, Subset, TopK, read_support
+from .sparsify import RandK, Sparsifier, Subset, TopK, read_support, read_support_blocks
 from .values import (
     read_f32_into,
     BFloat16Codec,
@@ -565,6 +565,18 @@ def payload_support(payload: bytes, dim: int) -> np.ndarray | None:
     if h.support == wire.SUPPORT_SKETCH:
         raise PayloadError("a sketch payload has no support: its table is summed, not averaged per coordinate")
     return read_support(r, h.support, h.dim)
+
+
+def payload_blocks(payload: bytes, dim: int) -> tuple[np.ndarray, int] | None:
+    """`payload_support` as (sorted block numbers, block size): the support is those blocks of
+    `block` entries, the last cut at `dim` (topk, randk: blocks of 1).  The cheap form: a
+    subset payload's blocks are regenerated from its seed and never expanded to entries."""
+    h, r = wire.read_header(payload, dim=dim)
+    if h.support == wire.SUPPORT_DENSE:
+        return None
+    if h.support == wire.SUPPORT_SKETCH:
+        raise PayloadError("a sketch payload has no support: its table is summed, not averaged per coordinate")
+    return read_support_blocks(r, h.support, h.dim)
 
 
 def decode_payload(payload: bytes, dim: int | None = None, out: torch.Tensor | None = None,

@@ -270,13 +270,26 @@ def subset_blocks(seed: int, k: int, m: int, tail: int = 0) -> np.ndarray:
 
 def read_support(r: Reader, support: int, dim: int) -> np.ndarray:
     """The sorted entry indices of a sparse payload's support section (topk, randk, topk blocks or subset)."""
+    blocks, block = read_support_blocks(r, support, dim)
+    return blocks if block == 1 else block_entries(blocks, block, dim)
+
+
+def read_support_blocks(r: Reader, support: int, dim: int) -> tuple[np.ndarray, int]:
+    """A sparse payload's support section as (sorted block numbers, block size): the entries
+    are those blocks of `block` entries, the last one cut at `dim` (topk and randk: blocks of 1)."""
     if support in (wire.SUPPORT_SUBSET_SEEDED, wire.SUPPORT_SUBSET_KEEP):
-        return read_subset_blocks(r, dim, keep=support == wire.SUPPORT_SUBSET_KEEP)
-    return read_block_indices(r, dim) if support in wire.BLOCK_SUPPORTS else read_indices(r, dim)
+        return read_subset_section(r, dim, keep=support == wire.SUPPORT_SUBSET_KEEP)
+    if support in wire.BLOCK_SUPPORTS:
+        (block,) = r.unpack(BLOCK_HEAD, "block size")
+        if not 1 <= block <= Sparsifier.MAX_BLOCK:
+            raise PayloadError(f"block section announces block size {block}; allowed 1 to {Sparsifier.MAX_BLOCK}")
+        return read_indices(r, -(-dim // block)), block
+    return read_indices(r, dim), 1
 
 
-def read_subset_blocks(r: Reader, dim: int, keep: bool) -> np.ndarray:
-    """A seeded subset section (`SEEDED_HEAD`, or `KEEP_HEAD` with the last blocks always kept)."""
+def read_subset_section(r: Reader, dim: int, keep: bool) -> tuple[np.ndarray, int]:
+    """A seeded subset section (`SEEDED_HEAD`, or `KEEP_HEAD` with the last blocks always kept):
+    (sorted block numbers, block size)."""
     block, k, seed, *more = r.unpack(KEEP_HEAD if keep else SEEDED_HEAD, "subset section")
     tail = more[0] if keep else 0
     if not 1 <= block <= Sparsifier.MAX_BLOCK:
@@ -285,14 +298,7 @@ def read_subset_blocks(r: Reader, dim: int, keep: bool) -> np.ndarray:
     if tail > m or k > m - tail:
         kept = f"the last {tail} and {k} random blocks" if keep else f"{k} blocks"
         raise PayloadError(f"subset section keeps {kept} of {block} entries; a vector of dim {dim} has {m}")
-    return block_entries(subset_blocks(seed, k, m, tail), block, dim)
-
-
-def read_block_indices(r: Reader, dim: int) -> np.ndarray:
-    (block,) = r.unpack(BLOCK_HEAD, "block size")
-    if not 1 <= block <= Sparsifier.MAX_BLOCK:
-        raise PayloadError(f"block section announces block size {block}; allowed 1 to {Sparsifier.MAX_BLOCK}")
-    return block_entries(read_indices(r, -(-dim // block)), block, dim)
+    return subset_blocks(seed, k, m, tail), block
 
 
 # -- stages --------------------------------------------------------------------------------

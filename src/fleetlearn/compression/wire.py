@@ -59,7 +59,7 @@ SUPPORT_SUBSET_KEEP = 7  # the same with the vector's last blocks always kept (`
 SUPPORT_NAMES = {SUPPORT_DENSE: "dense", SUPPORT_TOPK: "topk", SUPPORT_RANDK: "randk", SUPPORT_SKETCH: "sketch",
                  SUPPORT_TOPK_BLOCKS: "topk_blocks", SUPPORT_SUBSET: "subset", SUPPORT_SUBSET_SEEDED: "subset_seeded",
                  SUPPORT_SUBSET_KEEP: "subset_keep"}
-# Supports whose section is a block size and block numbers (`sparsify.read_block_indices`).
+# Supports whose section is a block size and block numbers (`sparsify.read_support_blocks`).
 BLOCK_SUPPORTS = (SUPPORT_TOPK_BLOCKS, SUPPORT_SUBSET)
 VALUE_F32, VALUE_F16, VALUE_BF16, VALUE_QUANT, VALUE_SIGN = 0, 1, 2, 3, 4
 VALUE_NAMES = {VALUE_F32: "float32", VALUE_F16: "fp16", VALUE_BF16: "bf16", VALUE_QUANT: "quantized", VALUE_SIGN: "sign"}
