@@ -16,6 +16,8 @@ own process (so that its peak memory is its own):
   the same batch size, oversampling and schedule, at the best of ``--central-lrs`` (picked on
   the test split: an optimistic upper bound);
 - ``lora_q8``: federated LoRA with ``compression.uplink = "q8 | zstd"`` on the adapters;
+- ``lora_r100``: federated LoRA with ``compression.target_ratio = 100`` (random subsets of the
+  adapters, the head always sent, averaged by coverage: `compression.ratio.chain_for_ratio`);
 - ``hetero``: ranks ``--ranks`` by device memory (``mixed_fleet`` memory, three classes:
   ``model.full_width_memory_mb`` is set so that each rank gets about a third of the devices),
   against ``lora_mixed``, every client at full rank on the same fleet.
@@ -43,7 +45,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = ["lora", "probe", "central", "lora_q8", "hetero", "lora_mixed"]
+ARMS = ["lora", "probe", "central", "lora_q8", "lora_r100", "hetero", "lora_mixed"]
 
 
 def base_config(a, seed: int) -> dict:
@@ -78,6 +80,8 @@ def arm_config(arm: str, a, seed: int) -> dict:
         cfg["model"] = {"name": a.model, "lora_rank": 0}
     elif arm == "lora_q8":
         cfg["compression"] = {"uplink": "q8 | zstd"}
+    elif arm == "lora_r100":
+        cfg["compression"] = {"target_ratio": 100}
     elif arm in ("hetero", "lora_mixed"):
         cfg["devices"] = {"profile": "mixed_fleet"}
         if arm == "hetero":
@@ -256,7 +260,7 @@ def main(argv=None) -> None:
 
         print(f"seed {seed}: F1 lora - central {pp('lora', 'central')}, lora - probe {pp('lora', 'probe')}, "
               f"lora_q8 - lora {pp('lora_q8', 'lora')} (bytes x{fmt(g['lora'].get('up_per_client', math.nan) / g['lora_q8'].get('up_per_client', math.nan), '.2f')}), "
-              f"hetero - lora_mixed {pp('hetero', 'lora_mixed')}")
+              f"lora_r100 - lora {pp('lora_r100', 'lora')}, hetero - lora_mixed {pp('hetero', 'lora_mixed')}")
 
 
 if __name__ == "__main__":
