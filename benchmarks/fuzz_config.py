@@ -179,7 +179,7 @@ WORK_KEYS = {"server.rounds", "client.local_epochs", "client.local_steps", "data
              "distill.student_steps", "personalization.finetune_steps", "personalization.ditto_epochs", "server.gm_max_iter",
              "server.cc_iters", "data.examples_per_client", "data.text_max_chars", "server.eval_clients", "data.synthetic_dim",
              "data.synthetic_classes", "server.concurrency", "server.buffer_size", "server.clusters", "data.groups",
-             "server.mifa_max_clients", "monitoring.probes", "data.text_speakers", "server.min_replies", "distill.batch_size",
+             "server.mifa_max_clients", "monitoring.probe_updates", "data.text_speakers", "server.min_replies", "distill.batch_size",
              "engine.backend", "engine.address", "engine.ray_workers"}  # and no Ray cluster per one-round run
 
 

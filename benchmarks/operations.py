@@ -76,7 +76,7 @@ FAULT_START = 10
 def clean_config(partition: str, fleet: str, seed: int, rounds: int, root: str) -> dict:
     data = {"partition": "iid"} if partition == "iid" else {"partition": "dirichlet", "alpha": float(partition)}
     return {"seed": seed, "data": data, "server": {"rounds": rounds, "deadline_s": 2.0, "over_selection": 1.3},
-            "devices": {"profile": fleet}, "monitoring": {"probes": 4}, "store": {"root": root}}
+            "devices": {"profile": fleet}, "monitoring": {"probe_updates": 4}, "store": {"root": root}}
 
 
 class InjectFault:

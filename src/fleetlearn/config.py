@@ -701,6 +701,9 @@ class AttackConfig(Section):
 DETECTOR_NAMES = ("divergence", "oscillation", "stagnation", "outlier_updates", "participation_collapse", "drift")
 
 
+OLD_PROBE_KEYS = {"probes": "probe_updates", "probe_rollback": "probe_updates_rollback"}  # [monitoring], renamed
+
+
 class MonitoringConfig(Section):
     """Debug measurements, detectors, guardrails and the Prometheus endpoint (fleetlearn.monitoring).
     This is the one definition of the ``[monitoring]`` settings: `fleetlearn.monitoring.build_monitoring`
@@ -751,13 +754,37 @@ class MonitoringConfig(Section):
     prometheus_port: int | None = Field(default=None, ge=0, le=65535)  # 0: a free port
     prometheus_host: str = "127.0.0.1"
     # Probe updates with a known answer through the live codec, aggregator and server
-    # optimizer every round (0: off; else at least 2); a failed probe rejects the round.
-    probes: int = Field(default=0, ge=0)
-    probe_rollback: bool = True
+    # optimizer every round (0: off; else at least 2); a failed probe update rejects the
+    # round (and, with probe_updates_rollback, rolls back).  Not the probe *clients* of
+    # `[probes]`: devices whose known data lets the server check their real updates.
+    probe_updates: int = Field(default=0, ge=0)
+    probe_updates_rollback: bool = True
 
-    @field_validator("probes")
+    @model_validator(mode="before")
     @classmethod
-    def _probes(cls, v: int) -> int:
+    def _old_probe_keys(cls, data: Any) -> Any:
+        """``probes`` and ``probe_rollback`` (before 2026-12-07) are read as ``probe_updates``
+        and ``probe_updates_rollback``: the old name was also `[probes]`'s, another concept."""
+        if not isinstance(data, dict) or not any(k in data for k in OLD_PROBE_KEYS):
+            return data
+        import warnings
+
+        data = dict(data)
+        for old, new in OLD_PROBE_KEYS.items():
+            if old not in data:
+                continue
+            if new in data:
+                raise ValueError(f"monitoring.{old} and monitoring.{new} both given: keep monitoring.{new} (the new name) only")
+            value = data.pop(old)
+            data[new] = value
+            if value != cls.model_fields[new].default:
+                warnings.warn(f"monitoring.{old} is an old key, read as monitoring.{new}; write monitoring.{new} = "
+                              f"{value!r} instead", OldKeyNote, stacklevel=2)
+        return data
+
+    @field_validator("probe_updates")
+    @classmethod
+    def _probe_updates(cls, v: int) -> int:
         if v == 1:
             raise ValueError("allowed: 0 (off) or at least 2 probe updates")
         return v

@@ -540,7 +540,7 @@ def _build_monitoring(config: RunConfig):
         if mon.prometheus_port is not None:
             _check_endpoint(mon.prometheus_host, mon.prometheus_port)
         return build_monitoring(mon)
-    except (ValueError, TypeError) as exc:  # "probes: need at least 2 ..." -> "monitoring.probes: ..."
+    except (ValueError, TypeError) as exc:  # "probe_updates: need at least 2 ..." -> "monitoring.probe_updates: ..."
         msg = str(exc)
         head = msg.split(":", 1)[0]
         raise ConfigError(f"monitoring.{msg}" if head in type(mon).model_fields else f"monitoring: {msg}") from None

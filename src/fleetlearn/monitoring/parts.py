@@ -76,5 +76,5 @@ def build_monitoring(settings: MonitoringConfig | dict[str, Any] | None = None) 
             min_severity=s.guardrail_min_severity,
         )
     exporter = PrometheusExporter() if s.prometheus_port is not None else None
-    probe = ProbeHook(s.probes, rollback=s.probe_rollback) if s.probes else None
+    probe = ProbeHook(s.probe_updates, rollback=s.probe_updates_rollback) if s.probe_updates else None
     return MonitoringParts(DebugMeasurements() if s.debug else None, monitor, guardrail, exporter, s, probe)

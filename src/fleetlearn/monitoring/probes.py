@@ -19,7 +19,7 @@ properties that hold for every correct part:
   parameters unchanged; for ``sgd`` and ``momentum`` a step with ``g`` must give
   ``w + lr g``.
 
-Results go to ``record.extra["probe"]``; a failure also adds a critical ``probe``
+Results go to ``record.extra["probe_updates"]``; a failure also adds a critical ``probe_update``
 alert to ``record.extra["alerts"]`` and, with ``rollback``, rejects the round
 (``coordinator.restore``) like the guardrail.  Place it first among the hooks.
 """
@@ -34,15 +34,15 @@ import torch
 from ..records import RoundRecord
 from .detectors import ALERTS_KEY, Alert
 
-PROBE_KEY = "probe"
+PROBE_KEY = "probe_updates"  # not `probe_clients` (monitoring.probe_clients: devices with known data)
 
 
 class ProbeHook:
-    name = "probe"
+    name = "probe_updates"
 
     def __init__(self, count: int = 10, rollback: bool = True, seed: int = 0, rtol: float = 1e-4):
         if count < 2:
-            raise ValueError(f"probes: need at least 2 probe updates, got {count}")
+            raise ValueError(f"probe_updates: need at least 2 probe updates, got {count}")
         self.count, self.rollback, self.seed, self.rtol = int(count), bool(rollback), int(seed), float(rtol)
         self.failures: list[dict[str, Any]] = []
 
@@ -128,12 +128,12 @@ class ProbeHook:
         failures = self.check_codec(coordinator, rows) + self.check_aggregator(coordinator, rows) + self.check_server_optimizer(coordinator, rows)
         info: dict[str, Any] = {"count": self.count, "ok": not failures, "failures": failures}
         if failures:
-            alert = Alert("probe", "critical", "; ".join(failures), record.round, value=float(len(failures)))
+            alert = Alert("probe_update", "critical", "; ".join(failures), record.round, value=float(len(failures)))
             record.extra.setdefault(ALERTS_KEY, []).append(alert.to_dict())
             self.failures.append({"round": record.round, "failures": failures})
             if self.rollback and record.status == "ok":
                 try:
-                    info["restored_version"] = int(coordinator.restore(None, "probe: " + failures[0]))
+                    info["restored_version"] = int(coordinator.restore(None, "probe update: " + failures[0]))
                 except Exception as exc:
                     info["restore_error"] = str(exc)
         record.extra[PROBE_KEY] = info
