@@ -219,12 +219,14 @@ def test_payload_support_of_dense_and_sketch_payloads():
 def test_a_budgeted_subset_spends_the_budget_on_random_blocks():
     chain = parse_chain("subset:1.0,block=16 | q2:stochastic | zstd | budget:384")
     d = 9_610
-    payload, state = chain.encode(torch.randn(d), seed_state(3))
+    payload, state = chain.encode(torch.randn(d, generator=torch.Generator().manual_seed(0)), seed_state(3))
     assert len(payload) <= 384
     kept = payload_support(payload, d).size
     # About 2 bits a value and 1/8 bit of scale: (384 - 13 header - 16 support - 6 quantizer) * 8 / 2.125 = 1,362,
-    # less what the last partial block and zstd's frame take; the listed blocks of the first build kept about 1,100.
-    assert 1250 <= kept <= 1400
+    # less what the last partial block and zstd's frame take, plus what zstd saves on a Gaussian's codes (the
+    # middle two levels are the common ones): 1,296 to 1,456 over 200 vectors.  The listed blocks of the first
+    # build kept about 1,100.  (The vector is seeded: an unseeded one made the bound depend on test order.)
+    assert 1250 <= kept <= 1500
     assert "budget.k" in state
 
 

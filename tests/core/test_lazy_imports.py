@@ -9,6 +9,12 @@ import sys
 from fleetlearn.lazy import LazyModule, lazy_module
 
 
+def run_snippet(code: str) -> None:
+    """`code` in a fresh interpreter (what it imported is its own): it must print ok."""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
+
+
 def test_a_lazy_module_imports_on_first_attribute_and_fails_loudly_when_missing():
     m = lazy_module("json")
     assert "not loaded yet" in repr(m)
@@ -33,8 +39,7 @@ def test_the_client_side_does_not_import_dp_accounting_until_it_accounts():
         "assert acc.epsilon() > 0 and 'dp_accounting' in sys.modules\n"
         "print('ok')\n"
     )
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
+    run_snippet(code)
 
 
 def test_the_message_types_load_without_torch():
@@ -51,5 +56,4 @@ def test_the_message_types_load_without_torch():
         "assert F is FitConfig\n"
         "print('ok')\n"
     )
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
+    run_snippet(code)

@@ -73,7 +73,7 @@ from .base import Stage, new_rng
 from .budget import BUDGET_STATE, ByteBudget, fit
 from .entropy import ZstdCoder
 from .sketch import CountSketch, read_sketch, read_sketch_section, unsketch
-from .sparsify import RandK, Sparsifier, Subset, TopK, read_support, read_support_blocks
+from .sparsify import RandK, Sparsifier, Subset, TopK, block_entries, read_support, read_support_blocks
 from .values import (
     read_f32_into,
     BFloat16Codec,
@@ -559,12 +559,11 @@ def estimate_bytes(spec: str, dim: int) -> int:
 def payload_support(payload: bytes, dim: int) -> np.ndarray | None:
     """The sorted entry indices a payload carries values for; None for a dense one (every
     entry).  `PayloadError` for a malformed payload, a sketch, or one for another `dim`."""
-    h, r = wire.read_header(payload, dim=dim)
-    if h.support == wire.SUPPORT_DENSE:
+    got = payload_blocks(payload, dim)
+    if got is None:
         return None
-    if h.support == wire.SUPPORT_SKETCH:
-        raise PayloadError("a sketch payload has no support: its table is summed, not averaged per coordinate")
-    return read_support(r, h.support, h.dim)
+    blocks, block = got
+    return blocks if block == 1 else block_entries(blocks, block, dim)
 
 
 def payload_blocks(payload: bytes, dim: int) -> tuple[np.ndarray, int] | None:
