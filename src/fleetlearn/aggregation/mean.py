@@ -105,10 +105,8 @@ def coverage_mean(updates, coverage, weights, dim: int | None = None) -> torch.T
         d = updates.shape[1] if dim is None else int(dim)
         if d != updates.shape[1]:
             raise ValueError(f"coverage_mean: dim = {dim} but the updates have {updates.shape[1]} columns")
-        for i, idx in enumerate(indices):
-            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= d):
-                raise ValueError(f"coverage_mean: index {i} points outside 0..{d - 1}")
         subs = (updates[i].index_select(0, idx) for i, idx in enumerate(indices))  # gathered one at a time
+        sizes = None
     else:
         subs = [torch.as_tensor(s).reshape(-1) for s in updates]
         if len(subs) != n:
@@ -116,11 +114,12 @@ def coverage_mean(updates, coverage, weights, dim: int | None = None) -> torch.T
         if dim is None:
             raise ValueError("coverage_mean: pass dim (the global model's size) with sub-model deltas")
         d = int(dim)
-        for i, (s, idx) in enumerate(zip(subs, indices)):
-            if s.numel() != idx.numel():
-                raise ValueError(f"coverage_mean: update {i} has {s.numel()} entries, its index {idx.numel()}")
-            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= d):
-                raise ValueError(f"coverage_mean: index {i} points outside 0..{d - 1}")
+        sizes = [s.numel() for s in subs]
+    for i, idx in enumerate(indices):
+        if sizes is not None and sizes[i] != idx.numel():
+            raise ValueError(f"coverage_mean: update {i} has {sizes[i]} entries, its index {idx.numel()}")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= d):
+            raise ValueError(f"coverage_mean: index {i} points outside 0..{d - 1}")
     w = check_weights(weights, n)
     if all(idx.numel() == d and _covers_all(idx, d) for idx in indices):  # FedAvg, as computed by `mean`
         if isinstance(updates, torch.Tensor) and updates.ndim == 2:
@@ -129,42 +128,21 @@ def coverage_mean(updates, coverage, weights, dim: int | None = None) -> torch.T
         for i, (s, idx) in enumerate(zip(subs, indices)):
             full[i, idx] = s.to(torch.float32)
         return mean(full, weights)
-    return coverage_fold(zip(subs, indices), w, d).mean
+    num = torch.zeros(d, dtype=torch.float64)
+    den = torch.zeros(d, dtype=torch.float64)
+    for s, idx, wi in zip(subs, indices, w.tolist()):  # one client at a time: memory O(d + d_i), not O(sum_i d_i)
+        num.index_add_(0, idx, s.to(torch.float64), alpha=wi)
+        den.index_add_(0, idx, torch.full((idx.numel(),), wi, dtype=torch.float64))
+    return torch.where(den > 0, num / den.clamp(min=torch.finfo(torch.float64).tiny), 0.0).to(torch.float32)
 
 
 @dataclass
 class CoverageFold:
-    """The per-coordinate mean, and what the clients sent (`coverage_fold`, `coverage_mean_of_rows`)."""
+    """`coverage_mean_of_rows`' result: the per-coordinate mean, and what the clients sent."""
 
     mean: torch.Tensor  # (d,) float32, 0 where no client with a positive weight sent the coordinate
     entries: int  # values sent, summed over the clients (entries / d: clients per coordinate)
     missed: int  # coordinates no client sent
-
-
-def coverage_fold(parts: Iterable[tuple[torch.Tensor, torch.Tensor | None]], weights: torch.Tensor, dim: int) -> CoverageFold:
-    """`coverage_mean` folded one client at a time: `parts` yields (values, index) per client
-    (index None: values is the whole (dim,) vector), `weights` is `check_weights`'s (n,)
-    float64.  Memory O(dim + one client's part), whatever the cohort.  (`CoverageStage` uses
-    `coverage_mean_of_rows`, which needs no gather: its rows are zero off their supports.)"""
-    num = torch.zeros(dim, dtype=torch.float64)
-    den = torch.zeros(dim, dtype=torch.float64)
-    entries, unweighted = 0, None  # coordinates sent only by clients of weight 0 still count as sent
-    for (vals, idx), wi in zip(parts, weights.tolist()):
-        if idx is None:
-            num.add_(vals.to(torch.float64), alpha=wi)
-            den += wi
-            entries += dim
-        else:
-            num.index_add_(0, idx, vals.to(torch.float64), alpha=wi)
-            den.index_add_(0, idx, torch.full((idx.numel(),), wi, dtype=torch.float64))
-            entries += idx.numel()
-        if wi == 0:
-            unweighted = torch.zeros(dim, dtype=torch.bool) if unweighted is None else unweighted
-            unweighted[slice(None) if idx is None else idx] = True
-    covered = den > 0
-    missed = dim - int(covered.sum()) if unweighted is None else dim - int((covered | unweighted).sum())
-    out = torch.where(covered, num / den.clamp(min=torch.finfo(torch.float64).tiny), 0.0).to(torch.float32)
-    return CoverageFold(out, entries, missed)
 
 
 def coverage_mean_of_rows(rows: torch.Tensor, supports: Iterable[tuple[np.ndarray, int] | None],

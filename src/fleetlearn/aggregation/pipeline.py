@@ -177,8 +177,9 @@ class CoverageStage(Stage):
     whose payload carries it (`coverage_mean`, 0 where none does), read from the payloads'
     supports (`coverage_mean_of_rows`: the rows are the payloads' decodes, zero off their
     supports, as the intake writes them).  A plain mean of such rows would shrink every
-    coordinate by the fraction sent.  Measurements: ``coverage_clients`` (the mean number of clients per coordinate) and
-    ``coverage_missed`` (the fraction of coordinates no client sent this round)."""
+    coordinate by the fraction sent.  Measurements: ``coverage_clients`` (the mean number of
+    clients per coordinate) and ``coverage_missed`` (the fraction of coordinates no client
+    sent this round)."""
 
     name = "coverage_mean"
 

@@ -578,6 +578,23 @@ def payload_blocks(payload: bytes, dim: int) -> tuple[np.ndarray, int] | None:
     return read_support_blocks(r, h.support, h.dim)
 
 
+def _read_sparse(h, r) -> tuple[np.ndarray, torch.Tensor]:
+    """A sparse payload's (sorted entry indices, their values), the reader finished."""
+    idx = read_support(r, h.support, h.dim)
+    vals = read_values(h.value, r, idx.shape[0])
+    r.finish()
+    return idx, vals
+
+
+def _scatter(out: torch.Tensor, idx: np.ndarray, vals: torch.Tensor) -> torch.Tensor:
+    """`vals` at `idx` of the CPU float32 vector `out`, zeros elsewhere (numpy's scatter: about
+    twice torch's indexed assignment on a row of a cohort's matrix)."""
+    row = out.numpy()
+    row.fill(0.0)
+    row[idx] = vals.numpy()
+    return out
+
+
 def decode_payload(payload: bytes, dim: int | None = None, out: torch.Tensor | None = None,
                    check_finite: bool = True) -> torch.Tensor:
     """Decodes any payload a CodecChain produced; `PayloadError` with the reason otherwise.
@@ -601,13 +618,7 @@ def decode_payload(payload: bytes, dim: int | None = None, out: torch.Tensor | N
             r.finish()
             return out
         if h.support not in (wire.SUPPORT_DENSE, wire.SUPPORT_SKETCH):  # sparse: scattered into the row
-            idx = read_support(r, h.support, h.dim)
-            vals = read_values(h.value, r, idx.shape[0])
-            r.finish()
-            row = out.numpy()  # (a CPU row, as for the dense read) numpy's scatter: ~2x torch's setitem here
-            row.fill(0.0)
-            row[idx] = vals.numpy()
-            return out
+            return _scatter(out, *_read_sparse(h, r))
         return out.copy_(decode_payload(payload, dim=dim))
     try:
         if h.support == wire.SUPPORT_DENSE:
@@ -621,12 +632,8 @@ def decode_payload(payload: bytes, dim: int | None = None, out: torch.Tensor | N
             table = read_values(wire.VALUE_F32, r, rows * cols).view(rows, cols)
             r.finish()
             return unsketch(table, h.dim, k, seed)
-        idx = read_support(r, h.support, h.dim)
-        vals = read_values(h.value, r, idx.shape[0])
-        r.finish()
-        out = torch.zeros(h.dim, dtype=torch.float32)
-        out[torch.from_numpy(idx)] = vals
-        return out
+        idx, vals = _read_sparse(h, r)
+        return _scatter(torch.empty(h.dim, dtype=torch.float32), idx, vals)
     except (MemoryError, RuntimeError) as exc:  # torch reports a failed allocation as RuntimeError
         if isinstance(exc, RuntimeError) and "alloc" not in str(exc):
             raise

@@ -40,9 +40,9 @@ def chain_for_ratio(ratio: float, dim: int, coverage: bool = True, head: int = 0
     - otherwise ``ef | topk | q2:stochastic``: error feedback and block top-k, which every
       aggregation rule can take.
 
-    (BENCHMARKS.md, "Seeded subsets and subtractive dither", "The output layer always sent":
-    at 100x, over twelve seeds, subset ends -0.02 pp from float32 on the digits job and
-    -0.16 pp on Fashion-MNIST, with keep; block top-k -1.28 and -0.95.)"""
+    (BENCHMARKS.md, "The server's side of a `target_ratio` uplink": at 100x, over twelve
+    seeds, subset ends -0.14 pp from float32 on the digits job and -0.29 pp on Fashion-MNIST,
+    with keep; block top-k -1.28 and -0.95.)"""
     if not (math.isfinite(ratio) and ratio > 1):
         raise ValueError(f"target_ratio must be a finite number > 1, got {ratio!r}")
     budget = int(4 * dim // ratio)

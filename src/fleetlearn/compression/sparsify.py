@@ -497,10 +497,11 @@ class Subset(Sparsifier):
     Against error feedback and block top-k (``ef | topk:F,block=B``): a client keeps no
     residual between rounds (so it also serves clients that take part once, or cannot keep
     state), and a coordinate is estimated from about n F clients instead of the cohort.  At
-    100x on the benchmark jobs, with ``q2:dither``, over twelve seeds it ends level with
-    float32 on digits (-0.02 pp, block top-k -1.28) and on Fashion-MNIST with ``keep`` for
-    the output layer (-0.16 pp, block top-k -0.95; -0.81 without keep) (BENCHMARKS.md,
-    "Seeded subsets and subtractive dither"); ``[compression] target_ratio``
+    100x on the benchmark jobs, with ``q2:dither``, over twelve seeds it ends within a few
+    tenths of float32 on digits (-0.14 pp, block top-k -1.28) and on Fashion-MNIST with
+    ``keep`` for the output layer (-0.29 pp, block top-k -0.95; -0.81 without keep)
+    (BENCHMARKS.md, "The server's side of a `target_ratio` uplink", "The output layer
+    always sent"); ``[compression] target_ratio``
     picks it where the run averages with the plain mean (compression.ratio).
     """
 
